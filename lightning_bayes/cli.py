@@ -1,0 +1,61 @@
+"""``lightning-bayes``: the LightningCLI entry point.
+
+``lightning-bayes fit --config configs/mnist/map.yaml`` trains, then (unless ``--test_after_fit false``)
+runs the test stage on the best checkpoint in the same command; ``CalibrationMetrics`` is always
+attached (configure it under ``metrics:``) and prints/writes the metrics table at test end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .callbacks import CalibrationMetrics
+from .modules.base import BayesianModule
+
+
+class BayesCLI(LightningCLI):
+    """LightningCLI in subclass mode for model and data, with the shared metrics callback."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(CalibrationMetrics, "metrics")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument(
+                "--test_after_fit",
+                type=bool,
+                default=True,
+                help="Run the test stage (best checkpoint if one is monitored) right after fitting.",
+            )
+        return parser
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        use_best = bool(best) and getattr(checkpoint, "monitor", None) is not None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if use_best else None)
+
+
+def main(args: Any = None) -> BayesCLI:
+    """Console-script entry point (``args`` for programmatic and test use)."""
+    return BayesCLI(
+        BayesianModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"callbacks": [RichProgressBar(leave=True)]},
+        save_config_kwargs={"overwrite": False},
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

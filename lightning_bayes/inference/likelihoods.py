@@ -1,0 +1,99 @@
+"""Observation models shared by every method: how network outputs become a loss and a Predictive.
+
+* ``CategoricalLikelihood``: outputs are logits ``[B, C]``; loss is the mean cross-entropy.
+* ``GaussianLikelihood``: outputs are means ``[B, D]`` with a learned homoscedastic noise
+  ``sigma = softplus(rho)`` per output, or ``[B, 2D]`` (mean, raw scale) when heteroscedastic;
+  loss is the mean negative log density ``1/2 log(2 pi sigma^2) + (y - mu)^2 / (2 sigma^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive
+
+_MIN_VARIANCE = 1e-6
+
+
+class Likelihood(nn.Module, ABC):
+    """Maps raw network outputs to a per-batch loss and, for a stack of samples, to a Predictive."""
+
+    num_outputs: int | None = None  # network outputs per example it consumes (None: any, e.g. C classes)
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
+        """Mean negative log-likelihood of a batch."""
+
+    @abstractmethod
+    def predictive(self, output_samples: Tensor) -> Predictive:
+        """Predictive from output samples ``[S, B, outputs]``."""
+
+
+class CategoricalLikelihood(Likelihood):
+    def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
+        if outputs.ndim != 2 or y.shape != outputs.shape[:1]:
+            raise ValueError(f"expected logits [B, C] and labels [B]; got {tuple(outputs.shape)} and {tuple(y.shape)}")
+        return F.cross_entropy(outputs.float(), y.long())
+
+    def predictive(self, output_samples: Tensor) -> CategoricalPredictive:
+        return CategoricalPredictive(output_samples.float())
+
+
+class GaussianLikelihood(Likelihood):
+    """Gaussian observation noise, homoscedastic (learned per output) or heteroscedastic (predicted)."""
+
+    def __init__(self, output_dim: int = 1, heteroscedastic: bool = False, init_noise: float = 1.0) -> None:
+        super().__init__()
+        if output_dim < 1:
+            raise ValueError(f"output_dim must be >= 1; got {output_dim}")
+        if init_noise <= 0:
+            raise ValueError(f"init_noise must be > 0; got {init_noise}")
+        self.output_dim = output_dim
+        self.heteroscedastic = heteroscedastic
+        raw = math.log(math.expm1(init_noise))  # softplus^{-1}
+        if heteroscedastic:
+            self.register_buffer("raw_offset", torch.tensor(raw))
+        else:
+            self.raw_noise = nn.Parameter(torch.full((output_dim,), raw))
+
+    @property
+    def num_outputs(self) -> int:
+        """How many network outputs this likelihood consumes."""
+        return 2 * self.output_dim if self.heteroscedastic else self.output_dim
+
+    def mean_and_variance(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        if outputs.shape[-1] != self.num_outputs:
+            raise ValueError(
+                f"GaussianLikelihood(output_dim={self.output_dim}, heteroscedastic={self.heteroscedastic}) "
+                f"expects {self.num_outputs} outputs per example; got shape {tuple(outputs.shape)}"
+            )
+        outputs = outputs.float()
+        if self.heteroscedastic:
+            mean, raw = outputs.split(self.output_dim, dim=-1)
+            std = F.softplus(raw + self.raw_offset)
+        else:
+            mean, std = outputs, F.softplus(self.raw_noise).expand_as(outputs)
+        return mean, std.pow(2) + _MIN_VARIANCE
+
+    def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
+        mean, var = self.mean_and_variance(outputs)
+        y = y.reshape(mean.shape).to(mean.dtype)
+        return F.gaussian_nll_loss(mean, y, var, full=True, reduction="none").sum(-1).mean()
+
+    def predictive(self, output_samples: Tensor) -> GaussianPredictive:
+        mean, var = self.mean_and_variance(output_samples)
+        return GaussianPredictive(mean, var)
+
+
+def build_likelihood(name: str, output_dim: int = 1, heteroscedastic: bool = False) -> Likelihood:
+    """``"categorical"`` or ``"gaussian"``; anything else is an error naming the choices."""
+    if name == "categorical":
+        return CategoricalLikelihood()
+    if name == "gaussian":
+        return GaussianLikelihood(output_dim=output_dim, heteroscedastic=heteroscedastic)
+    raise ValueError(f"likelihood must be 'categorical' or 'gaussian'; got {name!r}")

@@ -1,0 +1,8 @@
+"""LightningModules: one per method, all implementing ``predictive(x, num_samples) -> Predictive``."""
+
+from .base import BayesianModule
+from .ensemble import DeepEnsemble
+from .map import MAP
+from .mc_dropout import MCDropout
+
+__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout"]

@@ -1,0 +1,96 @@
+"""``BayesianModule``: what every method's LightningModule shares.
+
+It owns the likelihood and the optimiser factory, evaluates validation and test batches through
+``predictive`` (returning the Predictive so callbacks such as ``CalibrationMetrics`` reuse it instead
+of recomputing), and stops with a clear error on a non-finite training loss.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from ..inference.likelihoods import Likelihood, build_likelihood
+from ..predictive import Predictive
+
+Batch = tuple[Any, Tensor]
+
+
+class BayesianModule(LightningModule, ABC):
+    """Base class: subclasses implement ``training_step`` and ``predictive``.
+
+    Args:
+        likelihood: ``"categorical"``, ``"gaussian"`` or a :class:`Likelihood` instance.
+        optimizer: factory ``params -> Optimizer`` (LightningCLI: ``class_path: torch.optim.AdamW``).
+        lr_scheduler: optional factory ``optimizer -> LRScheduler``, stepped every epoch.
+        num_samples: predictive samples used at validation and test.
+    """
+
+    def __init__(
+        self,
+        likelihood: Union[str, Likelihood] = "categorical",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        num_samples: int = 1,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+        self.likelihood = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.num_samples = num_samples
+
+    @abstractmethod
+    def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        """Posterior predictive for inputs ``x``."""
+
+    def resolve_num_samples(self, num_samples: int | None) -> int:
+        """``num_samples`` if given, else the module's default; must be a positive integer."""
+        n = self.num_samples if num_samples is None else num_samples
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
+        return n
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{type(self).__name__} has no trainable parameters to optimise")
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"{type(self).__name__}: training loss is {loss.detach().cpu().tolist()} at global step "
+                f"{self.global_step}; expected a finite value (lower the learning rate or check the inputs)"
+            )
+
+    def _evaluate(self, batch: Batch, stage: str) -> Predictive:
+        x, y = batch
+        predictive = self.predictive(x, self.num_samples)
+        nll = -predictive.log_prob(y).mean()
+        self.log(f"{stage}/nll", nll, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+        return predictive
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Predictive:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> Predictive:
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> Predictive:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.predictive(x, self.num_samples)
+
+    def log_training_loss(self, name: str, value: Tensor, batch_size: int) -> None:
+        """Log a training objective term as ``train/<name>`` (on the progress bar for the total)."""
+        self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+

@@ -1,0 +1,67 @@
+"""Selecting a parameter subset by name pattern: one selector for every method and callback.
+
+A selector is a glob pattern (``fnmatch``) or a list of them, matched against
+``module.named_parameters()`` names, plus three aliases:
+
+* ``"all"``: every parameter (trainable or not),
+* ``"trainable"``: every parameter with ``requires_grad``,
+* ``"last_layer"``: the parameters of the last leaf module (in registration order) that has any,
+* ``"lora"``: peft LoRA matrices (``*lora_A*``, ``*lora_B*``).
+
+Patterns prefixed with ``!`` exclude what they match.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Union
+
+from torch import nn
+
+ParamSelector = Union[str, Sequence[str]]
+
+_ALIASES = {"lora": ("*lora_A*", "*lora_B*")}
+
+
+def _last_layer_names(module: nn.Module) -> list[str]:
+    last: list[str] = []
+    for name, sub in module.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in sub.named_parameters(recurse=False)]
+        if own and not list(sub.children()):
+            last = own
+    return last
+
+
+def select_parameters(module: nn.Module, params: ParamSelector = "trainable") -> dict[str, nn.Parameter]:
+    """Return the parameters of ``module`` selected by ``params``, in registration order.
+
+    Raises ``ValueError`` naming the selector and some available names when nothing matches.
+    """
+    patterns = [params] if isinstance(params, str) else list(params)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"params must be a non-empty pattern or list of patterns; got {params!r}")
+    named = dict(module.named_parameters())
+    include: set[str] = set()
+    exclude: set[str] = set()
+    for pattern in patterns:
+        target = exclude if pattern.startswith("!") else include
+        key = pattern.lstrip("!")
+        if key == "all":
+            target.update(named)
+        elif key == "trainable":
+            target.update(n for n, p in named.items() if p.requires_grad)
+        elif key == "last_layer":
+            target.update(_last_layer_names(module))
+        else:
+            for glob in _ALIASES.get(key, (key,)):
+                target.update(fnmatch.filter(named, glob))
+    chosen = {n: p for n, p in named.items() if n in include and n not in exclude}
+    if not chosen:
+        names = list(named)
+        preview = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        raise ValueError(
+            f"params={params!r} matched no parameter of {type(module).__name__}; "
+            f"expected glob patterns over names such as: {preview or '(the module has no parameters)'}"
+        )
+    return chosen

@@ -1,0 +1,182 @@
+"""The one contract: every method answers ``predictive(x, num_samples)`` with a Predictive.
+
+``CategoricalPredictive`` holds logit samples ``[S, B, C]``; its probabilities are the
+Bayesian model average (BMA) ``p(y|x) = 1/S sum_s softmax(z_s)``.
+``GaussianPredictive`` is an equal-weight mixture of S Gaussians with mean and variance
+``[S, B, D]``.  A point estimate or a closed-form predictive is simply ``S = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _check_rank3(name: str, value: Tensor) -> None:
+    if not isinstance(value, Tensor) or value.ndim != 3:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a tensor of shape [S, B, C|D] (samples, batch, outputs); got {shape}")
+
+
+@dataclass(frozen=True)
+class CategoricalPredictive:
+    """Mixture of S categorical distributions given by logit samples ``[S, B, C]``."""
+
+    logits: Tensor
+
+    def __post_init__(self) -> None:
+        _check_rank3("logits", self.logits)
+
+    @property
+    def num_samples(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def log_probs_per_sample(self) -> Tensor:
+        """``log softmax(z_s)``, ``[S, B, C]``, in float32 or wider."""
+        return torch.log_softmax(self.logits.float() if self.logits.dtype in (torch.float16, torch.bfloat16) else self.logits, dim=-1)
+
+    @property
+    def log_probs(self) -> Tensor:
+        """Log of the model average, ``log 1/S sum_s softmax(z_s)``, ``[B, C]``."""
+        return torch.logsumexp(self.log_probs_per_sample, dim=0) - math.log(self.num_samples)
+
+    @property
+    def probs(self) -> Tensor:
+        """Bayesian model average probabilities ``[B, C]``."""
+        return self.log_probs.exp()
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        """``log p(y|x)`` of the model average for integer labels ``[B]``."""
+        if y.shape != self.logits.shape[1:2]:
+            raise ValueError(f"y must have shape [B]={tuple(self.logits.shape[1:2])}; got {tuple(y.shape)}")
+        return self.log_probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+
+    @property
+    def entropy(self) -> Tensor:
+        """Total uncertainty ``H[p(y|x)]`` of the model average, ``[B]``."""
+        lp = self.log_probs
+        return -(lp.exp() * lp).sum(-1)
+
+    @property
+    def expected_entropy(self) -> Tensor:
+        """Aleatoric part ``1/S sum_s H[softmax(z_s)]``, ``[B]``."""
+        lp = self.log_probs_per_sample
+        return -(lp.exp() * lp).sum(-1).mean(0)
+
+    @property
+    def mutual_information(self) -> Tensor:
+        """Epistemic part ``H[BMA] - E_s H[p_s] >= 0`` (clamped against round-off), ``[B]``."""
+        return (self.entropy - self.expected_entropy).clamp_min(0.0)
+
+    @property
+    def max_prob(self) -> Tensor:
+        """Confidence ``max_c p(c|x)`` of the model average, ``[B]``."""
+        return self.probs.max(-1).values
+
+    def detach(self) -> CategoricalPredictive:
+        return CategoricalPredictive(self.logits.detach())
+
+
+@dataclass(frozen=True)
+class GaussianPredictive:
+    """Equal-weight mixture of S diagonal Gaussians, ``mean`` and ``variance`` ``[S, B, D]``."""
+
+    mean_samples: Tensor
+    variance_samples: Tensor
+
+    def __post_init__(self) -> None:
+        _check_rank3("mean_samples", self.mean_samples)
+        if self.variance_samples.shape != self.mean_samples.shape:
+            raise ValueError(
+                f"variance_samples must match mean_samples {tuple(self.mean_samples.shape)}; "
+                f"got {tuple(self.variance_samples.shape)}"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        return self.mean_samples.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        """Mixture mean ``[B, D]``."""
+        return self.mean_samples.mean(0)
+
+    @property
+    def variance(self) -> Tensor:
+        """Total variance: mean of variances (aleatoric) plus variance of means (epistemic), ``[B, D]``."""
+        return self.aleatoric_variance + self.epistemic_variance
+
+    @property
+    def aleatoric_variance(self) -> Tensor:
+        return self.variance_samples.mean(0)
+
+    @property
+    def epistemic_variance(self) -> Tensor:
+        return self.mean_samples.var(0, unbiased=False)
+
+    def _check_target(self, y: Tensor) -> Tensor:
+        if y.ndim == 1 and self.mean_samples.shape[-1] == 1:
+            y = y.unsqueeze(-1)
+        if y.shape != self.mean_samples.shape[1:]:
+            raise ValueError(f"y must have shape [B, D]={tuple(self.mean_samples.shape[1:])}; got {tuple(y.shape)}")
+        return y
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        """Mixture log density ``log 1/S sum_s prod_d N(y_d; mu_sd, v_sd)``, ``[B]``."""
+        y = self._check_target(y).to(self.mean_samples.dtype)
+        comp = -0.5 * (_LOG_2PI + self.variance_samples.log() + (y - self.mean_samples) ** 2 / self.variance_samples)
+        return torch.logsumexp(comp.sum(-1), dim=0) - math.log(self.num_samples)
+
+    def cdf(self, y: Tensor) -> Tensor:
+        """Marginal mixture CDF per output dimension, ``[B, D]``."""
+        y = self._check_target(y).to(self.mean_samples.dtype)
+        z = (y - self.mean_samples) / self.variance_samples.sqrt()
+        return torch.special.ndtr(z).mean(0)
+
+    def quantile(self, q: float, iterations: int = 60) -> Tensor:
+        """Marginal quantile per output dimension, ``[B, D]``: exact for S = 1, bisection on the CDF otherwise."""
+        if not 0.0 < q < 1.0:
+            raise ValueError(f"q must lie in (0, 1); got {q}")
+        std = self.variance_samples.sqrt()
+        z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(2.0 * q - 1.0, dtype=std.dtype, device=std.device))
+        per_component = self.mean_samples + z * std
+        if self.num_samples == 1:
+            return per_component[0]
+        lo, hi = per_component.min(0).values, per_component.max(0).values  # the mixture quantile lies in between
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            below = self.cdf(mid) < q
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def detach(self) -> GaussianPredictive:
+        return GaussianPredictive(self.mean_samples.detach(), self.variance_samples.detach())
+
+
+Predictive = Union[CategoricalPredictive, GaussianPredictive]
+
+
+def concatenate(predictives: list[Predictive]) -> Predictive:
+    """Pool the samples of several predictives of one type into one (an equal-weight mixture).
+
+    Used by ensembles: M members, each with S_m samples, give one predictive with sum_m S_m samples.
+    """
+    if not predictives:
+        raise ValueError("concatenate needs at least one predictive; got an empty list")
+    kinds = {type(p) for p in predictives}
+    if len(kinds) != 1:
+        raise TypeError(f"cannot concatenate predictives of different types: {sorted(k.__name__ for k in kinds)}")
+    first = predictives[0]
+    if isinstance(first, CategoricalPredictive):
+        return CategoricalPredictive(torch.cat([p.logits for p in predictives], dim=0))
+    return GaussianPredictive(
+        torch.cat([p.mean_samples for p in predictives], dim=0),
+        torch.cat([p.variance_samples for p in predictives], dim=0),
+    )

@@ -1,0 +1,93 @@
+"""MAP, MC dropout and deep ensemble against explicit computations."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_bayes.inference.likelihoods import GaussianLikelihood
+from lightning_bayes.modules import MAP, DeepEnsemble, MCDropout
+from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
+
+
+def _mlp(dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+
+
+def test_map_predictive_is_the_softmax_of_the_network():
+    torch.manual_seed(0)
+    module = MAP(_mlp()).eval()
+    x = torch.randn(5, 4)
+    pred = module.predictive(x)
+    assert isinstance(pred, CategoricalPredictive) and pred.logits.shape == (1, 5, 3)
+    torch.testing.assert_close(pred.probs, torch.softmax(module.backbone(x), -1))
+
+
+def test_mc_dropout_draws_distinct_masks_and_is_unbiased():
+    torch.manual_seed(0)
+    # identity features through dropout then a fixed linear map: E[output] equals the no-dropout output
+    backbone = nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 2))
+    module = MCDropout(backbone, likelihood=GaussianLikelihood(output_dim=2), num_samples=4000).eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        pred = module.predictive(x)
+        exact = backbone(x)  # eval mode: dropout is the identity
+    assert isinstance(pred, GaussianPredictive) and pred.mean_samples.shape == (4000, 3, 2)
+    assert not backbone[0].training, "dropout mode must be restored after sampling"
+    assert len(torch.unique(pred.mean_samples[:, 0, 0])) > 10
+    # each sample is W (m * x / 0.5) + b with m ~ Bernoulli(0.5): mean exact, std of the mean ~ |W||x| / sqrt(4000)
+    bound = 4 * (backbone[1].weight.abs() @ x.abs().T).T.max() / 4000**0.5
+    assert (pred.mean - exact).abs().max() < bound
+
+
+def test_mc_dropout_without_dropout_layers_is_an_error():
+    with pytest.raises(ValueError, match="dropout"):
+        MCDropout(_mlp(0.0))
+
+
+def test_ensemble_vectorised_forward_equals_members_one_by_one():
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble(_mlp(), num_members=4).eval()
+    x = torch.randn(7, 4)
+    looped = torch.stack([member(x) for member in ensemble.members])
+    torch.testing.assert_close(ensemble(x), looped, rtol=1e-6, atol=1e-6)
+    weights = [m[0].weight for m in ensemble.members]
+    assert all(not torch.equal(weights[0], w) for w in weights[1:]), "members must be re-initialised"
+    pred = ensemble.predictive(x)
+    torch.testing.assert_close(pred.probs, torch.softmax(looped, -1).mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_ensemble_gradient_of_each_member_is_its_own_loss_gradient():
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble(_mlp(), num_members=3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ensemble.training_step((x, y), 0).backward()
+    for member in ensemble.members:
+        reference = [p.detach().clone().requires_grad_() for p in member.parameters()]
+        out = torch.func.functional_call(member, dict(zip([n for n, _ in member.named_parameters()], reference)), (x,))
+        grads = torch.autograd.grad(nn.functional.cross_entropy(out, y), reference)
+        for p, g in zip(member.parameters(), grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_with_batchnorm_runs_members_in_turn():
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    ensemble = DeepEnsemble(backbone, num_members=2)
+    assert not ensemble.vectorize
+    assert ensemble(torch.randn(5, 4)).shape == (2, 5, 3)
+
+
+def test_gaussian_ensemble_mixture_moments():
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble(nn.Linear(3, 1), num_members=3, likelihood="gaussian").eval()
+    x = torch.randn(6, 3)
+    pred = ensemble.predictive(x)
+    means = torch.stack([m(x) for m in ensemble.members])
+    noise = torch.stack([torch.nn.functional.softplus(lik.raw_noise) ** 2 + 1e-6 for lik in ensemble.likelihoods])
+    torch.testing.assert_close(pred.mean, means.mean(0))
+    torch.testing.assert_close(pred.variance, noise.mean(0).expand(6, 1) + means.var(0, unbiased=False))
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    module = MAP(_mlp())
+    with pytest.raises(FloatingPointError, match="training loss is"):
+        module.on_before_backward(torch.tensor(float("nan")))
