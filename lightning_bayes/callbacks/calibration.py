@@ -1,0 +1,320 @@
+"""``CalibrationMetrics``: the shared evaluation of any LightningModule that has ``predictive(x, num_samples)``.
+
+At every validation and test batch it takes the batch's Predictive (the ``validation_step`` /
+``test_step`` output when it is one, else ``pl_module.predictive(x, num_samples)``) and updates
+torchmetrics metrics; at epoch end it logs them as
+
+* ``{stage}/cal/{acc,nll,brier,ece,mce,aece,entropy,mi}`` for classification,
+* ``{stage}/ood/{auroc,fpr95}`` when ``trainer.datamodule`` has an ``ood_dataloader()``,
+* ``{stage}/reg/{nll,rmse,crps,coverage90}`` for regression,
+
+with ``stage`` = ``val`` or ``test``. After testing it writes ``metrics.json`` (flat keys such as ``acc``,
+``ece``, ``ood_auroc``; never overwriting: ``metrics-1.json``, ... follow) and, with ``plots=True``, a
+reliability diagram (classification) or a predictive band (1-D regression) into the run's log folder.
+Metric states are torchmetrics sums and concatenations, so every value is the pooled one under DDP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torchmetrics import MetricCollection
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from ..metrics import OOD_SCORES, OODScore, classification_metrics, ood_metrics, regression_metrics
+from ..plots import predictive_band, reliability_diagram
+from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive
+
+Task = Literal["auto", "classification", "regression"]
+_TASKS = ("auto", "classification", "regression")
+_BAND_GRID_POINTS = 200
+
+
+@dataclass
+class _EpochMetrics:
+    """What one validation or test epoch accumulates."""
+
+    task: str
+    metrics: MetricCollection
+    ood: MetricCollection | None = None
+    band_x: CatMetric | None = None  # inputs and targets of a 1-D regression, for the band plot
+    band_y: CatMetric | None = None
+    band_input_shape: tuple[int, ...] = field(default_factory=tuple)
+
+
+def _is_predictive(value: object) -> bool:
+    return isinstance(value, (CategoricalPredictive, GaussianPredictive))
+
+
+def _split_batch(batch: Any) -> tuple[Any, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError(f"CalibrationMetrics expects batches (x, y); got {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def _unique_path(folder: Path, stem: str, suffix: str) -> Path:
+    path, index = folder / f"{stem}{suffix}", 0
+    while path.exists():
+        index += 1
+        path = folder / f"{stem}-{index}{suffix}"
+    return path
+
+
+def _flat_key(name: str) -> str:
+    """``test/cal/ece`` -> ``ece``, ``test/ood/auroc`` -> ``ood_auroc``, ``test/reg/rmse`` -> ``rmse``."""
+    _, group, metric = name.split("/")
+    return f"ood_{metric}" if group == "ood" else metric
+
+
+class CalibrationMetrics(Callback):
+    """Logs calibration, OOD and regression metrics of the module's Predictive at validation and test.
+
+    Args:
+        num_samples: predictive samples per example; ``None`` uses ``pl_module.num_samples`` (and then the
+            Predictive returned by ``validation_step`` / ``test_step`` is reused as it is).
+        task: ``"classification"``, ``"regression"`` or ``"auto"`` (from the Predictive's type).
+        ood_score: OOD-ness score for AUROC / FPR95: ``"entropy"``, ``"mutual_information"`` or ``"max_prob"``.
+        plots: write ``reliability.png`` (classification) or ``predictive_band.png`` (1-D inputs and
+            targets) next to ``metrics.json`` after testing.
+
+    The OOD data come from ``trainer.datamodule.ood_dataloader()`` (a map-style ``DataLoader`` of ``(x, y)``
+    or ``x`` batches; sharded with a ``DistributedSampler`` under DDP), limited to as many batches as the
+    in-distribution loader ran when ``limit_val_batches`` / ``limit_test_batches`` limit it.
+    ``last_metrics`` holds the last logged value of every metric by its logged name.
+    """
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        task: Task = "auto",
+        ood_score: OODScore = "entropy",
+        plots: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_samples is not None and (
+            not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1
+        ):
+            raise ValueError(f"num_samples must be a positive integer or None; got {num_samples!r}")
+        if task not in _TASKS:
+            raise ValueError(f"task must be one of {_TASKS}; got {task!r}")
+        if ood_score not in OOD_SCORES:
+            raise ValueError(f"ood_score must be one of {OOD_SCORES}; got {ood_score!r}")
+        self.num_samples = num_samples
+        self.task = task
+        self.ood_score = ood_score
+        self.plots = plots
+        self.last_metrics: dict[str, float] = {}
+        self._epochs: dict[str, _EpochMetrics] = {}
+
+    # ---- Lightning hooks -------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epochs.pop("val", None)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epochs.pop("test", None)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, outputs, batch, "val")
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._update(trainer, pl_module, outputs, batch, "test")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    # ---- per batch -------------------------------------------------------------------------------
+
+    def _update(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, stage: str) -> None:
+        x, y = _split_batch(batch)
+        reuse = _is_predictive(outputs) and self.num_samples in (None, getattr(pl_module, "num_samples", None))
+        predictive = outputs.detach() if reuse else self._predict(trainer, pl_module, x, stage)
+        epoch = self._epochs.get(stage)
+        if epoch is None:
+            epoch = self._epochs[stage] = self._start_epoch(trainer, pl_module, predictive, x, stage)
+        epoch.metrics.update(predictive, y)
+        if epoch.ood is not None:
+            epoch.ood.update(predictive, False)
+        if epoch.band_x is not None and epoch.band_y is not None:
+            epoch.band_x.update(x.reshape(-1).float())
+            epoch.band_y.update(y.reshape(-1).float())
+
+    def _predict(self, trainer: Trainer, pl_module: LightningModule, x: Any, stage: str) -> Predictive:
+        predictive_fn = getattr(pl_module, "predictive", None)
+        if not callable(predictive_fn):
+            raise TypeError(
+                f"CalibrationMetrics needs {type(pl_module).__name__} to return a Predictive from "
+                f"validation_step/test_step or to define predictive(x, num_samples); it does neither"
+            )
+        precision = trainer.precision_plugin
+        context = precision.val_step_context() if stage == "val" else precision.test_step_context()
+        with torch.no_grad(), context:
+            predictive = predictive_fn(x, self._num_samples(pl_module))
+        if not _is_predictive(predictive):
+            raise TypeError(
+                f"{type(pl_module).__name__}.predictive must return a CategoricalPredictive or GaussianPredictive; "
+                f"got {type(predictive).__name__}"
+            )
+        return predictive.detach()
+
+    def _num_samples(self, pl_module: LightningModule) -> int:
+        if self.num_samples is not None:
+            return self.num_samples
+        value = getattr(pl_module, "num_samples", None)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"CalibrationMetrics(num_samples=None) uses pl_module.num_samples, but "
+                f"{type(pl_module).__name__}.num_samples is {value!r}; expected a positive int (or pass num_samples)"
+            )
+        return value
+
+    def _start_epoch(
+        self, trainer: Trainer, pl_module: LightningModule, predictive: Predictive, x: Any, stage: str
+    ) -> _EpochMetrics:
+        task = "classification" if isinstance(predictive, CategoricalPredictive) else "regression"
+        if self.task not in ("auto", task):
+            raise TypeError(
+                f"CalibrationMetrics(task={self.task!r}) got a {type(predictive).__name__} "
+                f"from {type(pl_module).__name__}"
+            )
+        device = pl_module.device
+        if task == "classification":
+            ood = ood_metrics(f"{stage}/ood/", self.ood_score).to(device) if self._has_ood_data(trainer) else None
+            return _EpochMetrics(task, classification_metrics(f"{stage}/cal/").to(device), ood=ood)
+        epoch = _EpochMetrics(task, regression_metrics(f"{stage}/reg/").to(device))
+        one_dimensional = (
+            isinstance(x, Tensor) and x.is_floating_point() and (x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1))
+        )
+        if stage == "test" and self.plots and one_dimensional and predictive.mean_samples.shape[-1] == 1:
+            epoch.band_x = CatMetric(nan_strategy="disable").to(device)
+            epoch.band_y = CatMetric(nan_strategy="disable").to(device)
+            epoch.band_input_shape = tuple(x.shape[1:])
+        return epoch
+
+    # ---- per epoch -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _has_ood_data(trainer: Trainer) -> bool:
+        return callable(getattr(trainer.datamodule, "ood_dataloader", None))
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        epoch = self._epochs.pop(stage, None)
+        if epoch is None:
+            return
+        values = epoch.metrics.compute()
+        if epoch.ood is not None:
+            self._score_ood_data(trainer, pl_module, epoch.ood, stage)
+            values.update(epoch.ood.compute())
+        for name, value in values.items():
+            pl_module.log(name, value, sync_dist=True)
+        computed = {name: float(value) for name, value in values.items()}
+        self.last_metrics.update(computed)
+        if stage == "test":
+            self._write_test_outputs(trainer, pl_module, epoch, computed)
+
+    def _score_ood_data(self, trainer: Trainer, pl_module: LightningModule, ood: MetricCollection, stage: str) -> None:
+        loader = trainer.datamodule.ood_dataloader()
+        if not isinstance(loader, DataLoader):
+            raise TypeError(f"datamodule.ood_dataloader() must return a torch DataLoader; got {type(loader).__name__}")
+        if trainer.world_size > 1:
+            loader = _sharded(loader, trainer.world_size, trainer.global_rank)
+        for batch in itertools.islice(loader, _ood_batch_limit(trainer, stage)):
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            ood.update(self._predict(trainer, pl_module, x, stage), True)
+
+    def _write_test_outputs(
+        self, trainer: Trainer, pl_module: LightningModule, epoch: _EpochMetrics, computed: dict[str, float]
+    ) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call: all ranks
+        reliability = self._reliability_data(epoch) if self.plots and epoch.task == "classification" else None
+        band = self._band_data(trainer, pl_module, epoch)
+        if not trainer.is_global_zero:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(_unique_path(folder, "metrics", ".json"), "x") as handle:  # "x": never overwrite
+            json.dump({_flat_key(name): value for name, value in computed.items()}, handle, indent=2, sort_keys=True)
+        if reliability is not None:
+            reliability_diagram(*reliability, path=_unique_path(folder, "reliability", ".png"))
+        if band is not None:
+            predictive_band(*band, path=_unique_path(folder, "predictive_band", ".png"))
+
+    @staticmethod
+    def _reliability_data(epoch: _EpochMetrics) -> tuple[Tensor, Tensor]:
+        ece = epoch.metrics["ece"]
+        with ece.sync_context():  # gathers every rank's (confidence, correct) pairs
+            return dim_zero_cat(ece.confidences).cpu(), dim_zero_cat(ece.accuracies).cpu()
+
+    def _band_data(
+        self, trainer: Trainer, pl_module: LightningModule, epoch: _EpochMetrics
+    ) -> tuple[Tensor, Tensor, GaussianPredictive, Tensor] | None:
+        if epoch.band_x is None or epoch.band_y is None:
+            return None
+        xs, ys = epoch.band_x.compute(), epoch.band_y.compute()
+        margin = 0.05 * float(xs.max() - xs.min())
+        grid = torch.linspace(
+            float(xs.min()) - margin, float(xs.max()) + margin, _BAND_GRID_POINTS, device=pl_module.device
+        )
+        predictive = self._predict(trainer, pl_module, grid.reshape(-1, *epoch.band_input_shape), "test")
+        if not isinstance(predictive, GaussianPredictive):
+            raise TypeError(f"expected a GaussianPredictive on the plotting grid; got {type(predictive).__name__}")
+        return xs.cpu(), ys.cpu(), predictive, grid.cpu()
+
+
+def _sharded(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
+    """The same loader over this rank's shard of the data (padded to equal shards by ``DistributedSampler``)."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        raise ValueError(
+            "datamodule.ood_dataloader() must be a map-style DataLoader built with batch_size to be sharded "
+            f"across {world_size} processes; got dataset {type(loader.dataset).__name__}, "
+            f"batch_size={loader.batch_size}"
+        )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=False),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )
+
+
+def _ood_batch_limit(trainer: Trainer, stage: str) -> int | None:
+    """Number of in-distribution batches run when ``limit_{val,test}_batches`` limits them, else ``None``."""
+    limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
+    if isinstance(limit, float) and limit == 1.0:
+        return None
+    total = sum(trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
+    return None if math.isinf(total) else int(total)

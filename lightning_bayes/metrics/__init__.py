@@ -1,0 +1,41 @@
+"""Metrics of a Predictive: torchmetrics ``Metric``s whose ``update`` takes ``(predictive, target)``."""
+
+from .classification import (
+    Accuracy,
+    AdaptiveCalibrationError,
+    BrierScore,
+    ExpectedCalibrationError,
+    MaxCalibrationError,
+    MeanEntropy,
+    MeanMutualInformation,
+    NegativeLogLikelihood,
+    top_label,
+)
+from .collections import classification_metrics, ood_metrics, regression_metrics
+from .ood import FPR95, OOD_SCORES, OODAUROC, OODScore, ood_score
+from .regression import CRPS, RMSE, GaussianNLL, IntervalCoverage, gaussian_mixture_crps
+
+__all__ = [
+    "Accuracy",
+    "AdaptiveCalibrationError",
+    "BrierScore",
+    "CRPS",
+    "ExpectedCalibrationError",
+    "FPR95",
+    "GaussianNLL",
+    "IntervalCoverage",
+    "MaxCalibrationError",
+    "MeanEntropy",
+    "MeanMutualInformation",
+    "NegativeLogLikelihood",
+    "OODAUROC",
+    "OOD_SCORES",
+    "OODScore",
+    "RMSE",
+    "classification_metrics",
+    "gaussian_mixture_crps",
+    "ood_metrics",
+    "ood_score",
+    "regression_metrics",
+    "top_label",
+]

@@ -1,0 +1,20 @@
+"""The base of every "mean of a per-example value" metric: torchmetrics' ``MeanMetric`` with NaN kept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchmetrics.aggregation import MeanMetric
+
+
+class MeanOverValues(MeanMetric):
+    """Mean of the values passed to ``MeanMetric.update``; sum states (``mean_value``, ``weight``), DDP-safe.
+
+    NaNs are kept (``nan_strategy="disable"``) so a diverged model reports NaN instead of a silently
+    filtered mean. Subclasses override ``update(predictive, target)`` and pass per-example values on.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(nan_strategy="disable", **kwargs)

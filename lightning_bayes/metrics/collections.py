@@ -1,0 +1,57 @@
+"""Ready-made ``MetricCollection``s of the metrics, keyed by the short names the callback logs."""
+
+from __future__ import annotations
+
+from torchmetrics import MetricCollection
+
+from .classification import (
+    Accuracy,
+    AdaptiveCalibrationError,
+    BrierScore,
+    ExpectedCalibrationError,
+    MaxCalibrationError,
+    MeanEntropy,
+    MeanMutualInformation,
+    NegativeLogLikelihood,
+)
+from .ood import FPR95, OODAUROC, OODScore
+from .regression import CRPS, RMSE, GaussianNLL, IntervalCoverage
+
+
+def classification_metrics(prefix: str = "", n_bins: int = 15) -> MetricCollection:
+    """``acc, nll, brier, ece, mce, aece, entropy, mi``; ``update(predictive, target)``."""
+    return MetricCollection(
+        {
+            "acc": Accuracy(),
+            "nll": NegativeLogLikelihood(),
+            "brier": BrierScore(),
+            "ece": ExpectedCalibrationError(n_bins=n_bins),
+            "mce": MaxCalibrationError(n_bins=n_bins),
+            "aece": AdaptiveCalibrationError(n_bins=n_bins),
+            "entropy": MeanEntropy(),
+            "mi": MeanMutualInformation(),
+        },
+        prefix=prefix,
+        compute_groups=False,
+    )
+
+
+def ood_metrics(prefix: str = "", score: OODScore = "entropy") -> MetricCollection:
+    """``auroc, fpr95``; ``update(predictive, is_ood)``."""
+    return MetricCollection(
+        {"auroc": OODAUROC(score=score), "fpr95": FPR95(score=score)}, prefix=prefix, compute_groups=False
+    )
+
+
+def regression_metrics(prefix: str = "", level: float = 0.9) -> MetricCollection:
+    """``nll, rmse, crps, coverage{100 level}``; ``update(predictive, target)``."""
+    return MetricCollection(
+        {
+            "nll": GaussianNLL(),
+            "rmse": RMSE(),
+            "crps": CRPS(),
+            f"coverage{round(100 * level)}": IntervalCoverage(level=level),
+        },
+        prefix=prefix,
+        compute_groups=False,
+    )

@@ -1,0 +1,91 @@
+"""Reliability diagram: accuracy per confidence bin against the diagonal (Niculescu-Mizil & Caruana, 2005).
+
+Bins are equal-width, ``[k/n, (k+1)/n)`` with the last one closed, and the ECE in the title is
+``sum_b (n_b / N) |acc_b - conf_b|`` over them (Guo et al., 2017).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._figure import as_array, new_figure, save
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin accuracy, mean confidence (NaN for empty bins) and example count, ``[n_bins]`` each."""
+
+    edges: np.ndarray
+    accuracy: np.ndarray
+    confidence: np.ndarray
+    count: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        filled = self.count > 0
+        gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
+        return float((self.count[filled] * gaps).sum() / self.count.sum())
+
+
+def reliability_bins(confidences: object, correct: object, n_bins: int = 15) -> ReliabilityBins:
+    """Bin top-label ``confidences`` in ``[0, 1]`` and the 0/1 ``correct`` flags into ``n_bins`` equal-width bins."""
+    conf = as_array(confidences, "confidences").reshape(-1)
+    hits = as_array(correct, "correct").reshape(-1)
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    if conf.shape != hits.shape or conf.size == 0:
+        raise ValueError(
+            f"confidences and correct must be non-empty and of equal length; got {conf.size} and {hits.size}"
+        )
+    if np.any(~np.isfinite(conf)) or conf.min() < 0.0 or conf.max() > 1.0:
+        raise ValueError(f"confidences must lie in [0, 1]; got values in [{conf.min()}, {conf.max()}]")
+    if not np.all((hits == 0) | (hits == 1)):
+        raise ValueError("correct must hold only 0/1 (or False/True) values")
+    index = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(index, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(index, weights=hits, minlength=n_bins) / count
+        confidence = np.bincount(index, weights=conf, minlength=n_bins) / count
+    return ReliabilityBins(np.linspace(0.0, 1.0, n_bins + 1), accuracy, confidence, count)
+
+
+def reliability_diagram(confidences: object, correct: object, path: str | Path, n_bins: int = 15) -> ReliabilityBins:
+    """Save a reliability diagram PNG at ``path`` and return the bins it shows.
+
+    Bars: accuracy per bin; hatched red: the gap to the bin's mean confidence; dashed: perfect calibration.
+    """
+    bins = reliability_bins(confidences, correct, n_bins)
+    figure = new_figure()
+    axes = figure.add_subplot()
+    left, width = bins.edges[:-1], np.diff(bins.edges)
+    filled = bins.count > 0
+    axes.bar(
+        left[filled],
+        bins.accuracy[filled],
+        width=width[filled],
+        align="edge",
+        color="tab:blue",
+        edgecolor="black",
+        label="accuracy",
+    )
+    axes.bar(
+        left[filled],
+        bins.confidence[filled] - bins.accuracy[filled],
+        bottom=bins.accuracy[filled],
+        width=width[filled],
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        hatch="//",
+        edgecolor="tab:red",
+        label="gap to confidence",
+    )
+    axes.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
+    axes.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), xlabel="confidence", ylabel="accuracy")
+    axes.set_title(f"Reliability ({int(bins.count.sum())} examples), ECE = {bins.ece:.4f}")
+    axes.legend(loc="upper left")
+    save(figure, path)
+    return bins

@@ -1,0 +1,143 @@
+"""CalibrationMetrics on a tiny linear model through a real Trainer: logged values, files, limits, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from calibration_toys import LinearModel, ToyData, ToyDataWithOOD
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+from sklearn.metrics import roc_auc_score
+
+from lightning_bayes.callbacks import CalibrationMetrics
+from lightning_bayes.metrics import classification_metrics, ood_score, regression_metrics
+
+CLASSIFICATION_KEYS = {"acc", "nll", "brier", "ece", "mce", "aece", "entropy", "mi", "ood_auroc", "ood_fpr95"}
+
+
+def make_trainer(tmp_path: Path, callback: CalibrationMetrics, **kwargs: object) -> Trainer:
+    return Trainer(
+        max_epochs=1,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[callback],
+        **kwargs,
+    )
+
+
+def direct_classification(model: LinearModel, data: ToyDataWithOOD, num_samples: int) -> dict[str, float]:
+    """Every test metric computed in one go on the whole test set and the whole OOD set."""
+    x, y = data.test.tensors
+    with torch.no_grad():
+        predictive, ood = model.predictive(x, num_samples), model.predictive(data.ood.tensors[0], num_samples)
+    collection = classification_metrics()
+    collection.update(predictive, y)
+    values = {name: value.item() for name, value in collection.compute().items()}
+    scores_id, scores_ood = ood_score(predictive).numpy(), ood_score(ood).numpy()
+    values["ood_auroc"] = roc_auc_score(
+        np.r_[np.zeros(len(scores_id)), np.ones(len(scores_ood))], np.r_[scores_id, scores_ood]
+    )
+    threshold = np.sort(scores_id)[int(np.ceil(0.95 * len(scores_id))) - 1]  # keeps 57 of 60 ID examples
+    values["ood_fpr95"] = float((scores_ood <= threshold).mean())
+    probs = predictive.probs.numpy()
+    assert values["acc"] == pytest.approx((probs.argmax(-1) == y.numpy()).mean(), abs=1e-7)
+    assert values["nll"] == pytest.approx(-np.log(probs[np.arange(len(y)), y.numpy()]).mean(), rel=1e-5)
+    return values
+
+
+def test_classification_fit_and_test_log_the_direct_values_and_write_files(tmp_path: Path) -> None:
+    model, data, callback = LinearModel(num_samples=3), ToyDataWithOOD(), CalibrationMetrics()
+    trainer = make_trainer(tmp_path, callback)
+    trainer.fit(model, datamodule=data)
+    assert {"val/cal/ece", "val/ood/auroc", "val/ood/fpr95"} <= set(trainer.callback_metrics)
+
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    expected = direct_classification(model, data, num_samples=3)
+    for key, value in expected.items():
+        logged = f"test/ood/{key[4:]}" if key.startswith("ood_") else f"test/cal/{key}"
+        # the callback pools batches of 16 in float32 sums: agreement to float32 round-off
+        assert results[logged] == pytest.approx(value, rel=1e-5, abs=1e-6), logged
+        assert callback.last_metrics[logged] == pytest.approx(results[logged], rel=1e-7)
+
+    folder = Path(trainer.log_dir)
+    written = json.loads((folder / "metrics.json").read_text())
+    assert set(written) == CLASSIFICATION_KEYS
+    assert written["ece"] == pytest.approx(expected["ece"], rel=1e-5)
+    assert (folder / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = pd.read_csv(folder / "metrics.csv")
+    assert csv["val/cal/acc"].notna().sum() == 1 and csv["test/cal/acc"].notna().sum() == 1
+
+    # testing again from the checkpoint writes new files next to the first ones instead of overwriting them
+    trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
+    assert json.loads((folder / "metrics.json").read_text()) == written
+    assert set(json.loads((folder / "metrics-1.json").read_text())) == CLASSIFICATION_KEYS
+    assert (folder / "reliability-1.png").exists()
+
+
+def test_recomputes_the_predictive_when_the_module_returns_a_loss(tmp_path: Path) -> None:
+    """num_samples=5 differs from the module's 2, and the step outputs are losses: predictive(x, 5) is used."""
+    model, data = LinearModel(returns_predictive=False, num_samples=2), ToyDataWithOOD()
+    trainer = make_trainer(tmp_path, CalibrationMetrics(num_samples=5, plots=False))
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    expected = direct_classification(model, data, num_samples=5)
+    assert results["test/cal/nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    assert results["test/ood/auroc"] == pytest.approx(expected["ood_auroc"], rel=1e-6)
+    assert results["test/cal/mi"] != pytest.approx(direct_classification(model, data, num_samples=2)["mi"], rel=1e-3)
+    assert not (Path(trainer.log_dir) / "reliability.png").exists()
+
+
+def test_ood_batches_are_limited_like_the_in_distribution_batches(tmp_path: Path) -> None:
+    model, data = LinearModel(), ToyDataWithOOD(batch_size=8)
+    trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False), limit_test_batches=2)
+    trainer.test(model, datamodule=data, verbose=False)
+    assert data.ood.reads == 2 * 8  # 2 of the 5 OOD batches, as for the 2 test batches
+
+    data_unlimited = ToyDataWithOOD(batch_size=8)
+    make_trainer(tmp_path, CalibrationMetrics(plots=False)).test(model, datamodule=data_unlimited, verbose=False)
+    assert data_unlimited.ood.reads == 36
+
+
+def test_without_ood_data_only_calibration_is_logged(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False))
+    results = trainer.test(LinearModel(), datamodule=ToyData(), verbose=False)[0]
+    assert not any(name.startswith("test/ood/") for name in results)
+    assert set(json.loads((Path(trainer.log_dir) / "metrics.json").read_text())) == CLASSIFICATION_KEYS - {
+        "ood_auroc",
+        "ood_fpr95",
+    }
+
+
+def test_regression_logs_reg_metrics_and_draws_the_band(tmp_path: Path) -> None:
+    model, data = LinearModel(regression=True, num_samples=4), ToyData(regression=True)
+    trainer = make_trainer(tmp_path, CalibrationMetrics())
+    trainer.fit(model, datamodule=data)
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    x, y = data.test.tensors
+    collection = regression_metrics()
+    with torch.no_grad():
+        collection.update(model.predictive(x, 4), y)
+    for name, value in collection.compute().items():
+        assert results[f"test/reg/{name}"] == pytest.approx(value.item(), rel=1e-5), name
+    folder = Path(trainer.log_dir)
+    assert set(json.loads((folder / "metrics.json").read_text())) == {"nll", "rmse", "crps", "coverage90"}
+    assert (folder / "predictive_band.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "val/reg/crps" in pd.read_csv(folder / "metrics.csv").columns
+
+
+def test_bad_arguments_and_mismatched_task_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="task must be one of"):
+        CalibrationMetrics(task="segmentation")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ood_score must be one of"):
+        CalibrationMetrics(ood_score="energy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        CalibrationMetrics(num_samples=0)
+    trainer = make_trainer(tmp_path, CalibrationMetrics(task="regression"))
+    with pytest.raises(TypeError, match=r"task='regression'\) got a CategoricalPredictive"):
+        trainer.test(LinearModel(), datamodule=ToyData(), verbose=False)

@@ -1,0 +1,44 @@
+"""CalibrationMetrics under DDP (2 CPU processes): the written metrics equal the single-process ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from calibration_toys import LinearModel, ToyDataWithOOD
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_bayes.callbacks import CalibrationMetrics
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
+
+
+def run_test(tmp_path: Path, **trainer_kwargs: object) -> dict[str, float]:
+    trainer = Trainer(
+        logger=CSVLogger(tmp_path, version="run"),  # fixed: the parent of spawned ranks would count a new version
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[CalibrationMetrics()],
+        **trainer_kwargs,
+    )
+    trainer.test(LinearModel(num_samples=3), datamodule=ToyDataWithOOD(), verbose=False)
+    folder = tmp_path / "lightning_logs" / "run"
+    assert (folder / "reliability.png").exists()
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_two_processes_write_the_single_process_metrics(tmp_path: Path) -> None:
+    """One batch of 16 per rank (ranks take alternate examples) pools the first 32 test examples, as two
+    batches do in one process; the OOD loader, sharded the same way and limited to as many batches, must
+    then pool the first 32 OOD examples (unsharded, both ranks would score OOD examples 0-15 twice).
+    """
+    single = run_test(tmp_path / "single", devices=1, limit_test_batches=2)
+    distributed = run_test(tmp_path / "ddp", devices=2, strategy="ddp_spawn", limit_test_batches=1)
+    assert set(distributed) == set(single)
+    for name, value in single.items():
+        # float32 sums in a different order
+        assert distributed[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -1,0 +1,98 @@
+"""Regression metrics against scipy: mixture densities, quadrature CRPS and root-found quantiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from metric_references import crps_by_integration, mixture_log_density, mixture_quantile
+
+from lightning_bayes.metrics import CRPS, RMSE, GaussianNLL, IntervalCoverage, gaussian_mixture_crps, regression_metrics
+from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
+
+
+def mixture(
+    seed: int = 0, samples: int = 3, batch: int = 12, outputs: int = 2
+) -> tuple[GaussianPredictive, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(samples, batch, outputs, generator=generator, dtype=torch.float64)
+    variance = 0.05 + torch.rand(samples, batch, outputs, generator=generator, dtype=torch.float64)
+    target = torch.randn(batch, outputs, generator=generator, dtype=torch.float64) * 1.5
+    return GaussianPredictive(mean, variance), target
+
+
+def test_crps_closed_form_equals_quadrature() -> None:
+    """Closed form vs ``int (F - 1[z >= y])^2`` by adaptive quadrature (tolerance 1e-12): agree to 1e-9."""
+    predictive, target = mixture()
+    crps = gaussian_mixture_crps(predictive, target).numpy()
+    mean, std = predictive.mean_samples.numpy(), predictive.variance_samples.sqrt().numpy()
+    for b in range(target.shape[0]):
+        for d in range(target.shape[1]):
+            expected = crps_by_integration(float(target[b, d]), mean[:, b, d], std[:, b, d])
+            assert crps[b, d] == pytest.approx(expected, abs=1e-9)
+
+
+def test_crps_of_a_single_gaussian_known_value() -> None:
+    """N(0, 1) at y = 0: CRPS = sigma (2 phi(0) - 1/sqrt(pi)) = 2/sqrt(2 pi) - 1/sqrt(pi) (Gneiting & Raftery, 2007)."""
+    predictive = GaussianPredictive(torch.zeros(1, 1, 1, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64))
+    expected = 2.0 / np.sqrt(2.0 * np.pi) - 1.0 / np.sqrt(np.pi)
+    assert gaussian_mixture_crps(predictive, torch.zeros(1, dtype=torch.float64)).item() == pytest.approx(
+        expected, rel=1e-14
+    )
+
+
+def test_collection_equals_explicit_computations_over_batches() -> None:
+    predictive, target = mixture(seed=1, samples=4, batch=30, outputs=2)
+    mean, var = predictive.mean_samples.numpy(), predictive.variance_samples.numpy()
+    std, y = np.sqrt(var), target.numpy()
+    expected_nll = -np.mean([mixture_log_density(y[b], mean[:, b], var[:, b]) for b in range(30)])
+    expected_rmse = np.sqrt(np.mean((mean.mean(0) - y) ** 2))
+    expected_crps = np.mean(
+        [crps_by_integration(y[b, d], mean[:, b, d], std[:, b, d]) for b in range(30) for d in range(2)]
+    )
+    lower = np.array([[mixture_quantile(0.05, mean[:, b, d], std[:, b, d]) for d in range(2)] for b in range(30)])
+    upper = np.array([[mixture_quantile(0.95, mean[:, b, d], std[:, b, d]) for d in range(2)] for b in range(30)])
+    inside = (y >= lower) & (y <= upper)
+    margin = np.minimum(np.abs(y - lower), np.abs(y - upper)).min()
+    assert margin > 1e-6  # no target on an interval end, where bisection round-off could flip it
+    assert 0.5 < inside.mean() < 1.0
+
+    collection = regression_metrics("test/reg/").set_dtype(torch.float64)
+    for chunk in torch.arange(30).split(7):
+        part = GaussianPredictive(predictive.mean_samples[:, chunk], predictive.variance_samples[:, chunk])
+        collection.update(part, target[chunk])
+    values = collection.compute()
+    assert set(values) == {"test/reg/nll", "test/reg/rmse", "test/reg/crps", "test/reg/coverage90"}
+    assert values["test/reg/nll"].item() == pytest.approx(expected_nll, rel=1e-12)
+    assert values["test/reg/rmse"].item() == pytest.approx(expected_rmse, rel=1e-12)
+    assert values["test/reg/crps"].item() == pytest.approx(expected_crps, abs=1e-9)
+    assert values["test/reg/coverage90"].item() == pytest.approx(inside.mean(), abs=1e-15)
+
+
+def test_coverage_of_a_calibrated_gaussian_is_near_the_level() -> None:
+    """y ~ N(mu, 1), predictive N(mu, 1): coverage ~ Binomial(20000, 0.9)/20000, std 0.0021; allow 5 std."""
+    generator = torch.Generator().manual_seed(3)
+    mu = torch.randn(1, 20000, 1, generator=generator)
+    y = mu[0] + torch.randn(20000, 1, generator=generator)
+    metric = IntervalCoverage(level=0.9)
+    metric.update(GaussianPredictive(mu, torch.ones_like(mu)), y)
+    assert metric.compute().item() == pytest.approx(0.9, abs=5 * np.sqrt(0.9 * 0.1 / 20000))
+
+
+def test_one_dimensional_targets_are_accepted_when_d_is_one() -> None:
+    predictive = GaussianPredictive(torch.zeros(2, 3, 1), torch.ones(2, 3, 1))
+    for metric in (GaussianNLL(), RMSE(), CRPS(), IntervalCoverage()):
+        metric.update(predictive, torch.zeros(3))
+    rmse = RMSE()
+    rmse.update(predictive, torch.tensor([3.0, 4.0, 0.0]))
+    assert rmse.compute().item() == pytest.approx(np.sqrt(25.0 / 3.0), rel=1e-6)
+
+
+def test_wrong_inputs_name_the_argument() -> None:
+    predictive = GaussianPredictive(torch.zeros(1, 3, 2), torch.ones(1, 3, 2))
+    with pytest.raises(ValueError, match=r"target of shape \[B, D\]=\(3, 2\); got \(3,\)"):
+        CRPS().update(predictive, torch.zeros(3))
+    with pytest.raises(TypeError, match="GaussianPredictive"):
+        GaussianNLL().update(CategoricalPredictive(torch.zeros(1, 3, 2)), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="level must lie in"):
+        IntervalCoverage(level=1.5)

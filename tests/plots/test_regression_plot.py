@@ -1,0 +1,42 @@
+"""The 1-D predictive band plot: a PNG with the data and bands, clear errors on mismatched inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from lightning_bayes.plots import predictive_band
+from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
+
+
+def band_inputs() -> tuple[torch.Tensor, torch.Tensor, GaussianPredictive, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(40, generator=generator) * 4 - 2
+    y = torch.sin(x) + 0.2 * torch.randn(40, generator=generator)
+    grid = torch.linspace(-2.5, 2.5, 100)
+    mean = torch.stack([torch.sin(grid), torch.sin(grid) + 0.3]).unsqueeze(-1)  # two components
+    return x, y, GaussianPredictive(mean, torch.full_like(mean, 0.04) * (1 + grid.abs()).unsqueeze(-1)), grid
+
+
+def test_band_png_is_written(tmp_path: Path) -> None:
+    x, y, predictive, grid = band_inputs()
+    path = predictive_band(x.numpy(), y, predictive, grid.flip(0), path=tmp_path / "band.png")  # grid order is free
+    image = imread(path)
+    assert path == tmp_path / "band.png" and image.ndim == 3 and image[..., :3].std() > 0.05
+
+
+def test_mismatched_inputs_are_clear_errors(tmp_path: Path) -> None:
+    x, y, predictive, grid = band_inputs()
+    with pytest.raises(ValueError, match="batch = len\\(grid\\) = 99"):
+        predictive_band(x, y, predictive, grid[:99], path=tmp_path / "band.png")
+    with pytest.raises(ValueError, match="x_1d and y must have equal length; got 40 and 39"):
+        predictive_band(x, y[:39], predictive, grid, path=tmp_path / "band.png")
+    with pytest.raises(TypeError, match="must be a GaussianPredictive"):
+        predictive_band(x, y, CategoricalPredictive(torch.zeros(1, 100, 2)), grid, path=tmp_path / "band.png")
+    two_outputs = GaussianPredictive(torch.zeros(1, 100, 2), torch.ones(1, 100, 2))
+    with pytest.raises(ValueError, match="one output"):
+        predictive_band(x, y, two_outputs, np.asarray(grid), path=tmp_path / "band.png")

@@ -1,0 +1,60 @@
+"""Reliability bins against an explicit loop, the ECE in the diagram against torchmetrics, the PNG on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+from torchmetrics.functional.classification import binary_calibration_error
+
+from lightning_bayes.plots import reliability_bins, reliability_diagram
+
+
+def sample(seed: int = 0, n: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    confidence = rng.uniform(0.3, 1.0, n)
+    confidence[:5] = 1.0  # the closed last bin
+    correct = (rng.uniform(size=n) < confidence**2).astype(float)  # overconfident
+    return confidence, correct
+
+
+def test_bins_equal_an_explicit_loop() -> None:
+    confidence, correct = sample()
+    bins = reliability_bins(torch.from_numpy(confidence), torch.from_numpy(correct), n_bins=10)
+    for k in range(10):
+        inside = (confidence >= k / 10) & ((confidence < (k + 1) / 10) | ((k == 9) & (confidence == 1.0)))
+        assert bins.count[k] == inside.sum()
+        if inside.any():
+            assert bins.accuracy[k] == pytest.approx(correct[inside].mean(), rel=1e-12)
+            assert bins.confidence[k] == pytest.approx(confidence[inside].mean(), rel=1e-12)
+        else:
+            assert np.isnan(bins.accuracy[k]) and np.isnan(bins.confidence[k])
+    assert bins.count.sum() == 500 and bins.count[:3].sum() == 0
+
+
+def test_diagram_ece_equals_torchmetrics_and_png_is_written(tmp_path: Path) -> None:
+    confidence, correct = sample(1)
+    confidence[:5] = 0.999  # torchmetrics gives exactly 1.0 a bin of its own; stay below it here
+    path = tmp_path / "nested" / "reliability.png"
+    bins = reliability_diagram(confidence, correct.astype(bool), path=path)
+    expected = binary_calibration_error(torch.from_numpy(confidence), torch.from_numpy(correct).long(), n_bins=15)
+    assert bins.ece == pytest.approx(expected.item(), rel=1e-9)
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"confidences must lie in \[0, 1\]"):
+        reliability_bins(np.array([0.5, 1.5]), np.array([1, 0]))
+    with pytest.raises(ValueError, match="equal length"):
+        reliability_bins(np.array([0.5, 0.6]), np.array([1]))
+    with pytest.raises(ValueError, match="only 0/1"):
+        reliability_bins(np.array([0.5]), np.array([0.5]))
+    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+        reliability_bins(np.array([0.5]), np.array([1]), n_bins=0)
+    with pytest.raises(ValueError, match="must end in .png"):
+        reliability_diagram(np.array([0.5]), np.array([1]), path=tmp_path / "plot.pdf")

@@ -1,0 +1,97 @@
+"""Identities of the Predictive types against explicit numpy / scipy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, optimize
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive, concatenate
+
+
+def categorical(seed: int = 0) -> CategoricalPredictive:
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.rand(1, 40, 1, generator=generator, dtype=torch.float64) * 5
+    return CategoricalPredictive(torch.randn(6, 40, 4, generator=generator, dtype=torch.float64) * scale)
+
+
+def gaussian(seed: int = 0, samples: int = 4) -> GaussianPredictive:
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(samples, 10, 2, generator=generator, dtype=torch.float64) * 2
+    variance = 0.1 + torch.rand(samples, 10, 2, generator=generator, dtype=torch.float64)
+    return GaussianPredictive(mean, variance)
+
+
+def test_categorical_probabilities_are_the_model_average() -> None:
+    predictive = categorical()
+    logits = predictive.logits.numpy()
+    per_sample = np.exp(logits - logsumexp(logits, -1, keepdims=True))
+    np.testing.assert_allclose(predictive.probs.numpy(), per_sample.mean(0), rtol=1e-12)
+    y = torch.arange(40) % 4
+    np.testing.assert_allclose(
+        predictive.log_prob(y).numpy(), np.log(per_sample.mean(0)[np.arange(40), y.numpy()]), rtol=1e-12
+    )
+
+
+def test_mutual_information_is_entropy_minus_expected_entropy_and_nonnegative() -> None:
+    predictive = categorical(1)
+    logits = predictive.logits.numpy()
+    per_sample = np.exp(logits - logsumexp(logits, -1, keepdims=True))
+    bma = per_sample.mean(0)
+    total = -(bma * np.log(bma)).sum(-1)
+    aleatoric = -(per_sample * np.log(per_sample)).sum(-1).mean(0)
+    np.testing.assert_allclose(predictive.entropy.numpy(), total, rtol=1e-12)
+    np.testing.assert_allclose(predictive.expected_entropy.numpy(), aleatoric, rtol=1e-12)
+    np.testing.assert_allclose(predictive.mutual_information.numpy(), total - aleatoric, atol=1e-12)
+    assert (predictive.mutual_information >= 0).all()
+    # one sample: no epistemic part
+    assert torch.equal(
+        CategoricalPredictive(predictive.logits[:1]).mutual_information, torch.zeros(40, dtype=torch.float64)
+    )
+
+
+def test_mixture_variance_is_mean_of_variances_plus_variance_of_means() -> None:
+    """Against the mixture's second moment ``E[X^2] = mean_s (v_s + mu_s^2)`` and against quadrature."""
+    predictive = gaussian()
+    mean, var = predictive.mean_samples.numpy(), predictive.variance_samples.numpy()
+    second_moment = (var + mean**2).mean(0)
+    np.testing.assert_allclose(predictive.mean.numpy(), mean.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(predictive.variance.numpy(), second_moment - mean.mean(0) ** 2, rtol=1e-10)
+    m, s = mean[:, 0, 0], np.sqrt(var[:, 0, 0])
+    mu = integrate.quad(lambda z: z * norm.pdf(z, m, s).mean(), -40, 40, epsabs=1e-12)[0]
+    variance = integrate.quad(lambda z: (z - mu) ** 2 * norm.pdf(z, m, s).mean(), -40, 40, epsabs=1e-12)[0]
+    assert predictive.variance[0, 0].item() == pytest.approx(variance, rel=1e-9)
+
+
+@pytest.mark.parametrize("samples", [1, 4])
+def test_quantile_inverts_the_cdf(samples: int) -> None:
+    predictive = gaussian(2, samples)
+    mean, std = predictive.mean_samples.numpy(), predictive.variance_samples.sqrt().numpy()
+    for q in (0.05, 0.5, 0.9):
+        quantile = predictive.quantile(q)
+        np.testing.assert_allclose(predictive.cdf(quantile).numpy(), q, atol=1e-12)
+        for b, d in ((0, 0), (3, 1), (9, 1)):
+            m, s = mean[:, b, d], std[:, b, d]
+            expected = optimize.brentq(lambda z, m=m, s=s, q=q: norm.cdf(z, m, s).mean() - q, -30, 30, xtol=1e-14)
+            assert quantile[b, d].item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_gaussian_log_prob_equals_the_explicit_mixture_density() -> None:
+    predictive = gaussian(3)
+    y = torch.linspace(-2, 2, 20, dtype=torch.float64).reshape(10, 2)
+    mean, std = predictive.mean_samples.numpy(), predictive.variance_samples.sqrt().numpy()
+    density = np.prod(norm.pdf(y.numpy(), mean, std), axis=-1).mean(0)
+    np.testing.assert_allclose(predictive.log_prob(y).numpy(), np.log(density), rtol=1e-12)
+
+
+def test_concatenate_pools_samples_into_one_mixture() -> None:
+    first, second = gaussian(0, 2), gaussian(1, 3)
+    pooled = concatenate([first, second])
+    assert pooled.num_samples == 5
+    expected = (2 * first.mean + 3 * second.mean) / 5
+    np.testing.assert_allclose(pooled.mean.numpy(), expected.numpy(), rtol=1e-12)
+    with pytest.raises(TypeError, match="different types"):
+        concatenate([first, categorical()])
