@@ -1,0 +1,43 @@
+"""Multilayer perceptron backbone; ``out_features=0`` gives the feature extractor (timm's convention)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class MLP(nn.Module):
+    """``Flatten -> [Linear -> activation -> Dropout] x len(hidden) -> Linear(out_features)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: list[int] = [256, 256],  # noqa: B006 - read only, and LightningCLI shows the default
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}; got {activation!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
+        if in_features < 1 or out_features < 0 or not hidden or min(hidden) < 1:
+            raise ValueError(
+                f"expected in_features >= 1, out_features >= 0 and positive hidden widths; "
+                f"got in_features={in_features}, out_features={out_features}, hidden={hidden}"
+            )
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), _ACTIVATIONS[activation]()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        self.features = nn.Sequential(*layers)
+        self.num_features = width
+        self.head = nn.Linear(width, out_features) if out_features > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))

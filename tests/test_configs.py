@@ -1,0 +1,41 @@
+"""Every YAML in configs/ runs through the real CLI for a few batches and writes its metrics."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli_helpers import ROOT, quick_args
+
+from lightning_bayes.cli import main
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+LLM_CONFIGS = {"text"}
+
+
+def _marks(config: Path) -> list:
+    return [pytest.mark.llm] if config.parent.name in LLM_CONFIGS else []
+
+
+def test_configs_exist():
+    names = {str(c.relative_to(ROOT / "configs")) for c in CONFIGS}
+    assert {"quickstart.yaml", "mnist/map.yaml", "mnist/mc_dropout.yaml", "mnist/deep_ensemble.yaml"} <= names
+
+
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(c, id=str(c.relative_to(ROOT / "configs")), marks=_marks(c)) for c in CONFIGS],
+)
+def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
+    spec = yaml.safe_load(config.read_text())
+    assert spec["trainer"]["logger"]["class_path"].endswith("CSVLogger"), "configs log with a CSVLogger"
+    main(quick_args(config, tmp_path))
+    written = list(tmp_path.rglob("metrics.json"))
+    assert len(written) == 1, f"expected one metrics.json under {tmp_path}, found {written}"
+    metrics = json.loads(written[0].read_text())
+    task_keys = {"nll", "rmse", "crps", "coverage90"} if "rmse" in metrics else {"acc", "nll", "ece", "brier"}
+    assert task_keys <= set(metrics)
+    assert all(math.isfinite(metrics[k]) for k in task_keys)
+    assert (written[0].parent / "config.yaml").exists()
