@@ -43,8 +43,8 @@ class BayesCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if use_best else None)
 
 
-def main(args: Any = None) -> BayesCLI:
-    """Console-script entry point (``args`` for programmatic and test use)."""
+def run(args: Any = None) -> BayesCLI:
+    """Run the CLI on ``args`` (a list like ``["fit", "--config", ...]``; None: the command line)."""
     return BayesCLI(
         BayesianModule,
         LightningDataModule,
@@ -55,6 +55,11 @@ def main(args: Any = None) -> BayesCLI:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def main() -> None:
+    """Console-script entry point ``lightning-bayes``."""
+    run()
 
 
 if __name__ == "__main__":

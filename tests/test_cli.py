@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_bayes.cli import main
+from lightning_bayes.cli import run
 from lightning_bayes.modules import MAP
 
 from cli_helpers import ROOT, quick_args
@@ -14,7 +14,7 @@ MAP_CONFIG = ROOT / "configs" / "mnist" / "map.yaml"
 
 
 def test_checkpoint_round_trip_reproduces_predictions_exactly(tmp_path: Path):
-    cli = main(quick_args(MAP_CONFIG, tmp_path, batches=3))
+    cli = run(quick_args(MAP_CONFIG, tmp_path, batches=3))
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     restored = MAP.load_from_checkpoint(checkpoint, backbone=type(cli.model.backbone)(num_classes=10))
     x, _ = next(iter(cli.datamodule.test_dataloader()))
@@ -25,26 +25,26 @@ def test_checkpoint_round_trip_reproduces_predictions_exactly(tmp_path: Path):
 
 
 def test_second_run_writes_a_new_version_and_keeps_the_first(tmp_path: Path):
-    main(quick_args(MAP_CONFIG, tmp_path, batches=1))
+    run(quick_args(MAP_CONFIG, tmp_path, batches=1))
     first = next(tmp_path.rglob("metrics.json"))
     content = first.read_text()
-    main(quick_args(MAP_CONFIG, tmp_path, batches=1))
+    run(quick_args(MAP_CONFIG, tmp_path, batches=1))
     written = sorted(tmp_path.rglob("metrics.json"))
     assert len(written) == 2 and first.read_text() == content
     assert {p.parent.name for p in written} == {"version_0", "version_1"}
 
 
 def test_test_after_fit_false_skips_the_test_stage(tmp_path: Path):
-    main([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])
+    run([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])
     assert not list(tmp_path.rglob("metrics.json"))
     assert list(tmp_path.rglob("last.ckpt"))
 
 
 def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
-    main([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])
+    run([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     args = quick_args(MAP_CONFIG, tmp_path, batches=1)
     args = ["test", *[a for a in args[1:] if "limit_train" not in a and "max_epochs" not in a], f"--ckpt_path={checkpoint}"]
-    main(args)
+    run(args)
     metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert 0.0 <= metrics["acc"] <= 1.0 and "ood_auroc" in metrics

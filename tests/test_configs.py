@@ -9,7 +9,7 @@ import yaml
 
 from cli_helpers import ROOT, quick_args
 
-from lightning_bayes.cli import main
+from lightning_bayes.cli import run
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 LLM_CONFIGS = {"text"}
@@ -31,7 +31,7 @@ def test_configs_exist():
 def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
     spec = yaml.safe_load(config.read_text())
     assert spec["trainer"]["logger"]["class_path"].endswith("CSVLogger"), "configs log with a CSVLogger"
-    main(quick_args(config, tmp_path))
+    run(quick_args(config, tmp_path))
     written = list(tmp_path.rglob("metrics.json"))
     assert len(written) == 1, f"expected one metrics.json under {tmp_path}, found {written}"
     metrics = json.loads(written[0].read_text())

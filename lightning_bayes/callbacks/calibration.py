@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from torchmetrics import MetricCollection
@@ -263,8 +264,10 @@ class CalibrationMetrics(Callback):
         if not trainer.is_global_zero:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        with open(_unique_path(folder, "metrics", ".json"), "x") as handle:  # "x": never overwrite
+        metrics_path = _unique_path(folder, "metrics", ".json")
+        with open(metrics_path, "x") as handle:  # "x": never overwrite
             json.dump({_flat_key(name): value for name, value in computed.items()}, handle, indent=2, sort_keys=True)
+        rank_zero_info(f"CalibrationMetrics: wrote {metrics_path}")
         if reliability is not None:
             reliability_diagram(*reliability, path=_unique_path(folder, "reliability", ".png"))
         if band is not None:

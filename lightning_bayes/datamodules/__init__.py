@@ -2,5 +2,6 @@
 
 from .digits import DigitsDataModule
 from .mnist import MNISTDataModule
+from .regression import UCIRegressionDataModule
 
-__all__ = ["DigitsDataModule", "MNISTDataModule"]
+__all__ = ["DigitsDataModule", "MNISTDataModule", "UCIRegressionDataModule"]
