@@ -3,5 +3,6 @@
 from .digits import DigitsDataModule
 from .mnist import MNISTDataModule
 from .regression import UCIRegressionDataModule
+from .text import RottenTomatoesDataModule
 
-__all__ = ["DigitsDataModule", "MNISTDataModule", "UCIRegressionDataModule"]
+__all__ = ["DigitsDataModule", "MNISTDataModule", "RottenTomatoesDataModule", "UCIRegressionDataModule"]
