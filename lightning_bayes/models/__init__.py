@@ -4,5 +4,6 @@ from .hf import CausalLMAnswerClassifier, HFSequenceClassifier, LoraSpec
 from .lenet import LeNet5
 from .mlp import MLP
 from .pretrained import resolve_pretrained
+from .timm import TimmBackbone, timm_backbone
 
-__all__ = ["CausalLMAnswerClassifier", "HFSequenceClassifier", "LeNet5", "LoraSpec", "MLP", "resolve_pretrained"]
+__all__ = ["CausalLMAnswerClassifier", "HFSequenceClassifier", "LeNet5", "LoraSpec", "MLP", "TimmBackbone", "resolve_pretrained", "timm_backbone"]
