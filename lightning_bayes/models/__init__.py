@@ -1,9 +1,41 @@
-"""Backbone builders. ``num_classes=0`` / ``out_features=0`` returns a feature extractor with ``num_features``."""
+"""Backbone builders (timm's convention: ``num_classes=0`` / ``out_features=0`` gives a feature
+extractor, and every model exposes ``num_features``, the width before the head).
 
-from .hf import CausalLMAnswerClassifier, HFSequenceClassifier, LoraSpec
+The timm and transformers builders are imported on first use, so ``LeNet5``/``MLP`` work without the
+``vision``/``llm`` extras and without their import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .lenet import LeNet5
 from .mlp import MLP
-from .pretrained import resolve_pretrained
-from .timm import TimmBackbone, timm_backbone
 
-__all__ = ["CausalLMAnswerClassifier", "HFSequenceClassifier", "LeNet5", "LoraSpec", "MLP", "TimmBackbone", "resolve_pretrained", "timm_backbone"]
+_LAZY = {
+    "timm_backbone": ".timm",
+    "load_packaged_efficientnet_lite0": ".timm",
+    "EFFICIENTNET_LITE0_INPUT_SIZE": ".timm",
+    "EFFICIENTNET_LITE0_MEAN": ".timm",
+    "EFFICIENTNET_LITE0_STD": ".timm",
+    "resolve_pretrained": ".pretrained",
+    "LoraSpec": ".hf",
+    "HFSequenceClassifier": ".hf",
+    "hf_sequence_classifier": ".hf",
+    "CausalLMAnswerClassifier": ".hf",
+}
+
+__all__ = ["LeNet5", "MLP", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,26 +1,35 @@
 """transformers backbones with optional peft LoRA and an optional 4-bit NF4 base (bitsandbytes).
 
-* ``HFSequenceClassifier``: an encoder (e.g. all-MiniLM-L6-v2) with a classification head; logits ``[B, C]``.
-* ``CausalLMAnswerClassifier``: a causal LM (e.g. SmolLM2) scoring answer words: the next-token logits at
-  the last position restricted to the answer tokens, ``[B, C]`` (left padding puts the last real token
-  last). ``features(x)`` gives that position's last hidden state, for heads such as VBLL.
+* :class:`HFSequenceClassifier` (built by :func:`hf_sequence_classifier`): an encoder such as
+  all-MiniLM-L6-v2 with a classification head; logits ``[B, num_labels]``.
+* :class:`CausalLMAnswerClassifier`: a causal LM such as SmolLM2 scoring answer words, i.e. the
+  next-token logits after the prompt restricted to the answer tokens, ``[B, C]``; ``features(x)`` is
+  the last token's final hidden state, for heads such as VBLL.
 
 Both take the tokenizer's dict ``x = {"input_ids", "attention_mask"}`` as their one forward argument.
+LoRA (Hu et al., 2022) freezes the base and trains ``W + (alpha / r) B A`` with ``A: r x in``,
+``B: out x r``, i.e. ``r (in + out)`` parameters per adapted linear layer. 4-bit loading stores the
+frozen base in NF4 (Dettmers et al., 2023, QLoRA) and computes in bfloat16.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .pretrained import resolve_pretrained
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class LoraSpec:
-    """peft ``LoraConfig`` essentials (Hu et al., 2022): rank, scaling alpha, dropout, target modules."""
+    """peft ``LoraConfig`` essentials: rank ``r``, scaling ``alpha`` (LoRA scale ``alpha / r``), dropout
+    on the adapter input, and the names (or dotted name suffixes) of the linear layers to adapt."""
 
     r: int = 8
     alpha: int = 16
@@ -28,42 +37,66 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-def _quantisation_config(load_in_4bit: bool) -> dict:
+def quantisation_kwargs(load_in_4bit: bool) -> dict[str, Any]:
+    """``from_pretrained`` arguments for an NF4 base on the current CUDA device (empty when not 4-bit)."""
     if not load_in_4bit:
         return {}
     if not torch.cuda.is_available():
-        raise RuntimeError("load_in_4bit=True needs a CUDA device (bitsandbytes NF4); none is available")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ImportError("load_in_4bit=True needs bitsandbytes: pip install 'lightning-bayes[llm]'") from error
+        raise RuntimeError(
+            "load_in_4bit=True needs a CUDA device (bitsandbytes NF4 kernels), but torch.cuda.is_available() "
+            "is False on this machine; use load_in_4bit=False on CPU"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError("load_in_4bit=True needs bitsandbytes: pip install 'bitsandbytes>=0.44'")
     from transformers import BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
-    )
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
-def _apply_lora(model: nn.Module, lora: LoraSpec | None, task_type: str, keep: list[str] | None = None) -> nn.Module:
-    """Wrap ``model`` with peft LoRA; only LoRA matrices (and the ``keep`` modules) stay trainable."""
-    if lora is None:
-        return model
+def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; the base is frozen, the adapters (and, for
+    ``task_type="SEQ_CLS"``, the classification head) are trainable."""
     from peft import LoraConfig, get_peft_model
 
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in linear)]
+    if unmatched or not lora.target_modules:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ValueError(
+            f"lora.target_modules={lora.target_modules} has names matching no linear layer of "
+            f"{type(model).__name__}: {unmatched}; its linear layers are named {leaves}"
+        )
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type=task_type,
-        modules_to_save=keep,
     )
     return get_peft_model(model, config)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _check_tokens(x: Any) -> None:
+    if not isinstance(x, Mapping) or "input_ids" not in x or "attention_mask" not in x:
+        found = sorted(x) if isinstance(x, Mapping) else type(x).__name__
+        raise ValueError(f"x must be the tokenizer's dict with 'input_ids' and 'attention_mask'; got {found}")
+
+
 class HFSequenceClassifier(nn.Module):
-    """``AutoModelForSequenceClassification`` returning logits; ``model`` is a folder, hub id or alias."""
+    """``AutoModelForSequenceClassification`` as a backbone: ``forward(x)`` gives logits ``[B, num_labels]``.
+
+    ``model`` is a packaged alias (``"minilm"``), a folder or a hub id. With ``lora``, the encoder is
+    frozen and only the adapters and the fresh head train (BERT-style layers are named
+    ``query``/``key``/``value``/``dense``, so pass e.g. ``LoraSpec(target_modules=["query", "value"])``).
+    """
 
     def __init__(
         self,
@@ -73,56 +106,86 @@ class HFSequenceClassifier(nn.Module):
         load_in_4bit: bool = False,
     ) -> None:
         super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1; got {num_labels}")
+        quantisation = quantisation_kwargs(load_in_4bit)
         from transformers import AutoModelForSequenceClassification
 
-        if num_labels < 2:
-            raise ValueError(f"num_labels must be >= 2; got {num_labels}")
         base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_pretrained(model), num_labels=num_labels, **_quantisation_config(load_in_4bit)
+            resolve_pretrained(model), num_labels=num_labels, **quantisation
         )
-        self.num_features = base.config.hidden_size
-        self.model = _apply_lora(base, lora, "SEQ_CLS")
+        self.num_features: int = base.config.hidden_size
+        self.model = base if lora is None else apply_lora(base, lora, "SEQ_CLS")
 
-    def forward(self, x: dict[str, Tensor]) -> Tensor:
-        return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    def forward(self, x: Mapping[str, Tensor]) -> Tensor:
+        _check_tokens(x)
+        extra = {"token_type_ids": x["token_type_ids"]} if "token_type_ids" in x else {}
+        return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], **extra).logits
+
+
+def hf_sequence_classifier(
+    model: str, num_labels: int, lora: LoraSpec | None = None, load_in_4bit: bool = False
+) -> HFSequenceClassifier:
+    """Builder spelled like :func:`~lightning_bayes.models.timm_backbone`; see :class:`HFSequenceClassifier`."""
+    return HFSequenceClassifier(model=model, num_labels=num_labels, lora=lora, load_in_4bit=load_in_4bit)
 
 
 class CausalLMAnswerClassifier(nn.Module):
-    """Scores ``answer_words`` as the next token after the prompt: logits ``[B, len(answer_words)]``."""
+    """A causal LM scoring one answer word per class: ``forward(x)[b, c] = z_T(answer_c)``.
+
+    ``z_T`` are the next-token logits at the last position of a left-padded prompt (the last real
+    token). Positions are counted from each sequence's first real token, as in generation, so a
+    prompt's scores do not depend on the padding of its batch. Each answer word must be exactly one
+    token (mind the leading space: ``" positive"``). ``dtype`` is the weights' dtype (``"float32"``,
+    ``"bfloat16"`` or ``"float16"``); a 4-bit base computes in bfloat16.
+    """
 
     def __init__(
         self,
         model: str = "smollm2",
-        answer_words: list[str] = [" negative", " positive"],  # noqa: B006 - read only
+        answer_words: list[str] = [" negative", " positive"],  # noqa: B006 - read only, LightningCLI shows it
         lora: LoraSpec | None = None,
         load_in_4bit: bool = False,
+        dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
+        if len(answer_words) < 2:
+            raise ValueError(f"answer_words needs at least two words (one per class); got {answer_words}")
+        quantisation = quantisation_kwargs(load_in_4bit)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if len(answer_words) < 2:
-            raise ValueError(f"answer_words needs at least two words; got {answer_words}")
         folder = resolve_pretrained(model)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         ids = []
         for word in answer_words:
             tokens = tokenizer.encode(word, add_special_tokens=False)
             if len(tokens) != 1:
-                raise ValueError(f"answer word {word!r} is {len(tokens)} tokens {tokens}; each must be exactly one token")
+                pieces = tokenizer.convert_ids_to_tokens(tokens)
+                raise ValueError(f"answer word {word!r} is {len(tokens)} tokens {pieces}; each must be one token")
             ids.append(tokens[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"answer_words must map to distinct tokens; got {answer_words} -> ids {ids}")
         self.register_buffer("answer_ids", torch.tensor(ids), persistent=False)
-        base = AutoModelForCausalLM.from_pretrained(folder, **_quantisation_config(load_in_4bit))
-        self.num_features = base.config.hidden_size
-        self.model = _apply_lora(base, lora, "CAUSAL_LM")
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], **quantisation)
+        self.num_features: int = base.config.hidden_size
+        self.model = base if lora is None else apply_lora(base, lora, "CAUSAL_LM")
 
-    def _last_hidden(self, x: dict[str, Tensor]) -> Tensor:
-        out = self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], output_hidden_states=True)
-        return out.hidden_states[-1][:, -1]
+    def features(self, x: Mapping[str, Tensor]) -> Tensor:
+        """The last token's final (normalised) hidden state ``[B, num_features]``."""
+        _check_tokens(x)
+        mask = x["attention_mask"]
+        if not bool(mask[:, -1].all()):
+            raise ValueError(
+                "x has padding at the last position; tokenize with padding_side='left' so that the last "
+                "position is each sequence's last real token"
+            )
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        decoder = _unwrap(self.model).get_decoder()
+        out = decoder(input_ids=x["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
+        return out.last_hidden_state[:, -1]
 
-    def features(self, x: dict[str, Tensor]) -> Tensor:
-        """Last-token final hidden state ``[B, hidden]`` (after the final norm)."""
-        return self._last_hidden(x)
-
-    def forward(self, x: dict[str, Tensor]) -> Tensor:
-        out = self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], logits_to_keep=1)
-        return out.logits[:, -1, self.answer_ids]
+    def forward(self, x: Mapping[str, Tensor]) -> Tensor:
+        logits = _unwrap(self.model).get_output_embeddings()(self.features(x))
+        return logits[:, self.answer_ids]

