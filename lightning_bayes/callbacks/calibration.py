@@ -89,8 +89,9 @@ class CalibrationMetrics(Callback):
             targets) next to ``metrics.json`` after testing.
 
     The OOD data come from ``trainer.datamodule.ood_dataloader()`` (a map-style ``DataLoader`` of ``(x, y)``
-    or ``x`` batches; sharded with a ``DistributedSampler`` under DDP), limited to as many batches as the
-    in-distribution loader ran when ``limit_val_batches`` / ``limit_test_batches`` limit it.
+    or ``x`` batches; sharded with a ``DistributedSampler`` under DDP), limited at validation to as many batches as
+    the in-distribution loader ran (a balanced monitor every epoch), and at test only when
+    ``limit_test_batches`` limits the test set.
     ``last_metrics`` holds the last logged value of every metric by its logged name.
     """
 
@@ -315,9 +316,10 @@ def _sharded(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
 
 
 def _ood_batch_limit(trainer: Trainer, stage: str) -> int | None:
-    """Number of in-distribution batches run when ``limit_{val,test}_batches`` limits them, else ``None``."""
+    """How many OOD batches to score: at validation as many as in-distribution batches ran (a balanced,
+    cheap monitor every epoch); at test all of them unless ``limit_test_batches`` limits the test set."""
     limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
-    if isinstance(limit, float) and limit == 1.0:
+    if stage == "test" and isinstance(limit, float) and limit == 1.0:
         return None
     total = sum(trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
     return None if math.isinf(total) else int(total)
