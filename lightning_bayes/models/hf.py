@@ -115,7 +115,8 @@ class HFSequenceClassifier(nn.Module):
             resolve_pretrained(model), num_labels=num_labels, **quantisation
         )
         self.num_features: int = base.config.hidden_size
-        self.model = base if lora is None else apply_lora(base, lora, "SEQ_CLS")
+        # from_pretrained returns eval mode; fine-tuning runs with the model's dropout as trained
+        self.model = (base if lora is None else apply_lora(base, lora, "SEQ_CLS")).train()
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         _check_tokens(x)
@@ -170,7 +171,7 @@ class CausalLMAnswerClassifier(nn.Module):
         self.register_buffer("answer_ids", torch.tensor(ids), persistent=False)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], **quantisation)
         self.num_features: int = base.config.hidden_size
-        self.model = base if lora is None else apply_lora(base, lora, "CAUSAL_LM")
+        self.model = (base if lora is None else apply_lora(base, lora, "CAUSAL_LM")).train()
 
     def features(self, x: Mapping[str, Tensor]) -> Tensor:
         """The last token's final (normalised) hidden state ``[B, num_features]``."""
@@ -187,5 +188,6 @@ class CausalLMAnswerClassifier(nn.Module):
         return out.last_hidden_state[:, -1]
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
-        logits = _unwrap(self.model).get_output_embeddings()(self.features(x))
-        return logits[:, self.answer_ids]
+        head = _unwrap(self.model).get_output_embeddings()  # only the answer rows: [C, H], not [V, H]
+        bias = None if head.bias is None else head.bias[self.answer_ids]
+        return nn.functional.linear(self.features(x), head.weight[self.answer_ids], bias)
