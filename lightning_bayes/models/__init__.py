@@ -24,6 +24,7 @@ _LAZY = {
     "HFSequenceClassifier": ".hf",
     "hf_sequence_classifier": ".hf",
     "CausalLMAnswerClassifier": ".hf",
+    "CausalLMFeatures": ".hf",
 }
 
 __all__ = ["LeNet5", "MLP", *_LAZY]

@@ -191,3 +191,11 @@ class CausalLMAnswerClassifier(nn.Module):
         head = _unwrap(self.model).get_output_embeddings()  # only the answer rows: [C, H], not [V, H]
         bias = None if head.bias is None else head.bias[self.answer_ids]
         return nn.functional.linear(self.features(x), head.weight[self.answer_ids], bias)
+
+
+class CausalLMFeatures(CausalLMAnswerClassifier):
+    """The causal LM as a feature extractor: ``forward(x)`` is the last real token's final hidden state
+    ``[B, num_features]`` (frozen, or with LoRA), for heads such as VBLL."""
+
+    def forward(self, x: Mapping[str, Tensor]) -> Tensor:
+        return self.features(x)
