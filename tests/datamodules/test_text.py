@@ -1,0 +1,123 @@
+"""Rotten Tomatoes datamodule: corpus counts, movie-grouped seeded splits, OOD / shift sets, collation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_bayes.datamodules import RottenTomatoesDataModule
+from lightning_bayes.datamodules.text import load_amazon_reviews, load_rotten_tomatoes
+
+PROMPT = "Review: {text}\nSentiment:"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_rotten_tomatoes()
+
+
+@pytest.fixture(scope="module")
+def data() -> RottenTomatoesDataModule:
+    module = RottenTomatoesDataModule(tokenizer="minilm", batch_size=4, seed=0)
+    module.setup()
+    return module
+
+
+def test_corpus_counts_after_dropping_empty_and_duplicate_texts(corpus):
+    assert corpus["category"].value_counts().to_dict() == {"fresh": 7368, "rotten": 5384, "plot": 1083}
+    assert corpus[corpus["category"] != "plot"]["movie_name"].nunique() == 507
+    assert corpus["text"].is_unique and corpus["text"].notna().all()
+
+
+def test_shift_set_is_the_amazon_test_reviews():
+    amazon = load_amazon_reviews()
+    assert len(amazon) == 1000 and amazon["label"].sum() == 658 and set(amazon["label"]) == {0, 1}
+
+
+def test_splits_share_no_movie_and_cover_every_snippet(data: RottenTomatoesDataModule, corpus):
+    assert (data.task, data.num_classes) == ("classification", 2)
+    movie_of = dict(zip(corpus["text"], corpus["movie_name"]))
+    label_of = dict(zip(corpus["text"], corpus["category"]))
+    splits = {"train": data.train_set, "val": data.val_set, "test": data.test_set}
+    movies = {name: {movie_of[t] for t in s.texts} for name, s in splits.items()}
+    assert not (movies["train"] & movies["val"] or movies["train"] & movies["test"] or movies["val"] & movies["test"])
+    # GroupShuffleSplit rounds the held-out movie counts up: ceil(0.2 * 507) = 102, ceil(0.125 * 405) = 51
+    assert [len(m) for m in movies.values()] == [354, 51, 102]
+    assert sum(len(s) for s in splits.values()) == 12752 and data.num_train == len(data.train_set)
+    for s in splits.values():
+        assert s.labels.tolist() == [int(label_of[t] == "fresh") for t in s.texts]
+    assert len(data.ood_set) == 1083 and all(label_of[t] == "plot" for t in data.ood_set.texts)
+
+
+def test_splits_depend_on_the_seed_only(data: RottenTomatoesDataModule):
+    again = RottenTomatoesDataModule(tokenizer="minilm", seed=0)
+    again.setup()
+    other = RottenTomatoesDataModule(tokenizer="minilm", seed=1)
+    other.setup()
+    assert again.test_set.texts == data.test_set.texts and other.test_set.texts != data.test_set.texts
+
+
+def test_max_train_keeps_a_seeded_subset(data: RottenTomatoesDataModule):
+    small = RottenTomatoesDataModule(tokenizer="minilm", max_train=50)
+    small.setup()
+    assert small.num_train == 50 and set(small.train_set.texts) <= set(data.train_set.texts)
+    assert small.test_set.texts == data.test_set.texts
+
+
+@pytest.mark.llm
+def test_collated_batch_is_the_tokenizer_dict_and_labels():
+    data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=4, max_length=32, padding_side="right")
+    data.setup()
+    x, y = next(iter(data.train_dataloader()))
+    assert set(x) == {"input_ids", "attention_mask"} and x["input_ids"].shape == x["attention_mask"].shape
+    assert x["input_ids"].shape[0] == 4 and x["input_ids"].shape[1] <= 32
+    assert y.shape == (4,) and y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+    tokenizer = data.tokenizer
+    assert (x["input_ids"][:, 0] == tokenizer.cls_token_id).all()  # right padding: [CLS] first
+    lengths = x["attention_mask"].sum(1)
+    assert lengths.max() == x["input_ids"].shape[1]  # padded to the batch's longest text only
+    first = next(iter(data.train_dataloader()))[1]
+    assert torch.equal(first, y)  # the seeded shuffle repeats
+
+
+@pytest.mark.llm
+def test_left_padding_and_prompt_keep_the_prompt_end_last():
+    data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=8, max_length=16, prompt=PROMPT)
+    data.setup()
+    texts = [t for t in data.test_set.texts if len(t.split()) > 30][:2] + data.test_set.texts[:6]
+    x, _ = data.collate([(t, torch.tensor(1)) for t in texts])
+    tokenizer = data.tokenizer
+    assert x["input_ids"].shape == (8, 16)
+    assert (x["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with a real token
+    assert (x["input_ids"][:, -1] == tokenizer.sep_token_id).all()
+    for row in range(8):  # left truncation keeps the prompt's last word
+        kept = x["input_ids"][row][x["attention_mask"][row].bool()]
+        assert tokenizer.decode(kept, skip_special_tokens=True).endswith("sentiment :")
+    ood_x, _ = next(iter(data.ood_dataloader()))
+    assert ood_x["input_ids"].shape[0] == 8
+
+
+@pytest.mark.llm
+def test_shift_dataloader_serves_the_amazon_reviews():
+    data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=1000, max_length=8)
+    data.setup()
+    x, y = next(iter(data.shift_dataloader()))
+    assert x["input_ids"].shape == (1000, 8) and y.sum().item() == 658
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"prompt": "Sentiment:"}, "prompt must be a format string whose only field is {text}"),
+     ({"prompt": "{text} {label}"}, "only field is {text}"),
+     ({"padding_side": "middle"}, "padding_side must be 'left' or 'right'"),
+     ({"max_train": 0}, "max_train must be None or an int >= 1"),
+     ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction and test_fraction")],
+)  # fmt: skip
+def test_bad_arguments_are_named(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        RottenTomatoesDataModule(tokenizer="minilm", **kwargs)
+
+
+def test_data_dir_without_the_corpus_is_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match=r"holds no rotten_tomatoes_corpus_full.csv.bz2"):
+        RottenTomatoesDataModule(tokenizer="minilm", data_dir=str(tmp_path)).setup()
