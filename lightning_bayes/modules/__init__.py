@@ -4,5 +4,6 @@ from .base import BayesianModule
 from .ensemble import DeepEnsemble
 from .map import MAP
 from .mc_dropout import MCDropout
+from .vbll import VBLLClassifier, VBLLRegressor
 
-__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout"]
+__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout", "VBLLClassifier", "VBLLRegressor"]

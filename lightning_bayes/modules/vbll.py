@@ -1,0 +1,249 @@
+"""VBLL heads on any feature extractor: ``VBLLClassifier`` and ``VBLLRegressor``.
+
+The backbone ``g`` maps inputs to features ``[B, D]`` and is point-estimated (weight decay applies
+to it only); the head (:mod:`lightning_bayes.inference.vbll`) keeps a Gaussian posterior over the
+last layer and owns its objective ``nll + lambda (KL - log p(Sigma))`` with
+``lambda = kl_weight / N``, N the training-set size (``dataset_size`` or the datamodule's
+``num_train``). One backbone pass serves both training and prediction. ``freeze_backbone=True`` is
+the post-hoc mode: the backbone stays frozen in eval mode and only the head trains.
+
+Recipe (``vbll`` tutorials): AdamW, head weight decay 0 (set here), gradient clipping at 1
+(``Trainer(gradient_clip_val=1.0)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..inference.vbll import DiscriminativeVBLL, GenerativeVBLL, Parameterization, VBLLHead, VBLLRegression
+from ..predictive import Predictive
+from .base import Batch, BayesianModule
+
+
+def _feature_width(backbone: nn.Module, in_features: int | None) -> int:
+    width = in_features if in_features is not None else getattr(backbone, "num_features", None)
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(
+            f"in_features must be a positive integer, or the backbone must expose num_features; got "
+            f"in_features={in_features!r} and {type(backbone).__name__}.num_features="
+            f"{getattr(backbone, 'num_features', '(missing)')!r}"
+        )
+    return width
+
+
+class _VBLLModule(BayesianModule):
+    """Backbone + VBLL head: training step, tempering, optimiser groups and the post-hoc mode."""
+
+    head: VBLLHead
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        likelihood: str,
+        dataset_size: int | None,
+        kl_weight: float,
+        freeze_backbone: bool,
+        optimizer: OptimizerCallable,
+        lr_scheduler: LRSchedulerCallable | None,
+        num_samples: int,
+    ) -> None:
+        super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
+        del self.likelihood  # the VBLL head owns its likelihood and objective
+        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+            raise ValueError(
+                f"dataset_size must be a positive integer or None (read from the datamodule); got {dataset_size!r}"
+            )
+        if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a number >= 0; got {kl_weight!r}")
+        self.backbone = backbone
+        self.dataset_size = dataset_size
+        self.kl_weight = float(kl_weight)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def _regularization_weight(self) -> float:
+        """``lambda = kl_weight / N`` (0 until N is known; ``setup`` resolves it before training)."""
+        return 0.0 if self.dataset_size is None else self.kl_weight / self.dataset_size
+
+    def setup(self, stage: str) -> None:
+        if self.dataset_size is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            size = getattr(datamodule, "num_train", None)
+            if stage == "fit" and not isinstance(size, int):
+                raise ValueError(
+                    f"{type(self).__name__} needs the training-set size N for the KL weight 1/N: pass "
+                    f"dataset_size=N, or fit with a datamodule that has num_train (got datamodule "
+                    f"{type(datamodule).__name__ if datamodule is not None else None})"
+                )
+            if isinstance(size, int):
+                self.dataset_size = size
+                self.hparams["dataset_size"] = size  # checkpoints then carry N
+        self.head.regularization_weight = self._regularization_weight()
+
+    def train(self, mode: bool = True) -> _VBLLModule:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: Any) -> Tensor:
+        """The features ``phi = g(x)``, ``[B, D]`` (without a graph when the backbone is frozen)."""
+        if self.freeze_backbone:
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self.dataset_size is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: the training-set size is unknown; pass dataset_size=N or train "
+                "through a Trainer with a datamodule that has num_train"
+            )
+        x, y = batch
+        terms = self.head.loss(self(x), y)
+        self.log_training_loss("nll", terms.nll, batch_size=len(y))
+        self.log_training_loss("kl", terms.regularizer, batch_size=len(y))
+        self.log_training_loss("loss", terms.total, batch_size=len(y))
+        return terms.total
+
+    def configure_optimizers(self) -> Any:
+        """Two groups: the backbone with the optimiser's weight decay, the head with none."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        groups = ([{"params": backbone}] if backbone else []) + [{"params": head, "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+
+class VBLLClassifier(_VBLLModule):
+    """A backbone with a discriminative (D-VBLL) or generative (G-VBLL) variational last layer.
+
+    Args:
+        backbone: feature extractor returning ``[B, D]`` (e.g. ``LeNet5(num_classes=0)``).
+        num_classes: number of classes K.
+        in_features: D; read from ``backbone.num_features`` when None.
+        head: ``"discriminative"`` (Gaussian logits, Jensen or MC bound) or ``"generative"``.
+        parameterization: covariance of the head; None picks ``"dense"`` (discriminative) or
+            ``"diagonal"`` (generative, its only option).
+        prior_scale, wishart_scale, dof, rank, bound, class_prior: head options, see
+            :class:`~lightning_bayes.inference.vbll.DiscriminativeVBLL` and
+            :class:`~lightning_bayes.inference.vbll.GenerativeVBLL`.
+        dataset_size: N in ``lambda = kl_weight / N``; None reads ``trainer.datamodule.num_train``.
+        kl_weight: tempering multiplier on ``1/N``.
+        freeze_backbone: post-hoc mode, only the head trains.
+        num_samples: logit samples of the discriminative predictive (the generative one is closed form, S = 1).
+    """
+
+    head: DiscriminativeVBLL | GenerativeVBLL
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        in_features: int | None = None,
+        head: Literal["discriminative", "generative"] = "discriminative",
+        parameterization: Parameterization | None = None,
+        prior_scale: float = 1.0,
+        wishart_scale: float = 1.0,
+        dof: float = 1.0,
+        rank: int = 3,
+        bound: Literal["jensen", "mc"] = "jensen",
+        class_prior: list[float] | None = None,
+        dataset_size: int | None = None,
+        kl_weight: float = 1.0,
+        freeze_backbone: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        num_samples: int = 20,
+    ) -> None:
+        if head not in ("discriminative", "generative"):
+            raise ValueError(f"head must be 'discriminative' or 'generative'; got {head!r}")
+        super().__init__(
+            backbone,
+            likelihood="categorical",
+            dataset_size=dataset_size,
+            kl_weight=kl_weight,
+            freeze_backbone=freeze_backbone,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            num_samples=num_samples if head == "discriminative" else 1,
+        )
+        self.save_hyperparameters(ignore=["backbone"])
+        width = _feature_width(backbone, in_features)
+        if head == "discriminative":
+            if class_prior is not None:
+                raise ValueError("class_prior applies to head='generative' only; got it with head='discriminative'")
+            self.head = DiscriminativeVBLL(
+                width, num_classes, self._regularization_weight(), parameterization or "dense",
+                prior_scale=prior_scale, wishart_scale=wishart_scale, dof=dof, bound=bound, rank=rank,
+            )  # fmt: skip
+        else:
+            if bound != "jensen":
+                raise ValueError(
+                    f"bound applies to head='discriminative' only; got bound={bound!r} with head='generative'"
+                )
+            self.head = GenerativeVBLL(
+                width, num_classes, self._regularization_weight(), parameterization or "diagonal",
+                prior_scale=prior_scale, wishart_scale=wishart_scale, dof=dof,
+                class_prior=None if class_prior is None else torch.tensor(class_prior),
+            )  # fmt: skip
+
+    def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        samples = self.resolve_num_samples(num_samples)
+        if isinstance(self.head, DiscriminativeVBLL):
+            return self.head.predictive(self(x), samples)
+        return self.head.predictive(self(x))
+
+
+class VBLLRegressor(_VBLLModule):
+    """A backbone with a variational Bayesian linear regression last layer; closed-form Gaussian predictive.
+
+    Args are as :class:`VBLLClassifier`'s, with ``out_features`` outputs and the regression head's
+    defaults (``wishart_scale=1e-2``); see :class:`~lightning_bayes.inference.vbll.VBLLRegression`.
+    """
+
+    head: VBLLRegression
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        out_features: int = 1,
+        in_features: int | None = None,
+        parameterization: Parameterization = "dense",
+        prior_scale: float = 1.0,
+        wishart_scale: float = 1e-2,
+        dof: float = 1.0,
+        rank: int = 3,
+        dataset_size: int | None = None,
+        kl_weight: float = 1.0,
+        freeze_backbone: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(
+            backbone,
+            likelihood="gaussian",
+            dataset_size=dataset_size,
+            kl_weight=kl_weight,
+            freeze_backbone=freeze_backbone,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            num_samples=1,
+        )
+        self.save_hyperparameters(ignore=["backbone"])
+        self.head = VBLLRegression(
+            _feature_width(backbone, in_features), out_features, self._regularization_weight(), parameterization,
+            prior_scale=prior_scale, wishart_scale=wishart_scale, dof=dof, rank=rank,
+        )  # fmt: skip
+
+    def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        return self.head.predictive(self(x))

@@ -1,0 +1,200 @@
+"""VBLLClassifier / VBLLRegressor: shapes, dtypes, tempering, optimiser groups, frozen mode, checkpoints."""
+
+import functools
+
+import lightning
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.inference.vbll import DiscriminativeVBLL, GenerativeVBLL, VBLLRegression
+from lightning_bayes.models import MLP, LeNet5
+from lightning_bayes.modules.vbll import VBLLClassifier, VBLLRegressor
+from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids intra-op thread hand-offs, which dominate on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _backbone_with_state() -> nn.Module:
+    """Features with BatchNorm running statistics and dropout: what eval mode must freeze."""
+    backbone = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5))
+    backbone.num_features = 8
+    return backbone
+
+
+def _loader(targets: torch.Tensor, n: int = 32) -> DataLoader:
+    torch.manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 6), targets), batch_size=8)
+
+
+def _trainer(**kwargs) -> lightning.Trainer:
+    return lightning.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+class _Data(lightning.LightningDataModule):
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__()
+        self.loader = loader
+
+    @property
+    def num_train(self) -> int:
+        return len(self.loader.dataset)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader
+
+
+@pytest.mark.parametrize("head,samples", [("discriminative", 20), ("generative", 1)])
+def test_classifier_on_lenet_predictive_shapes(head, samples):
+    torch.manual_seed(0)
+    module = VBLLClassifier(LeNet5(num_classes=0), num_classes=10, head=head, dataset_size=100).eval()
+    assert module.num_samples == samples and module.head.in_features == 84
+    pred = module.predictive(torch.randn(3, 1, 28, 28))
+    assert isinstance(pred, CategoricalPredictive) and pred.logits.shape == (samples, 3, 10)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(3))
+    assert module.predictive(torch.randn(3, 1, 28, 28), num_samples=5).logits.shape[0] == (
+        5 if head == "discriminative" else 1
+    )
+
+
+def test_regressor_predictive_is_the_heads_closed_form():
+    torch.manual_seed(0)
+    module = VBLLRegressor(MLP(3, 0, hidden=[16]), out_features=2, dataset_size=50).eval()
+    x = torch.randn(4, 3)
+    pred = module.predictive(x)
+    assert isinstance(pred, GaussianPredictive) and pred.mean_samples.shape == (1, 4, 2)
+    expected = module.head.predictive(module.backbone(x))
+    torch.testing.assert_close(pred.variance, expected.variance)
+
+
+def test_training_step_logs_terms_and_reaches_the_backbone():
+    torch.manual_seed(0)
+    module = VBLLClassifier(MLP(6, 0, hidden=[8]), num_classes=3, dataset_size=40, kl_weight=2.0)
+    assert module.head.regularization_weight == pytest.approx(2.0 / 40)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    loss = module.training_step((x, y), 0)
+    terms = module.head.loss(module.backbone(x), y)
+    torch.testing.assert_close(loss, terms.total)
+    torch.testing.assert_close(logged["train/loss"], terms.nll + (2.0 / 40) * terms.regularizer)
+    assert set(logged) == {"train/nll", "train/kl", "train/loss"}
+    loss.backward()
+    for name, p in module.backbone.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.filterwarnings("ignore:.*self.trainer. reference is not registered")
+def test_bf16_autocast_keeps_the_head_in_float32():
+    torch.manual_seed(0)
+    module = VBLLClassifier(MLP(6, 0, hidden=[16]), num_classes=4, dataset_size=10)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = module(x)
+        loss = module.training_step((x, y), 0)
+        pred = module.predictive(x)
+    assert features.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and pred.logits.dtype == torch.float32
+    # the head sees the bf16 features exactly, in float32
+    torch.testing.assert_close(loss, module.head.loss(features.float(), y).total, rtol=0, atol=0)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_optimizer_puts_weight_decay_on_the_backbone_only():
+    module = VBLLClassifier(MLP(6, 0, hidden=[8]), num_classes=3, dataset_size=10,
+                            optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))  # fmt: skip
+    backbone_group, head_group = module.configure_optimizers().param_groups
+    assert backbone_group["weight_decay"] == 0.1 and head_group["weight_decay"] == 0.0
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in module.head.parameters()}
+    assert {id(p) for p in backbone_group["params"]} == {id(p) for p in module.backbone.parameters()}
+
+
+@pytest.mark.filterwarnings("ignore:Found .* module.s. in eval mode")
+def test_frozen_backbone_stays_unchanged_in_eval_mode_while_the_head_trains():
+    torch.manual_seed(0)
+    module = VBLLClassifier(_backbone_with_state(), num_classes=3, freeze_backbone=True, dataset_size=32)
+    before = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    head_before = {k: v.clone() for k, v in module.head.state_dict().items()}
+    assert len(module.configure_optimizers().param_groups) == 1
+    _trainer().fit(module, _loader(torch.randint(0, 3, (32,))))
+    assert not module.backbone.training
+    for name, value in module.backbone.state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(value, before[name]), name
+    assert any(not torch.equal(v, head_before[k]) for k, v in module.head.state_dict().items())
+
+
+def test_dataset_size_is_read_from_the_datamodule_or_is_a_clear_error():
+    targets = torch.randint(0, 3, (32,))
+    module = VBLLClassifier(_backbone_with_state(), num_classes=3, kl_weight=0.5)
+    _trainer().fit(module, datamodule=_Data(_loader(targets)))
+    assert module.dataset_size == 32 and module.hparams.dataset_size == 32
+    assert module.head.regularization_weight == pytest.approx(0.5 / 32)
+    with pytest.raises(ValueError, match="dataset_size=N"):
+        _trainer().fit(VBLLClassifier(_backbone_with_state(), num_classes=3), _loader(targets))
+
+
+@pytest.mark.parametrize("kind", ["discriminative", "generative", "regression"])
+def test_checkpoint_round_trip_gives_the_same_predictive(kind, tmp_path):
+    torch.manual_seed(0)
+    if kind == "regression":
+        make = functools.partial(VBLLRegressor, out_features=1, parameterization="lowrank", dataset_size=32)
+        targets = torch.randn(32, 1)
+    else:
+        make = functools.partial(VBLLClassifier, num_classes=3, head=kind, dataset_size=32)
+        targets = torch.randint(0, 3, (32,))
+    module = make(_backbone_with_state())
+    trainer = _trainer()
+    trainer.fit(module, _loader(targets))
+    path = tmp_path / "vbll.ckpt"
+    trainer.save_checkpoint(path)
+    cls = VBLLRegressor if kind == "regression" else VBLLClassifier
+    # the hyperparameters hold the optimiser class (as MAP's do): a trusted file, loaded with weights_only=False
+    restored = cls.load_from_checkpoint(path, backbone=_backbone_with_state(), weights_only=False)
+    assert type(restored.head) is type(module.head)
+    module.eval(), restored.eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = module.predictive(x)
+        torch.manual_seed(1)
+        actual = restored.predictive(x)
+    if kind == "regression":
+        torch.testing.assert_close(actual.mean_samples, expected.mean_samples, rtol=0, atol=0)
+        torch.testing.assert_close(actual.variance_samples, expected.variance_samples, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+
+
+def test_head_choice_and_bad_arguments():
+    assert isinstance(VBLLClassifier(MLP(4, 0, hidden=[8]), 3, dataset_size=1).head, DiscriminativeVBLL)
+    generative = VBLLClassifier(
+        MLP(4, 0, hidden=[8]), 3, head="generative", class_prior=[0.2, 0.3, 0.5], dataset_size=1
+    )
+    assert isinstance(generative.head, GenerativeVBLL) and generative.head.means.parameterization == "diagonal"
+    assert isinstance(VBLLRegressor(nn.Linear(4, 5), in_features=5, dataset_size=1).head, VBLLRegression)
+    with pytest.raises(ValueError, match="num_features"):
+        VBLLClassifier(nn.Linear(4, 5), 3)
+    with pytest.raises(ValueError, match="head must be"):
+        VBLLClassifier(MLP(4, 0, hidden=[8]), 3, head="bayes")
+    with pytest.raises(ValueError, match="dataset_size"):
+        VBLLClassifier(MLP(4, 0, hidden=[8]), 3, dataset_size=0)
+    with pytest.raises(ValueError, match="class_prior"):
+        VBLLClassifier(MLP(4, 0, hidden=[8]), 3, class_prior=[0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="bound applies"):
+        VBLLClassifier(MLP(4, 0, hidden=[8]), 3, head="generative", bound="mc")
