@@ -25,6 +25,7 @@ _LAZY = {
     "hf_sequence_classifier": ".hf",
     "CausalLMAnswerClassifier": ".hf",
     "CausalLMFeatures": ".hf",
+    "LinearProbe": ".probe",
 }
 
 __all__ = ["LeNet5", "MLP", *_LAZY]

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from lightning_bayes.models import LeNet5, LinearProbe
+
+
+def test_frozen_probe_trains_only_its_head_on_the_backbone_features():
+    torch.manual_seed(0)
+    backbone = LeNet5(num_classes=0, dropout=0.5)
+    probe = LinearProbe(backbone, num_classes=3).train()
+    assert not backbone.training, "a frozen backbone stays in eval mode (no dropout noise in its features)"
+    x = torch.randn(4, 1, 28, 28)
+    out = probe(x)
+    expected = backbone(x) @ probe.head.weight.T + probe.head.bias
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert probe.head.weight.grad is not None
+
+
+def test_unfrozen_probe_passes_gradients_to_the_backbone():
+    probe = LinearProbe(LeNet5(num_classes=0), num_classes=2, freeze_backbone=False).train()
+    probe(torch.randn(2, 1, 28, 28)).sum().backward()
+    assert probe.backbone.training and all(p.grad is not None for p in probe.backbone.parameters())
+
+
+def test_backbone_without_feature_width_is_explained():
+    with pytest.raises(ValueError, match="num_features"):
+        LinearProbe(torch.nn.Linear(3, 3), num_classes=2)
