@@ -25,7 +25,8 @@ class BayesianModule(LightningModule, ABC):
     """Base class: subclasses implement ``training_step`` and ``predictive``.
 
     Args:
-        likelihood: ``"categorical"``, ``"gaussian"`` or a :class:`Likelihood` instance.
+        likelihood: ``"categorical"``, ``"gaussian"``, a :class:`Likelihood` instance, or ``None`` for a
+            method whose layers own their observation model (VBLL heads, ensemble members).
         optimizer: factory ``params -> Optimizer`` (LightningCLI: ``class_path: torch.optim.AdamW``).
         lr_scheduler: optional factory ``optimizer -> LRScheduler``, stepped every epoch.
         num_samples: predictive samples used at validation and test.
@@ -33,7 +34,7 @@ class BayesianModule(LightningModule, ABC):
 
     def __init__(
         self,
-        likelihood: Union[str, Likelihood] = "categorical",
+        likelihood: Union[str, Likelihood, None] = "categorical",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         num_samples: int = 1,
@@ -41,7 +42,8 @@ class BayesianModule(LightningModule, ABC):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1; got {num_samples}")
-        self.likelihood = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        if likelihood is not None:
+            self.likelihood = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.num_samples = num_samples

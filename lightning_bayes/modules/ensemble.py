@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..inference.likelihoods import Likelihood
+from ..inference.likelihoods import Likelihood, build_likelihood
 from ..predictive import Predictive, concatenate
 from .base import Batch, BayesianModule
 
@@ -44,7 +44,7 @@ class DeepEnsemble(BayesianModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         vectorize: bool = True,
     ) -> None:
-        super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_members)
+        super().__init__(likelihood=None, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_members)
         if num_members < 2:
             raise ValueError(f"num_members must be >= 2 for an ensemble; got {num_members}")
         self.save_hyperparameters(ignore=["backbone", "likelihood"])
@@ -52,8 +52,9 @@ class DeepEnsemble(BayesianModule):
         for member in copies:
             _reset_parameters(member)
         self.members = nn.ModuleList([backbone, *copies])
-        self.likelihoods = nn.ModuleList([copy.deepcopy(self.likelihood) for _ in range(num_members)])
-        del self.likelihood  # replaced by one likelihood per member: each learns its own noise
+        prototype = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        # one likelihood per member: each learns its own noise
+        self.likelihoods = nn.ModuleList([copy.deepcopy(prototype) for _ in range(num_members)])
         self.vectorize = vectorize and not _keeps_running_statistics(backbone)
         self._template = [copy.deepcopy(backbone).to("meta")]  # a list: not registered as a submodule
 

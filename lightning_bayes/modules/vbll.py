@@ -44,7 +44,6 @@ class _VBLLModule(BayesianModule):
     def __init__(
         self,
         backbone: nn.Module,
-        likelihood: str,
         dataset_size: int | None,
         kl_weight: float,
         freeze_backbone: bool,
@@ -52,8 +51,8 @@ class _VBLLModule(BayesianModule):
         lr_scheduler: LRSchedulerCallable | None,
         num_samples: int,
     ) -> None:
-        super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
-        del self.likelihood  # the VBLL head owns its likelihood and objective
+        # the VBLL head owns its likelihood and objective
+        super().__init__(likelihood=None, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
             raise ValueError(
                 f"dataset_size must be a positive integer or None (read from the datamodule); got {dataset_size!r}"
@@ -169,7 +168,6 @@ class VBLLClassifier(_VBLLModule):
             raise ValueError(f"head must be 'discriminative' or 'generative'; got {head!r}")
         super().__init__(
             backbone,
-            likelihood="categorical",
             dataset_size=dataset_size,
             kl_weight=kl_weight,
             freeze_backbone=freeze_backbone,
@@ -231,7 +229,6 @@ class VBLLRegressor(_VBLLModule):
     ) -> None:
         super().__init__(
             backbone,
-            likelihood="gaussian",
             dataset_size=dataset_size,
             kl_weight=kl_weight,
             freeze_backbone=freeze_backbone,
