@@ -1,6 +1,9 @@
 """Shared fixtures."""
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -10,3 +13,12 @@ def smollm2_folder() -> str:
     from lightning_bayes.models import resolve_pretrained
 
     return resolve_pretrained("smollm2")
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for tests of tiny tensors, where thread hand-offs dominate on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,10 +22,10 @@ _LAZY = {
     "resolve_pretrained": ".pretrained",
     "LoraSpec": ".hf",
     "HFSequenceClassifier": ".hf",
-    "hf_sequence_classifier": ".hf",
     "CausalLMAnswerClassifier": ".hf",
     "CausalLMFeatures": ".hf",
     "LinearProbe": ".probe",
+    "FrozenFeatures": ".frozen",
 }
 
 __all__ = ["LeNet5", "MLP", *_LAZY]

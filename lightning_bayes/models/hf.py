@@ -1,6 +1,6 @@
 """transformers backbones with optional peft LoRA and an optional 4-bit NF4 base (bitsandbytes).
 
-* :class:`HFSequenceClassifier` (built by :func:`hf_sequence_classifier`): an encoder such as
+* :class:`HFSequenceClassifier`: an encoder such as
   all-MiniLM-L6-v2 with a classification head; logits ``[B, num_labels]``.
 * :class:`CausalLMAnswerClassifier`: a causal LM such as SmolLM2 scoring answer words, i.e. the
   next-token logits after the prompt restricted to the answer tokens, ``[B, C]``; ``features(x)`` is
@@ -122,13 +122,6 @@ class HFSequenceClassifier(nn.Module):
         _check_tokens(x)
         extra = {"token_type_ids": x["token_type_ids"]} if "token_type_ids" in x else {}
         return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], **extra).logits
-
-
-def hf_sequence_classifier(
-    model: str, num_labels: int, lora: LoraSpec | None = None, load_in_4bit: bool = False
-) -> HFSequenceClassifier:
-    """Builder spelled like :func:`~lightning_bayes.models.timm_backbone`; see :class:`HFSequenceClassifier`."""
-    return HFSequenceClassifier(model=model, num_labels=num_labels, lora=lora, load_in_4bit=load_in_4bit)
 
 
 class CausalLMAnswerClassifier(nn.Module):

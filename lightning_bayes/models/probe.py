@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from .frozen import FrozenFeatures
 
 
 class LinearProbe(nn.Module):
     """``Linear(num_features, num_classes)`` on ``backbone(x)`` (features ``[B, num_features]``).
 
-    With ``freeze_backbone`` the extractor stays in eval mode without gradients, so a frozen LLM or a
-    pretrained CNN is compared with, e.g., a VBLL head on exactly the same features.
+    With ``freeze_backbone`` the extractor is a :class:`FrozenFeatures`, so a frozen LLM or a pretrained
+    CNN is compared with, e.g., a VBLL head on exactly the same features.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, freeze_backbone: bool = True) -> None:
@@ -23,20 +24,9 @@ class LinearProbe(nn.Module):
                 f"LinearProbe needs backbone.num_features >= 1 and num_classes >= 1; got "
                 f"{type(backbone).__name__}.num_features={width!r}, num_classes={num_classes}"
             )
-        self.backbone = backbone
-        self.freeze_backbone = freeze_backbone
+        self.backbone = FrozenFeatures(backbone) if freeze_backbone else backbone
         self.num_features = width
         self.head = nn.Linear(width, num_classes)
-        if freeze_backbone:
-            backbone.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> LinearProbe:
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
 
     def forward(self, x: Any) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            features = self.backbone(x)
-        return self.head(features)
+        return self.head(self.backbone(x))

@@ -59,11 +59,15 @@ class BayesianModule(LightningModule, ABC):
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         return n
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
+        groups = [g for g in self.parameter_groups() if g["params"]]
+        if not groups:
             raise ValueError(f"{type(self).__name__} has no trainable parameters to optimise")
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}

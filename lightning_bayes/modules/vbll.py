@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..inference.vbll import DiscriminativeVBLL, GenerativeVBLL, Parameterization, VBLLHead, VBLLRegression
+from ..models.frozen import FrozenFeatures
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
 
@@ -59,13 +60,9 @@ class _VBLLModule(BayesianModule):
             )
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
             raise ValueError(f"kl_weight must be a number >= 0; got {kl_weight!r}")
-        self.backbone = backbone
+        self.backbone = FrozenFeatures(backbone) if freeze_backbone else backbone
         self.dataset_size = dataset_size
         self.kl_weight = float(kl_weight)
-        self.freeze_backbone = freeze_backbone
-        if freeze_backbone:
-            backbone.requires_grad_(False)
-            backbone.eval()
 
     def _regularization_weight(self) -> float:
         """``lambda = kl_weight / N`` (0 until N is known; ``setup`` resolves it before training)."""
@@ -86,17 +83,8 @@ class _VBLLModule(BayesianModule):
                 self.hparams["dataset_size"] = size  # checkpoints then carry N
         self.head.regularization_weight = self._regularization_weight()
 
-    def train(self, mode: bool = True) -> _VBLLModule:
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
-
     def forward(self, x: Any) -> Tensor:
-        """The features ``phi = g(x)``, ``[B, D]`` (without a graph when the backbone is frozen)."""
-        if self.freeze_backbone:
-            with torch.no_grad():
-                return self.backbone(x)
+        """The features ``phi = g(x)``, ``[B, D]``."""
         return self.backbone(x)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
@@ -112,15 +100,10 @@ class _VBLLModule(BayesianModule):
         self.log_training_loss("loss", terms.total, batch_size=len(y))
         return terms.total
 
-    def configure_optimizers(self) -> Any:
-        """Two groups: the backbone with the optimiser's weight decay, the head with none."""
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The backbone with the optimiser's weight decay, the head with none (the package's recipe)."""
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        head = [p for p in self.head.parameters() if p.requires_grad]
-        groups = ([{"params": backbone}] if backbone else []) + [{"params": head, "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        return [{"params": backbone}, {"params": list(self.head.parameters()), "weight_decay": 0.0}]
 
 
 class VBLLClassifier(_VBLLModule):

@@ -22,13 +22,7 @@ from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids intra-op thread hand-offs, which dominate on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _randomise(head: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:

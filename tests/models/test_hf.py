@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lightning_bayes.models import CausalLMAnswerClassifier, HFSequenceClassifier, LoraSpec, hf_sequence_classifier
+from lightning_bayes.models import CausalLMAnswerClassifier, HFSequenceClassifier, LoraSpec
 
 pytestmark = pytest.mark.llm
 
@@ -93,7 +93,7 @@ def test_right_padding_and_bad_inputs_are_explained(smollm2, prompts):
 
 
 def test_minilm_sequence_classifier_with_lora_trains_adapters_and_head_only():
-    model = hf_sequence_classifier("minilm", num_labels=3, lora=LoraSpec(r=2, target_modules=["query", "value"]))
+    model = HFSequenceClassifier("minilm", num_labels=3, lora=LoraSpec(r=2, target_modules=["query", "value"]))
     assert isinstance(model, HFSequenceClassifier) and model.num_features == 384
     tokenizer = AutoTokenizer.from_pretrained(model.model.get_base_model().name_or_path)
     x = dict(tokenizer(["a fine film", "dull, and far too long"], return_tensors="pt", padding=True))
@@ -138,7 +138,7 @@ def test_a_yaml_config_builds_the_backbones_with_a_lora_spec():
     parser.add_argument("--backbone", type=torch.nn.Module)
     config = parser.parse_string(
         "backbone:\n"
-        "  class_path: lightning_bayes.models.hf_sequence_classifier\n"
+        "  class_path: lightning_bayes.models.HFSequenceClassifier\n"
         "  init_args: {model: minilm, num_labels: 2, lora: {r: 2, target_modules: [query, value]}}\n"
     )
     backbone = parser.instantiate_classes(config).backbone

@@ -14,13 +14,7 @@ from lightning_bayes.modules.vbll import VBLLClassifier, VBLLRegressor
 from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids intra-op thread hand-offs, which dominate on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _backbone_with_state() -> nn.Module:
