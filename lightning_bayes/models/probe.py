@@ -13,10 +13,19 @@ class LinearProbe(nn.Module):
     """``Linear(num_features, num_classes)`` on ``backbone(x)`` (features ``[B, num_features]``).
 
     With ``freeze_backbone`` the extractor is a :class:`FrozenFeatures`, so a frozen LLM or a pretrained
-    CNN is compared with, e.g., a VBLL head on exactly the same features.
+    CNN is compared with, e.g., a VBLL head on exactly the same features. ``cache_features`` keeps each
+    example's features after their first computation (in memory, and in ``feature_cache_dir`` on disk when
+    given; see :class:`FrozenFeatures`); it needs ``freeze_backbone``.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, freeze_backbone: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        freeze_backbone: bool = True,
+        cache_features: bool = False,
+        feature_cache_dir: str | None = None,
+    ) -> None:
         super().__init__()
         width = getattr(backbone, "num_features", None)
         if not isinstance(width, int) or width < 1 or num_classes < 1:
@@ -24,7 +33,11 @@ class LinearProbe(nn.Module):
                 f"LinearProbe needs backbone.num_features >= 1 and num_classes >= 1; got "
                 f"{type(backbone).__name__}.num_features={width!r}, num_classes={num_classes}"
             )
-        self.backbone = FrozenFeatures(backbone) if freeze_backbone else backbone
+        if not freeze_backbone and (cache_features or feature_cache_dir is not None):
+            raise ValueError(
+                "cache_features / feature_cache_dir need freeze_backbone=True (a trained backbone's features change)"
+            )
+        self.backbone = FrozenFeatures(backbone, cache_features, feature_cache_dir) if freeze_backbone else backbone
         self.num_features = width
         self.head = nn.Linear(width, num_classes)
 

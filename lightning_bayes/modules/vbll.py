@@ -51,6 +51,8 @@ class _VBLLModule(BayesianModule):
         optimizer: OptimizerCallable,
         lr_scheduler: LRSchedulerCallable | None,
         num_samples: int,
+        cache_features: bool = False,
+        feature_cache_dir: str | None = None,
     ) -> None:
         # the VBLL head owns its likelihood and objective
         super().__init__(likelihood=None, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
@@ -60,7 +62,11 @@ class _VBLLModule(BayesianModule):
             )
         if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
             raise ValueError(f"kl_weight must be a number >= 0; got {kl_weight!r}")
-        self.backbone = FrozenFeatures(backbone) if freeze_backbone else backbone
+        if not freeze_backbone and (cache_features or feature_cache_dir is not None):
+            raise ValueError(
+                "cache_features / feature_cache_dir need freeze_backbone=True (a trained backbone's features change)"
+            )
+        self.backbone = FrozenFeatures(backbone, cache_features, feature_cache_dir) if freeze_backbone else backbone
         self.dataset_size = dataset_size
         self.kl_weight = float(kl_weight)
 
@@ -123,6 +129,9 @@ class VBLLClassifier(_VBLLModule):
         kl_weight: tempering multiplier on ``1/N``.
         freeze_backbone: post-hoc mode, only the head trains.
         num_samples: logit samples of the discriminative predictive (the generative one is closed form, S = 1).
+        cache_features: with ``freeze_backbone``, compute each example's features once (see
+            :class:`~lightning_bayes.models.FrozenFeatures`); never saved in checkpoints.
+        feature_cache_dir: also keep the cached features in this folder, for later runs.
     """
 
     head: DiscriminativeVBLL | GenerativeVBLL
@@ -146,6 +155,8 @@ class VBLLClassifier(_VBLLModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         num_samples: int = 20,
+        cache_features: bool = False,
+        feature_cache_dir: str | None = None,
     ) -> None:
         if head not in ("discriminative", "generative"):
             raise ValueError(f"head must be 'discriminative' or 'generative'; got {head!r}")
@@ -157,6 +168,8 @@ class VBLLClassifier(_VBLLModule):
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             num_samples=num_samples if head == "discriminative" else 1,
+            cache_features=cache_features,
+            feature_cache_dir=feature_cache_dir,
         )
         self.save_hyperparameters(ignore=["backbone"])
         width = _feature_width(backbone, in_features)
@@ -188,8 +201,9 @@ class VBLLClassifier(_VBLLModule):
 class VBLLRegressor(_VBLLModule):
     """A backbone with a variational Bayesian linear regression last layer; closed-form Gaussian predictive.
 
-    Args are as :class:`VBLLClassifier`'s, with ``out_features`` outputs and the regression head's
-    defaults (``wishart_scale=1e-2``); see :class:`~lightning_bayes.inference.vbll.VBLLRegression`.
+    Args (``cache_features`` and ``feature_cache_dir`` included) are as :class:`VBLLClassifier`'s, with
+    ``out_features`` outputs and the regression head's defaults (``wishart_scale=1e-2``); see
+    :class:`~lightning_bayes.inference.vbll.VBLLRegression`.
     """
 
     head: VBLLRegression
@@ -209,6 +223,8 @@ class VBLLRegressor(_VBLLModule):
         freeze_backbone: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        cache_features: bool = False,
+        feature_cache_dir: str | None = None,
     ) -> None:
         super().__init__(
             backbone,
@@ -218,6 +234,8 @@ class VBLLRegressor(_VBLLModule):
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             num_samples=1,
+            cache_features=cache_features,
+            feature_cache_dir=feature_cache_dir,
         )
         self.save_hyperparameters(ignore=["backbone"])
         self.head = VBLLRegression(

@@ -1,0 +1,134 @@
+"""The opt-in feature cache of FrozenFeatures: exact reuse, only misses computed, disk round trip."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_bayes.models import FrozenFeatures, LinearProbe
+from lightning_bayes.modules import VBLLClassifier
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class CountingBackbone(nn.Module):
+    """A tiny feature extractor that records the batch size of every call. Tensors: a linear map of the
+    flattened example; token dicts: the last token's embedding and the number of real tokens, which is
+    exactly padding-invariant for left padding."""
+
+    def __init__(self, seed: int = 0, width: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = nn.Linear(6, width)
+        self.embedding = nn.Embedding(50, width - 1)
+        self.num_features = width
+        self.calls: list[int] = []
+
+    def forward(self, x: Tensor | dict[str, Tensor]) -> Tensor:
+        if isinstance(x, dict):
+            self.calls.append(len(x["input_ids"]))
+            length = x["attention_mask"].sum(1, keepdim=True).float()
+            return torch.cat([self.embedding(x["input_ids"][:, -1]), length], dim=1)
+        self.calls.append(len(x))
+        return self.linear(x.flatten(1))
+
+
+def left_padded(texts: list[list[int]], width: int, pad: int = 0) -> dict[str, Tensor]:
+    """A tokenizer's left-padded batch of token id lists, padded to ``width`` positions."""
+    ids = torch.full((len(texts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(texts), width, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids[row, width - len(text) :] = torch.tensor(text)
+        mask[row, width - len(text) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_cached_tensor_features_equal_uncached_and_only_misses_are_computed():
+    backbone = CountingBackbone()
+    cached = FrozenFeatures(backbone, cache_features=True)
+    x = torch.randn(5, 2, 3)
+    first = cached(x)
+    torch.testing.assert_close(first, backbone(x), rtol=0, atol=0)
+    backbone.calls.clear()
+    mixed = torch.cat([x[[3, 1]], torch.randn(2, 2, 3), x[[0]]])  # 3 hits, 2 misses
+    out = cached(mixed)
+    assert backbone.calls == [2], "only the two new examples go through the backbone"
+    torch.testing.assert_close(out, backbone(mixed), rtol=0, atol=0)
+    backbone.calls.clear()
+    torch.testing.assert_close(cached(mixed.flip(0)), out.flip(0), rtol=0, atol=0)
+    assert backbone.calls == [], "a batch of cached examples never calls the backbone"
+    assert not any("feature" in name for name in cached.state_dict()), "the cache is no buffer"
+
+
+def test_same_text_with_other_padding_is_a_hit():
+    backbone = CountingBackbone()
+    cached = FrozenFeatures(backbone, cache_features=True)
+    texts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    first = cached(left_padded(texts, width=4))
+    assert backbone.calls == [3]
+    # the same texts padded to 7 in another batch, next to a new text and one repeated twice
+    batch = left_padded([[8, 9], [14], [10, 11, 12, 13], [5, 6, 7], [14]], width=7)
+    out = cached(batch)
+    assert backbone.calls == [3, 1], "the new text, once, is the only backbone input"
+    torch.testing.assert_close(out, backbone(batch), rtol=0, atol=0)
+    torch.testing.assert_close(out[[3, 0, 2]], first, rtol=0, atol=0)
+    # a text differing only where the mask is 0 is the same text; another token is another text
+    padded_with_other_id = left_padded([[5, 6, 7]], width=6, pad=49)
+    assert len(backbone.calls) == 3 and cached(padded_with_other_id).shape == (1, 4)
+    assert len(backbone.calls) == 3
+    cached(left_padded([[5, 6, 8]], width=3))
+    assert backbone.calls[-1] == 1
+
+
+def test_disk_round_trip_and_backbones_do_not_share(tmp_path: Path):
+    x = torch.randn(4, 6)
+    writer = FrozenFeatures(CountingBackbone(seed=0), cache_features=True, feature_cache_dir=str(tmp_path))
+    expected = writer(x)
+    reader_backbone = CountingBackbone(seed=0)  # same weights, a new process would build it like this
+    reader = FrozenFeatures(reader_backbone, cache_features=True, feature_cache_dir=tmp_path)
+    torch.testing.assert_close(reader(x), expected, rtol=0, atol=0)
+    assert reader_backbone.calls == [], "the features come from disk"
+    other_backbone = CountingBackbone(seed=1)  # same architecture and names, other weights
+    other = FrozenFeatures(other_backbone, cache_features=True, feature_cache_dir=tmp_path)
+    torch.testing.assert_close(other(x), other_backbone(x), rtol=0, atol=0)
+    assert other_backbone.calls[0] == 4, "another backbone never reads this one's features"
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+    assert not list(tmp_path.rglob("*.tmp")), "no partial files are left behind"
+
+
+def test_changed_weights_drop_the_in_memory_cache():
+    backbone = CountingBackbone(seed=0)
+    cached = FrozenFeatures(backbone, cache_features=True)
+    x = torch.randn(3, 6)
+    cached(x)
+    cached.load_state_dict(FrozenFeatures(CountingBackbone(seed=1)).state_dict())
+    torch.testing.assert_close(cached(x), backbone(x), rtol=0, atol=0)
+    assert backbone.calls[1] == 3, "new weights: recomputed"
+    cached.load_state_dict(cached.state_dict())
+    cached(x)
+    assert len(backbone.calls) == 3, "the same weights reloaded keep the cache"
+
+
+def test_options_pass_through_and_bad_values_are_explained(tmp_path: Path):
+    probe = LinearProbe(CountingBackbone(), num_classes=2, cache_features=True, feature_cache_dir=str(tmp_path))
+    vbll = VBLLClassifier(CountingBackbone(), num_classes=2, dataset_size=8, freeze_backbone=True, cache_features=True)
+    assert probe.backbone.cache_features and probe.backbone.feature_cache_dir == tmp_path
+    assert vbll.backbone.cache_features and vbll.backbone.feature_cache_dir is None
+    assert not LinearProbe(CountingBackbone(), num_classes=2).backbone.cache_features
+    with pytest.raises(ValueError, match="cache_features must be True or False"):
+        FrozenFeatures(CountingBackbone(), cache_features="yes")
+    with pytest.raises(ValueError, match="needs cache_features=True"):
+        FrozenFeatures(CountingBackbone(), feature_cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="feature_cache_dir must be a folder path"):
+        FrozenFeatures(CountingBackbone(), cache_features=True, feature_cache_dir=3)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        FrozenFeatures(CountingBackbone(), cache_features=True, feature_cache_dir=str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="freeze_backbone=True"):
+        LinearProbe(CountingBackbone(), num_classes=2, freeze_backbone=False, cache_features=True)
+    with pytest.raises(ValueError, match="freeze_backbone=True"):
+        VBLLClassifier(CountingBackbone(), num_classes=2, cache_features=True)
+    cached = FrozenFeatures(CountingBackbone(), cache_features=True)
+    with pytest.raises(ValueError, match="the batch size B"):
+        cached({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(3, 3)})
