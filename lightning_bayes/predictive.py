@@ -18,6 +18,11 @@ from torch import Tensor
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def at_least_float32(value: Tensor) -> Tensor:
+    """``value`` in float32 if it is in a half precision, else unchanged (float64 stays float64)."""
+    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+
+
 def _check_rank3(name: str, value: Tensor) -> None:
     if not isinstance(value, Tensor) or value.ndim != 3:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -40,7 +45,7 @@ class CategoricalPredictive:
     @property
     def log_probs_per_sample(self) -> Tensor:
         """``log softmax(z_s)``, ``[S, B, C]``, in float32 or wider."""
-        return torch.log_softmax(self.logits.float() if self.logits.dtype in (torch.float16, torch.bfloat16) else self.logits, dim=-1)
+        return torch.log_softmax(at_least_float32(self.logits), dim=-1)
 
     @property
     def log_probs(self) -> Tensor:

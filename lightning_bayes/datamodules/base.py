@@ -58,13 +58,17 @@ class InMemoryDataModule(LightningDataModule):
         batch_size: examples per batch.
         num_workers: DataLoader worker processes (0 loads in the main process).
         seed: seeds the splits and the training-set shuffling.
+        shuffle: shuffle the training loader; ``False`` keeps the batches in one fixed order every epoch
+            (post-hoc sweeps such as :class:`~lightning_bayes.modules.NullSpaceLaplace` need that).
         data_dir: a folder holding the user's own copy of the data files (see each subclass);
             ``None`` uses the packaged copies.
     """
 
     task: ClassVar[Literal["classification", "regression"]] = "classification"
 
-    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0, data_dir: str | None = None) -> None:
+    def __init__(
+        self, batch_size: int, num_workers: int = 0, seed: int = 0, data_dir: str | None = None, shuffle: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
@@ -72,10 +76,13 @@ class InMemoryDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be an int >= 0; got {num_workers!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int; got {seed!r}")
+        if not isinstance(shuffle, bool):
+            raise TypeError(f"shuffle must be a bool; got {shuffle!r}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.data_dir = data_dir
+        self.shuffle = shuffle
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -107,7 +114,7 @@ class InMemoryDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

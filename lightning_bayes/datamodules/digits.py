@@ -42,8 +42,9 @@ class DigitsDataModule(InMemoryDataModule):
         num_workers: int = 0,
         data_dir: str | None = None,
         download: bool = False,
+        shuffle: bool = True,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
         self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
         self.flatten = flatten
         self.download = download

@@ -70,8 +70,9 @@ class _IDXImageDataModule(InMemoryDataModule):
         data_dir: str | None,
         ood_dir: str | None,
         download: bool,
+        shuffle: bool,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
         if not isinstance(val_size, int) or not 0 <= val_size < _TRAIN_SIZE:
             raise ValueError(f"val_size must be an int in [0, {_TRAIN_SIZE}); got {val_size!r}")
         self.val_size = val_size
@@ -129,8 +130,9 @@ class MNISTDataModule(_IDXImageDataModule):
         data_dir: str | None = None,
         fashion_dir: str | None = None,
         download: bool = False,
+        shuffle: bool = True,
     ) -> None:
-        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, fashion_dir, download)
+        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, fashion_dir, download, shuffle)
 
 
 class FashionMNISTDataModule(_IDXImageDataModule):
@@ -160,5 +162,6 @@ class FashionMNISTDataModule(_IDXImageDataModule):
         data_dir: str | None = None,
         mnist_dir: str | None = None,
         download: bool = False,
+        shuffle: bool = True,
     ) -> None:
-        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, mnist_dir, download)
+        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, mnist_dir, download, shuffle)

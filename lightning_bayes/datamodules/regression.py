@@ -103,8 +103,9 @@ class UCIRegressionDataModule(InMemoryDataModule):
         seed: int = 0,
         num_workers: int = 0,
         data_dir: str | None = None,
+        shuffle: bool = True,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
         _check_dataset(dataset)
         self.dataset = dataset
         self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)

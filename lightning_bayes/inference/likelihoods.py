@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive
+from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive, at_least_float32
 
 _MIN_VARIANCE = 1e-6
 
@@ -38,10 +38,10 @@ class CategoricalLikelihood(Likelihood):
     def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
         if outputs.ndim != 2 or y.shape != outputs.shape[:1]:
             raise ValueError(f"expected logits [B, C] and labels [B]; got {tuple(outputs.shape)} and {tuple(y.shape)}")
-        return F.cross_entropy(outputs.float(), y.long())
+        return F.cross_entropy(at_least_float32(outputs), y.long())
 
     def predictive(self, output_samples: Tensor) -> CategoricalPredictive:
-        return CategoricalPredictive(output_samples.float())
+        return CategoricalPredictive(at_least_float32(output_samples))
 
 
 class GaussianLikelihood(Likelihood):
@@ -72,7 +72,7 @@ class GaussianLikelihood(Likelihood):
                 f"GaussianLikelihood(output_dim={self.output_dim}, heteroscedastic={self.heteroscedastic}) "
                 f"expects {self.num_outputs} outputs per example; got shape {tuple(outputs.shape)}"
             )
-        outputs = outputs.float()
+        outputs = at_least_float32(outputs)
         if self.heteroscedastic:
             mean, raw = outputs.split(self.output_dim, dim=-1)
             std = F.softplus(raw + self.raw_offset)

@@ -26,6 +26,7 @@ _LAZY = {
     "CausalLMFeatures": ".hf",
     "LinearProbe": ".probe",
     "FrozenFeatures": ".frozen",
+    "load_trained_weights": ".weights",
 }
 
 __all__ = ["LeNet5", "MLP", *_LAZY]

@@ -4,6 +4,7 @@ from .base import BayesianModule
 from .ensemble import DeepEnsemble
 from .map import MAP
 from .mc_dropout import MCDropout
+from .nullspace_laplace import NullSpaceLaplace
 from .vbll import VBLLClassifier, VBLLRegressor
 
-__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout", "VBLLClassifier", "VBLLRegressor"]
+__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout", "NullSpaceLaplace", "VBLLClassifier", "VBLLRegressor"]

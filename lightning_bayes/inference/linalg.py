@@ -1,0 +1,244 @@
+"""Matrix-free Jacobian algebra of a network as a function of a flat parameter vector.
+
+The selected parameters are one vector ``theta in R^P`` (:class:`FlatParameters`); the rest of the
+module (unselected parameters, buffers) is held fixed. :class:`ParameterFunction` evaluates the
+per-example *constraint values* ``g(theta, x_n, y_n) in R^m`` (the logits, the per-example loss, or
+any per-example map of the outputs), stacked over a micro-batch into ``M_b = B m`` rows, and gives
+
+* ``J_b v`` (``jvp``, forward mode) and ``J_b^T w`` (``vjp``, one reverse pass reused for every ``w``),
+  vmapped over a stack of vectors in chunks;
+* ``J_b`` itself (``[M_b, P]``), built from per-example reverse-mode Jacobians (``vmap(jacrev)``), so
+  one micro-batch costs ``M_b`` single-example backward passes whatever the number of samples;
+* the Gram matrix ``G_b = J_b J_b^T`` in float64 and its pseudo-inverse factor
+  (:class:`GramFactor`, eigh with a relative cutoff) and the projection onto ``ker J_b``,
+  ``v - J_b^T G_b^+ J_b v`` (:func:`project_out_rows`).
+
+Everything is ``torch.func`` (``functional_call``, ``jvp``, ``vjp``, ``jacrev``, ``vmap``); nothing
+``P x P`` is ever formed. The network runs in eval mode (BatchNorm running statistics, no dropout).
+Reference: Miani, Roy & Hauberg, "Bayes without Underfitting", AISTATS 2025, section 3 and appendix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from ..params import ParamSelector, select_parameters
+from .likelihoods import Likelihood
+
+ConstraintFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class FlatParameters:
+    """The parameters of ``module`` selected by ``params`` as one flat vector (registration order)."""
+
+    def __init__(self, module: nn.Module, params: ParamSelector = "all") -> None:
+        selected = select_parameters(module, params)
+        self.names = list(selected)
+        self.shapes = [p.shape for p in selected.values()]
+        self.numels = [p.numel() for p in selected.values()]
+        self.size = sum(self.numels)
+
+    def flatten(self, module: nn.Module) -> Tensor:
+        """The current values of the selected parameters of ``module``, concatenated, detached."""
+        named = dict(module.named_parameters())
+        return torch.cat([named[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Views of ``theta`` (length P) shaped as the selected parameters, keyed by name."""
+        if theta.shape != (self.size,):
+            raise ValueError(f"theta must have shape ({self.size},); got {tuple(theta.shape)}")
+        return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.numels), self.shapes)}
+
+
+def output_constraint(outputs: Tensor, y: Tensor) -> Tensor:
+    """Output kernel: every output of the example (e.g. all logits) must stay fixed."""
+    return outputs.reshape(-1)
+
+
+class LossConstraint:
+    """Loss kernel: the per-example loss ``l(f(theta, x_n), y_n)`` must stay fixed (one row per example)."""
+
+    def __init__(self, likelihood: Likelihood) -> None:
+        self.likelihood = likelihood
+
+    def __call__(self, outputs: Tensor, y: Tensor) -> Tensor:
+        return self.likelihood.loss(outputs.unsqueeze(0), y.unsqueeze(0)).reshape(1)
+
+
+def _unsqueeze(x: Any) -> Any:
+    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+
+
+def _chunks(n: int, chunk_size: int | None) -> list[slice]:
+    step = n if chunk_size is None else max(1, chunk_size)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class ParameterFunction:
+    """``theta -> f(theta, x)`` and ``theta -> g(theta, x, y)`` for a module with a selected parameter subset.
+
+    Args:
+        model: the network; evaluated in eval mode with the unselected parameters and buffers fixed at
+            their current values.
+        params: which parameters form ``theta`` (see :func:`lightning_bayes.params.select_parameters`).
+        constraint: per-example map ``(outputs, y) -> [m]`` (:func:`output_constraint`,
+            :class:`LossConstraint` or any callable).
+        chunk_size: vectors per vmapped chunk in ``jvp``/``vjp``/per-example Jacobians (``None``: all).
+        vectorize: per-example Jacobians with ``vmap``; ``False`` loops over examples (for models whose
+            forward has data-dependent control flow that ``vmap`` rejects).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSelector = "all",
+        constraint: ConstraintFn = output_constraint,
+        chunk_size: int | None = None,
+        vectorize: bool = True,
+    ) -> None:
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
+        self.model = model
+        self.flat = FlatParameters(model, params)
+        self.constraint = constraint
+        self.chunk_size = chunk_size
+        self.vectorize = vectorize
+
+    @property
+    def size(self) -> int:
+        return self.flat.size
+
+    def theta(self) -> Tensor:
+        """The model's current selected parameters as a flat vector."""
+        return self.flat.flatten(self.model)
+
+    def _fixed(self) -> dict[str, Tensor]:
+        selected = set(self.flat.names)
+        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
+        fixed.update(dict(self.model.named_buffers()))
+        return fixed
+
+    def outputs(self, theta: Tensor, x: Any) -> Tensor:
+        """``f(theta, x)``: the model's outputs with the selected parameters replaced by ``theta``."""
+        if self.model.training:
+            self.model.eval()
+        return functional_call(self.model, {**self._fixed(), **self.flat.unflatten(theta)}, (x,))
+
+    def constraints(self, theta: Tensor, x: Any, y: Tensor) -> Tensor:
+        """``g(theta, x, y)`` stacked over the batch, flattened to ``[M_b]``."""
+        outputs = self.outputs(theta, x)
+        return vmap(self.constraint)(outputs, y).reshape(-1)
+
+    def _example_constraint(self, theta: Tensor, x_n: Any, y_n: Tensor) -> Tensor:
+        return self.constraint(self.outputs(theta, _unsqueeze(x_n))[0], y_n)
+
+    def jacobian(self, x: Any, y: Tensor, theta: Tensor | None = None) -> Tensor:
+        """``J_b = d g(theta, x, y) / d theta`` as a dense ``[M_b, P]`` matrix, row block per example."""
+        theta = self.theta() if theta is None else theta
+        if self.vectorize:
+            rows = vmap(jacrev(self._example_constraint), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(theta, x, y)
+        else:
+            rows = torch.stack(
+                [jacrev(self._example_constraint)(theta, tree_map(lambda t: t[n], x), y[n]) for n in range(len(y))]
+            )
+        return rows.reshape(-1, self.size)
+
+    def jvp(self, x: Any, tangents: Tensor, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(f(theta, x), [J(x) v_s]_s)`` for tangents ``[S, P]``; one forward-mode pass per tangent."""
+        theta = self.theta() if theta is None else theta
+
+        def one(v: Tensor) -> tuple[Tensor, Tensor]:
+            return jvp(lambda t: self.outputs(t, x), (theta,), (v,))
+
+        parts = [vmap(one)(tangents[s]) for s in _chunks(len(tangents), self.chunk_size)]
+        return parts[0][0][0], torch.cat([p[1] for p in parts])
+
+    def vjp(self, x: Any, y: Tensor, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """``w -> J_b^T w`` for cotangents ``[S, M_b]``: one forward pass, then one backward per cotangent."""
+        theta = self.theta() if theta is None else theta
+        _, pullback = vjp(lambda t: self.constraints(t, x, y), theta)
+
+        def apply(cotangents: Tensor) -> Tensor:
+            return torch.cat([vmap(pullback)(cotangents[s])[0] for s in _chunks(len(cotangents), self.chunk_size)])
+
+        return apply
+
+    def check_forward_mode(self, x: Any) -> None:
+        """Run one JVP; raise a clear error if some layer (e.g. a fused attention kernel) lacks forward AD."""
+        theta = self.theta()
+        try:
+            self.jvp(_take(x, 1), torch.zeros(1, self.size, dtype=theta.dtype, device=theta.device), theta)
+        except (RuntimeError, NotImplementedError) as error:
+            raise RuntimeError(
+                f"forward-mode AD (torch.func.jvp) failed through {type(self.model).__name__}: {error}. "
+                "For scaled-dot-product attention use the math backend "
+                "(torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) or attn_implementation='eager'."
+            ) from error
+
+    def probe_vectorize(self, x: Any, y: Tensor) -> None:
+        """Try a vmapped per-example Jacobian on two examples; fall back to a loop (with a warning) if vmap fails."""
+        if not self.vectorize:
+            return
+        try:
+            self.jacobian(_take(x, 2), y[:2])
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            warnings.warn(
+                f"vmap over examples failed through {type(self.model).__name__} ({error}); "
+                "per-example Jacobians fall back to a Python loop over examples",
+                stacklevel=2,
+            )
+            self.vectorize = False
+
+
+def _take(x: Any, n: int) -> Any:
+    return tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, x)
+
+
+@dataclass(frozen=True)
+class GramFactor:
+    """Pseudo-inverse of a Gram matrix ``G = V diag(lambda) V^T`` kept as ``(V, lambda^+)`` in float64.
+
+    Eigenvalues at or below the cutoff (``rtol * lambda_max``, or ``atol`` when given) count as zero.
+    """
+
+    eigenvectors: Tensor
+    inverse_eigenvalues: Tensor
+
+    @classmethod
+    def of(cls, gram: Tensor, rtol: float = 1e-5, atol: float | None = None) -> GramFactor:
+        if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+            raise ValueError(f"gram must be a square matrix; got shape {tuple(gram.shape)}")
+        values, vectors = torch.linalg.eigh(gram.double())
+        cutoff = atol if atol is not None else rtol * values.max().clamp_min(0.0)
+        keep = values > cutoff
+        inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+        return cls(vectors, inverse)
+
+    @property
+    def rank(self) -> int:
+        return int((self.inverse_eigenvalues > 0).sum())
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``G^+ r`` for right-hand sides ``[S, M]`` (float64)."""
+        return ((rhs.double() @ self.eigenvectors) * self.inverse_eigenvalues) @ self.eigenvectors.T
+
+
+def gram(jacobian: Tensor) -> Tensor:
+    """``J J^T`` in float64 from a dense ``[M, P]`` Jacobian."""
+    j = jacobian.double()
+    return j @ j.T
+
+
+def project_out_rows(vectors: Tensor, jacobian: Tensor, factor: GramFactor) -> Tensor:
+    """``v - J^T (J J^T)^+ J v`` for each row of ``vectors`` ``[S, P]``: the projection onto ``ker J``."""
+    coefficients = factor.solve(vectors @ jacobian.T.to(vectors.dtype))
+    return vectors - coefficients.to(vectors.dtype) @ jacobian.to(vectors.dtype)
+

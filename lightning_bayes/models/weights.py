@@ -1,0 +1,65 @@
+"""Loading trained weights into a bare backbone, from a Lightning checkpoint or a saved state dict.
+
+Post-hoc methods (null-space Laplace, subspace inference) start from a trained network. The checkpoint
+of, say, ``MAP(backbone=LeNet5())`` stores the backbone under ``backbone.*``; :func:`load_trained_weights`
+finds the prefix under which *all* of the model's tensors are present, so the same call works for any
+method's checkpoint, and refuses a checkpoint of a different model with the names that do not match.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+def resolve_checkpoint_path(checkpoint: str) -> Path:
+    """``checkpoint`` itself, or the newest file matching it when it is a glob pattern
+    (e.g. ``runs/mnist_map/version_*/checkpoints/last.ckpt``)."""
+    if any(c in checkpoint for c in "*?["):
+        matches = sorted(glob.glob(checkpoint), key=os.path.getmtime)
+        if not matches:
+            raise FileNotFoundError(f"checkpoint={checkpoint!r} matches no file; train the model first")
+        return Path(matches[-1])
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint={checkpoint!r} is not a file; train the model first")
+    return path
+
+
+def _state_dict(path: Path) -> dict[str, Tensor]:
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {str(path)!r} holds neither a Lightning checkpoint nor a state dict")
+    return state
+
+
+def load_trained_weights(model: nn.Module, checkpoint: str) -> Path:
+    """Copy the tensors of ``checkpoint`` into ``model`` (in place); return the file used.
+
+    Raises ``ValueError`` naming missing tensors or shape mismatches when the checkpoint is of another model.
+    """
+    path = resolve_checkpoint_path(checkpoint)
+    state = _state_dict(path)
+    wanted = model.state_dict()
+    prefixes = sorted({k[: len(k) - len(name)] for k in state for name in wanted if k.endswith(name)}, key=len)
+    for prefix in prefixes:
+        if all(prefix + name in state for name in wanted):
+            mismatched = [
+                f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
+                for name, t in wanted.items()
+                if state[prefix + name].shape != t.shape
+            ]
+            if mismatched:
+                raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
+            model.load_state_dict({name: state[prefix + name] for name in wanted})
+            return path
+    missing = [name for name in wanted if not any(k.endswith(name) for k in state)]
+    raise ValueError(
+        f"checkpoint {str(path)!r} is not of a {type(model).__name__}: no prefix holds all of its "
+        f"{len(wanted)} tensors (e.g. missing {missing[:5]}; the checkpoint has {list(state)[:5]}...)"
+    )

@@ -1,0 +1,199 @@
+"""``NullSpaceLaplace``: the projected (null-space) Laplace posterior of a trained network, post hoc.
+
+``q(theta) = N(theta_hat, alpha^-1 P)`` with ``P`` the projector onto the kernel of the training
+Jacobian of the constraint map (all logits, or the per-example loss). Its ``fit`` is the alternating
+projection sweeps of :mod:`lightning_bayes.inference.nullspace`: one training step projects every sample
+onto the kernel of one micro-batch, one epoch is one sweep (the extrapolation runs after its last
+batch), so progress bars, devices, checkpoints and exact resumption come from the Trainer. The samples
+are buffers; ``theta_hat`` never changes. Reference: Miani, Roy & Hauberg, AISTATS 2025.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.utils.data import RandomSampler
+
+from ..inference.likelihoods import Likelihood
+from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
+from ..inference.nullspace import AlternatingProjections, largest_scale, prior_precision
+from ..models.weights import load_trained_weights
+from ..params import ParamSelector
+from ..predictive import Predictive
+from .base import Batch, BayesianModule
+
+_CONSTRAINTS = ("auto", "output", "loss")
+_PREDICTIVES = ("linearized", "neural")
+_MAX_OUTPUT_CONSTRAINTS = 10  # "auto" picks the output kernel up to this many outputs per example
+
+
+class NullSpaceLaplace(BayesianModule):
+    """Post-hoc null-space Laplace on a trained ``model`` (any ``nn.Module``, any parameter subset).
+
+    Args:
+        model: the network; its current weights are ``theta_hat`` unless ``checkpoint`` is given.
+        checkpoint: a trained model's Lightning checkpoint or state dict (a glob picks the newest match),
+            e.g. ``runs/mnist_map/version_*/checkpoints/last.ckpt`` from ``configs/mnist/map.yaml``.
+        params: the parameters the posterior covers (``"all"``, ``"lora"``, globs; see ``params.py``).
+        constraint: ``"output"`` (every output of every training point stays fixed), ``"loss"`` (every
+            per-example loss stays fixed to first order; for many outputs and LLMs), ``"auto"`` (output up to
+            10 outputs), or a per-example callable ``(outputs, y) -> [m]``.
+        num_samples: posterior samples S drawn and projected.
+        alpha: prior precision: a number, ``"evidence"`` (``r/||theta_hat||^2``) or ``"reference_code"``.
+        scale: sample scale ``c`` (``theta_s = theta_hat + c alpha^-1/2 v_s``) or ``"line_search"``: the
+            largest ``c`` raising the training NLL of the predictive by at most ``scale_tolerance``.
+        predictive: ``"linearized"`` (``f(theta_hat, x) + J(x)(theta_s - theta_hat)``, one JVP per sample) or
+            ``"neural"`` (``f(theta_s, x)``).
+        rtol, atol: eigenvalue cutoff of each micro-batch Gram matrix (relative, or absolute when given).
+        accelerate: extrapolate after every sweep.
+        chunk_size: samples (and examples) per vmapped chunk; lower it to save memory.
+        seed: seed of the Gaussian draws.
+        scale_batches: training micro-batches the line search evaluates.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoint: str | None = None,
+        params: ParamSelector = "all",
+        constraint: Union[str, ConstraintFn] = "auto",
+        likelihood: Union[str, Likelihood] = "categorical",
+        num_samples: int = 30,
+        alpha: Union[float, str] = "evidence",
+        scale: Union[float, str] = 1.0,
+        scale_tolerance: float = 0.01,
+        scale_batches: int = 8,
+        predictive: str = "linearized",
+        rtol: float = 1e-5,
+        atol: float | None = None,
+        accelerate: bool = True,
+        chunk_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(likelihood=likelihood, num_samples=num_samples)
+        self.save_hyperparameters(ignore=["model", "likelihood", "constraint"])
+        if isinstance(constraint, str) and constraint not in _CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {_CONSTRAINTS} or a callable; got {constraint!r}")
+        if predictive not in _PREDICTIVES:
+            raise ValueError(f"predictive must be one of {_PREDICTIVES}; got {predictive!r}")
+        if not (scale == "line_search" or (isinstance(scale, (int, float)) and scale >= 0)):
+            raise ValueError(f"scale must be a number >= 0 or 'line_search'; got {scale!r}")
+        if not isinstance(scale_batches, int) or scale_batches < 1:
+            raise ValueError(f"scale_batches must be an int >= 1; got {scale_batches!r}")
+        prior_precision(alpha, 1.0, torch.ones(1))  # validates a number or a rule's name
+        self.automatic_optimization = False
+        if checkpoint is not None:
+            load_trained_weights(model, checkpoint)
+        self.model = model.requires_grad_(False).eval()
+        self.alpha_rule, self.scale_rule, self.scale_tolerance = alpha, scale, scale_tolerance
+        self.scale_batches, self.predictive_mode = scale_batches, predictive
+        chosen = {"output": output_constraint, "loss": LossConstraint(self.likelihood), "auto": output_constraint}
+        self.function = ParameterFunction(
+            model, params, chosen[constraint] if isinstance(constraint, str) else constraint, chunk_size=chunk_size
+        )
+        self._constraint_pending = constraint == "auto"
+        self.projections = AlternatingProjections(
+            self.function.size, num_samples, seed=seed, rtol=rtol, atol=atol, accelerate=accelerate,
+            dtype=self.function.theta().dtype,
+        )
+        self.register_buffer("scale_value", torch.tensor(float(scale) if scale != "line_search" else 1.0))
+        self._scale_batches: list[Batch] = []
+
+    # ----- the trained network -----------------------------------------------------------------------
+    def forward(self, x: Any) -> Tensor:
+        return self.model(x)
+
+    def train(self, mode: bool = True) -> NullSpaceLaplace:
+        super().train(mode)
+        self.model.eval()  # theta_hat's network always runs in eval mode (BatchNorm statistics, no dropout)
+        return self
+
+    def configure_optimizers(self) -> None:
+        return None  # nothing is trained: the sweeps update buffers
+
+    def _resolve_constraint(self, x: Any) -> None:
+        """``constraint="auto"``: the loss kernel once the outputs per example exceed 10 (seen on a first batch)."""
+        if self._constraint_pending:
+            with torch.no_grad():
+                if self.model(x).shape[-1] > _MAX_OUTPUT_CONSTRAINTS:
+                    self.function.constraint = LossConstraint(self.likelihood)
+            self._constraint_pending = False
+
+    # ----- the sweeps ----------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        if isinstance(getattr(loader, "sampler", None), RandomSampler):
+            raise ValueError(
+                "NullSpaceLaplace sweeps the training batches in one fixed order (cached Gram factors, exact "
+                "resumption); the training loader shuffles: set the datamodule's shuffle=False "
+                "(LightningCLI: --data.shuffle false)"
+            )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = batch
+        self._resolve_constraint(x)
+        if batch_idx == 0:
+            self.function.probe_vectorize(x, y)
+            self.projections.begin_sweep()
+            self._scale_batches = []
+        if len(self._scale_batches) < self.scale_batches:
+            self._scale_batches.append((x, y))
+        self.projections.project(self.function.jacobian(x, y), key=batch_idx)
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self._end_sweep()
+
+    def _end_sweep(self) -> None:
+        self.projections.end_sweep()
+        if self.scale_rule == "line_search":
+            self.scale_value.fill_(largest_scale(self._training_nll, tolerance=self.scale_tolerance))
+        self.log_dict(
+            {"train/sweeps": float(self.projections.sweeps_done), "train/rank": self.rank(), "train/alpha": self.alpha(),
+             "train/scale": float(self.scale_value)},
+            on_step=False, on_epoch=True, batch_size=1,
+        )
+
+    def _training_nll(self, scale: float) -> float:
+        with torch.no_grad():
+            nll = [-self._predictive(x, self.num_samples, scale).log_prob(y).mean() for x, y in self._scale_batches]
+        return float(torch.stack(nll).mean())
+
+    # ----- the posterior ---------------------------------------------------------------------------------
+    def rank(self) -> float:
+        """Hutchinson estimate of ``rank J`` from the current samples."""
+        return float(self.projections.rank_estimate())
+
+    def alpha(self) -> float:
+        """The prior precision ``alpha`` from its rule and the current rank estimate."""
+        return prior_precision(self.alpha_rule, self.rank(), self.function.theta())
+
+    def deltas(self, num_samples: int | None = None, scale: float | None = None) -> Tensor:
+        """``theta_s - theta_hat = c alpha^-1/2 v_s`` for the first ``num_samples`` samples, ``[S, P]``."""
+        s = self.resolve_num_samples(num_samples)
+        if s > self.projections.samples.shape[0]:
+            raise ValueError(f"num_samples={s} exceeds the {self.projections.samples.shape[0]} projected samples")
+        c = float(self.scale_value) if scale is None else scale
+        return self.projections.samples[:s] * (c / math.sqrt(self.alpha()))
+
+    def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        return self._predictive(x, num_samples)
+
+    def _predictive(self, x: Any, num_samples: int | None, scale: float | None = None) -> Predictive:
+        deltas = self.deltas(num_samples, scale)
+        theta = self.function.theta()
+        if self.predictive_mode == "linearized":
+            outputs, tangents = self.function.jvp(x, deltas.to(theta.dtype), theta)
+            samples = outputs.unsqueeze(0) + tangents
+        else:
+            samples = vmap(lambda d: self.function.outputs(theta + d, x), chunk_size=self.function.chunk_size)(deltas)
+        return self.likelihood.predictive(samples)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Predictive:
+        x, y = batch
+        self._resolve_constraint(x)
+        residual = self.projections.residual(self.function.jacobian(x, y)).mean()
+        self.log("val/kernel_residual", residual, batch_size=len(y))
+        return super().validation_step(batch, batch_idx)

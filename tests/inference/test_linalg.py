@@ -1,0 +1,135 @@
+"""Matrix-free Jacobian algebra against explicit dense Jacobians (float64, so tolerances are ~1e-12)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import jacobian as dense_jacobian
+
+from lightning_bayes.inference.likelihoods import CategoricalLikelihood
+from lightning_bayes.inference.linalg import (
+    FlatParameters,
+    GramFactor,
+    LossConstraint,
+    ParameterFunction,
+    gram,
+    project_out_rows,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: thread hand-offs dominate
+
+
+def tiny_mlp(din: int = 5, hidden: int = 12, out: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(din, hidden), nn.Tanh(), nn.Linear(hidden, out)).double()
+
+
+@pytest.fixture()
+def problem() -> tuple[ParameterFunction, torch.Tensor, torch.Tensor, torch.Tensor]:
+    model = tiny_mlp()
+    function = ParameterFunction(model)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2, 1, 2])
+    dense = dense_jacobian(lambda t: function.outputs(t, x).reshape(-1), function.theta())
+    return function, x, y, dense
+
+
+def test_flat_parameters_round_trip_and_shape_error() -> None:
+    model = tiny_mlp()
+    flat = FlatParameters(model, "2.*")
+    theta = flat.flatten(model)
+    assert flat.size == 12 * 3 + 3 == theta.numel()
+    views = flat.unflatten(theta)
+    assert torch.equal(views["2.weight"], model[2].weight.detach()) and torch.equal(views["2.bias"], model[2].bias.detach())
+    with pytest.raises(ValueError, match=r"theta must have shape \(39,\)"):
+        flat.unflatten(torch.zeros(40, dtype=torch.float64))
+
+
+def test_jacobian_jvp_vjp_match_dense(problem) -> None:
+    function, x, y, dense = problem
+    v = torch.randn(3, function.size, dtype=torch.float64)
+    w = torch.randn(3, dense.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
+    outputs, tangents = function.jvp(x, v)
+    torch.testing.assert_close(outputs, function.outputs(function.theta(), x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tangents.reshape(3, -1), v @ dense.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(function.vjp(x, y)(w), w @ dense, rtol=0, atol=1e-12)
+    jjt_w = function.jvp(x, function.vjp(x, y)(w))[1].reshape(3, -1)
+    torch.testing.assert_close(jjt_w, w @ dense @ dense.T, rtol=0, atol=1e-11)
+
+
+def test_loss_constraint_rows_are_per_example_gradients(problem) -> None:
+    function, x, y, _ = problem
+    function.constraint = LossConstraint(CategoricalLikelihood())
+    theta = function.theta()
+    expected = torch.stack(
+        [
+            dense_jacobian(lambda t, n=n: nn.functional.cross_entropy(function.outputs(t, x[n : n + 1]), y[n : n + 1]), theta)
+            for n in range(4)
+        ]
+    )
+    torch.testing.assert_close(function.jacobian(x, y), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_chunking_and_loop_give_identical_results(problem, chunk_size) -> None:
+    function, x, y, dense = problem
+    v = torch.randn(5, function.size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    reference = function.jvp(x, v)[1]
+    function.chunk_size = chunk_size
+    torch.testing.assert_close(function.jvp(x, v)[1], reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
+    function.vectorize = False
+    torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
+
+
+def test_gram_factor_is_the_pseudo_inverse_with_a_relative_cutoff() -> None:
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 3, dtype=torch.float64, generator=generator)
+    g = a @ a.T  # rank 3
+    factor = GramFactor.of(g, rtol=1e-10)
+    assert factor.rank == 3
+    rhs = torch.randn(2, 6, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(factor.solve(rhs), rhs @ torch.linalg.pinv(g, hermitian=True), rtol=0, atol=1e-10)
+    assert GramFactor.of(torch.diag(torch.tensor([1.0, 1e-3, 1e-7], dtype=torch.float64)), rtol=1e-5).rank == 2
+    assert GramFactor.of(torch.diag(torch.tensor([1.0, 1e-3, 1e-7], dtype=torch.float64)), atol=1e-2).rank == 1
+    with pytest.raises(ValueError, match="square"):
+        GramFactor.of(torch.zeros(2, 3))
+
+
+def test_projection_removes_the_row_space(problem) -> None:
+    function, x, y, dense = problem
+    v = torch.randn(4, function.size, dtype=torch.float64)
+    projected = project_out_rows(v, function.jacobian(x, y), GramFactor.of(gram(dense), rtol=1e-12))
+    expected = v - v @ torch.linalg.pinv(dense) @ dense  # (I - J^+ J) v
+    torch.testing.assert_close(projected, expected, rtol=0, atol=1e-10)
+    assert (projected @ dense.T).abs().max() < 1e-10
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad * 2
+
+
+class _Doubler(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NoForwardAD.apply(x)
+
+
+def test_forward_mode_probe_names_the_model() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), _Doubler())
+    function = ParameterFunction(model)
+    with pytest.raises(RuntimeError, match="forward-mode AD .* failed through Sequential"):
+        function.check_forward_mode(torch.randn(2, 3))
+    ParameterFunction(tiny_mlp(din=3)).check_forward_mode(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_chunk_size_is_validated() -> None:
+    with pytest.raises(ValueError, match="chunk_size must be None or an int >= 1; got 0"):
+        ParameterFunction(tiny_mlp(), chunk_size=0)
