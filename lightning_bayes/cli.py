@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callbacks import CalibrationMetrics
@@ -34,6 +34,14 @@ class BayesCLI(LightningCLI):
             )
         return parser
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Show a Rich progress bar unless the user turned bars off or chose another one."""
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, RichProgressBar(leave=True)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
             return
@@ -50,7 +58,6 @@ def run(args: Any = None) -> BayesCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [RichProgressBar(leave=True)]},
         save_config_kwargs={"overwrite": False},
         args=args,
         auto_configure_optimizers=False,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from ..params import ParamSelector, select_parameters
@@ -152,13 +153,15 @@ class ParameterFunction:
         return rows.reshape(-1, self.size)
 
     def jvp(self, x: Any, tangents: Tensor, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(f(theta, x), [J(x) v_s]_s)`` for tangents ``[S, P]``; one forward-mode pass per tangent."""
+        """``(f(theta, x), [J(x) v_s]_s)`` for tangents ``[S, P]``; one forward-mode pass per tangent
+        (scaled-dot-product attention runs on its math backend, the one with forward-mode AD)."""
         theta = self.theta() if theta is None else theta
 
         def one(v: Tensor) -> tuple[Tensor, Tensor]:
             return jvp(lambda t: self.outputs(t, x), (theta,), (v,))
 
-        parts = [vmap(one)(tangents[s]) for s in _chunks(len(tangents), self.chunk_size)]
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
+            parts = [vmap(one)(tangents[s]) for s in _chunks(len(tangents), self.chunk_size)]
         return parts[0][0][0], torch.cat([p[1] for p in parts])
 
     def vjp(self, x: Any, y: Tensor, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
@@ -179,8 +182,8 @@ class ParameterFunction:
         except (RuntimeError, NotImplementedError) as error:
             raise RuntimeError(
                 f"forward-mode AD (torch.func.jvp) failed through {type(self.model).__name__}: {error}. "
-                "For scaled-dot-product attention use the math backend "
-                "(torch.nn.attention.sdpa_kernel(SDPBackend.MATH)) or attn_implementation='eager'."
+                "A custom autograd.Function needs a jvp staticmethod; attention needs a kernel with forward AD "
+                "(attn_implementation='eager', or the math scaled-dot-product backend)."
             ) from error
 
     def probe_vectorize(self, x: Any, y: Tensor) -> None:

@@ -71,7 +71,7 @@ class AlternatingProjections(nn.Module):
         self.register_buffer("samples", noise.clone())
         self.register_buffer("sweep_start", noise.clone())
         self.register_buffer("sweeps_done", torch.zeros((), dtype=torch.long))
-        self._factors: dict[int, tuple[Tensor, GramFactor]] = {}
+        self._factors = GramFactorCache()
 
     def begin_sweep(self) -> None:
         self.sweep_start.copy_(self.samples)
@@ -80,9 +80,10 @@ class AlternatingProjections(nn.Module):
         """Pseudo-inverse factor of ``J_b J_b^T``, cached under ``key`` and checked against ``J_b``."""
         j = jacobian.detach().double()
         fingerprint = torch.stack([j.sum(), j.square().sum()]).cpu()
-        if self.use_cache and key is not None and key in self._factors:
-            stored, factor = self._factors[key]
-            if stored.shape == fingerprint.shape and torch.allclose(stored, fingerprint, rtol=1e-6, atol=0.0):
+        cached = self._factors.get(key) if self.use_cache and key is not None else None
+        if cached is not None:
+            stored, factor = cached
+            if torch.allclose(stored, fingerprint, rtol=1e-6, atol=0.0):
                 return factor
             raise RuntimeError(
                 f"micro-batch {key} differs from the one seen in an earlier sweep; the sweeps need the same "
@@ -90,7 +91,7 @@ class AlternatingProjections(nn.Module):
             )
         factor = GramFactor.of(gram(jacobian), rtol=self.rtol, atol=self.atol)
         if self.use_cache and key is not None:
-            self._factors[key] = (fingerprint, factor)
+            self._factors.put(key, fingerprint, factor)
         return factor
 
     def project(self, jacobian: Tensor, key: int | None = None) -> None:
@@ -175,3 +176,44 @@ def largest_scale(
         middle = math.sqrt(low * high)
         low, high = (middle, high) if ok(middle) else (low, middle)
     return low
+
+
+class GramFactorCache:
+    """Gram factors ``(V_b, lambda_b^+)`` by micro-batch key, copied into large preallocated float64 blocks.
+
+    Thousands of small long-lived tensors allocated between the large transient Jacobians fragment the
+    C heap (resident memory then grows by the Jacobian's size per batch); blocks of at least 64 MB are
+    mapped separately by the allocator and keep the cache at its nominal ``N/B * M_b^2`` numbers.
+    """
+
+    BLOCK_BYTES = 1 << 26
+
+    def __init__(self) -> None:
+        self._vectors: list[Tensor] = []
+        self._inverses: list[Tensor] = []
+        self._free = 0  # next free slot in the last block
+        self._entries: dict[int, tuple[int, int, int, Tensor]] = {}  # key -> (block, slot, rows, fingerprint)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: int) -> tuple[Tensor, GramFactor] | None:
+        if key not in self._entries:
+            return None
+        block, slot, rows, fingerprint = self._entries[key]
+        vectors = self._vectors[block][slot, :rows, :rows]
+        return fingerprint, GramFactor(vectors, self._inverses[block][slot, :rows])
+
+    def put(self, key: int, fingerprint: Tensor, factor: GramFactor) -> None:
+        rows = factor.eigenvectors.shape[0]
+        if not self._vectors or self._free == len(self._vectors[-1]) or rows > self._vectors[-1].shape[1]:
+            slots = max(1, self.BLOCK_BYTES // (8 * rows * rows))
+            device = factor.eigenvectors.device
+            self._vectors.append(torch.empty(slots, rows, rows, dtype=torch.float64, device=device))
+            self._inverses.append(torch.empty(slots, rows, dtype=torch.float64, device=device))
+            self._free = 0
+        block, slot = len(self._vectors) - 1, self._free
+        self._vectors[block][slot, :rows, :rows] = factor.eigenvectors
+        self._inverses[block][slot, :rows] = factor.inverse_eigenvalues
+        self._entries[key] = (block, slot, rows, fingerprint)
+        self._free += 1

@@ -192,3 +192,23 @@ def test_a_changed_batch_under_a_cached_key_is_refused(problem) -> None:
     projections.project(jacobians[0], key=0)
     with pytest.raises(RuntimeError, match="micro-batch 0 differs"):
         projections.project(jacobians[1], key=0)
+
+
+def test_gram_factor_cache_returns_what_was_stored_across_blocks_and_sizes(monkeypatch) -> None:
+    from lightning_bayes.inference.linalg import GramFactor
+    from lightning_bayes.inference.nullspace import GramFactorCache
+
+    monkeypatch.setattr(GramFactorCache, "BLOCK_BYTES", 3 * 8 * 6 * 6)  # three 6x6 slots per block
+    cache = GramFactorCache()
+    generator = torch.Generator().manual_seed(8)
+    stored = {}
+    for key, rows in enumerate([6, 6, 6, 6, 4, 6, 8]):
+        a = torch.randn(rows, rows, dtype=torch.float64, generator=generator)
+        stored[key] = GramFactor.of(a @ a.T)
+        cache.put(key, torch.tensor([float(key)]), stored[key])
+    assert len(cache) == 7 and cache.get(99) is None
+    for key, factor in stored.items():
+        fingerprint, cached = cache.get(key)
+        assert fingerprint.item() == key
+        assert torch.equal(cached.eigenvectors, factor.eigenvectors)
+        assert torch.equal(cached.inverse_eigenvalues, factor.inverse_eigenvalues)

@@ -1,0 +1,165 @@
+"""NullSpaceLaplace through the Trainer: kernel property of the samples, linearised predictive on training
+points, loss kernel, exact resumption, checkpoint loading and clear errors. A float64 tanh MLP
+(30 -> 6 -> 3, P = 207) on 20 points in five fixed micro-batches: sweeps converge to ~1e-12 here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
+from lightning_bayes.modules import MAP, NullSpaceLaplace
+from lightning_bayes.predictive import CategoricalPredictive
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(30, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def make_data(shuffle: bool = False) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 30, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (20,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=shuffle), x, y
+
+
+def make_trainer(sweeps: int, root: Path | None = None, **kwargs) -> Trainer:
+    return Trainer(
+        max_epochs=sweeps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=root is not None,
+        default_root_dir=root,
+        **kwargs,
+    )
+
+
+def fitted(sweeps: int = 60, **kwargs) -> tuple[NullSpaceLaplace, torch.Tensor, torch.Tensor]:
+    loader, x, y = make_data()
+    module = NullSpaceLaplace(make_model(), num_samples=6, rtol=1e-12, **kwargs)
+    make_trainer(sweeps).fit(module, train_dataloaders=loader)
+    return module, x, y
+
+
+def test_samples_lie_in_the_training_kernel_and_keep_training_outputs() -> None:
+    module, x, y = fitted()
+    deltas = module.deltas()
+    jacobian = module.function.jacobian(x, y)
+    assert (torch.linalg.vector_norm(deltas @ jacobian.T, dim=1) / deltas.norm(dim=1)).max() < 1e-3
+    predictive = module.predictive(x)
+    assert isinstance(predictive, CategoricalPredictive) and predictive.logits.shape == (6, 20, 3)
+    map_logits = module(x)
+    tolerance = 1e-7 * float(deltas.norm(dim=1).max())  # relative to the sample's size ||theta_s - theta_hat||
+    torch.testing.assert_close(predictive.logits, map_logits.expand(6, -1, -1), rtol=0, atol=tolerance)
+    far = 4 * torch.randn(5, 30, dtype=torch.float64)
+    assert (module.predictive(far).logits - module(far)).abs().max() > 1e-3  # variance off the training span
+    assert module.projections.sweeps_done.item() == 60
+    assert 0 < module.rank() <= 60 + 4 * (2 * 60 / 6) ** 0.5
+
+
+def test_loss_kernel_samples_are_orthogonal_to_per_example_loss_gradients() -> None:
+    module, x, y = fitted(sweeps=60, constraint="loss")
+    gradients = ParameterFunction(module.model, constraint=LossConstraint(module.likelihood)).jacobian(x, y)
+    deltas = module.deltas()
+    cosines = (deltas @ gradients.T) / (deltas.norm(dim=1, keepdim=True) * gradients.norm(dim=1))
+    assert cosines.abs().max() < 1e-8
+    assert 0 < module.rank() < 30  # 20 loss rows instead of 60 output rows: a smaller image
+
+
+def test_resuming_from_a_mid_fit_checkpoint_gives_identical_samples(tmp_path: Path) -> None:
+    loader, _, _ = make_data()
+    straight = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
+    make_trainer(6).fit(straight, train_dataloaders=loader)
+
+    first = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer(3, tmp_path, callbacks=[checkpoint]).fit(first, train_dataloaders=loader)
+    resumed = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
+    make_trainer(6, tmp_path).fit(resumed, train_dataloaders=loader, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.projections.sweeps_done.item() == 6
+    assert torch.equal(resumed.projections.samples, straight.projections.samples)
+
+
+def test_line_search_scale_keeps_the_training_nll_within_tolerance() -> None:
+    module, x, y = fitted(sweeps=3, predictive="neural", scale="line_search", alpha=1.0)
+    c = float(module.scale_value)
+    assert c > 0
+    base = -module._predictive(x, None, 0.0).log_prob(y).mean()
+    assert -module.predictive(x).log_prob(y).mean() <= 1.01 * base + 1e-12
+    assert -module._predictive(x, None, 4 * c).log_prob(y).mean() > 1.01 * base  # larger scales break the bound
+
+
+def test_loads_a_map_checkpoint_and_refuses_another_model(tmp_path: Path) -> None:
+    loader, x, _ = make_data()
+    trained = MAP(make_model(seed=5))
+    trainer = make_trainer(1, tmp_path)
+    trainer.fit(trained, train_dataloaders=loader)
+    path = tmp_path / "map.ckpt"
+    trainer.save_checkpoint(path)
+    module = NullSpaceLaplace(make_model(seed=0), checkpoint=str(tmp_path / "m*.ckpt"))
+    torch.testing.assert_close(module(x), trained(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"does not fit Sequential: \['0.weight \(6, 30\) vs \(3, 30\)"):
+        NullSpaceLaplace(nn.Sequential(nn.Linear(30, 3)).double(), checkpoint=str(path))
+    with pytest.raises(ValueError, match=r"is not of a Sequential: .* missing \['3.weight', '3.bias'\]"):
+        NullSpaceLaplace(nn.Sequential(*make_model(), nn.Linear(3, 3)).double(), checkpoint=str(path))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        NullSpaceLaplace(make_model(), checkpoint=str(tmp_path / "none*.ckpt"))
+
+
+def test_shuffled_training_loader_is_refused() -> None:
+    loader, _, _ = make_data(shuffle=True)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        make_trainer(1).fit(NullSpaceLaplace(make_model()), train_dataloaders=loader)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"constraint": "logits"}, "constraint must be one of"),
+        ({"predictive": "glm"}, "predictive must be one of"),
+        ({"scale": -1.0}, "scale must be a number >= 0 or 'line_search'"),
+        ({"alpha": "marginal"}, "alpha must be a positive number or one of"),
+        ({"params": "nothing*"}, "matched no parameter"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        NullSpaceLaplace(make_model(), **kwargs)
+
+
+def test_more_predictive_samples_than_projected_is_an_error() -> None:
+    module = NullSpaceLaplace(make_model(), num_samples=3)
+    with pytest.raises(ValueError, match="num_samples=5 exceeds the 3 projected samples"):
+        module.predictive(torch.zeros(2, 30, dtype=torch.float64), num_samples=5)
+
+
+def test_timm_backbone_with_batchnorm_and_a_parameter_subset() -> None:
+    """A timm ResNet in eval mode (BatchNorm running statistics) with the posterior over the last block's
+    BatchNorm affine parameters and the head. One micro-batch holds all the data, so one sweep is the exact
+    projection (random images give nearly parallel batch row spaces: convergence is tested elsewhere)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3, pretrained=False)
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(3))
+    module = NullSpaceLaplace(model, params=["layer4.0.bn*", "fc.*"], num_samples=3)
+    make_trainer(1).fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=12))
+    assert module.function.size == 4 * 512 + 512 * 3 + 3
+    deltas = module.deltas()
+    residual = torch.linalg.vector_norm(deltas @ module.function.jacobian(x, y).T, dim=1) / deltas.norm(dim=1)
+    assert residual.max() < 1e-4  # float32 Jacobian: the rtol=1e-5 cutoff sets the floor
+    moved = (module.predictive(x).logits - module(x)).norm()
+    isotropic = module.projections.noise * (deltas.norm(dim=1, keepdim=True) / module.projections.noise.norm(dim=1, keepdim=True))
+    assert moved < 1e-3 * module.function.jvp(x, isotropic)[1].norm()  # training outputs stay put
+    assert module.model.training is False and module.model.layer4[0].bn1.training is False
