@@ -78,8 +78,8 @@ class AlternatingProjections(nn.Module):
 
     def factor(self, jacobian: Tensor, key: int | None = None) -> GramFactor:
         """Pseudo-inverse factor of ``J_b J_b^T``, cached under ``key`` and checked against ``J_b``."""
-        j = jacobian.detach().double()
-        fingerprint = torch.stack([j.sum(), j.square().sum()]).cpu()
+        j = jacobian.detach()  # fingerprint in float64 without a float64 copy of J
+        fingerprint = torch.stack([j.sum(dtype=torch.float64), torch.linalg.vector_norm(j, dtype=torch.float64)]).cpu()
         cached = self._factors.get(key) if self.use_cache and key is not None else None
         if cached is not None:
             stored, factor = cached

@@ -100,7 +100,7 @@ class NullSpaceLaplace(BayesianModule):
             self.function.size, num_samples, seed=seed, rtol=rtol, atol=atol, accelerate=accelerate,
             dtype=self.function.theta().dtype,
         )
-        self.register_buffer("scale_value", torch.tensor(float(scale) if scale != "line_search" else 1.0))
+        self.register_buffer("scale_value", torch.tensor(1.0))  # the line search's result
         self._scale_batches: list[Batch] = []
 
     # ----- the trained network -----------------------------------------------------------------------
@@ -125,6 +125,11 @@ class NullSpaceLaplace(BayesianModule):
 
     # ----- the sweeps ----------------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:
+            raise NotImplementedError(
+                f"NullSpaceLaplace runs on one device (world_size={self.trainer.world_size}): every sweep must see "
+                "all the training batches; splitting the samples across ranks is not implemented yet"
+            )
         loader = self.trainer.train_dataloader
         if isinstance(getattr(loader, "sampler", None), RandomSampler):
             raise ValueError(
@@ -152,7 +157,7 @@ class NullSpaceLaplace(BayesianModule):
             self.scale_value.fill_(largest_scale(self._training_nll, tolerance=self.scale_tolerance))
         self.log_dict(
             {"train/sweeps": float(self.projections.sweeps_done), "train/rank": self.rank(), "train/alpha": self.alpha(),
-             "train/scale": float(self.scale_value)},
+             "train/scale": self.scale()},
             on_step=False, on_epoch=True, batch_size=1,
         )
 
@@ -170,12 +175,16 @@ class NullSpaceLaplace(BayesianModule):
         """The prior precision ``alpha`` from its rule and the current rank estimate."""
         return prior_precision(self.alpha_rule, self.rank(), self.function.theta())
 
+    def scale(self) -> float:
+        """The sample scale ``c``: the argument, or the line search's result (kept in the checkpoint)."""
+        return float(self.scale_value) if self.scale_rule == "line_search" else float(self.scale_rule)
+
     def deltas(self, num_samples: int | None = None, scale: float | None = None) -> Tensor:
         """``theta_s - theta_hat = c alpha^-1/2 v_s`` for the first ``num_samples`` samples, ``[S, P]``."""
         s = self.resolve_num_samples(num_samples)
         if s > self.projections.samples.shape[0]:
             raise ValueError(f"num_samples={s} exceeds the {self.projections.samples.shape[0]} projected samples")
-        c = float(self.scale_value) if scale is None else scale
+        c = self.scale() if scale is None else scale
         return self.projections.samples[:s] * (c / math.sqrt(self.alpha()))
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
