@@ -219,7 +219,7 @@ class GramFactor:
     def of(cls, gram: Tensor, rtol: float = 1e-5, atol: float | None = None) -> GramFactor:
         if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
             raise ValueError(f"gram must be a square matrix; got shape {tuple(gram.shape)}")
-        values, vectors = torch.linalg.eigh(gram.double())
+        values, vectors = _small_eigh(gram.double())
         cutoff = atol if atol is not None else rtol * values.max().clamp_min(0.0)
         keep = values > cutoff
         inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
@@ -232,6 +232,19 @@ class GramFactor:
     def solve(self, rhs: Tensor) -> Tensor:
         """``G^+ r`` for right-hand sides ``[S, M]`` (float64)."""
         return ((rhs.double() @ self.eigenvectors) * self.inverse_eigenvalues) @ self.eigenvectors.T
+
+
+def _small_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of a small CPU matrix on one thread: multi-threaded LAPACK on a few hundred rows gains nothing
+    and, on a busy machine, waits on its threads for up to a second per call (seen on 2 shared cores)."""
+    if matrix.device.type != "cpu" or matrix.shape[-1] > 512:
+        return torch.linalg.eigh(matrix)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(matrix)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def gram(jacobian: Tensor) -> Tensor:
