@@ -85,19 +85,19 @@ class FrozenFeatures(nn.Module):
     """Wraps ``backbone`` so it never changes: no gradients, always in eval mode (no dropout noise,
     BatchNorm statistics untouched), and run without an autograd graph. ``num_features`` is kept.
 
-    Feature cache (``cache_features=True``): a frozen backbone maps the same example to the same features, yet
-    every epoch and every validation, test and OOD pass would recompute them (seconds per batch for an
-    LLM on a CPU). With the cache, each example's feature row is kept under a hash of its content
-    (:func:`example_keys`: a tensor row's bytes, or a tokenised text's ids where ``attention_mask`` is 1,
-    so padding does not matter), and the backbone runs only on the examples not seen before. The cache is
-    a plain attribute, never a buffer, so checkpoints do not carry it. It is dropped when the backbone's
-    weights change (``load_state_dict``, dtype casts) to different values.
+    Feature cache (``cache_features=True``): a frozen backbone maps the same example to the same
+    features, yet every epoch and every validation, test and OOD pass would recompute them (seconds per
+    batch for an LLM on a CPU). With the cache, each example's feature row is kept under a hash of its
+    content (:func:`example_keys`: a tensor row's bytes, or a tokenised text's ids where ``attention_mask``
+    is 1, so padding does not matter), and the backbone runs only on the examples not seen before. The
+    cache is a plain attribute, never a buffer, so checkpoints do not carry it. It is dropped when the
+    backbone's weights change (``load_state_dict``, dtype casts) to different values.
 
     ``feature_cache_dir`` also keeps the features on disk, for later runs: a folder per backbone identity
     (:func:`backbone_identity`, so a different backbone never reads another's features) holding
     append-only shards, one per batch that computed something, each written to a temporary file and then
     renamed (several processes may share a folder; nothing is overwritten). Features are cached as the
-    backbone computed them: a run under another precision (autocast) should use another ``feature_cache_dir``.
+    backbone computed them: a run under another precision (autocast) should use another folder.
     """
 
     def __init__(
