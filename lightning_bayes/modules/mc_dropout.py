@@ -10,7 +10,7 @@ from typing import Any, Union
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import nn
 
 from ..inference.likelihoods import Likelihood
 from ..predictive import Predictive
