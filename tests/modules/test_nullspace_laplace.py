@@ -163,3 +163,14 @@ def test_timm_backbone_with_batchnorm_and_a_parameter_subset() -> None:
     isotropic = module.projections.noise * (deltas.norm(dim=1, keepdim=True) / module.projections.noise.norm(dim=1, keepdim=True))
     assert moved < 1e-3 * module.function.jvp(x, isotropic)[1].norm()  # training outputs stay put
     assert module.model.training is False and module.model.layer4[0].bn1.training is False
+
+
+def test_a_fixed_scale_survives_loading_a_line_search_checkpoint() -> None:
+    searched, x, _ = fitted(sweeps=2, scale="line_search", alpha=1.0)
+    fixed = NullSpaceLaplace(make_model(), num_samples=6, scale=0.5, alpha=1.0)
+    fixed.load_state_dict(searched.state_dict())
+    assert fixed.scale() == 0.5 and searched.scale() == float(searched.scale_value) != 1.0
+    reloaded = NullSpaceLaplace(make_model(), num_samples=6, scale="line_search", alpha=1.0)
+    reloaded.load_state_dict(searched.state_dict())
+    assert reloaded.scale() == searched.scale()
+    torch.testing.assert_close(fixed.deltas(), searched.deltas() * (0.5 / searched.scale()))
