@@ -7,6 +7,7 @@ any per-example map of the outputs), stacked over a micro-batch into ``M_b = B m
 
 * ``J_b v`` (``jvp``, forward mode) and ``J_b^T w`` (``vjp``, one reverse pass reused for every ``w``),
   vmapped over a stack of vectors in chunks;
+* ``GGN v`` and ``H v`` of the summed loss (``ggn_vp``, ``hvp``), for curvature-based methods;
 * ``J_b`` itself (``[M_b, P]``), built from per-example reverse-mode Jacobians (``vmap(jacrev)``), so
   one micro-batch costs ``M_b`` single-example backward passes whatever the number of samples;
 * the Gram matrix ``G_b = J_b J_b^T`` in float64 and its pseudo-inverse factor
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
@@ -173,6 +174,32 @@ class ParameterFunction:
             return torch.cat([vmap(pullback)(cotangents[s])[0] for s in _chunks(len(cotangents), self.chunk_size)])
 
         return apply
+
+    def loss(self, theta: Tensor, x: Any, y: Tensor, likelihood: Likelihood) -> Tensor:
+        """The summed negative log-likelihood ``sum_n l(f(theta, x_n), y_n)`` (the likelihood's mean times B)."""
+        return likelihood.loss(self.outputs(theta, x), y) * len(y)
+
+    def hvp(self, x: Any, y: Tensor, vectors: Tensor, likelihood: Likelihood, theta: Tensor | None = None) -> Tensor:
+        """``H v`` for the Hessian of the summed loss in ``theta``, vectors ``[S, P]``: forward over reverse
+        (``jvp`` of ``grad``), nothing ``P x P`` formed."""
+        theta = self.theta() if theta is None else theta
+        gradient = grad(lambda t: self.loss(t, x, y, likelihood))
+
+        def one(v: Tensor) -> Tensor:
+            return jvp(gradient, (theta,), (v,))[1]
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.cat([vmap(one)(vectors[s]) for s in _chunks(len(vectors), self.chunk_size)])
+
+    def ggn_vp(self, x: Any, y: Tensor, vectors: Tensor, likelihood: Likelihood, theta: Tensor | None = None) -> Tensor:
+        """``GGN v = sum_n J_n^T H_n J_n v`` for vectors ``[S, P]``, with ``H_n`` the Hessian of the loss in the
+        outputs (softmax: ``diag(p) - p p^T``; Gaussian: ``1/sigma^2``): a JVP, an output-space HVP, a VJP."""
+        theta = self.theta() if theta is None else theta
+        outputs, tangents = self.jvp(x, vectors, theta)
+        output_gradient = grad(lambda z: likelihood.loss(z, y) * len(y))
+        curved = vmap(lambda u: jvp(output_gradient, (outputs,), (u,))[1])(tangents)
+        _, pullback = vjp(lambda t: self.outputs(t, x), theta)
+        return torch.cat([vmap(pullback)(curved[s])[0] for s in _chunks(len(curved), self.chunk_size)])
 
     def check_forward_mode(self, x: Any) -> None:
         """Run one JVP; raise a clear error if some layer (e.g. a fused attention kernel) lacks forward AD."""

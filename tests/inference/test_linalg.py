@@ -133,3 +133,24 @@ def test_forward_mode_probe_names_the_model() -> None:
 def test_chunk_size_is_validated() -> None:
     with pytest.raises(ValueError, match="chunk_size must be None or an int >= 1; got 0"):
         ParameterFunction(tiny_mlp(), chunk_size=0)
+
+
+def test_ggn_and_hessian_vector_products_match_dense(problem) -> None:
+    from torch.autograd.functional import hessian
+
+    from lightning_bayes.inference.likelihoods import GaussianLikelihood
+
+    function, x, y, dense = problem
+    theta = function.theta()
+    v = torch.randn(3, function.size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    likelihood = CategoricalLikelihood()
+    probs = torch.softmax(function.outputs(theta, x), -1)
+    blocks = torch.block_diag(*[torch.diag(p) - torch.outer(p, p) for p in probs])  # softmax output Hessian
+    torch.testing.assert_close(function.ggn_vp(x, y, v, likelihood), v @ (dense.T @ blocks @ dense), rtol=0, atol=1e-10)
+    full = hessian(lambda t: function.loss(t, x, y, likelihood), theta)
+    torch.testing.assert_close(function.hvp(x, y, v, likelihood), v @ full, rtol=0, atol=1e-10)
+    gaussian = GaussianLikelihood(output_dim=3, init_noise=0.5).double()
+    targets = torch.randn(4, 3, dtype=torch.float64)
+    variance = float(torch.nn.functional.softplus(gaussian.raw_noise)[0]) ** 2 + 1e-6  # sigma^2 + the variance floor
+    expected = v @ (dense.T @ dense) / variance  # Gaussian: H = I / sigma^2
+    torch.testing.assert_close(function.ggn_vp(x, targets, v, gaussian), expected, rtol=1e-10, atol=1e-10)
