@@ -154,3 +154,19 @@ def test_ggn_and_hessian_vector_products_match_dense(problem) -> None:
     variance = float(torch.nn.functional.softplus(gaussian.raw_noise)[0]) ** 2 + 1e-6  # sigma^2 + the variance floor
     expected = v @ (dense.T @ dense) / variance  # Gaussian: H = I / sigma^2
     torch.testing.assert_close(function.ggn_vp(x, targets, v, gaussian), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_ggn_product_matches_curvlinops() -> None:
+    """Against curvlinops' GGN operator (a test dependency), float32, summed loss."""
+    import curvlinops
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(6, 5)
+    y = torch.randint(0, 3, (6,))
+    function = ParameterFunction(model)
+    v = torch.randn(1, function.size)
+    operator = curvlinops.GGNLinearOperator(
+        model, nn.CrossEntropyLoss(reduction="sum"), list(model.parameters()), [(x, y)], check_deterministic=False
+    )
+    expected = operator @ v[0]
+    torch.testing.assert_close(function.ggn_vp(x, y, v, CategoricalLikelihood())[0], expected.float(), rtol=1e-5, atol=1e-5)
