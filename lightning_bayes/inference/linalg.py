@@ -79,11 +79,6 @@ def _unsqueeze(x: Any) -> Any:
     return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
 
 
-def _chunks(n: int, chunk_size: int | None) -> list[slice]:
-    step = n if chunk_size is None else max(1, chunk_size)
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
-
-
 class ParameterFunction:
     """``theta -> f(theta, x)`` and ``theta -> g(theta, x, y)`` for a module with a selected parameter subset.
 
@@ -162,8 +157,8 @@ class ParameterFunction:
             return jvp(lambda t: self.outputs(t, x), (theta,), (v,))
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
-            parts = [vmap(one)(tangents[s]) for s in _chunks(len(tangents), self.chunk_size)]
-        return parts[0][0][0], torch.cat([p[1] for p in parts])
+            outputs, products = vmap(one, chunk_size=self.chunk_size)(tangents)
+        return outputs[0], products
 
     def vjp(self, x: Any, y: Tensor, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """``w -> J_b^T w`` for cotangents ``[S, M_b]``: one forward pass, then one backward per cotangent."""
@@ -171,7 +166,7 @@ class ParameterFunction:
         _, pullback = vjp(lambda t: self.constraints(t, x, y), theta)
 
         def apply(cotangents: Tensor) -> Tensor:
-            return torch.cat([vmap(pullback)(cotangents[s])[0] for s in _chunks(len(cotangents), self.chunk_size)])
+            return vmap(pullback, chunk_size=self.chunk_size)(cotangents)[0]
 
         return apply
 
@@ -189,7 +184,7 @@ class ParameterFunction:
             return jvp(gradient, (theta,), (v,))[1]
 
         with sdpa_kernel(SDPBackend.MATH):
-            return torch.cat([vmap(one)(vectors[s]) for s in _chunks(len(vectors), self.chunk_size)])
+            return vmap(one, chunk_size=self.chunk_size)(vectors)
 
     def ggn_vp(self, x: Any, y: Tensor, vectors: Tensor, likelihood: Likelihood, theta: Tensor | None = None) -> Tensor:
         """``GGN v = sum_n J_n^T H_n J_n v`` for vectors ``[S, P]``, with ``H_n`` the Hessian of the loss in the
@@ -199,7 +194,7 @@ class ParameterFunction:
         output_gradient = grad(lambda z: likelihood.loss(z, y) * len(y))
         curved = vmap(lambda u: jvp(output_gradient, (outputs,), (u,))[1])(tangents)
         _, pullback = vjp(lambda t: self.outputs(t, x), theta)
-        return torch.cat([vmap(pullback)(curved[s])[0] for s in _chunks(len(curved), self.chunk_size)])
+        return vmap(pullback, chunk_size=self.chunk_size)(curved)[0]
 
     def check_forward_mode(self, x: Any) -> None:
         """Run one JVP; raise a clear error if some layer (e.g. a fused attention kernel) lacks forward AD."""

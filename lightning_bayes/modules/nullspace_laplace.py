@@ -143,9 +143,11 @@ class NullSpaceLaplace(BayesianModule):
         self._resolve_constraint(x)
         if batch_idx == 0:
             self.function.probe_vectorize(x, y)
+            if self.predictive_mode == "linearized":
+                self.function.check_forward_mode(x)  # fail now, naming the model, not at the first evaluation
             self.projections.begin_sweep()
             self._scale_batches = []
-        if len(self._scale_batches) < self.scale_batches:
+        if self.scale_rule == "line_search" and len(self._scale_batches) < self.scale_batches:
             self._scale_batches.append((x, y))
         self.projections.project(self.function.jacobian(x, y), key=batch_idx)
         if batch_idx == self.trainer.num_training_batches - 1:
@@ -163,7 +165,7 @@ class NullSpaceLaplace(BayesianModule):
 
     def _training_nll(self, scale: float) -> float:
         with torch.no_grad():
-            nll = [-self._predictive(x, self.num_samples, scale).log_prob(y).mean() for x, y in self._scale_batches]
+            nll = [-self.predictive(x, scale=scale).log_prob(y).mean() for x, y in self._scale_batches]
         return float(torch.stack(nll).mean())
 
     # ----- the posterior ---------------------------------------------------------------------------------
@@ -187,10 +189,8 @@ class NullSpaceLaplace(BayesianModule):
         c = self.scale() if scale is None else scale
         return self.projections.samples[:s] * (c / math.sqrt(self.alpha()))
 
-    def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
-        return self._predictive(x, num_samples)
-
-    def _predictive(self, x: Any, num_samples: int | None, scale: float | None = None) -> Predictive:
+    def predictive(self, x: Any, num_samples: int | None = None, scale: float | None = None) -> Predictive:
+        """Posterior predictive with the first ``num_samples`` samples at sample scale ``scale`` (default: ``scale()``)."""
         deltas = self.deltas(num_samples, scale)
         theta = self.function.theta()
         if self.predictive_mode == "linearized":

@@ -95,9 +95,9 @@ def test_line_search_scale_keeps_the_training_nll_within_tolerance() -> None:
     module, x, y = fitted(sweeps=3, predictive="neural", scale="line_search", alpha=1.0)
     c = float(module.scale_value)
     assert c > 0
-    base = -module._predictive(x, None, 0.0).log_prob(y).mean()
+    base = -module.predictive(x, scale=0.0).log_prob(y).mean()
     assert -module.predictive(x).log_prob(y).mean() <= 1.01 * base + 1e-12
-    assert -module._predictive(x, None, 4 * c).log_prob(y).mean() > 1.01 * base  # larger scales break the bound
+    assert -module.predictive(x, scale=4 * c).log_prob(y).mean() > 1.01 * base  # larger scales break the bound
 
 
 def test_loads_a_map_checkpoint_and_refuses_another_model(tmp_path: Path) -> None:
