@@ -170,6 +170,27 @@ class ParameterFunction:
 
         return apply
 
+    def constraint_jvp(self, x: Any, y: Tensor, tangents: Tensor, theta: Tensor | None = None) -> Tensor:
+        """``J_b v_s`` for tangents ``[S, P]`` -> ``[S, M_b]``: forward mode through the constraint map."""
+        theta = self.theta() if theta is None else theta
+
+        def one(v: Tensor) -> Tensor:
+            return jvp(lambda t: self.constraints(t, x, y), (theta,), (v,))[1]
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return vmap(one, chunk_size=self.chunk_size)(tangents)
+
+    def bilinear_gradient(self, x: Any, y: Tensor, left: Tensor, right: Tensor, theta: Tensor | None = None) -> Tensor:
+        """``grad_theta sum_k left_k^T J_b(theta) right_k`` for ``left [K, M_b]``, ``right [K, P]`` held fixed,
+        i.e. ``sum_k H_k right_k`` with ``H_k`` the Hessian of ``<left_k, g(theta)>``: reverse over forward,
+        nothing ``P x P`` formed (the parameter derivative of a projection's KKT system)."""
+        theta = self.theta() if theta is None else theta
+
+        def form(t: Tensor) -> Tensor:
+            return (left * self.constraint_jvp(x, y, right, t)).sum()
+
+        return grad(form)(theta)
+
     def loss(self, theta: Tensor, x: Any, y: Tensor, likelihood: Likelihood) -> Tensor:
         """The summed negative log-likelihood ``sum_n l(f(theta, x_n), y_n)`` (the likelihood's mean times B)."""
         return likelihood.loss(self.outputs(theta, x), y) * len(y)

@@ -1,0 +1,146 @@
+"""Differentiable projection onto the kernel of one micro-batch's constraint Jacobian.
+
+``k = Pi(theta, e) = e - J^T lam`` with ``(J J^T) lam = J e`` (``J = J_b(theta)``) is the solution of the
+symmetric KKT system ``K z = (e, 0)``, ``z = (k, lam)``, ``K = [[I, J^T], [J, 0]]``. For a cotangent
+``g`` on ``k`` the adjoint system ``K xi = (g, 0)`` is the same projection applied to ``g``
+(``xi_lam = (J J^T)^+ J g``, ``xi_k = g - J^T xi_lam``), and
+
+    dL/de = xi_k,    dL/dtheta = -grad_theta [lam^T J(theta) xi_k + xi_lam^T J(theta) k],
+
+the last term two Hessian-vector products of ``<u, g(theta)>`` (:meth:`ParameterFunction.bilinear_gradient`).
+Nothing is unrolled and nothing ``P x P`` is formed. Two solvers share this: :class:`DenseSystem` (``J_b``
+materialised from per-example Jacobians, a float64 pseudo-inverse of the Gram matrix; exact, and cheap
+for the loss constraint where ``J_b`` is the per-example gradients) and :class:`MatrixFreeSystem`
+(one VJP linearisation, a JVP per step, :func:`conjugate_gradient` with a fixed number of steps).
+
+Reference: Fadel et al., "VIKING", NeurIPS 2025 (arXiv 2510.23684), section 3 and appendix; the
+implicit-function adjoint of a KKT system as in Amos & Kolter, "OptNet", ICML 2017.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from .conjugate_gradient import conjugate_gradient
+from .linalg import GramFactor, ParameterFunction, gram
+
+Solver = Literal["dense", "cg"]
+SOLVERS = ("dense", "cg")
+
+
+class ConstraintSystem(Protocol):
+    """``J_b`` at a fixed ``theta``: products with ``J_b``, ``J_b^T`` and solves with ``J_b J_b^T``."""
+
+    def apply(self, vectors: Tensor) -> Tensor:
+        """``[S, P] -> [S, M_b]``: ``J_b v``."""
+
+    def apply_transpose(self, cotangents: Tensor) -> Tensor:
+        """``[S, M_b] -> [S, P]``: ``J_b^T w``."""
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``[S, M_b] -> [S, M_b]``: ``(J_b J_b^T)^+ r`` (float64)."""
+
+
+class DenseSystem:
+    """``J_b`` as a dense ``[M_b, P]`` matrix and the pseudo-inverse of its float64 Gram matrix."""
+
+    def __init__(self, jacobian: Tensor, rtol: float = 1e-5) -> None:
+        self.jacobian = jacobian
+        self.factor = GramFactor.of(gram(jacobian), rtol=rtol)
+
+    def apply(self, vectors: Tensor) -> Tensor:
+        return vectors @ self.jacobian.T.to(vectors.dtype)
+
+    def apply_transpose(self, cotangents: Tensor) -> Tensor:
+        return cotangents.to(self.jacobian.dtype) @ self.jacobian
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        return self.factor.solve(rhs)
+
+
+class MatrixFreeSystem:
+    """``J_b`` through ``torch.func`` products; solves by reorthogonalised CG with ``iterations`` steps."""
+
+    def __init__(self, function: ParameterFunction, x: Any, y: Tensor, theta: Tensor, iterations: int = 10) -> None:
+        self.function, self.x, self.y, self.theta, self.iterations = function, x, y, theta, iterations
+        self._pullback = function.vjp(x, y, theta)
+
+    def apply(self, vectors: Tensor) -> Tensor:
+        return self.function.constraint_jvp(self.x, self.y, vectors.to(self.theta.dtype), self.theta)
+
+    def apply_transpose(self, cotangents: Tensor) -> Tensor:
+        return self._pullback(cotangents.to(self.theta.dtype))
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        return conjugate_gradient(lambda p: self.apply(self.apply_transpose(p)), rhs, self.iterations)
+
+
+def build_system(
+    function: ParameterFunction, x: Any, y: Tensor, theta: Tensor, solver: Solver = "dense", iterations: int = 10
+) -> ConstraintSystem:
+    """The constraint system of one micro-batch at ``theta`` for ``solver`` ``"dense"`` or ``"cg"``."""
+    if solver == "dense":
+        return DenseSystem(function.jacobian(x, y, theta))
+    if solver == "cg":
+        return MatrixFreeSystem(function, x, y, theta, iterations)
+    raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+
+
+def project(system: ConstraintSystem, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """``(k, lam)`` with ``k = v - J^T lam``, ``lam = (J J^T)^+ J v``, for vectors ``[S, P]``."""
+    multipliers = system.solve(system.apply(vectors).double())
+    return vectors - system.apply_transpose(multipliers).to(vectors.dtype), multipliers
+
+
+class _KernelProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, theta: Tensor, noise: Tensor, function: ParameterFunction, x: Any, y: Tensor, solver: Solver,
+        iterations: int,
+    ) -> Tensor:
+        system = build_system(function, x, y, theta.detach(), solver, iterations)
+        kernel, multipliers = project(system, noise.detach())
+        ctx.save_for_backward(theta.detach(), kernel, multipliers)
+        ctx.system, ctx.function, ctx.x, ctx.y = system, function, x, y
+        return kernel
+
+    @staticmethod
+    def backward(ctx: Any, grad_kernel: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        theta, kernel, multipliers = ctx.saved_tensors
+        adjoint_kernel, adjoint_multipliers = project(ctx.system, grad_kernel)
+        grad_theta = None
+        if ctx.needs_input_grad[0]:
+            left = torch.cat([multipliers, adjoint_multipliers]).to(theta.dtype)
+            right = torch.cat([adjoint_kernel, kernel]).to(theta.dtype)
+            grad_theta = -ctx.function.bilinear_gradient(ctx.x, ctx.y, left, right, theta)
+        grad_noise = adjoint_kernel if ctx.needs_input_grad[1] else None
+        return grad_theta, grad_noise, None, None, None, None, None
+
+
+def project_to_kernel(
+    theta: Tensor,
+    noise: Tensor,
+    function: ParameterFunction,
+    x: Any,
+    y: Tensor,
+    solver: Solver = "dense",
+    iterations: int = 10,
+) -> Tensor:
+    """``Pi(theta, e)`` for noise ``[S, P]``, differentiable in ``theta`` and ``e`` through the KKT adjoint.
+
+    Args:
+        theta: the flat parameters ``[P]`` at which ``J_b`` is taken (e.g. the variational mean).
+        noise: vectors to project, ``[S, P]``.
+        function: the network as a function of ``theta`` with its constraint map (output or loss).
+        x, y: the micro-batch.
+        solver: ``"dense"`` (exact, ``M_b`` per-example reverse passes) or ``"cg"`` (``iterations`` JVP+VJP pairs).
+        iterations: CG steps.
+    """
+    if noise.ndim != 2 or noise.shape[1] != function.size:
+        raise ValueError(f"noise must have shape [S, {function.size}]; got {tuple(noise.shape)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    return _KernelProjection.apply(theta, noise, function, x, y, solver, iterations)

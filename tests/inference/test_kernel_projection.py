@@ -1,0 +1,96 @@
+"""The differentiable kernel projection against dense float64 linear algebra and autograd through a dense solve."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_bayes.inference.kernel_projection import build_system, project, project_to_kernel
+from lightning_bayes.inference.likelihoods import CategoricalLikelihood
+from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction, output_constraint
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+def _problem(constraint: str = "output", seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()  # P = 38
+    x = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2])
+    fn = LossConstraint(CategoricalLikelihood()) if constraint == "loss" else output_constraint
+    function = ParameterFunction(model, "all", fn)
+    return function, x, y
+
+
+def _dense_jacobian(function, x, y, theta, create_graph=False):
+    return torch.autograd.functional.jacobian(lambda t: function.constraints(t, x, y), theta, create_graph=create_graph)
+
+
+def _reference_projection(function, x, y, theta, noise):
+    """``e - J^T (J J^T)^{-1} J e`` with J from autograd (differentiable in theta): the dense KKT solution."""
+    jacobian = _dense_jacobian(function, x, y, theta, create_graph=True)
+    multipliers = torch.linalg.solve(jacobian @ jacobian.T, jacobian @ noise.T)
+    return noise - (jacobian.T @ multipliers).T
+
+
+@pytest.mark.parametrize("constraint", ["output", "loss"])
+def test_dense_projection_is_the_svd_kernel_projector(single_thread, constraint):
+    function, x, y = _problem(constraint)
+    theta = function.theta()
+    noise = torch.randn(5, function.size, dtype=torch.float64)
+    kernel, _ = project(build_system(function, x, y, theta, "dense"), noise)
+    jacobian = _dense_jacobian(function, x, y, theta)
+    _, s, vh = torch.linalg.svd(jacobian)
+    row_space = vh[: int((s > 1e-10 * s[0]).sum())]
+    projector = torch.eye(function.size, dtype=torch.float64) - row_space.T @ row_space
+    assert _relative_error(kernel, noise @ projector) <= 1e-12
+    assert ((kernel @ jacobian.T).norm(dim=1) <= 1e-10 * noise.norm(dim=1)).all()
+
+
+@pytest.mark.parametrize("constraint", ["output", "loss"])
+def test_cg_with_as_many_steps_as_rows_matches_the_dense_solver(single_thread, constraint):
+    function, x, y = _problem(constraint)
+    theta = function.theta()
+    rows = len(y) * (3 if constraint == "output" else 1)
+    noise = torch.randn(3, function.size, dtype=torch.float64)
+    dense, _ = project(build_system(function, x, y, theta, "dense"), noise)
+    cg, _ = project(build_system(function, x, y, theta, "cg", iterations=rows), noise)
+    assert _relative_error(cg, dense) <= 1e-8
+
+
+@pytest.mark.parametrize(("constraint", "solver"), [("output", "dense"), ("output", "cg"), ("loss", "dense")])
+def test_adjoint_gradients_match_autograd_through_a_dense_solve(single_thread, constraint, solver):
+    function, x, y = _problem(constraint, seed=1)
+    rows = len(y) * (3 if constraint == "output" else 1)
+    theta = function.theta().requires_grad_(True)
+    noise = torch.randn(2, function.size, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, function.size, dtype=torch.float64)  # a random linear functional of k
+
+    kernel = project_to_kernel(theta, noise, function, x, y, solver=solver, iterations=rows)
+    grad_theta, grad_noise = torch.autograd.grad((weights * kernel).sum(), (theta, noise))
+    reference = _reference_projection(function, x, y, theta, noise)
+    ref_theta, ref_noise = torch.autograd.grad((weights * reference).sum(), (theta, noise))
+
+    assert _relative_error(kernel, reference) <= 1e-8
+    assert _relative_error(grad_noise, ref_noise) <= 1e-8
+    assert _relative_error(grad_theta, ref_theta) <= 1e-8
+    assert ref_theta.norm() > 1e-3  # the theta-dependence is not trivially zero
+
+
+def test_gradcheck(single_thread):
+    function, x, y = _problem("output", seed=2)
+    theta = function.theta().requires_grad_(True)
+    noise = torch.randn(1, function.size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t, e: project_to_kernel(t, e, function, x, y, "dense"), (theta, noise), eps=1e-6, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_bad_noise_and_solver_are_named(single_thread):
+    function, x, y = _problem()
+    theta = function.theta()
+    with pytest.raises(ValueError, match="noise"):
+        project_to_kernel(theta, torch.zeros(function.size, dtype=torch.float64), function, x, y)
+    with pytest.raises(ValueError, match="solver"):
+        project_to_kernel(theta, torch.zeros(1, function.size, dtype=torch.float64), function, x, y, solver="lsmr")
