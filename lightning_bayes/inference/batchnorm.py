@@ -1,0 +1,75 @@
+"""BatchNorm statistics for weights the network was not trained at (SWA means, SWAG and subspace samples).
+
+:func:`refresh_batchnorm` recomputes every BatchNorm layer's running statistics in one pass over the data
+with ``torch.optim.swa_utils.update_bn`` (reset, then a cumulative average over batches); it only adapts
+our batches (``(x, y)`` tuples, nested or dict inputs such as a tokenizer's output) and devices.
+:func:`batch_statistics` makes BatchNorm layers normalise with the batch's own statistics while leaving
+their running statistics untouched (for evaluating a likelihood at weights whose statistics are unknown).
+Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization", UAI 2018,
+section 3.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
+from torch.utils._pytree import tree_map
+
+
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``model`` (any dimension, ``SyncBatchNorm`` included)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def running_statistics(model: nn.Module) -> dict[str, Tensor]:
+    """The floating-point running statistics (``running_mean``, ``running_var``) of every BatchNorm layer, by
+    buffer name, as they are (not copies)."""
+    layers = {id(m) for m in batchnorm_layers(model)}
+    named = dict(model.named_modules())
+    return {
+        name: buffer
+        for name, buffer in model.named_buffers()
+        if buffer.is_floating_point() and id(named[name.rpartition(".")[0]]) in layers
+    }
+
+
+def _inputs(batches: Iterable[Any], device: torch.device | None) -> Iterator[tuple[Any]]:
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if device is not None:
+            x = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)
+        yield (x,)  # update_bn calls model(batch[0]) on a tuple: x itself, whatever its structure
+
+
+def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None) -> None:
+    """Recompute the running statistics of every BatchNorm layer of ``model`` from ``batches`` (``x`` or
+    ``(x, y, ...)``; ``x`` a tensor, a tuple or a dict of tensors, moved to ``device``): the equal-weight
+    average over batches of the batch statistics. A no-op (no pass over the data) without BatchNorm."""
+    if batchnorm_layers(model):
+        update_bn(_inputs(batches, None if device is None else torch.device(device)), model)
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers run in training mode (batch statistics) with ``momentum = 0``, so their running
+    statistics stay exactly as they were; the rest of the model keeps its mode."""
+    layers = batchnorm_layers(model)
+    saved = [(m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in layers]
+    for layer in layers:
+        layer.train()
+        layer.momentum = 0.0  # running = (1 - 0) running + 0 batch: unchanged
+    try:
+        yield
+    finally:
+        for layer, (training, momentum, tracked) in zip(layers, saved):
+            layer.train(training)
+            layer.momentum = momentum
+            if tracked is not None:
+                layer.num_batches_tracked.copy_(tracked)
