@@ -1,0 +1,265 @@
+"""``SWASubspace``: collects SWA / SWAG moments of a parameter subset during any LightningModule's training.
+
+From a start (an epoch, or a fraction of the run) it adds a snapshot of the selected parameters every
+``n`` epochs or optimiser steps to :class:`~lightning_bayes.inference.swag.SWAGMoments` (SWA mean,
+diagonal second moment, last ``K`` deviations; float32, on the CPU by default). The moments go into the
+Lightning checkpoint (``state_dict``), so a resumed run continues exactly; ``swa(pl_module)`` and
+``sample(pl_module, ...)`` temporarily write the SWA mean or a SWAG draw into the selected parameters (and
+optionally refresh BatchNorm statistics), restoring everything afterwards. A post-hoc
+:class:`~lightning_bayes.modules.subspace_inference.SubspaceInference` reads the state from the checkpoint.
+
+Distributed training: under DDP every rank holds the same parameters after each optimiser step, so every
+rank collects the same snapshot locally (no communication, nothing counted twice) and rank 0's copy is the
+one the checkpoint keeps. Under FSDP only the selected tensors are gathered: DTensor parameters (FSDP2,
+``ModelParallelStrategy``) with ``full_tensor()`` one at a time, FSDP1 units one unit at a time with
+``summon_full_params(unit, recurse=False)`` and only the units that own a selected parameter; the
+``swa``/``sample`` contexts need unsharded parameters. Reference: Maddox et al., NeurIPS 2019.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+
+from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
+from ..inference.swag import SWAGMoments
+from ..params import ParamSelector, select_parameters
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+
+
+def _fsdp_units(trainer: Trainer | None) -> list[nn.Module]:
+    root = getattr(getattr(trainer, "strategy", None), "model", None)
+    if root is None or not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.fsdp_modules(root)
+
+
+class SWASubspace(Callback):
+    """Collect SWA/SWAG moments of ``params`` alongside training.
+
+    Args:
+        params: the parameter subset (``"trainable"``, ``"all"``, ``"last_layer"``, ``"lora"``, globs).
+        start_epoch: first epoch (0-based) whose snapshots are collected.
+        start_fraction: or start after this fraction of the run (of ``max_epochs`` when collecting per epoch,
+            of the estimated optimiser steps when collecting per step). Default (neither given): 0.5.
+        every_n_epochs: a snapshot at the end of every n-th epoch from the start (default 1), or
+        every_n_steps: one after every n-th optimiser step from the start.
+        max_rank: ``K``, the deviations kept (0: diagonal SWAG only).
+        device: where the moments live: ``"cpu"`` (default) or ``None`` (the parameters' device).
+    """
+
+    def __init__(
+        self,
+        params: ParamSelector = "trainable",
+        start_epoch: int | None = None,
+        start_fraction: float | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        max_rank: int = 20,
+        device: str | None = "cpu",
+    ) -> None:
+        super().__init__()
+        if start_epoch is not None and start_fraction is not None:
+            raise ValueError(f"give start_epoch or start_fraction, not both; got {start_epoch!r} and {start_fraction!r}")
+        if start_epoch is not None and (not isinstance(start_epoch, int) or start_epoch < 0):
+            raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
+        if start_fraction is not None and not (isinstance(start_fraction, (int, float)) and 0 <= start_fraction < 1):
+            raise ValueError(f"start_fraction must be a number in [0, 1); got {start_fraction!r}")
+        if every_n_epochs is not None and every_n_steps is not None:
+            raise ValueError(
+                f"give every_n_epochs or every_n_steps, not both; got {every_n_epochs!r} and {every_n_steps!r}"
+            )
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not isinstance(max_rank, int) or max_rank < 0:
+            raise ValueError(f"max_rank must be an int >= 0; got {max_rank!r}")
+        if device is not None and not isinstance(device, str):
+            raise ValueError(f"device must be a device name such as 'cpu' or None; got {device!r}")
+        self.params = params
+        self.start_epoch = start_epoch
+        self.start_fraction = 0.5 if start_epoch is None and start_fraction is None else start_fraction
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs if every_n_epochs is not None or every_n_steps is not None else 1
+        self.max_rank = max_rank
+        self.device = device
+        self.names: list[str] = []
+        self.moments: SWAGMoments | None = None
+        self.last_step = -1  # global step of the last snapshot (never two at one optimiser step)
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
+
+    # ---- selection and gathering -----------------------------------------------------------------
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or self.moments is not None:
+            return
+        selected = select_parameters(pl_module, self.params)
+        self.names = list(selected)
+        with self._full_parameters(trainer, pl_module) as full:
+            size = sum(full[name].numel() for name in self.names)
+            wide = any(full[name].dtype == torch.float64 for name in self.names)
+        self.moments = SWAGMoments(size, self.max_rank, dtype=torch.float64 if wide else torch.float32)
+        device = pl_module.device if self.device is None else torch.device(self.device)
+        self.moments.to(device)
+        if self._pending is not None:
+            self._apply_state(self._pending)
+            self._pending = None
+
+    @contextmanager
+    def _full_parameters(self, trainer: Trainer | None, pl_module: LightningModule) -> Iterator[dict[str, Tensor]]:
+        """Full (unsharded) values of the selected parameters, gathered tensor by tensor or unit by unit."""
+        named = dict(pl_module.named_parameters())
+        wanted = {name: named[name] for name in self.names}
+        units = _fsdp_units(trainer)
+        if not units:
+            yield {n: p.full_tensor() if _is_dtensor(p) else p for n, p in wanted.items()}
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        by_id = {id(p): n for n, p in wanted.items()}
+        with ExitStack() as stack:
+            for unit in units:
+                nested = {id(p) for sub in FullyShardedDataParallel.fsdp_modules(unit) if sub is not unit
+                          for p in sub.parameters()}
+                if any(id(p) in by_id and id(p) not in nested for p in unit.parameters()):
+                    stack.enter_context(FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False))
+            yield {n: p.detach().clone() for n, p in wanted.items()}  # copies: the gathered storage is freed on exit
+
+    def _flat(self, trainer: Trainer | None, pl_module: LightningModule) -> Tensor:
+        with self._full_parameters(trainer, pl_module) as full:
+            return torch.cat([full[n].detach().reshape(-1).to(self.moments.mean) for n in self.names])
+
+    # ---- the schedule ----------------------------------------------------------------------------
+
+    def _start_epoch(self, trainer: Trainer) -> int:
+        if self.start_epoch is not None:
+            return self.start_epoch
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ValueError(
+                f"SWASubspace(start_fraction={self.start_fraction}) with per-epoch collection needs a finite "
+                f"trainer max_epochs; got {trainer.max_epochs!r} (or give start_epoch)"
+            )
+        return math.floor(self.start_fraction * trainer.max_epochs)
+
+    def _start_step(self, trainer: Trainer) -> int:
+        if self.start_epoch is not None:
+            batches = trainer.num_training_batches
+            if not math.isfinite(batches):
+                raise ValueError("SWASubspace(start_epoch=...) with every_n_steps needs a sized training loader")
+            return self.start_epoch * math.ceil(batches / trainer.accumulate_grad_batches)
+        return math.floor(self.start_fraction * trainer.estimated_stepping_batches)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps is None:
+            return
+        step, start = trainer.global_step, self._start_step(trainer)
+        if step > start and (step - start) % self.every_n_steps == 0 and step != self.last_step:
+            self._collect(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_steps is not None:
+            return
+        epoch, start = trainer.current_epoch, self._start_epoch(trainer)
+        if epoch >= start and (epoch - start) % self.every_n_epochs == 0 and trainer.global_step != self.last_step:
+            self._collect(trainer, pl_module)
+
+    def _collect(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.moments is None:
+            raise RuntimeError("SWASubspace: setup('fit') has not run; attach the callback to the Trainer")
+        self.moments.update(self._flat(trainer, pl_module))
+        self.last_step = trainer.global_step
+        pl_module.log("swa/snapshots", float(self.moments.count), on_step=False, on_epoch=True, batch_size=1)
+
+    # ---- checkpointing ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.moments is None:
+            return {}
+        return {
+            "names": list(self.names),
+            "max_rank": self.max_rank,
+            "last_step": self.last_step,
+            "moments": {k: v.detach().cpu().clone() for k, v in self.moments.state_dict().items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.moments is None:
+            self._pending = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state["names"] != self.names or state["max_rank"] != self.max_rank:
+            raise ValueError(
+                f"SWASubspace checkpoint state covers {len(state['names'])} tensors with max_rank={state['max_rank']}; "
+                f"this callback selects {len(self.names)} with max_rank={self.max_rank} (params={self.params!r}): "
+                "expected the same selection"
+            )
+        self.moments.load_state_dict(state["moments"])
+        self.last_step = int(state["last_step"])
+
+    # ---- using the moments -----------------------------------------------------------------------
+
+    @contextmanager
+    def _written(self, pl_module: LightningModule, flat: Tensor, batches: Iterable[Any] | None) -> Iterator[None]:
+        named = dict(pl_module.named_parameters())
+        params = [named[n] for n in self.names]
+        if any(_is_dtensor(p) for p in params) or _fsdp_units(getattr(pl_module, "_trainer", None)):
+            raise NotImplementedError("SWASubspace.swa()/sample() write into unsharded parameters only (not FSDP)")
+        saved = [p.detach().clone() for p in params]
+        statistics = [(b, b.clone()) for layer in batchnorm_layers(pl_module) for b in layer.buffers()]
+        try:
+            with torch.no_grad():
+                for p, value in zip(params, flat.split([p.numel() for p in params])):
+                    p.copy_(value.view_as(p))
+            if batches is not None:
+                refresh_batchnorm(pl_module, batches, pl_module.device)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+                for buffer, value in statistics:
+                    buffer.copy_(value)
+
+    def _require_moments(self) -> SWAGMoments:
+        if self.moments is None or int(self.moments.count) == 0:
+            raise ValueError("SWASubspace has collected no snapshot yet; train past the start of collection first")
+        return self.moments
+
+    @contextmanager
+    def swa(self, pl_module: LightningModule, batches: Iterable[Any] | None = None) -> Iterator[None]:
+        """Inside, the selected parameters hold the SWA mean; with ``batches`` (``x`` or ``(x, y)``), BatchNorm
+        statistics are recomputed by ``pl_module(x)`` passes (and restored on exit)."""
+        moments = self._require_moments()
+        with self._written(pl_module, moments.mean, batches):
+            yield
+
+    @contextmanager
+    def sample(
+        self,
+        pl_module: LightningModule,
+        scale: float = 0.5,
+        generator: torch.Generator | None = None,
+        batches: Iterable[Any] | None = None,
+    ) -> Iterator[None]:
+        """Inside, the selected parameters hold one SWAG draw at ``scale`` (BatchNorm refreshed from ``batches``)."""
+        moments = self._require_moments()
+        draw = moments.sample(scale, generator=generator, low_rank=moments.rank >= 2)
+        with self._written(pl_module, draw, batches):
+            yield

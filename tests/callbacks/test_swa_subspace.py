@@ -1,0 +1,170 @@
+"""SWASubspace in a real Trainer with a plain LightningModule: the collected moments equal the closed-form
+moments of the recorded iterates on the schedule, a run killed in the middle of collection and resumed from
+its checkpoint ends bitwise equal to an uninterrupted one, and the swa()/sample() contexts write and restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.callbacks.swa_subspace import SWASubspace
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class Regression(LightningModule):
+    """Any LightningModule: a float64 MLP (with BatchNorm) trained by SGD with momentum on a squared error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class Recorder(Callback):
+    """The flat parameters after every optimiser step and at every epoch end."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, torch.Tensor] = {}
+        self.epochs: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps[trainer.global_step] = torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs[trainer.current_epoch] = torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()])
+
+
+def loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 3, dtype=torch.float64, generator=generator)
+    y = torch.sin(x.sum(1, keepdim=True))
+    return DataLoader(TensorDataset(x, y), batch_size=4)  # 6 steps per epoch, fixed order
+
+
+def fit(epochs: int, callbacks: list[Callback], root: Path | None = None, ckpt_path: str | None = None) -> Regression:
+    module = Regression()
+    Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=root is not None, default_root_dir=root, callbacks=callbacks,
+    ).fit(module, loader(), ckpt_path=ckpt_path)
+    return module
+
+
+def closed_form(snapshots: list[torch.Tensor], max_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    thetas = torch.stack(snapshots)
+    deviations = torch.stack([thetas[i] - thetas[: i + 1].mean(0) for i in range(len(thetas))])[-max_rank:]
+    return thetas.mean(0), thetas.square().mean(0), deviations
+
+
+def test_per_step_collection_equals_the_moments_of_the_scheduled_iterates() -> None:
+    swa, recorder = SWASubspace(params="all", start_epoch=1, every_n_steps=2, max_rank=4), Recorder()
+    fit(3, [swa, recorder])
+    snapshots = [recorder.steps[step] for step in range(8, 19, 2)]  # start at step 6, then every 2nd step
+    mean, sq_mean, deviations = closed_form(snapshots, 4)
+    assert swa.moments.count.item() == 6 and swa.last_step == 18
+    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+    assert swa.moments.mean.dtype == torch.float64 and swa.moments.mean.device.type == "cpu"
+
+
+def test_per_epoch_collection_of_the_last_layer_from_a_fraction_of_the_run() -> None:
+    swa, recorder = SWASubspace(params="last_layer", start_fraction=0.5), Recorder()
+    module = fit(4, [swa, recorder])
+    assert swa.names == ["net.3.weight", "net.3.bias"]
+    last = slice(sum(p.numel() for p in module.parameters()) - 6, None)  # 5 weights and 1 bias, registered last
+    mean, sq_mean, deviations = closed_form([recorder.epochs[e][last] for e in (2, 3)], 20)
+    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+
+
+def test_kill_and_resume_in_the_middle_of_collection_reproduces_the_uninterrupted_state(tmp_path: Path) -> None:
+    def callback() -> SWASubspace:
+        return SWASubspace(params="all", start_epoch=1, every_n_steps=2, max_rank=3)
+
+    straight = callback()
+    straight_module = fit(4, [straight])
+    first = callback()
+    fit(2, [first, ModelCheckpoint(dirpath=tmp_path, save_last=True)], root=tmp_path)  # killed after epoch 2
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["SWASubspace"]
+    assert saved["moments"]["count"].item() == 3 and saved["names"] == straight.names
+    resumed = callback()
+    resumed_module = fit(4, [resumed], ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.moments.count.item() == 9
+    for name, value in straight.state_dict()["moments"].items():
+        assert torch.equal(value, resumed.state_dict()["moments"][name]), name
+    assert resumed.last_step == straight.last_step
+    for a, b in zip(straight_module.parameters(), resumed_module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_swa_and_sample_contexts_write_the_selected_parameters_and_restore_everything() -> None:
+    swa = SWASubspace(params="all", start_epoch=0, every_n_steps=1, max_rank=5)
+    module = fit(2, [swa])
+    before = {n: t.clone() for n, t in module.state_dict().items()}
+    batches = list(loader())
+    with swa.swa(module, batches):
+        flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+        assert torch.equal(flat, swa.moments.mean)
+        assert not torch.equal(module.net[1].running_mean, before["net.1.running_mean"])  # refreshed
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    expected = swa.moments.sample(0.5, generator=torch.Generator().manual_seed(3))
+    with swa.sample(module, scale=0.5, generator=torch.Generator().manual_seed(3)):
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in module.parameters()]), expected)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_checkpoint_of_another_selection_is_refused(tmp_path: Path) -> None:
+    fit(1, [SWASubspace(params="all", start_epoch=0), ModelCheckpoint(dirpath=tmp_path, save_last=True)], root=tmp_path)
+    with pytest.raises(ValueError, match="expected the same selection"):
+        fit(2, [SWASubspace(params="last_layer", start_epoch=0)], ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_contexts_before_any_snapshot_are_an_error() -> None:
+    swa = SWASubspace(params="all", start_epoch=5)
+    module = fit(1, [swa])
+    with pytest.raises(ValueError, match="collected no snapshot yet"):
+        with swa.swa(module):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"start_epoch": 1, "start_fraction": 0.5}, "give start_epoch or start_fraction, not both"),
+        ({"every_n_epochs": 1, "every_n_steps": 10}, "give every_n_epochs or every_n_steps, not both"),
+        ({"start_fraction": 1.0}, r"start_fraction must be a number in \[0, 1\)"),
+        ({"start_epoch": -1}, "start_epoch must be an int >= 0"),
+        ({"every_n_steps": 0}, "every_n_steps must be a positive int"),
+        ({"max_rank": -2}, "max_rank must be an int >= 0"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SWASubspace(**kwargs)
+
+
+def test_a_selector_matching_nothing_is_named() -> None:
+    with pytest.raises(ValueError, match="matched no parameter"):
+        fit(1, [SWASubspace(params="nothing*")])
