@@ -38,8 +38,9 @@ def _state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def load_trained_weights(model: nn.Module, checkpoint: str) -> Path:
-    """Copy the tensors of ``checkpoint`` into ``model`` (in place); return the file used.
+def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Tensor], Path]:
+    """The tensors of ``checkpoint`` named as in ``model.state_dict()`` (found under the prefix that holds all
+    of them), and the file used; ``model`` is left unchanged.
 
     Raises ``ValueError`` naming missing tensors or shape mismatches when the checkpoint is of another model.
     """
@@ -56,10 +57,19 @@ def load_trained_weights(model: nn.Module, checkpoint: str) -> Path:
             ]
             if mismatched:
                 raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
-            model.load_state_dict({name: state[prefix + name] for name in wanted})
-            return path
+            return {name: state[prefix + name] for name in wanted}, path
     missing = [name for name in wanted if not any(k.endswith(name) for k in state)]
     raise ValueError(
         f"checkpoint {str(path)!r} is not of a {type(model).__name__}: no prefix holds all of its "
         f"{len(wanted)} tensors (e.g. missing {missing[:5]}; the checkpoint has {list(state)[:5]}...)"
     )
+
+
+def load_trained_weights(model: nn.Module, checkpoint: str) -> Path:
+    """Copy the tensors of ``checkpoint`` into ``model`` (in place); return the file used.
+
+    Raises ``ValueError`` naming missing tensors or shape mismatches when the checkpoint is of another model.
+    """
+    state, path = trained_state_dict(model, checkpoint)
+    model.load_state_dict(state)
+    return path

@@ -1,0 +1,385 @@
+"""CurveTraining through the Trainer on two-moons: endpoints, frozen points, the exact gradients of the
+curve-point weight decay and of the Jensen-Shannon regulariser, the barrier, the curve ensemble,
+BatchNorm along the curve, LoRA tensors, files, removal and exact resumption. Float64 tanh MLPs
+(2 -> 8 -> 8 -> 2) whose two endpoints are trained in the test from different seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from sklearn.datasets import make_moons
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.utils import parametrize
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.callbacks.calibration import CalibrationMetrics
+from lightning_bayes.callbacks.curve_training import CurveTraining
+from lightning_bayes.inference.curves import bernstein, polychain
+from lightning_bayes.inference.jensen_shannon import jensen_shannon
+from lightning_bayes.modules import MAP
+from lightning_bayes.predictive import CategoricalPredictive
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def moons(n: int = 256, seed: int = 0) -> TensorDataset:
+    x, y = make_moons(n, noise=0.1, random_state=seed)
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y))
+
+
+def mlp(seed: int, batch_norm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    middle = [nn.BatchNorm1d(8)] if batch_norm else []
+    return nn.Sequential(nn.Linear(2, 8), *middle, nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+def sgd(lr: float = 0.1, momentum: float = 0.0):
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+@pytest.fixture(scope="module")
+def endpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Two MAP solutions on two-moons from different seeds (full-batch Adam, 300 steps each)."""
+    folder = tmp_path_factory.mktemp("endpoints")
+    x, y = moons().tensors
+    paths, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # module scope: the single_thread fixture does not reach here
+    for seed in (1, 2):
+        module = MAP(mlp(seed))
+        optimizer = torch.optim.Adam(module.parameters(), lr=0.03)
+        for _ in range(300):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(module(x), y).backward()
+            optimizer.step()
+        paths.append(str(folder / f"seed{seed}.pt"))
+        torch.save(module.state_dict(), paths[-1])
+    torch.set_num_threads(threads)
+    return paths[0], paths[1]
+
+
+def trainer(epochs: int = 1, root: Path | None = None, callbacks: list | None = None, **kwargs) -> Trainer:
+    return Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=root is not None,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def loader(shuffle: bool = False, batch_size: int = 64) -> DataLoader:
+    return DataLoader(moons(), batch_size=batch_size, shuffle=shuffle)
+
+
+def state(path: str) -> dict[str, Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def weights_at(module: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    return {name: _get(module, name).detach().clone() for name in names}
+
+
+def _get(module: nn.Module, name: str) -> Tensor:
+    owner, _, attribute = name.rpartition(".")
+    return getattr(module.get_submodule(owner), attribute)
+
+
+NAMES = [f"backbone.{i}.{kind}" for i in (0, 2, 4) for kind in ("weight", "bias")]
+
+
+@pytest.mark.parametrize("curve, num_bends", [("bezier", 3), ("bezier", 4), ("polychain", 4)])
+def test_the_curve_returns_the_endpoints_exactly(endpoints, curve, num_bends):
+    start, end = endpoints
+    for t, source in ((0.0, start), (1.0, end)):
+        module, callback = (
+            MAP(mlp(0)),
+            CurveTraining(params="all", curve=curve, num_bends=num_bends, start=start, end=end),
+        )
+        callback.setup(trainer(), module, "fit")
+        callback.remove(module, t)
+        assert not parametrize.is_parametrized(module)
+        expected = state(source)
+        assert all(torch.equal(_get(module, n), expected[n]) for n in NAMES)
+
+
+def test_control_points_start_on_the_line_and_frozen_points_get_no_gradient(endpoints):
+    start, end = endpoints
+    module, callback = MAP(mlp(0)), CurveTraining(params="all", num_bends=4, start=start, end=end)
+    trainer(2, callbacks=[callback]).fit(module, loader(), loader())
+    a, b = state(start), state(end)
+    for name in NAMES:
+        curve = callback.curves[name]
+        assert [n for n, _ in curve.named_parameters()] == ["point_1", "point_2"]
+        assert torch.equal(curve.point_0, a[name]) and torch.equal(curve.point_3, b[name])  # bitwise unchanged
+        assert curve.point_0.grad is None and curve.point_3.grad is None
+        assert not torch.equal(curve.point_1, torch.lerp(a[name], b[name], 1 / 3))  # trained away from the line
+
+
+def test_an_update_is_the_exact_gradient_of_the_loss_plus_curve_point_weight_decay(endpoints):
+    start, end = endpoints
+    wd, lr = 0.3, 0.5
+    module = MAP(mlp(0), optimizer=sgd(lr))
+    callback = CurveTraining(params="all", start=start, end=end, weight_decay=wd, seed=4)
+    data = loader(batch_size=256)
+    callback.setup(trainer(), module, "fit")
+    before = {n: callback.curves[n].point_1.detach().clone() for n in NAMES}
+    trainer(1, callbacks=[callback], limit_train_batches=1, limit_val_batches=0).fit(module, data)
+    t = float(torch.rand((), generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    assert callback.t == t
+    c = bernstein(t, 2)[0].tolist()
+    a, b = state(start), state(end)
+    x, y = data.dataset.tensors
+    middle = {n: before[n].clone().requires_grad_() for n in NAMES}
+    theta = {n: c[0] * a[n] + c[1] * middle[n] + c[2] * b[n] for n in NAMES}
+    plain = mlp(0)
+    loss = nn.functional.cross_entropy(functional_call(plain, {n[9:]: v for n, v in theta.items()}, (x,)), y)
+    loss = loss + 0.5 * wd * sum(v.square().sum() for v in theta.values())
+    grads = torch.autograd.grad(loss, [middle[n] for n in NAMES])
+    for name, grad in zip(NAMES, grads):
+        torch.testing.assert_close(callback.curves[name].point_1.detach(), before[name] - lr * grad, rtol=0, atol=1e-12)
+
+
+def test_the_jensen_shannon_term_is_subtracted_from_the_loss_and_its_gradient_is_exact(endpoints):
+    start, end = endpoints
+    lam, lr, draws = 2.0, 0.5, 3
+    module = MAP(mlp(0), optimizer=sgd(lr))
+    callback = CurveTraining(params="all", start=start, end=end, js_weight=lam, samples_per_step=draws, seed=5)
+    data = loader(batch_size=256)
+    callback.setup(trainer(), module, "fit")
+    before = {n: callback.curves[n].point_1.detach().clone() for n in NAMES}
+    trainer(1, callbacks=[callback], limit_train_batches=1, limit_val_batches=0).fit(module, data)
+    generator = torch.Generator().manual_seed(5)
+    t = float(torch.rand((), generator=generator, dtype=torch.float64))
+    ts = torch.rand(draws, generator=generator, dtype=torch.float64).tolist()
+    a, b = state(start), state(end)
+    x, y = data.dataset.tensors
+    middle = {n: before[n].clone().requires_grad_() for n in NAMES}
+    plain = mlp(0)
+
+    def logits_at(time: float) -> Tensor:
+        c = bernstein(time, 2)[0].tolist()
+        theta = {n[9:]: c[0] * a[n] + c[1] * middle[n] + c[2] * b[n] for n in NAMES}
+        return functional_call(plain, theta, (x,))
+
+    members = torch.stack([torch.log_softmax(logits_at(s), -1) for s in ts])
+    js = jensen_shannon(members).mean()
+    loss = nn.functional.cross_entropy(logits_at(t), y) - lam * js
+    grads = torch.autograd.grad(loss, [middle[n] for n in NAMES])
+    for name, grad in zip(NAMES, grads):
+        torch.testing.assert_close(callback.curves[name].point_1.detach(), before[name] - lr * grad, rtol=0, atol=1e-12)
+    assert js.item() > 0
+
+
+def test_the_trained_curve_has_no_barrier_where_the_straight_line_has_one(endpoints):
+    start, end = endpoints
+    module = MAP(mlp(0), optimizer=sgd(0.1, momentum=0.9))
+    callback = CurveTraining(params="all", start=start, end=end, grid_points=21)
+    fit = trainer(1, callbacks=[callback], limit_train_batches=0)
+    fit.validate(module, loader())
+    line_before = callback.grid_values["val"]["line_nll"]
+    assert callback.grid_values["val"]["curve_nll"] == pytest.approx(line_before, abs=1e-12)  # starts on the line
+    trainer(30, callbacks=[callback]).fit(module, loader(shuffle=True, batch_size=32), loader())
+    values = callback.grid_values["val"]
+    endpoint_nll = max(values["curve_nll"][0], values["curve_nll"][-1])
+    barrier = max(values["line_nll"]) - endpoint_nll
+    assert barrier > 0.2, f"the straight line should show a barrier; got {barrier:.3f}"
+    assert max(values["curve_nll"]) - endpoint_nll < 0.25 * barrier
+    assert values["line_nll"] == pytest.approx(line_before, abs=1e-12)  # the line never moves
+
+
+def test_the_curve_ensemble_is_the_predictive_at_validation_and_test_only(endpoints):
+    start, end = endpoints
+    module = MAP(mlp(0))
+    callback = CurveTraining(params="all", start=start, end=end, ensemble_points=4)
+    x, y = moons().tensors
+    calibration = CalibrationMetrics()
+    fit = trainer(1, callbacks=[callback, calibration], limit_train_batches=0)
+    fit.test(module, loader(batch_size=256))
+    members = []
+    for t in (0.125, 0.375, 0.625, 0.875):
+        c = bernstein(t, 2)[0].tolist()
+        a, b, m = state(start), state(end), {n: callback.curves[n].point_1 for n in NAMES}
+        theta = {n[9:]: c[0] * a[n] + c[1] * m[n] + c[2] * b[n] for n in NAMES}
+        members.append(functional_call(mlp(0), theta, (x,)))
+    expected = CategoricalPredictive(torch.stack(members).detach())
+    ensemble = callback.predictive(module, x)
+    torch.testing.assert_close(ensemble.logits, expected.logits, rtol=0, atol=1e-12)
+    nll = float(-expected.log_prob(y).mean())
+    assert fit.callback_metrics["test/nll"].item() == pytest.approx(nll, abs=1e-12)
+    assert calibration.last_metrics["test/cal/mi"] == pytest.approx(float(expected.mutual_information.mean()), abs=1e-6)
+    assert "predictive" not in module.__dict__  # the module's own predictive is back
+    assert module.predictive(x).num_samples == 1
+
+
+class BatchNormClassifier(LightningModule):
+    """Any LightningModule (no ``predictive``): the callback reads ``forward`` as logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(0, batch_norm=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class MoonsData(LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader(batch_size=64)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(moons(64, seed=3), batch_size=64)
+
+
+def test_batch_norm_statistics_are_re_estimated_at_every_t_and_restored_afterwards():
+    torch.manual_seed(7)
+    module = BatchNormClassifier()
+    ends = [{n: torch.randn_like(p) for n, p in module.named_parameters()} for _ in range(2)]
+    data = MoonsData()
+    callback = CurveTraining(params="all", curve="polychain", num_bends=2, grid_points=3, line=False)
+    with torch.no_grad():  # the endpoints: the module's own tensors (start) and a random far end
+        for name, value in ends[0].items():
+            _get(module, name).copy_(value)
+    callback.setup(trainer(), module, "fit")
+    for name, curve in callback.curves.items():
+        curve.point_1.data.copy_(ends[1][name])
+    running = module.net[1].running_mean.clone()
+    trainer(callbacks=[callback]).validate(module, datamodule=data)
+    assert torch.equal(module.net[1].running_mean, running)  # the training statistics are back
+    x, y = data.val_dataloader().dataset.tensors
+    for index, t in enumerate((0.0, 0.5, 1.0)):
+        reference = mlp(0, batch_norm=True)
+        with torch.no_grad():
+            for name, value in ends[0].items():
+                _get(reference, name[4:]).copy_((1 - t) * value + t * ends[1][name])
+        update_bn(data.train_dataloader(), reference)
+        reference.eval()
+        with torch.no_grad():
+            nll = nn.functional.cross_entropy(reference(x), y).item()
+        assert callback.grid_values["val"]["curve_nll"][index] == pytest.approx(nll, abs=1e-10)
+
+
+def test_lora_matrices_are_the_curve_and_the_base_is_untouched(tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def lora_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False), mlp(0))
+        return MAP(model, optimizer=sgd())
+
+    paths = []
+    for seed in (1, 2):
+        paths.append(str(tmp_path / f"lora{seed}.pt"))
+        torch.save(lora_model(seed).state_dict(), paths[-1])
+    module = lora_model(3)
+    base = {n: p.detach().clone() for n, p in module.named_parameters() if "lora" not in n}
+    callback = CurveTraining(params="lora", segments=2, start=paths[0], end=paths[1], num_bends=3)
+    trainer(1, callbacks=[callback]).fit(module, loader(), loader())
+    assert all("lora_" in n for n in callback.curves)
+    assert len(callback.curves) == 4  # lora_A and lora_B of two layers
+    assert all(torch.equal(p, base[n]) for n, p in module.named_parameters() if n in base)
+    for name, curve in callback.curves.items():  # 2 segments of degree 2: anchors 0 and 4 fixed, 1-3 trained
+        assert [n for n, _ in curve.named_parameters()] == ["point_1", "point_2", "point_3"]
+        assert torch.equal(curve.point_0, state(paths[0])[name]) and torch.equal(curve.point_4, state(paths[1])[name])
+
+
+def test_loss_along_curve_files_are_written_and_never_overwritten(endpoints, tmp_path):
+    start, end = endpoints
+    module = MAP(mlp(0))
+    callback = CurveTraining(params="all", start=start, end=end, test_grid_points=5)
+    for _ in range(2):
+        trainer(1, root=tmp_path, callbacks=[callback]).test(module, loader())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "loss_along_curve_test-1.json",
+        "loss_along_curve_test-1.png",
+        "loss_along_curve_test.json",
+        "loss_along_curve_test.png",
+    ]
+    values = json.loads((tmp_path / "loss_along_curve_test.json").read_text())
+    assert values["t"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert set(values) == {"t", "curve_nll", "curve_error", "line_nll", "line_error"}
+    assert all(math.isfinite(v) for v in values["curve_nll"] + values["line_error"])
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_curve_bitwise(endpoints, tmp_path):
+    start, end = endpoints
+
+    def run(epochs: int, root: Path, ckpt_path: str | None = None) -> CurveTraining:
+        callback = CurveTraining(params="all", start=start, end=end, weight_decay=1e-3, seed=11)
+        checkpoint = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1)
+        module = MAP(mlp(0), optimizer=sgd(0.1, momentum=0.9))
+        trainer(epochs, root, [callback, checkpoint], limit_val_batches=0).fit(
+            module, loader(batch_size=32), ckpt_path=ckpt_path
+        )
+        return callback
+
+    straight = run(4, tmp_path / "straight")
+    run(2, tmp_path / "first")
+    resumed = run(4, tmp_path / "second", ckpt_path=str(tmp_path / "first" / "last.ckpt"))
+    assert resumed.t == straight.t
+    for name in NAMES:
+        assert torch.equal(resumed.curves[name].point_1, straight.curves[name].point_1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"curve": "spline"}, "curve must be one of"),
+        ({"num_bends": 1}, "num_bends must be an integer >= 2"),
+        ({"curve": "polychain", "segments": 2}, "a polychain has no segments or anchors"),
+        ({"segments": 3, "anchors": ["a.ckpt"]}, "anchors must list segments - 1 = 2 checkpoints"),
+        ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0"),
+        ({"js_weight": float("nan")}, "js_weight must be a finite number >= 0"),
+        ({"samples_per_step": 1}, "samples_per_step must be an integer >= 2"),
+        ({"grid_points": 1}, "grid_points must be an integer >= 2"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CurveTraining(**kwargs)
+
+
+def test_optimiser_weight_decay_on_control_points_is_warned_about(endpoints):
+    start, end = endpoints
+    module = MAP(mlp(0), optimizer=lambda params: torch.optim.AdamW(params, weight_decay=0.01))
+    callback = CurveTraining(params="all", start=start, end=end)
+    with pytest.warns(UserWarning, match="the optimiser decays the control points"):
+        trainer(1, callbacks=[callback], limit_train_batches=1, limit_val_batches=0).fit(module, loader())
+
+
+def test_a_checkpoint_of_another_model_is_refused(endpoints):
+    module = MAP(nn.Sequential(nn.Linear(2, 3)).double())
+    with pytest.raises(ValueError, match="does not fit MAP"):
+        CurveTraining(params="all", start=endpoints[0]).setup(trainer(), module, "fit")
+
+
+def test_polychain_midpoint_is_the_mean_of_its_neighbours(endpoints):
+    start, end = endpoints
+    module, callback = MAP(mlp(0)), CurveTraining(params="all", curve="polychain", num_bends=3, start=start, end=end)
+    callback.setup(trainer(), module, "fit")
+    assert polychain(0.25, 3)[0].tolist() == [0.5, 0.5, 0.0]
+    callback.remove(module, 0.25)
+    a, b = state(start), state(end)
+    for name in NAMES:  # the bend starts halfway, so t = 1/4 is a quarter of the way along the line
+        torch.testing.assert_close(_get(module, name), 0.75 * a[name] + 0.25 * b[name], rtol=0, atol=1e-15)
