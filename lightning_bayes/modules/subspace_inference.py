@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -59,10 +59,11 @@ def _sgd(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
 
-def swag_state_from_checkpoint(path: str) -> dict[str, Any]:
-    """The ``SWASubspace`` callback state stored in a Lightning checkpoint (a glob picks the newest file)."""
+def swag_state_from_checkpoint(path: str, saved: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``SWASubspace`` callback state stored in a Lightning checkpoint (a glob picks the newest file;
+    ``saved``: the checkpoint already loaded)."""
     resolved = resolve_checkpoint_path(path)
-    saved = torch.load(resolved, map_location="cpu", weights_only=False)
+    saved = torch.load(resolved, map_location="cpu", weights_only=False) if saved is None else saved
     states = {k: v for k, v in (saved.get("callbacks") or {}).items() if k.startswith(_CALLBACK_KEY) and v}
     if len(states) != 1:
         raise ValueError(
@@ -102,7 +103,7 @@ class SubspaceInference(BayesianModule):
         num_samples: samples kept for the predictive.
         bn_update: recompute BatchNorm statistics for every sample (when the model has BatchNorm).
         curve_points: for ``"curve"``: three checkpoints (or flat weight vectors) ``w0``, ``w_half``, ``w2``.
-        optimizer: for ``"vi"`` (default SGD, lr 0.1, momentum 0.9, as the reference).
+        optimizer: for ``"vi"`` (default SGD, lr 0.1, momentum 0.9, as the reference); ``lr_scheduler`` likewise.
         init_scale: for ``"vi"``: initial ``sigma``.
         num_data: for ``"vi"``: ``N`` in ``T KL / N`` (default: the training set's size).
         seed: seed of every random draw (directions, ESS, VI noise, SWAG draws).
@@ -125,12 +126,13 @@ class SubspaceInference(BayesianModule):
         curve_points: Sequence[Union[str, Tensor]] | None = None,
         likelihood: Union[str, Likelihood] = "categorical",
         optimizer: OptimizerCallable = _sgd,
+        lr_scheduler: LRSchedulerCallable | None = None,
         init_scale: float = 1.0,
         num_data: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(likelihood=likelihood, optimizer=optimizer, num_samples=num_samples)
-        self.save_hyperparameters(ignore=["model", "likelihood", "swag_state", "curve_points", "optimizer"])
+        super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
+        self.save_hyperparameters(ignore=["model", "likelihood", "swag_state", "curve_points", "optimizer", "lr_scheduler"])
         if subspace not in _SUBSPACES:
             raise ValueError(f"subspace must be one of {_SUBSPACES}; got {subspace!r}")
         if method not in _METHODS:
@@ -149,8 +151,11 @@ class SubspaceInference(BayesianModule):
             raise ValueError("give exactly one of checkpoint (a SWASubspace run's checkpoint) or swag_state")
         if checkpoint is not None:
             path = str(resolve_checkpoint_path(checkpoint))
-            swag_state = swag_state_from_checkpoint(path)
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            swag_state = swag_state_from_checkpoint(path, saved)
             load_trained_weights(model, path)
+            self._load_likelihood(saved.get("state_dict", {}))
+        self.likelihood.requires_grad_(False)  # e.g. a Gaussian noise scale: the trained run's, fixed
         if not swag_state:
             raise ValueError("swag_state is empty: the SWASubspace callback collected nothing")
         self.model = model.requires_grad_(False).eval()
@@ -191,6 +196,13 @@ class SubspaceInference(BayesianModule):
         self._swag_draws: Tensor | None = None
 
     # ----- construction ---------------------------------------------------------------------------------
+    def _load_likelihood(self, state: Mapping[str, Tensor]) -> None:
+        """The trained run's likelihood tensors (a Gaussian noise scale), when its checkpoint has them."""
+        own = self.likelihood.state_dict()
+        found = {k[len("likelihood."):]: v for k, v in state.items() if k.startswith("likelihood.")}
+        if own and set(found) == set(own):
+            self.likelihood.load_state_dict(found)
+
     def _generator(self) -> torch.Generator:
         """A fresh CPU generator for the next draw: seeded by ``(seed, draws)``; ``draws`` is a buffer, so a
         resumed run makes the same draws as an uninterrupted one."""
@@ -245,6 +257,9 @@ class SubspaceInference(BayesianModule):
             return self.likelihood.loss(self._outputs(weights, x), y) * len(y)
 
     # ----- fitting -----------------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.variational.parameters())}]
+
     def configure_optimizers(self) -> Any:
         return super().configure_optimizers() if self.method == "vi" else None
 

@@ -1,0 +1,218 @@
+"""SubspaceInference through the Trainer. Bayesian linear regression in a planted PCA subspace has a Gaussian
+posterior over z in closed form: ESS draws match its moments and VI finds its mean and diagonal precision. The
+sampler resumes bitwise from a mid-fit checkpoint; SWA/SWAG read from a real SWASubspace run's checkpoint
+reproduce the callback's own weights; every sample's BatchNorm statistics are the refresh at its weights."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.func import functional_call
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.callbacks.swa_subspace import SWASubspace
+from lightning_bayes.inference.linalg import FlatParameters
+from lightning_bayes.inference.swag import SWAGMoments
+from lightning_bayes.modules import MAP
+from lightning_bayes.modules.subspace_inference import SubspaceInference
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEMPERATURE, PRIOR_SCALE = 2.0, 1.5
+
+
+def regression() -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """40 points of y = x^T w + noise, and a hand-made SWASubspace state around w (5 snapshots, K = 4)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, dtype=torch.float64, generator=generator)
+    w = torch.randn(6, dtype=torch.float64, generator=generator)
+    y = (x @ w + torch.randn(40, dtype=torch.float64, generator=generator)).unsqueeze(1)
+    moments = SWAGMoments(6, 4, dtype=torch.float64)
+    for _ in range(5):
+        moments.update(w + 0.3 * torch.randn(6, dtype=torch.float64, generator=generator))
+    return x, y, {"names": ["weight"], "max_rank": 4, "moments": moments.state_dict()}
+
+
+def linear_module(state: dict, **kwargs) -> SubspaceInference:
+    options = {"subspace": "pca", "rank": 2, "likelihood": "gaussian", "temperature": TEMPERATURE,
+               "prior_scale": PRIOR_SCALE, **kwargs}
+    return SubspaceInference(nn.Linear(6, 1, bias=False).double(), swag_state=state, **options)
+
+
+def trainer(max_epochs: int, root: Path | None = None, **kwargs) -> Trainer:
+    return Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=root is not None, default_root_dir=root, **kwargs)
+
+
+def exact_posterior(module: SubspaceInference, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p(z | D) ∝ N(y; X (w_hat + B^T z), s^2 I)^(1/T) N(z; 0, sigma_p^2 I): precision A^T A / (s^2 T) + I / sigma_p^2
+    with A = X B^T, mean = precision^-1 A^T (y - X w_hat) / (s^2 T)."""
+    noise = float(F.softplus(module.likelihood.raw_noise) ** 2 + 1e-6)
+    design = x @ module.subspace.basis.T
+    residual = y[:, 0] - x @ module.subspace.shift
+    precision = design.T @ design / (noise * TEMPERATURE) + torch.eye(2, dtype=torch.float64) / PRIOR_SCALE**2
+    covariance = torch.linalg.inv(precision)
+    return covariance @ design.T @ residual / (noise * TEMPERATURE), covariance
+
+
+def test_ess_samples_match_the_closed_form_posterior_in_a_planted_subspace() -> None:
+    x, y, state = regression()
+    module = linear_module(state, method="ess", num_samples=400)
+    fit = trainer(-1)
+    fit.fit(module, DataLoader(TensorDataset(x, y), batch_size=20))  # two batches: the sum spans the epoch
+    assert int(module.collected) == 400 and fit.should_stop
+    mean, covariance = exact_posterior(module, x, y)
+    samples = module.samples
+    # standard errors from 10 batch means (the chain is autocorrelated): 3 of them
+    batch_means = samples.reshape(10, 40, 2).mean(1)
+    standard_error = batch_means.std(0) / 10**0.5
+    assert ((samples.mean(0) - mean).abs() / standard_error).max() < 3
+    torch.testing.assert_close(samples.var(0), covariance.diagonal(), rtol=0.2, atol=0)
+    module.eval()
+    torch.testing.assert_close(module.predictive(x[:3], 2).mean_samples[:, :, 0],
+                               (module.subspace(samples[:2]) @ x[:3].T), rtol=0, atol=1e-12)
+
+
+def test_vi_finds_the_posterior_mean_and_diagonal_precision() -> None:
+    """For a Gaussian posterior the best diagonal Gaussian (KL(q || p)) has the posterior mean and
+    sigma_i^2 = 1 / precision_ii."""
+    x, y, state = regression()
+    module = linear_module(
+        state, method="vi", num_samples=4, optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.003 ** (1 / 800)),
+    )  # one noise draw per step; the learning rate decays 300-fold, so the last iterate's gradient noise is small
+    trainer(800).fit(module, DataLoader(TensorDataset(x, y), batch_size=40))
+    mean, covariance = exact_posterior(module, x, y)
+    sigma = torch.linalg.inv(covariance).diagonal().rsqrt()
+    torch.testing.assert_close(module.variational.mu.detach(), mean, rtol=0, atol=0.1 * float(sigma.min()))
+    torch.testing.assert_close(module.variational.sigma.detach(), sigma, rtol=0.05, atol=0)
+    assert int(module.collected) == 4 and module.samples.abs().sum() > 0
+
+
+def test_the_sampler_resumes_bitwise_from_a_mid_fit_checkpoint(tmp_path: Path) -> None:
+    x, y, state = regression()
+    data = DataLoader(TensorDataset(x, y), batch_size=20)
+    straight = linear_module(state, method="ess", num_samples=6)
+    trainer(-1).fit(straight, data)
+    first = linear_module(state, method="ess", num_samples=6)
+    trainer(5, tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(first, data)
+    assert 0 < int(first.collected) < 6  # killed in the middle of sampling
+    resumed = linear_module(state, method="ess", num_samples=6)
+    trainer(-1).fit(resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert torch.equal(resumed.samples, straight.samples) and int(resumed.draws) == int(straight.draws)
+
+
+class Net(nn.Module):
+    def __init__(self, batchnorm: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8) if batchnorm else nn.Identity(), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def classification() -> DataLoader:
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(48, 4, generator=generator)
+    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=12)
+
+
+def collected_run(tmp_path: Path, batchnorm: bool = False, params: str = "all") -> tuple[MAP, SWASubspace, Path]:
+    swa = SWASubspace(params=params, start_epoch=1, every_n_steps=1, max_rank=6)
+    trained = MAP(Net(batchnorm), optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    trainer(3, tmp_path, callbacks=[swa, ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(trained, classification())
+    return trained, swa, tmp_path / "last.ckpt"
+
+
+def test_swa_and_swag_from_a_checkpoint_reproduce_the_callbacks_weights(tmp_path: Path) -> None:
+    trained, swa, path = collected_run(tmp_path)
+    x = next(iter(classification()))[0]
+    module = SubspaceInference(Net(), checkpoint=str(path), subspace="swag", method="none", swag_scale=0.0,
+                               num_samples=1).eval()
+    with swa.swa(trained):
+        torch.testing.assert_close(module.predictive(x).logits[0], trained(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(module(x), trained(x), rtol=0, atol=0)  # the checkpoint's final weights
+    swag = SubspaceInference(Net(), checkpoint=str(tmp_path / "*.ckpt"), subspace="swag", method="none", num_samples=3,
+                             seed=4).eval()
+    draws = swa.moments.sample(0.5, num_samples=3, generator=torch.Generator().manual_seed(4))
+    flat = FlatParameters(trained, "all")
+    for index, draw in enumerate(draws):
+        expected = functional_call(trained, flat.unflatten(draw), (x,))
+        torch.testing.assert_close(swag.predictive(x).logits[index], expected, rtol=0, atol=1e-6)
+
+
+def test_batchnorm_statistics_are_refreshed_and_cached_per_sample(tmp_path: Path) -> None:
+    trained, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
+    module = SubspaceInference(Net(batchnorm=True), checkpoint=str(path), subspace="swag", method="none",
+                               num_samples=2)
+    x = next(iter(classification()))[0]
+    with pytest.raises(ValueError, match="fit SubspaceInference first"):
+        module.eval().predictive(x)
+    trainer(1).fit(module, classification())
+    assert bool(module.bn_ready)
+    module.eval()
+    for index, weights in enumerate(module.sample_weights()):
+        reference = copy.deepcopy(module.model)
+        reference.head.weight.data.copy_(weights[:24].view(3, 8))
+        reference.head.bias.data.copy_(weights[24:])
+        update_bn(classification(), reference)
+        reference.eval()
+        torch.testing.assert_close(module.bn_statistics[index], torch.cat([reference.body[1].running_mean,
+                                                                            reference.body[1].running_var]))
+        torch.testing.assert_close(module.predictive(x).logits[index], reference(x), rtol=0, atol=1e-6)
+    # head-only samples share the body: the refresh at the trained weights equals every sample's
+    torch.testing.assert_close(module.bn_statistics[0], module.bn_statistics[1], rtol=0, atol=0)
+
+
+def test_curve_and_random_subspaces() -> None:
+    _, _, state = regression()
+    generator = torch.Generator().manual_seed(5)
+    points = [torch.randn(6, dtype=torch.float64, generator=generator) for _ in range(3)]
+    curve = linear_module(state, subspace="curve", rank=2, method="none", curve_points=points, num_samples=3)
+    torch.testing.assert_close(curve.subspace.shift, torch.stack(points).mean(0))
+    random = linear_module(state, subspace="random", rank=3, method="none", num_samples=2)
+    pca = linear_module(state, subspace="pca", rank=2, method="none")
+    torch.testing.assert_close(random.subspace.basis.norm(dim=1),
+                               pca.subspace.basis.norm(dim=1).mean().expand(3), rtol=1e-12, atol=0)
+    assert random.samples.shape == (2, 3) and int(random.collected) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"subspace": "kfac"}, "subspace must be one of"),
+        ({"method": "hmc"}, "method must be one of"),
+        ({"subspace": "swag", "method": "ess"}, "method must be 'none'"),
+        ({"temperature": 0.0}, "temperature must be a number > 0"),
+        ({"prior_scale": -1.0}, "prior_scale must be a number > 0"),
+        ({"swag_scale": -0.5}, "swag_scale must be a number >= 0"),
+        ({"subspace": "curve", "rank": 2}, r"needs rank=2 and curve_points=\[w0, w_half, w2\]"),
+        ({"rank": 4}, r"k must be an int in \[1, K - 1\] = \[1, 3\]"),
+        ({"params": "bias"}, "matched no parameter"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message) -> None:
+    _, _, state = regression()
+    with pytest.raises(ValueError, match=message):
+        linear_module(state, **kwargs)
+
+
+def test_a_checkpoint_without_swa_state_is_refused(tmp_path: Path) -> None:
+    plain = MAP(Net())
+    fit = trainer(1, tmp_path)
+    fit.fit(plain, classification())
+    fit.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="holds 0 non-empty SWASubspace states"):
+        SubspaceInference(Net(), checkpoint=str(tmp_path / "plain.ckpt"))
+    with pytest.raises(ValueError, match="exactly one of checkpoint"):
+        SubspaceInference(Net())
