@@ -6,5 +6,6 @@ from .map import MAP
 from .mc_dropout import MCDropout
 from .nullspace_laplace import NullSpaceLaplace
 from .vbll import VBLLClassifier, VBLLRegressor
+from .viking import VIKING
 
-__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout", "NullSpaceLaplace", "VBLLClassifier", "VBLLRegressor"]
+__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout", "NullSpaceLaplace", "VBLLClassifier", "VBLLRegressor", "VIKING"]

@@ -1,0 +1,95 @@
+"""Cost of a VIKING training epoch relative to a MAP epoch of the same network, data and batches, in one process.
+
+Both run through the Lightning ``Trainer`` on the first ``--batches`` MNIST training batches (LeNet-5, all
+44,426 weights): MAP with Adam, VIKING in its full-ELBO phase (epoch-start sweep over the same batches,
+then one projected sample per step). An epoch is timed from ``on_train_epoch_start`` (before the module's
+sweep) to ``on_train_epoch_end``; the epochs alternate MAP / VIKING ``--repeats`` times and the medians are
+compared, so load changes on a shared machine hit both alike. Also reported: the sweep's share of a
+VIKING epoch (from a run with ``gamma=0`` and the sweep still on).
+
+    python benchmarks/viking_overhead.py --batches 100 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_bayes.datamodules import MNISTDataModule
+from lightning_bayes.models import LeNet5
+from lightning_bayes.modules import MAP
+from lightning_bayes.modules.viking import VIKING
+
+
+class EpochTimer(Callback):
+    """Wall-clock seconds of every training epoch (callback hooks run before the module's own)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def epoch_seconds(module: LightningModule, data: MNISTDataModule, batches: int) -> float:
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as root:
+        Trainer(
+            max_epochs=1, limit_train_batches=batches, limit_val_batches=0, accelerator="cpu", logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+            default_root_dir=root,
+        ).fit(module, datamodule=data)
+    return timer.seconds[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=100, help="training batches per epoch")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--constraint", default="loss", choices=["loss", "output"])
+    parser.add_argument("--solver", default="dense", choices=["dense", "cg"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = MNISTDataModule(batch_size=args.batch_size, shuffle=False)
+
+    def map_module() -> MAP:
+        return MAP(LeNet5(), optimizer=torch.optim.Adam)
+
+    def viking_module() -> VIKING:
+        return VIKING(
+            LeNet5(), constraint=args.constraint, solver=args.solver, phase_epochs=(0, 0, 1), num_samples=1,
+            optimizer=torch.optim.Adam,
+        )
+
+    times: dict[str, list[float]] = {"map": [], "viking": []}
+    for _ in range(args.repeats):
+        times["map"].append(epoch_seconds(map_module(), data, args.batches))
+        times["viking"].append(epoch_seconds(viking_module(), data, args.batches))
+    sweep = VIKING(LeNet5(), constraint=args.constraint, solver=args.solver, phase_epochs=(0, 0, 1), num_samples=1)
+    sweep_seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        sweep.sweep(data.train_dataloader(), args.batches)
+        sweep_seconds.append(time.perf_counter() - start)
+    map_s, viking_s, sweep_s = (statistics.median(v) for v in (times["map"], times["viking"], sweep_seconds))
+    print(f"LeNet-5 on MNIST, {args.batches} batches of {args.batch_size}, {args.threads} thread(s), "
+          f"constraint={args.constraint}, solver={args.solver}, medians of {args.repeats}")
+    print(f"{'':24}{'seconds':>10}{'x MAP':>8}")
+    print(f"{'MAP epoch':24}{map_s:10.2f}{1.0:8.2f}")
+    print(f"{'VIKING epoch':24}{viking_s:10.2f}{viking_s / map_s:8.2f}")
+    print(f"{'  of which the sweep':24}{sweep_s:10.2f}{sweep_s / map_s:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

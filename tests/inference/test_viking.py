@@ -1,0 +1,81 @@
+"""The VIKING family against dense float64 Gaussians (P = 50, a random 8 x 50 Jacobian, as in the spec)."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal, kl_divergence
+
+from lightning_bayes.inference.viking import KernelImageGaussian, image_dimension, mix_noise
+
+P, ROWS = 50, 8
+
+
+def _kernel_projector(seed: int = 0) -> torch.Tensor:
+    jacobian = torch.randn(ROWS, P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.eye(P, dtype=torch.float64) - jacobian.T @ torch.linalg.solve(jacobian @ jacobian.T, jacobian)
+
+
+def _family(log_alpha: float = 1.3, log_sigma_image: float = -0.7) -> KernelImageGaussian:
+    return KernelImageGaussian(log_alpha, log_sigma_image).double()
+
+
+def test_closed_form_kl_equals_the_dense_gaussian_kl(single_thread):
+    projector = _kernel_projector()
+    family = _family()
+    theta_hat = torch.randn(P, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    alpha, s_ker, s_im = family.alpha.item(), family.sigma_kernel.item(), family.sigma_image.item()
+    covariance = s_ker**2 * projector + s_im**2 * (torch.eye(P, dtype=torch.float64) - projector)
+    q = MultivariateNormal(theta_hat, covariance_matrix=covariance)
+    prior = MultivariateNormal(torch.zeros(P, dtype=torch.float64), covariance_matrix=torch.eye(P, dtype=torch.float64) / alpha)
+    dense = kl_divergence(q, prior)
+    closed = family.kl(theta_hat, torch.tensor(P - torch.trace(projector).item(), dtype=torch.float64))
+    assert math.isclose(closed.item(), dense.item(), rel_tol=1e-10)
+    assert math.isclose(s_ker, alpha**-0.5, rel_tol=1e-15)
+
+
+def test_kl_gradients_reach_both_scales(single_thread):
+    family = _family()
+    family.kl(torch.ones(P, dtype=torch.float64), torch.tensor(8.0, dtype=torch.float64)).backward()
+    assert family.log_alpha.grad.abs() > 0 and family.log_sigma_image.grad.abs() > 0
+
+
+def test_sample_covariance_is_kernel_plus_image(single_thread):
+    projector = _kernel_projector(2)
+    family = _family()
+    count = 20_000
+    noise = torch.randn(count, P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    theta_hat = torch.linspace(-1, 1, P, dtype=torch.float64)
+    with torch.no_grad():
+        samples = family.sample(theta_hat, noise, noise @ projector)
+    expected = family.sigma_kernel.item() ** 2 * projector + family.sigma_image.item() ** 2 * (
+        torch.eye(P, dtype=torch.float64) - projector
+    )
+    empirical = torch.cov(samples.T)
+    assert (empirical - expected).abs().max() < 7 / math.sqrt(count) * expected.diagonal().max()
+    assert (samples.mean(0) - theta_hat).abs().max() < 5 * expected.diagonal().max().sqrt() / math.sqrt(count)
+
+
+def test_hutchinson_image_dimension_is_unbiased(single_thread):
+    projector = _kernel_projector(4)
+    draws = 2_000
+    noise = torch.randn(draws, P, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    estimates = image_dimension(noise, noise @ projector)
+    rank = P - torch.trace(projector).item()  # = 8
+    assert abs(estimates.mean().item() - rank) < 4 * math.sqrt(2 * rank / draws)
+    assert (estimates >= 0).all()  # e^T (I - P) e with (I - P) a projector
+    assert not estimates.requires_grad
+
+
+def test_mix_noise_extremes_and_variance(single_thread):
+    carried, fresh = torch.randn(3, P, dtype=torch.float64), torch.randn(3, P, dtype=torch.float64)
+    assert torch.equal(mix_noise(carried, fresh, 0.0), fresh)
+    assert torch.equal(mix_noise(carried, fresh, 1.0), carried)
+    assert torch.allclose(mix_noise(carried, fresh, 0.36), 0.6 * carried + 0.8 * fresh, rtol=1e-15)
+    with pytest.raises(ValueError, match="gamma"):
+        mix_noise(carried, fresh, 1.5)
+
+
+def test_bad_initial_scales_are_named():
+    with pytest.raises(ValueError, match="log_alpha"):
+        KernelImageGaussian(log_alpha=float("nan"))

@@ -1,0 +1,176 @@
+"""VIKING through the Trainer: phases, carried noise (gamma = 0 and 1), exact resumption, the ELBO on a
+2-D two-class problem (predictive spread off the data), and clear errors. Float64 tanh MLPs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.inference.kernel_projection import DenseSystem, project
+from lightning_bayes.modules.viking import VIKING
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def make_model(seed: int = 0, hidden: int = 6) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, 2)).double()
+
+
+def two_blobs(count: int = 32, seed: int = 1) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.arange(count) % 2
+    x = torch.randn(count, 2, generator=generator, dtype=torch.float64) * 0.4 + (2.0 * y[:, None] - 1.0)
+    return TensorDataset(x, y)
+
+
+def loader(batch_size: int = 8, **kwargs) -> DataLoader:
+    return DataLoader(two_blobs(**kwargs), batch_size=batch_size, shuffle=False)
+
+
+def assert_in_kernel(jacobian: torch.Tensor, vectors: torch.Tensor) -> None:
+    """``vectors`` are fixed by the batch's kernel projector (eigenvalues of ``J J^T`` under ``rtol = 1e-5`` of
+    the largest count as zero), so ``||J v|| <= sqrt(rtol) sigma_max(J) ||v||``."""
+    vectors = vectors.reshape(-1, jacobian.shape[1])
+    reprojected, _ = project(DenseSystem(jacobian), vectors)
+    assert (reprojected - vectors).norm() <= 1e-10 * vectors.norm()
+    sigma_max = torch.linalg.matrix_norm(jacobian, ord=2)
+    assert (vectors @ jacobian.T).norm() <= math.sqrt(1e-5) * sigma_max * vectors.norm() * 1.0001
+
+
+def make_trainer(epochs: int, root: Path | None = None, callbacks: list | None = None) -> Trainer:
+    return Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=root is not None, default_root_dir=root, callbacks=callbacks or [],
+        num_sanity_val_steps=0,
+    )
+
+
+def make_module(**kwargs) -> VIKING:
+    defaults = {"phase_epochs": (1, 1, 1), "num_samples": 4, "optimizer": lambda p: torch.optim.Adam(p, lr=1e-2)}
+    return VIKING(make_model(), **{**defaults, **kwargs})
+
+
+class Recorder(Callback):
+    """Keeps, per step, the batch, theta_hat before the step and the carried vector after it."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.steps.append({"epoch": trainer.current_epoch, "batch": batch, "theta": module.function.theta().clone()})
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.steps[-1]["carried"] = module.carried.clone()
+
+
+def test_phases_train_the_right_parameters() -> None:
+    module = make_module(phase_epochs=(1, 1, 1))
+    grads: dict[int, tuple[bool, bool]] = {}
+
+    class Grads(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            backbone = any(p.grad is not None and p.grad.abs().sum() > 0 for p in pl_module.backbone.parameters())
+            family = pl_module.family.log_alpha.grad is not None and pl_module.family.log_sigma_image.grad is not None
+            grads.setdefault(pl_module.phase(), (backbone, family))
+
+    make_trainer(3, callbacks=[Grads()]).fit(module, train_dataloaders=loader())
+    assert grads == {1: (True, False), 2: (False, True), 3: (True, True)}
+    assert [module.phase(e) for e in range(4)] == [1, 2, 3, 3]
+
+
+def test_gamma_zero_projects_fresh_noise_onto_each_batch_kernel() -> None:
+    module, recorder = make_module(gamma=0.0, phase_epochs=(0, 0, 2)), Recorder()
+    make_trainer(2, callbacks=[recorder]).fit(module, train_dataloaders=loader())
+    for step in recorder.steps:
+        x, y = step["batch"]
+        jacobian = module.function.jacobian(x, y, step["theta"])
+        assert_in_kernel(jacobian, step["carried"])
+    carried = torch.stack([s["carried"] for s in recorder.steps])
+    assert (carried[1:] - carried[:-1]).norm(dim=1).min() > 0.1  # a fresh draw every step
+
+
+def test_gamma_one_keeps_the_epoch_split_fixed_and_passes_no_gradient_through_it() -> None:
+    module, recorder = make_module(gamma=1.0, phase_epochs=(0, 0, 2)), Recorder()
+    make_trainer(2, callbacks=[recorder]).fit(module, train_dataloaders=loader())
+    for epoch in (0, 1):
+        carried = [s["carried"] for s in recorder.steps if s["epoch"] == epoch]
+        assert all(torch.equal(c, carried[0]) for c in carried)
+    assert not torch.equal(recorder.steps[0]["carried"], recorder.steps[-1]["carried"])  # re-drawn per epoch
+    assert not module.carried.requires_grad and not module.epoch_noise.requires_grad
+
+
+def test_epoch_sweep_ends_in_the_kernel_of_the_last_batch() -> None:
+    # one sweep is one round of alternating projections; the sample ends in the kernel of the last batch
+    module = make_module(phase_epochs=(0, 0, 1))
+    data = loader()
+    module.sweep(data)
+    x, y = data.dataset.tensors
+    last = module.function.jacobian(x[-8:], y[-8:])
+    assert_in_kernel(last, module.sample_kernel)
+    assert torch.equal(module.swept_at, module._fingerprint())
+
+
+def test_resume_restores_the_carried_noise_and_continues_exactly(tmp_path: Path) -> None:
+    def run(epochs: int, root: Path, ckpt: str | None = None) -> VIKING:
+        module = make_module(phase_epochs=(1, 1, 2))
+        checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
+        trainer = make_trainer(epochs, root=root, callbacks=[checkpoint])
+        trainer.fit(module, train_dataloaders=loader(), ckpt_path=ckpt)
+        return module
+
+    straight = run(4, tmp_path / "straight")
+    run(3, tmp_path / "stopped")
+    resumed = run(4, tmp_path / "resumed", ckpt=str(tmp_path / "stopped" / "last.ckpt"))
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_elbo_decreases_and_predictive_spreads_off_the_data() -> None:
+    torch.manual_seed(0)
+    module = VIKING(
+        make_model(hidden=16), phase_epochs=(2, 2, 10), num_samples=30, kl_weight="elbo",
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), log_alpha=2.0,
+    )
+    losses: list[tuple[int, float]] = []
+
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append((pl_module.phase(), float(outputs["loss"])))
+
+    data = loader(batch_size=16, count=64)
+    make_trainer(14, callbacks=[Losses()]).fit(module, train_dataloaders=data)
+    elbo = [loss for phase, loss in losses if phase == 3]
+    window = len(elbo) // 4
+    assert sum(elbo[-window:]) / window < sum(elbo[:window]) / window
+    module.sweep(data)
+    x_train = data.dataset.tensors[0]
+    far = torch.tensor([[0.0, 6.0], [6.0, -6.0], [-6.0, 0.0], [0.0, -6.0]], dtype=torch.float64)
+    spread_on = module.predictive(x_train).mutual_information.mean()
+    spread_off = module.predictive(far).mutual_information.mean()
+    assert spread_off > 2 * spread_on
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"constraint": "logits"}, "constraint"), ({"phase_epochs": (1, 1)}, "phase_epochs"), ({"gamma": 2.0}, "gamma"),
+     ({"kl_weight": "half"}, "kl_weight"), ({"solver": "lsmr"}, "solver"), ({"iterations": 0}, "iterations"),
+     ({"predictive": "mean"}, "predictive")],
+)
+def test_bad_arguments_are_named(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        make_module(**kwargs)
+
+
+def test_too_many_predictive_samples_are_refused() -> None:
+    module = make_module()
+    with pytest.raises(ValueError, match="num_samples"):
+        module.predictive(torch.zeros(1, 2, dtype=torch.float64), num_samples=5)
+    assert math.isfinite(float(module.predictive(torch.zeros(1, 2, dtype=torch.float64)).probs.sum()))
