@@ -20,6 +20,8 @@ TRAINED_BY = {
 }
 # a 135M-parameter LM on CPU: smaller batches and fewer posterior samples keep the smoke run to a minute
 LIGHTER = {
+    "digits/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],  # the ELBO phase, not the MLE one
+    "mnist/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],
     "text/map_lora_smollm2.yaml": ["--data.init_args.batch_size=4"],
     "text/nullspace_laplace_lora.yaml": [
         "--data.init_args.batch_size=4",

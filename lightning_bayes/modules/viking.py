@@ -23,6 +23,7 @@ resumed run continues exactly. Reference: Fadel et al., NeurIPS 2025 (arXiv 2510
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
@@ -230,7 +231,9 @@ class VIKING(BayesianModule):
                 "VIKING's posterior samples are stale (theta_hat changed since the last sweep) and no training data "
                 "are attached: call module.sweep(train_loader) first"
             )
-        self.sweep(datamodule.train_dataloader())
+        loader = datamodule.train_dataloader()
+        limit = self.trainer.limit_train_batches  # the sweep covers what a training epoch covers
+        self.sweep(loader, limit if isinstance(limit, int) else math.ceil(limit * len(loader)))
 
     def on_test_start(self) -> None:
         self._ensure_posterior()
