@@ -208,7 +208,7 @@ class VIKING(BayesianModule):
         self.log_dict(
             {"train/nll": nll.detach(), "train/kl": kl.detach(), "train/alpha": self.family.alpha.detach(),
              "train/sigma_image": self.family.sigma_image.detach(), "train/sigma_kernel": self.family.sigma_kernel.detach(),
-             "train/image_dim": image_dim},
+             "train/image_dim": image_dim, "train/kernel_dim": self.function.size - image_dim},
             batch_size=len(y),
         )
         return loss
