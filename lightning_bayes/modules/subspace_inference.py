@@ -190,8 +190,9 @@ class SubspaceInference(BayesianModule):
             self.samples.copy_(prior_scale * torch.randn(self.samples.shape, dtype=torch.float64,
                                                          generator=self._generator()))
             self.collected.fill_(num_samples)
-        statistics = sum(b.numel() for b in running_statistics(model).values()) if self.bn_update else 0
-        self.register_buffer("bn_statistics", torch.zeros(num_samples, statistics))
+        running = list(running_statistics(model).values()) if self.bn_update else []
+        width, dtype = sum(b.numel() for b in running), running[0].dtype if running else torch.float32
+        self.register_buffer("bn_statistics", torch.zeros(num_samples, width, dtype=dtype))  # per sample
         self.register_buffer("bn_ready", torch.zeros((), dtype=torch.bool))
         self._swag_draws: Tensor | None = None
 
