@@ -323,7 +323,7 @@ class CurveTraining(Callback):
                 if trainer.world_size > 1:  # the main loss's gradients are already averaged over ranks
                     grad = trainer.strategy.reduce(grad, reduce_op="mean")
                 parameter.grad = grad if parameter.grad is None else parameter.grad.add_(grad)
-        pl_module.log("curve/train_js", js.detach(), on_step=True, on_epoch=True)
+        pl_module.log("curve/train_js", js.detach(), on_step=True, on_epoch=True, sync_dist=True)
 
     # ---- the curve ensemble ----------------------------------------------------------------------
 
@@ -445,6 +445,8 @@ class CurveTraining(Callback):
 
     def _accumulate(self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: str) -> None:
         """Add this batch's summed NLL, error count and size at every grid row to the stage's sums ``[R, 3]``."""
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(f"CurveTraining evaluates batches (x, y) along the curve; got {type(batch).__name__}")
         x, y = batch[0], batch[1]
         _, rows = self._rows(stage)
         predictive_fn = _plain_predictive(pl_module)
@@ -506,9 +508,11 @@ class CurveTraining(Callback):
 
     def _write(self, trainer: Trainer, stage: str) -> None:
         values = self.grid_values.get(stage)
-        if values is None or not trainer.is_global_zero:
+        if values is None:
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call: all ranks
+        if not trainer.is_global_zero:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"loss_along_curve_{stage}"
         with open(_unique_path(folder, stem, ".json"), "x") as handle:  # "x": never overwrite
@@ -527,6 +531,17 @@ class CurveTraining(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "t": self.t}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (``ddp_spawn`` sends callbacks to new processes): the generator travels as its state."""
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()  # bytes: no shared-memory tensor
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, generator=generator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])
