@@ -13,6 +13,7 @@ snapshots per epoch), ``1`` a snapshot after every optimiser step (the worst cas
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per fit is noise here
     data = MNISTDataModule(batch_size=128, seed=0)
     timed_fit(data, 1, [])  # warm-up: data loading into memory, first-call allocations
     times: dict[str, list[float]] = {"baseline": []} | {f"every {n}": [] for n in args.every_n_steps}

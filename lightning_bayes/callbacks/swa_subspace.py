@@ -11,9 +11,10 @@ optionally refresh BatchNorm statistics), restoring everything afterwards. A pos
 Distributed training: under DDP every rank holds the same parameters after each optimiser step, so every
 rank collects the same snapshot locally (no communication, nothing counted twice) and rank 0's copy is the
 one the checkpoint keeps. Under FSDP only the selected tensors are gathered: DTensor parameters (FSDP2,
-``ModelParallelStrategy``) with ``full_tensor()`` one at a time, FSDP1 units one unit at a time with
-``summon_full_params(unit, recurse=False)`` and only the units that own a selected parameter; the
-``swa``/``sample`` contexts need unsharded parameters. Reference: Maddox et al., NeurIPS 2019.
+``ModelParallelStrategy``) with ``full_tensor()`` one at a time, FSDP1 (``use_orig_params=True``, so that
+the original parameter names exist) with ``summon_full_params(unit, recurse=False)`` for only the units that
+own a selected parameter; the ``swa``/``sample`` contexts need unsharded parameters. Neither sharded path
+runs in the test suite (CPU only). Reference: Maddox et al., NeurIPS 2019.
 """
 
 from __future__ import annotations
