@@ -36,6 +36,7 @@ from ..inference.kernel_projection import SOLVERS, Solver, build_system, project
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.viking import KernelImageGaussian, image_dimension, mix_noise
+from ..models.weights import load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
@@ -49,6 +50,8 @@ class VIKING(BayesianModule):
 
     Args:
         backbone: the network; its selected parameters are the variational mean ``theta_hat``.
+        checkpoint: optional trained weights to start from (a Lightning checkpoint or state dict; a glob picks the
+            newest match), e.g. the MAP of ``configs/mnist/map.yaml``: the reference warm-starts from the MLE.
         params: the parameters the posterior covers (``"all"``, ``"last_layer"``, globs; see ``params.py``).
         constraint: ``"loss"`` (per-example losses, one row per example; the paper's choice), ``"output"``
             (every output) or a per-example callable ``(outputs, y) -> [m]``.
@@ -70,6 +73,7 @@ class VIKING(BayesianModule):
     def __init__(
         self,
         backbone: nn.Module,
+        checkpoint: str | None = None,
         params: ParamSelector = "all",
         constraint: Union[str, ConstraintFn] = "loss",
         likelihood: Union[str, Likelihood] = "categorical",
@@ -106,6 +110,8 @@ class VIKING(BayesianModule):
             raise ValueError(f"scale_lr must be None or > 0; got {scale_lr!r}")
         if predictive not in _PREDICTIVES:
             raise ValueError(f"predictive must be one of {_PREDICTIVES}; got {predictive!r}")
+        if checkpoint is not None:
+            load_trained_weights(backbone, checkpoint)
         self.backbone = backbone
         self.family = KernelImageGaussian(log_alpha, log_sigma_image)
         maps = {"loss": LossConstraint(self.likelihood), "output": output_constraint}

@@ -195,3 +195,13 @@ def test_a_timm_backbone_with_batchnorm_trains_and_samples_in_the_kernel(params:
     assert_in_kernel(jacobian, recorder.steps[-1]["carried"].double(), tolerance=1e-6)  # a float32 network
     assert module.function.size < sum(p.numel() for p in backbone.parameters()) or params == "all"
     assert torch.isfinite(module.predictive(images[:2]).probs).all()
+
+
+def test_warm_start_from_a_trained_checkpoint(tmp_path: Path) -> None:
+    trained = make_model(seed=3)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "map.ckpt")
+    module = VIKING(make_model(seed=4), checkpoint=str(tmp_path / "*.ckpt"))
+    for name, value in trained.state_dict().items():
+        assert torch.equal(module.backbone.state_dict()[name], value), name
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        VIKING(make_model(), checkpoint=str(tmp_path / "missing.ckpt"))
