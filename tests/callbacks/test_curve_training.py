@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.datasets import make_moons
 from torch import Tensor, nn
@@ -117,7 +117,7 @@ def test_the_curve_returns_the_endpoints_exactly(endpoints, curve, num_bends):
 
 def test_control_points_start_on_the_line_and_frozen_points_get_no_gradient(endpoints):
     start, end = endpoints
-    module, callback = MAP(mlp(0)), CurveTraining(params="all", num_bends=4, start=start, end=end)
+    module, callback = MAP(mlp(0), optimizer=sgd()), CurveTraining(params="all", num_bends=4, start=start, end=end)
     trainer(2, callbacks=[callback]).fit(module, loader(), loader())
     a, b = state(start), state(end)
     for name in NAMES:
@@ -278,6 +278,26 @@ def test_batch_norm_statistics_are_re_estimated_at_every_t_and_restored_afterwar
         with torch.no_grad():
             nll = nn.functional.cross_entropy(reference(x), y).item()
         assert callback.grid_values["val"]["curve_nll"][index] == pytest.approx(nll, abs=1e-10)
+
+
+def test_batch_norm_along_the_curve_during_fit_uses_the_training_loader():
+    module = BatchNormClassifier()
+    callback = CurveTraining(params="all", num_bends=3, grid_points=3)
+    seen: dict[str, list[Tensor]] = {"start": [], "end": []}
+
+    class RunningMean(Callback):  # the shared training statistics before and after each validation
+        def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            seen["start"].append(pl_module.net[1].running_mean.clone())
+
+        def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            seen["end"].append(pl_module.net[1].running_mean.clone())
+
+    trainer(2, callbacks=[callback, RunningMean()], limit_train_batches=2).fit(module, datamodule=MoonsData())
+    values = callback.grid_values["val"]
+    assert len(values["curve_nll"]) == 3 and all(math.isfinite(v) for v in values["curve_nll"] + values["line_nll"])
+    assert len(seen["start"]) == 2 and not torch.equal(seen["start"][0], seen["start"][1])  # training moves them
+    for before, after in zip(seen["start"], seen["end"]):
+        assert torch.equal(before, after)  # re-estimated at every t of the grid, then restored
 
 
 def test_lora_matrices_are_the_curve_and_the_base_is_untouched(tmp_path):
