@@ -39,11 +39,22 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..inference.batchnorm import batch_statistics, batchnorm_layers, refresh_batchnorm, running_statistics
+from ..inference.batchnorm import (
+    batch_statistics,
+    batchnorm_layers,
+    refresh_batchnorm,
+    running_statistics,
+)
 from ..inference.elliptical_slice import EllipticalSlice
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import FlatParameters
-from ..inference.subspace import DiagonalGaussian, Subspace, curve_subspace, pca_subspace, random_subspace
+from ..inference.subspace import (
+    DiagonalGaussian,
+    Subspace,
+    curve_subspace,
+    pca_subspace,
+    random_subspace,
+)
 from ..inference.swag import SWAGMoments
 from ..models.weights import load_trained_weights, resolve_checkpoint_path
 from ..params import ParamSelector, select_parameters

@@ -7,7 +7,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_bayes.inference.batchnorm import batch_statistics, refresh_batchnorm, running_statistics
+from lightning_bayes.inference.batchnorm import (
+    batch_statistics,
+    refresh_batchnorm,
+    running_statistics,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

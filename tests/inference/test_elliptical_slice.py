@@ -9,7 +9,10 @@ import math
 import pytest
 import torch
 
-from lightning_bayes.inference.elliptical_slice import EllipticalSlice, elliptical_slice_step
+from lightning_bayes.inference.elliptical_slice import (
+    EllipticalSlice,
+    elliptical_slice_step,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

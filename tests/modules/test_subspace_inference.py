@@ -152,7 +152,7 @@ def test_swa_and_swag_from_a_checkpoint_reproduce_the_callbacks_weights(tmp_path
 
 
 def test_batchnorm_statistics_are_refreshed_and_cached_per_sample(tmp_path: Path) -> None:
-    trained, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
+    _, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
     module = SubspaceInference(Net(batchnorm=True), checkpoint=str(path), subspace="swag", method="none",
                                num_samples=2)
     x = next(iter(classification()))[0]
