@@ -23,7 +23,9 @@ BatchNorm, whose ``lightning-bayes test`` also works without fitting). With Batc
 statistics are recomputed over the training data once sampling is done and cached in a buffer, so
 ``predictive`` is a plain ensemble. Likelihoods are evaluated with BatchNorm on batch statistics (as the
 reference code does). All state (moments, subspace, sampler, samples, BatchNorm cache, random-draw counter)
-lives in buffers, so checkpoints resume exactly. Reference: Izmailov, Maddox, Kirichenko, Garipov, Vetrov &
+lives in buffers, so checkpoints resume exactly. Under DDP the log-likelihood is summed over ranks, every rank
+makes the same seeded draws and decisions, and each sample's BatchNorm statistics are the average of the ranks'
+(exact for the means with equal shards). Reference: Izmailov, Maddox, Kirichenko, Garipov, Vetrov &
 Wilson, "Subspace Inference for Bayesian Deep Learning", UAI 2019; Maddox et al., NeurIPS 2019.
 """
 
