@@ -17,11 +17,17 @@ LLM_CONFIGS = {"text"}
 TRAINED_BY = {
     "mnist/nullspace_laplace.yaml": "mnist/map.yaml",
     "text/nullspace_laplace_lora.yaml": "text/map_lora_smollm2.yaml",
+    "mnist/swag_predictive.yaml": "mnist/swag.yaml",
+    "mnist/subspace_ess.yaml": "mnist/swag.yaml",
 }
 # a 135M-parameter LM on CPU: smaller batches and fewer posterior samples keep the smoke run to a minute
 LIGHTER = {
     "digits/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],  # the ELBO phase, not the MLE one
     "mnist/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],
+    # SWASubspace is the last callback of swag.yaml: collect from the first step so the two batches give moments
+    "mnist/swag.yaml": ["--trainer.callbacks.init_args.start_epoch=0", "--trainer.callbacks.init_args.every_n_steps=1"],
+    "mnist/swag_predictive.yaml": ["--model.init_args.num_samples=2"],
+    "mnist/subspace_ess.yaml": ["--model.init_args.rank=1", "--model.init_args.num_samples=2"],
     "text/map_lora_smollm2.yaml": ["--data.init_args.batch_size=4"],
     "text/nullspace_laplace_lora.yaml": [
         "--data.init_args.batch_size=4",

@@ -5,7 +5,18 @@ from .ensemble import DeepEnsemble
 from .map import MAP
 from .mc_dropout import MCDropout
 from .nullspace_laplace import NullSpaceLaplace
+from .subspace_inference import SubspaceInference
 from .vbll import VBLLClassifier, VBLLRegressor
 from .viking import VIKING
 
-__all__ = ["BayesianModule", "DeepEnsemble", "MAP", "MCDropout", "NullSpaceLaplace", "VBLLClassifier", "VBLLRegressor", "VIKING"]
+__all__ = [
+    "BayesianModule",
+    "DeepEnsemble",
+    "MAP",
+    "MCDropout",
+    "NullSpaceLaplace",
+    "SubspaceInference",
+    "VBLLClassifier",
+    "VBLLRegressor",
+    "VIKING",
+]
