@@ -30,6 +30,12 @@ from lightning_bayes.predictive import CategoricalPredictive
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainers without a logger write the loss-along-curve and metrics files into the working directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def moons(n: int = 256, seed: int = 0) -> TensorDataset:
     x, y = make_moons(n, noise=0.1, random_state=seed)
     return TensorDataset(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y))
