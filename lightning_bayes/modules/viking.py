@@ -65,6 +65,10 @@ class VIKING(BayesianModule):
             (``iterations`` steps of reorthogonalised CG, matrix-free).
         log_alpha, log_sigma_image: initial log prior precision and log image scale (reference: 4 and -2).
         num_samples: posterior samples of the predictive (all projected at every sweep).
+        sweep_every_n_epochs: sweep at the start of every n-th ELBO epoch (reference: 1); ``0`` sweeps only
+            before test and predict (validation then keeps the last samples): with ``gamma < 1`` the
+            epoch-start kernel part fades from the carried noise as ``gamma^(steps/2)``, so the sweep mostly
+            serves the predictive. ``gamma = 1`` needs a sweep every epoch.
         predictive: ``"neural"`` (``f(theta_s, x)``) or ``"linearized"`` (``f(theta_hat) + J (theta_s - theta_hat)``).
         chunk_size: vectors per vmapped chunk in Jacobian products and predictive samples.
         seed: seed of every Gaussian draw (the generator's state is checkpointed).
@@ -88,6 +92,7 @@ class VIKING(BayesianModule):
         log_sigma_image: float = -2.0,
         scale_lr: float | None = None,
         num_samples: int = 30,
+        sweep_every_n_epochs: int = 1,
         predictive: str = "neural",
         chunk_size: int | None = None,
         seed: int = 0,
@@ -108,6 +113,11 @@ class VIKING(BayesianModule):
             raise ValueError(f"iterations must be an int >= 1; got {iterations!r}")
         if scale_lr is not None and not scale_lr > 0:
             raise ValueError(f"scale_lr must be None or > 0; got {scale_lr!r}")
+        if not isinstance(sweep_every_n_epochs, int) or sweep_every_n_epochs < 0 or (gamma == 1 and sweep_every_n_epochs != 1):
+            raise ValueError(
+                f"sweep_every_n_epochs must be an int >= 0 (1 when gamma = 1); got {sweep_every_n_epochs!r} "
+                f"with gamma={gamma}"
+            )
         if predictive not in _PREDICTIVES:
             raise ValueError(f"predictive must be one of {_PREDICTIVES}; got {predictive!r}")
         if checkpoint is not None:
@@ -120,7 +130,7 @@ class VIKING(BayesianModule):
         )
         self.phase_epochs, self.gamma, self.kl_weight = tuple(phase_epochs), gamma, kl_weight
         self.solver, self.iterations, self.predictive_mode = solver, iterations, predictive
-        self.scale_lr = scale_lr
+        self.scale_lr, self.sweep_every_n_epochs = scale_lr, sweep_every_n_epochs
         self.generator = torch.Generator().manual_seed(seed)
         size, dtype = self.function.size, self.function.theta().dtype
         self.family.to(dtype)
@@ -186,8 +196,14 @@ class VIKING(BayesianModule):
             self.generator.manual_seed(self.hparams.seed + self.global_rank)
 
     def on_train_epoch_start(self) -> None:
-        if self.phase() > 1:  # in the MLE phase the samples stay at theta_hat (zero noise)
+        if self.phase() == 1:  # in the MLE phase the samples stay at theta_hat (zero noise)
+            return
+        first_elbo_epoch = sum(self.phase_epochs[:1])
+        every = self.sweep_every_n_epochs
+        if every and (self.current_epoch - first_elbo_epoch) % every == 0:
             self.sweep(self.trainer.train_dataloader, self.trainer.num_training_batches)
+        elif self.current_epoch == first_elbo_epoch:
+            self.carried.copy_(self._randn(self.function.size))  # an unprojected start; the first step projects it
 
     # ----- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

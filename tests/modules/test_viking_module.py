@@ -205,3 +205,22 @@ def test_warm_start_from_a_trained_checkpoint(tmp_path: Path) -> None:
         assert torch.equal(module.backbone.state_dict()[name], value), name
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         VIKING(make_model(), checkpoint=str(tmp_path / "missing.ckpt"))
+
+
+def test_sweeps_follow_sweep_every_n_epochs() -> None:
+    sweeps: list[int] = []
+
+    class CountingVIKING(VIKING):
+        def sweep(self, batches, max_batches=None) -> None:
+            sweeps.append(self.current_epoch)
+            super().sweep(batches, max_batches)
+
+    module = CountingVIKING(make_model(), phase_epochs=(1, 1, 3), num_samples=2, sweep_every_n_epochs=2)
+    make_trainer(5).fit(module, train_dataloaders=loader())
+    assert sweeps == [1, 3]
+    sweeps.clear()
+    module = CountingVIKING(make_model(), phase_epochs=(0, 0, 2), num_samples=2, sweep_every_n_epochs=0)
+    make_trainer(2).fit(module, train_dataloaders=loader())
+    assert sweeps == [] and module.carried.norm() > 0
+    with pytest.raises(ValueError, match="sweep_every_n_epochs"):
+        make_module(gamma=1.0, sweep_every_n_epochs=0)
