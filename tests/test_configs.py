@@ -18,6 +18,7 @@ TRAINED_BY = {
     "mnist/nullspace_laplace.yaml": "mnist/map.yaml",
     "text/nullspace_laplace_lora.yaml": "text/map_lora_smollm2.yaml",
     "mnist/swag_predictive.yaml": "mnist/swag.yaml",
+    "mnist/viking.yaml": "mnist/map.yaml",
     "mnist/subspace_ess.yaml": "mnist/swag.yaml",
 }
 # a 135M-parameter LM on CPU: smaller batches and fewer posterior samples keep the smoke run to a minute
