@@ -55,6 +55,7 @@ from ..inference.curves import (
     straight_line,
 )
 from ..inference.jensen_shannon import jensen_shannon
+from ..inference.lora_gauge import balanced_lora
 from ..models.weights import trained_state_dict
 from ..params import ParamSelector, select_parameters
 from ..plots.curve import loss_along_curve
@@ -93,6 +94,23 @@ def _batch_norm_buffers(module: nn.Module) -> dict[str, Tensor]:
     }
 
 
+def _canonical_lora(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with each ``lora_A`` / ``lora_B`` pair in balanced SVD form (the product unchanged)."""
+    result = dict(tensors)
+    for name in tensors:
+        if "lora_A" not in name and "lora_B" not in name:
+            continue
+        partner = name.replace("lora_A", "lora_B") if "lora_A" in name else name.replace("lora_B", "lora_A")
+        if partner not in tensors:
+            raise ValueError(
+                f"canonical_lora=True needs both LoRA factors of a layer on the curve; {name!r} is selected "
+                f"but {partner!r} is not (select params='lora')"
+            )
+        if "lora_A" in name:
+            result[name], result[partner] = balanced_lora(tensors[name], tensors[partner])
+    return result
+
+
 class CurveTraining(Callback):
     """Turns ``params`` of the module into a curve between trained solutions and trains its control points.
 
@@ -107,6 +125,9 @@ class CurveTraining(Callback):
         anchors: ``segments - 1`` checkpoints for the interior junctions; ``None`` starts them on the line.
         fix_anchors: freeze the endpoints and the given anchors (the anchored configuration); ``False``
             trains every control point (the free configuration).
+        canonical_lora: bring every anchor's LoRA pairs (``lora_A`` / ``lora_B`` of one layer, both selected)
+            into the balanced SVD form of :mod:`lightning_bayes.inference.lora_gauge` before the curve is
+            built, so that anchors differing only by the ``GL(r)`` gauge coincide.
         weight_decay: ``wd`` of the penalty ``wd/2 ||theta(t)||^2`` on the curve point.
         js_weight: ``lambda >= 0`` of the ``-lambda JS`` regulariser; 0 switches it off.
         samples_per_step: ``J >= 2`` draws of ``t`` for the JS term.
@@ -127,6 +148,7 @@ class CurveTraining(Callback):
         end: str | None = None,
         anchors: Sequence[str] | None = None,
         fix_anchors: bool = True,
+        canonical_lora: bool = False,
         weight_decay: float = 0.0,
         js_weight: float = 0.0,
         samples_per_step: int = 2,
@@ -167,6 +189,7 @@ class CurveTraining(Callback):
         self.start, self.end = start, end
         self.anchors = list(anchors) if anchors is not None else None
         self.fix_anchors = fix_anchors
+        self.canonical_lora = canonical_lora
         self.weight_decay = float(weight_decay)
         self.js_weight = float(js_weight)
         self.samples_per_step = samples_per_step
@@ -213,11 +236,12 @@ class CurveTraining(Callback):
         current = {name: tensor.detach().clone() for name, tensor in pl_module.named_parameters() if name in names}
 
         def load(checkpoint: str | None) -> dict[str, Tensor]:
-            if checkpoint is None:
-                return current
-            state, path = trained_state_dict(pl_module, checkpoint)
-            rank_zero_info(f"CurveTraining: anchor from {path}")
-            return {name: state[name] for name in names}
+            tensors = current
+            if checkpoint is not None:
+                state, path = trained_state_dict(pl_module, checkpoint)
+                rank_zero_info(f"CurveTraining: anchor from {path}")
+                tensors = {name: state[name] for name in names}
+            return _canonical_lora(tensors) if self.canonical_lora else tensors
 
         first, last = load(self.start), load(self.end)
         if self.anchors is not None:

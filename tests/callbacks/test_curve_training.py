@@ -330,6 +330,38 @@ def test_lora_matrices_are_the_curve_and_the_base_is_untouched(tmp_path):
         assert torch.equal(curve.point_0, state(paths[0])[name]) and torch.equal(curve.point_4, state(paths[1])[name])
 
 
+def test_canonical_lora_anchors_keep_the_function_and_remove_the_gauge(tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(1)
+    model = MAP(inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False), mlp(0)))
+    start = str(tmp_path / "start.pt")
+    torch.save(model.state_dict(), start)
+    gauged = {k: v.clone() for k, v in model.state_dict().items()}
+    gauge = torch.tensor([[2.0, 1.0], [0.5, 3.0]], dtype=torch.float64)
+    for layer in ("0", "2"):  # the same adapter in another gauge: B S, S^-1 A
+        a, b = f"backbone.{layer}.lora_A.default.weight", f"backbone.{layer}.lora_B.default.weight"
+        gauged[a], gauged[b] = torch.linalg.solve(gauge, gauged[a]), gauged[b] @ gauge
+    end = str(tmp_path / "end.pt")
+    torch.save(gauged, end)
+    x = moons().tensors[0]
+    expected = model(x).detach()
+    callback = CurveTraining(params="lora", start=start, end=end, canonical_lora=True)
+    callback.setup(trainer(), model, "fit")
+    for name, curve in callback.curves.items():  # both anchors land on one representative: the curve is a point
+        torch.testing.assert_close(curve.point_2, curve.point_0, rtol=0, atol=1e-10)
+    callback.remove(model, 0.5)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)  # the function is unchanged
+
+
+def test_canonical_lora_needs_both_factors():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = MAP(inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), mlp(0)))
+    with pytest.raises(ValueError, match="needs both LoRA factors of a layer on the curve"):
+        CurveTraining(params="*lora_A*", canonical_lora=True).setup(trainer(), model, "fit")
+
+
 def test_loss_along_curve_files_are_written_and_never_overwritten(endpoints, tmp_path):
     start, end = endpoints
     module = MAP(mlp(0))

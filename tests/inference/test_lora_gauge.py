@@ -1,0 +1,45 @@
+"""The balanced SVD form of LoRA factors: same product, one representative per GL(r) orbit, balanced."""
+
+import pytest
+import torch
+
+from lightning_bayes.inference.lora_gauge import balanced_lora
+
+
+def factors(seed: int = 0, out: int = 9, rank: int = 3, inputs: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(rank, inputs, dtype=torch.float64, generator=generator),
+        torch.randn(out, rank, dtype=torch.float64, generator=generator),
+    )
+
+
+def test_the_product_is_unchanged_and_the_factors_are_balanced():
+    a, b = factors()
+    a2, b2 = balanced_lora(a, b)
+    torch.testing.assert_close(b2 @ a2, b @ a, rtol=0, atol=1e-12)
+    singular = torch.linalg.svdvals(b @ a)[:3]
+    torch.testing.assert_close(b2.T @ b2, torch.diag(singular), rtol=0, atol=1e-12)  # B'^T B' = A' A'^T = diag(s)
+    torch.testing.assert_close(a2 @ a2.T, torch.diag(singular), rtol=0, atol=1e-12)
+    assert bool((b2.gather(0, b2.abs().argmax(0, keepdim=True)) > 0).all())  # each column's largest entry > 0
+
+
+def test_every_member_of_a_gauge_orbit_maps_to_the_same_factors():
+    a, b = factors(1)
+    generator = torch.Generator().manual_seed(2)
+    gauge = torch.randn(3, 3, dtype=torch.float64, generator=generator) + 3 * torch.eye(3, dtype=torch.float64)
+    a2, b2 = balanced_lora(a, b)
+    a3, b3 = balanced_lora(torch.linalg.solve(gauge, a), b @ gauge)
+    torch.testing.assert_close(a3, a2, rtol=0, atol=1e-10)
+    torch.testing.assert_close(b3, b2, rtol=0, atol=1e-10)
+
+
+def test_dtype_is_kept():
+    a, b = factors()
+    a2, b2 = balanced_lora(a.float(), b.float())
+    assert a2.dtype == b2.dtype == torch.float32
+
+
+def test_mismatched_ranks_are_refused():
+    with pytest.raises(ValueError, match=r"a must be r x in and b out x r with the same r; got a \(3, 7\) and b"):
+        balanced_lora(torch.zeros(3, 7), torch.zeros(9, 2))
