@@ -23,6 +23,10 @@ overwriting) after fitting and testing. Modules with BatchNorm get running stati
 
 :meth:`CurveTraining.remove` bakes ``theta(t)`` into the plain tensors, leaving the module as it was
 before the callback touched it. Modules without ``predictive`` are read as logits (``forward(x)``).
+Under DDP every rank draws the same ``t`` (one seeded generator, resumed from the checkpoint), the added
+gradients are averaged like the loss's and the grid sums are pooled; under FSDP the curve trains but
+``weight_decay`` and ``js_weight`` are refused (they need whole control points); after ``ddp_spawn`` the
+main process's module is not parametrised, so read the trained curve from the checkpoint.
 """
 
 from __future__ import annotations
