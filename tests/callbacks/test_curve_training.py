@@ -348,7 +348,7 @@ def test_canonical_lora_anchors_keep_the_function_and_remove_the_gauge(tmp_path)
     expected = model(x).detach()
     callback = CurveTraining(params="lora", start=start, end=end, canonical_lora=True)
     callback.setup(trainer(), model, "fit")
-    for name, curve in callback.curves.items():  # both anchors land on one representative: the curve is a point
+    for curve in callback.curves.values():  # both anchors land on one representative: the curve is a point
         torch.testing.assert_close(curve.point_2, curve.point_0, rtol=0, atol=1e-10)
     callback.remove(model, 0.5)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)  # the function is unchanged
