@@ -13,13 +13,18 @@ from lightning_bayes.cli import run
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 LLM_CONFIGS = {"text"}
-# post-hoc configs start from the checkpoint another config trains: run that one first, for a few batches
+# configs that start from checkpoints another config trains: that one runs first (a few batches) and these
+# arguments point at its last.ckpt (a curve's two ends both take the one quick checkpoint)
+_CHECKPOINT = ["--model.init_args.checkpoint"]
+_CURVE_ENDS = ["--trainer.callbacks.init_args.start", "--trainer.callbacks.init_args.end"]
 TRAINED_BY = {
-    "mnist/nullspace_laplace.yaml": "mnist/map.yaml",
-    "text/nullspace_laplace_lora.yaml": "text/map_lora_smollm2.yaml",
-    "mnist/swag_predictive.yaml": "mnist/swag.yaml",
-    "mnist/viking.yaml": "mnist/map.yaml",
-    "mnist/subspace_ess.yaml": "mnist/swag.yaml",
+    "mnist/nullspace_laplace.yaml": ("mnist/map.yaml", _CHECKPOINT),
+    "text/nullspace_laplace_lora.yaml": ("text/map_lora_smollm2.yaml", _CHECKPOINT),
+    "mnist/swag_predictive.yaml": ("mnist/swag.yaml", _CHECKPOINT),
+    "mnist/subspace_ess.yaml": ("mnist/swag.yaml", _CHECKPOINT),
+    "mnist/viking.yaml": ("mnist/map.yaml", _CHECKPOINT),
+    "mnist/curve.yaml": ("mnist/map.yaml", _CURVE_ENDS),
+    "text/lora_curve.yaml": ("text/map_lora_smollm2.yaml", _CURVE_ENDS),
 }
 # a 135M-parameter LM on CPU: smaller batches and fewer posterior samples keep the smoke run to a minute
 LIGHTER = {
@@ -30,6 +35,12 @@ LIGHTER = {
     "mnist/swag_predictive.yaml": ["--model.init_args.num_samples=2"],
     "mnist/subspace_ess.yaml": ["--model.init_args.rank=1", "--model.init_args.num_samples=2"],
     "text/map_lora_smollm2.yaml": ["--data.init_args.batch_size=4"],
+    "text/lora_curve.yaml": [
+        "--data.init_args.batch_size=4",
+        "--trainer.callbacks.init_args.ensemble_points=2",
+        "--trainer.callbacks.init_args.grid_points=2",
+        "--trainer.callbacks.init_args.test_grid_points=2",
+    ],
     "text/nullspace_laplace_lora.yaml": [
         "--data.init_args.batch_size=4",
         "--model.init_args.num_samples=2",
@@ -59,11 +70,11 @@ def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
     spec = yaml.safe_load(config.read_text())
     assert spec["trainer"]["logger"]["class_path"].endswith("CSVLogger"), "configs log with a CSVLogger"
     args = _quick(config, tmp_path / "run")
-    base = TRAINED_BY.get(str(config.relative_to(ROOT / "configs")))
+    base, arguments = TRAINED_BY.get(str(config.relative_to(ROOT / "configs")), (None, []))
     if base is not None:
         run(_quick(ROOT / "configs" / base, tmp_path / "base"))
         (checkpoint,) = (tmp_path / "base").rglob("last.ckpt")
-        args.append(f"--model.init_args.checkpoint={checkpoint}")
+        args += [f"{argument}={checkpoint}" for argument in arguments]
     run(args)
     written = list((tmp_path / "run").rglob("metrics.json"))
     assert len(written) == 1, f"expected one metrics.json under {tmp_path}, found {written}"

@@ -27,6 +27,7 @@ _LAZY = {
     "LinearProbe": ".probe",
     "FrozenFeatures": ".frozen",
     "load_trained_weights": ".weights",
+    "trained_state_dict": ".weights",
 }
 
 __all__ = ["LeNet5", "MLP", *_LAZY]
