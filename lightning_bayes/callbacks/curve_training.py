@@ -59,7 +59,7 @@ from ..inference.curves import (
     straight_line,
 )
 from ..inference.jensen_shannon import jensen_shannon
-from ..inference.lora_gauge import balanced_lora
+from ..inference.lora_gauge import balanced_lora_tensors
 from ..models.weights import trained_state_dict
 from ..params import ParamSelector, select_parameters
 from ..plots.curve import loss_along_curve
@@ -96,23 +96,6 @@ def _batch_norm_buffers(module: nn.Module) -> dict[str, Tensor]:
         if isinstance(sub, nn.modules.batchnorm._BatchNorm)
         for key, value in sub.named_buffers(recurse=False)
     }
-
-
-def _canonical_lora(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``tensors`` with each ``lora_A`` / ``lora_B`` pair in balanced SVD form (the product unchanged)."""
-    result = dict(tensors)
-    for name in tensors:
-        if "lora_A" not in name and "lora_B" not in name:
-            continue
-        partner = name.replace("lora_A", "lora_B") if "lora_A" in name else name.replace("lora_B", "lora_A")
-        if partner not in tensors:
-            raise ValueError(
-                f"canonical_lora=True needs both LoRA factors of a layer on the curve; {name!r} is selected "
-                f"but {partner!r} is not (select params='lora')"
-            )
-        if "lora_A" in name:
-            result[name], result[partner] = balanced_lora(tensors[name], tensors[partner])
-    return result
 
 
 class CurveTraining(Callback):
@@ -245,7 +228,7 @@ class CurveTraining(Callback):
                 state, path = trained_state_dict(pl_module, checkpoint)
                 rank_zero_info(f"CurveTraining: anchor from {path}")
                 tensors = {name: state[name] for name in names}
-            return _canonical_lora(tensors) if self.canonical_lora else tensors
+            return balanced_lora_tensors(tensors) if self.canonical_lora else tensors
 
         first, last = load(self.start), load(self.end)
         if self.anchors is not None:

@@ -34,3 +34,21 @@ def balanced_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     u, v, root = u * signs, v * signs, s.sqrt()
     return (root.unsqueeze(1) * v.T).to(dtype), (u * root).to(dtype)
+
+
+def balanced_lora_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Named tensors (e.g. a state dict) with each peft ``lora_A`` / ``lora_B`` pair in balanced SVD form (every
+    product ``B A`` unchanged); a factor whose partner is missing is refused."""
+    result = dict(tensors)
+    for name in tensors:
+        if "lora_A" not in name and "lora_B" not in name:
+            continue
+        partner = name.replace("lora_A", "lora_B") if "lora_A" in name else name.replace("lora_B", "lora_A")
+        if partner not in tensors:
+            raise ValueError(
+                f"both LoRA factors of a layer are needed; {name!r} is given but {partner!r} is not "
+                "(CurveTraining(canonical_lora=True) needs params='lora')"
+            )
+        if "lora_A" in name:
+            result[name], result[partner] = balanced_lora(tensors[name], tensors[partner])
+    return result

@@ -358,7 +358,7 @@ def test_canonical_lora_needs_both_factors():
     from peft import LoraConfig, inject_adapter_in_model
 
     model = MAP(inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), mlp(0)))
-    with pytest.raises(ValueError, match="needs both LoRA factors of a layer on the curve"):
+    with pytest.raises(ValueError, match="both LoRA factors of a layer are needed"):
         CurveTraining(params="*lora_A*", canonical_lora=True).setup(trainer(), model, "fit")
 
 
