@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_bayes.inference.lora_gauge import balanced_lora
+from lightning_bayes.inference.lora_gauge import balanced_lora, balanced_lora_tensors
 
 
 def factors(seed: int = 0, out: int = 9, rank: int = 3, inputs: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,3 +43,17 @@ def test_dtype_is_kept():
 def test_mismatched_ranks_are_refused():
     with pytest.raises(ValueError, match=r"a must be r x in and b out x r with the same r; got a \(3, 7\) and b"):
         balanced_lora(torch.zeros(3, 7), torch.zeros(9, 2))
+
+
+def test_named_tensors_keep_every_product_and_leave_the_rest_alone():
+    generator = torch.Generator().manual_seed(7)
+    a = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    b = torch.randn(4, 2, generator=generator, dtype=torch.float64)
+    other = torch.randn(3, generator=generator, dtype=torch.float64)
+    named = {"layer.lora_A.default.weight": a, "layer.lora_B.default.weight": b, "head.bias": other}
+    balanced = balanced_lora_tensors(named)
+    product = balanced["layer.lora_B.default.weight"] @ balanced["layer.lora_A.default.weight"]
+    torch.testing.assert_close(product, b @ a, rtol=0, atol=1e-12)
+    assert balanced["head.bias"] is other
+    with pytest.raises(ValueError, match="lora_B"):
+        balanced_lora_tensors({"layer.lora_A.default.weight": a})
