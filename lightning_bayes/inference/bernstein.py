@@ -1,0 +1,108 @@
+"""The one-dimensional Bernstein-flow chain of BF-VI, elementwise over a tensor of parameters.
+
+Each scalar is ``w = f3(h(sigmoid(f1(z))))`` with ``z ~ N(0, 1)``:
+
+* ``f1``: ``z~ = softplus(a) z + b``;
+* ``u = sigmoid(z~)``, clipped to ``[1e-5, 1 - 1e-5]``;
+* ``h(u) = sum_{k=0}^{M} theta_k C(M, k) u^k (1 - u)^(M - k)``, a Bernstein polynomial made strictly increasing by
+  ``theta_0 = theta'_0``, ``theta_k = theta_{k-1} + softplus(theta'_k)`` (so ``h(0) = theta_0``, ``h(1) = theta_M``);
+* ``f3`` (optional): ``w = softplus(alpha) h - beta``.
+
+The density is analytic (``h'(u) = M sum_{k<M} (theta_{k+1} - theta_k) C(M-1, k) u^k (1 - u)^(M-1-k) > 0``):
+
+    log q(w) = log N(z; 0, 1) - log softplus(a) - log[u (1 - u)] - log h'(u) - log softplus(alpha).
+
+Reference: Duerr, Hoertling, Dold, Kovylov & Sick, "Bernstein flows for flexible posteriors in variational
+Bayes", AStA 2024 (arXiv 2202.05650), section 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_U_CLIP = 1e-5
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def bernstein_basis(u: Tensor, degree: int) -> Tensor:
+    """``C(M, k) u^k (1 - u)^(M - k)`` for ``k = 0..M``: ``[..., M + 1]`` (log space, so large ``M`` is stable)."""
+    k = torch.arange(degree + 1, dtype=u.dtype, device=u.device)
+    log_binomial = torch.lgamma(torch.tensor(degree + 1.0, dtype=u.dtype)) - torch.lgamma(k + 1) - torch.lgamma(degree - k + 1)
+    u = u.unsqueeze(-1)
+    return torch.exp(log_binomial + torch.xlogy(k, u) + torch.xlogy(degree - k, 1 - u))
+
+
+def monotone_coefficients(raw: Tensor) -> Tensor:
+    """``theta_0 = raw_0``, ``theta_k = theta_{k-1} + softplus(raw_k)``: strictly increasing along the last axis."""
+    return torch.cat([raw[..., :1], raw[..., :1] + torch.cumsum(F.softplus(raw[..., 1:]), dim=-1)], dim=-1)
+
+
+class BernsteinFlow(nn.Module):
+    """Independent Bernstein-flow chains for a tensor of ``shape`` parameters (mean field), degree ``M``.
+
+    Args:
+        shape: shape of the parameter tensor the flow draws.
+        degree: ``M`` (``M + 1`` coefficients per parameter).
+        support: ``(w_min, w_max)``: the coefficients start evenly spaced over it (``h``'s range).
+        final_affine: include ``f3``.
+
+    Raw ``a = b = 0`` and ``alpha = softplus^-1(1)``, ``beta = 0`` at initialisation, as in the reference.
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...] | torch.Size, degree: int = 10, support: tuple[float, float] = (-10.0, 10.0),
+        final_affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"degree must be an int >= 1; got {degree!r}")
+        low, high = support
+        if not high > low:
+            raise ValueError(f"support must be (w_min, w_max) with w_max > w_min; got {support!r}")
+        shape = tuple(shape)
+        step = torch.tensor((high - low) / degree)
+        raw = torch.cat([torch.tensor([low]), _inverse_softplus(step).repeat(degree)])
+        self.degree, self.final_affine = degree, final_affine
+        self.a = nn.Parameter(torch.zeros(shape))
+        self.b = nn.Parameter(torch.zeros(shape))
+        self.raw_coefficients = nn.Parameter(raw.expand(*shape, degree + 1).clone())
+        if final_affine:
+            self.alpha = nn.Parameter(torch.full(shape, float(_inverse_softplus(torch.tensor(1.0)))))
+            self.beta = nn.Parameter(torch.zeros(shape))
+
+    def coefficients(self) -> Tensor:
+        """The increasing coefficients ``theta`` ``[*shape, M + 1]``."""
+        return monotone_coefficients(self.raw_coefficients)
+
+    def polynomial(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(h(u), h'(u))`` for ``u`` of shape ``[..., *shape]``."""
+        theta = self.coefficients()
+        value = (bernstein_basis(u, self.degree) * theta).sum(-1)
+        slope = self.degree * (bernstein_basis(u, self.degree - 1) * theta.diff(dim=-1)).sum(-1)
+        return value, slope
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(w, log q(w))`` for base draws ``z`` of shape ``[..., *shape]`` (elementwise log-densities)."""
+        scale = F.softplus(self.a)
+        pre = scale * z + self.b
+        u = torch.sigmoid(pre).clamp(_U_CLIP, 1 - _U_CLIP)
+        h, slope = self.polynomial(u)
+        log_q = -0.5 * z.square() - _LOG_SQRT_2PI - torch.log(scale) - F.logsigmoid(pre) - F.logsigmoid(-pre)
+        log_q = log_q - torch.log(slope)
+        if not self.final_affine:
+            return h, log_q
+        outer = F.softplus(self.alpha)
+        return outer * h - self.beta, log_q - torch.log(outer)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``num_samples`` draws ``[S, *shape]`` and their log-densities (reparameterised)."""
+        z = torch.randn(num_samples, *self.a.shape, generator=generator, dtype=self.a.dtype, device=self.a.device)
+        return self(z)
