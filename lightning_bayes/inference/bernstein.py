@@ -53,6 +53,8 @@ class BernsteinFlow(nn.Module):
         degree: ``M`` (``M + 1`` coefficients per parameter).
         support: ``(w_min, w_max)``: the coefficients start evenly spaced over it (``h``'s range).
         final_affine: include ``f3``.
+        freeze_affine: keep ``a`` and ``b`` at their initial values (buffers, not parameters), as the released
+            multivariate script does.
 
     Raw ``a = b = 0`` and ``alpha = softplus^-1(1)``, ``beta = 0`` at initialisation, as in the reference.
     """
@@ -60,6 +62,7 @@ class BernsteinFlow(nn.Module):
     def __init__(
         self, shape: tuple[int, ...] | torch.Size, degree: int = 10, support: tuple[float, float] = (-10.0, 10.0),
         final_affine: bool = True,
+        freeze_affine: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(degree, int) or degree < 1:
@@ -71,8 +74,12 @@ class BernsteinFlow(nn.Module):
         step = torch.tensor((high - low) / degree)
         raw = torch.cat([torch.tensor([low]), _inverse_softplus(step).repeat(degree)])
         self.degree, self.final_affine = degree, final_affine
-        self.a = nn.Parameter(torch.zeros(shape))
-        self.b = nn.Parameter(torch.zeros(shape))
+        if freeze_affine:
+            self.register_buffer("a", torch.zeros(shape))
+            self.register_buffer("b", torch.zeros(shape))
+        else:
+            self.a = nn.Parameter(torch.zeros(shape))
+            self.b = nn.Parameter(torch.zeros(shape))
         self.raw_coefficients = nn.Parameter(raw.expand(*shape, degree + 1).clone())
         if final_affine:
             self.alpha = nn.Parameter(torch.full(shape, float(_inverse_softplus(torch.tensor(1.0)))))
