@@ -1,0 +1,58 @@
+"""Mean-field Gaussian over a tensor of parameters, ``w = mu + softplus(rho) z``: the baseline VI family.
+
+Same interface as :class:`~lightning_bayes.inference.bernstein.BernsteinFlow` (``sample`` returns draws and
+their elementwise log-densities), plus the closed-form KL to a zero-mean isotropic Gaussian prior,
+``KL = sum [log(s_p / s) + (s^2 + mu^2) / (2 s_p^2) - 1/2]``. Reference: Blundell et al., "Weight Uncertainty
+in Neural Networks", ICML 2015.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class MeanFieldGaussian(nn.Module):
+    """Independent Gaussians ``N(mu, softplus(rho)^2)`` for a tensor of ``shape`` parameters.
+
+    Args:
+        shape: shape of the parameter tensor.
+        init_mean: initial means (a tensor of ``shape``, e.g. trained weights, or a number).
+        init_scale: initial standard deviation (> 0).
+    """
+
+    def __init__(self, shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float = 0.0, init_scale: float = 1.0) -> None:
+        super().__init__()
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0; got {init_scale!r}")
+        shape = tuple(shape)
+        mean = torch.as_tensor(init_mean, dtype=torch.get_default_dtype())
+        if mean.ndim and tuple(mean.shape) != shape:
+            raise ValueError(f"init_mean must be a number or have shape {shape}; got {tuple(mean.shape)}")
+        self.mean = nn.Parameter(mean.expand(shape).clone())
+        raw = math.log(math.expm1(init_scale))  # softplus^-1
+        self.raw_scale = nn.Parameter(torch.full(shape, raw))
+
+    @property
+    def scale(self) -> Tensor:
+        return F.softplus(self.raw_scale)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(w, log q(w))`` for base draws ``z`` ``[..., *shape]``."""
+        scale = self.scale
+        return self.mean + scale * z, -0.5 * z.square() - _LOG_SQRT_2PI - torch.log(scale)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``num_samples`` draws ``[S, *shape]`` and their log-densities (reparameterised)."""
+        z = torch.randn(num_samples, *self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        return self(z)
+
+    def kl_to_prior(self, prior_scale: float) -> Tensor:
+        """Closed-form ``KL(q || N(0, prior_scale^2 I))``, summed over the tensor."""
+        variance_ratio = (self.scale / prior_scale).square()
+        return 0.5 * (variance_ratio + (self.mean / prior_scale).square() - 1 - torch.log(variance_ratio)).sum()
