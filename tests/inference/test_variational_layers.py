@@ -1,0 +1,105 @@
+"""Variational Linear / Conv2d layers: local reparameterisation against weight sampling, KL terms, conversion of a
+model, errors (float64)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+from lightning_bayes.inference.variational_layers import VariationalLayer, to_variational, total_kl
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def gaussian_layer(local: bool) -> VariationalLayer:
+    torch.manual_seed(0)
+    layer = VariationalLayer(nn.Linear(4, 3), init_scale=0.3, local_reparameterization=local).double()
+    with torch.no_grad():
+        layer.weight.raw_scale.add_(0.3 * torch.randn(3, 4, dtype=torch.float64))
+    return layer
+
+
+def test_local_reparameterisation_output_moments_match_weight_sampling():
+    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    local, sampled = gaussian_layer(True), gaussian_layer(False)
+    draws = 20_000
+    torch.manual_seed(2)
+    with torch.no_grad():
+        by_output = torch.stack([local(x) for _ in range(draws)])
+        by_weight = torch.stack([sampled(x) for _ in range(draws)])
+    mean = x @ local.weight.mean.T + local.bias.mean  # closed form of both
+    variance = x.square() @ local.weight.scale.square().T + local.bias.scale.square()
+    for outputs in (by_output, by_weight):
+        standard_error = (variance / draws).sqrt()
+        assert ((outputs.mean(0) - mean).abs() < 5 * standard_error).all()
+        # the sample variance of a Gaussian has relative standard error sqrt(2 / (n - 1))
+        assert ((outputs.var(0) / variance - 1).abs() < 5 * math.sqrt(2 / (draws - 1))).all()
+
+
+def test_gaussian_kl_is_closed_form_and_bernstein_kl_is_the_draws_log_ratio():
+    layer = gaussian_layer(True)
+    prior = Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+    expected = sum(
+        torch.distributions.kl_divergence(Normal(family.mean, family.scale), prior).sum() for family in (layer.weight, layer.bias)
+    )
+    assert torch.allclose(layer.kl(), expected, rtol=1e-12)
+    flow = VariationalLayer(nn.Linear(4, 3), family="bernstein", degree=5, prior_scale=0.5, local_reparameterization=False)
+    flow = flow.double()
+    with pytest.raises(RuntimeError, match="forward"):
+        flow.kl()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.manual_seed(3)
+    z_w, z_b = torch.randn(1, 3, 4, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    torch.manual_seed(3)  # the forward draws the same base noise, weight first
+    flow(x)
+    weight, log_q_w = flow.weight(z_w)
+    bias, log_q_b = flow.bias(z_b)
+    prior = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
+    log_prior = prior.log_prob(weight).sum() + prior.log_prob(bias).sum()
+    assert torch.allclose(flow.kl(), log_q_w.sum() + log_q_b.sum() - log_prior, rtol=1e-12)
+
+
+def test_convolution_output_moments_match_weight_sampling():
+    torch.manual_seed(4)
+    template = nn.Conv2d(2, 3, 3, padding=1, stride=2).double()
+    local = VariationalLayer(template, init_scale=0.2).double()
+    sampled = VariationalLayer(template, init_scale=0.2, local_reparameterization=False).double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    draws = 20_000
+    with torch.no_grad():
+        by_output = torch.stack([local(x) for _ in range(draws)])
+        by_weight = torch.stack([sampled(x) for _ in range(draws)])
+    mean = template(x)  # the means start at the template's weights
+    variance = torch.nn.functional.conv2d(
+        x.square(), torch.full_like(template.weight, 0.04), torch.full((3,), 0.04, dtype=torch.float64), stride=2, padding=1
+    )
+    for outputs in (by_output, by_weight):
+        assert ((outputs.mean(0) - mean).abs() < 5 * (variance / draws).sqrt()).all()
+        assert ((outputs.var(0) / variance - 1).abs() < 5 * math.sqrt(2 / (draws - 1))).all()
+
+
+def test_to_variational_converts_the_selected_layers_from_their_weights():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).double()
+    trained = {name: p.clone() for name, p in model.named_parameters()}
+    assert to_variational(model, "2.*", init_scale=0.1) == ["2"]
+    assert isinstance(model[0], nn.Conv2d) and isinstance(model[2], VariationalLayer)
+    assert torch.equal(model[2].weight.mean, trained["2.weight"]) and model[2].weight.mean.dtype == torch.float64
+    assert to_variational(model, "all") == ["0"]
+    assert torch.equal(model[0].bias.mean, trained["0.bias"])
+    assert model(torch.randn(4, 1, 4, 4, dtype=torch.float64)).shape == (4, 3)
+    assert torch.allclose(total_kl(model), model[0].kl() + model[2].kl())
+    with pytest.raises(ValueError, match="params"):
+        to_variational(nn.Sequential(nn.ReLU(), nn.Linear(2, 2)), "0.*")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"family": "student"}, "family"), ({"prior_scale": 0.0}, "prior_scale"),
+     ({"family": "bernstein"}, "local_reparameterization"), ({"template": nn.Linear(3, 3, bias=False)}, "template")],
+)
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        VariationalLayer(**{"template": nn.Linear(4, 3), **kwargs})
