@@ -17,10 +17,8 @@ Metric states are torchmetrics sums and concatenations, so every value is the po
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,6 +33,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from ..metrics import OOD_SCORES, OODScore, classification_metrics, ood_metrics, regression_metrics
 from ..plots import predictive_band, reliability_diagram
 from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive
+from .run_files import run_folder, unique_path, write_json
 
 Task = Literal["auto", "classification", "regression"]
 _TASKS = ("auto", "classification", "regression")
@@ -61,14 +60,6 @@ def _split_batch(batch: Any) -> tuple[Any, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ValueError(f"CalibrationMetrics expects batches (x, y); got {type(batch).__name__}")
     return batch[0], batch[1]
-
-
-def _unique_path(folder: Path, stem: str, suffix: str) -> Path:
-    path, index = folder / f"{stem}{suffix}", 0
-    while path.exists():
-        index += 1
-        path = folder / f"{stem}-{index}{suffix}"
-    return path
 
 
 def _flat_key(name: str) -> str:
@@ -259,20 +250,17 @@ class CalibrationMetrics(Callback):
     def _write_test_outputs(
         self, trainer: Trainer, pl_module: LightningModule, epoch: _EpochMetrics, computed: dict[str, float]
     ) -> None:
-        folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call: all ranks
+        folder = run_folder(trainer)
         reliability = self._reliability_data(epoch) if self.plots and epoch.task == "classification" else None
         band = self._band_data(trainer, pl_module, epoch)
         if not trainer.is_global_zero:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        metrics_path = _unique_path(folder, "metrics", ".json")
-        with open(metrics_path, "x") as handle:  # "x": never overwrite
-            json.dump({_flat_key(name): value for name, value in computed.items()}, handle, indent=2, sort_keys=True)
+        metrics_path = write_json(folder, "metrics", {_flat_key(name): value for name, value in computed.items()})
         rank_zero_info(f"CalibrationMetrics: wrote {metrics_path}")
         if reliability is not None:
-            reliability_diagram(*reliability, path=_unique_path(folder, "reliability", ".png"))
+            reliability_diagram(*reliability, path=unique_path(folder, "reliability", ".png"))
         if band is not None:
-            predictive_band(*band, path=_unique_path(folder, "predictive_band", ".png"))
+            predictive_band(*band, path=unique_path(folder, "predictive_band", ".png"))
 
     @staticmethod
     def _reliability_data(epoch: _EpochMetrics) -> tuple[Tensor, Tensor]:

@@ -32,10 +32,8 @@ main process's module is not parametrised, so read the trained curve from the ch
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -64,7 +62,7 @@ from ..models.weights import trained_state_dict
 from ..params import ParamSelector, select_parameters
 from ..plots.curve import loss_along_curve
 from ..predictive import CategoricalPredictive, Predictive, concatenate
-from .calibration import _unique_path
+from .run_files import run_folder, unique_path, write_json
 
 CurveType = Literal["bezier", "polychain"]
 _CURVES = ("bezier", "polychain")
@@ -521,18 +519,16 @@ class CurveTraining(Callback):
         values = self.grid_values.get(stage)
         if values is None:
             return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call: all ranks
+        folder = run_folder(trainer)
         if not trainer.is_global_zero:
             return
-        folder.mkdir(parents=True, exist_ok=True)
         stem = f"loss_along_curve_{stage}"
-        with open(_unique_path(folder, stem, ".json"), "x") as handle:  # "x": never overwrite
-            json.dump(values, handle, indent=2)
+        write_json(folder, stem, values)
         if self.plots:
             loss_along_curve(
                 values["t"],
                 values["curve_nll"],
-                _unique_path(folder, stem, ".png"),
+                unique_path(folder, stem, ".png"),
                 curve_error=values["curve_error"],
                 line_nll=values.get("line_nll"),
                 line_error=values.get("line_error"),

@@ -1,0 +1,32 @@
+"""Files a callback writes next to a run's logs: never overwriting what is there (``name.json``, ``name-1.json``, ...)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+
+
+def run_folder(trainer: Trainer) -> Path:
+    """The run's log folder (``trainer.log_dir``, a collective call: every rank must ask) or the root folder."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def unique_path(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem+suffix``, or ``stem-1``, ``stem-2``, ... when taken."""
+    path, index = folder / f"{stem}{suffix}", 0
+    while path.exists():
+        index += 1
+        path = folder / f"{stem}-{index}{suffix}"
+    return path
+
+
+def write_json(folder: Path, stem: str, data: Any) -> Path:
+    """Write ``data`` as a new JSON file under ``folder`` (created if needed); return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = unique_path(folder, stem, ".json")
+    with open(path, "x") as handle:  # "x": never overwrite
+        json.dump(data, handle, indent=2, sort_keys=True)
+    return path
