@@ -19,7 +19,8 @@ restored afterwards. Both stages also evaluate NLL and error on a grid of ``t`` 
 the straight line between the endpoints, log ``curve/{stage}_max_{nll,error}``, ``line/...`` and the
 endpoints' values, and write ``loss_along_curve_{stage}.png`` and ``.json`` into the log folder (never
 overwriting) after fitting and testing. Modules with BatchNorm get running statistics re-estimated by
-``torch.optim.swa_utils.update_bn`` on the training data at every evaluated ``t``.
+:func:`~lightning_bayes.inference.batchnorm.refresh_batchnorm` (``update_bn``) on the training data at every
+evaluated ``t``.
 
 :meth:`CurveTraining.remove` bakes ``theta(t)`` into the plain tensors, leaving the module as it was
 before the callback touched it. Modules without ``predictive`` are read as logits (``forward(x)``).
@@ -41,7 +42,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.optim.swa_utils import update_bn
 
 from ..inference.curve_parametrization import (
     CurveParametrization,
@@ -56,6 +56,7 @@ from ..inference.curves import (
     segmented_bezier,
     straight_line,
 )
+from ..inference.batchnorm import refresh_batchnorm, running_statistics
 from ..inference.jensen_shannon import jensen_shannon
 from ..inference.lora_gauge import balanced_lora_tensors
 from ..models.weights import trained_state_dict
@@ -87,13 +88,8 @@ def _plain_predictive(pl_module: LightningModule) -> Callable[..., Predictive]:
     return logits
 
 
-def _batch_norm_buffers(module: nn.Module) -> dict[str, Tensor]:
-    return {
-        f"{name}.{key}": value.clone()
-        for name, sub in module.named_modules()
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm)
-        for key, value in sub.named_buffers(recurse=False)
-    }
+def _statistics_copy(module: nn.Module) -> dict[str, Tensor]:
+    return {name: value.clone() for name, value in running_statistics(module).items()}
 
 
 class CurveTraining(Callback):
@@ -365,8 +361,8 @@ class CurveTraining(Callback):
         key = self.position.coefficients
         if self._batch_norm_saved:
             if key not in self._batch_norm_at:
-                update_bn(self._training_data(pl_module), pl_module, device=pl_module.device)
-                self._batch_norm_at[key] = _batch_norm_buffers(pl_module)
+                refresh_batchnorm(pl_module, self._training_data(pl_module), device=pl_module.device)
+                self._batch_norm_at[key] = _statistics_copy(pl_module)
             pl_module.load_state_dict(self._batch_norm_at[key], strict=False)
         return compute()
 
@@ -405,7 +401,7 @@ class CurveTraining(Callback):
     def _stage_start(self, pl_module: LightningModule, stage: str) -> None:
         self._grid_sums.pop(stage, None)
         self._batch_norm_at = {}
-        self._batch_norm_saved = _batch_norm_buffers(pl_module)
+        self._batch_norm_saved = _statistics_copy(pl_module)
         self._bind(pl_module)
 
     def _stage_end(self, pl_module: LightningModule) -> None:
