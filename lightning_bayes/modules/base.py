@@ -59,6 +59,22 @@ class BayesianModule(LightningModule, ABC):
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         return n
 
+    def training_set_size(self, argument: str = "dataset_size") -> int:
+        """N for a KL weight ``1/N``: the datamodule's ``num_train``, else the length of the training loader's
+        dataset; a clear error naming ``argument`` (the method's explicit way to give N) when neither exists."""
+        trainer = self._trainer
+        size = getattr(getattr(trainer, "datamodule", None), "num_train", None)
+        if isinstance(size, int):
+            return size
+        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        try:
+            return len(dataset)
+        except TypeError as error:
+            raise ValueError(
+                f"{type(self).__name__} needs the training-set size N: pass {argument}=N, or fit with a datamodule "
+                "that has num_train or a training loader over a sized dataset"
+            ) from error
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

@@ -334,13 +334,7 @@ class SubspaceInference(BayesianModule):
         return loss
 
     def _num_data(self) -> int:
-        if self.num_data is not None:
-            return self.num_data
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        try:
-            return len(dataset)
-        except TypeError as error:
-            raise ValueError("method='vi' needs num_data: the training loader's dataset has no length") from error
+        return self.num_data if self.num_data is not None else self.training_set_size("num_data")
 
     def on_train_start(self) -> None:
         if self.method == "vi" and (self.trainer.max_epochs is None or self.trainer.max_epochs < 1):

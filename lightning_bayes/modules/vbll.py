@@ -76,17 +76,12 @@ class _VBLLModule(BayesianModule):
 
     def setup(self, stage: str) -> None:
         if self.dataset_size is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            size = getattr(datamodule, "num_train", None)
-            if stage == "fit" and not isinstance(size, int):
-                raise ValueError(
-                    f"{type(self).__name__} needs the training-set size N for the KL weight 1/N: pass "
-                    f"dataset_size=N, or fit with a datamodule that has num_train (got datamodule "
-                    f"{type(datamodule).__name__ if datamodule is not None else None})"
-                )
-            if isinstance(size, int):
-                self.dataset_size = size
-                self.hparams["dataset_size"] = size  # checkpoints then carry N
+            try:
+                self.dataset_size = self.training_set_size("dataset_size")
+                self.hparams["dataset_size"] = self.dataset_size  # checkpoints then carry N
+            except ValueError:
+                if stage == "fit":
+                    raise
         self.head.regularization_weight = self._regularization_weight()
 
     def forward(self, x: Any) -> Tensor:

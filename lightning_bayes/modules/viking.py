@@ -224,7 +224,7 @@ class VIKING(BayesianModule):
         nll = self.likelihood.loss(self.function.outputs(theta, x), y)
         image_dim = image_dimension(noise, kernel)[0]
         kl = self.family.kl(theta_hat, image_dim)
-        beta = len(y) / self._num_train_examples() if self.kl_weight == "elbo" else float(self.kl_weight)
+        beta = len(y) / self.training_set_size("kl_weight") if self.kl_weight == "elbo" else float(self.kl_weight)
         loss = nll + beta * kl / len(y)  # (sum NLL + beta KL) / B
         self.log_training_loss("loss", loss, batch_size=len(y))
         self.log_dict(
@@ -234,13 +234,6 @@ class VIKING(BayesianModule):
             batch_size=len(y),
         )
         return loss
-
-    def _num_train_examples(self) -> int:
-        loader = self.trainer.train_dataloader
-        count = len(loader.dataset) if hasattr(loader, "dataset") else None
-        if not count:
-            raise ValueError("kl_weight='elbo' needs the number of training examples (a sized train dataset)")
-        return count
 
     # ----- the posterior -------------------------------------------------------------------------------
     def _ensure_posterior(self) -> None:
