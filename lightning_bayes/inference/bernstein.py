@@ -28,7 +28,8 @@ _U_CLIP = 1e-5
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _inverse_softplus(x: Tensor) -> Tensor:
+def inverse_softplus(x: Tensor) -> Tensor:
+    """``softplus^-1(x) = x + log(1 - e^-x)`` for ``x > 0``, stable for large and small ``x``."""
     return x + torch.log(-torch.expm1(-x))
 
 
@@ -72,7 +73,7 @@ class BernsteinFlow(nn.Module):
             raise ValueError(f"support must be (w_min, w_max) with w_max > w_min; got {support!r}")
         shape = tuple(shape)
         step = torch.tensor((high - low) / degree)
-        raw = torch.cat([torch.tensor([low]), _inverse_softplus(step).repeat(degree)])
+        raw = torch.cat([torch.tensor([low]), inverse_softplus(step).repeat(degree)])
         self.degree, self.final_affine = degree, final_affine
         if freeze_affine:
             self.register_buffer("a", torch.zeros(shape))
@@ -82,7 +83,7 @@ class BernsteinFlow(nn.Module):
             self.b = nn.Parameter(torch.zeros(shape))
         self.raw_coefficients = nn.Parameter(raw.expand(*shape, degree + 1).clone())
         if final_affine:
-            self.alpha = nn.Parameter(torch.full(shape, float(_inverse_softplus(torch.tensor(1.0)))))
+            self.alpha = nn.Parameter(torch.full(shape, float(inverse_softplus(torch.tensor(1.0)))))
             self.beta = nn.Parameter(torch.zeros(shape))
 
     def coefficients(self) -> Tensor:
