@@ -5,7 +5,8 @@ local reparameterisation trick: for ``W ~ N(M, S^2)`` elementwise, ``x W^T + b``
 ``x M^T + m_b`` and variance ``x^2 (S^2)^T + s_b^2``, so one output draw per example replaces a weight draw;
 Kingma, Salimans & Welling, NeurIPS 2015) or :class:`~lightning_bayes.inference.bernstein.BernsteinFlow` (a
 weight draw per forward, shared by the batch, and a Monte Carlo ``log q - log p`` of that draw). The prior is
-``N(0, prior_scale^2)`` on every weight. Nothing is scaled silently: :meth:`kl` is the KL (or its one-draw
+``N(0, prior_scale^2)`` on every weight. :func:`use_noise` switches every layer of a model to its mean (Gaussian)
+or median (flow, ``z = 0``) weights, the deterministic "mean model". Nothing is scaled silently: :meth:`kl` is the KL (or its one-draw
 estimate) of the whole layer; the module dividing it by the dataset size states so. :func:`to_variational`
 converts chosen layers of an existing model (the ``params`` selector) in place, their weights becoming the
 initial means.
@@ -23,9 +24,11 @@ from torch import Tensor, nn
 from ..params import ParamSelector, select_parameters
 from .bernstein import BernsteinFlow
 from .mean_field_gaussian import MeanFieldGaussian
+from .point_mass import PointMass
+from .sparse_gaussian import SparseGaussian
 
-Family = Literal["gaussian", "bernstein"]
-FAMILIES = ("gaussian", "bernstein")
+Family = Literal["gaussian", "bernstein", "sparse_gaussian"]
+FAMILIES = ("gaussian", "bernstein", "sparse_gaussian")
 
 
 def _family(
@@ -33,20 +36,27 @@ def _family(
 ) -> nn.Module:
     if kind == "gaussian":
         return MeanFieldGaussian(shape, init_mean, init_scale)
-    return BernsteinFlow(shape, degree=degree, support=support)
+    if kind == "sparse_gaussian":  # SSVI: masked Gaussian weights, deterministic biases
+        return SparseGaussian(shape, init_mean, init_scale) if len(shape) > 1 else PointMass(init_mean)
+    flow = BernsteinFlow(shape, degree=degree, support=support)
+    with torch.no_grad():  # w = softplus(alpha) h - beta: centre the chain on the template's weight
+        flow.beta.copy_(-init_mean)
+    return flow
 
 
 class VariationalLayer(nn.Module):
     """A ``Linear`` or ``Conv2d`` whose ``(W, b)`` are drawn from ``q``: mean-field Gaussian or a Bernstein flow per weight.
 
     Args:
-        template: the deterministic layer (``nn.Linear`` or ``nn.Conv2d`` with a bias): its shape, its convolution
-            settings and, for the Gaussian family, its weights as the initial means.
+        template: the deterministic layer (``nn.Linear`` or ``nn.Conv2d``, with or without a bias): its shape, its
+            convolution settings and its weights as the initial means (Gaussian) or centres (flow: ``support`` is
+            then the initial range around them).
         family: ``"gaussian"`` or ``"bernstein"``.
         prior_scale: standard deviation of the ``N(0, prior_scale^2)`` prior of every weight.
         init_scale: initial posterior standard deviation (Gaussian family).
         degree: Bernstein polynomial degree ``M`` (Bernstein family).
-        support: the initial range ``(w_min, w_max)`` of every weight's polynomial (Bernstein family).
+        support: the initial range ``(w_min, w_max)`` of every weight's polynomial around its template weight
+            (Bernstein family).
         local_reparameterization: sample outputs instead of weights (Gaussian family only; for a convolution
             each output pixel gets its own noise, the standard approximation of Kingma et al.).
     """
@@ -68,41 +78,57 @@ class VariationalLayer(nn.Module):
             raise ValueError(f"prior_scale must be > 0; got {prior_scale!r}")
         if local_reparameterization and family != "gaussian":
             raise ValueError(f"local_reparameterization needs family='gaussian'; got family={family!r}")
-        if not isinstance(template, (nn.Linear, nn.Conv2d)) or template.bias is None:
-            raise ValueError(f"template must be an nn.Linear or nn.Conv2d with a bias; got {template!r}")
+        if not isinstance(template, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"template must be an nn.Linear or nn.Conv2d; got {template!r}")
         self.prior_scale, self.local_reparameterization = prior_scale, local_reparameterization
         self._convolution = (
             {"stride": template.stride, "padding": template.padding, "dilation": template.dilation, "groups": template.groups}
             if isinstance(template, nn.Conv2d) else None
         )
-        self.weight, self.bias = (
-            _family(family, tuple(p.shape), p.detach(), init_scale, degree, support) for p in (template.weight, template.bias)
+        self.weight = _family(family, tuple(template.weight.shape), template.weight.detach(), init_scale, degree, support)
+        self.bias = (
+            None if template.bias is None
+            else _family(family, tuple(template.bias.shape), template.bias.detach(), init_scale, degree, support)
         )
+        self._shapes = [p.shape for p in (template.weight, template.bias) if p is not None]
+        self.noise = True
         self._last_log_ratio: Tensor | None = None
 
-    def _layer(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    def _families(self) -> list[nn.Module]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def _layer(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._convolution is None:
             return F.linear(x, weight, bias)
         return F.conv2d(x, weight, bias, **self._convolution)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.noise:
+            return self._layer(x, *(self._centre(family, shape) for family, shape in zip(self._families(), self._shapes)))
         if self.local_reparameterization:
-            mean = self._layer(x, self.weight.mean, self.bias.mean)
-            variance = self._layer(x.square(), self.weight.scale.square(), self.bias.scale.square())
-            return mean + variance.sqrt() * torch.randn_like(mean)
-        weight, weight_log_q = self.weight.sample(1)
-        bias, bias_log_q = self.bias.sample(1)
-        weight, bias = weight[0], bias[0]
-        self._last_log_ratio = weight_log_q.sum() + bias_log_q.sum() - self._log_prior(weight) - self._log_prior(bias)
-        return self._layer(x, weight, bias)
+            mean = self._layer(x, *(family.mean for family in self._families()))
+            variance = self._layer(x.square(), *(family.scale.square() for family in self._families()))
+            return mean + (variance + 1e-8).sqrt() * torch.randn_like(mean)  # finite gradient where the variance is 0
+        draws = [family.sample(1) for family in self._families()]
+        values = [value[0] for value, _ in draws]
+        self._last_log_ratio = sum(log_q.sum() - self._log_prior(value) for value, (_, log_q) in zip(values, draws))
+        return self._layer(x, *values)
+
+    @staticmethod
+    def _centre(family: nn.Module, shape: torch.Size) -> Tensor:
+        """The mean of a Gaussian family (closed-form KL); the median ``f(0)`` of a flow (base noise zero)."""
+        if hasattr(family, "kl_to_prior"):
+            return family.mean
+        reference = next(family.parameters())
+        return family(torch.zeros(shape, dtype=reference.dtype, device=reference.device))[0]
 
     def _log_prior(self, value: Tensor) -> Tensor:
         return (-0.5 * (value / self.prior_scale).square() - math.log(self.prior_scale) - 0.5 * math.log(2 * math.pi)).sum()
 
     def kl(self) -> Tensor:
         """``KL(q || p)`` of the layer: closed form (Gaussian) or ``log q - log p`` of the last forward's draw."""
-        if isinstance(self.weight, MeanFieldGaussian):
-            return self.weight.kl_to_prior(self.prior_scale) + self.bias.kl_to_prior(self.prior_scale)
+        if hasattr(self.weight, "kl_to_prior"):
+            return sum(family.kl_to_prior(self.prior_scale) for family in self._families())
         if self._last_log_ratio is None:
             raise RuntimeError("VariationalLayer.kl: run a forward pass first (the KL is estimated from its draw)")
         return self._last_log_ratio
@@ -111,6 +137,8 @@ class VariationalLayer(nn.Module):
 def to_variational(model: nn.Module, params: ParamSelector = "all", **layer_options: Any) -> list[str]:
     """Replace, in place, every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` whose weight ``params`` selects by a
     :class:`VariationalLayer` built from it (``layer_options`` as its arguments); return the replaced names."""
+    if isinstance(model, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"model is itself a {type(model).__name__}, which cannot be replaced in place; wrap it, e.g. nn.Sequential(model)")
     selected = select_parameters(model, params)
     replaced = []
     for name, module in list(model.named_modules()):
@@ -130,3 +158,10 @@ def total_kl(model: nn.Module) -> Tensor:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no VariationalLayer (convert it with to_variational)")
     return torch.stack([layer.kl() for layer in layers]).sum()
+
+
+def use_noise(model: nn.Module, enabled: bool) -> None:
+    """Draw weights (``enabled``) or use the mean / median weights in every :class:`VariationalLayer` of ``model``."""
+    for layer in model.modules():
+        if isinstance(layer, VariationalLayer):
+            layer.noise = enabled

@@ -6,6 +6,7 @@ from .map import MAP
 from .mc_dropout import MCDropout
 from .nullspace_laplace import NullSpaceLaplace
 from .subspace_inference import SubspaceInference
+from .variational_inference import VariationalInference
 from .vbll import VBLLClassifier, VBLLRegressor
 from .viking import VIKING
 
@@ -16,6 +17,7 @@ __all__ = [
     "MCDropout",
     "NullSpaceLaplace",
     "SubspaceInference",
+    "VariationalInference",
     "VBLLClassifier",
     "VBLLRegressor",
     "VIKING",

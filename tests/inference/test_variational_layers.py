@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
-from lightning_bayes.inference.variational_layers import VariationalLayer, to_variational, total_kl
+from lightning_bayes.inference.variational_layers import VariationalLayer, to_variational, total_kl, use_noise
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -95,10 +95,36 @@ def test_to_variational_converts_the_selected_layers_from_their_weights():
         to_variational(nn.Sequential(nn.ReLU(), nn.Linear(2, 2)), "0.*")
 
 
+def test_layers_without_bias_and_the_noise_free_mean_model():
+    torch.manual_seed(6)
+    template = nn.Linear(4, 3, bias=False).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    gaussian = VariationalLayer(template, init_scale=0.2).double()
+    assert gaussian.bias is None
+    prior = Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+    expected = torch.distributions.kl_divergence(Normal(gaussian.weight.mean, gaussian.weight.scale), prior).sum()
+    torch.testing.assert_close(gaussian.kl(), expected, rtol=1e-12, atol=0)
+    # a flow is centred on the template's weights: its median f(0) is h(1/2) - beta = 0 + w for a symmetric support
+    flow = VariationalLayer(template, family="bernstein", degree=4, support=(-0.3, 0.3), local_reparameterization=False)
+    model = nn.Sequential(gaussian, nn.Tanh(), nn.Sequential(flow.double()))
+    use_noise(model, False)
+    with torch.no_grad():
+        torch.testing.assert_close(gaussian(x), template(x), rtol=1e-12, atol=0)
+        torch.testing.assert_close(flow(x), template(x), rtol=0, atol=1e-7)  # coefficients initialised in float32
+    use_noise(model, True)
+    with torch.no_grad():
+        assert (gaussian(x) - template(x)).abs().max() > 1e-3 and (flow(x) - template(x)).abs().max() > 1e-3
+
+
+def test_a_bare_layer_cannot_be_converted_in_place():
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        to_variational(nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [({"family": "student"}, "family"), ({"prior_scale": 0.0}, "prior_scale"),
-     ({"family": "bernstein"}, "local_reparameterization"), ({"template": nn.Linear(3, 3, bias=False)}, "template")],
+     ({"family": "bernstein"}, "local_reparameterization"), ({"template": nn.ReLU()}, "template")],
 )
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -1,0 +1,148 @@
+"""Weight-space variational inference over chosen layers: mean-field Gaussian (Bayes by backprop) or Bernstein flows.
+
+The selected ``nn.Linear`` / ``nn.Conv2d`` layers become
+:class:`~lightning_bayes.inference.variational_layers.VariationalLayer` s (their trained or initial weights as the
+means), everything else stays deterministic. Each step minimises the negative ELBO per training example,
+
+    L = (1/T) sum_t mean_batch[-log p(y | x, w_t)] + beta_t KL(q || p) / N,   beta_t = kl_weight * min(epoch / E_w, 1),
+
+with ``T = train_samples`` draws (local reparameterisation for Gaussians; a shared weight draw and a one-draw
+``log q - log p`` for flows), ``N`` the training-set size and ``E_w = kl_warmup_epochs``. ``kl_weight = 1`` is the
+ELBO; anything else is a tempered posterior and is logged as such (``train/kl_scale`` = ``beta_t / N``). The
+noise comes from torch's global generator, whose state the checkpoint carries, so a resumed run draws the same
+noise as an uninterrupted one. The predictive averages ``num_samples`` forward draws, or is the mean model (``mean_prediction``). References: Blundell
+et al., "Weight Uncertainty in Neural Networks", ICML 2015; Duerr et al., "Bernstein flows for flexible posteriors
+in variational Bayes", AStA 2024.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..inference.likelihoods import Likelihood
+from ..inference.variational_layers import FAMILIES, Family, VariationalLayer, to_variational, total_kl, use_noise
+from ..models.weights import load_trained_weights
+from ..params import ParamSelector
+from ..predictive import Predictive
+from .base import Batch, BayesianModule
+
+
+class VariationalInference(BayesianModule):
+    """Variational inference over the layers of ``backbone`` selected by ``params``.
+
+    Args:
+        backbone: the network; the ``nn.Linear`` / ``nn.Conv2d`` layers whose weights ``params`` selects become
+            variational (their biases with them), the rest (e.g. BatchNorm) stays deterministic and is trained.
+        params: which layers (``"all"``, ``"last_layer"``, globs; see ``params.py``).
+        checkpoint: optional trained weights loaded into ``backbone`` first (they become the variational means).
+        family: ``"gaussian"`` (mean field) or ``"bernstein"`` (a Bernstein flow per weight).
+        prior_scale: the prior ``N(0, prior_scale^2)`` on every variational weight.
+        init_scale: initial posterior standard deviation (Gaussian).
+        degree, support: Bernstein degree ``M`` and each chain's initial range around its starting weight.
+        local_reparameterization: sample outputs rather than weights (Gaussian only).
+        dataset_size: ``N``; by default the datamodule's ``num_train`` or the training set's length.
+        kl_weight: multiplier of ``KL / N`` (1 is the ELBO).
+        kl_warmup_epochs: ramp the KL weight linearly from 0 over this many epochs (0: none).
+        train_samples: weight draws ``T`` per training step.
+        num_samples: predictive draws.
+        mean_prediction: predict with the mean (Gaussian) / median (flow) weights instead of sampling.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        params: ParamSelector = "all",
+        checkpoint: str | None = None,
+        likelihood: Union[str, Likelihood] = "categorical",
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        family: Family = "gaussian",
+        prior_scale: float = 1.0,
+        init_scale: float = 1e-3,
+        degree: int = 10,
+        support: tuple[float, float] = (-0.1, 0.1),
+        local_reparameterization: bool = True,
+        dataset_size: int | None = None,
+        kl_weight: float = 1.0,
+        kl_warmup_epochs: float = 0.0,
+        train_samples: int = 1,
+        num_samples: int = 10,
+        mean_prediction: bool = False,
+    ) -> None:
+        super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
+        self.save_hyperparameters(ignore=["backbone", "likelihood"])
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+            raise ValueError(f"dataset_size must be None or a positive int; got {dataset_size!r}")
+        if not kl_weight >= 0:
+            raise ValueError(f"kl_weight must be >= 0; got {kl_weight!r}")
+        if not kl_warmup_epochs >= 0:
+            raise ValueError(f"kl_warmup_epochs must be >= 0; got {kl_warmup_epochs!r}")
+        if not isinstance(train_samples, int) or train_samples < 1:
+            raise ValueError(f"train_samples must be a positive int; got {train_samples!r}")
+        if checkpoint is not None:
+            load_trained_weights(backbone, checkpoint)
+        self.variational_layer_names = to_variational(
+            backbone, params, family=family, prior_scale=prior_scale, init_scale=init_scale, degree=degree,
+            support=support, local_reparameterization=local_reparameterization and family == "gaussian",
+        )
+        self.backbone = backbone
+        self.dataset_size, self.kl_weight, self.kl_warmup_epochs = dataset_size, kl_weight, kl_warmup_epochs
+        self.train_samples, self.mean_prediction = train_samples, mean_prediction
+
+    def forward(self, x: Any) -> Tensor:
+        return self.backbone(x)
+
+    @property
+    def variational_layers(self) -> list[VariationalLayer]:
+        return [m for m in self.backbone.modules() if isinstance(m, VariationalLayer)]
+
+    def kl_scale(self) -> float:
+        """``beta_t / N``: the weight of ``KL(q || p)`` in the per-example loss at the current epoch."""
+        warmup = 1.0 if self.kl_warmup_epochs == 0 else min(self.current_epoch / self.kl_warmup_epochs, 1.0)
+        size = self.dataset_size or self.training_set_size()
+        return self.kl_weight * warmup / size
+
+    def on_train_start(self) -> None:
+        if self.logger is not None:  # the objective's constants, next to the logged terms
+            size = self.dataset_size or self.training_set_size()
+            self.logger.log_hyperparams({"dataset_size": size, "kl_weight": self.kl_weight})
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        nll, kl = 0.0, 0.0
+        for _ in range(self.train_samples):  # the KL of a flow is the log-ratio of the forward's own draw
+            nll = nll + self.likelihood.loss(self(x), y)
+            kl = kl + total_kl(self.backbone)
+        nll, kl = nll / self.train_samples, kl / self.train_samples
+        scale = self.kl_scale()
+        loss = nll + scale * kl
+        for name, value in (("nll", nll), ("kl", kl), ("kl_scale", scale), ("loss", loss)):
+            self.log_training_loss(name, torch.as_tensor(value).detach(), batch_size=len(y))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+        if "cuda_rng_states" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_states"])
+
+    def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        if self.mean_prediction:
+            use_noise(self.backbone, False)
+            try:
+                return self.likelihood.predictive(self(x).unsqueeze(0))
+            finally:
+                use_noise(self.backbone, True)
+        samples = self.resolve_num_samples(num_samples)
+        return self.likelihood.predictive(torch.stack([self(x) for _ in range(samples)]))
