@@ -1,0 +1,239 @@
+"""``SSVI``: sparse subspace variational inference, mean-field Gaussian VI on a support of fixed density.
+
+Every ``nn.Linear`` / ``nn.Conv2d`` weight that ``params`` selects gets a
+:class:`~lightning_bayes.inference.sparse_gaussian.SparseGaussian` on a random support of ``round(density n)``
+entries (the first convolution dense unless ``dense_first_conv=False``); biases and everything else (BatchNorm)
+stay deterministic. Training minimises the negative ELBO of
+:class:`~lightning_bayes.modules.variational_inference.VariationalInference` (KL over active weights only);
+every ``update_every`` iterations before ``update_end_fraction`` of training, the step is replaced by a support
+update (:mod:`~lightning_bayes.inference.ssvi_topology`) whose growth scores are the dense gradients of that
+iteration's minibatch. After every iteration the weights and the optimiser state are zero off the masks (the
+product ``mu * gamma`` in the forward already masks the gradients). Masks, the iteration counter, the optimiser
+state and the CPU random state live in the checkpoint, so a resumed run continues exactly. Logs ``ssvi/density``
+and ``ssvi/flops_ratio`` (counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`).
+Reference: Li, Miao, Qiu & Zhang, "Training Bayesian Neural Networks with Sparse Subspace Variational
+Inference", ICLR 2024 (arXiv 2402.11025).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from ..inference.likelihoods import Likelihood
+from ..inference.sparse_gaussian import SparseGaussian
+from ..inference.ssvi_flops import LayerCost, training_flops_ratio
+from ..inference.ssvi_scores import SCORES, Score
+from ..inference.ssvi_topology import (
+    GROW_RHO,
+    GrowRho,
+    drop_fraction,
+    initialise_support,
+    is_update_iteration,
+    mask_optimizer_state,
+    update_support,
+)
+from ..inference.variational_layers import VariationalLayer, use_noise
+from ..params import ParamSelector
+from .base import Batch
+from .variational_inference import VariationalInference
+
+_RNG_KEY = "ssvi_rng_state"
+
+
+class SSVI(VariationalInference):
+    """Sparse subspace VI over the layers of ``backbone`` selected by ``params``.
+
+    Args:
+        backbone: the network (LeNet, a timm ResNet, ...); its selected conv / linear weights become sparse Gaussians.
+        params: which layers (``"all"``, globs; see ``params.py``).
+        density: the fraction ``s`` of active weights in every sparse tensor.
+        dense_first_conv: keep the first convolution dense (the reference's allocation).
+        update_every: ``Delta T``, iterations between support updates.
+        drop_fraction: ``alpha``, the initial fraction of active weights swapped (cosine-decayed).
+        update_end_fraction: the support is frozen from this fraction of the total iterations on.
+        score: removal score (:data:`~lightning_bayes.inference.ssvi_scores.SCORES`).
+        grow_rho: ``rho`` of grown weights, ``"mean"`` (of the kept ones) or ``"eps"`` (``softplus^-1(1e-6)``).
+        grow_noise_free: compute the growth gradient with the noise off (the mean network).
+        seed: seed of the initial supports and values.
+        Others: as in :class:`VariationalInference` (``kl_weight`` multiplies ``KL / N``; the reference's
+        ``0.01 / N`` tempering is ``kl_weight=0.01``).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        params: ParamSelector = "all",
+        likelihood: str | Likelihood = "categorical",
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        prior_scale: float = 1.0,
+        local_reparameterization: bool = True,
+        dataset_size: int | None = None,
+        kl_weight: float = 1.0,
+        kl_warmup_epochs: float = 0.0,
+        train_samples: int = 1,
+        num_samples: int = 10,
+        mean_prediction: bool = False,
+        density: float = 0.1,
+        dense_first_conv: bool = True,
+        update_every: int = 100,
+        drop_fraction: float = 0.3,
+        update_end_fraction: float = 0.75,
+        score: Score = "snr_mean_abs",
+        grow_rho: GrowRho = "mean",
+        grow_noise_free: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not 0 < density <= 1:
+            raise ValueError(f"density must be in (0, 1]; got {density!r}")
+        if not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"update_every must be a positive int; got {update_every!r}")
+        if not 0 <= drop_fraction < 1:
+            raise ValueError(f"drop_fraction must be in [0, 1); got {drop_fraction!r}")
+        if not 0 <= update_end_fraction <= 1:
+            raise ValueError(f"update_end_fraction must be in [0, 1]; got {update_end_fraction!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}; got {score!r}")
+        if grow_rho not in GROW_RHO:
+            raise ValueError(f"grow_rho must be one of {GROW_RHO}; got {grow_rho!r}")
+        super().__init__(
+            backbone, params=params, likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            family="sparse_gaussian", prior_scale=prior_scale, dataset_size=dataset_size, kl_weight=kl_weight,
+            kl_warmup_epochs=kl_warmup_epochs, train_samples=train_samples, num_samples=num_samples,
+            mean_prediction=mean_prediction,
+        )
+        self.density, self.update_every, self.alpha = density, update_every, drop_fraction
+        self.update_end_fraction, self.score, self.grow_rho, self.grow_noise_free = (
+            update_end_fraction, score, grow_rho, grow_noise_free
+        )
+        generator = torch.Generator().manual_seed(seed)
+        convolutions = [layer for layer in self.variational_layers if layer.weight.loc.ndim == 4]
+        first_conv = convolutions[0] if dense_first_conv and convolutions else None
+        self.sparse_families: list[SparseGaussian] = []
+        for layer in self.variational_layers:
+            layer.local_reparameterization = local_reparameterization  # the sparse family is Gaussian
+            dense = layer is first_conv
+            initialise_support(layer.weight, 1.0 if dense else density, generator)
+            if not dense:
+                self.sparse_families.append(layer.weight)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        self._layer_positions: dict[VariationalLayer, int] | None = None
+        self._stream_before_sanity_check: Tensor | None = None
+
+    @property
+    def update_end(self) -> int:
+        """``T_end``: the first iteration with a frozen support."""
+        return math.floor(self.update_end_fraction * self.trainer.estimated_stepping_batches)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """``rho`` without weight decay (the reference's second SGD group), everything else as configured."""
+        scales = {id(layer.weight.raw_scale) for layer in self.variational_layers}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in trainable if id(p) not in scales]},
+            {"params": [p for p in trainable if id(p) in scales], "weight_decay": 0.0},
+        ]
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """An optimiser step, or on an update iteration the closure's dense gradients and a support update
+        (the parameters do not move); then the masks on weights and optimiser state."""
+        iteration = int(self.iteration) + 1
+        self.iteration.fill_(iteration)
+        if is_update_iteration(iteration, self.update_every, self.update_end):
+            self._update_supports(optimizer_closure, drop_fraction(iteration, self.update_end, self.alpha))
+        else:
+            optimizer.step(closure=optimizer_closure)
+        self._apply_masks(getattr(optimizer, "optimizer", optimizer))
+
+    def _update_supports(self, closure: Any, fraction: float) -> None:
+        for family in self.sparse_families:
+            family.record_dense_gradient, family.dense_gradient = True, None
+        use_noise(self.backbone, not self.grow_noise_free)
+        try:
+            closure()
+        finally:
+            use_noise(self.backbone, True)
+            for family in self.sparse_families:
+                family.record_dense_gradient = False
+        for family in self.sparse_families:
+            gradient = family.dense_gradient if family.dense_gradient is not None else torch.zeros_like(family.loc)
+            update_support(family, gradient, fraction, self.score, self.grow_rho)
+            family.dense_gradient = None
+
+    @torch.no_grad()
+    def _apply_masks(self, optimizer: torch.optim.Optimizer) -> None:
+        for family in self.sparse_families:
+            for parameter in (family.loc, family.raw_scale):
+                parameter.mul_(family.mask)
+                mask_optimizer_state(optimizer, parameter, family.mask)
+
+    def layer_costs(self) -> list[LayerCost]:
+        """Active and total weights and output positions of every variational layer (positions from the first
+        training batch)."""
+        if self._layer_positions is None:
+            raise RuntimeError("SSVI.layer_costs: the output positions are measured on the first training batch")
+        return [
+            LayerCost(layer.weight.num_active, layer.weight.mask.numel(), positions)
+            for layer, positions in self._layer_positions.items()
+        ]
+
+    def weight_density(self) -> float:
+        """Active over total variational weights (the dense first convolution included)."""
+        families = [layer.weight for layer in self.variational_layers]
+        return sum(f.num_active for f in families) / sum(f.mask.numel() for f in families)
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        if self._layer_positions is None:
+            self._layer_positions = self._measure_positions(batch[0])
+
+    @torch.no_grad()
+    def _measure_positions(self, x: Any) -> dict[VariationalLayer, int]:
+        """Output positions per example and unit of each variational layer, from one noise-free forward in eval
+        mode (no random draw, no BatchNorm statistics update)."""
+        positions: dict[VariationalLayer, int] = {}
+        hooks = [
+            layer.register_forward_hook(
+                lambda layer, _, out: positions.__setitem__(layer, out[0].numel() // layer.weight.mask.shape[0])
+            )
+            for layer in self.variational_layers
+        ]
+        training = self.backbone.training
+        use_noise(self.backbone, False)
+        self.backbone.eval()
+        try:
+            self(x[:1])
+        finally:
+            use_noise(self.backbone, True)
+            self.backbone.train(training)
+            for hook in hooks:
+                hook.remove()
+        return positions
+
+    def on_train_epoch_end(self) -> None:
+        ratio = training_flops_ratio(
+            self.layer_costs(), int(self.trainer.estimated_stepping_batches), self.update_every, self.update_end,
+            local_reparameterization=self.variational_layers[0].local_reparameterization,
+        )
+        self.log("ssvi/density", self.weight_density())
+        self.log("ssvi/flops_ratio", ratio)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_RNG_KEY] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if _RNG_KEY in checkpoint:
+            torch.set_rng_state(checkpoint[_RNG_KEY])
+
+    def on_validation_start(self) -> None:
+        """The sanity check samples but leaves the training random stream where it was (a resumed run continues it)."""
+        self._stream_before_sanity_check = torch.get_rng_state() if self.trainer.sanity_checking else None
+
+    def on_validation_end(self) -> None:
+        if self._stream_before_sanity_check is not None:
+            torch.set_rng_state(self._stream_before_sanity_check)
+            self._stream_before_sanity_check = None
