@@ -113,7 +113,8 @@ def test_freeze_affine_keeps_a_and_b():
     assert "a" not in names and "b" not in names
     w, log_q = flow.sample(8)
     (w.sum() + log_q.sum()).backward()
-    assert torch.equal(flow.a, torch.zeros(3, dtype=torch.float64)) and torch.equal(flow.b, torch.zeros(3, dtype=torch.float64))
+    zeros = torch.zeros(3, dtype=torch.float64)
+    assert torch.equal(flow.a, zeros) and torch.equal(flow.b, zeros)
     assert flow.a.grad is None and flow.b.grad is None
     assert flow.conditioner[-1].bias.grad is not None
 
@@ -142,7 +143,8 @@ def test_base_draws_of_the_wrong_shape_are_named():
 DESIGN = torch.tensor([[1.0, 1.2], [2.0, 1.8], [-1.0, -1.1], [0.5, 0.7], [-1.5, -1.4], [3.0, 3.1]], dtype=torch.float64)
 TARGETS = torch.tensor([1.1, 2.3, -0.4, 0.9, -1.8, 2.9], dtype=torch.float64)
 PRECISION = DESIGN.T @ DESIGN + torch.eye(2, dtype=torch.float64)
-POSTERIOR = torch.distributions.MultivariateNormal(torch.linalg.solve(PRECISION, DESIGN.T @ TARGETS), precision_matrix=PRECISION)
+POSTERIOR_MEAN = torch.linalg.solve(PRECISION, DESIGN.T @ TARGETS)
+POSTERIOR = torch.distributions.MultivariateNormal(POSTERIOR_MEAN, precision_matrix=PRECISION)
 
 
 def regression_log_joint(w: Tensor) -> Tensor:
