@@ -77,7 +77,8 @@ class AutoregressiveBernsteinFlow(nn.Module):
 
     Same interface as :class:`~lightning_bayes.inference.bernstein.BernsteinFlow` except that the density is
     joint: ``log_q`` has one value per draw (shape ``[...]``), not one per entry. Parameters are ordered as
-    ``w.flatten()``; entry ``d`` is conditioned on the base draws of entries ``< d``.
+    ``w.flatten()``; entry ``d`` is conditioned on the base draws of entries ``< d``. With ``D = 1`` the MADE's
+    output is its bias alone and the flow is :class:`~lightning_bayes.inference.bernstein.BernsteinFlow`.
 
     Args:
         shape: shape of the parameter tensor (meant for a handful of entries, e.g. regression coefficients).
