@@ -26,6 +26,8 @@ from .ssvi_scores import Score, removal_score
 
 GrowRho = Literal["mean", "eps"]
 GROW_RHO = ("mean", "eps")
+MeanInit = Literal["normal", "backbone"]
+MEAN_INITS = ("normal", "backbone")
 EPS_RHO = math.log(math.expm1(1e-6))  # softplus^-1(1e-6)
 INIT_MEAN_STD = 0.01
 INIT_SCALE_MEAN, INIT_SCALE_STD = 1e-3, 5e-4
@@ -44,11 +46,18 @@ def is_update_iteration(iteration: int, every: int, end: int) -> bool:
 
 
 @torch.no_grad()
-def initialise_support(family: SparseGaussian, density: float, generator: torch.Generator) -> None:
-    """Draw a uniformly random support of exactly ``round(density n)`` entries, ``mu ~ N(0, 0.01^2)`` and
-    ``sigma ~ |N(1e-3, (5e-4)^2)|`` (stored as ``rho = softplus^-1(sigma)``) on it, zeros off it."""
+def initialise_support(
+    family: SparseGaussian, density: float, generator: torch.Generator, mean_init: MeanInit = "normal"
+) -> None:
+    """Draw a uniformly random support of exactly ``round(density n)`` entries and ``sigma ~ |N(1e-3, (5e-4)^2)|``
+    (stored as ``rho = softplus^-1(sigma)``) on it, zeros off it. ``mean_init``: ``"normal"``, ``mu ~ N(0, 0.01^2)``
+    (the reference, for networks with BatchNorm); ``"backbone"``, the family's current means (the backbone's
+    initial weights) times ``1 / sqrt(density)``, which keeps the dense initialisation's activation scale with a
+    ``density`` fraction of the fan-in (sparse-aware scaling, Evci et al., AAAI 2022)."""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1]; got {density!r}")
+    if mean_init not in MEAN_INITS:
+        raise ValueError(f"mean_init must be one of {MEAN_INITS}; got {mean_init!r}")
     size = family.mask.numel()
     active = round(density * size)
     if active < 1:
@@ -57,7 +66,8 @@ def initialise_support(family: SparseGaussian, density: float, generator: torch.
     mask[torch.randperm(size, generator=generator)[:active]] = True
     mask = mask.view_as(family.mask).to(family.mask.device)
     dtype, shape = family.loc.dtype, family.loc.shape
-    loc = INIT_MEAN_STD * torch.randn(shape, generator=generator, dtype=dtype)
+    normal = INIT_MEAN_STD * torch.randn(shape, generator=generator, dtype=dtype)
+    loc = normal if mean_init == "normal" else family.loc.detach().cpu() / math.sqrt(density)
     scale = (INIT_SCALE_MEAN + INIT_SCALE_STD * torch.randn(shape, generator=generator, dtype=dtype)).abs()
     family.mask.copy_(mask)
     family.loc.copy_(loc * mask.to(loc))

@@ -30,7 +30,9 @@ from ..inference.ssvi_flops import LayerCost, training_flops_ratio
 from ..inference.ssvi_scores import SCORES, Score
 from ..inference.ssvi_topology import (
     GROW_RHO,
+    MEAN_INITS,
     GrowRho,
+    MeanInit,
     drop_fraction,
     initialise_support,
     is_update_iteration,
@@ -59,6 +61,9 @@ class SSVI(VariationalInference):
         score: removal score (:data:`~lightning_bayes.inference.ssvi_scores.SCORES`).
         grow_rho: ``rho`` of grown weights, ``"mean"`` (of the kept ones) or ``"eps"`` (``softplus^-1(1e-6)``).
         grow_noise_free: compute the growth gradient with the noise off (the mean network).
+        mean_init: initial means on the support: ``"normal"``, ``N(0, 0.01^2)`` (the reference, whose ResNets have
+            BatchNorm), or ``"backbone"``, the backbone's initial weights scaled by ``1 / sqrt(density)`` (for
+            networks without normalisation, e.g. LeNet, where tiny means shrink the signal layer by layer).
         seed: seed of the initial supports and values.
         Others: as in :class:`VariationalInference` (``kl_weight`` multiplies ``KL / N``; the reference's
         ``0.01 / N`` tempering is ``kl_weight=0.01``).
@@ -87,6 +92,7 @@ class SSVI(VariationalInference):
         score: Score = "snr_mean_abs",
         grow_rho: GrowRho = "mean",
         grow_noise_free: bool = False,
+        mean_init: MeanInit = "normal",
         seed: int = 0,
     ) -> None:
         if not 0 < density <= 1:
@@ -101,13 +107,15 @@ class SSVI(VariationalInference):
             raise ValueError(f"score must be one of {SCORES}; got {score!r}")
         if grow_rho not in GROW_RHO:
             raise ValueError(f"grow_rho must be one of {GROW_RHO}; got {grow_rho!r}")
+        if mean_init not in MEAN_INITS:
+            raise ValueError(f"mean_init must be one of {MEAN_INITS}; got {mean_init!r}")
         super().__init__(
             backbone, params=params, likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler,
             family="sparse_gaussian", prior_scale=prior_scale, dataset_size=dataset_size, kl_weight=kl_weight,
             kl_warmup_epochs=kl_warmup_epochs, train_samples=train_samples, num_samples=num_samples,
             mean_prediction=mean_prediction,
         )
-        self.density, self.update_every, self.alpha = density, update_every, drop_fraction
+        self.update_every, self.alpha = update_every, drop_fraction
         self.update_end_fraction, self.score, self.grow_rho, self.grow_noise_free = (
             update_end_fraction, score, grow_rho, grow_noise_free
         )
@@ -118,7 +126,7 @@ class SSVI(VariationalInference):
         for layer in self.variational_layers:
             layer.local_reparameterization = local_reparameterization  # the sparse family is Gaussian
             dense = layer is first_conv
-            initialise_support(layer.weight, 1.0 if dense else density, generator)
+            initialise_support(layer.weight, 1.0 if dense else density, generator, mean_init)
             if not dense:
                 self.sparse_families.append(layer.weight)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
@@ -161,8 +169,12 @@ class SSVI(VariationalInference):
             for family in self.sparse_families:
                 family.record_dense_gradient = False
         for family in self.sparse_families:
-            gradient = family.dense_gradient if family.dense_gradient is not None else torch.zeros_like(family.loc)
-            update_support(family, gradient, fraction, self.score, self.grow_rho)
+            if family.dense_gradient is None:
+                raise RuntimeError(
+                    "SSVI: a sparse layer got no gradient on an update iteration; every converted layer must take part "
+                    "in the loss (convert only the layers the forward uses, with params)"
+                )
+            update_support(family, family.dense_gradient, fraction, self.score, self.grow_rho)
             family.dense_gradient = None
 
     @torch.no_grad()

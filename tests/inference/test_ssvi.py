@@ -79,6 +79,17 @@ def test_initial_values_follow_the_spec_distributions():
     assert abs(scale.mean() - folded_mean) < 4 * folded_variance.sqrt() / math.sqrt(n)
 
 
+def test_backbone_mean_init_keeps_the_initial_weights_on_the_support_scaled_by_one_over_sqrt_density():
+    initial = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    family = SparseGaussian((40, 30), init_mean=initial)
+    initialise_support(family, 0.25, torch.Generator().manual_seed(1), mean_init="backbone")
+    reference = SparseGaussian((40, 30))
+    initialise_support(reference, 0.25, torch.Generator().manual_seed(1))
+    assert torch.equal(family.mask, reference.mask)  # the same support whatever the means
+    assert torch.equal(family.loc.detach(), initial * 2.0 * family.mask)
+    assert torch.equal(family.raw_scale.detach(), reference.raw_scale.detach())
+
+
 def test_gradients_are_exactly_zero_off_the_mask():
     layer = sparse_layer(nn.Linear(5, 4))
     x = torch.randn(3, 5, dtype=torch.float64)
@@ -86,6 +97,22 @@ def test_gradients_are_exactly_zero_off_the_mask():
     off = ~layer.weight.mask
     assert (layer.weight.loc.grad[off] == 0).all() and (layer.weight.raw_scale.grad[off] == 0).all()
     assert (layer.weight.loc.grad[~off] != 0).any()
+
+
+def test_recorded_dense_gradient_is_the_gradient_of_the_masked_mean_weight_also_off_the_mask():
+    layer = sparse_layer(nn.Linear(5, 4).double())
+    x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    layer.weight.record_dense_gradient = True
+    torch.manual_seed(3)
+    layer(x).square().sum().backward()
+    # the same forward written out with the mean weight as a leaf: its full gradient, off the mask included
+    weight = layer.weight.mean.detach().requires_grad_()
+    torch.manual_seed(3)
+    mean = torch.nn.functional.linear(x, weight, layer.bias.mean.detach())
+    variance = torch.nn.functional.linear(x.square(), layer.weight.scale.detach().square())
+    (mean + (variance + 1e-8).sqrt() * torch.randn_like(mean)).square().sum().backward()
+    assert torch.allclose(layer.weight.dense_gradient, weight.grad, rtol=1e-12, atol=0)
+    assert (layer.weight.dense_gradient[~layer.weight.mask] != 0).all()
 
 
 @pytest.mark.parametrize("optimizer", [
@@ -270,6 +297,8 @@ def test_bad_inputs_raise_clear_errors():
     family = sparse_family()
     with pytest.raises(ValueError, match="density"):
         initialise_support(family, 0.0, torch.Generator())
+    with pytest.raises(ValueError, match="mean_init"):
+        initialise_support(family, 0.5, torch.Generator(), mean_init="kaiming")
     with pytest.raises(ValueError, match="dense_gradient"):
         update_support(family, torch.zeros(3), 0.1)
     with pytest.raises(ValueError, match="fraction"):

@@ -154,6 +154,29 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path):
     assert all(torch.equal(full_state[k]["momentum_buffer"], resumed_state[k]["momentum_buffer"]) for k in full_state)
 
 
+class NoiseOnUpdates(Callback):
+    """Whether the layers drew noise in each forward of the update iterations (``module.iteration`` is already t)."""
+
+    def __init__(self) -> None:
+        self.noise: list[bool] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        def record(layer, inputs, output):
+            t = int(module.iteration)
+            if t % EVERY == 0 and t < END and torch.is_grad_enabled():
+                self.noise.append(layer.noise)
+
+        module.variational_layers[-1].register_forward_hook(record)
+
+
+@pytest.mark.parametrize("noise_free", [False, True])
+def test_growth_gradient_is_taken_with_or_without_noise(noise_free):
+    module, recorder = ssvi(grow_noise_free=noise_free), NoiseOnUpdates()
+    trainer(EPOCHS, [recorder], limit_val_batches=0).fit(module, loader())
+    assert recorder.noise == [not noise_free] * 4  # iterations 2, 4, 6, 8
+    assert all(layer.noise for layer in module.variational_layers)
+
+
 def test_density_and_counted_flops_are_logged():
     module = ssvi()
     fit = trainer(1, limit_val_batches=0)
@@ -186,7 +209,7 @@ def test_timm_resnet_backbone_keeps_batchnorm_and_biases_deterministic_and_the_s
 
 @pytest.mark.parametrize("argument, value", [
     ("density", 0.0), ("density", 1.5), ("update_every", 0), ("drop_fraction", 1.0),
-    ("update_end_fraction", 1.2), ("score", "magnitude"), ("grow_rho", "max"),
+    ("update_end_fraction", 1.2), ("score", "magnitude"), ("grow_rho", "max"), ("mean_init", "kaiming"),
 ])
 def test_bad_arguments_name_themselves(argument, value):
     with pytest.raises(ValueError, match=argument):
