@@ -80,27 +80,15 @@ def regression_log_joint(w: Tensor) -> Tensor:
     return -0.5 * (w.square().sum(-1) + residual.square().sum(-1)) - 0.5 * (2 + len(TARGETS)) * math.log(2 * math.pi)
 
 
-class JointDensity(nn.Module):
-    """A mean-field family whose ``sample`` returns the joint log-density ``[S]`` (its elementwise terms summed)."""
-
-    def __init__(self, family: nn.Module) -> None:
-        super().__init__()
-        self.family = family
-
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        w, log_q = self.family.sample(num_samples, generator)
-        return w, log_q.sum(-1)
-
-
 def correlated_kl_of(family: str, seed: int) -> float:
     posterior = torch.distributions.MultivariateNormal(
         torch.linalg.solve(PRECISION, DESIGN.T @ TARGETS), precision_matrix=PRECISION
     )
     torch.manual_seed(seed)
     if family == "gauss":
-        model = JointDensity(MeanFieldGaussian((2,)).double())
+        model = MeanFieldGaussian((2,)).double()
     elif family == "mean-field":
-        model = JointDensity(BernsteinFlow((2,), CORRELATED_DEGREE, CORRELATED_SUPPORT).double())
+        model = BernsteinFlow((2,), CORRELATED_DEGREE, CORRELATED_SUPPORT).double()
     else:
         model = AutoregressiveBernsteinFlow((2,), CORRELATED_DEGREE, CORRELATED_SUPPORT).double()
     generator = torch.Generator().manual_seed(seed)

@@ -65,8 +65,10 @@ def load_regression_frame(dataset: str, data_dir: str | Path | None = None) -> p
     return frame.drop(columns=["rownames"], errors="ignore")
 
 
-def load_regression_arrays(dataset: str, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Raw inputs ``[N, F]`` and targets ``[N]`` of ``dataset`` as float64 arrays."""
+def load_regression_arrays(
+    dataset: str, data_dir: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Raw inputs ``[N, F]`` and targets ``[N]`` of ``dataset`` as float64 arrays, and the inputs' column names."""
     frame = load_regression_frame(dataset, data_dir)
     target = REGRESSION_DATASETS[dataset][2]
     if target not in frame.columns:
@@ -75,7 +77,7 @@ def load_regression_arrays(dataset: str, data_dir: str | Path | None = None) -> 
     if not_numeric:
         raise ValueError(f"the {dataset} table has non-numeric columns {not_numeric}; expected numbers only")
     y = frame.pop(target).to_numpy(dtype=np.float64)
-    return frame.to_numpy(dtype=np.float64), y
+    return frame.to_numpy(dtype=np.float64), y, [str(name) for name in frame.columns]
 
 
 class UCIRegressionDataModule(InMemoryDataModule):
@@ -113,12 +115,13 @@ class UCIRegressionDataModule(InMemoryDataModule):
         self.input_std: Tensor | None = None
         self.target_mean: Tensor | None = None
         self.target_std: Tensor | None = None
+        self.feature_names: list[str] = []  # the input columns, in order (after setup)
         self._raw: dict[str, tuple[Tensor, Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        x_raw, y_raw = load_regression_arrays(self.dataset, self.data_dir)
+        x_raw, y_raw, self.feature_names = load_regression_arrays(self.dataset, self.data_dir)
         x = torch.tensor(x_raw, dtype=torch.float32)
         y = torch.tensor(y_raw, dtype=torch.float32).unsqueeze(1)
         parts = train_val_test_indices(len(y), self.val_fraction, self.test_fraction, self.seed)

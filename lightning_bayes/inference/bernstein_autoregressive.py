@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_bayes.inference.bernstein import bernstein_basis, inverse_softplus, monotone_coefficients
+from .bernstein import bernstein_basis, inverse_softplus, monotone_coefficients
 
 _U_CLIP = 1e-5
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

@@ -3,11 +3,13 @@
 Families: :class:`~lightning_bayes.inference.mean_field_gaussian.MeanFieldGaussian` (closed-form KL, and the
 local reparameterisation trick: for ``W ~ N(M, S^2)`` elementwise, ``x W^T + b`` is Gaussian with mean
 ``x M^T + m_b`` and variance ``x^2 (S^2)^T + s_b^2``, so one output draw per example replaces a weight draw;
-Kingma, Salimans & Welling, NeurIPS 2015) or :class:`~lightning_bayes.inference.bernstein.BernsteinFlow` (a
-weight draw per forward, shared by the batch, and a Monte Carlo ``log q - log p`` of that draw). The prior is
-``N(0, prior_scale^2)`` on every weight. :func:`use_noise` switches every layer of a model to its mean (Gaussian)
-or median (flow, ``z = 0``) weights, the deterministic "mean model". Nothing is scaled silently: :meth:`kl` is the KL (or its one-draw
-estimate) of the whole layer; the module dividing it by the dataset size states so. :func:`to_variational`
+Kingma, Salimans & Welling, NeurIPS 2015), its masked SSVI form, or a Bernstein flow per weight
+(:class:`~lightning_bayes.inference.bernstein.BernsteinFlow`) or jointly over a small tensor
+(:class:`~lightning_bayes.inference.bernstein_autoregressive.AutoregressiveBernsteinFlow`): a weight draw per
+forward, shared by the batch, and a Monte Carlo ``log q - log p`` of that draw. The prior is ``N(0, prior_scale^2)``
+on every weight. :func:`use_noise` switches every layer of a model to its mean (Gaussian) or median (flow,
+``z = 0``) weights, the deterministic "mean model". Nothing is scaled silently: :meth:`kl` is the KL (or its
+one-draw estimate) of the whole layer; the module dividing it by the dataset size states so. :func:`to_variational`
 converts chosen layers of an existing model (the ``params`` selector) in place, their weights becoming the
 initial means.
 """
@@ -23,12 +25,14 @@ from torch import Tensor, nn
 
 from ..params import ParamSelector, select_parameters
 from .bernstein import BernsteinFlow
+from .bernstein_autoregressive import AutoregressiveBernsteinFlow
 from .mean_field_gaussian import MeanFieldGaussian
 from .point_mass import PointMass
 from .sparse_gaussian import SparseGaussian
 
-Family = Literal["gaussian", "bernstein", "sparse_gaussian"]
-FAMILIES = ("gaussian", "bernstein", "sparse_gaussian")
+Family = Literal["gaussian", "bernstein", "bernstein_autoregressive", "sparse_gaussian"]
+FAMILIES = ("gaussian", "bernstein", "bernstein_autoregressive", "sparse_gaussian")
+GAUSSIAN_FAMILIES = ("gaussian", "sparse_gaussian")  # the ones with local reparameterisation and a closed-form KL
 
 
 def _family(
@@ -38,7 +42,7 @@ def _family(
         return MeanFieldGaussian(shape, init_mean, init_scale)
     if kind == "sparse_gaussian":  # SSVI: masked Gaussian weights, deterministic biases
         return SparseGaussian(shape, init_mean, init_scale) if len(shape) > 1 else PointMass(init_mean)
-    flow = BernsteinFlow(shape, degree=degree, support=support)
+    flow = (BernsteinFlow if kind == "bernstein" else AutoregressiveBernsteinFlow)(shape, degree=degree, support=support)
     with torch.no_grad():  # w = softplus(alpha) h - beta: centre the chain on the template's weight
         flow.beta.copy_(-init_mean)
     return flow
@@ -51,13 +55,14 @@ class VariationalLayer(nn.Module):
         template: the deterministic layer (``nn.Linear`` or ``nn.Conv2d``, with or without a bias): its shape, its
             convolution settings and its weights as the initial means (Gaussian) or centres (flow: ``support`` is
             then the initial range around them).
-        family: ``"gaussian"`` or ``"bernstein"``.
+        family: ``"gaussian"``, ``"sparse_gaussian"`` (SSVI), ``"bernstein"`` (per weight) or
+            ``"bernstein_autoregressive"`` (one joint flow for the weight, one for the bias).
         prior_scale: standard deviation of the ``N(0, prior_scale^2)`` prior of every weight.
         init_scale: initial posterior standard deviation (Gaussian family).
         degree: Bernstein polynomial degree ``M`` (Bernstein family).
         support: the initial range ``(w_min, w_max)`` of every weight's polynomial around its template weight
             (Bernstein family).
-        local_reparameterization: sample outputs instead of weights (Gaussian family only; for a convolution
+        local_reparameterization: sample outputs instead of weights (Gaussian families only; for a convolution
             each output pixel gets its own noise, the standard approximation of Kingma et al.).
     """
 
@@ -76,8 +81,8 @@ class VariationalLayer(nn.Module):
             raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be > 0; got {prior_scale!r}")
-        if local_reparameterization and family != "gaussian":
-            raise ValueError(f"local_reparameterization needs family='gaussian'; got family={family!r}")
+        if local_reparameterization and family not in GAUSSIAN_FAMILIES:
+            raise ValueError(f"local_reparameterization needs a family in {GAUSSIAN_FAMILIES}; got family={family!r}")
         if not isinstance(template, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"template must be an nn.Linear or nn.Conv2d; got {template!r}")
         self.prior_scale, self.local_reparameterization = prior_scale, local_reparameterization

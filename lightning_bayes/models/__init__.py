@@ -12,6 +12,7 @@ from typing import Any
 
 from .lenet import LeNet5
 from .mlp import MLP
+from .semi_structured import SemiStructured
 
 _LAZY = {
     "timm_backbone": ".timm",
@@ -30,7 +31,7 @@ _LAZY = {
     "trained_state_dict": ".weights",
 }
 
-__all__ = ["LeNet5", "MLP", *_LAZY]
+__all__ = ["LeNet5", "MLP", "SemiStructured", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
 """LightningModules: one per method, all implementing ``predictive(x, num_samples) -> Predictive``."""
 
 from .base import BayesianModule
+from .bernstein_vi import BernsteinVI
 from .ensemble import DeepEnsemble
 from .map import MAP
 from .mc_dropout import MCDropout
@@ -12,6 +13,7 @@ from .viking import VIKING
 
 __all__ = [
     "BayesianModule",
+    "BernsteinVI",
     "DeepEnsemble",
     "MAP",
     "MCDropout",

@@ -24,7 +24,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..inference.likelihoods import Likelihood
-from ..inference.variational_layers import FAMILIES, Family, VariationalLayer, to_variational, total_kl, use_noise
+from ..inference.variational_layers import (
+    FAMILIES, GAUSSIAN_FAMILIES, Family, VariationalLayer, to_variational, total_kl, use_noise,
+)
 from ..models.weights import load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
@@ -39,11 +41,13 @@ class VariationalInference(BayesianModule):
             variational (their biases with them), the rest (e.g. BatchNorm) stays deterministic and is trained.
         params: which layers (``"all"``, ``"last_layer"``, globs; see ``params.py``).
         checkpoint: optional trained weights loaded into ``backbone`` first (they become the variational means).
-        family: ``"gaussian"`` (mean field) or ``"bernstein"`` (a Bernstein flow per weight).
+        family: ``"gaussian"`` (mean field), ``"bernstein"`` (a Bernstein flow per weight) or
+            ``"bernstein_autoregressive"`` (one joint flow per weight tensor: for small parts such as a few regression
+            coefficients); ``"sparse_gaussian"`` is SSVI's (:class:`~lightning_bayes.modules.ssvi.SSVI`).
         prior_scale: the prior ``N(0, prior_scale^2)`` on every variational weight.
         init_scale: initial posterior standard deviation (Gaussian).
         degree, support: Bernstein degree ``M`` and each chain's initial range around its starting weight.
-        local_reparameterization: sample outputs rather than weights (Gaussian only).
+        local_reparameterization: sample outputs rather than weights (Gaussian families only).
         dataset_size: ``N``; by default the datamodule's ``num_train`` or the training set's length.
         kl_weight: multiplier of ``KL / N`` (1 is the ELBO).
         kl_warmup_epochs: ramp the KL weight linearly from 0 over this many epochs (0: none).
@@ -89,7 +93,7 @@ class VariationalInference(BayesianModule):
             load_trained_weights(backbone, checkpoint)
         self.variational_layer_names = to_variational(
             backbone, params, family=family, prior_scale=prior_scale, init_scale=init_scale, degree=degree,
-            support=support, local_reparameterization=local_reparameterization and family == "gaussian",
+            support=support, local_reparameterization=local_reparameterization and family in GAUSSIAN_FAMILIES,
         )
         self.backbone = backbone
         self.dataset_size, self.kl_weight, self.kl_warmup_epochs = dataset_size, kl_weight, kl_warmup_epochs

@@ -16,15 +16,15 @@ SHAPES = {"concrete": (1030, 8), "boston": (506, 13), "mcycle": (133, 1), "diabe
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_sizes_and_training_split_standardisation(name: str):
     n, features = SHAPES[name]
-    x, y = load_regression_arrays(name)
-    assert x.shape == (n, features) and y.shape == (n,)
+    x, y, names = load_regression_arrays(name)
+    assert x.shape == (n, features) and y.shape == (n,) and len(names) == features
     data = UCIRegressionDataModule(name, seed=0)
     assert (data.task, data.output_dim) == ("regression", 1)
     data.setup("fit")
     sets = (data.train_set, data.val_set, data.test_set)
     n_test = int(np.ceil(0.2 * n))
     assert [len(s) for s in sets] == [n - n_test - int(np.ceil(0.1 * n)), int(np.ceil(0.1 * n)), n_test]
-    assert data.num_train == len(data.train_set)
+    assert data.num_train == len(data.train_set) and data.feature_names == names
     tx, ty = data.train_set.tensors
     assert tx.dtype == ty.dtype == torch.float32 and tx.shape == (len(tx), features) and ty.shape == (len(tx), 1)
     # float32 standardisation of at most ~1000 values: mean within 1e-5 of 0, std within 1e-5 of 1
@@ -62,8 +62,8 @@ def test_split_depends_on_seed_only():
 
 def test_data_dir_reads_the_users_csv(tmp_path: Path):
     load_regression_frame("boston").to_csv(tmp_path / "boston.csv", index=False)
-    x, y = load_regression_arrays("boston", data_dir=tmp_path)
-    x_packaged, y_packaged = load_regression_arrays("boston")
+    x, y, _ = load_regression_arrays("boston", data_dir=tmp_path)
+    x_packaged, y_packaged, _ = load_regression_arrays("boston")
     np.testing.assert_array_equal(x, x_packaged)
     np.testing.assert_array_equal(y, y_packaged)
     with pytest.raises(FileNotFoundError, match=r"data_dir='.*' holds no concrete.csv"):
