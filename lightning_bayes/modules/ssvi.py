@@ -9,7 +9,7 @@ every ``update_every`` iterations before ``update_end_fraction`` of training, th
 update (:mod:`~lightning_bayes.inference.ssvi_topology`) whose growth scores are the dense gradients of that
 iteration's minibatch. After every iteration the weights and the optimiser state are zero off the masks (the
 product ``mu * gamma`` in the forward already masks the gradients). Masks, the iteration counter, the optimiser
-state and the CPU random state live in the checkpoint, so a resumed run continues exactly. Logs ``ssvi/density``
+state and the random state (:class:`VariationalInference`) live in the checkpoint, so a resumed run continues exactly. Logs ``ssvi/density``
 and ``ssvi/flops_ratio`` (counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`).
 Reference: Li, Miao, Qiu & Zhang, "Training Bayesian Neural Networks with Sparse Subspace Variational
 Inference", ICLR 2024 (arXiv 2402.11025).
@@ -43,8 +43,6 @@ from ..inference.variational_layers import VariationalLayer, use_noise
 from ..params import ParamSelector
 from .base import Batch
 from .variational_inference import VariationalInference
-
-_RNG_KEY = "ssvi_rng_state"
 
 
 class SSVI(VariationalInference):
@@ -111,11 +109,12 @@ class SSVI(VariationalInference):
             raise ValueError(f"mean_init must be one of {MEAN_INITS}; got {mean_init!r}")
         super().__init__(
             backbone, params=params, likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            family="sparse_gaussian", prior_scale=prior_scale, dataset_size=dataset_size, kl_weight=kl_weight,
+            family="sparse_gaussian", prior_scale=prior_scale, local_reparameterization=local_reparameterization,
+            dataset_size=dataset_size, kl_weight=kl_weight,
             kl_warmup_epochs=kl_warmup_epochs, train_samples=train_samples, num_samples=num_samples,
             mean_prediction=mean_prediction,
         )
-        self.update_every, self.alpha = update_every, drop_fraction
+        self.update_every, self.alpha, self.local_reparameterization = update_every, drop_fraction, local_reparameterization
         self.update_end_fraction, self.score, self.grow_rho, self.grow_noise_free = (
             update_end_fraction, score, grow_rho, grow_noise_free
         )
@@ -124,7 +123,6 @@ class SSVI(VariationalInference):
         first_conv = convolutions[0] if dense_first_conv and convolutions else None
         self.sparse_families: list[SparseGaussian] = []
         for layer in self.variational_layers:
-            layer.local_reparameterization = local_reparameterization  # the sparse family is Gaussian
             dense = layer is first_conv
             initialise_support(layer.weight, 1.0 if dense else density, generator, mean_init)
             if not dense:
@@ -200,6 +198,7 @@ class SSVI(VariationalInference):
         return sum(f.num_active for f in families) / sum(f.mask.numel() for f in families)
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         if self._layer_positions is None:
             self._layer_positions = self._measure_positions(batch[0])
 
@@ -227,25 +226,21 @@ class SSVI(VariationalInference):
         return positions
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         ratio = training_flops_ratio(
             self.layer_costs(), int(self.trainer.estimated_stepping_batches), self.update_every, self.update_end,
-            local_reparameterization=self.variational_layers[0].local_reparameterization,
+            local_reparameterization=self.local_reparameterization,
         )
         self.log("ssvi/density", self.weight_density())
         self.log("ssvi/flops_ratio", ratio)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[_RNG_KEY] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if _RNG_KEY in checkpoint:
-            torch.set_rng_state(checkpoint[_RNG_KEY])
-
     def on_validation_start(self) -> None:
         """The sanity check samples but leaves the training random stream where it was (a resumed run continues it)."""
+        super().on_validation_start()
         self._stream_before_sanity_check = torch.get_rng_state() if self.trainer.sanity_checking else None
 
     def on_validation_end(self) -> None:
+        super().on_validation_end()
         if self._stream_before_sanity_check is not None:
             torch.set_rng_state(self._stream_before_sanity_check)
             self._stream_before_sanity_check = None

@@ -46,9 +46,8 @@ def sparse_family(shape=(6, 5), density=0.4, seed=0) -> SparseGaussian:
 
 
 def sparse_layer(template: nn.Module, density: float = 0.3, seed: int = 0) -> VariationalLayer:
-    layer = VariationalLayer(template, family="sparse_gaussian", local_reparameterization=False).double()
+    layer = VariationalLayer(template, family="sparse_gaussian").double()
     assert isinstance(layer.weight, SparseGaussian) and isinstance(layer.bias, PointMass)
-    layer.local_reparameterization = True  # as SSVI sets it: the sparse family is Gaussian
     initialise_support(layer.weight, density, torch.Generator().manual_seed(seed))
     with torch.no_grad():  # scales around 0.3, so that the output noise is far above the 1e-8 variance floor
         noise = 0.3 * torch.randn(layer.weight.mask.shape, generator=torch.Generator().manual_seed(seed + 1))
