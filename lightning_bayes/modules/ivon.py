@@ -1,0 +1,168 @@
+"""IVON under Lightning's automatic optimisation: the optimiser is the posterior, the module wires it in.
+
+:class:`~lightning_bayes.optim.IVON` samples ``theta = m + sigma * n`` inside ``optimizer.step(closure)``, so
+``training_step`` is the plain batch-mean loss and Lightning calls it ``mc_samples`` times per step. The module
+builds the optimiser with ``ess = dataset_size / kl_weight`` (``N`` by default: the objective
+``E_q[mean loss] + kl_weight KL(q || p) / N`` of the other variational modules), stops configurations in which
+Lightning would call the closure outside ``step`` (a gradient scaler, gradient accumulation), and keeps
+``sigma^2 = 1 / (ess (h + delta))`` in a buffer so that ``predictive`` works after ``load_from_checkpoint``.
+The predictive is the model average over ``num_samples`` draws, or the model at the mean (``mean_prediction``,
+"IVON@mean"). Reference: Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..inference.likelihoods import Likelihood
+from ..optim.ivon import IVON, posterior_draw
+from ..params import ParamSelector, select_parameters
+from ..predictive import Predictive
+from .base import Batch, BayesianModule
+
+IVONFactory = Callable[[Iterable, float], Optimizer]
+"""``(params, ess) -> IVON``; in a config: ``class_path: lightning_bayes.optim.IVON`` with ``init_args`` but no ess."""
+
+
+def default_ivon(params: Iterable, ess: float) -> IVON:
+    """IVON with the library defaults and ``lr = 0.1``."""
+    return IVON(params, ess, lr=0.1)
+
+
+class IVONModule(BayesianModule):
+    """Trains ``backbone`` with IVON; ``predictive`` averages posterior draws.
+
+    Args:
+        backbone: the network.
+        params: the parameters IVON holds a posterior over (``"trainable"``, ``"lora"``, ``"last_layer"``, globs over
+            this module's names such as ``backbone.0.weight``; see ``params.py``); the others are frozen.
+        optimizer: factory ``(params, ess) -> IVON`` (LightningCLI: ``class_path: lightning_bayes.optim.IVON``).
+        dataset_size: ``N``; by default the datamodule's ``num_train`` or the training set's length.
+        kl_weight: temperature of the prior term: ``ess = N / kl_weight`` (1: the ELBO per example).
+        num_samples: posterior draws of the predictive.
+        mean_prediction: predict with the mean weights ``m`` (one sample) instead.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        params: ParamSelector = "trainable",
+        likelihood: Union[str, Likelihood] = "categorical",
+        optimizer: IVONFactory = default_ivon,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        dataset_size: Optional[int] = None,
+        kl_weight: float = 1.0,
+        num_samples: int = 10,
+        mean_prediction: bool = False,
+    ) -> None:
+        super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
+        self.save_hyperparameters(ignore=["backbone", "likelihood"])
+        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+            raise ValueError(f"dataset_size must be None or a positive int; got {dataset_size!r}")
+        if not (isinstance(kl_weight, (int, float)) and kl_weight > 0):
+            raise ValueError(f"kl_weight must be a number > 0 (ess = dataset_size / kl_weight); got {kl_weight!r}")
+        self.backbone = backbone
+        selected = select_parameters(self, params)
+        for name, parameter in self.named_parameters():
+            if name not in selected:
+                parameter.requires_grad_(False)
+        self.posterior_names = list(selected)
+        dtype = torch.promote_types(next(iter(selected.values())).dtype, torch.float32)
+        numel = sum(p.numel() for p in selected.values())
+        # sigma^2 of every selected parameter, flattened in posterior_names order; NaN until a fit sets it
+        self.register_buffer("posterior_variance", torch.full((numel,), float("nan"), dtype=dtype))
+        self.dataset_size, self.kl_weight, self.mean_prediction = dataset_size, kl_weight, mean_prediction
+
+    def forward(self, x: Any) -> Tensor:
+        return self.backbone(x)
+
+    def posterior_parameters(self) -> list[nn.Parameter]:
+        named = dict(self.named_parameters())
+        return [named[name] for name in self.posterior_names]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        return [{"params": self.posterior_parameters()}]
+
+    def configure_optimizers(self) -> Any:
+        ess = (self.dataset_size or self.training_set_size("dataset_size")) / self.kl_weight
+        optimizer = self.optimizer_factory(self.parameter_groups(), ess)
+        if not isinstance(optimizer, IVON):
+            raise ValueError(
+                f"IVONModule's optimizer must build a lightning_bayes.optim.IVON (it samples the weights inside its "
+                f"step); got {type(optimizer).__name__}"
+            )
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def on_fit_start(self) -> None:
+        trainer = self.trainer
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"IVONModule cannot train with precision={trainer.precision!r}: its gradient scaler calls the "
+                "training closure outside optimizer.step, where IVON cannot sample the weights; use '32-true', "
+                "'bf16-mixed', 'bf16-true' or '16-true'"
+            )
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"IVONModule cannot train with accumulate_grad_batches={trainer.accumulate_grad_batches}: Lightning "
+                "runs the accumulating closures outside optimizer.step, at the mean instead of sampled weights; "
+                "use accumulate_grad_batches=1 with a larger batch, or more IVON mc_samples per step"
+            )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = self.likelihood.loss(self(x), y)
+        self.log_training_loss("loss", loss, batch_size=len(y))
+        return loss
+
+    # ------------------------------------------------------------------------------- sigma^2 outside the optimiser
+    def _fitting_optimizer(self) -> Optional[IVON]:
+        """The live IVON while fitting (not while testing a loaded checkpoint); ``None`` otherwise."""
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return None
+        return next((o for o in self.trainer.optimizers if isinstance(o, IVON)), None)
+
+    def _store_posterior_variance(self) -> None:
+        optimizer = self._fitting_optimizer()
+        if optimizer is not None:
+            variances = optimizer.posterior_variances()
+            flat = torch.cat([variances[p].reshape(-1) for p in self.posterior_parameters()])
+            self.posterior_variance.copy_(flat)
+
+    def on_train_end(self) -> None:
+        self._store_posterior_variance()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning collects the state dict before this hook: write the current sigma^2 into it
+        self._store_posterior_variance()
+        checkpoint["state_dict"]["posterior_variance"] = self.posterior_variance.detach().clone()
+
+    def posterior_variances(self) -> list[Tensor]:
+        """``sigma^2`` per posterior parameter (the live optimiser's while fitting, else the stored buffer)."""
+        self._store_posterior_variance()
+        if not torch.isfinite(self.posterior_variance).all():
+            raise RuntimeError(
+                "IVONModule has no posterior variance yet: fit it, or load a checkpoint saved during a fit "
+                "(or predict at the mean with mean_prediction=True)"
+            )
+        params = self.posterior_parameters()
+        return [v.view_as(p) for v, p in zip(self.posterior_variance.split([p.numel() for p in params]), params)]
+
+    def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        if self.mean_prediction:
+            return self.likelihood.predictive(self(x).unsqueeze(0))
+        samples = self.resolve_num_samples(num_samples)
+        params, variances = self.posterior_parameters(), self.posterior_variances()
+        outputs = []
+        for _ in range(samples):
+            with posterior_draw(params, variances):
+                outputs.append(self(x))
+        return self.likelihood.predictive(torch.stack(outputs))

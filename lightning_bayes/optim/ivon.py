@@ -1,0 +1,300 @@
+"""IVON: improved variational online Newton as a ``torch.optim.Optimizer`` for automatic optimisation.
+
+The posterior is ``q(theta) = N(m, diag sigma^2)`` with ``sigma^2 = 1 / (lambda (h + delta))``, ``lambda = ess``,
+``delta = weight_decay`` (the prior ``N(0, I / (lambda delta))``) and ``h`` a running estimate of the diagonal
+Hessian of the batch-mean loss. One step draws ``S = mc_samples`` parameters ``theta_s = m + eps_s``,
+``eps_s = sigma * n_s``, calls the closure at each (forward and backward) and then updates
+
+    g_hat = mean_s g_s,   h_hat = lambda (h + delta) mean_s g_s * eps_s   ("price"; "gradsq": lambda mean_s g_s^2),
+    g_bar <- beta1 g_bar + (1 - beta1) g_hat,
+    h     <- beta2 h + (1 - beta2) h_hat + (1 - beta2)^2 (h - h_hat)^2 / (2 (h + delta)),
+    m     <- m - lr' clip((g_bar / (1 - beta1^t) + delta m) / (h + delta), -rho, rho),
+
+with ``lr' = lr (h_0 + delta)`` when ``rescale_lr`` (the first step is then SGD with weight decay ``delta``). The
+sampling happens inside :meth:`IVON.step`, so Lightning's automatic optimisation (which passes its
+training-step-and-backward closure to ``step``) trains a posterior; the mean is restored by copy in a ``finally``.
+
+Reference: Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024 (arXiv 2402.17641).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+HESSIAN_ESTIMATORS = ("price", "gradsq")
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # odd: consecutive steps get distinct generator seeds modulo 2^32 and 2^64
+
+
+def hessian_update(hess: Tensor, estimate: Tensor, beta2: float, weight_decay: float) -> Tensor:
+    """``beta2 h + (1 - beta2) h_hat + (1 - beta2)^2 (h - h_hat)^2 / (2 (h + delta))``: the Riemannian-gradient
+    correction (last term) keeps ``h + delta > 0`` for any ``h_hat`` (Shen et al. 2024, eq. 5; Lin et al., 2020)."""
+    return (
+        beta2 * hess + (1.0 - beta2) * estimate
+        + (0.5 * (1.0 - beta2) ** 2) * (hess - estimate).square() / (hess + weight_decay)
+    )
+
+
+@contextmanager
+def sampled_parameters(
+    params: Sequence[Tensor], noise: Sequence[Tensor], means: Optional[Sequence[Tensor]] = None
+) -> Iterator[None]:
+    """Write ``theta = m + eps`` into ``params`` for the body (``m``: ``means``, e.g. fp32 master copies, else the
+    parameters' own values), then copy the values they had back, also when the body raises: bit-exact."""
+    means = params if means is None else means
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, m, eps in zip(params, means, noise):
+                p.copy_(m + eps)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+
+
+@contextmanager
+def posterior_draw(
+    params: Sequence[Tensor], variances: Sequence[Tensor], means: Optional[Sequence[Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Iterator[None]:
+    """One draw ``theta = m + sigma * n``, ``n ~ N(0, I)`` (from ``generator``, else torch's default one), written
+    into ``params`` for the body and undone afterwards (see :func:`sampled_parameters`)."""
+    noise = [
+        torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype) * v.sqrt() for v in variances
+    ]
+    with sampled_parameters(params, noise, means):
+        yield
+
+
+def _check(name: str, value: Any, valid: bool, expected: str) -> None:
+    if not valid:
+        raise ValueError(f"IVON: {name} must be {expected}; got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+class IVON(Optimizer):
+    """Improved variational online Newton (Shen et al., 2024) with sampling inside ``step(closure)``.
+
+    Args:
+        params: parameters or parameter groups; every group hyperparameter below may be set per group.
+        ess: effective sample size ``lambda``, normally the training-set size ``N`` (other values temper). It comes
+            before the keyword-only ``lr`` so that a factory ``(params, ess) -> IVON`` can be configured without it
+            (:class:`~lightning_bayes.modules.ivon.IVONModule` fills in ``N``); ``ivon-opt``'s positional
+            ``IVON(params, lr, ess)`` raises a ``TypeError`` here instead of swapping the two.
+        lr: learning rate (``>= 0``).
+        hess_init: ``h_0 > 0``, the initial Hessian estimate (so the initial ``sigma^2 = 1 / (lambda (h_0 + delta))``).
+        beta1, beta2: decay of the gradient momentum (``[0, 1)``) and of the Hessian estimate (``[0, 1]``).
+        weight_decay: ``delta >= 0``, the prior precision per example.
+        mc_samples: ``S``, closure calls (forward and backward) per step.
+        hess_approx: ``"price"`` (reparameterisation / Stein estimator) or ``"gradsq"`` (squared gradients).
+        clip_radius: ``rho > 0``, elementwise clip of the preconditioned step.
+        debias: divide the momentum by ``1 - beta1^t``.
+        rescale_lr: scale ``lr`` by ``h_0 + delta``.
+        seed: seed of the training noise (``None``: drawn from torch's default generator). The noise of step ``t``
+            depends only on ``(seed, t)``, both stored in :meth:`state_dict`, so a resumed run draws what an
+            uninterrupted one would; under ``torch.distributed`` rank 0's seed is used on every rank, so that DDP
+            averages gradients taken at one and the same ``theta``.
+
+    The state of each parameter lives in ``self.state[p]`` in the parameter's precision or float32, whichever is
+    wider: ``hess`` (``h``), ``momentum`` (``g_bar``) and, for half-precision parameters, ``mean`` (an fp32 master
+    copy of ``m`` so that updates below the half-precision resolution are kept). Lightning moves, shards and
+    checkpoints it like Adam's.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        ess: float,
+        *,
+        lr: float,
+        hess_init: float = 1.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99999,
+        weight_decay: float = 1e-4,
+        mc_samples: int = 1,
+        hess_approx: str = "price",
+        clip_radius: float = math.inf,
+        debias: bool = True,
+        rescale_lr: bool = True,
+        seed: Optional[int] = None,
+    ) -> None:
+        _check("mc_samples", mc_samples, isinstance(mc_samples, int) and mc_samples >= 1, "an int >= 1")
+        _check("hess_approx", hess_approx, hess_approx in HESSIAN_ESTIMATORS, f"one of {HESSIAN_ESTIMATORS}")
+        _check("seed", seed, seed is None or (isinstance(seed, int) and 0 <= seed < 2**63), "None or an int in [0, 2^63)")
+        defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                        clip_radius=clip_radius)
+        super().__init__(params, defaults)
+        self.mc_samples, self.hess_approx, self.debias, self.rescale_lr = mc_samples, hess_approx, debias, rescale_lr
+        self.seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        self.steps = 0  # completed updates t
+        self._seed_agreed = False
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name, valid, expected in (
+            ("lr", lambda v: v >= 0, "a number >= 0"),
+            ("ess", lambda v: v > 0, "a number > 0 (the effective sample size, normally the training-set size)"),
+            ("hess_init", lambda v: v > 0, "a number > 0"),
+            ("beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("beta2", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("weight_decay", lambda v: v >= 0, "a number >= 0 (the prior precision per example)"),
+            ("clip_radius", lambda v: v > 0, "a number > 0 (math.inf: no clipping)"),
+        ):
+            value = group[name]
+            _check(name, value, _is_number(value) and valid(value), expected)
+
+    # ----------------------------------------------------------------------------------------------- the posterior
+    def _parameter_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """``self.state[p]``, created on first use on ``p``'s device."""
+        state = self.state[p]
+        if not state:
+            dtype = torch.promote_types(p.dtype, torch.float32)
+            state["hess"] = torch.full(p.shape, group["hess_init"], device=p.device, dtype=dtype)
+            state["momentum"] = torch.zeros(p.shape, device=p.device, dtype=dtype)
+            if dtype != p.dtype:
+                state["mean"] = p.detach().to(dtype)
+        return state
+
+    def _mean(self, p: Tensor) -> Tensor:
+        """``m`` of ``p``: its fp32 master copy if it has one, else ``p`` itself."""
+        return self.state[p].get("mean", p)
+
+    def posterior_variances(self) -> dict[Tensor, Tensor]:
+        """``sigma^2 = 1 / (lambda (h + delta))`` of every parameter (``h = h_0`` before the first step)."""
+        variances = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                hess = self._parameter_state(p, group)["hess"]
+                variances[p] = 1.0 / (group["ess"] * (hess + group["weight_decay"]))
+        return variances
+
+    @contextmanager
+    def sampled_params(self, generator: Optional[torch.Generator] = None) -> Iterator[None]:
+        """Parameters set to one posterior draw ``m + sigma * n`` for the body (e.g. one predictive sample), the
+        mean restored by copy afterwards; ``n`` from ``generator`` or torch's default generator."""
+        variances = self.posterior_variances()
+        params = list(variances)
+        with posterior_draw(params, [variances[p] for p in params], [self._mean(p) for p in params], generator):
+            yield
+
+    # ------------------------------------------------------------------------------------------------------ noise
+    def _agree_on_seed(self) -> None:
+        """Broadcast rank 0's seed once per process, so every rank draws the same noise (DDP)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = self.param_groups[0]["params"][0].device
+            seed = torch.tensor(self.seed, dtype=torch.int64, device=device)
+            dist.broadcast(seed, src=0)
+            self.seed = int(seed)
+        self._seed_agreed = True
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The generator of ``device``, seeded from ``(seed, t)`` at the first draw of step ``t``."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    def _reseed(self) -> None:
+        step_seed = (self.seed + self.steps * _SEED_STRIDE) % 2**64
+        for p in self._all_params():
+            self._generator(p.device)
+        for generator in self._generators.values():
+            generator.manual_seed(step_seed)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Draw ``mc_samples`` parameters, call ``closure`` (zero_grad, forward, backward) at each, update ``h``,
+        ``g_bar`` and ``m``. Returns the mean of the closure's losses; a closure returning ``None`` (Lightning's
+        skipped step) leaves the posterior unchanged and returns ``None``."""
+        if closure is None:
+            raise ValueError(
+                "IVON.step needs a closure that computes the loss and its gradients (it samples the weights before "
+                "each call); with Lightning use automatic optimisation in precision '32-true', 'bf16-mixed', "
+                "'bf16-true' or '16-true' ('16-mixed' calls the closure outside step), or call step(closure) yourself"
+            )
+        if not self._seed_agreed:
+            self._agree_on_seed()
+        entries = [(p, group, self._parameter_state(p, group)) for group in self.param_groups for p in group["params"]]
+        params = [p for p, _, _ in entries]
+        means = [self._mean(p) for p in params]
+        grad_sums = [torch.zeros_like(state["hess"]) for _, _, state in entries]
+        curvature_sums = [torch.zeros_like(state["hess"]) for _, _, state in entries]
+        self._reseed()
+        losses = []
+        for _ in range(self.mc_samples):
+            noise = [
+                torch.randn(p.shape, generator=self._generators[p.device], device=p.device, dtype=state["hess"].dtype)
+                / (group["ess"] * (state["hess"] + group["weight_decay"])).sqrt()
+                for p, group, state in entries
+            ]
+            with sampled_parameters(params, noise, means):
+                with torch.enable_grad():
+                    loss = closure()
+                if loss is None:
+                    return None
+                for p, eps, grad_sum, curvature_sum in zip(params, noise, grad_sums, curvature_sums):
+                    if p.grad is None:
+                        continue  # a parameter the loss does not reach: zero gradient
+                    grad = p.grad.to(grad_sum.dtype)
+                    grad_sum.add_(grad)
+                    curvature_sum.add_(grad * eps if self.hess_approx == "price" else grad.square())
+            losses.append(loss.detach() if isinstance(loss, Tensor) else loss)
+        self.steps += 1
+        for (p, group, state), grad_sum, curvature_sum in zip(entries, grad_sums, curvature_sums):
+            self._update(p, group, state, grad_sum / self.mc_samples, curvature_sum / self.mc_samples)
+        return sum(losses) / len(losses)
+
+    def _update(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], grad: Tensor, curvature: Tensor) -> None:
+        """Momentum, Hessian (updated first) and mean of one parameter; ``curvature``: mean ``g eps`` or ``g^2``."""
+        beta1, ess, decay = group["beta1"], group["ess"], group["weight_decay"]
+        hess, momentum = state["hess"], state["momentum"]
+        momentum.copy_(beta1 * momentum + (1.0 - beta1) * grad)
+        estimate = (curvature * (hess + decay) if self.hess_approx == "price" else curvature) * ess
+        hess.copy_(hessian_update(hess, estimate, group["beta2"], decay))
+        lr = group["lr"] * (group["hess_init"] + decay) if self.rescale_lr else group["lr"]
+        debias = 1.0 - beta1 ** float(self.steps) if self.debias else 1.0
+        mean = self._mean(p)
+        direction = ((momentum / debias + decay * mean) / (hess + decay)).clamp(-group["clip_radius"], group["clip_radius"])
+        new_mean = mean - lr * direction
+        if "mean" in state:
+            state["mean"].copy_(new_mean)
+        p.copy_(new_mean)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["noise"] = {"seed": self.seed, "steps": self.steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, keeping each state tensor's precision (torch casts floating state to the
+        parameter's dtype, which would round the fp32 master copy of a bf16 parameter)."""
+        if "noise" not in state_dict:
+            raise ValueError("IVON.load_state_dict: expected a state dict saved by IVON (with a 'noise' entry); "
+                             f"got keys {sorted(state_dict)}")
+        state_dict = dict(state_dict)
+        noise = state_dict.pop("noise")
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for index, p in zip(saved_ids, self._all_params()):
+            if index in state_dict["state"]:
+                self.state[p] = {k: v.to(p.device) for k, v in state_dict["state"][index].items()}
+        self.seed, self.steps = int(noise["seed"]), int(noise["steps"])
