@@ -44,7 +44,7 @@ class IVONModule(BayesianModule):
         params: the parameters IVON holds a posterior over (``"trainable"``, ``"lora"``, ``"last_layer"``, globs over
             this module's names such as ``backbone.0.weight``; see ``params.py``); the others are frozen.
         optimizer: factory ``(params, ess) -> IVON`` (LightningCLI: ``class_path: lightning_bayes.optim.IVON``).
-        dataset_size: ``N``; by default the datamodule's ``num_train`` or the training set's length.
+        dataset_size: ``N``; by default the datamodule's ``num_train`` (with plain data loaders: required).
         kl_weight: temperature of the prior term: ``ess = N / kl_weight`` (1: the ELBO per example).
         num_samples: posterior draws of the predictive.
         mean_prediction: predict with the mean weights ``m`` (one sample) instead.
@@ -63,7 +63,7 @@ class IVONModule(BayesianModule):
         mean_prediction: bool = False,
     ) -> None:
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
-        self.save_hyperparameters(ignore=["backbone", "likelihood"])
+        self.save_hyperparameters(ignore=["backbone", "likelihood", "optimizer", "lr_scheduler"])  # callables: not weights
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
             raise ValueError(f"dataset_size must be None or a positive int; got {dataset_size!r}")
         if not (isinstance(kl_weight, (int, float)) and kl_weight > 0):
@@ -90,8 +90,19 @@ class IVONModule(BayesianModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         return [{"params": self.posterior_parameters()}]
 
+    def ess(self) -> float:
+        """``N / kl_weight``. IVON needs it when it is built, before Lightning loads the training data, so ``N`` is
+        ``dataset_size`` or the datamodule's ``num_train`` (set by its ``setup``, which runs earlier)."""
+        size = self.dataset_size or getattr(getattr(self.trainer, "datamodule", None), "num_train", None)
+        if not isinstance(size, int):
+            raise ValueError(
+                "IVONModule needs the training-set size N when it builds IVON (ess = N / kl_weight), before the "
+                "training loader exists: pass dataset_size=N, or fit with a datamodule that has num_train"
+            )
+        return size / self.kl_weight
+
     def configure_optimizers(self) -> Any:
-        ess = (self.dataset_size or self.training_set_size("dataset_size")) / self.kl_weight
+        ess = self.ess()
         optimizer = self.optimizer_factory(self.parameter_groups(), ess)
         if not isinstance(optimizer, IVON):
             raise ValueError(

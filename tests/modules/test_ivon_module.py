@@ -1,0 +1,169 @@
+"""IVONModule through the Trainer: S closure calls per step, the guards for a gradient scaler and gradient
+accumulation, bitwise resumption, sigma^2 in checkpoints, and the predictive as an explicit average over draws."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.modules.ivon import IVONModule
+from lightning_bayes.optim import IVON
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def blobs(count: int = 24, seed: int = 1) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.arange(count) % 3
+    centres = torch.tensor([[0.0, 2.0], [2.0, 0.0], [-2.0, -2.0]], dtype=torch.float64)
+    return TensorDataset(centres[y] + 0.5 * torch.randn(count, 2, generator=generator, dtype=torch.float64), y)
+
+
+def loader() -> DataLoader:
+    return DataLoader(blobs(), batch_size=8)
+
+
+def ivon_factory(params, ess: float) -> IVON:
+    return IVON(params, ess, lr=0.2, hess_init=0.5, beta2=0.99, weight_decay=1e-2, mc_samples=3, seed=5)
+
+
+def make_trainer(epochs: int = 1, root: Path | None = None, **kwargs) -> Trainer:
+    return Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=root is not None, default_root_dir=root, num_sanity_val_steps=0, **kwargs,
+    )
+
+
+class CountingIVON(IVONModule):
+    """Records the flat parameters each training_step sees."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(classifier(), optimizer=ivon_factory, dataset_size=24, **kwargs)
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(torch.cat([p.detach().reshape(-1).clone() for p in self.parameters()]))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_each_step_calls_training_step_at_mc_samples_draws(precision: str) -> None:
+    module = CountingIVON()
+    start = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()]).float()
+    make_trainer(fast_dev_run=1, precision=precision).fit(module, loader())
+    assert len(module.seen) == 3  # one batch, mc_samples = 3
+    draws = torch.stack(module.seen).float()
+    assert all(not torch.equal(draws[i], draws[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    std = (1 / (24 * (0.5 + 1e-2))) ** 0.5  # sigma of the first step: h = h_0, ess = 24 examples
+    assert ((draws - start).std() / std).item() == pytest.approx(1.0, rel=0.25)  # 3 x 59 draws
+    state = module.trainer.optimizers[0].state[module.backbone[0].weight]
+    assert state["hess"].dtype == (torch.float32 if precision == "bf16-true" else torch.float64)
+    assert ("mean" in state) == (precision == "bf16-true")
+
+
+def test_gradient_scaler_is_refused() -> None:
+    """Lightning turns precision='16-mixed' into bf16 on a CPU; the fp16 plugin with its scaler is what a GPU gets."""
+    trainer = make_trainer(fast_dev_run=1, plugins=[MixedPrecision("16-mixed", device="cpu")])
+    with pytest.raises(ValueError, match=r"precision='16-mixed'.*gradient scaler.*'bf16-mixed'"):
+        trainer.fit(IVONModule(classifier(), optimizer=ivon_factory, dataset_size=24), loader())
+
+
+def test_gradient_accumulation_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2.*larger batch.*mc_samples"):
+        make_trainer(fast_dev_run=2, accumulate_grad_batches=2).fit(IVONModule(classifier(), optimizer=ivon_factory, dataset_size=24),
+                                                                     loader())
+
+
+def test_optimizer_must_be_ivon() -> None:
+    module = IVONModule(classifier(), optimizer=lambda params, ess: torch.optim.SGD(params, lr=0.1), dataset_size=24)
+    with pytest.raises(ValueError, match="must build a lightning_bayes.optim.IVON.*got SGD"):
+        make_trainer(fast_dev_run=1).fit(module, loader())
+
+
+def test_resumed_run_is_bitwise_identical(tmp_path: Path) -> None:
+    """Validation draws from torch's global generator in between; the training noise does not depend on it."""
+    uninterrupted = IVONModule(classifier(), optimizer=ivon_factory, num_samples=2, dataset_size=24)
+    make_trainer(epochs=3).fit(uninterrupted, loader(), loader())
+    first = IVONModule(classifier(), optimizer=ivon_factory, num_samples=2, dataset_size=24)
+    make_trainer(epochs=1, root=tmp_path).fit(first, loader(), loader())
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    resumed = IVONModule(classifier(), optimizer=ivon_factory, num_samples=2, dataset_size=24)
+    torch.manual_seed(123)  # a different global stream
+    make_trainer(epochs=3).fit(resumed, loader(), loader(), ckpt_path=checkpoint)
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    ours, theirs = uninterrupted.trainer.optimizers[0], resumed.trainer.optimizers[0]
+    assert ours.steps == theirs.steps == 9
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(ours.state[p]["hess"], theirs.state[q]["hess"])
+    torch.testing.assert_close(uninterrupted.posterior_variance, resumed.posterior_variance, rtol=0, atol=0)
+
+
+def test_checkpoint_carries_sigma2_and_the_predictive_averages_draws(tmp_path: Path) -> None:
+    module = IVONModule(classifier(), optimizer=ivon_factory, num_samples=4, dataset_size=100, kl_weight=0.5)
+    with pytest.raises(RuntimeError, match="no posterior variance yet"):
+        module.predictive(blobs()[:4][0])
+    make_trainer(epochs=2, root=tmp_path).fit(module, loader())
+    optimizer = module.trainer.optimizers[0]
+    assert optimizer.param_groups[0]["ess"] == 200.0  # dataset_size / kl_weight
+    expected = torch.cat([(1 / (200.0 * (optimizer.state[p]["hess"] + 1e-2))).reshape(-1) for p in module.parameters()])
+    (path,) = tmp_path.rglob("*.ckpt")
+    loaded = IVONModule.load_from_checkpoint(path, backbone=classifier(seed=9), optimizer=ivon_factory)
+    torch.testing.assert_close(loaded.posterior_variance, expected, rtol=0, atol=0)
+    for p, q in zip(module.parameters(), loaded.parameters()):
+        assert torch.equal(p, q)
+
+    x = blobs()[:5][0]
+    torch.manual_seed(0)
+    logits = loaded.predictive(x, num_samples=3).logits
+    torch.manual_seed(0)  # the same draws by hand: theta = m + sigma * n, parameters in registration order
+    means = [p.detach().clone() for p in loaded.parameters()]
+    variances = expected.split([p.numel() for p in means])
+    by_hand = []
+    for _ in range(3):
+        theta = [m + torch.randn(m.shape, dtype=m.dtype) * v.view_as(m).sqrt() for m, v in zip(means, variances)]
+        hidden = torch.tanh(x @ theta[0].T + theta[1])
+        by_hand.append(hidden @ theta[2].T + theta[3])
+    torch.testing.assert_close(logits, torch.stack(by_hand), rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(p, m) for p, m in zip(loaded.parameters(), means))  # the mean is restored
+
+    loaded.mean_prediction = True
+    torch.testing.assert_close(loaded.predictive(x).logits, loaded(x).unsqueeze(0), rtol=0, atol=0)
+
+
+def test_params_selector_freezes_the_rest() -> None:
+    module = IVONModule(classifier(), params="backbone.2.*", optimizer=ivon_factory, dataset_size=24)
+    assert module.posterior_names == ["backbone.2.weight", "backbone.2.bias"]
+    assert not module.backbone[0].weight.requires_grad
+    assert module.posterior_variance.shape == (8 * 3 + 3,)
+    first = module.backbone[0].weight.detach().clone()
+    make_trainer(fast_dev_run=1).fit(module, loader())
+    assert torch.equal(module.backbone[0].weight, first)
+    assert list(module.trainer.optimizers[0].state) == [module.backbone[2].weight, module.backbone[2].bias]
+
+
+def test_plain_loaders_need_dataset_size() -> None:
+    with pytest.raises(ValueError, match="needs the training-set size N when it builds IVON.*pass dataset_size=N"):
+        make_trainer(fast_dev_run=1).fit(IVONModule(classifier(), optimizer=ivon_factory), loader())
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [("dataset_size", 0, "dataset_size must be None or a positive int; got 0"),
+     ("kl_weight", 0.0, r"kl_weight must be a number > 0 .*; got 0.0"),
+     ("params", "nothing*", "params='nothing\\*' matched no parameter")],
+)
+def test_argument_errors(argument: str, value, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        IVONModule(classifier(), **{argument: value})
