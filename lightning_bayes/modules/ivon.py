@@ -13,7 +13,7 @@ The predictive is the model average over ``num_samples`` draws, or the model at 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
@@ -54,16 +54,17 @@ class IVONModule(BayesianModule):
         self,
         backbone: nn.Module,
         params: ParamSelector = "trainable",
-        likelihood: Union[str, Likelihood] = "categorical",
+        likelihood: str | Likelihood = "categorical",
         optimizer: IVONFactory = default_ivon,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        dataset_size: Optional[int] = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        dataset_size: int | None = None,
         kl_weight: float = 1.0,
         num_samples: int = 10,
         mean_prediction: bool = False,
     ) -> None:
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
-        self.save_hyperparameters(ignore=["backbone", "likelihood", "optimizer", "lr_scheduler"])  # callables: not weights
+        # the factories are callables, which a weights-only checkpoint load refuses
+        self.save_hyperparameters(ignore=["backbone", "likelihood", "optimizer", "lr_scheduler"])
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
             raise ValueError(f"dataset_size must be None or a positive int; got {dataset_size!r}")
         if not (isinstance(kl_weight, (int, float)) and kl_weight > 0):
@@ -135,7 +136,7 @@ class IVONModule(BayesianModule):
         return loss
 
     # ------------------------------------------------------------------------------- sigma^2 outside the optimiser
-    def _fitting_optimizer(self) -> Optional[IVON]:
+    def _fitting_optimizer(self) -> IVON | None:
         """The live IVON while fitting (not while testing a loaded checkpoint); ``None`` otherwise."""
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ def hessian_update(hess: Tensor, estimate: Tensor, beta2: float, weight_decay: f
 
 @contextmanager
 def sampled_parameters(
-    params: Sequence[Tensor], noise: Sequence[Tensor], means: Optional[Sequence[Tensor]] = None
+    params: Sequence[Tensor], noise: Sequence[Tensor], means: Sequence[Tensor] | None = None
 ) -> Iterator[None]:
     """Write ``theta = m + eps`` into ``params`` for the body (``m``: ``means``, e.g. fp32 master copies, else the
     parameters' own values), then copy the values they had back, also when the body raises: bit-exact."""
@@ -64,8 +64,8 @@ def sampled_parameters(
 
 @contextmanager
 def posterior_draw(
-    params: Sequence[Tensor], variances: Sequence[Tensor], means: Optional[Sequence[Tensor]] = None,
-    generator: Optional[torch.Generator] = None,
+    params: Sequence[Tensor], variances: Sequence[Tensor], means: Sequence[Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Iterator[None]:
     """One draw ``theta = m + sigma * n``, ``n ~ N(0, I)`` (from ``generator``, else torch's default one), written
     into ``params`` for the body and undone afterwards (see :func:`sampled_parameters`)."""
@@ -129,13 +129,14 @@ class IVON(Optimizer):
         clip_radius: float = math.inf,
         debias: bool = True,
         rescale_lr: bool = True,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ) -> None:
         _check("mc_samples", mc_samples, isinstance(mc_samples, int) and mc_samples >= 1, "an int >= 1")
         _check("hess_approx", hess_approx, hess_approx in HESSIAN_ESTIMATORS, f"one of {HESSIAN_ESTIMATORS}")
-        _check("seed", seed, seed is None or (isinstance(seed, int) and 0 <= seed < 2**63), "None or an int in [0, 2^63)")
-        defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                        clip_radius=clip_radius)
+        valid_seed = seed is None or (isinstance(seed, int) and 0 <= seed < 2**63)
+        _check("seed", seed, valid_seed, "None or an int in [0, 2^63)")
+        defaults = {"lr": lr, "ess": ess, "hess_init": hess_init, "beta1": beta1, "beta2": beta2,
+                    "weight_decay": weight_decay, "clip_radius": clip_radius}
         super().__init__(params, defaults)
         self.mc_samples, self.hess_approx, self.debias, self.rescale_lr = mc_samples, hess_approx, debias, rescale_lr
         self.seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
@@ -184,7 +185,7 @@ class IVON(Optimizer):
         return variances
 
     @contextmanager
-    def sampled_params(self, generator: Optional[torch.Generator] = None) -> Iterator[None]:
+    def sampled_params(self, generator: torch.Generator | None = None) -> Iterator[None]:
         """Parameters set to one posterior draw ``m + sigma * n`` for the body (e.g. one predictive sample), the
         mean restored by copy afterwards; ``n`` from ``generator`` or torch's default generator."""
         variances = self.posterior_variances()
@@ -220,7 +221,7 @@ class IVON(Optimizer):
 
     # ------------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Draw ``mc_samples`` parameters, call ``closure`` (zero_grad, forward, backward) at each, update ``h``,
         ``g_bar`` and ``m``. Returns the mean of the closure's losses; a closure returning ``None`` (Lightning's
         skipped step) leaves the posterior unchanged and returns ``None``."""
@@ -262,7 +263,9 @@ class IVON(Optimizer):
             self._update(p, group, state, grad_sum / self.mc_samples, curvature_sum / self.mc_samples)
         return sum(losses) / len(losses)
 
-    def _update(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], grad: Tensor, curvature: Tensor) -> None:
+    def _update(
+        self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], grad: Tensor, curvature: Tensor
+    ) -> None:
         """Momentum, Hessian (updated first) and mean of one parameter; ``curvature``: mean ``g eps`` or ``g^2``."""
         beta1, ess, decay = group["beta1"], group["ess"], group["weight_decay"]
         hess, momentum = state["hess"], state["momentum"]
@@ -272,7 +275,8 @@ class IVON(Optimizer):
         lr = group["lr"] * (group["hess_init"] + decay) if self.rescale_lr else group["lr"]
         debias = 1.0 - beta1 ** float(self.steps) if self.debias else 1.0
         mean = self._mean(p)
-        direction = ((momentum / debias + decay * mean) / (hess + decay)).clamp(-group["clip_radius"], group["clip_radius"])
+        radius = group["clip_radius"]
+        direction = ((momentum / debias + decay * mean) / (hess + decay)).clamp(-radius, radius)
         new_mean = mean - lr * direction
         if "mean" in state:
             state["mean"].copy_(new_mean)

@@ -81,8 +81,9 @@ def test_gradient_scaler_is_refused() -> None:
 
 def test_gradient_accumulation_is_refused() -> None:
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=2.*larger batch.*mc_samples"):
-        make_trainer(fast_dev_run=2, accumulate_grad_batches=2).fit(IVONModule(classifier(), optimizer=ivon_factory, dataset_size=24),
-                                                                     loader())
+        make_trainer(fast_dev_run=2, accumulate_grad_batches=2).fit(
+            IVONModule(classifier(), optimizer=ivon_factory, dataset_size=24), loader()
+        )
 
 
 def test_optimizer_must_be_ivon() -> None:

@@ -175,7 +175,8 @@ def test_conjugate_linear_regression_reaches_the_mean_field_optimum(single_threa
     n, alpha = 50, 1.0
     mixing = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 2.0]], dtype=torch.float64)
     x = torch.randn(n, 3, dtype=torch.float64, generator=generator) @ mixing
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + torch.randn(n, dtype=torch.float64, generator=generator)
+    noise = torch.randn(n, dtype=torch.float64, generator=generator)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + noise
     precision = x.T @ x + alpha * torch.eye(3, dtype=torch.float64)
     theta = nn.Parameter(torch.zeros(64, 3, dtype=torch.float64))
     optimizer = IVON([theta], float(n), lr=0.02, weight_decay=alpha / n, beta2=0.999, seed=0)
@@ -224,7 +225,7 @@ def test_matches_ivon_opt_reference(samples: int, dtype: torch.dtype, rtol: floa
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
     reference_net = copy.deepcopy(net)
     x, y = torch.randn(16, 4, dtype=dtype), torch.randint(0, 3, (16,))
-    settings = dict(lr=0.1, hess_init=0.5, beta2=0.99, weight_decay=1e-3, mc_samples=samples)
+    settings = {"lr": 0.1, "hess_init": 0.5, "beta2": 0.99, "weight_decay": 1e-3, "mc_samples": samples}
     ours = IVON(net.parameters(), 100.0, **settings)
     reference = ivon.IVON(reference_net.parameters(), ess=100.0, **settings)
 
@@ -246,7 +247,7 @@ def test_matches_ivon_opt_reference(samples: int, dtype: torch.dtype, rtol: floa
                 F.cross_entropy(reference_net(x), y).backward()
         reference.step()
     monkeypatch.undo()
-    flat = lambda tensors: torch.cat([t.detach().reshape(-1) for t in tensors])  # noqa: E731
+    flat = lambda tensors: torch.cat([t.detach().reshape(-1) for t in tensors])
     params = list(net.parameters())
     torch.testing.assert_close(flat(params), flat(reference_net.parameters()), rtol=rtol, atol=atol)
     group = reference.param_groups[0]
@@ -286,7 +287,8 @@ def test_state_dict_resumes_bitwise(dtype: torch.dtype, single_thread) -> None:
     for p, q in zip(net.parameters(), net_saved.parameters()):
         assert torch.equal(p, q)
         for key, value in optimizer.state[p].items():
-            assert resumed.state[q][key].dtype == value.dtype == torch.float32 and torch.equal(resumed.state[q][key], value)
+            assert resumed.state[q][key].dtype == value.dtype == torch.float32
+            assert torch.equal(resumed.state[q][key], value)
     assert ("mean" in optimizer.state[net.weight]) == (dtype == torch.bfloat16)
 
 
@@ -329,7 +331,8 @@ def test_parameter_without_gradient_has_zero_gradient(single_thread) -> None:
 
     loss = optimizer.step(closure)
     assert loss.requires_grad is False
-    assert torch.equal(unused.detach(), torch.ones(2)) and torch.equal(optimizer.state[unused]["momentum"], torch.zeros(2))
+    assert torch.equal(unused.detach(), torch.ones(2))
+    assert torch.equal(optimizer.state[unused]["momentum"], torch.zeros(2))
     assert not torch.equal(used.detach(), torch.ones(2))
 
 
