@@ -35,7 +35,8 @@ _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd: consecutive steps get distinct generat
 
 def hessian_update(hess: Tensor, estimate: Tensor, beta2: float, weight_decay: float) -> Tensor:
     """``beta2 h + (1 - beta2) h_hat + (1 - beta2)^2 (h - h_hat)^2 / (2 (h + delta))``: the Riemannian-gradient
-    correction (last term) keeps ``h + delta > 0`` for any ``h_hat`` (Shen et al. 2024, eq. 5; Lin et al., 2020)."""
+    correction (last term) keeps ``h + delta > 0`` for any ``h_hat`` (Shen et al. 2024, Alg. 1; Lin, Schmidt and Khan,
+    ICML 2020)."""
     return (
         beta2 * hess + (1.0 - beta2) * estimate
         + (0.5 * (1.0 - beta2) ** 2) * (hess - estimate).square() / (hess + weight_decay)
@@ -110,8 +111,9 @@ class IVON(Optimizer):
 
     The state of each parameter lives in ``self.state[p]`` in the parameter's precision or float32, whichever is
     wider: ``hess`` (``h``), ``momentum`` (``g_bar``) and, for half-precision parameters, ``mean`` (an fp32 master
-    copy of ``m`` so that updates below the half-precision resolution are kept). Lightning moves, shards and
-    checkpoints it like Adam's.
+    copy of ``m`` so that updates below the half-precision resolution are kept). Lightning moves and checkpoints
+    it like Adam's. Under FSDP with sharded flat parameters every rank would draw the same noise for its own shard
+    (not supported: the noise would be correlated across shards).
     """
 
     def __init__(
