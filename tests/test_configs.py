@@ -30,6 +30,7 @@ TRAINED_BY = {
 LIGHTER = {
     "digits/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],  # the ELBO phase, not the MLE one
     "mnist/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],
+    "mnist/ivon.yaml": ["--model.init_args.num_samples=2"],
     # SWASubspace is the last callback of swag.yaml: collect from the first step so the two batches give moments
     "mnist/swag.yaml": ["--trainer.callbacks.init_args.start_epoch=0", "--trainer.callbacks.init_args.every_n_steps=1"],
     "mnist/swag_predictive.yaml": ["--model.init_args.num_samples=2"],

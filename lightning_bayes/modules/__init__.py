@@ -3,6 +3,7 @@
 from .base import BayesianModule
 from .bernstein_vi import BernsteinVI
 from .ensemble import DeepEnsemble
+from .ivon import IVONModule
 from .map import MAP
 from .mc_dropout import MCDropout
 from .nullspace_laplace import NullSpaceLaplace
@@ -15,6 +16,7 @@ __all__ = [
     "BayesianModule",
     "BernsteinVI",
     "DeepEnsemble",
+    "IVONModule",
     "MAP",
     "MCDropout",
     "NullSpaceLaplace",
