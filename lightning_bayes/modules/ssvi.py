@@ -9,8 +9,9 @@ every ``update_every`` iterations before ``update_end_fraction`` of training, th
 update (:mod:`~lightning_bayes.inference.ssvi_topology`) whose growth scores are the dense gradients of that
 iteration's minibatch. After every iteration the weights and the optimiser state are zero off the masks (the
 product ``mu * gamma`` in the forward already masks the gradients). Masks, the iteration counter, the optimiser
-state and the random state (:class:`VariationalInference`) live in the checkpoint, so a resumed run continues exactly. Logs ``ssvi/density``
-and ``ssvi/flops_ratio`` (counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`).
+state and the random state (:class:`VariationalInference`) live in the checkpoint, and the sanity check leaves the
+random stream untouched, so a resumed run continues exactly. Logs ``ssvi/density`` and ``ssvi/flops_ratio``
+(counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`).
 Reference: Li, Miao, Qiu & Zhang, "Training Bayesian Neural Networks with Sparse Subspace Variational
 Inference", ICLR 2024 (arXiv 2402.11025).
 """
