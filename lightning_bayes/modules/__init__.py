@@ -7,6 +7,7 @@ from .ivon import IVONModule
 from .map import MAP
 from .mc_dropout import MCDropout
 from .nullspace_laplace import NullSpaceLaplace
+from .ssvi import SSVI
 from .subspace_inference import SubspaceInference
 from .variational_inference import VariationalInference
 from .vbll import VBLLClassifier, VBLLRegressor
@@ -20,6 +21,7 @@ __all__ = [
     "MAP",
     "MCDropout",
     "NullSpaceLaplace",
+    "SSVI",
     "SubspaceInference",
     "VariationalInference",
     "VBLLClassifier",

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import nn
 
 from ..inference.likelihoods import Likelihood
 from ..inference.sparse_gaussian import SparseGaussian
@@ -130,7 +130,6 @@ class SSVI(VariationalInference):
                 self.sparse_families.append(layer.weight)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._layer_positions: dict[VariationalLayer, int] | None = None
-        self._stream_before_sanity_check: Tensor | None = None
 
     @property
     def update_end(self) -> int:
@@ -234,14 +233,3 @@ class SSVI(VariationalInference):
         )
         self.log("ssvi/density", self.weight_density())
         self.log("ssvi/flops_ratio", ratio)
-
-    def on_validation_start(self) -> None:
-        """The sanity check samples but leaves the training random stream where it was (a resumed run continues it)."""
-        super().on_validation_start()
-        self._stream_before_sanity_check = torch.get_rng_state() if self.trainer.sanity_checking else None
-
-    def on_validation_end(self) -> None:
-        super().on_validation_end()
-        if self._stream_before_sanity_check is not None:
-            torch.set_rng_state(self._stream_before_sanity_check)
-            self._stream_before_sanity_check = None

@@ -9,8 +9,8 @@ means), everything else stays deterministic. Each step minimises the negative EL
 with ``T = train_samples`` draws (local reparameterisation for Gaussians; a shared weight draw and a one-draw
 ``log q - log p`` for flows), ``N`` the training-set size and ``E_w = kl_warmup_epochs``. ``kl_weight = 1`` is the
 ELBO; anything else is a tempered posterior and is logged as such (``train/kl_scale`` = ``beta_t / N``). The
-noise comes from torch's global generator, whose state the checkpoint carries, so a resumed run draws the same
-noise as an uninterrupted one. The predictive averages ``num_samples`` forward draws, or is the mean model (``mean_prediction``). References: Blundell
+noise comes from torch's global generator, whose state the checkpoint carries (and the sanity check leaves as it
+found it), so a resumed run draws the same noise as an uninterrupted one. The predictive averages ``num_samples`` forward draws, or is the mean model (``mean_prediction``). References: Blundell
 et al., "Weight Uncertainty in Neural Networks", ICML 2015; Duerr et al., "Bernstein flows for flexible posteriors
 in variational Bayes", AStA 2024.
 """
@@ -31,6 +31,20 @@ from ..models.weights import load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global CPU (and CUDA) generator states the weight noise is drawn from."""
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class VariationalInference(BayesianModule):
@@ -98,6 +112,7 @@ class VariationalInference(BayesianModule):
         self.backbone = backbone
         self.dataset_size, self.kl_weight, self.kl_warmup_epochs = dataset_size, kl_weight, kl_warmup_epochs
         self.train_samples, self.mean_prediction = train_samples, mean_prediction
+        self._before_sanity_check: dict[str, Any] | None = None
 
     def forward(self, x: Any) -> Tensor:
         return self.backbone(x)
@@ -131,15 +146,19 @@ class VariationalInference(BayesianModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            checkpoint["cuda_rng_states"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
-        if "cuda_rng_states" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_states"])
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+    def on_validation_start(self) -> None:
+        self._before_sanity_check = _rng_states() if self.trainer.sanity_checking else None
+
+    def on_validation_end(self) -> None:
+        if self._before_sanity_check is not None:  # a resumed run's sanity check must not move the training stream
+            _set_rng_states(self._before_sanity_check)
+            self._before_sanity_check = None
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         if self.mean_prediction:
