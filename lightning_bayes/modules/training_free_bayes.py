@@ -1,0 +1,164 @@
+"""``TrainingFreeBayes`` (TFB): a Gaussian posterior over the LoRA factors of a trained model, with no gradients.
+
+Post hoc on a trained LoRA (MLE, MAP or a BLoB mean). Each adapted layer is put in the SVD form of
+:mod:`lightning_bayes.inference.training_free_bayes` (``B' = U diag(d)``, ``A' = V^T A``) and ``A'_ij`` gets the
+standard deviation ``sigma_q / d_i``. One ``sigma_q`` for all layers is the largest in ``[low, high]`` whose
+relative change of the anchor-set NLL stays within ``tolerance``:
+
+    |NLL(sigma) - NLL(0)| / NLL(0) <= tolerance,   NLL(s) = mean_anchor -log (1/S) sum_k p(y_hat | x, A'_k(s)),
+
+with pseudo-labels ``y_hat = argmax p(y | x, A', B')`` of the deterministic model, ``S = search_samples`` weight
+draws per anchor batch seeded by ``seed + 1 +`` the batch index (common random numbers: the same ``Z`` at every candidate, so
+NLL(sigma) is a smooth function of sigma), and the anchor set the training batches of an epoch (limit it with the
+Trainer's ``limit_train_batches``). The paper states the criterion as a relative NLL change bounded by epsilon
+(0.3% by default); its code also divides by the anchor-set size, which a mean already does. The fit is the
+bisection run as Lightning epochs: one epoch tests one candidate (each ``training_step`` scores one anchor batch;
+the last one decides), so progress, checkpoints and exact resumption at epoch boundaries come from the Trainer.
+The posterior (canonical factors, ``1/d``, ``sigma_q`` and the search state) lives in buffers. The predictive
+averages ``num_samples`` weight draws seeded by ``seed`` (the same ensemble of models for every batch), each shared by the batch (exact draws of the posterior, where the paper's
+flipout decorrelates the noise across examples with the same per-example marginals). Reference: Shi, Wang, Han,
+Zhang & Wang, "Training-Free Bayesianization for Low-Rank Adapters of Large Language Models", 2024/2025.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..inference.likelihoods import Likelihood
+from ..inference.training_free_bayes import Bisection, CanonicalLoraNoise
+from ..models.weights import load_trained_weights
+from ..params import ParamSelector, select_parameters
+from ..predictive import Predictive
+from .base import Batch, BayesianModule
+
+
+def lora_pairs(model: nn.Module, params: ParamSelector) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
+    """``{(name_A, name_B): (A, B)}`` for every peft ``lora_A`` weight ``params`` selects, with its ``lora_B``."""
+    selected = select_parameters(model, params)
+    named = dict(model.named_parameters())
+    pairs = {}
+    for name in selected:
+        if "lora_A" not in name:
+            continue
+        partner = name.replace("lora_A", "lora_B")
+        if partner not in named:
+            raise ValueError(f"params={params!r} selects {name!r}, but its LoRA partner {partner!r} is not in the model")
+        pairs[(name, partner)] = (named[name], named[partner])
+    if not pairs:
+        raise ValueError(f"params={params!r} selects no peft lora_A weight; TFB needs LoRA factors (e.g. params='lora')")
+    return pairs
+
+
+class TrainingFreeBayes(BayesianModule):
+    """Post-hoc TFB posterior over the LoRA factors of ``model``.
+
+    Args:
+        model: the network with peft LoRA adapters; its current weights are used unless ``checkpoint`` is given.
+        checkpoint: a trained model's Lightning checkpoint or state dict (a glob picks the newest match), e.g.
+            ``runs/text_map_lora_smollm2/version_*/checkpoints/last.ckpt``.
+        params: which LoRA layers get noise (``"lora"``, or globs; each selected ``lora_A`` brings its ``lora_B``).
+        sigma_range: ``(low, high)``, the bisection interval of ``sigma_q`` (``low`` is assumed feasible).
+        tolerance: the largest relative anchor-set NLL change allowed (0.003: the paper's 0.3%).
+        search_samples: weight draws per anchor batch when scoring a candidate.
+        num_samples: weight draws of the predictive.
+        seed: seed of the search's and the predictive's draws.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoint: str | None = None,
+        params: ParamSelector = "lora",
+        likelihood: Union[str, Likelihood] = "categorical",
+        sigma_range: tuple[float, float] = (1e-3, 0.015),
+        tolerance: float = 0.003,
+        search_samples: int = 10,
+        num_samples: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(likelihood=likelihood, num_samples=num_samples)
+        self.save_hyperparameters(ignore=["model", "likelihood"])
+        low, high = sigma_range
+        Bisection(low, high)  # validates the interval
+        if not tolerance > 0:
+            raise ValueError(f"tolerance must be > 0 (a relative NLL change); got {tolerance!r}")
+        if not isinstance(search_samples, int) or search_samples < 1:
+            raise ValueError(f"search_samples must be a positive int; got {search_samples!r}")
+        self.automatic_optimization = False
+        if checkpoint is not None:
+            load_trained_weights(model, checkpoint)
+        self.model = model.requires_grad_(False).eval()
+        self.noise = CanonicalLoraNoise(lora_pairs(model, params))
+        self.tolerance, self.search_samples, self.seed = tolerance, search_samples, seed
+        for name, value in (("sigma", low), ("low", low), ("high", high), ("tested_high", 0.0), ("done", 0.0)):
+            self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))
+        self.register_buffer("anchor_nll", torch.zeros(2, dtype=torch.float64))  # sums of NLL(0), NLL(candidate)
+
+    def train(self, mode: bool = True) -> TrainingFreeBayes:
+        super().train(mode)
+        self.model.eval()  # the trained network always runs in eval mode (no dropout)
+        return self
+
+    def configure_optimizers(self) -> None:
+        return None  # nothing is trained: the search updates buffers
+
+    def _generator(self, offset: int) -> torch.Generator:
+        generator = torch.Generator(device=self.noise.a_0.device)
+        generator.manual_seed(self.seed + offset)
+        return generator
+
+    def _samples(self, x: Any, sigma: float, num_samples: int, generator: torch.Generator) -> Tensor:
+        """Outputs ``[S, B, ...]`` of ``num_samples`` weight draws at ``sigma``."""
+        return torch.stack([
+            functional_call(self.model, self.noise.draw(sigma, generator), (x,)) for _ in range(num_samples)
+        ])
+
+    def forward(self, x: Any) -> Tensor:
+        """The deterministic model (the canonical factors, equal to the trained ones up to rounding)."""
+        return functional_call(self.model, self.noise.draw(0.0), (x,))
+
+    # ----- the search: one candidate per epoch ---------------------------------------------------------------
+    def _search(self) -> Bisection:
+        return Bisection(float(self.low), float(self.high), bool(self.tested_high), bool(self.done))
+
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.anchor_nll.zero_()
+        search = self._search()
+        if not search.done:
+            x, _ = batch
+            with torch.no_grad():
+                reference = self.likelihood.predictive(self(x).unsqueeze(0))
+                pseudo_labels = reference.probs.argmax(-1)
+                noisy = self.likelihood.predictive(
+                    self._samples(x, search.candidate(), self.search_samples, self._generator(1 + batch_idx))
+                )
+                self.anchor_nll += torch.stack([
+                    -reference.log_prob(pseudo_labels).mean(), -noisy.log_prob(pseudo_labels).mean()
+                ]).double()
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self._end_candidate(search)
+
+    def _end_candidate(self, search: Bisection) -> None:
+        if not search.done:
+            reference, noisy = self.anchor_nll.tolist()
+            change = abs(noisy - reference) / max(reference, torch.finfo(torch.float64).tiny)
+            candidate = search.candidate()
+            search.update(change <= self.tolerance)
+            self.log_dict({"train/candidate": candidate, "train/relative_nll_change": change}, on_epoch=True, batch_size=1)
+        for name, value in zip(("low", "high", "tested_high", "done"), search.state()):
+            getattr(self, name).fill_(float(value))
+        self.sigma.fill_(search.low)
+        self.log("train/sigma", search.low, on_epoch=True, batch_size=1)
+
+    # ----- the posterior ----------------------------------------------------------------------------------------
+    def predictive(self, x: Any, num_samples: int | None = None, sigma: float | None = None) -> Predictive:
+        """Model average over ``num_samples`` weight draws at ``sigma`` (default: the search's ``sigma_q``)."""
+        samples = self.resolve_num_samples(num_samples)
+        with torch.no_grad():
+            outputs = self._samples(x, float(self.sigma) if sigma is None else sigma, samples, self._generator(0))
+        return self.likelihood.predictive(outputs)

@@ -1,0 +1,106 @@
+"""TrainingFreeBayes: the search as Lightning epochs on a tiny peft LoRA model, the predictive, exact resumption."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.modules.training_free_bayes import TrainingFreeBayes
+
+
+class _TwoLayerNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def _lora_model(seed: int = 0) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(_TwoLayerNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["hidden", "out"]))
+    with torch.no_grad():  # a "trained" adapter: peft starts B at zero
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return model
+
+
+def _loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 6, generator=generator)
+    return DataLoader(TensorDataset(x, torch.randint(0, 3, (64,), generator=generator)), batch_size=16)
+
+
+def _trainer(tmp_path: Path, epochs: int, callbacks: list | None = None) -> Trainer:
+    return Trainer(
+        callbacks=callbacks, enable_checkpointing=callbacks is not None,
+        max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
+    )
+
+
+def _module(**options) -> TrainingFreeBayes:
+    return TrainingFreeBayes(_lora_model(), sigma_range=(1e-3, 2.0), tolerance=0.01, search_samples=2, **options)
+
+
+def test_canonical_factors_keep_the_trained_function(single_thread):
+    module = _module()
+    x = torch.randn(5, 6)
+    # B' A' = B A in float32 (SVD in float64): outputs agree to rounding
+    torch.testing.assert_close(module(x), module.model(x), atol=1e-5, rtol=0)
+    at_zero = module.predictive(x, num_samples=3, sigma=0.0)
+    torch.testing.assert_close(at_zero.probs, torch.softmax(module.model(x), -1), atol=1e-6, rtol=0)
+
+
+def test_search_finds_the_largest_sigma_within_tolerance(tmp_path, single_thread):
+    module = _module()
+    _trainer(tmp_path, epochs=8).fit(module, train_dataloaders=_loader())
+    sigma = float(module.sigma)
+    assert 1e-3 < sigma < 2.0 and bool(module.tested_high)
+
+    def change(s: float) -> float:  # the criterion recomputed outside the Trainer, same draws as the search
+        reference, noisy = 0.0, 0.0
+        for index, (x, _) in enumerate(_loader()):
+            with torch.no_grad():
+                logits = module(x)
+                labels = logits.argmax(-1)
+                reference += nn.functional.cross_entropy(logits, labels).item()
+                draws = module._samples(x, s, 2, module._generator(1 + index))
+                noisy += -module.likelihood.predictive(draws).log_prob(labels).mean().item()
+        return abs(noisy - reference) / reference
+
+    assert change(sigma) <= 0.01
+    assert change(float(module.high)) > 0.01  # the bracket's upper end failed the test
+    assert float(module.high) - sigma <= (2.0 - 1e-3) / 2**6  # 7 bisection steps after the test of high
+
+
+def test_resumed_search_matches_an_uninterrupted_one(tmp_path, single_thread):
+    full = _module()
+    _trainer(tmp_path / "full", epochs=5).fit(full, train_dataloaders=_loader())
+    first = _module()
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(tmp_path, epochs=2, callbacks=[saver]).fit(first, train_dataloaders=_loader())
+    assert float(first.high) > float(full.high)  # two of five candidates tested: the bracket is still wider
+    resumed = _module()
+    _trainer(tmp_path, epochs=5).fit(resumed, train_dataloaders=_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    for name in ("sigma", "low", "high", "tested_high", "done"):
+        assert float(getattr(resumed, name)) == float(getattr(full, name)), name
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(resumed.predictive(x).probs, full.predictive(x).probs, atol=0, rtol=0)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="low < high"):
+        TrainingFreeBayes(_lora_model(), sigma_range=(0.1, 0.01))
+    with pytest.raises(ValueError, match="tolerance"):
+        TrainingFreeBayes(_lora_model(), tolerance=0.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        TrainingFreeBayes(_lora_model(), params="*lora_B*")
