@@ -8,21 +8,22 @@ relative change of the anchor-set NLL stays within ``tolerance``:
     |NLL(sigma) - NLL(0)| / NLL(0) <= tolerance,   NLL(s) = mean_anchor -log (1/S) sum_k p(y_hat | x, A'_k(s)),
 
 with pseudo-labels ``y_hat = argmax p(y | x, A', B')`` of the deterministic model, ``S = search_samples`` weight
-draws per anchor batch seeded by ``seed + 1 +`` the batch index (common random numbers: the same ``Z`` at every candidate, so
-NLL(sigma) is a smooth function of sigma), and the anchor set the training batches of an epoch (limit it with the
-Trainer's ``limit_train_batches``). The paper states the criterion as a relative NLL change bounded by epsilon
-(0.3% by default); its code also divides by the anchor-set size, which a mean already does. The fit is the
-bisection run as Lightning epochs: one epoch tests one candidate (each ``training_step`` scores one anchor batch;
-the last one decides), so progress, checkpoints and exact resumption at epoch boundaries come from the Trainer.
-The posterior (canonical factors, ``1/d``, ``sigma_q`` and the search state) lives in buffers. The predictive
-averages ``num_samples`` weight draws seeded by ``seed`` (the same ensemble of models for every batch), each shared by the batch (exact draws of the posterior, where the paper's
-flipout decorrelates the noise across examples with the same per-example marginals). Reference: Shi, Wang, Han,
-Zhang & Wang, "Training-Free Bayesianization for Low-Rank Adapters of Large Language Models", 2024/2025.
+draws per anchor batch seeded by ``seed + 1 +`` the batch index (common random numbers: the same ``Z`` at every
+candidate, so NLL(sigma) is a smooth function of sigma), and the anchor set the training batches of an epoch
+(limit it with the Trainer's ``limit_train_batches``). The paper bounds the relative NLL change by epsilon (0.3%
+by default); its code also divides by the anchor-set size, which the mean over the anchor set already does.
+The fit is the bisection run as Lightning epochs: one epoch tests one candidate (each ``training_step`` scores one
+anchor batch; the last one decides), so progress, checkpoints and exact resumption at epoch boundaries come from
+the Trainer. The posterior (canonical factors, ``1/d``, ``sigma_q`` and the search state) lives in buffers. The
+predictive averages ``num_samples`` weight draws seeded by ``seed`` (the same ensemble of models for every batch),
+each draw shared by the batch: exact posterior draws, where the paper's flipout decorrelates the noise across
+examples with the same per-example marginals. Reference: Shi, Wang, Han, Zhang & Wang, "Training-Free
+Bayesianization for Low-Rank Adapters of Large Language Models", 2024/2025.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,10 +47,10 @@ def lora_pairs(model: nn.Module, params: ParamSelector) -> dict[tuple[str, str],
             continue
         partner = name.replace("lora_A", "lora_B")
         if partner not in named:
-            raise ValueError(f"params={params!r} selects {name!r}, but its LoRA partner {partner!r} is not in the model")
+            raise ValueError(f"params={params!r} selects {name!r}, but its LoRA partner {partner!r} is not a parameter")
         pairs[(name, partner)] = (named[name], named[partner])
     if not pairs:
-        raise ValueError(f"params={params!r} selects no peft lora_A weight; TFB needs LoRA factors (e.g. params='lora')")
+        raise ValueError(f"params={params!r} selects no peft lora_A weight; TFB needs LoRA factors (params='lora')")
     return pairs
 
 
@@ -73,7 +74,7 @@ class TrainingFreeBayes(BayesianModule):
         model: nn.Module,
         checkpoint: str | None = None,
         params: ParamSelector = "lora",
-        likelihood: Union[str, Likelihood] = "categorical",
+        likelihood: str | Likelihood = "categorical",
         sigma_range: tuple[float, float] = (1e-3, 0.015),
         tolerance: float = 0.003,
         search_samples: int = 10,
@@ -149,7 +150,8 @@ class TrainingFreeBayes(BayesianModule):
             change = abs(noisy - reference) / max(reference, torch.finfo(torch.float64).tiny)
             candidate = search.candidate()
             search.update(change <= self.tolerance)
-            self.log_dict({"train/candidate": candidate, "train/relative_nll_change": change}, on_epoch=True, batch_size=1)
+            logged = {"train/candidate": candidate, "train/relative_nll_change": change}
+            self.log_dict(logged, on_epoch=True, batch_size=1)
         for name, value in zip(("low", "high", "tested_high", "done"), search.state()):
             getattr(self, name).fill_(float(value))
         self.sigma.fill_(search.low)

@@ -11,7 +11,11 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from lightning_bayes.inference.variational_layers import VariationalLayer, to_variational, total_kl
+from lightning_bayes.inference.variational_layers import (
+    VariationalLayer,
+    to_variational,
+    total_kl,
+)
 
 PRIOR_SCALE = 0.2  # BLoB's beta
 
@@ -55,7 +59,8 @@ def test_kl_is_the_closed_form_over_the_a_matrices_only(single_thread):
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in layers:
-            layer.weight.raw_scale.copy_(torch.randn(layer.weight.raw_scale.shape, generator=generator, dtype=torch.float64) - 3)
+            raw = torch.randn(layer.weight.raw_scale.shape, generator=generator, dtype=torch.float64)
+            layer.weight.raw_scale.copy_(raw - 3)
     prior = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(PRIOR_SCALE, dtype=torch.float64))
     expected = sum(kl_divergence(Normal(layer.weight.mean, layer.weight.scale), prior).sum() for layer in layers)
     torch.testing.assert_close(total_kl(model), expected, atol=1e-10, rtol=0)
@@ -71,7 +76,8 @@ def test_lora_branch_noise_has_the_closed_form_mean_and_variance(single_thread):
     assert projection.lora_A["default"] is layer
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        layer.weight.raw_scale.copy_(torch.rand(layer.weight.raw_scale.shape, generator=generator, dtype=torch.float64) - 3)
+        raw = torch.rand(layer.weight.raw_scale.shape, generator=generator, dtype=torch.float64)
+        layer.weight.raw_scale.copy_(raw - 3)
         x = torch.randn(16, generator=generator, dtype=torch.float64)
         draws = 100_000
         torch.manual_seed(4)

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from lightning_bayes.inference.training_free_bayes import (
-    Bisection, CanonicalLoraNoise, canonical_lora, largest_feasible, noise_scales,
+    Bisection,
+    CanonicalLoraNoise,
+    canonical_lora,
+    largest_feasible,
+    noise_scales,
 )
 
 
