@@ -57,12 +57,14 @@ class CanonicalLoraNoise(nn.Module):
             self.register_buffer(f"scale_{i}", noise_scales(d).unsqueeze(1))
 
     def draw(self, sigma: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One posterior draw ``{name_a: A' + sigma (1/d) Z, name_b: B'}`` (``sigma = 0``: the canonical mean)."""
+        """One posterior draw ``{name_a: A' + sigma (1/d) Z, name_b: B'}``; ``sigma = 0`` gives the canonical factors
+        and draws no random numbers."""
         tensors: dict[str, Tensor] = {}
         for i, (name_a, name_b) in enumerate(self.names):
             a, b, scale = getattr(self, f"a_{i}"), getattr(self, f"b_{i}"), getattr(self, f"scale_{i}")
-            noise = torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device)
-            tensors[name_a], tensors[name_b] = a + sigma * scale * noise, b
+            if sigma != 0:
+                a = a + sigma * scale * torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device)
+            tensors[name_a], tensors[name_b] = a, b
         return tensors
 
 

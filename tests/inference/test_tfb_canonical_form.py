@@ -41,6 +41,8 @@ def test_weight_noise_covariance_is_isotropic_on_the_column_space_of_u():
     z_first = torch.randn(rank, inp, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     torch.testing.assert_close(first["A"], noise.a_0 + sigma * scale * z_first, atol=1e-15, rtol=0)
     torch.testing.assert_close(first["B"], noise.b_0, atol=0, rtol=0)
+    state = torch.get_rng_state()
+    assert noise.draw(0.0)["A"] is noise.a_0 and torch.equal(torch.get_rng_state(), state)  # the mean: no draw
     flat = weights.reshape(draws, -1)
     empirical = flat.T @ flat / draws  # zero mean by construction
     u = noise.b_0 / noise.b_0.norm(dim=0)
