@@ -10,8 +10,11 @@ relative change of the anchor-set NLL stays within ``tolerance``:
 with pseudo-labels ``y_hat = argmax p(y | x, A', B')`` of the deterministic model, ``S = search_samples`` weight
 draws per anchor batch seeded by ``seed + 1 +`` the batch index (common random numbers: the same ``Z`` at every
 candidate, so NLL(sigma) is a smooth function of sigma), and the anchor set the training batches of an epoch
-(limit it with the Trainer's ``limit_train_batches``). The paper bounds the relative NLL change by epsilon (0.3%
-by default); its code also divides by the anchor-set size, which the mean over the anchor set already does.
+(limit it with the Trainer's ``limit_train_batches``; per-batch means, so equal batches weigh each snippet alike).
+This is the paper's criterion (epsilon = 0.3%). The released code (Wang-ML-Lab/bayesian-peft, ``tfblora.py``)
+differs in three ways, none taken here: it divides the relative change once more by the anchor-set size (a
+tolerance ``th`` there is ``th * n_anchor`` here), it never tests ``high`` itself, and it returns the upper end of
+the final bracket (the smallest value seen to fail) instead of the largest one seen to pass.
 The fit is the bisection run as Lightning epochs: one epoch tests one candidate (each ``training_step`` scores one
 anchor batch; the last one decides), so progress, checkpoints and exact resumption at epoch boundaries come from
 the Trainer. The posterior (canonical factors, ``1/d``, ``sigma_q`` and the search state) lives in buffers. The
