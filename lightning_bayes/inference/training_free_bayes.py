@@ -59,12 +59,23 @@ class CanonicalLoraNoise(nn.Module):
     def draw(self, sigma: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """One posterior draw ``{name_a: A' + sigma (1/d) Z, name_b: B'}``; ``sigma = 0`` gives the canonical factors
         and draws no random numbers."""
+        return self._weights(sigma, self._standard_noise(generator) if sigma != 0 else None)
+
+    def antithetic_pair(self, sigma: float, generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], ...]:
+        """Two draws with noise ``Z`` and ``-Z``: their average has no term linear in ``sigma Z`` (Hammersley &
+        Morton, 1956), so a Monte Carlo mean over pairs sees the ``O(sigma^2)`` effect of the noise only."""
+        noise = self._standard_noise(generator)
+        return self._weights(sigma, noise), self._weights(-sigma, noise)
+
+    def _standard_noise(self, generator: torch.Generator | None) -> list[Tensor]:
+        shapes = [getattr(self, f"a_{i}") for i in range(len(self.names))]
+        return [torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device) for a in shapes]
+
+    def _weights(self, sigma: float, noise: list[Tensor] | None) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {}
         for i, (name_a, name_b) in enumerate(self.names):
             a, b, scale = getattr(self, f"a_{i}"), getattr(self, f"b_{i}"), getattr(self, f"scale_{i}")
-            if sigma != 0:
-                a = a + sigma * scale * torch.randn(a.shape, generator=generator, dtype=a.dtype, device=a.device)
-            tensors[name_a], tensors[name_b] = a, b
+            tensors[name_a], tensors[name_b] = (a if noise is None else a + sigma * scale * noise[i]), b
         return tensors
 
 

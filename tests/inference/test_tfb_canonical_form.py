@@ -52,6 +52,17 @@ def test_weight_noise_covariance_is_isotropic_on_the_column_space_of_u():
     assert (empirical - expected).abs().max() < 5 * 2**0.5 * sigma**2 / draws**0.5
 
 
+def test_an_antithetic_pair_mirrors_one_noise_draw():
+    a, b = _factors()
+    noise = CanonicalLoraNoise({("A", "B"): (a, b), ("A2", "B2"): _factors(seed=5)})
+    plus, minus = noise.antithetic_pair(0.1, torch.Generator().manual_seed(0))
+    single = noise.draw(0.1, torch.Generator().manual_seed(0))
+    for name, mean in (("A", noise.a_0), ("A2", noise.a_1)):
+        torch.testing.assert_close(plus[name], single[name], atol=0, rtol=0)
+        torch.testing.assert_close(plus[name] - mean, mean - minus[name], atol=1e-7, rtol=0)
+    assert minus["B"] is plus["B"] is noise.b_0
+
+
 def test_a_missing_direction_carries_no_noise():
     d = torch.tensor([2.0, 0.5, 0.0])
     torch.testing.assert_close(noise_scales(d), torch.tensor([0.5, 2.0, 0.0]))

@@ -73,7 +73,8 @@ def test_search_finds_the_largest_sigma_within_tolerance(tmp_path, single_thread
                 logits = module(x)
                 labels = logits.argmax(-1)
                 reference += nn.functional.cross_entropy(logits, labels).item()
-                draws = module._samples(x, s, 2, module._generator(1 + index))
+                pair = module.noise.antithetic_pair(s, module._generator(1 + index))
+                draws = torch.stack([torch.func.functional_call(module.model, weights, (x,)) for weights in pair])
                 noisy += -module.likelihood.predictive(draws).log_prob(labels).mean().item()
         return abs(noisy - reference) / reference
 
@@ -100,6 +101,8 @@ def test_resumed_search_matches_an_uninterrupted_one(tmp_path, single_thread):
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="low < high"):
         TrainingFreeBayes(_lora_model(), sigma_range=(0.1, 0.01))
+    with pytest.raises(ValueError, match="search_samples must be an even int"):
+        TrainingFreeBayes(_lora_model(), search_samples=3)
     with pytest.raises(ValueError, match="tolerance"):
         TrainingFreeBayes(_lora_model(), tolerance=0.0)
     with pytest.raises(ValueError, match="lora_A"):
