@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -166,6 +167,15 @@ class TrainingFreeBayes(BayesianModule):
             getattr(self, name).fill_(float(value))
         self.sigma.fill_(search.low)
         self.log("train/sigma", search.low, on_epoch=True, batch_size=1)
+
+    def on_train_end(self) -> None:
+        low = self.hparams.sigma_range[0]
+        if bool(self.tested_high) and float(self.low) == low:
+            rank_zero_warn(
+                f"TrainingFreeBayes: no tested sigma met tolerance={self.tolerance} (the last failed at "
+                f"{float(self.high):.3g}); sigma_q is the untested lower end {low}: lower sigma_range[0] or raise "
+                "the tolerance"
+            )
 
     # ----- the posterior ----------------------------------------------------------------------------------------
     def predictive(self, x: Any, num_samples: int | None = None, sigma: float | None = None) -> Predictive:

@@ -98,6 +98,13 @@ def test_resumed_search_matches_an_uninterrupted_one(tmp_path, single_thread):
     torch.testing.assert_close(resumed.predictive(x).probs, full.predictive(x).probs, atol=0, rtol=0)
 
 
+def test_a_search_with_no_feasible_candidate_warns(tmp_path, single_thread):
+    module = TrainingFreeBayes(_lora_model(), sigma_range=(0.5, 2.0), tolerance=1e-6, search_samples=2)
+    with pytest.warns(UserWarning, match="no tested sigma met tolerance=1e-06"):
+        _trainer(tmp_path, epochs=2).fit(module, train_dataloaders=_loader())
+    assert float(module.sigma) == 0.5
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="low < high"):
         TrainingFreeBayes(_lora_model(), sigma_range=(0.1, 0.01))
