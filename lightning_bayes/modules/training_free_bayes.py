@@ -157,7 +157,8 @@ class TrainingFreeBayes(BayesianModule):
 
     def _end_candidate(self, search: Bisection) -> None:
         if not search.done:
-            reference, noisy = self.anchor_nll.tolist()
+            # sums over this rank's anchor batches; under DDP the ranks' sums add up to the whole anchor set's
+            reference, noisy = self.trainer.strategy.reduce(self.anchor_nll.clone(), reduce_op="sum").tolist()
             change = abs(noisy - reference) / max(reference, torch.finfo(torch.float64).tiny)
             candidate = search.candidate()
             search.update(change <= self.tolerance)
