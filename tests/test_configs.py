@@ -25,6 +25,7 @@ TRAINED_BY = {
     "mnist/viking.yaml": ("mnist/map.yaml", _CHECKPOINT),
     "mnist/curve.yaml": ("mnist/map.yaml", _CURVE_ENDS),
     "text/lora_curve.yaml": ("text/map_lora_smollm2.yaml", _CURVE_ENDS),
+    "text/tfb_smollm2.yaml": ("text/map_lora_smollm2.yaml", _CHECKPOINT),
 }
 # a 135M-parameter LM on CPU: smaller batches and fewer posterior samples keep the smoke run to a minute
 LIGHTER = {
@@ -36,6 +37,13 @@ LIGHTER = {
     "mnist/swag_predictive.yaml": ["--model.init_args.num_samples=2"],
     "mnist/subspace_ess.yaml": ["--model.init_args.rank=1", "--model.init_args.num_samples=2"],
     "text/map_lora_smollm2.yaml": ["--data.init_args.batch_size=4"],
+    "text/blob_smollm2.yaml": ["--data.init_args.batch_size=4", "--model.init_args.num_samples=2"],
+    "text/ivon_lora_smollm2.yaml": ["--data.init_args.batch_size=4", "--model.init_args.num_samples=2"],
+    "text/tfb_smollm2.yaml": [
+        "--data.init_args.batch_size=4",
+        "--model.init_args.num_samples=2",
+        "--model.init_args.search_samples=2",
+    ],
     "text/lora_curve.yaml": [
         "--data.init_args.batch_size=4",
         "--trainer.callbacks.init_args.ensemble_points=2",

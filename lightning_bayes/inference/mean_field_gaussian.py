@@ -39,6 +39,11 @@ class MeanFieldGaussian(nn.Module):
         self.raw_scale = nn.Parameter(torch.full(shape, raw))
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype, as a layer's weight reports it (peft casts LoRA inputs to ``lora_A.weight.dtype``)."""
+        return self.mean.dtype
+
+    @property
     def scale(self) -> Tensor:
         return F.softplus(self.raw_scale)
 

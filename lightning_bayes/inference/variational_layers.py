@@ -113,7 +113,9 @@ class VariationalLayer(nn.Module):
         if self.local_reparameterization:
             mean = self._layer(x, *(family.mean for family in self._families()))
             variance = self._layer(x.square(), *(family.scale.square() for family in self._families()))
-            return mean + (variance + 1e-8).sqrt() * torch.randn_like(mean)  # finite gradient where the variance is 0
+            # clamped, not shifted: a finite gradient where the variance is 0 (sparse or deterministic parts) without a
+            # noise floor that would keep a vanishing posterior from reducing to the deterministic layer
+            return mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
         draws = [family.sample(1) for family in self._families()]
         values = [value[0] for value, _ in draws]
         self._last_log_ratio = sum(log_q.sum() - self._log_prior(value) for value, (_, log_q) in zip(values, draws))

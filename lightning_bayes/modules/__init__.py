@@ -9,6 +9,7 @@ from .mc_dropout import MCDropout
 from .nullspace_laplace import NullSpaceLaplace
 from .ssvi import SSVI
 from .subspace_inference import SubspaceInference
+from .training_free_bayes import TrainingFreeBayes
 from .variational_inference import VariationalInference
 from .vbll import VBLLClassifier, VBLLRegressor
 from .viking import VIKING
@@ -23,6 +24,7 @@ __all__ = [
     "NullSpaceLaplace",
     "SSVI",
     "SubspaceInference",
+    "TrainingFreeBayes",
     "VariationalInference",
     "VBLLClassifier",
     "VBLLRegressor",

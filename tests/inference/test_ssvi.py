@@ -49,7 +49,7 @@ def sparse_layer(template: nn.Module, density: float = 0.3, seed: int = 0) -> Va
     layer = VariationalLayer(template, family="sparse_gaussian").double()
     assert isinstance(layer.weight, SparseGaussian) and isinstance(layer.bias, PointMass)
     initialise_support(layer.weight, density, torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # scales around 0.3, so that the output noise is far above the 1e-8 variance floor
+    with torch.no_grad():  # scales around 0.3, so that the output noise is far above the 1e-16 variance clamp
         noise = 0.3 * torch.randn(layer.weight.mask.shape, generator=torch.Generator().manual_seed(seed + 1))
         layer.weight.raw_scale.copy_((math.log(math.expm1(0.3)) + noise) * layer.weight.mask)
     return layer
@@ -109,7 +109,7 @@ def test_recorded_dense_gradient_is_the_gradient_of_the_masked_mean_weight_also_
     torch.manual_seed(3)
     mean = torch.nn.functional.linear(x, weight, layer.bias.mean.detach())
     variance = torch.nn.functional.linear(x.square(), layer.weight.scale.detach().square())
-    (mean + (variance + 1e-8).sqrt() * torch.randn_like(mean)).square().sum().backward()
+    (mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)).square().sum().backward()
     assert torch.allclose(layer.weight.dense_gradient, weight.grad, rtol=1e-12, atol=0)
     assert (layer.weight.dense_gradient[~layer.weight.mask] != 0).all()
 
