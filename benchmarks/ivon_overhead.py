@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.models import LeNet5
@@ -27,21 +25,7 @@ from lightning_bayes.modules import MAP
 from lightning_bayes.modules.ivon import IVONModule
 from lightning_bayes.optim import IVON
 
-
-class StepTimer(Callback):
-    """Seconds of each training step, from batch start to batch end."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
+from step_timer import StepTimer  # benchmarks/step_timer.py
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

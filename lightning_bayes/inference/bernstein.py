@@ -46,6 +46,17 @@ def monotone_coefficients(raw: Tensor) -> Tensor:
     return torch.cat([raw[..., :1], raw[..., :1] + torch.cumsum(F.softplus(raw[..., 1:]), dim=-1)], dim=-1)
 
 
+def initial_raw_coefficients(degree: int, support: tuple[float, float]) -> Tensor:
+    """Raw coefficients ``[M + 1]`` whose :func:`monotone_coefficients` are evenly spaced over ``support``."""
+    if not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree must be an int >= 1; got {degree!r}")
+    low, high = support
+    if not high > low:
+        raise ValueError(f"support must be (w_min, w_max) with w_max > w_min; got {support!r}")
+    step = torch.tensor((high - low) / degree)
+    return torch.cat([torch.tensor([low]), inverse_softplus(step).repeat(degree)])
+
+
 class BernsteinFlow(nn.Module):
     """Independent Bernstein-flow chains for a tensor of ``shape`` parameters (mean field), degree ``M``.
 
@@ -66,14 +77,8 @@ class BernsteinFlow(nn.Module):
         freeze_affine: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(degree, int) or degree < 1:
-            raise ValueError(f"degree must be an int >= 1; got {degree!r}")
-        low, high = support
-        if not high > low:
-            raise ValueError(f"support must be (w_min, w_max) with w_max > w_min; got {support!r}")
+        raw = initial_raw_coefficients(degree, support)
         shape = tuple(shape)
-        step = torch.tensor((high - low) / degree)
-        raw = torch.cat([torch.tensor([low]), inverse_softplus(step).repeat(degree)])
         self.degree, self.final_affine = degree, final_affine
         if freeze_affine:
             self.register_buffer("a", torch.zeros(shape))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .bernstein import bernstein_basis, inverse_softplus, monotone_coefficients
+from .bernstein import bernstein_basis, initial_raw_coefficients, inverse_softplus, monotone_coefficients
 
 _U_CLIP = 1e-5
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -103,11 +103,7 @@ class AutoregressiveBernsteinFlow(nn.Module):
         shape = tuple(shape)
         if not all(isinstance(n, int) and n >= 1 for n in shape):
             raise ValueError(f"shape must be a tuple of ints >= 1; got {shape!r}")
-        if not isinstance(degree, int) or degree < 1:
-            raise ValueError(f"degree must be an int >= 1; got {degree!r}")
-        low, high = support
-        if not high > low:
-            raise ValueError(f"support must be (w_min, w_max) with w_max > w_min; got {support!r}")
+        raw = initial_raw_coefficients(degree, support)
         hidden = tuple(hidden)
         if not all(isinstance(n, int) and n >= 1 for n in hidden):
             raise ValueError(f"hidden must be a sequence of layer widths (ints >= 1); got {hidden!r}")
@@ -120,8 +116,6 @@ class AutoregressiveBernsteinFlow(nn.Module):
             self.a = nn.Parameter(torch.zeros(shape))
             self.b = nn.Parameter(torch.zeros(shape))
         self.conditioner = made(self.dim, hidden, degree + 1)
-        step = torch.tensor((high - low) / degree)
-        raw = torch.cat([torch.tensor([low]), inverse_softplus(step).repeat(degree)])
         with torch.no_grad():
             self.conditioner[-1].bias.copy_(raw.repeat(self.dim))
         if final_affine:

@@ -17,6 +17,20 @@ from torch import Tensor, nn
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def initial_parameters(
+    shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float, init_scale: float
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """``(mu, rho)`` of ``shape`` with ``mu = init_mean`` (a number or a tensor of ``shape``), ``softplus(rho) = init_scale``."""
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be > 0; got {init_scale!r}")
+    shape = tuple(shape)
+    mean = torch.as_tensor(init_mean, dtype=torch.get_default_dtype())
+    if mean.ndim and tuple(mean.shape) != shape:
+        raise ValueError(f"init_mean must be a number or have shape {shape}; got {tuple(mean.shape)}")
+    raw = math.log(math.expm1(init_scale))  # softplus^-1
+    return nn.Parameter(mean.expand(shape).clone()), nn.Parameter(torch.full(shape, raw))
+
+
 class MeanFieldGaussian(nn.Module):
     """Independent Gaussians ``N(mu, softplus(rho)^2)`` for a tensor of ``shape`` parameters.
 
@@ -28,15 +42,7 @@ class MeanFieldGaussian(nn.Module):
 
     def __init__(self, shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float = 0.0, init_scale: float = 1.0) -> None:
         super().__init__()
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0; got {init_scale!r}")
-        shape = tuple(shape)
-        mean = torch.as_tensor(init_mean, dtype=torch.get_default_dtype())
-        if mean.ndim and tuple(mean.shape) != shape:
-            raise ValueError(f"init_mean must be a number or have shape {shape}; got {tuple(mean.shape)}")
-        self.mean = nn.Parameter(mean.expand(shape).clone())
-        raw = math.log(math.expm1(init_scale))  # softplus^-1
-        self.raw_scale = nn.Parameter(torch.full(shape, raw))
+        self.mean, self.raw_scale = initial_parameters(shape, init_mean, init_scale)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mean_field_gaussian import initial_parameters
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -37,15 +39,8 @@ class SparseGaussian(nn.Module):
 
     def __init__(self, shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float = 0.0, init_scale: float = 1.0) -> None:
         super().__init__()
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0; got {init_scale!r}")
-        shape = tuple(shape)
-        mean = torch.as_tensor(init_mean, dtype=torch.get_default_dtype())
-        if mean.ndim and tuple(mean.shape) != shape:
-            raise ValueError(f"init_mean must be a number or have shape {shape}; got {tuple(mean.shape)}")
-        self.loc = nn.Parameter(mean.expand(shape).clone())
-        self.raw_scale = nn.Parameter(torch.full(shape, math.log(math.expm1(init_scale))))
-        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool))
+        self.loc, self.raw_scale = initial_parameters(shape, init_mean, init_scale)
+        self.register_buffer("mask", torch.ones(tuple(shape), dtype=torch.bool))
         self.record_dense_gradient = False
         self.dense_gradient: Tensor | None = None
 

@@ -1,0 +1,27 @@
+"""``StepTimer``: the seconds of each training step, from ``on_train_batch_start`` to ``on_train_batch_end``.
+
+Shared by the overhead benchmarks (run as scripts from the repository root: ``python benchmarks/<name>.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class StepTimer(Callback):
+    """Seconds of each training step, from batch start to batch end."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
