@@ -57,6 +57,20 @@ def initial_raw_coefficients(degree: int, support: tuple[float, float]) -> Tenso
     return torch.cat([torch.tensor([low]), inverse_softplus(step).repeat(degree)])
 
 
+def add_affine_parameters(flow: nn.Module, shape: tuple[int, ...], final_affine: bool, freeze_affine: bool) -> None:
+    """Give ``flow`` the chain's affine maps of ``shape``: ``f1``'s raw ``a = b = 0`` (buffers when ``freeze_affine``)
+    and, with ``final_affine``, ``f3``'s ``alpha = softplus^-1(1)`` and ``beta = 0``."""
+    if freeze_affine:
+        flow.register_buffer("a", torch.zeros(shape))
+        flow.register_buffer("b", torch.zeros(shape))
+    else:
+        flow.a = nn.Parameter(torch.zeros(shape))
+        flow.b = nn.Parameter(torch.zeros(shape))
+    if final_affine:
+        flow.alpha = nn.Parameter(torch.full(shape, float(inverse_softplus(torch.tensor(1.0)))))
+        flow.beta = nn.Parameter(torch.zeros(shape))
+
+
 class BernsteinFlow(nn.Module):
     """Independent Bernstein-flow chains for a tensor of ``shape`` parameters (mean field), degree ``M``.
 
@@ -80,16 +94,8 @@ class BernsteinFlow(nn.Module):
         raw = initial_raw_coefficients(degree, support)
         shape = tuple(shape)
         self.degree, self.final_affine = degree, final_affine
-        if freeze_affine:
-            self.register_buffer("a", torch.zeros(shape))
-            self.register_buffer("b", torch.zeros(shape))
-        else:
-            self.a = nn.Parameter(torch.zeros(shape))
-            self.b = nn.Parameter(torch.zeros(shape))
+        add_affine_parameters(self, shape, final_affine, freeze_affine)
         self.raw_coefficients = nn.Parameter(raw.expand(*shape, degree + 1).clone())
-        if final_affine:
-            self.alpha = nn.Parameter(torch.full(shape, float(inverse_softplus(torch.tensor(1.0)))))
-            self.beta = nn.Parameter(torch.zeros(shape))
 
     def coefficients(self) -> Tensor:
         """The increasing coefficients ``theta`` ``[*shape, M + 1]``."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .bernstein import bernstein_basis, initial_raw_coefficients, inverse_softplus, monotone_coefficients
+from .bernstein import add_affine_parameters, bernstein_basis, initial_raw_coefficients, monotone_coefficients
 
 _U_CLIP = 1e-5
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -109,18 +109,10 @@ class AutoregressiveBernsteinFlow(nn.Module):
             raise ValueError(f"hidden must be a sequence of layer widths (ints >= 1); got {hidden!r}")
         self.shape, self.degree, self.final_affine = shape, degree, final_affine
         self.dim = math.prod(shape)
-        if freeze_affine:
-            self.register_buffer("a", torch.zeros(shape))
-            self.register_buffer("b", torch.zeros(shape))
-        else:
-            self.a = nn.Parameter(torch.zeros(shape))
-            self.b = nn.Parameter(torch.zeros(shape))
+        add_affine_parameters(self, shape, final_affine, freeze_affine)
         self.conditioner = made(self.dim, hidden, degree + 1)
         with torch.no_grad():
             self.conditioner[-1].bias.copy_(raw.repeat(self.dim))
-        if final_affine:
-            self.alpha = nn.Parameter(torch.full(shape, float(inverse_softplus(torch.tensor(1.0)))))
-            self.beta = nn.Parameter(torch.zeros(shape))
 
     def _flatten(self, z: Tensor) -> Tensor:
         """``[..., *shape] -> [..., D]``."""

@@ -9,25 +9,14 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_bayes.modules.ivon import IVONModule
 from lightning_bayes.optim import IVON
 
+from toy_classification import blobs, classifier
+
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def classifier(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-
-def blobs(count: int = 24, seed: int = 1) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.arange(count) % 3
-    centres = torch.tensor([[0.0, 2.0], [2.0, 0.0], [-2.0, -2.0]], dtype=torch.float64)
-    return TensorDataset(centres[y] + 0.5 * torch.randn(count, 2, generator=generator, dtype=torch.float64), y)
 
 
 def loader() -> DataLoader:

@@ -13,26 +13,16 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_bayes.inference.likelihoods import GaussianLikelihood
 from lightning_bayes.inference.variational_layers import VariationalLayer
 from lightning_bayes.modules import VariationalInference
 from lightning_bayes.predictive import CategoricalPredictive
 
+from toy_classification import blobs, classifier
+
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def classifier(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-
-def blobs(count: int = 24, seed: int = 1) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.arange(count) % 3
-    centres = torch.tensor([[0.0, 2.0], [2.0, 0.0], [-2.0, -2.0]], dtype=torch.float64)
-    return TensorDataset(centres[y] + 0.5 * torch.randn(count, 2, generator=generator, dtype=torch.float64), y)
 
 
 def make_trainer(epochs: int = 1, root: Path | None = None, callbacks: list | None = None, **kwargs) -> Trainer:
