@@ -43,13 +43,10 @@ micro-batch) otherwise spins for about a second instead of taking milliseconds.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import logging
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -72,6 +69,8 @@ from lightning_bayes.metrics import (
 from lightning_bayes.models import MLP, LeNet5, load_trained_weights
 from lightning_bayes.predictive import CategoricalPredictive
 
+from peak_memory import PeakMemory, cap_address_space, describe_error, synchronize  # benchmarks/peak_memory.py
+
 MICRO_BATCH = 16  # ours: examples per projection step (the reference's B)
 INPUT_DIM = 784  # part 2's synthetic MLP inputs
 LAPLACE_ROWS = [  # (row name, subset_of_weights, hessian_structure)
@@ -80,7 +79,6 @@ LAPLACE_ROWS = [  # (row name, subset_of_weights, hessian_structure)
     ("KFAC", "all", "kron"),
 ]
 BACKENDS = ("curvlinops", "asdl")
-OOM_MESSAGES = ("can't allocate memory", "out of memory", "not enough memory", "cannot allocate memory")
 
 
 # ----- helpers ---------------------------------------------------------------------------------------
@@ -89,76 +87,6 @@ def number_or_name(value: str) -> float | str:
         return float(value)
     except ValueError:
         return value
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
-
-
-def release_free_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so that a later phase's allocations
-    raise the resident set instead of reusing pages an earlier phase left resident."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory of a phase above its start, in MiB: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU
-    the resident set's high-water mark ``VmHWM``, reset to the current size through ``/proc/self/clear_refs``
-    at the start (falling back to ``ru_maxrss``, a lifetime mark, where the reset is refused)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0.0
-        self.resettable = True
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device) / 2**20
-            return
-        gc.collect()
-        release_free_heap()
-        try:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")
-            self.base = _status_kb("VmRSS") / 1024
-        except OSError:
-            self.resettable = False
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def peak(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
-        if self.resettable:
-            return _status_kb("VmHWM") / 1024 - self.base
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.base
-
-
-def cap_address_space(max_gb: float) -> None:
-    """Let the process map at most ``max_gb`` more than it has now: a bigger allocation raises instead of
-    triggering the OOM killer (which may pick another process)."""
-    if max_gb <= 0:
-        return
-    limit = _status_kb("VmSize") * 1024 + int(max_gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-
-
-def describe_error(error: BaseException, max_gb: float) -> str:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if isinstance(error, MemoryError) or any(m in message.lower() for m in OOM_MESSAGES):
-        return f"OOM (> {max_gb:g} GB)" if max_gb > 0 else "OOM"
-    return f"{type(error).__name__}: {message[:100]}"
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:

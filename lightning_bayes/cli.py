@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -45,14 +45,23 @@ class BayesCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
             return
-        checkpoint = self.trainer.checkpoint_callback
-        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        use_best = bool(best) and getattr(checkpoint, "monitor", None) is not None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if use_best else None)
+        test_fitted(self.trainer, self.model, self.datamodule)
 
 
-def run(args: Any = None) -> BayesCLI:
-    """Run the CLI on ``args`` (a list like ``["fit", "--config", ...]``; None: the command line)."""
+def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:
+    """Test after ``trainer.fit``: the best checkpoint when one is monitored, else the model as it is."""
+    checkpoint = trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    use_best = bool(best) and getattr(checkpoint, "monitor", None) is not None
+    trainer.test(model, datamodule=datamodule, ckpt_path="best" if use_best else None)
+
+
+def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
+    """Run the CLI on ``args`` (a list like ``["fit", "--config", ...]``; None: the command line).
+
+    With ``subcommand=False``, ``args`` holds no subcommand (``["--config", ...]``): model, data and trainer
+    are instantiated and nothing runs (``cli.model``, ``cli.datamodule``, ``cli.trainer``, ``cli.config``).
+    """
     return BayesCLI(
         BayesianModule,
         LightningDataModule,
@@ -60,6 +69,7 @@ def run(args: Any = None) -> BayesCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": False},
         args=args,
+        run=subcommand,
         auto_configure_optimizers=False,
     )
 

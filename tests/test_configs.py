@@ -18,6 +18,10 @@ LLM_CONFIGS = {"text"}
 _CHECKPOINT = ["--model.init_args.checkpoint"]
 _CURVE_ENDS = ["--trainer.callbacks.init_args.start", "--trainer.callbacks.init_args.end"]
 TRAINED_BY = {
+    "digits/nullspace_laplace.yaml": ("digits/map.yaml", _CHECKPOINT),
+    "digits/swag_predictive.yaml": ("digits/swag.yaml", _CHECKPOINT),
+    "digits/subspace_ess.yaml": ("digits/swag.yaml", _CHECKPOINT),
+    "digits/curve.yaml": ("digits/map.yaml", _CURVE_ENDS),
     "mnist/nullspace_laplace.yaml": ("mnist/map.yaml", _CHECKPOINT),
     "text/nullspace_laplace_lora.yaml": ("text/map_lora_smollm2.yaml", _CHECKPOINT),
     "mnist/swag_predictive.yaml": ("mnist/swag.yaml", _CHECKPOINT),
@@ -30,6 +34,8 @@ TRAINED_BY = {
 # a 135M-parameter LM on CPU: smaller batches and fewer posterior samples keep the smoke run to a minute
 LIGHTER = {
     "digits/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],  # the ELBO phase, not the MLE one
+    "digits/swag.yaml": ["--trainer.callbacks.init_args.start_epoch=0", "--trainer.callbacks.init_args.every_n_steps=1"],
+    "digits/subspace_ess.yaml": ["--model.init_args.rank=1", "--model.init_args.num_samples=2"],
     "mnist/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],
     "mnist/ivon.yaml": ["--model.init_args.num_samples=2"],
     # SWASubspace is the last callback of swag.yaml: collect from the first step so the two batches give moments

@@ -10,7 +10,7 @@ torchmetrics metrics; at epoch end it logs them as
 
 with ``stage`` = ``val`` or ``test``. After testing it writes ``metrics.json`` (flat keys such as ``acc``,
 ``ece``, ``ood_auroc``; never overwriting: ``metrics-1.json``, ... follow) and, with ``plots=True``, a
-reliability diagram (classification) or a predictive band (1-D regression) into the run's log folder.
+reliability diagram (classification; its bins in ``reliability.json``) or a predictive band (1-D regression) into the run's log folder.
 Metric states are torchmetrics sums and concatenations, so every value is the pooled one under DDP.
 """
 
@@ -258,7 +258,8 @@ class CalibrationMetrics(Callback):
         metrics_path = write_json(folder, "metrics", {_flat_key(name): value for name, value in computed.items()})
         rank_zero_info(f"CalibrationMetrics: wrote {metrics_path}")
         if reliability is not None:
-            reliability_diagram(*reliability, path=unique_path(folder, "reliability", ".png"))
+            bins = reliability_diagram(*reliability, path=unique_path(folder, "reliability", ".png"))
+            write_json(folder, "reliability", bins.to_dict())
         if band is not None:
             predictive_band(*band, path=unique_path(folder, "predictive_band", ".png"))
 

@@ -6,10 +6,13 @@ Bins are equal-width, ``[k/n, (k+1)/n)`` with the last one closed, and the ECE i
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 
 from ._figure import as_array, new_figure, save
 
@@ -28,6 +31,24 @@ class ReliabilityBins:
         filled = self.count > 0
         gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
         return float((self.count[filled] * gaps).sum() / self.count.sum())
+
+    def to_dict(self) -> dict[str, list[float | None]]:
+        """JSON-ready lists (``None`` for an empty bin's accuracy and confidence)."""
+
+        def listed(values: np.ndarray) -> list[float | None]:
+            return [None if math.isnan(v) else float(v) for v in values]
+
+        return {"edges": listed(self.edges), "accuracy": listed(self.accuracy), "confidence": listed(self.confidence),
+                "count": listed(self.count)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, list[float | None]]) -> ReliabilityBins:
+        """Inverse of :meth:`to_dict`."""
+
+        def array(key: str) -> np.ndarray:
+            return np.array([math.nan if v is None else v for v in data[key]], dtype=np.float64)
+
+        return cls(array("edges"), array("accuracy"), array("confidence"), array("count"))
 
 
 def reliability_bins(confidences: object, correct: object, n_bins: int = 15) -> ReliabilityBins:
@@ -60,6 +81,30 @@ def reliability_diagram(confidences: object, correct: object, path: str | Path, 
     bins = reliability_bins(confidences, correct, n_bins)
     figure = new_figure()
     axes = figure.add_subplot()
+    _draw(axes, bins, f"Reliability ({int(bins.count.sum())} examples), ECE = {bins.ece:.4f}")
+    axes.legend(loc="upper left")
+    save(figure, path)
+    return bins
+
+
+def reliability_grid(panels: Mapping[str, ReliabilityBins], path: str | Path, columns: int = 4) -> Path:
+    """Reliability diagrams side by side, one panel per name (title: name and ECE), saved as a PNG at ``path``."""
+    if not panels:
+        raise ValueError("panels must hold at least one name -> ReliabilityBins")
+    if not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns must be a positive integer; got {columns!r}")
+    columns = min(columns, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = new_figure(3.2 * columns, 3.0 * rows)
+    for index, (name, bins) in enumerate(panels.items()):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        _draw(axes, bins, f"{name}\nECE = {bins.ece:.4f}")
+        if index % columns:
+            axes.set_ylabel("")
+    return save(figure, path)
+
+
+def _draw(axes: Axes, bins: ReliabilityBins, title: str) -> None:
     left, width = bins.edges[:-1], np.diff(bins.edges)
     filled = bins.count > 0
     axes.bar(
@@ -85,7 +130,4 @@ def reliability_diagram(confidences: object, correct: object, path: str | Path, 
     )
     axes.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
     axes.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), xlabel="confidence", ylabel="accuracy")
-    axes.set_title(f"Reliability ({int(bins.count.sum())} examples), ECE = {bins.ece:.4f}")
-    axes.legend(loc="upper left")
-    save(figure, path)
-    return bins
+    axes.set_title(title, fontsize="medium")

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from lightning_bayes.callbacks import CalibrationMetrics
 from lightning_bayes.metrics import classification_metrics, ood_score, regression_metrics
+from lightning_bayes.plots import ReliabilityBins
 
 CLASSIFICATION_KEYS = {"acc", "nll", "brier", "ece", "mce", "aece", "entropy", "mi", "ood_auroc", "ood_fpr95"}
 
@@ -71,6 +72,8 @@ def test_classification_fit_and_test_log_the_direct_values_and_write_files(tmp_p
     assert set(written) == CLASSIFICATION_KEYS
     assert written["ece"] == pytest.approx(expected["ece"], rel=1e-5)
     assert (folder / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bins = ReliabilityBins.from_dict(json.loads((folder / "reliability.json").read_text()))
+    assert bins.count.sum() == len(data.test) and bins.ece == pytest.approx(expected["ece"], rel=1e-5)
     csv = pd.read_csv(folder / "metrics.csv")
     assert csv["val/cal/acc"].notna().sum() == 1 and csv["test/cal/acc"].notna().sum() == 1
 
@@ -78,7 +81,7 @@ def test_classification_fit_and_test_log_the_direct_values_and_write_files(tmp_p
     trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
     assert json.loads((folder / "metrics.json").read_text()) == written
     assert set(json.loads((folder / "metrics-1.json").read_text())) == CLASSIFICATION_KEYS
-    assert (folder / "reliability-1.png").exists()
+    assert (folder / "reliability-1.png").exists() and (folder / "reliability-1.json").exists()
 
 
 def test_recomputes_the_predictive_when_the_module_returns_a_loss(tmp_path: Path) -> None:

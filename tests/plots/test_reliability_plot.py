@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from matplotlib.image import imread
 from torchmetrics.functional.classification import binary_calibration_error
 
-from lightning_bayes.plots import reliability_bins, reliability_diagram
+from lightning_bayes.plots import ReliabilityBins, reliability_bins, reliability_diagram, reliability_grid
 
 
 def sample(seed: int = 0, n: int = 500) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +46,21 @@ def test_diagram_ece_equals_torchmetrics_and_png_is_written(tmp_path: Path) -> N
     image = imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_bins_survive_json_and_the_grid_draws_one_panel_each(tmp_path: Path) -> None:
+    bins = reliability_bins(*sample(2), n_bins=10)  # bins 0-2 are empty: NaN <-> None
+    restored = ReliabilityBins.from_dict(json.loads(json.dumps(bins.to_dict())))
+    for field in ("edges", "accuracy", "confidence", "count"):
+        np.testing.assert_array_equal(getattr(restored, field), getattr(bins, field))
+    assert restored.ece == bins.ece
+    path = reliability_grid({"a": bins, "b": reliability_bins(*sample(3)), "c": restored}, tmp_path / "grid.png", columns=2)
+    image = imread(path)
+    reliability_diagram(*sample(2), path=tmp_path / "one.png")
+    single = imread(tmp_path / "one.png")
+    assert image.shape[0] > 1.4 * single.shape[0]  # two rows of 3-inch panels against one 4-inch figure
+    with pytest.raises(ValueError, match="at least one"):
+        reliability_grid({}, tmp_path / "empty.png")
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:

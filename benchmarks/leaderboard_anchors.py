@@ -1,0 +1,209 @@
+"""The leaderboard's anchors: the libraries a user would pick instead, used the way their documentation shows.
+
+Each anchor takes the instantiated config it copies (``lightning_bayes.cli.run(..., subcommand=False)``: the
+same backbone, datamodule, split, optimiser, epochs and batch size as our run) and returns a function from a
+test batch's inputs to a :class:`~lightning_bayes.predictive.Predictive`, so that every row is scored by the
+same metrics. Anchors that train select the epoch of best validation NLL, as our configs' ``ModelCheckpoint``.
+
+* ``laplace_torch`` (laplace-torch 0.3): ``Laplace(model, likelihood, subset_of_weights, hessian_structure)``
+  on the MAP's trained network, ``fit`` on the training loader, ``optimize_prior_precision(method="marglik")``,
+  GLM predictive with the probit link (classification) or the closed-form GLM variance (regression);
+* ``vbll_package`` (vbll 0.4.9): our VBLL config's backbone with ``vbll.DiscClassification`` /
+  ``vbll.Regression`` as head, trained with its ``train_loss_fn``;
+* ``ivon_manual`` (ivon-opt 0.1.3): our IVON config's network and hyperparameters in the package's manual
+  loop (``with optimizer.sampled_params(train=True): loss.backward()`` then ``optimizer.step()``), predictive
+  from ``num_samples`` ``sampled_params()`` draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+from torch import Tensor, nn
+
+from lightning_bayes.inference.likelihoods import GaussianLikelihood
+from lightning_bayes.models import load_trained_weights
+from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive, Predictive
+
+Predict = Callable[[Tensor], Predictive]
+
+
+def _init_args(cli: LightningCLI, *keys: str) -> dict[str, Any]:
+    """``cli.config`` at ``model.init_args.<keys>.init_args`` as a plain dict."""
+    node: Any = cli.config["model"]["init_args"]
+    for key in keys:
+        node = node[key]
+    return dict(vars(node["init_args"]))
+
+
+def _batches(loader: Any, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    for x, y in loader:
+        yield x.to(device), y.to(device)
+
+
+def _train_selecting_best(
+    cli: LightningCLI,
+    model: nn.Module,
+    stateful: list[Any],
+    step: Callable[[Tensor, Tensor], None],
+    validation_nll: Callable[[], float],
+) -> None:
+    """``cli.trainer.max_epochs`` epochs of ``step`` over the training loader, then restore the state of
+    ``stateful`` (modules, and an optimiser that holds a posterior) at the epoch of best validation NLL."""
+    device = next(model.parameters()).device
+    best, best_state = math.inf, None
+    for _ in range(cli.trainer.max_epochs):
+        model.train()
+        for x, y in _batches(cli.datamodule.train_dataloader(), device):
+            step(x, y)
+        model.eval()
+        nll = validation_nll()
+        if nll < best:
+            best, best_state = nll, [copy.deepcopy(item.state_dict()) for item in stateful]
+    if best_state is not None:
+        for item, state in zip(stateful, best_state, strict=True):
+            item.load_state_dict(state)
+    model.eval()
+
+
+def _mean_validation_nll(cli: LightningCLI, predict: Predict, device: torch.device) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in _batches(cli.datamodule.val_dataloader(), device):
+            predictive = predict(x)
+            total += float(-predictive.log_prob(y).sum())
+            count += len(y)
+    return total / count
+
+
+# ----- laplace-torch ---------------------------------------------------------------------------------------
+def laplace_torch(cli: LightningCLI, checkpoints: list[str], options: dict[str, str], device: torch.device) -> Predict:
+    """laplace-torch on the MAP's network (post hoc): KFAC / diag GGN, marginal-likelihood prior, GLM predictive."""
+    from laplace import Laplace
+
+    network = cli.model.backbone
+    load_trained_weights(cli.model, checkpoints[0])
+    network.to(device).eval()
+    regression = isinstance(cli.model.likelihood, GaussianLikelihood)
+    if regression and cli.model.likelihood.heteroscedastic:
+        raise NotImplementedError(
+            "laplace-torch 0.3 models regression noise as one scalar sigma; this MAP is heteroscedastic "
+            "(GaussianLikelihood(heteroscedastic=True))"
+        )
+    la = Laplace(
+        network,
+        "regression" if regression else "classification",
+        subset_of_weights=options["subset"],
+        hessian_structure=options["structure"],
+    )
+    la.fit(cli.datamodule.train_dataloader())
+    la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
+
+    def predict(x: Tensor) -> Predictive:
+        if regression:
+            mean, variance = la(x, pred_type="glm")
+            noise = la.sigma_noise.square()
+            return GaussianPredictive(mean.unsqueeze(0), (variance.diagonal(dim1=-2, dim2=-1) + noise).unsqueeze(0))
+        probs = la(x, pred_type="glm", link_approx="probit")
+        return CategoricalPredictive(probs.double().clamp_min(1e-300).log().unsqueeze(0))
+
+    return predict
+
+
+# ----- vbll ------------------------------------------------------------------------------------------------
+def vbll_package(cli: LightningCLI, checkpoints: list[str], options: dict[str, str], device: torch.device) -> Predict:
+    """Our VBLL config's backbone with the ``vbll`` package's head, trained with its loss."""
+    import vbll
+
+    ours = cli.model
+    backbone = ours.backbone.to(device)
+    width = ours.head.in_features if hasattr(ours.head, "in_features") else backbone.num_features
+    dataset_size = cli.datamodule.num_train
+    settings = cli.config["model"]["init_args"]
+    num_samples = int(settings.get("num_samples", 20))
+    regression = type(ours).__name__ == "VBLLRegressor"
+    if regression:
+        head = vbll.Regression(
+            width, int(settings["out_features"]), 1.0 / dataset_size, parameterization=settings["parameterization"],
+            prior_scale=settings["prior_scale"], wishart_scale=settings["wishart_scale"],
+        )  # fmt: skip
+    else:
+        head = vbll.DiscClassification(
+            width, int(settings["num_classes"]), 1.0 / dataset_size, parameterization=settings["parameterization"],
+            prior_scale=settings["prior_scale"], wishart_scale=settings["wishart_scale"], dof=settings["dof"],
+        )  # fmt: skip
+    model = nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
+    optimizer = _optimizer(cli, model.parameters())
+    clip = cli.trainer.gradient_clip_val
+
+    def step(x: Tensor, y: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = head(backbone(x))
+        out.train_loss_fn(y).backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+
+    def predict(x: Tensor) -> Predictive:
+        features = backbone(x)
+        if regression:
+            normal = head(features).predictive
+            return GaussianPredictive(normal.mean.unsqueeze(0), normal.variance.unsqueeze(0))
+        logits = head.logit_predictive(features).rsample(torch.Size([num_samples]))
+        return CategoricalPredictive(logits)
+
+    _train_selecting_best(cli, model, [model], step, lambda: _mean_validation_nll(cli, predict, device))
+    return predict
+
+
+# ----- ivon-opt --------------------------------------------------------------------------------------------
+def ivon_manual(cli: LightningCLI, checkpoints: list[str], options: dict[str, str], device: torch.device) -> Predict:
+    """Our IVON config's network and hyperparameters in ivon-opt's documented manual training loop."""
+    import ivon
+
+    network = cli.model.backbone.to(device)
+    likelihood = cli.model.likelihood
+    settings = _init_args(cli, "optimizer")
+    kl_weight = float(cli.config["model"]["init_args"].get("kl_weight", 1.0))
+    ess = float(cli.config["model"]["init_args"].get("dataset_size") or cli.datamodule.num_train) / kl_weight
+    train_samples = int(settings.pop("mc_samples", 1))
+    settings.pop("seed", None)
+    optimizer = ivon.IVON(network.parameters(), ess=ess, mc_samples=train_samples, **settings)
+    num_samples = int(cli.config["model"]["init_args"].get("num_samples", 10))
+
+    def step(x: Tensor, y: Tensor) -> None:
+        for _ in range(train_samples):
+            with optimizer.sampled_params(train=True):
+                optimizer.zero_grad(set_to_none=True)
+                likelihood.loss(network(x), y).backward()
+        optimizer.step()
+
+    def predict(x: Tensor) -> Predictive:
+        draws = []
+        for _ in range(num_samples):
+            with optimizer.sampled_params():
+                draws.append(network(x))
+        return CategoricalPredictive(torch.stack(draws))
+
+    validation_nll = lambda: _mean_validation_nll(cli, predict, device)
+    _train_selecting_best(cli, network, [network, optimizer], step, validation_nll)
+    return predict
+
+
+def _optimizer(cli: LightningCLI, parameters: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    spec = cli.config["model"]["init_args"]["optimizer"]
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)(parameters, **dict(vars(spec["init_args"])))
+
+
+ANCHORS: dict[str, Callable[[LightningCLI, list[str], dict[str, str], torch.device], Predict]] = {
+    "laplace_torch": laplace_torch,
+    "vbll_package": vbll_package,
+    "ivon_manual": ivon_manual,
+}
+PACKAGES = {"laplace_torch": "laplace-torch==0.3", "vbll_package": "vbll==0.4.9", "ivon_manual": "ivon-opt==0.1.3"}

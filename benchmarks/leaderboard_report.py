@@ -1,0 +1,148 @@
+"""The leaderboard's outputs: rows aggregated over seeds, ``leaderboard.md``, ``leaderboard.json`` and the
+reliability diagrams side by side (``reliability.png``). Nothing here runs a method."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lightning_bayes.callbacks.run_files import unique_path
+from lightning_bayes.plots import ReliabilityBins, reliability_grid
+
+from leaderboard_tasks import Entry  # benchmarks/leaderboard_tasks.py
+
+CLASSIFICATION_COLUMNS = (
+    ("acc", "acc"),
+    ("nll", "NLL"),
+    ("ece", "ECE"),
+    ("brier", "Brier"),
+    ("ood_auroc", "OOD AUROC"),
+)
+REGRESSION_COLUMNS = (("nll", "NLL"), ("rmse", "RMSE"), ("crps", "CRPS"), ("coverage90", "90% coverage"))
+
+
+def total_seconds(name: str, runs: dict[str, dict[str, Any]], entries: dict[str, Entry]) -> float | None:
+    """Seconds to produce ``name`` from nothing: its own fit plus, once each, every run it starts from."""
+    seen: set[str] = set()
+
+    def collect(current: str) -> None:
+        if current not in seen:
+            seen.add(current)
+            for need in entries[current].needs:
+                collect(need)
+
+    collect(name)
+    times = [runs.get(n, {}).get("fit_s") for n in seen]
+    return None if any(t is None for t in times) else float(sum(times))
+
+
+def _mean_and_spread(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(runs_by_seed: dict[int, dict[str, dict[str, Any]]], entries: list[Entry]) -> list[dict[str, Any]]:
+    """One row per shown entry: metrics, fit time, time to produce (with prerequisites), its ratio to MAP's fit
+    time in the same seed's run, and peak memory; mean and sample standard deviation over seeds that succeeded.
+    """
+    by_name = {e.name: e for e in entries}
+    baseline = next(e.name for e in entries if e.kind == "baseline")
+    rows = []
+    for entry in entries:
+        if entry.kind == "prerequisite":
+            continue
+        results = [runs[entry.name] for runs in runs_by_seed.values() if entry.name in runs]
+        succeeded = [r for r in results if "error" not in r]
+        row: dict[str, Any] = {
+            "name": entry.name,
+            "kind": entry.kind,
+            "config": entry.config,
+            "note": entry.note,
+            "seeds": len(succeeded),
+            "errors": sorted({r["error"] for r in results if "error" in r}),
+        }
+        if succeeded:
+            keys = sorted(set.intersection(*(set(r["metrics"]) for r in succeeded)))
+            row["metrics"] = {k: _mean_and_spread([r["metrics"][k] for r in succeeded]) for k in keys}
+            row["fit_s"] = _mean_and_spread([r["fit_s"] for r in succeeded])
+            totals, ratios = [], []
+            for runs in runs_by_seed.values():
+                if "error" in runs.get(entry.name, {"error": ""}):
+                    continue
+                total = total_seconds(entry.name, runs, by_name)
+                map_fit = runs.get(baseline, {}).get("fit_s")
+                if total is not None:
+                    totals.append(total)
+                    if map_fit:
+                        ratios.append(total / map_fit)
+            row["total_s"] = _mean_and_spread(totals) if totals else None
+            row["time_vs_map"] = _mean_and_spread(ratios) if ratios else None
+            row["peak_mb"] = max(r["peak_mb"] for r in succeeded)
+            row["reliability"] = succeeded[0].get("reliability")
+        rows.append(row)
+    return rows
+
+
+def _cell(value: tuple[float, float | None] | None, digits: int) -> str:
+    if value is None or value[0] is None or not math.isfinite(value[0]):
+        return "-"
+    mean, spread = value
+    return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
+def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
+    """The table with the command, hardware and seeds above it and the failures below."""
+    columns = CLASSIFICATION_COLUMNS if context["kind"] == "classification" else REGRESSION_COLUMNS
+    header = ["method", "kind", *(label for _, label in columns), "fit s", "total s", "time / MAP", "peak MB"]
+    lines = [
+        f"# Leaderboard: {context['task']}" + (" (--quick)" if context["quick"] else ""),
+        "",
+        f"`{context['command']}`",
+        "",
+        f"Hardware: {context['hardware']}. Seeds: {', '.join(map(str, context['seeds']))}"
+        + (" (mean ± sample standard deviation)" if len(context["seeds"]) > 1 else "")
+        + f". Wall time {context['wall_s'] / 60:.1f} min.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
+    ]
+    failures = []
+    for row in rows:
+        if "metrics" not in row:
+            cells = ["failed"] + ["-"] * (len(columns) + 3)
+            failures.append(row)
+        else:
+            cells = [_cell(row["metrics"].get(key), 4) for key, _ in columns]
+            cells += [_cell(row["fit_s"], 1), _cell(row["total_s"], 1), _cell(row["time_vs_map"], 2)]
+            cells.append(f"{row['peak_mb']:.0f}")
+            if row["errors"]:
+                failures.append(row)
+        lines.append("| " + " | ".join([row["name"], row["kind"], *cells]) + " |")
+    lines += [
+        "",
+        "NLL is that of the model average; ECE uses 15 equal-width bins; OOD AUROC separates the test set from the "
+        "datamodule's OOD set by predictive entropy. *fit s*: the run's own training or post-hoc fit (config "
+        "instantiation and validation included, test excluded); *total s*: with the runs it starts from (the MAP, "
+        "the SWAG collection); *time / MAP*: total over the MAP's fit in the same run; *peak MB*: "
+        + context["memory"]
+        + ".",
+    ]
+    if failures:
+        lines += ["", "Failures (recorded, not hidden):", ""]
+        lines += [f"- {row['name']}: {'; '.join(row['errors'])}" for row in failures]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, rows: list[dict[str, Any]], context: dict[str, Any], runs: dict[int, Any]) -> list[Path]:
+    """Write ``leaderboard.md``, ``leaderboard.json`` and ``reliability.png`` into ``folder`` (next to earlier
+    reports as ``-1``, ``-2``, ... instead of overwriting them); return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [unique_path(folder, "leaderboard", ".md"), unique_path(folder, "leaderboard", ".json")]
+    paths[0].write_text(markdown(rows, context))
+    paths[1].write_text(json.dumps({"context": context, "rows": rows, "runs": runs}, indent=2, default=str))
+    panels = {row["name"]: ReliabilityBins.from_dict(row["reliability"]) for row in rows if row.get("reliability")}
+    if panels:
+        paths.append(reliability_grid(panels, unique_path(folder, "reliability", ".png")))
+    return paths
