@@ -7,7 +7,7 @@ Our methods run through the public CLI (``lightning-bayes fit --config configs/<
 the test of the best or last checkpoint, as ``test_after_fit`` does); the anchors (laplace-torch, the
 ``vbll`` package, ``ivon-opt``'s manual loop; ``pip install -e '.[bench]'``) copy the model, split and
 budget of the config they name (``leaderboard_tasks.py``, ``leaderboard_anchors.py``). Every run is a fresh
-process, so peak memory is per run and a failure (out of memory, a missing package, an exception) becomes
+process (forked from a server that has imported torch and Lightning), so peak memory is per run and a failure (out of memory, a missing package, an exception) becomes
 that row's recorded error; its log is ``OUT/logs/<run>.log``. All rows are scored by the same metrics
 (:mod:`lightning_bayes.metrics`, the numbers of ``CalibrationMetrics``).
 
@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 import traceback
@@ -40,6 +40,9 @@ from leaderboard_tasks import TASK_NAMES, Entry, task_entries  # benchmarks/lead
 from peak_memory import PeakMemory, cap_address_space, describe_error  # benchmarks/peak_memory.py
 
 ROOT = Path(__file__).resolve().parent.parent
+# runs are forked from a server that imported torch but never touched CUDA (a plain fork of this process could
+# inherit a CUDA context, which a child cannot use)
+FORK_SERVER = multiprocessing.get_context("forkserver")
 
 
 def slug(name: str) -> str:
@@ -133,8 +136,17 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 # ----- in the parent ------------------------------------------------------------------------------------------
+def _child(spec: dict[str, Any], log_path: str) -> None:
+    """The forked run: its output goes to its log file."""
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+        worker(spec)
+
+
 def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``entry`` for ``seed`` in a fresh interpreter; its log goes to ``OUT/logs``."""
+    """Run ``entry`` for ``seed`` in a fresh process forked from the fork server (torch and Lightning already
+    imported there, so a run does not pay the seconds of importing them); its log goes to ``OUT/logs``."""
     run_name = f"{slug(entry.name)}_seed{seed}"
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -145,16 +157,14 @@ def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Na
         "run_name": run_name, "checkpoints": checkpoints, "threads": args.threads, "max_gb": args.max_gb,
         "result": str(result_path),
     }  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
-    with open(logs / f"{run_name}.log", "w") as log:
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(spec)],
-            cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, check=False,
-        )  # fmt: skip
+    process = FORK_SERVER.Process(target=_child, args=(spec, str(logs / f"{run_name}.log")))
+    process.start()
+    process.join()
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    reason = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
-    return {"error": f"worker {reason}" + (" (out of memory?)" if done.returncode == -9 else "") + f"; see {log.name}"}
+    code = process.exitcode or 0
+    reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return {"error": f"run {reason}" + (" (out of memory?)" if code == -9 else "") + f"; see logs/{run_name}.log"}
 
 
 def hardware() -> str:
@@ -206,10 +216,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="these rows (and what they start from) only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
     parser.add_argument("--max-gb", type=float, default=0.0, help="CPU: cap each run's new memory (0: no cap)")
-    if sys.argv[1:2] == ["--worker"]:  # a child process started by run_entry
-        worker(json.loads(sys.argv[2]))
-        return
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the fork server and its children
+    FORK_SERVER.set_forkserver_preload(["torch", "lightning.pytorch", "lightning_bayes.cli"])
     args.out = (args.out or ROOT / "runs" / "leaderboard" / args.task).resolve()
     entries = selected(task_entries(args.task), args.only)
     command = "python benchmarks/leaderboard.py " + shlex.join(sys.argv[1:])

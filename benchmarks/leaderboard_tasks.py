@@ -53,11 +53,11 @@ class Entry:
     options: dict[str, str] = field(default_factory=dict)
 
 
-def _classification(folder: str, *, bernstein: bool, quick_epochs: dict[str, int]) -> list[Entry]:
-    """The classification rows shared by digits and MNIST (``folder`` of configs)."""
+def _classification(folder: str, *, bernstein: bool, quick_args: dict[str, tuple[str, ...]]) -> list[Entry]:
+    """The classification rows shared by digits and MNIST (``folder`` of configs; ``quick_args`` by config name)."""
 
     def quick(name: str) -> tuple[str, ...]:
-        return (f"--trainer.max_epochs={quick_epochs[name]}",) if name in quick_epochs else ()
+        return quick_args.get(name, ())
 
     entries = [
         Entry("MAP", "baseline", f"{folder}/map.yaml", note="AdamW, best validation NLL"),
@@ -78,7 +78,7 @@ def _classification(folder: str, *, bernstein: bool, quick_epochs: dict[str, int
             quick=quick("nullspace_laplace"),
             note="all layers, post hoc",
         ),
-        Entry("SWAG collection", "prerequisite", f"{folder}/swag.yaml"),
+        Entry("SWAG collection", "prerequisite", f"{folder}/swag.yaml", quick=quick("swag")),
         Entry(
             "SWAG", "ours", f"{folder}/swag_predictive.yaml", needs=("SWAG collection",), checkpoint_args=_CHECKPOINT
         ),
@@ -108,7 +108,15 @@ def _classification(folder: str, *, bernstein: bool, quick_epochs: dict[str, int
             for e in entries
         ]
     if bernstein:
-        entries.append(Entry("Bernstein VI", "ours", f"{folder}/bernstein_vi.yaml", note="last layer, M = 10"))
+        entries.append(
+            Entry(
+                "Bernstein VI",
+                "ours",
+                f"{folder}/bernstein_vi.yaml",
+                quick=quick("bernstein_vi"),
+                note="last layer, M = 10",
+            )
+        )
     entries += [
         Entry(
             "laplace-torch LL-KFAC",
@@ -198,15 +206,38 @@ def _text() -> list[Entry]:
     ]
 
 
+def _epochs(epochs: int, *more: str) -> tuple[str, ...]:
+    return (f"--trainer.max_epochs={epochs}", *more)
+
+
+_COSINE = "--model.init_args.lr_scheduler.init_args.T_max"
+# --quick budgets (an anchor gets the quick arguments of the config it copies): digits halves the runs that
+# take longest; MNIST halves the long runs (the posteriors that start from the MAP keep its full 10 epochs)
+_QUICK_DIGITS = {
+    "mfvi": _epochs(50),
+    "ssvi": _epochs(50, f"{_COSINE}=50"),
+    "bernstein_vi": _epochs(30),
+    "vbll": _epochs(30),
+    "ivon": _epochs(30),
+}
+_QUICK_MNIST = {
+    "deep_ensemble": _epochs(5),
+    "mfvi": _epochs(5),
+    "ssvi": _epochs(10, f"{_COSINE}=10", "--model.init_args.kl_warmup_epochs=5"),
+    "swag": _epochs(10, "--trainer.callbacks.init_args.start_epoch=5"),
+    "curve": _epochs(4, f"{_COSINE}=4"),
+    "nullspace_laplace": _epochs(3, "--model.init_args.scale=line_search"),
+    "vbll": _epochs(5),
+    "ivon": _epochs(5),
+}
+
+
 def task_entries(task: str) -> list[Entry]:
     """The entries of ``task`` in run order (every need before the entries that use it)."""
     if task == "digits":
-        # --quick: the 100-epoch VI runs at 50 epochs, the rest as configured
-        return _classification("digits", bernstein=True, quick_epochs={"mfvi": 50, "ssvi": 50})
+        return _classification("digits", bernstein=True, quick_args=_QUICK_DIGITS)
     if task == "mnist":
-        return _classification(
-            "mnist", bernstein=False, quick_epochs={"ssvi": 10, "curve": 4, "mfvi": 5, "nullspace_laplace": 2}
-        )
+        return _classification("mnist", bernstein=False, quick_args=_QUICK_MNIST)
     if task == "regression":
         return _regression()
     if task == "text":

@@ -1,0 +1,155 @@
+"""The leaderboard's bookkeeping (tasks, totals, aggregation over seeds, report) and its scoring, which must
+give the numbers ``CalibrationMetrics`` gives; the slow test runs the real script on digits."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from calibration_toys import LinearModel, ToyDataWithOOD
+from leaderboard import selected
+from leaderboard_anchors import ANCHORS, PACKAGES
+from leaderboard_report import markdown, summarise, total_seconds, write_report
+from leaderboard_scoring import score
+from leaderboard_tasks import TASK_NAMES, Entry, task_entries
+from lightning.pytorch import Trainer
+
+from lightning_bayes.callbacks import CalibrationMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_every_task_is_runnable_as_declared(task: str) -> None:
+    entries = task_entries(task)
+    names = [e.name for e in entries]
+    assert len(set(names)) == len(names)
+    assert entries[0].kind == "baseline"  # the MAP every ratio divides by runs first
+    for index, entry in enumerate(entries):
+        assert (ROOT / "configs" / entry.config).is_file(), entry.config
+        assert set(entry.needs) <= set(names[:index]), f"{entry.name} runs before what it starts from"
+        if entry.kind == "anchor":
+            assert entry.anchor in ANCHORS and entry.anchor in PACKAGES
+        else:
+            assert len(entry.checkpoint_args) == len(entry.needs), entry.name
+    with pytest.raises(ValueError, match="task must be one of"):
+        task_entries("imagenet")
+
+
+def test_digits_lists_every_method_and_anchor() -> None:
+    entries = task_entries("digits")
+    shown = {e.name for e in entries if e.kind != "prerequisite"}
+    configs = {e.config for e in entries if e.kind != "anchor"}
+    # every digits config is a row or a run a row starts from
+    assert {f"digits/{p.name}" for p in (ROOT / "configs" / "digits").glob("*.yaml")} == configs
+    assert {"laplace-torch LL-KFAC", "laplace-torch diag", "laplace-torch KFAC", "vbll package", "ivon-opt loop"} < shown
+    assert {"MC dropout", "Deep ensemble (5)"} < shown
+
+
+def _entries() -> list[Entry]:
+    return [
+        Entry("MAP", "baseline", "digits/map.yaml"),
+        Entry("MAP (second seed)", "prerequisite", "digits/map.yaml", seed_offset=1000),
+        Entry("SWAG collection", "prerequisite", "digits/swag.yaml"),
+        Entry("SWAG", "ours", "digits/swag_predictive.yaml", ("SWAG collection",), ("--a",)),
+        Entry("Curve", "ours", "digits/curve.yaml", ("MAP", "MAP (second seed)"), ("--a", "--b")),
+        Entry("Anchor", "anchor", "digits/map.yaml", ("MAP",), anchor="laplace_torch"),
+    ]
+
+
+def _run(fit_s: float, nll: float, acc: float = 0.9) -> dict:
+    return {"fit_s": fit_s, "peak_mb": 100 * fit_s, "metrics": {"nll": nll, "acc": acc}}
+
+
+def test_totals_count_each_prerequisite_once_and_ratios_are_per_seed() -> None:
+    entries = _entries()
+    runs = {
+        0: {"MAP": _run(10, 0.2), "MAP (second seed)": _run(12, 0.3), "SWAG collection": _run(20, 0.25),
+            "SWAG": _run(2, 0.15), "Curve": _run(30, 0.1), "Anchor": {"error": "OOM (> 8 GB)"}},
+        1: {"MAP": _run(20, 0.4), "MAP (second seed)": _run(12, 0.3), "SWAG collection": _run(20, 0.25),
+            "SWAG": _run(4, 0.25), "Curve": {"error": "ValueError: boom"}, "Anchor": _run(1, 0.5)},
+    }  # fmt: skip
+    by_name = {e.name: e for e in entries}
+    assert total_seconds("Curve", runs[0], by_name) == 10 + 12 + 30
+    assert total_seconds("SWAG", runs[1], by_name) == 20 + 4
+
+    rows = {row["name"]: row for row in summarise(runs, entries)}
+    assert set(rows) == {"MAP", "SWAG", "Curve", "Anchor"}  # prerequisites are not rows
+    swag = rows["SWAG"]
+    assert swag["seeds"] == 2 and swag["errors"] == []
+    assert swag["metrics"]["nll"] == pytest.approx((0.2, statistics.stdev([0.15, 0.25])))
+    assert swag["total_s"] == pytest.approx((23.0, statistics.stdev([22, 24])))
+    assert swag["time_vs_map"] == pytest.approx((statistics.fmean([22 / 10, 24 / 20]), statistics.stdev([2.2, 1.2])))
+    assert swag["peak_mb"] == 400
+    curve = rows["Curve"]  # one seed failed: the other's numbers, the failure listed
+    assert curve["seeds"] == 1 and curve["errors"] == ["ValueError: boom"]
+    assert curve["metrics"]["nll"] == (0.1, None) and curve["time_vs_map"] == (5.2, None)
+
+    context = {"task": "digits", "kind": "classification", "quick": True, "seeds": [0, 1], "command": "python x",
+               "hardware": "cpu", "wall_s": 90.0, "memory": "RSS"}  # fmt: skip
+    text = markdown(list(rows.values()), context)
+    assert "| SWAG | ours | 0.9000 ± 0.0000 | 0.2000 ± 0.0707 | - |" in text  # no ECE in this toy: "-"
+    assert "- Curve: ValueError: boom" in text and "- Anchor: OOM (> 8 GB)" in text
+    assert "(--quick)" in text and "Wall time 1.5 min" in text
+
+
+def test_selected_keeps_what_rows_start_from_and_the_map() -> None:
+    entries = _entries()
+    assert [e.name for e in selected(entries, ["Curve"])] == ["MAP", "MAP (second seed)", "Curve"]
+    assert [e.name for e in selected(entries, ["SWAG"])] == ["MAP", "SWAG collection", "SWAG"]
+    with pytest.raises(SystemExit, match="unknown names"):
+        selected(entries, ["VIKING"])
+
+
+def test_scoring_gives_the_numbers_of_calibration_metrics(tmp_path: Path) -> None:
+    model, data, callback = LinearModel(num_samples=3), ToyDataWithOOD(), CalibrationMetrics()
+    trainer = Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, enable_progress_bar=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    expected = json.loads((tmp_path / "metrics.json").read_text())
+    values, bins = score(lambda x: model.predictive(x, 3), data, torch.device("cpu"))
+    assert set(values) == set(expected)
+    for key, value in expected.items():
+        assert values[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert bins is not None and bins.count.sum() == len(data.test)
+    assert bins.ece == pytest.approx(expected["ece"], rel=1e-5)
+
+
+def test_report_files_are_written_beside_earlier_ones(tmp_path: Path) -> None:
+    entries = _entries()
+    bins = {"edges": [0.0, 0.5, 1.0], "accuracy": [None, 0.9], "confidence": [None, 0.8], "count": [0.0, 10.0]}
+    runs = {0: {name: {**_run(1, 0.1), "reliability": bins} for name in ("MAP", "MAP (second seed)", "Curve")}}
+    context = {"task": "digits", "kind": "classification", "quick": False, "seeds": [0], "command": "c",
+               "hardware": "h", "wall_s": 1.0, "memory": "m"}  # fmt: skip
+    rows = summarise(runs, entries[:2] + entries[4:5])
+    first = write_report(tmp_path, rows, context, runs)
+    second = write_report(tmp_path, rows, context, runs)
+    assert [p.name for p in first] == ["leaderboard.md", "leaderboard.json", "reliability.png"]
+    assert [p.name for p in second] == ["leaderboard-1.md", "leaderboard-1.json", "reliability-1.png"]
+    saved = json.loads(first[1].read_text())
+    assert saved["rows"][1]["name"] == "Curve" and math.isclose(saved["rows"][1]["time_vs_map"][0], 3.0)
+
+
+@pytest.mark.slow
+def test_the_script_runs_our_map_and_two_anchors_on_digits(tmp_path: Path) -> None:
+    """The real worker processes: MAP through the CLI, laplace-torch post hoc on its checkpoint, ivon-opt."""
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "leaderboard.py"), "--task", "digits", "--out", str(tmp_path),
+        "--only", "laplace-torch LL-KFAC", "ivon-opt loop", "--threads", "1",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=900)
+    report = json.loads((tmp_path / "leaderboard.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert set(rows) == {"MAP", "laplace-torch LL-KFAC", "ivon-opt loop"}
+    assert all(row["seeds"] == 1 and not row["errors"] for row in rows.values())
+    map_run = report["runs"]["0"]["MAP"]
+    written = json.loads((Path(map_run["log_dir"]) / "metrics.json").read_text())
+    assert rows["MAP"]["metrics"]["nll"][0] == pytest.approx(written["nll"])  # the CLI's own numbers
+    assert rows["laplace-torch LL-KFAC"]["metrics"]["acc"][0] == pytest.approx(written["acc"], abs=0.01)
+    assert rows["ivon-opt loop"]["metrics"]["acc"][0] > 0.9  # 8x8 digits: MAP reaches 0.97
+    assert (tmp_path / "leaderboard.md").is_file() and (tmp_path / "reliability.png").is_file()
