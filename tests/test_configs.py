@@ -43,6 +43,7 @@ LIGHTER = {
     "mnist/swag_predictive.yaml": ["--model.init_args.num_samples=2"],
     "mnist/subspace_ess.yaml": ["--model.init_args.rank=1", "--model.init_args.num_samples=2"],
     "text/map_lora_smollm2.yaml": ["--data.init_args.batch_size=4"],
+    "text/deep_ensemble_lora_smollm2.yaml": ["--data.init_args.batch_size=4", "--model.init_args.num_members=2"],
     "text/blob_smollm2.yaml": ["--data.init_args.batch_size=4", "--model.init_args.num_samples=2"],
     "text/ivon_lora_smollm2.yaml": ["--data.init_args.batch_size=4", "--model.init_args.num_samples=2"],
     "text/tfb_smollm2.yaml": [

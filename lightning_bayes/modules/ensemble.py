@@ -1,9 +1,13 @@
 """Deep ensembles (Lakshminarayanan et al., 2017): M independently initialised members in one module.
 
 The members are trained side by side on the same batches; their losses are summed, so each member's
-gradient is exactly its own. When the backbone keeps no running statistics (no BatchNorm) the members
-run as one vectorised call, ``vmap(functional_call)`` over their stacked parameters
-(``torch.func`` model ensembling); otherwise they run one after another.
+gradient is exactly its own. Frozen parameters (``requires_grad=False``: a pretrained base under LoRA, a
+frozen feature extractor) are shared by all members rather than copied, and only the trainable ones are
+re-initialised, so an ensemble of LoRAs (Wang et al., 2023, "LoRA ensembles for large language model
+fine-tuning") holds one base model and M adapters, each starting as peft starts it (A random, B = 0).
+When the backbone keeps no running statistics (no BatchNorm) the members run as one vectorised call,
+``vmap(functional_call)`` over their stacked trainable parameters (``torch.func`` model ensembling);
+otherwise they run one after another.
 """
 
 from __future__ import annotations
@@ -21,11 +25,27 @@ from ..predictive import Predictive, concatenate
 from .base import Batch, BayesianModule
 
 
-def _reset_parameters(module: nn.Module) -> None:
-    for sub in module.modules():
-        reset = getattr(sub, "reset_parameters", None)
-        if callable(reset):
-            reset()
+def _copy_sharing_frozen(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose frozen parameters are the original's tensors (the ``deepcopy`` memo)."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return copy.deepcopy(module, memo)
+
+
+def _reinitialise_trainable(module: nn.Module) -> None:
+    """Re-draw the trainable parameters the way their layers initialise them: peft LoRA layers through
+    ``reset_lora_parameters`` (A random, B = 0), other layers whose own parameters are all trainable
+    through ``reset_parameters``; frozen layers keep their weights."""
+    reset_lora = getattr(module, "reset_lora_parameters", None)
+    if callable(reset_lora) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+        for adapter in module.lora_A:
+            reset_lora(adapter, True)
+        return
+    own = list(module.parameters(recurse=False))
+    reset = getattr(module, "reset_parameters", None)
+    if own and callable(reset) and all(p.requires_grad for p in own):
+        reset()
+    for child in module.children():
+        _reinitialise_trainable(child)
 
 
 def _keeps_running_statistics(module: nn.Module) -> bool:
@@ -33,7 +53,8 @@ def _keeps_running_statistics(module: nn.Module) -> bool:
 
 
 class DeepEnsemble(BayesianModule):
-    """``num_members`` copies of ``backbone`` (the first keeps its weights, the others are re-initialised)."""
+    """``num_members`` copies of ``backbone`` sharing its frozen parameters (the first keeps its weights, the
+    others re-initialise their trainable ones)."""
 
     def __init__(
         self,
@@ -48,15 +69,14 @@ class DeepEnsemble(BayesianModule):
         if num_members < 2:
             raise ValueError(f"num_members must be >= 2 for an ensemble; got {num_members}")
         self.save_hyperparameters(ignore=["backbone", "likelihood"])
-        copies = [copy.deepcopy(backbone) for _ in range(num_members - 1)]
+        copies = [_copy_sharing_frozen(backbone) for _ in range(num_members - 1)]
         for member in copies:
-            _reset_parameters(member)
+            _reinitialise_trainable(member)
         self.members = nn.ModuleList([backbone, *copies])
         prototype = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         # one likelihood per member: each learns its own noise
         self.likelihoods = nn.ModuleList([copy.deepcopy(prototype) for _ in range(num_members)])
         self.vectorize = vectorize and not _keeps_running_statistics(backbone)
-        self._template = [copy.deepcopy(backbone).to("meta")]  # a list: not registered as a submodule
 
     @property
     def num_members(self) -> int:
@@ -66,15 +86,20 @@ class DeepEnsemble(BayesianModule):
         """Outputs of every member, ``[M, B, outputs]``."""
         if not self.vectorize:
             return torch.stack([member(x) for member in self.members])
-        params = {name: torch.stack([p for p in ps]) for name, ps in _zip_named(self.members, "parameters")}
-        buffers = {name: torch.stack([b for b in bs]) for name, bs in _zip_named(self.members, "buffers")}
-        template = self._template[0]
-        template.train(self.training)
+        stacked: dict[str, Tensor] = {}
+        shared: dict[str, Tensor] = {}
+        for kind in ("parameters", "buffers"):
+            for name, tensors in _zip_named(self.members, kind):
+                if all(t is tensors[0] for t in tensors):
+                    shared[name] = tensors[0]
+                else:
+                    stacked[name] = torch.stack(tensors)
+        template = self.members[0]  # its own tensors are swapped out; its tied weights stay tied
 
-        def run(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
-            return functional_call(template, (p, b), (x,))
+        def run(member: dict[str, Tensor]) -> Tensor:
+            return functional_call(template, (member, shared), (x,))
 
-        return vmap(run, randomness="different")(params, buffers)
+        return vmap(run, randomness="different")(stacked)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch

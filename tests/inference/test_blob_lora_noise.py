@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from tiny_lora_llama import VOCAB, perturb_lora_b, tiny_lora_llama
+
 from lightning_bayes.inference.variational_layers import (
     VariationalLayer,
     to_variational,
@@ -21,20 +23,9 @@ PRIOR_SCALE = 0.2  # BLoB's beta
 
 
 def _tiny_lora_llama(seed: int = 0) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=16,
-    )
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():  # peft starts B at zero, which would hide the LoRA branch
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.3)
-    return model.double().eval()
+    model = tiny_lora_llama(seed)
+    perturb_lora_b(model)
+    return model.eval()
 
 
 def _variational_a(model: torch.nn.Module, init_scale: float) -> list[VariationalLayer]:
@@ -47,7 +38,7 @@ def test_vanishing_variance_gives_the_deterministic_lora(single_thread):
     reference = copy.deepcopy(model)
     layers = _variational_a(model, init_scale=1e-12)
     assert len(layers) == 4 and all(layer.noise for layer in layers)  # q and v of two blocks, sampling
-    ids = torch.randint(0, 32, (3, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, sampled = reference(input_ids=ids).logits, model(input_ids=ids).logits
     torch.testing.assert_close(sampled, expected, atol=1e-6, rtol=0)

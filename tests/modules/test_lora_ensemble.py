@@ -1,0 +1,95 @@
+"""A deep ensemble of LoRAs: one shared frozen base, M adapters each started as peft starts it (a tiny random Llama)."""
+
+import io
+
+import torch
+from torch import nn
+
+from tiny_lora_llama import VOCAB, perturb_lora_b, tiny_lora_llama
+
+from lightning_bayes.modules import DeepEnsemble
+
+CLASSES = 3
+
+
+class LastTokenClassifier(nn.Module):
+    """Logits of the first ``CLASSES`` vocabulary entries at the last position: a causal-LM classifier."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits[:, -1, :CLASSES]
+
+
+def _lora_classifier(seed: int = 0) -> LastTokenClassifier:
+    return LastTokenClassifier(tiny_lora_llama(seed))
+
+
+def _ids(seed: int, batch: int = 4) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def test_members_share_the_frozen_base_and_start_at_it(single_thread):
+    backbone = _lora_classifier()
+    ensemble = DeepEnsemble(backbone, num_members=3)
+    named = [dict(m.named_parameters()) for m in ensemble.members]
+    frozen = [n for n, p in named[0].items() if not p.requires_grad]
+    lora = [n for n, p in named[0].items() if p.requires_grad]
+    assert frozen and all("lora_" in n for n in lora)
+    assert all(named[k][n] is named[0][n] for n in frozen for k in (1, 2)), "the base must be shared, not copied"
+    base_size = sum(p.numel() for p in backbone.parameters())
+    lora_size = sum(named[0][n].numel() for n in lora)
+    assert sum(p.numel() for p in ensemble.parameters()) == base_size + 2 * lora_size
+    for n in lora:  # re-drawn as peft draws them: A anew, B = 0
+        if "lora_B" in n:
+            assert all(torch.count_nonzero(named[k][n]) == 0 for k in (1, 2))
+        else:
+            assert not torch.equal(named[1][n], named[0][n]) and not torch.equal(named[2][n], named[1][n])
+            bound = (3.0 / named[0][n].shape[1]) ** 0.5  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), ...)
+            assert named[1][n].abs().max() <= bound / 3**0.5 + 1e-12
+    ids = _ids(1)
+    with torch.no_grad(), backbone.model.disable_adapter():
+        base = backbone(ids)
+    with torch.no_grad():
+        outputs = ensemble.eval()(ids)
+    torch.testing.assert_close(outputs, base.expand(3, -1, -1), rtol=0, atol=1e-12)
+
+
+def test_vectorised_members_equal_the_loop_and_each_gradient_is_its_own(single_thread):
+    ensemble = DeepEnsemble(_lora_classifier(), num_members=3)
+    assert ensemble.vectorize
+    perturb_lora_b(ensemble)
+    ids, labels = _ids(2), torch.tensor([0, 2, 1, 2])
+    looped = torch.stack([member(ids) for member in ensemble.members])
+    assert (looped[1] - looped[0]).abs().max() > 1e-3
+    torch.testing.assert_close(ensemble(ids), looped, rtol=1e-10, atol=1e-12)
+
+    ensemble.training_step((ids, labels), 0).backward()
+    for member in ensemble.members:
+        trainable = {n: p for n, p in member.named_parameters() if p.requires_grad}
+        reference = {n: p.detach().clone().requires_grad_() for n, p in trainable.items()}
+        logits = torch.func.functional_call(member, reference, (ids,))
+        grads = torch.autograd.grad(nn.functional.cross_entropy(logits, labels), list(reference.values()))
+        for parameter, grad in zip(trainable.values(), grads):
+            torch.testing.assert_close(parameter.grad, grad, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in ensemble.parameters() if not p.requires_grad)
+
+
+def test_checkpoint_round_trip_stores_the_base_once(single_thread):
+    ensemble = DeepEnsemble(_lora_classifier(), num_members=4)
+    perturb_lora_b(ensemble)
+    ids = _ids(3)
+    buffer = io.BytesIO()
+    torch.save(ensemble.state_dict(), buffer)
+    base_bytes = sum(p.numel() * p.element_size() for p in ensemble.members[0].parameters() if not p.requires_grad)
+    # four members in the checkpoint, but their shared base storages are written once (plus keys and adapters;
+    # four copies would be at least 4 * base_bytes)
+    assert buffer.getbuffer().nbytes < 2.5 * base_bytes
+
+    restored = DeepEnsemble(_lora_classifier(seed=5), num_members=4)
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer))
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(ids), ensemble.eval()(ids), rtol=0, atol=0)
