@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_bayes.inference.bernstein import BernsteinFlow
 from lightning_bayes.inference.bernstein_autoregressive import AutoregressiveBernsteinFlow

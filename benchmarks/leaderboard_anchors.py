@@ -6,7 +6,8 @@ test batch's inputs to a :class:`~lightning_bayes.predictive.Predictive`, so tha
 same metrics. Anchors that train select the epoch of best validation NLL, as our configs' ``ModelCheckpoint``.
 
 * ``laplace_torch`` (laplace-torch 0.3): ``Laplace(model, likelihood, subset_of_weights, hessian_structure)``
-  on the MAP's trained network, ``fit`` on the training loader, ``optimize_prior_precision(method="marglik")``,
+  on the MAP's trained network (regression: a homoscedastic MAP, its learned noise as ``sigma_noise``), ``fit``
+  on the training loader, ``optimize_prior_precision(method="marglik")``,
   GLM predictive with the probit link (classification) or the closed-form GLM variance (regression);
 * ``vbll_package`` (vbll 0.4.9): our VBLL config's backbone with ``vbll.DiscClassification`` /
   ``vbll.Regression`` as head, trained with its ``train_loss_fn``;
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_bayes.inference.likelihoods import GaussianLikelihood
 from lightning_bayes.models import load_trained_weights
@@ -95,11 +97,14 @@ def laplace_torch(cli: LightningCLI, checkpoints: list[str], options: dict[str, 
             "laplace-torch 0.3 models regression noise as one scalar sigma; this MAP is heteroscedastic "
             "(GaussianLikelihood(heteroscedastic=True))"
         )
+    # regression: the MAP's learned noise, as laplace-torch's docs pass sigma_noise
+    noise = {"sigma_noise": float(F.softplus(cli.model.likelihood.raw_noise).squeeze())} if regression else {}
     la = Laplace(
         network,
         "regression" if regression else "classification",
         subset_of_weights=options["subset"],
         hessian_structure=options["structure"],
+        **noise,
     )
     la.fit(cli.datamodule.train_dataloader())
     la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
