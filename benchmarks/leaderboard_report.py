@@ -92,6 +92,14 @@ def _cell(value: tuple[float, float | None] | None, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
+_METRIC_NOTES = {
+    "classification": "NLL is that of the model average; ECE uses 15 equal-width bins; OOD AUROC separates the test "
+    "set from the datamodule's OOD set by predictive entropy.",
+    "regression": "NLL and CRPS are those of the predictive mixture; RMSE is its mean's; coverage is the share of "
+    "test targets inside the central 90% interval.",
+}
+
+
 def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     """The table with the command, hardware and seeds above it and the failures below."""
     columns = CLASSIFICATION_COLUMNS if context["kind"] == "classification" else REGRESSION_COLUMNS
@@ -122,8 +130,7 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([row["name"], row["kind"], *cells]) + " |")
     lines += [
         "",
-        "NLL is that of the model average; ECE uses 15 equal-width bins; OOD AUROC separates the test set from the "
-        "datamodule's OOD set by predictive entropy. *fit s*: the run's own training or post-hoc fit (config "
+        _METRIC_NOTES[context["kind"]] + " *fit s*: the run's own training or post-hoc fit (config "
         "instantiation and validation included, test excluded); *total s*: with the runs it starts from (the MAP, "
         "the SWAG collection); *time / MAP*: total over the MAP's fit in the same run; *peak MB*: "
         + context["memory"]
