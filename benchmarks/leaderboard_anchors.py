@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from lightning_bayes.inference.likelihoods import GaussianLikelihood
 from lightning_bayes.models import load_trained_weights
@@ -97,8 +96,10 @@ def laplace_torch(cli: LightningCLI, checkpoints: list[str], options: dict[str, 
             "laplace-torch 0.3 models regression noise as one scalar sigma; this MAP is heteroscedastic "
             "(GaussianLikelihood(heteroscedastic=True))"
         )
-    # regression: the MAP's learned noise, as laplace-torch's docs pass sigma_noise
-    noise = {"sigma_noise": float(F.softplus(cli.model.likelihood.raw_noise).squeeze())} if regression else {}
+    noise = {}
+    if regression:  # the MAP's learned noise standard deviation, read through its likelihood
+        _, variance = cli.model.likelihood.mean_and_variance(torch.zeros(1, 1, device=device))
+        noise["sigma_noise"] = float(variance.sqrt())
     la = Laplace(
         network,
         "regression" if regression else "classification",
