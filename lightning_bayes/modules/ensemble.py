@@ -1,10 +1,12 @@
 """Deep ensembles (Lakshminarayanan et al., 2017): M independently initialised members in one module.
 
 The members are trained side by side on the same batches; their losses are summed, so each member's
-gradient is exactly its own. Frozen parameters (``requires_grad=False``: a pretrained base under LoRA, a
-frozen feature extractor) are shared by all members rather than copied, and only the trainable ones are
-re-initialised, so an ensemble of LoRAs (Wang et al., 2023, "LoRA ensembles for large language model
-fine-tuning") holds one base model and M adapters, each starting as peft starts it (A random, B = 0).
+gradient is exactly its own, and clipping by norm (the Trainer's ``gradient_clip_val``) clips each member's
+gradient by its own norm, as if it were trained alone. Frozen parameters (``requires_grad=False``: a
+pretrained base under LoRA, a frozen feature extractor) are shared by all members rather than copied, and
+only the trainable ones are re-initialised, so an ensemble of LoRAs (Wang et al., 2023, "LoRA ensembles for
+large language model fine-tuning") holds one base model and M adapters, each starting as peft starts it
+(A random, B = 0).
 When the backbone keeps no running statistics (no BatchNorm) the members run as one vectorised call,
 ``vmap(functional_call)`` over their stacked trainable parameters (``torch.func`` model ensembling);
 otherwise they run one after another.
@@ -17,12 +19,16 @@ from typing import Any, Union
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torch.func import functional_call, vmap
 
 from ..inference.likelihoods import Likelihood, build_likelihood
 from ..predictive import Predictive, concatenate
 from .base import Batch, BayesianModule
+
+_NORM = GradClipAlgorithmType.NORM
 
 
 def _copy_sharing_frozen(module: nn.Module) -> nn.Module:
@@ -108,6 +114,20 @@ class DeepEnsemble(BayesianModule):
         self.log_training_loss("loss", losses.sum(), batch_size=len(y))
         self.log_training_loss("member_nll_mean", losses.mean().detach(), batch_size=len(y))
         return losses.sum()
+
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip by norm member by member (a member's parameters and its likelihood's): one norm over the whole
+        ensemble would couple the members, clipping each harder the more members there are. Clipping by value
+        is elementwise and stays with Lightning."""
+        if gradient_clip_val is None or GradClipAlgorithmType(gradient_clip_algorithm or "norm") is not _NORM:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        for member, likelihood in zip(self.members, self.likelihoods):
+            own = [p for p in (*member.parameters(), *likelihood.parameters()) if p.grad is not None]
+            if own:
+                torch.nn.utils.clip_grad_norm_(own, gradient_clip_val)
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         outputs = self(x)

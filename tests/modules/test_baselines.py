@@ -91,3 +91,32 @@ def test_non_finite_loss_stops_with_a_clear_error():
     module = MAP(_mlp())
     with pytest.raises(FloatingPointError, match="training loss is"):
         module.on_before_backward(torch.tensor(float("nan")))
+
+
+def test_ensemble_clips_each_members_gradient_by_its_own_norm():
+    """Trainer(gradient_clip_val=c): every member steps as if trained alone with that clipping."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ensemble = DeepEnsemble(_mlp(), num_members=3, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    with torch.no_grad():  # members far apart, so their gradient norms differ
+        for scale, member in zip((1.0, 3.0, 10.0), ensemble.members):
+            for p in member.parameters():
+                p.mul_(scale)
+    start = [[p.detach().clone().requires_grad_() for p in member.parameters()] for member in ensemble.members]
+    expected = []
+    for member, params in zip(ensemble.members, start):
+        names = [n for n, _ in member.named_parameters()]
+        out = torch.func.functional_call(member, dict(zip(names, params)), (x,))
+        grads = torch.autograd.grad(nn.functional.cross_entropy(out, y), params)
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        assert norm > 0.05, "the clip value must bind for every member"
+        expected.append([(p - g * (0.05 / (norm + 1e-6))).detach() for p, g in zip(params, grads)])  # clip_grad_norm_'s
+    trainer = Trainer(max_steps=1, gradient_clip_val=0.05, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(ensemble, DataLoader(TensorDataset(x, y), batch_size=16))
+    for member, want in zip(ensemble.members, expected):
+        for p, w in zip(member.parameters(), want):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
