@@ -8,7 +8,9 @@ same metrics. Anchors that train select the epoch of best validation NLL, as our
 * ``laplace_torch`` (laplace-torch 0.3): ``Laplace(model, likelihood, subset_of_weights, hessian_structure)``
   on the MAP's trained network (regression: a homoscedastic MAP, its learned noise as ``sigma_noise``), ``fit``
   on the training loader, ``optimize_prior_precision(method="marglik")``,
-  GLM predictive with the probit link (classification) or the closed-form GLM variance (regression);
+  GLM predictive with the probit link (classification) or the closed-form GLM variance (regression); on a LoRA
+  network (text) its trainable weights are the adapters, so this is Laplace-LoRA, fed the dict batches
+  laplace-torch documents for Hugging Face models;
 * ``vbll_package`` (vbll 0.4.9): our VBLL config's backbone with ``vbll.DiscClassification`` /
   ``vbll.Regression`` as head, trained with its ``train_loss_fn``;
 * ``ivon_manual`` (ivon-opt 0.1.3): our IVON config's network and hyperparameters in the package's manual
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 
@@ -42,9 +45,9 @@ def _init_args(cli: LightningCLI, *keys: str) -> dict[str, Any]:
     return dict(vars(node["init_args"]))
 
 
-def _batches(loader: Any, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(loader: Any, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
     for x, y in loader:
-        yield x.to(device), y.to(device)
+        yield move_data_to_device(x, device), y.to(device)
 
 
 def _train_selecting_best(
@@ -83,13 +86,56 @@ def _mean_validation_nll(cli: LightningCLI, predict: Predict, device: torch.devi
 
 
 # ----- laplace-torch ---------------------------------------------------------------------------------------
+class HFStyleNetwork(nn.Module):
+    """A network on dict inputs, called the way laplace-torch calls Hugging Face models: with the whole batch
+    dict, targets under ``labels`` (dropped before the network sees it)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, data: Mapping[str, Tensor]) -> Tensor:
+        return self.network({key: value for key, value in data.items() if key != "labels"})
+
+
+class HFStyleBatches:
+    """A loader of ``(dict, y)`` batches as laplace-torch's dict batches (``{**x, "labels": y}``) on ``device``;
+    ``dataset`` is the loader's (laplace-torch reads N from it)."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device, self.dataset = loader, device, loader.dataset
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for x, y in _batches(self.loader, self.device):
+            yield {**x, "labels": y}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def glm_probabilities(la: Any, x: Any) -> Tensor:
+    """laplace-torch's GLM predictive with the probit link. Dict (text) batches go one example per call:
+    its Jacobian takes one backward pass per row of the batch's ``[B, C]`` outputs, each through the whole
+    batch, so a batch costs ``B`` times its per-example calls and holds ``B C`` activation gradients at once."""
+    if not isinstance(x, Mapping):
+        return la(x, pred_type="glm", link_approx="probit")
+    rows = len(next(iter(x.values())))
+    examples = ({key: value[n : n + 1] for key, value in x.items()} for n in range(rows))
+    return torch.cat([la(example, pred_type="glm", link_approx="probit") for example in examples])
+
+
 def laplace_torch(cli: LightningCLI, checkpoints: list[str], options: dict[str, str], device: torch.device) -> Predict:
-    """laplace-torch on the MAP's network (post hoc): KFAC / diag GGN, marginal-likelihood prior, GLM predictive."""
+    """laplace-torch on the MAP's network (post hoc): KFAC / diag GGN, marginal-likelihood prior, GLM predictive.
+    Over a LoRA network only the trainable (adapter) weights are in the posterior: Laplace-LoRA (Yang et al.,
+    ICLR 2024) with laplace-torch's Hugging Face batches."""
     from laplace import Laplace
 
     network = cli.model.backbone
     load_trained_weights(cli.model, checkpoints[0])
     network.to(device).eval()
+    loader = cli.datamodule.train_dataloader()
+    if isinstance(next(iter(loader))[0], Mapping):  # tokenised text: laplace-torch's dict batches
+        network, loader = HFStyleNetwork(network), HFStyleBatches(loader, device)
     regression = isinstance(cli.model.likelihood, GaussianLikelihood)
     if regression and cli.model.likelihood.heteroscedastic:
         raise NotImplementedError(
@@ -107,7 +153,7 @@ def laplace_torch(cli: LightningCLI, checkpoints: list[str], options: dict[str, 
         hessian_structure=options["structure"],
         **noise,
     )
-    la.fit(cli.datamodule.train_dataloader())
+    la.fit(loader)
     la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
 
     def predict(x: Tensor) -> Predictive:
@@ -115,7 +161,7 @@ def laplace_torch(cli: LightningCLI, checkpoints: list[str], options: dict[str, 
             mean, variance = la(x, pred_type="glm")
             noise = la.sigma_noise.square()
             return GaussianPredictive(mean.unsqueeze(0), (variance.diagonal(dim1=-2, dim2=-1) + noise).unsqueeze(0))
-        probs = la(x, pred_type="glm", link_approx="probit")
+        probs = glm_probabilities(la, x)
         return CategoricalPredictive(probs.double().clamp_min(1e-300).log().unsqueeze(0))
 
     return predict

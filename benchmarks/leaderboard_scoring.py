@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
@@ -22,7 +23,7 @@ def score(
     metrics, ood, confidences, correct = None, None, [], []
     with torch.no_grad():
         for x, y in data.test_dataloader():
-            x, y = x.to(device), y.to(device)
+            x, y = move_data_to_device(x, device), y.to(device)
             predictive = predict(x)
             if metrics is None:
                 classification = isinstance(predictive, CategoricalPredictive)
@@ -42,7 +43,7 @@ def score(
         if ood is not None:
             for batch in data.ood_dataloader():
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                ood.update(predict(x.to(device)), True)
+                ood.update(predict(move_data_to_device(x, device)), True)
             values.update({f"ood_{name}": float(value) for name, value in ood.compute().items()})
     bins = reliability_bins(torch.cat(confidences), torch.cat(correct).double()) if confidences else None
     return values, bins

@@ -213,6 +213,15 @@ def _text() -> list[Entry]:
             quick=("--trainer.max_epochs=1",),
         ),
         Entry("VBLL (SmolLM2)", "ours", "text/vbll_smollm2.yaml", quick=quick),
+        Entry(
+            "Laplace-LoRA (laplace-torch KFAC)",
+            "anchor",
+            "text/map_lora_smollm2.yaml",
+            needs=("MAP-LoRA",),
+            anchor="laplace_torch",
+            options={"subset": "all", "structure": "kron"},
+            note="LoRA weights only",
+        ),
     ]
 
 
