@@ -103,6 +103,13 @@ class ParameterFunction:
     ) -> None:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
+        quantised = [name for name, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
+        if quantised:
+            raise ValueError(
+                f"model has {len(quantised)} bitsandbytes 4-bit weights (e.g. {quantised[0]}); the torch.func "
+                "transforms of Jacobian products do not run through 4-bit layers (libtorch crashed on them), so "
+                "this method needs a base in float32 or bfloat16 (load_in_4bit=False)"
+            )
         self.model = model
         self.flat = FlatParameters(model, params)
         self.constraint = constraint
@@ -118,8 +125,10 @@ class ParameterFunction:
         return self.flat.flatten(self.model)
 
     def _fixed(self) -> dict[str, Tensor]:
+        """Detached unselected parameters that would otherwise carry gradients, and the buffers; frozen parameters
+        stay the module's own (a 4-bit weight's detached copy would lose its quantisation state)."""
         selected = set(self.flat.names)
-        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
+        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected and p.requires_grad}
         fixed.update(dict(self.model.named_buffers()))
         return fixed
 

@@ -9,7 +9,8 @@
 Both take the tokenizer's dict ``x = {"input_ids", "attention_mask"}`` as their one forward argument.
 LoRA (Hu et al., 2022) freezes the base and trains ``W + (alpha / r) B A`` with ``A: r x in``,
 ``B: out x r``, i.e. ``r (in + out)`` parameters per adapted linear layer. 4-bit loading stores the
-frozen base in NF4 (Dettmers et al., 2023, QLoRA) and computes in bfloat16.
+frozen base in NF4 (Dettmers et al., 2023, QLoRA) and computes in bfloat16. A frozen base (LoRA, 4-bit) stays
+out of state dicts and checkpoints (:mod:`.frozen_base`): the constructor rebuilds it from the pretrained source.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .frozen_base import exclude_frozen_base
 from .pretrained import resolve_pretrained
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,22 +40,27 @@ class LoraSpec:
 
 
 def quantisation_kwargs(load_in_4bit: bool) -> dict[str, Any]:
-    """``from_pretrained`` arguments for an NF4 base on the current CUDA device (empty when not 4-bit)."""
+    """``from_pretrained`` arguments for an NF4 base (empty when not 4-bit): on the current CUDA device, or on the
+    CPU where the installed bitsandbytes has a CPU backend (``bitsandbytes.backends.cpu``; NF4 runs there, slower)."""
     if not load_in_4bit:
         return {}
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "load_in_4bit=True needs a CUDA device (bitsandbytes NF4 kernels), but torch.cuda.is_available() "
-            "is False on this machine; use load_in_4bit=False on CPU"
-        )
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModuleNotFoundError("load_in_4bit=True needs bitsandbytes: pip install 'bitsandbytes>=0.44'")
+        raise ModuleNotFoundError("load_in_4bit=True needs bitsandbytes: pip install bitsandbytes")
+    if torch.cuda.is_available():
+        device: int | str = torch.cuda.current_device()
+    elif importlib.util.find_spec("bitsandbytes.backends.cpu") is not None:
+        device = "cpu"
+    else:
+        raise RuntimeError(
+            "load_in_4bit=True needs a CUDA device or a bitsandbytes with a CPU backend (bitsandbytes.backends.cpu); "
+            "this machine has no CUDA device and the installed bitsandbytes has none: upgrade it, or load_in_4bit=False"
+        )
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str) -> nn.Module:
@@ -117,6 +124,7 @@ class HFSequenceClassifier(nn.Module):
         self.num_features: int = base.config.hidden_size
         # from_pretrained returns eval mode; fine-tuning runs with the model's dropout as trained
         self.model = (base if lora is None else apply_lora(base, lora, "SEQ_CLS")).train()
+        exclude_frozen_base(self, "model")  # checkpoints hold the adapters, not the base
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         _check_tokens(x)
@@ -165,6 +173,7 @@ class CausalLMAnswerClassifier(nn.Module):
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], **quantisation)
         self.num_features: int = base.config.hidden_size
         self.model = (base if lora is None else apply_lora(base, lora, "CAUSAL_LM")).train()
+        exclude_frozen_base(self, "model")  # checkpoints hold the adapters, not the base
 
     def features(self, x: Mapping[str, Tensor]) -> Tensor:
         """The last token's final (normalised) hidden state ``[B, num_features]``."""

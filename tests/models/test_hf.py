@@ -109,26 +109,45 @@ def test_lora_targets_matching_nothing_name_the_available_layers():
         HFSequenceClassifier("minilm", num_labels=2, lora=LoraSpec(target_modules=["q_proj", "value"]))
 
 
-def test_four_bit_on_a_machine_without_cuda_is_explained(monkeypatch):
+def test_four_bit_without_cuda_or_a_cpu_backend_is_explained(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="load_in_4bit=True needs a CUDA device"):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name.endswith("backends.cpu") else find_spec(name))
+    with pytest.raises(RuntimeError, match="load_in_4bit=True needs a CUDA device or a bitsandbytes with a CPU"):
         CausalLMAnswerClassifier("smollm2", load_in_4bit=True)
-    with pytest.raises(RuntimeError, match="load_in_4bit=True needs a CUDA device"):
+    with pytest.raises(RuntimeError, match="load_in_4bit=True needs a CUDA device or a bitsandbytes with a CPU"):
         HFSequenceClassifier("minilm", load_in_4bit=True)
+
+
+def _check_four_bit_lora(model: CausalLMAnswerClassifier, x: dict) -> None:
+    import bitsandbytes as bnb
+
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 30 * 7  # every linear of 30 blocks
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    logits = model(x)
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    assert logits[0, 1] > logits[0, 0] and logits[1, 0] > logits[1, 1]  # the 4-bit base still reads the reviews
+    state = model.state_dict()
+    assert all("lora_" in key for key in state) and sum(t.numel() for t in state.values()) == _parameter_count(
+        model, trainable=True
+    ), "the checkpoint holds the adapters, not the frozen 4-bit base"
 
 
 @pytest.mark.gpu
 def test_four_bit_nf4_base_with_full_precision_lora(smollm2_folder, prompts):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    pytest.importorskip("bitsandbytes")
     model = CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(), load_in_4bit=True)
-    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    x = {k: v.cuda() for k, v in prompts.items()}
-    logits = model(x)
-    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
-    assert logits[0, 1] > logits[0, 0]
+    _check_four_bit_lora(model, {k: v.cuda() for k, v in prompts.items()})
+
+
+def test_four_bit_nf4_base_with_full_precision_lora_on_cpu(smollm2_folder, prompts):
+    """The CPU twin of the CUDA test: bitsandbytes' CPU backend runs the same NF4 base."""
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA test covers a machine with a GPU")
+    _check_four_bit_lora(CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(), load_in_4bit=True), prompts)
 
 
 def test_a_yaml_config_builds_the_backbones_with_a_lora_spec():

@@ -1,0 +1,56 @@
+"""Checkpoints without the frozen pretrained base: a LoRA or 4-bit model's state dict holds what training changes.
+
+Under LoRA (peft) or a 4-bit NF4 base (bitsandbytes) the base weights never change after ``from_pretrained``, so
+saving them only copies what the constructor rebuilds from the pretrained source: 540 MB per SmolLM2 checkpoint
+against the adapters' 1 MB. Worse, a 4-bit base does not load back through ``load_state_dict`` (the NF4
+quantisation state comes back as unexpected keys), so fit-then-test from the best checkpoint failed. After
+:func:`exclude_frozen_base` the owner's state dict leaves out every entry of ``owner.<attribute>`` that is not a
+trainable parameter at that moment (frozen weights, their quantisation state, persistent buffers), and loading
+accepts their absence (the module keeps the values it was built with); checkpoints that do hold them still load.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class _FrozenBaseHooks:
+    """State-dict hooks (a picklable object, so the module still pickles for ``ddp_spawn``) over the keys
+    ``keys`` relative to the owner."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self._prefixes: list[str] = []
+
+    def drop(self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+        for key in self.keys:
+            state_dict.pop(prefix + key, None)
+
+    def remember_prefix(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self._prefixes.append(prefix)
+
+    def allow_missing(self, module: nn.Module, incompatible: Any) -> None:
+        prefix = self._prefixes.pop() if self._prefixes else ""
+        expected = {prefix + key for key in self.keys}
+        incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in expected]
+
+
+def exclude_frozen_base(owner: nn.Module, attribute: str) -> int:
+    """Leave the non-trainable entries of ``owner.<attribute>``'s state dict out of ``owner``'s state dict and
+    accept their absence when loading; returns how many entries are left out (0 when everything trains)."""
+    base: nn.Module = getattr(owner, attribute)
+    keys = tuple(
+        f"{attribute}.{key}"
+        for key, value in base.state_dict(keep_vars=True).items()
+        if not (isinstance(value, nn.Parameter) and value.requires_grad)
+    )
+    if keys:
+        hooks = _FrozenBaseHooks(keys)
+        # partials: torch marks its hooks with an attribute, which a bound method cannot take
+        owner.register_state_dict_post_hook(partial(hooks.drop))
+        owner.register_load_state_dict_pre_hook(partial(hooks.remember_prefix))
+        owner.register_load_state_dict_post_hook(partial(hooks.allow_missing))
+    return len(keys)
