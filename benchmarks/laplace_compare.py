@@ -18,11 +18,11 @@ Fit time is the posterior's own pass over the data (our sweeps; laplace-torch's 
 ``--batch-size`` plus its prior optimisation); predict time covers the ``--num-test`` test images in batches
 of ``--batch-size``. Memory is measured per phase (fit, predict) as the peak above the phase's start:
 ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the resident set's high-water mark ``VmHWM``, reset through
-``/proc/self/clear_refs`` after freed heap is handed back to the OS. On CPU each worker's address space is
-capped at ``--max-gb`` above its size once model and data are loaded, so a method that needs more fails with
-"OOM" in its row instead of waking the kernel's OOM killer. Accuracy, NLL (of the model average) and ECE
-(15 equal-width bins) come from :mod:`lightning_bayes.metrics`; laplace-torch's probabilities enter them as a
-one-sample ``CategoricalPredictive``. (laplace-torch's all-layer GLM predictive builds the ``[B, C, P]``
+``/proc/self/clear_refs`` after freed heap is handed back to the OS. On CPU each worker's private writable
+memory (``RLIMIT_DATA``) is capped at ``--max-gb`` above its size once model and data are loaded, so a method
+that needs more fails with "OOM" in its row instead of waking the kernel's OOM killer. Accuracy, NLL (of the
+model average) and ECE (15 equal-width bins) come from :mod:`lightning_bayes.metrics`; laplace-torch's
+probabilities enter them as a one-sample ``CategoricalPredictive``. (laplace-torch's all-layer GLM predictive builds the ``[B, C, P]``
 Jacobian of a whole batch with ``jacrev`` of the batch output, whose cost and memory grow with ``B^2 C``;
 ours takes one JVP per sample.)
 
@@ -69,7 +69,7 @@ from lightning_bayes.metrics import (
 from lightning_bayes.models import MLP, LeNet5, load_trained_weights
 from lightning_bayes.predictive import CategoricalPredictive
 
-from peak_memory import PeakMemory, cap_address_space, describe_error, synchronize  # benchmarks/peak_memory.py
+from peak_memory import PeakMemory, cap_data_memory, describe_error, synchronize  # benchmarks/peak_memory.py
 
 MICRO_BATCH = 16  # ours: examples per projection step (the reference's B)
 INPUT_DIM = 784  # part 2's synthetic MLP inputs
@@ -232,7 +232,7 @@ def run_method(method: str, args: argparse.Namespace, setup: Path) -> dict[str, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     else:
-        cap_address_space(args.max_gb)
+        cap_data_memory(args.max_gb)
     memory = PeakMemory(device)
     try:
         memory.start()
@@ -325,7 +325,7 @@ def scaling_case(constraint: str, outputs: int, target: float, args: argparse.Na
 def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     if device.type == "cpu":
-        cap_address_space(args.max_gb)
+        cap_data_memory(args.max_gb)
     rows = []
     for varies, constraint, outputs, target in scaling_cases(args):
         if device.type == "cuda":

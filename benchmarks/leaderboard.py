@@ -37,7 +37,7 @@ import torch
 
 from leaderboard_report import summarise, write_report  # benchmarks/leaderboard_report.py
 from leaderboard_tasks import TASK_NAMES, Entry, task_entries  # benchmarks/leaderboard_tasks.py
-from peak_memory import PeakMemory, cap_address_space, describe_error  # benchmarks/peak_memory.py
+from peak_memory import PeakMemory, cap_data_memory, describe_error  # benchmarks/peak_memory.py
 
 ROOT = Path(__file__).resolve().parent.parent
 # runs are forked from a server that imported torch but never touched CUDA (a plain fork of this process could
@@ -126,7 +126,7 @@ def worker(spec: dict[str, Any]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     memory = PeakMemory(device)
     if device.type == "cpu":
-        cap_address_space(spec["max_gb"])
+        cap_data_memory(spec["max_gb"])
     try:
         result = (run_anchor if entry.kind == "anchor" else run_ours)(spec, entry, memory)
     except Exception as error:  # noqa: BLE001 - recorded in the row: a failing run must not stop the others
@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the split stays fixed)")
     parser.add_argument("--only", nargs="+", help="these rows (and what they start from) only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
-    parser.add_argument("--max-gb", type=float, default=0.0, help="CPU: cap each run's new memory (0: no cap)")
+    parser.add_argument("--max-gb", type=float, default=0.0, help="CPU: cap each run's new heap memory, RLIMIT_DATA (0: no cap)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the fork server and its children
     FORK_SERVER.set_forkserver_preload(["torch", "lightning.pytorch", "lightning_bayes.cli"])

@@ -70,13 +70,15 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.base
 
 
-def cap_address_space(max_gb: float) -> None:
-    """Let the process map at most ``max_gb`` more than it has now: a bigger allocation raises instead of
-    triggering the OOM killer (which may pick another process)."""
+def cap_data_memory(max_gb: float) -> None:
+    """Let the process allocate at most ``max_gb`` more private writable memory (``RLIMIT_DATA``: heap and
+    anonymous mappings) than it has now: a bigger allocation raises instead of triggering the OOM killer (which
+    may pick another process). Not the address space: mapped libraries (CUDA's, in a CUDA build of torch) and the
+    allocator's reserved per-thread arenas would count against that, failing runs that never use the memory."""
     if max_gb <= 0:
         return
-    limit = _status_kb("VmSize") * 1024 + int(max_gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    limit = _status_kb("VmData") * 1024 + int(max_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
 
 
 def describe_error(error: BaseException, max_gb: float) -> str:
