@@ -2,11 +2,15 @@
 
 ``lightning-bayes fit --config configs/mnist/map.yaml`` trains, then (unless ``--test_after_fit false``)
 runs the test stage on the best checkpoint in the same command; ``CalibrationMetrics`` is always
-attached (configure it under ``metrics:``) and prints/writes the metrics table at test end.
+attached (configure it under ``metrics:``) and prints/writes the metrics table at test end. With
+``--ckpt_path`` the model is built from the checkpoint's hyperparameters (as in LightningCLI), but a
+``--model.…`` argument given on the command line wins over them, e.g.
+``lightning-bayes test --config ... --ckpt_path last.ckpt --model.init_args.num_samples 100``.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -34,6 +38,18 @@ class BayesCLI(LightningCLI):
             )
         return parser
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._given_model_args = _model_arguments(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """The checkpoint's hyperparameters, then the ``--model.…`` arguments given explicitly (LightningCLI alone
+        lets the checkpoint's values replace them silently)."""
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") and self._given_model_args:
+            self.config = self.parser.parse_args([subcommand, *self._given_model_args], namespace=self.config.clone())
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Show a Rich progress bar unless the user turned bars off or chose another one."""
         configured = config.get("callbacks") or []
@@ -46,6 +62,18 @@ class BayesCLI(LightningCLI):
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
             return
         test_fitted(self.trainer, self.model, self.datamodule)
+
+
+def _model_arguments(args: Any) -> list[str]:
+    """The ``--model.<key>[=value]`` items of a command line (with their separate values)."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    found: list[str] = []
+    for index, arg in enumerate(args):
+        if isinstance(arg, str) and arg.startswith("--model."):
+            has_value = "=" in arg or index + 1 == len(args) or str(args[index + 1]).startswith("--")
+            found += [arg] if has_value else [arg, str(args[index + 1])]
+    return found
 
 
 def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:

@@ -48,3 +48,15 @@ def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
     run(args)
     metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert 0.0 <= metrics["acc"] <= 1.0 and "ood_auroc" in metrics
+
+
+def test_model_arguments_on_the_command_line_win_over_the_checkpoints(tmp_path: Path):
+    """``test --ckpt_path`` builds the model from the checkpoint's hyperparameters, except those given explicitly."""
+    config = ROOT / "configs" / "digits" / "ivon.yaml"  # num_samples: 64 in the config, so in the checkpoint
+    run([*quick_args(config, tmp_path, batches=1), "--test_after_fit=false"])
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    args = ["test", "--config", str(config), f"--ckpt_path={checkpoint}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    args += ["--trainer.limit_test_batches=1"]
+    assert run(args).model.num_samples == 64
+    assert run([*args, "--model.init_args.num_samples", "3"]).model.num_samples == 3
+    assert run([*args, "--model.init_args.num_samples=5", "--model.init_args.mean_prediction=true"]).model.mean_prediction
