@@ -38,9 +38,9 @@ class _FrozenBaseHooks:
         incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in expected]
 
 
-def exclude_frozen_base(owner: nn.Module, attribute: str) -> int:
+def exclude_frozen_base(owner: nn.Module, attribute: str) -> None:
     """Leave the non-trainable entries of ``owner.<attribute>``'s state dict out of ``owner``'s state dict and
-    accept their absence when loading; returns how many entries are left out (0 when everything trains)."""
+    accept their absence when loading (nothing changes when everything trains)."""
     base: nn.Module = getattr(owner, attribute)
     keys = tuple(
         f"{attribute}.{key}"
@@ -53,4 +53,3 @@ def exclude_frozen_base(owner: nn.Module, attribute: str) -> int:
         owner.register_state_dict_post_hook(partial(hooks.drop))
         owner.register_load_state_dict_pre_hook(partial(hooks.remember_prefix))
         owner.register_load_state_dict_post_hook(partial(hooks.allow_missing))
-    return len(keys)

@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -120,8 +121,10 @@ class DeepEnsemble(BayesianModule):
     ) -> None:
         """Clip by norm member by member (a member's parameters and its likelihood's): one norm over the whole
         ensemble would couple the members, clipping each harder the more members there are. Clipping by value
-        is elementwise and stays with Lightning."""
-        if gradient_clip_val is None or GradClipAlgorithmType(gradient_clip_algorithm or "norm") is not _NORM:
+        is elementwise, and sharded strategies (FSDP, DeepSpeed) clip their own way: both stay with Lightning."""
+        by_norm = GradClipAlgorithmType(gradient_clip_algorithm or "norm") is _NORM
+        whole_gradients = isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
+        if gradient_clip_val is None or not (by_norm and whole_gradients):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         for member, likelihood in zip(self.members, self.likelihoods):
