@@ -2,6 +2,7 @@
 
     python benchmarks/leaderboard.py --task digits --quick --out runs/leaderboard/digits
     python benchmarks/leaderboard.py --task mnist --seeds 0 1 2 --out runs/leaderboard/mnist
+    python benchmarks/leaderboard.py --task text --only BLoB TFB --set data.init_args.max_test=512
 
 Our methods run through the public CLI (``lightning-bayes fit --config configs/<task>/<method>.yaml``, then
 the test of the best or last checkpoint, as ``test_after_fit`` does); the anchors (laplace-torch, the
@@ -63,6 +64,7 @@ def _cli_overrides(spec: dict[str, Any], entry: Entry, run_name: str) -> list[st
         "--trainer.enable_model_summary=false",
         *entry.args,
         *(entry.quick if spec["quick"] else ()),
+        *(f"--{setting}" for setting in spec["settings"]),
     ]
 
 
@@ -155,7 +157,7 @@ def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Na
     spec = {
         "task": args.task, "entry": entry.name, "seed": seed, "quick": args.quick, "out": str(args.out),
         "run_name": run_name, "checkpoints": checkpoints, "threads": args.threads, "max_gb": args.max_gb,
-        "result": str(result_path),
+        "result": str(result_path), "settings": args.set,
     }  # fmt: skip
     process = FORK_SERVER.Process(target=_child, args=(spec, str(logs / f"{run_name}.log")))
     process.start()
@@ -216,7 +218,18 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="these rows (and what they start from) only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
     parser.add_argument("--max-gb", type=float, default=0.0, help="CPU: cap each run's new heap memory, RLIMIT_DATA (0: no cap)")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config values for every run, ours and the anchors alike, after the task's own "
+        "(e.g. data.init_args.max_test=512 trainer.limit_val_batches=8)",
+    )
     args = parser.parse_args()
+    malformed = [setting for setting in args.set if "=" not in setting or setting.startswith("-")]
+    if malformed:
+        parser.error(f"--set takes KEY=VALUE config values such as trainer.max_epochs=1; got {malformed}")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the fork server and its children
     FORK_SERVER.set_forkserver_preload(["torch", "lightning.pytorch", "lightning_bayes.cli"])
     args.out = (args.out or ROOT / "runs" / "leaderboard" / args.task).resolve()

@@ -77,6 +77,13 @@ def _group_split(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[n
     return next(splitter.split(groups, groups=groups))
 
 
+def _seeded_subset(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """At most ``limit`` of ``rows``: a seeded random subset, or all of them when ``limit`` is None."""
+    if limit is None or limit >= len(rows):
+        return rows
+    return rows[seeded_permutation(len(rows), seed)[:limit].numpy()]
+
+
 def _format_fields(template: str) -> set[str] | None:
     """The field names of a ``str.format`` template; None if it is malformed."""
     try:
@@ -117,6 +124,8 @@ class RottenTomatoesDataModule(InMemoryDataModule):
             answer-word scoring with a causal LM; ``None`` keeps the raw text.
         val_fraction, test_fraction: shares of the movies held out.
         max_train: keep at most this many training snippets (a seeded subset), for quick runs.
+        max_test: evaluate on at most this many held-out snippets and as many plot summaries (seeded
+            subsets of each), for sampled predictives on a CPU budget; ``None`` keeps all of both.
         padding_side: "left" for causal LMs: padding and truncation both on the left, so the last
             position is always the prompt's last token; "right" for encoders.
         data_dir: folder with the user's copy of ``rotten_tomatoes_corpus_full.csv.bz2``; ``None``
@@ -135,6 +144,7 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         max_train: int | None = None,
+        max_test: int | None = None,
         padding_side: str = "left",
         num_workers: int = 0,
         data_dir: str | None = None,
@@ -149,13 +159,14 @@ class RottenTomatoesDataModule(InMemoryDataModule):
             raise ValueError(f"prompt must be a format string whose only field is {{text}}; got {prompt!r}")
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2; got {max_length!r}")
-        if max_train is not None and (not isinstance(max_train, int) or max_train < 1):
-            raise ValueError(f"max_train must be None or an int >= 1; got {max_train!r}")
+        for name, limit in (("max_train", max_train), ("max_test", max_test)):
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                raise ValueError(f"{name} must be None or an int >= 1; got {limit!r}")
         self.tokenizer_name = tokenizer
         self.max_length = max_length
         self.prompt = prompt
         self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
-        self.max_train = max_train
+        self.max_train, self.max_test = max_train, max_test
         self.padding_side = padding_side
         self._tokenizer: Any = None
         self.ood_set: TextDataset | None = None
@@ -188,8 +199,7 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         train, val = (
             rest[i] for i in _group_split(movies[rest], self.val_fraction / (1 - self.test_fraction), self.seed)
         )
-        if self.max_train is not None and self.max_train < len(train):
-            train = train[seeded_permutation(len(train), self.seed)[: self.max_train].numpy()]
+        train, test = _seeded_subset(train, self.max_train, self.seed), _seeded_subset(test, self.max_test, self.seed)
 
         def part(rows: Any) -> TextDataset:
             chosen = labelled.iloc[sorted(rows)]
@@ -197,6 +207,7 @@ class RottenTomatoesDataModule(InMemoryDataModule):
 
         self.train_set, self.val_set, self.test_set = part(train), part(val), part(test)
         plots = frame[frame["category"] == "plot"]
+        plots = plots.iloc[sorted(_seeded_subset(np.arange(len(plots)), self.max_test, self.seed))]
         self.ood_set = TextDataset(plots["text"].tolist(), [0] * len(plots))
 
     def collate_fn(self) -> Callable[[list[tuple[str, Tensor]]], tuple[dict[str, Tensor], Tensor]]:

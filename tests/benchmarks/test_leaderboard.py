@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from calibration_toys import LinearModel, ToyDataWithOOD
-from leaderboard import selected
+from leaderboard import _cli_overrides, selected
 from leaderboard_anchors import ANCHORS, PACKAGES
 from leaderboard_report import markdown, summarise, total_seconds, write_report
 from leaderboard_scoring import score
@@ -105,6 +105,17 @@ def test_selected_keeps_what_rows_start_from_and_the_map() -> None:
     assert [e.name for e in selected(entries, ["SWAG"])] == ["MAP", "SWAG collection", "SWAG"]
     with pytest.raises(SystemExit, match="unknown names"):
         selected(entries, ["VIKING"])
+
+
+def test_set_values_reach_every_run_after_the_tasks_own() -> None:
+    entry = Entry("TFB", "ours", "text/tfb_smollm2.yaml", quick=("--trainer.max_epochs=1",))
+    spec = {"seed": 0, "out": "out", "quick": True, "settings": ["data.init_args.max_test=512"]}
+    arguments = _cli_overrides(spec, entry, "tfb_seed0")
+    assert arguments[-2:] == ["--trainer.max_epochs=1", "--data.init_args.max_test=512"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "leaderboard.py"), "--task", "text", "--set", "max_test"]
+    failed = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and "--set takes KEY=VALUE config values" in failed.stderr
+    assert "['max_test']" in failed.stderr
 
 
 def test_scoring_gives_the_numbers_of_calibration_metrics(tmp_path: Path) -> None:

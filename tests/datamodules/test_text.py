@@ -64,6 +64,22 @@ def test_max_train_keeps_a_seeded_subset(data: RottenTomatoesDataModule):
     assert small.test_set.texts == data.test_set.texts
 
 
+def test_max_test_keeps_seeded_subsets_of_the_test_and_ood_sets(data: RottenTomatoesDataModule):
+    small = RottenTomatoesDataModule(tokenizer="minilm", max_test=100)
+    small.setup()
+    again = RottenTomatoesDataModule(tokenizer="minilm", max_test=100)
+    again.setup()
+    assert len(small.test_set) == len(small.ood_set) == 100
+    assert set(small.test_set.texts) < set(data.test_set.texts) and set(small.ood_set.texts) < set(data.ood_set.texts)
+    # a random subset (the first 100 would be a handful of movies), the same at every setup
+    assert small.test_set.texts != data.test_set.texts[:100] and small.ood_set.texts != data.ood_set.texts[:100]
+    assert small.test_set.texts == again.test_set.texts and small.ood_set.texts == again.ood_set.texts
+    assert small.train_set.texts == data.train_set.texts and small.val_set.texts == data.val_set.texts
+    whole = RottenTomatoesDataModule(tokenizer="minilm", max_test=5000)
+    whole.setup()
+    assert whole.test_set.texts == data.test_set.texts and whole.ood_set.texts == data.ood_set.texts
+
+
 @pytest.mark.llm
 def test_collated_batch_is_the_tokenizer_dict_and_labels():
     data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=4, max_length=32, padding_side="right")
@@ -111,6 +127,7 @@ def test_shift_dataloader_serves_the_amazon_reviews():
      ({"prompt": "{text} {label}"}, "only field is {text}"),
      ({"padding_side": "middle"}, "padding_side must be 'left' or 'right'"),
      ({"max_train": 0}, "max_train must be None or an int >= 1"),
+     ({"max_test": 0.5}, "max_test must be None or an int >= 1; got 0.5"),
      ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction and test_fraction")],
 )  # fmt: skip
 def test_bad_arguments_are_named(kwargs: dict, message: str):
