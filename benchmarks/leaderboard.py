@@ -14,7 +14,8 @@ that row's recorded error; its log is ``OUT/logs/<run>.log``. All rows are score
 
 Outputs in ``OUT``: ``leaderboard.md``, ``leaderboard.json`` (rows, per-seed results, hardware, command),
 ``reliability.png`` (one reliability diagram per row, first seed), and the runs' logs and checkpoints under
-``OUT/runs``. Earlier reports in ``OUT`` are kept (new ones get ``-1``, ``-2``, ...).
+``OUT/runs``. Earlier reports in ``OUT`` are kept (new ones get ``-1``, ``-2``, ...); this run's report is
+rewritten after each of its runs, so a leaderboard stopped part way keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from leaderboard_report import summarise, write_report  # benchmarks/leaderboard_report.py
+from leaderboard_report import report_paths, summarise, write_report  # benchmarks/leaderboard_report.py
 from leaderboard_tasks import TASK_NAMES, Entry, task_entries  # benchmarks/leaderboard_tasks.py
 from peak_memory import PeakMemory, cap_data_memory, describe_error  # benchmarks/peak_memory.py
 
@@ -239,6 +240,19 @@ def main() -> None:
     started = time.perf_counter()
     runs: dict[int, dict[str, dict[str, Any]]] = {}
     total = len(entries) * len(args.seeds)
+    context = {
+        "task": args.task,
+        "kind": "regression" if args.task == "regression" else "classification",
+        "quick": args.quick,
+        "seeds": args.seeds,
+        "command": command,
+        "hardware": hardware() + f", {args.threads} threads per run",
+        "memory": "peak CUDA memory allocated during the fit"
+        if torch.cuda.is_available()
+        else "the run's resident-set high-water mark during the fit, above its size after imports",
+        "runs_total": total,
+    }
+    paths = report_paths(args.out)
     for seed in args.seeds:
         runs[seed] = {}
         for entry in entries:
@@ -252,22 +266,11 @@ def main() -> None:
             done = sum(len(r) for r in runs.values())
             elapsed = (time.perf_counter() - started) / 60
             print(f"[{done}/{total}, {elapsed:.1f} min] seed {seed} {entry.name}: {describe(result)}", flush=True)
-    rows = summarise(runs, entries)
-    context = {
-        "task": args.task,
-        "kind": "regression" if args.task == "regression" else "classification",
-        "quick": args.quick,
-        "seeds": args.seeds,
-        "command": command,
-        "hardware": hardware() + f", {args.threads} threads per run",
-        "wall_s": time.perf_counter() - started,
-        "memory": "peak CUDA memory allocated during the fit"
-        if torch.cuda.is_available()
-        else "the run's resident-set high-water mark during the fit, above its size after imports",
-    }
-    paths = write_report(args.out, rows, context, runs)
-    print(paths[0].read_text() + "\n" + "\n".join(f"wrote {path}" for path in paths))
-
+            # rewritten after every run, so a stopped leaderboard keeps the rows it finished
+            context.update(wall_s=time.perf_counter() - started, runs_done=done)
+            rows = summarise(runs, [e for e in entries if any(e.name in r for r in runs.values())])
+            written = write_report(paths, rows, context, runs)
+    print(written[0].read_text() + "\n" + "\n".join(f"wrote {path}" for path in written))
 
 if __name__ == "__main__":
     main()

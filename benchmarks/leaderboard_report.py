@@ -100,6 +100,11 @@ _METRIC_NOTES = {
 }
 
 
+def _progress(context: dict[str, Any]) -> str:
+    done, total = context.get("runs_done", 0), context.get("runs_total", 0)
+    return f" In progress: {done} of {total} runs done." if done < total else ""
+
+
 def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     """The table with the command, hardware and seeds above it and the failures below."""
     columns = CLASSIFICATION_COLUMNS if context["kind"] == "classification" else REGRESSION_COLUMNS
@@ -111,7 +116,8 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "",
         f"Hardware: {context['hardware']}. Seeds: {', '.join(map(str, context['seeds']))}"
         + (" (mean ± sample standard deviation)" if len(context["seeds"]) > 1 else "")
-        + f". Wall time {context['wall_s'] / 60:.1f} min.",
+        + f". Wall time {context['wall_s'] / 60:.1f} min."
+        + _progress(context),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
@@ -142,14 +148,24 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(folder: Path, rows: list[dict[str, Any]], context: dict[str, Any], runs: dict[int, Any]) -> list[Path]:
-    """Write ``leaderboard.md``, ``leaderboard.json`` and ``reliability.png`` into ``folder`` (next to earlier
-    reports as ``-1``, ``-2``, ... instead of overwriting them); return the paths."""
+def report_paths(folder: Path) -> list[Path]:
+    """This run's ``leaderboard.md``, ``leaderboard.json`` and ``reliability.png`` in ``folder``: next to earlier
+    reports as ``-1``, ``-2``, ... instead of overwriting them."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [unique_path(folder, "leaderboard", ".md"), unique_path(folder, "leaderboard", ".json")]
-    paths[0].write_text(markdown(rows, context))
-    paths[1].write_text(json.dumps({"context": context, "rows": rows, "runs": runs}, indent=2, default=str))
+    return [
+        unique_path(folder, "leaderboard", ".md"),
+        unique_path(folder, "leaderboard", ".json"),
+        unique_path(folder, "reliability", ".png"),
+    ]
+
+
+def write_report(
+    paths: list[Path], rows: list[dict[str, Any]], context: dict[str, Any], runs: dict[int, Any]
+) -> list[Path]:
+    """Write the table, the JSON and (when a row has reliability bins) the diagrams to ``paths`` (from
+    :func:`report_paths`); return the paths written."""
+    markdown_path, json_path, png_path = paths
+    markdown_path.write_text(markdown(rows, context))
+    json_path.write_text(json.dumps({"context": context, "rows": rows, "runs": runs}, indent=2, default=str))
     panels = {row["name"]: ReliabilityBins.from_dict(row["reliability"]) for row in rows if row.get("reliability")}
-    if panels:
-        paths.append(reliability_grid(panels, unique_path(folder, "reliability", ".png")))
-    return paths
+    return [markdown_path, json_path] + ([reliability_grid(panels, png_path)] if panels else [])

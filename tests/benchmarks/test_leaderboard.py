@@ -15,7 +15,7 @@ import torch
 from calibration_toys import LinearModel, ToyDataWithOOD
 from leaderboard import _cli_overrides, selected
 from leaderboard_anchors import ANCHORS, PACKAGES
-from leaderboard_report import markdown, summarise, total_seconds, write_report
+from leaderboard_report import markdown, report_paths, summarise, total_seconds, write_report
 from leaderboard_scoring import score
 from leaderboard_tasks import TASK_NAMES, Entry, task_entries
 from lightning.pytorch import Trainer
@@ -138,10 +138,15 @@ def test_report_files_are_written_beside_earlier_ones(tmp_path: Path) -> None:
     context = {"task": "digits", "kind": "classification", "quick": False, "seeds": [0], "command": "c",
                "hardware": "h", "wall_s": 1.0, "memory": "m"}  # fmt: skip
     rows = summarise(runs, entries[:2] + entries[4:5])
-    first = write_report(tmp_path, rows, context, runs)
-    second = write_report(tmp_path, rows, context, runs)
+    first = write_report(report_paths(tmp_path), rows, context, runs)
+    second = write_report(report_paths(tmp_path), rows, context, runs)
     assert [p.name for p in first] == ["leaderboard.md", "leaderboard.json", "reliability.png"]
     assert [p.name for p in second] == ["leaderboard-1.md", "leaderboard-1.json", "reliability-1.png"]
+    assert "In progress" not in first[0].read_text()
+    # a report rewritten after each run says how far the leaderboard got
+    again = write_report(second, rows[:1], {**context, "runs_done": 1, "runs_total": 3}, runs)
+    assert again[1] == second[1] and "In progress: 1 of 3 runs done." in again[0].read_text()
+    assert json.loads(again[1].read_text())["rows"][0]["name"] == "MAP"
     saved = json.loads(first[1].read_text())
     assert saved["rows"][1]["name"] == "Curve" and math.isclose(saved["rows"][1]["time_vs_map"][0], 3.0)
 
