@@ -1,0 +1,82 @@
+"""One SWASubspace fit under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in
+``configure_model``, 2 CPU processes, gloo), for ``test_swa_subspace_fsdp.py``. Lightning starts rank 1 by
+running this script again.
+
+    python fsdp_swa_run.py OUT MAX_EPOCHS [RESUME_FROM]
+
+writes ``OUT/last.ckpt`` (a full checkpoint: ``save_distributed_checkpoint=False``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_bayes.callbacks.swa_subspace import SWASubspace
+
+GLOBAL_BATCH = 8
+
+
+class ShardedRegression(LightningModule):
+    """A float64 MLP whose two linear layers and root are sharded by FSDP2 when a device mesh exists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:  # one process: nothing to shard
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+    def train_dataloader(self) -> DataLoader:
+        """32 fixed points in order: rank r of W takes points r, r + W, ... (``DistributedSampler`` unshuffled),
+        so the ranks' batches of ``GLOBAL_BATCH / W`` together are the one-process batch of ``GLOBAL_BATCH``."""
+        x = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        data = TensorDataset(x, torch.sin(x.sum(1, keepdim=True)))
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+
+
+def swa_callback() -> SWASubspace:
+    return SWASubspace(params="all", start_epoch=1, every_n_steps=1, max_rank=3)
+
+
+def fit(out: str, max_epochs: int, resume_from: str | None, devices: int) -> None:
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        if devices > 1
+        else "auto"
+    )
+    trainer = Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
+        callbacks=[swa_callback(), ModelCheckpoint(dirpath=out, save_last=True)],
+    )  # fmt: skip
+    trainer.fit(ShardedRegression(), ckpt_path=resume_from)
+
+
+if __name__ == "__main__":
+    fit(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None, devices=2)
