@@ -33,6 +33,22 @@ HESSIAN_ESTIMATORS = ("price", "gradsq")
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd: consecutive steps get distinct generator seeds modulo 2^32 and 2^64
 
 
+def standard_normal_like(
+    tensor: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``n ~ N(0, I)`` of ``tensor``'s global shape, laid out as ``tensor``: for a DTensor (FSDP2) every rank draws
+    the whole ``n`` from the same generator state and keeps its own shard (no communication), so the sharded draw
+    is the one-process draw; for a plain tensor, ``n`` itself."""
+    dtype = tensor.dtype if dtype is None else dtype
+    device = tensor.device
+    noise = torch.randn(tensor.shape, generator=generator, device=device, dtype=dtype)
+    if type(tensor).__name__ != "DTensor":
+        return noise
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(noise, tensor.device_mesh, tensor.placements, src_data_rank=None)
+
+
 def hessian_update(hess: Tensor, estimate: Tensor, beta2: float, weight_decay: float) -> Tensor:
     """``beta2 h + (1 - beta2) h_hat + (1 - beta2)^2 (h - h_hat)^2 / (2 (h + delta))``: the Riemannian-gradient
     correction (last term) keeps ``h + delta > 0`` for any ``h_hat`` (Shen et al. 2024, Alg. 1; Lin, Schmidt and Khan,
@@ -70,9 +86,7 @@ def posterior_draw(
 ) -> Iterator[None]:
     """One draw ``theta = m + sigma * n``, ``n ~ N(0, I)`` (from ``generator``, else torch's default one), written
     into ``params`` for the body and undone afterwards (see :func:`sampled_parameters`)."""
-    noise = [
-        torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype) * v.sqrt() for v in variances
-    ]
+    noise = [standard_normal_like(v, generator) * v.sqrt() for v in variances]
     with sampled_parameters(params, noise, means):
         yield
 
@@ -112,8 +126,10 @@ class IVON(Optimizer):
     The state of each parameter lives in ``self.state[p]`` in the parameter's precision or float32, whichever is
     wider: ``hess`` (``h``), ``momentum`` (``g_bar``) and, for half-precision parameters, ``mean`` (an fp32 master
     copy of ``m`` so that updates below the half-precision resolution are kept). Lightning moves and checkpoints
-    it like Adam's. Under FSDP with sharded flat parameters every rank would draw the same noise for its own shard
-    (not supported: the noise would be correlated across shards).
+    it like Adam's. Under FSDP2 (DTensor parameters, Lightning's ``ModelParallelStrategy``) the state is sharded like
+    the parameters and each rank keeps its shard of the one-process noise, so a sharded run follows the one-process
+    run. FSDP1's flat parameters (``FSDPStrategy``) are not supported: every rank would draw the same noise for its
+    own shard, correlated across shards.
     """
 
     def __init__(
@@ -160,15 +176,17 @@ class IVON(Optimizer):
         ):
             value = group[name]
             _check(name, value, _is_number(value) and valid(value), expected)
+        for p in group["params"]:  # state from the start: sharded checkpoint loading expects it to exist
+            self._parameter_state(p, group)
 
     # ----------------------------------------------------------------------------------------------- the posterior
     def _parameter_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """``self.state[p]``, created on first use on ``p``'s device."""
+        """``self.state[p]`` (created when ``p``'s group is added, like ``p``: on its device, sharded if it is)."""
         state = self.state[p]
         if not state:
             dtype = torch.promote_types(p.dtype, torch.float32)
-            state["hess"] = torch.full(p.shape, group["hess_init"], device=p.device, dtype=dtype)
-            state["momentum"] = torch.zeros(p.shape, device=p.device, dtype=dtype)
+            state["hess"] = torch.full_like(p, group["hess_init"], dtype=dtype, memory_format=torch.contiguous_format)
+            state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             if dtype != p.dtype:
                 state["mean"] = p.detach().to(dtype)
         return state
@@ -244,7 +262,7 @@ class IVON(Optimizer):
         losses = []
         for _ in range(self.mc_samples):
             noise = [
-                torch.randn(p.shape, generator=self._generators[p.device], device=p.device, dtype=state["hess"].dtype)
+                standard_normal_like(state["hess"], self._generators[p.device])
                 / (group["ess"] * (state["hess"] + group["weight_decay"])).sqrt()
                 for p, group, state in entries
             ]
@@ -286,21 +304,31 @@ class IVON(Optimizer):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """torch's optimiser state plus the noise's ``seed`` and step count ``t`` in every parameter group (where
+        sharded checkpointing, which keeps only ``state`` and ``param_groups``, preserves them)."""
         state = super().state_dict()
-        state["noise"] = {"seed": self.seed, "steps": self.steps}
+        for group in state["param_groups"]:
+            group.update(noise_seed=self.seed, noise_steps=self.steps)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`, keeping each state tensor's precision (torch casts floating state to the
         parameter's dtype, which would round the fp32 master copy of a bf16 parameter)."""
-        if "noise" not in state_dict:
-            raise ValueError("IVON.load_state_dict: expected a state dict saved by IVON (with a 'noise' entry); "
-                             f"got keys {sorted(state_dict)}")
-        state_dict = dict(state_dict)
-        noise = state_dict.pop("noise")
+        groups = state_dict.get("param_groups") or [{}]
+        if "noise" in state_dict:  # checkpoints written before the noise moved into the groups
+            seed, steps = state_dict["noise"]["seed"], state_dict["noise"]["steps"]
+        elif "noise_seed" in groups[0]:
+            seed, steps = groups[0]["noise_seed"], groups[0]["noise_steps"]
+        else:
+            raise ValueError("IVON.load_state_dict: expected a state dict saved by IVON (with the noise seed and step "
+                             f"in its parameter groups); got keys {sorted(state_dict)}, group keys {sorted(groups[0])}")
+        state_dict = {k: v for k, v in state_dict.items() if k != "noise"}
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.pop("noise_seed", None)
+            group.pop("noise_steps", None)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for index, p in zip(saved_ids, self._all_params()):
             if index in state_dict["state"]:
                 self.state[p] = {k: v.to(p.device) for k, v in state_dict["state"][index].items()}
-        self.seed, self.steps = int(noise["seed"]), int(noise["steps"])
+        self.seed, self.steps = int(seed), int(steps)

@@ -1,41 +1,30 @@
-"""SWASubspace under FSDP2 (2 CPU processes, gloo; ``fsdp_swa_run.py``): the callback gathers the sharded
+"""SWASubspace under FSDP2 (2 CPU processes, gloo; ``tests/fsdp_run.py``): the callback gathers the sharded
 parameters (DTensor ``full_tensor``) and collects the moments the one-process run collects on the same global
 batches, and a run stopped and resumed through the strategy's checkpoint ends with the same moments and
 parameters as one that was not stopped."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from fsdp_swa_run import fit
+from fsdp_run import fit_in_one_process, fit_in_two_processes
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch"),
 ]
-SCRIPT = Path(__file__).with_name("fsdp_swa_run.py")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _two_processes(out: Path, max_epochs: int, resume_from: Path | None = None) -> dict:
-    command = [sys.executable, str(SCRIPT), str(out), str(max_epochs), *([str(resume_from)] if resume_from else [])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(command, check=True, cwd=out.parent, env=env, capture_output=True, timeout=600)
-    return torch.load(out / "last.ckpt", weights_only=False)
 
 
 def test_sharded_run_collects_the_one_process_moments_and_resumes_exactly(tmp_path: Path) -> None:
-    fit(str(tmp_path / "single"), 3, None, devices=1)
-    single = torch.load(tmp_path / "single" / "last.ckpt", weights_only=False)
-    sharded = _two_processes(tmp_path / "sharded", 3)
-    _two_processes(tmp_path / "first_two_epochs", 2)
-    resumed = _two_processes(tmp_path / "resumed", 3, resume_from=tmp_path / "first_two_epochs" / "last.ckpt")
+    single = fit_in_one_process(tmp_path / "single", 3, "swa")
+    sharded = fit_in_two_processes(tmp_path / "sharded", 3, "swa")
+    fit_in_two_processes(tmp_path / "first_two_epochs", 2, "swa")
+    resumed = fit_in_two_processes(
+        tmp_path / "resumed", 3, "swa", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
+    )
 
     expected = single["callbacks"]["SWASubspace"]["moments"]
     assert expected["count"].item() == 8  # steps 5..12: the snapshots of epochs 2 and 3

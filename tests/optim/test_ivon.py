@@ -292,6 +292,26 @@ def test_state_dict_resumes_bitwise(dtype: torch.dtype, single_thread) -> None:
     assert ("mean" in optimizer.state[net.weight]) == (dtype == torch.bfloat16)
 
 
+def test_noise_seed_and_step_travel_in_the_parameter_groups_and_the_earlier_layout_loads(single_thread) -> None:
+    """Sharded checkpointing keeps only ``state`` and ``param_groups``: the noise's seed and step live in the groups
+    (and leave them again on load); a state dict of the earlier layout (a top-level ``noise``) still loads."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    optimizer = IVON(net.parameters(), 8.0, lr=0.05, seed=11)
+    for _ in range(2):
+        optimizer.step(_regression_closure(optimizer, net, x, y))
+    saved = optimizer.state_dict()
+    assert set(saved) == {"state", "param_groups"} and saved["param_groups"][0]["noise_seed"] == 11
+    assert saved["param_groups"][0]["noise_steps"] == 2 and "noise_seed" not in optimizer.param_groups[0]
+    groups = [{k: v for k, v in g.items() if not k.startswith("noise_")} for g in saved["param_groups"]]
+    earlier = {"state": saved["state"], "param_groups": groups, "noise": {"seed": 11, "steps": 2}}
+    for state_dict in (saved, earlier):
+        resumed = IVON(copy.deepcopy(net).parameters(), 8.0, lr=0.05, seed=0)
+        resumed.load_state_dict(copy.deepcopy(state_dict))
+        assert (resumed.seed, resumed.steps) == (11, 2) and "noise_steps" not in resumed.param_groups[0]
+
+
 def test_bf16_master_copy_keeps_updates_below_bf16_resolution(single_thread) -> None:
     """Steps of 1e-4 at 1.0 are below bf16's spacing 2^-7 there; the fp32 mean accumulates them."""
     theta = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))

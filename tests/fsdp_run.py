@@ -1,15 +1,19 @@
-"""One SWASubspace fit under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in
-``configure_model``, 2 CPU processes, gloo), for ``test_swa_subspace_fsdp.py``. Lightning starts rank 1 by
-running this script again.
+"""A tiny fit under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in ``configure_model``, 2 CPU
+processes, gloo) for the FSDP tests; Lightning starts rank 1 by running this script again.
 
-    python fsdp_swa_run.py OUT MAX_EPOCHS [RESUME_FROM]
+    python fsdp_run.py OUT MAX_EPOCHS {swa,ivon} [RESUME_FROM]
 
-writes ``OUT/last.ckpt`` (a full checkpoint: ``save_distributed_checkpoint=False``).
+``swa``: SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the :class:`IVON` optimiser. Writes
+``OUT/last.ckpt`` (a full checkpoint: ``save_distributed_checkpoint=False``).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.callbacks.swa_subspace import SWASubspace
+from lightning_bayes.optim import IVON
 
 GLOBAL_BATCH = 8
 
@@ -28,8 +33,9 @@ GLOBAL_BATCH = 8
 class ShardedRegression(LightningModule):
     """A float64 MLP whose two linear layers and root are sharded by FSDP2 when a device mesh exists."""
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer: str) -> None:
         super().__init__()
+        self.optimizer = optimizer
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
 
@@ -47,8 +53,9 @@ class ShardedRegression(LightningModule):
         return F.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
+        if self.optimizer == "ivon":
+            return IVON(self.parameters(), ess=32, lr=0.05, hess_init=0.5, mc_samples=2, seed=0)
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
 
     def train_dataloader(self) -> DataLoader:
         """32 fixed points in order: rank r of W takes points r, r + W, ... (``DistributedSampler`` unshuffled),
@@ -64,7 +71,7 @@ def swa_callback() -> SWASubspace:
     return SWASubspace(params="all", start_epoch=1, every_n_steps=1, max_rank=3)
 
 
-def fit(out: str, max_epochs: int, resume_from: str | None, devices: int) -> None:
+def fit(out: str, max_epochs: int, optimizer: str, resume_from: str | None, devices: int) -> None:
     strategy = (
         ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
         if devices > 1
@@ -73,10 +80,34 @@ def fit(out: str, max_epochs: int, resume_from: str | None, devices: int) -> Non
     trainer = Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
-        callbacks=[swa_callback(), ModelCheckpoint(dirpath=out, save_last=True)],
+        callbacks=[*([swa_callback()] if optimizer == "swa" else []), ModelCheckpoint(dirpath=out, save_last=True)],
     )  # fmt: skip
-    trainer.fit(ShardedRegression(), ckpt_path=resume_from)
+    trainer.fit(ShardedRegression(optimizer), ckpt_path=resume_from)
+
+
+def fit_in_two_processes(out: Path, max_epochs: int, optimizer: str, resume_from: Path | None = None) -> dict[str, Any]:
+    """Run this script (2 processes) and return the checkpoint it wrote."""
+    command = [
+        sys.executable,
+        __file__,
+        str(out),
+        str(max_epochs),
+        optimizer,
+        *([str(resume_from)] if resume_from else []),
+    ]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, check=False, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return torch.load(out / "last.ckpt", weights_only=False)
+
+
+def fit_in_one_process(out: Path, max_epochs: int, optimizer: str) -> dict[str, Any]:
+    """The same fit in this process, on the same global batches; returns its checkpoint."""
+    fit(str(out), max_epochs, optimizer, None, devices=1)
+    return torch.load(out / "last.ckpt", weights_only=False)
 
 
 if __name__ == "__main__":
-    fit(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None, devices=2)
+    fit(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None, devices=2)
