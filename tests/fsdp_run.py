@@ -1,10 +1,12 @@
 """A tiny fit under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in ``configure_model``, 2 CPU
 processes, gloo) for the FSDP tests; Lightning starts rank 1 by running this script again.
 
-    python fsdp_run.py OUT MAX_EPOCHS {swa,ivon} [RESUME_FROM]
+    python fsdp_run.py OUT MAX_EPOCHS {swa,ivon,map,vi} [RESUME_FROM]
 
-``swa``: SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the :class:`IVON` optimiser. Writes
-``OUT/last.ckpt`` (a full checkpoint: ``save_distributed_checkpoint=False``).
+``swa``: a plain LightningModule trained by SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the
+same module trained by the :class:`IVON` optimiser; ``map`` and ``vi``: the library's :class:`MAP` and
+:class:`VariationalInference` modules (sharded by ``BayesianModule.configure_model``). Writes ``OUT/last.ckpt`` (a
+full checkpoint: ``save_distributed_checkpoint=False``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -25,9 +27,15 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.callbacks.swa_subspace import SWASubspace
+from lightning_bayes.modules import MAP, VariationalInference
 from lightning_bayes.optim import IVON
 
 GLOBAL_BATCH = 8
+
+
+def network() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
 
 
 class ShardedRegression(LightningModule):
@@ -36,8 +44,7 @@ class ShardedRegression(LightningModule):
     def __init__(self, optimizer: str) -> None:
         super().__init__()
         self.optimizer = optimizer
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+        self.net = network()
 
     def configure_model(self) -> None:
         if self.device_mesh is None:  # one process: nothing to shard
@@ -49,19 +56,25 @@ class ShardedRegression(LightningModule):
         fully_shard(self.net, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
+        x = batch[0]
+        return F.mse_loss(self.net(x)[:, 0], torch.sin(x.sum(1)))
 
     def configure_optimizers(self):
         if self.optimizer == "ivon":
             return IVON(self.parameters(), ess=32, lr=0.05, hess_init=0.5, mc_samples=2, seed=0)
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
+
+class RankedPoints(LightningDataModule):
+    """32 fixed points in order, labelled by the sign of their sum: rank r of W takes points r, r + W, ...
+    (``DistributedSampler`` unshuffled), so the ranks' batches of ``GLOBAL_BATCH / W`` together are the one-process
+    batch of ``GLOBAL_BATCH``."""
+
+    num_train = 32
+
     def train_dataloader(self) -> DataLoader:
-        """32 fixed points in order: rank r of W takes points r, r + W, ... (``DistributedSampler`` unshuffled),
-        so the ranks' batches of ``GLOBAL_BATCH / W`` together are the one-process batch of ``GLOBAL_BATCH``."""
-        x = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        data = TensorDataset(x, torch.sin(x.sum(1, keepdim=True)))
+        x = torch.randn(self.num_train, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        data = TensorDataset(x, (x.sum(1) > 0).long())
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler)
@@ -71,7 +84,15 @@ def swa_callback() -> SWASubspace:
     return SWASubspace(params="all", start_epoch=1, every_n_steps=1, max_rank=3)
 
 
-def fit(out: str, max_epochs: int, optimizer: str, resume_from: str | None, devices: int) -> None:
+def build(method: str) -> LightningModule:
+    if method == "map":
+        return MAP(network(), optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
+    if method == "vi":
+        return VariationalInference(network(), optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
+    return ShardedRegression(method)
+
+
+def fit(out: str, max_epochs: int, method: str, resume_from: str | None, devices: int) -> None:
     strategy = (
         ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
         if devices > 1
@@ -80,21 +101,14 @@ def fit(out: str, max_epochs: int, optimizer: str, resume_from: str | None, devi
     trainer = Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
-        callbacks=[*([swa_callback()] if optimizer == "swa" else []), ModelCheckpoint(dirpath=out, save_last=True)],
+        callbacks=[*([swa_callback()] if method == "swa" else []), ModelCheckpoint(dirpath=out, save_last=True)],
     )  # fmt: skip
-    trainer.fit(ShardedRegression(optimizer), ckpt_path=resume_from)
+    trainer.fit(build(method), datamodule=RankedPoints(), ckpt_path=resume_from)
 
 
-def fit_in_two_processes(out: Path, max_epochs: int, optimizer: str, resume_from: Path | None = None) -> dict[str, Any]:
+def fit_in_two_processes(out: Path, max_epochs: int, method: str, resume_from: Path | None = None) -> dict[str, Any]:
     """Run this script (2 processes) and return the checkpoint it wrote."""
-    command = [
-        sys.executable,
-        __file__,
-        str(out),
-        str(max_epochs),
-        optimizer,
-        *([str(resume_from)] if resume_from else []),
-    ]
+    command = [sys.executable, __file__, str(out), str(max_epochs), method, *([str(resume_from)] if resume_from else [])]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, check=False, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
@@ -103,9 +117,9 @@ def fit_in_two_processes(out: Path, max_epochs: int, optimizer: str, resume_from
     return torch.load(out / "last.ckpt", weights_only=False)
 
 
-def fit_in_one_process(out: Path, max_epochs: int, optimizer: str) -> dict[str, Any]:
+def fit_in_one_process(out: Path, max_epochs: int, method: str) -> dict[str, Any]:
     """The same fit in this process, on the same global batches; returns its checkpoint."""
-    fit(str(out), max_epochs, optimizer, None, devices=1)
+    fit(str(out), max_epochs, method, None, devices=1)
     return torch.load(out / "last.ckpt", weights_only=False)
 
 

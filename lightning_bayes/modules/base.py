@@ -2,18 +2,19 @@
 
 It owns the likelihood and the optimiser factory, evaluates validation and test batches through
 ``predictive`` (returning the Predictive so callbacks such as ``CalibrationMetrics`` reuse it instead
-of recomputing), and stops with a clear error on a non-finite training loss.
+of recomputing), stops with a clear error on a non-finite training loss, and shards itself with FSDP2
+under Lightning's ``ModelParallelStrategy`` where the method supports sharded parameters.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..inference.likelihoods import Likelihood, build_likelihood
 from ..predictive import Predictive
@@ -30,7 +31,12 @@ class BayesianModule(LightningModule, ABC):
         optimizer: factory ``params -> Optimizer`` (LightningCLI: ``class_path: torch.optim.AdamW``).
         lr_scheduler: optional factory ``optimizer -> LRScheduler``, stepped every epoch.
         num_samples: predictive samples used at validation and test.
+
+    ``supports_sharding``: whether the method works on FSDP2's sharded (DTensor) parameters; methods whose
+    posterior computations take whole parameters through ``torch.func`` (Jacobians, vmapped members) do not.
     """
+
+    supports_sharding: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -74,6 +80,36 @@ class BayesianModule(LightningModule, ABC):
                 f"{type(self).__name__} needs the training-set size N: pass {argument}=N, or fit with a datamodule "
                 "that has num_train or a training loader over a sized dataset"
             ) from error
+
+    def sharding_units(self) -> list[nn.Module]:
+        """The FSDP2 units, innermost first: by default each child of this module that holds parameters (the
+        backbone as one unit: a layer whose parameters are used outside its own ``forward``, such as a variational
+        layer's, must not be a unit of its own). Override for finer units, e.g. one per transformer block."""
+        return [child for child in self.children() if any(True for _ in child.parameters())]
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: ``fully_shard`` each of :meth:`sharding_units` over
+        the data-parallel mesh; under any other strategy nothing happens."""
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        if not self.supports_sharding:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support sharded (FSDP2) parameters: its posterior computations take "
+                "whole parameters; use strategy 'ddp'"
+            )
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"{type(self).__name__}.configure_model shards data-parallel only; got a tensor-parallel size of "
+                f"{mesh['tensor_parallel'].size()} (set tensor_parallel_size=1, or override configure_model)"
+            )
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for unit in self.sharding_units():
+            fully_shard(unit, mesh=data_parallel)
+        self._sharded = True
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""

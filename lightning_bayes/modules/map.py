@@ -19,6 +19,8 @@ from .base import Batch, BayesianModule
 class MAP(BayesianModule):
     """Trains ``backbone`` by maximum likelihood plus weight decay; ``predictive`` has S = 1."""
 
+    supports_sharding = True
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -70,6 +70,8 @@ class VariationalInference(BayesianModule):
         mean_prediction: predict with the mean (Gaussian) / median (flow) weights instead of sampling.
     """
 
+    supports_sharding = True
+
     def __init__(
         self,
         backbone: nn.Module,

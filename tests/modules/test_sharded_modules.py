@@ -1,0 +1,66 @@
+"""Our modules under FSDP2 (``BayesianModule.configure_model`` under Lightning's ``ModelParallelStrategy``; 2 CPU
+processes, gloo; ``tests/fsdp_run.py``): MAP follows the one-process run on the same global batches; variational
+inference keeps its variational parameters in the strategy's (gathered) checkpoint, which a one-process module
+loads, and a resumed run ends as an unstopped one; methods that need whole parameters refuse by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from fsdp_run import build, fit_in_one_process, fit_in_two_processes
+from torch import nn
+
+from lightning_bayes.modules import MAP, DeepEnsemble, IVONModule, NullSpaceLaplace, VariationalInference
+
+distributed = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
+
+
+@pytest.mark.slow
+@distributed
+def test_sharded_map_follows_the_one_process_run(tmp_path: Path) -> None:
+    single = fit_in_one_process(tmp_path / "single", 2, "map")
+    sharded = fit_in_two_processes(tmp_path / "sharded", 2, "map")
+    assert list(sharded["state_dict"]) == list(single["state_dict"])  # full tensors under the module's own names
+    for name, value in single["state_dict"].items():
+        torch.testing.assert_close(sharded["state_dict"][name], value, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+@distributed
+def test_sharded_variational_inference_checkpoints_its_posterior_and_resumes_exactly(tmp_path: Path) -> None:
+    sharded = fit_in_two_processes(tmp_path / "sharded", 3, "vi")
+    fit_in_two_processes(tmp_path / "first_two_epochs", 2, "vi")
+    resumed = fit_in_two_processes(tmp_path / "resumed", 3, "vi", resume_from=tmp_path / "first_two_epochs" / "last.ckpt")
+    fresh = build("vi")
+    expected = {name: value.clone() for name, value in fresh.state_dict().items()}
+    assert set(sharded["state_dict"]) == set(expected)
+    for name, value in sharded["state_dict"].items():
+        assert value.shape == expected[name].shape, name  # gathered, not one rank's shard
+        assert torch.equal(resumed["state_dict"][name], value), name
+    fresh.load_state_dict(sharded["state_dict"])  # strict: the one-process module takes the sharded run's posterior
+    moved = [n for n, v in sharded["state_dict"].items() if n.endswith("raw_scale") and not torch.equal(v, expected[n])]
+    assert moved, "the posterior scales did not train"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        lambda: IVONModule(nn.Linear(2, 2), dataset_size=4),
+        lambda: DeepEnsemble(nn.Linear(2, 2), num_members=2),
+        lambda: NullSpaceLaplace(nn.Linear(2, 2)),
+    ],
+)
+def test_methods_that_need_whole_parameters_refuse_sharding_by_name(module) -> None:
+    instance = module()
+    instance._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(NotImplementedError, match=f"{type(instance).__name__} does not support sharded"):
+        instance.configure_model()
+
+
+def test_no_device_mesh_leaves_the_module_unsharded() -> None:
+    for module in (MAP(nn.Linear(2, 2)), VariationalInference(nn.Sequential(nn.Linear(2, 2)), dataset_size=4)):
+        module.configure_model()
+        assert all(type(p) is nn.Parameter for p in module.parameters())
