@@ -176,19 +176,25 @@ class IVON(Optimizer):
         ):
             value = group[name]
             _check(name, value, _is_number(value) and valid(value), expected)
-        for p in group["params"]:  # state from the start: sharded checkpoint loading expects it to exist
-            self._parameter_state(p, group)
+        for p in group["params"]:  # h and g_bar from the start: sharded checkpoint loading expects state to exist
+            self._start_state(p, group)
 
     # ----------------------------------------------------------------------------------------------- the posterior
-    def _parameter_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """``self.state[p]`` (created when ``p``'s group is added, like ``p``: on its device, sharded if it is)."""
+    def _start_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        """``h = h_0`` and ``g_bar = 0`` of ``p`` in its precision or float32, whichever is wider."""
+        dtype = torch.promote_types(p.dtype, torch.float32)
         state = self.state[p]
-        if not state:
-            dtype = torch.promote_types(p.dtype, torch.float32)
-            state["hess"] = torch.full_like(p, group["hess_init"], dtype=dtype, memory_format=torch.contiguous_format)
-            state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-            if dtype != p.dtype:
-                state["mean"] = p.detach().to(dtype)
+        state["hess"] = torch.full_like(p, group["hess_init"], dtype=dtype, memory_format=torch.contiguous_format)
+        state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+
+    def _parameter_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """``self.state[p]``: ``h`` and ``g_bar`` are created with ``p``'s group (like ``p``: on its device, sharded
+        if it is), the fp32 master ``m`` of a half-precision ``p`` at first use (from ``p``'s value then)."""
+        state = self.state[p]
+        if "hess" not in state:
+            self._start_state(p, group)
+        if state["hess"].dtype != p.dtype and "mean" not in state:
+            state["mean"] = p.detach().to(state["hess"].dtype)
         return state
 
     def _mean(self, p: Tensor) -> Tensor:
