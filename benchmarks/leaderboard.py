@@ -147,6 +147,22 @@ def _child(spec: dict[str, Any], log_path: str) -> None:
         worker(spec)
 
 
+# what makes two runs of a row the same run (--resume reuses a result only when all of these agree)
+SAME_RUN = ("task", "entry", "seed", "quick", "settings", "checkpoints")
+
+
+def earlier_result(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The successful result at ``path`` of the same run (``identity``) whose checkpoint still exists, else None."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if "error" in result or result.get("run") != identity:
+        return None
+    if result.get("checkpoint") and not Path(result["checkpoint"]).is_file():
+        return None
+    return {**result, "reused": True}
+
+
 def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Run ``entry`` for ``seed`` in a fresh process forked from the fork server (torch and Lightning already
     imported there, so a run does not pay the seconds of importing them); its log goes to ``OUT/logs``."""
@@ -154,17 +170,23 @@ def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Na
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     result_path = logs / f"{run_name}.result.json"
-    result_path.unlink(missing_ok=True)
     spec = {
         "task": args.task, "entry": entry.name, "seed": seed, "quick": args.quick, "out": str(args.out),
         "run_name": run_name, "checkpoints": checkpoints, "threads": args.threads, "max_gb": args.max_gb,
         "result": str(result_path), "settings": args.set,
     }  # fmt: skip
+    identity = {key: spec[key] for key in SAME_RUN}
+    earlier = earlier_result(result_path, identity) if args.resume else None
+    if earlier is not None:
+        return earlier
+    result_path.unlink(missing_ok=True)
     process = FORK_SERVER.Process(target=_child, args=(spec, str(logs / f"{run_name}.log")))
     process.start()
     process.join()
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        result = {**json.loads(result_path.read_text()), "run": identity}
+        result_path.write_text(json.dumps(result))
+        return result
     code = process.exitcode or 0
     reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     return {"error": f"run {reason}" + (" (out of memory?)" if code == -9 else "") + f"; see logs/{run_name}.log"}
@@ -205,9 +227,10 @@ def selected(entries: list[Entry], only: list[str] | None) -> list[Entry]:
 def describe(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"FAILED: {result['error']}"
+    reused = "reused from an earlier run: " if result.get("reused") else ""
     metrics = result.get("metrics", {})
     shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("acc", "nll", "ece", "ood_auroc", "rmse") if k in metrics)
-    return f"{result['fit_s']:.1f} s, peak {result['peak_mb']:.0f} MB" + (f"; {shown}" if shown else "")
+    return reused + f"{result['fit_s']:.1f} s, peak {result['peak_mb']:.0f} MB" + (f"; {shown}" if shown else "")
 
 
 def main() -> None:
@@ -219,6 +242,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="these rows (and what they start from) only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
     parser.add_argument("--max-gb", type=float, default=0.0, help="CPU: cap each run's new heap memory, RLIMIT_DATA (0: no cap)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the successful results in OUT/logs of the same runs (task, row, seed, --quick, --set and "
+        "starting checkpoints): a stopped leaderboard goes on where it stopped",
+    )
     parser.add_argument(
         "--set",
         nargs="+",

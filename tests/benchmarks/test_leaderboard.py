@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from calibration_toys import LinearModel, ToyDataWithOOD
-from leaderboard import _cli_overrides, selected
+from leaderboard import _cli_overrides, earlier_result, selected
 from leaderboard_anchors import ANCHORS, PACKAGES
 from leaderboard_report import markdown, report_paths, summarise, total_seconds, write_report
 from leaderboard_scoring import score
@@ -116,6 +116,22 @@ def test_set_values_reach_every_run_after_the_tasks_own() -> None:
     failed = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and "--set takes KEY=VALUE config values" in failed.stderr
     assert "['max_test']" in failed.stderr
+
+
+def test_resume_reuses_only_a_successful_result_of_the_same_run(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"")
+    identity = {"task": "text", "entry": "MAP-LoRA", "seed": 0, "quick": False, "settings": ["a=1"], "checkpoints": []}
+    path = tmp_path / "map_lora_seed0.result.json"
+    assert earlier_result(path, identity) is None  # nothing yet
+    path.write_text(json.dumps({"fit_s": 3.0, "checkpoint": str(checkpoint), "run": identity}))
+    assert earlier_result(path, identity) == {"fit_s": 3.0, "checkpoint": str(checkpoint), "run": identity, "reused": True}
+    assert earlier_result(path, {**identity, "settings": ["a=2"]}) is None  # other config values
+    assert earlier_result(path, {**identity, "quick": True}) is None
+    checkpoint.unlink()
+    assert earlier_result(path, identity) is None  # the run's checkpoint is gone
+    path.write_text(json.dumps({"error": "run killed by signal 9", "run": identity}))
+    assert earlier_result(path, identity) is None
 
 
 def test_scoring_gives_the_numbers_of_calibration_metrics(tmp_path: Path) -> None:
