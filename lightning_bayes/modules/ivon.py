@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -116,6 +117,13 @@ class IVONModule(BayesianModule):
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
+        if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+            raise ValueError(
+                f"IVONModule cannot train under FSDPStrategy on {trainer.world_size} processes: FSDP1 hands IVON flat "
+                "shards, and every rank would draw the same noise for its own shard (noise correlated across "
+                "shards); use strategy 'ddp', or the IVON optimiser in a LightningModule sharded by FSDP2 "
+                "(ModelParallelStrategy), where each rank keeps its shard of the one-process noise"
+            )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(
                 f"IVONModule cannot train with precision={trainer.precision!r}: its gradient scaler calls the "

@@ -4,11 +4,13 @@ accumulation, bitwise resumption, sigma^2 in checkpoints, and the predictive as 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 from lightning_bayes.modules.ivon import IVONModule
@@ -73,6 +75,14 @@ def test_gradient_accumulation_is_refused() -> None:
         make_trainer(fast_dev_run=2, accumulate_grad_batches=2).fit(
             IVONModule(classifier(), optimizer=ivon_factory, dataset_size=24), loader()
         )
+
+
+def test_fsdp1_on_several_processes_is_refused() -> None:
+    """FSDP1 needs CUDA, so the module meets a stand-in for the Trainer (the check reads only these two)."""
+    module = IVONModule(classifier(), optimizer=ivon_factory, dataset_size=24)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
+    with pytest.raises(ValueError, match=r"cannot train under FSDPStrategy on 2 processes.*'ddp'.*FSDP2"):
+        module.on_fit_start()
 
 
 def test_optimizer_must_be_ivon() -> None:
