@@ -1,5 +1,5 @@
 """Our modules under FSDP2 (``BayesianModule.configure_model`` under Lightning's ``ModelParallelStrategy``; 2 CPU
-processes, gloo; ``tests/fsdp_run.py``): MAP follows the one-process run on the same global batches; variational
+processes, gloo; ``tests/distributed_run.py``): MAP follows the one-process run on the same global batches; variational
 inference keeps its variational parameters in the strategy's (gathered) checkpoint, which a one-process module
 loads, and a resumed run ends as an unstopped one; methods that need whole parameters refuse by name."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from fsdp_run import build, fit_in_one_process, fit_in_two_processes
+from distributed_run import build, fit_in_one_process, fit_in_two_processes
 from torch import nn
 
 from lightning_bayes.modules import MAP, DeepEnsemble, IVONModule, NullSpaceLaplace, VariationalInference
@@ -33,7 +33,9 @@ def test_sharded_map_follows_the_one_process_run(tmp_path: Path) -> None:
 def test_sharded_variational_inference_checkpoints_its_posterior_and_resumes_exactly(tmp_path: Path) -> None:
     sharded = fit_in_two_processes(tmp_path / "sharded", 3, "vi")
     fit_in_two_processes(tmp_path / "first_two_epochs", 2, "vi")
-    resumed = fit_in_two_processes(tmp_path / "resumed", 3, "vi", resume_from=tmp_path / "first_two_epochs" / "last.ckpt")
+    resumed = fit_in_two_processes(
+        tmp_path / "resumed", 3, "vi", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
+    )
     fresh = build("vi")
     expected = {name: value.clone() for name, value in fresh.state_dict().items()}
     assert set(sharded["state_dict"]) == set(expected)

@@ -1,4 +1,4 @@
-"""IVON under FSDP2 (2 CPU processes, gloo; ``tests/fsdp_run.py``): parameters and optimiser state are DTensor
+"""IVON under FSDP2 (2 CPU processes, gloo; ``tests/distributed_run.py``): parameters and optimiser state are DTensor
 shards, every rank keeps its shard of the one-process noise, so the sharded run follows the one-process run on
 the same global batches; the strategy's checkpoint (which keeps only the optimiser's ``state`` and
 ``param_groups``) carries the Hessian, momentum, noise seed and step, so a resumed run ends as an unstopped one."""
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from fsdp_run import fit_in_one_process, fit_in_two_processes
+from distributed_run import fit_in_one_process, fit_in_two_processes
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,7 +1,7 @@
-"""SWASubspace under FSDP2 (2 CPU processes, gloo; ``tests/fsdp_run.py``): the callback gathers the sharded
-parameters (DTensor ``full_tensor``) and collects the moments the one-process run collects on the same global
-batches, and a run stopped and resumed through the strategy's checkpoint ends with the same moments and
-parameters as one that was not stopped."""
+"""SWASubspace under FSDP2 and DDP (2 CPU processes, gloo; ``tests/distributed_run.py``): the callback (gathering
+FSDP2's sharded parameters with DTensor ``full_tensor``) collects the moments the one-process run collects on the
+same global batches, and a run stopped and resumed through the strategy's checkpoint ends with the same moments
+and parameters as one that was not stopped."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from fsdp_run import fit_in_one_process, fit_in_two_processes
+from distributed_run import fit_in_one_process, fit_in_two_processes
 
 pytestmark = [
     pytest.mark.slow,
@@ -18,12 +18,13 @@ pytestmark = [
 ]
 
 
-def test_sharded_run_collects_the_one_process_moments_and_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_processes_collect_the_one_process_moments_and_resume_exactly(strategy: str, tmp_path: Path) -> None:
     single = fit_in_one_process(tmp_path / "single", 3, "swa")
-    sharded = fit_in_two_processes(tmp_path / "sharded", 3, "swa")
-    fit_in_two_processes(tmp_path / "first_two_epochs", 2, "swa")
+    sharded = fit_in_two_processes(tmp_path / "sharded", 3, "swa", strategy=strategy)
+    fit_in_two_processes(tmp_path / "first_two_epochs", 2, "swa", strategy=strategy)
     resumed = fit_in_two_processes(
-        tmp_path / "resumed", 3, "swa", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
+        tmp_path / "resumed", 3, "swa", resume_from=tmp_path / "first_two_epochs" / "last.ckpt", strategy=strategy
     )
 
     expected = single["callbacks"]["SWASubspace"]["moments"]

@@ -1,7 +1,7 @@
-"""A tiny fit under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in ``configure_model``, 2 CPU
-processes, gloo) for the FSDP tests; Lightning starts rank 1 by running this script again.
+"""A tiny fit on 2 CPU processes (gloo) under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in
+``configure_model``) or DDP, for the distributed tests; Lightning starts rank 1 by running this script again.
 
-    python fsdp_run.py OUT MAX_EPOCHS {swa,ivon,map,vi} [RESUME_FROM]
+    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi} {fsdp2,ddp} [RESUME_FROM]
 
 ``swa``: a plain LightningModule trained by SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the
 same module trained by the :class:`IVON` optimiser; ``map`` and ``vi``: the library's :class:`MAP` and
@@ -92,12 +92,13 @@ def build(method: str) -> LightningModule:
     return ShardedRegression(method)
 
 
-def fit(out: str, max_epochs: int, method: str, resume_from: str | None, devices: int) -> None:
-    strategy = (
-        ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
-        if devices > 1
-        else "auto"
-    )
+def fit(out: str, max_epochs: int, method: str, resume_from: str | None, strategy_name: str = "single") -> None:
+    devices = 1 if strategy_name == "single" else 2
+    strategy = {
+        "single": "auto",
+        "ddp": "ddp",
+        "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False),
+    }[strategy_name]
     trainer = Trainer(
         max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
@@ -106,9 +107,12 @@ def fit(out: str, max_epochs: int, method: str, resume_from: str | None, devices
     trainer.fit(build(method), datamodule=RankedPoints(), ckpt_path=resume_from)
 
 
-def fit_in_two_processes(out: Path, max_epochs: int, method: str, resume_from: Path | None = None) -> dict[str, Any]:
-    """Run this script (2 processes) and return the checkpoint it wrote."""
-    command = [sys.executable, __file__, str(out), str(max_epochs), method, *([str(resume_from)] if resume_from else [])]
+def fit_in_two_processes(
+    out: Path, max_epochs: int, method: str, resume_from: Path | None = None, strategy: str = "fsdp2"
+) -> dict[str, Any]:
+    """Run this script (2 processes under ``strategy``, "fsdp2" or "ddp") and return the checkpoint it wrote."""
+    command = [sys.executable, __file__, str(out), str(max_epochs), method, strategy]
+    command += [str(resume_from)] if resume_from else []
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, check=False, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
@@ -119,9 +123,9 @@ def fit_in_two_processes(out: Path, max_epochs: int, method: str, resume_from: P
 
 def fit_in_one_process(out: Path, max_epochs: int, method: str) -> dict[str, Any]:
     """The same fit in this process, on the same global batches; returns its checkpoint."""
-    fit(str(out), max_epochs, method, None, devices=1)
+    fit(str(out), max_epochs, method, None)
     return torch.load(out / "last.ckpt", weights_only=False)
 
 
 if __name__ == "__main__":
-    fit(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None, devices=2)
+    fit(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5] if len(sys.argv) > 5 else None, sys.argv[4])
