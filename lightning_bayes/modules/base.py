@@ -94,9 +94,9 @@ class BayesianModule(LightningModule, ABC):
         if mesh is None or getattr(self, "_sharded", False):
             return
         if not self.supports_sharding:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support sharded (FSDP2) parameters: its posterior computations take "
-                "whole parameters; use strategy 'ddp'"
+            raise ValueError(
+                f"{type(self).__name__} does not support sharded (FSDP2) parameters, so not strategy "
+                "ModelParallelStrategy: its posterior computations take whole parameters; use strategy 'ddp'"
             )
         names = mesh.mesh_dim_names or ()
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
