@@ -33,15 +33,11 @@ HESSIAN_ESTIMATORS = ("price", "gradsq")
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd: consecutive steps get distinct generator seeds modulo 2^32 and 2^64
 
 
-def standard_normal_like(
-    tensor: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
-) -> Tensor:
-    """``n ~ N(0, I)`` of ``tensor``'s global shape, laid out as ``tensor``: for a DTensor (FSDP2) every rank draws
-    the whole ``n`` from the same generator state and keeps its own shard (no communication), so the sharded draw
-    is the one-process draw; for a plain tensor, ``n`` itself."""
-    dtype = tensor.dtype if dtype is None else dtype
-    device = tensor.device
-    noise = torch.randn(tensor.shape, generator=generator, device=device, dtype=dtype)
+def standard_normal_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``n ~ N(0, I)`` of ``tensor``'s global shape and dtype, laid out as ``tensor``: for a DTensor (FSDP2) every
+    rank draws the whole ``n`` from the same generator state and keeps its own shard (no communication), so the
+    sharded draw is the one-process draw; for a plain tensor, ``n`` itself."""
+    noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
     if type(tensor).__name__ != "DTensor":
         return noise
     from torch.distributed.tensor import distribute_tensor
