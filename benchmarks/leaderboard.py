@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -182,7 +183,12 @@ def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Na
     result_path.unlink(missing_ok=True)
     process = FORK_SERVER.Process(target=_child, args=(spec, str(logs / f"{run_name}.log")))
     process.start()
-    process.join()
+    try:
+        process.join()
+    finally:  # a stopped leaderboard (Ctrl-C, SIGTERM) stops its run too instead of leaving it computing
+        if process.is_alive():
+            process.kill()
+            process.join()
     if result_path.is_file():
         result = {**json.loads(result_path.read_text()), "run": identity}
         result_path.write_text(json.dumps(result))
@@ -257,6 +263,7 @@ def main() -> None:
         "(e.g. data.init_args.max_test=512 trainer.limit_val_batches=8)",
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # run the cleanup on `kill`
     malformed = [setting for setting in args.set if "=" not in setting or setting.startswith("-")]
     if malformed:
         parser.error(f"--set takes KEY=VALUE config values such as trainer.max_epochs=1; got {malformed}")
