@@ -308,5 +308,6 @@ def main() -> None:
             written = write_report(paths, rows, context, runs)
     print(written[0].read_text() + "\n" + "\n".join(f"wrote {path}" for path in written))
 
+
 if __name__ == "__main__":
     main()

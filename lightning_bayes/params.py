@@ -17,7 +17,7 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Union
 
-from torch import nn
+from torch import Tensor, nn
 
 ParamSelector = Union[str, Sequence[str]]
 
@@ -65,3 +65,9 @@ def select_parameters(module: nn.Module, params: ParamSelector = "trainable") ->
             f"expected glob patterns over names such as: {preview or '(the module has no parameters)'}"
         )
     return chosen
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2-sharded parameter, its gradient or state), checked without
+    importing ``torch.distributed``."""
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")

@@ -30,11 +30,7 @@ from torch import Tensor, nn
 
 from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
 from ..inference.swag import SWAGMoments
-from ..params import ParamSelector, select_parameters
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+from ..params import ParamSelector, is_dtensor, select_parameters
 
 
 def _fsdp_units(trainer: Trainer | None) -> list[nn.Module]:
@@ -124,7 +120,7 @@ class SWASubspace(Callback):
         wanted = {name: named[name] for name in self.names}
         units = _fsdp_units(trainer)
         if not units:
-            yield {n: p.full_tensor() if _is_dtensor(p) else p for n, p in wanted.items()}
+            yield {n: p.full_tensor() if is_dtensor(p) else p for n, p in wanted.items()}
             return
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -220,7 +216,7 @@ class SWASubspace(Callback):
     def _written(self, pl_module: LightningModule, flat: Tensor, batches: Iterable[Any] | None) -> Iterator[None]:
         named = dict(pl_module.named_parameters())
         params = [named[n] for n in self.names]
-        if any(_is_dtensor(p) for p in params) or _fsdp_units(getattr(pl_module, "_trainer", None)):
+        if any(is_dtensor(p) for p in params) or _fsdp_units(getattr(pl_module, "_trainer", None)):
             raise NotImplementedError("SWASubspace.swa()/sample() write into unsharded parameters only (not FSDP)")
         saved = [p.detach().clone() for p in params]
         statistics = [(b, b.clone()) for layer in batchnorm_layers(pl_module) for b in layer.buffers()]

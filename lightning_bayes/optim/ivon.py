@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..params import is_dtensor
+
 HESSIAN_ESTIMATORS = ("price", "gradsq")
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd: consecutive steps get distinct generator seeds modulo 2^32 and 2^64
 
@@ -38,7 +40,7 @@ def standard_normal_like(tensor: Tensor, generator: torch.Generator | None = Non
     rank draws the whole ``n`` from the same generator state and keeps its own shard (no communication), so the
     sharded draw is the one-process draw; for a plain tensor, ``n`` itself."""
     noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
-    if type(tensor).__name__ != "DTensor":
+    if not is_dtensor(tensor):
         return noise
     from torch.distributed.tensor import distribute_tensor
 
