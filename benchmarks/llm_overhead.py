@@ -49,6 +49,8 @@ def measure(spec: dict[str, Any]) -> dict[str, float]:
     torch.set_num_threads(spec["threads"])
     overlay = ["--config", str(ROOT / "configs/text/nf4.yaml")] if spec["four_bit"] else []
     data = [f"--data.init_args.batch_size={spec['batch_size']}", "--trainer.logger=false"]
+    if spec["data_dir"] is not None:
+        data.append(f"--data.init_args.data_dir={spec['data_dir']}")
     extra: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
         if spec["name"] == "LoRA curve":  # both ends at one LoRA (the step's cost does not depend on where they are)
@@ -79,6 +81,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per method")
+    parser.add_argument(
+        "--data-dir", type=Path, help="folder with rotten_tomatoes_corpus_full.csv.bz2 (default: the packaged copy)"
+    )
     parser.add_argument("--only", nargs="+", choices=sorted(METHODS), help="these methods (and the baseline)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -89,7 +94,8 @@ def main() -> None:
     results: dict[str, dict[str, float] | str] = {}
     for name in names:
         spec = {"name": name, "config": METHODS[name][0], "four_bit": args.four_bit, "steps": args.steps,
-                "warmup": args.warmup, "batch_size": args.batch_size, "threads": args.threads}  # fmt: skip
+                "warmup": args.warmup, "batch_size": args.batch_size, "threads": args.threads,
+                "data_dir": None if args.data_dir is None else str(args.data_dir.resolve())}  # fmt: skip
         done = subprocess.run(
             [sys.executable, __file__, "--worker", json.dumps(spec)],
             check=False,

@@ -35,17 +35,25 @@ class EpochTimer(Callback):
         self._start = 0.0
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _synchronize(pl_module.device)
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def epoch_seconds(module: LightningModule, data: MNISTDataModule, batches: int) -> float:
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; a CPU has nothing queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_seconds(module: LightningModule, data: MNISTDataModule, batches: int, accelerator: str) -> float:
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as root:
         Trainer(
-            max_epochs=1, limit_train_batches=batches, limit_val_batches=0, accelerator="cpu", logger=False,
+            max_epochs=1, limit_train_batches=batches, limit_val_batches=0, accelerator=accelerator, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
             default_root_dir=root,
         ).fit(module, datamodule=data)
@@ -58,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--constraint", default="loss", choices=["loss", "output"])
     parser.add_argument("--solver", default="dense", choices=["dense", "cg"])
     parser.add_argument("--gamma", type=float, default=0.2, help="1: the epoch-start split, no per-step projection")
@@ -76,18 +85,21 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"map": [], "viking": [], "no_sweep": []}
     for _ in range(args.repeats):
-        times["map"].append(epoch_seconds(map_module(), data, args.batches))
-        times["viking"].append(epoch_seconds(viking_module(1), data, args.batches))
+        times["map"].append(epoch_seconds(map_module(), data, args.batches, args.accelerator))
+        times["viking"].append(epoch_seconds(viking_module(1), data, args.batches, args.accelerator))
         if args.gamma < 1:  # gamma = 1 needs the sweep
-            times["no_sweep"].append(epoch_seconds(viking_module(0), data, args.batches))
+            times["no_sweep"].append(epoch_seconds(viking_module(0), data, args.batches, args.accelerator))
     sweep = VIKING(LeNet5(), constraint=args.constraint, solver=args.solver, phase_epochs=(0, 0, 1), num_samples=1)
+    sweep.to(args.accelerator)
     sweep_seconds = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         sweep.sweep(data.train_dataloader(), args.batches)
+        _synchronize(sweep.device)
         sweep_seconds.append(time.perf_counter() - start)
     map_s, viking_s, sweep_s = (statistics.median(v) for v in (times["map"], times["viking"], sweep_seconds))
-    print(f"LeNet-5 on MNIST, {args.batches} batches of {args.batch_size}, {args.threads} thread(s), "
+    hardware = torch.cuda.get_device_name() if args.accelerator == "cuda" else f"{args.threads} thread(s)"
+    print(f"LeNet-5 on MNIST, {args.batches} batches of {args.batch_size}, {hardware}, "
           f"constraint={args.constraint}, solver={args.solver}, gamma={args.gamma}, medians of {args.repeats}")
     print(f"{'':24}{'seconds':>10}{'x MAP':>8}")
     print(f"{'MAP epoch':24}{map_s:10.2f}{1.0:8.2f}")

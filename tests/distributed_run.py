@@ -1,7 +1,8 @@
 """A tiny fit on 2 CPU processes (gloo) under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in
-``configure_model``) or DDP, for the distributed tests; Lightning starts rank 1 by running this script again.
+``configure_model``) or DDP, or on the CUDA devices (at most 2, NCCL) under FSDP1 (``FSDPStrategy``, every
+``nn.Linear`` its own flat unit), for the distributed tests; Lightning starts rank 1 by running this script again.
 
-    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi} {fsdp2,ddp} [RESUME_FROM]
+    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi} {fsdp2,ddp,fsdp} [RESUME_FROM]
 
 ``swa``: a plain LightningModule trained by SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the
 same module trained by the :class:`IVON` optimiser; ``map`` and ``vi``: the library's :class:`MAP` and
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -92,25 +93,40 @@ def build(method: str) -> LightningModule:
     return ShardedRegression(method)
 
 
+def cuda_devices() -> int:
+    """The CUDA devices an FSDP1 run uses: all there are, at most 2."""
+    return min(torch.cuda.device_count(), 2)
+
+
+def strategy_for(name: str) -> tuple[str | Strategy, str, int]:
+    """``(strategy, accelerator, devices)`` of a run under ``name``."""
+    if name in ("single", "cuda"):  # one process, on the CPU or on one CUDA device
+        return "auto", "cpu" if name == "single" else "cuda", 1
+    if name == "ddp":
+        return "ddp", "cpu", 2
+    if name == "fsdp2":
+        fsdp2 = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        return fsdp2, "cpu", 2
+    if name == "fsdp":  # full state dicts: the checkpoint holds whole tensors under the module's own names
+        return FSDPStrategy(auto_wrap_policy={nn.Linear}, state_dict_type="full"), "cuda", cuda_devices()
+    raise ValueError(f"strategy must be one of single, cuda, ddp, fsdp2, fsdp; got {name!r}")
+
+
 def fit(out: str, max_epochs: int, method: str, resume_from: str | None, strategy_name: str = "single") -> None:
-    devices = 1 if strategy_name == "single" else 2
-    strategy = {
-        "single": "auto",
-        "ddp": "ddp",
-        "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False),
-    }[strategy_name]
+    strategy, accelerator, devices = strategy_for(strategy_name)
     trainer = Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+        max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
         callbacks=[*([swa_callback()] if method == "swa" else []), ModelCheckpoint(dirpath=out, save_last=True)],
     )  # fmt: skip
     trainer.fit(build(method), datamodule=RankedPoints(), ckpt_path=resume_from)
 
 
-def fit_in_two_processes(
+def fit_distributed(
     out: Path, max_epochs: int, method: str, resume_from: Path | None = None, strategy: str = "fsdp2"
 ) -> dict[str, Any]:
-    """Run this script (2 processes under ``strategy``, "fsdp2" or "ddp") and return the checkpoint it wrote."""
+    """Run this script (2 CPU processes under "fsdp2" or "ddp"; the CUDA devices under "fsdp") and return the
+    checkpoint it wrote."""
     command = [sys.executable, __file__, str(out), str(max_epochs), method, strategy]
     command += [str(resume_from)] if resume_from else []
     root = str(Path(__file__).resolve().parents[1])
@@ -121,9 +137,10 @@ def fit_in_two_processes(
     return torch.load(out / "last.ckpt", weights_only=False)
 
 
-def fit_in_one_process(out: Path, max_epochs: int, method: str) -> dict[str, Any]:
-    """The same fit in this process, on the same global batches; returns its checkpoint."""
-    fit(str(out), max_epochs, method, None)
+def fit_in_one_process(out: Path, max_epochs: int, method: str, strategy: str = "single") -> dict[str, Any]:
+    """The same fit in this process ("single": the CPU, "cuda": one CUDA device), on the same global batches;
+    returns its checkpoint."""
+    fit(str(out), max_epochs, method, None, strategy)
     return torch.load(out / "last.ckpt", weights_only=False)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.func import vmap
@@ -189,7 +190,9 @@ class VIKING(BayesianModule):
         self.swept_at.copy_(self._fingerprint())
 
     def _to_device(self, x: Any) -> Any:
-        return self.trainer.strategy.batch_to_device(x, self.device) if self._trainer is not None else x
+        if self._trainer is not None:
+            return self.trainer.strategy.batch_to_device(x, self.device)
+        return move_data_to_device(x, self.device)  # a sweep called outside a Trainer
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:  # independent Monte Carlo noise on every rank

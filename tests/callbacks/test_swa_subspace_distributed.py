@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import fit_in_one_process, fit_in_two_processes
+from distributed_run import fit_in_one_process, fit_distributed
 
 pytestmark = [
     pytest.mark.slow,
@@ -21,9 +21,9 @@ pytestmark = [
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_two_processes_collect_the_one_process_moments_and_resume_exactly(strategy: str, tmp_path: Path) -> None:
     single = fit_in_one_process(tmp_path / "single", 3, "swa")
-    sharded = fit_in_two_processes(tmp_path / "sharded", 3, "swa", strategy=strategy)
-    fit_in_two_processes(tmp_path / "first_two_epochs", 2, "swa", strategy=strategy)
-    resumed = fit_in_two_processes(
+    sharded = fit_distributed(tmp_path / "sharded", 3, "swa", strategy=strategy)
+    fit_distributed(tmp_path / "first_two_epochs", 2, "swa", strategy=strategy)
+    resumed = fit_distributed(
         tmp_path / "resumed", 3, "swa", resume_from=tmp_path / "first_two_epochs" / "last.ckpt", strategy=strategy
     )
 

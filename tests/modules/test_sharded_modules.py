@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import build, fit_in_one_process, fit_in_two_processes
+from distributed_run import build, fit_in_one_process, fit_distributed
 from torch import nn
 
 from lightning_bayes.modules import MAP, DeepEnsemble, IVONModule, NullSpaceLaplace, VariationalInference
@@ -22,7 +22,7 @@ distributed = pytest.mark.skipif(not dist.is_available(), reason="torch.distribu
 @distributed
 def test_sharded_map_follows_the_one_process_run(tmp_path: Path) -> None:
     single = fit_in_one_process(tmp_path / "single", 2, "map")
-    sharded = fit_in_two_processes(tmp_path / "sharded", 2, "map")
+    sharded = fit_distributed(tmp_path / "sharded", 2, "map")
     assert list(sharded["state_dict"]) == list(single["state_dict"])  # full tensors under the module's own names
     for name, value in single["state_dict"].items():
         torch.testing.assert_close(sharded["state_dict"][name], value, rtol=1e-9, atol=1e-12, msg=name)
@@ -31,9 +31,9 @@ def test_sharded_map_follows_the_one_process_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 @distributed
 def test_sharded_variational_inference_checkpoints_its_posterior_and_resumes_exactly(tmp_path: Path) -> None:
-    sharded = fit_in_two_processes(tmp_path / "sharded", 3, "vi")
-    fit_in_two_processes(tmp_path / "first_two_epochs", 2, "vi")
-    resumed = fit_in_two_processes(
+    sharded = fit_distributed(tmp_path / "sharded", 3, "vi")
+    fit_distributed(tmp_path / "first_two_epochs", 2, "vi")
+    resumed = fit_distributed(
         tmp_path / "resumed", 3, "vi", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
     )
     fresh = build("vi")

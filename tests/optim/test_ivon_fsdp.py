@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import fit_in_one_process, fit_in_two_processes
+from distributed_run import fit_in_one_process, fit_distributed
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,9 +20,9 @@ pytestmark = [
 
 def test_sharded_ivon_follows_the_one_process_posterior_and_resumes_exactly(tmp_path: Path) -> None:
     single = fit_in_one_process(tmp_path / "single", 3, "ivon")
-    sharded = fit_in_two_processes(tmp_path / "sharded", 3, "ivon")
-    fit_in_two_processes(tmp_path / "first_two_epochs", 2, "ivon")
-    resumed = fit_in_two_processes(
+    sharded = fit_distributed(tmp_path / "sharded", 3, "ivon")
+    fit_distributed(tmp_path / "first_two_epochs", 2, "ivon")
+    resumed = fit_distributed(
         tmp_path / "resumed", 3, "ivon", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
     )
 
