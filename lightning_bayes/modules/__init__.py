@@ -15,18 +15,18 @@ from .vbll import VBLLClassifier, VBLLRegressor
 from .viking import VIKING
 
 __all__ = [
+    "MAP",
+    "SSVI",
+    "VIKING",
     "BayesianModule",
     "BernsteinVI",
     "DeepEnsemble",
     "IVONModule",
-    "MAP",
     "MCDropout",
     "NullSpaceLaplace",
-    "SSVI",
     "SubspaceInference",
     "TrainingFreeBayes",
-    "VariationalInference",
     "VBLLClassifier",
     "VBLLRegressor",
-    "VIKING",
+    "VariationalInference",
 ]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import jacrev, vmap
 
 from lightning_bayes.inference.bernstein import BernsteinFlow

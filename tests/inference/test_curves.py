@@ -169,7 +169,7 @@ def _value(net: nn.Module, name: str) -> torch.Tensor:
 
 def test_gradients_reach_only_the_trainable_control_points(single_thread):
     net = _net()
-    names, points, position, curves = _curve_on(net)
+    names, _points, position, curves = _curve_on(net)
     t = 0.3
     c = bernstein(t, 2)[0]
     position.set(c)
@@ -195,7 +195,7 @@ def test_gradients_reach_only_the_trainable_control_points(single_thread):
 def test_remove_bakes_theta_t_into_plain_tensors(single_thread):
     net = _net()
     original = net[0].weight
-    names, points, position, _ = _curve_on(net)
+    names, _points, position, _ = _curve_on(net)
     assert not original.requires_grad  # frozen while the curve is registered
     position.set(bernstein(0.25, 2)[0])
     expected = {name: _value(net, name).detach().clone() for name in names}

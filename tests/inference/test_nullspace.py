@@ -127,7 +127,7 @@ def test_loss_kernel_contains_the_output_kernel_and_equals_it_for_one_output() -
     projections.project(loss_rows)
     torch.testing.assert_close(projections.samples, in_output_kernel, rtol=0, atol=1e-8)
 
-    one, x1, y1 = make_problem(outputs=1)
+    one, x1, _y1 = make_problem(outputs=1)
     target = torch.randn(20, 1, dtype=torch.float64)
     output_projector = kernel_projector(one.jacobian(x1, target))
     one.constraint = LossConstraint(GaussianLikelihood(output_dim=1))

@@ -166,7 +166,7 @@ def test_timm_backbone_with_batchnorm_and_a_parameter_subset() -> None:
 
 
 def test_a_fixed_scale_survives_loading_a_line_search_checkpoint() -> None:
-    searched, x, _ = fitted(sweeps=2, scale="line_search", alpha=1.0)
+    searched, _x, _ = fitted(sweeps=2, scale="line_search", alpha=1.0)
     fixed = NullSpaceLaplace(make_model(), num_samples=6, scale=0.5, alpha=1.0)
     fixed.load_state_dict(searched.state_dict())
     assert fixed.scale() == 0.5 and searched.scale() == float(searched.scale_value) != 1.0
