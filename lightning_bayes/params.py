@@ -71,3 +71,31 @@ def is_dtensor(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (an FSDP2-sharded parameter, its gradient or state), checked without
     importing ``torch.distributed``."""
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor: a DTensor's gathered value (a collective, so every rank must call it), else ``tensor``."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def laid_out_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (the whole tensor, equal on every rank) laid out as ``like``: for a DTensor every rank keeps its own
+    shard (no communication), else ``full`` viewed in ``like``'s shape."""
+    if not is_dtensor(like):
+        return full.view_as(like)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.view(like.shape), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def reshard(module: nn.Module) -> None:
+    """Return every FSDP2 unit in ``module`` to its sharded parameters. FSDP2 keeps the root's gathered copy after a
+    forward without gradients, so in-place edits of the sharded parameters (a posterior draw) would not reach the
+    next forward; after this call it gathers them again. No FSDP2 units (or no ``torch.distributed``): nothing."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()

@@ -2,11 +2,11 @@
 ``configure_model``) or DDP, or on the CUDA devices (at most 2, NCCL) under FSDP1 (``FSDPStrategy``, every
 ``nn.Linear`` its own flat unit), for the distributed tests; Lightning starts rank 1 by running this script again.
 
-    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi} {fsdp2,ddp,fsdp} [RESUME_FROM]
+    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi,ivon_module} {fsdp2,ddp,fsdp} [RESUME_FROM]
 
 ``swa``: a plain LightningModule trained by SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the
-same module trained by the :class:`IVON` optimiser; ``map`` and ``vi``: the library's :class:`MAP` and
-:class:`VariationalInference` modules (sharded by ``BayesianModule.configure_model``). Writes ``OUT/last.ckpt`` (a
+same module trained by the :class:`IVON` optimiser; ``map``, ``vi`` and ``ivon_module``: the library's
+:class:`MAP`, :class:`VariationalInference` and :class:`IVONModule` (sharded by ``BayesianModule.configure_model``). Writes ``OUT/last.ckpt`` (a
 full checkpoint: ``save_distributed_checkpoint=False``).
 """
 
@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.callbacks.swa_subspace import SWASubspace
-from lightning_bayes.modules import MAP, VariationalInference
+from lightning_bayes.modules import MAP, IVONModule, VariationalInference
 from lightning_bayes.optim import IVON
 
 GLOBAL_BATCH = 8
@@ -62,7 +62,7 @@ class ShardedRegression(LightningModule):
 
     def configure_optimizers(self):
         if self.optimizer == "ivon":
-            return IVON(self.parameters(), ess=32, lr=0.05, hess_init=0.5, mc_samples=2, seed=0)
+            return ivon_factory(self.parameters(), ess=RankedPoints.num_train)
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -81,6 +81,10 @@ class RankedPoints(LightningDataModule):
         return DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
 
+def ivon_factory(params, ess: float) -> IVON:
+    return IVON(params, ess, lr=0.05, hess_init=0.5, mc_samples=2, seed=0)
+
+
 def swa_callback() -> SWASubspace:
     return SWASubspace(params="all", start_epoch=1, every_n_steps=1, max_rank=3)
 
@@ -90,6 +94,8 @@ def build(method: str) -> LightningModule:
         return MAP(network(), optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
     if method == "vi":
         return VariationalInference(network(), optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
+    if method == "ivon_module":
+        return IVONModule(network(), optimizer=ivon_factory, dataset_size=RankedPoints.num_train, num_samples=4)
     return ShardedRegression(method)
 
 
@@ -119,7 +125,20 @@ def fit(out: str, max_epochs: int, method: str, resume_from: str | None, strateg
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False,
         callbacks=[*([swa_callback()] if method == "swa" else []), ModelCheckpoint(dirpath=out, save_last=True)],
     )  # fmt: skip
-    trainer.fit(build(method), datamodule=RankedPoints(), ckpt_path=resume_from)
+    module = build(method)
+    trainer.fit(module, datamodule=RankedPoints(), ckpt_path=resume_from)
+    if method == "ivon_module":  # the predictive of the fitted (on several ranks: sharded) module
+        probabilities = predictive_probabilities(module)
+        if trainer.global_rank == 0:
+            torch.save(probabilities, Path(out) / "predictive.pt")
+
+
+def predictive_probabilities(module: IVONModule) -> torch.Tensor:
+    """The model average over ``module.num_samples`` posterior draws at 5 fixed inputs, the draws seeded."""
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(module.device)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        return module.predictive(x).probs.cpu()
 
 
 def fit_distributed(

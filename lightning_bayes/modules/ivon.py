@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from ..inference.likelihoods import Likelihood
 from ..optim.ivon import IVON, posterior_draw
-from ..params import ParamSelector, select_parameters
+from ..params import ParamSelector, full_tensor, laid_out_like, reshard, select_parameters
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
 
@@ -49,7 +49,12 @@ class IVONModule(BayesianModule):
         kl_weight: temperature of the prior term: ``ess = N / kl_weight`` (1: the ELBO per example).
         num_samples: posterior draws of the predictive.
         mean_prediction: predict with the mean weights ``m`` (one sample) instead.
+
+    Under FSDP2 (``ModelParallelStrategy``) the backbone is sharded, IVON draws each rank's shard of the
+    one-process noise, and the ``sigma^2`` buffer holds the whole (gathered) variances on every rank.
     """
+
+    supports_sharding = True
 
     def __init__(
         self,
@@ -154,7 +159,8 @@ class IVONModule(BayesianModule):
         optimizer = self._fitting_optimizer()
         if optimizer is not None:
             variances = optimizer.posterior_variances()
-            flat = torch.cat([variances[p].reshape(-1) for p in self.posterior_parameters()])
+            # under FSDP2 the variances are shards: every rank gathers the whole sigma^2 (the buffer is not sharded)
+            flat = torch.cat([full_tensor(variances[p]).reshape(-1) for p in self.posterior_parameters()])
             self.posterior_variance.copy_(flat)
 
     def on_train_end(self) -> None:
@@ -174,15 +180,18 @@ class IVONModule(BayesianModule):
                 "(or predict at the mean with mean_prediction=True)"
             )
         params = self.posterior_parameters()
-        return [v.view_as(p) for v, p in zip(self.posterior_variance.split([p.numel() for p in params]), params)]
+        variances = self.posterior_variance.split([p.numel() for p in params])
+        return [laid_out_like(v, p) for v, p in zip(variances, params, strict=True)]
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         if self.mean_prediction:
             return self.likelihood.predictive(self(x).unsqueeze(0))
         samples = self.resolve_num_samples(num_samples)
+        reshard(self)  # FSDP2: draw into the sharded parameters, not the gathered copy of the last forward
         params, variances = self.posterior_parameters(), self.posterior_variances()
         outputs = []
         for _ in range(samples):
             with posterior_draw(params, variances):
                 outputs.append(self(x))
+            reshard(self)  # the next forward gathers the next draw (and, after the last, the restored means)
         return self.likelihood.predictive(torch.stack(outputs))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..params import is_dtensor
+from ..params import laid_out_like
 
 HESSIAN_ESTIMATORS = ("price", "gradsq")
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd: consecutive steps get distinct generator seeds modulo 2^32 and 2^64
@@ -40,11 +40,7 @@ def standard_normal_like(tensor: Tensor, generator: torch.Generator | None = Non
     rank draws the whole ``n`` from the same generator state and keeps its own shard (no communication), so the
     sharded draw is the one-process draw; for a plain tensor, ``n`` itself."""
     noise = torch.randn(tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype)
-    if not is_dtensor(tensor):
-        return noise
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(noise, tensor.device_mesh, tensor.placements, src_data_rank=None)
+    return laid_out_like(noise, tensor)
 
 
 def hessian_update(hess: Tensor, estimate: Tensor, beta2: float, weight_decay: float) -> Tensor:
@@ -126,7 +122,9 @@ class IVON(Optimizer):
     copy of ``m`` so that updates below the half-precision resolution are kept). Lightning moves and checkpoints
     it like Adam's. Under FSDP2 (DTensor parameters, Lightning's ``ModelParallelStrategy``) the state is sharded like
     the parameters and each rank keeps its shard of the one-process noise, so a sharded run follows the one-process
-    run. FSDP1's flat parameters (``FSDPStrategy``) are not supported: every rank would draw the same noise for its
+    run. FSDP2 keeps the root unit's gathered parameters after a forward without gradients (validation), where a
+    draw written into the shards would not reach the next forward: a module that runs such forwards between steps
+    calls :func:`lightning_bayes.params.reshard` on itself first (``IVONModule``'s predictive does). FSDP1's flat parameters (``FSDPStrategy``) are not supported: every rank would draw the same noise for its
     own shard, correlated across shards.
     """
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import build, fit_in_one_process, fit_distributed
+from distributed_run import build, fit_distributed, fit_in_one_process, predictive_probabilities
 from torch import nn
 
-from lightning_bayes.modules import MAP, DeepEnsemble, IVONModule, NullSpaceLaplace, VariationalInference
+from lightning_bayes.modules import MAP, DeepEnsemble, NullSpaceLaplace, VariationalInference
 
 distributed = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
@@ -33,9 +33,7 @@ def test_sharded_map_follows_the_one_process_run(tmp_path: Path) -> None:
 def test_sharded_variational_inference_checkpoints_its_posterior_and_resumes_exactly(tmp_path: Path) -> None:
     sharded = fit_distributed(tmp_path / "sharded", 3, "vi")
     fit_distributed(tmp_path / "first_two_epochs", 2, "vi")
-    resumed = fit_distributed(
-        tmp_path / "resumed", 3, "vi", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
-    )
+    resumed = fit_distributed(tmp_path / "resumed", 3, "vi", resume_from=tmp_path / "first_two_epochs" / "last.ckpt")
     fresh = build("vi")
     expected = {name: value.clone() for name, value in fresh.state_dict().items()}
     assert set(sharded["state_dict"]) == set(expected)
@@ -47,10 +45,35 @@ def test_sharded_variational_inference_checkpoints_its_posterior_and_resumes_exa
     assert moved, "the posterior scales did not train"
 
 
+@pytest.mark.slow
+@distributed
+def test_sharded_ivon_module_keeps_the_one_process_posterior_and_predictive(tmp_path: Path) -> None:
+    single = fit_in_one_process(tmp_path / "single", 3, "ivon_module")
+    sharded = fit_distributed(tmp_path / "sharded", 3, "ivon_module")
+    fit_distributed(tmp_path / "first_two_epochs", 2, "ivon_module")
+    resumed = fit_distributed(
+        tmp_path / "resumed", 3, "ivon_module", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
+    )
+
+    variance = single["state_dict"]["posterior_variance"]
+    assert torch.isfinite(variance).all() and variance.numel() == 32  # sigma^2 of all 32 weights, gathered
+    for run in (sharded, resumed):  # means and sigma^2 up to the summation order of the ranks' gradient average
+        assert list(run["state_dict"]) == list(single["state_dict"])
+        for name, value in single["state_dict"].items():
+            torch.testing.assert_close(run["state_dict"][name], value, rtol=1e-9, atol=1e-12, msg=name)
+    for name, value in sharded["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    # the sharded module's sampled predictive draws the one-process noise, each rank its shard
+    expected = torch.load(tmp_path / "single" / "predictive.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "sharded" / "predictive.pt"), expected, rtol=1e-9, atol=1e-12)
+    fresh = build("ivon_module")
+    fresh.load_state_dict(sharded["state_dict"])  # strict: a one-process module takes the sharded posterior
+    torch.testing.assert_close(predictive_probabilities(fresh), expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "module",
     [
-        lambda: IVONModule(nn.Linear(2, 2), dataset_size=4),
         lambda: DeepEnsemble(nn.Linear(2, 2), num_members=2),
         lambda: NullSpaceLaplace(nn.Linear(2, 2)),
     ],
