@@ -156,6 +156,26 @@ def fit_distributed(
     return torch.load(out / "last.ckpt", weights_only=False)
 
 
+def fit_and_resume(folder: Path, max_epochs: int, method: str, strategy: str = "fsdp2") -> tuple[dict, dict]:
+    """Checkpoints of a distributed fit (``folder/sharded``) and of one stopped an epoch early and resumed from the
+    strategy's checkpoint (``folder/resumed``)."""
+    sharded = fit_distributed(folder / "sharded", max_epochs, method, strategy=strategy)
+    fit_distributed(folder / "stopped", max_epochs - 1, method, strategy=strategy)
+    resumed = fit_distributed(
+        folder / "resumed", max_epochs, method, resume_from=folder / "stopped" / "last.ckpt", strategy=strategy
+    )
+    return sharded, resumed
+
+
+def assert_swag_moments_close(run: dict, expected: dict, rtol: float, atol: float) -> None:
+    """The ``SWASubspace`` moments of checkpoint ``run`` equal ``expected`` (a checkpoint's moments)."""
+    moments = run["callbacks"]["SWASubspace"]["moments"]
+    assert moments["count"].item() == expected["count"].item()
+    assert moments["position"].item() == expected["position"].item()
+    for key in ("mean", "sq_mean", "deviations"):
+        torch.testing.assert_close(moments[key], expected[key], rtol=rtol, atol=atol, msg=key)
+
+
 def fit_in_one_process(out: Path, max_epochs: int, method: str, strategy: str = "single") -> dict[str, Any]:
     """The same fit in this process ("single": the CPU, "cuda": one CUDA device), on the same global batches;
     returns its checkpoint."""

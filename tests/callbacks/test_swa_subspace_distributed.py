@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import fit_in_one_process, fit_distributed
+from distributed_run import assert_swag_moments_close, fit_and_resume, fit_in_one_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -21,20 +21,13 @@ pytestmark = [
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 def test_two_processes_collect_the_one_process_moments_and_resume_exactly(strategy: str, tmp_path: Path) -> None:
     single = fit_in_one_process(tmp_path / "single", 3, "swa")
-    sharded = fit_distributed(tmp_path / "sharded", 3, "swa", strategy=strategy)
-    fit_distributed(tmp_path / "first_two_epochs", 2, "swa", strategy=strategy)
-    resumed = fit_distributed(
-        tmp_path / "resumed", 3, "swa", resume_from=tmp_path / "first_two_epochs" / "last.ckpt", strategy=strategy
-    )
+    sharded, resumed = fit_and_resume(tmp_path, 3, "swa", strategy=strategy)
 
     expected = single["callbacks"]["SWASubspace"]["moments"]
     assert expected["count"].item() == 8  # steps 5..12: the snapshots of epochs 2 and 3
     for run in (sharded, resumed):
-        moments = run["callbacks"]["SWASubspace"]["moments"]
-        assert moments["count"].item() == 8 and moments["position"].item() == expected["position"].item()
         # the same iterates up to the summation order of the two ranks' gradient average (float64)
-        for key in ("mean", "sq_mean", "deviations"):
-            torch.testing.assert_close(moments[key], expected[key], rtol=1e-10, atol=1e-12, msg=key)
+        assert_swag_moments_close(run, expected, rtol=1e-10, atol=1e-12)
         for name, value in single["state_dict"].items():  # full (gathered) parameters in the checkpoint
             torch.testing.assert_close(run["state_dict"][name], value, rtol=1e-10, atol=1e-12, msg=name)
     # stopping and resuming changes nothing: the same sharded computation, bit for bit

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_run import build, cuda_devices, fit_in_one_process, fit_distributed
+from distributed_run import assert_swag_moments_close, build, cuda_devices, fit_and_resume, fit_in_one_process
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,11 +25,7 @@ RTOL, ATOL = 1e-9, 1e-12
 def _fsdp_runs(tmp_path: Path, method: str, epochs: int = 3) -> tuple[dict, dict, dict]:
     """The plain one-device run, the FSDP1 run and an FSDP1 run stopped one epoch early and resumed."""
     single = fit_in_one_process(tmp_path / "single", epochs, method, strategy="cuda")
-    sharded = fit_distributed(tmp_path / "sharded", epochs, method, strategy="fsdp")
-    fit_distributed(tmp_path / "stopped", epochs - 1, method, strategy="fsdp")
-    resumed = fit_distributed(
-        tmp_path / "resumed", epochs, method, resume_from=tmp_path / "stopped" / "last.ckpt", strategy="fsdp"
-    )
+    sharded, resumed = fit_and_resume(tmp_path, epochs, method, strategy="fsdp")
     return single, sharded, resumed
 
 
@@ -45,10 +41,7 @@ def test_fsdp1_swag_collects_the_one_device_moments_and_resumes_exactly(tmp_path
     expected = single["callbacks"]["SWASubspace"]["moments"]
     assert expected["count"].item() == 8  # steps 5..12: the snapshots of epochs 2 and 3
     for run in (sharded, resumed):
-        moments = run["callbacks"]["SWASubspace"]["moments"]
-        assert moments["count"].item() == 8 and moments["position"].item() == expected["position"].item()
-        for key in ("mean", "sq_mean", "deviations"):
-            torch.testing.assert_close(moments[key], expected[key], rtol=RTOL, atol=ATOL, msg=key)
+        assert_swag_moments_close(run, expected, RTOL, ATOL)
     _assert_same_parameters(single, sharded, resumed)
     for key, value in sharded["callbacks"]["SWASubspace"]["moments"].items():
         assert torch.equal(resumed["callbacks"]["SWASubspace"]["moments"][key], value), key

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import build, fit_distributed, fit_in_one_process, predictive_probabilities
+from distributed_run import build, fit_and_resume, fit_distributed, fit_in_one_process, predictive_probabilities
 from torch import nn
 
 from lightning_bayes.modules import MAP, DeepEnsemble, NullSpaceLaplace, VariationalInference
@@ -31,9 +31,7 @@ def test_sharded_map_follows_the_one_process_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 @distributed
 def test_sharded_variational_inference_checkpoints_its_posterior_and_resumes_exactly(tmp_path: Path) -> None:
-    sharded = fit_distributed(tmp_path / "sharded", 3, "vi")
-    fit_distributed(tmp_path / "first_two_epochs", 2, "vi")
-    resumed = fit_distributed(tmp_path / "resumed", 3, "vi", resume_from=tmp_path / "first_two_epochs" / "last.ckpt")
+    sharded, resumed = fit_and_resume(tmp_path, 3, "vi")
     fresh = build("vi")
     expected = {name: value.clone() for name, value in fresh.state_dict().items()}
     assert set(sharded["state_dict"]) == set(expected)
@@ -49,11 +47,7 @@ def test_sharded_variational_inference_checkpoints_its_posterior_and_resumes_exa
 @distributed
 def test_sharded_ivon_module_keeps_the_one_process_posterior_and_predictive(tmp_path: Path) -> None:
     single = fit_in_one_process(tmp_path / "single", 3, "ivon_module")
-    sharded = fit_distributed(tmp_path / "sharded", 3, "ivon_module")
-    fit_distributed(tmp_path / "first_two_epochs", 2, "ivon_module")
-    resumed = fit_distributed(
-        tmp_path / "resumed", 3, "ivon_module", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
-    )
+    sharded, resumed = fit_and_resume(tmp_path, 3, "ivon_module")
 
     variance = single["state_dict"]["posterior_variance"]
     assert torch.isfinite(variance).all() and variance.numel() == 32  # sigma^2 of all 32 weights, gathered

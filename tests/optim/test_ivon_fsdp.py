@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from distributed_run import fit_in_one_process, fit_distributed
+from distributed_run import fit_and_resume, fit_in_one_process
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,11 +20,7 @@ pytestmark = [
 
 def test_sharded_ivon_follows_the_one_process_posterior_and_resumes_exactly(tmp_path: Path) -> None:
     single = fit_in_one_process(tmp_path / "single", 3, "ivon")
-    sharded = fit_distributed(tmp_path / "sharded", 3, "ivon")
-    fit_distributed(tmp_path / "first_two_epochs", 2, "ivon")
-    resumed = fit_distributed(
-        tmp_path / "resumed", 3, "ivon", resume_from=tmp_path / "first_two_epochs" / "last.ckpt"
-    )
+    sharded, resumed = fit_and_resume(tmp_path, 3, "ivon")
 
     expected_state = single["optimizer_states"][0]["state"]
     assert single["optimizer_states"][0]["param_groups"][0]["noise_steps"] == 12  # 3 epochs of 4 steps
