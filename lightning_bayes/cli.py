@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import yaml
+
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -28,14 +30,16 @@ class BayesCLI(LightningCLI):
         parser.add_lightning_class_args(CalibrationMetrics, "metrics")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """Every subcommand knows ``--test_after_fit``: only ``fit`` acts on it, the others accept it so that the
+        ``config.yaml`` a fit saves next to its logs drives ``test``/``validate``/``predict`` as it is."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "fit":
-            parser.add_argument(
-                "--test_after_fit",
-                type=bool,
-                default=True,
-                help="Run the test stage (best checkpoint if one is monitored) right after fitting.",
-            )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit: run the test stage (best checkpoint if one is monitored) right after fitting; "
+            "other subcommands ignore it.",
+        )
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -48,7 +52,9 @@ class BayesCLI(LightningCLI):
         super()._parse_ckpt_path()
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") and self._given_model_args:
-            self.config = self.parser.parse_args([subcommand, *self._given_model_args], namespace=self.config.clone())
+            model = {"class_path": self.config[subcommand].model.class_path, **_nested_values(self._given_model_args)}
+            given = {subcommand: {"model": model}}
+            self.config = self.parser.parse_object(given, self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Show a Rich progress bar unless the user turned bars off or chose another one."""
@@ -64,16 +70,33 @@ class BayesCLI(LightningCLI):
         test_fitted(self.trainer, self.model, self.datamodule)
 
 
-def _model_arguments(args: Any) -> list[str]:
-    """The ``--model.<key>[=value]`` items of a command line (with their separate values)."""
+def _model_arguments(args: Any) -> list[tuple[str, str]]:
+    """The ``--model.<key>[=| ]value`` items of a command line as ``(key, value)`` pairs, ``--model.x`` read as
+    ``--model.init_args.x`` (the parser has already refused an item without a value)."""
     if not isinstance(args, (list, tuple)):
         return []
-    found: list[str] = []
+    found: list[tuple[str, str]] = []
     for index, arg in enumerate(args):
         if isinstance(arg, str) and arg.startswith("--model."):
-            has_value = "=" in arg or index + 1 == len(args) or str(args[index + 1]).startswith("--")
-            found += [arg] if has_value else [arg, str(args[index + 1])]
+            key, equals, value = arg[len("--model.") :].partition("=")
+            key = key if key.split(".")[0] in ("class_path", "init_args", "dict_kwargs") else f"init_args.{key}"
+            if not equals:
+                value = str(args[index + 1]) if index + 1 < len(args) else ""
+            found.append((key, value))
     return found
+
+
+def _nested_values(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """``[("init_args.num_samples", "5")]`` -> ``{"init_args": {"num_samples": 5}}``; values are read as YAML,
+    as jsonargparse reads command-line values."""
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
+    return nested
 
 
 def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:

@@ -50,6 +50,16 @@ def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
     assert 0.0 <= metrics["acc"] <= 1.0 and "ood_auroc" in metrics
 
 
+def test_a_fit_runs_saved_config_drives_the_test_subcommand(tmp_path: Path):
+    """The ``config.yaml`` a fit writes next to its logs (with fit's ``test_after_fit``) is accepted by ``test``."""
+    run([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])
+    saved, checkpoint = next(tmp_path.rglob("config.yaml")), next(tmp_path.rglob("last.ckpt"))
+    cli = run(["test", "--config", str(saved), f"--ckpt_path={checkpoint}", "--trainer.limit_test_batches=1"])
+    assert cli.config.test.test_after_fit is False  # the fit-only key (false in that run) is carried, not acted on
+    metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
+    assert 0.0 <= metrics["acc"] <= 1.0
+
+
 def test_model_arguments_on_the_command_line_win_over_the_checkpoints(tmp_path: Path):
     """``test --ckpt_path`` builds the model from the checkpoint's hyperparameters, except those given explicitly."""
     config = ROOT / "configs" / "digits" / "ivon.yaml"  # num_samples: 64 in the config, so in the checkpoint
@@ -59,4 +69,19 @@ def test_model_arguments_on_the_command_line_win_over_the_checkpoints(tmp_path: 
     args += ["--trainer.limit_test_batches=1"]
     assert run(args).model.num_samples == 64
     assert run([*args, "--model.init_args.num_samples", "3"]).model.num_samples == 3
+    assert run([*args, "--model.num_samples", "4"]).model.num_samples == 4  # jsonargparse's init_args shorthand
     assert run([*args, "--model.init_args.num_samples=5", "--model.init_args.mean_prediction=true"]).model.mean_prediction
+
+
+def test_model_arguments_win_over_the_checkpoints_for_a_lora_backbone(tmp_path: Path):
+    """The README's BLoB mean model: ``test --ckpt_path ... --model.init_args.mean_prediction true`` on a config whose
+    backbone takes a dataclass (``LoraSpec``), which a plain re-parse of the merged namespace refused."""
+    config = ROOT / "configs" / "text" / "blob_smollm2.yaml"
+    small = ["--data.init_args.batch_size=4", "--data.init_args.max_test=4", "--model.init_args.num_samples=2"]
+    run([*quick_args(config, tmp_path, batches=1), *small, "--test_after_fit=false"])
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    args = ["test", "--config", str(config), f"--ckpt_path={checkpoint}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    args += ["--trainer.limit_test_batches=1", *small[:2]]
+    assert run([*args, "--model.init_args.mean_prediction", "true"]).model.mean_prediction
+    restored = run([*args, "--model.init_args.num_samples=3"]).model
+    assert restored.num_samples == 3 and not restored.mean_prediction and restored.kl_weight == 1.0
