@@ -52,9 +52,8 @@ class BayesCLI(LightningCLI):
         super()._parse_ckpt_path()
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") and self._given_model_args:
-            model = {"class_path": self.config[subcommand].model.class_path, **_nested_values(self._given_model_args)}
-            given = {subcommand: {"model": model}}
-            self.config = self.parser.parse_object(given, self.config)
+            model = _as_subclass_values(_nested_values(self._given_model_args), self.config[subcommand].model)
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Show a Rich progress bar unless the user turned bars off or chose another one."""
@@ -71,15 +70,14 @@ class BayesCLI(LightningCLI):
 
 
 def _model_arguments(args: Any) -> list[tuple[str, str]]:
-    """The ``--model.<key>[=| ]value`` items of a command line as ``(key, value)`` pairs, ``--model.x`` read as
-    ``--model.init_args.x`` (the parser has already refused an item without a value)."""
+    """The ``--model.<key>[=| ]value`` items of a command line as ``(key, value)`` pairs (the parser has already
+    refused an item without a value)."""
     if not isinstance(args, (list, tuple)):
         return []
     found: list[tuple[str, str]] = []
     for index, arg in enumerate(args):
         if isinstance(arg, str) and arg.startswith("--model."):
             key, equals, value = arg[len("--model.") :].partition("=")
-            key = key if key.split(".")[0] in ("class_path", "init_args", "dict_kwargs") else f"init_args.{key}"
             if not equals:
                 value = str(args[index + 1]) if index + 1 < len(args) else ""
             found.append((key, value))
@@ -97,6 +95,23 @@ def _nested_values(pairs: list[tuple[str, str]]) -> dict[str, Any]:
             node = node.setdefault(parent, {})
         node[leaf] = yaml.safe_load(value)
     return nested
+
+
+_SUBCLASS_KEYS = ("class_path", "init_args", "dict_kwargs")
+
+
+def _as_subclass_values(given: dict[str, Any], current: Any) -> dict[str, Any]:
+    """``given`` (nested values) in the form ``parse_object`` takes for the subclass ``current`` (a parsed namespace):
+    at every class, its ``class_path`` added and jsonargparse's shorthand ``x`` read as ``init_args.x``."""
+    if not hasattr(current, "get"):
+        return given
+    if not current.get("class_path"):
+        return {key: _as_subclass_values(value, current.get(key)) if isinstance(value, dict) else value
+                for key, value in given.items()}
+    init_args = {**given.get("init_args", {}), **{k: v for k, v in given.items() if k not in _SUBCLASS_KEYS}}
+    resolved = {"class_path": current.class_path, **{k: v for k, v in given.items() if k in _SUBCLASS_KEYS}}
+    resolved["init_args"] = _as_subclass_values(init_args, current.get("init_args"))
+    return resolved
 
 
 def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:

@@ -70,6 +70,10 @@ def test_model_arguments_on_the_command_line_win_over_the_checkpoints(tmp_path: 
     assert run(args).model.num_samples == 64
     assert run([*args, "--model.init_args.num_samples", "3"]).model.num_samples == 3
     assert run([*args, "--model.num_samples", "4"]).model.num_samples == 4  # jsonargparse's init_args shorthand
+    nested = run([*args, "--model.init_args.optimizer.init_args.lr=0.5", "--model.optimizer.hess_init", "0.25"])
+    optimizer = nested.config.test.model.init_args.optimizer.init_args  # a class inside the model: merged, not replaced
+    assert (optimizer.lr, optimizer.hess_init, optimizer.weight_decay) == (0.5, 0.25, 1.0e-3)
+    assert nested.model.num_samples == 64
     assert run([*args, "--model.init_args.num_samples=5", "--model.init_args.mean_prediction=true"]).model.mean_prediction
 
 
