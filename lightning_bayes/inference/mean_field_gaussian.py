@@ -1,4 +1,7 @@
-"""Mean-field Gaussian over a tensor of parameters, ``w = mu + softplus(rho) z``: the baseline VI family.
+"""Mean-field Gaussian over a tensor of parameters, ``w = mu + s(rho) z``: the baseline VI family.
+
+The scale map ``s`` is ``softplus`` (Blundell et al.) or ``square`` (BLoB's ``Omega = rho^2``, whose KL gradient
+``-2 / rho`` grows as the scale shrinks); it matters to an optimiser that steps ``rho``, not to the family.
 
 Same interface as :class:`~lightning_bayes.inference.bernstein.BernsteinFlow` (``sample`` returns draws and
 their elementwise log-densities), plus the closed-form KL to a zero-mean isotropic Gaussian prior,
@@ -9,40 +12,50 @@ in Neural Networks", ICML 2015.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+ScaleMap = Literal["softplus", "square"]
+SCALE_MAPS = ("softplus", "square")
 
 
 def initial_parameters(
-    shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float, init_scale: float
+    shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float, init_scale: float, scale_map: ScaleMap = "softplus"
 ) -> tuple[nn.Parameter, nn.Parameter]:
-    """``(mu, rho)`` of ``shape`` with ``mu = init_mean`` (a number or a tensor of ``shape``), ``softplus(rho) = init_scale``."""
+    """``(mu, rho)`` of ``shape`` with ``mu = init_mean`` (a number or a tensor of ``shape``), ``s(rho) = init_scale``."""
     if not init_scale > 0:
         raise ValueError(f"init_scale must be > 0; got {init_scale!r}")
+    if scale_map not in SCALE_MAPS:
+        raise ValueError(f"scale_map must be one of {SCALE_MAPS}; got {scale_map!r}")
     shape = tuple(shape)
     mean = torch.as_tensor(init_mean, dtype=torch.get_default_dtype())
     if mean.ndim and tuple(mean.shape) != shape:
         raise ValueError(f"init_mean must be a number or have shape {shape}; got {tuple(mean.shape)}")
-    raw = math.log(math.expm1(init_scale))  # softplus^-1
+    raw = math.log(math.expm1(init_scale)) if scale_map == "softplus" else math.sqrt(init_scale)
     return nn.Parameter(mean.expand(shape).clone()), nn.Parameter(torch.full(shape, raw))
 
 
 class MeanFieldGaussian(nn.Module):
-    """Independent Gaussians ``N(mu, softplus(rho)^2)`` for a tensor of ``shape`` parameters.
+    """Independent Gaussians ``N(mu, s(rho)^2)`` for a tensor of ``shape`` parameters.
 
     Args:
         shape: shape of the parameter tensor.
         init_mean: initial means (a tensor of ``shape``, e.g. trained weights, or a number).
         init_scale: initial standard deviation (> 0).
+        scale_map: ``s``: ``"softplus"`` or ``"square"`` (``s(rho) = rho^2``).
     """
 
-    def __init__(self, shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float = 0.0, init_scale: float = 1.0) -> None:
+    def __init__(
+        self, shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float = 0.0, init_scale: float = 1.0,
+        scale_map: ScaleMap = "softplus",
+    ) -> None:
         super().__init__()
-        self.mean, self.raw_scale = initial_parameters(shape, init_mean, init_scale)
+        self.mean, self.raw_scale = initial_parameters(shape, init_mean, init_scale, scale_map)
+        self.scale_map = scale_map
 
     @property
     def dtype(self) -> torch.dtype:
@@ -51,7 +64,7 @@ class MeanFieldGaussian(nn.Module):
 
     @property
     def scale(self) -> Tensor:
-        return F.softplus(self.raw_scale)
+        return F.softplus(self.raw_scale) if self.scale_map == "softplus" else self.raw_scale.square()
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(w, log q(w))`` for base draws ``z`` ``[..., *shape]``."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..params import ParamSelector, select_parameters
 from .bernstein import BernsteinFlow
 from .bernstein_autoregressive import AutoregressiveBernsteinFlow
-from .mean_field_gaussian import MeanFieldGaussian
+from .mean_field_gaussian import MeanFieldGaussian, ScaleMap
 from .point_mass import PointMass
 from .sparse_gaussian import SparseGaussian
 
@@ -36,10 +36,11 @@ GAUSSIAN_FAMILIES = ("gaussian", "sparse_gaussian")  # the ones with local repar
 
 
 def _family(
-    kind: Family, shape: tuple[int, ...], init_mean: Tensor, init_scale: float, degree: int, support: tuple[float, float]
+    kind: Family, shape: tuple[int, ...], init_mean: Tensor, init_scale: float, degree: int, support: tuple[float, float],
+    scale_map: ScaleMap,
 ) -> nn.Module:
     if kind == "gaussian":
-        return MeanFieldGaussian(shape, init_mean, init_scale)
+        return MeanFieldGaussian(shape, init_mean, init_scale, scale_map)
     if kind == "sparse_gaussian":  # SSVI: masked Gaussian weights, deterministic biases
         return SparseGaussian(shape, init_mean, init_scale) if len(shape) > 1 else PointMass(init_mean)
     flow = (BernsteinFlow if kind == "bernstein" else AutoregressiveBernsteinFlow)(shape, degree=degree, support=support)
@@ -64,6 +65,8 @@ class VariationalLayer(nn.Module):
             (Bernstein family).
         local_reparameterization: sample outputs instead of weights (Gaussian families only; for a convolution
             each output pixel gets its own noise, the standard approximation of Kingma et al.).
+        scale_map: how the Gaussian family maps its raw scale to the standard deviation (``"softplus"``, or
+            ``"square"`` as in BLoB; family ``"gaussian"`` only).
     """
 
     def __init__(
@@ -75,10 +78,13 @@ class VariationalLayer(nn.Module):
         degree: int = 10,
         support: tuple[float, float] = (-1.0, 1.0),
         local_reparameterization: bool = True,
+        scale_map: ScaleMap = "softplus",
     ) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+        if scale_map != "softplus" and family != "gaussian":
+            raise ValueError(f"scale_map={scale_map!r} needs family 'gaussian'; got family={family!r}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be > 0; got {prior_scale!r}")
         if local_reparameterization and family not in GAUSSIAN_FAMILIES:
@@ -90,16 +96,17 @@ class VariationalLayer(nn.Module):
             {"stride": template.stride, "padding": template.padding, "dilation": template.dilation, "groups": template.groups}
             if isinstance(template, nn.Conv2d) else None
         )
-        self.weight = _family(family, tuple(template.weight.shape), template.weight.detach(), init_scale, degree, support)
+        options = {"init_scale": init_scale, "degree": degree, "support": support, "scale_map": scale_map}
+        self.weight = _family(family, tuple(template.weight.shape), template.weight.detach(), **options)
         self.bias = (
-            None if template.bias is None
-            else _family(family, tuple(template.bias.shape), template.bias.detach(), init_scale, degree, support)
+            None if template.bias is None else _family(family, tuple(template.bias.shape), template.bias.detach(), **options)
         )
         self._shapes = [p.shape for p in (template.weight, template.bias) if p is not None]
         self.noise = True
         self._last_log_ratio: Tensor | None = None
 
-    def _families(self) -> list[nn.Module]:
+    def families(self) -> list[nn.Module]:
+        """The weight's family, then the bias's if the layer has one."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     def _layer(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -109,14 +116,14 @@ class VariationalLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.noise:
-            return self._layer(x, *(self._centre(family, shape) for family, shape in zip(self._families(), self._shapes)))
+            return self._layer(x, *(self._centre(family, shape) for family, shape in zip(self.families(), self._shapes)))
         if self.local_reparameterization:
-            mean = self._layer(x, *(family.mean for family in self._families()))
-            variance = self._layer(x.square(), *(family.scale.square() for family in self._families()))
+            mean = self._layer(x, *(family.mean for family in self.families()))
+            variance = self._layer(x.square(), *(family.scale.square() for family in self.families()))
             # clamped, not shifted: a finite gradient where the variance is 0 (sparse or deterministic parts) without a
             # noise floor that would keep a vanishing posterior from reducing to the deterministic layer
             return mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
-        draws = [family.sample(1) for family in self._families()]
+        draws = [family.sample(1) for family in self.families()]
         values = [value[0] for value, _ in draws]
         self._last_log_ratio = sum(log_q.sum() - self._log_prior(value) for value, (_, log_q) in zip(values, draws))
         return self._layer(x, *values)
@@ -135,7 +142,7 @@ class VariationalLayer(nn.Module):
     def kl(self) -> Tensor:
         """``KL(q || p)`` of the layer: closed form (Gaussian) or ``log q - log p`` of the last forward's draw."""
         if hasattr(self.weight, "kl_to_prior"):
-            return sum(family.kl_to_prior(self.prior_scale) for family in self._families())
+            return sum(family.kl_to_prior(self.prior_scale) for family in self.families())
         if self._last_log_ratio is None:
             raise RuntimeError("VariationalLayer.kl: run a forward pass first (the KL is estimated from its draw)")
         return self._last_log_ratio

@@ -2,6 +2,7 @@
 
 from .base import BayesianModule
 from .bernstein_vi import BernsteinVI
+from .blob import BLoB
 from .ensemble import DeepEnsemble
 from .ivon import IVONModule
 from .map import MAP
@@ -15,6 +16,7 @@ from .vbll import VBLLClassifier, VBLLRegressor
 from .viking import VIKING
 
 __all__ = [
+    "BLoB",
     "MAP",
     "SSVI",
     "VIKING",

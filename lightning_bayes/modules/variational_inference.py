@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..inference.likelihoods import Likelihood
+from ..inference.mean_field_gaussian import ScaleMap
 from ..inference.variational_layers import (
     FAMILIES, GAUSSIAN_FAMILIES, Family, VariationalLayer, to_variational, total_kl, use_noise,
 )
@@ -60,6 +61,7 @@ class VariationalInference(BayesianModule):
             coefficients); ``"sparse_gaussian"`` is SSVI's (:class:`~lightning_bayes.modules.ssvi.SSVI`).
         prior_scale: the prior ``N(0, prior_scale^2)`` on every variational weight.
         init_scale: initial posterior standard deviation (Gaussian).
+        scale_map: the Gaussian family's standard deviation as ``softplus(rho)`` or ``rho^2`` (``"square"``, BLoB's).
         degree, support: Bernstein degree ``M`` and each chain's initial range around its starting weight.
         local_reparameterization: sample outputs rather than weights (Gaussian families only).
         dataset_size: ``N``; by default the datamodule's ``num_train`` or the training set's length.
@@ -83,6 +85,7 @@ class VariationalInference(BayesianModule):
         family: Family = "gaussian",
         prior_scale: float = 1.0,
         init_scale: float = 1e-3,
+        scale_map: ScaleMap = "softplus",
         degree: int = 10,
         support: tuple[float, float] = (-0.1, 0.1),
         local_reparameterization: bool = True,
@@ -110,6 +113,7 @@ class VariationalInference(BayesianModule):
         self.variational_layer_names = to_variational(
             backbone, params, family=family, prior_scale=prior_scale, init_scale=init_scale, degree=degree,
             support=support, local_reparameterization=local_reparameterization and family in GAUSSIAN_FAMILIES,
+            scale_map=scale_map,
         )
         self.backbone = backbone
         self.dataset_size, self.kl_weight, self.kl_warmup_epochs = dataset_size, kl_weight, kl_warmup_epochs

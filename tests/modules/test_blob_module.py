@@ -1,0 +1,151 @@
+"""BLoB's two-optimiser step against a hand computation, its KL cycle weights, resumption, and errors. Float64.
+
+The hand computation writes the first layer of the toy MLP out densely (mean and variance of the local
+reparameterisation, with the noise the module drew), takes the NLL gradient by autograd, one AdamW step on
+every parameter but ``rho``, then the SGD step on the closed-form KL gradient
+``dKL/dM = M / beta^2``, ``dKL/drho = (-1 / Omega + Omega / beta^2) 2 rho`` (``Omega = rho^2``) plus ``rho``'s NLL
+gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_bayes.modules import BLoB
+from lightning_bayes.modules.blob import cycle_weight
+
+from toy_classification import blobs, classifier
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+BETA, LR, KL_LR = 0.7, 0.05, 0.3
+
+
+def make_trainer(epochs: int = 1, root: Path | None = None, **kwargs) -> Trainer:
+    return Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=root is not None, default_root_dir=root, num_sanity_val_steps=0, **kwargs,
+    )
+
+
+def make_blob(**kwargs) -> BLoB:
+    options = {"params": "0.*", "prior_scale": BETA, "init_eps": 0.3, "kl_lr": KL_LR,
+               "optimizer": lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.01)} | kwargs
+    return BLoB(classifier(), **options)
+
+
+def test_cycle_weights_are_the_geometric_sequence():
+    for length in (1, 2, 5, 40):
+        exact = [Fraction(2**i, 2 ** (length + 1) - 1) for i in range(1, length + 1)]
+        assert [cycle_weight(step, length) for step in range(2 * length)] == pytest.approx([float(w) for w in exact] * 2, rel=1e-14)
+        assert math.isclose(sum(cycle_weight(step, length) for step in range(length)), float(sum(exact)), rel_tol=1e-14)
+    assert math.isclose(cycle_weight(4999, 5000), 0.5, rel_tol=1e-12) and cycle_weight(0, 5000) == 0.0
+
+
+def test_one_step_equals_the_hand_computed_adamw_then_sgd_on_the_kl():
+    module = make_blob(kl_reweighting=False)  # w = 1 / K, K = 3 batches per epoch
+    layer, head = module.backbone[0], module.backbone[2]
+    start = {name: value.detach().clone() for name, value in module.named_parameters()}
+    drawn = {}
+
+    def capture(_, inputs, output):  # the standard normal draws of the local reparameterisation
+        (x,) = inputs
+        mean = F.linear(x, layer.weight.mean, layer.bias.mean)
+        std = F.linear(x.square(), layer.weight.scale.square(), layer.bias.scale.square()).sqrt()
+        drawn.setdefault("eps", ((output - mean) / std).detach())
+
+    layer.register_forward_hook(capture)
+    data = blobs(24)
+    make_trainer(max_steps=2).fit(module, DataLoader(data, batch_size=8))  # 2 optimiser steps = 1 batch
+
+    p = {name: value.clone().requires_grad_() for name, value in start.items()}
+    x, y = data.tensors[0][:8], data.tensors[1][:8]
+    w_mean, w_rho, b_mean, b_rho = (p[f"backbone.0.{k}"] for k in ("weight.mean", "weight.raw_scale", "bias.mean", "bias.raw_scale"))
+    mean = x @ w_mean.T + b_mean
+    std = ((x**2) @ (w_rho**2).square().T + (b_rho**2).square()).sqrt()
+    logits = torch.tanh(mean + std * drawn["eps"]) @ p["backbone.2.weight"].T + p["backbone.2.bias"]
+    F.cross_entropy(logits, y).backward()
+    adam_names = ["backbone.0.weight.mean", "backbone.0.bias.mean", "backbone.2.weight", "backbone.2.bias"]
+    adam = {name: p[name].detach().clone().requires_grad_() for name in adam_names}
+    for name in adam_names:
+        adam[name].grad = p[name].grad
+    torch.optim.AdamW(list(adam.values()), lr=LR, weight_decay=0.01).step()
+    weight = 1 / 3
+    expected = {name: adam[name].detach() for name in adam_names}
+    for kind in ("weight", "bias"):
+        m = adam[f"backbone.0.{kind}.mean"].detach()
+        rho = p[f"backbone.0.{kind}.raw_scale"]
+        omega = rho.detach() ** 2
+        expected[f"backbone.0.{kind}.mean"] = m - KL_LR * weight * m / BETA**2
+        kl_rho = (-1 / omega + omega / BETA**2) * 2 * rho.detach()
+        expected[f"backbone.0.{kind}.raw_scale"] = rho.detach() - KL_LR * (rho.grad + weight * kl_rho)
+    actual = dict(module.named_parameters())
+    assert head is module.backbone[2] and set(actual) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name].detach(), value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_kl_weight_follows_the_cycle_over_training():
+    seen: list[float] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(float(trainer.callback_metrics["train/kl_cycle_weight"]))
+
+    module = make_blob(cycle_exponent=40.0)
+    make_trainer(4, callbacks=[Record()]).fit(module, DataLoader(blobs(24), batch_size=8))
+    length = int(100 * 24 ** (math.pi / 40) / 8)  # floor(100 N^(pi/gamma) / B) = 16
+    assert module._cycle_length == length == 16
+    assert seen == pytest.approx([cycle_weight(t, length) for t in range(12)], rel=1e-7)  # logged as float32
+
+
+def test_omega_grows_under_the_kl_optimiser_and_stays_below_the_prior():
+    module = make_blob(init_eps=0.05, prior_scale=0.5, kl_lr=0.05, kl_reweighting=False)
+    before = module.backbone[0].weight.scale.detach().clone()
+    make_trainer(20).fit(module, DataLoader(blobs(24), batch_size=8))
+    after = module.backbone[0].weight.scale.detach()
+    assert (after > 5 * before).all() and (after < 0.5).all(), (before, after)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path):
+    def run(epochs: int, root: Path, ckpt: str | None = None) -> BLoB:
+        torch.manual_seed(0)
+        module = make_blob(lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+        trainer = make_trainer(epochs, root=root, callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
+        trainer.fit(module, DataLoader(blobs(), batch_size=8, shuffle=True), ckpt_path=ckpt)
+        return module
+
+    straight = run(3, tmp_path / "straight")
+    run(2, tmp_path / "stopped")
+    resumed = run(3, tmp_path / "resumed", ckpt=str(tmp_path / "stopped" / "last.ckpt"))
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert resumed.optimizers()[1].param_groups[0]["lr"] == KL_LR * 0.5**3
+
+
+def test_mean_prediction_is_the_deterministic_network():
+    module = make_blob()
+    x = blobs()[:5][0]
+    layer = module.backbone[0]
+    hidden = torch.tanh(F.linear(x, layer.weight.mean, layer.bias.mean))
+    expected = F.linear(hidden, module.backbone[2].weight, module.backbone[2].bias)
+    module.mean_prediction = True
+    torch.testing.assert_close(module.predictive(x).logits[0], expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"init_eps": 0.0}, "init_eps"), ({"kl_lr": -1.0}, "kl_lr"), ({"cycle_exponent": 0.0}, "cycle_exponent"),
+     ({"gradient_clip_val": 0.0}, "gradient_clip_val"), ({"params": "9.*"}, "params")],
+)
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_blob(**kwargs)
