@@ -63,10 +63,10 @@ def measure(spec: dict[str, Any]) -> dict[str, float]:
         memory.start()  # from before the model: its weights count, the interpreter's libraries do not
         cli = run(["--config", str(ROOT / "configs" / spec["config"]), *overlay, *data, *extra], subcommand=False)
         device = cli.trainer.strategy.root_device
-        timer = StepTimer()
+        timer = StepTimer(stop_after=spec["warmup"] + spec["steps"])
         callbacks = [timer, *(c for c in cli.trainer.callbacks if isinstance(c, CurveTraining))]
         trainer = Trainer(
-            max_steps=spec["warmup"] + spec["steps"], limit_val_batches=0, logger=False, enable_checkpointing=False,
+            max_epochs=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
             precision=cli.trainer.precision, accelerator=device.type, devices=1, default_root_dir=folder,
         )  # fmt: skip

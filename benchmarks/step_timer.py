@@ -12,10 +12,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class StepTimer(Callback):
-    """Seconds of each training step, from batch start to batch end."""
+    """Seconds of each training step, from batch start to batch end; stops the fit after ``stop_after`` batches
+    if given (``max_steps`` counts optimiser steps, two per batch for a method with two optimisers such as BLoB)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_after: int | None = None) -> None:
         self.seconds: list[float] = []
+        self.stop_after = stop_after
         self._start = 0.0
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -25,3 +27,5 @@ class StepTimer(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.seconds.append(time.perf_counter() - self._start)
+        if self.stop_after is not None and len(self.seconds) >= self.stop_after:
+            trainer.should_stop = True

@@ -88,4 +88,4 @@ def test_model_arguments_win_over_the_checkpoints_for_a_lora_backbone(tmp_path: 
     args += ["--trainer.limit_test_batches=1", *small[:2]]
     assert run([*args, "--model.init_args.mean_prediction", "true"]).model.mean_prediction
     restored = run([*args, "--model.init_args.num_samples=3"]).model
-    assert restored.num_samples == 3 and not restored.mean_prediction and restored.kl_weight == 1.0
+    assert restored.num_samples == 3 and not restored.mean_prediction and restored.kl_lr == 0.01
