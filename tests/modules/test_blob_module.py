@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,3 +150,12 @@ def test_mean_prediction_is_the_deterministic_network():
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_blob(**kwargs)
+
+
+def test_fp16_loss_scaling_is_refused_by_name():
+    module = make_blob()
+    module._trainer = SimpleNamespace(precision="16-mixed")  # a CPU Trainer cannot be built with 16-mixed
+    with pytest.raises(ValueError, match="precision='16-mixed'"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(precision="bf16-mixed")
+    module.on_fit_start()
