@@ -25,6 +25,7 @@ from lightning_bayes.modules import BLoB
 from lightning_bayes.modules.blob import cycle_weight
 
 from toy_classification import blobs, classifier
+from resumption import assert_resumption_is_exact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BETA, LR, KL_LR = 0.7, 0.05, 0.3
@@ -124,11 +125,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path):
         trainer.fit(module, DataLoader(blobs(), batch_size=8, shuffle=True), ckpt_path=ckpt)
         return module
 
-    straight = run(3, tmp_path / "straight")
-    run(2, tmp_path / "stopped")
-    resumed = run(3, tmp_path / "resumed", ckpt=str(tmp_path / "stopped" / "last.ckpt"))
-    for name, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
+    resumed = assert_resumption_is_exact(run, tmp_path, epochs=3)
     assert resumed.optimizers()[1].param_groups[0]["lr"] == KL_LR * 0.5**3
 
 

@@ -21,6 +21,7 @@ from lightning_bayes.modules import VariationalInference
 from lightning_bayes.predictive import CategoricalPredictive
 
 from toy_classification import blobs, classifier
+from resumption import assert_resumption_is_exact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -150,11 +151,7 @@ def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path):
         trainer.fit(module, DataLoader(blobs(), batch_size=8, shuffle=True), ckpt_path=ckpt)
         return module
 
-    straight = run(3, tmp_path / "straight")
-    run(2, tmp_path / "stopped")
-    resumed = run(3, tmp_path / "resumed", ckpt=str(tmp_path / "stopped" / "last.ckpt"))
-    for name, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert_resumption_is_exact(run, tmp_path, epochs=3)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bayes.inference.kernel_projection import DenseSystem, project
 from lightning_bayes.modules.viking import VIKING
 
+from resumption import assert_resumption_is_exact
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -127,11 +129,7 @@ def test_resume_restores_the_carried_noise_and_continues_exactly(tmp_path: Path)
         trainer.fit(module, train_dataloaders=loader(), ckpt_path=ckpt)
         return module
 
-    straight = run(4, tmp_path / "straight")
-    run(3, tmp_path / "stopped")
-    resumed = run(4, tmp_path / "resumed", ckpt=str(tmp_path / "stopped" / "last.ckpt"))
-    for name, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert_resumption_is_exact(run, tmp_path, epochs=4)
 
 
 def test_elbo_decreases_and_predictive_spreads_off_the_data() -> None:
