@@ -28,17 +28,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..inference.kl_cycle import cycle_weight
 from ..inference.likelihoods import Likelihood
 from ..inference.variational_layers import total_kl
 from ..params import ParamSelector
 from .base import Batch
 from .variational_inference import VariationalInference
-
-
-def cycle_weight(step: int, cycle_length: int) -> float:
-    """``2^i / (2^(K+1) - 1)`` with ``i = (step mod K) + 1``: the weights of one cycle sum to ``1 - 2 / (2^(K+1) - 1)``."""
-    i = step % cycle_length + 1
-    return 2.0 ** (i - cycle_length - 1) / (1.0 - 2.0 ** -(cycle_length + 1))
 
 
 class BLoB(VariationalInference):
@@ -124,8 +119,8 @@ class BLoB(VariationalInference):
                 "BLoB with kl_reweighting=True needs the training DataLoader's batch_size for the cycle length "
                 f"K = 100 N^(pi/gamma) / B; got batch_size={batch_size!r} (use a batch_size loader or kl_reweighting=False)"
             )
-        size = self.dataset_size or self.training_set_size()
-        return max(int(100 * size ** (math.pi / self.cycle_exponent) / (batch_size * self.trainer.world_size)), 1)
+        scaled_size = 100 * self.resolved_dataset_size() ** (math.pi / self.cycle_exponent)
+        return max(int(scaled_size / (batch_size * self.trainer.world_size)), 1)
 
     def on_fit_start(self) -> None:
         if str(self.trainer.precision).startswith("16"):
@@ -161,8 +156,7 @@ class BLoB(VariationalInference):
             parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient  # rho keeps its NLL part
         kl_optimizer.step()
         kl_optimizer.zero_grad()
-        size = self.dataset_size or self.training_set_size()
-        loss = nll.detach() + kl.detach() / size  # the negative ELBO per example, for monitoring
+        loss = nll.detach() + kl.detach() / self.resolved_dataset_size()  # the negative ELBO per example, for monitoring
         for name, value in (("nll", nll.detach()), ("kl", kl.detach()), ("kl_cycle_weight", weight), ("loss", loss)):
             self.log_training_loss(name, torch.as_tensor(value), batch_size=len(y))
         return loss

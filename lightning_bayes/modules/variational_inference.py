@@ -127,16 +127,18 @@ class VariationalInference(BayesianModule):
     def variational_layers(self) -> list[VariationalLayer]:
         return [m for m in self.backbone.modules() if isinstance(m, VariationalLayer)]
 
+    def resolved_dataset_size(self) -> int:
+        """``N``: ``dataset_size`` if given, else the training set's size."""
+        return self.dataset_size or self.training_set_size()
+
     def kl_scale(self) -> float:
         """``beta_t / N``: the weight of ``KL(q || p)`` in the per-example loss at the current epoch."""
         warmup = 1.0 if self.kl_warmup_epochs == 0 else min(self.current_epoch / self.kl_warmup_epochs, 1.0)
-        size = self.dataset_size or self.training_set_size()
-        return self.kl_weight * warmup / size
+        return self.kl_weight * warmup / self.resolved_dataset_size()
 
     def on_train_start(self) -> None:
         if self.logger is not None:  # the objective's constants, next to the logged terms
-            size = self.dataset_size or self.training_set_size()
-            self.logger.log_hyperparams({"dataset_size": size, "kl_weight": self.kl_weight})
+            self.logger.log_hyperparams({"dataset_size": self.resolved_dataset_size(), "kl_weight": self.kl_weight})
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_bayes.modules import BLoB
-from lightning_bayes.modules.blob import cycle_weight
+from lightning_bayes.inference.kl_cycle import cycle_weight
 
 from toy_classification import blobs, classifier
 from resumption import assert_resumption_is_exact
@@ -50,6 +50,8 @@ def test_cycle_weights_are_the_geometric_sequence():
         assert [cycle_weight(step, length) for step in range(2 * length)] == pytest.approx([float(w) for w in exact] * 2, rel=1e-14)
         assert math.isclose(sum(cycle_weight(step, length) for step in range(length)), float(sum(exact)), rel_tol=1e-14)
     assert math.isclose(cycle_weight(4999, 5000), 0.5, rel_tol=1e-12) and cycle_weight(0, 5000) == 0.0
+    with pytest.raises(ValueError, match="cycle_length"):
+        cycle_weight(3, 0)
 
 
 def test_one_step_equals_the_hand_computed_adamw_then_sgd_on_the_kl():
