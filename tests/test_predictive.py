@@ -82,9 +82,17 @@ def test_quantile_inverts_the_cdf(samples: int) -> None:
 def test_gaussian_log_prob_equals_the_explicit_mixture_density() -> None:
     predictive = gaussian(3)
     y = torch.linspace(-2, 2, 20, dtype=torch.float64).reshape(10, 2)
+    np.testing.assert_allclose(predictive.log_prob(y).numpy(), np.log(density_of(predictive, y)), rtol=1e-12)
+    scalar = GaussianPredictive(predictive.mean_samples[..., :1], predictive.variance_samples[..., :1])
+    targets = y[:, 0]  # a one-output model accepts [B] targets as [B, 1]
+    np.testing.assert_allclose(scalar.log_prob(targets).numpy(), np.log(density_of(scalar, targets[:, None])), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"y must have shape \[B, D\]"):
+        predictive.log_prob(y[:, 0])
+
+
+def density_of(predictive: GaussianPredictive, y: torch.Tensor) -> np.ndarray:
     mean, std = predictive.mean_samples.numpy(), predictive.variance_samples.sqrt().numpy()
-    density = np.prod(norm.pdf(y.numpy(), mean, std), axis=-1).mean(0)
-    np.testing.assert_allclose(predictive.log_prob(y).numpy(), np.log(density), rtol=1e-12)
+    return np.prod(norm.pdf(y.numpy(), mean, std), axis=-1).mean(0)
 
 
 def test_concatenate_pools_samples_into_one_mixture() -> None:

@@ -92,7 +92,11 @@ def test_gram_factor_is_the_pseudo_inverse_with_a_relative_cutoff() -> None:
     assert factor.rank == 3
     rhs = torch.randn(2, 6, dtype=torch.float64, generator=generator)
     torch.testing.assert_close(factor.solve(rhs), rhs @ torch.linalg.pinv(g, hermitian=True), rtol=0, atol=1e-10)
-    assert GramFactor.of(torch.diag(torch.tensor([1.0, 1e-3, 1e-7], dtype=torch.float64)), rtol=1e-5).rank == 2
+    spectrum = torch.tensor([1.0, 1e-3, 1e-7], dtype=torch.float64)
+    for scale in (1e-9, 1.0, 1e9):  # the cutoff is relative to the largest eigenvalue: rank and G^+ scale-free
+        scaled = GramFactor.of(torch.diag(scale * spectrum), rtol=1e-5)
+        assert scaled.rank == 2
+        torch.testing.assert_close(scaled.inverse_eigenvalues.sort().values, torch.tensor([0.0, 1.0, 1e3], dtype=torch.float64) / scale)
     assert GramFactor.of(torch.diag(torch.tensor([1.0, 1e-3, 1e-7], dtype=torch.float64)), atol=1e-2).rank == 1
     with pytest.raises(ValueError, match="square"):
         GramFactor.of(torch.zeros(2, 3))
@@ -147,7 +151,9 @@ def test_ggn_and_hessian_vector_products_match_dense(problem) -> None:
     probs = torch.softmax(function.outputs(theta, x), -1)
     blocks = torch.block_diag(*[torch.diag(p) - torch.outer(p, p) for p in probs])  # softmax output Hessian
     torch.testing.assert_close(function.ggn_vp(x, y, v, likelihood), v @ (dense.T @ blocks @ dense), rtol=0, atol=1e-10)
-    full = hessian(lambda t: function.loss(t, x, y, likelihood), theta)
+    summed = lambda t: torch.nn.functional.cross_entropy(function.outputs(t, x), y, reduction="sum")
+    full = hessian(summed, theta)  # of the summed negative log-likelihood, written out independently
+    torch.testing.assert_close(function.loss(theta, x, y, likelihood), summed(theta), rtol=1e-12, atol=0)
     torch.testing.assert_close(function.hvp(x, y, v, likelihood), v @ full, rtol=0, atol=1e-10)
     gaussian = GaussianLikelihood(output_dim=3, init_noise=0.5).double()
     targets = torch.randn(4, 3, dtype=torch.float64)

@@ -112,6 +112,10 @@ def test_recorded_dense_gradient_is_the_gradient_of_the_masked_mean_weight_also_
     (mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)).square().sum().backward()
     assert torch.allclose(layer.weight.dense_gradient, weight.grad, rtol=1e-12, atol=0)
     assert (layer.weight.dense_gradient[~layer.weight.mask] != 0).all()
+    first = layer.weight.dense_gradient.clone()
+    torch.manual_seed(3)
+    layer(x).square().sum().backward()  # a second backward adds to the score
+    torch.testing.assert_close(layer.weight.dense_gradient, 2 * first, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("optimizer", [
@@ -149,6 +153,8 @@ def test_off_mask_mean_and_rho_have_no_effect_on_outputs_or_kl(template):
     torch.manual_seed(2)
     weights, log_q = layer.weight.sample(3)
     assert (weights[:, off] == 0).all() and (log_q[:, off] == 0).all()
+    on = Normal(layer.weight.loc, torch.nn.functional.softplus(layer.weight.raw_scale))
+    torch.testing.assert_close(log_q[:, ~off], on.log_prob(weights)[:, ~off], rtol=1e-12, atol=1e-12)
 
 
 # 3. schedule ------------------------------------------------------------------------------------------------------
@@ -164,6 +170,7 @@ def test_updates_happen_only_at_multiples_of_delta_t_before_the_end():
     updates = [t for t in range(1001) if is_update_iteration(t, 100, 750)]
     assert updates == [100, 200, 300, 400, 500, 600, 700]
     assert update_iterations(1000, 100, 750) == 7 and update_iterations(250, 100, 750) == 2
+    assert [t for t in range(6) if is_update_iteration(t, 1, 5)] == [1, 2, 3, 4]  # counted from 1: never t = 0
 
 
 @pytest.mark.parametrize("score", SCORES)
@@ -186,6 +193,16 @@ def test_update_drops_the_lowest_scores_and_grows_the_largest_inactive_gradients
     after = family.mask.view(-1)
     assert family.num_active == 30 and (after != before_mask).sum() == 2 * count
     assert (family.loc.view(-1)[~after] == 0).all() and (family.raw_scale.view(-1)[~after] == 0).all()
+
+
+def test_update_at_high_density_grows_at_most_the_inactive_entries():
+    family = sparse_family((10, 10), density=0.8)
+    before_mask = family.mask.clone().view(-1)
+    gradient = torch.randn(10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    change = update_support(family, gradient, 0.5)  # round(0.5 * 80) = 40 > the 20 inactive entries
+    assert len(change.dropped) == len(change.grown) == 20
+    assert set(change.grown.tolist()) == set((~before_mask).nonzero().view(-1).tolist())
+    assert family.num_active == 80
 
 
 # 4. grown weights -------------------------------------------------------------------------------------------------
@@ -226,6 +243,8 @@ def test_folded_normal_and_exp_scores_match_monte_carlo_moments(ratio):
     m1, m2 = exp_abs_moment(mean, scale, 1.0), exp_abs_moment(mean, scale, 2.0)
     assert torch.allclose(removal_score(mean, scale, "e_exp_mean_abs"), m1)
     assert torch.allclose(removal_score(mean, scale, "snr_exp_mean_abs"), m1 / (m2 - m1.square()).sqrt())
+    half = exp_abs_moment(mean, scale, 0.5)  # lambda = 1/2: E exp(|theta|/2) over the sd of exp(|theta|/2)
+    assert torch.allclose(removal_score(mean, scale, "snr_exp_mean_abs", lam=0.5), half / (m1 - half.square()).sqrt())
     assert torch.equal(removal_score(mean, scale, "mean"), mean.abs())
     assert torch.allclose(removal_score(mean, scale, "snr"), mean.abs() / scale)
 

@@ -1,0 +1,173 @@
+"""Mutation check of the core maths: do the tests fail when a formula is wrong?
+
+For each source file it makes small arithmetic mutants (``+``/``-``, ``*``/``/``, ``**``/``@`` -> ``*``, a dropped
+unary minus on an expression, a numeric literal changed: ints + 1, floats x 2), runs the file's tests on each
+(``pytest -x -m "not slow"``) and reports the mutants no test kills. Argument defaults, integer call arguments
+(dims, indices), ``raise``/``assert`` statements, validation ``if``s and f-strings are left alone. A surviving
+mutant is either a missing test or an equivalent program (e.g. ``mu - sigma z`` for ``mu + sigma z`` with
+symmetric ``z``); read each one. The source file is restored after every mutant, also on Ctrl-C.
+
+    python scripts/mutants.py --per-file 12 --seed 0                  # every mapped file, 12 random mutants each
+    python scripts/mutants.py lightning_bayes/inference/viking.py --per-file 0   # all mutants of one file
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_I, _T = "lightning_bayes/inference", "tests/inference"
+TESTS: dict[str, list[str]] = {  # source file -> the tests that exercise it directly
+    f"{_I}/viking.py": [f"{_T}/test_viking.py"],
+    f"{_I}/kernel_projection.py": [f"{_T}/test_kernel_projection.py"],
+    f"{_I}/linalg.py": [f"{_T}/test_linalg.py", f"{_T}/test_nullspace.py", f"{_T}/test_kernel_projection.py"],
+    f"{_I}/nullspace.py": [f"{_T}/test_nullspace.py"],
+    f"{_I}/vbll.py": [f"{_T}/test_vbll.py"],
+    f"{_I}/swag.py": [f"{_T}/test_swag.py", f"{_T}/test_subspace.py"],
+    f"{_I}/subspace.py": [f"{_T}/test_subspace.py"],
+    f"{_I}/mean_field_gaussian.py": [f"{_T}/test_mean_field_gaussian.py", f"{_T}/test_bernstein.py"],
+    f"{_I}/bernstein.py": [f"{_T}/test_bernstein.py", f"{_T}/test_bernstein_autoregressive.py"],
+    f"{_I}/bernstein_autoregressive.py": [f"{_T}/test_bernstein_autoregressive.py"],
+    f"{_I}/conjugate_gradient.py": [f"{_T}/test_conjugate_gradient.py"],
+    f"{_I}/curves.py": [f"{_T}/test_curves.py"],
+    f"{_I}/curve_parametrization.py": [f"{_T}/test_curves.py"],
+    f"{_I}/elliptical_slice.py": [f"{_T}/test_elliptical_slice.py"],
+    f"{_I}/jensen_shannon.py": [f"{_T}/test_curves.py"],
+    f"{_I}/kl_cycle.py": ["tests/modules/test_blob_module.py"],
+    f"{_I}/likelihoods.py": [f"{_T}/test_likelihoods.py"],
+    f"{_I}/lora_gauge.py": [f"{_T}/test_lora_gauge.py"],
+    f"{_I}/reparameterised_vi.py": [f"{_T}/test_bernstein.py"],
+    f"{_I}/sparse_gaussian.py": [f"{_T}/test_ssvi.py"],
+    f"{_I}/ssvi_scores.py": [f"{_T}/test_ssvi.py"],
+    f"{_I}/ssvi_topology.py": [f"{_T}/test_ssvi.py"],
+    f"{_I}/ssvi_flops.py": [f"{_T}/test_ssvi.py"],
+    f"{_I}/training_free_bayes.py": [f"{_T}/test_tfb_canonical_form.py"],
+    f"{_I}/variational_layers.py": [f"{_T}/test_variational_layers.py", f"{_T}/test_blob_lora_noise.py"],
+    f"{_I}/batchnorm.py": [f"{_T}/test_batchnorm.py"],
+    "lightning_bayes/metrics/classification.py": ["tests/metrics"],
+    "lightning_bayes/metrics/ood.py": ["tests/metrics"],
+    "lightning_bayes/metrics/regression.py": ["tests/metrics"],
+    "lightning_bayes/optim/ivon.py": ["tests/optim"],
+    "lightning_bayes/predictive.py": ["tests/test_predictive.py", "tests/metrics"],
+}
+_SWAP = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div: ("/", "*"), ast.Pow: ("**", "*"),
+         ast.MatMult: ("@", "*"), ast.FloorDiv: ("//", "*")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Mutant:
+    line: int
+    column: int
+    change: str
+    start: int
+    end: int
+    replacement: str
+
+
+def _left_alone(tree: ast.Module) -> set[int]:
+    """Ids of nodes whose subtrees are not mutated: argument defaults, integer call arguments, messages, checks."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Raise, ast.Assert, ast.JoinedStr)):
+            skipped.add(id(node))
+        elif isinstance(node, ast.If) and all(isinstance(s, ast.Raise) for s in node.body):
+            skipped.add(id(node.test))
+        elif isinstance(node, ast.arguments):
+            skipped.update(id(d) for d in node.defaults + [d for d in node.kw_defaults if d is not None])
+        elif isinstance(node, ast.Call):
+            for arg in node.args + [k.value for k in node.keywords]:
+                literal = arg.operand if isinstance(arg, ast.UnaryOp) else arg
+                if isinstance(literal, ast.Constant) and type(literal.value) is int:
+                    skipped.add(id(arg))
+    return skipped
+
+
+def mutants(source: str) -> list[Mutant]:
+    """Every mutant of ``source`` (positions are character offsets)."""
+    tree = ast.parse(source)
+    line_starts = [0]
+    for line in source.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+
+    def offset(line: int, column: int) -> int:  # ast columns count UTF-8 bytes
+        text = source[line_starts[line - 1] : line_starts[line]]
+        return line_starts[line - 1] + len(text.encode()[:column].decode())
+
+    skipped, found = _left_alone(tree), []
+
+    def visit(node: ast.AST) -> None:
+        if id(node) in skipped:
+            return
+        if isinstance(node, ast.BinOp) and type(node.op) in _SWAP:
+            symbol, replacement = _SWAP[type(node.op)]
+            gap_start = offset(node.left.end_lineno, node.left.end_col_offset)
+            at = source.find(symbol, gap_start, offset(node.right.lineno, node.right.col_offset))
+            if at >= 0 and not (symbol == "*" and source.startswith("**", at)):
+                found.append(Mutant(node.lineno, node.col_offset, f"{symbol} -> {replacement}", at, at + len(symbol), replacement))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and not isinstance(node.operand, ast.Constant):
+            at = offset(node.lineno, node.col_offset)
+            found.append(Mutant(node.lineno, node.col_offset, "drop unary -", at, at + 1, ""))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            value = node.value
+            replacement = repr(value + 1) if isinstance(value, int) else repr(2 * value if value else 1.0)
+            start, end = offset(node.lineno, node.col_offset), offset(node.end_lineno, node.end_col_offset)
+            found.append(Mutant(node.lineno, node.col_offset, f"{source[start:end]} -> {replacement}", start, end, replacement))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def run(file: str, tests: list[str], per_file: int, seed: int, timeout: float) -> list[dict]:
+    path = ROOT / file
+    source = path.read_text()
+    chosen = mutants(source)
+    random.Random(seed).shuffle(chosen)
+    chosen = chosen[:per_file] if per_file else chosen
+    results = []
+    try:
+        for mutant in chosen:
+            path.write_text(source[: mutant.start] + mutant.replacement + source[mutant.end :])
+            began = time.perf_counter()
+            command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]
+            try:
+                failed = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, timeout=timeout).returncode != 0
+                status = "killed" if failed else "survived"
+            except subprocess.TimeoutExpired:
+                status = "timeout"
+            results.append({"file": file, **asdict(mutant), "status": status, "seconds": round(time.perf_counter() - began, 1),
+                            "code": source.splitlines()[mutant.line - 1].strip()})  # fmt: skip
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        path.write_text(source)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", help=f"source files (default: all {len(TESTS)} mapped ones)")
+    parser.add_argument("--per-file", type=int, default=12, help="random mutants per file (0: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds per mutant; a timeout counts as killed")
+    args = parser.parse_args()
+    unknown = [f for f in args.files if f not in TESTS]
+    if unknown:
+        parser.error(f"no tests mapped for {unknown}; mapped files: {sorted(TESTS)}")
+    results = [r for f in args.files or TESTS for r in run(f, TESTS[f], args.per_file, args.seed, args.timeout)]
+    survivors = [r for r in results if r["status"] == "survived"]
+    print(f"\n{len(results)} mutants, {len(results) - len(survivors)} killed, {len(survivors)} survived:")
+    for r in survivors:
+        print(f"  {r['file']}:{r['line']}:{r['column']}  {r['change']:>16}  {r['code']}")
+
+
+if __name__ == "__main__":
+    main()
