@@ -84,7 +84,9 @@ def test_kernel_property_on_training_and_ood_points(problem) -> None:
     v = projections.samples
     assert projections.residual(function.jacobian(x, y)).max() < 1e-7
     far = 3 * torch.randn(20, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    assert projections.residual(function.jacobian(far, y)).min() > 1e-2
+    jacobian = function.jacobian(far, y)
+    assert projections.residual(jacobian).min() > 1e-2
+    torch.testing.assert_close(projections.residual(jacobian), (v @ jacobian.T).norm(dim=1) / v.norm(dim=1), rtol=1e-12, atol=0)
     logits, tangents = function.jvp(x, v)
     torch.testing.assert_close(logits + tangents, logits.expand_as(tangents), rtol=0, atol=1e-7 * v.norm(dim=1).max())
 
@@ -184,6 +186,8 @@ def test_largest_scale_brackets_the_tolerance() -> None:
     assert c <= 1.0 and c > 0.99
     assert largest_scale(nll, tolerance=0.01, start=50.0, refinements=8) == pytest.approx(1.0, rel=0.01)
     assert largest_scale(lambda c: 1.0 + 1e9 * c, tolerance=0.01, steps=3) == 0.0
+    # the tolerance is relative to nll(0): 3 (1 + c^2 / 100) also crosses 1% at c = 1
+    assert largest_scale(lambda c: 3.0 * nll(c), tolerance=0.01, start=50.0, refinements=8) == pytest.approx(1.0, rel=0.01)
 
 
 def test_a_changed_batch_under_a_cached_key_is_refused(problem) -> None:

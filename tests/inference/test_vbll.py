@@ -422,17 +422,20 @@ def test_predictive_variance_grows_along_directions_unseen_in_training():
 # --- parity with the published package -----------------------------------------------------------
 
 
-def _package_twin(ours: torch.nn.Module, parameterization: str) -> torch.nn.Module:
+def _package_twin(ours: torch.nn.Module, parameterization: str, prior_scale: float = 1.0) -> torch.nn.Module:
     if isinstance(ours, VBLLRegression):
         twin = vbll.Regression(
-            ours.in_features, ours.out_features, ours.regularization_weight, parameterization, cov_rank=3
+            ours.in_features, ours.out_features, ours.regularization_weight, parameterization, prior_scale, cov_rank=3
         )
     elif isinstance(ours, DiscriminativeVBLL):
         twin = vbll.DiscClassification(
-            ours.in_features, ours.num_classes, ours.regularization_weight, parameterization, cov_rank=3
+            ours.in_features, ours.num_classes, ours.regularization_weight, parameterization, cov_rank=3,
+            prior_scale=prior_scale,
         )
     else:
-        twin = vbll.GenClassification(ours.in_features, ours.num_classes, ours.regularization_weight, parameterization)
+        twin = vbll.GenClassification(
+            ours.in_features, ours.num_classes, ours.regularization_weight, parameterization, prior_scale=prior_scale
+        )
     twin = twin.to(ours.noise_log_scale.dtype)
     _copy_to_package(ours, twin)
     return twin
@@ -449,15 +452,15 @@ def _package_twin(ours: torch.nn.Module, parameterization: str) -> torch.nn.Modu
 )
 def test_loss_and_predictive_equal_the_vbll_package(kind, parameterization, dtype, rtol):
     torch.manual_seed(10)
-    d, k, b = 12, 5, 16
+    d, k, b, prior = 12, 5, 16, 0.3  # a prior scale != 1, so its place in each prior variance counts
     if kind == "regression":  # one output: where our summed bound and vbll's output average coincide
-        ours, y = VBLLRegression(d, 1, 0.01, parameterization), torch.randn(b, 1, dtype=dtype)
+        ours, y = VBLLRegression(d, 1, 0.01, parameterization, prior_scale=prior), torch.randn(b, 1, dtype=dtype)
     elif kind == "discriminative":
-        ours, y = DiscriminativeVBLL(d, k, 0.01, parameterization), torch.randint(0, k, (b,))
+        ours, y = DiscriminativeVBLL(d, k, 0.01, parameterization, prior_scale=prior), torch.randint(0, k, (b,))
     else:
-        ours, y = GenerativeVBLL(d, k, 0.01), torch.randint(0, k, (b,))
+        ours, y = GenerativeVBLL(d, k, 0.01, prior_scale=prior), torch.randint(0, k, (b,))
     ours = _randomise(ours.to(dtype), 0.1)
-    twin = _package_twin(ours, parameterization)
+    twin = _package_twin(ours, parameterization, prior)
     phi = torch.randn(b, d, dtype=dtype)
 
     torch.testing.assert_close(ours.loss(phi, y).total, twin(phi).train_loss_fn(y), rtol=rtol, atol=0)
