@@ -219,13 +219,15 @@ class NoiseStream:
         (3, torch.float64, 1e-12, 1e-14),
     ],
 )
-def test_matches_ivon_opt_reference(samples: int, dtype: torch.dtype, rtol: float, atol: float, monkeypatch,
-                                    single_thread) -> None:
+@pytest.mark.parametrize("debias", [True, False])
+def test_matches_ivon_opt_reference(samples: int, dtype: torch.dtype, rtol: float, atol: float, debias: bool,
+                                    monkeypatch, single_thread) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
     reference_net = copy.deepcopy(net)
     x, y = torch.randn(16, 4, dtype=dtype), torch.randint(0, 3, (16,))
-    settings = {"lr": 0.1, "hess_init": 0.5, "beta2": 0.99, "weight_decay": 1e-3, "mc_samples": samples}
+    settings = {"lr": 0.1, "hess_init": 0.5, "beta2": 0.99, "weight_decay": 1e-3, "mc_samples": samples,
+                "debias": debias}
     ours = IVON(net.parameters(), 100.0, **settings)
     reference = ivon.IVON(reference_net.parameters(), ess=100.0, **settings)
 
@@ -337,6 +339,20 @@ def test_closure_returning_none_leaves_the_posterior_unchanged(single_thread) ->
     assert optimizer.step(lambda: None) is None
     assert torch.equal(theta.detach(), before) and optimizer.steps == 0
     assert torch.equal(optimizer.state[theta]["hess"], torch.ones(3))
+
+
+def test_step_returns_the_mean_loss_of_its_samples(single_thread) -> None:
+    theta = nn.Parameter(torch.zeros(2))
+    optimizer = IVON([theta], 10.0, lr=0.1, mc_samples=3)
+    losses = iter([1.0, 2.0, 6.0])
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = 0.0 * theta.sum() + next(losses)  # the sampled parameters do not move the value
+        loss.backward()
+        return loss.detach()
+
+    assert float(optimizer.step(closure)) == pytest.approx(3.0, abs=1e-6)
 
 
 def test_parameter_without_gradient_has_zero_gradient(single_thread) -> None:
