@@ -24,37 +24,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_I, _T = "lightning_bayes/inference", "tests/inference"
+_INFERENCE = {  # inference/<module>.py -> the tests/inference/test_<name>.py files that exercise it directly
+    "viking": ["viking"], "kernel_projection": ["kernel_projection"],
+    "linalg": ["linalg", "nullspace", "kernel_projection"],
+    "nullspace": ["nullspace"], "vbll": ["vbll"], "swag": ["swag", "subspace"], "subspace": ["subspace"],
+    "mean_field_gaussian": ["mean_field_gaussian", "bernstein"], "bernstein": ["bernstein", "bernstein_autoregressive"],
+    "bernstein_autoregressive": ["bernstein_autoregressive"], "conjugate_gradient": ["conjugate_gradient"],
+    "curves": ["curves"], "curve_parametrization": ["curves"], "elliptical_slice": ["elliptical_slice"],
+    "jensen_shannon": ["curves"], "likelihoods": ["likelihoods"], "lora_gauge": ["lora_gauge"],
+    "reparameterised_vi": ["bernstein"], "sparse_gaussian": ["ssvi"], "ssvi_scores": ["ssvi"],
+    "ssvi_topology": ["ssvi"],
+    "ssvi_flops": ["ssvi"], "training_free_bayes": ["tfb_canonical_form"],
+    "variational_layers": ["variational_layers", "blob_lora_noise"], "batchnorm": ["batchnorm"],
+}  # fmt: skip
 TESTS: dict[str, list[str]] = {  # source file -> the tests that exercise it directly
-    f"{_I}/viking.py": [f"{_T}/test_viking.py"],
-    f"{_I}/kernel_projection.py": [f"{_T}/test_kernel_projection.py"],
-    f"{_I}/linalg.py": [f"{_T}/test_linalg.py", f"{_T}/test_nullspace.py", f"{_T}/test_kernel_projection.py"],
-    f"{_I}/nullspace.py": [f"{_T}/test_nullspace.py"],
-    f"{_I}/vbll.py": [f"{_T}/test_vbll.py"],
-    f"{_I}/swag.py": [f"{_T}/test_swag.py", f"{_T}/test_subspace.py"],
-    f"{_I}/subspace.py": [f"{_T}/test_subspace.py"],
-    f"{_I}/mean_field_gaussian.py": [f"{_T}/test_mean_field_gaussian.py", f"{_T}/test_bernstein.py"],
-    f"{_I}/bernstein.py": [f"{_T}/test_bernstein.py", f"{_T}/test_bernstein_autoregressive.py"],
-    f"{_I}/bernstein_autoregressive.py": [f"{_T}/test_bernstein_autoregressive.py"],
-    f"{_I}/conjugate_gradient.py": [f"{_T}/test_conjugate_gradient.py"],
-    f"{_I}/curves.py": [f"{_T}/test_curves.py"],
-    f"{_I}/curve_parametrization.py": [f"{_T}/test_curves.py"],
-    f"{_I}/elliptical_slice.py": [f"{_T}/test_elliptical_slice.py"],
-    f"{_I}/jensen_shannon.py": [f"{_T}/test_curves.py"],
-    f"{_I}/kl_cycle.py": ["tests/modules/test_blob_module.py"],
-    f"{_I}/likelihoods.py": [f"{_T}/test_likelihoods.py"],
-    f"{_I}/lora_gauge.py": [f"{_T}/test_lora_gauge.py"],
-    f"{_I}/reparameterised_vi.py": [f"{_T}/test_bernstein.py"],
-    f"{_I}/sparse_gaussian.py": [f"{_T}/test_ssvi.py"],
-    f"{_I}/ssvi_scores.py": [f"{_T}/test_ssvi.py"],
-    f"{_I}/ssvi_topology.py": [f"{_T}/test_ssvi.py"],
-    f"{_I}/ssvi_flops.py": [f"{_T}/test_ssvi.py"],
-    f"{_I}/training_free_bayes.py": [f"{_T}/test_tfb_canonical_form.py"],
-    f"{_I}/variational_layers.py": [f"{_T}/test_variational_layers.py", f"{_T}/test_blob_lora_noise.py"],
-    f"{_I}/batchnorm.py": [f"{_T}/test_batchnorm.py"],
-    "lightning_bayes/metrics/classification.py": ["tests/metrics"],
-    "lightning_bayes/metrics/ood.py": ["tests/metrics"],
-    "lightning_bayes/metrics/regression.py": ["tests/metrics"],
+    **{f"lightning_bayes/inference/{m}.py": [f"tests/inference/test_{t}.py" for t in tests] for m, tests in
+       _INFERENCE.items()},
+    "lightning_bayes/inference/kl_cycle.py": ["tests/modules/test_blob_module.py"],
+    **{f"lightning_bayes/metrics/{m}.py": ["tests/metrics"] for m in ("classification", "ood", "regression")},
     "lightning_bayes/optim/ivon.py": ["tests/optim"],
     "lightning_bayes/predictive.py": ["tests/test_predictive.py", "tests/metrics"],
 }
@@ -106,20 +93,23 @@ def mutants(source: str) -> list[Mutant]:
     def visit(node: ast.AST) -> None:
         if id(node) in skipped:
             return
+        def add(change: str, start: int, end: int, replacement: str) -> None:
+            found.append(Mutant(node.lineno, node.col_offset, change, start, end, replacement))
+
         if isinstance(node, ast.BinOp) and type(node.op) in _SWAP:
             symbol, replacement = _SWAP[type(node.op)]
             gap_start = offset(node.left.end_lineno, node.left.end_col_offset)
             at = source.find(symbol, gap_start, offset(node.right.lineno, node.right.col_offset))
             if at >= 0 and not (symbol == "*" and source.startswith("**", at)):
-                found.append(Mutant(node.lineno, node.col_offset, f"{symbol} -> {replacement}", at, at + len(symbol), replacement))
-        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and not isinstance(node.operand, ast.Constant):
+                add(f"{symbol} -> {replacement}", at, at + len(symbol), replacement)
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and type(node.operand) is not ast.Constant:
             at = offset(node.lineno, node.col_offset)
-            found.append(Mutant(node.lineno, node.col_offset, "drop unary -", at, at + 1, ""))
+            add("drop unary -", at, at + 1, "")
         elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
             value = node.value
             replacement = repr(value + 1) if isinstance(value, int) else repr(2 * value if value else 1.0)
             start, end = offset(node.lineno, node.col_offset), offset(node.end_lineno, node.end_col_offset)
-            found.append(Mutant(node.lineno, node.col_offset, f"{source[start:end]} -> {replacement}", start, end, replacement))
+            add(f"{source[start:end]} -> {replacement}", start, end, replacement)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -140,12 +130,13 @@ def run(file: str, tests: list[str], per_file: int, seed: int, timeout: float) -
             began = time.perf_counter()
             command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests]
             try:
-                failed = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, timeout=timeout).returncode != 0
-                status = "killed" if failed else "survived"
+                finished = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, timeout=timeout)
+                status = "killed" if finished.returncode != 0 else "survived"
             except subprocess.TimeoutExpired:
                 status = "timeout"
-            results.append({"file": file, **asdict(mutant), "status": status, "seconds": round(time.perf_counter() - began, 1),
-                            "code": source.splitlines()[mutant.line - 1].strip()})  # fmt: skip
+            seconds = round(time.perf_counter() - began, 1)
+            code = source.splitlines()[mutant.line - 1].strip()
+            results.append({"file": file, **asdict(mutant), "status": status, "seconds": seconds, "code": code})
             print(json.dumps(results[-1]), flush=True)
     finally:
         path.write_text(source)
