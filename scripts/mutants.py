@@ -37,9 +37,20 @@ _INFERENCE = {  # inference/<module>.py -> the tests/inference/test_<name>.py fi
     "ssvi_flops": ["ssvi"], "training_free_bayes": ["tfb_canonical_form"],
     "variational_layers": ["variational_layers", "blob_lora_noise"], "batchnorm": ["batchnorm"],
 }  # fmt: skip
+_MODULES = {  # modules/<module>.py -> tests/modules/test_<name>.py
+    "viking": ["viking_module"], "blob": ["blob_module"], "training_free_bayes": ["tfb_search"],
+    "variational_inference": ["variational_inference"], "ssvi": ["ssvi_module"],
+    "nullspace_laplace": ["nullspace_laplace"], "subspace_inference": ["subspace_inference"],
+    "ensemble": ["baselines", "lora_ensemble"],
+}  # fmt: skip
+_CALLBACKS = {  # callbacks/<module>.py -> tests/callbacks/test_<name>.py
+    "curve_training": ["curve_training", "curve_training_ddp"], "swa_subspace": ["swa_subspace", "swa_subspace_ddp"],
+    "calibration": ["calibration_callback"], "coefficient_posterior": ["coefficient_posterior"],
+}  # fmt: skip
 TESTS: dict[str, list[str]] = {  # source file -> the tests that exercise it directly
-    **{f"lightning_bayes/inference/{m}.py": [f"tests/inference/test_{t}.py" for t in tests] for m, tests in
-       _INFERENCE.items()},
+    **{f"lightning_bayes/{package}/{m}.py": [f"tests/{package}/test_{t}.py" for t in tests]
+       for package, table in (("inference", _INFERENCE), ("modules", _MODULES), ("callbacks", _CALLBACKS))
+       for m, tests in table.items()},
     "lightning_bayes/inference/kl_cycle.py": ["tests/modules/test_blob_module.py"],
     **{f"lightning_bayes/metrics/{m}.py": ["tests/metrics"] for m in ("classification", "ood", "regression")},
     "lightning_bayes/optim/ivon.py": ["tests/optim"],

@@ -82,6 +82,10 @@ def test_degree_one_is_a_scaled_logit_normal(final_affine: bool):
 def test_initial_coefficients_span_the_support():
     flow = BernsteinFlow((2,), degree=4, support=(-5.0, 5.0)).double()
     assert torch.allclose(flow.coefficients(), torch.linspace(-5, 5, 5, dtype=torch.float64).expand(2, 5), atol=1e-6)
+    # and so do the draws: the final affine starts as the identity (softplus(alpha) = 1, beta = 0), so extreme base
+    # draws land at the support's ends (u clipped to 1e-5 from 0 and 1: h within slope 10 x 1e-5 of them)
+    w, _ = flow(torch.tensor([[-30.0, 30.0]], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([[-5.0, 5.0]], dtype=torch.float64), rtol=0, atol=2e-4)
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [({"degree": 0}, "degree"), ({"support": (1.0, 1.0)}, "support")])

@@ -2,6 +2,7 @@
 (float64)."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 from torch.func import jacrev, vmap
 
 from lightning_bayes.inference.bernstein import BernsteinFlow
-from lightning_bayes.inference.bernstein_autoregressive import AutoregressiveBernsteinFlow
+from lightning_bayes.inference.bernstein_autoregressive import AutoregressiveBernsteinFlow, made
 from lightning_bayes.inference.mean_field_gaussian import MeanFieldGaussian
 from lightning_bayes.inference.reparameterised_vi import fit_reparameterised, kl_to_posterior
 
@@ -44,6 +45,21 @@ def test_jacobian_is_lower_triangular_and_its_log_determinant_is_analytic(shape:
     assert (sign == 1).all()
     analytic_log_det = standard_normal_log_density(z, len(shape)) - log_q
     assert torch.allclose(log_det, analytic_log_det, rtol=0, atol=1e-10)
+
+
+def test_made_connects_every_earlier_input_and_wastes_no_hidden_unit():
+    # MADE (Germain et al. 2015, section 4): block d reaches exactly the inputs < d, and with hidden degrees in
+    # 1..D-1 every hidden unit lies on some input-to-output path (a unit of degree D would feed no block)
+    num_inputs, block_size = 4, 2
+    network = made(num_inputs, hidden=(7, 7), block_size=block_size)
+    masks = [layer.parametrizations.weight[0].mask for layer in network if isinstance(layer, torch.nn.Linear)]
+    reach = masks[0]
+    for mask in masks[1:]:
+        reach = ((mask @ reach) > 0).float()
+    expected = torch.ones(num_inputs, num_inputs).tril(-1).repeat_interleave(block_size, dim=0)
+    assert torch.equal(reach, expected)
+    for feeding, fed in pairwise(masks):
+        assert (feeding.sum(1) > 0).all() and (fed.sum(0) > 0).all()
 
 
 def test_each_entry_is_increasing_in_its_own_base_draw():

@@ -71,3 +71,19 @@ def test_bad_input_names_the_argument(bad):
     kwargs = {"rhs": torch.zeros(1, 3), "iterations": 2, "tolerance": 1e-14, **bad}
     with pytest.raises(ValueError, match=next(iter(bad))):
         conjugate_gradient(lambda p: p, **kwargs)
+
+
+def test_a_row_freezes_at_the_first_iterate_below_tolerance(single_thread):
+    # the stopping rule is ||rho_j|| < tolerance ||r|| (compared squared): with tolerance 1e-2 a row must run on
+    # through every iterate whose relative residual is above 1e-2 and keep the first one below it
+    matrix, rhs, tolerance = _spd(30, 1e4, 8), _rhs(30, 1, 9), 1e-2
+    relative = [
+        float((conjugate_gradient(lambda p: p @ matrix, rhs, iterations=k, tolerance=0.0) @ matrix - rhs).norm()
+              / rhs.norm())
+        for k in range(1, 31)
+    ]  # fmt: skip
+    first = next(k for k, value in enumerate(relative, start=1) if value < tolerance)
+    assert any(tolerance < value < 0.1 for value in relative[: first - 1])  # a looser rule would stop at one of these
+    frozen = conjugate_gradient(lambda p: p @ matrix, rhs, iterations=30, tolerance=tolerance)
+    torch.testing.assert_close(frozen, conjugate_gradient(lambda p: p @ matrix, rhs, iterations=first, tolerance=0.0),
+                               rtol=0, atol=0)

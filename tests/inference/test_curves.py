@@ -149,6 +149,8 @@ def test_parametrised_tensors_follow_the_curve_and_leave_the_rest_alone(single_t
     net = _net()
     other = net[2].weight.detach().clone()
     names, points, position, _ = _curve_on(net)
+    for name in names:  # a new curve starts at its start point, t = 0
+        assert torch.equal(_value(net, name), points[name][0])
     for t in (0.0, 0.3, 1.0):
         position.set(bernstein(t, 2)[0])
         c = bernstein(t, 2)[0]

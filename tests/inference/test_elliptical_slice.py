@@ -96,6 +96,25 @@ def test_known_current_log_likelihood_is_not_re_evaluated() -> None:
     assert result.evaluations == len(calls) >= 1
 
 
+def test_rejections_shrink_the_bracket_around_the_current_point() -> None:
+    # Murray, Adams & MacKay (2010), figure 2: the first angle is uniform on [0, 2 pi) with bracket
+    # [angle - 2 pi, angle]; each rejection moves the bracket end on the angle's side to it and draws the next angle
+    # uniformly inside, so angle 0 (the current point) stays in a bracket that shrinks at every rejection (the first
+    # angle is the bracket's upper end: its rejection leaves the bracket as it was)
+    sampler = EllipticalSlice(2, PRIOR_SCALE)
+    sampler.reset(torch.zeros(2, dtype=torch.float64), 0.0)
+    generator = torch.Generator().manual_seed(6)
+    sampler.begin(generator)
+    angle, width = float(sampler.angle), float(sampler.upper - sampler.lower)
+    assert 0 <= angle < 2 * math.pi and width == pytest.approx(2 * math.pi) and float(sampler.upper) == angle
+    for _ in range(30):
+        assert not sampler.observe(-math.inf, generator)
+        low, angle, high = float(sampler.lower), float(sampler.angle), float(sampler.upper)
+        assert low <= angle <= high and low <= 0 <= high and high - low <= width
+        width = high - low
+    assert width < 1e-3
+
+
 def test_the_state_machine_survives_a_state_dict_round_trip_mid_step() -> None:
     def drive(sampler: EllipticalSlice, generator: torch.Generator, rounds: int) -> None:
         for _ in range(rounds):

@@ -8,6 +8,7 @@ machine precision in ~200 sweeps; the tolerances follow the method spec's test l
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_five_batches_converge_monotonically_and_acceleration_helps(problem) -> 
     plain = relative_errors(problem, accelerate=False, sweeps=500)
     fast = relative_errors(problem, accelerate=True, sweeps=500)
     first_below = [next(i for i, e in enumerate(errors) if e < 1e-8) for errors in (plain, fast)]
-    assert all(b <= a * (1 + 1e-9) + 1e-14 for a, b in zip(plain, plain[1:]))
+    assert all(b <= a * (1 + 1e-9) + 1e-14 for a, b in pairwise(plain))
     assert plain[-1] < 1e-8 and fast[-1] < 1e-8
     assert first_below[1] < first_below[0] / 1.5
 

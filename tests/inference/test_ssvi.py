@@ -310,6 +310,14 @@ def test_flop_count_of_lenet_layers_and_the_training_ratio():
     assert training_flops_ratio(uniform, total, every, end) == pytest.approx(0.1 + 7 * 0.9 / 3000, rel=1e-12)
 
 
+@pytest.mark.parametrize("total", [1, 9, 10, 11, 30])
+@pytest.mark.parametrize(("every", "end"), [(1, 100), (3, 100), (5, 10), (5, 11), (10, 1)])
+def test_update_count_is_the_number_of_update_iterations(total, every, end):
+    # the FLOP model counts the iterations the training loop updates at: t in 1..total with is_update_iteration
+    expected = sum(is_update_iteration(t, every, end) for t in range(1, total + 1))
+    assert update_iterations(total, every, end) == expected
+
+
 # errors -----------------------------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors():
     family = sparse_family()

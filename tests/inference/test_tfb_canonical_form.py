@@ -68,6 +68,13 @@ def test_a_missing_direction_carries_no_noise():
     torch.testing.assert_close(noise_scales(d), torch.tensor([0.5, 2.0, 0.0]))
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_the_missing_direction_cutoff_is_relative_to_the_largest_singular_value(scale):
+    # d_3 / d_1 = 5e-10 is below r eps = 3.6e-7 at every scale: absent, however large d_3 is in absolute terms
+    d = scale * torch.tensor([2.0, 0.5, 1e-9])
+    torch.testing.assert_close(noise_scales(d), torch.tensor([0.5, 2.0, 0.0]) / scale)
+
+
 @pytest.mark.parametrize("threshold", [0.0123, 0.5, 0.999, 1.0, 2.0])
 def test_bisection_returns_the_largest_feasible_value(threshold):
     low, high, iterations = 0.001, 1.0, 12

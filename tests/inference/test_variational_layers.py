@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.distributions import Normal
 
+from lightning_bayes.inference.point_mass import PointMass
+from lightning_bayes.inference.sparse_gaussian import SparseGaussian
 from lightning_bayes.inference.variational_layers import VariationalLayer, to_variational, total_kl, use_noise
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -129,3 +131,10 @@ def test_a_bare_layer_cannot_be_converted_in_place():
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         VariationalLayer(**{"template": nn.Linear(4, 3), **kwargs})
+
+
+@pytest.mark.parametrize("template", [nn.Linear(4, 3), nn.Conv2d(2, 3, 3)])
+def test_sparse_gaussian_layers_have_sparse_weights_and_deterministic_biases(template):
+    # SSVI (Li et al. 2024): every weight matrix or kernel is a masked Gaussian, biases are point masses
+    layer = VariationalLayer(template, family="sparse_gaussian")
+    assert isinstance(layer.weight, SparseGaussian) and isinstance(layer.bias, PointMass)
