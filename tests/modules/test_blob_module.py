@@ -102,13 +102,26 @@ def test_the_kl_weight_follows_the_cycle_over_training():
 
     class Record(Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            seen.append(float(trainer.callback_metrics["train/kl_cycle_weight"]))
+            logged = trainer.callback_metrics
+            seen.append(float(logged["train/kl_cycle_weight"]))
+            # the monitored loss is the negative ELBO per example: NLL + KL / N
+            assert float(logged["train/loss"]) == pytest.approx(float(logged["train/nll"] + logged["train/kl"] / 24))
 
     module = make_blob(cycle_exponent=40.0)
     make_trainer(4, callbacks=[Record()]).fit(module, DataLoader(blobs(24), batch_size=8))
     length = int(100 * 24 ** (math.pi / 40) / 8)  # floor(100 N^(pi/gamma) / B) = 16
     assert module._cycle_length == length == 16
     assert seen == pytest.approx([cycle_weight(t, length) for t in range(12)], rel=1e-7)  # logged as float32
+    steep = make_blob(cycle_exponent=3.0)  # K = floor(100 * 24^(pi/3) / 8) = floor(348.6)
+    make_trainer(max_steps=1).fit(steep, DataLoader(blobs(24), batch_size=8))
+    assert steep._cycle_length == int(100 * 24 ** (math.pi / 3) / 8) == 348
+
+
+def test_omega_starts_between_half_eps_squared_and_eps_squared():
+    # rho ~ U[eps / sqrt(2), eps] and Omega = rho^2 (BLoB's parameterisation of A's standard deviation)
+    module = make_blob(init_eps=0.3)
+    for scale in (module.backbone[0].weight.scale, module.backbone[0].bias.scale):
+        assert (scale >= 0.09 / 2 - 1e-9).all() and (scale <= 0.09 + 1e-9).all()
 
 
 def test_omega_grows_under_the_kl_optimiser_and_stays_below_the_prior():

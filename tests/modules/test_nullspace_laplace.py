@@ -68,6 +68,31 @@ def test_samples_lie_in_the_training_kernel_and_keep_training_outputs() -> None:
     assert 0 < module.rank() <= 60 + 4 * (2 * 60 / 6) ** 0.5
 
 
+@pytest.mark.parametrize("predictive", ["linearized", "neural"])
+def test_deltas_and_the_predictive_are_the_scaled_samples_through_the_network(predictive: str) -> None:
+    # theta_s - theta_hat = c alpha^-1/2 v_s (here c = 0.5, alpha = 4: a quarter of each projected sample); the
+    # predictive's logits are f(theta_hat) + J delta_s (linearised) or f(theta_hat + delta_s) (neural)
+    module, x, _ = fitted(sweeps=2, alpha=4.0, scale=0.5, predictive=predictive)
+    deltas, theta_hat = module.deltas(), module.function.theta()
+    torch.testing.assert_close(deltas, 0.25 * module.projections.samples, rtol=1e-15, atol=0)
+    if predictive == "linearized":
+        jacobian = torch.func.jacrev(lambda t: module.function.outputs(t, x))(theta_hat)  # [B, C, P]
+        expected = module.function.outputs(theta_hat, x) + torch.einsum("bcp,sp->sbc", jacobian, deltas)
+    else:
+        expected = torch.stack([module.function.outputs(theta_hat + d, x) for d in deltas])
+    torch.testing.assert_close(module.predictive(x).logits, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_sweep_ends_after_the_epochs_last_batch() -> None:
+    # the epoch's summary (rank, alpha) is that of the finished sweep: after two unconverged sweeps the logged rank is
+    # the final samples' estimate, which the last batch's projection still moves
+    loader, _, _ = make_data()
+    module, trainer = NullSpaceLaplace(make_model(), num_samples=6, accelerate=False), make_trainer(2)
+    trainer.fit(module, train_dataloaders=loader)
+    assert float(trainer.callback_metrics["train/rank"]) == pytest.approx(module.rank(), rel=1e-6)
+    assert float(trainer.callback_metrics["train/alpha"]) == pytest.approx(module.alpha(), rel=1e-6)
+
+
 def test_loss_kernel_samples_are_orthogonal_to_per_example_loss_gradients() -> None:
     module, x, y = fitted(sweeps=60, constraint="loss")
     gradients = ParameterFunction(module.model, constraint=LossConstraint(module.likelihood)).jacobian(x, y)

@@ -95,6 +95,7 @@ def test_vi_finds_the_posterior_mean_and_diagonal_precision() -> None:
     torch.testing.assert_close(module.variational.mu.detach(), mean, rtol=0, atol=0.1 * float(sigma.min()))
     torch.testing.assert_close(module.variational.sigma.detach(), sigma, rtol=0.05, atol=0)
     assert int(module.collected) == 4 and module.samples.abs().sum() > 0
+    assert int(module.draws) == 801  # a noise draw per step, then the samples once, at the end of the last epoch
 
 
 def test_the_sampler_resumes_bitwise_from_a_mid_fit_checkpoint(tmp_path: Path) -> None:
@@ -185,6 +186,13 @@ def test_curve_and_random_subspaces() -> None:
     torch.testing.assert_close(random.subspace.basis.norm(dim=1),
                                pca.subspace.basis.norm(dim=1).mean().expand(3), rtol=1e-12, atol=0)
     assert random.samples.shape == (2, 3) and int(random.collected) == 2
+    # method "none" draws the subspace coefficients from the prior N(0, sigma_p^2 I): the sample standard deviation of
+    # 3 x 2000 draws has standard error sigma_p / sqrt(2 n) = 0.014
+    prior = linear_module(state, subspace="random", rank=3, method="none", num_samples=2000)
+    assert float(prior.samples.std()) == pytest.approx(PRIOR_SCALE, abs=5 * PRIOR_SCALE / (2 * 6000) ** 0.5)
+    one = linear_module(state, subspace="random", rank=3, method="none", num_samples=1)  # one sample: not the centre
+    assert torch.equal(one.sample_weights(), one.subspace(one.samples)) and not torch.equal(
+        one.sample_weights()[0], one.subspace.shift)
 
 
 @pytest.mark.parametrize(

@@ -35,20 +35,22 @@ def make_trainer(epochs: int = 1, root: Path | None = None, callbacks: list | No
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-def test_loss_is_mean_nll_plus_scaled_closed_form_kl():
-    module = VariationalInference(classifier(), init_scale=0.1, prior_scale=0.7, dataset_size=50, kl_weight=0.3)
+@pytest.mark.parametrize("train_samples", [1, 3])
+def test_loss_is_mean_nll_plus_scaled_closed_form_kl(train_samples: int):
+    module = VariationalInference(classifier(), init_scale=0.1, prior_scale=0.7, dataset_size=50, kl_weight=0.3,
+                                  train_samples=train_samples)
     x, y = blobs()[:10]
     torch.manual_seed(3)
     loss = module.training_step((x, y), 0)
-    torch.manual_seed(3)
-    outputs = module.backbone(x)  # the same local-reparameterisation noise
+    torch.manual_seed(3)  # the same local-reparameterisation noise, draw by draw
+    nll = sum(F.cross_entropy(module.backbone(x), y) for _ in range(train_samples)) / train_samples
     kl, prior = 0.0, torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64))
     for layer in module.variational_layers:
         for family in (layer.weight, layer.bias):
             q = torch.distributions.Normal(family.mean, family.scale)
             kl = kl + torch.distributions.kl_divergence(q, prior).sum()
     assert module.variational_layer_names == ["0", "2"]
-    torch.testing.assert_close(loss, F.cross_entropy(outputs, y) + 0.3 / 50 * kl, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, nll + 0.3 / 50 * kl, rtol=1e-12, atol=0)
 
 
 def test_kl_warmup_follows_the_formula_at_every_epoch():

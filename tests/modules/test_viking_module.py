@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.inference.kernel_projection import DenseSystem, project
+from lightning_bayes.inference.viking import image_dimension
 from lightning_bayes.modules.viking import VIKING
 
 from resumption import assert_resumption_is_exact
@@ -118,6 +120,10 @@ def test_epoch_sweep_ends_in_the_kernel_of_the_last_batch() -> None:
     x, y = data.dataset.tensors
     last = module.function.jacobian(x[-8:], y[-8:])
     assert_in_kernel(last, module.sample_kernel)
+    assert_in_kernel(last, module.carried)
+    # the carried vector and the predictive's samples come from independent draws
+    assert all(not torch.equal(module.epoch_noise, row) for row in module.sample_noise)
+    assert all(not torch.equal(module.carried, row) for row in module.sample_kernel)
     assert torch.equal(module.swept_at, module._fingerprint())
 
 
@@ -213,12 +219,94 @@ def test_sweeps_follow_sweep_every_n_epochs() -> None:
             sweeps.append(self.current_epoch)
             super().sweep(batches, max_batches)
 
-    module = CountingVIKING(make_model(), phase_epochs=(1, 1, 3), num_samples=2, sweep_every_n_epochs=2)
-    make_trainer(5).fit(module, train_dataloaders=loader())
-    assert sweeps == [1, 3]
+    module = CountingVIKING(make_model(), phase_epochs=(1, 1, 5), num_samples=2, sweep_every_n_epochs=3)
+    make_trainer(7).fit(module, train_dataloaders=loader())
+    assert sweeps == [1, 4]  # counted from the first noisy epoch (the scale warm-up's)
     sweeps.clear()
     module = CountingVIKING(make_model(), phase_epochs=(0, 0, 2), num_samples=2, sweep_every_n_epochs=0)
     make_trainer(2).fit(module, train_dataloaders=loader())
     assert sweeps == [] and module.carried.norm() > 0
     with pytest.raises(ValueError, match="sweep_every_n_epochs"):
         make_module(gamma=1.0, sweep_every_n_epochs=0)
+
+
+@pytest.mark.parametrize("kl_weight", ["elbo", 0.5])
+def test_the_training_loss_is_the_batch_elbo_at_the_steps_draw(kl_weight) -> None:
+    # loss = mean_b NLL_b + beta KL / B at theta = theta_hat + sigma_ker k + sigma_im (e - k), with e, k the epoch's
+    # (gamma = 1), beta = B / N ("elbo") or the given number; the logged kernel and image dimensions add up to P
+    expected: list[float] = []
+
+    class Check(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            x, y = batch
+            theta_hat, e, k = module.function.theta(), module.epoch_noise, module.carried
+            theta = theta_hat + module.family.sigma_kernel * k + module.family.sigma_image * (e - k)
+            image_dim = image_dimension(e[None], k[None])[0]
+            beta = len(y) / 32 if kl_weight == "elbo" else kl_weight
+            with torch.no_grad():
+                nll = F.cross_entropy(module.function.outputs(theta, x), y)
+                expected.append(float(nll + beta * module.family.kl(theta_hat, image_dim) / len(y)))
+            self.image_dim = float(image_dim)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            assert float(outputs["loss"]) == pytest.approx(expected[-1], rel=1e-12)
+            logged = trainer.callback_metrics
+            assert float(logged["train/image_dim"]) == pytest.approx(self.image_dim, rel=1e-12)
+            assert float(logged["train/kernel_dim"] + logged["train/image_dim"]) == pytest.approx(module.function.size)
+
+    module = make_module(gamma=1.0, phase_epochs=(0, 0, 2), kl_weight=kl_weight)
+    make_trainer(2, callbacks=[Check()]).fit(module, train_dataloaders=loader())
+    assert len(expected) == 8
+
+
+def test_the_linearised_predictive_is_the_first_order_expansion_at_theta_hat() -> None:
+    module = make_module(predictive="linearized")
+    data = loader()
+    module.sweep(data)
+    x = data.dataset.tensors[0][:5]
+    theta_hat, thetas = module.function.theta(), module.samples()
+    jacobian = torch.func.jacrev(lambda t: module.function.outputs(t, x))(theta_hat)  # [B, C, P]
+    expected = module.function.outputs(theta_hat, x) + torch.einsum("bcp,sp->sbc", jacobian, thetas - theta_hat)
+    torch.testing.assert_close(module.predictive(x).logits, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_validation_logs_the_first_samples_kernel_residual() -> None:
+    # ||J k_1|| / ||k_1|| on the validation data: k_1 lies in the kernel of the sweep's last batch, not of all 32
+    module, data = make_module(), loader()
+    module.sweep(data)
+    x, y = data.dataset.tensors
+    trainer = make_trainer(1)
+    trainer.validate(module, DataLoader(TensorDataset(x, y), batch_size=32), verbose=False)
+    k = module.sample_kernel[0]
+    expected = float((module.function.jacobian(x, y) @ k).norm() / k.norm())
+    assert expected > 1e-6
+    assert float(trainer.callback_metrics["val/kernel_residual"]) == pytest.approx(expected, rel=1e-6)
+
+
+class TwoBlobs(LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return loader()
+
+
+def test_a_stale_posterior_is_swept_again_over_a_training_epochs_batches_before_testing() -> None:
+    sweeps: list[int | None] = []
+
+    class CountingVIKING(VIKING):
+        def sweep(self, batches, max_batches=None) -> None:
+            sweeps.append(max_batches)
+            super().sweep(batches, max_batches)
+
+    module = CountingVIKING(make_model(), phase_epochs=(1, 0, 1), num_samples=2)
+    trainer = Trainer(max_epochs=1, limit_train_batches=0.5, accelerator="cpu", logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=TwoBlobs())  # the MLE epoch moves theta_hat and never sweeps
+    assert sweeps == []
+    trainer.test(module, datamodule=TwoBlobs(), verbose=False)
+    assert sweeps == [2]  # half of the 4 training batches, as limit_train_batches says
+    trainer.test(module, datamodule=TwoBlobs(), verbose=False)
+    assert sweeps == [2]  # theta_hat has not moved since
+    with pytest.raises(RuntimeError, match="call module.sweep"):  # never swept and no training data attached
+        make_module().on_test_start()
