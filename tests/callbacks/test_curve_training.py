@@ -134,25 +134,51 @@ def test_control_points_start_on_the_line_and_frozen_points_get_no_gradient(endp
         assert not torch.equal(curve.point_1, torch.lerp(a[name], b[name], 1 / 3))  # trained away from the line
 
 
-def test_an_update_is_the_exact_gradient_of_the_loss_plus_curve_point_weight_decay(endpoints):
+def test_segments_start_on_the_line_and_anchors_freeze_every_junction(endpoints):
+    # two quadratic Bezier segments (5 control points): without anchors the junction starts at the line's midpoint;
+    # with fix_anchors the endpoints and the junction (points 0, 2, 4) are frozen
+    start, end = endpoints
+    module = MAP(mlp(0))
+    callback = CurveTraining(params="all", start=start, end=end, segments=2)
+    callback.setup(trainer(), module, "fit")
+    a, b = state(start), state(end)
+    for name in NAMES:
+        torch.testing.assert_close(callback.curves[name].point_2, 0.5 * (a[name] + b[name]), rtol=0, atol=1e-15)
+    anchored = CurveTraining(params="all", start=start, end=end, segments=2, anchors=[end])
+    anchored.setup(trainer(), MAP(mlp(0)), "fit")
+    assert all(curve.trainable == (False, True, False, True, False) for curve in anchored.curves.values())
+    free = CurveTraining(params="all", start=start, end=end, segments=2, anchors=[end], fix_anchors=False)
+    free.setup(trainer(), MAP(mlp(0)), "fit")
+    assert all(all(curve.trainable) for curve in free.curves.values())
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_an_update_is_the_exact_gradient_of_the_loss_plus_curve_point_weight_decay(endpoints, accumulate):
+    # with gradient accumulation each micro-batch draws its own t and adds (its loss + its decay) / accumulate
     start, end = endpoints
     wd, lr = 0.3, 0.5
     module = MAP(mlp(0), optimizer=sgd(lr))
     callback = CurveTraining(params="all", start=start, end=end, weight_decay=wd, seed=4)
-    data = loader(batch_size=256)
+    size = 256 // accumulate
+    data = loader(batch_size=size)
     callback.setup(trainer(), module, "fit")
     before = {n: callback.curves[n].point_1.detach().clone() for n in NAMES}
-    trainer(1, callbacks=[callback], limit_train_batches=1, limit_val_batches=0).fit(module, data)
-    t = float(torch.rand((), generator=torch.Generator().manual_seed(4), dtype=torch.float64))
-    assert callback.t == t
-    c = bernstein(t, 2)[0].tolist()
+    trainer(1, callbacks=[callback], limit_train_batches=accumulate, limit_val_batches=0,
+            accumulate_grad_batches=accumulate).fit(module, data)
+    generator = torch.Generator().manual_seed(4)
+    ts = [float(torch.rand((), generator=generator, dtype=torch.float64)) for _ in range(accumulate)]
+    assert callback.t == ts[-1]
     a, b = state(start), state(end)
     x, y = data.dataset.tensors
     middle = {n: before[n].clone().requires_grad_() for n in NAMES}
-    theta = {n: c[0] * a[n] + c[1] * middle[n] + c[2] * b[n] for n in NAMES}
-    plain = mlp(0)
-    loss = nn.functional.cross_entropy(functional_call(plain, {n[9:]: v for n, v in theta.items()}, (x,)), y)
-    loss = loss + 0.5 * wd * sum(v.square().sum() for v in theta.values())
+    plain, loss = mlp(0), 0.0
+    for index, t in enumerate(ts):
+        c = bernstein(t, 2)[0].tolist()
+        theta = {n: c[0] * a[n] + c[1] * middle[n] + c[2] * b[n] for n in NAMES}
+        rows = slice(index * size, (index + 1) * size)
+        logits = functional_call(plain, {n[9:]: v for n, v in theta.items()}, (x[rows],))
+        decay = 0.5 * wd * sum(v.square().sum() for v in theta.values())
+        loss = loss + (nn.functional.cross_entropy(logits, y[rows]) + decay) / accumulate
     grads = torch.autograd.grad(loss, [middle[n] for n in NAMES])
     for name, grad in zip(NAMES, grads):
         torch.testing.assert_close(callback.curves[name].point_1.detach(), before[name] - lr * grad, rtol=0, atol=1e-12)
@@ -160,7 +186,7 @@ def test_an_update_is_the_exact_gradient_of_the_loss_plus_curve_point_weight_dec
 
 def test_the_jensen_shannon_term_is_subtracted_from_the_loss_and_its_gradient_is_exact(endpoints):
     start, end = endpoints
-    lam, lr, draws = 2.0, 0.5, 3
+    lam, lr, draws = 0.5, 0.5, 3
     module = MAP(mlp(0), optimizer=sgd(lr))
     callback = CurveTraining(params="all", start=start, end=end, js_weight=lam, samples_per_step=draws, seed=5)
     data = loader(batch_size=256)
@@ -367,7 +393,8 @@ def test_loss_along_curve_files_are_written_and_never_overwritten(endpoints, tmp
     module = MAP(mlp(0))
     callback = CurveTraining(params="all", start=start, end=end, test_grid_points=5)
     for _ in range(2):
-        trainer(1, root=tmp_path, callbacks=[callback]).test(module, loader())
+        tested = trainer(1, root=tmp_path, callbacks=[callback])
+        tested.test(module, loader(), verbose=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "loss_along_curve_test-1.json",
         "loss_along_curve_test-1.png",
@@ -378,6 +405,22 @@ def test_loss_along_curve_files_are_written_and_never_overwritten(endpoints, tmp
     assert values["t"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert set(values) == {"t", "curve_nll", "curve_error", "line_nll", "line_error"}
     assert all(math.isfinite(v) for v in values["curve_nll"] + values["line_error"])
+    x, y = moons().tensors  # the line (1 - t) a + t b: its NLL and error rate at each t; the curve starts on it
+    a, b = state(start), state(end)
+    errors = []
+    for index, t in enumerate(values["t"]):
+        logits = functional_call(mlp(0), {n[9:]: (1 - t) * a[n] + t * b[n] for n in a}, (x,))
+        errors.append(float((logits.argmax(-1) != y).double().mean()))
+        nll = float(nn.functional.cross_entropy(logits, y))
+        for kind in ("curve", "line"):
+            assert values[f"{kind}_nll"][index] == pytest.approx(nll, rel=1e-9)
+            assert values[f"{kind}_error"][index] == pytest.approx(errors[-1], abs=1e-12)
+    assert max(errors) > 0.05  # the barrier: the line's middle misclassifies
+    logged = {name: float(value) for name, value in tested.callback_metrics.items()}
+    for kind in ("nll", "error"):  # the summaries: worst along the curve, and the worse of its two ends
+        assert logged[f"curve/test_max_{kind}"] == pytest.approx(max(values[f"curve_{kind}"]), rel=1e-6)
+        ends = max(values[f"curve_{kind}"][0], values[f"curve_{kind}"][-1])
+        assert logged[f"curve/test_endpoint_{kind}"] == pytest.approx(ends, rel=1e-6)
 
 
 def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_curve_bitwise(endpoints, tmp_path):

@@ -74,24 +74,35 @@ def closed_form(snapshots: list[torch.Tensor], max_rank: int) -> tuple[torch.Ten
     return thetas.mean(0), thetas.square().mean(0), deviations
 
 
-def test_per_step_collection_equals_the_moments_of_the_scheduled_iterates() -> None:
-    swa, recorder = SWASubspace(params="all", start_epoch=1, every_n_steps=2, max_rank=4), Recorder()
+@pytest.mark.parametrize(
+    ("schedule", "steps"),
+    [({"start_epoch": 1, "every_n_steps": 2}, list(range(8, 19, 2))),  # after step 6 (one epoch), every 2nd step
+     ({"start_epoch": 1, "every_n_steps": 5}, [11, 16]),
+     ({"start_fraction": 0.5, "every_n_steps": 4}, [13, 17])],  # after step floor(0.5 * 18) = 9
+)
+def test_per_step_collection_equals_the_moments_of_the_scheduled_iterates(schedule: dict, steps: list[int]) -> None:
+    swa, recorder = SWASubspace(params="all", max_rank=4, **schedule), Recorder()
     fit(3, [swa, recorder])
-    snapshots = [recorder.steps[step] for step in range(8, 19, 2)]  # start at step 6, then every 2nd step
+    snapshots = [recorder.steps[step] for step in steps]
     mean, sq_mean, deviations = closed_form(snapshots, 4)
-    assert swa.moments.count.item() == 6 and swa.last_step == 18
+    assert swa.moments.count.item() == len(steps) and swa.last_step == steps[-1]
     torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
     assert swa.moments.mean.dtype == torch.float64 and swa.moments.mean.device.type == "cpu"
 
 
-def test_per_epoch_collection_of_the_last_layer_from_a_fraction_of_the_run() -> None:
-    swa, recorder = SWASubspace(params="last_layer", start_fraction=0.5), Recorder()
-    module = fit(4, [swa, recorder])
-    assert swa.names == ["net.3.weight", "net.3.bias"]
+@pytest.mark.parametrize(
+    ("schedule", "epochs"),
+    [({"start_fraction": 0.5}, [3, 4, 5]), ({}, [3, 4, 5]),  # the default: the second half of the run
+     ({"start_fraction": 0.25}, [1, 2, 3, 4, 5]), ({"start_epoch": 1, "every_n_epochs": 3}, [1, 4])],
+)
+def test_per_epoch_collection_of_the_last_layer_on_the_schedule(schedule: dict, epochs: list[int]) -> None:
+    swa, recorder = SWASubspace(params="last_layer", **schedule), Recorder()
+    module = fit(6, [swa, recorder])
+    assert swa.names == ["net.3.weight", "net.3.bias"] and swa.moments.count.item() == len(epochs)
     last = slice(sum(p.numel() for p in module.parameters()) - 6, None)  # 5 weights and 1 bias, registered last
-    mean, sq_mean, deviations = closed_form([recorder.epochs[e][last] for e in (2, 3)], 20)
+    mean, sq_mean, deviations = closed_form([recorder.epochs[e][last] for e in epochs], 20)
     torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -60,26 +60,43 @@ def test_canonical_factors_keep_the_trained_function(single_thread):
     torch.testing.assert_close(at_zero.probs, torch.softmax(module.model(x), -1), atol=1e-6, rtol=0)
 
 
+def change(module: TrainingFreeBayes, s: float) -> float:
+    """The search's criterion recomputed outside the Trainer over all four batches, with the search's draws."""
+    reference, noisy = 0.0, 0.0
+    for index, (x, _) in enumerate(_loader()):
+        with torch.no_grad():
+            logits = module(x)
+            labels = logits.argmax(-1)
+            reference += nn.functional.cross_entropy(logits, labels).item()
+            pair = module.noise.antithetic_pair(s, module._generator(1 + index))
+            draws = torch.stack([torch.func.functional_call(module.model, weights, (x,)) for weights in pair])
+            noisy += -module.likelihood.predictive(draws).log_prob(labels).mean().item()
+    return abs(noisy - reference) / reference
+
+
+def test_each_epoch_tests_one_candidate_on_every_batch_starting_from_the_upper_end(tmp_path, single_thread):
+    logged: list[tuple[float, float]] = []
+
+    class Record(Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            metrics = trainer.callback_metrics
+            logged.append((float(metrics["train/candidate"]), float(metrics["train/relative_nll_change"])))
+
+    module = _module()
+    with pytest.warns(UserWarning, match="no tested sigma met"):
+        _trainer(tmp_path, epochs=2, callbacks=[Record()]).fit(module, train_dataloaders=_loader())
+    assert [candidate for candidate, _ in logged] == pytest.approx([2.0, (1e-3 + 2.0) / 2])  # high, then the midpoint
+    for candidate, relative_change in logged:
+        assert relative_change == pytest.approx(change(module, candidate), rel=1e-5)
+
+
 def test_search_finds_the_largest_sigma_within_tolerance(tmp_path, single_thread):
     module = _module()
     _trainer(tmp_path, epochs=8).fit(module, train_dataloaders=_loader())
     sigma = float(module.sigma)
     assert 1e-3 < sigma < 2.0 and bool(module.tested_high)
-
-    def change(s: float) -> float:  # the criterion recomputed outside the Trainer, same draws as the search
-        reference, noisy = 0.0, 0.0
-        for index, (x, _) in enumerate(_loader()):
-            with torch.no_grad():
-                logits = module(x)
-                labels = logits.argmax(-1)
-                reference += nn.functional.cross_entropy(logits, labels).item()
-                pair = module.noise.antithetic_pair(s, module._generator(1 + index))
-                draws = torch.stack([torch.func.functional_call(module.model, weights, (x,)) for weights in pair])
-                noisy += -module.likelihood.predictive(draws).log_prob(labels).mean().item()
-        return abs(noisy - reference) / reference
-
-    assert change(sigma) <= 0.01
-    assert change(float(module.high)) > 0.01  # the bracket's upper end failed the test
+    assert change(module, sigma) <= 0.01
+    assert change(module, float(module.high)) > 0.01  # the bracket's upper end failed the test
     assert float(module.high) - sigma <= (2.0 - 1e-3) / 2**6  # 7 bisection steps after the test of high
 
 
