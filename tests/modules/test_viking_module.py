@@ -18,6 +18,7 @@ from lightning_bayes.inference.kernel_projection import DenseSystem, project
 from lightning_bayes.inference.viking import image_dimension
 from lightning_bayes.modules.viking import VIKING
 
+from linearisation import first_order_outputs
 from resumption import assert_resumption_is_exact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -265,8 +266,7 @@ def test_the_linearised_predictive_is_the_first_order_expansion_at_theta_hat() -
     module.sweep(data)
     x = data.dataset.tensors[0][:5]
     theta_hat, thetas = module.function.theta(), module.samples()
-    jacobian = torch.func.jacrev(lambda t: module.function.outputs(t, x))(theta_hat)  # [B, C, P]
-    expected = module.function.outputs(theta_hat, x) + torch.einsum("bcp,sp->sbc", jacobian, thetas - theta_hat)
+    expected = first_order_outputs(module.function, x, theta_hat, thetas - theta_hat)
     torch.testing.assert_close(module.predictive(x).logits, expected, rtol=1e-10, atol=1e-12)
 
 
