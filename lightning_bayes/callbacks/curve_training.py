@@ -43,6 +43,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from ..generator import PicklableGenerator
 from ..inference.curve_parametrization import (
     CurveParametrization,
     CurvePosition,
@@ -179,7 +180,7 @@ class CurveTraining(Callback):
         self.line = line
         self.seed = seed
         self.plots = plots
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = PicklableGenerator().manual_seed(seed)  # ddp_spawn pickles callbacks
         self.t = 0.0
         self.curves: dict[str, CurveParametrization] = {}
         self.position: CurvePosition | None = None
@@ -534,17 +535,6 @@ class CurveTraining(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "t": self.t}
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Picklable (``ddp_spawn`` sends callbacks to new processes): the generator travels as its state."""
-        state = self.__dict__.copy()
-        state["generator"] = self.generator.get_state().numpy().tobytes()  # bytes: no shared-memory tensor
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        generator = torch.Generator()
-        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
-        self.__dict__.update(state, generator=generator)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])

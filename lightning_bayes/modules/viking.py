@@ -18,7 +18,10 @@ batch serves all of them); ``gamma = 1`` keeps that epoch-start split all epoch 
 projections. The predictive samples ``theta_s = theta_hat + sigma_ker k_s + sigma_im (e_s - k_s)`` from the
 last sweep: validation during fit uses the epoch-start sweep; test and predict re-sweep when ``theta_hat``
 has moved since. Noise, carried kernel part, samples and the generator state live in the checkpoint, so a
-resumed run continues exactly. Reference: Fadel et al., NeurIPS 2025 (arXiv 2510.23684).
+resumed run continues exactly. Under DDP every rank draws its own noise (``seed + rank``; DDP does not broadcast
+these buffers) and sweeps its own shard; checkpoints keep every rank's noise and generator. The first two phases
+leave parameters without gradients, so DDP needs ``find_unused_parameters=True``.
+Reference: Fadel et al., NeurIPS 2025 (arXiv 2510.23684).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
 
+from ..generator import PicklableGenerator
 from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
@@ -44,6 +49,7 @@ from .base import Batch, BayesianModule
 
 _CONSTRAINTS = ("loss", "output")
 _PREDICTIVES = ("neural", "linearized")
+_RANK_NOISE = ("epoch_noise", "carried", "sample_noise", "sample_kernel")  # each DDP rank's own draws
 
 
 class VIKING(BayesianModule):
@@ -132,7 +138,7 @@ class VIKING(BayesianModule):
         self.phase_epochs, self.gamma, self.kl_weight = tuple(phase_epochs), gamma, kl_weight
         self.solver, self.iterations, self.predictive_mode = solver, iterations, predictive
         self.scale_lr, self.sweep_every_n_epochs = scale_lr, sweep_every_n_epochs
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = PicklableGenerator().manual_seed(seed)  # ddp_spawn pickles the module
         size, dtype = self.function.size, self.function.theta().dtype
         self.family.to(dtype)
         self.register_buffer("epoch_noise", torch.zeros(size, dtype=dtype))  # e of the epoch-start sweep (gamma = 1)
@@ -140,6 +146,7 @@ class VIKING(BayesianModule):
         self.register_buffer("sample_noise", torch.zeros(num_samples, size, dtype=dtype))  # e_s of the predictive
         self.register_buffer("sample_kernel", torch.zeros(num_samples, size, dtype=dtype))  # k_s = P e_s
         self.register_buffer("swept_at", torch.full((2,), float("nan"), dtype=torch.float64))  # fingerprint
+        self._ddp_params_and_buffers_to_ignore = list(_RANK_NOISE)  # DDP must not broadcast rank 0's noise
 
     def forward(self, x: Any) -> Tensor:
         return self.backbone(x)
@@ -197,6 +204,15 @@ class VIKING(BayesianModule):
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:  # independent Monte Carlo noise on every rank
             self.generator.manual_seed(self.hparams.seed + self.global_rank)
+
+    def on_fit_start(self) -> None:
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters and any(self.phase_epochs[:2]):
+            raise ValueError(
+                f"VIKING with phase_epochs={self.phase_epochs} trains the network alone in the MLE phase and the scales "
+                "alone in the warm-up, which DDP must be told: use strategy='ddp_find_unused_parameters_true' (or "
+                "DDPStrategy(find_unused_parameters=True)), or phase_epochs=(0, 0, n)"
+            )
 
     def on_train_epoch_start(self) -> None:
         if self.phase() == 1:  # in the MLE phase the samples stay at theta_hat (zero noise)
@@ -289,8 +305,24 @@ class VIKING(BayesianModule):
 
     # ----- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rank 0's generator; under DDP also every rank's noise and generator (``viking_ranks``), gathered here
+        because only rank 0 writes the file."""
         checkpoint["viking_generator"] = self.generator.get_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            own = {name: getattr(self, name) for name in _RANK_NOISE}
+            own["generator"] = self.generator.get_state().to(self.device)
+            gathered = self.all_gather(own)
+            checkpoint["viking_ranks"] = [
+                {name: value[rank].cpu().clone() for name, value in gathered.items()} for rank in range(self.trainer.world_size)
+            ]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "viking_generator" in checkpoint:
+        """Restore this rank's noise and generator when the checkpoint has them; otherwise rank 0 takes the saved
+        generator and the other ranks keep their own seeds (``seed + rank``)."""
+        rank = self.global_rank if self._trainer is not None else 0
+        saved = checkpoint.get("viking_ranks", [])
+        if rank < len(saved):
+            checkpoint["state_dict"].update({name: saved[rank][name] for name in _RANK_NOISE})
+            self.generator.set_state(saved[rank]["generator"])
+        elif rank == 0 and "viking_generator" in checkpoint:
             self.generator.set_state(checkpoint["viking_generator"])
