@@ -124,12 +124,15 @@ class NullSpaceLaplace(BayesianModule):
             self._constraint_pending = False
 
     # ----- the sweeps ----------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        if self.trainer.world_size > 1:
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.trainer.world_size > 1:  # before DDP wraps a module with nothing to train
             raise NotImplementedError(
-                f"NullSpaceLaplace runs on one device (world_size={self.trainer.world_size}): every sweep must see "
-                "all the training batches; splitting the samples across ranks is not implemented yet"
+                f"NullSpaceLaplace fits on one device (world_size={self.trainer.world_size}): every sweep must see "
+                "all the training batches; splitting the samples across ranks is not implemented yet (test and "
+                "predict may use several devices)"
             )
+
+    def on_train_start(self) -> None:
         loader = self.trainer.train_dataloader
         if isinstance(getattr(loader, "sampler", None), RandomSampler):
             raise ValueError(
