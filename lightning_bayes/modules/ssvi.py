@@ -11,7 +11,8 @@ iteration's minibatch. After every iteration the weights and the optimiser state
 product ``mu * gamma`` in the forward already masks the gradients). Masks, the iteration counter, the optimiser
 state and the random state (:class:`VariationalInference`) live in the checkpoint, and the sanity check leaves the
 random stream untouched, so a resumed run continues exactly. Logs ``ssvi/density`` and ``ssvi/flops_ratio``
-(counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`).
+(counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`). Under DDP the
+growth gradients are averaged across ranks like the parameters' gradients, so every rank keeps the same supports.
 Reference: Li, Miao, Qiu & Zhang, "Training Bayesian Neural Networks with Sparse Subspace Variational
 Inference", ICLR 2024 (arXiv 2402.11025).
 """
@@ -172,7 +173,9 @@ class SSVI(VariationalInference):
                     "SSVI: a sparse layer got no gradient on an update iteration; every converted layer must take part "
                     "in the loss (convert only the layers the forward uses, with params)"
                 )
-            update_support(family, family.dense_gradient, fraction, self.score, self.grow_rho)
+            # DDP averages parameter gradients only: average this one too, so every rank grows the same weights
+            gradient = self.trainer.strategy.reduce(family.dense_gradient, reduce_op="mean")
+            update_support(family, gradient, fraction, self.score, self.grow_rho)
             family.dense_gradient = None
 
     @torch.no_grad()
