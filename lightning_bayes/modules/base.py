@@ -2,8 +2,9 @@
 
 It owns the likelihood and the optimiser factory, evaluates validation and test batches through
 ``predictive`` (returning the Predictive so callbacks such as ``CalibrationMetrics`` reuse it instead
-of recomputing), stops with a clear error on a non-finite training loss, and shards itself with FSDP2
-under Lightning's ``ModelParallelStrategy`` where the method supports sharded parameters.
+of recomputing), stops with a clear error on a non-finite training loss, shards itself with FSDP2
+under Lightning's ``ModelParallelStrategy`` where the method supports sharded parameters, and lets DDP wrap a
+fit that takes no gradient (sampling or a search over a frozen model).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, ClassVar, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from ..inference.likelihoods import Likelihood, build_likelihood
@@ -110,6 +112,22 @@ class BayesianModule(LightningModule, ABC):
         for unit in self.sharding_units():
             fully_shard(unit, mesh=data_parallel)
         self._sharded = True
+
+    def setup(self, stage: str) -> None:
+        """A fit that takes no gradient (sampling or a search over a frozen model) under DDP: DDP refuses to wrap a
+        module without a trainable parameter, so the frozen ones count as trainable while the fit runs (its steps
+        return no loss, so nothing differentiates them) and are frozen again in :meth:`teardown`. Subclasses that
+        override ``setup`` call this one."""
+        parameters = list(self.parameters())
+        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and not any(p.requires_grad for p in parameters):
+            self._frozen_during_fit = parameters
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+
+    def teardown(self, stage: str) -> None:
+        for parameter in getattr(self, "_frozen_during_fit", ()):
+            parameter.requires_grad_(False)
+        self._frozen_during_fit: list[nn.Parameter] = []
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""

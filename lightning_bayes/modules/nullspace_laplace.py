@@ -131,6 +131,7 @@ class NullSpaceLaplace(BayesianModule):
                 "all the training batches; splitting the samples across ranks is not implemented yet (test and "
                 "predict may use several devices)"
             )
+        super().setup(stage)
 
     def on_train_start(self) -> None:
         loader = self.trainer.train_dataloader

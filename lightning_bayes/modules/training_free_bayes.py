@@ -20,7 +20,9 @@ none taken here: it divides the relative change once more by the anchor-set size
 smallest value seen to fail) instead of the largest one seen to pass.
 The fit is the bisection run as Lightning epochs: one epoch tests one candidate (each ``training_step`` scores one
 anchor batch; the last one decides), so progress, checkpoints and exact resumption at epoch boundaries come from
-the Trainer. The posterior (canonical factors, ``1/d``, ``sigma_q`` and the search state) lives in buffers. The
+the Trainer. Under DDP the ranks' anchor sums add up and batch ``b`` of rank ``r`` of ``W`` draws as batch
+``b W + r``, so with batches dealt out in turn the search is the one-process search. The posterior (canonical
+factors, ``1/d``, ``sigma_q`` and the search state) lives in buffers. The
 predictive averages ``num_samples`` weight draws seeded by ``seed`` (the same ensemble of models for every batch),
 each draw shared by the batch: exact posterior draws, where the paper's flipout decorrelates the noise across
 examples with the same per-example marginals. Reference: Shi, Wang, Han, Zhang & Wang, "Training-Free
@@ -147,13 +149,17 @@ class TrainingFreeBayes(BayesianModule):
                 reference = self.likelihood.predictive(self(x).unsqueeze(0))
                 pseudo_labels = reference.probs.argmax(-1)
                 noisy = self.likelihood.predictive(
-                    self._antithetic_samples(x, search.candidate(), self._generator(1 + batch_idx))
+                    # batch b of rank r draws as batch b W + r of one process (batches dealt out in turn)
+                    self._antithetic_samples(x, search.candidate(), self._generator(1 + self._global_batch(batch_idx)))
                 )
                 self.anchor_nll += torch.stack([
                     -reference.log_prob(pseudo_labels).mean(), -noisy.log_prob(pseudo_labels).mean()
                 ]).double()
         if batch_idx == self.trainer.num_training_batches - 1:
             self._end_candidate(search)
+
+    def _global_batch(self, batch_idx: int) -> int:
+        return batch_idx * self.trainer.world_size + self.trainer.global_rank
 
     def _end_candidate(self, search: Bisection) -> None:
         if not search.done:

@@ -75,6 +75,7 @@ class _VBLLModule(BayesianModule):
         return 0.0 if self.dataset_size is None else self.kl_weight / self.dataset_size
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.dataset_size is None:
             try:
                 self.dataset_size = self.training_set_size("dataset_size")

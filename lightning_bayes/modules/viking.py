@@ -202,6 +202,7 @@ class VIKING(BayesianModule):
         return move_data_to_device(x, self.device)  # a sweep called outside a Trainer
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.trainer.world_size > 1:  # independent Monte Carlo noise on every rank
             self.generator.manual_seed(self.hparams.seed + self.global_rank)
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.modules import BLoB
 
-from test_ivon_ddp import AlternateExamples
+from shards import AlternateExamples
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 

@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, Trainer
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.modules.ivon import IVONModule
 from lightning_bayes.optim import IVON
+
+from shards import AlternateExamples
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
@@ -37,24 +39,6 @@ class RecordingIVON(IVONModule):
     def training_step(self, batch, batch_idx):
         self.draws.append(torch.cat([p.detach().reshape(-1).clone() for p in self.parameters()]))
         return super().training_step(batch, batch_idx)
-
-
-class AlternateExamples(Sampler[int]):
-    """Rank r of W takes examples r, r + W, r + 2W, ... in order (Lightning's own DistributedSampler shuffles
-    the training set under ddp_spawn)."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def _rank_and_size(self) -> tuple[int, int]:
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-    def __iter__(self):
-        rank, size = self._rank_and_size()
-        return iter(range(rank, self.count, size))
-
-    def __len__(self) -> int:
-        return self.count // self._rank_and_size()[1]
 
 
 class Recorder(Callback):

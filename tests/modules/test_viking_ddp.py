@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.modules.viking import VIKING
 
-from test_ivon_ddp import AlternateExamples
+from shards import AlternateExamples
 from test_viking_module import assert_in_kernel
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
