@@ -128,8 +128,7 @@ class NullSpaceLaplace(BayesianModule):
         if stage == "fit" and self.trainer.world_size > 1:  # before DDP wraps a module with nothing to train
             raise NotImplementedError(
                 f"NullSpaceLaplace fits on one device (world_size={self.trainer.world_size}): every sweep must see "
-                "all the training batches; splitting the samples across ranks is not implemented yet (test and "
-                "predict may use several devices)"
+                "all the training batches; splitting the samples across ranks is not implemented yet"
             )
         super().setup(stage)
 
