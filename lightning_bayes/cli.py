@@ -2,7 +2,8 @@
 
 ``lightning-bayes fit --config configs/mnist/map.yaml`` trains, then (unless ``--test_after_fit false``)
 runs the test stage on the best checkpoint in the same command; ``CalibrationMetrics`` is always
-attached (configure it under ``metrics:``) and prints/writes the metrics table at test end. With
+attached (configure it under ``metrics:``) and prints/writes the metrics table at test end; ``predict`` writes
+``predictions.csv`` into the run folder (:class:`PredictionWriter`, under ``predictions:``). With
 ``--ckpt_path`` the model is built from the checkpoint's hyperparameters (as in LightningCLI), but a
 ``--model.…`` argument given on the command line wins over them, e.g.
 ``lightning-bayes test --config ... --ckpt_path last.ckpt --model.init_args.num_samples 100``.
@@ -19,7 +20,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .callbacks import CalibrationMetrics
+from .callbacks import CalibrationMetrics, PredictionWriter
 from .modules.base import BayesianModule
 
 
@@ -28,6 +29,7 @@ class BayesCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CalibrationMetrics, "metrics")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Every subcommand knows ``--test_after_fit``: only ``fit`` acts on it, the others accept it so that the

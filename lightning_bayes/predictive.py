@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -88,6 +88,11 @@ class CategoricalPredictive:
     def detach(self) -> CategoricalPredictive:
         return CategoricalPredictive(self.logits.detach())
 
+    def to(self, *args: Any, **kwargs: Any) -> CategoricalPredictive:
+        """The same predictive with its tensors moved or cast as ``Tensor.to`` does (Lightning moves predictions
+        to the CPU through this)."""
+        return CategoricalPredictive(self.logits.to(*args, **kwargs))
+
 
 @dataclass(frozen=True)
 class GaussianPredictive:
@@ -163,6 +168,10 @@ class GaussianPredictive:
 
     def detach(self) -> GaussianPredictive:
         return GaussianPredictive(self.mean_samples.detach(), self.variance_samples.detach())
+
+    def to(self, *args: Any, **kwargs: Any) -> GaussianPredictive:
+        """The same predictive with its tensors moved or cast as ``Tensor.to`` does."""
+        return GaussianPredictive(self.mean_samples.to(*args, **kwargs), self.variance_samples.to(*args, **kwargs))
 
 
 Predictive = Union[CategoricalPredictive, GaussianPredictive]

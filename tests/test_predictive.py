@@ -103,3 +103,15 @@ def test_concatenate_pools_samples_into_one_mixture() -> None:
     np.testing.assert_allclose(pooled.mean.numpy(), expected.numpy(), rtol=1e-12)
     with pytest.raises(TypeError, match="different types"):
         concatenate([first, categorical()])
+
+
+def test_to_moves_every_tensor_and_lightning_moves_predictives_with_it() -> None:
+    from lightning.fabric.utilities import move_data_to_device
+
+    for predictive in (categorical(), gaussian()):
+        cast = predictive.to(torch.float32)
+        assert type(cast) is type(predictive)
+        for name, value in vars(cast).items():
+            assert value.dtype == torch.float32 and torch.equal(value, getattr(predictive, name).float()), name
+        moved = move_data_to_device([predictive], torch.device("cpu"))[0]  # the predict loop's transfer
+        assert all(torch.equal(value, getattr(predictive, name)) for name, value in vars(moved).items())

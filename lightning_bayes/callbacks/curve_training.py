@@ -12,10 +12,10 @@ The callback adds to the control points' gradients
 * optionally the LoRA-Curve regulariser ``-lambda JS(p_{t_1}, ..., p_{t_J})`` at ``J`` further draws of
   ``t`` on the same batch (Dold et al., 2026): minimising it raises the curve ensemble's mutual information.
 
-During validation and test ``pl_module.predictive`` is the curve ensemble (``ensemble_points`` values of
+During validation, test and predict ``pl_module.predictive`` is the curve ensemble (``ensemble_points`` values of
 ``t`` at the midpoints of equal cells of [0, 1], pooled by :func:`lightning_bayes.predictive.concatenate`),
 so ``CalibrationMetrics`` scores the ensemble, its mutual information included; the plain predictive is
-restored afterwards. Both stages also evaluate NLL and error on a grid of ``t`` along the curve and along
+restored afterwards. Validation and test also evaluate NLL and error on a grid of ``t`` along the curve and along
 the straight line between the endpoints, log ``curve/{stage}_max_{nll,error}``, ``line/...`` and the
 endpoints' values, and write ``loss_along_curve_{stage}.png`` and ``.json`` into the log folder (never
 overwriting) after fitting and testing. Modules with BatchNorm get running statistics re-estimated by
@@ -423,6 +423,12 @@ class CurveTraining(Callback):
         self._stage_start(pl_module, "test")
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_end(pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._stage_start(pl_module, "predict")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end(pl_module)
 
     def on_validation_batch_end(

@@ -232,7 +232,7 @@ def test_the_trained_curve_has_no_barrier_where_the_straight_line_has_one(endpoi
     assert values["line_nll"] == pytest.approx(line_before, abs=1e-12)  # the line never moves
 
 
-def test_the_curve_ensemble_is_the_predictive_at_validation_and_test_only(endpoints):
+def test_the_curve_ensemble_is_the_predictive_at_validation_test_and_predict_only(endpoints):
     start, end = endpoints
     module = MAP(mlp(0))
     callback = CurveTraining(params="all", start=start, end=end, ensemble_points=4)
@@ -253,6 +253,9 @@ def test_the_curve_ensemble_is_the_predictive_at_validation_and_test_only(endpoi
     assert fit.callback_metrics["test/nll"].item() == pytest.approx(nll, abs=1e-12)
     assert calibration.last_metrics["test/cal/mi"] == pytest.approx(float(expected.mutual_information.mean()), abs=1e-6)
     assert "predictive" not in module.__dict__  # the module's own predictive is back
+    (predicted,) = fit.predict(module, loader(batch_size=256))  # lightning-bayes predict: the ensemble too
+    torch.testing.assert_close(predicted.logits, expected.logits, rtol=0, atol=1e-12)
+    assert "predictive" not in module.__dict__
     assert module.predictive(x).num_samples == 1
 
 

@@ -1,0 +1,128 @@
+"""``PredictionWriter``: what ``trainer.predict`` (``lightning-bayes predict``) returns, one CSV row per example.
+
+Every batch's :class:`~lightning_bayes.predictive.Predictive` becomes rows of ``predictions.csv`` in the run's log
+folder (``predictions-rank<r>.csv`` per process under DDP; a taken name gets ``-1``, ``-2``, ...: nothing is
+overwritten), written as the batches come, so nothing is held in memory:
+
+* classification: ``index, target, predicted, confidence, entropy, mutual_information, prob_0, ..., prob_<C-1>``
+  (the model average ``p = 1/S sum_s p_s``, its arg max and max, the total entropy ``H[p]`` and the mutual
+  information ``H[p] - 1/S sum_s H[p_s]``, in nats);
+* regression: ``index, target, mean, std, epistemic_std, aleatoric_std`` (each ``_<d>`` per output when there
+  are several): the mixture's mean and total standard deviation ``sqrt(aleatoric + epistemic variance)``, in the
+  data's original units when the datamodule standardised the targets (``target_mean + target_std * y``). The
+  epistemic part is the spread of the samples' means: a closed-form predictive (one sample, e.g. a VBLL
+  regressor's) shows its whole variance as aleatoric.
+
+``index`` is the example's position in the predict dataset (Lightning tracks it for map-style loaders; otherwise a
+count of this process's rows); ``target`` appears when batches are ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import IO, Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+
+from ..predictive import CategoricalPredictive, GaussianPredictive
+from .run_files import run_folder, unique_path
+
+
+def _columns(name: str, width: int) -> list[str]:
+    return [name] if width == 1 else [f"{name}_{d}" for d in range(width)]
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``trainer.predict``'s predictives to ``predictions.csv`` in the run folder (see the module docstring).
+
+    Args:
+        filename: the file's stem (``predictions`` -> ``predictions.csv``).
+    """
+
+    def __init__(self, filename: str = "predictions") -> None:
+        super().__init__(write_interval="batch")
+        if not filename or Path(filename).name != filename:
+            raise ValueError(f"filename must be a plain file stem such as 'predictions'; got {filename!r}")
+        self.filename = filename
+        self.path: Path | None = None
+        self._file: IO[str] | None = None
+        self._writer: Any = None
+        self._count = 0
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = run_folder(trainer)  # a collective call: every rank asks
+        stem = self.filename if trainer.world_size == 1 else f"{self.filename}-rank{trainer.global_rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, self._writer, self._count = unique_path(folder, stem, ".csv"), None, 0
+
+    def write_on_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int,
+    ) -> None:
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+        header, values = self._table(trainer, prediction, target)
+        size = len(values[0])
+        indices = list(batch_indices) if batch_indices is not None else range(self._count, self._count + size)
+        self._count += size
+        if self._writer is None:
+            assert self.path is not None
+            # open across batches, closed at predict end or on an exception; "x": never overwrite
+            self._file = open(self.path, "x", newline="")  # noqa: SIM115
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(["index", *header])
+        self._writer.writerows([index, *row] for index, row in zip(indices, zip(*values)))
+
+    def _table(self, trainer: Trainer, prediction: Any, target: Tensor | None) -> tuple[list[str], list[list]]:
+        """Column names and one list of per-example values per column."""
+        if isinstance(prediction, CategoricalPredictive):
+            probs = prediction.probs
+            header = ["predicted", "confidence", "entropy", "mutual_information"]
+            parts = [probs.argmax(-1), prediction.max_prob, prediction.entropy, prediction.mutual_information, probs]
+            header += [f"prob_{c}" for c in range(probs.shape[-1])]
+        elif isinstance(prediction, GaussianPredictive):
+            mean, std = prediction.mean, prediction.variance.sqrt()
+            epistemic, aleatoric = prediction.epistemic_variance.sqrt(), prediction.aleatoric_variance.sqrt()
+            shift, scale = self._target_units(trainer, mean)
+            mean, std, epistemic, aleatoric = mean * scale + shift, std * scale, epistemic * scale, aleatoric * scale
+            header = [c for name in ("mean", "std", "epistemic_std", "aleatoric_std")
+                      for c in _columns(name, mean.shape[-1])]
+            parts = [mean, std, epistemic, aleatoric]
+            if target is not None:
+                target = target.reshape(mean.shape) * scale + shift
+        else:
+            raise TypeError(
+                f"PredictionWriter needs predict_step to return a CategoricalPredictive or GaussianPredictive; "
+                f"got {type(prediction).__name__}"
+            )
+        if target is not None:
+            header = [*_columns("target", target.shape[-1] if target.ndim > 1 else 1), *header]
+            parts = [target, *parts]
+        columns: list[list] = []
+        for part in parts:
+            part = part.detach().cpu()
+            part = part.double() if part.is_floating_point() else part  # float32 values written exactly
+            columns += [part.tolist()] if part.ndim == 1 else part.T.tolist()
+        return header, columns
+
+    @staticmethod
+    def _target_units(trainer: Trainer, mean: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """``(target_mean, target_std)`` of a datamodule that standardised the targets, else ``(0, 1)``."""
+        datamodule = getattr(trainer, "datamodule", None)
+        shift, scale = getattr(datamodule, "target_mean", None), getattr(datamodule, "target_std", None)
+        if isinstance(shift, Tensor) and isinstance(scale, Tensor):
+            return shift.to(mean), scale.to(mean)
+        return 0.0, 1.0
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._writer = None, None

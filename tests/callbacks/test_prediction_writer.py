@@ -1,0 +1,101 @@
+"""PredictionWriter: ``trainer.predict`` writes one CSV row per test example whose values are the predictive's
+(model average, arg max, confidence, entropy, mutual information; regression mean and standard deviations in the
+data's units), per process under DDP, never over an existing file; ``lightning-bayes predict`` writes it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_bayes.callbacks import PredictionWriter
+from lightning_bayes.cli import run
+from lightning_bayes.datamodules import DigitsDataModule, UCIRegressionDataModule
+from lightning_bayes.inference.likelihoods import GaussianLikelihood
+from lightning_bayes.models import MLP
+from lightning_bayes.modules import MAP, DeepEnsemble
+
+from cli_helpers import ROOT, quick_args
+
+
+def read(path: Path) -> tuple[list[str], torch.Tensor]:
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], torch.tensor([[float(v) for v in row] for row in rows[1:]], dtype=torch.float64)
+
+
+def predict(module, datamodule, root: Path) -> Path:
+    trainer = Trainer(accelerator="cpu", logger=False, default_root_dir=root, enable_progress_bar=False,
+                      callbacks=[PredictionWriter()])
+    trainer.predict(module, datamodule=datamodule)
+    return root / "predictions.csv"
+
+
+def test_classification_rows_are_the_model_average_and_its_uncertainties(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = DeepEnsemble(MLP(64, 10, hidden=[16]), num_members=3)  # three different members: MI > 0
+    data = DigitsDataModule(batch_size=50)
+    header, table = read(predict(module, data, tmp_path))
+    assert header == ["index", "target", "predicted", "confidence", "entropy", "mutual_information",
+                      *[f"prob_{c}" for c in range(10)]]
+    x, y = data.test_set.tensors
+    with torch.no_grad():
+        expected = module.eval().predictive(x)
+    assert table.shape == (len(y), 16) and torch.equal(table[:, 0], torch.arange(len(y), dtype=torch.float64))
+    assert torch.equal(table[:, 1], y.double()) and torch.equal(table[:, 2], expected.probs.argmax(-1).double())
+    for column, value in ((3, expected.max_prob), (4, expected.entropy), (5, expected.mutual_information)):
+        torch.testing.assert_close(table[:, column], value.double(), rtol=1e-6, atol=1e-7, msg=header[column])
+    torch.testing.assert_close(table[:, 6:], expected.probs.double(), rtol=1e-6, atol=1e-7)
+    assert table[:, 5].min() > 0  # the members disagree
+
+
+def test_regression_rows_are_in_the_datas_units(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    likelihood = GaussianLikelihood(output_dim=1, heteroscedastic=True)
+    module = MAP(MLP(1, 2, hidden=[8]), likelihood=likelihood)
+    data = UCIRegressionDataModule("mcycle", batch_size=16)
+    header, table = read(predict(module, data, tmp_path))
+    assert header == ["index", "target", "mean", "std", "epistemic_std", "aleatoric_std"]
+    data.setup("predict")
+    x, y = data.test_set.tensors
+    with torch.no_grad():
+        expected = module.eval().predictive(x)
+    shift, scale = float(data.target_mean), float(data.target_std)
+    torch.testing.assert_close(table[:, 1], (y.reshape(-1) * scale + shift).double(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(table[:, 2], (expected.mean[:, 0] * scale + shift).double(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(table[:, 3], (expected.variance[:, 0].sqrt() * scale).double(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(table[:, 4], torch.zeros(len(y), dtype=torch.float64))  # one sample: no epistemic spread
+    torch.testing.assert_close(table[:, 5], table[:, 3], rtol=1e-6, atol=0)
+
+
+def test_each_process_writes_its_own_file_and_none_is_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "predictions-rank1.csv").write_text("kept")
+    writer = PredictionWriter()
+    writer.on_predict_start(SimpleNamespace(log_dir=str(tmp_path), world_size=2, global_rank=1), None)
+    assert writer.path == tmp_path / "predictions-rank1-1.csv"
+    assert (tmp_path / "predictions-rank1.csv").read_text() == "kept"
+
+
+def test_a_non_predictive_output_and_a_path_as_filename_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="filename must be a plain file stem"):
+        PredictionWriter(filename="out/predictions")
+    writer = PredictionWriter()
+    with pytest.raises(TypeError, match="CategoricalPredictive or GaussianPredictive; got Tensor"):
+        writer.write_on_batch_end(None, None, torch.zeros(2, 3), [0, 1], (torch.zeros(2, 4), torch.zeros(2)), 0, 0)
+
+
+def test_the_cli_predict_subcommand_writes_every_test_example(tmp_path: Path) -> None:
+    config = ROOT / "configs" / "digits" / "map.yaml"
+    run([*quick_args(config, tmp_path, batches=1), "--test_after_fit=false"])
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    run(["predict", "--config", str(config), f"--trainer.logger.init_args.save_dir={tmp_path}",
+         "--ckpt_path", str(checkpoint)])
+    written = list(tmp_path.rglob("predictions.csv"))
+    assert len(written) == 1 and written[0].parent.name == "version_1"  # a new version next to the fit's
+    _, table = read(written[0])
+    assert table.shape[0] == 360 and sorted(table[:, 0].tolist()) == list(range(360))  # the digits test split
+    torch.testing.assert_close(table[:, 6:].sum(1), torch.ones(360, dtype=torch.float64), rtol=0, atol=1e-6)
