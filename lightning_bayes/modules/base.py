@@ -119,7 +119,8 @@ class BayesianModule(LightningModule, ABC):
         return no loss, so nothing differentiates them) and are frozen again in :meth:`teardown`. Subclasses that
         override ``setup`` call this one."""
         parameters = list(self.parameters())
-        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and not any(p.requires_grad for p in parameters):
+        ddp = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
+        if stage == "fit" and ddp and not any(p.requires_grad for p in parameters):
             self._frozen_during_fit = parameters
             for parameter in parameters:
                 parameter.requires_grad_(True)
