@@ -13,6 +13,7 @@ state and the random state (:class:`VariationalInference`) live in the checkpoin
 random stream untouched, so a resumed run continues exactly. Logs ``ssvi/density`` and ``ssvi/flops_ratio``
 (counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`). Under DDP the
 growth gradients are averaged across ranks like the parameters' gradients, so every rank keeps the same supports.
+With gradient accumulation the growth gradients are those of the update iteration's last micro-batch.
 Reference: Li, Miao, Qiu & Zhang, "Training Bayesian Neural Networks with Sparse Subspace Variational
 Inference", ICLR 2024 (arXiv 2402.11025).
 """
