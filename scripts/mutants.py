@@ -38,14 +38,16 @@ _INFERENCE = {  # inference/<module>.py -> the tests/inference/test_<name>.py fi
     "variational_layers": ["variational_layers", "blob_lora_noise"], "batchnorm": ["batchnorm"],
 }  # fmt: skip
 _MODULES = {  # modules/<module>.py -> tests/modules/test_<name>.py
-    "viking": ["viking_module"], "blob": ["blob_module"], "training_free_bayes": ["tfb_search"],
-    "variational_inference": ["variational_inference"], "ssvi": ["ssvi_module"],
-    "nullspace_laplace": ["nullspace_laplace"], "subspace_inference": ["subspace_inference"],
+    "viking": ["viking_module", "viking_ddp"], "blob": ["blob_module", "blob_ddp"],
+    "training_free_bayes": ["tfb_search", "tfb_ddp"], "variational_inference": ["variational_inference"],
+    "ssvi": ["ssvi_module", "ssvi_ddp"], "nullspace_laplace": ["nullspace_laplace", "nullspace_laplace_ddp"],
+    "subspace_inference": ["subspace_inference", "subspace_inference_ddp"],
     "ensemble": ["baselines", "lora_ensemble"],
 }  # fmt: skip
 _CALLBACKS = {  # callbacks/<module>.py -> tests/callbacks/test_<name>.py
     "curve_training": ["curve_training", "curve_training_ddp"], "swa_subspace": ["swa_subspace", "swa_subspace_ddp"],
     "calibration": ["calibration_callback"], "coefficient_posterior": ["coefficient_posterior"],
+    "prediction_writer": ["prediction_writer"],
 }  # fmt: skip
 TESTS: dict[str, list[str]] = {  # source file -> the tests that exercise it directly
     **{f"lightning_bayes/{package}/{m}.py": [f"tests/{package}/test_{t}.py" for t in tests]
@@ -55,6 +57,7 @@ TESTS: dict[str, list[str]] = {  # source file -> the tests that exercise it dir
     **{f"lightning_bayes/metrics/{m}.py": ["tests/metrics"] for m in ("classification", "ood", "regression")},
     "lightning_bayes/optim/ivon.py": ["tests/optim"],
     "lightning_bayes/predictive.py": ["tests/test_predictive.py", "tests/metrics"],
+    "lightning_bayes/generator.py": ["tests/test_generator.py"],
 }
 _SWAP = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div: ("/", "*"), ast.Pow: ("**", "*"),
          ast.MatMult: ("@", "*"), ast.FloorDiv: ("//", "*")}  # fmt: skip

@@ -65,7 +65,8 @@ class PredictionWriter(BasePredictionWriter):
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
         header, values = self._table(trainer, prediction, target)
         size = len(values[0])
-        indices = list(batch_indices) if batch_indices is not None else range(self._count, self._count + size)
+        tracked = list(batch_indices or ())  # Lightning gives [] where it cannot track them (iterable datasets)
+        indices = tracked if len(tracked) == size else range(self._count, self._count + size)
         self._count += size
         if self._writer is None:
             assert self.path is not None

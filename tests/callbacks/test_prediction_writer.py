@@ -17,7 +17,7 @@ from lightning_bayes.cli import run
 from lightning_bayes.datamodules import DigitsDataModule, UCIRegressionDataModule
 from lightning_bayes.inference.likelihoods import GaussianLikelihood
 from lightning_bayes.models import MLP
-from lightning_bayes.modules import MAP, DeepEnsemble
+from lightning_bayes.modules import DeepEnsemble
 
 from cli_helpers import ROOT, quick_args
 
@@ -56,20 +56,48 @@ def test_classification_rows_are_the_model_average_and_its_uncertainties(tmp_pat
 def test_regression_rows_are_in_the_datas_units(tmp_path: Path) -> None:
     torch.manual_seed(0)
     likelihood = GaussianLikelihood(output_dim=1, heteroscedastic=True)
-    module = MAP(MLP(1, 2, hidden=[8]), likelihood=likelihood)
+    module = DeepEnsemble(MLP(1, 2, hidden=[8]), num_members=3, likelihood=likelihood)  # epistemic spread > 0
     data = UCIRegressionDataModule("mcycle", batch_size=16)
     header, table = read(predict(module, data, tmp_path))
     assert header == ["index", "target", "mean", "std", "epistemic_std", "aleatoric_std"]
-    data.setup("predict")
     x, y = data.test_set.tensors
     with torch.no_grad():
         expected = module.eval().predictive(x)
     shift, scale = float(data.target_mean), float(data.target_std)
-    torch.testing.assert_close(table[:, 1], (y.reshape(-1) * scale + shift).double(), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(table[:, 2], (expected.mean[:, 0] * scale + shift).double(), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(table[:, 3], (expected.variance[:, 0].sqrt() * scale).double(), rtol=1e-6, atol=1e-6)
-    assert torch.equal(table[:, 4], torch.zeros(len(y), dtype=torch.float64))  # one sample: no epistemic spread
-    torch.testing.assert_close(table[:, 5], table[:, 3], rtol=1e-6, atol=0)
+    assert scale > 10  # g units, far from the standardised ones
+    parts = (y.reshape(-1) * scale + shift, expected.mean[:, 0] * scale + shift, expected.variance[:, 0].sqrt() * scale,
+             expected.epistemic_variance[:, 0].sqrt() * scale, expected.aleatoric_variance[:, 0].sqrt() * scale)
+    for column, value in enumerate(parts, start=1):
+        torch.testing.assert_close(table[:, column], value.double(), rtol=1e-6, atol=1e-5, msg=header[column])
+    assert table[:, 4].min() > 0
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Examples one by one, without indices Lightning could track."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+def test_without_a_datamodule_or_indices_rows_are_counted_in_model_units(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = DeepEnsemble(MLP(3, 2, hidden=[8]), num_members=2, likelihood=GaussianLikelihood(output_dim=2))
+    x, y = torch.randn(10, 3), torch.randn(10, 2)
+    trainer = Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                      callbacks=[PredictionWriter(filename="stream")])
+    trainer.predict(module, torch.utils.data.DataLoader(Stream(x, y), batch_size=4))
+    header, table = read(tmp_path / "stream.csv")
+    assert header == ["index", "target_0", "target_1", "mean_0", "mean_1", "std_0", "std_1", "epistemic_std_0",
+                      "epistemic_std_1", "aleatoric_std_0", "aleatoric_std_1"]
+    assert torch.equal(table[:, 0], torch.arange(10, dtype=torch.float64))  # 4 + 4 + 2 rows, counted
+    with torch.no_grad():
+        expected = module.eval().predictive(x)
+    torch.testing.assert_close(table[:, 1:3], y.double(), rtol=0, atol=0)
+    torch.testing.assert_close(table[:, 3:5], expected.mean.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(table[:, 5:7], expected.variance.sqrt().double(), rtol=1e-6, atol=1e-7)
 
 
 def test_each_process_writes_its_own_file_and_none_is_overwritten(tmp_path: Path) -> None:
