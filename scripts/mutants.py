@@ -57,7 +57,6 @@ TESTS: dict[str, list[str]] = {  # source file -> the tests that exercise it dir
     **{f"lightning_bayes/metrics/{m}.py": ["tests/metrics"] for m in ("classification", "ood", "regression")},
     "lightning_bayes/optim/ivon.py": ["tests/optim"],
     "lightning_bayes/predictive.py": ["tests/test_predictive.py", "tests/metrics"],
-    "lightning_bayes/generator.py": ["tests/test_generator.py"],
 }
 _SWAP = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div: ("/", "*"), ast.Pow: ("**", "*"),
          ast.MatMult: ("@", "*"), ast.FloorDiv: ("//", "*")}  # fmt: skip
