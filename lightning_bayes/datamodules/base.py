@@ -51,8 +51,8 @@ class InMemoryDataModule(LightningDataModule):
     Subclasses set ``task``, and ``num_classes`` (classification) or ``output_dim`` (regression) as class
     attributes, so configs and modules can read them before ``setup``; their ``setup`` fills
     ``train_set``, ``val_set`` and ``test_set``. The training loader shuffles with a generator seeded by
-    ``seed``, so two runs with the same seed see the same batches; ``predict`` runs on the test split. ``num_train`` is the training-set
-    size N (the KL weight of variational methods is 1/N).
+    ``seed``, so two runs with the same seed see the same batches; ``predict`` runs on the test split.
+    ``num_train`` is the training-set size N (the KL weight of variational methods is 1/N).
 
     Args:
         batch_size: examples per batch.

@@ -208,11 +208,12 @@ class VIKING(BayesianModule):
 
     def on_fit_start(self) -> None:
         model = self.trainer.strategy.model
-        if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters and any(self.phase_epochs[:2]):
+        strict_ddp = isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
+        if strict_ddp and any(self.phase_epochs[:2]):
             raise ValueError(
-                f"VIKING with phase_epochs={self.phase_epochs} trains the network alone in the MLE phase and the scales "
-                "alone in the warm-up, which DDP must be told: use strategy='ddp_find_unused_parameters_true' (or "
-                "DDPStrategy(find_unused_parameters=True)), or phase_epochs=(0, 0, n)"
+                f"VIKING with phase_epochs={self.phase_epochs} trains the network alone in the MLE phase and the "
+                "scales alone in the warm-up, which DDP must be told: use strategy='ddp_find_unused_parameters_true' "
+                "(or DDPStrategy(find_unused_parameters=True)), or phase_epochs=(0, 0, n)"
             )
 
     def on_train_epoch_start(self) -> None:
@@ -313,8 +314,9 @@ class VIKING(BayesianModule):
             own = {name: getattr(self, name) for name in _RANK_NOISE}
             own["generator"] = self.generator.get_state().to(self.device)
             gathered = self.all_gather(own)
-            checkpoint["viking_ranks"] = [
-                {name: value[rank].cpu().clone() for name, value in gathered.items()} for rank in range(self.trainer.world_size)
+            checkpoint["viking_ranks"] = [  # clones: a view would save every rank's storage
+                {name: value[rank].cpu().clone() for name, value in gathered.items()}
+                for rank in range(self.trainer.world_size)
             ]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
