@@ -13,7 +13,7 @@ state and the random state (:class:`VariationalInference`) live in the checkpoin
 random stream untouched, so a resumed run continues exactly. Logs ``ssvi/density`` and ``ssvi/flops_ratio``
 (counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`). Under DDP the
 growth gradients are averaged across ranks like the parameters' gradients, so every rank keeps the same supports.
-With gradient accumulation the growth gradients are those of the update iteration's last micro-batch.
+With gradient accumulation the growth gradients are those of all the update iteration's micro-batches.
 Reference: Li, Miao, Qiu & Zhang, "Training Bayesian Neural Networks with Sparse Subspace Variational
 Inference", ICLR 2024 (arXiv 2402.11025).
 """
@@ -158,16 +158,19 @@ class SSVI(VariationalInference):
             optimizer.step(closure=optimizer_closure)
         self._apply_masks(getattr(optimizer, "optimizer", optimizer))
 
-    def _update_supports(self, closure: Any, fraction: float) -> None:
+    def _record_growth_gradients(self, record: bool) -> None:
+        """Add the dense gradients of the coming backward passes to the growth scores (with the noise off when
+        ``grow_noise_free``), or stop."""
         for family in self.sparse_families:
-            family.record_dense_gradient, family.dense_gradient = True, None
-        use_noise(self.backbone, not self.grow_noise_free)
+            family.record_dense_gradient = record
+        use_noise(self.backbone, not (record and self.grow_noise_free))
+
+    def _update_supports(self, closure: Any, fraction: float) -> None:
+        self._record_growth_gradients(True)  # already on for the earlier micro-batches of this iteration
         try:
             closure()
         finally:
-            use_noise(self.backbone, True)
-            for family in self.sparse_families:
-                family.record_dense_gradient = False
+            self._record_growth_gradients(False)
         for family in self.sparse_families:
             if family.dense_gradient is None:
                 raise RuntimeError(
@@ -205,6 +208,9 @@ class SSVI(VariationalInference):
         super().on_train_batch_start(batch, batch_idx)
         if self._layer_positions is None:
             self._layer_positions = self._measure_positions(batch[0])
+        if is_update_iteration(int(self.iteration) + 1, self.update_every, self.update_end):
+            # every micro-batch of an update iteration (gradient accumulation) adds to the growth scores
+            self._record_growth_gradients(True)
 
     @torch.no_grad()
     def _measure_positions(self, x: Any) -> dict[VariationalLayer, int]:

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.inference.point_mass import PointMass
 from lightning_bayes.inference.sparse_gaussian import SparseGaussian
-from lightning_bayes.inference.ssvi_topology import drop_fraction
+from lightning_bayes.inference.ssvi_topology import drop_fraction, update_support
+from lightning_bayes.modules import ssvi as ssvi_module
 from lightning_bayes.modules.ssvi import SSVI
 from lightning_bayes.predictive import CategoricalPredictive
 
@@ -214,3 +215,24 @@ def test_timm_resnet_backbone_keeps_batchnorm_and_biases_deterministic_and_the_s
 def test_bad_arguments_name_themselves(argument, value):
     with pytest.raises(ValueError, match=argument):
         ssvi(**{argument: value})
+
+
+def test_growth_gradients_under_accumulation_are_those_of_the_whole_batch(monkeypatch):
+    """Update at iteration 1 (the initial weights, noise off): two accumulated micro-batches of 4 give the growth
+    gradients of one batch of 8, not those of the last micro-batch alone."""
+    captured: list[torch.Tensor] = []
+
+    def spy(family, dense_gradient, *args, **kwargs):
+        captured.append(dense_gradient.clone())
+        return update_support(family, dense_gradient, *args, **kwargs)
+
+    monkeypatch.setattr(ssvi_module, "update_support", spy)
+    first_update = {}
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        captured.clear()
+        module = ssvi(update_every=1, grow_noise_free=True)
+        data = DataLoader(loader(shuffle=False).dataset, batch_size=batch_size)
+        trainer(1, limit_val_batches=0, accumulate_grad_batches=accumulate).fit(module, data)
+        first_update[accumulate] = captured[: len(module.sparse_families)]
+    for whole, accumulated in zip(first_update[1], first_update[2]):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-7)
