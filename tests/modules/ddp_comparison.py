@@ -49,6 +49,21 @@ class StateRecorder(Callback):
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 
 
+def spawn_trainer(devices: int, callbacks: list[Callback], **overrides) -> Trainer:
+    """A quiet CPU Trainer: ``devices`` processes under ``ddp_spawn`` (one: no strategy), the caller's samplers."""
+    options = {
+        "accelerator": "cpu", "devices": devices, "strategy": "ddp_spawn" if devices > 1 else "auto", "logger": False,
+        "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+        "use_distributed_sampler": False, "num_sanity_val_steps": 0, "callbacks": callbacks,
+    }  # fmt: skip
+    return Trainer(**{**options, **overrides})
+
+
+def rank_states(folder: Path) -> list[dict]:
+    """What each rank wrote to ``folder/rank<r>.pt``, by rank."""
+    return [torch.load(path) for path in sorted(folder.glob("rank*.pt"))]
+
+
 def fit_states(folder: Path, build: Callable[[], LightningModule], features: int) -> tuple[dict, dict, dict]:
     """``build()`` fitted for 2 epochs on 2 processes (batches of 4) and on one (batches of 8): the states of rank 0,
     rank 1 and the one process."""
@@ -58,13 +73,11 @@ def fit_states(folder: Path, build: Callable[[], LightningModule], features: int
         out = folder / f"devices{devices}"
         out.mkdir()
         torch.manual_seed(0)
-        Trainer(
-            max_epochs=2, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-            logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[StateRecorder(out)],
-        ).fit(build(), DataLoader(data, batch_size=8 // devices, sampler=AlternateExamples(EXAMPLES)))
-    states = [torch.load(folder / name) for name in ("devices2/rank0.pt", "devices2/rank1.pt", "devices1/rank0.pt")]
-    return states[0], states[1], states[2]
+        spawn_trainer(devices, [StateRecorder(out)], max_epochs=2).fit(
+            build(), DataLoader(data, batch_size=8 // devices, sampler=AlternateExamples(EXAMPLES))
+        )
+    rank0, rank1 = rank_states(folder / "devices2")
+    return rank0, rank1, rank_states(folder / "devices1")[0]
 
 
 def assert_ranks_equal_one_process(rank0: dict, rank1: dict, single: dict) -> None:

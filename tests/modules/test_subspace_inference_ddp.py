@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.inference.swag import SWAGMoments
 from lightning_bayes.modules.subspace_inference import SubspaceInference
 
+from ddp_comparison import rank_states, spawn_trainer
 from shards import AlternateBatches
 from test_subspace_inference import linear_module, regression
 
@@ -37,12 +38,8 @@ class Recorder(Callback):
 def fit(folder: Path, module: SubspaceInference, data: TensorDataset, devices: int, max_epochs: int) -> list[dict]:
     folder.mkdir()
     loader = DataLoader(data, batch_size=BATCH, sampler=AlternateBatches(len(data), BATCH))
-    Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[Recorder(folder)],
-    ).fit(module, loader)
-    return [torch.load(path) for path in sorted(folder.glob("rank*.pt"))]
+    spawn_trainer(devices, [Recorder(folder)], max_epochs=max_epochs).fit(module, loader)
+    return rank_states(folder)
 
 
 def test_ess_on_two_processes_draws_the_one_process_chain(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
+from ddp_comparison import rank_states, spawn_trainer
 from shards import AlternateBatches
 from test_tfb_search import _loader, _module
 
@@ -38,12 +39,10 @@ class Recorder(Callback):
 def search(folder: Path, devices: int) -> list[dict]:
     folder.mkdir()
     data = _loader().dataset
-    Trainer(
-        max_epochs=8, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Recorder(folder)],
-    ).fit(_module(), DataLoader(data, batch_size=16, sampler=AlternateBatches(len(data), 16)))
-    return [torch.load(path) for path in sorted(folder.glob("rank*.pt"))]
+    spawn_trainer(devices, [Recorder(folder)], max_epochs=8, limit_val_batches=0).fit(
+        _module(), DataLoader(data, batch_size=16, sampler=AlternateBatches(len(data), 16))
+    )
+    return rank_states(folder)
 
 
 def test_two_processes_search_as_one_process(tmp_path: Path) -> None:

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.modules.viking import VIKING
 
+from ddp_comparison import rank_states, spawn_trainer
 from shards import AlternateExamples
 from test_viking_module import assert_in_kernel
 
@@ -61,21 +62,15 @@ def fit(folder: Path, epochs: int, gamma: float, resume: Path | None = None,
     network = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     module = VIKING(network, phase_epochs=(1, 1, 2), gamma=gamma, num_samples=3, optimizer=adam)
     folder.mkdir()
-    Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=2, strategy=strategy, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder, use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        callbacks=[Recorder(folder), ModelCheckpoint(dirpath=folder, save_last=True)],
+    spawn_trainer(
+        2, [Recorder(folder), ModelCheckpoint(dirpath=folder, save_last=True)], max_epochs=epochs, strategy=strategy,
+        enable_checkpointing=True, default_root_dir=folder,
     ).fit(module, data, ckpt_path=resume, weights_only=False)  # the hyperparameters hold the optimiser factory
-
-
-def load(folder: Path) -> tuple[dict, dict]:
-    return torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
 
 
 def test_each_rank_keeps_its_own_noise_through_training(tmp_path: Path) -> None:
     fit(tmp_path / "run", epochs=3, gamma=1.0)
-    ranks = load(tmp_path / "run")
+    ranks = rank_states(tmp_path / "run")
     for name in NOISE:
         assert not torch.equal(ranks[0][name], ranks[1][name]), name
     assert torch.equal(ranks[0]["backbone.0.weight"], ranks[1]["backbone.0.weight"])  # gradients are averaged
@@ -92,7 +87,9 @@ def test_a_resumed_run_restores_every_ranks_noise_and_continues_exactly(tmp_path
     fit(tmp_path / "straight", epochs=4, gamma=0.2)
     fit(tmp_path / "stopped", epochs=3, gamma=0.2)
     fit(tmp_path / "resumed", epochs=4, gamma=0.2, resume=tmp_path / "stopped" / "last.ckpt")
-    for straight, resumed in zip(load(tmp_path / "straight"), load(tmp_path / "resumed")):
+    straight_ranks, resumed_ranks = rank_states(tmp_path / "straight"), rank_states(tmp_path / "resumed")
+    assert len(straight_ranks) == len(resumed_ranks) == 2
+    for straight, resumed in zip(straight_ranks, resumed_ranks):
         for name, value in straight.items():
             if name != "seen":
                 assert torch.equal(value, resumed[name]), name
