@@ -31,6 +31,8 @@ from lightning_bayes.callbacks.swa_subspace import SWASubspace
 from lightning_bayes.modules import MAP, IVONModule, VariationalInference
 from lightning_bayes.optim import IVON
 
+from gloo_exit import leave_process_group
+
 GLOBAL_BATCH = 8
 
 
@@ -185,3 +187,4 @@ def fit_in_one_process(out: Path, max_epochs: int, method: str, strategy: str = 
 
 if __name__ == "__main__":
     fit(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5] if len(sys.argv) > 5 else None, sys.argv[4])
+    leave_process_group()  # before the interpreter shuts down: see gloo_exit.py

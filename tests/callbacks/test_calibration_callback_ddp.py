@@ -13,6 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_bayes.callbacks import CalibrationMetrics
 
+from gloo_exit import spawned_ddp
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
 
@@ -37,7 +39,7 @@ def test_two_processes_write_the_single_process_metrics(tmp_path: Path) -> None:
     then pool the first 32 OOD examples (unsharded, both ranks would score OOD examples 0-15 twice).
     """
     single = run_test(tmp_path / "single", devices=1, limit_test_batches=2)
-    distributed = run_test(tmp_path / "ddp", devices=2, strategy="ddp_spawn", limit_test_batches=1)
+    distributed = run_test(tmp_path / "ddp", devices=2, strategy=spawned_ddp(), limit_test_batches=1)
     assert set(distributed) == set(single)
     for name, value in single.items():
         # float32 sums in a different order

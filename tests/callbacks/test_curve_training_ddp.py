@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bayes.callbacks.curve_training import CurveTraining
 from lightning_bayes.modules import MAP
 
+from gloo_exit import spawned_ddp
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
 
@@ -49,7 +51,7 @@ def run(tmp_path: Path, devices: int) -> tuple[dict[str, torch.Tensor], dict[str
         max_epochs=3,
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=spawned_ddp() if devices > 1 else "auto",
         logger=False,
         callbacks=[callback, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
         enable_progress_bar=False,

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.callbacks.swa_subspace import SWASubspace
 
+from gloo_exit import spawned_ddp
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
 
@@ -52,7 +54,7 @@ def test_two_processes_collect_each_snapshot_once(tmp_path: Path) -> None:
     x = torch.randn(32, 3, dtype=torch.float64, generator=generator)
     data = DataLoader(TensorDataset(x, torch.sin(x.sum(1, keepdim=True))), batch_size=4)  # 4 steps per rank and epoch
     Trainer(
-        max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        max_epochs=3, accelerator="cpu", devices=2, strategy=spawned_ddp(), logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[SWASubspace(params="all", start_epoch=1, every_n_steps=1, max_rank=3),
                    ModelCheckpoint(dirpath=tmp_path, save_last=True), Recorder(tmp_path)],

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from gloo_exit import spawned_ddp
 from shards import AlternateExamples
 
 EXAMPLES = 32
@@ -50,9 +51,9 @@ class StateRecorder(Callback):
 
 
 def spawn_trainer(devices: int, callbacks: list[Callback], **overrides) -> Trainer:
-    """A quiet CPU Trainer: ``devices`` processes under ``ddp_spawn`` (one: no strategy), the caller's samplers."""
+    """A quiet CPU Trainer: ``devices`` processes under ``ddp_spawn`` (one: no strategy), leaving gloo cleanly, the caller's samplers."""
     options = {
-        "accelerator": "cpu", "devices": devices, "strategy": "ddp_spawn" if devices > 1 else "auto", "logger": False,
+        "accelerator": "cpu", "devices": devices, "strategy": spawned_ddp() if devices > 1 else "auto", "logger": False,
         "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
         "use_distributed_sampler": False, "num_sanity_val_steps": 0, "callbacks": callbacks,
     }  # fmt: skip

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bayes.modules.ivon import IVONModule
 from lightning_bayes.optim import IVON
 
+from gloo_exit import spawned_ddp
 from shards import AlternateExamples
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
@@ -65,7 +66,7 @@ def fit(folder: Path, devices: int, batch_size: int) -> None:
     data = DataLoader(TensorDataset(x, torch.arange(32) % 3), batch_size=batch_size, sampler=AlternateExamples(32))
     folder.mkdir()
     Trainer(
-        max_epochs=1, accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        max_epochs=1, accelerator="cpu", devices=devices, strategy=spawned_ddp() if devices > 1 else "auto",
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         use_distributed_sampler=False, callbacks=[Recorder(folder)],
     ).fit(RecordingIVON(), data)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_bayes.modules.viking import VIKING
 
 from ddp_comparison import rank_states, spawn_trainer
+from gloo_exit import spawned_ddp
 from shards import AlternateExamples
 from test_viking_module import assert_in_kernel
 
@@ -53,7 +54,7 @@ class Recorder(Callback):
 
 
 def fit(folder: Path, epochs: int, gamma: float, resume: Path | None = None,
-        strategy: str = "ddp_spawn_find_unused_parameters_true") -> None:
+        find_unused_parameters: bool = True) -> None:
     generator = torch.Generator().manual_seed(1)
     y = torch.arange(32) % 2
     x = torch.randn(32, 2, dtype=torch.float64, generator=generator) * 0.4 + (2.0 * y[:, None] - 1.0)
@@ -63,7 +64,8 @@ def fit(folder: Path, epochs: int, gamma: float, resume: Path | None = None,
     module = VIKING(network, phase_epochs=(1, 1, 2), gamma=gamma, num_samples=3, optimizer=adam)
     folder.mkdir()
     spawn_trainer(
-        2, [Recorder(folder), ModelCheckpoint(dirpath=folder, save_last=True)], max_epochs=epochs, strategy=strategy,
+        2, [Recorder(folder), ModelCheckpoint(dirpath=folder, save_last=True)], max_epochs=epochs,
+        strategy=spawned_ddp(find_unused_parameters),
         enable_checkpointing=True, default_root_dir=folder,
     ).fit(module, data, ckpt_path=resume, weights_only=False)  # the hyperparameters hold the optimiser factory
 
@@ -98,4 +100,4 @@ def test_a_resumed_run_restores_every_ranks_noise_and_continues_exactly(tmp_path
 def test_ddp_that_does_not_look_for_unused_parameters_is_refused_before_the_first_step(tmp_path: Path) -> None:
     # the MLE phase leaves the two scales without gradients, the warm-up the network
     with pytest.raises(Exception, match=r"phase_epochs=\(1, 1, 2\).*strategy='ddp_find_unused_parameters_true'"):
-        fit(tmp_path / "run", epochs=1, gamma=0.2, strategy="ddp_spawn")
+        fit(tmp_path / "run", epochs=1, gamma=0.2, find_unused_parameters=False)
