@@ -515,8 +515,8 @@ class CurveTraining(Callback):
         if self.line:
             summary[f"line/{stage}_max_nll"] = max(values["line_nll"])
             summary[f"line/{stage}_max_error"] = max(values["line_error"])
-        for name, value in summary.items():
-            pl_module.log(name, value)
+        for name, value in summary.items():  # pooled over ranks already: the mean of equal values, unwarned
+            pl_module.log(name, value, sync_dist=True)
 
     def _write(self, trainer: Trainer, stage: str) -> None:
         values = self.grid_values.get(stage)
