@@ -339,6 +339,8 @@ class SubspaceInference(BayesianModule):
     def on_train_start(self) -> None:
         if self.method == "vi" and (self.trainer.max_epochs is None or self.trainer.max_epochs < 1):
             raise ValueError(f"method='vi' trains for max_epochs and then draws its samples; got {self.trainer.max_epochs!r}")
+        if self.method == "ess" and self._sampling_done():  # resumed from a finished chain: nothing left to draw
+            self.trainer.should_stop = True
 
     def on_train_epoch_end(self) -> None:
         if self.method == "vi" and self.current_epoch + 1 >= (self.trainer.max_epochs or 0):

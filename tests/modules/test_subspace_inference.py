@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.func import functional_call
@@ -109,6 +109,25 @@ def test_the_sampler_resumes_bitwise_from_a_mid_fit_checkpoint(tmp_path: Path) -
     resumed = linear_module(state, method="ess", num_samples=6)
     trainer(-1).fit(resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
     assert torch.equal(resumed.samples, straight.samples) and int(resumed.draws) == int(straight.draws)
+
+
+class CountBatches(Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.batches += 1
+
+
+def test_resuming_a_finished_chain_keeps_it_and_draws_nothing(tmp_path: Path) -> None:
+    x, y, state = regression()
+    data = DataLoader(TensorDataset(x, y), batch_size=20)
+    finished = linear_module(state, method="ess", num_samples=3)
+    trainer(-1, tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(finished, data)
+    resumed, counter = linear_module(state, method="ess", num_samples=3), CountBatches()
+    trainer(-1, callbacks=[counter]).fit(resumed, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert counter.batches == 0 and int(resumed.collected) == 3
+    assert torch.equal(resumed.samples, finished.samples) and int(resumed.draws) == int(finished.draws)
 
 
 class Net(nn.Module):
