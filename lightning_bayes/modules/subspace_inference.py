@@ -13,7 +13,9 @@ weights) and builds one of
     Fit = the sampler as Lightning epochs: each epoch evaluates the tempered full-data log-likelihood of one
     point (the start, then one proposal per epoch) over the training batches (no gradients), and its last
     batch makes the accept/shrink decision. Training stops itself once ``num_samples`` are accepted, after
-    ``1 + (log-likelihood evaluations)`` epochs (about 2-5 per sample): set ``max_epochs: -1`` (or a bound);
+    ``1 + (log-likelihood evaluations)`` epochs (about 2-5 per sample): set ``max_epochs: -1`` (or a bound). A
+    finished chain resumed with a larger ``num_samples`` (``fit --ckpt_path last.ckpt --model.init_args.num_samples
+    60``) goes on from its last state; a smaller one keeps the chain's first samples;
   - ``method="vi"``: ``q(z) = N(mu, diag sigma^2)`` trained by ordinary steps on ``mean NLL + T KL / N``
     for ``max_epochs``; the samples are ``num_samples`` fixed draws from ``q``;
   - ``method="none"``: ``z ~ N(0, sigma_p^2 I)`` (for ``"swag"``: the SWAG draws).
@@ -208,6 +210,7 @@ class SubspaceInference(BayesianModule):
         self.register_buffer("bn_statistics", torch.zeros(num_samples, width, dtype=dtype))  # per sample
         self.register_buffer("bn_ready", torch.zeros((), dtype=torch.bool))
         self._swag_draws: Tensor | None = None
+        self._extend_chain = False  # set by on_load_checkpoint: a finished ESS chain given more samples
 
     # ----- construction ---------------------------------------------------------------------------------
     def _load_likelihood(self, state: Mapping[str, Tensor]) -> None:
@@ -341,6 +344,27 @@ class SubspaceInference(BayesianModule):
             raise ValueError(f"method='vi' trains for max_epochs and then draws its samples; got {self.trainer.max_epochs!r}")
         if self.method == "ess" and self._sampling_done():  # resumed from a finished chain: nothing left to draw
             self.trainer.should_stop = True
+        if self._extend_chain:  # begin the step after the last sample, as an uninterrupted chain does on accepting it
+            self.sampler.begin(self._generator())
+            self._extend_chain = False
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another ``num_samples``: its per-sample buffers cut or zero-padded to this module's (the
+        first ``num_samples`` samples; the file is unchanged). A finished ESS chain given more samples goes on from its
+        last state, drawing what one uninterrupted chain of the new length draws."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        saved = state.get("samples")
+        if saved is None or len(saved) == self.num_samples:
+            return
+        for name in ("samples", "bn_statistics"):
+            rows = state[name][: self.num_samples]
+            state[name] = torch.cat([rows, rows.new_zeros(self.num_samples - len(rows), *rows.shape[1:])])
+        finished = int(state["collected"]) == len(saved)
+        state["collected"] = state["collected"].clamp(max=self.num_samples)
+        if self.method == "ess" and finished and len(saved) < self.num_samples:
+            state["bn_ready"] = torch.zeros_like(state["bn_ready"])  # the new samples' statistics come at the end
+            self._extend_chain = True
 
     def on_train_epoch_end(self) -> None:
         if self.method == "vi" and self.current_epoch + 1 >= (self.trainer.max_epochs or 0):

@@ -130,6 +130,32 @@ def test_resuming_a_finished_chain_keeps_it_and_draws_nothing(tmp_path: Path) ->
     assert torch.equal(resumed.samples, finished.samples) and int(resumed.draws) == int(finished.draws)
 
 
+def test_a_finished_chain_given_more_samples_goes_on_as_one_chain(tmp_path: Path) -> None:
+    x, y, state = regression()
+    data = DataLoader(TensorDataset(x, y), batch_size=20)
+    straight = linear_module(state, method="ess", num_samples=6)
+    trainer(-1).fit(straight, data)
+    trainer(-1, tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(
+        linear_module(state, method="ess", num_samples=4), data
+    )
+    extended = linear_module(state, method="ess", num_samples=6)
+    trainer(-1).fit(extended, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert int(extended.collected) == 6 and int(extended.draws) == int(straight.draws)
+    assert torch.equal(extended.samples, straight.samples)
+
+
+def test_fewer_samples_than_the_checkpoint_holds_are_its_first(tmp_path: Path) -> None:
+    x, y, state = regression()
+    data = DataLoader(TensorDataset(x, y), batch_size=20)
+    finished = linear_module(state, method="ess", num_samples=4)
+    trainer(-1, tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(finished, data)
+    fewer = linear_module(state, method="ess", num_samples=2)
+    trainer(1).validate(fewer, data, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert int(fewer.collected) == 2 and torch.equal(fewer.samples, finished.samples[:2])
+    expected = fewer.subspace(finished.samples[:2]) @ x[:3].T
+    torch.testing.assert_close(fewer.predictive(x[:3]).mean_samples[:, :, 0], expected, rtol=0, atol=1e-12)
+
+
 class Net(nn.Module):
     def __init__(self, batchnorm: bool = False) -> None:
         super().__init__()
