@@ -123,6 +123,19 @@ class NullSpaceLaplace(BayesianModule):
                     self.function.constraint = LossConstraint(self.likelihood)
             self._constraint_pending = False
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's projected samples, whatever ``num_samples`` is now: the predictive uses the first
+        ``num_samples`` of them (alpha and the scale stay the fit's, which used them all); more needs a new fit."""
+        super().on_load_checkpoint(checkpoint)
+        per_sample = [f"projections.{name}" for name in ("noise", "samples", "sweep_start")]
+        self.take_saved_shapes(checkpoint["state_dict"], per_sample)
+        held = self.projections.samples.shape[0]
+        if self.num_samples > held:
+            raise ValueError(
+                f"num_samples={self.num_samples} exceeds the {held} samples the checkpoint's fit projected; pass "
+                f"num_samples <= {held}, or fit again with num_samples={self.num_samples}"
+            )
+
     # ----- the sweeps ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.trainer.world_size > 1:  # before DDP wraps a module with nothing to train

@@ -329,3 +329,16 @@ class VIKING(BayesianModule):
             self.generator.set_state(saved[rank]["generator"])
         elif rank == 0 and "viking_generator" in checkpoint:
             self.generator.set_state(checkpoint["viking_generator"])
+        self._fit_samples_to(checkpoint["state_dict"])
+
+    def _fit_samples_to(self, state: dict[str, Tensor]) -> None:
+        """A checkpoint of another ``num_samples``: all its samples are kept (the predictive uses the first
+        ``num_samples``); more than it holds are drawn and projected by the next sweep (test and predict sweep
+        first)."""
+        held = len(state["sample_noise"])
+        if held < self.num_samples:
+            for name in ("sample_noise", "sample_kernel"):
+                rows = state[name]
+                state[name] = torch.cat([rows, rows.new_zeros(self.num_samples - held, rows.shape[1])])
+            state["swept_at"] = torch.full_like(state["swept_at"], float("nan"))  # stale: sweep before use
+        self.take_saved_shapes(state, ["sample_noise", "sample_kernel"])

@@ -191,6 +191,17 @@ def test_timm_backbone_with_batchnorm_and_a_parameter_subset() -> None:
     assert module.model.training is False and module.model.layer4[0].bn1.training is False
 
 
+def test_a_checkpoint_tested_with_fewer_samples_uses_its_first_and_refuses_more(tmp_path: Path) -> None:
+    loader, _, _ = make_data()
+    full = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
+    make_trainer(3, tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(full, loader)
+    fewer, checkpoint = NullSpaceLaplace(make_model(), num_samples=2, seed=3), tmp_path / "last.ckpt"
+    make_trainer(1).validate(fewer, loader, ckpt_path=checkpoint, verbose=False)
+    torch.testing.assert_close(fewer.deltas(), full.deltas(2), rtol=0, atol=0)  # alpha from all four samples
+    with pytest.raises(ValueError, match="num_samples=6 exceeds the 4 samples the checkpoint's fit projected"):
+        make_trainer(1).validate(NullSpaceLaplace(make_model(), num_samples=6), loader, ckpt_path=checkpoint)
+
+
 def test_a_fixed_scale_survives_loading_a_line_search_checkpoint() -> None:
     searched, _x, _ = fitted(sweeps=2, scale="line_search", alpha=1.0)
     fixed = NullSpaceLaplace(make_model(), num_samples=6, scale=0.5, alpha=1.0)

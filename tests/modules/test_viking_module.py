@@ -310,3 +310,24 @@ def test_a_stale_posterior_is_swept_again_over_a_training_epochs_batches_before_
     assert sweeps == [2]  # theta_hat has not moved since
     with pytest.raises(RuntimeError, match="call module.sweep"):  # never swept and no training data attached
         make_module().on_test_start()
+
+
+def test_a_checkpoint_of_another_num_samples_keeps_its_samples_and_sweeps_for_more(tmp_path: Path) -> None:
+    saved = make_module(num_samples=3)
+    trainer = make_trainer(3)
+    trainer.fit(saved, datamodule=TwoBlobs())
+    trainer.test(saved, datamodule=TwoBlobs(), verbose=False)  # the sweep at the fitted theta_hat
+    trainer.save_checkpoint(tmp_path / "swept.ckpt")
+    tester = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    fewer = make_module(num_samples=2)
+    tester.test(fewer, datamodule=TwoBlobs(), ckpt_path=tmp_path / "swept.ckpt", verbose=False)
+    assert torch.equal(fewer.sample_kernel, saved.sample_kernel)  # all kept, none swept again
+    assert torch.equal(fewer.samples(), saved.samples(2))
+
+    more = make_module(num_samples=5)
+    tester.test(more, datamodule=TwoBlobs(), ckpt_path=tmp_path / "swept.ckpt", verbose=False)
+    assert more.sample_kernel.shape[0] == 5 and torch.equal(more.swept_at, more._fingerprint())
+    assert bool((more.sample_kernel.norm(dim=1) > 0).all())  # no zero row left
+    x, y = two_blobs().tensors
+    assert_in_kernel(more.function.jacobian(x[-8:], y[-8:]), more.sample_kernel)  # a new sweep for all five
