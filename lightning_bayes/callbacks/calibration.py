@@ -251,6 +251,8 @@ class CalibrationMetrics(Callback):
         self, trainer: Trainer, pl_module: LightningModule, epoch: _EpochMetrics, computed: dict[str, float]
     ) -> None:
         folder = run_folder(trainer)
+        if folder is None:
+            return
         reliability = self._reliability_data(epoch) if self.plots and epoch.task == "classification" else None
         band = self._band_data(trainer, pl_module, epoch)
         if not trainer.is_global_zero:

@@ -62,7 +62,7 @@ class CoefficientPosterior(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         layer = self._layer(pl_module)
         folder = run_folder(trainer)
-        if not trainer.is_global_zero:
+        if folder is None or not trainer.is_global_zero:
             return
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # the draws leave the global generator untouched
             torch.manual_seed(self.seed)

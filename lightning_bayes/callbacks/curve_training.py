@@ -523,7 +523,7 @@ class CurveTraining(Callback):
         if values is None:
             return
         folder = run_folder(trainer)
-        if not trainer.is_global_zero:
+        if folder is None or not trainer.is_global_zero:
             return
         stem = f"loss_along_curve_{stage}"
         write_json(folder, stem, values)

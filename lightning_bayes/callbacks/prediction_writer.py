@@ -54,22 +54,26 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = run_folder(trainer)  # a collective call: every rank asks
+        self.path, self._writer, self._count = None, None, 0
+        if folder is None:  # fast_dev_run: no file
+            return
         stem = self.filename if trainer.world_size == 1 else f"{self.filename}-rank{trainer.global_rank}"
         folder.mkdir(parents=True, exist_ok=True)
-        self.path, self._writer, self._count = unique_path(folder, stem, ".csv"), None, 0
+        self.path = unique_path(folder, stem, ".csv")
 
     def write_on_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
         batch_idx: int, dataloader_idx: int,
     ) -> None:
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
-        header, values = self._table(trainer, prediction, target)
+        header, values = self._table(trainer, prediction, target)  # checked under fast_dev_run too
+        if self.path is None:  # fast_dev_run: no file
+            return
         size = len(values[0])
         tracked = list(batch_indices or ())  # Lightning gives [] where it cannot track them (iterable datasets)
         indices = tracked if len(tracked) == size else range(self._count, self._count + size)
         self._count += size
         if self._writer is None:
-            assert self.path is not None
             # open across batches, closed at predict end or on an exception; "x": never overwrite
             self._file = open(self.path, "x", newline="")  # noqa: SIM115
             self._writer = csv.writer(self._file)

@@ -103,7 +103,7 @@ def test_without_a_datamodule_or_indices_rows_are_counted_in_model_units(tmp_pat
 def test_each_process_writes_its_own_file_and_none_is_overwritten(tmp_path: Path) -> None:
     (tmp_path / "predictions-rank1.csv").write_text("kept")
     writer = PredictionWriter()
-    writer.on_predict_start(SimpleNamespace(log_dir=str(tmp_path), world_size=2, global_rank=1), None)
+    writer.on_predict_start(SimpleNamespace(log_dir=str(tmp_path), world_size=2, global_rank=1, fast_dev_run=0), None)
     assert writer.path == tmp_path / "predictions-rank1-1.csv"
     assert (tmp_path / "predictions-rank1.csv").read_text() == "kept"
 

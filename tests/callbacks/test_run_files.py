@@ -2,7 +2,13 @@
 
 import json
 
+from lightning.pytorch import Trainer
+
+from lightning_bayes.callbacks import CalibrationMetrics, PredictionWriter
 from lightning_bayes.callbacks.run_files import unique_path, write_json
+from lightning_bayes.datamodules import DigitsDataModule
+from lightning_bayes.models import MLP
+from lightning_bayes.modules import MAP
 
 
 def test_write_json_never_overwrites(tmp_path):
@@ -12,3 +18,17 @@ def test_write_json_never_overwrites(tmp_path):
     assert json.loads(first.read_text()) == {"acc": 1.0} and json.loads(second.read_text()) == {"acc": 0.5}
     assert unique_path(tmp_path / "run", "metrics", ".json").name == "metrics-2.json"
     assert unique_path(tmp_path / "run", "plot", ".png").name == "plot.png"
+
+
+def test_fast_dev_run_writes_no_files(tmp_path):
+    """Lightning turns its loggers and checkpoints off under ``fast_dev_run``; the library's run files stay off too
+    (without a logger they would land in the root folder)."""
+    trainer = Trainer(
+        fast_dev_run=True, default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[CalibrationMetrics(), PredictionWriter()],
+    )  # fmt: skip
+    model, data = MAP(MLP(64, 10, hidden=[16])), DigitsDataModule(batch_size=50)
+    trainer.fit(model, datamodule=data)
+    assert trainer.test(model, datamodule=data, verbose=False)[0]["test/cal/nll"] > 0  # still computed
+    assert len(trainer.predict(model, datamodule=data)) == 1  # one batch
+    assert list(tmp_path.rglob("*")) == []
