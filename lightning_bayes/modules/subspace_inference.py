@@ -346,6 +346,7 @@ class SubspaceInference(BayesianModule):
             self.trainer.should_stop = True
         if self._extend_chain:  # begin the step after the last sample, as an uninterrupted chain does on accepting it
             self.sampler.begin(self._generator())
+            self.bn_ready.fill_(False)  # the new samples' statistics come once sampling is done
             self._extend_chain = False
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -362,9 +363,7 @@ class SubspaceInference(BayesianModule):
             state[name] = torch.cat([rows, rows.new_zeros(self.num_samples - len(rows), *rows.shape[1:])])
         finished = int(state["collected"]) == len(saved)
         state["collected"] = state["collected"].clamp(max=self.num_samples)
-        if self.method == "ess" and finished and len(saved) < self.num_samples:
-            state["bn_ready"] = torch.zeros_like(state["bn_ready"])  # the new samples' statistics come at the end
-            self._extend_chain = True
+        self._extend_chain = self.method == "ess" and finished and len(saved) < self.num_samples  # acted on by a fit
 
     def on_train_epoch_end(self) -> None:
         if self.method == "vi" and self.current_epoch + 1 >= (self.trainer.max_epochs or 0):

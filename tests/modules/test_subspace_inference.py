@@ -220,6 +220,20 @@ def test_batchnorm_statistics_are_refreshed_and_cached_per_sample(tmp_path: Path
     torch.testing.assert_close(module.bn_statistics[0], module.bn_statistics[1], rtol=0, atol=0)
 
 
+def test_a_finished_batchnorm_chain_tested_with_more_samples_predicts_with_those_it_has(tmp_path: Path) -> None:
+    _, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
+    options = {"checkpoint": str(path), "subspace": "pca", "rank": 2, "method": "ess", "temperature": 1.0}
+    finished = SubspaceInference(Net(batchnorm=True), num_samples=3, **options)
+    trainer(-1, tmp_path / "ess", callbacks=[ModelCheckpoint(dirpath=tmp_path / "ess", save_last=True)]).fit(
+        finished, classification()
+    )
+    more = SubspaceInference(Net(batchnorm=True), num_samples=5, **options)
+    trainer(1).validate(more, classification(), ckpt_path=tmp_path / "ess" / "last.ckpt", verbose=False)
+    x = next(iter(classification()))[0]
+    logits = more.eval().predictive(x).logits  # the three samples and their cached statistics
+    torch.testing.assert_close(logits, finished.eval().predictive(x).logits, rtol=0, atol=0)
+
+
 def test_curve_and_random_subspaces() -> None:
     _, _, state = regression()
     generator = torch.Generator().manual_seed(5)
