@@ -67,16 +67,6 @@ class BayesianModule(LightningModule, ABC):
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         return n
 
-    def take_saved_shapes(self, state: dict[str, Tensor], names: list[str]) -> None:
-        """Give the buffers ``names`` (state-dict keys) their shapes in ``state``, so that a module built with another
-        ``num_samples`` loads the per-sample buffers a checkpoint holds."""
-        for name in names:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = self.get_submodule(owner_name)
-            current = owner.get_buffer(leaf)
-            if name in state and state[name].shape != current.shape:
-                setattr(owner, leaf, current.new_empty(state[name].shape))
-
     def training_set_size(self, argument: str = "dataset_size") -> int:
         """N for a KL weight ``1/N``: the datamodule's ``num_train``, else the length of the training loader's
         dataset; a clear error naming ``argument`` (the method's explicit way to give N) when neither exists."""
@@ -181,3 +171,9 @@ class BayesianModule(LightningModule, ABC):
         """Log a training objective term as ``train/<name>`` (on the progress bar for the total)."""
         self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
 
+
+def first_rows(rows: Tensor, count: int) -> Tensor:
+    """The first ``count`` rows of ``rows``, zero-padded to ``count``: a per-sample buffer of a checkpoint loaded
+    by a module built with another ``num_samples``."""
+    kept = rows[:count]
+    return torch.cat([kept, kept.new_zeros(count - len(kept), *kept.shape[1:])])

@@ -127,8 +127,9 @@ class NullSpaceLaplace(BayesianModule):
         """The checkpoint's projected samples, whatever ``num_samples`` is now: the predictive uses the first
         ``num_samples`` of them (alpha and the scale stay the fit's, which used them all); more needs a new fit."""
         super().on_load_checkpoint(checkpoint)
-        per_sample = [f"projections.{name}" for name in ("noise", "samples", "sweep_start")]
-        self.take_saved_shapes(checkpoint["state_dict"], per_sample)
+        for name in ("noise", "samples", "sweep_start"):  # this module's buffers take the saved shapes
+            saved = checkpoint["state_dict"][f"projections.{name}"]
+            setattr(self.projections, name, getattr(self.projections, name).new_empty(saved.shape))
         held = self.projections.samples.shape[0]
         if self.num_samples > held:
             raise ValueError(

@@ -63,7 +63,7 @@ from ..inference.swag import SWAGMoments
 from ..models.weights import load_trained_weights, resolve_checkpoint_path
 from ..params import ParamSelector, select_parameters
 from ..predictive import Predictive
-from .base import Batch, BayesianModule
+from .base import Batch, BayesianModule, first_rows
 
 _SUBSPACES = ("swag", "pca", "random", "curve")
 _METHODS = ("ess", "vi", "none")
@@ -359,8 +359,7 @@ class SubspaceInference(BayesianModule):
         if saved is None or len(saved) == self.num_samples:
             return
         for name in ("samples", "bn_statistics"):
-            rows = state[name][: self.num_samples]
-            state[name] = torch.cat([rows, rows.new_zeros(self.num_samples - len(rows), *rows.shape[1:])])
+            state[name] = first_rows(state[name], self.num_samples)
         finished = int(state["collected"]) == len(saved)
         state["collected"] = state["collected"].clamp(max=self.num_samples)
         self._extend_chain = self.method == "ess" and finished and len(saved) < self.num_samples  # acted on by a fit

@@ -45,7 +45,7 @@ from ..inference.viking import KernelImageGaussian, image_dimension, mix_noise
 from ..models.weights import load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
-from .base import Batch, BayesianModule
+from .base import Batch, BayesianModule, first_rows
 
 _CONSTRAINTS = ("loss", "output")
 _PREDICTIVES = ("neural", "linearized")
@@ -332,13 +332,10 @@ class VIKING(BayesianModule):
         self._fit_samples_to(checkpoint["state_dict"])
 
     def _fit_samples_to(self, state: dict[str, Tensor]) -> None:
-        """A checkpoint of another ``num_samples``: all its samples are kept (the predictive uses the first
-        ``num_samples``); more than it holds are drawn and projected by the next sweep (test and predict sweep
-        first)."""
+        """A checkpoint of another ``num_samples``: its first ``num_samples`` samples; more than it holds are drawn
+        and projected by the next sweep (test and predict sweep first)."""
         held = len(state["sample_noise"])
+        for name in ("sample_noise", "sample_kernel"):
+            state[name] = first_rows(state[name], self.num_samples)
         if held < self.num_samples:
-            for name in ("sample_noise", "sample_kernel"):
-                rows = state[name]
-                state[name] = torch.cat([rows, rows.new_zeros(self.num_samples - held, rows.shape[1])])
             state["swept_at"] = torch.full_like(state["swept_at"], float("nan"))  # stale: sweep before use
-        self.take_saved_shapes(state, ["sample_noise", "sample_kernel"])
