@@ -89,8 +89,9 @@ class ParameterFunction:
         constraint: per-example map ``(outputs, y) -> [m]`` (:func:`output_constraint`,
             :class:`LossConstraint` or any callable).
         chunk_size: vectors per vmapped chunk in ``jvp``/``vjp``/per-example Jacobians (``None``: all).
-        vectorize: per-example Jacobians with ``vmap``; ``False`` loops over examples (for models whose
-            forward has data-dependent control flow that ``vmap`` rejects).
+        vectorize: per-example Jacobians with ``vmap``, tried on two examples at the first Jacobian (a model
+            whose forward has data-dependent control flow that ``vmap`` rejects falls back to a loop over
+            examples, with a warning); ``False`` loops from the start.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class ParameterFunction:
         self.constraint = constraint
         self.chunk_size = chunk_size
         self.vectorize = vectorize
+        self._vmap_checked = not vectorize
 
     @property
     def size(self) -> int:
@@ -149,6 +151,8 @@ class ParameterFunction:
     def jacobian(self, x: Any, y: Tensor, theta: Tensor | None = None) -> Tensor:
         """``J_b = d g(theta, x, y) / d theta`` as a dense ``[M_b, P]`` matrix, row block per example."""
         theta = self.theta() if theta is None else theta
+        if not self._vmap_checked:
+            self._check_vmap(theta, x, y)
         if self.vectorize:
             rows = vmap(jacrev(self._example_constraint), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(theta, x, y)
         else:
@@ -156,6 +160,19 @@ class ParameterFunction:
                 [jacrev(self._example_constraint)(theta, tree_map(lambda t: t[n], x), y[n]) for n in range(len(y))]
             )
         return rows.reshape(-1, self.size)
+
+    def _check_vmap(self, theta: Tensor, x: Any, y: Tensor) -> None:
+        """Try a vmapped per-example Jacobian on two examples; fall back to a loop (with a warning) if vmap fails."""
+        self._vmap_checked = True
+        try:
+            vmap(jacrev(self._example_constraint), in_dims=(None, 0, 0))(theta, _take(x, 2), y[:2])
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            warnings.warn(
+                f"vmap over examples failed through {type(self.model).__name__} ({error}); "
+                "per-example Jacobians fall back to a Python loop over examples",
+                stacklevel=3,
+            )
+            self.vectorize = False
 
     def jvp(self, x: Any, tangents: Tensor, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(f(theta, x), [J(x) v_s]_s)`` for tangents ``[S, P]``; one forward-mode pass per tangent
@@ -237,20 +254,6 @@ class ParameterFunction:
                 "A custom autograd.Function needs a jvp staticmethod; attention needs a kernel with forward AD "
                 "(attn_implementation='eager', or the math scaled-dot-product backend)."
             ) from error
-
-    def probe_vectorize(self, x: Any, y: Tensor) -> None:
-        """Try a vmapped per-example Jacobian on two examples; fall back to a loop (with a warning) if vmap fails."""
-        if not self.vectorize:
-            return
-        try:
-            self.jacobian(_take(x, 2), y[:2])
-        except (RuntimeError, NotImplementedError, ValueError) as error:
-            warnings.warn(
-                f"vmap over examples failed through {type(self.model).__name__} ({error}); "
-                "per-example Jacobians fall back to a Python loop over examples",
-                stacklevel=2,
-            )
-            self.vectorize = False
 
 
 def _take(x: Any, n: int) -> Any:

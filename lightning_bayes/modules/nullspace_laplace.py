@@ -159,7 +159,6 @@ class NullSpaceLaplace(BayesianModule):
         x, y = batch
         self._resolve_constraint(x)
         if batch_idx == 0:
-            self.function.probe_vectorize(x, y)
             if self.predictive_mode == "linearized":
                 self.function.check_forward_mode(x)  # fail now, naming the model, not at the first evaluation
             self.projections.begin_sweep()

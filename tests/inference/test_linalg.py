@@ -84,6 +84,23 @@ def test_chunking_and_loop_give_identical_results(problem, chunk_size) -> None:
     torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
 
 
+class CheckedInputs(nn.Sequential):
+    """A network behind an input check that vmap cannot batch (data-dependent Python control flow)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must be finite")
+        return super().forward(x)
+
+
+def test_jacobian_falls_back_to_a_loop_where_vmap_fails(problem) -> None:
+    plain, x, y, dense = problem
+    function = ParameterFunction(CheckedInputs(*plain.model))
+    with pytest.warns(UserWarning, match="CheckedInputs .*fall back to a Python loop"):
+        torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
+    assert not function.vectorize and plain.vectorize
+
+
 def test_gram_factor_is_the_pseudo_inverse_with_a_relative_cutoff() -> None:
     generator = torch.Generator().manual_seed(3)
     a = torch.randn(6, 3, dtype=torch.float64, generator=generator)

@@ -202,6 +202,28 @@ def test_a_checkpoint_tested_with_fewer_samples_uses_its_first_and_refuses_more(
         make_trainer(1).validate(NullSpaceLaplace(make_model(), num_samples=6), loader, ckpt_path=checkpoint)
 
 
+class CheckedInputs(nn.Sequential):
+    """``make_model``'s network behind an input check that vmap cannot batch (like the causal-LM classifier's
+    padding check): per-example Jacobians must fall back to a loop."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must be finite")
+        return super().forward(x)
+
+
+def test_a_model_vmap_rejects_validates_from_a_checkpoint_with_the_loop(tmp_path: Path) -> None:
+    loader, _, _ = make_data()
+    fit = NullSpaceLaplace(CheckedInputs(*make_model()), num_samples=4, rtol=1e-12)
+    with pytest.warns(UserWarning, match="fall back to a Python loop"):
+        make_trainer(40, tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(fit, loader)
+    loaded = NullSpaceLaplace(CheckedInputs(*make_model(seed=1)), num_samples=4, rtol=1e-12)
+    with pytest.warns(UserWarning, match="fall back to a Python loop"):  # no training step ran here to probe vmap
+        (metrics,) = make_trainer(1).validate(loaded, loader, ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert metrics["val/kernel_residual"] < 1e-6  # the loaded samples lie in the kernel of the training batches
+    torch.testing.assert_close(loaded.deltas(), fit.deltas(), rtol=0, atol=0)
+
+
 def test_a_fixed_scale_survives_loading_a_line_search_checkpoint() -> None:
     searched, _x, _ = fitted(sweeps=2, scale="line_search", alpha=1.0)
     fixed = NullSpaceLaplace(make_model(), num_samples=6, scale=0.5, alpha=1.0)
