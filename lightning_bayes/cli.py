@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .callbacks import CalibrationMetrics, PredictionWriter
@@ -58,12 +58,19 @@ class BayesCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Show a Rich progress bar unless the user turned bars off or chose another one."""
+        """Show a Rich progress bar unless the user turned bars off or chose another one. Under ``fast_dev_run``
+        no checkpoint is written: Lightning skips every save then but ``save_last``'s at the end of training,
+        which would leave ``checkpoints/last-v<n>.ckpt`` in the working folder on every debug run."""
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar(leave=True)]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if trainer.fast_dev_run:
+            for checkpoint in trainer.checkpoint_callbacks:
+                if isinstance(checkpoint, ModelCheckpoint):
+                    checkpoint.save_last = False
+        return trainer
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:

@@ -89,3 +89,12 @@ def test_model_arguments_win_over_the_checkpoints_for_a_lora_backbone(tmp_path: 
     assert run([*args, "--model.init_args.mean_prediction", "true"]).model.mean_prediction
     restored = run([*args, "--model.init_args.num_samples=3"]).model
     assert restored.num_samples == 3 and not restored.mean_prediction and restored.kl_lr == 0.01
+
+
+def test_fast_dev_run_leaves_the_working_folder_empty(tmp_path: Path, monkeypatch):
+    """Lightning turns loggers and checkpoints off under ``fast_dev_run`` but for ``save_last``'s save at the end
+    of training (the digits MAP config has ``save_last: true``): a debug run writes nothing, twice over."""
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        run(["fit", "--config", str(ROOT / "configs" / "digits" / "map.yaml"), "--trainer.fast_dev_run=true"])
+    assert list(tmp_path.rglob("*")) == []
