@@ -17,6 +17,8 @@ from lightning_bayes.inference.linalg import (
     project_out_rows,
 )
 
+from unbatchable import CheckedInputs
+
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: thread hand-offs dominate
 
 
@@ -82,15 +84,6 @@ def test_chunking_and_loop_give_identical_results(problem, chunk_size) -> None:
     torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
     function.vectorize = False
     torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
-
-
-class CheckedInputs(nn.Sequential):
-    """A network behind an input check that vmap cannot batch (data-dependent Python control flow)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x must be finite")
-        return super().forward(x)
 
 
 def test_jacobian_falls_back_to_a_loop_where_vmap_fails(problem) -> None:

@@ -18,6 +18,7 @@ from lightning_bayes.modules import MAP, NullSpaceLaplace
 from lightning_bayes.predictive import CategoricalPredictive
 
 from linearisation import first_order_outputs
+from unbatchable import CheckedInputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -200,16 +201,6 @@ def test_a_checkpoint_tested_with_fewer_samples_uses_its_first_and_refuses_more(
     torch.testing.assert_close(fewer.deltas(), full.deltas(2), rtol=0, atol=0)  # alpha from all four samples
     with pytest.raises(ValueError, match="num_samples=6 exceeds the 4 samples the checkpoint's fit projected"):
         make_trainer(1).validate(NullSpaceLaplace(make_model(), num_samples=6), loader, ckpt_path=checkpoint)
-
-
-class CheckedInputs(nn.Sequential):
-    """``make_model``'s network behind an input check that vmap cannot batch (like the causal-LM classifier's
-    padding check): per-example Jacobians must fall back to a loop."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x must be finite")
-        return super().forward(x)
 
 
 def test_a_model_vmap_rejects_validates_from_a_checkpoint_with_the_loop(tmp_path: Path) -> None:
