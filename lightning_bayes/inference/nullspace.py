@@ -94,9 +94,10 @@ class AlternatingProjections(nn.Module):
             self._factors.put(key, fingerprint, factor)
         return factor
 
-    def project(self, jacobian: Tensor, key: int | None = None) -> None:
-        """Project every sample onto ``ker J_b`` for one micro-batch's dense Jacobian ``[M_b, P]``."""
-        self.samples.copy_(project_out_rows(self.samples, jacobian, self.factor(jacobian, key)))
+    def project(self, jacobian: Tensor, key: int | None = None, rows: slice = slice(None)) -> None:
+        """Project the samples ``rows`` (all by default) onto ``ker J_b`` for one micro-batch's dense Jacobian
+        ``[M_b, P]``; each sample's projection is independent of the others'."""
+        self.samples[rows] = project_out_rows(self.samples[rows], jacobian, self.factor(jacobian, key))
 
     def end_sweep(self) -> None:
         """Extrapolate along ``v_0 -> Q v_0`` (if ``accelerate``) and count the sweep.

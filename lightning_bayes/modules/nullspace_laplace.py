@@ -5,7 +5,10 @@ Jacobian of the constraint map (all logits, or the per-example loss). Its ``fit`
 projection sweeps of :mod:`lightning_bayes.inference.nullspace`: one training step projects every sample
 onto the kernel of one micro-batch, one epoch is one sweep (the extrapolation runs after its last
 batch), so progress bars, devices, checkpoints and exact resumption come from the Trainer. The samples
-are buffers; ``theta_hat`` never changes. Reference: Miani, Roy & Hauberg, AISTATS 2025.
+are buffers; ``theta_hat`` never changes. Under DDP every process sweeps all the training batches (the
+loader is not split: ``use_distributed_sampler=False``) and projects its own contiguous share of the
+samples; the shares are summed across processes at the end of each sweep, before a checkpoint and before
+validation, so every process holds all the samples. Reference: Miani, Roy & Hauberg, AISTATS 2025.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
@@ -138,16 +141,22 @@ class NullSpaceLaplace(BayesianModule):
             )
 
     # ----- the sweeps ----------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.trainer.world_size > 1:  # before DDP wraps a module with nothing to train
-            raise NotImplementedError(
-                f"NullSpaceLaplace fits on one device (world_size={self.trainer.world_size}): every sweep must see "
-                "all the training batches; splitting the samples across ranks is not implemented yet"
-            )
-        super().setup(stage)
-
     def on_train_start(self) -> None:
         loader = self.trainer.train_dataloader
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+            raise ValueError(
+                f"NullSpaceLaplace under {self.trainer.world_size} processes needs every training batch on every "
+                "process (each projects its share of the samples onto the kernel of all of them); the Trainer split "
+                "the training loader: set use_distributed_sampler=False (LightningCLI: "
+                "--trainer.use_distributed_sampler false)"
+            )
+        started, batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready, self.trainer.num_training_batches
+        if 0 < started < batches:
+            raise ValueError(
+                f"the checkpoint was saved inside a sweep (after batch {started} of {batches}); Lightning restarts the "
+                "training loader from its first batch, so the sweep cannot go on exactly: "
+                "resume from a checkpoint saved at the end of a sweep (ModelCheckpoint saves at epoch ends by default)"
+            )
         if isinstance(getattr(loader, "sampler", None), RandomSampler):
             raise ValueError(
                 "NullSpaceLaplace sweeps the training batches in one fixed order (cached Gram factors, exact "
@@ -165,18 +174,36 @@ class NullSpaceLaplace(BayesianModule):
             self._scale_batches = []
         if self.scale_rule == "line_search" and len(self._scale_batches) < self.scale_batches:
             self._scale_batches.append((x, y))
-        self.projections.project(self.function.jacobian(x, y), key=batch_idx)
+        self.projections.project(self.function.jacobian(x, y), key=batch_idx, rows=self._own_rows())
         if batch_idx == self.trainer.num_training_batches - 1:
             self._end_sweep()
 
+    def _own_rows(self) -> slice:
+        """The samples this process projects: all of them on one process, a contiguous share under DDP."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return slice(None)
+        share = torch.arange(self.projections.samples.shape[0]).tensor_split(self.trainer.world_size)[self.global_rank]
+        return slice(int(share[0]), int(share[-1]) + 1) if len(share) else slice(0, 0)
+
+    def _share_samples(self) -> None:
+        """Under DDP, every process's share summed into the samples of all (the other rows are zero in each
+        term, so the sum is exact); idempotent, and nothing to do on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return
+        own = torch.zeros_like(self.projections.samples)
+        rows = self._own_rows()
+        own[rows] = self.projections.samples[rows]
+        self.projections.samples.copy_(self.trainer.strategy.reduce(own, reduce_op="sum"))
+
     def _end_sweep(self) -> None:
+        self._share_samples()
         self.projections.end_sweep()
         if self.scale_rule == "line_search":
             self.scale_value.fill_(largest_scale(self._training_nll, tolerance=self.scale_tolerance))
         self.log_dict(
             {"train/sweeps": float(self.projections.sweeps_done), "train/rank": self.rank(), "train/alpha": self.alpha(),
              "train/scale": self.scale()},
-            on_step=False, on_epoch=True, batch_size=1,
+            on_step=False, on_epoch=True, batch_size=1, sync_dist=True,  # equal on every process: quiets Lightning
         )
 
     def _training_nll(self, scale: float) -> float:
@@ -215,6 +242,16 @@ class NullSpaceLaplace(BayesianModule):
         else:
             samples = vmap(lambda d: self.function.outputs(theta + d, x), chunk_size=self.function.chunk_size)(deltas)
         return self.likelihood.predictive(samples)
+
+    def on_validation_start(self) -> None:
+        self._share_samples()  # a validation inside a sweep sees every process's latest rows
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under DDP, only rank 0 writes the file: its samples must hold every process's rows (mid-sweep too)."""
+        super().on_save_checkpoint(checkpoint)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            self._share_samples()
+            checkpoint["state_dict"]["projections.samples"] = self.projections.samples.clone()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> Predictive:
         x, y = batch
