@@ -11,6 +11,8 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .epoch_shuffle import EpochShuffle
+
 
 def seeded_permutation(n: int, seed: int) -> Tensor:
     """A permutation of ``range(n)`` that depends only on ``seed``."""
@@ -50,8 +52,9 @@ class InMemoryDataModule(LightningDataModule):
 
     Subclasses set ``task``, and ``num_classes`` (classification) or ``output_dim`` (regression) as class
     attributes, so configs and modules can read them before ``setup``; their ``setup`` fills
-    ``train_set``, ``val_set`` and ``test_set``. The training loader shuffles with a generator seeded by
-    ``seed``, so two runs with the same seed see the same batches; ``predict`` runs on the test split.
+    ``train_set``, ``val_set`` and ``test_set``. The training loader shuffles by ``seed`` and the epoch
+    (:class:`EpochShuffle`), so two runs with the same seed see the same batches, and so does a run resumed
+    at an epoch boundary; ``predict`` runs on the test split.
     ``num_train`` is the training-set size N (the KL weight of variational methods is 1/N).
 
     Args:
@@ -102,12 +105,10 @@ class InMemoryDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are used")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffle(dataset, self.seed) if shuffle else None,  # type: ignore[arg-type]
             collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
