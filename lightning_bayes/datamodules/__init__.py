@@ -7,12 +7,14 @@ Every one holds its data in memory, serves ``(x, y)`` batches, exposes ``task`` 
 
 from .base import InMemoryDataModule
 from .digits import DigitsDataModule
+from .epoch_shuffle import EpochShuffle
 from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .regression import UCIRegressionDataModule
 from .text import RottenTomatoesDataModule
 
 __all__ = [
     "DigitsDataModule",
+    "EpochShuffle",
     "FashionMNISTDataModule",
     "InMemoryDataModule",
     "MNISTDataModule",

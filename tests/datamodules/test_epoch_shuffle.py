@@ -9,8 +9,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_bayes.datamodules import DigitsDataModule
-from lightning_bayes.datamodules.epoch_shuffle import EpochShuffle
+from lightning_bayes.datamodules import DigitsDataModule, EpochShuffle
 from lightning_bayes.models import MLP
 from lightning_bayes.modules import MAP
 
