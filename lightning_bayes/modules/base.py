@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..inference.likelihoods import Likelihood, build_likelihood
 from ..predictive import Predictive
+from .random_stream import global_rng_states, restore_rng_states
 
 Batch = tuple[Any, Tensor]
 
@@ -129,6 +130,23 @@ class BayesianModule(LightningModule, ABC):
         for parameter in getattr(self, "_frozen_during_fit", ()):
             parameter.requires_grad_(False)
         self._frozen_during_fit: list[nn.Parameter] = []
+
+    # ----- the global random stream (dropout, weight noise) -------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The global generators' states: a fit resumed from this checkpoint draws what the unstopped one would."""
+        checkpoint["rng_states"] = global_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
+    def on_validation_start(self) -> None:
+        self._before_sanity_check = global_rng_states() if self.trainer.sanity_checking else None
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_before_sanity_check", None) is not None:  # a resumed run's sanity check must not move
+            restore_rng_states(self._before_sanity_check)  # the training stream
+        self._before_sanity_check = None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""

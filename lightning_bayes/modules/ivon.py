@@ -167,6 +167,7 @@ class IVONModule(BayesianModule):
         self._store_posterior_variance()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         # Lightning collects the state dict before this hook: write the current sigma^2 into it
         self._store_posterior_variance()
         checkpoint["state_dict"]["posterior_variance"] = self.posterior_variance.detach().clone()

@@ -244,6 +244,7 @@ class NullSpaceLaplace(BayesianModule):
         return self.likelihood.predictive(samples)
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         self._share_samples()  # a validation inside a sweep sees every process's latest rows
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -34,20 +34,6 @@ from ..predictive import Predictive
 from .base import Batch, BayesianModule
 
 
-def _rng_states() -> dict[str, Any]:
-    """The global CPU (and CUDA) generator states the weight noise is drawn from."""
-    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 class VariationalInference(BayesianModule):
     """Variational inference over the layers of ``backbone`` selected by ``params``.
 
@@ -118,7 +104,6 @@ class VariationalInference(BayesianModule):
         self.backbone = backbone
         self.dataset_size, self.kl_weight, self.kl_warmup_epochs = dataset_size, kl_weight, kl_warmup_epochs
         self.train_samples, self.mean_prediction = train_samples, mean_prediction
-        self._before_sanity_check: dict[str, Any] | None = None
 
     def forward(self, x: Any) -> Tensor:
         return self.backbone(x)
@@ -152,21 +137,6 @@ class VariationalInference(BayesianModule):
         for name, value in (("nll", nll), ("kl", kl), ("kl_scale", scale), ("loss", loss)):
             self.log_training_loss(name, torch.as_tensor(value).detach(), batch_size=len(y))
         return loss
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = _rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
-
-    def on_validation_start(self) -> None:
-        self._before_sanity_check = _rng_states() if self.trainer.sanity_checking else None
-
-    def on_validation_end(self) -> None:
-        if self._before_sanity_check is not None:  # a resumed run's sanity check must not move the training stream
-            _set_rng_states(self._before_sanity_check)
-            self._before_sanity_check = None
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         if self.mean_prediction:

@@ -309,6 +309,7 @@ class VIKING(BayesianModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rank 0's generator; under DDP also every rank's noise and generator (``viking_ranks``), gathered here
         because only rank 0 writes the file."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["viking_generator"] = self.generator.get_state()
         if self._trainer is not None and self.trainer.world_size > 1:
             own = {name: getattr(self, name) for name in _RANK_NOISE}
@@ -322,6 +323,7 @@ class VIKING(BayesianModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore this rank's noise and generator when the checkpoint has them; otherwise rank 0 takes the saved
         generator and the other ranks keep their own seeds (``seed + rank``)."""
+        super().on_load_checkpoint(checkpoint)
         rank = self.global_rank if self._trainer is not None else 0
         saved = checkpoint.get("viking_ranks", [])
         if rank < len(saved):
