@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..inference.likelihoods import Likelihood, build_likelihood
@@ -130,6 +131,24 @@ class BayesianModule(LightningModule, ABC):
         for parameter in getattr(self, "_frozen_during_fit", ()):
             parameter.requires_grad_(False)
         self._frozen_during_fit: list[nn.Parameter] = []
+
+    def batches_done_at_resume(self) -> int:
+        """Batches of the current epoch done before this fit started: > 0 only when it resumed from a checkpoint
+        saved inside an epoch."""
+        started = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return started if 0 < started < self.trainer.num_training_batches else 0
+
+    def on_train_start(self) -> None:
+        """Warn when a fit resumes from a checkpoint saved inside an epoch: Lightning restarts a loader without
+        ``state_dict`` from its first batch, so the rest of that epoch repeats its first batches."""
+        started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
+        if started and not callable(getattr(self.trainer.train_dataloader, "state_dict", None)):
+            rank_zero_warn(
+                f"{type(self).__name__} resumes from a checkpoint saved inside an epoch (after batch {started} of "
+                f"{batches}); Lightning restarts the training loader from its first batch, so this epoch's remaining "
+                f"{batches - started} steps see batches 0 to {batches - started - 1}, not the unstopped run's: save "
+                "checkpoints at epoch ends (ModelCheckpoint's default) to resume exactly"
+            )
 
     # ----- the global random stream (dropout, weight noise) -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -150,8 +150,8 @@ class NullSpaceLaplace(BayesianModule):
                 "the training loader: set use_distributed_sampler=False (LightningCLI: "
                 "--trainer.use_distributed_sampler false)"
             )
-        started, batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready, self.trainer.num_training_batches
-        if 0 < started < batches:
+        started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
+        if started:
             raise ValueError(
                 f"the checkpoint was saved inside a sweep (after batch {started} of {batches}); Lightning restarts the "
                 "training loader from its first batch, so the sweep cannot go on exactly: "
@@ -163,6 +163,7 @@ class NullSpaceLaplace(BayesianModule):
                 "resumption); the training loader shuffles: set the datamodule's shuffle=False "
                 "(LightningCLI: --data.shuffle false)"
             )
+        super().on_train_start()
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         x, y = batch

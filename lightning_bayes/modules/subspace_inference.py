@@ -340,6 +340,7 @@ class SubspaceInference(BayesianModule):
         return self.num_data if self.num_data is not None else self.training_set_size("num_data")
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.method == "vi" and (self.trainer.max_epochs is None or self.trainer.max_epochs < 1):
             raise ValueError(f"method='vi' trains for max_epochs and then draws its samples; got {self.trainer.max_epochs!r}")
         if self.method == "ess" and self._sampling_done():  # resumed from a finished chain: nothing left to draw

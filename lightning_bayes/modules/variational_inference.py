@@ -122,6 +122,7 @@ class VariationalInference(BayesianModule):
         return self.kl_weight * warmup / self.resolved_dataset_size()
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.logger is not None:  # the objective's constants, next to the logged terms
             self.logger.log_hyperparams({"dataset_size": self.resolved_dataset_size(), "kl_weight": self.kl_weight})
 

@@ -7,7 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+
+class SavesInsideAnEpoch(Callback):
+    """Saves a checkpoint to ``path`` after batch ``batch_idx`` of epoch ``epoch`` (inside it, not at its end)."""
+
+    def __init__(self, path: Path, epoch: int = 1, batch_idx: int = 2) -> None:
+        self.path, self.epoch, self.batch_idx = path, epoch, batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+
 
 Run = Callable[[int, Path, "str | None"], LightningModule]  # (epochs, root folder, checkpoint to resume) -> module
 

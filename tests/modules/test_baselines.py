@@ -14,7 +14,7 @@ from lightning_bayes.models import MLP
 from lightning_bayes.modules import MAP, DeepEnsemble, MCDropout
 from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
 
-from resumption import assert_resumption_is_exact
+from resumption import SavesInsideAnEpoch, assert_resumption_is_exact
 
 
 def _mlp(dropout: float = 0.0) -> nn.Module:
@@ -144,3 +144,13 @@ def test_resumed_dropout_training_draws_the_unstopped_masks(tmp_path: Path) -> N
     """The global generator the masks come from is checkpoint state (BayesianModule): without it the resumed fit
     restarts the stream and its weights differ (by 0.018 here)."""
     assert_resumption_is_exact(_dropout_fit, tmp_path, epochs=3)
+
+
+def test_resuming_inside_an_epoch_warns_that_the_loader_restarts(tmp_path: Path) -> None:
+    data = DigitsDataModule(batch_size=64)  # 1,077 training images: 17 batches
+    options = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "limit_val_batches": 0}
+    saving = Trainer(max_epochs=2, callbacks=[SavesInsideAnEpoch(tmp_path / "mid.ckpt")], **options)
+    saving.fit(MAP(MLP(64, 10)), datamodule=data)
+    with pytest.warns(UserWarning, match=r"saved inside an epoch \(after batch 3 of 17\).*see batches 0 to 13"):
+        resumed = Trainer(max_epochs=2, **options)
+        resumed.fit(MAP(MLP(64, 10)), datamodule=data, ckpt_path=tmp_path / "mid.ckpt", weights_only=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,6 +18,7 @@ from lightning_bayes.modules import MAP, NullSpaceLaplace
 from lightning_bayes.predictive import CategoricalPredictive
 
 from linearisation import first_order_outputs
+from resumption import SavesInsideAnEpoch
 from unbatchable import CheckedInputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -118,19 +119,10 @@ def test_resuming_from_a_mid_fit_checkpoint_gives_identical_samples(tmp_path: Pa
     assert torch.equal(resumed.projections.samples, straight.projections.samples)
 
 
-class SavesInsideTheSecondSweep(Callback):
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.current_epoch == 1 and batch_idx == 2:
-            trainer.save_checkpoint(self.path)
-
-
 def test_resuming_inside_a_sweep_is_refused_by_name(tmp_path: Path) -> None:
     """Lightning would feed the restarted loader's first batches under the saved batch indices."""
     loader, _, _ = make_data()
-    make_trainer(2, callbacks=[SavesInsideTheSecondSweep(tmp_path / "mid.ckpt")]).fit(NullSpaceLaplace(make_model()), loader)
+    make_trainer(2, callbacks=[SavesInsideAnEpoch(tmp_path / "mid.ckpt")]).fit(NullSpaceLaplace(make_model()), loader)
     with pytest.raises(ValueError, match=r"saved inside a sweep \(after batch 3 of 5\)"):
         make_trainer(3).fit(NullSpaceLaplace(make_model()), loader, ckpt_path=tmp_path / "mid.ckpt")
 
