@@ -108,11 +108,15 @@ class InMemoryDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(dataset, self.seed) if shuffle else None,  # type: ignore[arg-type]
+            sampler=EpochShuffle(dataset, self.seed, self._fit_epoch()) if shuffle else None,  # type: ignore[arg-type]
             collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _fit_epoch(self) -> int:
+        """The epoch a fit (re)starts at: the counter Lightning hands to ``set_epoch``, restored on resume."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=self.shuffle)

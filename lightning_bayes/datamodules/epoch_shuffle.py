@@ -17,13 +17,15 @@ class EpochShuffle(RandomSampler):
     and a run resumed from a checkpoint starts a fresh one: it would see epoch 0's order again. Lightning
     calls ``set_epoch(e)`` at the start of every epoch (as for a ``DistributedSampler``), so here the order
     depends on ``(seed, e)`` only and a run resumed at an epoch boundary trains on the unstopped run's batches.
-    Iterated without ``set_epoch``, successive passes take epochs 0, 1, 2, ... It is a ``RandomSampler``, so
-    Lightning swaps it for a shuffling ``DistributedSampler`` under DDP as before.
+    Iterated without ``set_epoch``, successive passes take epochs ``epoch``, ``epoch + 1``, ... (a loader with
+    workers draws its first indices when Lightning creates its iterator, before ``set_epoch``: build the
+    sampler with the epoch the fit starts at). It is a ``RandomSampler``, so Lightning swaps it for a shuffling
+    ``DistributedSampler`` under DDP as before.
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+    def __init__(self, data_source: Sized, seed: int = 0, epoch: int = 0) -> None:
         super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch = seed, epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -26,20 +27,22 @@ def test_each_epochs_order_is_a_function_of_seed_and_epoch() -> None:
     assert list(EpochShuffle(data, seed=8)) != first
 
 
-def _fit(epochs: int, root: Path | None = None, ckpt_path: Path | None = None) -> MAP:
+def _fit(epochs: int, root: Path | None = None, ckpt_path: Path | None = None, num_workers: int = 0) -> MAP:
     torch.manual_seed(0)
     module = MAP(MLP(64, 10, hidden=[16]))
     callbacks = [ModelCheckpoint(dirpath=root, save_last=True)] if root is not None else []
     Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=root is not None, callbacks=callbacks, limit_val_batches=0,
-    ).fit(module, datamodule=DigitsDataModule(batch_size=64), ckpt_path=ckpt_path, weights_only=False)  # fmt: skip
+    ).fit(module, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers), ckpt_path=ckpt_path,
+          weights_only=False)  # fmt: skip
     return module
 
 
-def test_resuming_at_an_epoch_boundary_ends_with_the_unstopped_weights(tmp_path: Path) -> None:
-    straight = _fit(3)
-    _fit(1, tmp_path)
-    resumed = _fit(3, ckpt_path=tmp_path / "last.ckpt")  # a fresh loader: epochs 1 and 2 must not replay epoch 0
+@pytest.mark.parametrize("num_workers", [0, 1])  # a worker draws indices before Lightning calls set_epoch
+def test_resuming_at_an_epoch_boundary_ends_with_the_unstopped_weights(tmp_path: Path, num_workers: int) -> None:
+    straight = _fit(3, num_workers=num_workers)
+    _fit(1, tmp_path, num_workers=num_workers)
+    resumed = _fit(3, ckpt_path=tmp_path / "last.ckpt", num_workers=num_workers)  # must not replay epoch 0
     for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(value, other), name
