@@ -57,6 +57,7 @@ class BayesianModule(LightningModule, ABC):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.num_samples = num_samples
+        self._before_sanity_check: dict[str, Any] | None = None  # the global generators' states during a sanity check
 
     @abstractmethod
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
@@ -163,8 +164,8 @@ class BayesianModule(LightningModule, ABC):
         self._before_sanity_check = global_rng_states() if self.trainer.sanity_checking else None
 
     def on_validation_end(self) -> None:
-        if getattr(self, "_before_sanity_check", None) is not None:  # a resumed run's sanity check must not move
-            restore_rng_states(self._before_sanity_check)  # the training stream
+        if self._before_sanity_check is not None:  # a resumed run's sanity check must not move the training stream
+            restore_rng_states(self._before_sanity_check)
         self._before_sanity_check = None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
