@@ -3,14 +3,15 @@
 # for benchmarks/device/checks.sh, into the git-ignored folder .device/ (under the 64 MiB a call may carry):
 #   bash benchmarks/device/kit.sh llm     # 4-bit/FSDP1 GPU tests, llm_overhead --four-bit, vbll_overhead
 #   bash benchmarks/device/kit.sh mnist   # viking_overhead (MNIST and Fashion-MNIST, gzipped)
-# Wheels: bitsandbytes and the CLI's jsonargparse stack (+ vbll for the llm kit); data: the Rotten Tomatoes corpus
-# and the packaged SmolLM2's config and tokenizer (its weights are replaced by random ones there), or the IDX files.
+# Wheels: bitsandbytes, torchdata and the CLI's jsonargparse stack (+ vbll for the llm kit); data: the Rotten
+# Tomatoes corpus and the packaged SmolLM2's config and tokenizer (its weights are replaced by random ones
+# there), or the IDX files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 kit="${1:?usage: kit.sh llm|mnist}"
 case "$kit" in llm|mnist) ;; *) echo "kit must be llm or mnist; got '$kit'" >&2; exit 2;; esac
 rm -rf .device && mkdir -p .device/wheels .device/data
-wheels=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0)
+wheels=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 torchdata==0.11.0)
 if [ "$kit" = llm ]; then wheels+=(bitsandbytes==0.50.2 vbll==0.4.9); fi
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

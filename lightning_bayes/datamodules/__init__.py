@@ -7,6 +7,7 @@ Every one holds its data in memory, serves ``(x, y)`` batches, exposes ``task`` 
 
 from .base import InMemoryDataModule
 from .digits import DigitsDataModule
+from .epoch_loader import EpochLoader, side_pass, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
 from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .regression import UCIRegressionDataModule
@@ -14,10 +15,13 @@ from .text import RottenTomatoesDataModule
 
 __all__ = [
     "DigitsDataModule",
+    "EpochLoader",
     "EpochShuffle",
     "FashionMNISTDataModule",
     "InMemoryDataModule",
     "MNISTDataModule",
     "RottenTomatoesDataModule",
     "UCIRegressionDataModule",
+    "side_pass",
+    "training_pass_epoch",
 ]

@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .epoch_loader import EpochLoader, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
 
 
@@ -53,8 +54,9 @@ class InMemoryDataModule(LightningDataModule):
     Subclasses set ``task``, and ``num_classes`` (classification) or ``output_dim`` (regression) as class
     attributes, so configs and modules can read them before ``setup``; their ``setup`` fills
     ``train_set``, ``val_set`` and ``test_set``. The training loader shuffles by ``seed`` and the epoch
-    (:class:`EpochShuffle`), so two runs with the same seed see the same batches, and so does a run resumed
-    at an epoch boundary; ``predict`` runs on the test split.
+    (:class:`EpochShuffle`), so two runs with the same seed see the same batches, and so does a resumed run,
+    at an epoch's end or inside one, on one process or under DDP, with or without workers (:class:`EpochLoader`:
+    Lightning keeps its position in checkpoints). ``predict`` runs on the test split.
     ``num_train`` is the training-set size N (the KL weight of variational methods is 1/N).
 
     Args:
@@ -102,24 +104,25 @@ class InMemoryDataModule(LightningDataModule):
         """How a list of examples becomes a batch; ``None`` is torch's default (stacking tensors)."""
         return None
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are used")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffle(dataset, self.seed, self._fit_epoch()) if shuffle else None,  # type: ignore[arg-type]
-            collate_fn=self.collate_fn(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        options: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "collate_fn": self.collate_fn(),
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if not train:
+            return DataLoader(dataset, **options)
+        order = EpochShuffle(dataset, self.seed) if self.shuffle else None  # type: ignore[arg-type]
+        return EpochLoader(dataset, sampler=order, epoch=self._fit_epoch, **options)
 
-    def _fit_epoch(self) -> int:
-        """The epoch a fit (re)starts at: the counter Lightning hands to ``set_epoch``, restored on resume."""
-        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+    def _fit_epoch(self) -> int | None:
+        return training_pass_epoch(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=self.shuffle)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

@@ -17,20 +17,37 @@ class EpochShuffle(RandomSampler):
     and a run resumed from a checkpoint starts a fresh one: it would see epoch 0's order again. Lightning
     calls ``set_epoch(e)`` at the start of every epoch (as for a ``DistributedSampler``), so here the order
     depends on ``(seed, e)`` only and a run resumed at an epoch boundary trains on the unstopped run's batches.
-    Iterated without ``set_epoch``, successive passes take epochs ``epoch``, ``epoch + 1``, ... (a loader with
-    workers draws its first indices when Lightning creates its iterator, before ``set_epoch``: build the
-    sampler with the epoch the fit starts at). It is a ``RandomSampler``, so Lightning swaps it for a shuffling
+    Iterated without ``set_epoch``, successive passes take epochs ``epoch``, ``epoch + 1``, ... (a resumed fit
+    creates its first iterator before Lightning's ``set_epoch``: :class:`EpochLoader` sets it as each pass
+    begins). Inside a torchdata ``StatefulDataLoader`` its pass is checkpoint state: a fit resumed inside an
+    epoch finishes that epoch's order. It is a ``RandomSampler``, so Lightning swaps it for a shuffling
     ``DistributedSampler`` under DDP as before.
     """
 
     def __init__(self, data_source: Sized, seed: int = 0, epoch: int = 0) -> None:
         super().__init__(data_source)
         self.seed, self.epoch = seed, epoch
+        self._visiting: int | None = None  # the epoch of the pass under way
+        self._yielded = 0  # indices that pass has handed out
+        self._skip = 0  # indices the next pass skips (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + _EPOCH_STRIDE * self.epoch)
-        self.epoch += 1  # the next pass without set_epoch
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        self._visiting, self.epoch = self.epoch, self.epoch + 1  # the next pass without set_epoch: epoch + 1
+        self._yielded, self._skip = self._skip, 0
+        generator = torch.Generator().manual_seed(self.seed + _EPOCH_STRIDE * self._visiting)
+        for index in torch.randperm(len(self.data_source), generator=generator)[self._yielded :].tolist():
+            self._yielded += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        """The pass under way (its epoch and the indices handed out), for torchdata's ``StatefulDataLoader``,
+        which saves it in checkpoints: a loader resumed inside an epoch finishes that epoch's order."""
+        if self._visiting is None:
+            return {"epoch": self.epoch, "yielded": 0}
+        return {"epoch": self._visiting, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip, self._visiting = state["epoch"], state["yielded"], None

@@ -58,6 +58,7 @@ class BayesianModule(LightningModule, ABC):
         self.lr_scheduler_factory = lr_scheduler
         self.num_samples = num_samples
         self._before_sanity_check: dict[str, Any] | None = None  # the global generators' states during a sanity check
+        self._resumed_rng_states: dict[str, Any] | None = None  # the loaded checkpoint's, until training starts
 
     @abstractmethod
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
@@ -140,9 +141,14 @@ class BayesianModule(LightningModule, ABC):
         return started if 0 < started < self.trainer.num_training_batches else 0
 
     def on_train_start(self) -> None:
-        """Warn when a fit resumes from a checkpoint saved inside an epoch: Lightning restarts a loader without
-        ``state_dict`` from its first batch, so the rest of that epoch repeats its first batches."""
+        """A fit resumed from a checkpoint saved inside an epoch: the global generators again as saved (a loader
+        draws its workers' seed from them when Lightning creates its iterator, which the unstopped run did at
+        the epoch's start); and a warning if the loader has no ``state_dict``: Lightning restarts it from its
+        first batch, so the rest of that epoch repeats its first batches."""
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
+        if started and self._resumed_rng_states is not None:
+            restore_rng_states(self._resumed_rng_states)
+        self._resumed_rng_states = None
         if started and not callable(getattr(self.trainer.train_dataloader, "state_dict", None)):
             rank_zero_warn(
                 f"{type(self).__name__} resumes from a checkpoint saved inside an epoch (after batch {started} of "
@@ -159,6 +165,7 @@ class BayesianModule(LightningModule, ABC):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+            self._resumed_rng_states = checkpoint["rng_states"]
 
     def on_validation_start(self) -> None:
         self._before_sanity_check = global_rng_states() if self.trainer.sanity_checking else None

@@ -17,9 +17,11 @@ import math
 from typing import Any, Union
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils.data import DistributedSampler, RandomSampler
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
@@ -104,7 +106,8 @@ class NullSpaceLaplace(BayesianModule):
             dtype=self.function.theta().dtype,
         )
         self.register_buffer("scale_value", torch.tensor(1.0))  # the line search's result
-        self._scale_batches: list[Batch] = []
+        self._scale_batches: list[Batch] = []  # the sweep's first batches, for the line search at its end
+        self._sweep_under_way = False
 
     # ----- the trained network -----------------------------------------------------------------------
     def forward(self, x: Any) -> Tensor:
@@ -130,6 +133,8 @@ class NullSpaceLaplace(BayesianModule):
         """The checkpoint's projected samples, whatever ``num_samples`` is now: the predictive uses the first
         ``num_samples`` of them (alpha and the scale stay the fit's, which used them all); more needs a new fit."""
         super().on_load_checkpoint(checkpoint)
+        self._scale_batches = checkpoint.get("line_search_batches", [])
+        self._sweep_under_way = "line_search_batches" in checkpoint
         for name in ("noise", "samples", "sweep_start"):  # this module's buffers take the saved shapes
             saved = checkpoint["state_dict"][f"projections.{name}"]
             setattr(self.projections, name, getattr(self.projections, name).new_empty(saved.shape))
@@ -143,7 +148,8 @@ class NullSpaceLaplace(BayesianModule):
     # ----- the sweeps ----------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         loader = self.trainer.train_dataloader
-        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        samplers = _samplers(loader)
+        if any(isinstance(sampler, DistributedSampler) for sampler in samplers):
             raise ValueError(
                 f"NullSpaceLaplace under {self.trainer.world_size} processes needs every training batch on every "
                 "process (each projects its share of the samples onto the kernel of all of them); the Trainer split "
@@ -151,13 +157,14 @@ class NullSpaceLaplace(BayesianModule):
                 "--trainer.use_distributed_sampler false)"
             )
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
-        if started:
+        if started and not callable(getattr(loader, "state_dict", None)):
             raise ValueError(
-                f"the checkpoint was saved inside a sweep (after batch {started} of {batches}); Lightning restarts the "
-                "training loader from its first batch, so the sweep cannot go on exactly: "
-                "resume from a checkpoint saved at the end of a sweep (ModelCheckpoint saves at epoch ends by default)"
+                f"the checkpoint was saved inside a sweep (after batch {started} of {batches}); Lightning restarts a "
+                "training loader without state_dict from its first batch, so the sweep cannot go on exactly: resume "
+                "from a checkpoint saved at the end of a sweep (ModelCheckpoint saves at epoch ends by default), or "
+                "train from a torchdata StatefulDataLoader (the library's datamodules do)"
             )
-        if isinstance(getattr(loader, "sampler", None), RandomSampler):
+        if any(isinstance(sampler, (RandomSampler, StatefulRandomSampler)) for sampler in samplers):
             raise ValueError(
                 "NullSpaceLaplace sweeps the training batches in one fixed order (cached Gram factors, exact "
                 "resumption); the training loader shuffles: set the datamodule's shuffle=False "
@@ -172,7 +179,7 @@ class NullSpaceLaplace(BayesianModule):
             if self.predictive_mode == "linearized":
                 self.function.check_forward_mode(x)  # fail now, naming the model, not at the first evaluation
             self.projections.begin_sweep()
-            self._scale_batches = []
+            self._scale_batches, self._sweep_under_way = [], True
         if self.scale_rule == "line_search" and len(self._scale_batches) < self.scale_batches:
             self._scale_batches.append((x, y))
         self.projections.project(self.function.jacobian(x, y), key=batch_idx, rows=self._own_rows())
@@ -197,6 +204,7 @@ class NullSpaceLaplace(BayesianModule):
         self.projections.samples.copy_(self.trainer.strategy.reduce(own, reduce_op="sum"))
 
     def _end_sweep(self) -> None:
+        self._sweep_under_way = False
         self._share_samples()
         self.projections.end_sweep()
         if self.scale_rule == "line_search":
@@ -209,7 +217,8 @@ class NullSpaceLaplace(BayesianModule):
 
     def _training_nll(self, scale: float) -> float:
         with torch.no_grad():
-            nll = [-self.predictive(x, scale=scale).log_prob(y).mean() for x, y in self._scale_batches]
+            batches = move_data_to_device(self._scale_batches, self.device)  # resumed ones come on the CPU
+            nll = [-self.predictive(x, scale=scale).log_prob(y).mean() for x, y in batches]
         return float(torch.stack(nll).mean())
 
     # ----- the posterior ---------------------------------------------------------------------------------
@@ -249,8 +258,11 @@ class NullSpaceLaplace(BayesianModule):
         self._share_samples()  # a validation inside a sweep sees every process's latest rows
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Under DDP, only rank 0 writes the file: its samples must hold every process's rows (mid-sweep too)."""
+        """Inside a sweep, the batches the line search has collected (a resumed sweep goes on from the next batch).
+        Under DDP, only rank 0 writes the file: its samples must hold every process's rows (mid-sweep too)."""
         super().on_save_checkpoint(checkpoint)
+        if self._sweep_under_way and self.scale_rule == "line_search":
+            checkpoint["line_search_batches"] = move_data_to_device(self._scale_batches, "cpu")
         if self._trainer is not None and self.trainer.world_size > 1:
             self._share_samples()
             checkpoint["state_dict"]["projections.samples"] = self.projections.samples.clone()
@@ -261,3 +273,9 @@ class NullSpaceLaplace(BayesianModule):
         residual = self.projections.residual(self.function.jacobian(x, y)).mean()
         self.log("val/kernel_residual", residual, batch_size=len(y))
         return super().validation_step(batch, batch_idx)
+
+
+def _samplers(loader: Any) -> tuple[Any, Any]:
+    """A loader's sampler and its batch sampler's: Lightning puts its ``DistributedSampler`` into the batch
+    sampler of a torchdata ``StatefulDataLoader`` (whose batch sampler is not torch's)."""
+    return getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
 
+from ..datamodules import side_pass
 from ..generator import PicklableGenerator
 from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
 from ..inference.likelihoods import Likelihood
@@ -222,7 +223,7 @@ class VIKING(BayesianModule):
         first_elbo_epoch = sum(self.phase_epochs[:1])
         every = self.sweep_every_n_epochs
         if every and (self.current_epoch - first_elbo_epoch) % every == 0:
-            self.sweep(self.trainer.train_dataloader, self.trainer.num_training_batches)
+            self.sweep(side_pass(self.trainer.train_dataloader), self.trainer.num_training_batches)
         elif self.current_epoch == first_elbo_epoch:
             self.carried.copy_(self._randn(self.function.size))  # an unprojected start; the first step projects it
 

@@ -1,5 +1,6 @@
-"""The training shuffle depends on the seed and the epoch only: a run resumed at an epoch boundary trains on the
-unstopped run's batches and ends with the same weights."""
+"""The training shuffle depends on the seed and the epoch only, and its position inside an epoch is checkpoint
+state: a run resumed at an epoch boundary or inside an epoch trains on the unstopped run's batches and ends with
+the same weights."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_bayes.datamodules import DigitsDataModule, EpochShuffle
+from lightning_bayes.datamodules import DigitsDataModule, EpochLoader, EpochShuffle, side_pass, training_pass_epoch
 from lightning_bayes.models import MLP
 from lightning_bayes.modules import MAP
 
@@ -27,22 +30,92 @@ def test_each_epochs_order_is_a_function_of_seed_and_epoch() -> None:
     assert list(EpochShuffle(data, seed=8)) != first
 
 
-def _fit(epochs: int, root: Path | None = None, ckpt_path: Path | None = None, num_workers: int = 0) -> MAP:
+def test_its_state_resumes_a_pass_where_it_stopped() -> None:
+    sampler = EpochShuffle(range(50), seed=7, epoch=4)
+    assert sampler.state_dict() == {"epoch": 4, "yielded": 0}  # before any pass: the next one's
+    passing = iter(sampler)
+    taken = [next(passing) for _ in range(20)]
+    state = sampler.state_dict()
+    assert state == {"epoch": 4, "yielded": 20}
+    rest = list(passing)
+    resumed = EpochShuffle(range(50), seed=7)
+    resumed.load_state_dict(state)
+    assert list(resumed) == rest and sorted(taken + rest) == list(range(50))
+    assert list(resumed) == list(EpochShuffle(range(50), seed=7, epoch=5))  # the next pass is whole
+
+
+class _StopsInsideEpoch1(Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 4:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def _fit(epochs: int, root: Path, callbacks: list[Callback], num_workers: int, ckpt_path: Path | None = None) -> MAP:
     torch.manual_seed(0)
     module = MAP(MLP(64, 10, hidden=[16]))
-    callbacks = [ModelCheckpoint(dirpath=root, save_last=True)] if root is not None else []
     Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=root is not None, callbacks=callbacks, limit_val_batches=0,
+        default_root_dir=root, callbacks=callbacks, limit_val_batches=0,
     ).fit(module, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers), ckpt_path=ckpt_path,
           weights_only=False)  # fmt: skip
     return module
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])  # a worker draws indices before Lightning calls set_epoch
-def test_resuming_at_an_epoch_boundary_ends_with_the_unstopped_weights(tmp_path: Path, num_workers: int) -> None:
-    straight = _fit(3, num_workers=num_workers)
-    _fit(1, tmp_path, num_workers=num_workers)
-    resumed = _fit(3, ckpt_path=tmp_path / "last.ckpt", num_workers=num_workers)  # must not replay epoch 0
+@pytest.mark.parametrize("inside_epoch", [False, True])  # the loader's position is checkpoint state
+def test_a_resumed_fit_ends_with_the_unstopped_weights(tmp_path: Path, inside_epoch: bool, num_workers: int) -> None:
+    straight = _fit(3, tmp_path / "straight", [], num_workers)
+    if inside_epoch:
+        ckpt = tmp_path / "inside.ckpt"
+        _fit(3, tmp_path / "stopped", [_StopsInsideEpoch1(ckpt)], num_workers)
+    else:
+        ckpt = tmp_path / "last.ckpt"
+        _fit(1, tmp_path / "stopped", [ModelCheckpoint(tmp_path, save_last=True)], num_workers)
+    resumed = _fit(3, tmp_path / "resumed", [], num_workers, ckpt_path=ckpt)  # must not replay epoch 0
     for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(value, other), name
+
+
+def _fit_own_loader(epochs: int, root: Path, callbacks: list[Callback], ckpt_path: Path | None = None) -> MAP:
+    """The README's recipe for a user's own loader, with a worker: ``EpochLoader`` with ``training_pass_epoch``."""
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    torch.manual_seed(0)
+    module = MAP(MLP(64, 10, hidden=[16]))
+    trainer = Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, callbacks=callbacks, limit_val_batches=0,
+    )  # fmt: skip
+    loader = EpochLoader(data.train_set, batch_size=64, sampler=EpochShuffle(data.train_set, seed=3), num_workers=1,
+                         epoch=lambda: training_pass_epoch(trainer))  # fmt: skip
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=False)
+    return module
+
+
+def test_an_own_epoch_loader_with_a_worker_resumes_at_an_epoch_boundary(tmp_path: Path) -> None:
+    straight = _fit_own_loader(3, tmp_path / "straight", [])
+    _fit_own_loader(1, tmp_path / "stopped", [ModelCheckpoint(tmp_path, save_last=True)])
+    resumed = _fit_own_loader(3, tmp_path / "resumed", [], ckpt_path=tmp_path / "last.ckpt")
+    for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(value, other), name
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda data: StatefulDataLoader(data, batch_size=4, shuffle=True),  # torchdata's sampler and generator
+        lambda data: EpochLoader(data, batch_size=4, sampler=EpochShuffle(data, seed=2, epoch=3), epoch=lambda: None),
+        lambda data: DataLoader(data, batch_sampler=BatchSampler(RandomSampler(data), 4, drop_last=True)),
+    ],
+)
+def test_a_side_pass_gives_the_next_passs_batches_and_moves_nothing(make) -> None:
+    data = TensorDataset(torch.arange(18))
+    torch.manual_seed(0)
+    loader = make(data)
+    side = [batch[0].tolist() for batch in side_pass(loader)]
+    torch.manual_seed(0)
+    assert side == [batch[0].tolist() for batch in loader]  # the loader's own pass, after the side pass

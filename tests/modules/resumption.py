@@ -1,5 +1,5 @@
-"""Exact resumption, shared by module tests: a fit stopped one epoch early and resumed from its ``last.ckpt`` ends
-where the uninterrupted fit ends, bit for bit in every state-dict entry."""
+"""Exact resumption, shared by module tests: a fit stopped early and resumed from its checkpoint ends where the
+uninterrupted fit ends, bit for bit in every state-dict entry, whether it stopped at an epoch's end or inside one."""
 
 from __future__ import annotations
 
@@ -8,26 +8,39 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 
 class SavesInsideAnEpoch(Callback):
-    """Saves a checkpoint to ``path`` after batch ``batch_idx`` of epoch ``epoch`` (inside it, not at its end)."""
+    """Saves a checkpoint to ``path`` after batch ``batch_idx`` of epoch ``epoch`` (inside it, not at its end), and
+    stops the fit there if ``stop``."""
 
-    def __init__(self, path: Path, epoch: int = 1, batch_idx: int = 2) -> None:
-        self.path, self.epoch, self.batch_idx = path, epoch, batch_idx
+    def __init__(self, path: Path, epoch: int = 1, batch_idx: int = 2, stop: bool = False) -> None:
+        self.path, self.epoch, self.batch_idx, self.stop = path, epoch, batch_idx, stop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch_idx:
             trainer.save_checkpoint(self.path)
+            trainer.should_stop = self.stop
 
 
-Run = Callable[[int, Path, "str | None"], LightningModule]  # (epochs, root folder, checkpoint to resume) -> module
+# (epochs, root folder, checkpoint to resume, callbacks to add) -> the fitted module
+Run = Callable[[int, Path, "str | None", "list[Callback]"], LightningModule]
 
 
-def assert_resumption_is_exact(run: Run, folder: Path, epochs: int) -> LightningModule:
-    """Fit ``epochs`` straight, ``epochs - 1`` then resume to ``epochs``; compare the state dicts; return the resumed."""
-    straight = run(epochs, folder / "straight", None)
-    run(epochs - 1, folder / "stopped", None)
-    resumed = run(epochs, folder / "resumed", str(folder / "stopped" / "last.ckpt"))
+def assert_resumption_is_exact(run: Run, folder: Path, epochs: int, inside_epoch: bool = False) -> LightningModule:
+    """Fit ``epochs`` straight; fit again, stopping after epoch ``epochs - 1`` (``last.ckpt``) or, if
+    ``inside_epoch``, after batch 1 of that epoch (the training loader must be resumable: a torchdata
+    ``StatefulDataLoader``); resume to ``epochs``; compare the state dicts; return the resumed module."""
+    stopped = folder / "stopped"
+    if inside_epoch:
+        ckpt = stopped / "inside.ckpt"
+        run(epochs, stopped, None, [SavesInsideAnEpoch(ckpt, epoch=epochs - 2, batch_idx=1, stop=True)])
+    else:
+        ckpt = stopped / "last.ckpt"
+        run(epochs - 1, stopped, None, [ModelCheckpoint(dirpath=stopped, save_last=True)])
+    straight = run(epochs, folder / "straight", None, [])
+    resumed = run(epochs, folder / "resumed", str(ckpt), [])
     for name, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     return resumed

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, Trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.datamodules import DigitsDataModule
 from lightning_bayes.inference.likelihoods import GaussianLikelihood
@@ -103,8 +103,6 @@ def test_non_finite_loss_stops_with_a_clear_error():
 
 def test_ensemble_clips_each_members_gradient_by_its_own_norm():
     """Trainer(gradient_clip_val=c): every member steps as if trained alone with that clipping."""
-    from lightning.pytorch import Trainer
-    from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
@@ -130,27 +128,31 @@ def test_ensemble_clips_each_members_gradient_by_its_own_norm():
             torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
 
 
-def _dropout_fit(epochs: int, root: Path, ckpt_path: str | None) -> MCDropout:
+def _dropout_fit(epochs: int, root: Path, ckpt_path: str | None, callbacks: list[Callback]) -> MCDropout:
     torch.manual_seed(0)  # the same initial weights; the checkpoint then restores the global generator
     module = MCDropout(MLP(64, 10, hidden=[16], dropout=0.3), num_samples=3)
     Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=root, save_last=True)], limit_val_batches=2,  # with a sanity check
+        default_root_dir=root, callbacks=callbacks, limit_val_batches=2,  # with a sanity check
     ).fit(module, datamodule=DigitsDataModule(batch_size=64, shuffle=False), ckpt_path=ckpt_path, weights_only=False)
     return module
 
 
-def test_resumed_dropout_training_draws_the_unstopped_masks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inside_epoch", [False, True])
+def test_resumed_dropout_training_draws_the_unstopped_masks(tmp_path: Path, inside_epoch: bool) -> None:
     """The global generator the masks come from is checkpoint state (BayesianModule): without it the resumed fit
-    restarts the stream and its weights differ (by 0.018 here)."""
-    assert_resumption_is_exact(_dropout_fit, tmp_path, epochs=3)
+    restarts the stream and its weights differ (by 0.018 here). Inside an epoch, the datamodule's training
+    loader (a ``StatefulDataLoader``) goes on from the saved batch."""
+    assert_resumption_is_exact(_dropout_fit, tmp_path, epochs=3, inside_epoch=inside_epoch)
 
 
-def test_resuming_inside_an_epoch_warns_that_the_loader_restarts(tmp_path: Path) -> None:
-    data = DigitsDataModule(batch_size=64)  # 1,077 training images: 17 batches
-    options = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "limit_val_batches": 0}
+def test_resuming_inside_an_epoch_with_a_loader_without_state_warns_that_it_restarts(tmp_path: Path) -> None:
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    loader = DataLoader(data.train_set, batch_size=64, shuffle=True)  # a user's loader: 1,077 images, 17 batches
+    options = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_checkpointing": False}
     saving = Trainer(max_epochs=2, callbacks=[SavesInsideAnEpoch(tmp_path / "mid.ckpt")], **options)
-    saving.fit(MAP(MLP(64, 10)), datamodule=data)
+    saving.fit(MAP(MLP(64, 10)), loader)
+    resumed = Trainer(max_epochs=2, **options)
     with pytest.warns(UserWarning, match=r"saved inside an epoch \(after batch 3 of 17\).*see batches 0 to 13"):
-        resumed = Trainer(max_epochs=2, **options)
-        resumed.fit(MAP(MLP(64, 10)), datamodule=data, ckpt_path=tmp_path / "mid.ckpt", weights_only=False)
+        resumed.fit(MAP(MLP(64, 10)), loader, ckpt_path=tmp_path / "mid.ckpt", weights_only=False)

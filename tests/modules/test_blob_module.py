@@ -18,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_bayes.datamodules import EpochShuffle
 from lightning_bayes.modules import BLoB
 from lightning_bayes.inference.kl_cycle import cycle_weight
 
@@ -132,15 +133,17 @@ def test_omega_grows_under_the_kl_optimiser_and_stays_below_the_prior():
     assert (after > 5 * before).all() and (after < 0.5).all(), (before, after)
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path: Path):
-    def run(epochs: int, root: Path, ckpt: str | None = None) -> BLoB:
+@pytest.mark.parametrize("inside_epoch", [False, True])
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path, inside_epoch: bool):
+    def run(epochs: int, root: Path, ckpt: str | None, callbacks: list[Callback]) -> BLoB:
         torch.manual_seed(0)
         module = make_blob(lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
-        trainer = make_trainer(epochs, root=root, callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
-        trainer.fit(module, DataLoader(blobs(), batch_size=8, shuffle=True), ckpt_path=ckpt)
+        trainer = make_trainer(epochs, root=root, callbacks=callbacks)
+        data = blobs()
+        trainer.fit(module, StatefulDataLoader(data, batch_size=8, sampler=EpochShuffle(data)), ckpt_path=ckpt)
         return module
 
-    resumed = assert_resumption_is_exact(run, tmp_path, epochs=3)
+    resumed = assert_resumption_is_exact(run, tmp_path, epochs=3, inside_epoch=inside_epoch)
     assert resumed.optimizers()[1].param_groups[0]["lr"] == KL_LR * 0.5**3
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
 from lightning_bayes.modules import MAP, NullSpaceLaplace
@@ -119,7 +120,23 @@ def test_resuming_from_a_mid_fit_checkpoint_gives_identical_samples(tmp_path: Pa
     assert torch.equal(resumed.projections.samples, straight.projections.samples)
 
 
-def test_resuming_inside_a_sweep_is_refused_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scale", [1.0, "line_search"])  # the line search's batches collected so far are saved
+def test_resuming_inside_a_sweep_from_a_stateful_loader_gives_identical_samples(tmp_path: Path, scale) -> None:
+    _, x, y = make_data()
+    loader = StatefulDataLoader(TensorDataset(x, y), batch_size=4)  # 5 batches; the loader's position is saved
+    options = {"num_samples": 4, "seed": 3, "scale": scale, "scale_batches": 3, "alpha": 1.0}
+    straight = NullSpaceLaplace(make_model(), **options)
+    make_trainer(3).fit(straight, train_dataloaders=loader)
+    inside = SavesInsideAnEpoch(tmp_path / "mid.ckpt", epoch=2, batch_idx=1, stop=True)  # the last sweep
+    make_trainer(3, callbacks=[inside]).fit(NullSpaceLaplace(make_model(), **options), loader)
+    resumed = NullSpaceLaplace(make_model(), **options)
+    make_trainer(3).fit(resumed, train_dataloaders=loader, ckpt_path=tmp_path / "mid.ckpt")
+    assert resumed.projections.sweeps_done.item() == 3
+    assert torch.equal(resumed.projections.samples, straight.projections.samples)
+    assert resumed.scale() == straight.scale()  # 1.41; with the batches collected before the stop lost: 0.32
+
+
+def test_resuming_inside_a_sweep_from_a_loader_without_state_is_refused_by_name(tmp_path: Path) -> None:
     """Lightning would feed the restarted loader's first batches under the saved batch indices."""
     loader, _, _ = make_data()
     make_trainer(2, callbacks=[SavesInsideAnEpoch(tmp_path / "mid.ckpt")]).fit(NullSpaceLaplace(make_model()), loader)
@@ -153,8 +170,10 @@ def test_loads_a_map_checkpoint_and_refuses_another_model(tmp_path: Path) -> Non
         NullSpaceLaplace(make_model(), checkpoint=str(tmp_path / "none*.ckpt"))
 
 
-def test_shuffled_training_loader_is_refused() -> None:
-    loader, _, _ = make_data(shuffle=True)
+@pytest.mark.parametrize("loader_class", [DataLoader, StatefulDataLoader])  # torchdata's RandomSampler is its own
+def test_shuffled_training_loader_is_refused(loader_class: type[DataLoader]) -> None:
+    _, x, y = make_data()
+    loader = loader_class(TensorDataset(x, y), batch_size=4, shuffle=True)
     with pytest.raises(ValueError, match="shuffle=False"):
         make_trainer(1).fit(NullSpaceLaplace(make_model()), train_dataloaders=loader)
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback
+from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_bayes.modules import NullSpaceLaplace
 
@@ -66,7 +68,9 @@ def test_two_processes_share_the_samples_and_give_the_one_process_posterior(tmp_
             torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-13, msg=name)
 
 
-def test_a_split_training_loader_is_refused_by_name() -> None:
-    loader, _, _ = make_data()
+@pytest.mark.parametrize("loader_class", [DataLoader, StatefulDataLoader])  # Lightning splits the latter's batches
+def test_a_split_training_loader_is_refused_by_name(loader_class: type[DataLoader]) -> None:
+    _, x, y = make_data()
+    loader = loader_class(TensorDataset(x, y), batch_size=4)
     with pytest.raises(Exception, match=r"set use_distributed_sampler=False"):
         spawn_trainer(2, [], max_epochs=1, use_distributed_sampler=True).fit(NullSpaceLaplace(make_model()), loader)

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_bayes.datamodules import EpochShuffle
 from lightning_bayes.inference.likelihoods import GaussianLikelihood
 from lightning_bayes.inference.variational_layers import VariationalLayer
 from lightning_bayes.modules import VariationalInference
@@ -145,15 +146,17 @@ def test_bernstein_family_trains_a_chosen_layer_and_keeps_the_rest_deterministic
     assert after > before + 0.3, (before, after)
 
 
-def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path):
-    def run(epochs: int, root: Path, ckpt: str | None = None) -> VariationalInference:
+@pytest.mark.parametrize("inside_epoch", [False, True])
+def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path, inside_epoch: bool):
+    def run(epochs: int, root: Path, ckpt: str | None, callbacks: list[Callback]) -> VariationalInference:
         torch.manual_seed(0)
         module = VariationalInference(classifier(), init_scale=0.2, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
-        trainer = make_trainer(epochs, root=root, callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
-        trainer.fit(module, DataLoader(blobs(), batch_size=8, shuffle=True), ckpt_path=ckpt)
+        trainer = make_trainer(epochs, root=root, callbacks=callbacks)
+        data = blobs()
+        trainer.fit(module, StatefulDataLoader(data, batch_size=8, sampler=EpochShuffle(data)), ckpt_path=ckpt)
         return module
 
-    assert_resumption_is_exact(run, tmp_path, epochs=3)
+    assert_resumption_is_exact(run, tmp_path, epochs=3, inside_epoch=inside_epoch)
 
 
 @pytest.mark.parametrize(

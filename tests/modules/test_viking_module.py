@@ -10,16 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lightning_bayes.datamodules import DigitsDataModule
 from lightning_bayes.inference.kernel_projection import DenseSystem, project
 from lightning_bayes.inference.viking import image_dimension
+from lightning_bayes.models import MLP
 from lightning_bayes.modules.viking import VIKING
 
 from linearisation import first_order_outputs
-from resumption import assert_resumption_is_exact
+from resumption import SavesInsideAnEpoch, assert_resumption_is_exact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -128,15 +130,15 @@ def test_epoch_sweep_ends_in_the_kernel_of_the_last_batch() -> None:
     assert torch.equal(module.swept_at, module._fingerprint())
 
 
-def test_resume_restores_the_carried_noise_and_continues_exactly(tmp_path: Path) -> None:
-    def run(epochs: int, root: Path, ckpt: str | None = None) -> VIKING:
+@pytest.mark.parametrize("inside_epoch", [False, True])
+def test_resume_restores_the_carried_noise_and_continues_exactly(tmp_path: Path, inside_epoch: bool) -> None:
+    def run(epochs: int, root: Path, ckpt: str | None, callbacks: list[Callback]) -> VIKING:
         module = make_module(phase_epochs=(1, 1, 2))
-        checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
-        trainer = make_trainer(epochs, root=root, callbacks=[checkpoint])
-        trainer.fit(module, train_dataloaders=loader(), ckpt_path=ckpt)
+        trainer = make_trainer(epochs, root=root, callbacks=callbacks)
+        trainer.fit(module, train_dataloaders=StatefulDataLoader(two_blobs(), batch_size=8), ckpt_path=ckpt)
         return module
 
-    assert_resumption_is_exact(run, tmp_path, epochs=4)
+    assert_resumption_is_exact(run, tmp_path, epochs=4, inside_epoch=inside_epoch)
 
 
 def test_elbo_decreases_and_predictive_spreads_off_the_data() -> None:
@@ -331,3 +333,33 @@ def test_a_checkpoint_of_another_num_samples_keeps_its_samples_and_sweeps_for_mo
     assert bool((more.sample_kernel.norm(dim=1) > 0).all())  # no zero row left
     x, y = two_blobs().tensors
     assert_in_kernel(more.function.jacobian(x[-8:], y[-8:]), more.sample_kernel)  # a new sweep for all five
+
+
+class _CountsBatches(Callback):
+    def __init__(self) -> None:
+        self.per_epoch: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.per_epoch[trainer.current_epoch] = self.per_epoch.get(trainer.current_epoch, 0) + 1
+
+
+def test_the_epoch_start_sweep_leaves_the_training_loader_alone(tmp_path: Path) -> None:
+    """The sweep at the start of epoch 0 runs over a side pass: sweeping the training loader itself reset the
+    iterator its persistent worker shares with the fit (epoch 0 trained on no batch) and replaced the iterator
+    whose position checkpoints keep (a fit resumed inside that epoch ended 0.66 away)."""
+
+    def run(callbacks: list[Callback], ckpt: Path | None = None) -> tuple[VIKING, dict[int, int]]:
+        torch.manual_seed(0)
+        module, counts = VIKING(MLP(64, 10, hidden=[16]), phase_epochs=(0, 0, 2), num_samples=2), _CountsBatches()
+        make_trainer(2, callbacks=[*callbacks, counts]).fit(
+            module, datamodule=DigitsDataModule(batch_size=64, num_workers=1), ckpt_path=ckpt, weights_only=False
+        )
+        return module, counts.per_epoch
+
+    straight, batches = run([])
+    assert batches == {0: 17, 1: 17}  # 1,077 training digits
+    run([SavesInsideAnEpoch(tmp_path / "inside.ckpt", epoch=0, batch_idx=3, stop=True)])
+    resumed, batches = run([], tmp_path / "inside.ckpt")
+    assert batches == {0: 13, 1: 17}
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
