@@ -43,6 +43,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from ..datamodules import side_pass
 from ..generator import PicklableGenerator
 from ..inference.curve_parametrization import (
     CurveParametrization,
@@ -374,7 +375,7 @@ class CurveTraining(Callback):
             loader = trainer.datamodule.train_dataloader()
         if loader is None:
             raise ValueError("CurveTraining: BatchNorm statistics along the curve need training data; none found")
-        return loader
+        return side_pass(loader)  # a validation inside an epoch must not reset the fit's own iterator
 
     def _bind(self, pl_module: LightningModule) -> None:
         if self._bound is None and self.curves:

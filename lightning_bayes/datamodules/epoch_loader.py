@@ -53,14 +53,17 @@ class EpochLoader(StatefulDataLoader):
         return super().__iter__()
 
 
-def side_pass(loader: DataLoader) -> DataLoader:
+def side_pass(loader: Any) -> Any:
     """A loader, in the main process, over the batches ``loader``'s next pass gives, that leaves ``loader`` alone.
 
     For a pass over the training data inside a fit (e.g. a sweep as an epoch begins): iterating the training
     loader itself would reset the iterator its persistent workers share with the fit (the epoch's batches
     would be gone) and, for a ``StatefulDataLoader``, replace the iterator whose position checkpoints keep. The
-    sampler is a deep copy (its generator too) sharing the dataset, so the fit's own pass is not moved.
+    sampler is a deep copy (its generator too) sharing the dataset, so the fit's own pass is not moved. Any
+    other iterable is returned as it is.
     """
+    if not isinstance(loader, DataLoader):
+        return loader
     keep_dataset = {id(loader.dataset): loader.dataset}
     if loader.batch_size is None:  # the user's own batch sampler
         batches = copy.deepcopy(loader.batch_sampler, keep_dataset)

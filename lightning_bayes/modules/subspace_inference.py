@@ -43,6 +43,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..datamodules import side_pass
 from ..inference.batchnorm import (
     batch_statistics,
     batchnorm_layers,
@@ -405,7 +406,7 @@ class SubspaceInference(BayesianModule):
                 with torch.no_grad():
                     for name, value in self.flat.unflatten(weights).items():
                         params[name].copy_(value)
-                refresh_batchnorm(self.model, self.trainer.train_dataloader, self.device)
+                refresh_batchnorm(self.model, side_pass(self.trainer.train_dataloader), self.device)
                 current = running_statistics(self.model)
                 flat = torch.cat([b.reshape(-1) for b in current.values()])
                 self.bn_statistics[index] = self.trainer.strategy.reduce(flat, reduce_op="mean")

@@ -335,6 +335,26 @@ def test_batch_norm_along_the_curve_during_fit_uses_the_training_loader():
         assert torch.equal(before, after)  # re-estimated at every t of the grid, then restored
 
 
+class WorkerMoonsData(MoonsData):
+    def train_dataloader(self) -> DataLoader:  # 16 batches, loaded by a persistent worker
+        return DataLoader(moons(), batch_size=16, num_workers=1, persistent_workers=True)
+
+
+def test_batch_norm_along_the_curve_inside_an_epoch_leaves_the_fits_batches_alone():
+    """The statistics come from a side pass: iterating the training loader itself reset the iterator its
+    persistent worker shares with the fit, which then trained the epoch's second half on its first half."""
+    seen: list[Tensor] = []
+
+    class Batches(Callback):
+        def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx) -> None:
+            seen.append(batch[1])
+
+    callback = CurveTraining(params="all", num_bends=3, grid_points=2)
+    trainer(1, callbacks=[callback, Batches()], val_check_interval=0.5).fit(BatchNormClassifier(), WorkerMoonsData())
+    assert len(callback.grid_values["val"]["curve_nll"]) == 2  # the validation inside the epoch ran
+    assert torch.equal(torch.cat(seen), moons().tensors[1])  # every example once, in order
+
+
 def test_lora_matrices_are_the_curve_and_the_base_is_untouched(tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
 
