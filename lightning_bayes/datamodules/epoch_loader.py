@@ -20,6 +20,12 @@ def training_pass_epoch(trainer: Trainer | None) -> int | None:
     return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else None
 
 
+def loader_samplers(loader: Any) -> tuple[Any, Any]:
+    """A loader's sampler and its batch sampler's (``None`` where absent): Lightning puts its
+    ``DistributedSampler`` into the batch sampler of a ``StatefulDataLoader`` (torchdata's is not torch's)."""
+    return getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+
+
 class EpochLoader(StatefulDataLoader):
     """torchdata's ``StatefulDataLoader`` (Lightning saves its ``state_dict`` in checkpoints and a fit resumed
     inside an epoch goes on from the next batch) that calls ``sampler.set_epoch(epoch())`` as each pass begins
@@ -45,8 +51,7 @@ class EpochLoader(StatefulDataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch()
-        # Lightning puts its DistributedSampler into the batch sampler (torchdata's is not torch's BatchSampler)
-        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+        for sampler in loader_samplers(self):
             set_epoch = getattr(sampler, "set_epoch", None)
             if callable(set_epoch) and epoch is not None:
                 set_epoch(epoch)

@@ -23,6 +23,7 @@ from torch.func import vmap
 from torch.utils.data import DistributedSampler, RandomSampler
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
+from ..datamodules.epoch_loader import loader_samplers
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.nullspace import AlternatingProjections, largest_scale, prior_precision
@@ -148,7 +149,7 @@ class NullSpaceLaplace(BayesianModule):
     # ----- the sweeps ----------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         loader = self.trainer.train_dataloader
-        samplers = _samplers(loader)
+        samplers = loader_samplers(loader)
         if any(isinstance(sampler, DistributedSampler) for sampler in samplers):
             raise ValueError(
                 f"NullSpaceLaplace under {self.trainer.world_size} processes needs every training batch on every "
@@ -273,9 +274,3 @@ class NullSpaceLaplace(BayesianModule):
         residual = self.projections.residual(self.function.jacobian(x, y)).mean()
         self.log("val/kernel_residual", residual, batch_size=len(y))
         return super().validation_step(batch, batch_idx)
-
-
-def _samplers(loader: Any) -> tuple[Any, Any]:
-    """A loader's sampler and its batch sampler's: Lightning puts its ``DistributedSampler`` into the batch
-    sampler of a torchdata ``StatefulDataLoader`` (whose batch sampler is not torch's)."""
-    return getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)
