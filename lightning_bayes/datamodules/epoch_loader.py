@@ -51,10 +51,10 @@ class EpochLoader(StatefulDataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch()
-        for sampler in loader_samplers(self):
-            set_epoch = getattr(sampler, "set_epoch", None)
-            if callable(set_epoch) and epoch is not None:
-                set_epoch(epoch)
+        if epoch is not None:
+            for sampler in loader_samplers(self):
+                if callable(getattr(sampler, "set_epoch", None)):
+                    sampler.set_epoch(epoch)
         return super().__iter__()
 
 
@@ -73,8 +73,7 @@ def side_pass(loader: Any) -> Any:
     if loader.batch_size is None:  # the user's own batch sampler
         batches = copy.deepcopy(loader.batch_sampler, keep_dataset)
         return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn)
-    # Lightning's DistributedSampler sits in the batch sampler of a StatefulDataLoader (loader.sampler does not)
-    sampler = copy.deepcopy(getattr(loader.batch_sampler, "sampler", loader.sampler), keep_dataset)
+    sampler = copy.deepcopy(loader_samplers(loader)[1], keep_dataset)  # the batch sampler's: see loader_samplers
     return DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
         collate_fn=loader.collate_fn,
