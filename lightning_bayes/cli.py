@@ -6,7 +6,9 @@ attached (configure it under ``metrics:``) and prints/writes the metrics table a
 ``predictions.csv`` into the run folder (:class:`PredictionWriter`, under ``predictions:``). With
 ``--ckpt_path`` the model is built from the checkpoint's hyperparameters (as in LightningCLI), but a
 ``--model.…`` argument given on the command line wins over them, e.g.
-``lightning-bayes test --config ... --ckpt_path last.ckpt --model.init_args.num_samples 100``.
+``lightning-bayes test --config ... --ckpt_path last.ckpt --model.init_args.num_samples 100``. A ``--config``
+that is not a file may name a config shipped with the package (``--config mnist/map``); ``lightning-bayes configs``
+lists them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
 from .modules.base import BayesianModule
 
@@ -132,11 +135,14 @@ def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningD
 
 
 def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
-    """Run the CLI on ``args`` (a list like ``["fit", "--config", ...]``; None: the command line).
+    """Run the CLI on ``args`` (a list like ``["fit", "--config", ...]``; None: the command line); a ``--config``
+    value may name a shipped config (:func:`~lightning_bayes.bundled_configs.resolve_config`).
 
     With ``subcommand=False``, ``args`` holds no subcommand (``["--config", ...]``): model, data and trainer
     are instantiated and nothing runs (``cli.model``, ``cli.datamodule``, ``cli.trainer``, ``cli.config``).
     """
+    if isinstance(args, (list, tuple)):
+        args = with_bundled_configs(list(args))
     return BayesCLI(
         BayesianModule,
         LightningDataModule,
@@ -150,7 +156,15 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
 
 
 def main() -> None:
-    """Console-script entry point ``lightning-bayes``."""
+    """Console-script entry point ``lightning-bayes``; ``lightning-bayes configs`` lists the shipped configs."""
+    if sys.argv[1:] == ["configs"]:
+        print(describe_bundled_configs())
+        return
+    try:
+        sys.argv[1:] = with_bundled_configs(sys.argv[1:])
+    except FileNotFoundError as error:
+        print(f"lightning-bayes: error: {error}", file=sys.stderr)
+        sys.exit(2)  # as the parser exits on a bad argument
     run()
 
 

@@ -1,0 +1,80 @@
+"""The YAML configs of the repository's ``configs/`` folder, shipped inside the package.
+
+The wheel holds them as ``lightning_bayes/configs/`` (``setup.py`` maps the folder), so a user who only ran
+``pip install lightning-bayes`` can still run ``lightning-bayes fit --config mnist/map`` from any folder;
+``lightning-bayes configs`` lists them. A ``--config`` value that names a file keeps naming that file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_CONFIG_FLAGS = ("-c", "--config")
+
+
+def bundled_configs_root() -> Path:
+    """``lightning_bayes/configs`` in an installed wheel, else the ``configs/`` folder of a source checkout (an
+    editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def bundled_configs() -> dict[str, Path]:
+    """Every shipped config by name: its path under the configs folder without ``.yaml`` (``mnist/map``)."""
+    root = bundled_configs_root()
+    return {path.relative_to(root).with_suffix("").as_posix(): path for path in sorted(root.rglob("*.yaml"))}
+
+
+def describe_bundled_configs() -> str:
+    """One line per shipped config: its name and the first line of its leading comment."""
+    configs = bundled_configs()
+    width = max(map(len, configs), default=0)
+    lines = []
+    for name, path in configs.items():
+        first = path.read_text().splitlines()[:1]
+        summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"{name.ljust(width)}  {summary}".rstrip())
+    return "\n".join(lines)
+
+
+def resolve_config(value: str) -> str:
+    """``value`` of a ``--config`` argument as the parser should read it: an existing file or inline YAML as given,
+    else the shipped config it names (``quickstart``, ``mnist/map``, ``mnist/map.yaml``,
+    ``configs/mnist/map.yaml``). Raises ``FileNotFoundError`` naming the value and the closest shipped names."""
+    if Path(value).expanduser().exists() or _is_inline_yaml(value):
+        return value
+    configs = bundled_configs()
+    name = value.removeprefix("./").removeprefix("configs/").removesuffix(".yaml").removesuffix(".yml")
+    if name in configs:
+        return str(configs[name])
+    close = difflib.get_close_matches(name, list(configs), n=3)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise FileNotFoundError(
+        f"--config {value!r}: no such file, and no config of that name ships with lightning_bayes{hint} "
+        "(`lightning-bayes configs` lists them)"
+    )
+
+
+def with_bundled_configs(args: list[str]) -> list[str]:
+    """A command line with every ``-c/--config`` value passed through :func:`resolve_config`."""
+    resolved = list(args)
+    for index, arg in enumerate(resolved):
+        if arg in _CONFIG_FLAGS and index + 1 < len(resolved):
+            resolved[index + 1] = resolve_config(resolved[index + 1])
+        elif arg.startswith("--config="):
+            resolved[index] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return resolved
+
+
+def _is_inline_yaml(value: str) -> bool:
+    """jsonargparse also takes the config itself as the value (``--config '{trainer: {max_epochs: 1}}'``)."""
+    try:
+        parsed: Any = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    return isinstance(parsed, dict)

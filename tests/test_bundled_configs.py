@@ -1,0 +1,113 @@
+"""The configs ship inside the wheel and ``--config`` finds them by name from any folder."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import ROOT
+
+from lightning_bayes import cli
+from lightning_bayes.bundled_configs import bundled_configs, describe_bundled_configs, resolve_config, with_bundled_configs
+
+REPOSITORY_CONFIGS = sorted(path.relative_to(ROOT / "configs").as_posix() for path in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel ``pip`` builds from a copy of this checkout's sources (setuptools from the environment: no index
+    needed; the copy keeps the build's ``build/`` and ``*.egg-info`` out of the checkout)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source)
+    for name in ("lightning_bayes", "configs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)]
+    subprocess.run(command, check=True, capture_output=True, cwd=out)
+    (built,) = out.glob("lightning_bayes-*.whl")
+    return built
+
+
+def test_the_wheel_ships_every_config_of_the_repository_and_no_tests(wheel: Path):
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(name.removeprefix("lightning_bayes/configs/") for name in names if name.endswith(".yaml"))
+    assert shipped == REPOSITORY_CONFIGS
+    assert all(name.startswith(("lightning_bayes/", "lightning_bayes-")) for name in names)
+    assert "lightning_bayes/bundled_configs.py" in names
+
+
+def test_an_installed_wheel_resolves_config_names_to_its_own_files(wheel: Path, tmp_path: Path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    script = "from lightning_bayes.bundled_configs import resolve_config; print(resolve_config('mnist/map'))"
+    found = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path,
+                           env={"PYTHONPATH": str(target), "PATH": ""})
+    resolved = Path(found.stdout.strip())
+    assert resolved == target / "lightning_bayes" / "configs" / "mnist" / "map.yaml"
+    assert resolved.read_text() == (ROOT / "configs" / "mnist" / "map.yaml").read_text()
+
+
+def test_a_source_checkout_names_its_configs_folder():
+    assert sorted(path.relative_to(ROOT / "configs").as_posix() for path in bundled_configs().values()) == REPOSITORY_CONFIGS
+    assert bundled_configs()["mnist/map"] == ROOT / "configs" / "mnist" / "map.yaml"
+
+
+@pytest.mark.parametrize("value", ["mnist/map", "mnist/map.yaml", "configs/mnist/map.yaml", "./configs/mnist/map.yaml"])
+def test_a_config_name_resolves_from_any_folder(value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config(value) == str(ROOT / "configs" / "mnist" / "map.yaml")
+
+
+def test_a_file_or_inline_yaml_is_kept_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "map").write_text("trainer: {max_epochs: 1}\n")
+    assert resolve_config("mnist/map") == "mnist/map"  # the user's own file wins over the shipped one
+    assert resolve_config("{trainer: {max_epochs: 1}}") == "{trainer: {max_epochs: 1}}"
+    assert resolve_config("trainer:\n  max_epochs: 1") == "trainer:\n  max_epochs: 1"
+
+
+def test_an_unknown_config_names_the_value_and_the_closest_shipped_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"--config 'mnist/mapp': no such file.*closest: mnist/map"):
+        resolve_config("mnist/mapp")
+
+
+def test_every_config_flag_of_a_command_line_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "-c", "text/map_lora_smollm2", "--config=text/nf4", "--config", "{seed_everything: 1}",
+            "--trainer.max_epochs=1"]
+    text = ROOT / "configs" / "text"
+    assert with_bundled_configs(args) == [
+        "fit", "-c", str(text / "map_lora_smollm2.yaml"), f"--config={text / 'nf4.yaml'}", "--config",
+        "{seed_everything: 1}", "--trainer.max_epochs=1",
+    ]
+
+
+def test_the_cli_builds_a_shipped_config_by_name_outside_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    built = cli.run(["--config", "digits/map", "--trainer.logger.init_args.save_dir", str(tmp_path)], subcommand=False)
+    assert type(built.model).__name__ == "MAP"
+    assert type(built.datamodule).__name__ == "DigitsDataModule"
+    assert built.config.trainer.max_epochs == 60
+
+
+def test_the_configs_command_lists_every_config_with_its_summary(monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lightning-bayes", "configs"])
+    cli.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [name.removesuffix(".yaml") for name in REPOSITORY_CONFIGS]
+    assert "MAP baseline: LeNet-5 on full MNIST" in lines[REPOSITORY_CONFIGS.index("mnist/map.yaml")]
+    assert describe_bundled_configs().splitlines() == lines
+
+
+def test_the_console_script_refuses_an_unknown_config_as_a_parser_error(monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lightning-bayes", "fit", "--config", "quickstrat"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert "--config 'quickstrat': no such file" in capsys.readouterr().err
