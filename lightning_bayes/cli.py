@@ -60,6 +60,20 @@ class BayesCLI(LightningCLI):
             model = _as_subclass_values(_nested_values(self._given_model_args), self.config[subcommand].model)
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
+    def instantiate_classes(self) -> None:
+        """jsonargparse reports an error a constructor raised (``num_samples must be a positive integer; got 0``)
+        inside its union-validation message, after a dump of the whole namespace; raise the constructor's own
+        exception instead, so that the last line of the traceback says what was wrong."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            cause: BaseException = error
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if cause is error:
+                raise
+            raise cause from None
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Show a Rich progress bar unless the user turned bars off or chose another one. Under ``fast_dev_run``
         no checkpoint is written: Lightning skips every save then but ``save_last``'s at the end of training,

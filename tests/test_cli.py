@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from lightning_bayes.cli import run
@@ -98,3 +99,17 @@ def test_fast_dev_run_leaves_the_working_folder_empty(tmp_path: Path, monkeypatc
     for _ in range(2):
         run(["fit", "--config", str(ROOT / "configs" / "digits" / "map.yaml"), "--trainer.fast_dev_run=true"])
     assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("--model.init_args.num_samples=0", "num_samples must be a positive integer; got 0"),
+        ("--model.init_args.backbone.init_args.dropout=1.5", r"dropout must lie in \[0, 1\); got 1.5"),
+        ("--data.init_args.batch_size=0", "batch_size must be an int >= 1; got 0"),
+    ],
+)
+def test_a_constructor_error_reaches_the_user_as_it_was_raised(tmp_path: Path, argument: str, message: str):
+    config = ROOT / "configs" / "digits" / "mc_dropout.yaml"
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        run(["--config", str(config), f"--trainer.default_root_dir={tmp_path}", argument], subcommand=False)
