@@ -27,8 +27,26 @@ from .callbacks import CalibrationMetrics, PredictionWriter
 from .modules.base import BayesianModule
 
 
+DESCRIPTION = (
+    "lightning_bayes: Bayesian deep learning methods as Lightning modules and callbacks. Run a config with "
+    "`lightning-bayes fit --config quickstart` (a file, or the name of a shipped config); `lightning-bayes configs` "
+    "lists the shipped configs."
+)
+
+
 class BayesCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with the shared metrics callback."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, its ``--config`` help naming the shipped configs too."""
+        parser = super().init_parser(**kwargs)
+        for action in parser._actions:
+            if action.dest == "config":
+                action.help = (
+                    "Path to a configuration file in json or yaml format, or the name of a config shipped with "
+                    "lightning_bayes (quickstart, mnist/map, ...; `lightning-bayes configs` lists them)."
+                )
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CalibrationMetrics, "metrics")
@@ -166,6 +184,7 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
         args=args,
         run=subcommand,
         auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
     )
 
 

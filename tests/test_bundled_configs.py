@@ -111,3 +111,13 @@ def test_the_console_script_refuses_an_unknown_config_as_a_parser_error(monkeypa
         cli.main()
     assert exit_info.value.code == 2
     assert "--config 'quickstrat': no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"]])
+def test_the_help_points_at_the_shipped_configs(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lightning-bayes", *args])
+    with pytest.raises(SystemExit):
+        cli.main()
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "or the name of a config shipped with lightning_bayes" in help_text
+    assert "`lightning-bayes configs` lists them" in help_text
