@@ -19,14 +19,15 @@ from torch import Tensor, nn
 def resolve_checkpoint_path(checkpoint: str) -> Path:
     """``checkpoint`` itself, or the newest file matching it when it is a glob pattern
     (e.g. ``runs/mnist_map/version_*/checkpoints/last.ckpt``)."""
+    where = "" if Path(checkpoint).is_absolute() else f" (relative to the working folder {os.getcwd()})"
     if any(c in checkpoint for c in "*?["):
         matches = sorted(glob.glob(checkpoint), key=os.path.getmtime)
         if not matches:
-            raise FileNotFoundError(f"checkpoint={checkpoint!r} matches no file; train the model first")
+            raise FileNotFoundError(f"checkpoint={checkpoint!r} matches no file{where}; train the model first")
         return Path(matches[-1])
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={checkpoint!r} is not a file; train the model first")
+        raise FileNotFoundError(f"checkpoint={checkpoint!r} is not a file{where}; train the model first")
     return path
 
 
