@@ -199,7 +199,3 @@ def main() -> None:
         print(f"lightning-bayes: error: {error}", file=sys.stderr)
         sys.exit(2)  # as the parser exits on a bad argument
     run()
-
-
-if __name__ == "__main__":
-    main()

@@ -105,6 +105,12 @@ def test_the_configs_command_lists_every_config_with_its_summary(monkeypatch: py
     assert describe_bundled_configs().splitlines() == lines
 
 
+def test_python_dash_m_runs_the_same_command(tmp_path: Path):
+    listed = subprocess.run([sys.executable, "-m", "lightning_bayes", "configs"], check=True, capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert listed.stdout.strip() == describe_bundled_configs()
+
+
 def test_the_console_script_refuses_an_unknown_config_as_a_parser_error(monkeypatch: pytest.MonkeyPatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lightning-bayes", "fit", "--config", "quickstrat"])
     with pytest.raises(SystemExit) as exit_info:

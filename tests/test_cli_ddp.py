@@ -25,7 +25,7 @@ ONE = ["--trainer.strategy=auto", "--trainer.devices=1", "--trainer.accelerator=
 
 
 def cli(folder: Path, *args: str) -> None:
-    command = [sys.executable, "-m", "lightning_bayes.cli", *args, "--trainer.enable_progress_bar=false"]
+    command = [sys.executable, "-m", "lightning_bayes", *args, "--trainer.enable_progress_bar=false"]
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
 
