@@ -38,6 +38,18 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
+    def __post_init__(self) -> None:  # peft's LoraConfig accepts all of these and fails later, if at all
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoraSpec: r must be an int >= 1; got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"LoraSpec: alpha must be a number > 0; got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec: dropout must lie in [0, 1); got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):
+            raise ValueError(
+                f"LoraSpec: target_modules must be a non-empty list of layer names; got {self.target_modules!r}"
+            )
+
 
 def quantisation_kwargs(load_in_4bit: bool) -> dict[str, Any]:
     """``from_pretrained`` arguments for an NF4 base (empty when not 4-bit): on the current CUDA device, or on the

@@ -104,6 +104,24 @@ def test_minilm_sequence_classifier_with_lora_trains_adapters_and_head_only():
     assert sum(c for n, c in trainable.items() if n not in adapters) == 3 * 384 + 3  # the fresh head
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"r": 0}, r"r must be an int >= 1; got 0"),
+        ({"r": 2.5}, r"r must be an int >= 1; got 2.5"),
+        ({"alpha": 0}, r"alpha must be a number > 0; got 0"),
+        ({"dropout": 1.0}, r"dropout must lie in \[0, 1\); got 1.0"),
+        ({"dropout": -0.1}, r"dropout must lie in \[0, 1\); got -0.1"),
+        ({"target_modules": []}, r"target_modules must be a non-empty list of layer names; got \[\]"),
+        ({"target_modules": ["q_proj", ""]}, r"target_modules must be a non-empty list of layer names"),
+    ],
+)
+def test_a_lora_spec_refuses_what_peft_would_accept_and_fail_on_later(arguments: dict, message: str):
+    with pytest.raises(ValueError, match=f"^LoraSpec: {message}"):
+        LoraSpec(**arguments)
+    LoraSpec(r=1, alpha=0.5, dropout=0.0, target_modules=["query"])  # the smallest valid values
+
+
 def test_lora_targets_matching_nothing_name_the_available_layers():
     with pytest.raises(ValueError, match=r"matching no linear layer .*\['q_proj'.*'query'"):
         HFSequenceClassifier("minilm", num_labels=2, lora=LoraSpec(target_modules=["q_proj", "value"]))
