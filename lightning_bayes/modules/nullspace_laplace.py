@@ -90,6 +90,8 @@ class NullSpaceLaplace(BayesianModule):
             raise ValueError(f"scale must be a number >= 0 or 'line_search'; got {scale!r}")
         if not isinstance(scale_batches, int) or scale_batches < 1:
             raise ValueError(f"scale_batches must be an int >= 1; got {scale_batches!r}")
+        if not (isinstance(scale_tolerance, (int, float)) and scale_tolerance > 0):  # else refused after the sweeps
+            raise ValueError(f"scale_tolerance must be > 0 (a relative training-NLL increase); got {scale_tolerance!r}")
         prior_precision(alpha, 1.0, torch.ones(1))  # validates a number or a rule's name
         self.automatic_optimization = False
         if checkpoint is not None:

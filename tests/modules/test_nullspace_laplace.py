@@ -185,6 +185,8 @@ def test_shuffled_training_loader_is_refused(loader_class: type[DataLoader]) -> 
         ({"predictive": "glm"}, "predictive must be one of"),
         ({"scale": -1.0}, "scale must be a number >= 0 or 'line_search'"),
         ({"alpha": "marginal"}, "alpha must be a positive number or one of"),
+        ({"scale_tolerance": 0.0}, r"scale_tolerance must be > 0 \(a relative training-NLL increase\); got 0.0"),
+        ({"scale_batches": 0}, "scale_batches must be an int >= 1; got 0"),
         ({"params": "nothing*"}, "matched no parameter"),
     ],
 )
