@@ -42,6 +42,17 @@ def _fsdp_units(trainer: Trainer | None) -> list[nn.Module]:
     return FullyShardedDataParallel.fsdp_modules(root)
 
 
+def _is_device_name(device: object) -> bool:
+    """Whether ``torch.device`` reads ``device`` (a string such as ``"cpu"`` or ``"cuda:1"``)."""
+    if not isinstance(device, str):
+        return False
+    try:
+        torch.device(device)
+    except RuntimeError:
+        return False
+    return True
+
+
 class SWASubspace(Callback):
     """Collect SWA/SWAG moments of ``params`` alongside training.
 
@@ -82,8 +93,8 @@ class SWASubspace(Callback):
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if not isinstance(max_rank, int) or max_rank < 0:
             raise ValueError(f"max_rank must be an int >= 0; got {max_rank!r}")
-        if device is not None and not isinstance(device, str):
-            raise ValueError(f"device must be a device name such as 'cpu' or None; got {device!r}")
+        if device is not None and not _is_device_name(device):
+            raise ValueError(f"device must be a device name such as 'cpu' or 'cuda:0', or None; got {device!r}")
         self.params = params
         self.start_epoch = start_epoch
         self.start_fraction = 0.5 if start_epoch is None and start_fraction is None else start_fraction

@@ -168,6 +168,8 @@ def test_contexts_before_any_snapshot_are_an_error() -> None:
         ({"start_epoch": -1}, "start_epoch must be an int >= 0"),
         ({"every_n_steps": 0}, "every_n_steps must be a positive int"),
         ({"max_rank": -2}, "max_rank must be an int >= 0"),
+        ({"device": "gpu"}, r"device must be a device name such as 'cpu' or 'cuda:0', or None; got 'gpu'"),
+        ({"device": 0}, r"device must be a device name .*; got 0"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message) -> None:
