@@ -254,3 +254,16 @@ def test_a_fixed_scale_survives_loading_a_line_search_checkpoint() -> None:
     reloaded.load_state_dict(searched.state_dict())
     assert reloaded.scale() == searched.scale()
     torch.testing.assert_close(fixed.deltas(), searched.deltas() * (0.5 / searched.scale()))
+
+
+def test_the_sweeps_hand_freed_memory_back_every_twenty_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # lightning_bayes.heap explains why; 45 micro-batches per sweep, 2 sweeps: after batches 20 and 40 of each
+    released: list[int] = []
+    monkeypatch.setattr(
+        "lightning_bayes.modules.nullspace_laplace.release_freed_memory", lambda: released.append(len(released)) or True
+    )
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(90, 30, dtype=torch.float64, generator=generator), torch.randint(0, 3, (90,), generator=generator)
+    module = NullSpaceLaplace(make_model(), num_samples=2)
+    make_trainer(2).fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=2))
+    assert len(released) == 4
