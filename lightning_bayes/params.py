@@ -88,14 +88,12 @@ def laid_out_like(full: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(full.view(like.shape), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def reshard(module: nn.Module) -> None:
-    """Return every FSDP2 unit in ``module`` to its sharded parameters. FSDP2 keeps the root's gathered copy after a
+def fsdp2_units(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units in ``module`` (none without ``torch.distributed``). FSDP2 keeps the root's gathered copy after a
     forward without gradients, so in-place edits of the sharded parameters (a posterior draw) would not reach the
-    next forward; after this call it gathers them again. No FSDP2 units (or no ``torch.distributed``): nothing."""
+    next forward: call ``unit.reshard()`` on each first; the next forward gathers them again."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
-        return
-    for unit in module.modules():
-        if isinstance(unit, FSDPModule):
-            unit.reshard()
+        return []
+    return [unit for unit in module.modules() if isinstance(unit, FSDPModule)]

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..inference.likelihoods import Likelihood
-from ..optim.ivon import IVON, posterior_draw
-from ..params import ParamSelector, full_tensor, laid_out_like, reshard, select_parameters
+from ..optim.ivon import IVON, posterior_draws
+from ..params import ParamSelector, full_tensor, fsdp2_units, laid_out_like, select_parameters
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
 
@@ -188,11 +188,16 @@ class IVONModule(BayesianModule):
         if self.mean_prediction:
             return self.likelihood.predictive(self(x).unsqueeze(0))
         samples = self.resolve_num_samples(num_samples)
-        reshard(self)  # FSDP2: draw into the sharded parameters, not the gathered copy of the last forward
-        params, variances = self.posterior_parameters(), self.posterior_variances()
+        # FSDP2: draw into the sharded parameters, not the gathered copy of the last forward; after each forward
+        # reshard, so that the next one gathers the next draw (and, after the last, the restored means)
+        units = fsdp2_units(self)
+        for unit in units:
+            unit.reshard()
         outputs = []
-        for _ in range(samples):
-            with posterior_draw(params, variances):
+        with posterior_draws(self.posterior_parameters(), self.posterior_variances()) as draw:
+            for _ in range(samples):
+                draw()
                 outputs.append(self(x))
-            reshard(self)  # the next forward gathers the next draw (and, after the last, the restored means)
+                for unit in units:
+                    unit.reshard()
         return self.likelihood.predictive(torch.stack(outputs))

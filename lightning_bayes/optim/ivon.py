@@ -85,6 +85,33 @@ def posterior_draw(
         yield
 
 
+@contextmanager
+def posterior_draws(
+    params: Sequence[Tensor], variances: Sequence[Tensor], generator: torch.Generator | None = None
+) -> Iterator[Callable[[], None]]:
+    """For many draws (a predictive): each call of the yielded function writes a new ``theta = m + sigma * n`` into
+    ``params`` (``m``: their values on entry), with one ``randn`` for all of them (``n`` is one standard normal
+    vector split in ``params`` order, from ``generator`` or torch's default one; a DTensor keeps its shard of the
+    whole draw) and ``sigma`` computed once; ``m`` is copied back on exit, also when the body raises: bit-exact."""
+    with torch.no_grad():
+        means = [p.detach().clone() for p in params]
+        scales = [v.sqrt() for v in variances]
+    sizes = [s.numel() for s in scales]
+
+    def draw() -> None:
+        with torch.no_grad():
+            flat = torch.randn(sum(sizes), generator=generator, device=scales[0].device, dtype=scales[0].dtype)
+            for p, m, s, n in zip(params, means, scales, flat.split(sizes), strict=True):
+                p.copy_(torch.addcmul(m, s, laid_out_like(n.to(s.device, s.dtype).view(s.shape), s)))
+
+    try:
+        yield draw
+    finally:
+        with torch.no_grad():
+            for p, m in zip(params, means):
+                p.copy_(m)
+
+
 def _check(name: str, value: Any, valid: bool, expected: str) -> None:
     if not valid:
         raise ValueError(f"IVON: {name} must be {expected}; got {value!r}")
@@ -124,8 +151,9 @@ class IVON(Optimizer):
     the parameters and each rank keeps its shard of the one-process noise, so a sharded run follows the one-process
     run. FSDP2 keeps the root unit's gathered parameters after a forward without gradients (validation), where a
     draw written into the shards would not reach the next forward: a module that runs such forwards between steps
-    calls :func:`lightning_bayes.params.reshard` on itself first (``IVONModule``'s predictive does). FSDP1's flat parameters (``FSDPStrategy``) are not supported: every rank would draw the same noise for its
-    own shard, correlated across shards.
+    reshards the units of :func:`lightning_bayes.params.fsdp2_units` first (``IVONModule``'s predictive does).
+    FSDP1's flat parameters (``FSDPStrategy``) are not supported: every rank would draw the same noise for its own
+    shard, correlated across shards.
     """
 
     def __init__(

@@ -127,12 +127,13 @@ def test_checkpoint_carries_sigma2_and_the_predictive_averages_draws(tmp_path: P
     x = blobs()[:5][0]
     torch.manual_seed(0)
     logits = loaded.predictive(x, num_samples=3).logits
-    torch.manual_seed(0)  # the same draws by hand: theta = m + sigma * n, parameters in registration order
+    torch.manual_seed(0)  # the same draws by hand: theta = m + sigma * n, n one vector over the parameters in order
     means = [p.detach().clone() for p in loaded.parameters()]
-    variances = expected.split([p.numel() for p in means])
+    mean, sizes = torch.cat([m.reshape(-1) for m in means]), [m.numel() for m in means]
     by_hand = []
     for _ in range(3):
-        theta = [m + torch.randn(m.shape, dtype=m.dtype) * v.view_as(m).sqrt() for m, v in zip(means, variances)]
+        flat = mean + torch.randn(mean.shape, dtype=mean.dtype) * expected.sqrt()
+        theta = [t.view_as(m) for t, m in zip(flat.split(sizes), means)]
         hidden = torch.tanh(x @ theta[0].T + theta[1])
         by_hand.append(hidden @ theta[2].T + theta[3])
     torch.testing.assert_close(logits, torch.stack(by_hand), rtol=1e-12, atol=1e-12)

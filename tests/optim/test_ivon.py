@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_bayes.optim.ivon as ivon_module
-from lightning_bayes.optim import IVON, hessian_update
+from lightning_bayes.optim import IVON, hessian_update, posterior_draws
 
 
 def quadratic_closure(optimizer: IVON, theta: nn.Parameter, curvature: torch.Tensor, centre: torch.Tensor):
@@ -72,6 +72,29 @@ def test_prediction_draws_have_the_posterior_std_per_coordinate(single_thread) -
         draw = theta.detach().clone()
     assert torch.equal(theta.detach(), torch.zeros_like(theta))
     torch.testing.assert_close(draw.std(1), 1 / (20.0 * (hess + 1e-3)).sqrt(), rtol=0.01, atol=0)
+
+
+def test_posterior_draws_are_fresh_draws_around_the_mean_and_restore_it(single_thread) -> None:
+    """Each call of ``posterior_draws``' function is ``m + sigma * n`` with ``n`` one vector split over the
+    parameters in order (equal to a draw by hand from the same generator state), never a step from the last draw;
+    its stds are within 1% of sigma (4.5 standard errors at 10^5 draws) and the mean comes back bitwise, also when
+    the body raises."""
+    mean = [torch.full((2, 10**5), 1.5, dtype=torch.float64), torch.tensor([-2.0, 0.25], dtype=torch.float64)]
+    params = [nn.Parameter(m.clone()) for m in mean]
+    variances = [
+        torch.tensor([[0.25], [4.0]], dtype=torch.float64).expand(2, 10**5), torch.tensor([0.01, 9.0], dtype=torch.float64)
+    ]
+    generator, by_hand = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    with pytest.raises(KeyError), posterior_draws(params, variances, generator) as draw:
+        for _ in range(3):
+            draw()
+            n = torch.randn(2 * 10**5 + 2, generator=by_hand, dtype=torch.float64)
+            expected = [mean[0] + variances[0].sqrt() * n[:-2].view(2, -1), mean[1] + variances[1].sqrt() * n[-2:]]
+            for p, e in zip(params, expected):
+                torch.testing.assert_close(p.detach(), e, rtol=1e-15, atol=1e-15)
+            torch.testing.assert_close(params[0].detach().std(1), torch.tensor([0.5, 2.0]).double(), rtol=0.01, atol=0)
+        raise KeyError("the body fails")
+    assert all(torch.equal(p.detach(), m) for p, m in zip(params, mean))
 
 
 def test_price_estimate_is_unbiased_for_the_diagonal_hessian(single_thread, monkeypatch) -> None:
