@@ -1,0 +1,55 @@
+"""The README's Python blocks run as printed (a user's first copy and paste), on packaged data, with the Trainer
+limited to a few batches; what their comments promise is checked."""
+
+import re
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cli_helpers import ROOT
+
+from lightning_bayes.datamodules import DigitsDataModule
+from lightning_bayes.models import MLP
+
+BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+
+
+class FewBatchesTrainer(lightning.Trainer):
+    """The README's ``L.Trainer(...)`` with its own arguments, on 2 batches per loop and 1 epoch."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.update(max_epochs=1, limit_train_batches=2, limit_val_batches=2, limit_test_batches=2)
+        super().__init__(enable_progress_bar=False, **kwargs)
+
+
+def test_the_readme_has_the_blocks_this_test_runs() -> None:
+    assert len(BLOCKS) == 2
+    assert "CalibrationMetrics()" in BLOCKS[0] and "NullSpaceLaplace(model" in BLOCKS[1]
+
+
+def test_the_readme_python_blocks_run_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lightning, "Trainer", FewBatchesTrainer)
+    namespace: dict = {}
+    exec(compile(BLOCKS[0], "README.md (own Trainer)", "exec"), namespace)  # noqa: S102 (running the README is the test)
+    logged = namespace["trainer"].callback_metrics
+    for name in ("test/cal/acc", "test/cal/nll", "test/cal/ece", "test/ood/auroc", "test/ood/fpr95"):
+        assert name in logged
+    assert 0.0 <= float(logged["test/ood/auroc"]) <= 1.0
+    assert float(logged["test/cal/nll"]) > 0.0
+
+    # the second block's inputs, named in its comments: a trained nn.Module, a loader in a fixed order, a batch
+    data = DigitsDataModule(batch_size=16, shuffle=False)
+    data.setup("fit")
+    torch.manual_seed(0)
+    namespace["model"] = MLP(in_features=64, out_features=10, hidden=[16])
+    namespace["fixed_order_loader"] = data.train_dataloader()
+    namespace["x"] = next(iter(DataLoader(data.val_set, batch_size=5)))[0]
+    lines = BLOCKS[1].strip().splitlines()
+    exec(compile("\n".join(lines[:-1]), "README.md (null-space Laplace)", "exec"), namespace)  # noqa: S102 (running the README is the test)
+    predictive = eval(compile(lines[-1], "README.md (null-space Laplace)", "eval"), namespace)
+    assert type(predictive).__name__ == "CategoricalPredictive"
+    assert predictive.logits.shape == (30, 5, 10)  # "logits [30, B, C]"
