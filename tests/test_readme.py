@@ -2,6 +2,8 @@
 limited to a few batches; what their comments promise is checked."""
 
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import lightning
@@ -11,10 +13,31 @@ from torch.utils.data import DataLoader
 
 from cli_helpers import ROOT
 
+from lightning_bayes import cli
 from lightning_bayes.datamodules import DigitsDataModule
 from lightning_bayes.models import MLP
 
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
+# what a fresh checkout lacks stands for what the commands before it write
+SAVED_BY_AN_EARLIER_RUN = {"runs/digits_map/version_0/config.yaml": "configs/digits/map.yaml"}
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``lightning-bayes ...`` line of the README's shell blocks (continuations joined, comments and output
+    redirection dropped) as the arguments after the program name."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if "lightning-bayes" in words:
+                arguments = words[words.index("lightning-bayes") + 1 :]
+                arguments = arguments[: arguments.index(">")] if ">" in arguments else arguments
+                commands.append([SAVED_BY_AN_EARLIER_RUN.get(word, word) for word in arguments])
+    return commands
+
+
+COMMANDS = readme_commands()
 
 
 class FewBatchesTrainer(lightning.Trainer):
@@ -28,6 +51,25 @@ class FewBatchesTrainer(lightning.Trainer):
 def test_the_readme_has_the_blocks_this_test_runs() -> None:
     assert len(BLOCKS) == 2
     assert "CalibrationMetrics()" in BLOCKS[0] and "NullSpaceLaplace(model" in BLOCKS[1]
+    assert len(COMMANDS) >= 30 and ["configs"] in COMMANDS
+
+
+@pytest.mark.parametrize("arguments", COMMANDS, ids=[" ".join(c)[:90] for c in COMMANDS])
+def test_every_readme_command_line_parses(
+    arguments: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Each command's subcommand, configs and overrides are accepted by the real command line (``--print_config``
+    parses and resolves them, then exits; ``configs`` lists the shipped configs): a renamed option, a moved config
+    or a stale flag in the README fails here."""
+    monkeypatch.chdir(ROOT)
+    parse_only = [] if arguments == ["configs"] else ["--print_config"]
+    monkeypatch.setattr(sys, "argv", ["lightning-bayes", *arguments, *parse_only])
+    try:
+        cli.main()
+    except SystemExit as exit:
+        assert exit.code in (0, None), capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "mnist/map" in printed if arguments == ["configs"] else printed.startswith(("seed_everything", "# "))
 
 
 def test_the_readme_python_blocks_run_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
