@@ -18,6 +18,7 @@ Bayes", AStA 2024 (arXiv 2202.05650), section 2.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,12 +34,41 @@ def inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+@functools.cache
+def _log_binomials(degree: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``log C(M, k)`` for ``k = 0..M``."""
+    return torch.tensor([math.lgamma(degree + 1) - math.lgamma(k + 1) - math.lgamma(degree - k + 1)
+                         for k in range(degree + 1)], dtype=dtype, device=device)  # fmt: skip
+
+
+def _log_basis(log_u: Tensor, log_v: Tensor, degree: int) -> Tensor:
+    """``log C(M, k) + k log u + (M - k) log(1 - u)`` ``[..., M + 1]`` from ``log u``, ``log(1 - u)`` ``[..., 1]``."""
+    k = torch.arange(degree + 1, dtype=log_u.dtype, device=log_u.device)
+    return _log_binomials(degree, log_u.dtype, log_u.device) + k * log_u + (degree - k) * log_v
+
+
+def _logs(u: Tensor) -> tuple[Tensor, Tensor]:
+    """``log u`` and ``log(1 - u)`` ``[..., 1]``, bounded below by the dtype's lowest finite value so that a zero power
+    of ``u = 0`` or ``u = 1`` is ``0 * finite = 0`` (as ``u^0 = 1``) and every other power underflows to 0."""
+    lowest = torch.finfo(u.dtype).min
+    u = u.unsqueeze(-1)
+    return torch.log(u).clamp_min(lowest), torch.log1p(-u).clamp_min(lowest)
+
+
 def bernstein_basis(u: Tensor, degree: int) -> Tensor:
     """``C(M, k) u^k (1 - u)^(M - k)`` for ``k = 0..M``: ``[..., M + 1]`` (log space, so large ``M`` is stable)."""
-    k = torch.arange(degree + 1, dtype=u.dtype, device=u.device)
-    log_binomial = torch.lgamma(torch.tensor(degree + 1.0, dtype=u.dtype)) - torch.lgamma(k + 1) - torch.lgamma(degree - k + 1)
-    u = u.unsqueeze(-1)
-    return torch.exp(log_binomial + torch.xlogy(k, u) + torch.xlogy(degree - k, 1 - u))
+    return torch.exp(_log_basis(*_logs(u), degree))
+
+
+def bernstein_polynomial(u: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """``(h(u), h'(u))`` of the Bernstein polynomial with coefficients ``theta`` ``[..., M + 1]`` at ``u`` ``[...]``:
+    ``h = sum_k theta_k b_{k,M}(u)`` and ``h' = M sum_{k<M} (theta_{k+1} - theta_k) b_{k,M-1}(u)``; the logs of ``u``
+    and ``1 - u`` are taken once for both bases."""
+    degree = theta.shape[-1] - 1
+    log_u, log_v = _logs(u)
+    value = (torch.exp(_log_basis(log_u, log_v, degree)) * theta).sum(-1)
+    slope = degree * (torch.exp(_log_basis(log_u, log_v, degree - 1)) * theta.diff(dim=-1)).sum(-1)
+    return value, slope
 
 
 def monotone_coefficients(raw: Tensor) -> Tensor:
@@ -103,10 +133,7 @@ class BernsteinFlow(nn.Module):
 
     def polynomial(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``(h(u), h'(u))`` for ``u`` of shape ``[..., *shape]``."""
-        theta = self.coefficients()
-        value = (bernstein_basis(u, self.degree) * theta).sum(-1)
-        slope = self.degree * (bernstein_basis(u, self.degree - 1) * theta.diff(dim=-1)).sum(-1)
-        return value, slope
+        return bernstein_polynomial(u, self.coefficients())
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(w, log q(w))`` for base draws ``z`` of shape ``[..., *shape]`` (elementwise log-densities)."""

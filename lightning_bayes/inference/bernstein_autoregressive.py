@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .bernstein import add_affine_parameters, bernstein_basis, initial_raw_coefficients, monotone_coefficients
+from .bernstein import add_affine_parameters, bernstein_polynomial, initial_raw_coefficients, monotone_coefficients
 
 _U_CLIP = 1e-5
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -132,8 +132,7 @@ class AutoregressiveBernsteinFlow(nn.Module):
         scale = F.softplus(self.a.reshape(-1))
         pre = scale * flat + self.b.reshape(-1)
         u = torch.sigmoid(pre).clamp(_U_CLIP, 1 - _U_CLIP)
-        h = (bernstein_basis(u, self.degree) * theta).sum(-1)
-        slope = self.degree * (bernstein_basis(u, self.degree - 1) * theta.diff(dim=-1)).sum(-1)
+        h, slope = bernstein_polynomial(u, theta)
         log_q = -0.5 * flat.square() - _LOG_SQRT_2PI - torch.log(scale) - F.logsigmoid(pre) - F.logsigmoid(-pre)
         log_q = (log_q - torch.log(slope)).sum(-1)
         w = h.reshape(z.shape)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_bayes.inference.bernstein import BernsteinFlow, bernstein_basis, monotone_coefficients
+from lightning_bayes.inference.bernstein import BernsteinFlow, bernstein_basis, bernstein_polynomial, monotone_coefficients
 from lightning_bayes.inference.mean_field_gaussian import MeanFieldGaussian
 from lightning_bayes.inference.reparameterised_vi import fit_reparameterised, kl_to_posterior
 
@@ -28,6 +28,20 @@ def test_basis_sums_to_one_and_matches_the_binomial_formula():
     assert torch.allclose(basis.sum(-1), torch.ones_like(u), atol=1e-12)
     k = 3
     assert torch.allclose(basis[:, k], math.comb(7, k) * u**k * (1 - u) ** (7 - k), atol=1e-12)
+
+
+def test_polynomial_slope_is_its_derivative_and_large_degrees_stay_finite():
+    """Inside (0, 1) ``h'`` from the degree ``M - 1`` basis equals autograd's ``dh/du``; at ``M = 300`` in
+    float32, where ``C(300, 150) ~ 1e89`` overflows, the log-space basis is finite and sums to one."""
+    torch.manual_seed(0)
+    theta = monotone_coefficients(torch.randn(4, 13, dtype=torch.float64))
+    u = torch.linspace(1e-3, 1 - 1e-3, 201, dtype=torch.float64)[:, None].expand(-1, 4).clone().requires_grad_(True)
+    h, slope = bernstein_polynomial(u, theta)
+    (dh_du,) = torch.autograd.grad(h.sum(), u)
+    torch.testing.assert_close(slope, dh_du, rtol=1e-12, atol=1e-12)
+    basis = bernstein_basis(torch.linspace(0, 1, 101), 300)
+    assert torch.isfinite(basis).all()
+    torch.testing.assert_close(basis.sum(-1), torch.ones(101), rtol=0, atol=1e-4)
 
 
 def test_polynomial_is_increasing_with_exact_end_points():
