@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_bayes.inference.bernstein import BernsteinFlow, bernstein_basis, bernstein_polynomial, monotone_coefficients
+from lightning_bayes.inference.bernstein import (
+    BernsteinFlow,
+    bernstein_basis,
+    bernstein_polynomial,
+    monotone_coefficients,
+)
 from lightning_bayes.inference.mean_field_gaussian import MeanFieldGaussian
 from lightning_bayes.inference.reparameterised_vi import fit_reparameterised, kl_to_posterior
 
