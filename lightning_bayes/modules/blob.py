@@ -157,8 +157,7 @@ class BLoB(VariationalInference):
         kl_optimizer.step()
         kl_optimizer.zero_grad()
         loss = nll.detach() + kl.detach() / self.resolved_dataset_size()  # the negative ELBO per example, for monitoring
-        for name, value in (("nll", nll.detach()), ("kl", kl.detach()), ("kl_cycle_weight", weight), ("loss", loss)):
-            self.log_training_loss(name, torch.as_tensor(value), batch_size=len(y))
+        self.log_training_loss(loss, len(y), nll=nll, kl=kl, kl_cycle_weight=weight)
         return loss
 
     def on_train_epoch_end(self) -> None:

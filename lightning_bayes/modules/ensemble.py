@@ -112,8 +112,7 @@ class DeepEnsemble(BayesianModule):
         x, y = batch
         outputs = self(x)
         losses = torch.stack([lik.loss(out, y) for lik, out in zip(self.likelihoods, outputs)])
-        self.log_training_loss("loss", losses.sum(), batch_size=len(y))
-        self.log_training_loss("member_nll_mean", losses.mean().detach(), batch_size=len(y))
+        self.log_training_loss(losses.sum(), len(y), member_nll_mean=losses.mean())
         return losses.sum()
 
     def configure_gradient_clipping(

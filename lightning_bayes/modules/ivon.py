@@ -145,7 +145,7 @@ class IVONModule(BayesianModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch
         loss = self.likelihood.loss(self(x), y)
-        self.log_training_loss("loss", loss, batch_size=len(y))
+        self.log_training_loss(loss, len(y))
         return loss
 
     # ------------------------------------------------------------------------------- sigma^2 outside the optimiser

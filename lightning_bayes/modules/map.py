@@ -38,7 +38,7 @@ class MAP(BayesianModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch
         loss = self.likelihood.loss(self(x), y)
-        self.log_training_loss("loss", loss, batch_size=len(y))
+        self.log_training_loss(loss, len(y))
         return loss
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:

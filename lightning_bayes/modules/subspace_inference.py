@@ -332,9 +332,7 @@ class SubspaceInference(BayesianModule):
         nll = self._summed_nll(weights, x, y) / len(y)
         kl = self.variational.kl(self.prior_scale)
         loss = nll + self.temperature * kl / self._num_data()
-        self.log_training_loss("loss", loss, batch_size=len(y))
-        self.log_training_loss("nll", nll, batch_size=len(y))
-        self.log_training_loss("kl", kl, batch_size=len(y))
+        self.log_training_loss(loss, len(y), nll=nll, kl=kl)
         return loss
 
     def _num_data(self) -> int:

@@ -135,8 +135,7 @@ class VariationalInference(BayesianModule):
         nll, kl = nll / self.train_samples, kl / self.train_samples
         scale = self.kl_scale()
         loss = nll + scale * kl
-        for name, value in (("nll", nll), ("kl", kl), ("kl_scale", scale), ("loss", loss)):
-            self.log_training_loss(name, torch.as_tensor(value).detach(), batch_size=len(y))
+        self.log_training_loss(loss, len(y), nll=nll, kl=kl, kl_scale=scale)
         return loss
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:

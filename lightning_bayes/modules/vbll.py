@@ -97,9 +97,7 @@ class _VBLLModule(BayesianModule):
             )
         x, y = batch
         terms = self.head.loss(self(x), y)
-        self.log_training_loss("nll", terms.nll, batch_size=len(y))
-        self.log_training_loss("kl", terms.regularizer, batch_size=len(y))
-        self.log_training_loss("loss", terms.total, batch_size=len(y))
+        self.log_training_loss(terms.total, len(y), nll=terms.nll, kl=terms.regularizer)
         return terms.total
 
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -233,7 +233,7 @@ class VIKING(BayesianModule):
         phase = self.phase()
         if phase == 1:
             loss = self.likelihood.loss(self(x), y)
-            self.log_training_loss("loss", loss, batch_size=len(y))
+            self.log_training_loss(loss, len(y))
             return loss
         theta_hat = self.theta_hat() if phase == 3 else self.theta_hat().detach()
         if self.gamma == 1:
@@ -248,12 +248,9 @@ class VIKING(BayesianModule):
         kl = self.family.kl(theta_hat, image_dim)
         beta = len(y) / self.training_set_size("kl_weight") if self.kl_weight == "elbo" else float(self.kl_weight)
         loss = nll + beta * kl / len(y)  # (sum NLL + beta KL) / B
-        self.log_training_loss("loss", loss, batch_size=len(y))
-        self.log_dict(
-            {"train/nll": nll.detach(), "train/kl": kl.detach(), "train/alpha": self.family.alpha.detach(),
-             "train/sigma_image": self.family.sigma_image.detach(), "train/sigma_kernel": self.family.sigma_kernel.detach(),
-             "train/image_dim": image_dim, "train/kernel_dim": self.function.size - image_dim},
-            batch_size=len(y),
+        self.log_training_loss(
+            loss, len(y), nll=nll, kl=kl, alpha=self.family.alpha, sigma_image=self.family.sigma_image,
+            sigma_kernel=self.family.sigma_kernel, image_dim=image_dim, kernel_dim=self.function.size - image_dim,
         )
         return loss
 
