@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
+from .cli_parser import BayesArgumentParser
 from .modules.base import BayesianModule
 
 
@@ -185,6 +186,7 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
         run=subcommand,
         auto_configure_optimizers=False,
         parser_kwargs={"description": DESCRIPTION},
+        parser_class=BayesArgumentParser,
     )
 
 

@@ -20,7 +20,7 @@ LAYERS = {
     # orchestration: LightningModules and callbacks wiring the core into the Trainer
     "modules": 2, "callbacks": 2,
     # the command line
-    "cli": 3, "bundled_configs": 3, "__main__": 3,
+    "cli": 3, "cli_parser": 3, "bundled_configs": 3, "__main__": 3,
 }
 CORE_WITHOUT_LIGHTNING = {"inference", "optim", "predictive", "params", "generator", "paths", "heap"}
 

@@ -1,0 +1,53 @@
+"""The command line's parser: Lightning's, with the accepted arguments named when a class refuses one.
+
+jsonargparse reports an unknown argument of a ``class_path`` class (``--data.init_args.val_size``, a misspelt key in
+a config's ``init_args``) as one line, ``Problem with given class_path 'X': Option 'val_size' is not accepted``,
+inside a union-validation message that follows the whole usage text. :class:`BayesArgumentParser` adds, for each
+such line, what ``X`` accepts and the closest accepted names, so the fix is on the last lines printed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from typing import NoReturn
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+_REFUSED = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)':\s*Option '(?P<key>[^']+)' is not accepted")
+
+
+def accepted_arguments(class_path: str) -> list[str] | None:
+    """The keyword arguments ``class_path``'s constructor names (``None`` when it cannot be imported)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    parameters = inspect.signature(cls).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def refused_argument_hints(message: str) -> list[str]:
+    """One line per refused argument in a jsonargparse ``message``: the class's accepted arguments, the closest."""
+    hints = []
+    for match in _REFUSED.finditer(message):
+        path, key = match["path"], match["key"]
+        accepted = accepted_arguments(path)
+        if accepted is None:
+            continue
+        closest = difflib.get_close_matches(key.rpartition(".")[2], accepted, n=3, cutoff=0.5)
+        suggestion = f"; closest: {', '.join(closest)}" if closest else ""
+        name = path.rpartition(".")[2]
+        hints.append(f"{name} has no argument {key!r}{suggestion}. It accepts: {', '.join(accepted)}")
+    return hints
+
+
+class BayesArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose errors end with the accepted arguments of a class that refused one."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        hints = refused_argument_hints(message)
+        super().error("\n".join([message, *hints]) if hints else message, ex)
