@@ -115,6 +115,12 @@ class BernsteinFlow(nn.Module):
     Raw ``a = b = 0`` and ``alpha = softplus^-1(1)``, ``beta = 0`` at initialisation, as in the reference.
     """
 
+    # set by add_affine_parameters: parameters, or buffers when frozen; alpha and beta only with final_affine
+    a: Tensor
+    b: Tensor
+    alpha: Tensor
+    beta: Tensor
+
     def __init__(
         self, shape: tuple[int, ...] | torch.Size, degree: int = 10, support: tuple[float, float] = (-10.0, 10.0),
         final_affine: bool = True,

@@ -37,6 +37,9 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 class _FixedMask(nn.Module):
     """Parametrisation ``W -> W * mask`` with a constant 0/1 ``mask``: the masked entries are exactly zero."""
 
+    # buffers (register_buffer), typed for readers and checkers
+    mask: Tensor
+
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask)
@@ -89,6 +92,12 @@ class AutoregressiveBernsteinFlow(nn.Module):
         final_affine: include ``f3`` (``softplus(alpha) h - beta``) per entry.
         freeze_affine: keep ``a`` and ``b`` at their initial values (buffers), as the released script does.
     """
+
+    # set by add_affine_parameters: parameters, or buffers when frozen; alpha and beta only with final_affine
+    a: Tensor
+    b: Tensor
+    alpha: Tensor
+    beta: Tensor
 
     def __init__(
         self,

@@ -39,6 +39,16 @@ class EllipticalSlice(nn.Module):
         prior_scale: ``sigma_p`` of the prior ``N(0, sigma_p^2 I)``.
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    z: Tensor
+    log_likelihood: Tensor
+    nu: Tensor
+    threshold: Tensor
+    angle: Tensor
+    lower: Tensor
+    upper: Tensor
+    evaluations: Tensor
+
     def __init__(self, dim: int, prior_scale: float = 1.0, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim < 1:

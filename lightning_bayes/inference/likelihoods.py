@@ -47,6 +47,9 @@ class CategoricalLikelihood(Likelihood):
 class GaussianLikelihood(Likelihood):
     """Gaussian observation noise, homoscedastic (learned per output) or heteroscedastic (predicted)."""
 
+    # buffers (register_buffer), typed for readers and checkers
+    raw_offset: Tensor
+
     def __init__(self, output_dim: int = 1, heteroscedastic: bool = False, init_noise: float = 1.0) -> None:
         super().__init__()
         if output_dim < 1:

@@ -46,6 +46,12 @@ class AlternatingProjections(nn.Module):
         dtype: dtype of the samples.
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    noise: Tensor
+    samples: Tensor
+    sweep_start: Tensor
+    sweeps_done: Tensor
+
     def __init__(
         self,
         num_parameters: int,

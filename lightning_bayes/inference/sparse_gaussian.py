@@ -37,6 +37,9 @@ class SparseGaussian(nn.Module):
         init_scale: initial standard deviation (> 0).
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    mask: Tensor
+
     def __init__(self, shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float = 0.0, init_scale: float = 1.0) -> None:
         super().__init__()
         self.loc, self.raw_scale = initial_parameters(shape, init_mean, init_scale)

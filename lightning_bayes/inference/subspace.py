@@ -20,6 +20,10 @@ from torch import Tensor, nn
 class Subspace(nn.Module):
     """``w(z) = shift + z @ basis`` with ``shift`` ``[P]`` and ``basis`` ``[k, P]`` as buffers."""
 
+    # buffers (register_buffer), typed for readers and checkers
+    shift: Tensor
+    basis: Tensor
+
     def __init__(self, shift: Tensor, basis: Tensor) -> None:
         super().__init__()
         if shift.ndim != 1 or basis.ndim != 2 or basis.shape[1] != shift.shape[0] or basis.shape[0] < 1:

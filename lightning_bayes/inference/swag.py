@@ -33,6 +33,13 @@ class SWAGMoments(nn.Module):
     ring buffer whose next write is at row ``position``).
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    count: Tensor
+    position: Tensor
+    mean: Tensor
+    sq_mean: Tensor
+    deviations: Tensor
+
     def __init__(self, size: int, max_rank: int = 20, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if not isinstance(size, int) or size < 1:

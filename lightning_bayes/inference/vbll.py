@@ -85,6 +85,10 @@ class GaussianRows(nn.Module):
     ``[K, r, D]``, ``factor[k] = U_k^T`` (``[K*r, D]`` is a view, like a linear layer's weight).
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    tril_rows: Tensor
+    tril_cols: Tensor
+
     def __init__(
         self,
         mean: Tensor,
@@ -437,6 +441,9 @@ class GenerativeVBLL(VBLLHead):
     as in ``vbll``) enters the bound and the predictive ``p(y=k | phi) propto pi_k N(phi; mubar_k, Sigma + S_k)``.
     Initialisation as ``vbll`` 0.4.9: ``mubar ~ 0.1 N(0, 1)``, log std of ``S`` and of the noise ``N(0, 1)``.
     """
+
+    # buffers (register_buffer), typed for readers and checkers
+    log_class_prior: Tensor
 
     def __init__(
         self,

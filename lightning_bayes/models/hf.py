@@ -154,6 +154,9 @@ class CausalLMAnswerClassifier(nn.Module):
     ``"bfloat16"`` or ``"float16"``); a 4-bit base computes in bfloat16.
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    answer_ids: Tensor
+
     def __init__(
         self,
         model: str = "smollm2",

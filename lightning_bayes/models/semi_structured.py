@@ -25,6 +25,10 @@ class SemiStructured(nn.Module):
         out_features: outputs of both parts (1 for a mean; the likelihood decides the meaning).
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    structured_index: Tensor
+    rest_index: Tensor
+
     def __init__(self, in_features: int, structured_features: list[int], deep: nn.Module, out_features: int = 1) -> None:
         super().__init__()
         chosen = list(structured_features)

@@ -54,6 +54,9 @@ class IVONModule(BayesianModule):
     one-process noise, and the ``sigma^2`` buffer holds the whole (gathered) variances on every rank.
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    posterior_variance: Tensor
+
     supports_sharding = True
 
     def __init__(

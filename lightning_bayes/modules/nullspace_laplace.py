@@ -65,6 +65,9 @@ class NullSpaceLaplace(BayesianModule):
         scale_batches: training micro-batches the line search evaluates.
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    scale_value: Tensor
+
     def __init__(
         self,
         model: nn.Module,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
+from torch import Tensor, nn
 
 from ..inference.likelihoods import Likelihood
 from ..inference.sparse_gaussian import SparseGaussian
@@ -69,6 +69,9 @@ class SSVI(VariationalInference):
         Others: as in :class:`VariationalInference` (``kl_weight`` multiplies ``KL / N``; the reference's
         ``0.01 / N`` tempering is ``kl_weight=0.01``).
     """
+
+    # buffers (register_buffer), typed for readers and checkers
+    iteration: Tensor
 
     def __init__(
         self,

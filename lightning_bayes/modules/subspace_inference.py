@@ -125,6 +125,15 @@ class SubspaceInference(BayesianModule):
         seed: seed of every random draw (directions, ESS, VI noise, SWAG draws).
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    draws: Tensor
+    bn_statistics: Tensor
+    bn_ready: Tensor
+    samples: Tensor
+    collected: Tensor
+    partial: Tensor
+    started: Tensor
+
     def __init__(
         self,
         model: nn.Module,

@@ -78,6 +78,9 @@ class TrainingFreeBayes(BayesianModule):
         seed: seed of the search's and the predictive's draws.
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    anchor_nll: Tensor
+
     def __init__(
         self,
         model: nn.Module,

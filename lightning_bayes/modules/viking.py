@@ -82,6 +82,13 @@ class VIKING(BayesianModule):
         seed: seed of every Gaussian draw (the generator's state is checkpointed).
     """
 
+    # buffers (register_buffer), typed for readers and checkers
+    epoch_noise: Tensor
+    carried: Tensor
+    sample_noise: Tensor
+    sample_kernel: Tensor
+    swept_at: Tensor
+
     def __init__(
         self,
         backbone: nn.Module,
