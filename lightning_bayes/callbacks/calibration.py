@@ -5,7 +5,7 @@ At every validation and test batch it takes the batch's Predictive (the ``valida
 torchmetrics metrics; at epoch end it logs them as
 
 * ``{stage}/cal/{acc,nll,brier,ece,mce,aece,entropy,mi}`` for classification,
-* ``{stage}/ood/{auroc,fpr95}`` when ``trainer.datamodule`` has an ``ood_dataloader()``,
+* ``{stage}/ood/{auroc,fpr95}`` when ``trainer.datamodule`` has an ``ood_dataloader()`` (at ``ood_stages``),
 * ``{stage}/reg/{nll,rmse,crps,coverage90}`` for regression,
 
 with ``stage`` = ``val`` or ``test``. After testing it writes ``metrics.json`` (flat keys such as ``acc``,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,6 +38,8 @@ from .run_files import run_folder, unique_path, write_json
 
 Task = Literal["auto", "classification", "regression"]
 _TASKS = ("auto", "classification", "regression")
+Stage = Literal["val", "test"]
+_STAGES = ("val", "test")
 _BAND_GRID_POINTS = 200
 
 
@@ -78,6 +81,8 @@ class CalibrationMetrics(Callback):
         ood_score: OOD-ness score for AUROC / FPR95: ``"entropy"``, ``"mutual_information"`` or ``"max_prob"``.
         plots: write ``reliability.png`` (classification) or ``predictive_band.png`` (1-D inputs and
             targets) next to ``metrics.json`` after testing.
+        ood_stages: the stages that score the OOD data (``["test"]`` skips it at validation, where it runs as
+            many predictive batches again as the validation itself).
 
     The OOD data come from ``trainer.datamodule.ood_dataloader()`` (a map-style ``DataLoader`` of ``(x, y)``
     or ``x`` batches; sharded with a ``DistributedSampler`` under DDP), limited at validation to as many batches as
@@ -92,6 +97,7 @@ class CalibrationMetrics(Callback):
         task: Task = "auto",
         ood_score: OODScore = "entropy",
         plots: bool = True,
+        ood_stages: Sequence[Stage] = _STAGES,
     ) -> None:
         super().__init__()
         if num_samples is not None and (
@@ -102,9 +108,12 @@ class CalibrationMetrics(Callback):
             raise ValueError(f"task must be one of {_TASKS}; got {task!r}")
         if ood_score not in OOD_SCORES:
             raise ValueError(f"ood_score must be one of {OOD_SCORES}; got {ood_score!r}")
+        if isinstance(ood_stages, str) or not set(ood_stages) <= set(_STAGES):
+            raise ValueError(f"ood_stages must be a list of stages from {_STAGES}; got {ood_stages!r}")
         self.num_samples = num_samples
         self.task = task
         self.ood_score = ood_score
+        self.ood_stages = tuple(ood_stages)
         self.plots = plots
         self.last_metrics: dict[str, float] = {}
         self._epochs: dict[str, _EpochMetrics] = {}
@@ -203,7 +212,8 @@ class CalibrationMetrics(Callback):
             )
         device = pl_module.device
         if task == "classification":
-            ood = ood_metrics(f"{stage}/ood/", self.ood_score).to(device) if self._has_ood_data(trainer) else None
+            scores_ood = stage in self.ood_stages and self._has_ood_data(trainer)
+            ood = ood_metrics(f"{stage}/ood/", self.ood_score).to(device) if scores_ood else None
             return _EpochMetrics(task, classification_metrics(f"{stage}/cal/").to(device), ood=ood)
         epoch = _EpochMetrics(task, regression_metrics(f"{stage}/reg/").to(device))
         one_dimensional = (

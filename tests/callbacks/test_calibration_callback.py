@@ -107,6 +107,16 @@ def test_ood_batches_are_limited_like_the_in_distribution_batches(tmp_path: Path
     assert data_unlimited.ood.reads == 36
 
 
+def test_ood_stages_test_leaves_validation_without_the_ood_pass(tmp_path: Path) -> None:
+    model, data = LinearModel(), ToyDataWithOOD(batch_size=8)
+    trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False, ood_stages=["test"]))
+    trainer.fit(model, datamodule=data)
+    assert data.ood.reads == 0 and not any(name.startswith("val/ood/") for name in trainer.callback_metrics)
+    assert "val/cal/nll" in trainer.callback_metrics
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert data.ood.reads == 36 and "test/ood/auroc" in results
+
+
 def test_without_ood_data_only_calibration_is_logged(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False))
     results = trainer.test(LinearModel(), datamodule=ToyData(), verbose=False)[0]
@@ -141,6 +151,10 @@ def test_bad_arguments_and_mismatched_task_are_clear_errors(tmp_path: Path) -> N
         CalibrationMetrics(ood_score="energy")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         CalibrationMetrics(num_samples=0)
+    with pytest.raises(ValueError, match=r"ood_stages must be a list of stages from \('val', 'test'\); got 'test'"):
+        CalibrationMetrics(ood_stages="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ood_stages must be a list"):
+        CalibrationMetrics(ood_stages=["train"])  # type: ignore[list-item]
     trainer = make_trainer(tmp_path, CalibrationMetrics(task="regression"))
     with pytest.raises(TypeError, match=r"task='regression'\) got a CategoricalPredictive"):
         trainer.test(LinearModel(), datamodule=ToyData(), verbose=False)
