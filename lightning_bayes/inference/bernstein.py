@@ -42,7 +42,8 @@ def _log_binomials(degree: int, dtype: torch.dtype, device: torch.device) -> Ten
 
 
 def _log_basis(log_u: Tensor, log_v: Tensor, degree: int) -> Tensor:
-    """``log C(M, k) + k log u + (M - k) log(1 - u)`` ``[..., M + 1]`` from ``log u``, ``log(1 - u)`` ``[..., 1]``."""
+    """``log C(M, k) + k log u + (M - k) log(1 - u)`` ``[..., M + 1]`` from ``log u``, ``log(1 - u)`` ``[..., 1]``: the
+    log of the basis ``b_{k,M}(u)``, in log space so that large ``M`` is stable."""
     k = torch.arange(degree + 1, dtype=log_u.dtype, device=log_u.device)
     return _log_binomials(degree, log_u.dtype, log_u.device) + k * log_u + (degree - k) * log_v
 
@@ -53,11 +54,6 @@ def _logs(u: Tensor) -> tuple[Tensor, Tensor]:
     lowest = torch.finfo(u.dtype).min
     u = u.unsqueeze(-1)
     return torch.log(u).clamp_min(lowest), torch.log1p(-u).clamp_min(lowest)
-
-
-def bernstein_basis(u: Tensor, degree: int) -> Tensor:
-    """``C(M, k) u^k (1 - u)^(M - k)`` for ``k = 0..M``: ``[..., M + 1]`` (log space, so large ``M`` is stable)."""
-    return torch.exp(_log_basis(*_logs(u), degree))
 
 
 def bernstein_polynomial(u: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
