@@ -3,20 +3,40 @@
 # for benchmarks/device/checks.sh, into the git-ignored folder .device/ (under the 64 MiB a call may carry):
 #   bash benchmarks/device/kit.sh llm     # 4-bit/FSDP1 GPU tests, llm_overhead --four-bit, vbll_overhead
 #   bash benchmarks/device/kit.sh mnist   # viking_overhead (MNIST and Fashion-MNIST, gzipped)
+#   bash benchmarks/device/kit.sh all     # both, for one call (a lease rarely has time to start two machines)
 # Wheels: bitsandbytes, torchdata and the CLI's jsonargparse stack (+ vbll for the llm kit); data: the Rotten
 # Tomatoes corpus and the packaged SmolLM2's config and tokenizer (its weights are replaced by random ones
-# there), or the IDX files.
+# there), or the IDX files. bitsandbytes keeps only its CPU and CUDA 13 libraries (the device's torch is cu130;
+# the full wheel is 43 MB, 129 MB unpacked), so that both kits fit one call.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-kit="${1:?usage: kit.sh llm|mnist}"
-case "$kit" in llm|mnist) ;; *) echo "kit must be llm or mnist; got '$kit'" >&2; exit 2;; esac
+kit="${1:?usage: kit.sh llm|mnist|all}"
+case "$kit" in llm|mnist|all) ;; *) echo "kit must be llm, mnist or all; got '$kit'" >&2; exit 2;; esac
 rm -rf .device && mkdir -p .device/wheels .device/data
 wheels=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 torchdata==0.11.0)
-if [ "$kit" = llm ]; then wheels+=(bitsandbytes==0.50.2 vbll==0.4.9); fi
+if [ "$kit" != mnist ]; then wheels+=(bitsandbytes==0.50.2 vbll==0.4.9); fi
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .device/wheels "${wheels[@]}"
-if [ "$kit" = llm ]; then
+if [ "$kit" != mnist ]; then
+  python - <<'PY'
+import re, zipfile
+from pathlib import Path
+
+wheel = next(Path(".device/wheels").glob("bitsandbytes-*.whl"))
+drop = re.compile(r"bitsandbytes/libbitsandbytes_(?!cpu|cuda13)\w+\.so")
+slim = wheel.with_suffix(".slim")
+with zipfile.ZipFile(wheel) as full, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as out:
+    for item in full.infolist():
+        if drop.fullmatch(item.filename):
+            continue
+        data = full.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            lines = data.decode().splitlines(keepends=True)
+            data = "".join(line for line in lines if not drop.fullmatch(line.split(",")[0])).encode()
+        out.writestr(item, data, compress_type=zipfile.ZIP_DEFLATED)
+slim.replace(wheel)
+PY
   python - <<'PY'
 import importlib.util, shutil
 from pathlib import Path
@@ -31,7 +51,8 @@ for file in model.iterdir():
     if not file.name.endswith(".safetensors"):
         shutil.copy(file, shape)
 PY
-else
+fi
+if [ "$kit" != llm ]; then
   python - <<'PY'
 import gzip, shutil
 from pathlib import Path
