@@ -94,3 +94,20 @@ def test_bad_noise_and_solver_are_named(single_thread):
         project_to_kernel(theta, torch.zeros(function.size, dtype=torch.float64), function, x, y)
     with pytest.raises(ValueError, match="solver"):
         project_to_kernel(theta, torch.zeros(1, function.size, dtype=torch.float64), function, x, y, solver="lsmr")
+
+
+@pytest.mark.parametrize("constraint", ["output", "loss"])
+def test_dense_systems_graph_gives_the_bilinear_gradient(single_thread, constraint):
+    """One backward through ``J_b``'s graph equals the Hessian-vector products of the matrix-free system."""
+    function, x, y = _problem(constraint, seed=3)
+    theta = function.theta()
+    rows = len(y) * (3 if constraint == "output" else 1)
+    left = torch.randn(2, rows, dtype=torch.float64)
+    right = torch.randn(2, function.size, dtype=torch.float64)
+    expected = function.bilinear_gradient(x, y, left, right, theta)
+    system = build_system(function, x, y, theta, "dense", differentiable=True)
+    assert _relative_error(system.bilinear_gradient(left, right), expected) <= 1e-12
+    assert _relative_error(system.bilinear_gradient(left, right), expected) <= 1e-12  # the graph is kept for repeats
+    assert _relative_error(build_system(function, x, y, theta, "cg").bilinear_gradient(left, right), expected) <= 1e-12
+    with pytest.raises(RuntimeError, match=r"differentiable=True"):
+        build_system(function, x, y, theta, "dense").bilinear_gradient(left, right)
