@@ -137,7 +137,8 @@ class _KernelProjection(torch.autograd.Function):
         ctx: Any, theta: Tensor, noise: Tensor, function: ParameterFunction, x: Any, y: Tensor, solver: Solver,
         iterations: int,
     ) -> Tensor:
-        system = build_system(function, x, y, theta.detach(), solver, iterations, differentiable=ctx.needs_input_grad[0])
+        differentiable = ctx.needs_input_grad[0]
+        system = build_system(function, x, y, theta.detach(), solver, iterations, differentiable)
         kernel, multipliers = project(system, noise.detach())
         ctx.save_for_backward(theta.detach(), kernel, multipliers)
         ctx.system = system
