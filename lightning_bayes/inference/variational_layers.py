@@ -8,7 +8,8 @@ Kingma, Salimans & Welling, NeurIPS 2015), its masked SSVI form, or a Bernstein 
 (:class:`~lightning_bayes.inference.bernstein_autoregressive.AutoregressiveBernsteinFlow`): a weight draw per
 forward, shared by the batch, and a Monte Carlo ``log q - log p`` of that draw. The prior is ``N(0, prior_scale^2)``
 on every weight. :func:`use_noise` switches every layer of a model to its mean (Gaussian) or median (flow,
-``z = 0``) weights, the deterministic "mean model". Nothing is scaled silently: :meth:`kl` is the KL (or its
+``z = 0``) weights, the deterministic "mean model"; :func:`draws_ahead` makes a predictive's ``S`` weight draws a
+few ``sample(k)`` calls per family instead of one per forward. Nothing is scaled silently: :meth:`kl` is the KL (or its
 one-draw estimate) of the whole layer; the module dividing it by the dataset size states so. :func:`to_variational`
 converts chosen layers of an existing model (the ``params`` selector) in place, their weights becoming the
 initial means.
@@ -17,6 +18,8 @@ initial means.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -33,6 +36,7 @@ from .sparse_gaussian import SparseGaussian
 Family = Literal["gaussian", "bernstein", "bernstein_autoregressive", "sparse_gaussian"]
 FAMILIES = ("gaussian", "bernstein", "bernstein_autoregressive", "sparse_gaussian")
 GAUSSIAN_FAMILIES = ("gaussian", "sparse_gaussian")  # the ones with local reparameterisation and a closed-form KL
+DRAW_AHEAD_ELEMENTS = 2**24  # weights drawn at once per layer inside `draws_ahead` (64 MB in float32)
 
 
 def _family(
@@ -104,6 +108,8 @@ class VariationalLayer(nn.Module):
         self._shapes = [p.shape for p in (template.weight, template.bias) if p is not None]
         self.noise = True
         self._last_log_ratio: Tensor | None = None
+        self._ahead = 0  # forwards still to serve from draws made ahead (`draws_ahead`)
+        self._drawn: Iterator[tuple[Tensor, ...]] = iter(())
 
     def families(self) -> list[nn.Module]:
         """The weight's family, then the bias's if the layer has one."""
@@ -123,10 +129,23 @@ class VariationalLayer(nn.Module):
             # clamped, not shifted: a finite gradient where the variance is 0 (sparse or deterministic parts) without a
             # noise floor that would keep a vanishing posterior from reducing to the deterministic layer
             return mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        if self._ahead:
+            return self._layer(x, *self._next_draw())
         draws = [family.sample(1) for family in self.families()]
         values = [value[0] for value, _ in draws]
         self._last_log_ratio = sum(log_q.sum() - self._log_prior(value) for value, (_, log_q) in zip(values, draws))
         return self._layer(x, *values)
+
+    def _next_draw(self) -> tuple[Tensor, ...]:
+        """The next of the draws made ahead; drawn inside the forward (where a sharded model's parameters are whole),
+        up to ``DRAW_AHEAD_ELEMENTS`` weights at a time."""
+        draw = next(self._drawn, None)
+        if draw is None:
+            count = min(self._ahead, max(1, DRAW_AHEAD_ELEMENTS // sum(math.prod(s) for s in self._shapes)))
+            self._drawn = zip(*(family.sample(count)[0] for family in self.families()))
+            draw = next(self._drawn)
+        self._ahead -= 1
+        return draw
 
     @staticmethod
     def _centre(family: nn.Module, shape: torch.Size) -> Tensor:
@@ -179,3 +198,22 @@ def use_noise(model: nn.Module, enabled: bool) -> None:
     for layer in model.modules():
         if isinstance(layer, VariationalLayer):
             layer.noise = enabled
+
+
+@contextmanager
+def draws_ahead(model: nn.Module, num_samples: int) -> Iterator[None]:
+    """Within the block, the next ``num_samples`` forwards of every weight-sampling :class:`VariationalLayer` of
+    ``model`` (flows, Gaussians without local reparameterisation) take their weights from draws made together,
+    ``sample(k)`` once per family for up to ``k`` forwards, instead of ``sample(1)`` per forward: the same
+    distribution, for a predictive's ``S`` passes (a Bernstein flow's draw costs its polynomial's evaluation
+    whatever ``k``). The draws keep no log-densities: use it for prediction, not for the ELBO."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
+    layers = [m for m in model.modules() if isinstance(m, VariationalLayer) and m.noise and not m.local_reparameterization]
+    for layer in layers:
+        layer._ahead, layer._drawn = num_samples, iter(())
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._ahead, layer._drawn = 0, iter(())

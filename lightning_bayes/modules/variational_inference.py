@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..inference.likelihoods import Likelihood
 from ..inference.mean_field_gaussian import ScaleMap
 from ..inference.variational_layers import (
-    FAMILIES, GAUSSIAN_FAMILIES, Family, VariationalLayer, to_variational, total_kl, use_noise,
+    FAMILIES, GAUSSIAN_FAMILIES, Family, VariationalLayer, draws_ahead, to_variational, total_kl, use_noise,
 )
 from ..models.weights import load_trained_weights
 from ..params import ParamSelector
@@ -146,4 +146,5 @@ class VariationalInference(BayesianModule):
             finally:
                 use_noise(self.backbone, True)
         samples = self.resolve_num_samples(num_samples)
-        return self.likelihood.predictive(torch.stack([self(x) for _ in range(samples)]))
+        with draws_ahead(self.backbone, samples):
+            return self.likelihood.predictive(torch.stack([self(x) for _ in range(samples)]))

@@ -10,7 +10,10 @@ from torch.distributions import Normal
 
 from lightning_bayes.inference.point_mass import PointMass
 from lightning_bayes.inference.sparse_gaussian import SparseGaussian
-from lightning_bayes.inference.variational_layers import VariationalLayer, to_variational, total_kl, use_noise
+from lightning_bayes.inference import variational_layers
+from lightning_bayes.inference.variational_layers import (
+    VariationalLayer, draws_ahead, to_variational, total_kl, use_noise,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -138,3 +141,34 @@ def test_sparse_gaussian_layers_have_sparse_weights_and_deterministic_biases(tem
     # SSVI (Li et al. 2024): every weight matrix or kernel is a masked Gaussian, biases are point masses
     layer = VariationalLayer(template, family="sparse_gaussian")
     assert isinstance(layer.weight, SparseGaussian) and isinstance(layer.bias, PointMass)
+
+
+@pytest.mark.parametrize("per_call", [None, 2 * (3 * 4 + 3)])  # all S at once; two draws per sample() call
+def test_draws_ahead_serves_the_families_batched_draws_in_order(monkeypatch, per_call):
+    if per_call is not None:
+        monkeypatch.setattr(variational_layers, "DRAW_AHEAD_ELEMENTS", per_call)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        VariationalLayer(nn.Linear(4, 3), family="bernstein", support=(-0.3, 0.3), local_reparameterization=False),
+        VariationalLayer(nn.Linear(3, 2), init_scale=0.2),  # local reparameterisation: draws per forward as before
+    ).double()
+    flow, local = model
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    with torch.no_grad(), draws_ahead(model, 5):
+        assert flow._ahead == 5 and local._ahead == 0
+        outputs = torch.stack([flow(x) for _ in range(5)])
+    torch.manual_seed(1)
+    chunks = [5] if per_call is None else [2, 2, 1]
+    expected = []
+    with torch.no_grad():
+        for count in chunks:  # the weight's sample(count), then the bias's
+            weights, biases = flow.weight.sample(count)[0], flow.bias.sample(count)[0]
+            expected += [nn.functional.linear(x, w, b) for w, b in zip(weights, biases)]
+    torch.testing.assert_close(outputs, torch.stack(expected), rtol=0, atol=0)
+    assert flow._ahead == 0 and local._ahead == 0
+    flow(x)  # after the block: one draw per forward, with its log-ratio for the KL
+    assert torch.isfinite(flow.kl())
+    with pytest.raises(ValueError, match="num_samples must be a positive int; got 0"):
+        with draws_ahead(model, 0):
+            pass

@@ -133,6 +133,15 @@ def test_predictive_samples_or_uses_the_mean_weights():
     assert all(layer.noise for layer in layers), "the mean model must switch the noise back on"
 
 
+def test_a_flows_predictive_draws_its_weights_at_once():
+    module = VariationalInference(classifier(), params="2.*", family="bernstein", degree=4, num_samples=6)
+    calls: list[int] = []
+    module.backbone[2].weight.register_forward_hook(lambda flow, inputs, output: calls.append(len(inputs[0])))
+    sampled = module.predictive(blobs()[:5][0])
+    assert calls == [6]  # one sample(6) of the weight's flow, not six sample(1)
+    assert sampled.logits.shape == (6, 5, 3) and (sampled.logits[0] - sampled.logits[1]).abs().max() > 1e-3
+
+
 def test_bernstein_family_trains_a_chosen_layer_and_keeps_the_rest_deterministic():
     data = blobs(30)
     module = VariationalInference(
