@@ -209,7 +209,9 @@ def draws_ahead(model: nn.Module, num_samples: int) -> Iterator[None]:
     whatever ``k``). The draws keep no log-densities: use it for prediction, not for the ELBO."""
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
-    layers = [m for m in model.modules() if isinstance(m, VariationalLayer) and m.noise and not m.local_reparameterization]
+    layers = [
+        m for m in model.modules() if isinstance(m, VariationalLayer) and m.noise and not m.local_reparameterization
+    ]
     for layer in layers:
         layer._ahead, layer._drawn = num_samples, iter(())
     try:

@@ -169,6 +169,5 @@ def test_draws_ahead_serves_the_families_batched_draws_in_order(monkeypatch, per
     assert flow._ahead == 0 and local._ahead == 0
     flow(x)  # after the block: one draw per forward, with its log-ratio for the KL
     assert torch.isfinite(flow.kl())
-    with pytest.raises(ValueError, match="num_samples must be a positive int; got 0"):
-        with draws_ahead(model, 0):
-            pass
+    with pytest.raises(ValueError, match="num_samples must be a positive int; got 0"), draws_ahead(model, 0):
+        pass
