@@ -314,12 +314,16 @@ GRAM_BLOCK = 4096  # columns per float32 block product of :func:`gram`
 def gram(jacobian: Tensor) -> Tensor:
     """``J J^T`` in float64 from a dense ``[M, P]`` Jacobian.
 
-    A float64 ``J`` is multiplied in float64. A float32 (or lower) one is multiplied in float32 over blocks of
-    ``GRAM_BLOCK`` columns whose products are summed in float64, so the rounding error does not grow with ``P``:
-    measured 5e-8 and 1.5e-8 of ``|J_i| |J_j|`` at ``P`` = 44,426 and 1e6 (one float32 product: 5e-7 and 2.8e-6),
-    far below the pseudo-inverse's ``1e-5`` cutoff, at the float32 product's speed, 3x faster on a CPU than
-    converting ``J`` to float64 (LeNet-5, ``32 x 44,426``: 1.1 against 3.1 ms plus the conversion).
+    On a CPU with full-precision float32 products (``torch.get_float32_matmul_precision() == "highest"``, the
+    default) a float32 (or lower) ``J`` is multiplied in float32 over blocks of ``GRAM_BLOCK`` columns whose
+    products are summed in float64, so the rounding error does not grow with ``P``: measured 5e-8 and 1.5e-8 of
+    ``|J_i| |J_j|`` at ``P`` = 44,426 and 1e6 (one float32 product: 5e-7 and 2.8e-6), far below the
+    pseudo-inverse's ``1e-5`` cutoff, 3x faster than converting ``J`` to float64 (LeNet-5, ``32 x 44,426``: 1.1
+    against 3.1 ms plus the conversion). Otherwise (a float64 ``J``, a GPU, whose float32 products may run in
+    TF32, or a lowered matmul precision) the product is taken in float64.
     """
+    if jacobian.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        jacobian = jacobian.double()
     if jacobian.dtype == torch.float64:
         return jacobian @ jacobian.T
     product = torch.zeros(len(jacobian), len(jacobian), dtype=torch.float64, device=jacobian.device)

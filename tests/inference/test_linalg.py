@@ -125,6 +125,12 @@ def test_gram_sums_float32_blocks_in_float64() -> None:
     assert ((single - exact).abs() / torch.outer(norms, norms)).max() < 5e-7
     low = jacobian.bfloat16()  # lower precisions are multiplied in float32
     torch.testing.assert_close(gram(low), gram(low.float()), rtol=0, atol=0)
+    precision = torch.get_float32_matmul_precision()
+    try:  # a lowered float32 matmul precision (TF32 or bfloat16 products) falls back to float64
+        torch.set_float32_matmul_precision("high")
+        assert torch.equal(gram(jacobian.float()), jacobian.float().double() @ jacobian.float().double().T)
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def test_projection_removes_the_row_space(problem) -> None:
