@@ -109,7 +109,8 @@ class VariationalLayer(nn.Module):
         self.noise = True
         self._last_log_ratio: Tensor | None = None
         self._ahead = 0  # forwards still to serve from draws made ahead (`draws_ahead`)
-        self._drawn: Iterator[tuple[Tensor, ...]] = iter(())
+        self._ahead_log_ratios = False
+        self._drawn: Iterator[tuple[list[Tensor], Tensor | None]] = iter(())
 
     def families(self) -> list[nn.Module]:
         """The weight's family, then the bias's if the layer has one."""
@@ -129,20 +130,32 @@ class VariationalLayer(nn.Module):
             # clamped, not shifted: a finite gradient where the variance is 0 (sparse or deterministic parts) without a
             # noise floor that would keep a vanishing posterior from reducing to the deterministic layer
             return mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
-        if self._ahead:
-            return self._layer(x, *self._next_draw())
-        draws = [family.sample(1) for family in self.families()]
-        values = [value[0] for value, _ in draws]
-        self._last_log_ratio = sum(log_q.sum() - self._log_prior(value) for value, (_, log_q) in zip(values, draws))
+        if not self._ahead:
+            values, self._last_log_ratio = self._draws(1, log_ratio=True)[0]
+            return self._layer(x, *values)
+        values, log_ratio = self._next_draw()
+        if self._ahead_log_ratios:
+            self._last_log_ratio = log_ratio
         return self._layer(x, *values)
 
-    def _next_draw(self) -> tuple[Tensor, ...]:
+    def _draws(self, count: int, log_ratio: bool) -> list[tuple[list[Tensor], Tensor | None]]:
+        """``count`` draws from one ``sample(count)`` per family: each draw's values (weight, then bias) and, with
+        ``log_ratio``, its ``log q - log p`` (the one-draw KL estimate)."""
+        samples = [family.sample(count) for family in self.families()]
+        draws: list[tuple[list[Tensor], Tensor | None]] = []
+        for index in range(count):
+            values = [value[index] for value, _ in samples]
+            ratio = sum(log_q[index].sum() - self._log_prior(v) for v, (_, log_q) in zip(values, samples))
+            draws.append((values, ratio if log_ratio else None))
+        return draws
+
+    def _next_draw(self) -> tuple[list[Tensor], Tensor | None]:
         """The next of the draws made ahead; drawn inside the forward (where a sharded model's parameters are whole),
         up to ``DRAW_AHEAD_ELEMENTS`` weights at a time."""
         draw = next(self._drawn, None)
         if draw is None:
             count = min(self._ahead, max(1, DRAW_AHEAD_ELEMENTS // sum(math.prod(s) for s in self._shapes)))
-            self._drawn = zip(*(family.sample(count)[0] for family in self.families()))
+            self._drawn = iter(self._draws(count, self._ahead_log_ratios))
             draw = next(self._drawn)
         self._ahead -= 1
         return draw
@@ -201,21 +214,22 @@ def use_noise(model: nn.Module, enabled: bool) -> None:
 
 
 @contextmanager
-def draws_ahead(model: nn.Module, num_samples: int) -> Iterator[None]:
+def draws_ahead(model: nn.Module, num_samples: int, log_ratios: bool = False) -> Iterator[None]:
     """Within the block, the next ``num_samples`` forwards of every weight-sampling :class:`VariationalLayer` of
     ``model`` (flows, Gaussians without local reparameterisation) take their weights from draws made together,
     ``sample(k)`` once per family for up to ``k`` forwards, instead of ``sample(1)`` per forward: the same
-    distribution, for a predictive's ``S`` passes (a Bernstein flow's draw costs its polynomial's evaluation
-    whatever ``k``). The draws keep no log-densities: use it for prediction, not for the ELBO."""
+    distribution, for a predictive's ``S`` passes or an ELBO's ``T`` draws (a Bernstein flow's draw costs its
+    polynomial's evaluation whatever ``k``). With ``log_ratios`` each forward also sets the layer's one-draw KL
+    estimate, as a forward outside the block does (:meth:`VariationalLayer.kl`); without, the KL is left as it was."""
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
     layers = [
         m for m in model.modules() if isinstance(m, VariationalLayer) and m.noise and not m.local_reparameterization
     ]
     for layer in layers:
-        layer._ahead, layer._drawn = num_samples, iter(())
+        layer._ahead, layer._ahead_log_ratios, layer._drawn = num_samples, log_ratios, iter(())
     try:
         yield
     finally:
         for layer in layers:
-            layer._ahead, layer._drawn = 0, iter(())
+            layer._ahead, layer._ahead_log_ratios, layer._drawn = 0, False, iter(())

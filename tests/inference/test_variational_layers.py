@@ -171,3 +171,30 @@ def test_draws_ahead_serves_the_families_batched_draws_in_order(monkeypatch, per
     assert torch.isfinite(flow.kl())
     with pytest.raises(ValueError, match="num_samples must be a positive int; got 0"), draws_ahead(model, 0):
         pass
+
+
+def test_draws_ahead_with_log_ratios_gives_each_forward_its_draws_kl_estimate():
+    torch.manual_seed(0)
+    flow = VariationalLayer(
+        nn.Linear(4, 3), family="bernstein", support=(-0.3, 0.3), prior_scale=0.5, local_reparameterization=False
+    ).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    flow(x)
+    before = flow.kl()
+    torch.manual_seed(1)
+    ratios = []
+    with draws_ahead(flow, 3, log_ratios=True):
+        for _ in range(3):
+            flow(x)
+            ratios.append(flow.kl())
+    torch.manual_seed(1)
+    (weights, log_q_weights), (biases, log_q_biases) = flow.weight.sample(3), flow.bias.sample(3)
+    prior = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
+    for index, ratio in enumerate(ratios):
+        expected = (log_q_weights[index].sum() - prior.log_prob(weights[index]).sum()
+                    + log_q_biases[index].sum() - prior.log_prob(biases[index]).sum())
+        torch.testing.assert_close(ratio, expected, rtol=1e-12, atol=0)
+    with draws_ahead(flow, 2):  # without log_ratios the KL estimate is left as it was
+        flow(x)
+    torch.testing.assert_close(flow.kl(), ratios[-1], rtol=0, atol=0)
+    assert not torch.equal(before, ratios[-1])
