@@ -8,11 +8,11 @@ Kingma, Salimans & Welling, NeurIPS 2015), its masked SSVI form, or a Bernstein 
 (:class:`~lightning_bayes.inference.bernstein_autoregressive.AutoregressiveBernsteinFlow`): a weight draw per
 forward, shared by the batch, and a Monte Carlo ``log q - log p`` of that draw. The prior is ``N(0, prior_scale^2)``
 on every weight. :func:`use_noise` switches every layer of a model to its mean (Gaussian) or median (flow,
-``z = 0``) weights, the deterministic "mean model"; :func:`draws_ahead` makes a predictive's ``S`` weight draws a
-few ``sample(k)`` calls per family instead of one per forward. Nothing is scaled silently: :meth:`kl` is the KL (or its
-one-draw estimate) of the whole layer; the module dividing it by the dataset size states so. :func:`to_variational`
-converts chosen layers of an existing model (the ``params`` selector) in place, their weights becoming the
-initial means.
+``z = 0``) weights, the deterministic "mean model"; :func:`draws_ahead` makes a predictive's ``S`` (or an ELBO's
+``T``) weight draws one ``sample(k)`` call per family instead of one per forward. Nothing is scaled silently:
+:meth:`kl` is the KL (or its one-draw estimate) of the whole layer; the module dividing it by the dataset size
+states so. :func:`to_variational` converts chosen layers of an existing model (the ``params`` selector) in place,
+their weights becoming the initial means.
 """
 
 from __future__ import annotations
@@ -142,11 +142,13 @@ class VariationalLayer(nn.Module):
         """``count`` draws from one ``sample(count)`` per family: each draw's values (weight, then bias) and, with
         ``log_ratio``, its ``log q - log p`` (the one-draw KL estimate)."""
         samples = [family.sample(count) for family in self.families()]
+        if not log_ratio:
+            return [([value[index] for value, _ in samples], None) for index in range(count)]
         draws: list[tuple[list[Tensor], Tensor | None]] = []
         for index in range(count):
             values = [value[index] for value, _ in samples]
             ratio = sum(log_q[index].sum() - self._log_prior(v) for v, (_, log_q) in zip(values, samples))
-            draws.append((values, ratio if log_ratio else None))
+            draws.append((values, ratio))
         return draws
 
     def _next_draw(self) -> tuple[list[Tensor], Tensor | None]:
