@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from collections.abc import Callable
 
 
@@ -39,3 +40,40 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set in bytes (``/proc/self/statm``), or None where there is no ``/proc``."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ReleaseOnGrowth:
+    """Call :func:`release_freed_memory` once the resident set has grown by more than ``budget_bytes`` since the
+    last release: a loop that frees large blocks every step then keeps at most about that much of them resident
+    whatever their size, and trims only as often as it must (a trim walks the heap: 10 to 20 ms on a fragmented
+    one, whatever it frees). Call it once per step; it returns whether it released.
+
+    Args:
+        budget_bytes: the growth allowed between releases.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        if not isinstance(budget_bytes, int) or budget_bytes < 1:
+            raise ValueError(f"budget_bytes must be a positive int; got {budget_bytes!r}")
+        self.budget_bytes = budget_bytes
+        self._baseline = resident_bytes()
+
+    def __call__(self) -> bool:
+        resident = resident_bytes()
+        if resident is None or self._baseline is None:
+            return False
+        if resident - self._baseline <= self.budget_bytes:
+            self._baseline = min(self._baseline, resident)
+            return False
+        released = release_freed_memory()
+        self._baseline = resident_bytes() if released else resident
+        return released

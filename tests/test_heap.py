@@ -45,3 +45,20 @@ def test_freed_transient_blocks_go_back_to_the_operating_system():
 
 def test_the_call_reports_whether_it_could_release():
     assert release_freed_memory() is GLIBC
+
+
+def test_release_on_growth_trims_only_past_its_budget(monkeypatch):
+    from lightning_bayes import heap
+
+    # resident bytes as /proc/self/statm would report them: at construction, then per call (and after each release)
+    resident = iter([1000, 1100, 1150, 1020, 1100, 900, 1030, 950, None])
+    released = []
+    monkeypatch.setattr(heap, "resident_bytes", lambda: next(resident))
+    monkeypatch.setattr(heap, "release_freed_memory", lambda: released.append(True) or True)
+    release = heap.ReleaseOnGrowth(budget_bytes=120)
+    # +100: keep; +150: release (1020 after it); +80: keep; 900: the baseline drops; +130 from it: release
+    assert [release() for _ in range(5)] == [False, True, False, False, True]
+    assert len(released) == 2
+    assert release() is False  # no /proc: nothing done
+    with pytest.raises(ValueError, match="budget_bytes must be a positive int; got 0"):
+        heap.ReleaseOnGrowth(0)

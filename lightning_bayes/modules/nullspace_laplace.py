@@ -24,7 +24,7 @@ from torch.utils.data import DistributedSampler, RandomSampler
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from ..datamodules.epoch_loader import loader_samplers
-from ..heap import release_freed_memory
+from ..heap import ReleaseOnGrowth
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.nullspace import AlternatingProjections, largest_scale, prior_precision
@@ -36,9 +36,10 @@ from .base import Batch, BayesianModule
 _CONSTRAINTS = ("auto", "output", "loss")
 _PREDICTIVES = ("linearized", "neural")
 _MAX_OUTPUT_CONSTRAINTS = 10  # "auto" picks the output kernel up to this many outputs per example
-# CPU: hand the freed Jacobians back every this many micro-batches (MNIST LeNet-5, 600 batches of 16: peak
-# resident 1.6 GB instead of 5.5 GB at no measurable cost; after every batch 1.45 GB, 12% slower)
-_RELEASE_EVERY = 20
+# CPU: hand the freed Jacobians back once this much has built up since the last time (glibc keeps them resident:
+# lightning_bayes.heap); a fixed count of micro-batches instead (every 20: MNIST LeNet-5 1.6 GB instead of 5.5 GB)
+# let the digits MLP's 27 MB a batch reach 870 MB, and every batch costs 12 to 60% more time
+_RELEASE_AFTER_BYTES = 256 * 2**20
 
 
 class NullSpaceLaplace(BayesianModule):
@@ -118,6 +119,7 @@ class NullSpaceLaplace(BayesianModule):
         self.register_buffer("scale_value", torch.tensor(1.0))  # the line search's result
         self._scale_batches: list[Batch] = []  # the sweep's first batches, for the line search at its end
         self._sweep_under_way = False
+        self._release_freed = ReleaseOnGrowth(_RELEASE_AFTER_BYTES)
 
     # ----- the trained network -----------------------------------------------------------------------
     def forward(self, x: Any) -> Tensor:
@@ -193,8 +195,8 @@ class NullSpaceLaplace(BayesianModule):
         if self.scale_rule == "line_search" and len(self._scale_batches) < self.scale_batches:
             self._scale_batches.append((x, y))
         self.projections.project(self.function.jacobian(x, y), key=batch_idx, rows=self._own_rows())
-        if self.device.type == "cpu" and batch_idx % _RELEASE_EVERY == _RELEASE_EVERY - 1:
-            release_freed_memory()  # the freed Jacobians would otherwise stay resident (lightning_bayes.heap)
+        if self.device.type == "cpu":
+            self._release_freed()  # the freed Jacobians would otherwise stay resident (lightning_bayes.heap)
         if batch_idx == self.trainer.num_training_batches - 1:
             self._end_sweep()
 

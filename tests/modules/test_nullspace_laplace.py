@@ -256,14 +256,21 @@ def test_a_fixed_scale_survives_loading_a_line_search_checkpoint() -> None:
     torch.testing.assert_close(fixed.deltas(), searched.deltas() * (0.5 / searched.scale()))
 
 
-def test_the_sweeps_hand_freed_memory_back_every_twenty_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    # lightning_bayes.heap explains why; 45 micro-batches per sweep, 2 sweeps: after batches 20 and 40 of each
-    released: list[int] = []
-    monkeypatch.setattr(
-        "lightning_bayes.modules.nullspace_laplace.release_freed_memory", lambda: released.append(len(released)) or True
-    )
+def test_every_micro_batch_of_a_sweep_checks_the_heap_growth(monkeypatch: pytest.MonkeyPatch) -> None:
+    # lightning_bayes.heap explains why; 45 micro-batches per sweep, 2 sweeps: one check after each
+    checks: list[int] = []
+
+    class Counting:
+        def __init__(self, budget_bytes: int) -> None:
+            assert budget_bytes == 256 * 2**20
+
+        def __call__(self) -> bool:
+            checks.append(len(checks))
+            return False
+
+    monkeypatch.setattr("lightning_bayes.modules.nullspace_laplace.ReleaseOnGrowth", Counting)
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(90, 30, dtype=torch.float64, generator=generator), torch.randint(0, 3, (90,), generator=generator)
     module = NullSpaceLaplace(make_model(), num_samples=2)
     make_trainer(2).fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=2))
-    assert len(released) == 4
+    assert len(checks) == 90
