@@ -16,11 +16,10 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 # unmapped when freed; without the 8 MB one the freed top is trimmed)
 SCRIPT = """
 import torch
-from lightning_bayes.heap import release_freed_memory
+from lightning_bayes.heap import release_freed_memory, resident_bytes
 
 def resident_mb():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / 2**20
+    return resident_bytes() / 2**20
 
 start = resident_mb()
 big = torch.ones(30 * 2**20 // 4)
