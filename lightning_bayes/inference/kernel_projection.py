@@ -57,11 +57,15 @@ class DenseSystem:
         jacobian: ``J_b(theta)``; with its autograd graph when ``theta`` is given.
         rtol: the pseudo-inverse's relative cutoff.
         theta: the leaf ``J_b`` was computed at, for :meth:`bilinear_gradient` (``None``: no parameter gradient).
+        factor: the pseudo-inverse of ``J_b J_b^T`` if already known (e.g. cached across the sweeps of the
+            null-space Laplace); computed from ``jacobian`` with ``rtol`` otherwise.
     """
 
-    def __init__(self, jacobian: Tensor, rtol: float = 1e-5, theta: Tensor | None = None) -> None:
+    def __init__(
+        self, jacobian: Tensor, rtol: float = 1e-5, theta: Tensor | None = None, factor: GramFactor | None = None
+    ) -> None:
         self.jacobian = jacobian.detach()
-        self.factor = GramFactor.of(gram(self.jacobian), rtol=rtol)
+        self.factor = factor if factor is not None else GramFactor.of(gram(self.jacobian), rtol=rtol)
         self._graph = None if theta is None else (jacobian, theta)
 
     def apply(self, vectors: Tensor) -> Tensor:

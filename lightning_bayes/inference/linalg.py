@@ -11,8 +11,8 @@ any per-example map of the outputs), stacked over a micro-batch into ``M_b = B m
 * ``J_b`` itself (``[M_b, P]``), built from per-example reverse-mode Jacobians (``vmap(jacrev)``), so
   one micro-batch costs ``M_b`` single-example backward passes whatever the number of samples;
 * the Gram matrix ``G_b = J_b J_b^T`` in float64 and its pseudo-inverse factor
-  (:class:`GramFactor`, eigh with a relative cutoff) and the projection onto ``ker J_b``,
-  ``v - J_b^T G_b^+ J_b v`` (:func:`project_out_rows`).
+  (:class:`GramFactor`, eigh with a relative cutoff), from which
+  :mod:`~lightning_bayes.inference.kernel_projection` projects onto ``ker J_b``: ``v - J_b^T G_b^+ J_b v``.
 
 Everything is ``torch.func`` (``functional_call``, ``jvp``, ``vjp``, ``jacrev``, ``vmap``); nothing
 ``P x P`` is ever formed. The network runs in eval mode (BatchNorm running statistics, no dropout).
@@ -186,7 +186,8 @@ class ParameterFunction:
         theta = self.theta() if theta is None else theta
 
         def one(v: Tensor) -> tuple[Tensor, Tensor]:
-            return jvp(lambda t: self.outputs(t, x), (theta,), (v,))
+            output, product = jvp(lambda t: self.outputs(t, x), (theta,), (v,))[:2]
+            return output, product
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode AD
             outputs, products = vmap(one, chunk_size=self.chunk_size)(tangents)
@@ -195,7 +196,7 @@ class ParameterFunction:
     def vjp(self, x: Any, y: Tensor, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """``w -> J_b^T w`` for cotangents ``[S, M_b]``: one forward pass, then one backward per cotangent."""
         theta = self.theta() if theta is None else theta
-        _, pullback = vjp(lambda t: self.constraints(t, x, y), theta)
+        pullback = vjp(lambda t: self.constraints(t, x, y), theta)[1]
 
         def apply(cotangents: Tensor) -> Tensor:
             return vmap(pullback, chunk_size=self.chunk_size)(cotangents)[0]
@@ -246,7 +247,7 @@ class ParameterFunction:
         outputs, tangents = self.jvp(x, vectors, theta)
         output_gradient = grad(lambda z: likelihood.loss(z, y) * len(y))
         curved = vmap(lambda u: jvp(output_gradient, (outputs,), (u,))[1])(tangents)
-        _, pullback = vjp(lambda t: self.outputs(t, x), theta)
+        pullback = vjp(lambda t: self.outputs(t, x), theta)[1]
         return vmap(pullback, chunk_size=self.chunk_size)(curved)[0]
 
     def check_forward_mode(self, x: Any) -> None:
@@ -330,10 +331,4 @@ def gram(jacobian: Tensor) -> Tensor:
     for block in jacobian.float().split(GRAM_BLOCK, dim=1):
         product += (block @ block.T).double()
     return product
-
-
-def project_out_rows(vectors: Tensor, jacobian: Tensor, factor: GramFactor) -> Tensor:
-    """``v - J^T (J J^T)^+ J v`` for each row of ``vectors`` ``[S, P]``: the projection onto ``ker J``."""
-    coefficients = factor.solve(vectors @ jacobian.T.to(vectors.dtype))
-    return vectors - coefficients.to(vectors.dtype) @ jacobian.to(vectors.dtype)
 

@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .linalg import GramFactor, gram, project_out_rows
+from .kernel_projection import DenseSystem, project
+from .linalg import GramFactor, gram
 
 PRECISION_RULES = ("evidence", "reference_code")
 
@@ -103,7 +104,8 @@ class AlternatingProjections(nn.Module):
     def project(self, jacobian: Tensor, key: int | None = None, rows: slice = slice(None)) -> None:
         """Project the samples ``rows`` (all by default) onto ``ker J_b`` for one micro-batch's dense Jacobian
         ``[M_b, P]``; each sample's projection is independent of the others'."""
-        self.samples[rows] = project_out_rows(self.samples[rows], jacobian, self.factor(jacobian, key))
+        system = DenseSystem(jacobian, factor=self.factor(jacobian, key))
+        self.samples[rows] = project(system, self.samples[rows])[0]
 
     def end_sweep(self) -> None:
         """Extrapolate along ``v_0 -> Q v_0`` (if ``accelerate``) and count the sweep.
@@ -167,10 +169,10 @@ def largest_scale(
 
     low, high = (start, None) if ok(start) else (None, start)
     for _ in range(steps):
-        if low is None:
+        if low is None and high is not None:
             c = high / 2
             low, high = (c, high) if ok(c) else (None, c)
-        elif high is None:
+        elif high is None and low is not None:
             c = low * 2
             low, high = (c, None) if ok(c) else (low, c)
         else:

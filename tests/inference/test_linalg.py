@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian as dense_jacobian
 
+from lightning_bayes.inference.kernel_projection import DenseSystem, project
 from lightning_bayes.inference.likelihoods import CategoricalLikelihood
 from lightning_bayes.inference.linalg import (
     FlatParameters,
@@ -15,7 +16,6 @@ from lightning_bayes.inference.linalg import (
     LossConstraint,
     ParameterFunction,
     gram,
-    project_out_rows,
 )
 
 from unbatchable import CheckedInputs
@@ -136,10 +136,14 @@ def test_gram_sums_float32_blocks_in_float64() -> None:
 def test_projection_removes_the_row_space(problem) -> None:
     function, x, y, dense = problem
     v = torch.randn(4, function.size, dtype=torch.float64)
-    projected = project_out_rows(v, function.jacobian(x, y), GramFactor.of(gram(dense), rtol=1e-12))
+    # the null-space Laplace's path: a cached factor handed to the dense system
+    projected, _ = project(DenseSystem(function.jacobian(x, y), factor=GramFactor.of(gram(dense), rtol=1e-12)), v)
     expected = v - v @ torch.linalg.pinv(dense) @ dense  # (I - J^+ J) v
     torch.testing.assert_close(projected, expected, rtol=0, atol=1e-10)
     assert (projected @ dense.T).abs().max() < 1e-10
+    # the factor handed in is the one applied: a cutoff above every eigenvalue leaves v as it is
+    untouched, _ = project(DenseSystem(function.jacobian(x, y), factor=GramFactor.of(gram(dense), atol=1e30)), v)
+    torch.testing.assert_close(untouched, v, rtol=0, atol=0)
 
 
 class _NoForwardAD(torch.autograd.Function):
