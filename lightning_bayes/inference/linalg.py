@@ -162,7 +162,7 @@ class ParameterFunction:
             rows = vmap(per_example, in_dims=(None, 0, 0), chunk_size=self.chunk_size)(theta, x, y)
         else:
             rows = torch.stack(
-                [jacrev(self._example_constraint)(theta, tree_map(lambda t: t[n], x), y[n]) for n in range(len(y))]
+                [jacrev(self._example_constraint)(theta, tree_map(lambda t, n=n: t[n], x), y[n]) for n in range(len(y))]
             )
         return rows.reshape(-1, self.size)
 
