@@ -102,7 +102,7 @@ class BayesCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar(leave=True)]
         trainer = super()._instantiate_trainer(config, callbacks)
-        if trainer.fast_dev_run:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning
             for checkpoint in trainer.checkpoint_callbacks:
                 if isinstance(checkpoint, ModelCheckpoint):
                     checkpoint.save_last = False

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Union
+from typing import TYPE_CHECKING, TypeGuard, Union
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
 ParamSelector = Union[str, Sequence[str]]
 
@@ -67,7 +71,7 @@ def select_parameters(module: nn.Module, params: ParamSelector = "trainable") ->
     return chosen
 
 
-def is_dtensor(tensor: Tensor) -> bool:
+def is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``DTensor`` (an FSDP2-sharded parameter, its gradient or state), checked without
     importing ``torch.distributed``."""
     return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
@@ -88,7 +92,7 @@ def laid_out_like(full: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(full.view(like.shape), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def fsdp2_units(module: nn.Module) -> list[nn.Module]:
+def fsdp2_units(module: nn.Module) -> list[FSDPModule]:
     """The FSDP2 units in ``module`` (none without ``torch.distributed``). FSDP2 keeps the root's gathered copy after a
     forward without gradients, so in-place edits of the sharded parameters (a posterior draw) would not reach the
     next forward: call ``unit.reshard()`` on each first; the next forward gathers them again."""

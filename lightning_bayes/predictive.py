@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import Tensor
@@ -188,9 +188,11 @@ def concatenate(predictives: list[Predictive]) -> Predictive:
     if len(kinds) != 1:
         raise TypeError(f"cannot concatenate predictives of different types: {sorted(k.__name__ for k in kinds)}")
     first = predictives[0]
-    if isinstance(first, CategoricalPredictive):
-        return CategoricalPredictive(torch.cat([p.logits for p in predictives], dim=0))
+    if isinstance(first, CategoricalPredictive):  # all predictives share first's type (checked above)
+        categorical = cast(list[CategoricalPredictive], predictives)
+        return CategoricalPredictive(torch.cat([p.logits for p in categorical], dim=0))
+    gaussian = cast(list[GaussianPredictive], predictives)
     return GaussianPredictive(
-        torch.cat([p.mean_samples for p in predictives], dim=0),
-        torch.cat([p.variance_samples for p in predictives], dim=0),
+        torch.cat([p.mean_samples for p in gaussian], dim=0),
+        torch.cat([p.variance_samples for p in gaussian], dim=0),
     )

@@ -20,7 +20,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -31,7 +31,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from ..metrics import OOD_SCORES, OODScore, classification_metrics, ood_metrics, regression_metrics
+from ..metrics import (
+    OOD_SCORES,
+    ExpectedCalibrationError,
+    OODScore,
+    classification_metrics,
+    ood_metrics,
+    regression_metrics,
+)
 from ..plots import predictive_band, reliability_diagram
 from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive
 from .run_files import run_folder, unique_path, write_json
@@ -39,7 +46,7 @@ from .run_files import run_folder, unique_path, write_json
 Task = Literal["auto", "classification", "regression"]
 _TASKS = ("auto", "classification", "regression")
 Stage = Literal["val", "test"]
-_STAGES = ("val", "test")
+_STAGES: tuple[Stage, ...] = ("val", "test")
 _BAND_GRID_POINTS = 200
 
 
@@ -219,7 +226,8 @@ class CalibrationMetrics(Callback):
         one_dimensional = (
             isinstance(x, Tensor) and x.is_floating_point() and (x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1))
         )
-        if stage == "test" and self.plots and one_dimensional and predictive.mean_samples.shape[-1] == 1:
+        regression = cast(GaussianPredictive, predictive)  # not categorical, so Gaussian
+        if stage == "test" and self.plots and one_dimensional and regression.mean_samples.shape[-1] == 1:
             epoch.band_x = CatMetric(nan_strategy="disable").to(device)
             epoch.band_y = CatMetric(nan_strategy="disable").to(device)
             epoch.band_input_shape = tuple(x.shape[1:])
@@ -229,7 +237,9 @@ class CalibrationMetrics(Callback):
 
     @staticmethod
     def _has_ood_data(trainer: Trainer) -> bool:
-        return callable(getattr(trainer.datamodule, "ood_dataloader", None))
+        return callable(
+            getattr(trainer.datamodule, "ood_dataloader", None)  # type: ignore[attr-defined]  # set by Lightning
+        )
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         epoch = self._epochs.pop(stage, None)
@@ -247,7 +257,7 @@ class CalibrationMetrics(Callback):
             self._write_test_outputs(trainer, pl_module, epoch, computed)
 
     def _score_ood_data(self, trainer: Trainer, pl_module: LightningModule, ood: MetricCollection, stage: str) -> None:
-        loader = trainer.datamodule.ood_dataloader()
+        loader = trainer.datamodule.ood_dataloader()  # type: ignore[attr-defined]  # set by Lightning
         if not isinstance(loader, DataLoader):
             raise TypeError(f"datamodule.ood_dataloader() must return a torch DataLoader; got {type(loader).__name__}")
         if trainer.world_size > 1:
@@ -277,7 +287,7 @@ class CalibrationMetrics(Callback):
 
     @staticmethod
     def _reliability_data(epoch: _EpochMetrics) -> tuple[Tensor, Tensor]:
-        ece = epoch.metrics["ece"]
+        ece = cast(ExpectedCalibrationError, epoch.metrics["ece"])  # classification_metrics' "ece"
         with ece.sync_context():  # gathers every rank's (confidence, correct) pairs
             return dim_zero_cat(ece.confidences).cpu(), dim_zero_cat(ece.accuracies).cpu()
 

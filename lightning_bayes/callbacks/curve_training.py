@@ -371,15 +371,17 @@ class CurveTraining(Callback):
     def _training_data(self, pl_module: LightningModule) -> Any:
         trainer = pl_module.trainer
         loader = trainer.train_dataloader
-        if loader is None and trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
+        if loader is None and trainer.datamodule is not None:  # type: ignore[attr-defined]  # set by Lightning
+            loader = trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]  # set by Lightning
         if loader is None:
             raise ValueError("CurveTraining: BatchNorm statistics along the curve need training data; none found")
         return side_pass(loader)  # a validation inside an epoch must not reset the fit's own iterator
 
     def _bind(self, pl_module: LightningModule) -> None:
         if self._bound is None and self.curves:
-            pl_module.predictive = functools.partial(self._bound_predictive, pl_module)
+            pl_module.predictive = functools.partial(  # type: ignore[assignment]  # torch types it Tensor | Module
+                self._bound_predictive, pl_module
+            )
             self._bound = pl_module
 
     def _bound_predictive(self, pl_module: LightningModule, x: Any, num_samples: int | None = None) -> Predictive:

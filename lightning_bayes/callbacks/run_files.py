@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 def run_folder(trainer: Trainer) -> Path | None:
     """The run's log folder (``trainer.log_dir``, a collective call: every rank must ask) or the root folder; None
     under ``fast_dev_run``, which writes no files (Lightning turns its loggers and checkpoints off there too)."""
-    if trainer.fast_dev_run:
+    if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning
         return None
     return Path(trainer.log_dir or trainer.default_root_dir)
 

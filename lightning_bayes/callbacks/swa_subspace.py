@@ -22,18 +22,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
 from ..inference.swag import SWAGMoments
 from ..params import ParamSelector, is_dtensor, select_parameters
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-def _fsdp_units(trainer: Trainer | None) -> list[nn.Module]:
+
+def _fsdp_units(trainer: Trainer | None) -> list[FullyShardedDataParallel]:
     root = getattr(getattr(trainer, "strategy", None), "model", None)
     if root is None or not torch.distributed.is_available():
         return []
@@ -145,6 +148,7 @@ class SWASubspace(Callback):
             yield {n: p.detach().clone() for n, p in wanted.items()}  # copies: the gathered storage is freed on exit
 
     def _flat(self, trainer: Trainer | None, pl_module: LightningModule) -> Tensor:
+        assert self.moments is not None  # set up: checked by _collect, the caller
         with self._full_parameters(trainer, pl_module) as full:
             return torch.cat([full[n].detach().reshape(-1).to(self.moments.mean) for n in self.names])
 
@@ -153,6 +157,7 @@ class SWASubspace(Callback):
     def _start_epoch(self, trainer: Trainer) -> int:
         if self.start_epoch is not None:
             return self.start_epoch
+        assert self.start_fraction is not None  # set whenever start_epoch is not
         if trainer.max_epochs is None or trainer.max_epochs < 1:
             raise ValueError(
                 f"SWASubspace(start_fraction={self.start_fraction}) with per-epoch collection needs a finite "
@@ -166,6 +171,7 @@ class SWASubspace(Callback):
             if not math.isfinite(batches):
                 raise ValueError("SWASubspace(start_epoch=...) with every_n_steps needs a sized training loader")
             return self.start_epoch * math.ceil(batches / trainer.accumulate_grad_batches)
+        assert self.start_fraction is not None  # set whenever start_epoch is not
         return math.floor(self.start_fraction * trainer.estimated_stepping_batches)
 
     def on_train_batch_end(
@@ -180,6 +186,7 @@ class SWASubspace(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_steps is not None:
             return
+        assert self.every_n_epochs is not None  # set whenever every_n_steps is not
         epoch, start = trainer.current_epoch, self._start_epoch(trainer)
         if epoch >= start and (epoch - start) % self.every_n_epochs == 0 and trainer.global_step != self.last_step:
             self._collect(trainer, pl_module)
@@ -218,6 +225,7 @@ class SWASubspace(Callback):
                 f"this callback selects {len(self.names)} with max_rank={self.max_rank} (params={self.params!r}): "
                 "expected the same selection"
             )
+        assert self.moments is not None  # set up: the callers apply a state after setup only
         self.moments.load_state_dict(state["moments"])
         self.last_step = int(state["last_step"])
 

@@ -17,7 +17,11 @@ def training_pass_epoch(trainer: Trainer | None) -> int | None:
     """The epoch of the training pass about to begin: the counter Lightning hands to ``set_epoch``, restored on
     resume (``trainer.current_epoch`` still says 0 when a fit resumed at an epoch's end creates its iterator);
     ``None`` without a trainer."""
-    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else None
+    return (
+        trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]  # typed as the base tracker
+        if trainer is not None
+        else None
+    )
 
 
 def loader_samplers(loader: Any) -> tuple[Any, Any]:

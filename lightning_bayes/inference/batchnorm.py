@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -72,4 +72,4 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             layer.train(training)
             layer.momentum = momentum
             if tracked is not None:
-                layer.num_batches_tracked.copy_(tracked)
+                cast(Tensor, layer.num_batches_tracked).copy_(tracked)  # tracked is its clone, so not None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,7 @@ def made(num_inputs: int, hidden: Sequence[int], block_size: int) -> nn.Sequenti
         degrees = hidden_degrees
     output = _masked_linear(degrees, input_degrees.repeat_interleave(block_size), strict=True)
     with torch.no_grad():
-        output.parametrizations.weight.original.zero_()
+        cast(parametrize.ParametrizationList, cast(nn.ModuleDict, output.parametrizations)["weight"]).original.zero_()
     return nn.Sequential(*layers, output)
 
 
@@ -121,7 +122,7 @@ class AutoregressiveBernsteinFlow(nn.Module):
         add_affine_parameters(self, shape, final_affine, freeze_affine)
         self.conditioner = made(self.dim, hidden, degree + 1)
         with torch.no_grad():
-            self.conditioner[-1].bias.copy_(raw.repeat(self.dim))
+            cast(nn.Linear, self.conditioner[-1]).bias.copy_(raw.repeat(self.dim))  # made's output layer
 
     def _flatten(self, z: Tensor) -> Tensor:
         """``[..., *shape] -> [..., D]``."""

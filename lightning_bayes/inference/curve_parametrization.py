@@ -11,7 +11,8 @@ registered and receives ``theta(t)`` when it is removed (Garipov et al., 2018).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -87,9 +88,14 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return root.get_submodule(module_name), attribute
 
 
+def _parametrizations(owner: nn.Module, attribute: str) -> parametrize.ParametrizationList:
+    """``owner.parametrizations[attribute]`` (the container ``register_parametrization`` adds at runtime)."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, owner.parametrizations)[attribute])
+
+
 def register_curve(
     root: nn.Module,
-    points: dict[str, Sequence[Tensor]],
+    points: Mapping[str, Sequence[Tensor]],
     trainable: Sequence[bool],
     position: CurvePosition,
 ) -> dict[str, CurveParametrization]:
@@ -112,7 +118,7 @@ def register_curve(
         )
         curve.original_requires_grad = original.requires_grad
         parametrize.register_parametrization(owner, attribute, curve, unsafe=True)
-        owner.parametrizations[attribute].original.requires_grad_(False)
+        _parametrizations(owner, attribute).original.requires_grad_(False)
         registered[name] = curve
     return registered
 
@@ -121,6 +127,6 @@ def remove_curve(root: nn.Module, names: Sequence[str]) -> None:
     """Bake the current point ``theta(t)`` into the plain tensors ``root.<name>`` and drop the control points."""
     for name in names:
         owner, attribute = _owner(root, name)
-        curve = owner.parametrizations[attribute][0]
+        curve = cast(CurveParametrization, _parametrizations(owner, attribute)[0])  # added by register_curve
         parametrize.remove_parametrizations(owner, attribute, leave_parametrized=True)
         getattr(owner, attribute).requires_grad_(curve.original_requires_grad)

@@ -137,7 +137,7 @@ def project(system: ConstraintSystem, vectors: Tensor) -> tuple[Tensor, Tensor]:
 
 class _KernelProjection(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, theta: Tensor, noise: Tensor, function: ParameterFunction, x: Any, y: Tensor, solver: Solver,
         iterations: int,
     ) -> Tensor:
@@ -149,7 +149,7 @@ class _KernelProjection(torch.autograd.Function):
         return kernel
 
     @staticmethod
-    def backward(ctx: Any, grad_kernel: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_kernel: Tensor) -> tuple[Tensor | None, ...]:
         theta, kernel, multipliers = ctx.saved_tensors
         adjoint_kernel, adjoint_multipliers = project(ctx.system, grad_kernel)
         grad_theta = None

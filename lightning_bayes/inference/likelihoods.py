@@ -23,7 +23,10 @@ _MIN_VARIANCE = 1e-6
 class Likelihood(nn.Module, ABC):
     """Maps raw network outputs to a per-batch loss and, for a stack of samples, to a Predictive."""
 
-    num_outputs: int | None = None  # network outputs per example it consumes (None: any, e.g. C classes)
+    @property
+    def num_outputs(self) -> int | None:
+        """Network outputs per example it consumes (None: any, e.g. C classes)."""
+        return None
 
     @abstractmethod
     def loss(self, outputs: Tensor, y: Tensor) -> Tensor:

@@ -11,12 +11,21 @@ Reference: Ranganath, Gerrish & Blei, "Black Box Variational Inference", AISTATS
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 LogDensity = Callable[[Tensor], Tensor]
+
+
+class ReparameterisedFamily(Protocol):
+    """A variational family: trainable parameters and reparameterised draws with their log-densities."""
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]: ...
 
 
 def _per_draw(log_density: Tensor, num_draws: int) -> Tensor:
@@ -25,7 +34,7 @@ def _per_draw(log_density: Tensor, num_draws: int) -> Tensor:
 
 
 def fit_reparameterised(
-    family: nn.Module,
+    family: ReparameterisedFamily,
     log_joint: LogDensity,
     steps: int = 3000,
     num_samples: int = 1000,
@@ -47,7 +56,7 @@ def fit_reparameterised(
     return losses
 
 
-def kl_to_posterior(family: nn.Module, log_posterior: LogDensity, num_samples: int = 10_000,
+def kl_to_posterior(family: ReparameterisedFamily, log_posterior: LogDensity, num_samples: int = 10_000,
                     generator: torch.Generator | None = None) -> float:
     """Monte Carlo ``KL(q || p) = E_q [log q(w) - log p(w)]`` against a normalised ``log_posterior``."""
     with torch.no_grad():

@@ -19,6 +19,7 @@ Deep Learning", NeurIPS 2019, section 3 and algorithm 1.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +103,7 @@ class SWAGMoments(nn.Module):
         if not isinstance(rows, int) or rows < 1:
             raise ValueError(f"num_samples must be None or a positive int; got {num_samples!r}")
         device = self.mean.device if generator is None else generator.device  # draws follow the generator
-        options = {"device": device, "dtype": self.mean.dtype, "generator": generator}
+        options: dict[str, Any] = {"device": device, "dtype": self.mean.dtype, "generator": generator}
         noise = torch.zeros(rows, self.size, device=self.mean.device, dtype=self.mean.dtype)
         if diagonal:
             noise += self.variance().sqrt() * torch.randn(rows, self.size, **options).to(self.mean.device)

@@ -45,6 +45,9 @@ class CanonicalLoraNoise(nn.Module):
             parameter names for ``torch.func.functional_call``).
     """
 
+    # buffers (register_buffer), typed for readers and checkers: the first pair's A (there is one pair at least)
+    a_0: Tensor
+
     def __init__(self, factors: dict[tuple[str, str], tuple[Tensor, Tensor]]) -> None:
         super().__init__()
         if not factors:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,26 @@ Family = Literal["gaussian", "bernstein", "bernstein_autoregressive", "sparse_ga
 FAMILIES = ("gaussian", "bernstein", "bernstein_autoregressive", "sparse_gaussian")
 GAUSSIAN_FAMILIES = ("gaussian", "sparse_gaussian")  # the ones with local reparameterisation and a closed-form KL
 DRAW_AHEAD_ELEMENTS = 2**24  # weights drawn at once per layer inside `draws_ahead` (64 MB in float32)
+FamilyModule = Union[MeanFieldGaussian, SparseGaussian, PointMass, BernsteinFlow, AutoregressiveBernsteinFlow]
+
+
+class GaussianFamilyModule(Protocol):
+    """What a layer reads of a family in ``GAUSSIAN_FAMILIES``: its mean and scale (local reparameterisation) and
+    its closed-form KL."""
+
+    @property
+    def mean(self) -> Tensor: ...
+
+    @property
+    def scale(self) -> Tensor: ...
+
+    def kl_to_prior(self, prior_scale: float) -> Tensor: ...
 
 
 def _family(
     kind: Family, shape: tuple[int, ...], init_mean: Tensor, init_scale: float, degree: int, support: tuple[float, float],
     scale_map: ScaleMap,
-) -> nn.Module:
+) -> FamilyModule:
     if kind == "gaussian":
         return MeanFieldGaussian(shape, init_mean, init_scale, scale_map)
     if kind == "sparse_gaussian":  # SSVI: masked Gaussian weights, deterministic biases
@@ -96,11 +110,13 @@ class VariationalLayer(nn.Module):
         if not isinstance(template, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"template must be an nn.Linear or nn.Conv2d; got {template!r}")
         self.prior_scale, self.local_reparameterization = prior_scale, local_reparameterization
-        self._convolution = (
+        self._convolution: dict[str, Any] | None = (
             {"stride": template.stride, "padding": template.padding, "dilation": template.dilation, "groups": template.groups}
             if isinstance(template, nn.Conv2d) else None
         )
-        options = {"init_scale": init_scale, "degree": degree, "support": support, "scale_map": scale_map}
+        options: dict[str, Any] = {
+            "init_scale": init_scale, "degree": degree, "support": support, "scale_map": scale_map
+        }
         self.weight = _family(family, tuple(template.weight.shape), template.weight.detach(), **options)
         self.bias = (
             None if template.bias is None else _family(family, tuple(template.bias.shape), template.bias.detach(), **options)
@@ -112,7 +128,7 @@ class VariationalLayer(nn.Module):
         self._ahead_log_ratios = False
         self._drawn: Iterator[tuple[list[Tensor], Tensor | None]] = iter(())
 
-    def families(self) -> list[nn.Module]:
+    def families(self) -> list[FamilyModule]:
         """The weight's family, then the bias's if the layer has one."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
@@ -124,9 +140,10 @@ class VariationalLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.noise:
             return self._layer(x, *(self._centre(family, shape) for family, shape in zip(self.families(), self._shapes)))
-        if self.local_reparameterization:
-            mean = self._layer(x, *(family.mean for family in self.families()))
-            variance = self._layer(x.square(), *(family.scale.square() for family in self.families()))
+        if self.local_reparameterization:  # so the families are Gaussian (checked in __init__)
+            gaussians = cast(list[GaussianFamilyModule], self.families())
+            mean = self._layer(x, *(family.mean for family in gaussians))
+            variance = self._layer(x.square(), *(family.scale.square() for family in gaussians))
             # clamped, not shifted: a finite gradient where the variance is 0 (sparse or deterministic parts) without a
             # noise floor that would keep a vanishing posterior from reducing to the deterministic layer
             return mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
@@ -147,7 +164,8 @@ class VariationalLayer(nn.Module):
         draws: list[tuple[list[Tensor], Tensor | None]] = []
         for index in range(count):
             values = [value[index] for value, _ in samples]
-            ratio = sum(log_q[index].sum() - self._log_prior(v) for v, (_, log_q) in zip(values, samples))
+            # a tensor: the sum has at least the weight's term
+            ratio = cast(Tensor, sum(log_q[index].sum() - self._log_prior(v) for v, (_, log_q) in zip(values, samples)))
             draws.append((values, ratio))
         return draws
 
@@ -163,10 +181,10 @@ class VariationalLayer(nn.Module):
         return draw
 
     @staticmethod
-    def _centre(family: nn.Module, shape: torch.Size) -> Tensor:
+    def _centre(family: FamilyModule, shape: torch.Size) -> Tensor:
         """The mean of a Gaussian family (closed-form KL); the median ``f(0)`` of a flow (base noise zero)."""
         if hasattr(family, "kl_to_prior"):
-            return family.mean
+            return cast(GaussianFamilyModule, family).mean
         reference = next(family.parameters())
         return family(torch.zeros(shape, dtype=reference.dtype, device=reference.device))[0]
 
@@ -175,8 +193,9 @@ class VariationalLayer(nn.Module):
 
     def kl(self) -> Tensor:
         """``KL(q || p)`` of the layer: closed form (Gaussian) or ``log q - log p`` of the last forward's draw."""
-        if hasattr(self.weight, "kl_to_prior"):
-            return sum(family.kl_to_prior(self.prior_scale) for family in self.families())
+        if hasattr(self.weight, "kl_to_prior"):  # Gaussian families; a sum of at least the weight's KL, so a tensor
+            gaussians = cast(list[GaussianFamilyModule], self.families())
+            return cast(Tensor, sum(family.kl_to_prior(self.prior_scale) for family in gaussians))
         if self._last_log_ratio is None:
             raise RuntimeError("VariationalLayer.kl: run a forward pass first (the KL is estimated from its draw)")
         return self._last_log_ratio

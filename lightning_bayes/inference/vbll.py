@@ -117,6 +117,7 @@ class GaussianRows(nn.Module):
                 raise ValueError(
                     f"dense off_diagonal must be [D(D-1)/2, K]=[{dim * (dim - 1) // 2}, {num_rows}]; got {shape}"
                 )
+            assert off_diagonal is not None  # shape is None otherwise, rejected above
             self.lower = nn.Parameter(off_diagonal)
             rows, cols = torch.tril_indices(dim, dim, -1)
             self.register_buffer("tril_rows", rows, persistent=False)

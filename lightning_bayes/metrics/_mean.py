@@ -15,6 +15,7 @@ class MeanOverValues(MeanMetric):
     """
 
     full_state_update = False
+    higher_is_better: bool | None  # type: ignore[assignment]  # Metric's type; torchmetrics' BaseAggregator says None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(nan_strategy="disable", **kwargs)

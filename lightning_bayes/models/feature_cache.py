@@ -67,7 +67,7 @@ def example_keys(x: Tensor | Mapping[str, Tensor]) -> list[str]:
         masked = mask is not None and value.shape[:2] == mask.shape
         header = f"{name}|{value.dtype}|{tuple(value.shape[1:]) if not masked else tuple(value.shape[2:])}|"
         for row, digest in enumerate(hashes):
-            data = value[row][mask[row]] if masked else value[row]
+            data = value[row][mask[row]] if masked and mask is not None else value[row]
             digest.update(header.encode() + str(data.shape[0] if masked else 0).encode() + b"|" + _as_bytes(data))
     return [digest.hexdigest() for digest in hashes]
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .frozen_base import exclude_frozen_base
 from .pretrained import resolve_pretrained
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,9 +102,10 @@ def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = cast("PeftModel", model).get_base_model() if hasattr(model, "get_base_model") else model
+    return cast("PreTrainedModel", base)
 
 
 def _check_tokens(x: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -43,7 +44,7 @@ def timm_backbone(
             f"expected num_classes >= 0, in_chans >= 1, 0 <= drop_rate < 1; "
             f"got num_classes={num_classes}, in_chans={in_chans}, drop_rate={drop_rate}"
         )
-    options = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
+    options: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
     if pretrained == "packaged":
         if name != EFFICIENTNET_LITE0:
             raise ValueError(
@@ -82,8 +83,9 @@ def load_packaged_efficientnet_lite0(model: nn.Module, weights: str | Path | Non
     path = Path(weights) if weights is not None else packaged_efficientnet_lite0_file()
     source = torch.load(path, map_location="cpu", weights_only=True)
     keep_head = getattr(model, "num_classes", None) == _IMAGENET_CLASSES
-    head = f"{model.pretrained_cfg['classifier']}."
-    stem = f"{model.pretrained_cfg['first_conv']}.weight"
+    config = cast(dict[str, Any], model.pretrained_cfg)  # set by timm.create_model
+    head = f"{config['classifier']}."
+    stem = f"{config['first_conv']}.weight"
     pairs = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     pairs = [(k, v) for k, v in pairs if keep_head or not k.startswith(_PACKAGED_HEAD)]
     target = model.state_dict()

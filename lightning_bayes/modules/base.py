@@ -78,7 +78,7 @@ class BayesianModule(LightningModule, ABC):
         size = getattr(getattr(trainer, "datamodule", None), "num_train", None)
         if isinstance(size, int):
             return size
-        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        dataset: Any = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)  # len() tells if sized
         try:
             return len(dataset)
         except TypeError as error:
@@ -125,14 +125,14 @@ class BayesianModule(LightningModule, ABC):
         parameters = list(self.parameters())
         ddp = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
         if stage == "fit" and ddp and not any(p.requires_grad for p in parameters):
-            self._frozen_during_fit = parameters
+            self._frozen_during_fit: list[nn.Parameter] = parameters
             for parameter in parameters:
                 parameter.requires_grad_(True)
 
     def teardown(self, stage: str) -> None:
         for parameter in getattr(self, "_frozen_during_fit", ()):
             parameter.requires_grad_(False)
-        self._frozen_during_fit: list[nn.Parameter] = []
+        self._frozen_during_fit = []
 
     def batches_done_at_resume(self) -> int:
         """Batches of the current epoch done before this fit started: > 0 only when it resumed from a checkpoint
@@ -202,10 +202,14 @@ class BayesianModule(LightningModule, ABC):
         self.log(f"{stage}/nll", nll, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
         return predictive
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> Predictive:
+    def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
+        self, batch: Batch, batch_idx: int
+    ) -> Predictive:
         return self._evaluate(batch, "val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> Predictive:
+    def test_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
+        self, batch: Batch, batch_idx: int
+    ) -> Predictive:
         return self._evaluate(batch, "test")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> Predictive:
@@ -225,7 +229,7 @@ class BayesianModule(LightningModule, ABC):
     def _writes_step_logs(self) -> bool:
         """Whether Lightning writes this training step's logs (True where it cannot tell)."""
         trainer = self._trainer
-        if trainer is None or trainer.fast_dev_run:
+        if trainer is None or trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning
             return True
         return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 

@@ -22,14 +22,16 @@ Backpropagation for Large Language Models", NeurIPS 2024 (Wang-ML-Lab/bayesian-p
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 
 from ..inference.kl_cycle import cycle_weight
 from ..inference.likelihoods import Likelihood
+from ..inference.mean_field_gaussian import MeanFieldGaussian
 from ..inference.variational_layers import total_kl
 from ..params import ParamSelector
 from .base import Batch
@@ -94,8 +96,9 @@ class BLoB(VariationalInference):
             for family in self._families():
                 family.raw_scale.uniform_(init_eps / math.sqrt(2), init_eps)
 
-    def _families(self) -> list[nn.Module]:
-        return [family for layer in self.variational_layers for family in layer.families()]
+    def _families(self) -> list[MeanFieldGaussian]:
+        """Every layer's families: BLoB's family is ``gaussian``."""
+        return [cast(MeanFieldGaussian, family) for layer in self.variational_layers for family in layer.families()]
 
     def _kl_parameters(self) -> list[nn.Parameter]:
         return [p for family in self._families() for p in (family.mean, family.raw_scale) if p.requires_grad]
@@ -140,13 +143,17 @@ class BLoB(VariationalInference):
         return cycle_weight(step, self._cycle_length) if self.kl_reweighting else 1.0 / self._cycle_length
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        nll_optimizer, kl_optimizer = self.optimizers()
+        nll_optimizer, kl_optimizer = cast(list[LightningOptimizer], self.optimizers())  # two, so a list
         step = self.trainer.fit_loop.epoch_loop.batch_progress.total.completed  # restored on resume
         x, y = batch
         nll = self.likelihood.loss(self(x), y)
         self.manual_backward(nll)
         if self.gradient_clip_val is not None:
-            self.clip_gradients(nll_optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                nll_optimizer,  # type: ignore[arg-type]  # a LightningOptimizer subclasses its optimizer's class
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm="norm",
+            )
         nll_optimizer.step()
         nll_optimizer.zero_grad()
         weight = self.kl_weight_at(step)
@@ -163,4 +170,4 @@ class BLoB(VariationalInference):
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [] if schedulers is None else [schedulers]:
-            scheduler.step()
+            scheduler.step()  # type: ignore[call-arg]  # Lightning's union includes ReduceLROnPlateau (step(metrics))

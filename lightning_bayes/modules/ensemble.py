@@ -15,7 +15,8 @@ otherwise they run one after another.
 from __future__ import annotations
 
 import copy
-from typing import Any, Union
+from collections.abc import Iterable
+from typing import Any, Union, cast
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -44,7 +45,7 @@ def _reinitialise_trainable(module: nn.Module) -> None:
     through ``reset_parameters``; frozen layers keep their weights."""
     reset_lora = getattr(module, "reset_lora_parameters", None)
     if callable(reset_lora) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
-        for adapter in module.lora_A:
+        for adapter in cast(nn.ModuleDict, module.lora_A):  # checked above
             reset_lora(adapter, True)
         return
     own = list(module.parameters(recurse=False))
@@ -111,7 +112,8 @@ class DeepEnsemble(BayesianModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch
         outputs = self(x)
-        losses = torch.stack([lik.loss(out, y) for lik, out in zip(self.likelihoods, outputs)])
+        likelihoods = cast(Iterable[Likelihood], self.likelihoods)
+        losses = torch.stack([lik.loss(out, y) for lik, out in zip(likelihoods, outputs)])
         self.log_training_loss(losses.sum(), len(y), member_nll_mean=losses.mean())
         return losses.sum()
 
@@ -133,7 +135,8 @@ class DeepEnsemble(BayesianModule):
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         outputs = self(x)
-        return concatenate([lik.predictive(out.unsqueeze(0)) for lik, out in zip(self.likelihoods, outputs)])
+        likelihoods = cast(Iterable[Likelihood], self.likelihoods)
+        return concatenate([lik.predictive(out.unsqueeze(0)) for lik, out in zip(likelihoods, outputs)])
 
 
 def _zip_named(members: nn.ModuleList, kind: str) -> list[tuple[str, list[Tensor]]]:

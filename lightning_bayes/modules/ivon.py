@@ -13,10 +13,10 @@ The predictive is the model average over ``num_samples`` draws, or the model at 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -71,7 +71,10 @@ class IVONModule(BayesianModule):
         num_samples: int = 10,
         mean_prediction: bool = False,
     ) -> None:
-        super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
+        super().__init__(  # the base keeps the factory; configure_optimizers calls it with the ess
+            likelihood=likelihood, optimizer=cast(OptimizerCallable, optimizer), lr_scheduler=lr_scheduler,
+            num_samples=num_samples,
+        )
         # the factories are callables, which a weights-only checkpoint load refuses
         self.save_hyperparameters(ignore=["backbone", "likelihood", "optimizer", "lr_scheduler"])
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
@@ -113,7 +116,7 @@ class IVONModule(BayesianModule):
 
     def configure_optimizers(self) -> Any:
         ess = self.ess()
-        optimizer = self.optimizer_factory(self.parameter_groups(), ess)
+        optimizer = cast(IVONFactory, self.optimizer_factory)(self.parameter_groups(), ess)
         if not isinstance(optimizer, IVON):
             raise ValueError(
                 f"IVONModule's optimizer must build a lightning_bayes.optim.IVON (it samples the weights inside its "

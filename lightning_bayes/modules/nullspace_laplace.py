@@ -107,7 +107,9 @@ class NullSpaceLaplace(BayesianModule):
         self.model = model.requires_grad_(False).eval()
         self.alpha_rule, self.scale_rule, self.scale_tolerance = alpha, scale, scale_tolerance
         self.scale_batches, self.predictive_mode = scale_batches, predictive
-        chosen = {"output": output_constraint, "loss": LossConstraint(self.likelihood), "auto": output_constraint}
+        chosen: dict[str, ConstraintFn] = {
+            "output": output_constraint, "loss": LossConstraint(self.likelihood), "auto": output_constraint
+        }
         self.function = ParameterFunction(
             model, params, chosen[constraint] if isinstance(constraint, str) else constraint, chunk_size=chunk_size
         )
@@ -281,7 +283,9 @@ class NullSpaceLaplace(BayesianModule):
             self._share_samples()
             checkpoint["state_dict"]["projections.samples"] = self.projections.samples.clone()
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> Predictive:
+    def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
+        self, batch: Batch, batch_idx: int
+    ) -> Predictive:
         x, y = batch
         self._resolve_constraint(x)
         residual = self.projections.residual(self.function.jacobian(x, y)).mean()

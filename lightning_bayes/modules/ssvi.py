@@ -21,7 +21,7 @@ Inference", ICLR 2024 (arXiv 2402.11025).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -46,6 +46,12 @@ from ..inference.variational_layers import VariationalLayer, use_noise
 from ..params import ParamSelector
 from .base import Batch
 from .variational_inference import VariationalInference
+
+
+def _sparse_weight(layer: VariationalLayer) -> SparseGaussian:
+    """The layer's weight family: SSVI's family is ``sparse_gaussian``, a :class:`SparseGaussian` for every weight
+    matrix or kernel."""
+    return cast(SparseGaussian, layer.weight)
 
 
 class SSVI(VariationalInference):
@@ -130,9 +136,9 @@ class SSVI(VariationalInference):
         self.sparse_families: list[SparseGaussian] = []
         for layer in self.variational_layers:
             dense = layer is first_conv
-            initialise_support(layer.weight, 1.0 if dense else density, generator, mean_init)
+            initialise_support(_sparse_weight(layer), 1.0 if dense else density, generator, mean_init)
             if not dense:
-                self.sparse_families.append(layer.weight)
+                self.sparse_families.append(_sparse_weight(layer))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._layer_positions: dict[VariationalLayer, int] | None = None
 
@@ -198,13 +204,13 @@ class SSVI(VariationalInference):
         if self._layer_positions is None:
             raise RuntimeError("SSVI.layer_costs: the output positions are measured on the first training batch")
         return [
-            LayerCost(layer.weight.num_active, layer.weight.mask.numel(), positions)
+            LayerCost(_sparse_weight(layer).num_active, _sparse_weight(layer).mask.numel(), positions)
             for layer, positions in self._layer_positions.items()
         ]
 
     def weight_density(self) -> float:
         """Active over total variational weights (the dense first convolution included)."""
-        families = [layer.weight for layer in self.variational_layers]
+        families = [_sparse_weight(layer) for layer in self.variational_layers]
         return sum(f.num_active for f in families) / sum(f.mask.numel() for f in families)
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:

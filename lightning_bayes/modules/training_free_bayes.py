@@ -31,10 +31,10 @@ Bayesianization for Low-Rank Adapters of Large Language Models", 2024/2025.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -42,7 +42,7 @@ from ..inference.likelihoods import Likelihood
 from ..inference.training_free_bayes import Bisection, CanonicalLoraNoise
 from ..models.weights import load_trained_weights
 from ..params import ParamSelector, select_parameters
-from ..predictive import Predictive
+from ..predictive import CategoricalPredictive, Predictive
 from .base import Batch, BayesianModule
 
 
@@ -50,7 +50,7 @@ def lora_pairs(model: nn.Module, params: ParamSelector) -> dict[tuple[str, str],
     """``{(name_A, name_B): (A, B)}`` for every peft ``lora_A`` weight ``params`` selects, with its ``lora_B``."""
     selected = select_parameters(model, params)
     named = dict(model.named_parameters())
-    pairs = {}
+    pairs: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
     for name in selected:
         if "lora_A" not in name:
             continue
@@ -79,6 +79,11 @@ class TrainingFreeBayes(BayesianModule):
     """
 
     # buffers (register_buffer), typed for readers and checkers
+    sigma: Tensor
+    low: Tensor
+    high: Tensor
+    tested_high: Tensor
+    done: Tensor
     anchor_nll: Tensor
 
     def __init__(
@@ -150,7 +155,7 @@ class TrainingFreeBayes(BayesianModule):
             x, _ = batch
             with torch.no_grad():
                 reference = self.likelihood.predictive(self(x).unsqueeze(0))
-                pseudo_labels = reference.probs.argmax(-1)
+                pseudo_labels = cast(CategoricalPredictive, reference).probs.argmax(-1)  # TFB is for classifiers
                 noisy = self.likelihood.predictive(
                     # batch b of rank r draws as batch b W + r of one process (batches dealt out in turn)
                     self._antithetic_samples(x, search.candidate(), self._generator(1 + self._global_batch(batch_idx)))
@@ -179,7 +184,7 @@ class TrainingFreeBayes(BayesianModule):
         self.log("train/sigma", search.low, on_epoch=True, batch_size=1)
 
     def on_train_end(self) -> None:
-        low = self.hparams.sigma_range[0]
+        low = cast(AttributeDict, self.hparams).sigma_range[0]  # save_hyperparameters' AttributeDict
         if bool(self.tested_high) and float(self.low) == low:
             rank_zero_warn(
                 f"TrainingFreeBayes: no tested sigma met tolerance={self.tolerance} (the last failed at "

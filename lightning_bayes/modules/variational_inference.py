@@ -128,11 +128,13 @@ class VariationalInference(BayesianModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch
-        nll, kl = 0.0, 0.0
+        nll: Tensor | float = 0.0
+        kl: Tensor | float = 0.0
         with draws_ahead(self.backbone, self.train_samples, log_ratios=True):  # a flow's T draws in one sample(T)
             for _ in range(self.train_samples):  # the KL of a flow is the log-ratio of the forward's own draw
                 nll = nll + self.likelihood.loss(self(x), y)
                 kl = kl + total_kl(self.backbone)
+        assert isinstance(nll, Tensor) and isinstance(kl, Tensor)  # train_samples >= 1 terms added
         nll, kl = nll / self.train_samples, kl / self.train_samples
         scale = self.kl_scale()
         loss = nll + scale * kl

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import AttributeDict
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
@@ -139,7 +140,7 @@ class VIKING(BayesianModule):
             load_trained_weights(backbone, checkpoint)
         self.backbone = backbone
         self.family = KernelImageGaussian(log_alpha, log_sigma_image)
-        maps = {"loss": LossConstraint(self.likelihood), "output": output_constraint}
+        maps: dict[str, ConstraintFn] = {"loss": LossConstraint(self.likelihood), "output": output_constraint}
         self.function = ParameterFunction(
             backbone, params, maps[constraint] if isinstance(constraint, str) else constraint, chunk_size=chunk_size
         )
@@ -186,7 +187,7 @@ class VIKING(BayesianModule):
         return torch.stack([theta.sum(), theta.norm()]).to(self.swept_at)
 
     # ----- sweeps ----------------------------------------------------------------------------------------
-    def sweep(self, batches: Iterable[Batch], max_batches: int | None = None) -> None:
+    def sweep(self, batches: Iterable[Batch], max_batches: float | None = None) -> None:  # inf (unsized loader): all
         """Draw fresh noise for the carried vector and the ``num_samples`` posterior samples and project all of
         them onto the kernel of every batch in turn (one alternating-projection sweep at the current ``theta_hat``)."""
         noise = self._randn(1 + self.sample_noise.shape[0], self.function.size)
@@ -212,7 +213,7 @@ class VIKING(BayesianModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.trainer.world_size > 1:  # independent Monte Carlo noise on every rank
-            self.generator.manual_seed(self.hparams.seed + self.global_rank)
+            self.generator.manual_seed(cast(AttributeDict, self.hparams).seed + self.global_rank)
 
     def on_fit_start(self) -> None:
         model = self.trainer.strategy.model
@@ -302,7 +303,9 @@ class VIKING(BayesianModule):
                 samples = vmap(lambda t: self.function.outputs(t, x), chunk_size=self.function.chunk_size)(thetas)
         return self.likelihood.predictive(samples)
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> Predictive:
+    def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
+        self, batch: Batch, batch_idx: int
+    ) -> Predictive:
         x, y = batch
         with torch.no_grad():
             kernel = self.sample_kernel[:1]
@@ -319,7 +322,7 @@ class VIKING(BayesianModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             own = {name: getattr(self, name) for name in _RANK_NOISE}
             own["generator"] = self.generator.get_state().to(self.device)
-            gathered = self.all_gather(own)
+            gathered = cast(dict[str, Tensor], self.all_gather(own))  # all_gather keeps the dict
             checkpoint["viking_ranks"] = [  # clones: a view would save every rank's storage
                 {name: value[rank].cpu().clone() for name, value in gathered.items()}
                 for rank in range(self.trainer.world_size)
