@@ -78,6 +78,24 @@ def test_adjoint_gradients_match_autograd_through_a_dense_solve(single_thread, c
     assert ref_theta.norm() > 1e-3  # the theta-dependence is not trivially zero
 
 
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_gradients_flow_to_whichever_input_asks(single_thread, solver):
+    """theta alone (VIKING's ELBO step: the noise comes from buffers) and the noise alone (the scale warm-up, theta
+    frozen) each get autograd's gradient through a dense solve."""
+    function, x, y = _problem("output", seed=4)
+    theta = function.theta()
+    noise = torch.randn(2, function.size, dtype=torch.float64)
+    weights = torch.randn(2, function.size, dtype=torch.float64)
+    for asks in (0, 1):
+        inputs = [theta.detach().clone(), noise.clone()]
+        inputs[asks].requires_grad_(True)
+        kernel = project_to_kernel(*inputs, function, x, y, solver=solver, iterations=len(y) * 3)
+        (gradient,) = torch.autograd.grad((weights * kernel).sum(), inputs[asks])
+        reference = _reference_projection(function, x, y, *inputs)
+        (expected,) = torch.autograd.grad((weights * reference).sum(), inputs[asks])
+        assert _relative_error(gradient, expected) <= 1e-8
+
+
 def test_gradcheck(single_thread):
     function, x, y = _problem("output", seed=2)
     theta = function.theta().requires_grad_(True)

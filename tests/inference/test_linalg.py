@@ -75,6 +75,16 @@ def test_loss_constraint_rows_are_per_example_gradients(problem) -> None:
     torch.testing.assert_close(function.jacobian(x, y), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_one_row_constraints_take_per_example_gradients(problem, rows) -> None:
+    """One row per example is a gradient (``vmap(grad)``, the fast path); two rows need the Jacobian's path."""
+    function, x, y, dense = problem
+    function.constraint = lambda outputs, _y: outputs[..., :rows]
+    per_example = dense.reshape(4, 3, -1)[:, :rows].reshape(4 * rows, -1)
+    torch.testing.assert_close(function.jacobian(x, y), per_example, rtol=0, atol=1e-12)
+    assert function._one_row == (rows == 1)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, None])
 def test_chunking_and_loop_give_identical_results(problem, chunk_size) -> None:
     function, x, y, dense = problem

@@ -78,6 +78,17 @@ def test_five_batches_converge_monotonically_and_acceleration_helps(problem) -> 
     assert first_below[1] < first_below[0] / 1.5
 
 
+def test_acceleration_leaves_converged_samples_in_place(problem) -> None:
+    """Once a sweep moves a sample by rounding errors only, ``t = <v_0, d> / ||d||^2`` is a ratio of rounding
+    errors (up to ~1e16): the extrapolation is skipped and the sample stays where it is."""
+    function, _, _, jacobians, projector = problem
+    projections = AlternatingProjections(function.size, 4, dtype=torch.float64, rtol=1e-12, accelerate=True)
+    converged = projections.noise @ projector
+    projections.samples.copy_(converged)
+    sweep(projections, jacobians, 1)
+    assert (projections.samples - converged).norm() < 1e-12 * converged.norm()
+
+
 def test_kernel_property_on_training_and_ood_points(problem) -> None:
     function, x, y, jacobians, _ = problem
     projections = AlternatingProjections(function.size, 6, dtype=torch.float64, rtol=1e-12)
@@ -197,6 +208,8 @@ def test_a_changed_batch_under_a_cached_key_is_refused(problem) -> None:
     projections.project(jacobians[0], key=0)
     with pytest.raises(RuntimeError, match="micro-batch 0 differs"):
         projections.project(jacobians[1], key=0)
+    with pytest.raises(RuntimeError, match="micro-batch 0 differs"):  # a change of 1e-4, e.g. one pixel, is seen too
+        projections.project(jacobians[0] * (1 + 1e-4), key=0)
 
 
 def test_gram_factor_cache_returns_what_was_stored_across_blocks_and_sizes(monkeypatch) -> None:
