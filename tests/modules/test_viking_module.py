@@ -363,3 +363,17 @@ def test_the_epoch_start_sweep_leaves_the_training_loader_alone(tmp_path: Path) 
     assert batches == {0: 13, 1: 17}
     for name, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_a_checkpoint_loaded_outside_a_trainer_restores_the_noise_generator(tmp_path: Path) -> None:
+    """``VIKING.load_from_checkpoint`` (no Trainer, so rank 0) takes the saved generator: its next sweep draws what the
+    saved module's next sweep draws."""
+    saved = make_module()
+    trainer = make_trainer(3)
+    trainer.fit(saved, datamodule=TwoBlobs())
+    trainer.save_checkpoint(tmp_path / "fitted.ckpt")
+    loaded = VIKING.load_from_checkpoint(tmp_path / "fitted.ckpt", backbone=make_model(seed=5))
+    assert torch.equal(loaded.generator.get_state(), saved.generator.get_state())
+    saved.sweep(loader())
+    loaded.sweep(loader())
+    assert torch.equal(loaded.sample_noise, saved.sample_noise) and torch.equal(loaded.carried, saved.carried)
