@@ -33,7 +33,7 @@ from torch import Tensor
 from lightning_bayes.inference.bernstein import BernsteinFlow
 from lightning_bayes.inference.bernstein_autoregressive import AutoregressiveBernsteinFlow
 from lightning_bayes.inference.mean_field_gaussian import MeanFieldGaussian
-from lightning_bayes.inference.reparameterised_vi import fit_reparameterised, kl_to_posterior
+from lightning_bayes.inference.reparameterised_vi import ReparameterisedFamily, fit_reparameterised, kl_to_posterior
 
 CAUCHY_DATA = torch.tensor([1.2084, -2.7329, 4.1770, 1.9711, -4.2004, -2.3850], dtype=torch.float64)
 DEGREES = (1, 3, 10, 30)
@@ -85,6 +85,7 @@ def correlated_kl_of(family: str, seed: int) -> float:
         torch.linalg.solve(PRECISION, DESIGN.T @ TARGETS), precision_matrix=PRECISION
     )
     torch.manual_seed(seed)
+    model: ReparameterisedFamily
     if family == "gauss":
         model = MeanFieldGaussian((2,)).double()
     elif family == "mean-field":

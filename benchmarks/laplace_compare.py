@@ -53,9 +53,10 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -206,7 +207,7 @@ def run_method(method: str, args: argparse.Namespace, setup: Path) -> dict[str, 
             module.to(device)
             return {"note": f"alpha={module.alpha():.3g}, rank~{module.rank():.0f}, {args.sweeps} sweeps"}
 
-        predict = lambda x: module.predictive(x)
+        predict = lambda x: cast(CategoricalPredictive, module.predictive(x))  # the default categorical likelihood
     else:
         from laplace import Laplace
         from laplace.curvature import AsdlGGN, CurvlinopsGGN
@@ -225,8 +226,8 @@ def run_method(method: str, args: argparse.Namespace, setup: Path) -> dict[str, 
             la.optimize_prior_precision(pred_type="glm", method="marglik", link_approx=args.link_approx)
             return {"prior_s": time.perf_counter() - fitted, "note": f"prior prec {float(la.prior_precision.mean()):.3g}"}
 
-        predict = lambda x: from_probs(
-            la(x, pred_type="glm", link_approx=args.link_approx, n_samples=args.samples)
+        predict = lambda x: from_probs(  # classification: a tensor of probabilities, not a (mean, variance) pair
+            cast(Tensor, la(x, pred_type="glm", link_approx=args.link_approx, n_samples=args.samples))
         )
 
     if device.type == "cuda":
@@ -308,11 +309,11 @@ def scaling_case(constraint: str, outputs: int, target: float, args: argparse.Na
         row["jac_ms"] = 1e3 * median_seconds(lambda: function.jacobian(x, y), repeats, device)
         jacobian = function.jacobian(x, y)
         g = gram(jacobian)
-        row["eigh_ms"] = 1e3 * median_seconds(lambda: GramFactor.of(g), repeats, device)
-        row["first_ms"] = 1e3 * median_seconds(lambda: projections.project(jacobian), repeats, device)
+        row["eigh_ms"] = 1e3 * median_seconds(partial(GramFactor.of, g), repeats, device)
+        row["first_ms"] = 1e3 * median_seconds(partial(projections.project, jacobian), repeats, device)
         projections.project(jacobian, key=0)
-        row["cached_ms"] = 1e3 * median_seconds(lambda: projections.project(jacobian, key=0), repeats, device)
-        jacobian = g = None  # freed before the memory probe
+        row["cached_ms"] = 1e3 * median_seconds(partial(projections.project, jacobian, key=0), repeats, device)
+        del jacobian, g  # freed before the memory probe
         memory = PeakMemory(device)
         memory.start()
         projections.project(function.jacobian(x, y))  # one first-sweep step, for its peak memory

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -61,7 +61,7 @@ def _train_selecting_best(
     ``stateful`` (modules, and an optimiser that holds a posterior) at the epoch of best validation NLL."""
     device = next(model.parameters()).device
     best, best_state = math.inf, None
-    for _ in range(cli.trainer.max_epochs):
+    for _ in range(cast(int, cli.trainer.max_epochs)):  # set by the copied configs (None would fail here as before)
         model.train()
         for x, y in _batches(cli.datamodule.train_dataloader(), device):
             step(x, y)
@@ -142,7 +142,7 @@ def laplace_torch(cli: LightningCLI, checkpoints: list[str], options: dict[str, 
             "laplace-torch 0.3 models regression noise as one scalar sigma; this MAP is heteroscedastic "
             "(GaussianLikelihood(heteroscedastic=True))"
         )
-    noise = {}
+    noise: dict[str, Any] = {}  # extra keyword arguments of Laplace(...), passed on to its backend class
     if regression:  # the MAP's learned noise standard deviation, read through its likelihood
         _, variance = cli.model.likelihood.mean_and_variance(torch.zeros(1, 1, device=device))
         noise["sigma_noise"] = float(variance.sqrt())

@@ -7,7 +7,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lightning_bayes.callbacks.run_files import unique_path
 from lightning_bayes.plots import ReliabilityBins, reliability_grid
@@ -36,7 +36,7 @@ def total_seconds(name: str, runs: dict[str, dict[str, Any]], entries: dict[str,
 
     collect(name)
     times = [runs.get(n, {}).get("fit_s") for n in seen]
-    return None if any(t is None for t in times) else float(sum(times))
+    return None if any(t is None for t in times) else float(sum(cast("list[float]", times)))  # no None, by any()
 
 
 def _mean_and_spread(values: list[float]) -> tuple[float, float | None]:

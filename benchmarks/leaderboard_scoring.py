@@ -4,6 +4,7 @@ collections over the test loader and, for classification, the OOD loader; plus t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -41,7 +42,7 @@ def score(
             raise ValueError("the datamodule's test_dataloader() yielded no batches")
         values = {name: float(value) for name, value in metrics.compute().items()}
         if ood is not None:
-            for batch in data.ood_dataloader():
+            for batch in cast(Any, data).ood_dataloader():  # an optional hook, found by getattr above
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 ood.update(predict(move_data_to_device(x, device)), True)
             values.update({f"ood_{name}": float(value) for name, value in ood.compute().items()})

@@ -64,7 +64,8 @@ def measure(spec: dict[str, Any]) -> dict[str, float]:
         cli = run(["--config", str(ROOT / "configs" / spec["config"]), *overlay, *data, *extra], subcommand=False)
         device = cli.trainer.strategy.root_device
         timer = StepTimer(stop_after=spec["warmup"] + spec["steps"])
-        callbacks = [timer, *(c for c in cli.trainer.callbacks if isinstance(c, CurveTraining))]
+        configured = cli.trainer.callbacks  # type: ignore[attr-defined]  # not declared; set by Lightning's connector
+        callbacks = [timer, *(c for c in configured if isinstance(c, CurveTraining))]
         trainer = Trainer(
             max_epochs=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,

@@ -16,6 +16,7 @@ import argparse
 import logging
 import statistics
 import time
+from typing import cast
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -50,7 +51,9 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per fit is noise here
     data = MNISTDataModule(batch_size=128, seed=0)
     timed_fit(data, 1, [])  # warm-up: data loading into memory, first-call allocations
-    times: dict[str, list[float]] = {"baseline": []} | {f"every {n}": [] for n in args.every_n_steps}
+    times: dict[str, list[float]] = cast("dict[str, list[float]]", {"baseline": []}) | {
+        f"every {n}": [] for n in args.every_n_steps
+    }
     for _ in range(args.repeats):
         times["baseline"].append(timed_fit(data, args.epochs, []))
         for n in args.every_n_steps:

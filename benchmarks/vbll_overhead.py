@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import vbll
 from torch import Tensor, nn
 
-from lightning_bayes.inference.vbll import PARAMETERIZATIONS, DiscriminativeVBLL
+from lightning_bayes.inference.vbll import PARAMETERIZATIONS, DiscriminativeVBLL, Parameterization
 from lightning_bayes.models import LeNet5, timm_backbone
 
 DATASET_SIZE = 50_000  # lambda = 1/N; it does not change the cost
@@ -49,7 +49,7 @@ class Case:
     width: int
     classes: int
     batch: int
-    parameterization: str
+    parameterization: Parameterization
 
 
 def estimated_gb(head: str, case: Case) -> float:

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[1]
 _INFERENCE = {  # inference/<module>.py -> the tests/inference/test_<name>.py files that exercise it directly
@@ -107,10 +108,12 @@ def mutants(source: str) -> list[Mutant]:
         if id(node) in skipped:
             return
         def add(change: str, start: int, end: int, replacement: str) -> None:
-            found.append(Mutant(node.lineno, node.col_offset, change, start, end, replacement))
+            at_node = cast(ast.expr, node)  # add() is called only from the BinOp, UnaryOp and Constant branches
+            found.append(Mutant(at_node.lineno, at_node.col_offset, change, start, end, replacement))
 
         if isinstance(node, ast.BinOp) and type(node.op) in _SWAP:
             symbol, replacement = _SWAP[type(node.op)]
+            assert node.left.end_lineno is not None and node.left.end_col_offset is not None  # set by ast.parse
             gap_start = offset(node.left.end_lineno, node.left.end_col_offset)
             at = source.find(symbol, gap_start, offset(node.right.lineno, node.right.col_offset))
             if at >= 0 and not (symbol == "*" and source.startswith("**", at)):
@@ -119,8 +122,9 @@ def mutants(source: str) -> list[Mutant]:
             at = offset(node.lineno, node.col_offset)
             add("drop unary -", at, at + 1, "")
         elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            value = node.value
+            value = cast("int | float", node.value)  # by the type() check above
             replacement = repr(value + 1) if isinstance(value, int) else repr(2 * value if value else 1.0)
+            assert node.end_lineno is not None and node.end_col_offset is not None  # set by ast.parse
             start, end = offset(node.lineno, node.col_offset), offset(node.end_lineno, node.end_col_offset)
             add(f"{source[start:end]} -> {replacement}", start, end, replacement)
         for child in ast.iter_child_nodes(node):
