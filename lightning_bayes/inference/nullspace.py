@@ -85,12 +85,13 @@ class AlternatingProjections(nn.Module):
 
     def factor(self, jacobian: Tensor, key: int | None = None) -> GramFactor:
         """Pseudo-inverse factor of ``J_b J_b^T``, cached under ``key`` and checked against ``J_b``."""
-        j = jacobian.detach()  # fingerprint in float64 without a float64 copy of J
-        fingerprint = torch.stack([j.sum(dtype=torch.float64), torch.linalg.vector_norm(j, dtype=torch.float64)]).cpu()
+        # the row norms in J's dtype: another, rescaled or reordered batch changes them; 0.7 ms for LeNet-5's 160 x
+        # 44,426 float32 rows, where float64 accumulation (sum and norm) took 60 ms on a CPU
+        fingerprint = torch.linalg.vector_norm(jacobian.detach(), dim=1).double().cpu()
         cached = self._factors.get(key) if self.use_cache and key is not None else None
         if cached is not None:
             stored, factor = cached
-            if torch.allclose(stored, fingerprint, rtol=1e-6, atol=0.0):
+            if stored.shape == fingerprint.shape and torch.allclose(stored, fingerprint, rtol=1e-6, atol=0.0):
                 return factor
             raise RuntimeError(
                 f"micro-batch {key} differs from the one seen in an earlier sweep; the sweeps need the same "

@@ -210,6 +210,11 @@ def test_a_changed_batch_under_a_cached_key_is_refused(problem) -> None:
         projections.project(jacobians[1], key=0)
     with pytest.raises(RuntimeError, match="micro-batch 0 differs"):  # a change of 1e-4, e.g. one pixel, is seen too
         projections.project(jacobians[0] * (1 + 1e-4), key=0)
+    with pytest.raises(RuntimeError, match="micro-batch 0 differs"):  # the same examples in another order
+        projections.project(jacobians[0].flip(0), key=0)
+    with pytest.raises(RuntimeError, match="micro-batch 0 differs"):  # a shorter batch
+        projections.project(jacobians[0][:-1], key=0)
+    projections.project(jacobians[0].clone(), key=0)  # the same batch again is served from the cache
 
 
 def test_gram_factor_cache_returns_what_was_stored_across_blocks_and_sizes(monkeypatch) -> None:
