@@ -164,9 +164,8 @@ class VariationalLayer(nn.Module):
         draws: list[tuple[list[Tensor], Tensor | None]] = []
         for index in range(count):
             values = [value[index] for value, _ in samples]
-            # a tensor: the sum has at least the weight's term
-            ratio = cast(Tensor, sum(log_q[index].sum() - self._log_prior(v) for v, (_, log_q) in zip(values, samples)))
-            draws.append((values, ratio))
+            terms = [log_q[index].sum() - self._log_prior(v) for v, (_, log_q) in zip(values, samples)]
+            draws.append((values, torch.stack(terms).sum()))
         return draws
 
     def _next_draw(self) -> tuple[list[Tensor], Tensor | None]:
@@ -193,9 +192,9 @@ class VariationalLayer(nn.Module):
 
     def kl(self) -> Tensor:
         """``KL(q || p)`` of the layer: closed form (Gaussian) or ``log q - log p`` of the last forward's draw."""
-        if hasattr(self.weight, "kl_to_prior"):  # Gaussian families; a sum of at least the weight's KL, so a tensor
+        if hasattr(self.weight, "kl_to_prior"):  # the Gaussian families
             gaussians = cast(list[GaussianFamilyModule], self.families())
-            return cast(Tensor, sum(family.kl_to_prior(self.prior_scale) for family in gaussians))
+            return torch.stack([family.kl_to_prior(self.prior_scale) for family in gaussians]).sum()
         if self._last_log_ratio is None:
             raise RuntimeError("VariationalLayer.kl: run a forward pass first (the KL is estimated from its draw)")
         return self._last_log_ratio
