@@ -31,7 +31,7 @@ from lightning_bayes.callbacks.swa_subspace import SWASubspace
 from lightning_bayes.modules import MAP, IVONModule, VariationalInference
 from lightning_bayes.optim import IVON
 
-from gloo_exit import leave_process_group
+from gloo_exit import exit_worker
 
 GLOBAL_BATCH = 8
 
@@ -187,4 +187,4 @@ def fit_in_one_process(out: Path, max_epochs: int, method: str, strategy: str = 
 
 if __name__ == "__main__":
     fit(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5] if len(sys.argv) > 5 else None, sys.argv[4])
-    leave_process_group()  # before the interpreter shuts down: see gloo_exit.py
+    exit_worker()  # no interpreter finalisation: see gloo_exit.py

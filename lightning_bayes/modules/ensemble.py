@@ -9,7 +9,10 @@ large language model fine-tuning") holds one base model and M adapters, each sta
 (A random, B = 0).
 When the backbone keeps no running statistics (no BatchNorm) the members run as one vectorised call,
 ``vmap(functional_call)`` over their stacked trainable parameters (``torch.func`` model ensembling);
-otherwise they run one after another.
+otherwise they run one after another. The vectorised call computes attention by the math kernel of
+``scaled_dot_product_attention``: the batching rule of the CUDA memory-efficient kernel does not fold the
+member dimension into an attention mask's batch ("attn_bias: wrong shape (batch dimension)",
+pytorch/pytorch#161310), and the flash kernels take no mask.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..inference.likelihoods import Likelihood, build_likelihood
 from ..predictive import Predictive, concatenate
@@ -107,7 +111,8 @@ class DeepEnsemble(BayesianModule):
         def run(member: dict[str, Tensor]) -> Tensor:
             return functional_call(template, (member, shared), (x,))
 
-        return vmap(run, randomness="different")(stacked)
+        with sdpa_kernel(SDPBackend.MATH):  # see the module docstring
+            return vmap(run, randomness="different")(stacked)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch

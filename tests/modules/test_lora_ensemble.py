@@ -77,6 +77,31 @@ def test_vectorised_members_equal_the_loop_and_each_gradient_is_its_own(single_t
     assert all(p.grad is None for p in ensemble.parameters() if not p.requires_grad)
 
 
+class PaddedClassifier(LastTokenClassifier):
+    """The classifier on a tokenizer's dict: an attention mask goes with the ids."""
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits[:, -1, :CLASSES]
+
+
+def test_vectorised_members_attend_through_the_math_kernel_under_a_padding_mask(single_thread):
+    """The mask of a left-padded batch has no member dimension; under ``vmap`` only the math kernel of
+    ``scaled_dot_product_attention`` folds it correctly on every device (the CUDA memory-efficient kernel raises
+    "attn_bias: wrong shape (batch dimension)"), so the vectorised call must run that one and equal the loop."""
+    ensemble = DeepEnsemble(PaddedClassifier(tiny_lora_llama(0)), num_members=3)
+    perturb_lora_b(ensemble)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[0, :3], mask[2, :1] = 0, 0
+    x = {"input_ids": _ids(3), "attention_mask": mask}
+    with torch.profiler.profile() as profile:
+        outputs = ensemble(x)
+    kernels = {event.name for event in profile.events() if event.name.startswith("aten::_scaled_dot_product")}
+    assert kernels == {"aten::_scaled_dot_product_attention_math"}
+    looped = torch.stack([member(x) for member in ensemble.members])
+    assert (looped[1] - looped[0]).abs().max() > 1e-3
+    torch.testing.assert_close(outputs, looped, rtol=1e-10, atol=1e-12)
+
+
 def test_checkpoint_round_trip_stores_the_base_once(single_thread):
     ensemble = DeepEnsemble(_lora_classifier(), num_members=4)
     perturb_lora_b(ensemble)
