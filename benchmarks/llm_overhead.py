@@ -107,6 +107,8 @@ def main() -> None:
         lines = done.stdout.strip().splitlines()
         results[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else _failure(done.stderr)
         print(f"{name}: {results[name]}", file=sys.stderr)
+        if isinstance(results[name], str):  # the worker's traceback, for the reader of a run on another machine
+            print("\n".join(done.stderr.strip().splitlines()[-25:]), file=sys.stderr)
     print(_table(results, args))
 
 

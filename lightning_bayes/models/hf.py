@@ -11,6 +11,7 @@ LoRA (Hu et al., 2022) freezes the base and trains ``W + (alpha / r) B A`` with 
 ``B: out x r``, i.e. ``r (in + out)`` parameters per adapted linear layer. 4-bit loading stores the
 frozen base in NF4 (Dettmers et al., 2023, QLoRA) and computes in bfloat16. A frozen base (LoRA, 4-bit) stays
 out of state dicts and checkpoints (:mod:`.frozen_base`): the constructor rebuilds it from the pretrained source.
+Their forward passes keep cuDNN's attention kernel out (:mod:`.attention`: NaN gradients under a padding mask).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from .attention import without_cudnn_attention
 from .frozen_base import exclude_frozen_base
 from .pretrained import resolve_pretrained
 
@@ -146,7 +148,8 @@ class HFSequenceClassifier(nn.Module):
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         _check_tokens(x)
         extra = {"token_type_ids": x["token_type_ids"]} if "token_type_ids" in x else {}
-        return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], **extra).logits
+        with without_cudnn_attention():
+            return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], **extra).logits
 
 
 class CausalLMAnswerClassifier(nn.Module):
@@ -206,7 +209,8 @@ class CausalLMAnswerClassifier(nn.Module):
             )
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         decoder = _unwrap(self.model).get_decoder()
-        out = decoder(input_ids=x["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
+        with without_cudnn_attention():
+            out = decoder(input_ids=x["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
         return out.last_hidden_state[:, -1]
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:

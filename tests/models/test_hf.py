@@ -181,3 +181,29 @@ def test_a_yaml_config_builds_the_backbones_with_a_lora_spec():
     backbone = parser.instantiate_classes(config).backbone
     assert isinstance(backbone, HFSequenceClassifier)
     assert backbone.model.peft_config["default"].r == 2
+
+
+def test_forward_passes_keep_cudnn_attention_out_and_the_callers_other_kernels(smollm2, prompts, monkeypatch):
+    """cuDNN's kernel is off while either backbone attends (its backward is NaN under a padding mask,
+    pytorch/pytorch#196678), the kernels the caller restricted stay restricted, and its setting comes back."""
+    seen = []
+    attend = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        backends = torch.backends.cuda
+        seen.append((backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.math_sdp_enabled()))
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    minilm = HFSequenceClassifier("minilm", num_labels=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm.model.name_or_path)
+    tokens = dict(tokenizer(["a fine film", "dull, and far too long"], return_tensors="pt", padding=True))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad():
+        smollm2(prompts)
+        minilm(tokens)
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            smollm2(prompts)
+    decoder, encoder = smollm2.model.config.num_hidden_layers, minilm.model.config.num_hidden_layers
+    assert seen == [(False, True, True)] * (decoder + encoder) + [(False, False, True)] * decoder
+    assert torch.backends.cuda.cudnn_sdp_enabled()
