@@ -189,11 +189,19 @@ class BayesianModule(LightningModule, ABC):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def on_before_backward(self, loss: Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            raise FloatingPointError(
-                f"{type(self).__name__}: training loss is {loss.detach().cpu().tolist()} at global step "
-                f"{self.global_step}; expected a finite value (lower the learning rate or check the inputs)"
-            )
+        if torch.isfinite(loss).all():
+            return
+        broken = next((n for n, p in self.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+        hint = (
+            "lower the learning rate or check the inputs"
+            if broken is None
+            else f"parameter {broken!r} is already non-finite: an earlier step's gradient was, although its loss was "
+            "finite; --trainer.detect_anomaly true names the operation"
+        )
+        raise FloatingPointError(
+            f"{type(self).__name__}: training loss is {loss.detach().cpu().tolist()} at global step "
+            f"{self.global_step}; expected a finite value ({hint})"
+        )
 
     def _evaluate(self, batch: Batch, stage: str) -> Predictive:
         x, y = batch

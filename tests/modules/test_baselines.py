@@ -97,7 +97,19 @@ def test_gaussian_ensemble_mixture_moments():
 
 def test_non_finite_loss_stops_with_a_clear_error():
     module = MAP(_mlp())
-    with pytest.raises(FloatingPointError, match="training loss is"):
+    hint = r"\(lower the learning rate or check the inputs\)"
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at global step 0; .*" + hint):
+        module.on_before_backward(torch.tensor(float("nan")))
+
+
+def test_a_non_finite_loss_after_a_non_finite_gradient_names_the_parameter():
+    """A finite loss whose gradient was not (e.g. a kernel's NaN backward) leaves NaN parameters after the step: the
+    error names the first one and the Trainer flag that finds the operation, not the learning rate."""
+    module = MAP(_mlp())
+    with torch.no_grad():
+        module.backbone[3].weight[0, 1] = float("nan")
+    named = r"parameter 'backbone\.3\.weight' is already non-finite.*detect_anomaly"
+    with pytest.raises(FloatingPointError, match=named):
         module.on_before_backward(torch.tensor(float("nan")))
 
 
