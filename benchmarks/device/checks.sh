@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared command for the device machine (it has torch, transformers, peft, timm, pandas and
 # pytest, no internet). Here: `bash benchmarks/device/kit.sh KIT` packs .device/; there, from the repo root:
-#   bash benchmarks/device/checks.sh llm     # under 7 min: QLoRA overhead table, FSDP1 tests (stop at the first failure)
+#   bash benchmarks/device/checks.sh llm     # under 7 min: the cuDNN-attention test, QLoRA overhead table, FSDP1
+#                                            # tests (stopping at the first failure)
 #   bash benchmarks/device/checks.sh vbll    # under 2 min: VBLL step-cost table
 #   bash benchmarks/device/checks.sh mnist   # under 2 min: VIKING epoch / MAP epoch on the GPU
 #   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: a call cut at its limit still returns the
@@ -32,6 +33,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
   >"$out/machine.txt" 2>&1
 llm_steps() {
   python3 benchmarks/device/random_weight_model.py .device/smollm2-shape "$LIGHTNING_BAYES_HOME/models/smollm2-135m-instruct"
+  step attention_test 60 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/models/test_attention.py
   step qlora_overhead 170 python3 benchmarks/llm_overhead.py --four-bit --steps 10 --warmup 3 --data-dir .device/data
   step fsdp1_tests 200 python3 -m pytest -x -q -p no:cacheprovider --tb=short -m gpu tests/modules/test_fsdp1_cuda.py
 }

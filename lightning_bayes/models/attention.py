@@ -2,7 +2,7 @@
 
 From torch 2.11, the cuDNN kernel of ``scaled_dot_product_attention`` is the default for bf16/fp16 on H100/H200,
 and its backward returns NaN query gradients under an attention mask when a query row's log-sum-exp is below
-``ln(FLT_MAX)`` (pytorch/pytorch#196678); a left-padded prompt's fully masked padding rows can be such rows.
+``-ln(FLT_MAX) ~ -88.7`` (pytorch/pytorch#196678); a left-padded prompt's fully masked padding rows can be such rows.
 It is the likely cause of what we saw on an H200 (torch 2.11): QLoRA (bf16 compute, left-padded reviews) went
 NaN at the third step; the same run in float32, where the kernel does not apply, did not. The backward runs the
 kernel its forward chose, so guarding the forward is enough; the flash, memory-efficient and math kernels stay as
