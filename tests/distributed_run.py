@@ -24,7 +24,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecision, fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.callbacks.swa_subspace import SWASubspace
@@ -116,7 +116,11 @@ def strategy_for(name: str) -> tuple[str | Strategy, str, int]:
         fsdp2 = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
         return fsdp2, "cpu", 2
     if name == "fsdp":  # full state dicts: the checkpoint holds whole tensors under the module's own names
-        return FSDPStrategy(auto_wrap_policy={nn.Linear}, state_dict_type="full"), "cuda", cuda_devices()
+        # the network is float64, and under precision "32-true" Lightning's FSDP1 computes in float32
+        # (MixedPrecision(param_dtype=float32)); the strategy's own mixed_precision keeps float64
+        float64 = MixedPrecision(param_dtype=torch.float64, reduce_dtype=torch.float64, buffer_dtype=torch.float64)
+        fsdp1 = FSDPStrategy(auto_wrap_policy={nn.Linear}, state_dict_type="full", mixed_precision=float64)
+        return fsdp1, "cuda", cuda_devices()
     raise ValueError(f"strategy must be one of single, cuda, ddp, fsdp2, fsdp; got {name!r}")
 
 
