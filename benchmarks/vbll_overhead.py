@@ -5,6 +5,8 @@ same inputs, their repeats interleaved so that load changes on a shared machine 
 
 * ``softmax``: ``nn.Linear(D, K)`` + cross-entropy;
 * ``ours``: :class:`lightning_bayes.inference.vbll.DiscriminativeVBLL` (Jensen bound);
+* ``compiled`` (with ``--compile``): ours with its loss under ``torch.compile`` (the head's forward and backward
+  fused into a few kernels: on a GPU a small head's eager step is bound by kernel launches, not arithmetic);
 * ``vbll``: ``vbll.DiscClassification`` used as documented, ``out = layer(x); out.train_loss_fn(y)``
   (its ``forward`` also draws the 20-sample predictive).
 
@@ -40,7 +42,7 @@ RANK = 3
 FULL_GRID = [(d, k, 128) for d in (84, 512, 2048) for k in (10, 100, 1000)] + [(128, 10, 32)]
 QUICK_GRID = [(84, 10, 128), (128, 10, 32), (512, 10, 128), (512, 100, 128), (2048, 1000, 128)]
 BACKBONES = {"lenet": (84, (1, 28, 28)), "resnet18": (512, (3, 32, 32))}
-HEADS = ("softmax", "ours", "vbll")
+HEADS = ("softmax", "ours", "compiled", "vbll")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ def estimated_gb(head: str, case: Case) -> float:
     d, k, b, p = case.width, case.classes, case.batch, case.parameterization
     if head == "softmax":
         floats = 4 * k * d + 4 * b * k
+    elif head == "compiled":
+        return estimated_gb("ours", case)
     elif p == "dense" and head == "ours":  # packed triangles (+ grad, AdamW state), arranged D x KD (+ grad)
         floats = 4 * k * d * d + 4 * b * k * d
     elif p == "dense":  # square triangles (+ grad, AdamW state), built L, and the B x K x D x D broadcast
@@ -73,9 +77,12 @@ def build_head(head: str, case: Case) -> tuple[nn.Module, Callable[[Tensor, Tens
     if head == "softmax":
         linear = nn.Linear(d, k)
         return linear, lambda x, y: F.cross_entropy(linear(x), y)
-    if head == "ours":
+    if head in ("ours", "compiled"):
         ours = DiscriminativeVBLL(d, k, 1.0 / DATASET_SIZE, p, rank=RANK)
-        return ours, lambda x, y: ours.loss(x, y).total
+        if head == "compiled":
+            torch._dynamo.reset()  # every case compiles afresh rather than counting towards the recompile limit
+        loss = torch.compile(ours.loss, fullgraph=True) if head == "compiled" else ours.loss
+        return ours, lambda x, y: loss(x, y).total
     theirs = vbll.DiscClassification(d, k, 1.0 / DATASET_SIZE, p, cov_rank=RANK)
     return theirs, lambda x, y: theirs(x).train_loss_fn(y)
 
@@ -163,7 +170,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--quick", action="store_true", help=f"grid {QUICK_GRID} and fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per head (default 20, quick 7)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per head (the first compiles)")
+    parser.add_argument("--compile", action="store_true", help="add ours with its loss under torch.compile")
     parser.add_argument("--parameterizations", nargs="+", default=list(PARAMETERIZATIONS), choices=PARAMETERIZATIONS)
     parser.add_argument(
         "--backbones",
@@ -193,26 +201,29 @@ def main() -> None:
         f"torch {torch.__version__}, vbll {getattr(vbll, '__version__', '0.4.9')}, median of {repeats} steps, "
         f"step = zero_grad + forward + loss + backward + AdamW"
     )
-    header = ["mode", "D", "K", "B", "cov", "softmax ms", "ours ms", "vbll ms", "ours/softmax", "vbll/ours"]
+    names = [h for h in HEADS if args.compile or h != "compiled"]
+    header = ["mode", "D", "K", "B", "cov", *(f"{h} ms" for h in names), "ours/softmax"]
+    header += ["compiled/softmax"] if args.compile else []
+    header += ["vbll/ours"]
     if on_cuda:
-        header += ["softmax MB", "ours MB", "vbll MB"]
+        header += [f"{h} MB" for h in names]
     widths = [max(8, len(h)) for h in header]
     print(format_row(header, widths))
     skipped: list[str] = []
     for case in cases(args):
-        heads = [h for h in HEADS if estimated_gb(h, case) <= limit]
+        heads = [h for h in names if estimated_gb(h, case) <= limit]
         skipped += [
             f"{h} {case.mode} D={case.width} K={case.classes} B={case.batch} {case.parameterization} "
             f"(~{estimated_gb(h, case):.0f} GB)"
-            for h in HEADS if h not in heads
+            for h in names if h not in heads
         ]  # fmt: skip
         ms = time_case(case, heads, device, repeats, args.warmup)
         row = [case.mode, str(case.width), str(case.classes), str(case.batch), case.parameterization]
-        row += [f"{ms[h]:.2f}" if h in ms else "-" for h in HEADS]
-        row.append(f"{ms['ours'] / ms['softmax']:.2f}" if "ours" in ms else "-")
+        row += [f"{ms[h]:.2f}" if h in ms else "-" for h in names]
+        row += [f"{ms[h] / ms['softmax']:.2f}" if h in ms else "-" for h in ("ours", "compiled") if h in names]
         row.append(f"{ms['vbll'] / ms['ours']:.1f}" if "vbll" in ms and "ours" in ms else "-")
         if on_cuda:
-            row += [f"{peak_memory_mb(h, case, device):.0f}" if h in heads else "-" for h in HEADS]
+            row += [f"{peak_memory_mb(h, case, device):.0f}" if h in heads else "-" for h in names]
         print(format_row(row, widths), flush=True)
     if skipped:
         print(f"skipped (estimated footprint above --max-gb={limit:.0f}): " + "; ".join(skipped))

@@ -3,7 +3,7 @@
 # pytest, no internet). Here: `bash benchmarks/device/kit.sh KIT` packs .device/; there, from the repo root:
 #   bash benchmarks/device/checks.sh llm     # under 7 min: the cuDNN-attention test, QLoRA overhead table, FSDP1
 #                                            # tests (stopping at the first failure)
-#   bash benchmarks/device/checks.sh vbll    # under 2 min: VBLL step-cost table
+#   bash benchmarks/device/checks.sh vbll    # under 5 min: VBLL step-cost table, eager and with compile_loss
 #   bash benchmarks/device/checks.sh mnist   # under 2 min: VIKING epoch / MAP epoch on the GPU
 #   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: a call cut at its limit still returns the
 #                                            # files of the steps it finished
@@ -39,6 +39,8 @@ llm_steps() {
 }
 vbll_step() {
   step vbll_overhead 110 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense
+  step vbll_compiled 170 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense diagonal \
+    --quick --compile --backbones resnet18
 }
 viking_step() {
   export LIGHTNING_BAYES_DATA="$PWD/.device/data/mnist" LIGHTNING_BAYES_FASHION_DATA="$PWD/.device/data/fashion"
