@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 ParamSelector = Union[str, Sequence[str]]
 
 _ALIASES = {"lora": ("*lora_A*", "*lora_B*")}
+FSDP1_WRAPPER = "_fsdp_wrapped_module."  # FSDP1's FSDP_PREFIX: the segment it inserts above each wrapped unit
+
+
+def named_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """``module.named_parameters()`` under the names they had before FSDP1 wrapped units of ``module``.
+
+    Callbacks select parameters by name at setup, before the strategy wraps the module; FSDP1 then moves every
+    wrapped unit's parameters under an ``_fsdp_wrapped_module.`` segment (with ``use_orig_params``, Lightning's
+    default, they stay the module's own parameters). Other modules' names are unchanged.
+    """
+    return {name.replace(FSDP1_WRAPPER, ""): p for name, p in module.named_parameters()}
 
 
 def _last_layer_names(module: nn.Module) -> list[str]:

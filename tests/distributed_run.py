@@ -1,8 +1,9 @@
 """A tiny fit on 2 CPU processes (gloo) under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in
-``configure_model``) or DDP, or on the CUDA devices (at most 2, NCCL) under FSDP1 (``FSDPStrategy``, every
-``nn.Linear`` its own flat unit), for the distributed tests; Lightning starts rank 1 by running this script again.
+``configure_model``) or DDP, or under FSDP1 (``FSDPStrategy``, every ``nn.Linear`` its own flat unit) on the CUDA
+devices (at most 2, NCCL) or in one CPU process (gloo), for the distributed tests; Lightning starts rank 1 by
+running this script again.
 
-    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi,ivon_module} {fsdp2,ddp,fsdp} [RESUME_FROM]
+    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi,ivon_module} {fsdp2,ddp,fsdp,fsdp_cpu} [RESUME_FROM]
 
 ``swa``: a plain LightningModule trained by SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the
 same module trained by the :class:`IVON` optimiser; ``map``, ``vi`` and ``ivon_module``: the library's
@@ -22,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
-from torch.distributed.fsdp import MixedPrecision, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.callbacks.swa_subspace import SWASubspace
@@ -106,6 +108,36 @@ def cuda_devices() -> int:
     return min(torch.cuda.device_count(), 2)
 
 
+class Float64FSDPPrecision(FSDPPrecision):
+    """FSDP1 keeping the tests' float64 network and data in float64. Lightning's FSDP1 precisions stop at "32-true",
+    which casts the module and every batch to float32 (``convert_module``, ``convert_input``: the FSDP1 runs then
+    differed from the plain one by 3e-8, float32's rounding) and has FSDP compute in float32; these tests compare with
+    1e-9 tolerances, so the plugin's one target dtype is float64 and FSDP gathers, computes and reduces in float64."""
+
+    def __init__(self) -> None:
+        super().__init__("32-true")
+        self._desired_input_dtype = torch.float64  # what convert_module, convert_input and forward_context use
+
+    @property
+    def mixed_precision_config(self) -> MixedPrecision:
+        return MixedPrecision(param_dtype=torch.float64, reduce_dtype=torch.float64, buffer_dtype=torch.float64)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP1 strategy in CPU processes, the CUDA tests' twin. FSDP1 runs on a CPU when its
+    ``device_id`` is the CPU, but Lightning passes the root device's index (None there, and FSDP then looks for an
+    accelerator): the module is wrapped here first, with the strategy's own settings, and Lightning takes it as
+    already wrapped (Lightning refuses a CPU accelerator for ``FSDPStrategy`` itself, not for a subclass)."""
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        wrapped = FullyShardedDataParallel(
+            model, device_id=torch.device("cpu"), mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, cpu_offload=self.cpu_offload, **self.kwargs,
+        )  # fmt: skip
+        self.kwargs.pop("auto_wrap_policy")  # applied; Lightning would warn that a wrapped module ignores it
+        return super()._setup_model(wrapped)
+
+
 def strategy_for(name: str) -> tuple[str | Strategy, str, int]:
     """``(strategy, accelerator, devices)`` of a run under ``name``."""
     if name in ("single", "cuda"):  # one process, on the CPU or on one CUDA device
@@ -115,13 +147,13 @@ def strategy_for(name: str) -> tuple[str | Strategy, str, int]:
     if name == "fsdp2":
         fsdp2 = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
         return fsdp2, "cpu", 2
-    if name == "fsdp":  # full state dicts: the checkpoint holds whole tensors under the module's own names
-        # the network is float64, and under precision "32-true" Lightning's FSDP1 computes in float32
-        # (MixedPrecision(param_dtype=float32)); the strategy's own mixed_precision keeps float64
-        float64 = MixedPrecision(param_dtype=torch.float64, reduce_dtype=torch.float64, buffer_dtype=torch.float64)
-        fsdp1 = FSDPStrategy(auto_wrap_policy={nn.Linear}, state_dict_type="full", mixed_precision=float64)
-        return fsdp1, "cuda", cuda_devices()
-    raise ValueError(f"strategy must be one of single, cuda, ddp, fsdp2, fsdp; got {name!r}")
+    if name in ("fsdp", "fsdp_cpu"):  # full state dicts: the checkpoint holds whole tensors under the module's names
+        options: dict[str, Any] = {"auto_wrap_policy": {nn.Linear}, "state_dict_type": "full"}
+        options["precision_plugin"] = Float64FSDPPrecision()
+        if name == "fsdp":
+            return FSDPStrategy(**options), "cuda", cuda_devices()
+        return CPUFSDPStrategy(**options, process_group_backend="gloo"), "cpu", 1
+    raise ValueError(f"strategy must be one of single, cuda, ddp, fsdp2, fsdp, fsdp_cpu; got {name!r}")
 
 
 def fit(out: str, max_epochs: int, method: str, resume_from: str | None, strategy_name: str = "single") -> None:
@@ -150,8 +182,8 @@ def predictive_probabilities(module: IVONModule) -> torch.Tensor:
 def fit_distributed(
     out: Path, max_epochs: int, method: str, resume_from: Path | None = None, strategy: str = "fsdp2"
 ) -> dict[str, Any]:
-    """Run this script (2 CPU processes under "fsdp2" or "ddp"; the CUDA devices under "fsdp") and return the
-    checkpoint it wrote."""
+    """Run this script (2 CPU processes under "fsdp2" or "ddp"; the CUDA devices under "fsdp", one CPU process under
+    "fsdp_cpu") and return the checkpoint it wrote."""
     command = [sys.executable, __file__, str(out), str(max_epochs), method, strategy]
     command += [str(resume_from)] if resume_from else []
     root = str(Path(__file__).resolve().parents[1])

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
 from ..inference.swag import SWAGMoments
-from ..params import ParamSelector, is_dtensor, select_parameters
+from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -130,7 +130,7 @@ class SWASubspace(Callback):
     @contextmanager
     def _full_parameters(self, trainer: Trainer | None, pl_module: LightningModule) -> Iterator[dict[str, Tensor]]:
         """Full (unsharded) values of the selected parameters, gathered tensor by tensor or unit by unit."""
-        named = dict(pl_module.named_parameters())
+        named = named_parameters(pl_module)
         wanted = {name: named[name] for name in self.names}
         units = _fsdp_units(trainer)
         if not units:
@@ -233,7 +233,7 @@ class SWASubspace(Callback):
 
     @contextmanager
     def _written(self, pl_module: LightningModule, flat: Tensor, batches: Iterable[Any] | None) -> Iterator[None]:
-        named = dict(pl_module.named_parameters())
+        named = named_parameters(pl_module)
         params = [named[n] for n in self.names]
         if any(is_dtensor(p) for p in params) or _fsdp_units(getattr(pl_module, "_trainer", None)):
             raise NotImplementedError("SWASubspace.swa()/sample() write into unsharded parameters only (not FSDP)")

@@ -1,8 +1,12 @@
-"""FSDP1 (Lightning's ``FSDPStrategy``, every ``nn.Linear`` its own flat unit, full state dicts) on the CUDA devices
-(at most 2; ``tests/distributed_run.py``): the SWAG moments (gathered by ``SWASubspace`` with
-``summon_full_params``), MAP's and IVON's parameters and IVON's Hessian follow the plain one-device run on the same
-global batches, a variational posterior survives the strategy's checkpoint, and every resumed run ends as an
-unstopped one. FSDP1 needs CUDA, so these skip on a CPU; their CPU twins are the FSDP2 tests
+"""FSDP1 (Lightning's ``FSDPStrategy``, every ``nn.Linear`` its own flat unit, full state dicts; a float64 network,
+``tests/distributed_run.py``): the SWAG moments (gathered by ``SWASubspace`` with ``summon_full_params``), MAP's and
+IVON's parameters and IVON's Hessian follow the plain one-device run on the same global batches, a variational
+posterior survives the strategy's checkpoint, and every resumed run ends as an unstopped one.
+
+Each test runs on the CUDA devices (at most 2; marked ``gpu``, skipped without CUDA) and, as its CPU twin, in one
+CPU process (gloo; FSDP1 told ``device_id=cpu``). The twin has one rank because torch's FSDP1 gathers the full
+optimiser state wrongly over gloo on two CPU ranks (torch 2.14: Adam's ``exp_avg`` comes back equal to its
+``exp_avg_sq``, so a resumed run diverges); the sharded two-rank CPU tests are FSDP2's
 (``test_swa_subspace_distributed.py``, ``test_ivon_fsdp.py``, ``test_sharded_modules.py``)."""
 
 from __future__ import annotations
@@ -13,19 +17,25 @@ import pytest
 import torch
 from distributed_run import assert_swag_moments_close, build, cuda_devices, fit_and_resume, fit_in_one_process
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.slow,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs a CUDA device"),
-]
+pytestmark = pytest.mark.slow
+WHERE = pytest.mark.parametrize(
+    "where",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
+)
+RANKS = {"cpu": 1, "cuda": cuda_devices()}
 # float64 on both sides; two ranks differ from one device only by the summation order of their gradient average
 RTOL, ATOL = 1e-9, 1e-12
 
 
-def _fsdp_runs(tmp_path: Path, method: str, epochs: int = 3) -> tuple[dict, dict, dict]:
+def _fsdp_runs(tmp_path: Path, where: str, method: str, epochs: int = 3) -> tuple[dict, dict, dict]:
     """The plain one-device run, the FSDP1 run and an FSDP1 run stopped one epoch early and resumed."""
-    single = fit_in_one_process(tmp_path / "single", epochs, method, strategy="cuda")
-    sharded, resumed = fit_and_resume(tmp_path, epochs, method, strategy="fsdp")
+    single = fit_in_one_process(tmp_path / "single", epochs, method, strategy="single" if where == "cpu" else "cuda")
+    sharded, resumed = fit_and_resume(tmp_path, epochs, method, strategy="fsdp_cpu" if where == "cpu" else "fsdp")
     return single, sharded, resumed
 
 
@@ -36,8 +46,9 @@ def _assert_same_parameters(expected: dict, *runs: dict) -> None:
             torch.testing.assert_close(run["state_dict"][name], value, rtol=RTOL, atol=ATOL, msg=name)
 
 
-def test_fsdp1_swag_collects_the_one_device_moments_and_resumes_exactly(tmp_path: Path) -> None:
-    single, sharded, resumed = _fsdp_runs(tmp_path, "swa")
+@WHERE
+def test_fsdp1_swag_collects_the_one_device_moments_and_resumes_exactly(tmp_path: Path, where: str) -> None:
+    single, sharded, resumed = _fsdp_runs(tmp_path, where, "swa")
     expected = single["callbacks"]["SWASubspace"]["moments"]
     assert expected["count"].item() == 8  # steps 5..12: the snapshots of epochs 2 and 3
     for run in (sharded, resumed):
@@ -47,14 +58,17 @@ def test_fsdp1_swag_collects_the_one_device_moments_and_resumes_exactly(tmp_path
         assert torch.equal(resumed["callbacks"]["SWASubspace"]["moments"][key], value), key
 
 
-def test_fsdp1_map_follows_the_one_device_run(tmp_path: Path) -> None:
-    single, sharded, resumed = _fsdp_runs(tmp_path, "map", epochs=2)
+@WHERE
+def test_fsdp1_map_follows_the_one_device_run(tmp_path: Path, where: str) -> None:
+    single, sharded, resumed = _fsdp_runs(tmp_path, where, "map", epochs=2)
     _assert_same_parameters(single, sharded, resumed)
 
 
-@pytest.mark.skipif(cuda_devices() > 1, reason="FSDP1 flat shards on several ranks would share one IVON noise draw")
-def test_fsdp1_ivon_keeps_its_hessian_and_noise_through_the_strategy_checkpoint(tmp_path: Path) -> None:
-    single, sharded, resumed = _fsdp_runs(tmp_path, "ivon")
+@WHERE
+def test_fsdp1_ivon_keeps_its_hessian_and_noise_through_the_strategy_checkpoint(tmp_path: Path, where: str) -> None:
+    if RANKS[where] > 1:
+        pytest.skip("FSDP1 flat shards on several ranks would share one IVON noise draw")
+    single, sharded, resumed = _fsdp_runs(tmp_path, where, "ivon")
     _assert_same_parameters(single, sharded, resumed)
     expected = single["optimizer_states"][0]
     assert expected["param_groups"][0]["noise_steps"] == 12  # 3 epochs of 4 steps
@@ -67,13 +81,14 @@ def test_fsdp1_ivon_keeps_its_hessian_and_noise_through_the_strategy_checkpoint(
                 torch.testing.assert_close(optimizer["state"][index][key], state[key], rtol=RTOL, atol=ATOL, msg=key)
 
 
-@pytest.mark.skipif(
-    cuda_devices() > 1,
-    reason="checked on one device: the KL reads the variational parameters outside "
-    "the forward, where FSDP1 has resharded them on several ranks",
-)
-def test_fsdp1_variational_posterior_survives_the_strategy_checkpoint(tmp_path: Path) -> None:
-    _, sharded, resumed = _fsdp_runs(tmp_path, "vi")
+@WHERE
+def test_fsdp1_variational_posterior_survives_the_strategy_checkpoint(tmp_path: Path, where: str) -> None:
+    if RANKS[where] > 1:
+        pytest.skip(
+            "checked on one device: the KL reads the variational parameters outside the forward, where FSDP1 has "
+            "resharded them on several ranks"
+        )
+    _, sharded, resumed = _fsdp_runs(tmp_path, where, "vi")
     fresh = build("vi")
     initial = {name: value.clone() for name, value in fresh.state_dict().items()}
     fresh.load_state_dict(sharded["state_dict"])  # strict: a one-process module takes the FSDP1 run's posterior
