@@ -1,9 +1,9 @@
 """A tiny fit on 2 CPU processes (gloo) under FSDP2 (Lightning's ``ModelParallelStrategy``: ``fully_shard`` in
 ``configure_model``) or DDP, or under FSDP1 (``FSDPStrategy``, every ``nn.Linear`` its own flat unit) on the CUDA
-devices (at most 2, NCCL) or in one CPU process (gloo), for the distributed tests; Lightning starts rank 1 by
-running this script again.
+devices (at most 2, NCCL) or in one or two CPU processes (gloo), for the distributed tests; Lightning starts rank 1
+by running this script again.
 
-    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi,ivon_module} {fsdp2,ddp,fsdp,fsdp_cpu} [RESUME_FROM]
+    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi,ivon_module} {fsdp2,ddp,fsdp,fsdp_cpu,fsdp_cpu2} [RESUME]
 
 ``swa``: a plain LightningModule trained by SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the
 same module trained by the :class:`IVON` optimiser; ``map``, ``vi`` and ``ivon_module``: the library's
@@ -147,13 +147,13 @@ def strategy_for(name: str) -> tuple[str | Strategy, str, int]:
     if name == "fsdp2":
         fsdp2 = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
         return fsdp2, "cpu", 2
-    if name in ("fsdp", "fsdp_cpu"):  # full state dicts: the checkpoint holds whole tensors under the module's names
+    if name in ("fsdp", "fsdp_cpu", "fsdp_cpu2"):  # full state dicts: whole tensors under the module's names
         options: dict[str, Any] = {"auto_wrap_policy": {nn.Linear}, "state_dict_type": "full"}
         options["precision_plugin"] = Float64FSDPPrecision()
         if name == "fsdp":
             return FSDPStrategy(**options), "cuda", cuda_devices()
-        return CPUFSDPStrategy(**options, process_group_backend="gloo"), "cpu", 1
-    raise ValueError(f"strategy must be one of single, cuda, ddp, fsdp2, fsdp, fsdp_cpu; got {name!r}")
+        return CPUFSDPStrategy(**options, process_group_backend="gloo"), "cpu", 2 if name == "fsdp_cpu2" else 1
+    raise ValueError(f"strategy must be one of single, cuda, ddp, fsdp2, fsdp, fsdp_cpu, fsdp_cpu2; got {name!r}")
 
 
 def fit(out: str, max_epochs: int, method: str, resume_from: str | None, strategy_name: str = "single") -> None:
@@ -182,8 +182,8 @@ def predictive_probabilities(module: IVONModule) -> torch.Tensor:
 def fit_distributed(
     out: Path, max_epochs: int, method: str, resume_from: Path | None = None, strategy: str = "fsdp2"
 ) -> dict[str, Any]:
-    """Run this script (2 CPU processes under "fsdp2" or "ddp"; the CUDA devices under "fsdp", one CPU process under
-    "fsdp_cpu") and return the checkpoint it wrote."""
+    """Run this script (2 CPU processes under "fsdp2", "ddp" or "fsdp_cpu2"; the CUDA devices under "fsdp", one CPU
+    process under "fsdp_cpu") and return the checkpoint it wrote."""
     command = [sys.executable, __file__, str(out), str(max_epochs), method, strategy]
     command += [str(resume_from)] if resume_from else []
     root = str(Path(__file__).resolve().parents[1])

@@ -3,11 +3,12 @@
 IVON's parameters and IVON's Hessian follow the plain one-device run on the same global batches, a variational
 posterior survives the strategy's checkpoint, and every resumed run ends as an unstopped one.
 
-Each test runs on the CUDA devices (at most 2; marked ``gpu``, skipped without CUDA) and, as its CPU twin, in one
-CPU process (gloo; FSDP1 told ``device_id=cpu``). The twin has one rank because torch's FSDP1 gathers the full
-optimiser state wrongly over gloo on two CPU ranks (torch 2.14: Adam's ``exp_avg`` comes back equal to its
-``exp_avg_sq``, so a resumed run diverges); the sharded two-rank CPU tests are FSDP2's
-(``test_swa_subspace_distributed.py``, ``test_ivon_fsdp.py``, ``test_sharded_modules.py``)."""
+Each test runs on the CUDA devices (at most 2; marked ``gpu``, skipped without CUDA) and, as its CPU twin, in CPU
+processes (gloo; FSDP1 told ``device_id=cpu``): SWAG on two ranks, truly sharded; MAP on one, because torch's FSDP1
+gathers a two-state optimiser's full state wrongly over gloo on two CPU ranks (torch 2.14: AdamW's ``exp_avg`` comes
+back equal to its ``exp_avg_sq``, so a resumed run diverges; SGD's one momentum buffer comes back right); IVON and VI
+on one, as on the GPU. FSDP2's two-rank CPU tests are ``test_swa_subspace_distributed.py``, ``test_ivon_fsdp.py``
+and ``test_sharded_modules.py``."""
 
 from __future__ import annotations
 
@@ -27,15 +28,18 @@ WHERE = pytest.mark.parametrize(
         ),
     ],
 )
-RANKS = {"cpu": 1, "cuda": cuda_devices()}
+RANKS = {"cpu": 1, "cuda": cuda_devices()}  # the one-rank CPU twins; SWAG's runs on two
 # float64 on both sides; two ranks differ from one device only by the summation order of their gradient average
 RTOL, ATOL = 1e-9, 1e-12
 
 
-def _fsdp_runs(tmp_path: Path, where: str, method: str, epochs: int = 3) -> tuple[dict, dict, dict]:
+def _fsdp_runs(
+    tmp_path: Path, where: str, method: str, epochs: int = 3, cpu_ranks: int = 1
+) -> tuple[dict, dict, dict]:
     """The plain one-device run, the FSDP1 run and an FSDP1 run stopped one epoch early and resumed."""
     single = fit_in_one_process(tmp_path / "single", epochs, method, strategy="single" if where == "cpu" else "cuda")
-    sharded, resumed = fit_and_resume(tmp_path, epochs, method, strategy="fsdp_cpu" if where == "cpu" else "fsdp")
+    strategy = "fsdp" if where == "cuda" else "fsdp_cpu" if cpu_ranks == 1 else "fsdp_cpu2"
+    sharded, resumed = fit_and_resume(tmp_path, epochs, method, strategy=strategy)
     return single, sharded, resumed
 
 
@@ -48,7 +52,7 @@ def _assert_same_parameters(expected: dict, *runs: dict) -> None:
 
 @WHERE
 def test_fsdp1_swag_collects_the_one_device_moments_and_resumes_exactly(tmp_path: Path, where: str) -> None:
-    single, sharded, resumed = _fsdp_runs(tmp_path, where, "swa")
+    single, sharded, resumed = _fsdp_runs(tmp_path, where, "swa", cpu_ranks=2)
     expected = single["callbacks"]["SWASubspace"]["moments"]
     assert expected["count"].item() == 8  # steps 5..12: the snapshots of epochs 2 and 3
     for run in (sharded, resumed):
