@@ -35,7 +35,7 @@ llm_steps() {
   python3 benchmarks/device/random_weight_model.py .device/smollm2-shape "$LIGHTNING_BAYES_HOME/models/smollm2-135m-instruct"
   step attention_test 60 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/models/test_attention.py
   step qlora_overhead 170 python3 benchmarks/llm_overhead.py --four-bit --steps 10 --warmup 3 --data-dir .device/data
-  step fsdp1_tests 200 python3 -m pytest -x -q -p no:cacheprovider --tb=short -m gpu tests/modules/test_fsdp1.py
+  step fsdp1_tests 240 python3 -m pytest -x -q -p no:cacheprovider --tb=short -m gpu tests/modules/test_fsdp1.py
 }
 vbll_step() {
   step vbll_overhead 110 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense
