@@ -153,19 +153,22 @@ def _child(spec: dict[str, Any], log_path: str) -> None:
 SAME_RUN = ("task", "entry", "seed", "quick", "settings", "checkpoints")
 
 
-def earlier_result(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The successful result at ``path`` of the same run (``identity``) whose checkpoint still exists, else None."""
+def earlier_result(path: Path, identity: dict[str, Any], needed: bool) -> dict[str, Any] | None:
+    """The successful result at ``path`` of the same run (``identity``), else None; a run that later rows start
+    from (``needed``) counts only while its checkpoint still exists."""
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
     if "error" in result or result.get("run") != identity:
         return None
-    if result.get("checkpoint") and not Path(result["checkpoint"]).is_file():
+    if needed and result.get("checkpoint") and not Path(result["checkpoint"]).is_file():
         return None
     return {**result, "reused": True}
 
 
-def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def run_entry(
+    entry: Entry, seed: int, checkpoints: list[str], args: argparse.Namespace, needed: bool
+) -> dict[str, Any]:
     """Run ``entry`` for ``seed`` in a fresh process forked from the fork server (torch and Lightning already
     imported there, so a run does not pay the seconds of importing them); its log goes to ``OUT/logs``."""
     run_name = f"{slug(entry.name)}_seed{seed}"
@@ -178,7 +181,7 @@ def run_entry(entry: Entry, seed: int, checkpoints: list[str], args: argparse.Na
         "result": str(result_path), "settings": args.set,
     }  # fmt: skip
     identity = {key: spec[key] for key in SAME_RUN}
-    earlier = earlier_result(result_path, identity) if args.resume else None
+    earlier = earlier_result(result_path, identity, needed) if args.resume else None
     if earlier is not None:
         return earlier
     result_path.unlink(missing_ok=True)
@@ -290,6 +293,7 @@ def main() -> None:
         "runs_total": total,
     }
     paths = report_paths(args.out)
+    needed = {name for entry in entries for name in entry.needs}
     for seed in args.seeds:
         runs[seed] = {}
         for entry in entries:
@@ -298,7 +302,7 @@ def main() -> None:
                 result = {"error": f"not run: it starts from {', '.join(failed)}, which failed"}
             else:
                 checkpoints = [runs[seed][n]["checkpoint"] for n in entry.needs]
-                result = run_entry(entry, seed, checkpoints, args)
+                result = run_entry(entry, seed, checkpoints, args, needed=entry.name in needed)
             runs[seed][entry.name] = result
             done = sum(len(r) for r in runs.values())
             elapsed = (time.perf_counter() - started) / 60

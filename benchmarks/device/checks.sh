@@ -7,6 +7,10 @@
 #   bash benchmarks/device/checks.sh mnist   # under 2 min: VIKING epoch / MAP epoch on the GPU
 #   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: a call cut at its limit still returns the
 #                                            # files of the steps it finished
+#   bash benchmarks/device/checks.sh leaderboard  # (kit.sh leaderboard) about 8 min of the full MNIST leaderboard,
+#     resumed from .device/leaderboard-state/ (the parts the last lease returned); returns the newest table and
+#     the state as $OUT/leaderboard-state-part-NN; here, before the next lease:
+#       mkdir -p .device/leaderboard-state && cp FILES_AT/leaderboard-state-part-* .device/leaderboard-state/
 # (device `run` with carry [".device"] and timeout_s 600). Every step has its own time limit and writes
 # $OUT/<step>.txt (at most 8 files come back), so one failing or slow step does not cost the others.
 # The packaged SmolLM2's weights (about 100 MB) do not fit the 64 MiB a call carries: the llm kit carries its
@@ -14,7 +18,7 @@
 # depend on (the CUDA 4-bit test that reads real reviews needs the real weights and is not run here).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-kit="${1:?usage: checks.sh llm|vbll|mnist|all}"
+kit="${1:?usage: checks.sh llm|vbll|mnist|all|leaderboard}"
 out="${OUT:-runs/device}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl \
@@ -42,14 +46,33 @@ vbll_step() {
   step vbll_compiled 170 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense diagonal \
     --quick --compile --backbones resnet18
 }
-viking_step() {
+mnist_data() {
   export LIGHTNING_BAYES_DATA="$PWD/.device/data/mnist" LIGHTNING_BAYES_FASHION_DATA="$PWD/.device/data/fashion"
+}
+viking_step() {
+  mnist_data
   step viking_overhead 110 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 150 --repeats 3
+}
+leaderboard_step() {  # one lease's share of a leaderboard; `--resume` goes on from the last lease's state
+  mnist_data
+  local task="${LEADERBOARD_TASK:-mnist}" state=/tmp/leaderboard  # fixed: results name checkpoints by absolute path
+  mkdir -p "$state"
+  if compgen -G ".device/leaderboard-state/leaderboard-state-part-*" >/dev/null; then
+    cat .device/leaderboard-state/leaderboard-state-part-* | tar -xzf - -C "$state"
+  fi
+  step leaderboard "${LEADERBOARD_SECONDS:-480}" python3 benchmarks/leaderboard.py --task "$task" --resume \
+    --out "$state/$task" --threads 16
+  python3 benchmarks/device/leaderboard_state.py "$state" "$task" | tar -czf - -C "$state" -T - \
+    | split -b 15m -d - "$out/leaderboard-state-part-"
+  newest=$(ls -t "$state/$task"/leaderboard*.md 2>/dev/null | head -1)
+  if [ -n "$newest" ]; then cp "$newest" "$out/leaderboard.md"; fi
+  ls -la "$out"
 }
 case "$kit" in
   llm) llm_steps ;;
   vbll) vbll_step ;;
   mnist) viking_step ;;
   all) llm_steps; vbll_step; viking_step ;;  # the steps still open first (VBLL and VIKING measured 2026-12-04)
-  *) echo "kit must be llm, vbll, mnist or all; got '$kit'" >&2; exit 2 ;;
+  leaderboard) leaderboard_step ;;
+  *) echo "kit must be llm, vbll, mnist, all or leaderboard; got '$kit'" >&2; exit 2 ;;
 esac

@@ -4,21 +4,29 @@
 #   bash benchmarks/device/kit.sh llm     # 4-bit/FSDP1 GPU tests, llm_overhead --four-bit, vbll_overhead
 #   bash benchmarks/device/kit.sh mnist   # viking_overhead (MNIST and Fashion-MNIST, gzipped)
 #   bash benchmarks/device/kit.sh all     # both, for one call (a lease rarely has time to start two machines)
+#   bash benchmarks/device/kit.sh leaderboard  # the MNIST data and the anchors' wheels (laplace-torch, vbll,
+#                                              # ivon-opt) for checks.sh leaderboard; keeps .device/leaderboard-state
 # Wheels: bitsandbytes, torchdata and the CLI's jsonargparse stack (+ vbll for the llm kit); data: the Rotten
 # Tomatoes corpus and the packaged SmolLM2's config and tokenizer (its weights are replaced by random ones
 # there), or the IDX files. bitsandbytes keeps only its CPU and CUDA 13 libraries (the device's torch is cu130;
 # the full wheel is 43 MB, 129 MB unpacked), so that both kits fit one call.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-kit="${1:?usage: kit.sh llm|mnist|all}"
-case "$kit" in llm|mnist|all) ;; *) echo "kit must be llm, mnist or all; got '$kit'" >&2; exit 2;; esac
-rm -rf .device && mkdir -p .device/wheels .device/data
+kit="${1:?usage: kit.sh llm|mnist|all|leaderboard}"
+case "$kit" in llm|mnist|all|leaderboard) ;; *) echo "kit must be llm, mnist, all or leaderboard; got '$kit'" >&2; exit 2;; esac
+# a chained leaderboard's state (returned by the last lease, copied here) outlives a new kit
+find .device -mindepth 1 -maxdepth 1 ! -name leaderboard-state -exec rm -rf {} + 2>/dev/null || true
+mkdir -p .device/wheels .device/data
 wheels=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 torchdata==0.11.0)
-if [ "$kit" != mnist ]; then wheels+=(bitsandbytes==0.50.2 vbll==0.4.9); fi
+if [ "$kit" = llm ] || [ "$kit" = all ]; then wheels+=(bitsandbytes==0.50.2 vbll==0.4.9); fi
+if [ "$kit" = leaderboard ]; then  # the anchors and what the device's image lacks of their dependencies
+  wheels+=(vbll==0.4.9 ivon-opt==0.1.3 laplace-torch==0.3 asdfghjkl==0.1a4 backpack-for-pytorch==1.7.1
+           curvlinops-for-pytorch==3.0.1 unfoldNd==0.2.3 einconv==0.1.0)
+fi
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .device/wheels "${wheels[@]}"
-if [ "$kit" != mnist ]; then
+if [ "$kit" = llm ] || [ "$kit" = all ]; then
   python - <<'PY'
 import re, zipfile
 from pathlib import Path

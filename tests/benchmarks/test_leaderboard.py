@@ -123,15 +123,17 @@ def test_resume_reuses_only_a_successful_result_of_the_same_run(tmp_path: Path) 
     checkpoint.write_bytes(b"")
     identity = {"task": "text", "entry": "MAP-LoRA", "seed": 0, "quick": False, "settings": ["a=1"], "checkpoints": []}
     path = tmp_path / "map_lora_seed0.result.json"
-    assert earlier_result(path, identity) is None  # nothing yet
+    assert earlier_result(path, identity, needed=True) is None  # nothing yet
     path.write_text(json.dumps({"fit_s": 3.0, "checkpoint": str(checkpoint), "run": identity}))
-    assert earlier_result(path, identity) == {"fit_s": 3.0, "checkpoint": str(checkpoint), "run": identity, "reused": True}
-    assert earlier_result(path, {**identity, "settings": ["a=2"]}) is None  # other config values
-    assert earlier_result(path, {**identity, "quick": True}) is None
+    reused = {"fit_s": 3.0, "checkpoint": str(checkpoint), "run": identity, "reused": True}
+    assert earlier_result(path, identity, needed=True) == reused
+    assert earlier_result(path, {**identity, "settings": ["a=2"]}, needed=True) is None  # other config values
+    assert earlier_result(path, {**identity, "quick": True}, needed=True) is None
     checkpoint.unlink()
-    assert earlier_result(path, identity) is None  # the run's checkpoint is gone
+    assert earlier_result(path, identity, needed=True) is None  # a later row starts from it: its checkpoint is gone
+    assert earlier_result(path, identity, needed=False) == reused  # no row starts from it: its scores stand
     path.write_text(json.dumps({"error": "run killed by signal 9", "run": identity}))
-    assert earlier_result(path, identity) is None
+    assert earlier_result(path, identity, needed=False) is None
 
 
 def test_scoring_gives_the_numbers_of_calibration_metrics(tmp_path: Path) -> None:
@@ -185,3 +187,26 @@ def test_the_script_runs_our_map_and_two_anchors_on_digits(tmp_path: Path) -> No
     assert rows["laplace-torch LL-KFAC"]["metrics"]["acc"][0] == pytest.approx(written["acc"], abs=0.01)
     assert rows["ivon-opt loop"]["metrics"]["acc"][0] > 0.9  # 8x8 digits: MAP reaches 0.97
     assert (tmp_path / "leaderboard.md").is_file() and (tmp_path / "reliability.png").is_file()
+
+
+def test_a_leases_state_keeps_every_file_but_the_checkpoints_no_row_starts_from(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks" / "device"))
+    from leaderboard_state import resumable_files
+
+    logs, runs = tmp_path / "mnist" / "logs", tmp_path / "mnist" / "runs"
+    logs.mkdir(parents=True)
+    for row in ("map", "swag_collection", "vbll"):  # MAP and the SWAG collection start later rows, VBLL none
+        checkpoint = runs / row / "last.ckpt"
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"weights")
+        (runs / row / "epoch=1.ckpt").write_bytes(b"best")
+        (logs / f"{row}_seed0.result.json").write_text(json.dumps({"checkpoint": str(checkpoint)}))
+        (logs / f"{row}_seed0.log").write_text("trained")
+    (tmp_path / "mnist" / "leaderboard.md").write_text("| row |")
+    kept = {str(path) for path in resumable_files(tmp_path, "mnist")}
+    assert kept == {
+        "mnist/leaderboard.md",
+        *(f"mnist/logs/{row}_seed0.{kind}" for row in ("map", "swag_collection", "vbll") for kind in ("log", "result.json")),
+        "mnist/runs/map/last.ckpt",
+        "mnist/runs/swag_collection/last.ckpt",
+    }
