@@ -13,7 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 kit="${1:?usage: kit.sh llm|mnist|all|leaderboard}"
-case "$kit" in llm|mnist|all|leaderboard) ;; *) echo "kit must be llm, mnist, all or leaderboard; got '$kit'" >&2; exit 2;; esac
+case "$kit" in
+  llm|mnist|all|leaderboard) ;;
+  *) echo "kit must be llm, mnist, all or leaderboard; got '$kit'" >&2; exit 2 ;;
+esac
 # a chained leaderboard's state (returned by the last lease, copied here) outlives a new kit
 find .device -mindepth 1 -maxdepth 1 ! -name leaderboard-state -exec rm -rf {} + 2>/dev/null || true
 mkdir -p .device/wheels .device/data

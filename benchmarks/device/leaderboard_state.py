@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the leaderboard's modules
-from leaderboard import slug  # noqa: E402
-from leaderboard_tasks import task_entries  # noqa: E402
+from leaderboard import slug
+from leaderboard_tasks import task_entries
 
 
 def resumable_files(root: Path, task: str) -> list[Path]:
