@@ -204,7 +204,8 @@ def test_a_leases_state_keeps_every_file_but_the_checkpoints_no_row_starts_from(
         (logs / f"{row}_seed0.log").write_text("trained")
     (tmp_path / "mnist" / "leaderboard.md").write_text("| row |")
     kept = {str(path) for path in resumable_files(tmp_path, "mnist")}
-    logged = {f"mnist/logs/{row}_seed0.{kind}" for row in ("map", "swag_collection", "vbll") for kind in ("log", "result.json")}
+    rows, kinds = ("map", "swag_collection", "vbll"), ("log", "result.json")
+    logged = {f"mnist/logs/{row}_seed0.{kind}" for row in rows for kind in kinds}
     assert kept == {
         "mnist/leaderboard.md",
         *logged,
