@@ -59,16 +59,17 @@ def head_loss(head: VBLLHead, features: Tensor, y: Tensor) -> VBLLLoss:
 
 @functools.cache
 def _compiled_head_loss() -> Callable[[VBLLHead, Tensor, Tensor], VBLLLoss]:
-    return torch.compile(head_loss, fullgraph=True)
+    return torch.compile(head_loss)
 
 
 def compiled_head_loss(head: VBLLHead, features: Tensor, y: Tensor) -> VBLLLoss:
-    """:func:`head_loss` under ``torch.compile(fullgraph=True)``, compiled once per process and called with autocast
-    off: a compiled graph's backward runs under the autocast state of its call, not of the heads' own
-    ``autocast(enabled=False)``, so under bf16-mixed the head's backward matmuls would run in bf16 (seen: 0.2% off
-    in the weights' gradients). Not an attribute of the module: a compiled bound method does not pickle
-    (``ddp_spawn``) and a deepcopy would keep calling the original head. The head is an argument, so its parameters
-    are graph inputs and heads of one shape share the compiled code."""
+    """:func:`head_loss` under ``torch.compile``, compiled once per process and called with autocast off: a compiled
+    graph's backward runs under the autocast state of its call, not of the heads' own ``autocast(enabled=False)``,
+    so under bf16-mixed the head's backward matmuls would run in bf16 (seen: 0.2% off in the weights' gradients).
+    Not an attribute of the module: a compiled bound method does not pickle (``ddp_spawn``) and a deepcopy would
+    keep calling the original head. The head is an argument, so its parameters are graph inputs and heads of one
+    shape share the compiled code; every head objective traces as one graph (tested), and a process that builds
+    heads of more shapes than dynamo's recompile limit (8) runs the later ones eagerly, with dynamo's warning."""
     with torch.autocast(features.device.type, enabled=False):
         return _compiled_head_loss()(head, features, y)
 
