@@ -4,10 +4,11 @@ IVON's parameters and IVON's Hessian follow the plain one-device run on the same
 posterior survives the strategy's checkpoint, and every resumed run ends as an unstopped one.
 
 Each test runs on the CUDA devices (at most 2; marked ``gpu``, skipped without CUDA) and, as its CPU twin, in CPU
-processes (gloo; FSDP1 told ``device_id=cpu``): SWAG on two ranks, truly sharded; MAP on one, because torch's FSDP1
-gathers a two-state optimiser's full state wrongly over gloo on two CPU ranks (torch 2.14: AdamW's ``exp_avg`` comes
-back equal to its ``exp_avg_sq``, so a resumed run diverges; SGD's one momentum buffer comes back right); IVON and VI
-on one, as on the GPU. FSDP2's two-rank CPU tests are ``test_swa_subspace_distributed.py``, ``test_ivon_fsdp.py``
+processes (gloo; FSDP1 told ``device_id=cpu``): SWAG on two ranks, truly sharded; MAP on one, because on CPU
+ranks torch's FSDP1 returns a two-state optimiser's full state wrongly (torch 2.14, ``_optim_utils.
+_allgather_orig_param_states``: every state is gathered into one reused buffer and kept as views of it, which the
+offload's ``.cpu()`` copies on a GPU but not on a CPU, so AdamW's ``exp_avg`` comes back equal to its ``exp_avg_sq``
+and a resumed run diverges; SGD's one momentum buffer comes back right); IVON and VI on one, as on the GPU. FSDP2's two-rank CPU tests are ``test_swa_subspace_distributed.py``, ``test_ivon_fsdp.py``
 and ``test_sharded_modules.py``."""
 
 from __future__ import annotations
