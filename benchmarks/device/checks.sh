@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared command for the device machine (it has torch, transformers, peft, timm, pandas and
 # pytest, no internet). Here: `bash benchmarks/device/kit.sh KIT` packs .device/; there, from the repo root:
-#   bash benchmarks/device/checks.sh llm     # under 7 min: the cuDNN-attention test, QLoRA overhead table, FSDP1
+#   bash benchmarks/device/checks.sh llm     # under 8 min: the cuDNN-attention test, QLoRA overhead table, FSDP1
 #                                            # tests (stopping at the first failure)
 #   bash benchmarks/device/checks.sh vbll    # under 5 min: VBLL step-cost table, eager and with compile_loss
 #   bash benchmarks/device/checks.sh mnist   # under 2 min: VIKING epoch / MAP epoch on the GPU
