@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared command for the device machine (it has torch, transformers, peft, timm, pandas and
 # pytest, no internet). Here: `bash benchmarks/device/kit.sh KIT` packs .device/; there, from the repo root:
-#   bash benchmarks/device/checks.sh llm     # under 8 min: the cuDNN-attention test, QLoRA overhead table, FSDP1
+#   bash benchmarks/device/checks.sh llm     # under 8 min: CUDA unit tests (attention, eigh), QLoRA table, FSDP1
 #                                            # tests (stopping at the first failure)
 #   bash benchmarks/device/checks.sh vbll    # under 5 min: VBLL step-cost table, eager and with compile_loss
 #   bash benchmarks/device/checks.sh mnist   # under 2 min: VIKING epoch / MAP epoch on the GPU
@@ -37,7 +37,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
   >"$out/machine.txt" 2>&1
 llm_steps() {
   python3 benchmarks/device/random_weight_model.py .device/smollm2-shape "$LIGHTNING_BAYES_HOME/models/smollm2-135m-instruct"
-  step attention_test 60 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/models/test_attention.py
+  step gpu_unit_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/models/test_attention.py \
+    tests/inference/test_linalg.py
   step qlora_overhead 170 python3 benchmarks/llm_overhead.py --four-bit --steps 10 --warmup 3 --data-dir .device/data
   step fsdp1_tests 240 python3 -m pytest -x -q -p no:cacheprovider --tb=short -m gpu tests/modules/test_fsdp1.py
 }

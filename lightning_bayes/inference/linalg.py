@@ -296,11 +296,22 @@ class GramFactor:
         return ((rhs.double() @ self.eigenvectors) * self.inverse_eigenvalues) @ self.eigenvectors.T
 
 
+HOST_EIGH_ROWS = 256  # accelerator Gram matrices up to this size are decomposed by the CPU's LAPACK
+
+
 def _small_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``eigh`` of a small CPU matrix on one thread: multi-threaded LAPACK on a few hundred rows gains nothing
-    and, on a busy machine, waits on its threads for up to a second per call (seen on 2 shared cores)."""
-    if matrix.device.type != "cpu" or matrix.shape[-1] > 512:
+    """``eigh`` of a small matrix by LAPACK on one CPU thread, moved back to the matrix's device.
+
+    Multi-threaded LAPACK on a few hundred rows gains nothing and, on a busy machine, waits on its threads for up to
+    a second per call (seen on 2 shared cores). On a GPU, ``eigh`` synchronises with the host anyway, and cuSOLVER's
+    small-matrix path is slow (a 32 x 32 matrix in milliseconds against LAPACK's 50 us; pytorch/pytorch#10172, and
+    #183806 for torch 2.11 + CUDA 13): a micro-batch's Gram matrix (a few kilobytes) makes the round trip instead.
+    """
+    if matrix.shape[-1] > (512 if matrix.device.type == "cpu" else HOST_EIGH_ROWS):
         return torch.linalg.eigh(matrix)
+    if matrix.device.type != "cpu":
+        values, vectors = _small_eigh(matrix.cpu())
+        return values.to(matrix.device), vectors.to(matrix.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -12,6 +12,7 @@ from lightning_bayes.inference.likelihoods import CategoricalLikelihood
 from lightning_bayes.inference.linalg import (
     FlatParameters,
     GRAM_BLOCK,
+    HOST_EIGH_ROWS,
     GramFactor,
     LossConstraint,
     ParameterFunction,
@@ -103,6 +104,20 @@ def test_jacobian_falls_back_to_a_loop_where_vmap_fails(problem) -> None:
     with pytest.warns(UserWarning, match="CheckedInputs .*fall back to a Python loop"):
         torch.testing.assert_close(function.jacobian(x, y), dense, rtol=0, atol=1e-12)
     assert not function.vectorize and plain.vectorize
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", [32, HOST_EIGH_ROWS, HOST_EIGH_ROWS + 1])
+def test_a_cuda_gram_factor_is_the_cpu_one_on_the_gram_matrixs_device(rows: int) -> None:
+    """Up to ``HOST_EIGH_ROWS`` rows LAPACK decomposes a CUDA Gram matrix (its CPU twin: the test above); above it,
+    cuSOLVER: either way the pseudo-inverse stays on the device and equals the CPU's (rank-deficient: half rank)."""
+    a = torch.randn(rows, rows // 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gram_cpu = a @ a.T
+    on_cpu, on_cuda = GramFactor.of(gram_cpu), GramFactor.of(gram_cpu.cuda())
+    assert on_cuda.eigenvectors.is_cuda and on_cuda.inverse_eigenvalues.is_cuda and on_cuda.rank == on_cpu.rank
+    rhs = torch.randn(3, rows, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(on_cuda.solve(rhs.cuda()).cpu(), on_cpu.solve(rhs), rtol=1e-8, atol=1e-10)
 
 
 def test_gram_factor_is_the_pseudo_inverse_with_a_relative_cutoff() -> None:
