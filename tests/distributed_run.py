@@ -148,8 +148,9 @@ def strategy_for(name: str) -> tuple[str | Strategy, str, int]:
         fsdp2 = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
         return fsdp2, "cpu", 2
     if name in ("fsdp", "fsdp_cpu", "fsdp_cpu2"):  # full state dicts: whole tensors under the module's names
-        options: dict[str, Any] = {"auto_wrap_policy": {nn.Linear}, "state_dict_type": "full"}
-        options["precision_plugin"] = Float64FSDPPrecision()
+        options: dict[str, Any] = {
+            "auto_wrap_policy": {nn.Linear}, "state_dict_type": "full", "precision_plugin": Float64FSDPPrecision()
+        }
         if name == "fsdp":
             return FSDPStrategy(**options), "cuda", cuda_devices()
         return CPUFSDPStrategy(**options, process_group_backend="gloo"), "cpu", 2 if name == "fsdp_cpu2" else 1
