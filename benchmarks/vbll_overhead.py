@@ -152,7 +152,7 @@ def time_case(case: Case, heads: list[str], device: torch.device, repeats: int, 
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = [tuple(case) for case in args.case] if args.case else QUICK_GRID if args.quick else FULL_GRID
     found = [Case("head", d, k, b, p) for d, k, b in grid for p in args.parameterizations]
     for name in args.backbones:
         width = BACKBONES[name][0]
@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--quick", action="store_true", help=f"grid {QUICK_GRID} and fewer repeats")
+    parser.add_argument(
+        "--case", type=int, nargs=3, action="append", metavar=("D", "K", "B"), help="head rows of these sizes only"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per head (default 20, quick 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per head (the first compiles)")
     parser.add_argument("--compile", action="store_true", help="add ours with its loss under torch.compile")

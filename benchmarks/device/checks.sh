@@ -44,8 +44,8 @@ llm_steps() {
 }
 vbll_step() {
   step vbll_overhead 110 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense
-  step vbll_compiled 170 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense diagonal \
-    --quick --compile --backbones resnet18
+  step vbll_compiled 150 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense diagonal \
+    --case 512 10 128 --case 84 10 128 --compile --backbones lenet resnet18
 }
 mnist_data() {
   export LIGHTNING_BAYES_DATA="$PWD/.device/data/mnist" LIGHTNING_BAYES_FASHION_DATA="$PWD/.device/data/fashion"
