@@ -308,7 +308,8 @@ def main() -> None:
             elapsed = (time.perf_counter() - started) / 60
             print(f"[{done}/{total}, {elapsed:.1f} min] seed {seed} {entry.name}: {describe(result)}", flush=True)
             # rewritten after every run, so a stopped leaderboard keeps the rows it finished
-            context.update(wall_s=time.perf_counter() - started, runs_done=done)
+            reused = sum(bool(r.get("reused")) for seed_runs in runs.values() for r in seed_runs.values())
+            context.update(wall_s=time.perf_counter() - started, runs_done=done, runs_reused=reused)
             rows = summarise(runs, [e for e in entries if any(e.name in r for r in runs.values())])
             written = write_report(paths, rows, context, runs)
     print(written[0].read_text() + "\n" + "\n".join(f"wrote {path}" for path in written))

@@ -102,7 +102,11 @@ _METRIC_NOTES = {
 
 def _progress(context: dict[str, Any]) -> str:
     done, total = context.get("runs_done", 0), context.get("runs_total", 0)
-    return f" In progress: {done} of {total} runs done." if done < total else ""
+    reused = context.get("runs_reused", 0)
+    text = f" In progress: {done} of {total} runs done." if done < total else ""
+    if reused:  # --resume: their times (and time / MAP) come from the invocation that ran them
+        text += f" {reused} of the {done} runs reused from an earlier invocation (--resume) and timed there."
+    return text
 
 
 def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:

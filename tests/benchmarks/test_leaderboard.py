@@ -164,6 +164,8 @@ def test_report_files_are_written_beside_earlier_ones(tmp_path: Path) -> None:
     # a report rewritten after each run says how far the leaderboard got
     again = write_report(second, rows[:1], {**context, "runs_done": 1, "runs_total": 3}, runs)
     assert again[1] == second[1] and "In progress: 1 of 3 runs done." in again[0].read_text()
+    resumed = write_report(second, rows, {**context, "runs_done": 3, "runs_total": 3, "runs_reused": 2}, runs)
+    assert "2 of the 3 runs reused from an earlier invocation (--resume) and timed there." in resumed[0].read_text()
     assert json.loads(again[1].read_text())["rows"][0]["name"] == "MAP"
     saved = json.loads(first[1].read_text())
     assert saved["rows"][1]["name"] == "Curve" and math.isclose(saved["rows"][1]["time_vs_map"][0], 3.0)
