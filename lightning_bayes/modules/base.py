@@ -3,8 +3,9 @@
 It owns the likelihood and the optimiser factory, evaluates validation and test batches through
 ``predictive`` (returning the Predictive so callbacks such as ``CalibrationMetrics`` reuse it instead
 of recomputing), stops with a clear error on a non-finite training loss, shards itself with FSDP2
-under Lightning's ``ModelParallelStrategy`` where the method supports sharded parameters, and lets DDP wrap a
-fit that takes no gradient (sampling or a search over a frozen model).
+under Lightning's ``ModelParallelStrategy`` where the method supports sharded parameters, refuses FSDP1 on several
+processes where it would compute on one shard, and lets DDP wrap a fit that takes no gradient (sampling or a search
+over a frozen model).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, ClassVar, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -38,9 +39,14 @@ class BayesianModule(LightningModule, ABC):
 
     ``supports_sharding``: whether the method works on FSDP2's sharded (DTensor) parameters; methods whose
     posterior computations take whole parameters through ``torch.func`` (Jacobians, vmapped members) do not.
+    ``supports_fsdp1``: whether it is right under FSDP1 (``FSDPStrategy``) on several processes, where a wrapped
+    unit's parameters are flat shards outside that unit's forward: a KL, a posterior sample or an optimiser's noise
+    taken there sees one shard (measured on two CPU ranks: variational inference's KL gradient scaled down, IVON's
+    posterior 10-30% off the one-process run). Only point estimates declare it.
     """
 
     supports_sharding: ClassVar[bool] = False
+    supports_fsdp1: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -120,14 +126,26 @@ class BayesianModule(LightningModule, ABC):
     def setup(self, stage: str) -> None:
         """A fit that takes no gradient (sampling or a search over a frozen model) under DDP: DDP refuses to wrap a
         module without a trainable parameter, so the frozen ones count as trainable while the fit runs (its steps
-        return no loss, so nothing differentiates them) and are frozen again in :meth:`teardown`. Subclasses that
-        override ``setup`` call this one."""
+        return no loss, so nothing differentiates them) and are frozen again in :meth:`teardown`. Refuses FSDP1 on
+        several processes unless the method ``supports_fsdp1``. Subclasses that override ``setup`` call this one."""
+        if self._trainer is not None:
+            self._refuse_multi_process_fsdp1()
         parameters = list(self.parameters())
         ddp = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
         if stage == "fit" and ddp and not any(p.requires_grad for p in parameters):
             self._frozen_during_fit: list[nn.Parameter] = parameters
             for parameter in parameters:
                 parameter.requires_grad_(True)
+
+    def _refuse_multi_process_fsdp1(self) -> None:
+        processes = self.trainer.world_size
+        if isinstance(self.trainer.strategy, FSDPStrategy) and processes > 1 and not self.supports_fsdp1:
+            alternative = "Lightning's ModelParallelStrategy (FSDP2) or 'ddp'" if self.supports_sharding else "'ddp'"
+            raise ValueError(
+                f"{type(self).__name__} does not support FSDP1 (strategy 'fsdp', FSDPStrategy) on {processes} "
+                "processes: outside a wrapped unit's forward its parameters are flat shards, and the posterior's "
+                f"terms read there (a KL, a sample, an optimiser's noise) would see one shard; use {alternative}"
+            )
 
     def teardown(self, stage: str) -> None:
         for parameter in getattr(self, "_frozen_during_fit", ()):

@@ -20,6 +20,7 @@ class MAP(BayesianModule):
     """Trains ``backbone`` by maximum likelihood plus weight decay; ``predictive`` has S = 1."""
 
     supports_sharding = True
+    supports_fsdp1 = True
 
     def __init__(
         self,

@@ -245,8 +245,17 @@ class IVON(Optimizer):
 
     # ------------------------------------------------------------------------------------------------------ noise
     def _agree_on_seed(self) -> None:
-        """Broadcast rank 0's seed once per process, so every rank draws the same noise (DDP)."""
+        """Broadcast rank 0's seed once per process, so every rank draws the same noise (DDP); refuse FSDP1's flat
+        shards there, on which that one noise would repeat across shards."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.fsdp._common_utils import _is_fsdp_flattened
+
+            if any(_is_fsdp_flattened(p) for p in self._all_params()):
+                raise ValueError(
+                    f"IVON does not support FSDP1's flat parameters (FSDPStrategy) on {dist.get_world_size()} "
+                    "processes: every rank would draw the same noise for its own shard, correlated across shards; use "
+                    "Lightning's ModelParallelStrategy (FSDP2, whose sharded noise follows the one-process run) or DDP"
+                )
             device = self.param_groups[0]["params"][0].device
             seed = torch.tensor(self.seed, dtype=torch.int64, device=device)
             dist.broadcast(seed, src=0)

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_run import assert_swag_moments_close, build, cuda_devices, fit_and_resume, fit_in_one_process
+from distributed_run import (
+    assert_swag_moments_close,
+    build,
+    cuda_devices,
+    fit_and_resume,
+    fit_distributed,
+    fit_in_one_process,
+)
 
 pytestmark = pytest.mark.slow
 WHERE = pytest.mark.parametrize(
@@ -101,3 +108,18 @@ def test_fsdp1_variational_posterior_survives_the_strategy_checkpoint(tmp_path: 
         assert torch.equal(resumed["state_dict"][name], value), name
     moved = [n for n, v in sharded["state_dict"].items() if n.endswith("raw_scale") and not torch.equal(v, initial[n])]
     assert moved, "the posterior scales did not train"
+
+
+@pytest.mark.parametrize(
+    "method,refusal",
+    [
+        ("vi", "VariationalInference does not support FSDP1 .* on 2 processes: .*ModelParallelStrategy"),
+        ("ivon", "IVON does not support FSDP1's flat parameters .* on 2 processes"),
+    ],
+)
+def test_fsdp1_on_two_ranks_refuses_what_it_would_compute_on_one_shard(tmp_path: Path, method: str, refusal: str):
+    """Run, they end off the one-process run without an error (two CPU ranks: VI's KL gradient scaled down by the
+    shards, IVON's posterior 10-30% off); so the library's module and optimiser refuse, naming what to use."""
+    with pytest.raises(RuntimeError, match=refusal):
+        fit_distributed(tmp_path / "sharded", 1, method, strategy="fsdp_cpu2")
+
