@@ -152,8 +152,8 @@ class IVON(Optimizer):
     run. FSDP2 keeps the root unit's gathered parameters after a forward without gradients (validation), where a
     draw written into the shards would not reach the next forward: a module that runs such forwards between steps
     reshards the units of :func:`lightning_bayes.params.fsdp2_units` first (``IVONModule``'s predictive does).
-    FSDP1's flat parameters (``FSDPStrategy``) are not supported: every rank would draw the same noise for its own
-    shard, correlated across shards.
+    FSDP1's flat parameters (``FSDPStrategy``) on several processes are refused at the first step: every rank would
+    draw the same noise for its own shard, correlated across shards.
     """
 
     def __init__(
