@@ -5,8 +5,9 @@ same inputs, their repeats interleaved so that load changes on a shared machine 
 
 * ``softmax``: ``nn.Linear(D, K)`` + cross-entropy;
 * ``ours``: :class:`lightning_bayes.inference.vbll.DiscriminativeVBLL` (Jensen bound);
-* ``compiled`` (with ``--compile``): ours with its loss under ``torch.compile`` (the head's forward and backward
-  fused into a few kernels: on a GPU a small head's eager step is bound by kernel launches, not arithmetic);
+* ``compiled`` (with ``--compile``): ours with its loss under ``torch.compile`` as ``compile_loss=True`` runs it
+  (:func:`lightning_bayes.modules.vbll.compiled_head_loss`: the head's forward and backward fused into a few
+  kernels; on a GPU a small head's eager step is bound by kernel launches, not arithmetic);
 * ``vbll``: ``vbll.DiscClassification`` used as documented, ``out = layer(x); out.train_loss_fn(y)``
   (its ``forward`` also draws the 20-sample predictive).
 
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from lightning_bayes.inference.vbll import PARAMETERIZATIONS, DiscriminativeVBLL, Parameterization
 from lightning_bayes.models import LeNet5, timm_backbone
+from lightning_bayes.modules.vbll import compiled_head_loss, head_loss
 
 DATASET_SIZE = 50_000  # lambda = 1/N; it does not change the cost
 RANK = 3
@@ -81,8 +83,8 @@ def build_head(head: str, case: Case) -> tuple[nn.Module, Callable[[Tensor, Tens
         ours = DiscriminativeVBLL(d, k, 1.0 / DATASET_SIZE, p, rank=RANK)
         if head == "compiled":
             torch._dynamo.reset()  # every case compiles afresh rather than counting towards the recompile limit
-        loss = torch.compile(ours.loss, fullgraph=True) if head == "compiled" else ours.loss
-        return ours, lambda x, y: loss(x, y).total
+        loss = compiled_head_loss if head == "compiled" else head_loss
+        return ours, lambda x, y: loss(ours, x, y).total
     theirs = vbll.DiscClassification(d, k, 1.0 / DATASET_SIZE, p, cov_rank=RANK)
     return theirs, lambda x, y: theirs(x).train_loss_fn(y)
 

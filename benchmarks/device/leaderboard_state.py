@@ -13,19 +13,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the leaderboard's modules
-from leaderboard import slug
 from leaderboard_tasks import task_entries
 
 
 def resumable_files(root: Path, task: str) -> list[Path]:
     """The files under ``root`` but the checkpoints of ``root/task``'s runs that no later row starts from."""
-    needed = {slug(name) for entry in task_entries(task) for name in entry.needs}
+    needed = {name for entry in task_entries(task) for name in entry.needs}
     starts = set()
-    for result in (root / task / "logs").glob("*.result.json"):
-        row = result.name.removesuffix(".result.json").rsplit("_seed", 1)[0]
-        checkpoint = json.loads(result.read_text()).get("checkpoint")
-        if row in needed and checkpoint:
-            starts.add(Path(checkpoint).resolve())
+    for path in (root / task / "logs").glob("*.result.json"):
+        result = json.loads(path.read_text())
+        if result.get("run", {}).get("entry") in needed and result.get("checkpoint"):
+            starts.add(Path(result["checkpoint"]).resolve())
     files = (path for path in sorted(root.rglob("*")) if path.is_file())
     return [path.relative_to(root) for path in files if path.suffix != ".ckpt" or path.resolve() in starts]
 

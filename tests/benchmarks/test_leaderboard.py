@@ -197,12 +197,14 @@ def test_a_leases_state_keeps_every_file_but_the_checkpoints_no_row_starts_from(
 
     logs, runs = tmp_path / "mnist" / "logs", tmp_path / "mnist" / "runs"
     logs.mkdir(parents=True)
-    for row in ("map", "swag_collection", "vbll"):  # MAP and the SWAG collection start later rows, VBLL none
+    # MAP and the SWAG collection start later rows, VBLL none
+    for row, entry in (("map", "MAP"), ("swag_collection", "SWAG collection"), ("vbll", "VBLL")):
         checkpoint = runs / row / "last.ckpt"
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(b"weights")
         (runs / row / "epoch=1.ckpt").write_bytes(b"best")
-        (logs / f"{row}_seed0.result.json").write_text(json.dumps({"checkpoint": str(checkpoint)}))
+        result = {"checkpoint": str(checkpoint), "run": {"entry": entry}}
+        (logs / f"{row}_seed0.result.json").write_text(json.dumps(result))
         (logs / f"{row}_seed0.log").write_text("trained")
     (tmp_path / "mnist" / "leaderboard.md").write_text("| row |")
     kept = {str(path) for path in resumable_files(tmp_path, "mnist")}
