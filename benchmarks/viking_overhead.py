@@ -6,9 +6,10 @@ then one projected sample per step). An epoch is timed from ``on_train_epoch_sta
 sweep) to ``on_train_epoch_end``; the epochs alternate MAP / VIKING ``--repeats`` times and the medians are
 compared, so load changes on a shared machine hit both alike. Two VIKING rows: with the reference's sweep
 at every epoch start, and with ``sweep_every_n_epochs=0`` (no sweep during training); and the cost of one
-sweep alone over the same batches.
+sweep alone over the same batches. ``--compile`` adds the rows again with ``compile_jacobian=True`` (the
+per-example Jacobians and their backward under ``torch.compile``; compiled before the timed epochs).
 
-    python benchmarks/viking_overhead.py --batches 100 --threads 2
+    python benchmarks/viking_overhead.py --batches 100 --threads 2 [--compile]
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--constraint", default="loss", choices=["loss", "output"])
     parser.add_argument("--solver", default="dense", choices=["dense", "cg"])
     parser.add_argument("--gamma", type=float, default=0.2, help="1: the epoch-start split, no per-step projection")
+    parser.add_argument("--compile", action="store_true", help="also time VIKING with compile_jacobian=True")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = MNISTDataModule(batch_size=args.batch_size, shuffle=False)
@@ -77,38 +79,48 @@ def main() -> None:
     def map_module() -> MAP:
         return MAP(LeNet5(), optimizer=torch.optim.Adam)
 
-    def viking_module(sweep_every_n_epochs: int) -> VIKING:
+    def viking_module(sweep_every_n_epochs: int = 1, compile_jacobian: bool = False) -> VIKING:
         return VIKING(
             LeNet5(), constraint=args.constraint, solver=args.solver, phase_epochs=(0, 0, 1), num_samples=1,
             gamma=args.gamma, sweep_every_n_epochs=sweep_every_n_epochs, optimizer=torch.optim.Adam,
+            compile_jacobian=compile_jacobian,
         )
 
-    times: dict[str, list[float]] = {"map": [], "viking": [], "no_sweep": []}
+    variants = [False, True] if args.compile else [False]
+    if args.compile:  # compile the per-example Jacobians (with and without their graph) before the timed epochs
+        epoch_seconds(viking_module(1, True), data, 2, args.accelerator)
+    times: dict[str, list[float]] = {"map": []}
     for _ in range(args.repeats):
         times["map"].append(epoch_seconds(map_module(), data, args.batches, args.accelerator))
-        times["viking"].append(epoch_seconds(viking_module(1), data, args.batches, args.accelerator))
-        if args.gamma < 1:  # gamma = 1 needs the sweep
-            times["no_sweep"].append(epoch_seconds(viking_module(0), data, args.batches, args.accelerator))
-    sweep = VIKING(LeNet5(), constraint=args.constraint, solver=args.solver, phase_epochs=(0, 0, 1), num_samples=1)
-    sweep.to(args.accelerator)
-    sweep_seconds = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        sweep.sweep(data.train_dataloader(), args.batches)
-        _synchronize(sweep.device)
-        sweep_seconds.append(time.perf_counter() - start)
-    map_s, viking_s, sweep_s = (statistics.median(v) for v in (times["map"], times["viking"], sweep_seconds))
+        for compiled in variants:
+            times.setdefault(f"viking {compiled}", []).append(
+                epoch_seconds(viking_module(1, compiled), data, args.batches, args.accelerator)
+            )
+            if args.gamma < 1:  # gamma = 1 needs the sweep
+                times.setdefault(f"no_sweep {compiled}", []).append(
+                    epoch_seconds(viking_module(0, compiled), data, args.batches, args.accelerator)
+                )
+    for compiled in variants:
+        sweep = viking_module(1, compiled).to(args.accelerator)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            sweep.sweep(data.train_dataloader(), args.batches)
+            _synchronize(sweep.device)
+            times.setdefault(f"sweep {compiled}", []).append(time.perf_counter() - start)
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    map_s = medians["map"]
     hardware = torch.cuda.get_device_name() if args.accelerator == "cuda" else f"{args.threads} thread(s)"
     print(f"LeNet-5 on MNIST, {args.batches} batches of {args.batch_size}, {hardware}, "
           f"constraint={args.constraint}, solver={args.solver}, gamma={args.gamma}, medians of {args.repeats}")
-    print(f"{'':24}{'seconds':>10}{'x MAP':>8}")
-    print(f"{'MAP epoch':24}{map_s:10.2f}{1.0:8.2f}")
-    print(f"{'VIKING epoch':24}{viking_s:10.2f}{viking_s / map_s:8.2f}")
-    if times["no_sweep"]:
-        no_sweep_s = statistics.median(times["no_sweep"])
-        print(f"{'VIKING epoch, no sweep':24}{no_sweep_s:10.2f}{no_sweep_s / map_s:8.2f}")
-    print(f"{'one sweep alone':24}{sweep_s:10.2f}{sweep_s / map_s:8.2f}")
-
+    print(f"{'':42}{'seconds':>10}{'x MAP':>8}")
+    print(f"{'MAP epoch':42}{map_s:10.2f}{1.0:8.2f}")
+    for compiled in variants:
+        suffix = ", compile_jacobian" if compiled else ""
+        rows = (("viking", "VIKING epoch"), ("no_sweep", "VIKING epoch, no sweep"), ("sweep", "one sweep alone"))
+        for key, label in rows:
+            if f"{key} {compiled}" in medians:
+                seconds = medians[f"{key} {compiled}"]
+                print(f"{label + suffix:42}{seconds:10.2f}{seconds / map_s:8.2f}")
 
 if __name__ == "__main__":
     main()

@@ -22,3 +22,12 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Dynamo's compiled code cleared before and after: a test of a compiled path compiles it itself, and never runs
+    eagerly because earlier tests used up the recompile limit of a shared function."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

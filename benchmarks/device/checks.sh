@@ -4,7 +4,8 @@
 #   bash benchmarks/device/checks.sh llm     # under 8 min: CUDA unit tests (attention, eigh), QLoRA table, FSDP1
 #                                            # tests (stopping at the first failure)
 #   bash benchmarks/device/checks.sh vbll    # under 5 min: VBLL step-cost table, eager and with compile_loss
-#   bash benchmarks/device/checks.sh mnist   # under 2 min: VIKING epoch / MAP epoch on the GPU
+#   bash benchmarks/device/checks.sh mnist   # under 6 min: the compiled per-example Jacobians' CUDA tests, VIKING
+#                                            # epoch / MAP epoch on the GPU, eager and with compile_jacobian
 #   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: a call cut at its limit still returns the
 #                                            # files of the steps it finished
 #   bash benchmarks/device/checks.sh leaderboard  # (kit.sh leaderboard) about 8 min of the full MNIST leaderboard,
@@ -37,8 +38,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
   >"$out/machine.txt" 2>&1
 llm_steps() {
   python3 benchmarks/device/random_weight_model.py .device/smollm2-shape "$LIGHTNING_BAYES_HOME/models/smollm2-135m-instruct"
-  step gpu_unit_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/models/test_attention.py \
-    tests/inference/test_linalg.py
+  step gpu_unit_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k "not compiled" \
+    tests/models/test_attention.py tests/inference/test_linalg.py
   step qlora_overhead 170 python3 benchmarks/llm_overhead.py --four-bit --steps 10 --warmup 3 --data-dir .device/data
   step fsdp1_tests 240 python3 -m pytest -x -q -p no:cacheprovider --tb=short -m gpu tests/modules/test_fsdp1.py
 }
@@ -52,7 +53,9 @@ mnist_data() {
 }
 viking_step() {
   mnist_data
-  step viking_overhead 110 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 150 --repeats 3
+  step compiled_jacobian_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k compiled \
+    tests/inference/test_linalg.py
+  step viking_overhead 220 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 150 --repeats 3 --compile
 }
 leaderboard_step() {  # one lease's share of a leaderboard; `--resume` goes on from the last lease's state
   mnist_data

@@ -21,6 +21,7 @@ Reference: Miani, Roy & Hauberg, "Bayes without Underfitting", AISTATS 2025, sec
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
+from ..compilation import compiled_by
 from ..params import ParamSelector, select_parameters
 from .likelihoods import Likelihood
 
@@ -92,6 +94,9 @@ class ParameterFunction:
         vectorize: per-example Jacobians with ``vmap``, tried on two examples at the first Jacobian (a model
             whose forward has data-dependent control flow that ``vmap`` rejects falls back to a loop over
             examples, with a warning); ``False`` loops from the start.
+        compile_jacobian: build the vectorised per-example Jacobians under ``torch.compile``
+            (:func:`compiled_per_example_jacobian`); their backward (a projection's parameter gradient) is then
+            compiled too.
     """
 
     def __init__(
@@ -101,7 +106,10 @@ class ParameterFunction:
         constraint: ConstraintFn = output_constraint,
         chunk_size: int | None = None,
         vectorize: bool = True,
+        compile_jacobian: bool = False,
     ) -> None:
+        if not isinstance(compile_jacobian, bool):
+            raise ValueError(f"compile_jacobian must be True or False; got {compile_jacobian!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
         quantised = [name for name, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
@@ -116,6 +124,7 @@ class ParameterFunction:
         self.constraint = constraint
         self.chunk_size = chunk_size
         self.vectorize = vectorize
+        self.compile_jacobian = compile_jacobian
         self._vmap_checked = not vectorize
         self._one_row = False  # one constraint per example (the loss kernel): ``grad`` instead of ``jacrev``
 
@@ -157,14 +166,21 @@ class ParameterFunction:
         theta = self.theta() if theta is None else theta
         if not self._vmap_checked:
             self._check_vmap(theta, x, y)
-        if self.vectorize:  # grad of a one-row constraint skips jacrev's vmap over its output basis (-17% on LeNet-5)
-            per_example = grad(self._example_scalar) if self._one_row else jacrev(self._example_constraint)
-            rows = vmap(per_example, in_dims=(None, 0, 0), chunk_size=self.chunk_size)(theta, x, y)
+        if self.vectorize and self.compile_jacobian:
+            rows = compiled_per_example_jacobian(self, theta, x, y)
+        elif self.vectorize:
+            rows = self.per_example_jacobian(theta, x, y)
         else:
             rows = torch.stack(
                 [jacrev(self._example_constraint)(theta, tree_map(lambda t, n=n: t[n], x), y[n]) for n in range(len(y))]
             )
         return rows.reshape(-1, self.size)
+
+    def per_example_jacobian(self, theta: Tensor, x: Any, y: Tensor) -> Tensor:
+        """The per-example Jacobians ``[B, m, P]`` (``[B, P]`` for one row) by ``vmap`` over examples: ``grad`` of a
+        one-row constraint skips ``jacrev``'s vmap over its output basis (-17% on LeNet-5)."""
+        per_example = grad(self._example_scalar) if self._one_row else jacrev(self._example_constraint)
+        return vmap(per_example, in_dims=(None, 0, 0), chunk_size=self.chunk_size)(theta, x, y)
 
     def _check_vmap(self, theta: Tensor, x: Any, y: Tensor) -> None:
         """Try a vmapped per-example Jacobian on two examples; fall back to a loop (with a warning) if vmap fails."""
@@ -261,6 +277,27 @@ class ParameterFunction:
                 "A custom autograd.Function needs a jvp staticmethod; attention needs a kernel with forward AD "
                 "(attn_implementation='eager', or the math scaled-dot-product backend)."
             ) from error
+
+
+@functools.cache
+def _compiled_per_example_jacobian() -> Callable[[ParameterFunction, Tensor, Any, Tensor], Tensor]:
+    return torch.compile(ParameterFunction.per_example_jacobian, dynamic=False)
+
+
+def compiled_per_example_jacobian(function: ParameterFunction, theta: Tensor, x: Any, y: Tensor) -> Tensor:
+    """:meth:`ParameterFunction.per_example_jacobian` under ``torch.compile``: the vmapped forward and per-example
+    backward as one graph and, when ``theta`` requires grad, the second-order backward through them as another (a
+    projection's parameter gradient, ``kernel_projection.DenseSystem.bilinear_gradient``).
+    Eager ``torch.func`` dispatches every operation through its transform layers, which is most of the cost of a small
+    network's step (``benchmarks/viking_overhead.py --compile``: LeNet-5, batch 32, 2 CPU threads, VIKING's epoch
+    6.5x -> 5.1x a MAP epoch, a sweep 1.6x -> 1.1x). Compiled once per process (seconds; a C++ compiler on a CPU,
+    Triton on a GPU), again for each batch shape and for gradient mode on or off; networks of one architecture share
+    the code, and a process past dynamo's recompile limit (8) runs further ones eagerly, with dynamo's warning.
+    Without donated buffers, so the backward may run more than once on one graph (``DenseSystem`` keeps it for
+    repeated calls, e.g. ``gradcheck``), and with static shapes: torch 2.14's lazily compiled dynamic-shape backward
+    still refuses a second run (its donated-buffer list is left ``None``, not empty)."""
+    with compiled_by("compile_jacobian"), torch._functorch.config.patch(donated_buffer=False):
+        return _compiled_per_example_jacobian()(function, theta, x, y)
 
 
 def _take(x: Any, n: int) -> Any:

@@ -62,6 +62,11 @@ class NullSpaceLaplace(BayesianModule):
         rtol, atol: eigenvalue cutoff of each micro-batch Gram matrix (relative, or absolute when given).
         accelerate: extrapolate after every sweep.
         chunk_size: samples (and examples) per vmapped chunk; lower it to save memory.
+        compile_jacobian: build each micro-batch's per-example Jacobians under ``torch.compile``
+            (:func:`~lightning_bayes.inference.linalg.compiled_per_example_jacobian`): the same values without
+            ``torch.func``'s per-operation dispatch (LeNet-5's output kernel, batches of 16, one CPU thread: a
+            batch's Jacobians 15 -> 8.5 ms, 3 sweeps over 60 batches 6.4 -> 5.7 s, the first sweep's float32
+            Gram matrices being the larger cost); the first batches pay the compilation (seconds).
         seed: seed of the Gaussian draws.
         scale_batches: training micro-batches the line search evaluates.
     """
@@ -86,6 +91,7 @@ class NullSpaceLaplace(BayesianModule):
         atol: float | None = None,
         accelerate: bool = True,
         chunk_size: int | None = None,
+        compile_jacobian: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(likelihood=likelihood, num_samples=num_samples)
@@ -111,7 +117,11 @@ class NullSpaceLaplace(BayesianModule):
             "output": output_constraint, "loss": LossConstraint(self.likelihood), "auto": output_constraint
         }
         self.function = ParameterFunction(
-            model, params, chosen[constraint] if isinstance(constraint, str) else constraint, chunk_size=chunk_size
+            model,
+            params,
+            chosen[constraint] if isinstance(constraint, str) else constraint,
+            chunk_size=chunk_size,
+            compile_jacobian=compile_jacobian,
         )
         self._constraint_pending = constraint == "auto"
         self.projections = AlternatingProjections(

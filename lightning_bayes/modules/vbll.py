@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..compilation import compiled_by
 from ..inference.vbll import (
     DiscriminativeVBLL,
     GenerativeVBLL,
@@ -70,7 +71,7 @@ def compiled_head_loss(head: VBLLHead, features: Tensor, y: Tensor) -> VBLLLoss:
     keep calling the original head. The head is an argument, so its parameters are graph inputs and heads of one
     shape share the compiled code; every head objective traces as one graph (tested), and a process that builds
     heads of more shapes than dynamo's recompile limit (8) runs the later ones eagerly, with dynamo's warning."""
-    with torch.autocast(features.device.type, enabled=False):
+    with compiled_by("compile_loss"), torch.autocast(features.device.type, enabled=False):
         return _compiled_head_loss()(head, features, y)
 
 

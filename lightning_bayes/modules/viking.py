@@ -80,6 +80,10 @@ class VIKING(BayesianModule):
             serves the predictive. ``gamma = 1`` needs a sweep every epoch.
         predictive: ``"neural"`` (``f(theta_s, x)``) or ``"linearized"`` (``f(theta_hat) + J (theta_s - theta_hat)``).
         chunk_size: vectors per vmapped chunk in Jacobian products and predictive samples.
+        compile_jacobian: build the per-example Jacobians (and so the projection's parameter gradient) under
+            ``torch.compile`` (:func:`~lightning_bayes.inference.linalg.compiled_per_example_jacobian`): the same
+            values without ``torch.func``'s per-operation dispatch (LeNet-5 on 2 CPU threads: an epoch 6.5x -> 5.1x
+            a MAP epoch); the first steps pay the compilation (seconds).
         seed: seed of every Gaussian draw (the generator's state is checkpointed).
     """
 
@@ -111,6 +115,7 @@ class VIKING(BayesianModule):
         sweep_every_n_epochs: int = 1,
         predictive: str = "neural",
         chunk_size: int | None = None,
+        compile_jacobian: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
@@ -142,7 +147,11 @@ class VIKING(BayesianModule):
         self.family = KernelImageGaussian(log_alpha, log_sigma_image)
         maps: dict[str, ConstraintFn] = {"loss": LossConstraint(self.likelihood), "output": output_constraint}
         self.function = ParameterFunction(
-            backbone, params, maps[constraint] if isinstance(constraint, str) else constraint, chunk_size=chunk_size
+            backbone,
+            params,
+            maps[constraint] if isinstance(constraint, str) else constraint,
+            chunk_size=chunk_size,
+            compile_jacobian=compile_jacobian,
         )
         self.phase_epochs, self.gamma, self.kl_weight = tuple(phase_epochs), gamma, kl_weight
         self.solver, self.iterations, self.predictive_mode = solver, iterations, predictive

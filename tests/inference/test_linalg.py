@@ -22,6 +22,7 @@ from lightning_bayes.inference.linalg import (
 from unbatchable import CheckedInputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: thread hand-offs dominate
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def tiny_mlp(din: int = 5, hidden: int = 12, out: int = 3, seed: int = 0) -> nn.Module:
@@ -106,8 +107,47 @@ def test_jacobian_falls_back_to_a_loop_where_vmap_fails(problem) -> None:
     assert not function.vectorize and plain.vectorize
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])])
+@pytest.mark.parametrize("constraint", ["output", "loss"])
+def test_compiled_per_example_jacobians_and_their_backward_equal_eager(problem, constraint: str, device: str) -> None:
+    """``compile_jacobian=True`` (Inductor: C++ on a CPU, Triton on a GPU): the eager ``J_b`` (``jacrev`` for the
+    outputs, ``grad`` for the one-row loss) and, through its graph, the eager second-order gradient
+    ``grad_theta <C, J_b(theta)>`` (a projection's parameter gradient), twice on one graph (no donated buffers),
+    float64 to rounding."""
+    plain, x, y, _ = problem
+    model, x, y = plain.model.to(device), x.to(device), y.to(device)
+    maps = {"output": plain.constraint, "loss": LossConstraint(CategoricalLikelihood())}
+    eager = ParameterFunction(model, constraint=maps[constraint])
+    compiled = ParameterFunction(model, constraint=maps[constraint], compile_jacobian=True)
+    leaf = eager.theta().requires_grad_(True)
+    want = eager.jacobian(x, y, leaf)
+    got = compiled.jacobian(x, y, leaf)
+    assert got.shape == want.shape == (len(y) * (3 if constraint == "output" else 1), eager.size)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    node, names = got.grad_fn, []
+    while node is not None and len(names) < 3:
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert "CompiledFunctionBackward" in names, names  # Inductor's graph, not an eager fallback
+    cotangent = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    (second_order,) = torch.autograd.grad(want, leaf, cotangent)
+    assert second_order.abs().max() > 1e-3  # the Hessian-weighted term is there to compare
+    for _ in range(2):
+        torch.testing.assert_close(
+            torch.autograd.grad(got, leaf, cotangent, retain_graph=True)[0], second_order, rtol=0, atol=1e-12
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.jacobian(x, y), want.detach(), rtol=0, atol=1e-12)
+
+
+def test_compile_jacobian_is_validated() -> None:
+    with pytest.raises(ValueError, match="compile_jacobian must be True or False; got 'yes'"):
+        ParameterFunction(tiny_mlp(), compile_jacobian="yes")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@NEEDS_CUDA
 @pytest.mark.parametrize("rows", [32, HOST_EIGH_ROWS, HOST_EIGH_ROWS + 1])
 def test_a_cuda_gram_factor_is_the_cpu_one_on_the_gram_matrixs_device(rows: int) -> None:
     """Up to ``HOST_EIGH_ROWS`` rows LAPACK decomposes a CUDA Gram matrix (its CPU twin: the test above); above it,

@@ -188,11 +188,22 @@ def test_shuffled_training_loader_is_refused(loader_class: type[DataLoader]) -> 
         ({"scale_tolerance": 0.0}, r"scale_tolerance must be > 0 \(a relative training-NLL increase\); got 0.0"),
         ({"scale_batches": 0}, "scale_batches must be an int >= 1; got 0"),
         ({"params": "nothing*"}, "matched no parameter"),
+        ({"compile_jacobian": "yes"}, "compile_jacobian must be True or False; got 'yes'"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         NullSpaceLaplace(make_model(), **kwargs)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compile_jacobian_gives_the_eager_samples() -> None:
+    """``compile_jacobian=True``: the eager sweeps' samples and the same predictive, to float64 rounding."""
+    eager, x, _ = fitted(sweeps=3)
+    compiled = fitted(sweeps=3, compile_jacobian=True)[0]
+    assert compiled.function.compile_jacobian and not eager.function.compile_jacobian
+    torch.testing.assert_close(compiled.deltas(), eager.deltas(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(compiled.predictive(x).logits, eager.predictive(x).logits, rtol=1e-9, atol=1e-12)
 
 
 def test_more_predictive_samples_than_projected_is_an_error() -> None:

@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_bayes.datamodules import DigitsDataModule
+from lightning_bayes.inference import linalg
 from lightning_bayes.inference.kernel_projection import DenseSystem, project
+from lightning_bayes.inference.linalg import compiled_per_example_jacobian
 from lightning_bayes.inference.viking import image_dimension
 from lightning_bayes.models import MLP
 from lightning_bayes.modules.viking import VIKING
@@ -170,11 +172,33 @@ def test_elbo_decreases_and_predictive_spreads_off_the_data() -> None:
     ("kwargs", "name"),
     [({"constraint": "logits"}, "constraint"), ({"phase_epochs": (1, 1)}, "phase_epochs"), ({"gamma": 2.0}, "gamma"),
      ({"kl_weight": "half"}, "kl_weight"), ({"solver": "lsmr"}, "solver"), ({"iterations": 0}, "iterations"),
-     ({"predictive": "mean"}, "predictive")],
+     ({"predictive": "mean"}, "predictive"), ({"compile_jacobian": 1}, "compile_jacobian")],
 )
 def test_bad_arguments_are_named(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         make_module(**kwargs)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compile_jacobian_trains_as_the_eager_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_jacobian=True``: the eager fit (MLE, scale warm-up, ELBO epochs with their sweeps and per-step
+    differentiable projections) to float64 rounding: parameters, scales, carried noise and projected samples."""
+    calls = {True: 0, False: 0}  # compiled Jacobians by gradient mode: the steps' (with graph) and the sweeps'
+
+    def counted(*args):
+        calls[torch.is_grad_enabled()] += 1
+        return compiled_per_example_jacobian(*args)
+
+    monkeypatch.setattr(linalg, "compiled_per_example_jacobian", counted)
+    modules = {compiled: make_module(compile_jacobian=compiled, gamma=0.3) for compiled in (False, True)}
+    for module in modules.values():
+        make_trainer(4).fit(module, train_dataloaders=loader())
+    # 4 batches an epoch: the sweeps of epochs 1-3 and the warm-up's steps without J_b's graph, the ELBO's steps with it
+    assert calls == {True: 2 * 4, False: 3 * 4 + 4}
+    eager, compiled = modules[False].state_dict(), modules[True].state_dict()
+    assert not torch.equal(eager["carried"], torch.zeros_like(eager["carried"]))
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_too_many_predictive_samples_are_refused() -> None:
