@@ -4,7 +4,7 @@
 #   bash benchmarks/device/checks.sh llm     # under 8 min: CUDA unit tests (attention, eigh), QLoRA table, FSDP1
 #                                            # tests (stopping at the first failure)
 #   bash benchmarks/device/checks.sh vbll    # under 5 min: VBLL step-cost table, eager and with compile_loss
-#   bash benchmarks/device/checks.sh mnist   # under 6 min: the compiled per-example Jacobians' CUDA tests, VIKING
+#   bash benchmarks/device/checks.sh mnist   # under 7 min: the compiled per-example Jacobians' CUDA tests, VIKING
 #                                            # epoch / MAP epoch on the GPU, eager and with compile_jacobian
 #   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: a call cut at its limit still returns the
 #                                            # files of the steps it finished
@@ -55,7 +55,7 @@ viking_step() {
   mnist_data
   step compiled_jacobian_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k compiled \
     tests/inference/test_linalg.py
-  step viking_overhead 220 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 150 --repeats 3 --compile
+  step viking_overhead 300 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 150 --repeats 3 --compile
 }
 leaderboard_step() {  # one lease's share of a leaderboard; `--resume` goes on from the last lease's state
   mnist_data
