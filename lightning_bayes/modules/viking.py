@@ -80,10 +80,11 @@ class VIKING(BayesianModule):
             serves the predictive. ``gamma = 1`` needs a sweep every epoch.
         predictive: ``"neural"`` (``f(theta_s, x)``) or ``"linearized"`` (``f(theta_hat) + J (theta_s - theta_hat)``).
         chunk_size: vectors per vmapped chunk in Jacobian products and predictive samples.
-        compile_jacobian: build the per-example Jacobians (and so the projection's parameter gradient) under
-            ``torch.compile`` (:func:`~lightning_bayes.inference.linalg.compiled_per_example_jacobian`): the same
-            values without ``torch.func``'s per-operation dispatch (LeNet-5 on 2 CPU threads: an epoch 6.5x -> 5.1x
-            a MAP epoch); the first steps pay the compilation (seconds).
+        compile_jacobian: with ``solver="dense"``, build the per-example Jacobians (and so the projection's
+            parameter gradient) under ``torch.compile``
+            (:func:`~lightning_bayes.inference.linalg.compiled_per_example_jacobian`): the same values without
+            ``torch.func``'s per-operation dispatch (LeNet-5 on 2 CPU threads: an epoch 6.5x -> 5.1x a MAP epoch);
+            the first steps pay the compilation (seconds).
         seed: seed of every Gaussian draw (the generator's state is checkpointed).
     """
 
