@@ -190,7 +190,9 @@ def test_compile_jacobian_trains_as_the_eager_module(monkeypatch: pytest.MonkeyP
         return compiled_per_example_jacobian(*args)
 
     monkeypatch.setattr(linalg, "compiled_per_example_jacobian", counted)
-    modules = {compiled: make_module(compile_jacobian=compiled, gamma=0.3) for compiled in (False, True)}
+    modules = {  # sigma_im != sigma_ker from the start: the sample, and so the loss, depend on the projection
+        compiled: make_module(compile_jacobian=compiled, gamma=0.3, log_sigma_image=-3.0) for compiled in (False, True)
+    }
     for module in modules.values():
         make_trainer(4).fit(module, train_dataloaders=loader())
     # 4 batches an epoch: the sweeps of epochs 1-3 and the warm-up's steps without J_b's graph, the ELBO's steps with it
