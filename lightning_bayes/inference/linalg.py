@@ -21,7 +21,6 @@ Reference: Miani, Roy & Hauberg, "Bayes without Underfitting", AISTATS 2025, sec
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
-from ..compilation import compiled_by
+from ..compilation import compiled, compiled_by
 from ..params import ParamSelector, select_parameters
 from .likelihoods import Likelihood
 
@@ -279,11 +278,6 @@ class ParameterFunction:
             ) from error
 
 
-@functools.cache
-def _compiled_per_example_jacobian() -> Callable[[ParameterFunction, Tensor, Any, Tensor], Tensor]:
-    return torch.compile(ParameterFunction.per_example_jacobian, dynamic=False)
-
-
 def compiled_per_example_jacobian(function: ParameterFunction, theta: Tensor, x: Any, y: Tensor) -> Tensor:
     """:meth:`ParameterFunction.per_example_jacobian` under ``torch.compile``: the vmapped forward and per-example
     backward as one graph and, when ``theta`` requires grad, the second-order backward through them as another (a
@@ -297,7 +291,7 @@ def compiled_per_example_jacobian(function: ParameterFunction, theta: Tensor, x:
     repeated calls, e.g. ``gradcheck``), and with static shapes: torch 2.14's lazily compiled dynamic-shape backward
     still refuses a second run (its donated-buffer list is left ``None``, not empty)."""
     with compiled_by("compile_jacobian"), torch._functorch.config.patch(donated_buffer=False):
-        return _compiled_per_example_jacobian()(function, theta, x, y)
+        return compiled(ParameterFunction.per_example_jacobian, dynamic=False)(function, theta, x, y)
 
 
 def _take(x: Any, n: int) -> Any:

@@ -19,16 +19,14 @@ pays the compilation (seconds; a C++ compiler on a CPU, Triton on a GPU).
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..compilation import compiled_by
+from ..compilation import compiled, compiled_by
 from ..inference.vbll import (
     DiscriminativeVBLL,
     GenerativeVBLL,
@@ -58,11 +56,6 @@ def head_loss(head: VBLLHead, features: Tensor, y: Tensor) -> VBLLLoss:
     return head.loss(features, y)
 
 
-@functools.cache
-def _compiled_head_loss() -> Callable[[VBLLHead, Tensor, Tensor], VBLLLoss]:
-    return torch.compile(head_loss)
-
-
 def compiled_head_loss(head: VBLLHead, features: Tensor, y: Tensor) -> VBLLLoss:
     """:func:`head_loss` under ``torch.compile``, compiled once per process and called with autocast off: a compiled
     graph's backward runs under the autocast state of its call, not of the heads' own ``autocast(enabled=False)``,
@@ -72,7 +65,7 @@ def compiled_head_loss(head: VBLLHead, features: Tensor, y: Tensor) -> VBLLLoss:
     shape share the compiled code; every head objective traces as one graph (tested), and a process that builds
     heads of more shapes than dynamo's recompile limit (8) runs the later ones eagerly, with dynamo's warning."""
     with compiled_by("compile_loss"), torch.autocast(features.device.type, enabled=False):
-        return _compiled_head_loss()(head, features, y)
+        return compiled(head_loss)(head, features, y)
 
 
 class _VBLLModule(BayesianModule):
