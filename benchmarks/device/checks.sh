@@ -6,6 +6,8 @@
 #   bash benchmarks/device/checks.sh vbll    # under 5 min: VBLL step-cost table, eager and with compile_loss
 #   bash benchmarks/device/checks.sh mnist   # under 7 min: the compiled per-example Jacobians' CUDA tests, VIKING
 #                                            # epoch / MAP epoch on the GPU, eager and with compile_jacobian
+#   bash benchmarks/device/checks.sh speed   # (kit.sh all) under 8 min: the compiled VBLL table, the Jacobians' CUDA
+#                                            # tests and a shorter VIKING table (issues 3 and 6 in one call)
 #   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: a call cut at its limit still returns the
 #                                            # files of the steps it finished
 #   bash benchmarks/device/checks.sh leaderboard  # (kit.sh leaderboard) about 8 min of the full MNIST leaderboard,
@@ -19,7 +21,7 @@
 # depend on (the CUDA 4-bit test that reads real reviews needs the real weights and is not run here).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-kit="${1:?usage: checks.sh llm|vbll|mnist|all|leaderboard}"
+kit="${1:?usage: checks.sh llm|vbll|mnist|speed|all|leaderboard}"
 out="${OUT:-runs/device}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl \
@@ -57,6 +59,14 @@ viking_step() {
     tests/inference/test_linalg.py
   step viking_overhead 300 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 150 --repeats 3 --compile
 }
+speed_steps() {  # the compiled paths of issues 3 and 6, short enough for one call
+  mnist_data
+  step vbll_compiled 150 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense diagonal \
+    --case 512 10 128 --case 84 10 128 --compile --backbones lenet resnet18
+  step compiled_jacobian_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k compiled \
+    tests/inference/test_linalg.py
+  step viking_overhead 200 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 100 --repeats 2 --compile
+}
 leaderboard_step() {  # one lease's share of a leaderboard; `--resume` goes on from the last lease's state
   mnist_data
   local task="${LEADERBOARD_TASK:-mnist}" state=/tmp/leaderboard  # fixed: results name checkpoints by absolute path
@@ -76,7 +86,8 @@ case "$kit" in
   llm) llm_steps ;;
   vbll) vbll_step ;;
   mnist) viking_step ;;
+  speed) speed_steps ;;
   all) llm_steps; vbll_step; viking_step ;;  # the steps still open first (VBLL and VIKING measured 2026-12-04)
   leaderboard) leaderboard_step ;;
-  *) echo "kit must be llm, vbll, mnist, all or leaderboard; got '$kit'" >&2; exit 2 ;;
+  *) echo "kit must be llm, vbll, mnist, speed, all or leaderboard; got '$kit'" >&2; exit 2 ;;
 esac
