@@ -126,5 +126,6 @@ def main() -> None:
                 seconds = medians[f"{key} {compiled}"]
                 print(f"{label + suffix:42}{seconds:10.2f}{seconds / map_s:8.2f}")
 
+
 if __name__ == "__main__":
     main()

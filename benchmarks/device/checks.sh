@@ -45,27 +45,23 @@ llm_steps() {
   step qlora_overhead 170 python3 benchmarks/llm_overhead.py --four-bit --steps 10 --warmup 3 --data-dir .device/data
   step fsdp1_tests 240 python3 -m pytest -x -q -p no:cacheprovider --tb=short -m gpu tests/modules/test_fsdp1.py
 }
-vbll_step() {
-  step vbll_overhead 110 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense
+vbll_compiled() {
   step vbll_compiled 150 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense diagonal \
     --case 512 10 128 --case 84 10 128 --compile --backbones lenet resnet18
+}
+vbll_step() {
+  step vbll_overhead 110 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense
+  vbll_compiled
 }
 mnist_data() {
   export LIGHTNING_BAYES_DATA="$PWD/.device/data/mnist" LIGHTNING_BAYES_FASHION_DATA="$PWD/.device/data/fashion"
 }
-viking_step() {
+viking_step() {  # viking_step TEST_SECONDS TABLE_SECONDS BATCHES REPEATS: the compiled Jacobians' tests, the table
   mnist_data
-  step compiled_jacobian_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k compiled \
+  step compiled_jacobian_tests "$1" python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k compiled \
     tests/inference/test_linalg.py
-  step viking_overhead 300 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 150 --repeats 3 --compile
-}
-speed_steps() {  # the compiled paths of issues 3 and 6, short enough for one call
-  mnist_data
-  step vbll_compiled 150 python3 benchmarks/vbll_overhead.py --device cuda --parameterizations dense diagonal \
-    --case 512 10 128 --case 84 10 128 --compile --backbones lenet resnet18
-  step compiled_jacobian_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k compiled \
-    tests/inference/test_linalg.py
-  step viking_overhead 200 python3 benchmarks/viking_overhead.py --accelerator cuda --batches 100 --repeats 2 --compile
+  step viking_overhead "$2" python3 benchmarks/viking_overhead.py --accelerator cuda --batches "$3" --repeats "$4" \
+    --compile
 }
 leaderboard_step() {  # one lease's share of a leaderboard; `--resume` goes on from the last lease's state
   mnist_data
@@ -85,9 +81,9 @@ leaderboard_step() {  # one lease's share of a leaderboard; `--resume` goes on f
 case "$kit" in
   llm) llm_steps ;;
   vbll) vbll_step ;;
-  mnist) viking_step ;;
-  speed) speed_steps ;;
-  all) llm_steps; vbll_step; viking_step ;;  # the steps still open first (VBLL and VIKING measured 2026-12-04)
+  mnist) viking_step 120 300 150 3 ;;
+  speed) vbll_compiled; viking_step 90 200 100 2 ;;  # the compiled paths of issues 3 and 6 in one call
+  all) llm_steps; vbll_step; viking_step 120 300 150 3 ;;  # the steps still open first (VBLL and VIKING measured 2026-12-04)
   leaderboard) leaderboard_step ;;
   *) echo "kit must be llm, vbll, mnist, speed, all or leaderboard; got '$kit'" >&2; exit 2 ;;
 esac
