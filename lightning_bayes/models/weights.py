@@ -43,22 +43,33 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     """The tensors of ``checkpoint`` named as in ``model.state_dict()`` (found under the prefix that holds all
     of them), and the file used; ``model`` is left unchanged.
 
-    Raises ``ValueError`` naming missing tensors or shape mismatches when the checkpoint is of another model.
+    Raises ``ValueError`` naming missing tensors or shape mismatches when the checkpoint is of another model, and
+    the candidates when several prefixes of the shortest length hold a whole model (a deep ensemble's members).
     """
     path = resolve_checkpoint_path(checkpoint)
     state = _state_dict(path)
     wanted = model.state_dict()
-    prefixes = sorted({k[: len(k) - len(name)] for k in state for name in wanted if k.endswith(name)}, key=len)
-    for prefix in prefixes:
-        if all(prefix + name in state for name in wanted):
-            mismatched = [
-                f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
-                for name, t in wanted.items()
-                if state[prefix + name].shape != t.shape
-            ]
-            if mismatched:
-                raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
-            return {name: state[prefix + name] for name in wanted}, path
+    candidates = {k[: len(k) - len(name)] for k in state for name in wanted if k.endswith(name)}
+    complete = sorted(prefix for prefix in candidates if all(prefix + name in state for name in wanted))
+    if complete:
+        shortest = min(map(len, complete))
+        prefix, *others = [p for p in complete if len(p) == shortest]
+        if others:
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds {1 + len(others)} whole {type(model).__name__}s, under "
+                f"{[prefix, *others]} (e.g. a deep ensemble's members), so which one to load is ambiguous: save the "
+                f"one you want as a state dict, e.g. torch.save({{k.removeprefix({prefix!r}): v for k, v in "
+                f"torch.load(path)['state_dict'].items() if k.startswith({prefix!r})}}, 'member.pt'), and pass that "
+                "file"
+            )
+        mismatched = [
+            f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
+            for name, t in wanted.items()
+            if state[prefix + name].shape != t.shape
+        ]
+        if mismatched:
+            raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
+        return {name: state[prefix + name] for name in wanted}, path
     missing = [name for name in wanted if not any(k.endswith(name) for k in state)]
     raise ValueError(
         f"checkpoint {str(path)!r} is not of a {type(model).__name__}: no prefix holds all of its "

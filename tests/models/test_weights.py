@@ -1,4 +1,4 @@
-"""Which file a checkpoint argument names, and what the error says when it names none."""
+"""Which file a checkpoint argument names, which tensors of it are loaded, and what the errors say."""
 
 import os
 import re
@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from lightning_bayes.models.weights import resolve_checkpoint_path
+from lightning_bayes.models.weights import resolve_checkpoint_path, trained_state_dict
 
 
 def test_a_pattern_takes_the_newest_match(tmp_path: Path):
@@ -32,3 +34,33 @@ def test_a_relative_argument_that_names_nothing_says_where_it_was_looked_for(tmp
         resolve_checkpoint_path("map.ckpt")
     with pytest.raises(FileNotFoundError, match=rf"^checkpoint='{folder}/map.ckpt' is not a file; train the model first$"):
         resolve_checkpoint_path(str(tmp_path / "map.ckpt"))
+
+
+def _linear(seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(3, 2)
+
+
+def test_the_shortest_whole_prefix_is_loaded_and_equal_ones_are_refused(tmp_path: Path):
+    """A method's checkpoint holds its backbone once (plus deeper copies, e.g. an SWA average under a longer
+    prefix): the shortest prefix wins. A deep ensemble's members are whole models under prefixes of one length:
+    loading any one of them silently (set order once picked by the hash seed) is refused, naming them."""
+    backbone, swa = _linear(0), _linear(1)
+    single = tmp_path / "map.ckpt"
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    state |= {f"callback.swa.backbone.{k}": v for k, v in swa.state_dict().items()}
+    torch.save({"state_dict": state}, single)
+    loaded, path = trained_state_dict(_linear(2), str(single))
+    assert path == single and all(torch.equal(loaded[k], v) for k, v in backbone.state_dict().items())
+
+    ensemble = tmp_path / "ensemble.ckpt"
+    members = {f"members.{m}.{k}": v for m in range(3) for k, v in _linear(m).state_dict().items()}
+    torch.save({"state_dict": members}, ensemble)
+    with pytest.raises(ValueError, match=r"holds 3 whole Linears, under \['members.0.', 'members.1.', 'members.2.'\] "
+                       r"\(e.g. a deep ensemble's members\), so which one to load is ambiguous"):
+        trained_state_dict(_linear(2), str(ensemble))
+    member = tmp_path / "member.pt"  # the way out the message gives
+    saved = torch.load(ensemble)["state_dict"]
+    torch.save({k.removeprefix("members.1."): v for k, v in saved.items() if k.startswith("members.1.")}, member)
+    loaded, _ = trained_state_dict(_linear(2), str(member))
+    assert all(torch.equal(loaded[k], v) for k, v in _linear(1).state_dict().items())
