@@ -13,18 +13,22 @@ lists them.
 
 from __future__ import annotations
 
+import os
+import pickle
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
-from .cli_parser import BayesArgumentParser
+from .cli_parser import BayesArgumentParser, imported_class
 from .modules.base import BayesianModule
 
 
@@ -33,6 +37,23 @@ DESCRIPTION = (
     "`lightning-bayes fit --config quickstart` (a file, or the name of a shipped config); `lightning-bayes configs` "
     "lists the shipped configs."
 )
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Lightning's ``config.yaml`` writer, whose refusal to overwrite an earlier run's config says what to do on the
+    command line (Lightning's points at ``LightningCLI(...)`` arguments, which a command-line user cannot pass)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        try:
+            super().setup(trainer, pl_module, stage)
+        except RuntimeError as error:
+            if "to NOT exist" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{trainer.log_dir}/{self.config_filename} is there from an earlier run, and lightning-bayes does not "
+                "overwrite a run's files: without a logger every run writes to the same folder, so give this one its "
+                "own --trainer.default_root_dir (or keep the logger: each run then gets a new version folder)"
+            ) from None
 
 
 class BayesCLI(LightningCLI):
@@ -72,12 +93,48 @@ class BayesCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """The checkpoint's hyperparameters, then the ``--model.…`` arguments given explicitly (LightningCLI alone
-        lets the checkpoint's values replace them silently)."""
-        super()._parse_ckpt_path()
+        lets the checkpoint's values replace them silently). A path that is not a file, a file that is not a
+        checkpoint, and a checkpoint of another method than the config's are refused before anything is written
+        (LightningCLI would build the checkpoint's method and file its results under the config's run name)."""
         subcommand = self.config.get("subcommand")
-        if subcommand and self.config[subcommand].get("ckpt_path") and self._given_model_args:
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return super()._parse_ckpt_path()
+        _check_local_checkpoint(ckpt_path)
+        configured = _class_path(self.config[subcommand].get("model"))
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as error:
+            first_line = str(error).splitlines()[0]
+            raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint ({first_line})") from None
+        saved = _class_path(self.config[subcommand].get("model"))
+        if configured and saved and (imported_class(configured) or configured) != (imported_class(saved) or saved):
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} is a checkpoint of {saved}, but the config's model is {configured}: pass "
+                "the config it was trained with (its run folder's config.yaml) or a checkpoint of the config's method"
+            )
+        if self._given_model_args:
             model = _as_subclass_values(_nested_values(self._given_model_args), self.config[subcommand].model)
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _warn_untrained(self, subcommand: str) -> None:
+        """``test``/``validate``/``predict`` without ``--ckpt_path`` score the model as built, which is untrained
+        unless a ``checkpoint`` argument of the method loaded trained weights: say so."""
+        if self.config[subcommand].get("ckpt_path") or getattr(self.model, "hparams", {}).get("checkpoint"):
+            return
+        rank_zero_warn(
+            f"`lightning-bayes {subcommand}` without --ckpt_path scores {type(self.model).__name__} as built, with the "
+            "weights it was initialised with; pass --ckpt_path <run>/checkpoints/last.ckpt to score a trained model"
+        )
+
+    def before_test(self) -> None:
+        self._warn_untrained("test")
+
+    def before_validate(self) -> None:
+        self._warn_untrained("validate")
+
+    def before_predict(self) -> None:
+        self._warn_untrained("predict")
 
     def instantiate_classes(self) -> None:
         """jsonargparse reports an error a constructor raised (``num_samples must be a positive integer; got 0``)
@@ -112,6 +169,22 @@ class BayesCLI(LightningCLI):
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
             return
         test_fitted(self.trainer, self.model, self.datamodule)
+
+
+_LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")  # resolved by the Trainer, not files
+
+
+def _check_local_checkpoint(ckpt_path: str) -> None:
+    """A ``--ckpt_path`` that names a local file (not ``best``/``last``/``hpc``, a registry or a URL) must exist."""
+    if ckpt_path in _LIGHTNING_CKPT_PATHS or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return
+    if not Path(ckpt_path).is_file():
+        where = "" if Path(ckpt_path).is_absolute() else f" (relative to the working folder {os.getcwd()})"
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} is not a file{where}")
+
+
+def _class_path(model: Any) -> str | None:
+    return model.get("class_path") if hasattr(model, "get") else None
 
 
 def _model_arguments(args: Any) -> list[tuple[str, str]]:
@@ -181,6 +254,7 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": False},
         args=args,
         run=subcommand,
@@ -192,7 +266,14 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
 
 def main() -> None:
     """Console-script entry point ``lightning-bayes``; ``lightning-bayes configs`` lists the shipped configs."""
-    if sys.argv[1:] == ["configs"]:
+    if sys.argv[1:2] == ["configs"]:
+        extra = sys.argv[2:]
+        if extra and extra not in (["-h"], ["--help"]):
+            print(f"lightning-bayes: error: `configs` takes no arguments; got {' '.join(extra)}", file=sys.stderr)
+            sys.exit(2)
+        if extra:
+            print("usage: lightning-bayes configs\n\nLists the configs shipped with lightning_bayes; run one with "
+                  "`lightning-bayes fit --config <name>`.\n")
         print(describe_bundled_configs())
         return
     try:

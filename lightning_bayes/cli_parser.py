@@ -2,8 +2,9 @@
 
 jsonargparse reports an unknown argument of a ``class_path`` class (``--data.init_args.val_size``, a misspelt key in
 a config's ``init_args``) as one line, ``Problem with given class_path 'X': Option 'val_size' is not accepted``,
-inside a union-validation message that follows the whole usage text. :class:`BayesArgumentParser` adds, for each
-such line, what ``X`` accepts and the closest accepted names, so the fix is on the last lines printed.
+inside a union-validation message that follows the whole usage text; a value outside a ``Literal``
+(``--model.init_args.solver cgg``) likewise. :class:`BayesArgumentParser` adds, for each such line, what ``X``
+accepts and the closest accepted names (or values), so the fix is on the last lines printed.
 """
 
 from __future__ import annotations
@@ -12,19 +13,30 @@ import difflib
 import importlib
 import inspect
 import re
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
 _REFUSED = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)':\s*Option '(?P<key>[^']+)' is not accepted")
+_NOT_A_CHOICE = re.compile(
+    r"Problem with given class_path '(?P<path>[\w.]+)':\s*Parser key \"(?P<key>[^\"]+)\":\s*"
+    r"Expected a typing\.Literal\[(?P<choices>[^\]]*)\]\. Got value: (?P<value>\S+)"
+)
+
+
+def imported_class(class_path: str) -> Any:
+    """The class (or any object) a dotted ``class_path`` names; ``None`` when it cannot be imported."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def accepted_arguments(class_path: str) -> list[str] | None:
     """The keyword arguments ``class_path``'s constructor names (``None`` when it cannot be imported)."""
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
+    cls = imported_class(class_path)
+    if cls is None:
         return None
     parameters = inspect.signature(cls).parameters.values()
     return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -42,6 +54,11 @@ def refused_argument_hints(message: str) -> list[str]:
         suggestion = f"; closest: {', '.join(closest)}" if closest else ""
         name = path.rpartition(".")[2]
         hints.append(f"{name} has no argument {key!r}{suggestion}. It accepts: {', '.join(accepted)}")
+    for match in _NOT_A_CHOICE.finditer(message):
+        name, key, choices, value = match["path"].rpartition(".")[2], match["key"], match["choices"], match["value"]
+        closest = difflib.get_close_matches(repr(value), [c.strip() for c in choices.split(",")], n=1, cutoff=0.5)
+        suggestion = f" (closest: {closest[0]})" if closest else ""
+        hints.append(f"{name}'s {key} must be one of {choices}; got {value!r}{suggestion}")
     return hints
 
 

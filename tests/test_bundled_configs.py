@@ -105,6 +105,19 @@ def test_the_configs_command_lists_every_config_with_its_summary(monkeypatch: py
     assert describe_bundled_configs().splitlines() == lines
 
 
+def test_the_configs_command_has_help_and_refuses_arguments(monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lightning-bayes", "configs", "--help"])
+    cli.main()
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: lightning-bayes configs\n")
+    assert printed.endswith(describe_bundled_configs() + "\n")
+    monkeypatch.setattr(sys, "argv", ["lightning-bayes", "configs", "mnist"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "lightning-bayes: error: `configs` takes no arguments; got mnist\n"
+
+
 def test_python_dash_m_runs_the_same_command(tmp_path: Path):
     listed = subprocess.run([sys.executable, "-m", "lightning_bayes", "configs"], check=True, capture_output=True,
                             text=True, cwd=tmp_path)

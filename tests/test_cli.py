@@ -35,6 +35,17 @@ def test_second_run_writes_a_new_version_and_keeps_the_first(tmp_path: Path):
     assert {p.parent.name for p in written} == {"version_0", "version_1"}
 
 
+def test_without_a_logger_a_second_run_into_the_same_folder_is_refused_saying_what_to_do(tmp_path: Path):
+    args = [*quick_args(MAP_CONFIG, tmp_path, batches=1)[:-1], "--trainer.logger=false", "--test_after_fit=false",
+            f"--trainer.default_root_dir={tmp_path}"]
+    run(args)
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(RuntimeError, match=rf"^{tmp_path}/config.yaml is there from an earlier run, and lightning-bayes "
+                       r"does not overwrite a run's files: .* give this one its own --trainer.default_root_dir"):
+        run(args)
+    assert (tmp_path / "config.yaml").read_text() == saved
+
+
 def test_test_after_fit_false_skips_the_test_stage(tmp_path: Path):
     run([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])
     assert not list(tmp_path.rglob("metrics.json"))
@@ -49,6 +60,38 @@ def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
     run(args)
     metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert 0.0 <= metrics["acc"] <= 1.0 and "ood_auroc" in metrics
+
+
+def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anything_is_written(tmp_path: Path):
+    """LightningCLI alone would build the checkpoint's method (a MAP under the IVON config's run name), score a
+    JSON file's unpickling error with advice to load it unsafely, and write a run folder for a missing file."""
+    digits = ROOT / "configs" / "digits"
+    run([*quick_args(digits / "map.yaml", tmp_path, batches=1), "--test_after_fit=false"])
+    checkpoint, before = next(tmp_path.rglob("last.ckpt")), sorted(tmp_path.rglob("*"))
+    (tmp_path / "notes.json").write_text("{}")
+    another = (rf"^--ckpt_path '{checkpoint}' is a checkpoint of lightning_bayes.modules.MAP, but the config's model "
+               r"is lightning_bayes.modules.ivon.IVONModule: pass the config it was trained with")
+    not_a_checkpoint = r"^--ckpt_path '.*notes.json' is not a Lightning checkpoint \(Weights only load failed"
+    cases = [
+        (digits / "ivon.yaml", str(checkpoint), ValueError, another),
+        (digits / "map.yaml", str(tmp_path / "notes.json"), ValueError, not_a_checkpoint),
+        (digits / "map.yaml", str(tmp_path / "version_9.ckpt"), FileNotFoundError, r"^--ckpt_path '.*' is not a file$"),
+    ]
+    for config, path, error, message in cases:
+        with pytest.raises(error, match=message):
+            run(["test", "--config", str(config), f"--ckpt_path={path}",
+                 f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    (tmp_path / "notes.json").unlink()
+    assert sorted(tmp_path.rglob("*")) == before  # no run folder, no config.yaml
+
+
+def test_scoring_without_a_checkpoint_warns_that_the_weights_are_untrained(tmp_path: Path):
+    args = ["--config", str(ROOT / "configs" / "digits" / "map.yaml"), "--trainer.limit_test_batches=1",
+            "--trainer.limit_predict_batches=1", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    for subcommand in ("test", "predict"):
+        with pytest.warns(UserWarning, match=rf"`lightning-bayes {subcommand}` without --ckpt_path scores MAP as "
+                          r"built, with the weights it was initialised with"):
+            run([subcommand, *args])
 
 
 def test_a_fit_runs_saved_config_drives_the_test_subcommand(tmp_path: Path):

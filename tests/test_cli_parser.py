@@ -1,4 +1,4 @@
-"""An argument a class refuses is answered with what that class accepts and the closest names."""
+"""An argument a class refuses is answered with what that class accepts and the closest names (or values)."""
 
 import subprocess
 import sys
@@ -24,6 +24,18 @@ def test_hints_name_the_class_its_arguments_and_the_closest() -> None:
     assert refused_argument_hints("error: something else") == []
 
 
+def test_a_value_outside_a_literal_is_answered_with_the_choices() -> None:
+    message = (
+        "Parser key \"model\":\n  Does not validate against any of the Union subtypes\n  Errors:\n"
+        "    - Problem with given class_path 'lightning_bayes.modules.VIKING':\n        Parser key \"solver\":\n"
+        "          Expected a typing.Literal['dense', 'cg']. Got value: cgg\n    - Expected a <class 'NoneType'>\n"
+    )
+    expected = "VIKING's solver must be one of 'dense', 'cg'; got 'cgg' (closest: 'cg')"
+    assert refused_argument_hints(message) == [expected]
+    far = message.replace("cgg", "lsmr")
+    assert refused_argument_hints(far) == ["VIKING's solver must be one of 'dense', 'cg'; got 'lsmr'"]
+
+
 def test_accepted_arguments_are_the_constructor_keywords() -> None:
     assert accepted_arguments("lightning_bayes.models.MLP") == ["in_features", "out_features", "hidden", "dropout",
                                                                 "activation"]
@@ -31,14 +43,17 @@ def test_accepted_arguments_are_the_constructor_keywords() -> None:
 
 
 @pytest.mark.parametrize(
-    ("override", "hint"),
+    ("config", "override", "hint"),
     [
-        ("--data.init_args.batch_sise=8", "DigitsDataModule has no argument 'batch_sise'; closest: batch_size."),
-        ("--model.init_args.backbone.init_args.hiden=[4]", "MLP has no argument 'hiden'; closest: hidden."),
+        ("digits/map", "--data.init_args.batch_sise=8",
+         "DigitsDataModule has no argument 'batch_sise'; closest: batch_size."),
+        ("digits/map", "--model.init_args.backbone.init_args.hiden=[4]",
+         "MLP has no argument 'hiden'; closest: hidden."),
+        ("digits/viking", "--model.init_args.solver=cgg", "VIKING's solver must be one of 'dense', 'cg'; got 'cgg'"),
     ],
 )
-def test_the_command_line_ends_with_the_hint(override: str, hint: str, tmp_path) -> None:
-    command = [sys.executable, "-m", "lightning_bayes", "fit", "--config", "digits/map", override]
+def test_the_command_line_ends_with_the_hint(config: str, override: str, hint: str, tmp_path) -> None:
+    command = [sys.executable, "-m", "lightning_bayes", "fit", "--config", config, override]
     result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.rstrip().splitlines()[-1].startswith(hint)
