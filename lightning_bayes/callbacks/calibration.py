@@ -83,7 +83,8 @@ class CalibrationMetrics(Callback):
 
     Args:
         num_samples: predictive samples per example; ``None`` uses ``pl_module.num_samples`` (and then the
-            Predictive returned by ``validation_step`` / ``test_step`` is reused as it is).
+            Predictive returned by ``validation_step`` / ``test_step`` is reused as it is), or, for a module
+            without that attribute, calls ``predictive(x, None)``: the module's own default.
         task: ``"classification"``, ``"regression"`` or ``"auto"`` (from the Predictive's type).
         ood_score: OOD-ness score for AUROC / FPR95: ``"entropy"``, ``"mutual_information"`` or ``"max_prob"``.
         plots: write ``reliability.png`` (classification) or ``predictive_band.png`` (1-D inputs and
@@ -197,10 +198,10 @@ class CalibrationMetrics(Callback):
             )
         return predictive.detach()
 
-    def _num_samples(self, pl_module: LightningModule) -> int:
-        if self.num_samples is not None:
+    def _num_samples(self, pl_module: LightningModule) -> int | None:
+        if self.num_samples is not None or not hasattr(pl_module, "num_samples"):
             return self.num_samples
-        value = getattr(pl_module, "num_samples", None)
+        value = pl_module.num_samples
         if not isinstance(value, int) or value < 1:
             raise ValueError(
                 f"CalibrationMetrics(num_samples=None) uses pl_module.num_samples, but "

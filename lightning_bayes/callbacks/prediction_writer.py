@@ -25,6 +25,7 @@ from typing import IO, Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..predictive import CategoricalPredictive, GaussianPredictive
@@ -122,7 +123,10 @@ class PredictionWriter(BasePredictionWriter):
         return 0.0, 1.0
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        written = self._file is not None
         self._close()
+        if written:  # the file's name, or under DDP rank 0's (the others' differ only in their rank)
+            rank_zero_info(f"PredictionWriter: wrote {self.path}")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._close()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
@@ -190,6 +191,20 @@ class SWASubspace(Callback):
         epoch, start = trainer.current_epoch, self._start_epoch(trainer)
         if epoch >= start and (epoch - start) % self.every_n_epochs == 0 and trainer.global_step != self.last_step:
             self._collect(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Say so when training ended before the first snapshot (a posterior from this run would have nothing)."""
+        if self.moments is None or int(self.moments.count) > 0 or trainer.sanity_checking:
+            return
+        if self.every_n_steps is None:
+            ended = f"after {trainer.current_epoch} epochs"
+            first = f"at the end of epoch {self._start_epoch(trainer)} (0-based)"
+        else:
+            ended, first = f"at step {trainer.global_step}", f"after step {self._start_step(trainer)}"
+        rank_zero_warn(
+            f"SWASubspace collected no snapshot: training ended {ended}, and the first is taken {first} "
+            f"(start_epoch={self.start_epoch}, start_fraction={self.start_fraction}); train longer or start earlier"
+        )
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.moments is None:

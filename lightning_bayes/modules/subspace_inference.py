@@ -174,6 +174,7 @@ class SubspaceInference(BayesianModule):
             raise ValueError(f"num_data must be None or a positive int; got {num_data!r}")
         if (checkpoint is None) == (swag_state is None):
             raise ValueError("give exactly one of checkpoint (a SWASubspace run's checkpoint) or swag_state")
+        path = None
         if checkpoint is not None:
             path = str(resolve_checkpoint_path(checkpoint))
             saved = torch.load(path, map_location="cpu", weights_only=False)
@@ -194,7 +195,11 @@ class SubspaceInference(BayesianModule):
         self.moments = SWAGMoments(self.flat.size, int(swag_state["max_rank"]), dtype=saved["mean"].dtype)
         self.moments.load_state_dict(saved)
         if int(self.moments.count) == 0:
-            raise ValueError("the SWASubspace state holds no snapshot; train past the start of collection")
+            source = "swag_state" if path is None else f"the SWASubspace state of checkpoint {path!r}"
+            raise ValueError(
+                f"{source} holds no snapshot: its run ended before the callback's start of collection (start_epoch "
+                "or start_fraction); train past it"
+            )
         self.method, self.kind, self.seed = method, subspace, seed
         self.temperature, self.prior_scale, self.swag_scale = float(temperature), float(prior_scale), float(swag_scale)
         self.bn_update = bn_update and bool(batchnorm_layers(model))

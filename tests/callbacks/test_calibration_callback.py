@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from lightning_bayes.callbacks import CalibrationMetrics
 from lightning_bayes.metrics import classification_metrics, ood_score, regression_metrics
 from lightning_bayes.plots import ReliabilityBins
+from lightning_bayes.predictive import CategoricalPredictive
 
 CLASSIFICATION_KEYS = {"acc", "nll", "brier", "ece", "mce", "aece", "entropy", "mi", "ood_auroc", "ood_fpr95"}
 
@@ -94,6 +95,30 @@ def test_recomputes_the_predictive_when_the_module_returns_a_loss(tmp_path: Path
     assert results["test/ood/auroc"] == pytest.approx(expected["ood_auroc"], rel=1e-6)
     assert results["test/cal/mi"] != pytest.approx(direct_classification(model, data, num_samples=2)["mi"], rel=1e-3)
     assert not (Path(trainer.log_dir) / "reliability.png").exists()
+
+
+class PlainClassifier(LinearModel):
+    """The README's own-module recipe: no ``num_samples`` attribute, ``predictive(x, num_samples=None)`` returning
+    ``CategoricalPredictive(self(x).unsqueeze(0))``, steps returning losses."""
+
+    def __init__(self) -> None:
+        super().__init__(returns_predictive=False)
+        del self.num_samples
+        self.asked: list[int | None] = []
+
+    def predictive(self, x: torch.Tensor, num_samples: int | None = None) -> CategoricalPredictive:
+        self.asked.append(num_samples)
+        return CategoricalPredictive(self.net(x).unsqueeze(0))
+
+
+def test_a_module_without_num_samples_gets_its_own_default(tmp_path: Path) -> None:
+    model, data = PlainClassifier(), ToyDataWithOOD()
+    results = make_trainer(tmp_path, CalibrationMetrics(plots=False)).test(model, datamodule=data, verbose=False)[0]
+    x, y = data.test.tensors
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model.net(x), y).item()
+    assert results["test/cal/nll"] == pytest.approx(expected, rel=1e-5)
+    assert model.asked and set(model.asked) == {None}
 
 
 def test_ood_batches_are_limited_like_the_in_distribution_batches(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ data's units), per process under DDP, never over an existing file; ``lightning-b
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,14 +117,16 @@ def test_a_non_predictive_output_and_a_path_as_filename_are_refused(tmp_path: Pa
         writer.write_on_batch_end(None, None, torch.zeros(2, 3), [0, 1], (torch.zeros(2, 4), torch.zeros(2)), 0, 0)
 
 
-def test_the_cli_predict_subcommand_writes_every_test_example(tmp_path: Path) -> None:
+def test_the_cli_predict_subcommand_writes_every_test_example(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = ROOT / "configs" / "digits" / "map.yaml"
     run([*quick_args(config, tmp_path, batches=1), "--test_after_fit=false"])
     checkpoint = next(tmp_path.rglob("last.ckpt"))
-    run(["predict", "--config", str(config), f"--trainer.logger.init_args.save_dir={tmp_path}",
-         "--ckpt_path", str(checkpoint)])
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        run(["predict", "--config", str(config), f"--trainer.logger.init_args.save_dir={tmp_path}",
+             "--ckpt_path", str(checkpoint)])
     written = list(tmp_path.rglob("predictions.csv"))
     assert len(written) == 1 and written[0].parent.name == "version_1"  # a new version next to the fit's
+    assert f"PredictionWriter: wrote {written[0]}" in caplog.text  # the command says where
     _, table = read(written[0])
     assert table.shape[0] == 360 and sorted(table[:, 0].tolist()) == list(range(360))  # the digits test split
     torch.testing.assert_close(table[:, 6:].sum(1), torch.ones(360, dtype=torch.float64), rtol=0, atol=1e-6)

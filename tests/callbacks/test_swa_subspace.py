@@ -152,11 +152,16 @@ def test_a_checkpoint_of_another_selection_is_refused(tmp_path: Path) -> None:
         fit(2, [SWASubspace(params="last_layer", start_epoch=0)], ckpt_path=str(tmp_path / "last.ckpt"))
 
 
-def test_contexts_before_any_snapshot_are_an_error() -> None:
+def test_contexts_before_any_snapshot_are_an_error_and_the_fit_says_why() -> None:
     swa = SWASubspace(params="all", start_epoch=5)
-    module = fit(1, [swa])
+    with pytest.warns(UserWarning, match=r"^SWASubspace collected no snapshot: training ended after 1 epochs, and the "
+                      r"first is taken at the end of epoch 5 \(0-based\) \(start_epoch=5, start_fraction=None\)"):
+        module = fit(1, [swa])
     with pytest.raises(ValueError, match="collected no snapshot yet"), swa.swa(module):
         pass
+    steps = SWASubspace(params="all", start_fraction=0.5, every_n_steps=10)  # after step floor(0.5 * 12) = 6
+    with pytest.warns(UserWarning, match=r"training ended at step 12, and the first is taken after step 6 "):
+        fit(2, [steps])
 
 
 @pytest.mark.parametrize(

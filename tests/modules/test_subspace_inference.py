@@ -283,3 +283,11 @@ def test_a_checkpoint_without_swa_state_is_refused(tmp_path: Path) -> None:
         SubspaceInference(Net(), checkpoint=str(tmp_path / "plain.ckpt"))
     with pytest.raises(ValueError, match="exactly one of checkpoint"):
         SubspaceInference(Net())
+
+
+def test_a_state_without_snapshots_is_refused_saying_why() -> None:
+    _, _, state = regression()
+    state["moments"] = SWAGMoments(6, 4, dtype=torch.float64).state_dict()
+    with pytest.raises(ValueError, match=r"^swag_state holds no snapshot: its run ended before the callback's start of "
+                       r"collection \(start_epoch or start_fraction\); train past it$"):
+        linear_module(state)
