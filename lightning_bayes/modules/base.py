@@ -56,8 +56,8 @@ class BayesianModule(LightningModule, ABC):
         num_samples: int = 1,
     ) -> None:
         super().__init__()
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         if likelihood is not None:
             self.likelihood = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         self.optimizer_factory = optimizer

@@ -66,7 +66,16 @@ def _keeps_running_statistics(module: nn.Module) -> bool:
 
 class DeepEnsemble(BayesianModule):
     """``num_members`` copies of ``backbone`` sharing its frozen parameters (the first keeps its weights, the
-    others re-initialise their trainable ones)."""
+    others re-initialise their trainable ones).
+
+    Args:
+        backbone: the network (its frozen parameters, e.g. a LoRA base, are shared by all members).
+        num_members: ensemble size M >= 2; the predictive has S = M samples.
+        likelihood: each member gets its own copy (a Gaussian member learns its own noise).
+        optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`, over every member.
+        vectorize: run the members as one ``torch.func`` call over stacked parameters (the same values as a loop,
+            one pass instead of M); a backbone with BatchNorm running statistics always loops.
+    """
 
     def __init__(
         self,

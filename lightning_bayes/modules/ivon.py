@@ -49,6 +49,7 @@ class IVONModule(BayesianModule):
         kl_weight: temperature of the prior term: ``ess = N / kl_weight`` (1: the ELBO per example).
         num_samples: posterior draws of the predictive.
         mean_prediction: predict with the mean weights ``m`` (one sample) instead.
+        likelihood, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
 
     Under FSDP2 (``ModelParallelStrategy``) the backbone is sharded, IVON draws each rank's shard of the
     one-process noise, and the ``sigma^2`` buffer holds the whole (gathered) variances on every rank.

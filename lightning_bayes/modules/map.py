@@ -17,7 +17,13 @@ from .base import Batch, BayesianModule
 
 
 class MAP(BayesianModule):
-    """Trains ``backbone`` by maximum likelihood plus weight decay; ``predictive`` has S = 1."""
+    """Trains ``backbone`` by maximum likelihood plus weight decay; ``predictive`` has S = 1.
+
+    Args:
+        backbone: the network, ``x -> outputs`` (logits for ``"categorical"``).
+        likelihood, optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`; the
+            prior is the optimiser's weight decay (AdamW's by default).
+    """
 
     supports_sharding = True
     supports_fsdp1 = True

@@ -20,7 +20,13 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
 
 
 class MCDropout(MAP):
-    """A MAP-trained network with dropout whose predictive averages ``num_samples`` dropout masks."""
+    """A MAP-trained network with dropout whose predictive averages ``num_samples`` dropout masks.
+
+    Args:
+        backbone: a network with at least one dropout layer of rate ``p > 0`` (e.g. ``LeNet5(dropout=0.25)``).
+        likelihood, optimizer, lr_scheduler: as in :class:`MAP`.
+        num_samples: dropout masks averaged by the predictive (at validation and test).
+    """
 
     def __init__(
         self,

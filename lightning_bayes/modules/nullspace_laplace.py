@@ -69,6 +69,7 @@ class NullSpaceLaplace(BayesianModule):
             Gram matrices being the larger cost); the first batches pay the compilation (seconds).
         seed: seed of the Gaussian draws.
         scale_batches: training micro-batches the line search evaluates.
+        likelihood: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 
     # buffers (register_buffer), typed for readers and checkers

@@ -76,6 +76,7 @@ class TrainingFreeBayes(BayesianModule):
         search_samples: weight draws per anchor batch when scoring a candidate (an even number: antithetic pairs).
         num_samples: weight draws of the predictive.
         seed: seed of the search's and the predictive's draws.
+        likelihood: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 
     # buffers (register_buffer), typed for readers and checkers

@@ -56,6 +56,7 @@ class VariationalInference(BayesianModule):
         train_samples: weight draws ``T`` per training step.
         num_samples: predictive draws.
         mean_prediction: predict with the mean (Gaussian) / median (flow) weights instead of sampling.
+        likelihood, optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 
     supports_sharding = True

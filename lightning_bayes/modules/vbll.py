@@ -234,9 +234,13 @@ class VBLLClassifier(_VBLLModule):
 class VBLLRegressor(_VBLLModule):
     """A backbone with a variational Bayesian linear regression last layer; closed-form Gaussian predictive.
 
-    Args (``cache_features``, ``feature_cache_dir`` and ``compile_loss`` included) are as
-    :class:`VBLLClassifier`'s, with ``out_features`` outputs and the regression head's defaults (``wishart_scale=1e-2``); see
-    :class:`~lightning_bayes.inference.vbll.VBLLRegression`.
+    Args:
+        out_features: number of regression outputs.
+        parameterization: covariance of the head, ``"dense"``, ``"diagonal"`` or ``"lowrank"``.
+        prior_scale, wishart_scale, dof, rank: head options (``wishart_scale=1e-2`` here), see
+            :class:`~lightning_bayes.inference.vbll.VBLLRegression`.
+        Others (``backbone``, ``in_features``, ``dataset_size``, ``kl_weight``, ``freeze_backbone``, ``optimizer``,
+        ``lr_scheduler``, ``cache_features``, ``feature_cache_dir``, ``compile_loss``): as in :class:`VBLLClassifier`.
     """
 
     head: VBLLRegression

@@ -71,8 +71,12 @@ class VIKING(BayesianModule):
         kl_weight: ``beta``; ``"elbo"`` is ``B/N`` (the ELBO of a batch), a number is used as given (the
             reference's classifier uses 1e-2).
         solver: per-batch projection solver: ``"dense"`` (exact; per-example Jacobians) or ``"cg"``
-            (``iterations`` steps of reorthogonalised CG, matrix-free).
-        log_alpha, log_sigma_image: initial log prior precision and log image scale (reference: 4 and -2).
+            (reorthogonalised CG, matrix-free).
+        iterations: CG steps per projection with ``solver="cg"`` (reference: 10).
+        log_alpha: initial log prior precision, ``sigma_ker = alpha^-1/2`` (reference: 4).
+        log_sigma_image: initial log image scale (reference: -2).
+        scale_lr: learning rate of ``log alpha`` and ``log sigma_im`` (a second parameter group); ``None``: the
+            optimiser's.
         num_samples: posterior samples of the predictive (all projected at every sweep).
         sweep_every_n_epochs: sweep at the start of every n-th ELBO epoch (reference: 1); ``0`` sweeps only
             before test and predict (validation then keeps the last samples): with ``gamma < 1`` the
@@ -86,6 +90,7 @@ class VIKING(BayesianModule):
             ``torch.func``'s per-operation dispatch (LeNet-5 on 2 CPU threads: an epoch 6.5x -> 5.1x a MAP epoch);
             the first steps pay the compilation (seconds).
         seed: seed of every Gaussian draw (the generator's state is checkpointed).
+        likelihood, optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 
     # buffers (register_buffer), typed for readers and checkers
