@@ -92,7 +92,7 @@ class Bisection:
     """
 
     def __init__(self, low: float, high: float, tested_high: bool = False, done: bool = False) -> None:
-        if not 0 <= low < high:
+        if not (0 <= low <= high if done else 0 <= low < high):  # a finished search may have closed the interval
             raise ValueError(f"the search interval must satisfy 0 <= low < high; got low={low!r}, high={high!r}")
         self.low, self.high, self.tested_high, self.done = float(low), float(high), tested_high, done
 

@@ -124,6 +124,15 @@ def test_a_search_with_no_feasible_candidate_warns(tmp_path, single_thread):
     assert float(module.sigma) == 0.5
 
 
+def test_a_search_whose_upper_end_passes_stays_there_for_the_remaining_epochs(tmp_path, single_thread):
+    """The first candidate, ``high``, meets the tolerance: the search is done with ``low = high``, and the epochs
+    after it (a config's ``max_epochs`` is a budget) keep that result instead of rebuilding a closed interval."""
+    module = TrainingFreeBayes(_lora_model(), sigma_range=(1e-5, 1e-4), tolerance=0.05, search_samples=2)
+    _trainer(tmp_path, epochs=3).fit(module, train_dataloaders=_loader())
+    assert bool(module.done) and float(module.sigma) == float(module.low) == float(module.high) == 1e-4
+    assert change(module, 1e-4) <= 0.05
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="low < high"):
         TrainingFreeBayes(_lora_model(), sigma_range=(0.1, 0.01))
