@@ -106,19 +106,26 @@ class _VBLLModule(BayesianModule):
         self.compile_loss = compile_loss
 
     def _regularization_weight(self) -> float:
-        """``lambda = kl_weight / N`` (0 until N is known; ``setup`` resolves it before training)."""
+        """``lambda = kl_weight / N`` (0 until N is known; resolved in ``setup`` from a datamodule, at the latest in
+        ``on_train_start`` from the training loader, which ``trainer.fit(model, loader)`` attaches only then)."""
         return 0.0 if self.dataset_size is None else self.kl_weight / self.dataset_size
+
+    def _resolve_dataset_size(self) -> None:
+        self.dataset_size = self.training_set_size("dataset_size")
+        self.hparams["dataset_size"] = self.dataset_size  # checkpoints then carry N
+        self.head.regularization_weight = self._regularization_weight()
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.dataset_size is None:
             try:
-                self.dataset_size = self.training_set_size("dataset_size")
-                self.hparams["dataset_size"] = self.dataset_size  # checkpoints then carry N
+                self._resolve_dataset_size()
             except ValueError:
-                if stage == "fit":
-                    raise
-        self.head.regularization_weight = self._regularization_weight()
+                pass  # a plain training loader is attached later (on_train_start); test and predict need no N
+
+    def on_train_start(self) -> None:
+        if self.dataset_size is None:
+            self._resolve_dataset_size()
 
     def forward(self, x: Any) -> Tensor:
         """The features ``phi = g(x)``, ``[B, D]``."""
@@ -283,4 +290,6 @@ class VBLLRegressor(_VBLLModule):
         )  # fmt: skip
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        """The head's closed-form Gaussian, S = 1, whatever valid ``num_samples`` is asked for."""
+        self.resolve_num_samples(num_samples)
         return self.head.predictive(self(x))

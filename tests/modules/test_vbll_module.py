@@ -133,14 +133,27 @@ def test_frozen_backbone_stays_unchanged_in_eval_mode_while_the_head_trains():
     assert any(not torch.equal(v, head_before[k]) for k, v in module.head.state_dict().items())
 
 
-def test_dataset_size_is_read_from_the_datamodule_or_is_a_clear_error():
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches of unknown number: no N to read."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader.dataset)
+
+
+def test_dataset_size_is_read_from_the_datamodule_or_the_loader_or_is_a_clear_error():
     targets = torch.randint(0, 3, (32,))
     module = VBLLClassifier(_backbone_with_state(), num_classes=3, kl_weight=0.5)
     _trainer().fit(module, datamodule=_Data(_loader(targets)))
     assert module.dataset_size == 32 and module.hparams.dataset_size == 32
     assert module.head.regularization_weight == pytest.approx(0.5 / 32)
-    with pytest.raises(ValueError, match="dataset_size=N"):
-        _trainer().fit(VBLLClassifier(_backbone_with_state(), num_classes=3), _loader(targets))
+    plain = VBLLRegressor(_backbone_with_state(), kl_weight=0.5)  # trainer.fit(model, loader): attached after setup
+    _trainer().fit(plain, _loader(torch.randn(48, 1), n=48))
+    assert plain.dataset_size == 48 and plain.head.regularization_weight == pytest.approx(0.5 / 48)
+    with pytest.raises(ValueError, match="VBLLClassifier needs the training-set size N: pass dataset_size=N"):
+        _trainer().fit(VBLLClassifier(_backbone_with_state(), num_classes=3), DataLoader(_Stream(_loader(targets))))
 
 
 @pytest.mark.parametrize("kind", ["discriminative", "generative", "regression"])
