@@ -128,6 +128,14 @@ class VariationalLayer(nn.Module):
         self._ahead_log_ratios = False
         self._drawn: Iterator[tuple[list[Tensor], Tensor | None]] = iter(())
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state with the last draw's log ratio detached: it holds the training step's graph, which
+        ``copy.deepcopy`` refuses to copy (and a copy has no use for)."""
+        state = super().__getstate__()
+        if state.get("_last_log_ratio") is not None:
+            state["_last_log_ratio"] = state["_last_log_ratio"].detach()
+        return state
+
     def families(self) -> list[FamilyModule]:
         """The weight's family, then the bias's if the layer has one."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]

@@ -1,6 +1,7 @@
 """Variational Linear / Conv2d layers: local reparameterisation against weight sampling, KL terms, conversion of a
 model, errors (float64)."""
 
+import copy
 import math
 
 import pytest
@@ -64,6 +65,9 @@ def test_gaussian_kl_is_closed_form_and_bernstein_kl_is_the_draws_log_ratio():
     prior = Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
     log_prior = prior.log_prob(weight).sum() + prior.log_prob(bias).sum()
     assert torch.allclose(flow.kl(), log_q_w.sum() + log_q_b.sum() - log_prior, rtol=1e-12)
+    copied = copy.deepcopy(flow)  # the KL estimate carries the forward's graph; the copy gets its value
+    assert copied.kl().grad_fn is None and torch.equal(copied.kl(), flow.kl().detach())
+    assert flow.kl().grad_fn is not None  # the original keeps its graph for the step's backward
 
 
 def test_convolution_output_moments_match_weight_sampling():
