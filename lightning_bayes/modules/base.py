@@ -73,7 +73,7 @@ class BayesianModule(LightningModule, ABC):
     def resolve_num_samples(self, num_samples: int | None) -> int:
         """``num_samples`` if given, else the module's default; must be a positive integer."""
         n = self.num_samples if num_samples is None else num_samples
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         return n
 

@@ -148,7 +148,11 @@ class DeepEnsemble(BayesianModule):
                 torch.nn.utils.clip_grad_norm_(own, gradient_clip_val)
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
-        outputs = self(x)
+        """The first ``num_samples`` members (default: all), one sample each."""
+        samples = self.resolve_num_samples(num_samples)
+        if samples > self.num_members:
+            raise ValueError(f"num_samples={samples} exceeds the ensemble's {self.num_members} members")
+        outputs = self(x)[:samples]
         likelihoods = cast(Iterable[Likelihood], self.likelihoods)
         return concatenate([lik.predictive(out.unsqueeze(0)) for lik, out in zip(likelihoods, outputs)])
 

@@ -192,9 +192,9 @@ class IVONModule(BayesianModule):
         return [laid_out_like(v, p) for v, p in zip(variances, params, strict=True)]
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
-        if self.mean_prediction:
-            return self.likelihood.predictive(self(x).unsqueeze(0))
         samples = self.resolve_num_samples(num_samples)
+        if self.mean_prediction:  # S = 1
+            return self.likelihood.predictive(self(x).unsqueeze(0))
         # FSDP2: draw into the sharded parameters, not the gathered copy of the last forward; after each forward
         # reshard, so that the next one gathers the next draw (and, after the last, the restored means)
         units = fsdp2_units(self)

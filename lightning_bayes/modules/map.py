@@ -49,4 +49,6 @@ class MAP(BayesianModule):
         return loss
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
+        """The network's likelihood, S = 1 (a point estimate) whatever valid ``num_samples`` is asked for."""
+        self.resolve_num_samples(num_samples)
         return self.likelihood.predictive(self(x).unsqueeze(0))

@@ -40,6 +40,7 @@ from typing import Any, Union
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -392,9 +393,15 @@ class SubspaceInference(BayesianModule):
         return self.num_samples if self.kind == "swag" else int(self.collected)
 
     def sample_weights(self, num_samples: int | None = None) -> Tensor:
-        """The first ``num_samples`` weight samples of the selected parameters, ``[S, P]`` (before any sample
-        exists: the subspace's centre alone)."""
-        n = min(self.resolve_num_samples(num_samples), self.available_samples())
+        """The first ``num_samples`` weight samples of the selected parameters, ``[S, P]``: at most those drawn (during
+        the fit's validation those so far; before any, the subspace's centre alone), with a warning outside the fit."""
+        n, available = self.resolve_num_samples(num_samples), self.available_samples()
+        if n > available and not self._fitting():
+            rank_zero_warn(
+                f"SubspaceInference predicts with the {available} samples it holds, not num_samples={n}: fit with "
+                f"num_samples={n} (a chain resumed from its checkpoint goes on to the new length)"
+            )
+        n = min(n, available)
         if self.kind == "swag":
             if self._swag_draws is None or self._swag_draws.device != self.moments.mean.device:
                 generator = torch.Generator().manual_seed(self.seed)
@@ -444,8 +451,8 @@ class SubspaceInference(BayesianModule):
         return trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
-        """Ensemble of the first ``num_samples`` samples (at most those available), each with its own
-        BatchNorm statistics; the model runs in eval mode."""
+        """Ensemble of the first ``num_samples`` samples (at most those drawn: :meth:`sample_weights`), each with its
+        own BatchNorm statistics; the model runs in eval mode."""
         weights = self.sample_weights(num_samples)
         if self.bn_update and not bool(self.bn_ready) and not self._fitting():
             raise ValueError(

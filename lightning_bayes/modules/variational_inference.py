@@ -143,12 +143,12 @@ class VariationalInference(BayesianModule):
         return loss
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
-        if self.mean_prediction:
+        samples = self.resolve_num_samples(num_samples)
+        if self.mean_prediction:  # S = 1
             use_noise(self.backbone, False)
             try:
                 return self.likelihood.predictive(self(x).unsqueeze(0))
             finally:
                 use_noise(self.backbone, True)
-        samples = self.resolve_num_samples(num_samples)
         with draws_ahead(self.backbone, samples):
             return self.likelihood.predictive(torch.stack([self(x) for _ in range(samples)]))
