@@ -206,6 +206,29 @@ def test_compile_jacobian_gives_the_eager_samples() -> None:
     torch.testing.assert_close(compiled.predictive(x).logits, eager.predictive(x).logits, rtol=1e-9, atol=1e-12)
 
 
+def test_sweeps_under_bf16_mixed_precision_run_in_full_precision() -> None:
+    """A float32 network: under ``precision="bf16-mixed"`` the sweeps' Jacobians would be bf16 (several percent
+    off); the module turns autocast off for them, so the samples are the float32 fit's, bit for bit."""
+    loader, _, _ = make_data()
+    x32 = torch.utils.data.TensorDataset(*(t.float() if t.is_floating_point() else t for t in loader.dataset.tensors))
+    deltas = {}
+    for precision in ("32-true", "bf16-mixed"):
+        module = NullSpaceLaplace(make_model().float(), num_samples=4, scale=1.0, alpha=1.0)
+        make_trainer(2, precision=precision).fit(module, train_dataloaders=DataLoader(x32, batch_size=4))
+        deltas[precision] = module.deltas()
+    assert deltas["32-true"].dtype == torch.float32
+    torch.testing.assert_close(deltas["bf16-mixed"], deltas["32-true"], rtol=0, atol=0)
+
+
+def test_a_step_budget_is_refused_as_the_sweeps_take_no_optimiser_step() -> None:
+    """``max_steps`` counts optimiser steps, which a sweep does not take: the fit would never end."""
+    loader, _, _ = make_data()
+    module = NullSpaceLaplace(make_model(), num_samples=2)
+    with pytest.raises(ValueError, match=r"^NullSpaceLaplace takes no optimiser steps .* never reaches max_steps=6: "
+                       r"bound the fit by max_epochs"):
+        make_trainer(-1, max_steps=6).fit(module, train_dataloaders=loader)
+
+
 def test_more_predictive_samples_than_projected_is_an_error() -> None:
     module = NullSpaceLaplace(make_model(), num_samples=3)
     with pytest.raises(ValueError, match="num_samples=5 exceeds the 3 projected samples"):
