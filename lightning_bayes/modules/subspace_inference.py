@@ -294,7 +294,10 @@ class SubspaceInference(BayesianModule):
         return [{"params": list(self.variational.parameters())}]
 
     def configure_optimizers(self) -> Any:
-        return super().configure_optimizers() if self.method == "vi" else None
+        return super().configure_optimizers() if self.takes_optimizer_steps() else None
+
+    def takes_optimizer_steps(self) -> bool:
+        return self.method == "vi"  # ESS and prior draws only sample
 
     def _last_batch(self, batch_idx: int) -> bool:
         return batch_idx == self.trainer.num_training_batches - 1

@@ -125,6 +125,9 @@ class TrainingFreeBayes(BayesianModule):
     def configure_optimizers(self) -> None:
         return None  # nothing is trained: the search updates buffers
 
+    def takes_optimizer_steps(self) -> bool:
+        return False
+
     def _generator(self, offset: int) -> torch.Generator:
         generator = torch.Generator(device=self.noise.a_0.device)
         generator.manual_seed(self.seed + offset)

@@ -81,6 +81,16 @@ def test_ess_samples_match_the_closed_form_posterior_in_a_planted_subspace() -> 
                                (module.subspace(samples[:2]) @ x[:3].T), rtol=0, atol=1e-12)
 
 
+def test_a_sampler_refuses_a_step_budget_and_vi_takes_one() -> None:
+    """ESS takes no optimiser step (``max_steps`` would never bind; it ends at ``num_samples``); VI does."""
+    x, y, state = regression()
+    with pytest.raises(ValueError, match=r"^SubspaceInference takes no optimiser steps"):
+        trainer(-1, max_steps=5).fit(linear_module(state, method="ess", num_samples=4), DataLoader(TensorDataset(x, y)))
+    vi = linear_module(state, method="vi", num_samples=4)
+    trainer(2, max_steps=100).fit(vi, DataLoader(TensorDataset(x, y), batch_size=20))
+    assert vi.trainer.global_step == 4  # two epochs of two optimiser steps
+
+
 def test_vi_finds_the_posterior_mean_and_diagonal_precision() -> None:
     """For a Gaussian posterior the best diagonal Gaussian (KL(q || p)) has the posterior mean and
     sigma_i^2 = 1 / precision_ii."""

@@ -133,6 +133,12 @@ def test_a_search_whose_upper_end_passes_stays_there_for_the_remaining_epochs(tm
     assert change(module, 1e-4) <= 0.05
 
 
+def test_a_step_budget_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^TrainingFreeBayes takes no optimiser steps"):
+        Trainer(max_steps=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(
+            _module(), train_dataloaders=_loader())
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="low < high"):
         TrainingFreeBayes(_lora_model(), sigma_range=(0.1, 0.01))
