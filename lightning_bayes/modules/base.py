@@ -130,12 +130,27 @@ class BayesianModule(LightningModule, ABC):
         several processes unless the method ``supports_fsdp1``. Subclasses that override ``setup`` call this one."""
         if self._trainer is not None:
             self._refuse_multi_process_fsdp1()
+            self._refuse_a_step_budget_without_steps(stage)
         parameters = list(self.parameters())
         ddp = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
         if stage == "fit" and ddp and not any(p.requires_grad for p in parameters):
             self._frozen_during_fit: list[nn.Parameter] = parameters
             for parameter in parameters:
                 parameter.requires_grad_(True)
+
+    def takes_optimizer_steps(self) -> bool:
+        """Whether a fit steps an optimiser; a fit that only passes over the data (a sweep, a search, a sampler)
+        does not, and Lightning's step count, which bounds ``max_steps``, then never moves."""
+        return True
+
+    def _refuse_a_step_budget_without_steps(self, stage: str) -> None:
+        max_steps = self.trainer.max_steps
+        if stage == "fit" and max_steps not in (None, -1) and not self.takes_optimizer_steps():
+            raise ValueError(
+                f"{type(self).__name__} takes no optimiser steps (its fit passes over the training data), so "
+                f"Lightning's step count never reaches max_steps={max_steps}: bound the fit by max_epochs "
+                "(--trainer.max_epochs N) and leave max_steps at -1"
+            )
 
     def _refuse_multi_process_fsdp1(self) -> None:
         processes = self.trainer.world_size
@@ -158,11 +173,18 @@ class BayesianModule(LightningModule, ABC):
         started = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
         return started if 0 < started < self.trainer.num_training_batches else 0
 
+    def on_fit_start(self) -> None:
+        """A resumed fit: the global generators again as saved, undoing what the set-up drew after the checkpoint
+        was loaded (e.g. an optimiser drawing its seed when it is built), before the training loader's iterator
+        draws its seed, as the unstopped run's did after that checkpoint. Subclasses that override it call it."""
+        if self._resumed_rng_states is not None:
+            restore_rng_states(self._resumed_rng_states)
+
     def on_train_start(self) -> None:
         """A fit resumed from a checkpoint saved inside an epoch: the global generators again as saved (a loader
         draws its workers' seed from them when Lightning creates its iterator, which the unstopped run did at
         the epoch's start); and a warning if the loader has no ``state_dict``: Lightning restarts it from its
-        first batch, so the rest of that epoch repeats its first batches."""
+        first batch, so the rest of that epoch repeats its first batches. Subclasses that override it call it."""
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
         if started and self._resumed_rng_states is not None:
             restore_rng_states(self._resumed_rng_states)

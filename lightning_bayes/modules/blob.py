@@ -126,6 +126,7 @@ class BLoB(VariationalInference):
         return max(int(scaled_size / (batch_size * self.trainer.world_size)), 1)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if str(self.trainer.precision).startswith("16"):
             raise ValueError(
                 f"BLoB: precision={self.trainer.precision!r} is not supported (its loss scaler would rescale the KL "

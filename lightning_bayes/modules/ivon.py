@@ -128,6 +128,7 @@ class IVONModule(BayesianModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         trainer = self.trainer
         if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             raise ValueError(

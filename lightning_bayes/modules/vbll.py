@@ -124,6 +124,7 @@ class _VBLLModule(BayesianModule):
                 pass  # a plain training loader is attached later (on_train_start); test and predict need no N
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.dataset_size is None:
             self._resolve_dataset_size()
 

@@ -231,6 +231,7 @@ class VIKING(BayesianModule):
             self.generator.manual_seed(cast(AttributeDict, self.hparams).seed + self.global_rank)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         model = self.trainer.strategy.model
         strict_ddp = isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
         if strict_ddp and any(self.phase_epochs[:2]):

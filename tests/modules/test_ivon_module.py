@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
@@ -108,6 +108,33 @@ def test_resumed_run_is_bitwise_identical(tmp_path: Path) -> None:
     for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
         assert torch.equal(ours.state[p]["hess"], theirs.state[q]["hess"])
     torch.testing.assert_close(uninterrupted.posterior_variance, resumed.posterior_variance, rtol=0, atol=0)
+
+
+def test_a_resumed_run_validates_with_the_unstopped_runs_draws(tmp_path: Path) -> None:
+    """IVON without a seed draws one from torch's global generator when it is built, which a resumed fit does after
+    loading the checkpoint (and its global generators): the generators are restored again when training starts, so
+    the predictive's draws at validation (global generator) are the unstopped run's."""
+
+    def unseeded(params, ess: float) -> IVON:
+        return IVON(params, ess, lr=0.2, hess_init=0.5, mc_samples=3)
+
+    def fit(epochs: int, root: Path | None, ckpt_path: Path | None = None) -> list[float]:
+        torch.manual_seed(0)
+        module = IVONModule(classifier(), optimizer=unseeded, num_samples=4, dataset_size=24)
+        losses: list[float] = []
+
+        class Record(Callback):
+            def on_validation_epoch_end(self, trainer, pl_module) -> None:
+                losses.append(float(trainer.callback_metrics["val/nll"]))
+
+        trainer = make_trainer(epochs=epochs, root=root, callbacks=[Record()])
+        trainer.fit(module, loader(), loader(), ckpt_path=ckpt_path)
+        return losses
+
+    straight = fit(3, None)
+    fit(1, tmp_path)
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    assert fit(3, None, checkpoint) == straight[1:]
 
 
 def test_checkpoint_carries_sigma2_and_the_predictive_averages_draws(tmp_path: Path) -> None:
