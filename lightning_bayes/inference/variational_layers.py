@@ -55,13 +55,14 @@ class GaussianFamilyModule(Protocol):
 
 def _family(
     kind: Family, shape: tuple[int, ...], init_mean: Tensor, init_scale: float, degree: int, support: tuple[float, float],
-    scale_map: ScaleMap,
+    scale_map: ScaleMap, freeze_affine: bool,
 ) -> FamilyModule:
     if kind == "gaussian":
         return MeanFieldGaussian(shape, init_mean, init_scale, scale_map)
     if kind == "sparse_gaussian":  # SSVI: masked Gaussian weights, deterministic biases
         return SparseGaussian(shape, init_mean, init_scale) if len(shape) > 1 else PointMass(init_mean)
-    flow = (BernsteinFlow if kind == "bernstein" else AutoregressiveBernsteinFlow)(shape, degree=degree, support=support)
+    flow_class = BernsteinFlow if kind == "bernstein" else AutoregressiveBernsteinFlow
+    flow = flow_class(shape, degree=degree, support=support, freeze_affine=freeze_affine)
     with torch.no_grad():  # w = softplus(alpha) h - beta: centre the chain on the template's weight
         flow.beta.copy_(-init_mean)
     return flow
@@ -85,6 +86,8 @@ class VariationalLayer(nn.Module):
             each output pixel gets its own noise, the standard approximation of Kingma et al.).
         scale_map: how the Gaussian family maps its raw scale to the standard deviation (``"softplus"``, or
             ``"square"`` as in BLoB; family ``"gaussian"`` only).
+        freeze_affine: keep the flows' first affine map ``f1`` (``a``, ``b``) at its initial values, as the
+            released Bernstein-flow script does (Bernstein families).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class VariationalLayer(nn.Module):
         support: tuple[float, float] = (-1.0, 1.0),
         local_reparameterization: bool = True,
         scale_map: ScaleMap = "softplus",
+        freeze_affine: bool = False,
     ) -> None:
         super().__init__()
         if family not in FAMILIES:
@@ -115,7 +119,8 @@ class VariationalLayer(nn.Module):
             if isinstance(template, nn.Conv2d) else None
         )
         options: dict[str, Any] = {
-            "init_scale": init_scale, "degree": degree, "support": support, "scale_map": scale_map
+            "init_scale": init_scale, "degree": degree, "support": support, "scale_map": scale_map,
+            "freeze_affine": freeze_affine,
         }
         self.weight = _family(family, tuple(template.weight.shape), template.weight.detach(), **options)
         self.bias = (

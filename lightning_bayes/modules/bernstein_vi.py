@@ -31,6 +31,8 @@ class BernsteinVI(VariationalInference):
         joint: one autoregressive flow per weight tensor (and per bias) instead of one chain per weight.
         degree: Bernstein degree ``M`` (the paper's network layers: 10; its 1-D recovery: up to 60).
         support: initial range of each chain around its starting weight.
+        freeze_affine: keep each flow's first affine map (``a``, ``b``) at its initial values: the paper's released
+            script (ours trains them by default).
         Others: as :class:`VariationalInference` (``checkpoint`` starts the flows at trained weights).
     """
 
@@ -45,6 +47,7 @@ class BernsteinVI(VariationalInference):
         joint: bool = False,
         degree: int = 10,
         support: tuple[float, float] = (-0.1, 0.1),
+        freeze_affine: bool = False,
         prior_scale: float = 1.0,
         dataset_size: int | None = None,
         kl_weight: float = 1.0,
@@ -56,7 +59,8 @@ class BernsteinVI(VariationalInference):
         super().__init__(
             backbone, params=params, checkpoint=checkpoint, likelihood=likelihood, optimizer=optimizer,
             lr_scheduler=lr_scheduler, family="bernstein_autoregressive" if joint else "bernstein",
-            prior_scale=prior_scale, degree=degree, support=support, local_reparameterization=False,
+            prior_scale=prior_scale, degree=degree, support=support, freeze_affine=freeze_affine,
+            local_reparameterization=False,
             dataset_size=dataset_size, kl_weight=kl_weight, kl_warmup_epochs=kl_warmup_epochs,
             train_samples=train_samples, num_samples=num_samples, mean_prediction=mean_prediction,
         )

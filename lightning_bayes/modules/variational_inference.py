@@ -49,6 +49,8 @@ class VariationalInference(BayesianModule):
         init_scale: initial posterior standard deviation (Gaussian).
         scale_map: the Gaussian family's standard deviation as ``softplus(rho)`` or ``rho^2`` (``"square"``, BLoB's).
         degree, support: Bernstein degree ``M`` and each chain's initial range around its starting weight.
+        freeze_affine: Bernstein families: keep each flow's first affine map (``a``, ``b``) at its initial values, as
+            the paper's released script does (ours trains them by default).
         local_reparameterization: sample outputs rather than weights (Gaussian families only).
         dataset_size: ``N``; by default the datamodule's ``num_train`` or the training set's length.
         kl_weight: multiplier of ``KL / N`` (1 is the ELBO).
@@ -75,6 +77,7 @@ class VariationalInference(BayesianModule):
         scale_map: ScaleMap = "softplus",
         degree: int = 10,
         support: tuple[float, float] = (-0.1, 0.1),
+        freeze_affine: bool = False,
         local_reparameterization: bool = True,
         dataset_size: int | None = None,
         kl_weight: float = 1.0,
@@ -100,7 +103,7 @@ class VariationalInference(BayesianModule):
         self.variational_layer_names = to_variational(
             backbone, params, family=family, prior_scale=prior_scale, init_scale=init_scale, degree=degree,
             support=support, local_reparameterization=local_reparameterization and family in GAUSSIAN_FAMILIES,
-            scale_map=scale_map,
+            scale_map=scale_map, freeze_affine=freeze_affine,
         )
         self.backbone = backbone
         self.dataset_size, self.kl_weight, self.kl_warmup_epochs = dataset_size, kl_weight, kl_warmup_epochs

@@ -47,3 +47,24 @@ def test_joint_flow_recovers_the_correlated_regression_posterior():
         kl = (log_q - exact.log_prob(draws.reshape(-1, 2))).mean()
     assert mean_field_optimum > 0.4
     assert kl < mean_field_optimum / 4, (float(kl), float(mean_field_optimum))
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_freeze_affine_trains_everything_but_the_first_affine_map(joint: bool):
+    """The released script's quirk (``freeze_affine=True``): ``f1``'s ``a`` and ``b`` are buffers that a fit leaves
+    at their initial values, while the coefficients, ``f3`` (and MADE) train; by default ``a`` and ``b`` train."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    for freeze in (True, False):
+        module = BernsteinVI(nn.Sequential(nn.Linear(3, 2)), joint=joint, freeze_affine=freeze, dataset_size=32)
+        flow = module.variational_layers[0].weight
+        before = {name: value.clone() for name, value in flow.state_dict().items()}
+        assert ({"a", "b"} <= dict(flow.named_buffers()).keys()) == freeze
+        assert ({"a", "b"} <= dict(flow.named_parameters()).keys()) != freeze
+        Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                enable_model_summary=False).fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+        after = flow.state_dict()
+        assert torch.equal(after["a"], before["a"]) == freeze and torch.equal(after["b"], before["b"]) == freeze
+        coefficients = "conditioner.4.bias" if joint else "raw_coefficients"  # MADE's output, or the chains'
+        assert not torch.equal(after[coefficients], before[coefficients])
+        assert not torch.equal(after["alpha"], before["alpha"])
