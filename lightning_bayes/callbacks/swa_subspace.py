@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
-from ..inference.swag import SWAGMoments
+from ..inference.swag import SWAGMoments, learning_rate_factor
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
 
 if TYPE_CHECKING:
@@ -69,6 +69,10 @@ class SWASubspace(Callback):
         every_n_steps: one after every n-th optimiser step from the start.
         max_rank: ``K``, the deviations kept (0: diagonal SWAG only).
         device: where the moments live: ``"cpu"`` (default) or ``None`` (the parameters' device).
+        swa_lr_ratio: ``r = swa_lr / lr_init``: the callback then sets every optimiser's learning rate at each
+            epoch's start to the reference schedule (:func:`~lightning_bayes.inference.swag.learning_rate_factor`
+            of ``epoch / start`` times the initial rate: 1 to half the start epoch, linear down to ``r`` at 0.9 of
+            it, ``r`` from then on, through collection); ``None`` (default) leaves the rate to the module.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class SWASubspace(Callback):
         every_n_steps: int | None = None,
         max_rank: int = 20,
         device: str | None = "cpu",
+        swa_lr_ratio: float | None = None,
     ) -> None:
         super().__init__()
         if start_epoch is not None and start_fraction is not None:
@@ -95,6 +100,8 @@ class SWASubspace(Callback):
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if swa_lr_ratio is not None and not (isinstance(swa_lr_ratio, (int, float)) and 0 < swa_lr_ratio <= 1):
+            raise ValueError(f"swa_lr_ratio must be None or a number in (0, 1]; got {swa_lr_ratio!r}")
         if not isinstance(max_rank, int) or max_rank < 0:
             raise ValueError(f"max_rank must be an int >= 0; got {max_rank!r}")
         if device is not None and not _is_device_name(device):
@@ -106,6 +113,7 @@ class SWASubspace(Callback):
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None or every_n_steps is not None else 1
         self.max_rank = max_rank
         self.device = device
+        self.swa_lr_ratio = swa_lr_ratio
         self.names: list[str] = []
         self.moments: SWAGMoments | None = None
         self.last_step = -1  # global step of the last snapshot (never two at one optimiser step)
@@ -174,6 +182,23 @@ class SWASubspace(Callback):
             return self.start_epoch * math.ceil(batches / trainer.accumulate_grad_batches)
         assert self.start_fraction is not None  # set whenever start_epoch is not
         return math.floor(self.start_fraction * trainer.estimated_stepping_batches)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """With ``swa_lr_ratio``: this epoch's learning rates, ``learning_rate_factor(epoch / start)`` times each
+        parameter group's initial rate (kept in the group as ``swag_initial_lr``, so in the optimiser's checkpoint)."""
+        if self.swa_lr_ratio is None:
+            return
+        if trainer.lr_scheduler_configs:
+            raise ValueError(
+                f"SWASubspace(swa_lr_ratio={self.swa_lr_ratio}) sets the learning rate itself, but the module also "
+                f"has a learning-rate scheduler ({type(trainer.lr_scheduler_configs[0].scheduler).__name__}): "
+                "remove one of them"
+            )
+        start = self._start_epoch(trainer)
+        factor = learning_rate_factor(trainer.current_epoch / start if start else math.inf, self.swa_lr_ratio)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("swag_initial_lr", group["lr"]) * factor
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

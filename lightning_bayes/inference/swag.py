@@ -11,7 +11,9 @@ and the last ``K`` deviations are kept as the rows of a ring buffer ``D`` ``[K, 
     theta = theta_bar + sqrt(s) (Sigma_diag^{1/2} z_1 + D^T z_2 / sqrt(K - 1)),
     Sigma_diag = clamp(m2 - theta_bar^2, 1e-30),   z_1 ~ N(0, I_P), z_2 ~ N(0, I_K),
 
-with ``s = 0.5`` for SWAG, the diagonal part only for SWAG-diag (``s = 1``) and ``s = 0`` for SWA.
+with ``s = 0.5`` for SWAG, the diagonal part only for SWAG-diag (``s = 1``) and ``s = 0`` for SWA. ``K`` is the
+number of deviations stored so far (at most ``max_rank``): before the buffer is full, ``D^T D / (K - 1)`` is the
+sample covariance of those it holds, as it is of the last ``max_rank`` once full.
 Reference: Maddox, Izmailov, Garipov, Vetrov & Wilson, "A Simple Baseline for Bayesian Uncertainty in
 Deep Learning", NeurIPS 2019, section 3 and algorithm 1.
 """
@@ -25,6 +27,17 @@ import torch
 from torch import Tensor, nn
 
 _MIN_VARIANCE = 1e-30
+
+
+def learning_rate_factor(progress: float, ratio: float) -> float:
+    """SWAG's learning-rate multiplier at ``progress = epoch / swa_start`` with ``ratio = swa_lr / lr_init``: 1 up to
+    ``progress`` 0.5, then linear down to ``ratio`` at 0.9, then ``ratio`` (collection runs at ``swa_lr``).
+    Maddox et al., NeurIPS 2019, appendix (the released ``schedule``)."""
+    if progress <= 0.5:
+        return 1.0
+    if progress <= 0.9:
+        return 1.0 - (1.0 - ratio) * (progress - 0.5) / 0.4
+    return ratio
 
 
 class SWAGMoments(nn.Module):

@@ -128,6 +128,53 @@ def test_kill_and_resume_in_the_middle_of_collection_reproduces_the_uninterrupte
         assert torch.equal(a, b)
 
 
+class LearningRates(Callback):
+    """The optimiser's learning rate at each epoch's first step."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.setdefault(trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_reference_learning_rate_schedule_is_applied_and_resumes(tmp_path: Path) -> None:
+    """``swa_lr_ratio`` r = 0.2 from lr 0.05 with collection from epoch 10: the factor is 1 for epoch / 10 <= 0.5,
+    falls linearly to r at 0.9 (epochs 6 to 9: 0.8, 0.6, 0.4, 0.2) and stays r; a fit stopped after epoch 7 and
+    resumed sets the same rates and ends with the same moments and weights."""
+
+    def callback() -> SWASubspace:
+        return SWASubspace(params="all", start_epoch=10, max_rank=2, swa_lr_ratio=0.2)
+
+    straight, rates = callback(), LearningRates()
+    straight_module = fit(12, [straight, rates])
+    expected = [0.05] * 6 + [0.04, 0.03, 0.02, 0.01, 0.01, 0.01]
+    assert [rates.rates[e] for e in range(12)] == pytest.approx(expected, rel=1e-12)
+    assert straight.moments.count.item() == 2
+    fit(8, [callback(), ModelCheckpoint(dirpath=tmp_path, save_last=True)], root=tmp_path)
+    resumed, resumed_rates = callback(), LearningRates()
+    resumed_module = fit(12, [resumed, resumed_rates], ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed_rates.rates == {e: rates.rates[e] for e in range(8, 12)}
+    for name, value in straight.state_dict()["moments"].items():
+        assert torch.equal(value, resumed.state_dict()["moments"][name]), name
+    for a, b in zip(straight_module.parameters(), resumed_module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_learning_rate_schedule_refuses_a_second_scheduler() -> None:
+    class Scheduled(Regression):
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1)}
+
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False,
+                      callbacks=[SWASubspace(start_epoch=1, swa_lr_ratio=0.5)])
+    with pytest.raises(ValueError, match=r"sets the learning rate itself, but the module also has a learning-rate "
+                       r"scheduler \(StepLR\): remove one of them"):
+        trainer.fit(Scheduled(), loader())
+
+
 def test_swa_and_sample_contexts_write_the_selected_parameters_and_restore_everything() -> None:
     swa = SWASubspace(params="all", start_epoch=0, every_n_steps=1, max_rank=5)
     module = fit(2, [swa])
@@ -175,6 +222,7 @@ def test_contexts_before_any_snapshot_are_an_error_and_the_fit_says_why() -> Non
         ({"max_rank": -2}, "max_rank must be an int >= 0"),
         ({"device": "gpu"}, r"device must be a device name such as 'cpu' or 'cuda:0', or None; got 'gpu'"),
         ({"device": 0}, r"device must be a device name .*; got 0"),
+        ({"swa_lr_ratio": 0}, r"swa_lr_ratio must be None or a number in \(0, 1\]; got 0"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message) -> None:
