@@ -74,6 +74,10 @@ class SSVI(VariationalInference):
         seed: seed of the initial supports and values.
         Others: as in :class:`VariationalInference` (``kl_weight`` multiplies ``KL / N``; the reference's
         ``0.01 / N`` tempering is ``kl_weight=0.01``).
+
+    Defaults are the library's, not the reference's recipe (prior ``N(0, 0.005^2)``, ``kl_weight=0.01``, a KL
+    warm-up over half of training, SGD lr 0.01 with momentum 0.9 and weight decay 5e-4, the noise-off mean as the
+    prediction): pass those to reproduce it; ``configs/mnist/ssvi.yaml`` states its own choices and why.
     """
 
     # buffers (register_buffer), typed for readers and checkers

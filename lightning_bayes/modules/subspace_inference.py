@@ -114,12 +114,16 @@ class SubspaceInference(BayesianModule):
         subspace: ``"swag"``, ``"pca"``, ``"random"`` or ``"curve"``.
         rank: subspace dimension ``k`` (``"curve"``: 2).
         method: ``"ess"``, ``"vi"`` or ``"none"`` (``"swag"`` takes ``"none"`` only).
-        temperature: ``T`` in ``exp(-sum_i l_i / T)``.
+        temperature: ``T`` in ``exp(-sum_i l_i / T)``; 1 is the untempered posterior. The reference tempers by
+            ``T`` of order ``N`` (5,000 to 10,000 on its data sets): choose it on validation data
+            (``configs/mnist/subspace_ess.yaml`` uses 1,000, against which 1 scored worse).
         prior_scale: ``sigma_p`` of the prior ``N(0, sigma_p^2 I)`` on ``z`` (PCA: in SWAG standard deviations).
         swag_scale: ``s`` of the SWAG draws (0.5; 0 is SWA).
         num_samples: samples kept for the predictive.
         bn_update: recompute BatchNorm statistics for every sample (when the model has BatchNorm).
-        curve_points: for ``"curve"``: three checkpoints (or flat weight vectors) ``w0``, ``w_half``, ``w2``.
+        curve_points: for ``"curve"``: three checkpoints (or flat weight vectors) ``w0``, ``w_half``, ``w2``, where
+            ``w_half`` is the curve's midpoint ``theta(1/2) = w0/4 + w1/2 + w2/4`` for a quadratic Bezier curve with
+            control point ``w1`` (not ``w1`` itself).
         optimizer: for ``"vi"`` (default SGD, lr 0.1, momentum 0.9, as the reference); ``lr_scheduler`` likewise.
         init_scale: for ``"vi"``: initial ``sigma``.
         num_data: for ``"vi"``: ``N`` in ``T KL / N`` (default: the training set's size).
