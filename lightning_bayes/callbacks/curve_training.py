@@ -11,6 +11,11 @@ The callback adds to the control points' gradients
   optimiser's own weight decay to 0: it would decay the control points instead),
 * optionally the LoRA-Curve regulariser ``-lambda JS(p_{t_1}, ..., p_{t_J})`` at ``J`` further draws of
   ``t`` on the same batch (Dold et al., 2026): minimising it raises the curve ensemble's mutual information.
+  The reference's objective is ``mean_j NLL(theta(t_j)) - lambda JS`` over one set of ``J`` draws; here the NLL
+  part stays the module's own ``training_step`` at its one ``t`` (the same expectation over ``t``, and what lets
+  the callback serve any module untouched), so a step runs ``J + 1`` forward passes. The ``J`` passes run in the
+  module's training mode, as the reference's do (dropout active; BatchNorm statistics, which every evaluated
+  ``t`` re-estimates anyway, updated).
 
 During validation, test and predict ``pl_module.predictive`` is the curve ensemble (``ensemble_points`` values of
 ``t`` at the midpoints of equal cells of [0, 1], pooled by :func:`lightning_bayes.predictive.concatenate`),
