@@ -14,8 +14,8 @@ The callback adds to the control points' gradients
   The reference's objective is ``mean_j NLL(theta(t_j)) - lambda JS`` over one set of ``J`` draws; here the NLL
   part stays the module's own ``training_step`` at its one ``t`` (the same expectation over ``t``, and what lets
   the callback serve any module untouched), so a step runs ``J + 1`` forward passes. The ``J`` passes run in the
-  module's training mode, as the reference's do (dropout active; BatchNorm statistics, which every evaluated
-  ``t`` re-estimates anyway, updated).
+  module's training mode (dropout active; BatchNorm statistics, which every evaluated ``t`` re-estimates anyway,
+  updated).
 
 During validation, test and predict ``pl_module.predictive`` is the curve ensemble (``ensemble_points`` values of
 ``t`` at the midpoints of equal cells of [0, 1], pooled by :func:`lightning_bayes.predictive.concatenate`),
