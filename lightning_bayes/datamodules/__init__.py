@@ -11,6 +11,7 @@ from .epoch_loader import EpochLoader, side_pass, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
 from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .regression import UCIRegressionDataModule
+from .sampler_padding import without_sampler_padding
 from .text import RottenTomatoesDataModule
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "UCIRegressionDataModule",
     "side_pass",
     "training_pass_epoch",
+    "without_sampler_padding",
 ]

@@ -25,9 +25,10 @@ BatchNorm, whose ``lightning-bayes test`` also works without fitting). With Batc
 statistics are recomputed over the training data once sampling is done and cached in a buffer, so
 ``predictive`` is a plain ensemble. Likelihoods are evaluated with BatchNorm on batch statistics (as the
 reference code does). All state (moments, subspace, sampler, samples, BatchNorm cache, random-draw counter)
-lives in buffers, so checkpoints resume exactly. Under DDP the log-likelihood is summed over ranks, every rank
-makes the same seeded draws and decisions, and each sample's BatchNorm statistics are the average of the ranks'
-(exact for the means with equal shards). Reference: Izmailov, Maddox, Kirichenko, Garipov, Vetrov &
+lives in buffers, so checkpoints resume exactly. Under DDP the log-likelihood is summed over ranks (each example
+once: the distributed sampler's padding repeats are left out, :mod:`~lightning_bayes.datamodules.sampler_padding`),
+every rank makes the same seeded draws and decisions, and each sample's BatchNorm statistics are the average of the
+ranks' (exact for the means with equal shards). Reference: Izmailov, Maddox, Kirichenko, Garipov, Vetrov &
 Wilson, "Subspace Inference for Bayesian Deep Learning", UAI 2019; Maddox et al., NeurIPS 2019.
 """
 
@@ -44,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..datamodules import side_pass
+from ..datamodules import side_pass, without_sampler_padding
 from ..inference.batchnorm import (
     batch_statistics,
     batchnorm_layers,
@@ -309,8 +310,8 @@ class SubspaceInference(BayesianModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         if self.method == "vi":
             return self._vi_step(batch)
-        if self.method == "ess":
-            self._ess_step(batch)
+        if self.method == "ess":  # a sum over the data: DDP's padding repeats must not count twice
+            self._ess_step(without_sampler_padding(batch, batch_idx, self.trainer.train_dataloader))
         if self._last_batch(batch_idx):
             if self.method == "ess":
                 self._ess_decision()
@@ -324,6 +325,8 @@ class SubspaceInference(BayesianModule):
 
     def _ess_step(self, batch: Batch) -> None:
         x, y = batch
+        if not len(y):
+            return
         point = self.sampler.proposal() if bool(self.started) else self.sampler.z
         with torch.no_grad():
             self.partial.sub_(self._summed_nll(self.subspace(point), x, y).double() / self.temperature)

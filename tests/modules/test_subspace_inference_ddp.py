@@ -74,3 +74,21 @@ def test_batchnorm_statistics_of_each_sample_are_the_one_process_refresh(tmp_pat
     assert torch.equal(ranks[0]["bn"], ranks[1]["bn"]) and torch.equal(ranks[0]["samples"], single["samples"])
     assert single["bn"].shape[0] == 3 and not torch.equal(single["bn"][0], single["bn"][1])  # one per sample
     torch.testing.assert_close(ranks[0]["bn"], single["bn"], rtol=1e-12, atol=1e-14)
+
+
+def test_ess_counts_every_example_once_when_the_sampler_pads(tmp_path: Path) -> None:
+    """39 points on 2 processes: Lightning's DistributedSampler repeats one to give both 20; the summed
+    log-likelihood leaves the repeat out, so the chain is still the one-process chain."""
+    x, y, state = regression()
+    data = TensorDataset(x[:39], y[:39])
+    chains = []
+    for devices in (1, 2):
+        folder = tmp_path / f"devices{devices}"
+        folder.mkdir()
+        module = linear_module(state, method="ess", num_samples=8)
+        trainer = spawn_trainer(devices, [Recorder(folder)], max_epochs=-1, use_distributed_sampler=True)
+        trainer.fit(module, DataLoader(data, batch_size=BATCH))
+        chains.append(rank_states(folder))
+    (single,), ranks = chains
+    assert single["samples"].abs().min() > 0 and torch.equal(ranks[0]["samples"], ranks[1]["samples"])
+    torch.testing.assert_close(ranks[0]["samples"], single["samples"], rtol=1e-10, atol=1e-12)

@@ -1,0 +1,37 @@
+"""The examples a ``DistributedSampler`` repeats to give every process as many, dropped from a batch.
+
+Without ``drop_last`` the sampler pads the ``N`` indices to ``W ceil(N / W)`` by repeating the first ones and deals
+them out in turn (process ``r`` takes positions ``r, r + W, ...``), so its local position ``i`` is a repeat exactly
+when ``r + i W >= N``: the tail of its pass. A mean over batches hardly notices; a sum over the whole data set that
+must count each example once (a sampler's log-likelihood, a search's NLL over an anchor set) does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import DistributedSampler
+from torch.utils._pytree import tree_map
+
+from .epoch_loader import loader_samplers
+
+
+def without_sampler_padding(batch: tuple[Any, Tensor], batch_idx: int, loader: Any) -> tuple[Any, Tensor]:
+    """``(x, y)`` batch ``batch_idx`` of ``loader``'s pass without the sampler's repeats (unchanged when the loader
+    has no padding ``DistributedSampler`` or a batch sampler of its own)."""
+    if getattr(loader, "batch_size", None) is None:
+        return batch
+    sampler = next((s for s in loader_samplers(loader) if isinstance(s, DistributedSampler)), None)
+    if sampler is None or sampler.drop_last:
+        return batch
+    size = len(sampler.dataset)  # type: ignore[arg-type]  # a map-style dataset: DistributedSampler needs its length
+    if sampler.total_size == size:
+        return batch
+    x, y = batch
+    real = math.ceil((size - sampler.rank) / sampler.num_replicas)  # local positions before the repeats
+    keep = min(max(real - batch_idx * loader.batch_size, 0), len(y))
+    if keep == len(y):
+        return batch
+    return tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x), y[:keep]
