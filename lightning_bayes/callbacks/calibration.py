@@ -31,6 +31,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from ..datamodules.epoch_loader import loader_samplers
 from ..metrics import (
     OOD_SCORES,
     ExpectedCalibrationError,
@@ -261,7 +262,7 @@ class CalibrationMetrics(Callback):
         loader = trainer.datamodule.ood_dataloader()  # type: ignore[attr-defined]  # set by Lightning
         if not isinstance(loader, DataLoader):
             raise TypeError(f"datamodule.ood_dataloader() must return a torch DataLoader; got {type(loader).__name__}")
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and _sharded_in_distribution(trainer, stage):  # the OOD data alike
             loader = _sharded(loader, trainer.world_size, trainer.global_rank)
         for batch in itertools.islice(loader, _ood_batch_limit(trainer, stage)):
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
@@ -306,6 +307,14 @@ class CalibrationMetrics(Callback):
         if not isinstance(predictive, GaussianPredictive):
             raise TypeError(f"expected a GaussianPredictive on the plotting grid; got {type(predictive).__name__}")
         return xs.cpu(), ys.cpu(), predictive, grid.cpu()
+
+
+def _sharded_in_distribution(trainer: Trainer, stage: str) -> bool:
+    """Whether this stage's in-distribution loaders deal their examples out to the processes (Lightning's
+    ``DistributedSampler``); with ``use_distributed_sampler=False`` every process sees all of them."""
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    return any(isinstance(s, DistributedSampler) for loader in loaders for s in loader_samplers(loader))
 
 
 def _sharded(loader: DataLoader, world_size: int, rank: int) -> DataLoader:

@@ -44,3 +44,15 @@ def test_two_processes_write_the_single_process_metrics(tmp_path: Path) -> None:
     for name, value in single.items():
         # float32 sums in a different order
         assert distributed[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_without_the_distributed_sampler_the_ood_data_is_not_sharded_either(tmp_path: Path) -> None:
+    """``use_distributed_sampler=False`` (the null-space Laplace's requirement): every rank scores the same first two
+    test batches, so the OOD loader must not be sharded either; each rank then scores the first 32 OOD examples and
+    the pooled metrics (every example twice) are the one-process ones."""
+    single = run_test(tmp_path / "single", devices=1, limit_test_batches=2)
+    distributed = run_test(tmp_path / "ddp", devices=2, strategy=spawned_ddp(), limit_test_batches=2,
+                           use_distributed_sampler=False)
+    for name, value in single.items():
+        if name != "aece":  # adaptive ECE's equal-mass bins move when every example comes twice
+            assert distributed[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
