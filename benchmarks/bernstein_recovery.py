@@ -34,6 +34,7 @@ from lightning_bayes.inference.bernstein import BernsteinFlow
 from lightning_bayes.inference.bernstein_autoregressive import AutoregressiveBernsteinFlow
 from lightning_bayes.inference.mean_field_gaussian import MeanFieldGaussian
 from lightning_bayes.inference.reparameterised_vi import ReparameterisedFamily, fit_reparameterised, kl_to_posterior
+from arguments import positive_int  # benchmarks/arguments.py
 
 CAUCHY_DATA = torch.tensor([1.2084, -2.7329, 4.1770, 1.9711, -4.2004, -2.3850], dtype=torch.float64)
 DEGREES = (1, 3, 10, 30)
@@ -108,8 +109,8 @@ def correlated_section(seeds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (the median is printed)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=positive_int, default=1, help="seeds per cell (the median is printed)")
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--correlated", action="store_true", help="add the 2-D correlated linear-regression section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -26,6 +26,7 @@ from lightning_bayes.models import LeNet5
 from lightning_bayes.modules import MAP
 
 from step_timer import StepTimer  # benchmarks/step_timer.py
+from arguments import positive_int  # benchmarks/arguments.py
 
 
 def sgd(params: Any) -> torch.optim.Optimizer:
@@ -56,11 +57,11 @@ def run(curve: bool, loader: DataLoader, steps: int, folder: str) -> list[float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating MAP/curve runs")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="alternating MAP/curve runs")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)

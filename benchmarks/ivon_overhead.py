@@ -26,6 +26,7 @@ from lightning_bayes.modules.ivon import IVONModule
 from lightning_bayes.optim import IVON
 
 from step_timer import StepTimer  # benchmarks/step_timer.py
+from arguments import positive_int  # benchmarks/arguments.py
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -51,12 +52,12 @@ def run(module: LightningModule, loader: DataLoader, steps: int, folder: str) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--mc-samples", type=int, nargs="+", default=[1, 2], help="IVON runs, one per value")
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="alternating runs")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--mc-samples", type=positive_int, nargs="+", default=[1, 2], help="IVON runs, one per value")
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)

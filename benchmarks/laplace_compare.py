@@ -71,6 +71,7 @@ from lightning_bayes.models import MLP, LeNet5, load_trained_weights
 from lightning_bayes.predictive import CategoricalPredictive
 
 from peak_memory import PeakMemory, cap_data_memory, describe_error, synchronize  # benchmarks/peak_memory.py
+from arguments import positive_int  # benchmarks/arguments.py
 
 MICRO_BATCH = 16  # ours: examples per projection step (the reference's B)
 INPUT_DIM = 784  # part 2's synthetic MLP inputs
@@ -401,23 +402,29 @@ def print_scaling(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU), in every worker")
+    parser.add_argument("--threads", type=positive_int, default=None,
+        help="torch intra-op threads (CPU), in every worker")
     parser.add_argument("--quick", action="store_true", help="fewer MAP steps, N, test images, sweeps and P values")
     parser.add_argument("--checkpoint", default=None, help="MAP checkpoint of configs/mnist/map.yaml (glob ok)")
-    parser.add_argument("--map-steps", type=int, default=None, help="MAP training steps (default 2000, quick 300)")
-    parser.add_argument("--num-train", type=int, default=None, help="N training examples (default 10000, quick 2000)")
-    parser.add_argument("--num-test", type=int, default=None, help="test images (default 10000, quick 1000)")
-    parser.add_argument("--sweeps", type=int, default=None, help="our sweeps T (default 10, quick 2)")
-    parser.add_argument("--samples", type=int, default=30, help="our posterior samples S (and MC link samples)")
+    parser.add_argument("--map-steps", type=positive_int, default=None,
+        help="MAP training steps (default 2000, quick 300)")
+    parser.add_argument("--num-train", type=positive_int, default=None,
+        help="N training examples (default 10000, quick 2000)")
+    parser.add_argument("--num-test", type=positive_int, default=None, help="test images (default 10000, quick 1000)")
+    parser.add_argument("--sweeps", type=positive_int, default=None, help="our sweeps T (default 10, quick 2)")
+    parser.add_argument("--samples", type=positive_int, default=30,
+        help="our posterior samples S (and MC link samples)")
     parser.add_argument("--alpha", default="evidence", help="our prior precision: a number or a rule name")
-    parser.add_argument("--batch-size", type=int, default=32, help="laplace-torch fit batches and all test batches")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+        help="laplace-torch fit batches and all test batches")
     parser.add_argument("--link-approx", default="probit", choices=["probit", "mc", "bridge"])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
                         help="laplace-torch curvature backends (curvlinops is its default)")  # fmt: skip
     parser.add_argument("--skip", nargs="*", default=[], choices=["compare", "scaling"], help="parts to leave out")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per part-2 case (default 5, quick 2)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+        help="timed repeats per part-2 case (default 5, quick 2)")
     parser.add_argument("--max-gb", type=float, default=None, help="per-worker memory cap on CPU (default 6; 0: none)")
     parser.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"])
     parser.add_argument("--seed", type=int, default=0)

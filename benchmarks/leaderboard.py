@@ -41,6 +41,7 @@ import torch
 from leaderboard_report import report_paths, summarise, write_report  # benchmarks/leaderboard_report.py
 from leaderboard_tasks import TASK_NAMES, Entry, task_entries  # benchmarks/leaderboard_tasks.py
 from peak_memory import PeakMemory, cap_data_memory, describe_error  # benchmarks/peak_memory.py
+from arguments import positive_int  # benchmarks/arguments.py
 
 ROOT = Path(__file__).resolve().parent.parent
 # runs are forked from a server that imported torch but never touched CUDA (a plain fork of this process could
@@ -244,13 +245,13 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASK_NAMES, required=True)
     parser.add_argument("--quick", action="store_true", help="the task's shorter budgets (leaderboard_tasks.py)")
     parser.add_argument("--out", type=Path, help="output folder (default runs/leaderboard/<task>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the split stays fixed)")
     parser.add_argument("--only", nargs="+", help="these rows (and what they start from) only")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per run")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads per run")
     parser.add_argument("--max-gb", type=float, default=0.0, help="CPU: cap each run's new heap memory, RLIMIT_DATA (0: no cap)")
     parser.add_argument(
         "--resume",

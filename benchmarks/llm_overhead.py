@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from arguments import non_negative_int, positive_int  # benchmarks/arguments.py
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "MAP-LoRA"
 METHODS = {  # name -> (config, reported apart from the criterion)
@@ -78,10 +80,10 @@ def measure(spec: dict[str, Any]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--four-bit", action="store_true", help="NF4 base (the overlay text/nf4.yaml)")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per method")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per method")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed training steps per method")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads per method")
     parser.add_argument(
         "--data-dir", type=Path, help="folder with rotten_tomatoes_corpus_full.csv.bz2 (default: the packaged copy)"
     )

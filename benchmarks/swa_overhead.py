@@ -25,6 +25,7 @@ from lightning_bayes.callbacks.swa_subspace import SWASubspace
 from lightning_bayes.datamodules import MNISTDataModule
 from lightning_bayes.models import LeNet5
 from lightning_bayes.modules import MAP
+from arguments import positive_int  # benchmarks/arguments.py
 
 
 def timed_fit(data: MNISTDataModule, epochs: int, callbacks: list[Callback]) -> float:
@@ -42,10 +43,10 @@ def timed_fit(data: MNISTDataModule, epochs: int, callbacks: list[Callback]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per fit (430 steps each)")
-    parser.add_argument("--repeats", type=int, default=3, help="fits per setting (interleaved)")
-    parser.add_argument("--every-n-steps", type=int, nargs="+", default=[215, 1], help="collection intervals")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=positive_int, default=2, help="epochs per fit (430 steps each)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="fits per setting (interleaved)")
+    parser.add_argument("--every-n-steps", type=positive_int, nargs="+", default=[215, 1], help="collection intervals")
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per fit is noise here

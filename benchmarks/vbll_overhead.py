@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from lightning_bayes.inference.vbll import PARAMETERIZATIONS, DiscriminativeVBLL, Parameterization
 from lightning_bayes.models import LeNet5, timm_backbone
 from lightning_bayes.modules.vbll import compiled_head_loss, head_loss
+from arguments import non_negative_int, positive_int  # benchmarks/arguments.py
 
 DATASET_SIZE = 50_000  # lambda = 1/N; it does not change the cost
 RANK = 3
@@ -167,15 +168,17 @@ def format_row(values: list[str], widths: list[int]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--quick", action="store_true", help=f"grid {QUICK_GRID} and fewer repeats")
     parser.add_argument(
-        "--case", type=int, nargs=3, action="append", metavar=("D", "K", "B"), help="head rows of these sizes only"
+        "--case", type=positive_int, nargs=3, action="append", metavar=("D", "K", "B"),
+        help="head rows of these sizes only",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per head (default 20, quick 7)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per head (the first compiles)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed steps per head (default 20, quick 7)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
+        help="untimed steps per head (the first compiles)")
     parser.add_argument("--compile", action="store_true", help="add ours with its loss under torch.compile")
     parser.add_argument("--parameterizations", nargs="+", default=list(PARAMETERIZATIONS), choices=PARAMETERIZATIONS)
     parser.add_argument(

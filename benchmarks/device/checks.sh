@@ -20,8 +20,13 @@
 # config and tokenizer and the model is rebuilt there with random weights, which is what step time and memory
 # depend on (the CUDA 4-bit test that reads real reviews needs the real weights and is not run here).
 set -uo pipefail
+kits="llm|vbll|mnist|speed|all|leaderboard"
+case "${1:-}" in
+  llm|vbll|mnist|speed|all|leaderboard) kit="$1" ;;
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;  # this header
+  *) echo "usage: checks.sh $kits (--help: what each runs); got '${1:-}'" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/../.."
-kit="${1:?usage: checks.sh llm|vbll|mnist|speed|all|leaderboard}"
 out="${OUT:-runs/device}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl \
@@ -85,5 +90,4 @@ case "$kit" in
   speed) vbll_compiled; viking_step 90 200 100 2 ;;  # the compiled paths of issues 3 and 6 in one call
   all) llm_steps; vbll_step; viking_step 120 300 150 3 ;;  # the steps still open first (VBLL and VIKING measured 2026-12-04)
   leaderboard) leaderboard_step ;;
-  *) echo "kit must be llm, vbll, mnist, speed, all or leaderboard; got '$kit'" >&2; exit 2 ;;
 esac
