@@ -70,7 +70,7 @@ class DeepEnsemble(BayesianModule):
 
     Args:
         backbone: the network (its frozen parameters, e.g. a LoRA base, are shared by all members).
-        num_members: ensemble size M >= 2; the predictive has S = M samples.
+        num_members: ensemble size M >= 2; the predictive has S = M samples (``predictive(x, k)``: the first k).
         likelihood: each member gets its own copy (a Gaussian member learns its own noise).
         optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`, over every member.
         vectorize: run the members as one ``torch.func`` call over stacked parameters (the same values as a loop,
