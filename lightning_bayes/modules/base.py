@@ -140,7 +140,7 @@ class BayesianModule(LightningModule, ABC):
 
     def takes_optimizer_steps(self) -> bool:
         """Whether a fit steps an optimiser; a fit that only passes over the data (a sweep, a search, a sampler)
-        does not, and Lightning's step count, which bounds ``max_steps``, then never moves."""
+        does not: it gets no optimiser, and Lightning's step count, which bounds ``max_steps``, never moves."""
         return True
 
     def _refuse_a_step_budget_without_steps(self, stage: str) -> None:
@@ -220,6 +220,9 @@ class BayesianModule(LightningModule, ABC):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def configure_optimizers(self) -> Any:
+        """The optimiser over :meth:`parameter_groups` (and its scheduler); none for a fit that takes no steps."""
+        if not self.takes_optimizer_steps():
+            return None
         groups = [g for g in self.parameter_groups() if g["params"]]
         if not groups:
             raise ValueError(f"{type(self).__name__} has no trainable parameters to optimise")

@@ -143,11 +143,8 @@ class NullSpaceLaplace(BayesianModule):
         self.model.eval()  # theta_hat's network always runs in eval mode (BatchNorm statistics, no dropout)
         return self
 
-    def configure_optimizers(self) -> None:
-        return None  # nothing is trained: the sweeps update buffers
-
     def takes_optimizer_steps(self) -> bool:
-        return False
+        return False  # nothing is trained: the sweeps update buffers
 
     def _resolve_constraint(self, x: Any) -> None:
         """``constraint="auto"``: the loss kernel once the outputs per example exceed 10 (seen on a first batch)."""

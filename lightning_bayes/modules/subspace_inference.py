@@ -298,9 +298,6 @@ class SubspaceInference(BayesianModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.variational.parameters())}]
 
-    def configure_optimizers(self) -> Any:
-        return super().configure_optimizers() if self.takes_optimizer_steps() else None
-
     def takes_optimizer_steps(self) -> bool:
         return self.method == "vi"  # ESS and prior draws only sample
 

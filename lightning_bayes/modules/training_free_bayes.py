@@ -122,11 +122,8 @@ class TrainingFreeBayes(BayesianModule):
         self.model.eval()  # the trained network always runs in eval mode (no dropout)
         return self
 
-    def configure_optimizers(self) -> None:
-        return None  # nothing is trained: the search updates buffers
-
     def takes_optimizer_steps(self) -> bool:
-        return False
+        return False  # nothing is trained: the search updates buffers
 
     def _generator(self, offset: int) -> torch.Generator:
         generator = torch.Generator(device=self.noise.a_0.device)
