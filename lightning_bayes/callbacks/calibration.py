@@ -31,7 +31,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from ..datamodules.epoch_loader import loader_samplers
+from ..datamodules.sampler_padding import distributed_sampler
 from ..metrics import (
     OOD_SCORES,
     ExpectedCalibrationError,
@@ -314,7 +314,7 @@ def _sharded_in_distribution(trainer: Trainer, stage: str) -> bool:
     ``DistributedSampler``); with ``use_distributed_sampler=False`` every process sees all of them."""
     loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    return any(isinstance(s, DistributedSampler) for loader in loaders for s in loader_samplers(loader))
+    return any(distributed_sampler(loader) is not None for loader in loaders)
 
 
 def _sharded(loader: DataLoader, world_size: int, rank: int) -> DataLoader:

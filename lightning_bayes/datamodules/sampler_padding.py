@@ -18,12 +18,18 @@ from torch.utils._pytree import tree_map
 from .epoch_loader import loader_samplers
 
 
+def distributed_sampler(loader: Any) -> DistributedSampler | None:
+    """The ``DistributedSampler`` dealing ``loader``'s examples out to the processes (Lightning's, in the loader or,
+    for a ``StatefulDataLoader``, in its batch sampler), if any."""
+    return next((s for s in loader_samplers(loader) if isinstance(s, DistributedSampler)), None)
+
+
 def without_sampler_padding(batch: tuple[Any, Tensor], batch_idx: int, loader: Any) -> tuple[Any, Tensor]:
     """``(x, y)`` batch ``batch_idx`` of ``loader``'s pass without the sampler's repeats (unchanged when the loader
     has no padding ``DistributedSampler`` or a batch sampler of its own)."""
     if getattr(loader, "batch_size", None) is None:
         return batch
-    sampler = next((s for s in loader_samplers(loader) if isinstance(s, DistributedSampler)), None)
+    sampler = distributed_sampler(loader)
     if sampler is None or sampler.drop_last:
         return batch
     size = len(sampler.dataset)  # type: ignore[arg-type]  # a map-style dataset: DistributedSampler needs its length
