@@ -13,7 +13,6 @@ lists them.
 
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
 from .cli_parser import BayesArgumentParser, imported_class
+from .models.weights import relative_to_note
 from .modules.base import BayesianModule
 
 
@@ -179,8 +179,7 @@ def _check_local_checkpoint(ckpt_path: str) -> None:
     if ckpt_path in _LIGHTNING_CKPT_PATHS or ckpt_path.startswith("registry") or "://" in ckpt_path:
         return
     if not Path(ckpt_path).is_file():
-        where = "" if Path(ckpt_path).is_absolute() else f" (relative to the working folder {os.getcwd()})"
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} is not a file{where}")
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} is not a file{relative_to_note(ckpt_path)}")
 
 
 def _class_path(model: Any) -> str | None:

@@ -3,7 +3,7 @@
 Without ``drop_last`` the sampler pads the ``N`` indices to ``W ceil(N / W)`` by repeating the first ones and deals
 them out in turn (process ``r`` takes positions ``r, r + W, ...``), so its local position ``i`` is a repeat exactly
 when ``r + i W >= N``: the tail of its pass. A mean over batches hardly notices; a sum over the whole data set that
-must count each example once (a sampler's log-likelihood, a search's NLL over an anchor set) does.
+must count each example once (e.g. subspace inference's log-likelihood) does.
 """
 
 from __future__ import annotations

@@ -16,10 +16,15 @@ import torch
 from torch import Tensor, nn
 
 
+def relative_to_note(path: str) -> str:
+    """``" (relative to the working folder ...)"`` for a relative ``path`` in a not-found message, else ``""``."""
+    return "" if Path(path).is_absolute() else f" (relative to the working folder {os.getcwd()})"
+
+
 def resolve_checkpoint_path(checkpoint: str) -> Path:
     """``checkpoint`` itself, or the newest file matching it when it is a glob pattern
     (e.g. ``runs/mnist_map/version_*/checkpoints/last.ckpt``)."""
-    where = "" if Path(checkpoint).is_absolute() else f" (relative to the working folder {os.getcwd()})"
+    where = relative_to_note(checkpoint)
     if any(c in checkpoint for c in "*?["):
         matches = sorted(glob.glob(checkpoint), key=os.path.getmtime)
         if not matches:
