@@ -41,9 +41,17 @@ DESCRIPTION = (
 
 class RunConfigSaver(SaveConfigCallback):
     """Lightning's ``config.yaml`` writer, whose refusal to overwrite an earlier run's config says what to do on the
-    command line (Lightning's points at ``LightningCLI(...)`` arguments, which a command-line user cannot pass)."""
+    command line (Lightning's points at ``LightningCLI(...)`` arguments, which a command-line user cannot pass).
+    A run that fails before its first loop starts (a method refusing the Trainer's settings in ``setup`` or
+    ``on_fit_start``) with nothing else in its folder takes its ``config.yaml`` back, and the logger's then empty
+    version folder, so that the next run does not find a version folder holding only a config (and take the next
+    version number)."""
+
+    _written: Path | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        writes = self.save_to_log_dir and not self.already_saved and trainer.is_global_zero
+        folder = Path(trainer.log_dir) if writes and trainer.log_dir is not None else None
         try:
             super().setup(trainer, pl_module, stage)
         except RuntimeError as error:
@@ -54,6 +62,23 @@ class RunConfigSaver(SaveConfigCallback):
                 "overwrite a run's files: without a logger every run writes to the same folder, so give this one its "
                 "own --trainer.default_root_dir (or keep the logger: each run then gets a new version folder)"
             ) from None
+        if folder is not None and (folder / self.config_filename).is_file():
+            self._written = folder / self.config_filename
+
+    def _keep(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A loop started: from here on the config is the run's record."""
+        self._written = None
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _keep
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        written, self._written = self._written, None
+        if written is None or not written.is_file() or any(p != written for p in written.parent.iterdir()):
+            return
+        written.unlink()
+        logger = trainer.logger
+        if logger is not None and logger.log_dir is not None and Path(logger.log_dir) == written.parent:
+            written.parent.rmdir()  # the logger's version folder, which Lightning made for this run at its setup
 
 
 class BayesCLI(LightningCLI):

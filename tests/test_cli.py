@@ -46,6 +46,31 @@ def test_without_a_logger_a_second_run_into_the_same_folder_is_refused_saying_wh
     assert (tmp_path / "config.yaml").read_text() == saved
 
 
+def test_a_run_refused_before_its_loops_leaves_no_version_folder_but_a_failed_step_keeps_its_config(
+    tmp_path: Path, monkeypatch
+):
+    """A method refusing the Trainer's settings in ``on_fit_start`` (VIKING under plain DDP, the null-space Laplace
+    under ``max_steps``) took version_0 with only a config.yaml in it; a run that failed in its loops keeps it."""
+
+    def refuse(self: MAP) -> None:
+        raise ValueError("refused in on_fit_start")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MAP, "on_fit_start", refuse)
+        with pytest.raises(ValueError, match="refused in on_fit_start"):
+            run(quick_args(MAP_CONFIG, tmp_path, batches=1))
+    assert not list(tmp_path.rglob("version_*"))
+
+    def fail(self: MAP, batch: object, batch_idx: int) -> None:
+        raise ValueError("failed in a step")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MAP, "training_step", fail)
+        with pytest.raises(ValueError, match="failed in a step"):
+            run(quick_args(MAP_CONFIG, tmp_path, batches=1))
+    assert [p.relative_to(tmp_path).parts[-2:] for p in tmp_path.rglob("config.yaml")] == [("version_0", "config.yaml")]
+
+
 def test_test_after_fit_false_skips_the_test_stage(tmp_path: Path):
     run([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])
     assert not list(tmp_path.rglob("metrics.json"))
