@@ -16,10 +16,10 @@ from .vbll import VBLLClassifier, VBLLRegressor
 from .viking import VIKING
 
 __all__ = [
-    "BLoB",
     "MAP",
     "SSVI",
     "VIKING",
+    "BLoB",
     "BayesianModule",
     "BernsteinVI",
     "DeepEnsemble",
