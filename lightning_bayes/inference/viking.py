@@ -31,8 +31,10 @@ def image_dimension(noise: Tensor, kernel: Tensor) -> Tensor:
 
 
 def mix_noise(carried: Tensor, fresh: Tensor, gamma: float) -> Tensor:
-    """``sqrt(gamma) k + sqrt(1 - gamma) eta``: the carried kernel noise mixed with a fresh draw (variance kept
-    when ``k`` is a projection of unit Gaussian noise)."""
+    """``sqrt(gamma) k + sqrt(1 - gamma) eta``: the carried kernel noise mixed with a fresh draw, as in the
+    reference. For ``k = P e`` of unit noise the covariance is ``gamma P + (1 - gamma) I``: unit variance on the
+    kernel of the projection that made ``k``, ``1 - gamma`` on its image, so Hutchinson's image dimension and the
+    image part of the sample run low where consecutive batches' kernels differ."""
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma must be in [0, 1]; got {gamma}")
     return math.sqrt(gamma) * carried + math.sqrt(1 - gamma) * fresh

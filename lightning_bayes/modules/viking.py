@@ -16,11 +16,21 @@ At every epoch start one alternating-projection sweep over the training batches 
 ``theta_hat`` projects the carried noise and ``num_samples`` posterior draws together (one Jacobian per
 batch serves all of them); ``gamma = 1`` keeps that epoch-start split all epoch without per-step
 projections. The predictive samples ``theta_s = theta_hat + sigma_ker k_s + sigma_im (e_s - k_s)`` from the
-last sweep: validation during fit uses the epoch-start sweep; test and predict re-sweep when ``theta_hat``
-has moved since. Noise, carried kernel part, samples and the generator state live in the checkpoint, so a
+last sweep: validation during fit uses the epoch-start sweep; test, predict and a ``validate`` outside a fit
+re-sweep when ``theta_hat`` has moved since (a direct ``predictive`` call then warns: ``module.sweep(loader)``
+re-projects). Noise, carried kernel part, samples and the generator state live in the checkpoint, so a
 resumed run continues exactly. Under DDP every rank draws its own noise (``seed + rank``; DDP does not broadcast
 these buffers) and sweeps its own shard; checkpoints keep every rank's noise and generator. The first two phases
 leave parameters without gradients, so DDP needs ``find_unused_parameters=True``.
+
+From the scale warm-up on, the network runs as a function of the selected parameters in eval mode (BatchNorm's
+running statistics, no dropout: per-example Jacobians need examples that do not depend on each other), and the
+parameters outside ``params`` keep the values the MLE phase gave them. The per-batch projections and the sweeps
+run with autocast off (at the parameters' precision) under ``bf16-mixed``; the sampled forward keeps autocast.
+Logged: ``train/nll``, ``kl``, ``alpha``, ``sigma_image``, ``sigma_kernel``, ``image_dim`` (Hutchinson's
+``P - R``), ``kernel_dim`` and, with ``gamma < 1``, ``kernel_residual`` ``||J_b k|| / ||k||`` of the step's
+projection (at the steps whose logs Lightning writes); ``val/kernel_residual`` is the first posterior sample's
+on the validation batches (how far the training kernel is from theirs).
 Reference: Fadel et al., NeurIPS 2025 (arXiv 2510.23684).
 """
 
@@ -33,11 +43,13 @@ from typing import Any, Union, cast
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import AttributeDict
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
 
+from ..checks import is_int, is_number
 from ..datamodules import side_pass
 from ..generator import PicklableGenerator
 from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
@@ -65,13 +77,15 @@ class VIKING(BayesianModule):
         constraint: ``"loss"`` (per-example losses, one row per example; the paper's choice), ``"output"``
             (every output) or a per-example callable ``(outputs, y) -> [m]``.
         phase_epochs: epochs of maximum likelihood, of the scale warm-up (``theta_hat`` frozen) and of the full
-            ELBO; training continues with the full ELBO after their sum.
+            ELBO; the Trainer's ``max_epochs`` ends the fit (a warning when it cuts the phases short), and
+            training continues with the full ELBO after their sum.
         gamma: weight of the carried kernel noise in each step's noise (0: fresh noise every step; 1: the
             epoch-start split all epoch).
         kl_weight: ``beta``; ``"elbo"`` is ``B/N`` (the ELBO of a batch), a number is used as given (the
             reference's classifier uses 1e-2).
-        solver: per-batch projection solver: ``"dense"`` (exact; per-example Jacobians) or ``"cg"``
-            (reorthogonalised CG, matrix-free).
+        solver: per-batch projection solver: ``"dense"`` (exact; per-example Jacobians; our default, cheaper
+            than CG's 10 JVP/VJP pairs for the loss constraint's ``B`` rows) or ``"cg"`` (reorthogonalised CG,
+            matrix-free: the paper's solver).
         iterations: CG steps per projection with ``solver="cg"`` (reference: 10).
         log_alpha: initial log prior precision, ``sigma_ker = alpha^-1/2`` (reference: 4).
         log_sigma_image: initial log image scale (reference: -2).
@@ -128,19 +142,19 @@ class VIKING(BayesianModule):
         self.save_hyperparameters(ignore=["backbone", "likelihood", "constraint"])
         if isinstance(constraint, str) and constraint not in _CONSTRAINTS:
             raise ValueError(f"constraint must be one of {_CONSTRAINTS} or a callable; got {constraint!r}")
-        if len(phase_epochs) != 3 or not all(isinstance(e, int) and e >= 0 for e in phase_epochs):
+        if len(phase_epochs) != 3 or not all(is_int(e) and e >= 0 for e in phase_epochs):
             raise ValueError(f"phase_epochs must be three ints >= 0 (MLE, warm-up, ELBO); got {phase_epochs!r}")
-        if not 0 <= gamma <= 1:
-            raise ValueError(f"gamma must be in [0, 1]; got {gamma}")
-        if not (kl_weight == "elbo" or (isinstance(kl_weight, (int, float)) and kl_weight >= 0)):
-            raise ValueError(f"kl_weight must be a number >= 0 or 'elbo'; got {kl_weight!r}")
+        if not (is_number(gamma) and 0 <= gamma <= 1):
+            raise ValueError(f"gamma must be a number in [0, 1]; got {gamma!r}")
+        if not (kl_weight == "elbo" or (is_number(kl_weight) and 0 <= cast(float, kl_weight) < math.inf)):
+            raise ValueError(f"kl_weight must be a finite number >= 0 or 'elbo'; got {kl_weight!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-        if not isinstance(iterations, int) or iterations < 1:
+        if not is_int(iterations) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1; got {iterations!r}")
-        if scale_lr is not None and not scale_lr > 0:
-            raise ValueError(f"scale_lr must be None or > 0; got {scale_lr!r}")
-        if not isinstance(sweep_every_n_epochs, int) or sweep_every_n_epochs < 0 or (gamma == 1 and sweep_every_n_epochs != 1):
+        if scale_lr is not None and not (is_number(scale_lr) and 0 < scale_lr < math.inf):
+            raise ValueError(f"scale_lr must be None or a finite number > 0; got {scale_lr!r}")
+        if not is_int(sweep_every_n_epochs) or sweep_every_n_epochs < 0 or (gamma == 1 and sweep_every_n_epochs != 1):
             raise ValueError(
                 f"sweep_every_n_epochs must be an int >= 0 (1 when gamma = 1); got {sweep_every_n_epochs!r} "
                 f"with gamma={gamma}"
@@ -182,11 +196,13 @@ class VIKING(BayesianModule):
         return 1 if epoch < mle else 2 if epoch < mle + warmup else 3
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The network's parameters, and the two log-scales (at ``scale_lr`` when given)."""
+        """The network's and the likelihood's parameters (a Gaussian's noise), and the two log-scales (at
+        ``scale_lr`` when given)."""
         scales: dict[str, Any] = {"params": list(self.family.parameters())}
         if self.scale_lr is not None:
             scales["lr"] = self.scale_lr
-        return [{"params": [p for p in self.backbone.parameters() if p.requires_grad]}, scales]
+        model = [*self.backbone.parameters(), *self.likelihood.parameters()]
+        return [{"params": [p for p in model if p.requires_grad]}, scales]
 
     # ----- the flat parameters and the noise -----------------------------------------------------------
     def theta_hat(self) -> Tensor:
@@ -207,7 +223,7 @@ class VIKING(BayesianModule):
         them onto the kernel of every batch in turn (one alternating-projection sweep at the current ``theta_hat``)."""
         noise = self._randn(1 + self.sample_noise.shape[0], self.function.size)
         vectors, theta = noise.clone(), self.function.theta()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(theta.device.type, enabled=False):
             for index, (x, y) in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
@@ -240,6 +256,15 @@ class VIKING(BayesianModule):
                 "scales alone in the warm-up, which DDP must be told: use strategy='ddp_find_unused_parameters_true' "
                 "(or DDPStrategy(find_unused_parameters=True)), or phase_epochs=(0, 0, n)"
             )
+        mle, warmup, elbo = self.phase_epochs
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and 0 <= max_epochs < mle + warmup + elbo:
+            rank_zero_warn(
+                f"VIKING's phase_epochs={self.phase_epochs} need {mle + warmup + elbo} epochs but the Trainer stops "
+                f"after max_epochs={max_epochs}: "
+                + ("the fit ends before the ELBO phase, so theta_hat never trains as a posterior mean"
+                   if max_epochs <= mle + warmup else f"the ELBO phase gets {max_epochs - mle - warmup} of its {elbo}")
+            )
 
     def on_train_epoch_start(self) -> None:
         if self.phase() == 1:  # in the MLE phase the samples stay at theta_hat (zero noise)
@@ -269,14 +294,22 @@ class VIKING(BayesianModule):
         theta = self.family.sample(theta_hat, noise, kernel)[0]
         nll = self.likelihood.loss(self.function.outputs(theta, x), y)
         image_dim = image_dimension(noise, kernel)[0]
+        residual = {"kernel_residual": self._residual(x, y, kernel)} if self.gamma < 1 and self._writes_step_logs() else {}
         kl = self.family.kl(theta_hat, image_dim)
         beta = len(y) / self.training_set_size("kl_weight") if self.kl_weight == "elbo" else float(self.kl_weight)
         loss = nll + beta * kl / len(y)  # (sum NLL + beta KL) / B
         self.log_training_loss(
             loss, len(y), nll=nll, kl=kl, alpha=self.family.alpha, sigma_image=self.family.sigma_image,
             sigma_kernel=self.family.sigma_kernel, image_dim=image_dim, kernel_dim=self.function.size - image_dim,
+            **residual,
         )
         return loss
+
+    def _residual(self, x: Any, y: Tensor, kernel: Tensor) -> Tensor:
+        """``||J_b k|| / ||k||`` for vectors ``k`` ``[1, P]`` on the batch ``(x, y)``, at the current ``theta_hat``."""
+        kernel = kernel.detach()
+        with torch.no_grad(), torch.autocast(kernel.device.type, enabled=False):
+            return self.function.constraint_jvp(x, y, kernel).norm() / kernel.norm().clamp_min(1e-30)
 
     # ----- the posterior -------------------------------------------------------------------------------
     def _ensure_posterior(self) -> None:
@@ -293,6 +326,10 @@ class VIKING(BayesianModule):
         limit = self.trainer.limit_train_batches  # the sweep covers what a training epoch covers
         self.sweep(loader, limit if isinstance(limit, int) else math.ceil(limit * len(loader)))
 
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != TrainerFn.FITTING:  # a fit validates with its epoch-start sweep
+            self._ensure_posterior()
+
     def on_test_start(self) -> None:
         self._ensure_posterior()
 
@@ -304,6 +341,12 @@ class VIKING(BayesianModule):
         s = self.resolve_num_samples(num_samples)
         if s > self.sample_noise.shape[0]:
             raise ValueError(f"num_samples={s} exceeds the {self.sample_noise.shape[0]} projected samples")
+        running = self._trainer is not None and self.trainer.state.status == TrainerStatus.RUNNING
+        if not running and not torch.equal(self.swept_at, self._fingerprint()):
+            rank_zero_warn(
+                "VIKING's posterior samples were projected at other parameters than theta_hat now (the last sweep "
+                "ran at an epoch start, or never): call module.sweep(train_loader) first for samples in its kernel"
+            )
         with torch.no_grad():
             theta = self.family.sample(self.function.theta(), self.sample_noise[:s], self.sample_kernel[:s])
         return theta.to(self.function.theta().dtype)
@@ -323,10 +366,7 @@ class VIKING(BayesianModule):
         self, batch: Batch, batch_idx: int
     ) -> Predictive:
         x, y = batch
-        with torch.no_grad():
-            kernel = self.sample_kernel[:1]
-            residual = self.function.constraint_jvp(x, y, kernel).norm() / kernel.norm().clamp_min(1e-30)
-        self.log("val/kernel_residual", residual, batch_size=len(y))
+        self.log("val/kernel_residual", self._residual(x, y, self.sample_kernel[:1]), batch_size=len(y))
         return super().validation_step(batch, batch_idx)
 
     # ----- checkpoints -----------------------------------------------------------------------------------

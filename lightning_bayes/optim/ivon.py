@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..checks import is_number
 from ..params import laid_out_like
 
 HESSIAN_ESTIMATORS = ("price", "gradsq")
@@ -117,10 +118,6 @@ def _check(name: str, value: Any, valid: bool, expected: str) -> None:
         raise ValueError(f"IVON: {name} must be {expected}; got {value!r}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
 class IVON(Optimizer):
     """Improved variational online Newton (Shen et al., 2024) with sampling inside ``step(closure)``.
 
@@ -199,7 +196,7 @@ class IVON(Optimizer):
             ("clip_radius", lambda v: v > 0, "a number > 0 (math.inf: no clipping)"),
         ):
             value = group[name]
-            _check(name, value, _is_number(value) and valid(value), expected)
+            _check(name, value, is_number(value) and valid(value), expected)
         for p in group["params"]:  # h and g_bar from the start: sharded checkpoint loading expects state to exist
             self._start_state(p, group)
 

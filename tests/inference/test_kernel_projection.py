@@ -96,6 +96,27 @@ def test_gradients_flow_to_whichever_input_asks(single_thread, solver):
         assert _relative_error(gradient, expected) <= 1e-8
 
 
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_under_bf16_autocast_the_projection_and_its_gradients_are_the_float32_ones(single_thread, solver):
+    """VIKING's step runs under the Trainer's autocast; J_b in bf16 left ||J_b k|| / ||k|| at 1e-3 to 1e-2. With
+    autocast off inside, the same float32 operations run, so the values agree exactly."""
+    function, x, y = _problem("loss", seed=5)
+    function.model.float()
+    x = x.float()
+    theta = function.theta().detach().requires_grad_(True)
+    noise = torch.randn(2, function.size, requires_grad=True)
+    weights = torch.randn(2, function.size)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            kernel = project_to_kernel(theta, noise, function, x, y, solver=solver, iterations=len(y))
+            gradients = torch.autograd.grad((weights * kernel).sum(), (theta, noise))
+        results.append((kernel, *gradients))
+    for value, expected in zip(results[1], results[0]):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
 def test_gradcheck(single_thread):
     function, x, y = _problem("output", seed=2)
     theta = function.theta().requires_grad_(True)
