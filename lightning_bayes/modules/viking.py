@@ -294,7 +294,8 @@ class VIKING(BayesianModule):
         theta = self.family.sample(theta_hat, noise, kernel)[0]
         nll = self.likelihood.loss(self.function.outputs(theta, x), y)
         image_dim = image_dimension(noise, kernel)[0]
-        residual = {"kernel_residual": self._residual(x, y, kernel)} if self.gamma < 1 and self._writes_step_logs() else {}
+        logs_residual = self.gamma < 1 and self._writes_step_logs()
+        residual = {"kernel_residual": self._residual(x, y, kernel)} if logs_residual else {}
         kl = self.family.kl(theta_hat, image_dim)
         beta = len(y) / self.training_set_size("kl_weight") if self.kl_weight == "elbo" else float(self.kl_weight)
         loss = nll + beta * kl / len(y)  # (sum NLL + beta KL) / B

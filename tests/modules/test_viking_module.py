@@ -481,5 +481,6 @@ def test_swept_samples_do_not_warn() -> None:
 
 @pytest.mark.parametrize(("max_epochs", "message"), [(2, "ends before the ELBO phase"), (4, "gets 2 of its 3")])
 def test_a_fit_shorter_than_the_phases_warns(max_epochs: int, message: str) -> None:
-    with pytest.warns(UserWarning, match=rf"phase_epochs=\(1, 1, 3\) need 5 epochs .*max_epochs={max_epochs}: .*{message}"):
+    expected = rf"phase_epochs=\(1, 1, 3\) need 5 epochs .*max_epochs={max_epochs}: .*{message}"
+    with pytest.warns(UserWarning, match=expected):
         make_trainer(max_epochs).fit(make_module(phase_epochs=(1, 1, 3)), train_dataloaders=loader())
