@@ -228,6 +228,12 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
+def _log_scale(package_log_diagonal: Tensor, parameterization: Parameterization) -> Tensor:
+    """Our log standard deviations from ``vbll``'s initial ``W_logdiag``: a log std for dense (Cholesky) and
+    diagonal rows, a log variance for low-rank ones (``cov_diag = exp(W_logdiag)``)."""
+    return 0.5 * package_log_diagonal if parameterization == "lowrank" else package_log_diagonal
+
+
 def _off_diagonal(parameterization: Parameterization, num_rows: int, dim: int, rank: int, std: float) -> Tensor | None:
     """Initial packed strict lower triangles (dense) or low-rank factors, entries ``N(0, std^2)``."""
     if parameterization == "diagonal":
@@ -256,17 +262,22 @@ class VBLLHead(nn.Module, ABC):
 
     def _features(self, features: Tensor, reference: Tensor) -> Tensor:
         """``features`` checked to be ``[B, in_features]`` and cast to float32 or wider."""
-        if features.ndim != 2 or features.shape[1] != self.in_features:
+        if features.ndim != 2 or features.shape[1] != self.in_features or not len(features):
             raise ValueError(
-                f"{type(self).__name__} expects features [B, {self.in_features}]; got {tuple(features.shape)}"
+                f"{type(self).__name__} expects features [B, {self.in_features}], B >= 1; got {tuple(features.shape)}"
             )
         return features.to(_wide(torch.promote_types(features.dtype, reference.dtype)))
 
-    def _labels(self, y: Tensor, batch: int) -> Tensor:
+    def _labels(self, y: Tensor, batch: int, num_classes: int) -> Tensor:
+        """``y`` checked to be integer labels ``[B]`` in ``[0, K)`` (a label -1 indexed the last class; on a GPU
+        the range check is asynchronous: no host sync per step)."""
         if y.shape != (batch,) or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(
                 f"{type(self).__name__} expects integer class labels [B]=[{batch}]; got {y.dtype} {tuple(y.shape)}"
             )
+        torch._assert_async(
+            ((y >= 0) & (y < num_classes)).all(), f"{type(self).__name__} expects labels in [0, {num_classes})"
+        )
         return y.long()
 
     @abstractmethod
@@ -291,7 +302,9 @@ class VBLLRegression(VBLLHead):
     Prior ``w_i ~ N(0, (prior_scale / D) I)``. The bound sums the exact expected log-likelihood over
     the outputs (``vbll`` averages over outputs and weights each by ``tr Sigma^-1``; the two agree
     for one output). Initialisation as ``vbll`` 0.4.9: ``wbar ~ N(0, 1)``, log Cholesky diagonal
-    ``N(0, 1) - log(D)/2``, off-diagonals ``N(0, 1)/D``; the noise starts at ``sigma = 1``.
+    ``N(0, 1) - log(D)/2`` (low rank: half that, the package's number being a log variance there),
+    off-diagonals ``N(0, 1)/D``; unlike the package (log noise std ``N(0, 1) log(wishart_scale)``) the noise
+    starts at ``sigma = 1``.
     """
 
     def __init__(
@@ -317,7 +330,7 @@ class VBLLRegression(VBLLHead):
         self.dof = dof
         self.weight = GaussianRows(
             torch.randn(out_features, in_features),
-            torch.randn(out_features, in_features) - 0.5 * math.log(in_features),
+            _log_scale(torch.randn(out_features, in_features) - 0.5 * math.log(in_features), parameterization),
             parameterization,
             _off_diagonal(parameterization, out_features, in_features, rank, 1.0 / in_features),
         )
@@ -361,7 +374,8 @@ class DiscriminativeVBLL(VBLLHead):
     ``mu_y - logsumexp(mu + v/2)``; ``"mc"`` averages ``log softmax_y`` over ``mc_samples`` draws of
     ``z ~ N(mu, diag v)`` (the exact marginal of the logits under q, rows being independent).
     Initialisation as ``vbll`` 0.4.9: ``wbar ~ N(0, 2/D)``, log Cholesky diagonal
-    ``-log D + 1e-3 N(0, 1)``, off-diagonals ``1e-3 N(0, 1)/D``, noise log std ``N(0, 1) - 1``.
+    ``-log D + 1e-3 N(0, 1)`` (low rank: half that, the package's log variance), off-diagonals
+    ``1e-3 N(0, 1)/D``, noise log std ``N(0, 1) - 1``.
     """
 
     def __init__(
@@ -394,7 +408,7 @@ class DiscriminativeVBLL(VBLLHead):
         self.mc_samples = mc_samples
         self.weight = GaussianRows(
             torch.randn(num_classes, in_features) * math.sqrt(2.0 / in_features),
-            1e-3 * torch.randn(num_classes, in_features) - math.log(in_features),
+            _log_scale(1e-3 * torch.randn(num_classes, in_features) - math.log(in_features), parameterization),
             parameterization,
             _off_diagonal(parameterization, num_classes, in_features, rank, 1e-3 / in_features),
         )
@@ -415,7 +429,7 @@ class DiscriminativeVBLL(VBLLHead):
     @_outside_autocast
     def bound(self, features: Tensor, y: Tensor) -> Tensor:
         phi = self._features(features, self.weight.mean)
-        y = self._labels(y, phi.shape[0]).unsqueeze(-1)
+        y = self._labels(y, phi.shape[0], self.num_classes).unsqueeze(-1)
         if self.bound_type == "mc":
             log_probs = torch.log_softmax(self._logit_samples(phi, self.mc_samples), dim=-1)
             return log_probs.gather(-1, y.expand(self.mc_samples, -1, -1)).squeeze(-1).mean(0)
@@ -470,7 +484,10 @@ class GenerativeVBLL(VBLLHead):
         if class_prior is None:
             class_prior = torch.full((num_classes,), 1.0 / num_classes)
         class_prior = torch.as_tensor(class_prior, dtype=torch.float64)
-        if class_prior.shape != (num_classes,) or (class_prior <= 0).any() or abs(class_prior.sum().item() - 1) > 1e-6:
+        if (
+            class_prior.shape != (num_classes,) or not torch.isfinite(class_prior).all() or (class_prior <= 0).any()
+            or abs(class_prior.sum().item() - 1) > 1e-6
+        ):
             raise ValueError(
                 f"class_prior must be {num_classes} positive probabilities summing to 1; got {class_prior.tolist()}"
             )
@@ -478,16 +495,21 @@ class GenerativeVBLL(VBLLHead):
         self.prior_variance = prior_scale
         self.wishart_scale = wishart_scale
         self.dof = dof
-        self.register_buffer("log_class_prior", class_prior.log().float())
+        self.register_buffer("log_class_prior", class_prior.log())  # float64: a float64 head keeps it exact
         self.means = GaussianRows(
             0.1 * torch.randn(num_classes, in_features), torch.randn(num_classes, in_features), "diagonal"
         )
         self.noise_log_scale = nn.Parameter(torch.randn(in_features))
 
     def _class_log_likelihoods(self, phi: Tensor) -> Tensor:
-        """``log pi_k + log N(phi; mubar_k, Sigma + S_k)``, ``[B, K]``, by matmuls over D (no ``B x K x D``)."""
+        """``log pi_k + log N(phi; mubar_k, Sigma + S_k)``, ``[B, K]``, by matmuls over D (no ``B x K x D``).
+        Both sides are first centred on the class means' average (the quadratic form does not change): expanding
+        ``||phi - mubar_k||^2`` cancels catastrophically in float32 when features lie far from the origin and
+        the classes close together (offset 100: probabilities 0.17 off)."""
         dtype = phi.dtype
-        mean = self.means.mean.to(dtype)
+        centre = self.means.mean.detach().to(dtype).mean(0)
+        phi = phi - centre
+        mean = self.means.mean.to(dtype) - centre
         variance = self.noise_log_scale.to(dtype).mul(2).exp() + self.means.log_scale.to(dtype).mul(2).exp()  # [K, D]
         precision = variance.reciprocal()
         squared = phi.square() @ precision.T - 2.0 * phi @ (mean * precision).T + (mean.square() * precision).sum(-1)
@@ -497,7 +519,7 @@ class GenerativeVBLL(VBLLHead):
     @_outside_autocast
     def bound(self, features: Tensor, y: Tensor) -> Tensor:
         phi = self._features(features, self.means.mean)
-        y = self._labels(y, phi.shape[0])
+        y = self._labels(y, phi.shape[0], self.num_classes)
         log_scale = self.noise_log_scale.to(phi.dtype)
         precision = log_scale.mul(-2).exp()
         residual = phi - self.means.mean.to(phi.dtype)[y]

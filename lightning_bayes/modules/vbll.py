@@ -102,38 +102,41 @@ class _VBLLModule(BayesianModule):
         if not isinstance(compile_loss, bool):
             raise ValueError(f"compile_loss must be True or False; got {compile_loss!r}")
         self.dataset_size = dataset_size
+        self.training_size = dataset_size  # N of the current fit: the argument, or read at each fit's start
         self.kl_weight = float(kl_weight)
         self.compile_loss = compile_loss
 
     def _regularization_weight(self) -> float:
-        """``lambda = kl_weight / N`` (0 until N is known; resolved in ``setup`` from a datamodule, at the latest in
-        ``on_train_start`` from the training loader, which ``trainer.fit(model, loader)`` attaches only then)."""
-        return 0.0 if self.dataset_size is None else self.kl_weight / self.dataset_size
+        """``lambda = kl_weight / N`` (0 until N is known; without ``dataset_size`` it is read at every fit, in
+        ``setup`` from a datamodule, at the latest in ``on_train_start`` from the training loader, which
+        ``trainer.fit(model, loader)`` attaches only then; a checkpoint does not pin it, so a fit on other data
+        takes that data's N)."""
+        return 0.0 if self.training_size is None else self.kl_weight / self.training_size
 
-    def _resolve_dataset_size(self) -> None:
-        self.dataset_size = self.training_set_size("dataset_size")
-        self.hparams["dataset_size"] = self.dataset_size  # checkpoints then carry N
+    def _resolve_training_size(self) -> None:
+        self.training_size = self.training_set_size("dataset_size")
         self.head.regularization_weight = self._regularization_weight()
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.dataset_size is None:
+        if stage == "fit" and self.dataset_size is None:
+            self.training_size = None
             try:
-                self._resolve_dataset_size()
+                self._resolve_training_size()
             except ValueError:
                 pass  # a plain training loader is attached later (on_train_start); test and predict need no N
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.dataset_size is None:
-            self._resolve_dataset_size()
+        if self.training_size is None:
+            self._resolve_training_size()
 
     def forward(self, x: Any) -> Tensor:
         """The features ``phi = g(x)``, ``[B, D]``."""
         return self.backbone(x)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        if self.dataset_size is None:
+        if self.training_size is None:
             raise RuntimeError(
                 f"{type(self).__name__}: the training-set size is unknown; pass dataset_size=N or train "
                 "through a Trainer with a datamodule that has num_train"
@@ -141,7 +144,9 @@ class _VBLLModule(BayesianModule):
         x, y = batch
         loss = compiled_head_loss if self.compile_loss else head_loss
         terms = loss(self.head, self(x), y)
-        self.log_training_loss(terms.total, len(y), nll=terms.nll, kl=terms.regularizer)
+        self.log_training_loss(  # the regulariser: KL(q(W) || p(W)) - log p(Sigma), weighted by kl_scale = lambda
+            terms.total, len(y), nll=terms.nll, regularizer=terms.regularizer, kl_scale=self.head.regularization_weight
+        )
         return terms.total
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -160,7 +165,7 @@ class VBLLClassifier(_VBLLModule):
         head: ``"discriminative"`` (Gaussian logits, Jensen or MC bound) or ``"generative"``.
         parameterization: covariance of the head; None picks ``"dense"`` (discriminative) or
             ``"diagonal"`` (generative, its only option).
-        prior_scale, wishart_scale, dof, rank, bound, class_prior: head options, see
+        prior_scale, wishart_scale, dof, rank, bound, mc_samples, class_prior: head options, see
             :class:`~lightning_bayes.inference.vbll.DiscriminativeVBLL` and
             :class:`~lightning_bayes.inference.vbll.GenerativeVBLL`.
         dataset_size: N in ``lambda = kl_weight / N``; None reads ``trainer.datamodule.num_train``.
@@ -187,6 +192,7 @@ class VBLLClassifier(_VBLLModule):
         dof: float = 1.0,
         rank: int = 3,
         bound: Literal["jensen", "mc"] = "jensen",
+        mc_samples: int = 10,
         class_prior: list[float] | None = None,
         dataset_size: int | None = None,
         kl_weight: float = 1.0,
@@ -220,6 +226,7 @@ class VBLLClassifier(_VBLLModule):
             self.head = DiscriminativeVBLL(
                 width, num_classes, self._regularization_weight(), parameterization or "dense",
                 prior_scale=prior_scale, wishart_scale=wishart_scale, dof=dof, bound=bound, rank=rank,
+                mc_samples=mc_samples,
             )  # fmt: skip
         else:
             if bound != "jensen":

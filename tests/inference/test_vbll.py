@@ -517,3 +517,48 @@ def test_bad_inputs_are_clear_errors():
         VBLLRegression(4, 2, 0.1).loss(torch.randn(3, 4), torch.randn(3))
     with pytest.raises(ValueError, match="bound"):
         DiscriminativeVBLL(4, 3, 0.1, bound="semimontecarlo")
+    with pytest.raises(ValueError, match=r"features \[B, 4\], B >= 1; got \(0, 4\)"):
+        head.loss(torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="class_prior"):
+        GenerativeVBLL(4, 3, 0.1, class_prior=torch.tensor([0.5, math.nan, 0.5]))
+
+
+@pytest.mark.parametrize("make", [lambda: DiscriminativeVBLL(4, 3, 0.1), lambda: GenerativeVBLL(4, 3, 0.1)])
+@pytest.mark.parametrize("label", [-1, 3])
+def test_labels_outside_the_classes_are_refused(make, label):
+    """A label -1 (a common "ignore") indexed the generative head's last class and trained on it."""
+    with pytest.raises(RuntimeError, match=r"expects labels in \[0, 3\)"):
+        make().loss(torch.randn(3, 4), torch.tensor([0, 1, label]))
+
+
+def test_generative_head_is_accurate_in_float32_far_from_the_origin():
+    """Features at offset 100 from the origin with classes 0.02 apart: expanding ||phi - mubar_k||^2 lost the
+    class differences to cancellation (probabilities 0.17 off the float64 head); centred, float32 rounding."""
+    torch.manual_seed(0)
+    head = GenerativeVBLL(64, 5, 0.01).double()
+    with torch.no_grad():
+        head.means.mean.copy_(100.0 + 0.02 * torch.randn(5, 64, dtype=F64))
+        head.noise_log_scale.fill_(-1.0)
+    phi = head.means.mean.detach()[torch.arange(16) % 5] + 0.3 * torch.randn(16, 64, dtype=F64)
+    y = torch.arange(16) % 5
+    exact_probs, exact_loss = head.predictive(phi).probs, head.loss(phi, y).total
+    single = head.float()
+    torch.testing.assert_close(single.predictive(phi.float()).probs.double(), exact_probs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(single.loss(phi.float(), y).total.double(), exact_loss, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+def test_initial_covariance_diagonals_are_the_packages(parameterization):
+    """``vbll`` 0.4.9 starts a low-rank head's ``W_logdiag`` as a log variance (``cov_diag = exp(W_logdiag)``),
+    a dense or diagonal one's as a log standard deviation: the initial variances are 1/D and 1/D^2 (classifier,
+    up to its 1e-3 noise) and the regression head's median exp(-log D) or exp(-log D / 2)."""
+    torch.manual_seed(0)
+    dim = 128
+    classifier = DiscriminativeVBLL(dim, 10, 0.01, parameterization).weight.log_scale.detach().mul(2).exp()
+    expected = 1 / dim if parameterization == "lowrank" else 1 / dim**2
+    torch.testing.assert_close(classifier.mean().item(), expected, rtol=1e-2, atol=0)
+    twin = vbll.Regression(dim, 1, 0.01, parameterization=parameterization, cov_rank=3)
+    package = twin.W_logdiag.detach().exp()  # a variance (low rank) or a standard deviation
+    package_variance = package if parameterization == "lowrank" else package.square()
+    ours = VBLLRegression(dim, 1, 0.01, parameterization).weight.log_scale.detach().mul(2).exp()
+    assert ours.log().median().item() == pytest.approx(package_variance.log().median().item(), abs=0.35)

@@ -87,7 +87,9 @@ def test_training_step_logs_terms_and_reaches_the_backbone():
     terms = module.head.loss(module.backbone(x), y)
     torch.testing.assert_close(loss, terms.total)
     torch.testing.assert_close(logged["train/loss"], terms.nll + (2.0 / 40) * terms.regularizer)
-    assert set(logged) == {"train/nll", "train/kl", "train/loss"}
+    assert set(logged) == {"train/nll", "train/regularizer", "train/kl_scale", "train/loss"}
+    assert float(logged["train/kl_scale"]) == pytest.approx(2.0 / 40)
+    torch.testing.assert_close(logged["train/regularizer"], terms.regularizer.detach())
     loss.backward()
     for name, p in module.backbone.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -147,11 +149,13 @@ def test_dataset_size_is_read_from_the_datamodule_or_the_loader_or_is_a_clear_er
     targets = torch.randint(0, 3, (32,))
     module = VBLLClassifier(_backbone_with_state(), num_classes=3, kl_weight=0.5)
     _trainer().fit(module, datamodule=_Data(_loader(targets)))
-    assert module.dataset_size == 32 and module.hparams.dataset_size == 32
+    assert module.training_size == 32 and module.hparams.dataset_size is None
     assert module.head.regularization_weight == pytest.approx(0.5 / 32)
+    _trainer().fit(module, datamodule=_Data(_loader(torch.randint(0, 3, (64,)), n=64)))  # new data: its N
+    assert module.training_size == 64 and module.head.regularization_weight == pytest.approx(0.5 / 64)
     plain = VBLLRegressor(_backbone_with_state(), kl_weight=0.5)  # trainer.fit(model, loader): attached after setup
     _trainer().fit(plain, _loader(torch.randn(48, 1), n=48))
-    assert plain.dataset_size == 48 and plain.head.regularization_weight == pytest.approx(0.5 / 48)
+    assert plain.training_size == 48 and plain.head.regularization_weight == pytest.approx(0.5 / 48)
     with pytest.raises(ValueError, match="VBLLClassifier needs the training-set size N: pass dataset_size=N"):
         _trainer().fit(VBLLClassifier(_backbone_with_state(), num_classes=3), DataLoader(_Stream(_loader(targets))))
 
@@ -264,3 +268,8 @@ def test_compile_loss_trains_with_the_eager_loss_and_gradients_under_bf16_autoca
             torch.testing.assert_close(grads[1][name], want, rtol=0, atol=1e-2 * want.abs().max().item())
     with pytest.raises(ValueError, match="compile_loss must be True or False; got 'yes'"):
         VBLLClassifier(MLP(6, 0, hidden=[16]), num_classes=4, compile_loss="yes")
+
+
+def test_the_monte_carlo_bounds_sample_count_reaches_the_head():
+    module = VBLLClassifier(MLP(6, 0, hidden=[8]), num_classes=3, bound="mc", mc_samples=3, dataset_size=10)
+    assert module.head.mc_samples == 3
