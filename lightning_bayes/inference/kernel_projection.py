@@ -73,7 +73,9 @@ class DenseSystem:
         return vectors @ self.jacobian.T.to(vectors.dtype)
 
     def apply_transpose(self, cotangents: Tensor) -> Tensor:
-        return cotangents.to(self.jacobian.dtype) @ self.jacobian
+        """``J_b^T w`` in float32 or wider (a bf16 ``J_b``'s product moved float32 samples off the kernel)."""
+        dtype = torch.promote_types(self.jacobian.dtype, torch.float32)
+        return cotangents.to(dtype) @ self.jacobian.to(dtype)
 
     def solve(self, rhs: Tensor) -> Tensor:
         return self.factor.solve(rhs)
@@ -130,9 +132,11 @@ def build_system(
     raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
 
 
-def project(system: ConstraintSystem, vectors: Tensor) -> tuple[Tensor, Tensor]:
-    """``(k, lam)`` with ``k = v - J^T lam``, ``lam = (J J^T)^+ J v``, for vectors ``[S, P]``."""
-    multipliers = system.solve(system.apply(vectors).double())
+def project(system: ConstraintSystem, vectors: Tensor, constraint: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(k, lam)`` with ``k = v - J^T lam``, ``lam = (J J^T)^+ J v``, for vectors ``[S, P]`` (``constraint``:
+    ``J v`` when the caller has it already)."""
+    constraint = system.apply(vectors) if constraint is None else constraint
+    multipliers = system.solve(constraint.double())
     return vectors - system.apply_transpose(multipliers).to(vectors.dtype), multipliers
 
 

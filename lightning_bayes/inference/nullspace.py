@@ -42,7 +42,7 @@ class AlternatingProjections(nn.Module):
         seed: seed of the draws ``eps``.
         rtol: eigenvalues of ``J_b J_b^T`` below ``rtol * lambda_max`` count as zero.
         atol: absolute cutoff instead of ``rtol`` (the reference code uses ``1e-3``).
-        accelerate: extrapolate after every sweep.
+        accelerate: extrapolate at the end of every sweep (``end_sweep(extrapolate=False)`` skips it once).
         cache: keep each micro-batch's Gram factor (float64, ``M_b^2`` numbers per batch) across sweeps.
         dtype: dtype of the samples.
     """
@@ -52,6 +52,7 @@ class AlternatingProjections(nn.Module):
     samples: Tensor
     sweep_start: Tensor
     sweeps_done: Tensor
+    sweep_residual: Tensor
 
     def __init__(
         self,
@@ -69,8 +70,8 @@ class AlternatingProjections(nn.Module):
             raise ValueError(f"num_parameters and num_samples must be >= 1; got {num_parameters}, {num_samples}")
         if not 0 < rtol < 1:
             raise ValueError(f"rtol must be in (0, 1); got {rtol}")
-        if atol is not None and atol <= 0:
-            raise ValueError(f"atol must be None or > 0; got {atol}")
+        if atol is not None and not 0 < atol < math.inf:
+            raise ValueError(f"atol must be None or a finite number > 0; got {atol}")
         self.rtol, self.atol, self.accelerate, self.use_cache = rtol, atol, accelerate, cache
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(num_samples, num_parameters, generator=generator, dtype=torch.float64).to(dtype)
@@ -78,10 +79,14 @@ class AlternatingProjections(nn.Module):
         self.register_buffer("samples", noise.clone())
         self.register_buffer("sweep_start", noise.clone())
         self.register_buffer("sweeps_done", torch.zeros((), dtype=torch.long))
+        # this sweep's sum of ||J_b v|| / ||v|| over the (batch, sample) pairs met before projecting, and their count;
+        # not saved: a resumed sweep's mean covers the batches since the resume (a diagnostic)
+        self.register_buffer("sweep_residual", torch.zeros(2, dtype=torch.float64), persistent=False)
         self._factors = GramFactorCache()
 
     def begin_sweep(self) -> None:
         self.sweep_start.copy_(self.samples)
+        self.sweep_residual.zero_()
 
     def factor(self, jacobian: Tensor, key: int | None = None) -> GramFactor:
         """Pseudo-inverse factor of ``J_b J_b^T``, cached under ``key`` and checked against ``J_b``."""
@@ -106,15 +111,29 @@ class AlternatingProjections(nn.Module):
         """Project the samples ``rows`` (all by default) onto ``ker J_b`` for one micro-batch's dense Jacobian
         ``[M_b, P]``; each sample's projection is independent of the others'."""
         system = DenseSystem(jacobian, factor=self.factor(jacobian, key))
-        self.samples[rows] = project(system, self.samples[rows])[0]
+        samples = self.samples[rows]
+        constraint = system.apply(samples)
+        if len(samples):
+            ratio = torch.linalg.vector_norm(constraint, dim=-1) / torch.linalg.vector_norm(samples, dim=-1)
+            self.sweep_residual += torch.stack([ratio.double().sum(), torch.tensor(len(ratio), dtype=torch.float64)])
+        self.samples[rows] = project(system, samples, constraint)[0]
 
-    def end_sweep(self) -> None:
-        """Extrapolate along ``v_0 -> Q v_0`` (if ``accelerate``) and count the sweep.
+    def mean_sweep_residual(self) -> float:
+        """The mean over this sweep's micro-batches and samples of ``||J_b v|| / ||v||`` as the samples reached
+        them (before their projection): zero once the samples lie in the kernel of every training batch."""
+        total, count = self.sweep_residual.tolist()
+        return total / count if count else float("nan")
+
+    def end_sweep(self, extrapolate: bool = True) -> None:
+        """Extrapolate along ``v_0 -> Q v_0`` (if ``accelerate`` and ``extrapolate``) and count the sweep.
 
         ``t`` is the exact line search towards ``P v_0`` (``v_0 - Q v_0`` is orthogonal to ``ker J``); it is
-        skipped (``t = 1``) once the sweep's step is too small for ``t`` to be computed accurately.
+        skipped (``t = 1``) once the sweep's step is too small for ``t`` to be computed accurately. The step
+        overshoots along the row space (it mixes ``v_0`` back in), so the last sweep before the samples are
+        used should not extrapolate: on the digits MLP, 9 sweeps left ``||J v|| / ||v||`` on the training
+        batches at 0.39 with every sweep extrapolated, 0.14 with the ninth plain (0.17 with none extrapolated).
         """
-        if self.accelerate:
+        if self.accelerate and extrapolate:
             start, end = self.sweep_start.double(), self.samples.double()
             step = start - end
             step_norm = step.square().sum(-1)
@@ -138,8 +157,8 @@ class AlternatingProjections(nn.Module):
 def prior_precision(rule: str | float, rank: Tensor | float, theta_hat: Tensor) -> float:
     """``alpha`` from a rule (``"evidence"``: ``r/||theta||^2``; ``"reference_code"``: ``||theta||^2/r``) or as given."""
     if isinstance(rule, (int, float)) and not isinstance(rule, bool):
-        if rule <= 0:
-            raise ValueError(f"alpha must be > 0 or one of {PRECISION_RULES}; got {rule}")
+        if not 0 < rule < math.inf:
+            raise ValueError(f"alpha must be a finite number > 0 or one of {PRECISION_RULES}; got {rule}")
         return float(rule)
     if rule not in PRECISION_RULES:
         raise ValueError(f"alpha must be a positive number or one of {PRECISION_RULES}; got {rule!r}")
@@ -157,12 +176,13 @@ def largest_scale(
     steps: int = 12,
     refinements: int = 4,
 ) -> float:
-    """Largest sample scale ``c`` with ``nll(c) <= (1 + tolerance) nll(0)``: doubling/halving from ``start``
+    """Largest sample scale ``c`` with ``nll(c) <= nll(0) + tolerance |nll(0)|``: doubling/halving from ``start``
     (at most ``steps`` times), then ``refinements`` bisections in log space. ``nll_at(c)`` is the training NLL
     of the predictive whose samples are ``theta_hat + c (theta_s - theta_hat)``; 0 if no tried scale passes."""
-    if tolerance <= 0:
-        raise ValueError(f"tolerance must be > 0; got {tolerance}")
-    bound = (1 + tolerance) * nll_at(0.0)
+    if not 0 < tolerance < math.inf:
+        raise ValueError(f"tolerance must be a finite number > 0; got {tolerance}")
+    reference = nll_at(0.0)
+    bound = reference + tolerance * abs(reference)  # a Gaussian's NLL may be negative
 
     def ok(c: float) -> bool:
         value = nll_at(c)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -80,6 +81,21 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
         f"checkpoint {str(path)!r} is not of a {type(model).__name__}: no prefix holds all of its "
         f"{len(wanted)} tensors (e.g. missing {missing[:5]}; the checkpoint has {list(state)[:5]}...)"
     )
+
+
+def load_trained_likelihood(likelihood: nn.Module, source: Path | Mapping[str, Tensor]) -> bool:
+    """Copy a trained likelihood's tensors (a Gaussian's noise: ``likelihood.*`` in a module's checkpoint) into
+    ``likelihood`` when ``source`` (a checkpoint file or its state dict) holds them all; return whether it did (a
+    plain network's state dict has none: the likelihood keeps its initial values)."""
+    wanted = likelihood.state_dict()
+    if not wanted:
+        return False
+    state = _state_dict(source) if isinstance(source, Path) else source
+    saved = {name: state.get(f"likelihood.{name}") for name in wanted}
+    if not all(value is not None and value.shape == wanted[name].shape for name, value in saved.items()):
+        return False
+    likelihood.load_state_dict(saved)
+    return True
 
 
 def load_trained_weights(model: nn.Module, checkpoint: str) -> Path:

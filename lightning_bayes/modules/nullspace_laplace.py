@@ -3,18 +3,22 @@
 ``q(theta) = N(theta_hat, alpha^-1 P)`` with ``P`` the projector onto the kernel of the training
 Jacobian of the constraint map (all logits, or the per-example loss). Its ``fit`` is the alternating
 projection sweeps of :mod:`lightning_bayes.inference.nullspace`: one training step projects every sample
-onto the kernel of one micro-batch, one epoch is one sweep (the extrapolation runs after its last
-batch), so progress bars, devices, checkpoints and exact resumption come from the Trainer. The samples
-are buffers; ``theta_hat`` never changes. Under DDP every process sweeps all the training batches (the
-loader is not split: ``use_distributed_sampler=False``) and projects its own contiguous share of the
-samples; the shares are summed across processes at the end of each sweep, before a checkpoint and before
+onto the kernel of one micro-batch, one epoch is one sweep (the extrapolation runs after its last batch,
+except in the fit's last epoch: a plain last sweep leaves the samples nearest the training kernel), so
+progress bars, devices, checkpoints and exact resumption come from the Trainer. The samples are buffers;
+``theta_hat`` never changes; a Gaussian likelihood's trained noise comes from ``checkpoint`` with the network.
+``train/kernel_residual`` is the sweep's mean ``||J_b v|| / ||v||`` on the training batches as the samples
+reached them (zero at convergence); ``val/kernel_residual`` is the same on the validation batches (it tends to
+how far the training kernel is from theirs, not to zero). Under DDP every process sweeps all the training
+batches (the loader is not split: ``use_distributed_sampler=False``) and projects its own contiguous share of
+the samples; the shares are summed across processes at the end of each sweep, before a checkpoint and before
 validation, so every process holds all the samples. Reference: Miani, Roy & Hauberg, AISTATS 2025.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -23,12 +27,13 @@ from torch.func import vmap
 from torch.utils.data import DistributedSampler, RandomSampler
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
+from ..checks import is_int, is_number
 from ..datamodules.epoch_loader import loader_samplers
 from ..heap import ReleaseOnGrowth
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.nullspace import AlternatingProjections, largest_scale, prior_precision
-from ..models.weights import load_trained_weights
+from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
@@ -60,7 +65,7 @@ class NullSpaceLaplace(BayesianModule):
         predictive: ``"linearized"`` (``f(theta_hat, x) + J(x)(theta_s - theta_hat)``, one JVP per sample) or
             ``"neural"`` (``f(theta_s, x)``).
         rtol, atol: eigenvalue cutoff of each micro-batch Gram matrix (relative, or absolute when given).
-        accelerate: extrapolate after every sweep.
+        accelerate: extrapolate after every sweep but the fit's last (``max_epochs``).
         chunk_size: samples (and examples) per vmapped chunk; lower it to save memory.
         compile_jacobian: build each micro-batch's per-example Jacobians under ``torch.compile``
             (:func:`~lightning_bayes.inference.linalg.compiled_per_example_jacobian`): the same values without
@@ -97,20 +102,25 @@ class NullSpaceLaplace(BayesianModule):
     ) -> None:
         super().__init__(likelihood=likelihood, num_samples=num_samples)
         self.save_hyperparameters(ignore=["model", "likelihood", "constraint"])
+        if isinstance(constraint, str):  # a checkpoint rebuilds (and a resume checks) the kernel it was fitted in
+            self.hparams["constraint"] = constraint
         if isinstance(constraint, str) and constraint not in _CONSTRAINTS:
             raise ValueError(f"constraint must be one of {_CONSTRAINTS} or a callable; got {constraint!r}")
         if predictive not in _PREDICTIVES:
             raise ValueError(f"predictive must be one of {_PREDICTIVES}; got {predictive!r}")
-        if not (scale == "line_search" or (isinstance(scale, (int, float)) and scale >= 0)):
-            raise ValueError(f"scale must be a number >= 0 or 'line_search'; got {scale!r}")
-        if not isinstance(scale_batches, int) or scale_batches < 1:
+        if not (scale == "line_search" or (is_number(scale) and 0 <= cast(float, scale) < math.inf)):
+            raise ValueError(f"scale must be a finite number >= 0 or 'line_search'; got {scale!r}")
+        if not is_int(scale_batches) or scale_batches < 1:
             raise ValueError(f"scale_batches must be an int >= 1; got {scale_batches!r}")
-        if not (isinstance(scale_tolerance, (int, float)) and scale_tolerance > 0):  # else refused after the sweeps
-            raise ValueError(f"scale_tolerance must be > 0 (a relative training-NLL increase); got {scale_tolerance!r}")
+        if not (is_number(scale_tolerance) and 0 < scale_tolerance < math.inf):  # else refused after the sweeps
+            raise ValueError(
+                f"scale_tolerance must be a finite number > 0 (a relative training-NLL increase); "
+                f"got {scale_tolerance!r}"
+            )
         prior_precision(alpha, 1.0, torch.ones(1))  # validates a number or a rule's name
         self.automatic_optimization = False
         if checkpoint is not None:
-            load_trained_weights(model, checkpoint)
+            load_trained_likelihood(self.likelihood, load_trained_weights(model, checkpoint))
         self.model = model.requires_grad_(False).eval()
         self.alpha_rule, self.scale_rule, self.scale_tolerance = alpha, scale, scale_tolerance
         self.scale_batches, self.predictive_mode = scale_batches, predictive
@@ -127,7 +137,7 @@ class NullSpaceLaplace(BayesianModule):
         self._constraint_pending = constraint == "auto"
         self.projections = AlternatingProjections(
             self.function.size, num_samples, seed=seed, rtol=rtol, atol=atol, accelerate=accelerate,
-            dtype=self.function.theta().dtype,
+            dtype=torch.promote_types(self.function.theta().dtype, torch.float32),  # bf16 samples left the kernel
         )
         self.register_buffer("scale_value", torch.tensor(1.0))  # the line search's result
         self._scale_batches: list[Batch] = []  # the sweep's first batches, for the line search at its end
@@ -158,6 +168,18 @@ class NullSpaceLaplace(BayesianModule):
         """The checkpoint's projected samples, whatever ``num_samples`` is now: the predictive uses the first
         ``num_samples`` of them (alpha and the scale stay the fit's, which used them all); more needs a new fit."""
         super().on_load_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        if "projections.samples" not in state:
+            raise ValueError(
+                f"this checkpoint holds no null-space Laplace samples (its tensors: {list(state)[:4]}...): to start "
+                "from a trained network's weights pass the file as NullSpaceLaplace(checkpoint=...), not as ckpt_path"
+            )
+        saved, own = checkpoint.get("hyper_parameters", {}).get("constraint"), self.hparams.get("constraint")
+        if isinstance(saved, str) and isinstance(own, str) and saved != own:
+            raise ValueError(
+                f"the checkpoint's samples were projected with constraint={saved!r}; this module has "
+                f"constraint={own!r}: build it with constraint={saved!r}, or fit anew"
+            )
         self._scale_batches = checkpoint.get("line_search_batches", [])
         self._sweep_under_way = "line_search_batches" in checkpoint
         for name in ("noise", "samples", "sweep_start"):  # this module's buffers take the saved shapes
@@ -182,6 +204,11 @@ class NullSpaceLaplace(BayesianModule):
                 "--trainer.use_distributed_sampler false)"
             )
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "NullSpaceLaplace's sweep is one pass over the training loader, which has no length (an "
+                "IterableDataset): give it a length, or bound the pass with --trainer.limit_train_batches N"
+            )
         if started and not callable(getattr(loader, "state_dict", None)):
             raise ValueError(
                 f"the checkpoint was saved inside a sweep (after batch {started} of {batches}); Lightning restarts a "
@@ -239,14 +266,21 @@ class NullSpaceLaplace(BayesianModule):
     def _end_sweep(self) -> None:
         self._sweep_under_way = False
         self._share_samples()
-        self.projections.end_sweep()
+        max_epochs = self.trainer.max_epochs
+        self.projections.end_sweep(extrapolate=max_epochs is None or self.current_epoch != max_epochs - 1)
         if self.scale_rule == "line_search":
             self.scale_value.fill_(largest_scale(self._training_nll, tolerance=self.scale_tolerance))
         self.log_dict(
             {"train/sweeps": float(self.projections.sweeps_done), "train/rank": self.rank(), "train/alpha": self.alpha(),
-             "train/scale": self.scale()},
+             "train/scale": self.scale(), "train/kernel_residual": self._sweep_residual()},
             on_step=False, on_epoch=True, batch_size=1, sync_dist=True,  # equal on every process: quiets Lightning
         )
+
+    def _sweep_residual(self) -> float:
+        """The sweep's mean ``||J_b v|| / ||v||`` over every process's samples (their sums added up)."""
+        residual = self.projections.sweep_residual
+        residual.copy_(self.trainer.strategy.reduce(residual.clone(), reduce_op="sum"))
+        return self.projections.mean_sweep_residual()
 
     def _training_nll(self, scale: float) -> float:
         with torch.no_grad():
@@ -261,6 +295,11 @@ class NullSpaceLaplace(BayesianModule):
 
     def alpha(self) -> float:
         """The prior precision ``alpha`` from its rule and the current rank estimate."""
+        if isinstance(self.alpha_rule, str) and not self.projections.sweeps_done and self.rank() == 0:
+            raise RuntimeError(
+                f"NullSpaceLaplace's alpha={self.alpha_rule!r} needs the rank estimate of projected samples, and no "
+                "sweep has projected them yet: fit first (trainer.fit), or load a fitted checkpoint"
+            )
         return prior_precision(self.alpha_rule, self.rank(), self.function.theta())
 
     def scale(self) -> float:
@@ -307,4 +346,6 @@ class NullSpaceLaplace(BayesianModule):
         self._resolve_constraint(x)
         residual = self.projections.residual(self.function.jacobian(x, y)).mean()
         self.log("val/kernel_residual", residual, batch_size=len(y))
+        if self.trainer.sanity_checking and not self.projections.sweeps_done:
+            return None  # type: ignore[return-value]  # no posterior before the first sweep: nothing to score
         return super().validation_step(batch, batch_idx)

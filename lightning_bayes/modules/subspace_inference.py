@@ -63,7 +63,7 @@ from ..inference.subspace import (
     random_subspace,
 )
 from ..inference.swag import SWAGMoments
-from ..models.weights import load_trained_weights, resolve_checkpoint_path
+from ..models.weights import load_trained_likelihood, load_trained_weights, resolve_checkpoint_path
 from ..params import ParamSelector, select_parameters
 from ..predictive import Predictive
 from .base import Batch, BayesianModule, first_rows
@@ -186,7 +186,7 @@ class SubspaceInference(BayesianModule):
             saved = torch.load(path, map_location="cpu", weights_only=False)
             swag_state = swag_state_from_checkpoint(path, saved)
             load_trained_weights(model, path)
-            self._load_likelihood(saved.get("state_dict", {}))
+            load_trained_likelihood(self.likelihood, saved.get("state_dict", {}))
         self.likelihood.requires_grad_(False)  # e.g. a Gaussian noise scale: the trained run's, fixed
         if not swag_state:
             raise ValueError("swag_state is empty: the SWASubspace callback collected nothing")
@@ -234,13 +234,6 @@ class SubspaceInference(BayesianModule):
         self._extend_chain = False  # set by on_load_checkpoint: a finished ESS chain given more samples
 
     # ----- construction ---------------------------------------------------------------------------------
-    def _load_likelihood(self, state: Mapping[str, Tensor]) -> None:
-        """The trained run's likelihood tensors (a Gaussian noise scale), when its checkpoint has them."""
-        own = self.likelihood.state_dict()
-        found = {k[len("likelihood."):]: v for k, v in state.items() if k.startswith("likelihood.")}
-        if own and set(found) == set(own):
-            self.likelihood.load_state_dict(found)
-
     def _generator(self) -> torch.Generator:
         """A fresh CPU generator for the next draw: seeded by ``(seed, draws)``; ``draws`` is a buffer, so a
         resumed run makes the same draws as an uninterrupted one."""

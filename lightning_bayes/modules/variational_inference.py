@@ -28,7 +28,7 @@ from ..inference.mean_field_gaussian import ScaleMap
 from ..inference.variational_layers import (
     FAMILIES, GAUSSIAN_FAMILIES, Family, VariationalLayer, draws_ahead, to_variational, total_kl, use_noise,
 )
-from ..models.weights import load_trained_weights
+from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
@@ -98,8 +98,8 @@ class VariationalInference(BayesianModule):
             raise ValueError(f"kl_warmup_epochs must be >= 0; got {kl_warmup_epochs!r}")
         if not isinstance(train_samples, int) or train_samples < 1:
             raise ValueError(f"train_samples must be a positive int; got {train_samples!r}")
-        if checkpoint is not None:
-            load_trained_weights(backbone, checkpoint)
+        if checkpoint is not None:  # a Gaussian likelihood's trained noise with the network
+            load_trained_likelihood(self.likelihood, load_trained_weights(backbone, checkpoint))
         self.variational_layer_names = to_variational(
             backbone, params, family=family, prior_scale=prior_scale, init_scale=init_scale, degree=degree,
             support=support, local_reparameterization=local_reparameterization and family in GAUSSIAN_FAMILIES,

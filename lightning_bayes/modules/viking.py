@@ -56,7 +56,7 @@ from ..inference.kernel_projection import SOLVERS, Solver, build_system, project
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.viking import KernelImageGaussian, image_dimension, mix_noise
-from ..models.weights import load_trained_weights
+from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule, first_rows
@@ -161,8 +161,8 @@ class VIKING(BayesianModule):
             )
         if predictive not in _PREDICTIVES:
             raise ValueError(f"predictive must be one of {_PREDICTIVES}; got {predictive!r}")
-        if checkpoint is not None:
-            load_trained_weights(backbone, checkpoint)
+        if checkpoint is not None:  # a Gaussian likelihood's trained noise with the network
+            load_trained_likelihood(self.likelihood, load_trained_weights(backbone, checkpoint))
         self.backbone = backbone
         self.family = KernelImageGaussian(log_alpha, log_sigma_image)
         maps: dict[str, ConstraintFn] = {"loss": LossConstraint(self.likelihood), "output": output_constraint}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_bayes.inference.kernel_projection import build_system, project, project_to_kernel
+from lightning_bayes.inference.kernel_projection import DenseSystem, build_system, project, project_to_kernel
 from lightning_bayes.inference.likelihoods import CategoricalLikelihood
 from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction, output_constraint
 
@@ -150,3 +150,15 @@ def test_dense_systems_graph_gives_the_bilinear_gradient(single_thread, constrai
     assert _relative_error(build_system(function, x, y, theta, "cg").bilinear_gradient(left, right), expected) <= 1e-12
     with pytest.raises(RuntimeError, match=r"differentiable=True"):
         build_system(function, x, y, theta, "dense").bilinear_gradient(left, right)
+
+
+def test_a_bf16_jacobians_transpose_product_is_taken_in_float32() -> None:
+    """float32 vectors projected with a bf16 ``J_b`` land in its kernel to float32 rounding (``J^T lam`` in bf16
+    left them 1e-3 off)."""
+    torch.manual_seed(0)
+    jacobian = torch.randn(4, 50).to(torch.bfloat16)
+    vectors = torch.randn(3, 50)
+    kernel, _ = project(DenseSystem(jacobian), vectors)
+    assert kernel.dtype == torch.float32
+    residual = (kernel @ jacobian.float().T).norm(dim=1) / vectors.norm(dim=1)
+    assert residual.max() < 1e-5

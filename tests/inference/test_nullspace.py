@@ -186,7 +186,7 @@ def test_evidence_rule_maximises_the_dense_laplace_evidence() -> None:
     assert prior_precision(2.5, r, theta) == 2.5
     with pytest.raises(ValueError, match="alpha must be a positive number or one of"):
         prior_precision("marginal", r, theta)
-    with pytest.raises(ValueError, match="alpha must be > 0"):
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
         prior_precision(-1.0, r, theta)
 
 
@@ -235,3 +235,26 @@ def test_gram_factor_cache_returns_what_was_stored_across_blocks_and_sizes(monke
         assert fingerprint.item() == key
         assert torch.equal(cached.eigenvectors, factor.eigenvectors)
         assert torch.equal(cached.inverse_eigenvalues, factor.inverse_eigenvalues)
+
+
+def test_largest_scale_allows_the_same_increase_when_the_nll_is_negative() -> None:
+    """A Gaussian's NLL may be negative: the bound is ``nll(0) + tolerance |nll(0)|`` (``(1 + tolerance) nll(0)``
+    lay below nll(0), so no scale passed and the search returned 0). Both curves allow c^2 <= 100."""
+    positive = largest_scale(lambda c: 1.0 + 1e-4 * c * c, tolerance=0.01, refinements=8)
+    negative = largest_scale(lambda c: -1.0 + 1e-4 * c * c, tolerance=0.01, refinements=8)
+    assert negative == positive == pytest.approx(10.0, rel=0.01)
+
+
+def test_the_sweep_residual_is_the_mean_over_batches_before_their_projection() -> None:
+    torch.manual_seed(0)
+    jacobians = [torch.randn(3, 20, dtype=torch.float64) for _ in range(4)]
+    projections = AlternatingProjections(20, 5, seed=1, accelerate=False, dtype=torch.float64)
+    samples, expected = projections.samples.clone(), []
+    projections.begin_sweep()
+    for key, jacobian in enumerate(jacobians):
+        expected.append(((samples @ jacobian.T).norm(dim=1) / samples.norm(dim=1)).mean())
+        samples = samples - (jacobian.T @ torch.linalg.solve(jacobian @ jacobian.T, jacobian @ samples.T)).T
+        projections.project(jacobian, key=key)
+    projections.end_sweep()
+    assert projections.mean_sweep_residual() == pytest.approx(float(torch.stack(expected).mean()), rel=1e-12)
+    torch.testing.assert_close(projections.samples, samples, rtol=1e-12, atol=1e-12)

@@ -4,11 +4,12 @@ points, loss kernel, exact resumption, checkpoint loading and clear errors. A fl
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -111,9 +112,14 @@ def test_resuming_from_a_mid_fit_checkpoint_gives_identical_samples(tmp_path: Pa
     straight = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
     make_trainer(6).fit(straight, train_dataloaders=loader)
 
+    class StopAfterThree(Callback):  # an interrupted 6-epoch fit (a fit of 3 would end with a plain sweep)
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            trainer.should_stop = trainer.current_epoch == 2
+
     first = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    make_trainer(3, tmp_path, callbacks=[checkpoint]).fit(first, train_dataloaders=loader)
+    make_trainer(6, tmp_path, callbacks=[StopAfterThree(), checkpoint]).fit(first, train_dataloaders=loader)
+    assert first.projections.sweeps_done.item() == 3
     resumed = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
     make_trainer(6, tmp_path).fit(resumed, train_dataloaders=loader, ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.projections.sweeps_done.item() == 6
@@ -183,9 +189,14 @@ def test_shuffled_training_loader_is_refused(loader_class: type[DataLoader]) -> 
     [
         ({"constraint": "logits"}, "constraint must be one of"),
         ({"predictive": "glm"}, "predictive must be one of"),
-        ({"scale": -1.0}, "scale must be a number >= 0 or 'line_search'"),
+        ({"scale": -1.0}, "scale must be a finite number >= 0 or 'line_search'"),
+        ({"scale": math.inf}, "scale must be a finite number >= 0 or 'line_search'"),
+        ({"scale_tolerance": math.inf}, "scale_tolerance must be a finite number > 0"),
+        ({"alpha": math.nan}, "alpha must be a finite number > 0"),
+        ({"alpha": math.inf}, "alpha must be a finite number > 0"),
+        ({"atol": math.nan}, "atol must be None or a finite number > 0"),
         ({"alpha": "marginal"}, "alpha must be a positive number or one of"),
-        ({"scale_tolerance": 0.0}, r"scale_tolerance must be > 0 \(a relative training-NLL increase\); got 0.0"),
+        ({"scale_tolerance": 0.0}, r"scale_tolerance must be a finite number > 0 \(a relative training-NLL .*got 0.0"),
         ({"scale_batches": 0}, "scale_batches must be an int >= 1; got 0"),
         ({"params": "nothing*"}, "matched no parameter"),
         ({"compile_jacobian": "yes"}, "compile_jacobian must be True or False; got 'yes'"),
@@ -308,3 +319,101 @@ def test_every_micro_batch_of_a_sweep_checks_the_heap_growth(monkeypatch: pytest
     module = NullSpaceLaplace(make_model(), num_samples=2)
     make_trainer(2).fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=2))
     assert len(checks) == 90
+
+
+def test_a_default_trainers_sanity_check_runs_and_alpha_before_a_sweep_says_fit_first() -> None:
+    """Lightning's default sanity check validates before the first sweep, when no alpha exists: it now only logs
+    the kernel residual (it raised "needs a positive rank estimate ... got rank 0")."""
+    loader, _, _ = make_data()
+    module = NullSpaceLaplace(make_model(), num_samples=4)
+    with pytest.raises(RuntimeError, match="no sweep has projected them yet: fit first"):
+        module.alpha()
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert trainer.num_sanity_val_steps == 2 and module.projections.sweeps_done.item() == 1
+    assert math.isfinite(module.alpha())
+
+
+def test_the_fits_last_sweep_is_plain_so_the_samples_lie_in_the_last_batchs_kernel() -> None:
+    """The extrapolation after a sweep mixes the sweep's start back in; after the fit's last sweep it is skipped,
+    so the samples end exactly in the kernel of the last micro-batch (float64 rounding), unlike after an
+    extrapolated sweep (the third of four)."""
+    loader, x, y = make_data()
+
+    class StopAfterThree(Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            trainer.should_stop = trainer.current_epoch == 2
+
+    residuals = []
+    for epochs, callbacks in ((3, []), (4, [StopAfterThree()])):
+        module = NullSpaceLaplace(make_model(), num_samples=4, accelerate=True)
+        make_trainer(epochs, callbacks=callbacks).fit(module, train_dataloaders=loader)
+        assert module.projections.sweeps_done.item() == 3
+        residuals.append(float(module.projections.residual(module.function.jacobian(x[-4:], y[-4:])).max()))
+    assert residuals[0] < 1e-12 and residuals[1] > 1e-4
+
+
+def test_a_gaussian_maps_noise_comes_with_its_weights(tmp_path: Path) -> None:
+    """A Gaussian MAP's trained noise scale is the likelihood's: the post-hoc Laplace took the network alone and
+    kept sigma = 1 (every predictive and the line search then used the wrong noise)."""
+    torch.manual_seed(0)
+    x = torch.linspace(-2, 2, 24, dtype=torch.float64)[:, None]
+    data = DataLoader(TensorDataset(x, torch.sin(2 * x) + 0.1 * torch.randn_like(x)), batch_size=8)
+    network = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    trained = MAP(network, likelihood="gaussian", optimizer=lambda p: torch.optim.Adam(p, lr=5e-2)).double()
+    make_trainer(30).fit(trained, train_dataloaders=data)
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "map.ckpt")
+    laplace = NullSpaceLaplace(
+        nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double(), checkpoint=str(tmp_path / "map.ckpt"),
+        likelihood="gaussian", num_samples=2,
+    )
+    default = NullSpaceLaplace(make_model(), likelihood="gaussian").likelihood.raw_noise
+    assert abs(float(trained.likelihood.raw_noise) - float(default)) > 1.0  # sigma 0.21 against softplus(0.54) = 1
+    assert float(laplace.likelihood.raw_noise) == float(trained.likelihood.raw_noise.float())  # its float32 copy
+
+
+def test_a_checkpoint_rebuilds_its_constraint_and_refuses_another(tmp_path: Path) -> None:
+    loader, _, _ = make_data()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    module = NullSpaceLaplace(make_model(), num_samples=4, constraint="loss")
+    make_trainer(2, tmp_path, callbacks=[checkpoint]).fit(module, train_dataloaders=loader)
+    restored = NullSpaceLaplace.load_from_checkpoint(tmp_path / "last.ckpt", model=make_model())
+    assert isinstance(restored.function.constraint, LossConstraint)
+    with pytest.raises(ValueError, match="projected with constraint='loss'; this module has constraint='output'"):
+        make_trainer(3, tmp_path).fit(
+            NullSpaceLaplace(make_model(), num_samples=4, constraint="output"), loader, ckpt_path=tmp_path / "last.ckpt"
+        )
+
+
+def test_another_methods_checkpoint_as_ckpt_path_is_refused_by_name(tmp_path: Path) -> None:
+    torch.save({"state_dict": {f"model.{k}": v for k, v in make_model().state_dict().items()}}, tmp_path / "map.ckpt")
+    module = NullSpaceLaplace(make_model(), num_samples=4)
+    with pytest.raises(ValueError, match=r"holds no null-space Laplace samples .* pass the file as "
+                                         r"NullSpaceLaplace\(checkpoint=...\), not as ckpt_path"):
+        module.on_load_checkpoint({"state_dict": torch.load(tmp_path / "map.ckpt")["state_dict"]})
+
+
+def test_a_loader_without_a_length_is_refused() -> None:
+    _, x, y = make_data()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    with pytest.raises(ValueError, match="has no length .* --trainer.limit_train_batches N"):
+        make_trainer(1).fit(NullSpaceLaplace(make_model(), num_samples=4), DataLoader(Stream(), batch_size=4))
+
+
+def test_bf16_parameters_get_float32_samples_in_the_kernel() -> None:
+    """A bf16 network's samples are float32 and J_b^T lam is taken in float32 (bf16 samples were 2e-2 off P eps,
+    3e-3 off the kernel)."""
+    _, x, y = make_data()
+    model = make_model().to(torch.bfloat16)
+    module = NullSpaceLaplace(model, num_samples=4, accelerate=False)
+    assert module.projections.samples.dtype == torch.float32
+    bf16 = DataLoader(TensorDataset(x.to(torch.bfloat16), y), batch_size=4)
+    make_trainer(40).fit(module, train_dataloaders=bf16)
+    jacobian = module.function.jacobian(x[-4:].to(torch.bfloat16), y[-4:]).float()
+    samples = module.projections.samples
+    assert ((samples @ jacobian.T).norm(dim=1) / samples.norm(dim=1)).max() < 1e-5
