@@ -59,6 +59,10 @@ class CanonicalLoraNoise(nn.Module):
             self.register_buffer(f"b_{i}", canonical_b)
             self.register_buffer(f"scale_{i}", noise_scales(d).unsqueeze(1))
 
+    def is_degenerate(self) -> bool:
+        """Whether no pair has a direction to put noise on (every ``B`` zero: ``d = 0``)."""
+        return all(not bool(getattr(self, f"scale_{i}").any()) for i in range(len(self.names)))
+
     def draw(self, sigma: float, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """One posterior draw ``{name_a: A' + sigma (1/d) Z, name_b: B'}``; ``sigma = 0`` gives the canonical factors
         and draws no random numbers."""

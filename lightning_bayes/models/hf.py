@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
 
+_Model = TypeVar("_Model", bound=nn.Module)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,6 +80,16 @@ def quantisation_kwargs(load_in_4bit: bool) -> dict[str, Any]:
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     return {"quantization_config": config, "device_map": {"": device}}
+
+
+def keep_cpu_four_bit_differentiable(model: _Model) -> _Model:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for inference at its first forward in eval
+    mode (a validation pass), after which ``matmul_4bit`` takes ``gemv_4bit``, which has no backward: every LoRA
+    whose gradient passes through a base layer then silently stops training. Turn that repacking off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010  # an attribute nn.Module's typing lacks
+    return model
 
 
 def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str) -> nn.Module:
@@ -137,8 +148,9 @@ class HFSequenceClassifier(nn.Module):
         quantisation = quantisation_kwargs(load_in_4bit)
         from transformers import AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_pretrained(model), num_labels=num_labels, **quantisation
+        folder = resolve_pretrained(model)
+        base = keep_cpu_four_bit_differentiable(
+            AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **quantisation)
         )
         self.num_features: int = base.config.hidden_size
         # from_pretrained returns eval mode; fine-tuning runs with the model's dropout as trained
@@ -193,7 +205,9 @@ class CausalLMAnswerClassifier(nn.Module):
         if len(set(ids)) != len(ids):
             raise ValueError(f"answer_words must map to distinct tokens; got {answer_words} -> ids {ids}")
         self.register_buffer("answer_ids", torch.tensor(ids), persistent=False)
-        base = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], **quantisation)
+        base = keep_cpu_four_bit_differentiable(
+            AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], **quantisation)
+        )
         self.num_features: int = base.config.hidden_size
         self.model = (base if lora is None else apply_lora(base, lora, "CAUSAL_LM")).train()
         exclude_frozen_base(self, "model")  # checkpoints hold the adapters, not the base
@@ -214,8 +228,12 @@ class CausalLMAnswerClassifier(nn.Module):
         return out.last_hidden_state[:, -1]
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
-        head = _unwrap(self.model).get_output_embeddings()  # only the answer rows: [C, H], not [V, H]
-        bias = None if head.bias is None else head.bias[self.answer_ids]
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        head = _unwrap(self.model).get_output_embeddings()
+        if isinstance(head, BaseTunerLayer):  # a LoRA on lm_head: its own forward, then the answer columns
+            return cast(nn.Module, head)(self.features(x))[..., self.answer_ids]
+        bias = None if head.bias is None else head.bias[self.answer_ids]  # only the answer rows: [C, H], not [V, H]
         return nn.functional.linear(self.features(x), head.weight[self.answer_ids], bias)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def _state_dict(path: Path) -> dict[str, Tensor]:
 
 def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Tensor], Path]:
     """The tensors of ``checkpoint`` named as in ``model.state_dict()`` (found under the prefix that holds all
-    of them), and the file used; ``model`` is left unchanged.
+    of them), and the file used; ``model`` is left unchanged. A checkpoint of a Gaussian variational posterior
+    (BLoB, mean-field VI: ``<name>.mean`` and ``<name>.raw_scale``) gives its means, with a warning.
 
     Raises ``ValueError`` naming missing tensors or shape mismatches when the checkpoint is of another model, and
     the candidates when several prefixes of the shortest length hold a whole model (a deep ensemble's members).
@@ -55,32 +57,52 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     path = resolve_checkpoint_path(checkpoint)
     state = _state_dict(path)
     wanted = model.state_dict()
+    prefix = _whole_model_prefix(state, wanted, path, model)
+    if prefix is None:
+        means = {key.removesuffix(".mean"): value for key, value in state.items() if key.endswith(".mean")}
+        prefix = _whole_model_prefix({**state, **means}, wanted, path, model) if means else None
+        if prefix is None:
+            missing = [name for name in wanted if not any(k.endswith(name) for k in state)]
+            raise ValueError(
+                f"checkpoint {str(path)!r} is not of a {type(model).__name__}: no prefix holds all of its "
+                f"{len(wanted)} tensors (e.g. missing {missing[:5]}; the checkpoint has {list(state)[:5]}...)"
+            )
+        warnings.warn(
+            f"checkpoint {str(path)!r} holds a variational posterior (e.g. BLoB's or mean-field VI's): "
+            f"{type(model).__name__} gets its means",
+            stacklevel=2,
+        )
+        state = {**state, **means}
+    mismatched = [
+        f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
+        for name, t in wanted.items()
+        if state[prefix + name].shape != t.shape
+    ]
+    if mismatched:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
+    return {name: state[prefix + name] for name in wanted}, path
+
+
+def _whole_model_prefix(
+    state: Mapping[str, Tensor], wanted: Mapping[str, Tensor], path: Path, model: nn.Module
+) -> str | None:
+    """The shortest key prefix under which ``state`` holds every tensor ``wanted`` names (None if none does);
+    several of that length (a deep ensemble's members) are refused."""
     candidates = {k[: len(k) - len(name)] for k in state for name in wanted if k.endswith(name)}
     complete = sorted(prefix for prefix in candidates if all(prefix + name in state for name in wanted))
-    if complete:
-        shortest = min(map(len, complete))
-        prefix, *others = [p for p in complete if len(p) == shortest]
-        if others:
-            raise ValueError(
-                f"checkpoint {str(path)!r} holds {1 + len(others)} whole {type(model).__name__}s, under "
-                f"{[prefix, *others]} (e.g. a deep ensemble's members), so which one to load is ambiguous: save the "
-                f"one you want as a state dict, e.g. torch.save({{k.removeprefix({prefix!r}): v for k, v in "
-                f"torch.load(path)['state_dict'].items() if k.startswith({prefix!r})}}, 'member.pt'), and pass that "
-                "file"
-            )
-        mismatched = [
-            f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
-            for name, t in wanted.items()
-            if state[prefix + name].shape != t.shape
-        ]
-        if mismatched:
-            raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
-        return {name: state[prefix + name] for name in wanted}, path
-    missing = [name for name in wanted if not any(k.endswith(name) for k in state)]
-    raise ValueError(
-        f"checkpoint {str(path)!r} is not of a {type(model).__name__}: no prefix holds all of its "
-        f"{len(wanted)} tensors (e.g. missing {missing[:5]}; the checkpoint has {list(state)[:5]}...)"
-    )
+    if not complete:
+        return None
+    shortest = min(map(len, complete))
+    prefix, *others = [p for p in complete if len(p) == shortest]
+    if others:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds {1 + len(others)} whole {type(model).__name__}s, under "
+            f"{[prefix, *others]} (e.g. a deep ensemble's members), so which one to load is ambiguous: save the "
+            f"one you want as a state dict, e.g. torch.save({{k.removeprefix({prefix!r}): v for k, v in "
+            f"torch.load(path)['state_dict'].items() if k.startswith({prefix!r})}}, 'member.pt'), and pass that "
+            "file"
+        )
+    return prefix
 
 
 def load_trained_likelihood(likelihood: nn.Module, source: Path | Mapping[str, Tensor]) -> bool:

@@ -125,6 +125,15 @@ class TrainingFreeBayes(BayesianModule):
     def takes_optimizer_steps(self) -> bool:
         return False  # nothing is trained: the search updates buffers
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.noise.is_degenerate():
+            raise ValueError(
+                "TrainingFreeBayes: every selected LoRA pair has B = 0 (an untrained adapter: peft starts B at zero), "
+                "so no noise scale changes the model and the search would return a posterior without spread: pass "
+                "the trained LoRA as checkpoint=..."
+            )
+
     def _generator(self, offset: int) -> torch.Generator:
         generator = torch.Generator(device=self.noise.a_0.device)
         generator.manual_seed(self.seed + offset)

@@ -20,6 +20,7 @@ Reference: Shen et al., "Variational Learning is Effective for Large Deep Networ
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -151,6 +152,11 @@ class IVON(Optimizer):
     reshards the units of :func:`lightning_bayes.params.fsdp2_units` first (``IVONModule``'s predictive does).
     FSDP1's flat parameters (``FSDPStrategy``) on several processes are refused at the first step: every rank would
     draw the same noise for its own shard, correlated across shards.
+
+    Each closure call starts from cleared gradients (every sample's gradient is its own), and gradients left from
+    a backward outside ``step`` (gradient accumulation, where Lightning runs the first micro-batches at the mean)
+    are refused. There is no ``sync`` (``ivon-opt``'s all-reduce of ``g`` and ``h`` estimates): under DDP every
+    rank draws the same noise and DDP averages the gradients, so the estimates agree already.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class IVON(Optimizer):
         self.steps = 0  # completed updates t
         self._seed_agreed = False
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._grads_left: dict[int, weakref.ref[Tensor]] = {}  # each parameter's gradient as the last step left it
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -291,6 +298,7 @@ class IVON(Optimizer):
             self._agree_on_seed()
         entries = [(p, group, self._parameter_state(p, group)) for group in self.param_groups for p in group["params"]]
         params = [p for p, _, _ in entries]
+        self._refuse_gradients_from_outside(params)
         means = [self._mean(p) for p in params]
         grad_sums = [torch.zeros_like(state["hess"]) for _, _, state in entries]
         curvature_sums = [torch.zeros_like(state["hess"]) for _, _, state in entries]
@@ -303,6 +311,8 @@ class IVON(Optimizer):
                 for p, group, state in entries
             ]
             with sampled_parameters(params, noise, means):
+                for p in params:  # each sample's gradient its own, whether or not the closure zeroes them
+                    p.grad = None
                 with torch.enable_grad():
                     loss = closure()
                 if loss is None:
@@ -315,9 +325,26 @@ class IVON(Optimizer):
                     curvature_sum.add_(grad * eps if self.hess_approx == "price" else grad.square())
             losses.append(loss.detach() if isinstance(loss, Tensor) else loss)
         self.steps += 1
+        self._grads_left = {id(p): weakref.ref(p.grad) for p in params if p.grad is not None}
         for (p, group, state), grad_sum, curvature_sum in zip(entries, grad_sums, curvature_sums):
             self._update(p, group, state, grad_sum / self.mc_samples, curvature_sum / self.mc_samples)
         return sum(losses) / len(losses)
+
+    def _refuse_gradients_from_outside(self, params: list[Tensor]) -> None:
+        """Non-zero gradients that ``step`` did not leave (one sync, only when such tensors exist): a backward run
+        outside the closure, as under gradient accumulation, where Lightning runs the first micro-batches'
+        backward at the mean weights, not at IVON's draws."""
+        foreign = [
+            p.grad for p in params
+            if p.grad is not None and (id(p) not in self._grads_left or self._grads_left[id(p)]() is not p.grad)
+        ]
+        if foreign and bool(torch.stack([g.detach().abs().sum().float().cpu() for g in foreign]).sum() > 0):
+            raise RuntimeError(
+                f"IVON.step found gradients computed outside its closure on {len(foreign)} parameters (gradient "
+                "accumulation, or a backward before step): IVON draws the weights inside step and computes every "
+                "gradient there, so it cannot accumulate across steps; use accumulate_grad_batches=1 with a larger "
+                "batch or mc_samples, and zero the gradients (or let the closure do it) before step"
+            )
 
     def _update(
         self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], grad: Tensor, curvature: Tensor

@@ -162,10 +162,36 @@ def test_four_bit_nf4_base_with_full_precision_lora(smollm2_folder, prompts):
 
 
 def test_four_bit_nf4_base_with_full_precision_lora_on_cpu(smollm2_folder, prompts):
-    """The CPU twin of the CUDA test: bitsandbytes' CPU backend runs the same NF4 base."""
+    """The CPU twin of the CUDA test: bitsandbytes' CPU backend runs the same NF4 base. After an eval-mode forward
+    (a validation pass) every adapter still gets a gradient: bitsandbytes repacked the weights for inference there
+    (on AVX512-BF16 CPUs), after which no gradient passed through a base layer."""
     if torch.cuda.is_available():
         pytest.skip("the CUDA test covers a machine with a GPU")
-    _check_four_bit_lora(CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(), load_in_4bit=True), prompts)
+    model = CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(), load_in_4bit=True)
+    _check_four_bit_lora(model, prompts)
+    with torch.no_grad():
+        model.eval()(prompts)
+    model.train()(prompts).logsumexp(-1).sum().backward()
+    lora_b = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}  # (A starts random, B at zero)
+    assert lora_b and all(grad is not None and grad.abs().sum() > 0 for grad in lora_b.values())
+
+
+def test_a_lora_on_lm_head_trains_and_scores_as_the_whole_model(smollm2_folder, prompts):
+    """The answer logits came from the base head's rows alone, so a LoRA on lm_head (the spec's third target) got
+    no gradient and changed nothing."""
+    lora = LoraSpec(r=2, alpha=4, target_modules=["q_proj", "v_proj", "lm_head"])
+    model = CausalLMAnswerClassifier(smollm2_folder, lora=lora).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    logits = model(prompts)
+    whole = model.model(**prompts).logits[:, -1, model.answer_ids]
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-4)
+    logits.logsumexp(-1).sum().backward()
+    head = {n: p.grad for n, p in model.named_parameters() if "lm_head.lora_" in n}
+    assert len(head) == 2 and all(grad is not None and grad.abs().sum() > 0 for grad in head.values())
 
 
 def test_a_yaml_config_builds_the_backbones_with_a_lora_spec():

@@ -64,3 +64,19 @@ def test_the_shortest_whole_prefix_is_loaded_and_equal_ones_are_refused(tmp_path
     torch.save({k.removeprefix("members.1."): v for k, v in saved.items() if k.startswith("members.1.")}, member)
     loaded, _ = trained_state_dict(_linear(2), str(member))
     assert all(torch.equal(loaded[k], v) for k, v in _linear(1).state_dict().items())
+
+
+def test_a_variational_posteriors_checkpoint_gives_its_means_with_a_warning(tmp_path: Path):
+    """BLoB's and mean-field VI's layers keep ``<name>.mean`` and ``<name>.raw_scale``: a post-hoc method (TFB
+    from the BLoB mean, as the spec allows) gets the means; a checkpoint of neither kind is still refused."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    means = {name: torch.randn_like(t) for name, t in model.state_dict().items()}
+    state = {f"backbone.{name}.mean": t for name, t in means.items()}
+    state |= {f"backbone.{name}.raw_scale": torch.zeros_like(t) for name, t in means.items()}
+    torch.save({"state_dict": state}, tmp_path / "blob.ckpt")
+    with pytest.warns(UserWarning, match="holds a variational posterior .* Sequential gets its means"):
+        loaded, _ = trained_state_dict(model, str(tmp_path / "blob.ckpt"))
+    assert set(loaded) == set(means) and all(torch.equal(loaded[name], means[name]) for name in means)
+    torch.save({"state_dict": {"other.weight.mean": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="is not of a Sequential: no prefix holds all of its 4 tensors"):
+        trained_state_dict(model, str(tmp_path / "other.ckpt"))

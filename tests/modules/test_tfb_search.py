@@ -148,3 +148,15 @@ def test_bad_arguments_are_refused():
         TrainingFreeBayes(_lora_model(), tolerance=0.0)
     with pytest.raises(ValueError, match="lora_A"):
         TrainingFreeBayes(_lora_model(), params="*lora_B*")
+
+
+def test_an_untrained_adapter_is_refused_before_the_search(tmp_path):
+    """peft starts B at zero: every candidate then passed and the 'posterior' had no spread."""
+    model = _lora_model()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    module = TrainingFreeBayes(model, sigma_range=(1e-3, 2.0), search_samples=2)
+    with pytest.raises(ValueError, match="every selected LoRA pair has B = 0 .* pass the trained LoRA as checkpoint="):
+        _trainer(tmp_path, 1).fit(module, train_dataloaders=_loader())

@@ -416,3 +416,51 @@ def test_errors() -> None:
         IVON([theta], 0.1, 1000.0)
     with pytest.raises(ValueError, match="expected a state dict saved by IVON"):
         IVON([theta], 10.0, lr=0.1).load_state_dict(torch.optim.SGD([theta], lr=0.1).state_dict())
+
+
+def test_each_samples_gradient_is_its_own_when_the_closure_does_not_zero_them(single_thread) -> None:
+    """A closure without zero_grad summed the samples' gradients (the second sample's was 2 slope): one step must
+    still be the SGD step of ``test_first_step_is_sgd_with_weight_decay``."""
+    start, slope = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    theta, reference = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    optimizer = IVON([theta], 10.0, lr=0.3, hess_init=0.7, beta2=1.0, weight_decay=0.05, mc_samples=3)
+
+    def closure() -> torch.Tensor:
+        loss = (slope * theta).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    optimizer.step(closure)  # the gradient step left is not "from outside"
+    sgd = torch.optim.SGD([reference], lr=0.3, weight_decay=0.05)
+    for _ in range(2):
+        reference.grad = slope.clone()
+        sgd.step()
+    torch.testing.assert_close(theta.detach(), reference.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_gradients_accumulated_outside_the_closure_are_refused(single_thread) -> None:
+    """Lightning's gradient accumulation runs the first micro-batches' backward at the mean, outside step: IVON's
+    update would mix them into its sampled gradients (a constant gradient 1 became 1.25)."""
+    import lightning
+
+    class Plain(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.theta = nn.Parameter(torch.zeros(3))
+
+        def training_step(self, batch, batch_idx):
+            return self.theta.sum() * batch[0].sum()
+
+        def configure_optimizers(self):
+            return IVON(self.parameters(), 10.0, lr=0.1, mc_samples=2)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=2)
+    trainer = lightning.Trainer(
+        max_epochs=1, accumulate_grad_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(RuntimeError, match="IVON.step found gradients computed outside its closure on 1 parameters"):
+        trainer.fit(Plain(), data)
+    lightning.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False).fit(Plain(), data)  # without accumulation it trains
