@@ -16,8 +16,9 @@ on the KL, whose gradient in ``rho`` is ``-2 / rho + 2 rho^3 / beta^2``, lets ``
 the prior. Noise enters by local reparameterisation (one draw of ``A x`` per token: the per-token marginal of the
 released code's flipout, whose signs are drawn per token too; tokens are uncorrelated either way, where one weight
 draw per example would correlate them). Lightning counts each optimiser's step in ``global_step`` (two per
-batch); bound training with epochs, or ``max_steps`` = 2 x batches. Reference: Wang et al., "BLoB: Bayesian Low-Rank Adaptation by
-Backpropagation for Large Language Models", NeurIPS 2024 (Wang-ML-Lab/bayesian-peft for the optimiser split).
+batch); bound training with epochs, or ``max_steps`` = 2 x batches. Reference: Wang et al., "BLoB: Bayesian
+Low-Rank Adaptation by Backpropagation for Large Language Models", NeurIPS 2024 (Wang-ML-Lab/bayesian-peft for the
+optimiser split).
 """
 
 from __future__ import annotations
