@@ -87,7 +87,8 @@ class CalibrationMetrics(Callback):
             Predictive returned by ``validation_step`` / ``test_step`` is reused as it is), or, for a module
             without that attribute, calls ``predictive(x, None)``: the module's own default.
         task: ``"classification"``, ``"regression"`` or ``"auto"`` (from the Predictive's type).
-        ood_score: OOD-ness score for AUROC / FPR95: ``"entropy"``, ``"mutual_information"`` or ``"max_prob"``.
+        ood_score: OOD-ness score for AUROC / FPR95: ``"entropy"``, ``"mutual_information"``, ``"max_prob"`` or
+            ``"max_class_variance"`` (see :mod:`lightning_bayes.metrics.ood`).
         plots: write ``reliability.png`` (classification) or ``predictive_band.png`` (1-D inputs and
             targets) next to ``metrics.json`` after testing.
         ood_stages: the stages that score the OOD data (``["test"]`` skips it at validation, where it runs as

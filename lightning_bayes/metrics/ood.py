@@ -5,9 +5,12 @@ are OOD (one bool for the whole batch or a bool tensor ``[B]``). The OOD-ness sc
 
 * ``"entropy"``: ``H[p(y|x)] / log C``,
 * ``"mutual_information"``: ``(H[p(y|x)] - E_s H[p_s(y|x)]) / log C``,
-* ``"max_prob"``: ``1 - max_c p(c|x)``.
+* ``"max_prob"``: ``1 - max_c p(c|x)``,
+* ``"max_class_variance"``: ``4 max_c Var_s[p_s(c|x)]``, the spread of the sample probabilities (the OOD score of
+  the null-space Laplace and VIKING papers; 0 for a single-sample predictive).
 
-Dividing by ``log C`` (the largest entropy) keeps every score in ``[0, 1]``, so torchmetrics uses it as
+Dividing by ``log C`` (the largest entropy), and the variance of a probability by its largest value 1/4, keeps
+every score in ``[0, 1]``, so torchmetrics uses it as
 a probability-like score as it is and does not squash it with a sigmoid; the ranking is unchanged.
 
 * ``OODAUROC``: area under the ROC curve of the score separating OOD (positive) from in-distribution
@@ -31,8 +34,8 @@ from torchmetrics.utilities.data import dim_zero_cat
 from ..predictive import CategoricalPredictive
 from ._inputs import categorical
 
-OODScore = Literal["entropy", "mutual_information", "max_prob"]
-OOD_SCORES: tuple[str, ...] = ("entropy", "mutual_information", "max_prob")
+OODScore = Literal["entropy", "mutual_information", "max_prob", "max_class_variance"]
+OOD_SCORES: tuple[str, ...] = ("entropy", "mutual_information", "max_prob", "max_class_variance")
 
 
 def ood_score(predictive: CategoricalPredictive, score: OODScore = "entropy") -> Tensor:
@@ -43,6 +46,9 @@ def ood_score(predictive: CategoricalPredictive, score: OODScore = "entropy") ->
     num_classes = predictive.logits.shape[-1]
     if score == "max_prob":
         return -torch.expm1(predictive.log_probs.max(-1).values)  # 1 - max_prob without cancellation
+    if score == "max_class_variance":
+        variance = predictive.log_probs_per_sample.exp().var(0, correction=0)  # [B, C]
+        return (4 * variance.max(-1).values).clamp(0.0, 1.0)
     if num_classes < 2:
         raise ValueError(f"score={score!r} needs at least 2 classes to normalise by log C; got C={num_classes}")
     value = predictive.entropy if score == "entropy" else predictive.mutual_information

@@ -72,6 +72,8 @@ def ood_scores(logits: np.ndarray, score: str) -> np.ndarray:
     if score == "max_prob":
         return 1.0 - probs.max(-1)
     per_sample = np.exp(logits - logsumexp(logits, axis=-1, keepdims=True))
+    if score == "max_class_variance":
+        return 4 * per_sample.var(0).max(-1)
     value = entropy(probs) if score == "entropy" else entropy(probs) - entropy(per_sample).mean(0)
     return value / np.log(num_classes)
 

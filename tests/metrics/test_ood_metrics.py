@@ -24,7 +24,7 @@ def ood_logits(seed: int, batch: int) -> torch.Tensor:
     return 2.5 * torch.randn(3, batch, 4, generator=generator, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("score", ["entropy", "mutual_information", "max_prob"])
+@pytest.mark.parametrize("score", ["entropy", "mutual_information", "max_prob", "max_class_variance"])
 @pytest.mark.parametrize("num_id", [100, 137])  # 0.95 * 100 = 95 exactly; 0.95 * 137 = 130.15 -> 131
 def test_auroc_and_fpr95_equal_explicit_computations(score: str, num_id: int) -> None:
     in_dist, out_dist = id_logits(0, num_id), ood_logits(1, 60)
@@ -69,6 +69,9 @@ def test_scores_lie_in_unit_interval_and_rank_as_defined() -> None:
     # two confident members that disagree: BMA is 50/50 over two classes -> MI = log 2 / log 4 = 1/2
     assert ood_score(sharp, "mutual_information").item() == pytest.approx(0.5, rel=1e-5)
     assert ood_score(sharp, "max_prob").item() == pytest.approx(0.5, rel=1e-6)
+    # class 1's probability is 1 then 0: variance 1/4, the largest a probability has -> 1
+    assert ood_score(sharp, "max_class_variance").item() == pytest.approx(1.0, rel=1e-6)
+    assert ood_score(flat, "max_class_variance").item() == 0.0
 
 
 def test_errors_name_the_argument() -> None:
