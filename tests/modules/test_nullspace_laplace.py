@@ -417,3 +417,12 @@ def test_bf16_parameters_get_float32_samples_in_the_kernel() -> None:
     jacobian = module.function.jacobian(x[-4:].to(torch.bfloat16), y[-4:]).float()
     samples = module.projections.samples
     assert ((samples @ jacobian.T).norm(dim=1) / samples.norm(dim=1)).max() < 1e-5
+
+
+def test_without_the_gram_cache_the_samples_are_the_same() -> None:
+    loader, _, _ = make_data()
+    cached, uncached = (NullSpaceLaplace(make_model(), num_samples=4, cache_gram=flag) for flag in (True, False))
+    for module in (cached, uncached):
+        make_trainer(3).fit(module, train_dataloaders=loader)
+    assert len(cached.projections._factors) == 5 and len(uncached.projections._factors) == 0
+    assert torch.equal(cached.projections.samples, uncached.projections.samples)
