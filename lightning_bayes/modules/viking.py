@@ -140,6 +140,8 @@ class VIKING(BayesianModule):
     ) -> None:
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
         self.save_hyperparameters(ignore=["backbone", "likelihood", "constraint"])
+        if isinstance(constraint, str):  # a checkpoint rebuilds the kernel it was trained in
+            self.hparams["constraint"] = constraint
         if isinstance(constraint, str) and constraint not in _CONSTRAINTS:
             raise ValueError(f"constraint must be one of {_CONSTRAINTS} or a callable; got {constraint!r}")
         if len(phase_epochs) != 3 or not all(is_int(e) and e >= 0 for e in phase_epochs):

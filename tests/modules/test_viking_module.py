@@ -17,7 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_bayes.datamodules import DigitsDataModule
 from lightning_bayes.inference import linalg
 from lightning_bayes.inference.kernel_projection import DenseSystem, project
-from lightning_bayes.inference.linalg import compiled_per_example_jacobian
+from lightning_bayes.inference.linalg import compiled_per_example_jacobian, output_constraint
 from lightning_bayes.inference.viking import image_dimension
 from lightning_bayes.models import MLP
 from lightning_bayes.modules.viking import VIKING
@@ -396,16 +396,19 @@ def test_the_epoch_start_sweep_leaves_the_training_loader_alone(tmp_path: Path) 
 
 def test_a_checkpoint_loaded_outside_a_trainer_restores_the_noise_generator(tmp_path: Path) -> None:
     """``VIKING.load_from_checkpoint`` (no Trainer, so rank 0) takes the saved generator: its next sweep draws what the
-    saved module's next sweep draws."""
-    saved = make_module()
+    saved module's next sweep draws, in the kernel of the saved constraint (which the module rebuilt as the default
+    one before it was saved with the checkpoint)."""
+    saved = make_module(constraint="output")
     trainer = make_trainer(3)
     trainer.fit(saved, datamodule=TwoBlobs())
     trainer.save_checkpoint(tmp_path / "fitted.ckpt")
     loaded = VIKING.load_from_checkpoint(tmp_path / "fitted.ckpt", backbone=make_model(seed=5))
+    assert loaded.function.constraint is output_constraint
     assert torch.equal(loaded.generator.get_state(), saved.generator.get_state())
     saved.sweep(loader())
     loaded.sweep(loader())
     assert torch.equal(loaded.sample_noise, saved.sample_noise) and torch.equal(loaded.carried, saved.carried)
+    assert torch.equal(loaded.sample_kernel, saved.sample_kernel)
 
 
 def test_a_gaussian_likelihoods_noise_trains_with_the_network() -> None:
