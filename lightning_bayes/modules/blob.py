@@ -24,7 +24,7 @@ optimiser split).
 from __future__ import annotations
 
 import math
-from typing import Any, Union, cast
+from typing import Any, Literal, Union, cast
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -51,8 +51,9 @@ class BLoB(VariationalInference):
         cycle_exponent: ``gamma`` in ``K = floor(100 N^(pi / gamma) / B)``.
         gradient_clip_val: clip the NLL optimiser's gradient norm to this (the Trainer's own clipping does not
             apply under manual optimisation).
-        optimizer, lr_scheduler: the NLL optimiser; the scheduler factory is applied to both optimisers, stepped
-            every epoch.
+        optimizer, lr_scheduler: the NLL optimiser; the scheduler factory is applied to both optimisers.
+        scheduler_interval: step the schedulers after every ``"epoch"`` or every training ``"step"`` (the
+            reference's per-step warm-up and linear decay).
         Others: as in :class:`VariationalInference`.
     """
 
@@ -72,6 +73,7 @@ class BLoB(VariationalInference):
         kl_reweighting: bool = True,
         cycle_exponent: float = 8.0,
         gradient_clip_val: float | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
         local_reparameterization: bool = True,
         dataset_size: int | None = None,
         num_samples: int = 10,
@@ -85,6 +87,8 @@ class BLoB(VariationalInference):
             raise ValueError(f"cycle_exponent must be > 0; got {cycle_exponent!r}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be None or > 0; got {gradient_clip_val!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step'; got {scheduler_interval!r}")
         super().__init__(
             backbone, params=params, checkpoint=checkpoint, likelihood=likelihood, optimizer=optimizer,
             lr_scheduler=lr_scheduler, family="gaussian", prior_scale=prior_scale, init_scale=init_eps**2,
@@ -93,7 +97,7 @@ class BLoB(VariationalInference):
         )
         self.automatic_optimization = False
         self.kl_lr, self.kl_reweighting, self.cycle_exponent = kl_lr, kl_reweighting, cycle_exponent
-        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_val, self.scheduler_interval = gradient_clip_val, scheduler_interval
         with torch.no_grad():
             for family in self._families():
                 family.raw_scale.uniform_(init_eps / math.sqrt(2), init_eps)
@@ -168,9 +172,15 @@ class BLoB(VariationalInference):
         kl_optimizer.zero_grad()
         loss = nll.detach() + kl.detach() / self.resolved_dataset_size()  # the negative ELBO per example, for monitoring
         self.log_training_loss(loss, len(y), nll=nll, kl=kl, kl_cycle_weight=weight)
+        if self.scheduler_interval == "step":
+            self._step_schedulers()
         return loss
 
     def on_train_epoch_end(self) -> None:
+        if self.scheduler_interval == "epoch":
+            self._step_schedulers()
+
+    def _step_schedulers(self) -> None:
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [] if schedulers is None else [schedulers]:
             scheduler.step()  # type: ignore[call-arg]  # Lightning's union includes ReduceLROnPlateau (step(metrics))

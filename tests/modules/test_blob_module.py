@@ -161,7 +161,8 @@ def test_mean_prediction_is_the_deterministic_network():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [({"init_eps": 0.0}, "init_eps"), ({"kl_lr": -1.0}, "kl_lr"), ({"cycle_exponent": 0.0}, "cycle_exponent"),
-     ({"gradient_clip_val": 0.0}, "gradient_clip_val"), ({"params": "9.*"}, "params")],
+     ({"gradient_clip_val": 0.0}, "gradient_clip_val"), ({"params": "9.*"}, "params"),
+     ({"scheduler_interval": "batch"}, "scheduler_interval")],
 )
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -175,3 +176,17 @@ def test_fp16_loss_scaling_is_refused_by_name():
         module.on_fit_start()
     module._trainer = SimpleNamespace(precision="bf16-mixed")
     module.on_fit_start()
+
+
+@pytest.mark.parametrize(("interval", "steps"), [("epoch", 2), ("step", 2 * 4)])  # 2 epochs of 4 batches
+def test_the_schedulers_step_every_epoch_or_every_step(interval: str, steps: int):
+    """Both optimisers' schedulers advance once per epoch, or once per training step (the reference's per-step
+    warm-up and decay)."""
+    module = make_blob(
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)),
+        scheduler_interval=interval,
+    )
+    make_trainer(2).fit(module, train_dataloaders=DataLoader(blobs(), batch_size=len(blobs()) // 4))
+    nll_optimizer, kl_optimizer = module.optimizers()
+    assert nll_optimizer.param_groups[0]["lr"] == pytest.approx(LR / (1 + steps))
+    assert kl_optimizer.param_groups[0]["lr"] == pytest.approx(KL_LR / (1 + steps))
