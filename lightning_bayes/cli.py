@@ -50,8 +50,8 @@ class RunConfigSaver(SaveConfigCallback):
     _written: Path | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        writes = self.save_to_log_dir and not self.already_saved and trainer.is_global_zero
-        folder = Path(trainer.log_dir) if writes and trainer.log_dir is not None else None
+        log_dir = trainer.log_dir if self.save_to_log_dir and not self.already_saved else None  # every rank asks
+        folder = Path(log_dir) if log_dir is not None and trainer.is_global_zero else None  # rank 0 writes
         try:
             super().setup(trainer, pl_module, stage)
         except RuntimeError as error:
