@@ -61,3 +61,16 @@ def test_two_processes_test_and_predict_a_checkpoint_as_one_process_does(tmp_pat
     for index, row in {**rank0, **rank1}.items():
         assert row["target"] == one[index]["target"] and row["predicted"] == one[index]["predicted"], index
         assert float(row["confidence"]) == pytest.approx(float(one[index]["confidence"]), rel=1e-5), index
+
+
+def test_a_run_refused_on_two_processes_leaves_no_version_folder(tmp_path: Path) -> None:
+    """VIKING under plain ``ddp`` is refused in ``on_fit_start`` (its warm-up phases leave parameters without
+    gradients): the refused run takes back its config and version folder, so the next run is version_0."""
+    logs = tmp_path / "logs"
+    config = ROOT / "configs" / "digits" / "viking.yaml"
+    command = [sys.executable, "-m", "lightning_bayes", "fit", "--config", str(config), "--trainer.max_epochs=1",
+               "--trainer.limit_train_batches=2", f"--trainer.logger.init_args.save_dir={logs}",
+               "--trainer.enable_progress_bar=false", *DDP]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0 and "ddp_find_unused_parameters_true" in done.stderr
+    assert not list(logs.rglob("version_*"))
