@@ -29,6 +29,11 @@ def _check_rank3(name: str, value: Tensor) -> None:
         raise ValueError(f"{name} must be a tensor of shape [S, B, C|D] (samples, batch, outputs); got {shape}")
 
 
+def _entropy(log_probs: Tensor) -> Tensor:
+    """``-sum_c p_c log p_c`` over the last axis; a class of probability 0 (a logit of -inf) adds 0, not NaN."""
+    return -(log_probs.exp() * log_probs.clamp_min(torch.finfo(log_probs.dtype).min)).sum(-1)
+
+
 @dataclass(frozen=True)
 class CategoricalPredictive:
     """Mixture of S categorical distributions given by logit samples ``[S, B, C]``."""
@@ -66,14 +71,12 @@ class CategoricalPredictive:
     @property
     def entropy(self) -> Tensor:
         """Total uncertainty ``H[p(y|x)]`` of the model average, ``[B]``."""
-        lp = self.log_probs
-        return -(lp.exp() * lp).sum(-1)
+        return _entropy(self.log_probs)
 
     @property
     def expected_entropy(self) -> Tensor:
         """Aleatoric part ``1/S sum_s H[softmax(z_s)]``, ``[B]``."""
-        lp = self.log_probs_per_sample
-        return -(lp.exp() * lp).sum(-1).mean(0)
+        return _entropy(self.log_probs_per_sample).mean(0)
 
     @property
     def mutual_information(self) -> Tensor:
@@ -87,6 +90,14 @@ class CategoricalPredictive:
 
     def detach(self) -> CategoricalPredictive:
         return CategoricalPredictive(self.logits.detach())
+
+    @property
+    def num_examples(self) -> int:
+        return self.logits.shape[1]
+
+    def first_examples(self, count: int) -> CategoricalPredictive:
+        """The predictive of the batch's first ``count`` examples."""
+        return CategoricalPredictive(self.logits[:, :count])
 
     def to(self, *args: Any, **kwargs: Any) -> CategoricalPredictive:
         """The same predictive with its tensors moved or cast as ``Tensor.to`` does (Lightning moves predictions
@@ -168,6 +179,14 @@ class GaussianPredictive:
 
     def detach(self) -> GaussianPredictive:
         return GaussianPredictive(self.mean_samples.detach(), self.variance_samples.detach())
+
+    @property
+    def num_examples(self) -> int:
+        return self.mean_samples.shape[1]
+
+    def first_examples(self, count: int) -> GaussianPredictive:
+        """The predictive of the batch's first ``count`` examples."""
+        return GaussianPredictive(self.mean_samples[:, :count], self.variance_samples[:, :count])
 
     def to(self, *args: Any, **kwargs: Any) -> GaussianPredictive:
         """The same predictive with its tensors moved or cast as ``Tensor.to`` does."""

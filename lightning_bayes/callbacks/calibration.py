@@ -27,11 +27,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils._pytree import tree_map
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from ..datamodules.sampler_padding import distributed_sampler
+from ..datamodules.sampler_padding import distributed_sampler, real_examples
 from ..metrics import (
     OOD_SCORES,
     ExpectedCalibrationError,
@@ -146,7 +147,7 @@ class CalibrationMetrics(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking:
-            self._update(trainer, pl_module, outputs, batch, "val")
+            self._update(trainer, pl_module, outputs, batch, "val", batch_idx, dataloader_idx)
 
     def on_test_batch_end(
         self,
@@ -157,7 +158,7 @@ class CalibrationMetrics(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._update(trainer, pl_module, outputs, batch, "test")
+        self._update(trainer, pl_module, outputs, batch, "test", batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -168,10 +169,19 @@ class CalibrationMetrics(Callback):
 
     # ---- per batch -------------------------------------------------------------------------------
 
-    def _update(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, stage: str) -> None:
+    def _update(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, stage: str, batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         x, y = _split_batch(batch)
         reuse = _is_predictive(outputs) and self.num_samples in (None, getattr(pl_module, "num_samples", None))
         predictive = outputs.detach() if reuse else self._predict(trainer, pl_module, x, stage)
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        keep = real_examples(batch_idx, len(y), loader)  # a DistributedSampler's repeats count once, on their rank
+        if keep < len(y):
+            x = tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x)
+            y, predictive = y[:keep], predictive.first_examples(keep)
         epoch = self._epochs.get(stage)
         if epoch is None:
             epoch = self._epochs[stage] = self._start_epoch(trainer, pl_module, predictive, x, stage)
@@ -265,10 +275,12 @@ class CalibrationMetrics(Callback):
             raise TypeError(f"datamodule.ood_dataloader() must return a torch DataLoader; got {type(loader).__name__}")
         if trainer.world_size > 1 and _sharded_in_distribution(trainer, stage):  # the OOD data alike
             loader = _sharded(loader, trainer.world_size, trainer.global_rank)
-        for batch in itertools.islice(loader, _ood_batch_limit(trainer, stage)):
+        for batch_idx, batch in enumerate(itertools.islice(loader, _ood_batch_limit(trainer, stage))):
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            ood.update(self._predict(trainer, pl_module, x, stage), True)
+            predictive = self._predict(trainer, pl_module, x, stage)
+            keep = real_examples(batch_idx, predictive.num_examples, loader)
+            ood.update(predictive.first_examples(keep), True)
 
     def _write_test_outputs(
         self, trainer: Trainer, pl_module: LightningModule, epoch: _EpochMetrics, computed: dict[str, float]

@@ -4,8 +4,9 @@ its position inside a pass is checkpoint state), and extra passes over its data 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -15,13 +16,27 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 def training_pass_epoch(trainer: Trainer | None) -> int | None:
     """The epoch of the training pass about to begin: the counter Lightning hands to ``set_epoch``, restored on
-    resume (``trainer.current_epoch`` still says 0 when a fit resumed at an epoch's end creates its iterator);
-    ``None`` without a trainer."""
-    return (
-        trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]  # typed as the base tracker
-        if trainer is not None
-        else None
-    )
+    resume (``trainer.current_epoch`` still says 0 when a fit resumed at an epoch's end creates its iterator), plus
+    one when the fit resumed from a checkpoint saved after an epoch's last batch (e.g. ``every_n_train_steps``):
+    that epoch's batches are all processed, so the pass is the next epoch's; ``None`` without a trainer."""
+    if trainer is None:
+        return None
+    loop = trainer.fit_loop
+    epoch: int = loop.epoch_progress.current.processed  # type: ignore[attr-defined]  # typed as the base tracker
+    batches: int = loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
+    if loop.restarting and batches and batches >= _batches_per_epoch(trainer):
+        epoch += 1
+    return epoch
+
+
+def _batches_per_epoch(trainer: Trainer) -> float:
+    """The training batches of an epoch as the new iterator is made (``trainer.num_training_batches`` is not set
+    yet then): the loader's length under ``limit_train_batches``; infinite when unknown."""
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader) or not isinstance(getattr(loader, "dataset", None), Sized):
+        return math.inf
+    length, limit = len(loader), trainer.limit_train_batches
+    return min(length, limit if isinstance(limit, int) else max(int(length * (limit or 0)), 1))
 
 
 def loader_samplers(loader: Any) -> tuple[Any, Any]:
@@ -53,6 +68,12 @@ class EpochLoader(StatefulDataLoader):
             super().__init__(*args, **kwargs)
         self.epoch = epoch
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A state saved inside a pass; one saved after its last batch (a checkpoint on an epoch's last step) is
+        ignored: torchdata would apply it to the next pass, which then skipped every batch (a lost epoch)."""
+        if not _pass_finished(state_dict, len(self)):
+            super().load_state_dict(state_dict)
+
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch()
         if epoch is not None:
@@ -60,6 +81,19 @@ class EpochLoader(StatefulDataLoader):
                 if callable(getattr(sampler, "set_epoch", None)):
                     sampler.set_epoch(epoch)
         return super().__iter__()
+
+
+def _pass_finished(state: dict[str, Any], batches: int) -> bool:
+    """Whether a ``StatefulDataLoader`` state was saved after its pass's last batch (torchdata 0.11's layout: the
+    batches handed out are ``_num_yielded`` in the main process, the snapshot's step plus the steps since with
+    workers)."""
+    if state.get("_iterator_finished"):
+        return True
+    snapshot = state.get("_snapshot")
+    yielded = state.get("_num_yielded") if snapshot is None else snapshot.get("_snapshot_step", 0) + state.get(
+        "_steps_since_snapshot", 0
+    )
+    return isinstance(yielded, int) and yielded >= batches
 
 
 def side_pass(loader: Any) -> Any:

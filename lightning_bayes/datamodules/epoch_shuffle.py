@@ -47,6 +47,8 @@ class EpochShuffle(RandomSampler):
         which saves it in checkpoints: a loader resumed inside an epoch finishes that epoch's order."""
         if self._visiting is None:
             return {"epoch": self.epoch, "yielded": 0}
+        if self._yielded >= len(self.data_source):  # a finished pass: the next one is the next epoch's, from its start
+            return {"epoch": self._visiting + 1, "yielded": 0}
         return {"epoch": self._visiting, "yielded": self._yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

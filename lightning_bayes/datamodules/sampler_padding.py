@@ -24,20 +24,28 @@ def distributed_sampler(loader: Any) -> DistributedSampler | None:
     return next((s for s in loader_samplers(loader) if isinstance(s, DistributedSampler)), None)
 
 
+def real_examples(batch_idx: int, batch_size: int, loader: Any) -> int:
+    """How many of the ``batch_size`` examples of batch ``batch_idx`` of ``loader``'s pass are not the sampler's
+    repeats (all of them when the loader has no padding ``DistributedSampler`` or a batch sampler of its own)."""
+    sampler = distributed_sampler(loader)
+    loader_batch = getattr(loader, "batch_size", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if loader_batch is None and getattr(batch_sampler, "sampler", None) is sampler:  # Lightning's StatefulDataLoader
+        loader_batch = getattr(batch_sampler, "batch_size", None)
+    if sampler is None or sampler.drop_last or loader_batch is None:  # none, or a batch sampler of the user's
+        return batch_size
+    size = len(sampler.dataset)  # type: ignore[arg-type]  # a map-style dataset: DistributedSampler needs its length
+    if sampler.total_size == size:
+        return batch_size
+    real = math.ceil((size - sampler.rank) / sampler.num_replicas)  # local positions before the repeats
+    return min(max(real - batch_idx * loader_batch, 0), batch_size)
+
+
 def without_sampler_padding(batch: tuple[Any, Tensor], batch_idx: int, loader: Any) -> tuple[Any, Tensor]:
     """``(x, y)`` batch ``batch_idx`` of ``loader``'s pass without the sampler's repeats (unchanged when the loader
     has no padding ``DistributedSampler`` or a batch sampler of its own)."""
-    if getattr(loader, "batch_size", None) is None:
-        return batch
-    sampler = distributed_sampler(loader)
-    if sampler is None or sampler.drop_last:
-        return batch
-    size = len(sampler.dataset)  # type: ignore[arg-type]  # a map-style dataset: DistributedSampler needs its length
-    if sampler.total_size == size:
-        return batch
     x, y = batch
-    real = math.ceil((size - sampler.rank) / sampler.num_replicas)  # local positions before the repeats
-    keep = min(max(real - batch_idx * loader.batch_size, 0), len(y))
+    keep = real_examples(batch_idx, len(y), loader)
     if keep == len(y):
         return batch
     return tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x), y[:keep]

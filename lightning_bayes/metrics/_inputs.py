@@ -2,31 +2,49 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ..predictive import CategoricalPredictive, GaussianPredictive
+from ..predictive import CategoricalPredictive, GaussianPredictive, at_least_float32
 
 
 def categorical(predictive: object, metric: str) -> CategoricalPredictive:
-    """``predictive`` if it is a :class:`CategoricalPredictive`, else a ``TypeError`` naming ``metric``."""
+    """``predictive`` if it is a :class:`CategoricalPredictive` without NaN or ``+inf`` logits (``-inf``, a class of
+    probability 0, is fine), else an error naming ``metric``. On a GPU the value check is asynchronous."""
     if not isinstance(predictive, CategoricalPredictive):
         raise TypeError(f"{metric}.update expects predictive=CategoricalPredictive; got {type(predictive).__name__}")
+    logits = predictive.logits
+    torch._assert_async(
+        ~(logits.isnan() | logits.isposinf()).any(),
+        f"{metric}.update got NaN or +inf logits (a diverged model?); every other metric would be NaN or wrong",
+    )
     return predictive
 
 
 def gaussian(predictive: object, metric: str) -> GaussianPredictive:
-    """``predictive`` if it is a :class:`GaussianPredictive`, else a ``TypeError`` naming ``metric``."""
+    """``predictive`` if it is a :class:`GaussianPredictive` with finite means and variances, in float32 or wider
+    (a bf16 predictive's metrics lost its targets' digits), else an error naming ``metric``."""
     if not isinstance(predictive, GaussianPredictive):
         raise TypeError(f"{metric}.update expects predictive=GaussianPredictive; got {type(predictive).__name__}")
-    return predictive
+    mean, variance = at_least_float32(predictive.mean_samples), at_least_float32(predictive.variance_samples)
+    torch._assert_async(
+        (mean.isfinite().all() & variance.isfinite().all()),
+        f"{metric}.update got a NaN or infinite predictive mean or variance (a diverged model?)",
+    )
+    return predictive if mean is predictive.mean_samples else GaussianPredictive(mean, variance)
 
 
 def class_labels(predictive: CategoricalPredictive, target: Tensor, metric: str) -> Tensor:
-    """Integer labels ``[B]`` matching the predictive's batch, as int64."""
-    batch = predictive.logits.shape[1]
-    if not isinstance(target, Tensor) or target.shape != (batch,) or target.is_floating_point():
-        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+    """Integer labels ``[B]`` in ``[0, C)`` matching the predictive's batch, as int64 (the range check is
+    asynchronous on a GPU)."""
+    batch, classes = predictive.logits.shape[1:]
+    if (
+        not isinstance(target, Tensor) or target.shape != (batch,) or target.is_floating_point()
+        or target.dtype == torch.bool
+    ):
+        shape = f"{target.dtype} {tuple(target.shape)}" if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"{metric}.update expects target=int labels of shape [B]=({batch},); got {shape}")
+    torch._assert_async(((target >= 0) & (target < classes)).all(), f"{metric}.update expects labels in [0, {classes})")
     return target.long()
 
 

@@ -123,8 +123,10 @@ class MaxCalibrationError(_TopLabelCalibrationError):
 class AdaptiveCalibrationError(_TopLabelCalibrationError):
     """``sum_b (n_b / N) |acc_b - conf_b|`` over ``n_bins`` equal-mass bins of the sorted confidences.
 
-    The N examples, sorted by confidence (stable), are split into ``n_bins`` consecutive groups whose
-    sizes differ by at most one, the larger groups first (``torch.tensor_split``, as ``np.array_split``).
+    The N examples, sorted by confidence and, among equal confidences, wrong before right (so that the value
+    depends on the examples only, not on the order they arrived in: under DDP that order is rank by rank), are
+    split into ``n_bins`` consecutive groups whose sizes differ by at most one, the larger groups first
+    (``torch.tensor_split``, as ``np.array_split``).
     """
 
     def __init__(self, n_bins: int = 15, **kwargs: Any) -> None:
@@ -135,7 +137,8 @@ class AdaptiveCalibrationError(_TopLabelCalibrationError):
         accuracies = dim_zero_cat(self.accuracies).to(confidences.dtype)
         if confidences.numel() == 0:
             raise ValueError("AdaptiveCalibrationError.compute needs at least one example; update was never called")
-        order = torch.sort(confidences, stable=True).indices
+        by_correctness = torch.sort(accuracies, stable=True).indices
+        order = by_correctness[torch.sort(confidences[by_correctness], stable=True).indices]
         total = confidences.new_zeros(())
         for members in torch.tensor_split(order, self.n_bins):
             if members.numel():

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from calibration_toys import LinearModel, ToyDataWithOOD
+from calibration_toys import LinearModel, ToyData, ToyDataWithOOD, blobs, curve
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import TensorDataset
 
 from lightning_bayes.callbacks import CalibrationMetrics
 
@@ -18,7 +19,7 @@ from gloo_exit import spawned_ddp
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
 
-def run_test(tmp_path: Path, **trainer_kwargs: object) -> dict[str, float]:
+def run_test(tmp_path: Path, data: ToyData | None = None, **trainer_kwargs: object) -> dict[str, float]:
     trainer = Trainer(
         logger=CSVLogger(tmp_path, version="run"),  # fixed: the parent of spawned ranks would count a new version
         enable_progress_bar=False,
@@ -27,9 +28,10 @@ def run_test(tmp_path: Path, **trainer_kwargs: object) -> dict[str, float]:
         callbacks=[CalibrationMetrics()],
         **trainer_kwargs,
     )
-    trainer.test(LinearModel(num_samples=3), datamodule=ToyDataWithOOD(), verbose=False)
+    data = ToyDataWithOOD() if data is None else data
+    trainer.test(LinearModel(num_samples=3, regression=data.regression), datamodule=data, verbose=False)
     folder = tmp_path / "lightning_logs" / "run"
-    assert (folder / "reliability.png").exists()
+    assert (folder / ("predictive_band.png" if data.regression else "reliability.png")).exists()
     return json.loads((folder / "metrics.json").read_text())
 
 
@@ -56,3 +58,23 @@ def test_without_the_distributed_sampler_the_ood_data_is_not_sharded_either(tmp_
     for name, value in single.items():
         if name != "aece":  # adaptive ECE's equal-mass bins move when every example comes twice
             assert distributed[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+class OddSizes(ToyDataWithOOD):
+    """61 test and 35 OOD examples: on 2 processes the DistributedSampler repeats one of each on rank 1."""
+
+    def __init__(self, regression: bool = False) -> None:
+        super().__init__(regression=regression)
+        self.test = TensorDataset(*(curve if regression else blobs)(61, 2))
+        self.ood = TensorDataset(*(tensor[:35] for tensor in self.ood.tensors))
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_the_samplers_repeats_are_not_scored_twice(tmp_path: Path, regression: bool) -> None:
+    """With N not a multiple of the processes, DistributedSampler pads by repeating examples; the callback scored
+    them (61 test examples: acc 0.4918 on one process, 0.5 on two; RMSE 1.047 against 1.077)."""
+    single = run_test(tmp_path / "single", OddSizes(regression), devices=1)
+    distributed = run_test(tmp_path / "ddp", OddSizes(regression), devices=2, strategy=spawned_ddp())
+    assert set(distributed) == set(single)
+    for name, value in single.items():
+        assert distributed[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -80,6 +80,27 @@ def test_a_resumed_fit_ends_with_the_unstopped_weights(tmp_path: Path, inside_ep
         assert torch.equal(value, other), name
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_checkpoint_on_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path: Path, num_workers: int) -> None:
+    """``ModelCheckpoint(every_n_train_steps=17)`` saves after epoch 0's last batch (1,077 images in batches of 64),
+    with the loader's state saying "all of the pass handed out": torchdata applied it to the next pass, so the
+    resumed epoch 1 trained on nothing (global step 34 instead of 51)."""
+    straight = _fit(3, tmp_path / "straight", [], num_workers)
+    every = ModelCheckpoint(tmp_path / "steps", every_n_train_steps=17, save_top_k=-1)
+    _fit(1, tmp_path / "stopped", [every], num_workers)
+    steps: list[int] = []
+
+    class Steps(Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            steps.append(trainer.global_step)
+
+    last_step = tmp_path / "steps" / "epoch=0-step=17.ckpt"
+    resumed = _fit(3, tmp_path / "resumed", [Steps()], num_workers, ckpt_path=last_step)
+    assert steps == [51]
+    for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(value, other), name
+
+
 def _fit_own_loader(epochs: int, root: Path, callbacks: list[Callback], ckpt_path: Path | None = None) -> MAP:
     """The README's recipe for a user's own loader, with a worker: ``EpochLoader`` with ``training_pass_epoch``."""
     data = DigitsDataModule(batch_size=64)

@@ -37,3 +37,25 @@ def test_without_a_distributed_sampler_or_with_drop_last_nothing_is_dropped() ->
     loader = DataLoader(dataset, batch_size=5, sampler=sampler)
     batch = next(iter(loader))
     assert without_sampler_padding(batch, 0, loader) is batch and len(batch[1]) == 2
+
+
+@pytest.mark.parametrize(("size", "batch_size", "shuffle"), [(5, 2, False), (1077, 64, True), (9, 4, True)])
+def test_the_librarys_loaders_as_lightning_rebuilds_them_for_ddp_keep_every_example_once(
+    size: int, batch_size: int, shuffle: bool
+) -> None:
+    """Under DDP Lightning rebuilds a StatefulDataLoader (every EpochLoader of the library's datamodules) with its
+    DistributedSampler inside a BatchSampler and batch_size=None: the repeats were all kept (1,078 of 1,077)."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    from lightning_bayes.datamodules import EpochLoader, EpochShuffle
+
+    dataset = TensorDataset(torch.arange(size).float().unsqueeze(1), torch.arange(size))
+    kept: list[int] = []
+    for rank in range(2):
+        loader = EpochLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(dataset, 0), epoch=lambda: None)
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=shuffle, seed=3)
+        rebuilt = _update_dataloader(loader, sampler)
+        assert rebuilt.batch_size is None
+        for batch_idx, batch in enumerate(rebuilt):
+            kept += without_sampler_padding(batch, batch_idx, rebuilt)[1].tolist()
+    assert sorted(kept) == list(range(size))

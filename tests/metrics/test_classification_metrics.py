@@ -123,3 +123,44 @@ def test_adaptive_calibration_with_fewer_examples_than_bins() -> None:
     metric = AdaptiveCalibrationError().set_dtype(torch.float64)
     metric.update(CategoricalPredictive(probs.log().unsqueeze(0)), labels)
     assert metric.compute().item() == pytest.approx((0.4 + 0.7 + 0.1) / 3, rel=1e-12)
+
+
+def test_a_class_of_probability_zero_adds_no_entropy():
+    """A logit of -inf (a masked class) gave 0 * -inf = NaN entropy and mutual information."""
+    predictive = CategoricalPredictive(torch.tensor([[[0.0, -float("inf")], [0.0, 1.0]]], dtype=torch.float64))
+    p = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))
+    expected = torch.stack([torch.zeros((), dtype=torch.float64), -(p * p.log() + (1 - p) * (1 - p).log())])
+    torch.testing.assert_close(predictive.entropy, expected, rtol=1e-14, atol=0)
+    assert predictive.mutual_information.abs().max() == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_infinite_logits_and_labels_outside_the_classes_are_refused(bad: float):
+    """NaN logits left ECE and MCE finite and wrong (torchmetrics squashed the batch through a sigmoid); a label 10
+    of 10 classes counted as wrong in accuracy and broke NLL with an indexing error."""
+    logits = torch.zeros(2, 3, 10)
+    logits[0, 1, 2] = bad
+    with pytest.raises(RuntimeError, match="got NaN or \\+inf logits"):
+        ExpectedCalibrationError().update(CategoricalPredictive(logits), torch.zeros(3, dtype=torch.long))
+    clean = CategoricalPredictive(torch.zeros(2, 3, 10))
+    for label in (-1, 10):
+        with pytest.raises(RuntimeError, match=r"expects labels in \[0, 10\)"):
+            Accuracy().update(clean, torch.tensor([0, label, 1]))
+    with pytest.raises(ValueError, match="int labels"):
+        Accuracy().update(clean, torch.ones(3, dtype=torch.bool))
+    CategoricalPredictive(torch.full((2, 3, 10), -float("inf")).index_fill(-1, torch.tensor([0]), 0.0))  # fine
+
+
+def test_adaptive_ece_does_not_depend_on_the_order_of_tied_examples():
+    """Tied confidences were binned by arrival order, which under DDP is rank by rank (0.5 against 0.2749 here)."""
+    confident = torch.tensor([[10.0, 0.0]]).expand(8, 2)
+    unsure = torch.stack([torch.linspace(0.1, 0.8, 8), torch.zeros(8)], -1)
+    logits = torch.cat([confident, unsure]).unsqueeze(0)
+    labels = torch.tensor([0] * 4 + [1] * 4 + [0, 1, 1, 0, 0, 1, 0, 1])  # the tied ones: 4 right, then 4 wrong
+    interleaved = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7, *range(8, 16)])
+    values = []
+    for order in (torch.arange(16), torch.arange(16).flip(0), interleaved):
+        metric = AdaptiveCalibrationError(n_bins=4)
+        metric.update(CategoricalPredictive(logits[:, order]), labels[order])
+        values.append(float(metric.compute()))
+    assert values[0] == values[1] == values[2]

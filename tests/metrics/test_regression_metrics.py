@@ -96,3 +96,20 @@ def test_wrong_inputs_name_the_argument() -> None:
         GaussianNLL().update(CategoricalPredictive(torch.zeros(1, 3, 2)), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="level must lie in"):
         IntervalCoverage(level=1.5)
+
+
+def test_a_bf16_predictive_is_scored_in_float32():
+    """The metrics cast the targets to the predictive's dtype: in bf16, targets near 100 lost their digits (RMSE
+    0.378 against 0.298)."""
+    generator = torch.Generator().manual_seed(0)
+    mean = (100 + torch.randn(3, 40, 1, generator=generator)).bfloat16()
+    variance = torch.full((3, 40, 1), 0.25).bfloat16()
+    target = 100 + torch.randn(40, 1, generator=generator)
+    upcast = GaussianPredictive(mean.float(), variance.float())
+    for metric in (RMSE, GaussianNLL, CRPS, IntervalCoverage):
+        low, wide = metric(), metric()
+        low.update(GaussianPredictive(mean, variance), target)
+        wide.update(upcast, target)
+        assert float(low.compute()) == float(wide.compute()), metric.__name__
+    with pytest.raises(RuntimeError, match="NaN or infinite predictive mean or variance"):
+        RMSE().update(GaussianPredictive(torch.full((1, 2, 1), float("nan")), torch.ones(1, 2, 1)), torch.zeros(2, 1))
