@@ -122,7 +122,7 @@ class SWASubspace(Callback):
     # ---- selection and gathering -----------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.moments is not None:
+        if stage != "fit" or (self.moments is not None and self._pending is None):
             return
         selected = select_parameters(pl_module, self.params)
         self.names = list(selected)
@@ -205,7 +205,7 @@ class SWASubspace(Callback):
     ) -> None:
         if self.every_n_steps is None:
             return
-        step, start = trainer.global_step, self._start_step(trainer)
+        step, start = _optimisation_steps(trainer), self._start_step(trainer)
         if step > start and (step - start) % self.every_n_steps == 0 and step != self.last_step:
             self._collect(trainer, pl_module)
 
@@ -214,7 +214,8 @@ class SWASubspace(Callback):
             return
         assert self.every_n_epochs is not None  # set whenever every_n_steps is not
         epoch, start = trainer.current_epoch, self._start_epoch(trainer)
-        if epoch >= start and (epoch - start) % self.every_n_epochs == 0 and trainer.global_step != self.last_step:
+        due = epoch >= start and (epoch - start) % self.every_n_epochs == 0
+        if due and _optimisation_steps(trainer) != self.last_step:
             self._collect(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -225,7 +226,7 @@ class SWASubspace(Callback):
             ended = f"after {trainer.current_epoch} epochs"
             first = f"at the end of epoch {self._start_epoch(trainer)} (0-based)"
         else:
-            ended, first = f"at step {trainer.global_step}", f"after step {self._start_step(trainer)}"
+            ended, first = f"at step {_optimisation_steps(trainer)}", f"after step {self._start_step(trainer)}"
         rank_zero_warn(
             f"SWASubspace collected no snapshot: training ended {ended}, and the first is taken {first} "
             f"(start_epoch={self.start_epoch}, start_fraction={self.start_fraction}); train longer or start earlier"
@@ -235,7 +236,7 @@ class SWASubspace(Callback):
         if self.moments is None:
             raise RuntimeError("SWASubspace: setup('fit') has not run; attach the callback to the Trainer")
         self.moments.update(self._flat(trainer, pl_module))
-        self.last_step = trainer.global_step
+        self.last_step = _optimisation_steps(trainer)
         pl_module.log("swa/snapshots", float(self.moments.count), on_step=False, on_epoch=True, batch_size=1)
 
     # ---- checkpointing ---------------------------------------------------------------------------
@@ -251,12 +252,20 @@ class SWASubspace(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint's moments: applied at once after ``setup('fit')`` (a resumed fit); otherwise kept for it and
+        usable at once (``trainer.test(ckpt_path=...)`` restores callbacks after a ``setup('test')``, which selects
+        nothing), on the CPU, with the checkpoint's selection."""
         if not state_dict:
             return
-        if self.moments is None:
-            self._pending = state_dict
-        else:
+        if self.moments is not None and self._pending is None:
             self._apply_state(state_dict)
+            return
+        self._pending = state_dict
+        mean = state_dict["moments"]["mean"]
+        self.names = list(state_dict["names"])
+        self.moments = SWAGMoments(mean.numel(), state_dict["max_rank"], dtype=mean.dtype)
+        self.moments.load_state_dict(state_dict["moments"])
+        self.last_step = int(state_dict["last_step"])
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if state["names"] != self.names or state["max_rank"] != self.max_rank:
@@ -319,3 +328,13 @@ class SWASubspace(Callback):
         draw = moments.sample(scale, generator=generator, low_rank=moments.rank >= 2)
         with self._written(pl_module, draw, batches):
             yield
+
+
+def _optimisation_steps(trainer: Trainer) -> int:
+    """Optimisation steps so far, in the units of ``every_n_steps`` and ``estimated_stepping_batches``:
+    ``global_step`` under automatic optimisation; the training batches under manual optimisation, where
+    ``global_step`` counts every optimiser's ``step()`` (two a batch with two optimisers)."""
+    if trainer.lightning_module.automatic_optimization:
+        return trainer.global_step
+    progress = trainer.fit_loop.epoch_loop.batch_progress.total
+    return int(progress.processed)  # type: ignore[attr-defined]  # a _ProcessedTracker

@@ -233,3 +233,66 @@ def test_bad_arguments_are_named(kwargs, message) -> None:
 def test_a_selector_matching_nothing_is_named() -> None:
     with pytest.raises(ValueError, match="matched no parameter"):
         fit(1, [SWASubspace(params="nothing*")])
+
+
+class TwoOptimisers(Regression):
+    """Manual optimisation with two optimisers (as BLoB): Lightning's global_step counts both steps, two a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+        first.zero_grad()
+        second.zero_grad()
+
+    def configure_optimizers(self):
+        parameters = list(self.parameters())
+        return torch.optim.SGD(parameters[:-2], lr=0.05), torch.optim.SGD(parameters[-2:], lr=0.05)
+
+
+def test_per_step_collection_counts_batches_under_manual_optimisation_with_two_optimisers() -> None:
+    """The schedule counted global_step (12 after 6 batches), so collection began in epoch 0, before start_epoch=1,
+    and took a snapshot every batch instead of every second."""
+    snapshots: list[torch.Tensor] = []
+
+    class Batches(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append(torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()]))
+
+    swa = SWASubspace(params="all", max_rank=4, start_epoch=1, every_n_steps=2)
+    module = TwoOptimisers()
+    Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, callbacks=[swa, Batches()]).fit(module, loader())
+    batches = list(range(8, 19, 2))  # after batch 6 (one epoch), every 2nd batch, as with one optimiser
+    mean, sq_mean, deviations = closed_form([snapshots[b - 1] for b in batches], 4)
+    assert swa.moments.count.item() == len(batches) and swa.last_step == batches[-1]
+    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+
+
+def test_a_checkpoints_moments_serve_a_test_run(tmp_path: Path) -> None:
+    """``trainer.test(ckpt_path=...)`` restores callbacks after ``setup('test')``: the moments were kept for a fit
+    that never came ("collected no snapshot yet")."""
+    fitted = SWASubspace(params="all", start_epoch=0)
+    fit(3, [fitted, ModelCheckpoint(dirpath=tmp_path, save_last=True)], root=tmp_path)
+    restored = SWASubspace(params="all", start_epoch=0)
+
+    class Tested(Regression):
+        def test_step(self, batch, batch_idx):
+            return None
+
+    module = Tested()
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[restored]).test(module, loader(), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=False)
+    assert restored.moments.count.item() == 3
+    torch.testing.assert_close(restored.moments.mean, fitted.moments.mean, rtol=0, atol=0)
+    with restored.swa(module):
+        flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    torch.testing.assert_close(flat, fitted.moments.mean, rtol=0, atol=0)
