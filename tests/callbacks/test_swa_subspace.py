@@ -274,6 +274,7 @@ def test_per_step_collection_counts_batches_under_manual_optimisation_with_two_o
     mean, sq_mean, deviations = closed_form([snapshots[b - 1] for b in batches], 4)
     assert swa.moments.count.item() == len(batches) and swa.last_step == batches[-1]
     torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
 
 
