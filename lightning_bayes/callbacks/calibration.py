@@ -174,7 +174,10 @@ class CalibrationMetrics(Callback):
         dataloader_idx: int,
     ) -> None:
         x, y = _split_batch(batch)
-        reuse = _is_predictive(outputs) and self.num_samples in (None, getattr(pl_module, "num_samples", None))
+        reuse = (  # not when a callback bound the module's predictive (CurveTraining: the curve ensemble)
+            _is_predictive(outputs) and self.num_samples in (None, getattr(pl_module, "num_samples", None))
+            and "predictive" not in vars(pl_module)
+        )
         predictive = outputs.detach() if reuse else self._predict(trainer, pl_module, x, stage)
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders

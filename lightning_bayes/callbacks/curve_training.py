@@ -84,13 +84,22 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
 
 
 def _plain_predictive(pl_module: LightningModule) -> Callable[..., Predictive]:
-    """The module's own ``predictive(x, num_samples)``, or its forward output read as logits."""
+    """The module's own ``predictive(x, num_samples)`` (called ``(x, None)``: the module's default samples), or
+    its forward output read as classifier logits ``[B, C]``."""
     own = getattr(type(pl_module), "predictive", None)
     if callable(own):
         return functools.partial(own, pl_module)
 
     def logits(x: Any, num_samples: int | None = None) -> Predictive:
-        return CategoricalPredictive(pl_module(x).unsqueeze(0))
+        outputs = pl_module(x)
+        if not isinstance(outputs, Tensor) or outputs.ndim != 2 or outputs.shape[-1] < 2:
+            shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+            raise TypeError(
+                f"CurveTraining reads {type(pl_module).__name__}'s forward output as classifier logits [B, C >= 2]; "
+                f"got {shape}: define predictive(x, num_samples) returning a Predictive (e.g. a GaussianPredictive "
+                "for regression)"
+            )
+        return CategoricalPredictive(outputs.unsqueeze(0))
 
     return logits
 
@@ -319,7 +328,7 @@ class CurveTraining(Callback):
         with trainer.precision_plugin.train_step_context():
             for t in draws.tolist():
                 self._move(t)
-                predictive = predictive_fn(self._batch_x)
+                predictive = predictive_fn(self._batch_x, None)
                 if not isinstance(predictive, CategoricalPredictive):
                     raise TypeError(f"js_weight > 0 needs a CategoricalPredictive; got {type(predictive).__name__}")
                 members.append(predictive.log_probs_per_sample)
@@ -478,7 +487,7 @@ class CurveTraining(Callback):
         sums = torch.zeros(len(rows), 3, dtype=torch.float64, device=pl_module.device)
         with torch.no_grad(), context:
             for index, row in enumerate(rows):
-                predictive = self._at(pl_module, row, lambda: predictive_fn(x))
+                predictive = self._at(pl_module, row, lambda: predictive_fn(x, None))
                 sums[index, 0] = -predictive.log_prob(y).double().sum()
                 if isinstance(predictive, CategoricalPredictive):
                     sums[index, 1] = (predictive.probs.argmax(-1) != y).sum()

@@ -507,3 +507,58 @@ def test_polychain_midpoint_is_the_mean_of_its_neighbours(endpoints):
     a, b = state(start), state(end)
     for name in NAMES:  # the bend starts halfway, so t = 1/4 is a quarter of the way along the line
         torch.testing.assert_close(_get(module, name), 0.75 * a[name] + 0.25 * b[name], rtol=0, atol=1e-15)
+
+
+class OwnClassifier(LightningModule):
+    """A user's module as the README describes one: ``predictive(x, num_samples)`` without a default, and a
+    ``test_step`` that returns its own (single-point) Predictive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = mlp(0)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+    def predictive(self, x, num_samples):
+        return CategoricalPredictive(self(x).unsqueeze(0))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        return CategoricalPredictive(self(batch[0]).unsqueeze(0))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_users_module_is_scored_by_the_curve_ensemble(endpoints):
+    """CalibrationMetrics reused the Predictive the module's test_step returned (one point of the curve: MI 0)
+    instead of the ensemble CurveTraining binds; and CurveTraining called predictive(x) with one argument."""
+    start, end = endpoints
+    module = OwnClassifier()
+    callback = CurveTraining(params="all", start=start, end=end, ensemble_points=4, js_weight=0.1)
+    calibration = CalibrationMetrics()
+    fit = trainer(1, callbacks=[callback, calibration], limit_train_batches=2)
+    fit.fit(module, loader())
+    fit.test(module, loader(batch_size=256))
+    x, _ = moons().tensors
+    with torch.no_grad():
+        expected = callback.predictive(module, x).mutual_information.mean()
+    assert float(expected) > 1e-4
+    assert calibration.last_metrics["test/cal/mi"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_a_module_without_predictive_whose_outputs_are_not_logits_is_told_what_to_define(endpoints):
+    class Regression(OwnClassifier):
+        def forward(self, x):
+            return self.backbone(x)[:, :1]
+
+        predictive = None  # type: ignore[assignment]
+
+    module = Regression()
+    callback = CurveTraining(params="all", start=endpoints[0], end=endpoints[1], ensemble_points=2)
+    with pytest.raises(TypeError, match=r"logits \[B, C >= 2\]; got \(256, 1\): define predictive\(x, num_samples\)"):
+        trainer(1, callbacks=[callback], limit_train_batches=0).test(module, loader(batch_size=256))
