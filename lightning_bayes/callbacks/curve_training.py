@@ -202,6 +202,7 @@ class CurveTraining(Callback):
         self.grid_values: dict[str, dict[str, list[float]]] = {}
         self._batch_x: Any = None
         self._bound: LightningModule | None = None
+        self._fit_loader: Any = None  # the training loader of the last fit (runtime only)
         self._grid_sums: dict[str, Tensor] = {}
         self._batch_norm_at: dict[tuple[float, ...], dict[str, Tensor]] = {}
         self._batch_norm_saved: dict[str, Tensor] = {}
@@ -277,6 +278,9 @@ class CurveTraining(Callback):
         self.curves, self.position = {}, None
 
     # ---- training --------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_loader = trainer.train_dataloader  # BatchNorm along the curve at a later test (Lightning drops it)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         points = {id(p) for curve in self.curves.values() for p in curve.parameters()}
@@ -360,14 +364,24 @@ class CurveTraining(Callback):
         num_points: int | None = None,
         num_samples: int | None = None,
     ) -> Predictive:
-        """The curve ensemble: the module's predictive at each ``t`` of :meth:`ensemble_times`, pooled."""
+        """The curve ensemble: the module's predictive at each ``t`` of :meth:`ensemble_times`, pooled. Called
+        outside a validation or test (e.g. after the fit), a module with BatchNorm gets its statistics re-estimated
+        at every ``t`` too, from the fit's training loader (and restored afterwards)."""
         if not self.curves:
             raise ValueError("CurveTraining.predictive: no curve is registered (run setup first)")
         predictive_fn = _plain_predictive(pl_module)
-        members = []
-        for row in self.coefficients(self.ensemble_times(num_points)):
-            members.append(self._at(pl_module, row, lambda: predictive_fn(x, num_samples)))
-        self._move(self.t)
+        outside = not self._batch_norm_saved and bool(_statistics_copy(pl_module))
+        if outside:
+            self._batch_norm_at, self._batch_norm_saved = {}, _statistics_copy(pl_module)
+        try:
+            members = []
+            for row in self.coefficients(self.ensemble_times(num_points)):
+                members.append(self._at(pl_module, row, lambda: predictive_fn(x, num_samples)))
+        finally:
+            if outside:
+                pl_module.load_state_dict(self._batch_norm_saved, strict=False)
+                self._batch_norm_saved, self._batch_norm_at = {}, {}
+            self._move(self.t)
         return concatenate(members)
 
     def _at(self, pl_module: LightningModule, row: Tensor, compute: Callable[[], Any]) -> Any:
@@ -383,12 +397,16 @@ class CurveTraining(Callback):
         return compute()
 
     def _training_data(self, pl_module: LightningModule) -> Any:
-        trainer = pl_module.trainer
-        loader = trainer.train_dataloader
-        if loader is None and trainer.datamodule is not None:  # type: ignore[attr-defined]  # set by Lightning
-            loader = trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]  # set by Lightning
+        trainer = pl_module._trainer
+        loader = (trainer.train_dataloader if trainer is not None else None) or self._fit_loader
+        datamodule = getattr(trainer, "datamodule", None)
+        if loader is None and datamodule is not None:
+            loader = datamodule.train_dataloader()
         if loader is None:
-            raise ValueError("CurveTraining: BatchNorm statistics along the curve need training data; none found")
+            raise ValueError(
+                "CurveTraining: BatchNorm statistics along the curve need training data; none found: fit first with "
+                "this callback, or pass a datamodule with a train_dataloader to test/validate/predict"
+            )
         return side_pass(loader)  # a validation inside an epoch must not reset the fit's own iterator
 
     def _bind(self, pl_module: LightningModule) -> None:

@@ -562,3 +562,34 @@ def test_a_module_without_predictive_whose_outputs_are_not_logits_is_told_what_t
     callback = CurveTraining(params="all", start=endpoints[0], end=endpoints[1], ensemble_points=2)
     with pytest.raises(TypeError, match=r"logits \[B, C >= 2\]; got \(256, 1\): define predictive\(x, num_samples\)"):
         trainer(1, callbacks=[callback], limit_train_batches=0).test(module, loader(batch_size=256))
+
+
+def test_a_batch_norm_curve_fitted_from_loaders_is_tested_from_a_loader(endpoints):
+    """Lightning drops the training loader after fit, so testing a BatchNorm curve needed a datamodule
+    ("BatchNorm statistics along the curve need training data; none found"); the fit's loader serves now, also
+    for the ensemble asked for after the test (it used the training-time statistics at every t)."""
+    class Tested(BatchNormClassifier):
+        def test_step(self, batch, batch_idx):
+            return None
+
+    module = Tested()
+    torch.manual_seed(3)
+    for name in ("end0.pt", "end1.pt"):
+        torch.save({n: torch.randn_like(t) if t.is_floating_point() else t for n, t in module.state_dict().items()}, name)
+    callback = CurveTraining(params="all", start="end0.pt", end="end1.pt", ensemble_points=2)
+    fit = trainer(1, callbacks=[callback, CalibrationMetrics()], limit_train_batches=2)
+    fit.fit(module, loader())
+    inside: list[Tensor] = []
+
+    class Inside(Callback):
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            inside.append(pl_module.predictive(batch[0]).logits)  # the bound ensemble, BatchNorm refreshed per t
+
+    fit.callbacks.append(Inside())
+    fit.test(module, loader(batch_size=256))
+    assert math.isfinite(fit.callback_metrics["test/cal/nll"].item())
+    x, _ = moons().tensors
+    before = {n: b.clone() for n, b in module.named_buffers()}
+    outside = callback.predictive(module.eval(), x).logits  # after the stage: the same per-t statistics (1.6 off)
+    torch.testing.assert_close(outside, inside[0], rtol=0, atol=1e-12)
+    assert all(torch.equal(b, before[n]) for n, b in module.named_buffers())
