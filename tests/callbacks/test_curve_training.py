@@ -575,7 +575,8 @@ def test_a_batch_norm_curve_fitted_from_loaders_is_tested_from_a_loader(endpoint
     module = Tested()
     torch.manual_seed(3)
     for name in ("end0.pt", "end1.pt"):
-        torch.save({n: torch.randn_like(t) if t.is_floating_point() else t for n, t in module.state_dict().items()}, name)
+        state = module.state_dict()
+        torch.save({n: torch.randn_like(t) if t.is_floating_point() else t for n, t in state.items()}, name)
     callback = CurveTraining(params="all", start="end0.pt", end="end1.pt", ensemble_points=2)
     fit = trainer(1, callbacks=[callback, CalibrationMetrics()], limit_train_batches=2)
     fit.fit(module, loader())
