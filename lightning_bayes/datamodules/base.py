@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..checks import is_int
 from .epoch_loader import EpochLoader, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
 
@@ -56,7 +57,9 @@ class InMemoryDataModule(LightningDataModule):
     ``train_set``, ``val_set`` and ``test_set``. The training loader shuffles by ``seed`` and the epoch
     (:class:`EpochShuffle`), so two runs with the same seed see the same batches, and so does a resumed run,
     at an epoch's end or inside one, on one process or under DDP, with or without workers (:class:`EpochLoader`:
-    Lightning keeps its position in checkpoints). ``predict`` runs on the test split.
+    Lightning keeps its position in checkpoints). Under DDP Lightning replaces the shuffle by its
+    ``DistributedSampler``, whose order follows ``seed_everything`` (the shipped configs set it), not ``seed``.
+    ``predict`` runs on the test split.
     ``num_train`` is the training-set size N (the KL weight of variational methods is 1/N).
 
     Args:
@@ -79,8 +82,10 @@ class InMemoryDataModule(LightningDataModule):
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0; got {num_workers!r}")
-        if not isinstance(seed, int):
-            raise TypeError(f"seed must be an int; got {seed!r}")
+        if not is_int(seed):
+            raise TypeError(f"seed must be an int in [0, 2**32); got {seed!r}")
+        if not 0 <= seed < 2**32:  # scikit-learn's splits take no other (digits, regression)
+            raise ValueError(f"seed must be an int in [0, 2**32); got {seed!r}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle must be a bool; got {shuffle!r}")
         self.batch_size = batch_size

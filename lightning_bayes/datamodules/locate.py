@@ -102,7 +102,9 @@ def download_with_torchvision(source: IDXSource, root: Path) -> Path:
     return folder
 
 
-def locate_idx_folder(source: IDXSource, data_dir: str | Path | None = None, download: bool = False) -> Path:
+def locate_idx_folder(
+    source: IDXSource, data_dir: str | Path | None = None, download: bool = False, argument: str = "data_dir"
+) -> Path:
     """The folder holding the four IDX files of ``source``.
 
     With ``data_dir``, that folder (or its torchvision layout ``<data_dir>/<class>/raw``) and nothing
@@ -118,9 +120,9 @@ def locate_idx_folder(source: IDXSource, data_dir: str | Path | None = None, dow
         if download:
             return download_with_torchvision(source, root)
         raise FileNotFoundError(
-            f"data_dir={str(data_dir)!r} does not hold the {source.name} IDX files {list(IDX_FILES)} "
+            f"{argument}={str(data_dir)!r} does not hold the {source.name} IDX files {list(IDX_FILES)} "
             f"(plain or .gz, directly or under {source.torchvision_class}/raw). Pass a folder that does, "
-            f"download=True to fetch them there with torchvision, or data_dir=None to use the packaged "
+            f"download=True to fetch them there with torchvision, or {argument}=None to use the packaged "
             f"copy (install: {source.install()})"
         )
     searched = []

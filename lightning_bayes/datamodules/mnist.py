@@ -28,12 +28,14 @@ def _idx_path(folder: Path, stem: str) -> Path:
 
 
 def load_idx_split(
-    source: IDXSource, split: str, data_dir: str | Path | None = None, download: bool = False
+    source: IDXSource, split: str, data_dir: str | Path | None = None, download: bool = False,
+    argument: str = "data_dir",
 ) -> tuple[Tensor, Tensor]:
-    """uint8 images ``[N, 28, 28]`` and int64 labels of ``source``'s ``split`` ("train" or "test")."""
+    """uint8 images ``[N, 28, 28]`` and int64 labels of ``source``'s ``split`` ("train" or "test"); ``argument``
+    names ``data_dir`` in errors."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
-    folder = locate_idx_folder(source, data_dir, download)
+    folder = locate_idx_folder(source, data_dir, download, argument)
     prefix = "train" if split == "train" else "t10k"
     images = read_idx(_idx_path(folder, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_idx_path(folder, f"{prefix}-labels-idx1-ubyte"))
@@ -57,6 +59,7 @@ class _IDXImageDataModule(InMemoryDataModule):
     num_classes: ClassVar[int] = 10
     source: ClassVar[IDXSource]
     ood_source: ClassVar[IDXSource]
+    ood_argument: ClassVar[str]  # the constructor argument naming the OOD folder, for errors
     mean: ClassVar[float]
     std: ClassVar[float]
 
@@ -81,8 +84,8 @@ class _IDXImageDataModule(InMemoryDataModule):
         self.download = download
         self.ood_set: TensorDataset | None = None
 
-    def _load(self, source: IDXSource, split: str, data_dir: str | None) -> TensorDataset:
-        images, labels = load_idx_split(source, split, data_dir, self.download)
+    def _load(self, source: IDXSource, split: str, data_dir: str | None, argument: str = "data_dir") -> TensorDataset:
+        images, labels = load_idx_split(source, split, data_dir, self.download, argument)
         mean, std = (self.mean, self.std) if self.normalize else (0.0, 1.0)
         return TensorDataset(to_float_images(images, mean, std), labels)
 
@@ -94,7 +97,7 @@ class _IDXImageDataModule(InMemoryDataModule):
         val, train = order[: self.val_size], order[self.val_size :]
         self.train_set, self.val_set = (TensorDataset(*(t[i] for t in full.tensors)) for i in (train, val))
         self.test_set = self._load(self.source, "test", self.data_dir)
-        self.ood_set = self._load(self.ood_source, "test", self.ood_dir)
+        self.ood_set = self._load(self.ood_source, "test", self.ood_dir, self.ood_argument)
 
     def ood_dataloader(self) -> DataLoader:
         """The companion set's 10k test images with this set's preprocessing."""
@@ -117,7 +120,7 @@ class MNISTDataModule(_IDXImageDataModule):
     """
 
     source = MNIST
-    ood_source = FASHION_MNIST
+    ood_source, ood_argument = FASHION_MNIST, "fashion_dir"
     mean, std = MNIST_MEAN, MNIST_STD
 
     def __init__(
@@ -149,7 +152,7 @@ class FashionMNISTDataModule(_IDXImageDataModule):
     """
 
     source = FASHION_MNIST
-    ood_source = MNIST
+    ood_source, ood_argument = MNIST, "mnist_dir"
     mean, std = FASHION_MEAN, FASHION_STD
 
     def __init__(

