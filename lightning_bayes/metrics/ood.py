@@ -71,6 +71,11 @@ class _OODDetection(Metric):
         self.add_state("scores", [], dist_reduce_fx="cat")
         self.add_state("is_ood", [], dist_reduce_fx="cat")
 
+    def forward(self, predictive: CategoricalPredictive, is_ood: bool | Tensor) -> None:
+        """Accumulate only: a batch-level value needs both kinds of examples, which one batch rarely has (Metric's
+        ``forward`` computed one and raised)."""
+        self.update(predictive, is_ood)
+
     def update(self, predictive: CategoricalPredictive, is_ood: bool | Tensor) -> None:
         scores = ood_score(categorical(predictive, type(self).__name__), self.score)
         if isinstance(is_ood, bool):

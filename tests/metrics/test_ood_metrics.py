@@ -85,3 +85,15 @@ def test_errors_name_the_argument() -> None:
         ValueError, match="needs both in-distribution and OOD examples; got 3 in-distribution and 0 OOD"
     ):
         metric.compute()
+
+
+def test_calling_an_ood_metric_accumulates_without_a_batch_value() -> None:
+    """``metric(predictive, False)`` (torchmetrics' forward) computed a one-batch AUROC, which has one class only,
+    and raised; it now only accumulates."""
+    in_dist, out_dist = id_logits(0, 40), ood_logits(1, 20)
+    called, updated = OODAUROC().set_dtype(torch.float64), OODAUROC().set_dtype(torch.float64)
+    for metric in (called, updated):
+        step = metric if metric is called else metric.update
+        assert step(CategoricalPredictive(in_dist), False) is None
+        step(CategoricalPredictive(out_dist), True)
+    assert called.compute().item() == updated.compute().item()
