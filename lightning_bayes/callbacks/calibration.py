@@ -119,6 +119,8 @@ class CalibrationMetrics(Callback):
             raise ValueError(f"task must be one of {_TASKS}; got {task!r}")
         if ood_score not in OOD_SCORES:
             raise ValueError(f"ood_score must be one of {OOD_SCORES}; got {ood_score!r}")
+        if not isinstance(plots, bool):
+            raise ValueError(f"plots must be True or False; got {plots!r}")
         if isinstance(ood_stages, str) or not set(ood_stages) <= set(_STAGES):
             raise ValueError(f"ood_stages must be a list of stages from {_STAGES}; got {ood_stages!r}")
         self.num_samples = num_samples

@@ -45,7 +45,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def __init__(self, filename: str = "predictions") -> None:
         super().__init__(write_interval="batch")
-        if not filename or Path(filename).name != filename:
+        if not filename or Path(filename).name != filename or filename in (".", "..") or filename.endswith(".csv"):
             raise ValueError(f"filename must be a plain file stem such as 'predictions'; got {filename!r}")
         self.filename = filename
         self.path: Path | None = None

@@ -178,6 +178,8 @@ def test_bad_arguments_and_mismatched_task_are_clear_errors(tmp_path: Path) -> N
         CalibrationMetrics(num_samples=0)
     with pytest.raises(ValueError, match=r"ood_stages must be a list of stages from \('val', 'test'\); got 'test'"):
         CalibrationMetrics(ood_stages="test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="plots must be True or False; got 'no'"):  # a truthy string kept them on
+        CalibrationMetrics(plots="no")
     with pytest.raises(ValueError, match="ood_stages must be a list"):
         CalibrationMetrics(ood_stages=["train"])  # type: ignore[list-item]
     trainer = make_trainer(tmp_path, CalibrationMetrics(task="regression"))

@@ -110,8 +110,9 @@ def test_each_process_writes_its_own_file_and_none_is_overwritten(tmp_path: Path
 
 
 def test_a_non_predictive_output_and_a_path_as_filename_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="filename must be a plain file stem"):
-        PredictionWriter(filename="out/predictions")
+    for name in ("out/predictions", "predictions.csv", ".."):  # the stem: "predictions.csv" wrote predictions.csv.csv
+        with pytest.raises(ValueError, match="filename must be a plain file stem"):
+            PredictionWriter(filename=name)
     writer = PredictionWriter()
     with pytest.raises(TypeError, match="CategoricalPredictive or GaussianPredictive; got Tensor"):
         writer.write_on_batch_end(None, None, torch.zeros(2, 3), [0, 1], (torch.zeros(2, 4), torch.zeros(2)), 0, 0)
