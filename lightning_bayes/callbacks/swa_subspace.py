@@ -263,9 +263,8 @@ class SWASubspace(Callback):
         self._pending = state_dict
         mean = state_dict["moments"]["mean"]
         self.names = list(state_dict["names"])
-        self.moments = SWAGMoments(mean.numel(), state_dict["max_rank"], dtype=mean.dtype)
-        self.moments.load_state_dict(state_dict["moments"])
-        self.last_step = int(state_dict["last_step"])
+        self.moments = SWAGMoments(mean.numel(), self.max_rank, dtype=mean.dtype)
+        self._apply_state(state_dict)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         if state["names"] != self.names or state["max_rank"] != self.max_rank:
@@ -274,7 +273,7 @@ class SWASubspace(Callback):
                 f"this callback selects {len(self.names)} with max_rank={self.max_rank} (params={self.params!r}): "
                 "expected the same selection"
             )
-        assert self.moments is not None  # set up: the callers apply a state after setup only
+        assert self.moments is not None  # set up, or built from the state by load_state_dict
         self.moments.load_state_dict(state["moments"])
         self.last_step = int(state["last_step"])
 
