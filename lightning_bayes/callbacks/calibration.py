@@ -32,6 +32,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from ..checks import is_int
 from ..datamodules.sampler_padding import distributed_sampler, real_examples
 from ..metrics import (
     OOD_SCORES,
@@ -112,7 +113,7 @@ class CalibrationMetrics(Callback):
     ) -> None:
         super().__init__()
         if num_samples is not None and (
-            not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1
+            not is_int(num_samples) or num_samples < 1
         ):
             raise ValueError(f"num_samples must be a positive integer or None; got {num_samples!r}")
         if task not in _TASKS:

@@ -48,6 +48,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from ..checks import is_int
 from ..datamodules import side_pass
 from ..generator import PicklableGenerator
 from ..inference.curve_parametrization import (
@@ -78,7 +79,7 @@ _STAGES = ("val", "test")
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     return value
 

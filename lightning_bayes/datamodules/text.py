@@ -25,6 +25,7 @@ from sklearn.model_selection import GroupShuffleSplit
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..checks import is_int
 from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
 
 CORPUS_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
@@ -160,7 +161,7 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2; got {max_length!r}")
         for name, limit in (("max_train", max_train), ("max_test", max_test)):
-            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            if limit is not None and (not is_int(limit) or limit < 1):
                 raise ValueError(f"{name} must be None or an int >= 1; got {limit!r}")
         self.tokenizer_name = tokenizer
         self.max_length = max_length

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..checks import is_int
+
 
 def _as_times(t: float | Tensor) -> Tensor:
     times = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
@@ -32,7 +34,7 @@ def _as_times(t: float | Tensor) -> Tensor:
 
 
 def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 

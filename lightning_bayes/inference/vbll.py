@@ -37,6 +37,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_int
 from ..predictive import CategoricalPredictive, GaussianPredictive
 
 Parameterization = Literal["dense", "diagonal", "lowrank"]
@@ -224,7 +225,7 @@ def _check_positive(name: str, value: float) -> None:
 
 
 def _check_count(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 

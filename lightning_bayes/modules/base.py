@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ..checks import is_int
 from ..inference.likelihoods import Likelihood, build_likelihood
 from ..predictive import Predictive
 from .random_stream import global_rng_states, restore_rng_states
@@ -56,7 +57,7 @@ class BayesianModule(LightningModule, ABC):
         num_samples: int = 1,
     ) -> None:
         super().__init__()
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        if not is_int(num_samples) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         if likelihood is not None:
             self.likelihood = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
@@ -73,7 +74,7 @@ class BayesianModule(LightningModule, ABC):
     def resolve_num_samples(self, num_samples: int | None) -> int:
         """``num_samples`` if given, else the module's default; must be a positive integer."""
         n = self.num_samples if num_samples is None else num_samples
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         return n
 
