@@ -18,7 +18,7 @@ validation, so every process holds all the samples. Reference: Miani, Roy & Haub
 from __future__ import annotations
 
 import math
-from typing import Any, Union, cast
+from typing import Any, Union
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -112,7 +112,7 @@ class NullSpaceLaplace(BayesianModule):
             raise ValueError(f"constraint must be one of {_CONSTRAINTS} or a callable; got {constraint!r}")
         if predictive not in _PREDICTIVES:
             raise ValueError(f"predictive must be one of {_PREDICTIVES}; got {predictive!r}")
-        if not (scale == "line_search" or (is_number(scale) and 0 <= cast(float, scale) < math.inf)):
+        if not (scale == "line_search" or (is_number(scale) and 0 <= scale < math.inf)):
             raise ValueError(f"scale must be a finite number >= 0 or 'line_search'; got {scale!r}")
         if not is_int(scale_batches) or scale_batches < 1:
             raise ValueError(f"scale_batches must be an int >= 1; got {scale_batches!r}")

@@ -148,7 +148,7 @@ class VIKING(BayesianModule):
             raise ValueError(f"phase_epochs must be three ints >= 0 (MLE, warm-up, ELBO); got {phase_epochs!r}")
         if not (is_number(gamma) and 0 <= gamma <= 1):
             raise ValueError(f"gamma must be a number in [0, 1]; got {gamma!r}")
-        if not (kl_weight == "elbo" or (is_number(kl_weight) and 0 <= cast(float, kl_weight) < math.inf)):
+        if not (kl_weight == "elbo" or (is_number(kl_weight) and 0 <= kl_weight < math.inf)):
             raise ValueError(f"kl_weight must be a finite number >= 0 or 'elbo'; got {kl_weight!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
