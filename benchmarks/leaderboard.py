@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -87,7 +88,8 @@ def run_ours(spec: dict[str, Any], entry: Entry, memory: PeakMemory) -> dict[str
         return result
     test_fitted(cli.trainer, cli.model, cli.datamodule)
     folder = Path(cast(str, cli.trainer.log_dir))  # the configs' logger has a save_dir (None would fail as before)
-    result["metrics"] = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    result["metrics"] = {key: math.nan if value is None else value for key, value in metrics.items()}  # null: NaN
     if (folder / "reliability.json").is_file():
         result["reliability"] = json.loads((folder / "reliability.json").read_text())
     result["log_dir"] = str(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,23 @@ def unique_path(folder: Path, stem: str, suffix: str) -> Path:
     return path
 
 
+def standard_json(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by ``None``: Python's ``json`` writes them as bare ``NaN``
+    and ``Infinity``, which standard JSON readers (``jq``, JavaScript, pandas' ``orient``s) refuse."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: standard_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [standard_json(value) for value in data]
+    return data
+
+
 def write_json(folder: Path, stem: str, data: Any) -> Path:
-    """Write ``data`` as a new JSON file under ``folder`` (created if needed); return its path."""
+    """Write ``data`` as a new standard JSON file under ``folder`` (created if needed; a NaN or infinite value, such as
+    a diverged model's NLL, is written as ``null``); return its path."""
     folder.mkdir(parents=True, exist_ok=True)
     path = unique_path(folder, stem, ".json")
     with open(path, "x") as handle:  # "x": never overwrite
-        json.dump(data, handle, indent=2, sort_keys=True)
+        json.dump(standard_json(data), handle, indent=2, sort_keys=True, allow_nan=False)
     return path

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchmetrics.utilities.data import dim_zero_cat
+
 from ..predictive import CategoricalPredictive, GaussianPredictive, at_least_float32
+
+
+def pooled(state: Tensor | list[Tensor], metric: str) -> Tensor:
+    """A ``cat`` state's examples as one tensor; an error naming ``metric`` when ``update`` never saw one."""
+    if isinstance(state, list) and not state or isinstance(state, Tensor) and state.numel() == 0:
+        raise ValueError(f"{metric}.compute needs at least one example; update was never called with any")
+    return dim_zero_cat(state)
 
 
 def categorical(predictive: object, metric: str) -> CategoricalPredictive:

@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics.classification import BinaryCalibrationError
-from torchmetrics.utilities.data import dim_zero_cat
 
 from ..predictive import CategoricalPredictive
-from ._inputs import categorical, class_labels
+from ._inputs import categorical, class_labels, pooled
 from ._mean import MeanOverValues
 
 
@@ -105,6 +104,10 @@ class _TopLabelCalibrationError(BinaryCalibrationError):
         below_one = torch.nextafter(confidence.new_ones(()), confidence.new_zeros(()))
         super().update(confidence.clamp_max(below_one), correct)
 
+    def compute(self) -> Tensor:
+        pooled(self.confidences, type(self).__name__)
+        return super().compute()
+
 
 class ExpectedCalibrationError(_TopLabelCalibrationError):
     """``sum_b (n_b / N) |acc_b - conf_b|`` over ``n_bins`` equal-width confidence bins."""
@@ -133,10 +136,8 @@ class AdaptiveCalibrationError(_TopLabelCalibrationError):
         super().__init__(n_bins=n_bins, norm="l1", **kwargs)
 
     def compute(self) -> Tensor:
-        confidences = dim_zero_cat(self.confidences)
-        accuracies = dim_zero_cat(self.accuracies).to(confidences.dtype)
-        if confidences.numel() == 0:
-            raise ValueError("AdaptiveCalibrationError.compute needs at least one example; update was never called")
+        confidences = pooled(self.confidences, type(self).__name__)
+        accuracies = pooled(self.accuracies, type(self).__name__).to(confidences.dtype)
         by_correctness = torch.sort(accuracies, stable=True).indices
         order = by_correctness[torch.sort(confidences[by_correctness], stable=True).indices]
         total = confidences.new_zeros(())

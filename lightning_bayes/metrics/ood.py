@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc, binary_roc
-from torchmetrics.utilities.data import dim_zero_cat
 
 from ..predictive import CategoricalPredictive
-from ._inputs import categorical
+from ._inputs import categorical, pooled
 
 OODScore = Literal["entropy", "mutual_information", "max_prob", "max_class_variance"]
 OOD_SCORES: tuple[str, ...] = ("entropy", "mutual_information", "max_prob", "max_class_variance")
@@ -95,7 +94,7 @@ class _OODDetection(Metric):
         self.is_ood.append(flags)
 
     def _pooled(self) -> tuple[Tensor, Tensor]:
-        scores, is_ood = dim_zero_cat(self.scores), dim_zero_cat(self.is_ood)
+        scores, is_ood = pooled(self.scores, type(self).__name__), pooled(self.is_ood, type(self).__name__)
         num_ood = int(is_ood.sum())
         if num_ood == 0 or num_ood == is_ood.numel():
             raise ValueError(

@@ -20,6 +20,14 @@ def test_write_json_never_overwrites(tmp_path):
     assert unique_path(tmp_path / "run", "plot", ".png").name == "plot.png"
 
 
+def test_non_finite_values_are_written_as_standard_json_nulls(tmp_path):
+    """``json.dump`` alone wrote a diverged run's NaN NLL as a bare ``NaN``, which strict JSON readers refuse."""
+    data = {"nll": float("nan"), "acc": 0.5, "bins": [1.0, float("inf"), -float("inf")], "nested": {"x": float("nan")}}
+    text = write_json(tmp_path, "metrics", data).read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"nll": None, "acc": 0.5, "bins": [1.0, None, None], "nested": {"x": None}}
+
+
 def test_fast_dev_run_writes_no_files(tmp_path):
     """Lightning turns its loggers and checkpoints off under ``fast_dev_run``; the library's run files stay off too
     (without a logger they would land in the root folder)."""

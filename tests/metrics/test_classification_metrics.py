@@ -116,6 +116,15 @@ def test_wrong_inputs_name_the_argument() -> None:
         BrierScore().update(predictive, torch.zeros(4))
 
 
+@pytest.mark.parametrize("metric", [ExpectedCalibrationError, MaxCalibrationError, AdaptiveCalibrationError])
+def test_a_calibration_error_of_no_examples_says_so(metric: type) -> None:
+    """torchmetrics alone raised "No samples to concatenate", which names neither the metric nor the cause."""
+    with pytest.warns(UserWarning, match="before the ``update``"), pytest.raises(
+        ValueError, match=f"{metric.__name__}.compute needs at least one example"
+    ):
+        metric().compute()
+
+
 def test_adaptive_calibration_with_fewer_examples_than_bins() -> None:
     """3 examples, 15 bins: each example is its own bin, so adaptive ECE = mean |correct - confidence|."""
     probs = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.9, 0.1]], dtype=torch.float64)

@@ -85,6 +85,10 @@ def test_errors_name_the_argument() -> None:
         ValueError, match="needs both in-distribution and OOD examples; got 3 in-distribution and 0 OOD"
     ):
         metric.compute()
+    with pytest.warns(UserWarning, match="before the ``update``"), pytest.raises(
+        ValueError, match="FPR95.compute needs at least one example"
+    ):
+        FPR95().compute()
 
 
 def test_calling_an_ood_metric_accumulates_without_a_batch_value() -> None:
