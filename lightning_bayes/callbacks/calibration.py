@@ -11,6 +11,8 @@ torchmetrics metrics; at epoch end it logs them as
 with ``stage`` = ``val`` or ``test``. After testing it writes ``metrics.json`` (flat keys such as ``acc``,
 ``ece``, ``ood_auroc``; never overwriting: ``metrics-1.json``, ... follow) and, with ``plots=True``, a
 reliability diagram (classification; its bins in ``reliability.json``) or a predictive band (1-D regression) into the run's log folder.
+Several validation or test loaders are scored apart: loader ``k > 0``'s names end in ``/dataloader_idx_k`` (as
+Lightning names a step's logs), in ``metrics.json`` too, and its plots are ``reliability_dataloader_idx_k.png``, ....
 Metric states are torchmetrics sums and concatenations, so every value is the pooled one under DDP.
 """
 
@@ -76,9 +78,15 @@ def _split_batch(batch: Any) -> tuple[Any, Tensor]:
 
 
 def _flat_key(name: str) -> str:
-    """``test/cal/ece`` -> ``ece``, ``test/ood/auroc`` -> ``ood_auroc``, ``test/reg/rmse`` -> ``rmse``."""
-    _, group, metric = name.split("/")
-    return f"ood_{metric}" if group == "ood" else metric
+    """``test/cal/ece`` -> ``ece``, ``test/ood/auroc`` -> ``ood_auroc``, ``test/reg/rmse`` -> ``rmse``;
+    ``test/cal/ece/dataloader_idx_1`` -> ``ece/dataloader_idx_1``."""
+    _, group, metric, *loader = name.split("/")
+    return "/".join([f"ood_{metric}" if group == "ood" else metric, *loader])
+
+
+def _loader_suffix(dataloader_idx: int) -> str:
+    """What loader ``k``'s names end in: nothing for the first (or only) one, ``/dataloader_idx_k`` for the others."""
+    return f"/dataloader_idx_{dataloader_idx}" if dataloader_idx else ""
 
 
 class CalibrationMetrics(Callback):
@@ -130,15 +138,19 @@ class CalibrationMetrics(Callback):
         self.ood_stages = tuple(ood_stages)
         self.plots = plots
         self.last_metrics: dict[str, float] = {}
-        self._epochs: dict[str, _EpochMetrics] = {}
+        self._epochs: dict[tuple[str, int], _EpochMetrics] = {}  # by stage and dataloader index
 
     # ---- Lightning hooks -------------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epochs.pop("val", None)
+        self._drop_epochs("val")
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epochs.pop("test", None)
+        self._drop_epochs("test")
+
+    def _drop_epochs(self, stage: str) -> list[tuple[int, _EpochMetrics]]:
+        """This stage's epoch metrics, removed, by dataloader index."""
+        return [(idx, self._epochs.pop((s, idx))) for s, idx in sorted(self._epochs) if s == stage]
 
     def on_validation_batch_end(
         self,
@@ -188,9 +200,9 @@ class CalibrationMetrics(Callback):
         if keep < len(y):
             x = tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x)
             y, predictive = y[:keep], predictive.first_examples(keep)
-        epoch = self._epochs.get(stage)
+        epoch = self._epochs.get((stage, dataloader_idx))
         if epoch is None:
-            epoch = self._epochs[stage] = self._start_epoch(trainer, pl_module, predictive, x, stage)
+            epoch = self._epochs[stage, dataloader_idx] = self._start_epoch(trainer, pl_module, predictive, x, stage)
         epoch.metrics.update(predictive, y)
         if epoch.ood is not None:
             epoch.ood.update(predictive, False)
@@ -261,21 +273,25 @@ class CalibrationMetrics(Callback):
         )
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        epoch = self._epochs.pop(stage, None)
-        if epoch is None:
-            return
-        values = epoch.metrics.compute()
-        if epoch.ood is not None:
-            self._score_ood_data(trainer, pl_module, epoch.ood, stage)
-            values.update(epoch.ood.compute())
-        for name, value in values.items():
-            pl_module.log(name, value, sync_dist=True)
-        computed = {name: float(value) for name, value in values.items()}
+        epochs = self._drop_epochs(stage)
+        oods = [epoch.ood for _, epoch in epochs if epoch.ood is not None]
+        if oods:  # scored once, against each in-distribution loader
+            self._score_ood_data(trainer, pl_module, oods, stage)
+        computed: dict[str, float] = {}
+        for idx, epoch in epochs:
+            values = epoch.metrics.compute()
+            if epoch.ood is not None:
+                values.update(epoch.ood.compute())
+            for name, value in values.items():
+                pl_module.log(name + _loader_suffix(idx), value, sync_dist=True, add_dataloader_idx=False)
+            computed.update({name + _loader_suffix(idx): float(value) for name, value in values.items()})
         self.last_metrics.update(computed)
-        if stage == "test":
-            self._write_test_outputs(trainer, pl_module, epoch, computed)
+        if stage == "test" and epochs:
+            self._write_test_outputs(trainer, pl_module, epochs, computed)
 
-    def _score_ood_data(self, trainer: Trainer, pl_module: LightningModule, ood: MetricCollection, stage: str) -> None:
+    def _score_ood_data(
+        self, trainer: Trainer, pl_module: LightningModule, oods: list[MetricCollection], stage: str
+    ) -> None:
         loader = trainer.datamodule.ood_dataloader()  # type: ignore[attr-defined]  # set by Lightning
         if not isinstance(loader, DataLoader):
             raise TypeError(f"datamodule.ood_dataloader() must return a torch DataLoader; got {type(loader).__name__}")
@@ -286,25 +302,37 @@ class CalibrationMetrics(Callback):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             predictive = self._predict(trainer, pl_module, x, stage)
             keep = real_examples(batch_idx, predictive.num_examples, loader)
-            ood.update(predictive.first_examples(keep), True)
+            for ood in oods:
+                ood.update(predictive.first_examples(keep), True)
 
     def _write_test_outputs(
-        self, trainer: Trainer, pl_module: LightningModule, epoch: _EpochMetrics, computed: dict[str, float]
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        epochs: list[tuple[int, _EpochMetrics]],
+        computed: dict[str, float],
     ) -> None:
         folder = run_folder(trainer)
         if folder is None:
             return
-        reliability = self._reliability_data(epoch) if self.plots and epoch.task == "classification" else None
-        band = self._band_data(trainer, pl_module, epoch)
+        plots = [  # gathered on every rank (a collective), drawn on rank 0
+            (
+                _loader_suffix(idx).replace("/", "_"),
+                self._reliability_data(epoch) if self.plots and epoch.task == "classification" else None,
+                self._band_data(trainer, pl_module, epoch),
+            )
+            for idx, epoch in epochs
+        ]
         if not trainer.is_global_zero:
             return
         metrics_path = write_json(folder, "metrics", {_flat_key(name): value for name, value in computed.items()})
         rank_zero_info(f"CalibrationMetrics: wrote {metrics_path}")
-        if reliability is not None:
-            bins = reliability_diagram(*reliability, path=unique_path(folder, "reliability", ".png"))
-            write_json(folder, "reliability", bins.to_dict())
-        if band is not None:
-            predictive_band(*band, path=unique_path(folder, "predictive_band", ".png"))
+        for suffix, reliability, band in plots:
+            if reliability is not None:
+                bins = reliability_diagram(*reliability, path=unique_path(folder, f"reliability{suffix}", ".png"))
+                write_json(folder, f"reliability{suffix}", bins.to_dict())
+            if band is not None:
+                predictive_band(*band, path=unique_path(folder, f"predictive_band{suffix}", ".png"))
 
     @staticmethod
     def _reliability_data(epoch: _EpochMetrics) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ from calibration_toys import LinearModel, ToyData, ToyDataWithOOD
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
 
 from lightning_bayes.callbacks import CalibrationMetrics
 from lightning_bayes.metrics import classification_metrics, ood_score, regression_metrics
@@ -83,6 +84,41 @@ def test_classification_fit_and_test_log_the_direct_values_and_write_files(tmp_p
     assert json.loads((folder / "metrics.json").read_text()) == written
     assert set(json.loads((folder / "metrics-1.json").read_text())) == CLASSIFICATION_KEYS
     assert (folder / "reliability-1.png").exists() and (folder / "reliability-1.json").exists()
+
+
+class TwoTestSets(ToyDataWithOOD):
+    """The test split and the validation split as two test loaders."""
+
+    def test_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
+        return [DataLoader(self.test, batch_size=self.batch_size), DataLoader(self.val, batch_size=self.batch_size)]
+
+
+class MultiLoaderModel(LinearModel):
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        return super().test_step(batch, batch_idx)
+
+
+def test_several_test_loaders_are_scored_apart(tmp_path: Path) -> None:
+    """Two test loaders were pooled into one set of metrics (and one reliability diagram): each is scored on its own
+    now, the second under Lightning's ``/dataloader_idx_1`` names, each against the whole OOD set."""
+    model, data = MultiLoaderModel(num_samples=3), TwoTestSets()
+    trainer = make_trainer(tmp_path, CalibrationMetrics())
+    results = trainer.test(model, datamodule=data, verbose=False)
+    first, sizes = direct_classification(model, data, num_samples=3), (len(data.test), len(data.val))
+    data.test = data.val
+    second = direct_classification(model, data, num_samples=3)
+    logged = {**results[0], **results[1]}
+    for key in ("acc", "nll", "ece", "ood_auroc"):
+        name = f"test/ood/{key[4:]}" if key.startswith("ood_") else f"test/cal/{key}"
+        assert logged[name] == pytest.approx(first[key], rel=1e-5, abs=1e-6), name
+        assert logged[f"{name}/dataloader_idx_1"] == pytest.approx(second[key], rel=1e-5, abs=1e-6), name
+    folder = Path(trainer.log_dir)
+    written = json.loads((folder / "metrics.json").read_text())
+    assert set(written) == CLASSIFICATION_KEYS | {f"{key}/dataloader_idx_1" for key in CLASSIFICATION_KEYS}
+    assert written["ece/dataloader_idx_1"] == pytest.approx(second["ece"], rel=1e-5)
+    for stem, size in zip(("reliability", "reliability_dataloader_idx_1"), sizes):
+        bins = ReliabilityBins.from_dict(json.loads((folder / f"{stem}.json").read_text()))
+        assert bins.count.sum() == size and (folder / f"{stem}.png").exists()
 
 
 def test_recomputes_the_predictive_when_the_module_returns_a_loss(tmp_path: Path) -> None:
