@@ -1,9 +1,12 @@
-"""Type tests for argument checks: a ``bool`` is not a count or a number here (``True`` is an ``int`` to Python)."""
+"""Argument checks: a ``bool`` is not a count or a number here (``True`` is an ``int`` to Python); class labels."""
 
 from __future__ import annotations
 
 import math
 from typing import Any, TypeGuard
+
+import torch
+from torch import Tensor
 
 
 def is_int(value: Any) -> TypeGuard[int]:
@@ -14,3 +17,15 @@ def is_int(value: Any) -> TypeGuard[int]:
 def is_number(value: Any) -> TypeGuard[float]:
     """An ``int`` or ``float`` that is neither a ``bool`` nor NaN (infinities pass: bound them where needed)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def class_labels(y: Any, batch: int, classes: int, who: str) -> Tensor:
+    """``y`` as int64 labels ``[batch]`` in ``[0, classes)``, else an error saying that ``who`` expects them. Float and
+    bool labels are refused (``long()`` would read 0.7 as class 0, -1 would index the last class); the range check is
+    asynchronous on a GPU (no host sync per step)."""
+    integer = isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+    if not integer or y.shape != (batch,):
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"{who} expects integer class labels of shape [B]=({batch},); got {got}")
+    torch._assert_async(((y >= 0) & (y < classes)).all(), f"{who} expects labels in [0, {classes})")
+    return y.long()

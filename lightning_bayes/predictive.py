@@ -15,6 +15,8 @@ from typing import Any, Union, cast
 import torch
 from torch import Tensor
 
+from .checks import class_labels
+
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -54,8 +56,9 @@ class CategoricalPredictive:
 
     @property
     def log_probs(self) -> Tensor:
-        """Log of the model average, ``log 1/S sum_s softmax(z_s)``, ``[B, C]``."""
-        return torch.logsumexp(self.log_probs_per_sample, dim=0) - math.log(self.num_samples)
+        """Log of the model average, ``log 1/S sum_s softmax(z_s)``, ``[B, C]``; at most 0 (the sum of S agreeing
+        confident samples, divided by S, rounds a hair above 1)."""
+        return (torch.logsumexp(self.log_probs_per_sample, dim=0) - math.log(self.num_samples)).clamp_max(0.0)
 
     @property
     def probs(self) -> Tensor:
@@ -64,9 +67,8 @@ class CategoricalPredictive:
 
     def log_prob(self, y: Tensor) -> Tensor:
         """``log p(y|x)`` of the model average for integer labels ``[B]``."""
-        if y.shape != self.logits.shape[1:2]:
-            raise ValueError(f"y must have shape [B]={tuple(self.logits.shape[1:2])}; got {tuple(y.shape)}")
-        return self.log_probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+        labels = class_labels(y, self.logits.shape[1], self.logits.shape[2], "CategoricalPredictive.log_prob(y)")
+        return self.log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
     @property
     def entropy(self) -> Tensor:
@@ -107,18 +109,29 @@ class CategoricalPredictive:
 
 @dataclass(frozen=True)
 class GaussianPredictive:
-    """Equal-weight mixture of S diagonal Gaussians, ``mean`` and ``variance`` ``[S, B, D]``."""
+    """Equal-weight mixture of S diagonal Gaussians, ``mean`` and ``variance`` ``[S, B, D]``, held in float32 or
+    wider (half-precision inputs are cast: a bf16 log density keeps 3 digits); variances must be positive."""
 
     mean_samples: Tensor
     variance_samples: Tensor
 
     def __post_init__(self) -> None:
         _check_rank3("mean_samples", self.mean_samples)
-        if self.variance_samples.shape != self.mean_samples.shape:
+        if not isinstance(self.variance_samples, Tensor) or self.variance_samples.shape != self.mean_samples.shape:
+            variance = self.variance_samples
+            got = tuple(variance.shape) if isinstance(variance, Tensor) else type(variance).__name__
+            raise ValueError(f"variance_samples must match mean_samples {tuple(self.mean_samples.shape)}; got {got}")
+        mean, variance = at_least_float32(self.mean_samples), at_least_float32(self.variance_samples)
+        if variance.dtype != mean.dtype or variance.device != mean.device:
             raise ValueError(
-                f"variance_samples must match mean_samples {tuple(self.mean_samples.shape)}; "
-                f"got {tuple(self.variance_samples.shape)}"
+                f"mean_samples and variance_samples must share a dtype and device; got {mean.dtype} on {mean.device} "
+                f"and {variance.dtype} on {variance.device}"
             )
+        torch._assert_async(  # NaN passes here: the metrics name a diverged model's NaN themselves
+            ~(variance <= 0).any(), "variance_samples must be > 0 (a Gaussian of variance 0 or less has no density)"
+        )
+        object.__setattr__(self, "mean_samples", mean)
+        object.__setattr__(self, "variance_samples", variance)
 
     @property
     def num_samples(self) -> int:

@@ -115,3 +115,54 @@ def test_to_moves_every_tensor_and_lightning_moves_predictives_with_it() -> None
             assert value.dtype == torch.float32 and torch.equal(value, getattr(predictive, name).float()), name
         moved = move_data_to_device([predictive], torch.device("cpu"))[0]  # the predict loop's transfer
         assert all(torch.equal(value, getattr(predictive, name)) for name, value in vars(moved).items())
+
+
+def test_model_average_probabilities_never_exceed_one() -> None:
+    """``exp(logsumexp - log S)`` of 7 agreeing confident samples rounded to 1.0000001 in float32, which the
+    reliability diagram then refused as a confidence."""
+    predictive = CategoricalPredictive(torch.tensor([[[100.0, 0.0, 0.0]]]).repeat(7, 1, 1))
+    assert predictive.max_prob.item() == 1.0 and predictive.log_probs.max().item() == 0.0
+
+
+def test_class_labels_must_be_integers_in_range() -> None:
+    """A float label 0.7 was read as class 0 (``long()`` truncates) by the predictive and the training loss."""
+    from lightning_bayes.inference.likelihoods import CategoricalLikelihood
+
+    predictive, logits = CategoricalPredictive(torch.zeros(2, 3, 4)), torch.zeros(3, 4)
+    for bad in (torch.tensor([0.7, 1.9, 3.2]), torch.tensor([True, False, True])):
+        with pytest.raises(ValueError, match=r"log_prob\(y\) expects integer class labels of shape \[B\]=\(3,\)"):
+            predictive.log_prob(bad)
+        with pytest.raises(ValueError, match="CategoricalLikelihood.loss expects integer class labels"):
+            CategoricalLikelihood().loss(logits, bad)
+    with pytest.raises(RuntimeError, match=r"expects labels in \[0, 4\)"):
+        predictive.log_prob(torch.tensor([0, 4, 1]))
+    assert predictive.log_prob(torch.tensor([0, 3, 1], dtype=torch.int32)).dtype == torch.float32
+
+
+def test_gaussian_predictive_refuses_non_positive_variances_and_computes_in_float32() -> None:
+    """Variance 0 or -1 gave NaN log densities and quantiles silently; a bf16 predictive computed its log density in
+    bf16 (-6.375 against -6.3572 for the same bf16 inputs in float64)."""
+    mean = torch.zeros(1, 2, 1)
+    for bad in (0.0, -1.0):
+        with pytest.raises(RuntimeError, match="variance_samples must be > 0"):
+            GaussianPredictive(mean, torch.full_like(mean, bad))
+    with pytest.raises(ValueError, match="share a dtype and device"):
+        GaussianPredictive(mean, torch.ones(1, 2, 1, dtype=torch.float64))
+    mean16, variance16 = torch.tensor([[[3.3]]], dtype=torch.bfloat16), torch.tensor([[[0.01]]], dtype=torch.bfloat16)
+    half = GaussianPredictive(mean16, variance16)
+    wide = GaussianPredictive(mean16.double(), variance16.double())
+    y = torch.tensor([[0.0]])
+    assert half.mean_samples.dtype == half.variance_samples.dtype == torch.float32
+    torch.testing.assert_close(half.log_prob(y).double(), wide.log_prob(y), rtol=1e-6, atol=0)
+
+
+def test_gaussian_loss_refuses_targets_of_another_layout() -> None:
+    """A transposed [D, B] target was reshaped to [B, D] and trained on scrambled (x, y) pairs."""
+    from lightning_bayes.inference.likelihoods import GaussianLikelihood
+
+    likelihood, outputs = GaussianLikelihood(output_dim=2), torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"expects y of the means' shape \[B, D\]=\(3, 2\).*got \(2, 3\)"):
+        likelihood.loss(outputs, torch.zeros(2, 3))
+    single = GaussianLikelihood(output_dim=1)
+    outputs = torch.zeros(3, 1)
+    torch.testing.assert_close(single.loss(outputs, torch.ones(3)), single.loss(outputs, torch.ones(3, 1)))

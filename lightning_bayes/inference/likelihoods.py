@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import class_labels
 from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive, at_least_float32
 
 _MIN_VARIANCE = 1e-6
@@ -39,9 +40,10 @@ class Likelihood(nn.Module, ABC):
 
 class CategoricalLikelihood(Likelihood):
     def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
-        if outputs.ndim != 2 or y.shape != outputs.shape[:1]:
-            raise ValueError(f"expected logits [B, C] and labels [B]; got {tuple(outputs.shape)} and {tuple(y.shape)}")
-        return F.cross_entropy(at_least_float32(outputs), y.long())
+        if outputs.ndim != 2:
+            raise ValueError(f"CategoricalLikelihood.loss expects logits [B, C]; got {tuple(outputs.shape)}")
+        labels = class_labels(y, outputs.shape[0], outputs.shape[1], "CategoricalLikelihood.loss")
+        return F.cross_entropy(at_least_float32(outputs), labels)
 
     def predictive(self, output_samples: Tensor) -> CategoricalPredictive:
         return CategoricalPredictive(at_least_float32(output_samples))
@@ -83,11 +85,16 @@ class GaussianLikelihood(Likelihood):
             mean, raw = outputs.split(self.output_dim, dim=-1)
             std = F.softplus(raw + self.raw_offset)
         else:
-            mean, std = outputs, F.softplus(self.raw_noise).expand_as(outputs)
+            mean, std = outputs, F.softplus(at_least_float32(self.raw_noise)).expand_as(outputs)
         return mean, std.pow(2) + _MIN_VARIANCE
 
     def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
         mean, var = self.mean_and_variance(outputs)
+        if y.shape != mean.shape and not (self.output_dim == 1 and y.shape == mean.shape[:-1]):
+            raise ValueError(
+                f"GaussianLikelihood.loss expects y of the means' shape [B, D]={tuple(mean.shape)} (or [B] when "
+                f"D = 1); got {tuple(y.shape)}"
+            )
         y = y.reshape(mean.shape).to(mean.dtype)
         return F.gaussian_nll_loss(mean, y, var, full=True, reduction="none").sum(-1).mean()
 

@@ -37,7 +37,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import is_int
+from ..checks import class_labels, is_int
 from ..predictive import CategoricalPredictive, GaussianPredictive
 
 Parameterization = Literal["dense", "diagonal", "lowrank"]
@@ -272,14 +272,7 @@ class VBLLHead(nn.Module, ABC):
     def _labels(self, y: Tensor, batch: int, num_classes: int) -> Tensor:
         """``y`` checked to be integer labels ``[B]`` in ``[0, K)`` (a label -1 indexed the last class; on a GPU
         the range check is asynchronous: no host sync per step)."""
-        if y.shape != (batch,) or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(
-                f"{type(self).__name__} expects integer class labels [B]=[{batch}]; got {y.dtype} {tuple(y.shape)}"
-            )
-        torch._assert_async(
-            ((y >= 0) & (y < num_classes)).all(), f"{type(self).__name__} expects labels in [0, {num_classes})"
-        )
-        return y.long()
+        return class_labels(y, batch, num_classes, type(self).__name__)
 
     @abstractmethod
     def bound(self, features: Tensor, y: Tensor) -> Tensor:

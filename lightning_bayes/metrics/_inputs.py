@@ -7,6 +7,7 @@ from torch import Tensor
 
 from torchmetrics.utilities.data import dim_zero_cat
 
+from ..checks import class_labels as checked_labels
 from ..predictive import CategoricalPredictive, GaussianPredictive, at_least_float32
 
 
@@ -47,14 +48,7 @@ def class_labels(predictive: CategoricalPredictive, target: Tensor, metric: str)
     """Integer labels ``[B]`` in ``[0, C)`` matching the predictive's batch, as int64 (the range check is
     asynchronous on a GPU)."""
     batch, classes = predictive.logits.shape[1:]
-    if (
-        not isinstance(target, Tensor) or target.shape != (batch,) or target.is_floating_point()
-        or target.dtype == torch.bool
-    ):
-        shape = f"{target.dtype} {tuple(target.shape)}" if isinstance(target, Tensor) else type(target).__name__
-        raise ValueError(f"{metric}.update expects target=int labels of shape [B]=({batch},); got {shape}")
-    torch._assert_async(((target >= 0) & (target < classes)).all(), f"{metric}.update expects labels in [0, {classes})")
-    return target.long()
+    return checked_labels(target, batch, classes, f"{metric}.update")
 
 
 def regression_targets(predictive: GaussianPredictive, target: Tensor, metric: str) -> Tensor:

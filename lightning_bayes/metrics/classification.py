@@ -85,9 +85,8 @@ def top_label(predictive: CategoricalPredictive, target: Tensor, metric: str) ->
     """Top-label confidence ``max_c p(c|x)`` in ``[0, 1]`` and the correctness indicator (int64), ``[B]`` each."""
     predictive = categorical(predictive, metric)
     labels = class_labels(predictive, target, metric)
-    log_conf, predicted = predictive.log_probs.max(-1)
-    # exp of a log-probability can round a hair above 1; torchmetrics would then treat all inputs as logits
-    return log_conf.exp().clamp(0.0, 1.0), (predicted == labels).long()
+    log_conf, predicted = predictive.log_probs.max(-1)  # at most 0: torchmetrics reads any value above 1 as a logit
+    return log_conf.exp(), (predicted == labels).long()
 
 
 class _TopLabelCalibrationError(BinaryCalibrationError):

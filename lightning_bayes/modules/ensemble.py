@@ -24,17 +24,19 @@ from typing import Any, Union, cast
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..checks import is_int
 from ..inference.likelihoods import Likelihood, build_likelihood
 from ..predictive import Predictive, concatenate
 from .base import Batch, BayesianModule
 
 _NORM = GradClipAlgorithmType.NORM
+_LORA_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def _copy_sharing_frozen(module: nn.Module) -> nn.Module:
@@ -43,21 +45,30 @@ def _copy_sharing_frozen(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _reinitialise_trainable(module: nn.Module) -> None:
+def _reinitialise_trainable(module: nn.Module) -> set[int]:
     """Re-draw the trainable parameters the way their layers initialise them: peft LoRA layers through
     ``reset_lora_parameters`` (A random, B = 0), other layers whose own parameters are all trainable
-    through ``reset_parameters``; frozen layers keep their weights."""
+    through ``reset_parameters``; frozen layers keep their weights. Returns the ids of the re-drawn parameters."""
     reset_lora = getattr(module, "reset_lora_parameters", None)
     if callable(reset_lora) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
         for adapter in cast(nn.ModuleDict, module.lora_A):  # checked above
             reset_lora(adapter, True)
-        return
+        adapters = [getattr(module, name, None) for name in _LORA_FACTORS]
+        return {id(p) for adapter in adapters if isinstance(adapter, nn.Module) for p in adapter.parameters()}
     own = list(module.parameters(recurse=False))
     reset = getattr(module, "reset_parameters", None)
+    redrawn: set[int] = set()
     if own and callable(reset) and all(p.requires_grad for p in own):
         reset()
+        redrawn = {id(p) for p in own}
     for child in module.children():
-        _reinitialise_trainable(child)
+        redrawn |= _reinitialise_trainable(child)
+    return redrawn
+
+
+def _not_redrawn(member: nn.Module, redrawn: set[int]) -> list[str]:
+    """The trainable parameters of ``member`` that no layer's reset drew anew (they start equal in every member)."""
+    return [name for name, p in member.named_parameters() if p.requires_grad and id(p) not in redrawn]
 
 
 def _keeps_running_statistics(module: nn.Module) -> bool:
@@ -86,13 +97,26 @@ class DeepEnsemble(BayesianModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         vectorize: bool = True,
     ) -> None:
+        if not is_int(num_members) or num_members < 2:
+            raise ValueError(f"num_members must be an int >= 2 for an ensemble; got {num_members!r}")
         super().__init__(likelihood=None, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_members)
-        if num_members < 2:
-            raise ValueError(f"num_members must be >= 2 for an ensemble; got {num_members}")
         self.save_hyperparameters(ignore=["backbone", "likelihood"])
         copies = [_copy_sharing_frozen(backbone) for _ in range(num_members - 1)]
-        for member in copies:
-            _reinitialise_trainable(member)
+        redrawn = [_reinitialise_trainable(member) for member in copies]
+        kept = _not_redrawn(copies[0], redrawn[0])  # the same names in every copy
+        trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
+        if kept and len(kept) == len(trainable):
+            raise ValueError(
+                f"DeepEnsemble re-initialises each member's trainable parameters through their layers' "
+                f"reset_parameters(), but none of {type(backbone).__name__}'s has one (e.g. {kept[:3]}): every member "
+                "would be the same network. Build the backbone from layers that do (nn.Linear, nn.Conv2d, ...) or give "
+                "the module holding them a reset_parameters()"
+            )
+        if kept:
+            rank_zero_warn(
+                f"DeepEnsemble: {len(kept)} trainable parameters of {type(backbone).__name__} have no layer "
+                f"reset_parameters() and start equal in every member: {kept[:5]}"
+            )
         self.members = nn.ModuleList([backbone, *copies])
         prototype = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         # one likelihood per member: each learns its own noise

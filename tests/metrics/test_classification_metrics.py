@@ -110,9 +110,9 @@ def test_wrong_inputs_name_the_argument() -> None:
     predictive = CategoricalPredictive(torch.zeros(1, 4, 3))
     with pytest.raises(TypeError, match="CategoricalPredictive"):
         Accuracy().update(GaussianPredictive(torch.zeros(1, 4, 1), torch.ones(1, 4, 1)), torch.zeros(4))
-    with pytest.raises(ValueError, match=r"target=int labels of shape \[B\]=\(4,\)"):
+    with pytest.raises(ValueError, match=r"integer class labels of shape \[B\]=\(4,\)"):
         ExpectedCalibrationError().update(predictive, torch.zeros(5, dtype=torch.long))
-    with pytest.raises(ValueError, match="target=int labels"):
+    with pytest.raises(ValueError, match="integer class labels"):
         BrierScore().update(predictive, torch.zeros(4))
 
 
@@ -155,7 +155,7 @@ def test_nan_or_infinite_logits_and_labels_outside_the_classes_are_refused(bad: 
     for label in (-1, 10):
         with pytest.raises(RuntimeError, match=r"expects labels in \[0, 10\)"):
             Accuracy().update(clean, torch.tensor([0, label, 1]))
-    with pytest.raises(ValueError, match="int labels"):
+    with pytest.raises(ValueError, match="integer class labels"):
         Accuracy().update(clean, torch.ones(3, dtype=torch.bool))
     CategoricalPredictive(torch.full((2, 3, 10), -float("inf")).index_fill(-1, torch.tensor([0]), 0.0))  # fine
 

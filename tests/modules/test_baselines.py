@@ -47,6 +47,50 @@ def test_mc_dropout_draws_distinct_masks_and_is_unbiased():
     assert (pred.mean - exact).abs().max() < bound
 
 
+class _Encoder(nn.Module):
+    """A transformer encoder layer (dropout in attention and in the feed-forward part) between BatchNorm layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_in = nn.BatchNorm1d(5)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.norm_in(x)).mean(1))
+
+
+@pytest.mark.parametrize("context", [torch.enable_grad, torch.no_grad, torch.inference_mode])
+def test_mc_dropout_samples_attention_dropout_and_keeps_batchnorm_statistics(context):
+    """Only nn.Dropout modules were switched on: under no_grad/inference_mode (validation, test, predict) the
+    eval-mode encoder layer took torch's fused path, which skips every dropout, so all samples were one; and attention
+    dropout (nn.MultiheadAttention's own) was never sampled."""
+    torch.manual_seed(0)
+    backbone = _Encoder()
+    backbone.norm_in.running_mean.normal_()
+    module = MCDropout(backbone, num_samples=6).eval()
+    statistics = backbone.norm_in.running_mean.clone()
+    with context():
+        logits = module.predictive(torch.randn(2, 5, 8)).logits
+    assert len({tuple(sample.flatten().tolist()) for sample in logits}) == 6
+    assert torch.equal(backbone.norm_in.running_mean, statistics) and int(backbone.norm_in.num_batches_tracked) == 0
+    assert not any(m.training for m in backbone.modules()), "every module's mode must be restored"
+
+    attention_only = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    only = MCDropout(_AttentionHead(attention_only), num_samples=4).eval()
+    with context():
+        assert only.predictive(torch.randn(2, 5, 8)).logits.std(0).max() > 0
+
+
+class _AttentionHead(nn.Module):
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention, self.head = attention, nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x)[0].mean(1))
+
+
 def test_mc_dropout_without_dropout_layers_is_an_error():
     with pytest.raises(ValueError, match="dropout"):
         MCDropout(_mlp(0.0))
@@ -75,6 +119,31 @@ def test_ensemble_gradient_of_each_member_is_its_own_loss_gradient():
         grads = torch.autograd.grad(nn.functional.cross_entropy(out, y), reference)
         for p, g in zip(member.parameters(), grads):
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+class _RawRegressor(nn.Module):
+    """Parameters held directly, with no layer ``reset_parameters()`` to re-draw them."""
+
+    def __init__(self, with_layer: bool = False) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.zeros(2))
+        self.layer = nn.Linear(2, 2) if with_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x @ self.w + self.b)
+
+
+def test_an_ensemble_whose_members_could_not_differ_is_refused_and_a_partial_one_warns():
+    """Parameters outside any layer's reset_parameters() were copied unchanged: a backbone made of them gave M
+    identical members (MAP at M times the cost, mutual information 0)."""
+    with pytest.raises(ValueError, match=r"none of _RawRegressor's has one \(e.g. \['w', 'b'\]\)"):
+        DeepEnsemble(_RawRegressor(), num_members=3)
+    with pytest.warns(UserWarning, match=r"2 trainable parameters of _RawRegressor .* start equal .*\['w', 'b'\]"):
+        ensemble = DeepEnsemble(_RawRegressor(with_layer=True), num_members=3)
+    assert not torch.equal(ensemble.members[0].layer.weight, ensemble.members[1].layer.weight)
+    for bad in (1, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_members must be an int >= 2 for an ensemble; got {bad!r}"):
+            DeepEnsemble(_mlp(), num_members=bad)
 
 
 def test_ensemble_with_batchnorm_runs_members_in_turn():
