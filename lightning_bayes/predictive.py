@@ -109,8 +109,9 @@ class CategoricalPredictive:
 
 @dataclass(frozen=True)
 class GaussianPredictive:
-    """Equal-weight mixture of S diagonal Gaussians, ``mean`` and ``variance`` ``[S, B, D]``, held in float32 or
-    wider (half-precision inputs are cast: a bf16 log density keeps 3 digits); variances must be positive."""
+    """Equal-weight mixture of S diagonal Gaussians, ``mean`` and ``variance`` ``[S, B, D]``, held in one dtype, float32
+    or wider (the wider of the two; half-precision inputs are cast: a bf16 log density keeps 3 digits); variances must
+    be positive."""
 
     mean_samples: Tensor
     variance_samples: Tensor
@@ -121,12 +122,14 @@ class GaussianPredictive:
             variance = self.variance_samples
             got = tuple(variance.shape) if isinstance(variance, Tensor) else type(variance).__name__
             raise ValueError(f"variance_samples must match mean_samples {tuple(self.mean_samples.shape)}; got {got}")
-        mean, variance = at_least_float32(self.mean_samples), at_least_float32(self.variance_samples)
-        if variance.dtype != mean.dtype or variance.device != mean.device:
+        if self.variance_samples.device != self.mean_samples.device:
             raise ValueError(
-                f"mean_samples and variance_samples must share a dtype and device; got {mean.dtype} on {mean.device} "
-                f"and {variance.dtype} on {variance.device}"
+                f"mean_samples and variance_samples must be on one device; got {self.mean_samples.device} and "
+                f"{self.variance_samples.device}"
             )
+        dtype = torch.promote_types(self.mean_samples.dtype, self.variance_samples.dtype)
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        mean, variance = self.mean_samples.to(dtype), self.variance_samples.to(dtype)
         torch._assert_async(  # NaN passes here: the metrics name a diverged model's NaN themselves
             ~(variance <= 0).any(), "variance_samples must be > 0 (a Gaussian of variance 0 or less has no density)"
         )

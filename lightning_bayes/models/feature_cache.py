@@ -4,7 +4,7 @@ A frozen backbone maps the same example to the same features, yet every epoch an
 test and OOD pass would recompute them (seconds per batch for an LLM on a CPU). :class:`FeatureCache`
 keeps each example's feature row under a hash of its content (:func:`example_keys`) and runs the
 backbone only on the examples not seen before. With a folder it also keeps the rows on disk: a
-sub-folder per backbone identity (:func:`backbone_identity`) of append-only shards, each written to a
+sub-folder per backbone identity (:func:`~lightning_bayes.models.identity.backbone_identity`) of append-only shards, each written to a
 temporary file and renamed (several processes may share a folder; nothing is overwritten).
 """
 
@@ -22,13 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-_SAMPLES_PER_TENSOR = 4096  # weight values hashed per tensor into the backbone's identity
+from .identity import tensor_bytes
+
 _SHARD_FORMAT = 1
-
-
-def _as_bytes(t: Tensor) -> bytes:
-    """The raw bytes of a CPU tensor of any dtype (bfloat16 included)."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _describe(x: Any) -> Any:
@@ -68,25 +64,8 @@ def example_keys(x: Tensor | Mapping[str, Tensor]) -> list[str]:
         header = f"{name}|{value.dtype}|{tuple(value.shape[1:]) if not masked else tuple(value.shape[2:])}|"
         for row, digest in enumerate(hashes):
             data = value[row][mask[row]] if masked and mask is not None else value[row]
-            digest.update(header.encode() + str(data.shape[0] if masked else 0).encode() + b"|" + _as_bytes(data))
+            digest.update(header.encode() + str(data.shape[0] if masked else 0).encode() + b"|" + tensor_bytes(data))
     return [digest.hexdigest() for digest in hashes]
-
-
-def backbone_identity(backbone: nn.Module) -> str:
-    """A hash of the class, the module tree (``repr``) and every parameter and buffer (name, shape,
-    dtype and up to 4,096 evenly spaced values): two backbones that differ in weights, architecture or
-    precision get different identities, whatever device they are on."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{type(backbone).__module__}.{type(backbone).__qualname__}\n{backbone!r}\n".encode())
-    for name, tensor in [*backbone.named_parameters(), *backbone.named_buffers()]:
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        if tensor.is_meta or tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1)
-        count = min(flat.numel(), _SAMPLES_PER_TENSOR)
-        positions = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-        digest.update(_as_bytes(flat[positions].cpu()))
-    return digest.hexdigest()
 
 
 class FeatureCache:

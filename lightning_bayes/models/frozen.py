@@ -9,7 +9,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .feature_cache import FeatureCache, backbone_identity
+from .feature_cache import FeatureCache
+from .identity import backbone_identity
+
+
+def _autocast_state() -> str:
+    """Which autocast is on (features computed under it differ from float32 ones): ``""`` when none is."""
+    return "".join(
+        f"|autocast-{device}-{torch.get_autocast_dtype(device)}"
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    )
 
 
 class FrozenFeatures(nn.Module):
@@ -22,13 +32,14 @@ class FrozenFeatures(nn.Module):
     content (:func:`example_keys`: a tensor row's bytes, or a tokenised text's ids where ``attention_mask``
     is 1, so padding does not matter), and the backbone runs only on the examples not seen before. The
     cache is a plain attribute, never a buffer, so checkpoints do not carry it. It is dropped when the
-    backbone's weights change (``load_state_dict``, dtype casts) to different values.
+    backbone's weights change to different values: through ``load_state_dict`` (this module's or the backbone's own),
+    dtype casts, or any in-place change torch counts (``Tensor._version``; not a write through ``.data``).
 
     ``feature_cache_dir`` also keeps the features on disk, for later runs: a folder per backbone identity
     (:func:`backbone_identity`, so a different backbone never reads another's features) holding
     append-only shards, one per batch that computed something, each written to a temporary file and then
-    renamed (several processes may share a folder; nothing is overwritten). Features are cached as the
-    backbone computed them: a run under another precision (autocast) should use another folder.
+    renamed (several processes may share a folder; nothing is overwritten). Features computed under autocast are
+    kept apart from those computed without it (or under another autocast dtype).
     """
 
     def __init__(
@@ -55,6 +66,7 @@ class FrozenFeatures(nn.Module):
         self.feature_cache_dir = folder
         self._cache = FeatureCache(folder) if cache_features else None  # a plain attribute: not in checkpoints
         self._identity: str | None = None  # None: recompute before the next lookup
+        self._versions: list[tuple[int, int]] = []  # the backbone tensors' (id, _version) when it was computed
         self.eval()
 
     def train(self, mode: bool = True) -> FrozenFeatures:
@@ -64,14 +76,11 @@ class FrozenFeatures(nn.Module):
         with torch.no_grad():
             if self._cache is None:
                 return self.backbone(x)
-            if self._identity is None:
-                self._identity = backbone_identity(self.backbone)
-            return self._cache(x, self.backbone, self._identity)
+            versions = [(id(t), t._version) for t in [*self.backbone.parameters(), *self.backbone.buffers()]]
+            if self._identity is None or versions != self._versions:
+                self._identity, self._versions = backbone_identity(self.backbone), versions
+            return self._cache(x, self.backbone, self._identity + _autocast_state())
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FrozenFeatures:
         self._identity = None  # .to(dtype), .half(), ...: the weights may have changed
         return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._identity = None  # new weights may come in
-        super()._load_from_state_dict(*args, **kwargs)

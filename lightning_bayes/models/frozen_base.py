@@ -7,6 +7,9 @@ quantisation state comes back as unexpected keys), so fit-then-test from the bes
 :func:`exclude_frozen_base` the owner's state dict leaves out every entry of ``owner.<attribute>`` that is not a
 trainable parameter at that moment (frozen weights, their quantisation state, persistent buffers), and loading
 accepts their absence (the module keeps the values it was built with); checkpoints that do hold them still load.
+A base frozen later as a whole (a post-hoc head's :class:`~lightning_bayes.models.FrozenFeatures`: 650 MB per
+SmolLM2 checkpoint) is left out too while it still holds what the constructor built (its
+:func:`~lightning_bayes.models.identity.backbone_identity` then), so weights loaded into it later are saved.
 """
 
 from __future__ import annotations
@@ -16,17 +19,37 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .identity import backbone_identity
+
+
+def _frozen_keys(base: nn.Module, attribute: str) -> tuple[str, ...]:
+    """The owner's keys of ``base``'s state-dict entries that are not trainable parameters now."""
+    return tuple(
+        f"{attribute}.{key}"
+        for key, value in base.state_dict(keep_vars=True).items()
+        if not (isinstance(value, nn.Parameter) and value.requires_grad)
+    )
+
 
 class _FrozenBaseHooks:
-    """State-dict hooks (a picklable object, so the module still pickles for ``ddp_spawn``) over the keys
-    ``keys`` relative to the owner."""
+    """State-dict hooks (a picklable object, so the module still pickles for ``ddp_spawn``) over the owner's
+    ``attribute``: ``keys`` were frozen when it was built, ``built`` is its identity then."""
 
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self.keys = keys
+    def __init__(self, attribute: str, keys: tuple[str, ...], built: str) -> None:
+        self.attribute, self.keys, self.built = attribute, keys, built
         self._prefixes: list[str] = []
 
+    def _left_out(self, owner: nn.Module) -> set[str]:
+        """The frozen entries a checkpoint need not hold: those frozen when built, and those frozen since while the
+        base still holds what the constructor built."""
+        base = getattr(owner, self.attribute)
+        now = set(_frozen_keys(base, self.attribute))
+        if now <= set(self.keys) or backbone_identity(base) != self.built:
+            return set(self.keys)
+        return now | set(self.keys)
+
     def drop(self, module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
-        for key in self.keys:
+        for key in self._left_out(module):
             state_dict.pop(prefix + key, None)
 
     def remember_prefix(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -34,22 +57,18 @@ class _FrozenBaseHooks:
 
     def allow_missing(self, module: nn.Module, incompatible: Any) -> None:
         prefix = self._prefixes.pop() if self._prefixes else ""
-        expected = {prefix + key for key in self.keys}
+        frozen = set(self.keys) | set(_frozen_keys(getattr(module, self.attribute), self.attribute))
+        expected = {prefix + key for key in frozen}
         incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in expected]
 
 
 def exclude_frozen_base(owner: nn.Module, attribute: str) -> None:
     """Leave the non-trainable entries of ``owner.<attribute>``'s state dict out of ``owner``'s state dict and
-    accept their absence when loading (nothing changes when everything trains)."""
+    accept their absence when loading (nothing changes while everything trains); call it when the constructor has
+    built ``owner.<attribute>`` from its pretrained source."""
     base: nn.Module = getattr(owner, attribute)
-    keys = tuple(
-        f"{attribute}.{key}"
-        for key, value in base.state_dict(keep_vars=True).items()
-        if not (isinstance(value, nn.Parameter) and value.requires_grad)
-    )
-    if keys:
-        hooks = _FrozenBaseHooks(keys)
-        # partials: torch marks its hooks with an attribute, which a bound method cannot take
-        owner.register_state_dict_post_hook(partial(hooks.drop))
-        owner.register_load_state_dict_pre_hook(partial(hooks.remember_prefix))
-        owner.register_load_state_dict_post_hook(partial(hooks.allow_missing))
+    hooks = _FrozenBaseHooks(attribute, _frozen_keys(base, attribute), backbone_identity(base))
+    # partials: torch marks its hooks with an attribute, which a bound method cannot take
+    owner.register_state_dict_post_hook(partial(hooks.drop))
+    owner.register_load_state_dict_pre_hook(partial(hooks.remember_prefix))
+    owner.register_load_state_dict_post_hook(partial(hooks.allow_missing))

@@ -111,6 +111,43 @@ def test_changed_weights_drop_the_in_memory_cache():
     assert len(backbone.calls) == 3, "the same weights reloaded keep the cache"
 
 
+def test_weights_changed_inside_the_backbone_or_away_from_the_sampled_values_drop_the_cache(tmp_path: Path):
+    """Weights loaded into the wrapped backbone itself (not through FrozenFeatures) kept the old features; and the
+    identity hashed 4,096 evenly spaced values per tensor, so a backbone differing elsewhere read another's disk
+    cache."""
+    backbone = CountingBackbone(seed=0)
+    cached = FrozenFeatures(backbone, cache_features=True)
+    x = torch.randn(3, 6)
+    cached(x)
+    backbone.load_state_dict(CountingBackbone(seed=1).state_dict())
+    torch.testing.assert_close(cached(x), backbone(x), rtol=0, atol=0)
+    assert backbone.calls[1] == 3, "new weights: recomputed"
+
+    first, second = (nn.Sequential(nn.Linear(4097, 2, bias=False)) for _ in range(2))
+    with torch.no_grad():
+        second[0].weight.copy_(first[0].weight)
+        second[0].weight[0, 1] += 0.5  # position 1 of 8,194: between the sampled positions 0 and 2
+    sampled = torch.arange(4096) * (second[0].weight.numel() - 1) // 4095
+    assert 1 not in sampled.tolist()
+    features = [FrozenFeatures(net, cache_features=True, feature_cache_dir=tmp_path) for net in (first, second)]
+    x = torch.randn(2, 4097)
+    torch.testing.assert_close(features[1](x), second(x), rtol=0, atol=0)
+    assert not torch.equal(features[0](x), features[1](x))
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_features_computed_under_autocast_are_kept_apart():
+    """A bf16-mixed run's features were served to a float32 run (0.0022 off), in memory and from a shared folder."""
+    backbone = CountingBackbone(seed=0)
+    cached = FrozenFeatures(backbone, cache_features=True)
+    x = torch.randn(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cached(x)
+    full = cached(x)
+    assert backbone.calls == [3, 3] and low.dtype == torch.bfloat16 and full.dtype == torch.float32
+    torch.testing.assert_close(full, backbone(x), rtol=0, atol=0)
+
+
 def test_options_pass_through_and_bad_values_are_explained(tmp_path: Path):
     probe = LinearProbe(CountingBackbone(), num_classes=2, cache_features=True, feature_cache_dir=str(tmp_path))
     vbll = VBLLClassifier(CountingBackbone(), num_classes=2, dataset_size=8, freeze_backbone=True, cache_features=True)

@@ -1,0 +1,59 @@
+"""Checkpoints leave out a pretrained base that never changed: frozen when built (LoRA, 4-bit), or frozen later as a
+whole by a post-hoc head's FrozenFeatures while it still holds the constructor's weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_bayes.models import FrozenFeatures
+from lightning_bayes.models.frozen_base import exclude_frozen_base
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class Pretrained(nn.Module):
+    """A tiny Llama "from its pretrained source" (seed 0 is the source), last-position hidden state as features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=16,
+        )  # fmt: skip
+        self.model = LlamaModel(config)
+        exclude_frozen_base(self, "model")
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids).last_hidden_state[:, -1]
+
+
+def test_a_base_frozen_later_is_left_out_while_it_holds_the_pretrained_weights() -> None:
+    """FrozenFeatures froze the base after its constructor had decided what to leave out (nothing: all trained
+    then), so every post-hoc SmolLM2 head's checkpoint held the whole 650 MB base."""
+    trainable = Pretrained()
+    assert set(trainable.state_dict()) == {f"model.{k}" for k in trainable.model.state_dict()}, "trains: all saved"
+    features = FrozenFeatures(Pretrained())
+    assert features.state_dict() == {}
+    rebuilt = FrozenFeatures(Pretrained())
+    rebuilt.load_state_dict(features.state_dict())  # strict: the base's absence is expected
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rebuilt(ids), features(ids), rtol=0, atol=0)
+
+
+def test_weights_loaded_into_a_base_before_it_was_frozen_are_saved() -> None:
+    """A fine-tuned base is not what the constructor rebuilds: its checkpoint must hold it."""
+    tuned = Pretrained()
+    with torch.no_grad():
+        tuned.model.norm.weight.add_(0.25)
+    features = FrozenFeatures(tuned)
+    state = features.state_dict()
+    assert set(state) == {f"backbone.model.{k}" for k in tuned.model.state_dict()}
+    rebuilt = FrozenFeatures(Pretrained())
+    rebuilt.load_state_dict(state)
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rebuilt(ids), features(ids), rtol=0, atol=0)
