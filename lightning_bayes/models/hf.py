@@ -133,6 +133,9 @@ class HFSequenceClassifier(nn.Module):
     ``model`` is a packaged alias (``"minilm"``), a folder or a hub id. With ``lora``, the encoder is
     frozen and only the adapters and the fresh head train (BERT-style layers are named
     ``query``/``key``/``value``/``dense``, so pass e.g. ``LoraSpec(target_modules=["query", "value"])``).
+    An encoder (a masked-LM architecture such as BERT, which classifies from its first token) refuses left-padded
+    batches: its first position would be padding and every position shifted, so a text's logits would depend on
+    its batch.
     """
 
     def __init__(
@@ -152,13 +155,21 @@ class HFSequenceClassifier(nn.Module):
         base = keep_cpu_four_bit_differentiable(
             AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **quantisation)
         )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
         self.num_features: int = base.config.hidden_size
+        self.is_encoder = base.config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
         # from_pretrained returns eval mode; fine-tuning runs with the model's dropout as trained
         self.model = (base if lora is None else apply_lora(base, lora, "SEQ_CLS")).train()
         exclude_frozen_base(self, "model")  # checkpoints hold the adapters, not the base
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         _check_tokens(x)
+        if self.is_encoder and not bool(x["attention_mask"][:, 0].all()):
+            raise ValueError(
+                "x has padding at the first position, which this encoder classifies from; tokenize with "
+                "padding_side='right'"
+            )
         extra = {"token_type_ids": x["token_type_ids"]} if "token_type_ids" in x else {}
         with without_cudnn_attention():
             return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], **extra).logits

@@ -98,7 +98,7 @@ def test_collated_batch_is_the_tokenizer_dict_and_labels():
 
 @pytest.mark.llm
 def test_left_padding_and_prompt_keep_the_prompt_end_last():
-    data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=8, max_length=16, prompt=PROMPT)
+    data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=8, max_length=16, prompt=PROMPT, padding_side="left")
     data.setup()
     texts = [t for t in data.test_set.texts if len(t.split()) > 30][:2] + data.test_set.texts[:6]
     x, _ = data.collate([(t, torch.tensor(1)) for t in texts])
@@ -114,6 +114,15 @@ def test_left_padding_and_prompt_keep_the_prompt_end_last():
 
 
 @pytest.mark.llm
+def test_the_default_padding_side_is_the_tokenizers_own():
+    """The default was "left" for every tokenizer, which gave MiniLM (BERT: classifies from its first token) a
+    padding token there and logits that depended on the batch."""
+    data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=4, max_length=32)
+    x, _ = data.collate([("a fine film", torch.tensor(1)), ("a long and very dull film indeed", torch.tensor(0))])
+    assert data.tokenizer.padding_side == "right" and (x["attention_mask"][:, 0] == 1).all()
+
+
+@pytest.mark.llm
 def test_shift_dataloader_serves_the_amazon_reviews():
     data = RottenTomatoesDataModule(tokenizer="minilm", batch_size=1000, max_length=8)
     data.setup()
@@ -125,7 +134,7 @@ def test_shift_dataloader_serves_the_amazon_reviews():
     "kwargs, message",
     [({"prompt": "Sentiment:"}, "prompt must be a format string whose only field is {text}"),
      ({"prompt": "{text} {label}"}, "only field is {text}"),
-     ({"padding_side": "middle"}, "padding_side must be 'left' or 'right'"),
+     ({"padding_side": "middle"}, "padding_side must be 'left', 'right' or None"),
      ({"max_train": 0}, "max_train must be None or an int >= 1"),
      ({"max_test": 0.5}, "max_test must be None or an int >= 1; got 0.5"),
      ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction and test_fraction")],

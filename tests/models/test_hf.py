@@ -233,3 +233,17 @@ def test_forward_passes_keep_cudnn_attention_out_and_the_callers_other_kernels(s
     decoder, encoder = smollm2.model.config.num_hidden_layers, minilm.model.config.num_hidden_layers
     assert seen == [(False, True, True)] * (decoder + encoder) + [(False, False, True)] * decoder
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_an_encoder_refuses_a_left_padded_batch_and_scores_a_right_padded_one_as_alone():
+    """MiniLM classifies from its first token: left padding put a padding token there and shifted every position,
+    so a text's logits depended on its batch (0.0172 / 0.0035 padded, 0.0155 / 0.0098 alone)."""
+    minilm = HFSequenceClassifier("minilm", num_labels=2).eval()
+    texts = ["dull", "a long, slow and very dull film"]
+    right = AutoTokenizer.from_pretrained(minilm.model.name_or_path, padding_side="right")
+    left = AutoTokenizer.from_pretrained(minilm.model.name_or_path, padding_side="left")
+    with torch.no_grad():
+        alone = minilm(dict(right(texts[:1], return_tensors="pt")))
+        torch.testing.assert_close(minilm(dict(right(texts, return_tensors="pt", padding=True)))[:1], alone)
+        with pytest.raises(ValueError, match="padding at the first position.*padding_side='right'"):
+            minilm(dict(left(texts, return_tensors="pt", padding=True)))
