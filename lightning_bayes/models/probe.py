@@ -42,4 +42,5 @@ class LinearProbe(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Any) -> Tensor:
-        return self.head(self.backbone(x))
+        features = self.backbone(x)
+        return self.head(features.to(self.head.weight.dtype))  # e.g. a bf16 LLM's features into a float32 head

@@ -10,6 +10,7 @@ expects RGB in [0, 1] at 224 px normalised with mean = std = 0.5 (the constants 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +45,9 @@ def timm_backbone(
             f"expected num_classes >= 0, in_chans >= 1, 0 <= drop_rate < 1; "
             f"got num_classes={num_classes}, in_chans={in_chans}, drop_rate={drop_rate}"
         )
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.7)
+        raise ValueError(f"name={name!r} is not a timm model" + (f"; did you mean one of {close}?" if close else ""))
     options: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
     if pretrained == "packaged":
         if name != EFFICIENTNET_LITE0:

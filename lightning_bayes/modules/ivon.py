@@ -28,6 +28,8 @@ from ..params import ParamSelector, full_tensor, fsdp2_units, laid_out_like, sel
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
 
+_PEFT_FRESH = "modules_to_save"  # peft's copies of layers trained in full next to the adapters (a SEQ_CLS head)
+
 IVONFactory = Callable[[Iterable, float], Optimizer]
 """``(params, ess) -> IVON``; in a config: ``class_path: lightning_bayes.optim.IVON`` with ``init_args`` but no ess."""
 
@@ -84,6 +86,13 @@ class IVONModule(BayesianModule):
             raise ValueError(f"kl_weight must be a number > 0 (ess = dataset_size / kl_weight); got {kl_weight!r}")
         self.backbone = backbone
         selected = select_parameters(self, params)
+        fresh = [n for n, p in self.named_parameters() if n not in selected and p.requires_grad and _PEFT_FRESH in n]
+        if fresh:
+            raise ValueError(
+                f"params={params!r} leaves out layers peft initialised afresh to be trained ({fresh[:2]}..., e.g. a "
+                f"classification head): IVON would freeze them at their random values; select them too, e.g. "
+                f"params: [lora, '*{_PEFT_FRESH}*']"
+            )
         for name, parameter in self.named_parameters():
             if name not in selected:
                 parameter.requires_grad_(False)

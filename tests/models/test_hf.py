@@ -123,7 +123,7 @@ def test_a_lora_spec_refuses_what_peft_would_accept_and_fail_on_later(arguments:
 
 
 def test_lora_targets_matching_nothing_name_the_available_layers():
-    with pytest.raises(ValueError, match=r"matching no linear layer .*\['q_proj'.*'query'"):
+    with pytest.raises(ValueError, match=r"matching no layer .*\['q_proj'.*'query'"):
         HFSequenceClassifier("minilm", num_labels=2, lora=LoraSpec(target_modules=["q_proj", "value"]))
 
 
@@ -247,3 +247,16 @@ def test_an_encoder_refuses_a_left_padded_batch_and_scores_a_right_padded_one_as
         torch.testing.assert_close(minilm(dict(right(texts, return_tensors="pt", padding=True)))[:1], alone)
         with pytest.raises(ValueError, match="padding at the first position.*padding_side='right'"):
             minilm(dict(left(texts, return_tensors="pt", padding=True)))
+
+
+def test_lora_adapts_the_layers_peft_adapts_beyond_linear_ones():
+    """GPT-2's attention is a transformers Conv1D, which peft adapts: it was refused as "matching no linear layer"."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lightning_bayes.models.hf import apply_lora
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16, pad_token_id=0)
+    model = apply_lora(GPT2ForSequenceClassification(config), LoraSpec(r=2, target_modules=["c_attn"]), "SEQ_CLS")
+    adapted = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
+    assert adapted and all(".c_attn." in name for name in adapted)

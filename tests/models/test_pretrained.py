@@ -18,6 +18,16 @@ def test_minilm_aliases_point_into_the_package_and_other_names_pass_through():
     assert resolve_pretrained("/some/folder") == "/some/folder"
 
 
+def test_a_mistyped_alias_is_refused_at_once_naming_the_aliases():
+    """"minilm2" went to the hub as a model id: 47 s of retries offline, then a connection error naming neither the
+    argument nor the packaged aliases."""
+    with pytest.raises(ValueError, match=r"'minilm2' is not a packaged model alias .*did you mean 'minilm'\?"):
+        resolve_pretrained("minilm2")
+    with pytest.raises(ValueError, match="did you mean 'smollm2'"):
+        resolve_pretrained("SmolLM-2")
+    assert resolve_pretrained("owner/minilm2") == "owner/minilm2"  # a hub id: the hub decides
+
+
 @pytest.mark.llm
 def test_smollm2_is_a_plain_checkpoint_found_again_without_converting(smollm2_folder, monkeypatch):
     folder = Path(smollm2_folder)

@@ -24,6 +24,18 @@ def test_unfrozen_probe_passes_gradients_to_the_backbone():
     assert probe.backbone.training and all(p.grad is not None for p in probe.backbone.parameters())
 
 
+def test_half_precision_features_meet_a_float32_head():
+    """bf16 features (a bf16 LLM's, or a shared cache's) crashed the float32 head: "mat1 and mat2 must have the same
+    dtype"."""
+    backbone = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()).to(torch.bfloat16)
+    backbone.num_features = 4
+    probe = LinearProbe(backbone, num_classes=2)
+    x = torch.randn(5, 3, dtype=torch.bfloat16)
+    out = probe(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, backbone(x).float() @ probe.head.weight.T + probe.head.bias)
+
+
 def test_backbone_without_feature_width_is_explained():
     with pytest.raises(ValueError, match="num_features"):
         LinearProbe(torch.nn.Linear(3, 3), num_classes=2)

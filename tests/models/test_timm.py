@@ -108,6 +108,7 @@ def test_a_yaml_config_builds_a_timm_backbone():
         ({"name": "resnet18", "pretrained": "packaged"}, "holds weights for name='tf_efficientnet_lite0' only"),
         ({"pretrained": "/no/such/weights.pth"}, "no such file"),
         ({"num_classes": -1}, "num_classes=-1"),
+        ({"name": "resnet_18"}, r"name='resnet_18' is not a timm model; did you mean one of \[.*'resnet18'"),
     ],
 )
 def test_bad_arguments_are_explained(kwargs, message):

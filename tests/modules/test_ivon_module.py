@@ -195,3 +195,17 @@ def test_plain_loaders_need_dataset_size() -> None:
 def test_argument_errors(argument: str, value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         IVONModule(classifier(), **{argument: value})
+
+
+def test_leaving_out_a_layer_peft_trains_afresh_is_refused() -> None:
+    """params="lora" on a peft SEQ_CLS model froze its randomly initialised classification head (peft's
+    ``modules_to_save``) silently: IVON trained the adapters on top of a random head."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    with pytest.raises(ValueError, match=r"params='lora' leaves out layers peft initialised afresh .*modules_to_save"):
+        IVONModule(model, optimizer=ivon_factory, params="lora", dataset_size=24)
+    module = IVONModule(model, optimizer=ivon_factory, params=["lora", "*modules_to_save*"], dataset_size=24)
+    assert any("modules_to_save" in name for name in module.posterior_names)
