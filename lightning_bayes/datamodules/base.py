@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..checks import is_int
-from .epoch_loader import EpochLoader, training_pass_epoch
+from .epoch_loader import EpochLoader, training_pass_batches, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
 
 
@@ -121,10 +121,13 @@ class InMemoryDataModule(LightningDataModule):
         if not train:
             return DataLoader(dataset, **options)
         order = EpochShuffle(dataset, self.seed) if self.shuffle else None  # type: ignore[arg-type]
-        return EpochLoader(dataset, sampler=order, epoch=self._fit_epoch, **options)
+        return EpochLoader(dataset, sampler=order, epoch=self._fit_epoch, pass_batches=self._fit_pass_batches, **options)
 
     def _fit_epoch(self) -> int | None:
         return training_pass_epoch(self.trainer)
+
+    def _fit_pass_batches(self) -> float | None:
+        return None if self.trainer is None else training_pass_batches(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -24,12 +24,12 @@ def training_pass_epoch(trainer: Trainer | None) -> int | None:
     loop = trainer.fit_loop
     epoch: int = loop.epoch_progress.current.processed  # type: ignore[attr-defined]  # typed as the base tracker
     batches: int = loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
-    if loop.restarting and batches and batches >= _batches_per_epoch(trainer):
+    if loop.restarting and batches and batches >= training_pass_batches(trainer):
         epoch += 1
     return epoch
 
 
-def _batches_per_epoch(trainer: Trainer) -> float:
+def training_pass_batches(trainer: Trainer) -> float:
     """The training batches of an epoch as the new iterator is made (``trainer.num_training_batches`` is not set
     yet then): the loader's length under ``limit_train_batches``; infinite when unknown."""
     loader = trainer.train_dataloader
@@ -59,19 +59,26 @@ class EpochLoader(StatefulDataLoader):
 
     Args:
         epoch: the epoch of the pass about to begin, or ``None`` to leave the sampler's own.
+        pass_batches: how many batches a pass runs (:func:`training_pass_batches`: fewer under the Trainer's
+            ``limit_train_batches``); ``None``, or a call that answers ``None``: the loader's length.
         *args, **kwargs: those of ``StatefulDataLoader`` (and ``torch.utils.data.DataLoader``).
     """
 
-    def __init__(self, *args: Any, epoch: Callable[[], int | None], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, epoch: Callable[[], int | None], pass_batches: Callable[[], float | None] | None = None,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch now deprecates
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
             super().__init__(*args, **kwargs)
-        self.epoch = epoch
+        self.epoch, self.pass_batches = epoch, pass_batches
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A state saved inside a pass; one saved after its last batch (a checkpoint on an epoch's last step) is
-        ignored: torchdata would apply it to the next pass, which then skipped every batch (a lost epoch)."""
-        if not _pass_finished(state_dict, len(self)):
+        """A state saved inside a pass; one saved after its last batch (a checkpoint on an epoch's last step, the
+        last under ``limit_train_batches`` too) is ignored: torchdata would apply it to the next pass, which then
+        skipped the batches already run (every batch: a lost epoch)."""
+        batches = None if self.pass_batches is None else self.pass_batches()
+        if not _pass_finished(state_dict, len(self) if batches is None else batches):
             super().load_state_dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:

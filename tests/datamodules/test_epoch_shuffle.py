@@ -54,12 +54,15 @@ class _StopsInsideEpoch1(Callback):
             trainer.should_stop = True
 
 
-def _fit(epochs: int, root: Path, callbacks: list[Callback], num_workers: int, ckpt_path: Path | None = None) -> MAP:
+def _fit(
+    epochs: int, root: Path, callbacks: list[Callback], num_workers: int, ckpt_path: Path | None = None,
+    limit: int | None = None,
+) -> MAP:  # fmt: skip
     torch.manual_seed(0)
     module = MAP(MLP(64, 10, hidden=[16]))
     Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=root, callbacks=callbacks, limit_val_batches=0,
+        default_root_dir=root, callbacks=callbacks, limit_val_batches=0, limit_train_batches=limit,
     ).fit(module, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers), ckpt_path=ckpt_path,
           weights_only=False)  # fmt: skip
     return module
@@ -81,22 +84,27 @@ def test_a_resumed_fit_ends_with_the_unstopped_weights(tmp_path: Path, inside_ep
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_a_checkpoint_on_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path: Path, num_workers: int) -> None:
+@pytest.mark.parametrize("limit", [None, 6])
+def test_a_checkpoint_on_an_epochs_last_step_resumes_into_the_next_epoch(
+    tmp_path: Path, num_workers: int, limit: int | None
+) -> None:
     """``ModelCheckpoint(every_n_train_steps=17)`` saves after epoch 0's last batch (1,077 images in batches of 64),
     with the loader's state saying "all of the pass handed out": torchdata applied it to the next pass, so the
-    resumed epoch 1 trained on nothing (global step 34 instead of 51)."""
-    straight = _fit(3, tmp_path / "straight", [], num_workers)
-    every = ModelCheckpoint(tmp_path / "steps", every_n_train_steps=17, save_top_k=-1)
-    _fit(1, tmp_path / "stopped", [every], num_workers)
+    resumed epoch 1 trained on nothing (global step 34 instead of 51). Under ``limit_train_batches=6`` the state
+    after batch 6 of 17 was taken for one inside the pass: the resumed epoch 1 began at its 7th batch."""
+    batches = limit or 17
+    straight = _fit(3, tmp_path / "straight", [], num_workers, limit=limit)
+    every = ModelCheckpoint(tmp_path / "steps", every_n_train_steps=batches, save_top_k=-1)
+    _fit(1, tmp_path / "stopped", [every], num_workers, limit=limit)
     steps: list[int] = []
 
     class Steps(Callback):
         def on_train_end(self, trainer, pl_module) -> None:
             steps.append(trainer.global_step)
 
-    last_step = tmp_path / "steps" / "epoch=0-step=17.ckpt"
-    resumed = _fit(3, tmp_path / "resumed", [Steps()], num_workers, ckpt_path=last_step)
-    assert steps == [51]
+    last_step = tmp_path / "steps" / f"epoch=0-step={batches}.ckpt"
+    resumed = _fit(3, tmp_path / "resumed", [Steps()], num_workers, ckpt_path=last_step, limit=limit)
+    assert steps == [3 * batches]
     for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(value, other), name
 
