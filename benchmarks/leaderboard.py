@@ -74,7 +74,7 @@ def _cli_overrides(spec: dict[str, Any], entry: Entry, run_name: str) -> list[st
 
 def run_ours(spec: dict[str, Any], entry: Entry, memory: PeakMemory) -> dict[str, Any]:
     """``lightning-bayes fit --config ... --test_after_fit false``, timed; then the test of ``test_after_fit``."""
-    from lightning_bayes.cli import run, test_fitted
+    from lightning_bayes.cli import run, test_fitted, trained_checkpoint
 
     args = ["fit", *_cli_overrides(spec, entry, spec["run_name"]), "--test_after_fit=false"]
     args += [f"{argument}={path}" for argument, path in zip(entry.checkpoint_args, spec["checkpoints"], strict=True)]
@@ -82,8 +82,7 @@ def run_ours(spec: dict[str, Any], entry: Entry, memory: PeakMemory) -> dict[str
     start = time.perf_counter()
     cli = run(args)
     result: dict[str, Any] = {"fit_s": time.perf_counter() - start, "peak_mb": memory.peak()}
-    checkpoint = getattr(cli.trainer.checkpoint_callback, "last_model_path", "")
-    result["checkpoint"] = checkpoint or None
+    result["checkpoint"] = trained_checkpoint(cli.trainer)
     if entry.kind == "prerequisite":
         return result
     test_fitted(cli.trainer, cli.model, cli.datamodule)

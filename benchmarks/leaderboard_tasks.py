@@ -3,7 +3,8 @@
 An :class:`Entry` is one row (or a hidden prerequisite run such as the second MAP a curve needs). Our
 methods run ``lightning-bayes fit --config <config>`` with the listed extra arguments; an entry that
 starts from other runs' checkpoints names them in ``needs`` and the arguments that receive their
-``last.ckpt`` in ``checkpoint_args`` (in the same order). Anchors (other libraries, see
+checkpoint (:func:`lightning_bayes.cli.trained_checkpoint`: ``best.ckpt`` where a run monitors a metric, else
+``last.ckpt``) in ``checkpoint_args`` (in the same order). Anchors (other libraries, see
 ``leaderboard_anchors.py``) copy the model, data and budget of ``config`` and, when they are post hoc,
 start from the checkpoints in ``needs``.
 """
@@ -31,7 +32,7 @@ class Entry:
         kind: ``baseline`` (MAP, MC dropout, deep ensemble), ``ours``, ``anchor`` (another library) or
             ``prerequisite`` (a run others start from; not a row of its own).
         config: the YAML under ``configs/`` it runs (ours) or copies model, data and budget from (anchors).
-        needs: names of the entries whose ``last.ckpt`` it starts from.
+        needs: names of the entries whose trained checkpoint it starts from.
         checkpoint_args: CLI arguments that receive those checkpoints, one per need (ours only).
         args: extra CLI arguments (ours) or ``key=value`` options (anchors).
         quick: extra CLI arguments under ``--quick``.

@@ -19,13 +19,16 @@ def is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-def class_labels(y: Any, batch: int, classes: int, who: str) -> Tensor:
+def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool = True) -> Tensor:
     """``y`` as int64 labels ``[batch]`` in ``[0, classes)``, else an error saying that ``who`` expects them. Float and
     bool labels are refused (``long()`` would read 0.7 as class 0, -1 would index the last class); the range check is
-    asynchronous on a GPU (no host sync per step)."""
+    asynchronous on a GPU (no host sync per step). ``check_range=False`` leaves the range to the caller's indexing
+    (``cross_entropy`` and ``gather`` refuse labels outside it themselves) and works under ``torch.func`` transforms,
+    where the asynchronous assert has no batching rule."""
     integer = isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
     if not integer or y.shape != (batch,):
         got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"{who} expects integer class labels of shape [B]=({batch},); got {got}")
-    torch._assert_async(((y >= 0) & (y < classes)).all(), f"{who} expects labels in [0, {classes})")
+    if check_range:
+        torch._assert_async(((y >= 0) & (y < classes)).all(), f"{who} expects labels in [0, {classes})")
     return y.long()

@@ -13,6 +13,7 @@ lists them.
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -256,11 +257,29 @@ def _as_subclass_values(given: dict[str, Any], current: Any) -> dict[str, Any]:
     return resolved
 
 
+def trained_checkpoint(trainer: Trainer) -> str | None:
+    """The checkpoint a fit leaves for the runs that start from it: the best one where the (first) ``ModelCheckpoint``
+    monitors a metric, else the latest; ``None`` when none was written."""
+    checkpoint = trainer.checkpoint_callback
+    if not isinstance(checkpoint, ModelCheckpoint):
+        return None
+    monitored = checkpoint.best_model_path if checkpoint.monitor is not None else ""
+    return monitored or checkpoint.last_model_path or checkpoint.best_model_path or None
+
+
 def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:
-    """Test after ``trainer.fit``: the best checkpoint when one is monitored, else the model as it is."""
+    """Test after ``trainer.fit``: the best checkpoint when one is monitored, else the model as it is. A best
+    checkpoint named relative to another working folder (a fit resumed from elsewhere restores the path as saved) is
+    not there: the model is tested as it is, with a warning, rather than failing after the fit."""
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     use_best = bool(best) and getattr(checkpoint, "monitor", None) is not None
+    if use_best and not trainer.strategy.broadcast(Path(best).is_file()):
+        rank_zero_warn(
+            f"the best checkpoint {best!r} is not there (relative to {os.getcwd()}; a fit resumed from another folder "
+            "keeps the path it was saved under): testing the model as the fit left it"
+        )
+        use_best = False
     trainer.test(model, datamodule=datamodule, ckpt_path="best" if use_best else None)
 
 

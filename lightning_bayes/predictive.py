@@ -67,7 +67,8 @@ class CategoricalPredictive:
 
     def log_prob(self, y: Tensor) -> Tensor:
         """``log p(y|x)`` of the model average for integer labels ``[B]``."""
-        labels = class_labels(y, self.logits.shape[1], self.logits.shape[2], "CategoricalPredictive.log_prob(y)")
+        _, batch, classes = self.logits.shape
+        labels = class_labels(y, batch, classes, "CategoricalPredictive.log_prob(y)", check_range=False)
         return self.log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
     @property

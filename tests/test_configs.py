@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cli_helpers import ROOT, quick_args
@@ -91,6 +92,18 @@ def test_configs_exist():
     assert {"quickstart.yaml", "mnist/map.yaml", "mnist/mc_dropout.yaml", "mnist/deep_ensemble.yaml"} <= names
 
 
+def test_every_monitored_config_keeps_its_latest_state_as_last_ckpt():
+    """Since Lightning 2.6 a monitored ModelCheckpoint(save_last=True) writes last.ckpt only when the metric improves:
+    last.ckpt held the best epoch (digits MAP: epoch 22 of 60), so a resumed fit re-ran from there. A second,
+    unmonitored checkpoint writes last.ckpt."""
+    for config in CONFIGS:
+        callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+        checkpoints = [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+        if any(c.get("monitor") for c in checkpoints):
+            assert not any(c.get("save_last") for c in checkpoints if c.get("monitor")), config
+            assert {"filename": "last"} in checkpoints, config
+
+
 @pytest.mark.parametrize(
     "config",
     [pytest.param(c, id=str(c.relative_to(ROOT / "configs")), marks=_marks(c)) for c in CONFIGS],
@@ -118,7 +131,9 @@ def _runs_and_writes_metrics(config: Path, tmp_path: Path, overlay: Path | None 
         run(_quick(ROOT / "configs" / base, tmp_path / "base", overlay and NF4))
         (checkpoint,) = (tmp_path / "base").rglob("last.ckpt")
         args += [f"{argument}={checkpoint}" for argument in arguments]
-    run(args)
+    cli = run(args)
+    for last in (tmp_path / "run").rglob("last.ckpt"):  # the latest state, not a copy of the best epoch's
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == cli.trainer.global_step
     written = list((tmp_path / "run").rglob("metrics.json"))
     assert len(written) == 1, f"expected one metrics.json under {tmp_path}, found {written}"
     metrics = json.loads(written[0].read_text())

@@ -90,7 +90,7 @@ class EpochLoader(StatefulDataLoader):
         return super().__iter__()
 
 
-def _pass_finished(state: dict[str, Any], batches: int) -> bool:
+def _pass_finished(state: dict[str, Any], batches: float) -> bool:
     """Whether a ``StatefulDataLoader`` state was saved after its pass's last batch (torchdata 0.11's layout: the
     batches handed out are ``_num_yielded`` in the main process, the snapshot's step plus the steps since with
     workers)."""

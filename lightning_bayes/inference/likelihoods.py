@@ -42,7 +42,7 @@ class CategoricalLikelihood(Likelihood):
     def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
         if outputs.ndim != 2:
             raise ValueError(f"CategoricalLikelihood.loss expects logits [B, C]; got {tuple(outputs.shape)}")
-        labels = class_labels(y, outputs.shape[0], outputs.shape[1], "CategoricalLikelihood.loss")
+        labels = class_labels(y, outputs.shape[0], outputs.shape[1], "CategoricalLikelihood.loss", check_range=False)
         return F.cross_entropy(at_least_float32(outputs), labels)
 
     def predictive(self, output_samples: Tensor) -> CategoricalPredictive:

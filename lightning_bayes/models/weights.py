@@ -25,7 +25,7 @@ def relative_to_note(path: str) -> str:
 
 def resolve_checkpoint_path(checkpoint: str) -> Path:
     """``checkpoint`` itself, or the newest file matching it when it is a glob pattern
-    (e.g. ``runs/mnist_map/version_*/checkpoints/last.ckpt``)."""
+    (e.g. ``runs/mnist_map/version_*/checkpoints/best.ckpt``)."""
     where = relative_to_note(checkpoint)
     if any(c in checkpoint for c in "*?["):
         matches = sorted(glob.glob(checkpoint), key=os.path.getmtime)

@@ -53,7 +53,7 @@ class NullSpaceLaplace(BayesianModule):
     Args:
         model: the network; its current weights are ``theta_hat`` unless ``checkpoint`` is given.
         checkpoint: a trained model's Lightning checkpoint or state dict (a glob picks the newest match),
-            e.g. ``runs/mnist_map/version_*/checkpoints/last.ckpt`` from ``configs/mnist/map.yaml``.
+            e.g. ``runs/mnist_map/version_*/checkpoints/best.ckpt`` from ``configs/mnist/map.yaml``.
         params: the parameters the posterior covers (``"all"``, ``"lora"``, globs; see ``params.py``).
         constraint: ``"output"`` (every output of every training point stays fixed), ``"loss"`` (every
             per-example loss stays fixed to first order; for many outputs and LLMs), ``"auto"`` (output up to

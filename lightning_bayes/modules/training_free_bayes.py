@@ -71,7 +71,7 @@ class TrainingFreeBayes(BayesianModule):
     Args:
         model: the network with peft LoRA adapters; its current weights are used unless ``checkpoint`` is given.
         checkpoint: a trained model's Lightning checkpoint or state dict (a glob picks the newest match), e.g.
-            ``runs/text_map_lora_smollm2/version_*/checkpoints/last.ckpt``.
+            ``runs/text_map_lora_smollm2/version_*/checkpoints/best.ckpt``.
         params: which LoRA layers get noise (``"lora"``, or globs; each selected ``lora_A`` brings its ``lora_B``).
         sigma_range: ``(low, high)``, the bisection interval of ``sigma_q`` (``low`` is assumed feasible).
         tolerance: the largest relative anchor-set NLL change allowed (0.003: the paper's 0.3%).
