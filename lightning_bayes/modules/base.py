@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -64,7 +65,7 @@ class BayesianModule(LightningModule, ABC):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.num_samples = num_samples
-        self._before_sanity_check: dict[str, Any] | None = None  # the global generators' states during a sanity check
+        self._before_validation: dict[str, Any] | None = None  # the global generators' states while a fit validates
         self._resumed_rng_states: dict[str, Any] | None = None  # the loaded checkpoint's, until training starts
 
     @abstractmethod
@@ -209,12 +210,16 @@ class BayesianModule(LightningModule, ABC):
             self._resumed_rng_states = checkpoint["rng_states"]
 
     def on_validation_start(self) -> None:
-        self._before_sanity_check = global_rng_states() if self.trainer.sanity_checking else None
+        """Validation inside a fit (the sanity check included) leaves the global generators as it found them, so the
+        training stream does not depend on when validation runs: a fit resumed from a checkpoint saved on an epoch's
+        last batch skips that epoch's validation (Lightning restarts after it), and a resumed run's sanity check is
+        extra; either would otherwise shift every later dropout mask or weight draw."""
+        self._before_validation = global_rng_states() if self.trainer.state.fn == TrainerFn.FITTING else None
 
     def on_validation_end(self) -> None:
-        if self._before_sanity_check is not None:  # a resumed run's sanity check must not move the training stream
-            restore_rng_states(self._before_sanity_check)
-        self._before_sanity_check = None
+        if self._before_validation is not None:
+            restore_rng_states(self._before_validation)
+        self._before_validation = None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""

@@ -9,8 +9,8 @@ every ``update_every`` iterations before ``update_end_fraction`` of training, th
 update (:mod:`~lightning_bayes.inference.ssvi_topology`) whose growth scores are the dense gradients of that
 iteration's minibatch. After every iteration the weights and the optimiser state are zero off the masks (the
 product ``mu * gamma`` in the forward already masks the gradients). Masks, the iteration counter, the optimiser
-state and the random state (:class:`VariationalInference`) live in the checkpoint, and the sanity check leaves the
-random stream untouched, so a resumed run continues exactly. Logs ``ssvi/density`` and ``ssvi/flops_ratio``
+state and the random state (:class:`VariationalInference`) live in the checkpoint, and validation (the sanity check
+too) leaves the random stream untouched, so a resumed run continues exactly. Logs ``ssvi/density`` and ``ssvi/flops_ratio``
 (counted training weight FLOPs over dense VI's, :mod:`~lightning_bayes.inference.ssvi_flops`). Under DDP the
 growth gradients are averaged across ranks like the parameters' gradients, so every rank keeps the same supports.
 With gradient accumulation the growth gradients are those of all the update iteration's micro-batches.

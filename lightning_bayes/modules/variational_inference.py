@@ -9,8 +9,8 @@ means), everything else stays deterministic. Each step minimises the negative EL
 with ``T = train_samples`` draws (local reparameterisation for Gaussians; a shared weight draw and a one-draw
 ``log q - log p`` for flows), ``N`` the training-set size and ``E_w = kl_warmup_epochs``. ``kl_weight = 1`` is the
 ELBO; anything else is a tempered posterior and is logged as such (``train/kl_scale`` = ``beta_t / N``). The
-noise comes from torch's global generator, whose state the checkpoint carries (and the sanity check leaves as it
-found it), so a resumed run draws the same noise as an uninterrupted one. The predictive averages ``num_samples`` forward draws, or is the mean model (``mean_prediction``). References: Blundell
+noise comes from torch's global generator, whose state the checkpoint carries (and validation, the sanity check too,
+leaves as it found it), so a resumed run draws the same noise as an uninterrupted one. The predictive averages ``num_samples`` forward draws, or is the mean model (``mean_prediction``). References: Blundell
 et al., "Weight Uncertainty in Neural Networks", ICML 2015; Duerr et al., "Bernstein flows for flexible posteriors
 in variational Bayes", AStA 2024.
 """
