@@ -103,8 +103,9 @@ def _pass_finished(state: dict[str, Any], batches: float) -> bool:
     return isinstance(yielded, int) and yielded >= batches
 
 
-def side_pass(loader: Any) -> Any:
-    """A loader, in the main process, over the batches ``loader``'s next pass gives, that leaves ``loader`` alone.
+def side_pass(loader: Any, epoch: int | None = None) -> Any:
+    """A loader, in the main process, over the batches ``loader``'s next pass gives (or, with ``epoch``, the pass of
+    that epoch, for a sampler with ``set_epoch``), that leaves ``loader`` alone.
 
     For a pass over the training data inside a fit (e.g. a sweep as an epoch begins): iterating the training
     loader itself would reset the iterator its persistent workers share with the fit (the epoch's batches
@@ -119,6 +120,8 @@ def side_pass(loader: Any) -> Any:
         batches = copy.deepcopy(loader.batch_sampler, keep_dataset)
         return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn)
     sampler = copy.deepcopy(loader_samplers(loader)[1], keep_dataset)  # the batch sampler's: see loader_samplers
+    if epoch is not None and callable(getattr(sampler, "set_epoch", None)):
+        sampler.set_epoch(epoch)
     return DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
         collate_fn=loader.collate_fn,

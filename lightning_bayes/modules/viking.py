@@ -316,7 +316,9 @@ class VIKING(BayesianModule):
 
     # ----- the posterior -------------------------------------------------------------------------------
     def _ensure_posterior(self) -> None:
-        """Re-sweep before test or predict when ``theta_hat`` has moved since the last sweep."""
+        """Re-sweep before test or predict when ``theta_hat`` has moved since the last sweep, over the training batches
+        in their first epoch's order: a shuffled order would follow the trainer's epoch count, which a test after
+        the fit and a test of its checkpoint do not share (their samples differed)."""
         if torch.equal(self.swept_at, self._fingerprint()) or (self._trainer is not None and self.trainer.training):
             return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -327,7 +329,7 @@ class VIKING(BayesianModule):
             )
         loader = datamodule.train_dataloader()
         limit = self.trainer.limit_train_batches  # the sweep covers what a training epoch covers
-        self.sweep(loader, limit if isinstance(limit, int) else math.ceil(limit * len(loader)))
+        self.sweep(side_pass(loader, epoch=0), limit if isinstance(limit, int) else math.ceil(limit * len(loader)))
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != TrainerFn.FITTING:  # a fit validates with its epoch-start sweep

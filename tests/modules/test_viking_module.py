@@ -343,6 +343,21 @@ def test_a_stale_posterior_is_swept_again_over_a_training_epochs_batches_before_
         make_module().on_test_start()
 
 
+def test_testing_a_fits_checkpoint_sweeps_as_the_test_after_the_fit(tmp_path: Path) -> None:
+    """The test-time sweep took the shuffled training batches in the order of the trainer's epoch count: 2 after
+    the fit, 0 in a fresh ``test --ckpt_path``, so the two tests scored other samples (NLL 2.3229 against 2.3214)."""
+    data = DigitsDataModule(batch_size=64)
+    fitted = VIKING(MLP(64, 10, hidden=[8]), phase_epochs=(0, 0, 2), num_samples=2)
+    trainer = make_trainer(2, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(fitted, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "fitted.ckpt")
+    trainer.test(fitted, datamodule=data, verbose=False)
+    loaded = VIKING(MLP(64, 10, hidden=[8]), phase_epochs=(0, 0, 2), num_samples=2)
+    make_trainer(1, limit_train_batches=3).test(loaded, datamodule=data, ckpt_path=tmp_path / "fitted.ckpt",
+                                               verbose=False, weights_only=False)  # fmt: skip
+    assert torch.equal(loaded.sample_kernel, fitted.sample_kernel)
+
+
 def test_a_checkpoint_of_another_num_samples_keeps_its_samples_and_sweeps_for_more(tmp_path: Path) -> None:
     saved = make_module(num_samples=3)
     trainer = make_trainer(3)
