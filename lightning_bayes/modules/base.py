@@ -142,15 +142,25 @@ class BayesianModule(LightningModule, ABC):
 
     def takes_optimizer_steps(self) -> bool:
         """Whether a fit steps an optimiser; a fit that only passes over the data (a sweep, a search, a sampler)
-        does not: it gets no optimiser, and Lightning's step count, which bounds ``max_steps``, never moves."""
+        does not: it gets no optimiser, and each of its batches counts as a step of Lightning's ``global_step``
+        (:meth:`on_train_batch_end`)."""
         return True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A fit without optimiser steps counts its batches in ``global_step``, which Lightning's ``ModelCheckpoint``
+        needs to move before it saves again: a sweep's or a chain's epochs were never checkpointed (only at the end
+        of the fit), so a stopped run had nothing to resume from. Subclasses that override it call it."""
+        if not self.takes_optimizer_steps():
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
 
     def _refuse_a_step_budget_without_steps(self, stage: str) -> None:
         max_steps = self.trainer.max_steps
         if stage == "fit" and max_steps not in (None, -1) and not self.takes_optimizer_steps():
             raise ValueError(
-                f"{type(self).__name__} takes no optimiser steps (its fit passes over the training data), so "
-                f"Lightning's step count never reaches max_steps={max_steps}: bound the fit by max_epochs "
+                f"{type(self).__name__} takes no optimiser steps (its fit passes over the training data in whole "
+                f"epochs), so max_steps={max_steps} would stop it inside one: bound the fit by max_epochs "
                 "(--trainer.max_epochs N) and leave max_steps at -1"
             )
 

@@ -231,12 +231,26 @@ def test_sweeps_under_bf16_mixed_precision_run_in_full_precision() -> None:
     torch.testing.assert_close(deltas["bf16-mixed"], deltas["32-true"], rtol=0, atol=0)
 
 
+def test_every_sweep_is_checkpointed_and_a_fit_resumes_from_any_of_them(tmp_path: Path) -> None:
+    """ModelCheckpoint saves only when ``global_step`` has moved, which a fit without optimiser steps never did: a
+    sweep's epochs were not checkpointed (only at the end of the fit), so a stopped run had nothing to resume from."""
+    loader, _, _ = make_data()
+    straight = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
+    every = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    make_trainer(4, tmp_path, callbacks=[every]).fit(straight, train_dataloaders=loader)
+    assert sorted(p.name for p in tmp_path.glob("epoch=*.ckpt")) == [f"epoch={e}.ckpt" for e in range(4)]
+    resumed = NullSpaceLaplace(make_model(), num_samples=4, seed=3)
+    make_trainer(4).fit(resumed, train_dataloaders=loader, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert resumed.projections.sweeps_done.item() == 4
+    assert torch.equal(resumed.projections.samples, straight.projections.samples)
+
+
 def test_a_step_budget_is_refused_as_the_sweeps_take_no_optimiser_step() -> None:
-    """``max_steps`` counts optimiser steps, which a sweep does not take: the fit would never end."""
+    """A sweep is a whole epoch: ``max_steps`` would stop one part-way."""
     loader, _, _ = make_data()
     module = NullSpaceLaplace(make_model(), num_samples=2)
-    with pytest.raises(ValueError, match=r"^NullSpaceLaplace takes no optimiser steps .* never reaches max_steps=6: "
-                       r"bound the fit by max_epochs"):
+    with pytest.raises(ValueError, match=r"^NullSpaceLaplace takes no optimiser steps .* max_steps=6 would stop it "
+                       r"inside one: bound the fit by max_epochs"):
         make_trainer(-1, max_steps=6).fit(module, train_dataloaders=loader)
 
 
