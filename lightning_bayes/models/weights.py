@@ -51,7 +51,8 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     of them), and the file used; ``model`` is left unchanged. A checkpoint of a Gaussian variational posterior
     (BLoB, mean-field VI: ``<name>.mean`` and ``<name>.raw_scale``) gives its means, with a warning.
 
-    Raises ``ValueError`` naming missing tensors or shape mismatches when the checkpoint is of another model, and
+    Raises ``ValueError`` naming missing tensors, tensors under that prefix the model has no place for (a deeper
+    network's, the adapters of other LoRA targets) or shape mismatches when the checkpoint is of another model, and
     the candidates when several prefixes of the shortest length hold a whole model (a deep ensemble's members).
     """
     path = resolve_checkpoint_path(checkpoint)
@@ -73,6 +74,13 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
             stacklevel=2,
         )
         state = {**state, **means}
+    extra = _unplaced(state, prefix, model)
+    if extra:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not of this {type(model).__name__}: it holds {len(extra)} tensors under "
+            f"{prefix!r} that the model has no place for (e.g. {extra[:5]}): a deeper network's, or adapters of other "
+            "LoRA target modules?"
+        )
     mismatched = [
         f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
         for name, t in wanted.items()
@@ -81,6 +89,22 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     if mismatched:
         raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
     return {name: state[prefix + name] for name in wanted}, path
+
+
+def _unplaced(state: Mapping[str, Tensor], prefix: str, model: nn.Module) -> list[str]:
+    """Names under ``prefix`` in ``state`` that are none of ``model``'s parameters or buffers (those a state dict
+    leaves out, such as a frozen base, included), nor their extra state (4-bit quantisation state under the weight's
+    name), nor a variational posterior's ``.mean`` / ``.raw_scale`` of one."""
+    known = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]} | set(model.state_dict())
+    unplaced = []
+    for key in state:
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        stem = name.removesuffix(".mean").removesuffix(".raw_scale")
+        if name not in known and stem not in known and not any(name.startswith(k + ".") for k in known):
+            unplaced.append(name)
+    return unplaced
 
 
 def _whole_model_prefix(

@@ -80,3 +80,32 @@ def test_a_variational_posteriors_checkpoint_gives_its_means_with_a_warning(tmp_
     torch.save({"state_dict": {"other.weight.mean": torch.zeros(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="is not of a Sequential: no prefix holds all of its 4 tensors"):
         trained_state_dict(model, str(tmp_path / "other.ckpt"))
+
+
+def test_a_checkpoint_with_tensors_the_model_has_no_place_for_is_refused(tmp_path: Path):
+    """Only the model's own tensors were looked for: a deeper network's checkpoint loaded into a shallower one, and
+    a LoRA on query, key and value into one on query and value (the key adapters dropped), without a word."""
+    deep = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in deep.state_dict().items()}}, tmp_path / "deep.ckpt")
+    shallow = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"holds 2 tensors under 'backbone\.' that the model has no place for "
+                       r"\(e\.g\. \['4\.weight', '4\.bias'\]\)"):
+        trained_state_dict(shallow, str(tmp_path / "deep.ckpt"))
+
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_bayes.models.frozen_base import exclude_frozen_base
+
+    def attention(targets: list[str]) -> nn.Module:  # as the library's LLM wrappers: checkpoints hold the adapters
+        torch.manual_seed(0)
+        layers = nn.ModuleDict({"query": nn.Linear(4, 4), "key": nn.Linear(4, 4), "value": nn.Linear(4, 4)})
+        owner = nn.Module()
+        owner.model = get_peft_model(nn.Sequential(layers), LoraConfig(r=2, target_modules=targets))
+        exclude_frozen_base(owner, "model")
+        return owner
+
+    torch.save(attention(["query", "key", "value"]).state_dict(), tmp_path / "qkv.pt")
+    with pytest.raises(ValueError, match=r"has no place for .*key\.lora_A"):
+        trained_state_dict(attention(["query", "value"]), str(tmp_path / "qkv.pt"))
+    state, _ = trained_state_dict(attention(["query", "key", "value"]), str(tmp_path / "qkv.pt"))  # its own: fine
+    assert any("key.lora_A" in name for name in state)
