@@ -258,13 +258,12 @@ def _as_subclass_values(given: dict[str, Any], current: Any) -> dict[str, Any]:
 
 
 def trained_checkpoint(trainer: Trainer) -> str | None:
-    """The checkpoint a fit leaves for the runs that start from it: the best one where the (first) ``ModelCheckpoint``
-    monitors a metric, else the latest; ``None`` when none was written."""
-    checkpoint = trainer.checkpoint_callback
-    if not isinstance(checkpoint, ModelCheckpoint):
-        return None
-    monitored = checkpoint.best_model_path if checkpoint.monitor is not None else ""
-    return monitored or checkpoint.last_model_path or checkpoint.best_model_path or None
+    """The checkpoint a fit leaves for the runs that start from it: the best one a monitoring ``ModelCheckpoint``
+    saved, else the latest any saved; ``None`` when none was written."""
+    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    best = [c.best_model_path for c in checkpoints if c.monitor is not None and c.best_model_path]
+    latest = [path for c in checkpoints for path in (c.last_model_path, c.best_model_path) if path]
+    return next(iter(best or latest), None)
 
 
 def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:

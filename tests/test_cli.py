@@ -181,3 +181,28 @@ def test_a_constructor_error_reaches_the_user_as_it_was_raised(tmp_path: Path, a
     config = ROOT / "configs" / "digits" / "mc_dropout.yaml"
     with pytest.raises(ValueError, match=f"^{message}$"):
         run(["--config", str(config), f"--trainer.default_root_dir={tmp_path}", argument], subcommand=False)
+
+
+def test_the_trained_checkpoint_is_the_best_or_else_any_latest(tmp_path: Path) -> None:
+    """The leaderboard's prerequisites start from ``trained_checkpoint``: it read only the first ModelCheckpoint,
+    which saved nothing when it monitors a metric that never came (no validation), although the second wrote
+    last.ckpt."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_bayes.cli import trained_checkpoint
+    from lightning_bayes.datamodules import DigitsDataModule
+    from lightning_bayes.models import MLP
+
+    def fit(limit_val_batches: int) -> Trainer:
+        best = ModelCheckpoint(tmp_path / str(limit_val_batches), monitor="val/nll", filename="best")
+        last = ModelCheckpoint(tmp_path / str(limit_val_batches), filename="last", save_on_train_epoch_end=True)
+        trainer = Trainer(
+            max_epochs=1, limit_train_batches=2, limit_val_batches=limit_val_batches, callbacks=[best, last],
+            logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        trainer.fit(MAP(MLP(64, 10)), datamodule=DigitsDataModule())
+        return trainer
+
+    assert trained_checkpoint(fit(0)) == str(tmp_path / "0" / "last.ckpt")
+    assert trained_checkpoint(fit(2)) == str(tmp_path / "2" / "best.ckpt")

@@ -101,7 +101,7 @@ def test_every_monitored_config_keeps_its_latest_state_as_last_ckpt():
         checkpoints = [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
         if any(c.get("monitor") for c in checkpoints):
             assert not any(c.get("save_last") for c in checkpoints if c.get("monitor")), config
-            assert {"filename": "last"} in checkpoints, config
+            assert {"filename": "last", "save_on_train_epoch_end": True} in checkpoints, config
 
 
 @pytest.mark.parametrize(

@@ -136,20 +136,28 @@ def test_class_labels_must_be_integers_in_range() -> None:
             CategoricalLikelihood().loss(logits, bad)
     with pytest.raises(RuntimeError, match="out of bounds"):  # gather's own check
         predictive.log_prob(torch.tensor([0, 4, 1]))
-    with pytest.raises(IndexError, match="out of bounds"):  # cross_entropy's own check
-        CategoricalLikelihood().loss(logits, torch.tensor([0, -1, 1]))
+    for bad in (-1, -100):  # -100 is cross_entropy's default ignore_index: it was skipped, not refused
+        with pytest.raises(IndexError, match="out of bounds"):  # cross_entropy's own check
+            CategoricalLikelihood().loss(logits, torch.tensor([0, bad, 1]))
     assert predictive.log_prob(torch.tensor([0, 3, 1], dtype=torch.int32)).dtype == torch.float32
 
 
-def test_gaussian_predictive_refuses_non_positive_variances_and_computes_in_float32() -> None:
+def test_gaussian_metrics_refuse_non_positive_variances_and_the_predictive_computes_in_float32() -> None:
     """Variance 0 or -1 gave NaN log densities and quantiles silently; a bf16 predictive computed its log density in
     bf16 (-6.375 against -6.3572 for the same bf16 inputs in float64)."""
+    from lightning_bayes.metrics import GaussianNLL
+
     mean = torch.zeros(1, 2, 1)
     for bad in (0.0, -1.0):
-        with pytest.raises(RuntimeError, match="variance_samples must be > 0"):
-            GaussianPredictive(mean, torch.full_like(mean, bad))
+        with pytest.raises(RuntimeError, match="GaussianNLL.update got a predictive variance of 0 or less"):
+            GaussianNLL().update(GaussianPredictive(mean, torch.full_like(mean, bad)), torch.zeros(2))
     mixed = GaussianPredictive(mean, torch.ones(1, 2, 1, dtype=torch.float64))
     assert mixed.mean_samples.dtype == mixed.variance_samples.dtype == torch.float64
+    integer = GaussianPredictive(torch.zeros(1, 2, 1, dtype=torch.long), torch.ones(1, 2, 1, dtype=torch.long))
+    assert integer.variance_samples.dtype == torch.get_default_dtype()
+    variances = torch.rand(3, 1, 2, 1) + 0.5  # under vmap (a torch.func transform over the variances)
+    log_probs = torch.vmap(lambda v: GaussianPredictive(mean, v).log_prob(torch.zeros(2)))(variances)
+    torch.testing.assert_close(log_probs[1], GaussianPredictive(mean, variances[1]).log_prob(torch.zeros(2)))
     mean16, variance16 = torch.tensor([[[3.3]]], dtype=torch.bfloat16), torch.tensor([[[0.01]]], dtype=torch.bfloat16)
     half = GaussianPredictive(mean16, variance16)
     wide = GaussianPredictive(mean16.double(), variance16.double())

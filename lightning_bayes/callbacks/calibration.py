@@ -11,8 +11,9 @@ torchmetrics metrics; at epoch end it logs them as
 with ``stage`` = ``val`` or ``test``. After testing it writes ``metrics.json`` (flat keys such as ``acc``,
 ``ece``, ``ood_auroc``; never overwriting: ``metrics-1.json``, ... follow) and, with ``plots=True``, a
 reliability diagram (classification; its bins in ``reliability.json``) or a predictive band (1-D regression) into the run's log folder.
-Several validation or test loaders are scored apart: loader ``k > 0``'s names end in ``/dataloader_idx_k`` (as
-Lightning names a step's logs), in ``metrics.json`` too, and its plots are ``reliability_dataloader_idx_k.png``, ....
+Several validation or test loaders are scored apart: loader ``k``'s names end in ``/dataloader_idx_k`` (as Lightning
+names a step's logs when there are several loaders), in ``metrics.json`` too, and its plots are
+``reliability_dataloader_idx_k.png``, ....
 Metric states are torchmetrics sums and concatenations, so every value is the pooled one under DDP.
 """
 
@@ -84,9 +85,11 @@ def _flat_key(name: str) -> str:
     return "/".join([f"ood_{metric}" if group == "ood" else metric, *loader])
 
 
-def _loader_suffix(dataloader_idx: int) -> str:
-    """What loader ``k``'s names end in: nothing for the first (or only) one, ``/dataloader_idx_k`` for the others."""
-    return f"/dataloader_idx_{dataloader_idx}" if dataloader_idx else ""
+def _loader_suffix(trainer: Trainer, stage: str, dataloader_idx: int) -> str:
+    """What loader ``k``'s names end in: ``/dataloader_idx_k`` when the stage has several loaders, else nothing."""
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    several = isinstance(loaders, (list, tuple)) and len(loaders) > 1
+    return f"/dataloader_idx_{dataloader_idx}" if several else ""
 
 
 class CalibrationMetrics(Callback):
@@ -282,9 +285,10 @@ class CalibrationMetrics(Callback):
             values = epoch.metrics.compute()
             if epoch.ood is not None:
                 values.update(epoch.ood.compute())
+            suffix = _loader_suffix(trainer, stage, idx)
             for name, value in values.items():
-                pl_module.log(name + _loader_suffix(idx), value, sync_dist=True, add_dataloader_idx=False)
-            computed.update({name + _loader_suffix(idx): float(value) for name, value in values.items()})
+                pl_module.log(name + suffix, value, sync_dist=True, add_dataloader_idx=False)
+            computed.update({name + suffix: float(value) for name, value in values.items()})
         self.last_metrics.update(computed)
         if stage == "test" and epochs:
             self._write_test_outputs(trainer, pl_module, epochs, computed)
@@ -317,7 +321,7 @@ class CalibrationMetrics(Callback):
             return
         plots = [  # gathered on every rank (a collective), drawn on rank 0
             (
-                _loader_suffix(idx).replace("/", "_"),
+                _loader_suffix(trainer, "test", idx).replace("/", "_"),
                 self._reliability_data(epoch) if self.plots and epoch.task == "classification" else None,
                 self._band_data(trainer, pl_module, epoch),
             )

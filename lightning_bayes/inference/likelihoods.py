@@ -43,7 +43,8 @@ class CategoricalLikelihood(Likelihood):
         if outputs.ndim != 2:
             raise ValueError(f"CategoricalLikelihood.loss expects logits [B, C]; got {tuple(outputs.shape)}")
         labels = class_labels(y, outputs.shape[0], outputs.shape[1], "CategoricalLikelihood.loss", check_range=False)
-        return F.cross_entropy(at_least_float32(outputs), labels)
+        # no ignore_index: cross_entropy would skip a label -100 (its default) instead of refusing it
+        return F.cross_entropy(at_least_float32(outputs), labels, ignore_index=torch.iinfo(torch.int64).min)
 
     def predictive(self, output_samples: Tensor) -> CategoricalPredictive:
         return CategoricalPredictive(at_least_float32(output_samples))

@@ -8,7 +8,7 @@ from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
 
 from ..checks import class_labels as checked_labels
-from ..predictive import CategoricalPredictive, GaussianPredictive, at_least_float32
+from ..predictive import CategoricalPredictive, GaussianPredictive
 
 
 def pooled(state: Tensor | list[Tensor], metric: str) -> Tensor:
@@ -32,16 +32,17 @@ def categorical(predictive: object, metric: str) -> CategoricalPredictive:
 
 
 def gaussian(predictive: object, metric: str) -> GaussianPredictive:
-    """``predictive`` if it is a :class:`GaussianPredictive` with finite means and variances, in float32 or wider
-    (a bf16 predictive's metrics lost its targets' digits), else an error naming ``metric``."""
+    """``predictive`` if it is a :class:`GaussianPredictive` with finite means and positive finite variances (a
+    variance of 0 or less has no density: NaN log densities and quantiles), else an error naming ``metric``."""
     if not isinstance(predictive, GaussianPredictive):
         raise TypeError(f"{metric}.update expects predictive=GaussianPredictive; got {type(predictive).__name__}")
-    mean, variance = at_least_float32(predictive.mean_samples), at_least_float32(predictive.variance_samples)
+    mean, variance = predictive.mean_samples, predictive.variance_samples
     torch._assert_async(
         (mean.isfinite().all() & variance.isfinite().all()),
         f"{metric}.update got a NaN or infinite predictive mean or variance (a diverged model?)",
     )
-    return predictive if mean is predictive.mean_samples else GaussianPredictive(mean, variance)
+    torch._assert_async((variance > 0).all(), f"{metric}.update got a predictive variance of 0 or less")
+    return predictive
 
 
 def class_labels(predictive: CategoricalPredictive, target: Tensor, metric: str) -> Tensor:

@@ -76,8 +76,10 @@ class FrozenFeatures(nn.Module):
         with torch.no_grad():
             if self._cache is None:
                 return self.backbone(x)
-            versions = [(id(t), t._version) for t in [*self.backbone.parameters(), *self.backbone.buffers()]]
-            if self._identity is None or versions != self._versions:
+            tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
+            # an inference tensor keeps no version count (and may change unseen): the identity is recomputed
+            versions = [(id(t), -1 if t.is_inference() else t._version) for t in tensors]
+            if self._identity is None or versions != self._versions or any(t.is_inference() for t in tensors):
                 self._identity, self._versions = backbone_identity(self.backbone), versions
             return self._cache(x, self.backbone, self._identity + _autocast_state())
 

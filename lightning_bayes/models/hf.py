@@ -160,7 +160,8 @@ class HFSequenceClassifier(nn.Module):
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
         self.num_features: int = base.config.hidden_size
-        self.is_encoder = base.config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        config = base.config
+        self.is_encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.is_encoder_decoder
         # from_pretrained returns eval mode; fine-tuning runs with the model's dropout as trained
         self.model = (base if lora is None else apply_lora(base, lora, "SEQ_CLS")).train()
         exclude_frozen_base(self, "model")  # checkpoints hold the adapters, not the base

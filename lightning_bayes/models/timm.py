@@ -45,7 +45,8 @@ def timm_backbone(
             f"expected num_classes >= 0, in_chans >= 1, 0 <= drop_rate < 1; "
             f"got num_classes={num_classes}, in_chans={in_chans}, drop_rate={drop_rate}"
         )
-    if not timm.is_model(name):
+    source, _ = timm.models.parse_model_name(name)  # "hf-hub:...", "local-dir:...": timm looks those up itself
+    if source is None and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.7)
         raise ValueError(f"name={name!r} is not a timm model" + (f"; did you mean one of {close}?" if close else ""))
     options: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}

@@ -74,13 +74,6 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
             stacklevel=2,
         )
         state = {**state, **means}
-    extra = _unplaced(state, prefix, model)
-    if extra:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is not of this {type(model).__name__}: it holds {len(extra)} tensors under "
-            f"{prefix!r} that the model has no place for (e.g. {extra[:5]}): a deeper network's, or adapters of other "
-            "LoRA target modules?"
-        )
     mismatched = [
         f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
         for name, t in wanted.items()
@@ -88,6 +81,13 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     ]
     if mismatched:
         raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
+    extra = _unplaced(state, prefix, model)
+    if extra:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not of this {type(model).__name__}: it holds {len(extra)} tensors under "
+            f"{prefix!r} that the model has no place for (e.g. {extra[:5]}): a deeper network's, or adapters of other "
+            "LoRA target modules?"
+        )
     return {name: state[prefix + name] for name in wanted}, path
 
 

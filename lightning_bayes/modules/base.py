@@ -146,10 +146,12 @@ class BayesianModule(LightningModule, ABC):
         (:meth:`on_train_batch_end`)."""
         return True
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """A fit without optimiser steps counts its batches in ``global_step``, which Lightning's ``ModelCheckpoint``
         needs to move before it saves again: a sweep's or a chain's epochs were never checkpointed (only at the end
-        of the fit), so a stopped run had nothing to resume from. Subclasses that override it call it."""
+        of the fit), so a stopped run had nothing to resume from. Counted as the batch starts, as an optimiser step
+        inside ``training_step`` would be, so that a checkpoint the callbacks save after batch ``k`` says step ``k``.
+        Subclasses that override it call it."""
         if not self.takes_optimizer_steps():
             progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
             progress.increment_ready()

@@ -4,11 +4,11 @@ The S stochastic passes run as one vectorised call, ``torch.func.vmap(..., rando
 so every sample gets its own dropout masks while the backbone is traced once (and the layers before the first
 dropout run once; a backbone whose attention applies dropout itself gets its inputs stacked S times, since
 attention's dropout draws in place, which ``vmap`` cannot make different per sample on an unstacked tensor). While
-sampling, every module of the
-backbone runs in training mode except the layers that keep running statistics (BatchNorm: they keep using them and
-leave them unchanged): switching only the ``nn.Dropout`` modules left the dropout that attention applies itself
-(``nn.MultiheadAttention``, transformers' attention layers, gated by their own ``training``) off, and an eval-mode
-``nn.TransformerEncoderLayer`` took torch's fused inference path, which skips every dropout, under ``no_grad``.
+sampling, the dropout layers, the layers that apply a dropout rate of their own through their ``training`` flag
+(``nn.MultiheadAttention``, transformers' attention, timm's classifier heads) and torch's transformer layers (whose
+fused inference path skips every dropout under ``no_grad``) run in training mode; everything else keeps its mode
+(BatchNorm its running statistics, stochastic depth and recurrent layers their own behaviour: switching only the
+``nn.Dropout`` modules had left attention dropout off and the encoder layers on their fused path).
 """
 
 from __future__ import annotations
@@ -26,15 +26,33 @@ from .map import MAP
 
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _DROPOUT_RATES = ("dropout", "attention_dropout", "drop_rate")  # MultiheadAttention's, transformers', timm heads'
+_TORCH_TRANSFORMERS = (
+    nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer
+)  # fmt: skip
 
 
 def _is_dropout_layer(module: nn.Module) -> bool:
     return isinstance(module, _DROPOUT_TYPES) and module.p > 0
 
 
+def _rate(module: nn.Module, name: str) -> float:
+    value = getattr(module, name, None)
+    return value if isinstance(value, float) else 0.0
+
+
 def _applies_own_dropout(module: nn.Module) -> bool:
-    """A layer that applies a dropout rate ``> 0`` of its own (attention, a timm classifier head)."""
-    return any(isinstance(getattr(module, name, None), float) and getattr(module, name) > 0 for name in _DROPOUT_RATES)
+    """A layer that applies a dropout rate ``> 0`` of its own (attention, a timm classifier head); not a recurrent
+    layer (its dropout between layers runs inside ``aten::lstm``, which ``vmap`` cannot batch)."""
+    return not isinstance(module, nn.RNNBase) and any(_rate(module, name) > 0 for name in _DROPOUT_RATES)
+
+
+def _draws_in_place(module: nn.Module) -> bool:
+    """Attention whose dropout (in ``scaled_dot_product_attention``) draws in place."""
+    return _rate(module, "attention_dropout") > 0 or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
+
+
+def _sampled(module: nn.Module) -> bool:
+    return _is_dropout_layer(module) or _applies_own_dropout(module) or isinstance(module, _TORCH_TRANSFORMERS)
 
 
 class MCDropout(MAP):
@@ -65,12 +83,12 @@ class MCDropout(MAP):
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         samples = self.resolve_num_samples(num_samples)
-        sampled = [m for m in self.backbone.modules() if not getattr(m, "track_running_stats", False)]
+        sampled = [m for m in self.backbone.modules() if _sampled(m)]
         previous = [m.training for m in sampled]
-        for module in sampled:  # one by one: Module.train() would recurse into the BatchNorm layers
+        for module in sampled:  # one by one: Module.train() would recurse into BatchNorm and stochastic depth
             module.training = True
         try:
-            if any(_applies_own_dropout(module) for module in sampled):
+            if any(_draws_in_place(module) for module in sampled):
                 dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, x)
                 stacked = tree_map(lambda t: t.expand(samples, *t.shape) if isinstance(t, Tensor) else t, x)
                 outputs = torch.func.vmap(self, in_dims=(dims,), randomness="different")(stacked)

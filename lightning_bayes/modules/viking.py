@@ -332,6 +332,7 @@ class VIKING(BayesianModule):
         self.sweep(side_pass(loader, epoch=0), limit if isinstance(limit, int) else math.ceil(limit * len(loader)))
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         if self.trainer.state.fn != TrainerFn.FITTING:  # a fit validates with its epoch-start sweep
             self._ensure_posterior()
 

@@ -100,7 +100,7 @@ class MultiLoaderModel(LinearModel):
 
 def test_several_test_loaders_are_scored_apart(tmp_path: Path) -> None:
     """Two test loaders were pooled into one set of metrics (and one reliability diagram): each is scored on its own
-    now, the second under Lightning's ``/dataloader_idx_1`` names, each against the whole OOD set."""
+    now, under Lightning's ``/dataloader_idx_k`` names, each against the whole OOD set."""
     model, data = MultiLoaderModel(num_samples=3), TwoTestSets()
     trainer = make_trainer(tmp_path, CalibrationMetrics())
     results = trainer.test(model, datamodule=data, verbose=False)
@@ -110,13 +110,13 @@ def test_several_test_loaders_are_scored_apart(tmp_path: Path) -> None:
     logged = {**results[0], **results[1]}
     for key in ("acc", "nll", "ece", "ood_auroc"):
         name = f"test/ood/{key[4:]}" if key.startswith("ood_") else f"test/cal/{key}"
-        assert logged[name] == pytest.approx(first[key], rel=1e-5, abs=1e-6), name
+        assert logged[f"{name}/dataloader_idx_0"] == pytest.approx(first[key], rel=1e-5, abs=1e-6), name
         assert logged[f"{name}/dataloader_idx_1"] == pytest.approx(second[key], rel=1e-5, abs=1e-6), name
     folder = Path(trainer.log_dir)
     written = json.loads((folder / "metrics.json").read_text())
-    assert set(written) == CLASSIFICATION_KEYS | {f"{key}/dataloader_idx_1" for key in CLASSIFICATION_KEYS}
+    assert set(written) == {f"{key}/dataloader_idx_{k}" for key in CLASSIFICATION_KEYS for k in (0, 1)}
     assert written["ece/dataloader_idx_1"] == pytest.approx(second["ece"], rel=1e-5)
-    for stem, size in zip(("reliability", "reliability_dataloader_idx_1"), sizes):
+    for stem, size in zip(("reliability_dataloader_idx_0", "reliability_dataloader_idx_1"), sizes):
         bins = ReliabilityBins.from_dict(json.loads((folder / f"{stem}.json").read_text()))
         assert bins.count.sum() == size and (folder / f"{stem}.png").exists()
 

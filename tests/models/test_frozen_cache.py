@@ -170,3 +170,14 @@ def test_options_pass_through_and_bad_values_are_explained(tmp_path: Path):
     cached = FrozenFeatures(CountingBackbone(), cache_features=True)
     with pytest.raises(ValueError, match="the batch size B"):
         cached({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(3, 3)})
+
+
+def test_a_backbone_built_under_inference_mode_is_cached():
+    """Inference tensors keep no version count: reading it raised "Inference tensors do not track version counter"."""
+    with torch.inference_mode():
+        net = nn.Sequential(nn.Linear(6, 3), nn.Tanh())
+    cached, x = FrozenFeatures(net, cache_features=True), torch.randn(2, 6)
+    with torch.inference_mode():
+        first = cached(x)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(x), first, rtol=0, atol=0)

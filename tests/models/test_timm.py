@@ -114,3 +114,14 @@ def test_a_yaml_config_builds_a_timm_backbone():
 def test_bad_arguments_are_explained(kwargs, message):
     with pytest.raises(ValueError, match=message):
         timm_backbone(**{"name": "tf_efficientnet_lite0", "num_classes": 10, **kwargs})
+
+
+def test_a_timm_source_prefix_is_left_to_timm(tmp_path):
+    """``local-dir:`` and ``hf-hub:`` names are timm's own lookups, which ``timm.is_model`` does not know: they were
+    refused as "not a timm model"."""
+    import timm
+    from timm.models import save_for_hf
+
+    save_for_hf(timm.create_model("resnet10t", num_classes=3), tmp_path)
+    model = timm_backbone(f"local-dir:{tmp_path}", num_classes=3, pretrained=True)
+    assert type(model).__name__ == "ResNet"

@@ -92,6 +92,31 @@ class _AttentionHead(nn.Module):
         return self.head(self.attention(x, x, x)[0].mean(1))
 
 
+class _MixedStochastic(nn.Module):
+    """Stochastic depth and a recurrent layer with dropout between its layers, then a plain dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import DropPath
+
+        self.path, self.rnn = DropPath(0.3), nn.LSTM(4, 8, num_layers=2, dropout=0.2, batch_first=True)
+        self.drop, self.head = nn.Dropout(0.3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.rnn(x + self.path(x))[0][:, -1]))
+
+
+def test_mc_dropout_leaves_stochastic_depth_and_recurrent_layers_as_they_are():
+    """Switching every module but BatchNorm to training mode turned on stochastic depth (an in-place draw vmap
+    refuses) and sent an LSTM's dropout through the stacked path (no batching rule for aten::lstm): both crashed."""
+    torch.manual_seed(0)
+    module = MCDropout(_MixedStochastic(), num_samples=5).eval()
+    with torch.no_grad():
+        logits = module.predictive(torch.randn(2, 6, 4)).logits
+    assert len({tuple(sample.flatten().tolist()) for sample in logits}) == 5
+    assert not any(m.training for m in module.backbone.modules())
+
+
 def test_mc_dropout_without_dropout_layers_is_an_error():
     with pytest.raises(ValueError, match="dropout"):
         MCDropout(_mlp(0.0))

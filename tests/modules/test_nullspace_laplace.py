@@ -243,6 +243,11 @@ def test_every_sweep_is_checkpointed_and_a_fit_resumes_from_any_of_them(tmp_path
     make_trainer(4).fit(resumed, train_dataloaders=loader, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
     assert resumed.projections.sweeps_done.item() == 4
     assert torch.equal(resumed.projections.samples, straight.projections.samples)
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", save_top_k=-1, every_n_train_steps=3)
+    make_trainer(1, tmp_path, callbacks=[steps]).fit(NullSpaceLaplace(make_model()), train_dataloaders=loader)
+    saved = torch.load(tmp_path / "steps" / "epoch=0-step=3.ckpt", weights_only=False)
+    batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+    assert (saved["global_step"], batches) == (3, 3), "a step is counted as its batch starts, before callbacks save"
 
 
 def test_a_step_budget_is_refused_as_the_sweeps_take_no_optimiser_step() -> None:

@@ -502,3 +502,22 @@ def test_a_fit_shorter_than_the_phases_warns(max_epochs: int, message: str) -> N
     expected = rf"phase_epochs=\(1, 1, 3\) need 5 epochs .*max_epochs={max_epochs}: .*{message}"
     with pytest.warns(UserWarning, match=expected):
         make_trainer(max_epochs).fit(make_module(phase_epochs=(1, 1, 3)), train_dataloaders=loader())
+
+
+def test_validation_inside_a_fit_leaves_the_global_generator_as_it_found_it() -> None:
+    """VIKING overrode ``on_validation_start`` without calling the base class, so its validations (whose loader draws
+    a seed from the global generator) moved the training stream: a fit resumed from an epoch's last batch, whose
+    validation Lightning skips, drew other dropout masks."""
+    states: list[torch.Tensor] = []
+
+    class Generator(Callback):
+        def on_validation_start(self, trainer, pl_module) -> None:
+            states.append(torch.random.get_rng_state())
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # after the validation (and the module's hooks)
+            states.append(torch.random.get_rng_state())
+
+    module = make_module(phase_epochs=(0, 0, 1), num_samples=2)
+    trainer = make_trainer(1, callbacks=[Generator()], limit_val_batches=1)
+    trainer.fit(module, train_dataloaders=loader(), val_dataloaders=DataLoader(two_blobs(), batch_size=8, shuffle=True))
+    assert len(states) == 2 and torch.equal(states[0], states[1])
