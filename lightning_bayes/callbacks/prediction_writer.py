@@ -14,7 +14,8 @@ overwritten), written as the batches come, so nothing is held in memory:
   regressor's) shows its whole variance as aleatoric.
 
 ``index`` is the example's position in the predict dataset (Lightning tracks it for map-style loaders; otherwise a
-count of this process's rows); ``target`` appears when batches are ``(x, y)``.
+count of this process's rows); ``target`` appears when batches are ``(x, y)``. Several predict loaders get a file
+each, ``predictions_dataloader_idx_<k>.csv`` (their columns and indices are their own).
 """
 
 from __future__ import annotations
@@ -48,19 +49,27 @@ class PredictionWriter(BasePredictionWriter):
         if not filename or Path(filename).name != filename or filename in (".", "..") or filename.endswith(".csv"):
             raise ValueError(f"filename must be a plain file stem such as 'predictions'; got {filename!r}")
         self.filename = filename
-        self.path: Path | None = None
-        self._file: IO[str] | None = None
-        self._writer: Any = None
-        self._count = 0
+        self.paths: list[Path] = []  # one per predict loader
+        self._files: dict[int, IO[str]] = {}
+        self._writers: dict[int, Any] = {}
+        self._counts: dict[int, int] = {}
+
+    @property
+    def path(self) -> Path | None:
+        """The (first) predict loader's file; ``None`` under ``fast_dev_run``."""
+        return self.paths[0] if self.paths else None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = run_folder(trainer)  # a collective call: every rank asks
-        self.path, self._writer, self._count = None, None, 0
+        self.paths, self._counts = [], {}
         if folder is None:  # fast_dev_run: no file
             return
         stem = self.filename if trainer.world_size == 1 else f"{self.filename}-rank{trainer.global_rank}"
+        loaders = getattr(trainer, "predict_dataloaders", None)
+        count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        suffixes = [f"_dataloader_idx_{k}" for k in range(count)] if count > 1 else [""]
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = unique_path(folder, stem, ".csv")
+        self.paths = [unique_path(folder, stem + suffix, ".csv") for suffix in suffixes]
 
     def write_on_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
@@ -68,18 +77,18 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
         header, values = self._table(trainer, prediction, target)  # checked under fast_dev_run too
-        if self.path is None:  # fast_dev_run: no file
+        if not self.paths:  # fast_dev_run: no file
             return
-        size = len(values[0])
+        size, count = len(values[0]), self._counts.get(dataloader_idx, 0)
         tracked = list(batch_indices or ())  # Lightning gives [] where it cannot track them (iterable datasets)
-        indices = tracked if len(tracked) == size else range(self._count, self._count + size)
-        self._count += size
-        if self._writer is None:
+        indices = tracked if len(tracked) == size else range(count, count + size)
+        self._counts[dataloader_idx] = count + size
+        if dataloader_idx not in self._writers:
             # open across batches, closed at predict end or on an exception; "x": never overwrite
-            self._file = open(self.path, "x", newline="")  # noqa: SIM115
-            self._writer = csv.writer(self._file)
-            self._writer.writerow(["index", *header])
-        self._writer.writerows([index, *row] for index, row in zip(indices, zip(*values)))
+            self._files[dataloader_idx] = open(self.paths[dataloader_idx], "x", newline="")  # noqa: SIM115
+            self._writers[dataloader_idx] = csv.writer(self._files[dataloader_idx])
+            self._writers[dataloader_idx].writerow(["index", *header])
+        self._writers[dataloader_idx].writerows([index, *row] for index, row in zip(indices, zip(*values)))
 
     def _table(self, trainer: Trainer, prediction: Any, target: Tensor | None) -> tuple[list[str], list[list]]:
         """Column names and one list of per-example values per column."""
@@ -123,15 +132,15 @@ class PredictionWriter(BasePredictionWriter):
         return 0.0, 1.0
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        written = self._file is not None
+        written = sorted(self._files)
         self._close()
-        if written:  # the file's name, or under DDP rank 0's (the others' differ only in their rank)
-            rank_zero_info(f"PredictionWriter: wrote {self.path}")
+        for idx in written:  # the files' names, or under DDP rank 0's (the others' differ only in their rank)
+            rank_zero_info(f"PredictionWriter: wrote {self.paths[idx]}")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._close()
 
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._writer = None, None
+        for file in self._files.values():
+            file.close()
+        self._files, self._writers = {}, {}

@@ -271,17 +271,18 @@ class BayesianModule(LightningModule, ABC):
         self.log(f"{stage}/nll", nll, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
         return predictive
 
+    # dataloader_idx: Lightning refuses several loaders for a step without it (their logs get /dataloader_idx_k)
     def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
-        self, batch: Batch, batch_idx: int
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> Predictive:
         return self._evaluate(batch, "val")
 
     def test_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
-        self, batch: Batch, batch_idx: int
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> Predictive:
         return self._evaluate(batch, "test")
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> Predictive:
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Predictive:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.predictive(x, self.num_samples)
 

@@ -344,7 +344,7 @@ class NullSpaceLaplace(BayesianModule):
             checkpoint["state_dict"]["projections.samples"] = self.projections.samples.clone()
 
     def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
-        self, batch: Batch, batch_idx: int
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> Predictive:
         x, y = batch
         self._resolve_constraint(x)

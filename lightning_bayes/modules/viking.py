@@ -369,7 +369,7 @@ class VIKING(BayesianModule):
         return self.likelihood.predictive(samples)
 
     def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
-        self, batch: Batch, batch_idx: int
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> Predictive:
         x, y = batch
         self.log("val/kernel_residual", self._residual(x, y, self.sample_kernel[:1]), batch_size=len(y))

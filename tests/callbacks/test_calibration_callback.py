@@ -221,3 +221,17 @@ def test_bad_arguments_and_mismatched_task_are_clear_errors(tmp_path: Path) -> N
     trainer = make_trainer(tmp_path, CalibrationMetrics(task="regression"))
     with pytest.raises(TypeError, match=r"task='regression'\) got a CategoricalPredictive"):
         trainer.test(LinearModel(), datamodule=ToyData(), verbose=False)
+
+
+def test_the_librarys_modules_take_several_test_loaders(tmp_path: Path) -> None:
+    """Their steps had no ``dataloader_idx`` argument, which Lightning requires for several loaders."""
+    from lightning_bayes.datamodules import DigitsDataModule
+    from lightning_bayes.models import MLP
+    from lightning_bayes.modules import MAP
+
+    data = DigitsDataModule(batch_size=100)
+    data.setup("fit")
+    loaders = [DataLoader(data.test_set, batch_size=100), DataLoader(data.val_set, batch_size=100)]
+    results = make_trainer(tmp_path, CalibrationMetrics(plots=False)).test(MAP(MLP(64, 10)), loaders, verbose=False)
+    logged = {**results[0], **results[1]}
+    assert {"test/cal/acc/dataloader_idx_0", "test/cal/acc/dataloader_idx_1", "test/nll/dataloader_idx_1"} <= set(logged)

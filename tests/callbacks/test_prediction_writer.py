@@ -101,6 +101,25 @@ def test_without_a_datamodule_or_indices_rows_are_counted_in_model_units(tmp_pat
     torch.testing.assert_close(table[:, 5:7], expected.variance.sqrt().double(), rtol=1e-6, atol=1e-7)
 
 
+def test_several_predict_loaders_write_a_file_each(tmp_path: Path) -> None:
+    """Every loader's rows went into one file under the first loader's header, with indices restarting at 0: a
+    loader with targets and one without (another column count) shared the file."""
+    torch.manual_seed(0)
+    module = DeepEnsemble(MLP(64, 10, hidden=[16]), num_members=2)
+    data = DigitsDataModule()
+    data.setup("fit")
+    labelled = torch.utils.data.DataLoader(data.test_set, batch_size=50)
+    unlabelled = torch.utils.data.DataLoader(data.test_set.tensors[0][:7], batch_size=4)
+    trainer = Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                      callbacks=[PredictionWriter()])
+    trainer.predict(module, [labelled, unlabelled])
+    (first_header, first), (second_header, second) = (read(tmp_path / f"predictions_dataloader_idx_{k}.csv")
+                                                      for k in (0, 1))
+    assert first_header[:2] == ["index", "target"] and first.shape[0] == len(data.test_set)
+    assert second_header[:2] == ["index", "predicted"] and torch.equal(second[:, 0], torch.arange(7.0).double())
+    assert not (tmp_path / "predictions.csv").exists()
+
+
 def test_each_process_writes_its_own_file_and_none_is_overwritten(tmp_path: Path) -> None:
     (tmp_path / "predictions-rank1.csv").write_text("kept")
     writer = PredictionWriter()
