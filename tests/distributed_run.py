@@ -3,12 +3,15 @@
 devices (at most 2, NCCL) or in one or two CPU processes (gloo), for the distributed tests; Lightning starts rank 1
 by running this script again.
 
-    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi,ivon_module} {fsdp2,ddp,fsdp,fsdp_cpu,fsdp_cpu2} [RESUME]
+    python distributed_run.py OUT MAX_EPOCHS {swa,ivon,map,vi,ivon_module,probe,part_frozen}
+        {fsdp2,ddp,fsdp,fsdp_cpu,fsdp_cpu2} [RESUME]
 
 ``swa``: a plain LightningModule trained by SGD with momentum and a :class:`SWASubspace` callback; ``ivon``: the
 same module trained by the :class:`IVON` optimiser; ``map``, ``vi`` and ``ivon_module``: the library's
-:class:`MAP`, :class:`VariationalInference` and :class:`IVONModule` (sharded by ``BayesianModule.configure_model``). Writes ``OUT/last.ckpt`` (a
-full checkpoint: ``save_distributed_checkpoint=False``).
+:class:`MAP`, :class:`VariationalInference` and :class:`IVONModule` (sharded by ``BayesianModule.configure_model``);
+``probe`` and ``part_frozen``: :class:`MAP` of a pretrained-style base that leaves its frozen part out of checkpoints
+(``exclude_frozen_base``), frozen as a whole by a post-hoc :class:`LinearProbe`, or in part when built. Writes
+``OUT/last.ckpt`` (a full checkpoint: ``save_distributed_checkpoint=False``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ful
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.callbacks.swa_subspace import SWASubspace
+from lightning_bayes.models import LinearProbe
+from lightning_bayes.models.frozen_base import exclude_frozen_base
 from lightning_bayes.modules import MAP, IVONModule, VariationalInference
 from lightning_bayes.optim import IVON
 
@@ -93,7 +98,29 @@ def swa_callback() -> SWASubspace:
     return SWASubspace(params="all", start_epoch=1, every_n_steps=1, max_rank=3)
 
 
+class PretrainedBase(nn.Module):
+    """A network "rebuilt from its pretrained source" by its constructor (seed 0), its first layer frozen when
+    ``part_frozen``; checkpoints leave out what is frozen (:func:`exclude_frozen_base`)."""
+
+    def __init__(self, part_frozen: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+        self.model.register_buffer("scale", torch.ones(4, dtype=torch.float64))
+        self.num_features = 4
+        if part_frozen:
+            self.model[0].requires_grad_(False)
+        exclude_frozen_base(self, "model")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.model.scale
+
+
 def build(method: str) -> LightningModule:
+    if method in ("probe", "part_frozen"):
+        probe = LinearProbe(PretrainedBase(method == "part_frozen"), num_classes=2, freeze_backbone=method == "probe")
+        # momentum: Lightning's FSDP1 loading indexes the first optimiser state (IndexError when there is none)
+        return MAP(probe.double(), optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
     if method == "map":
         return MAP(network(), optimizer=lambda params: torch.optim.AdamW(params, lr=0.01))
     if method == "vi":

@@ -19,16 +19,31 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..params import FSDP1_WRAPPER, is_dtensor, named_parameters
 from .identity import backbone_identity
 
 
 def _frozen_keys(base: nn.Module, attribute: str) -> tuple[str, ...]:
-    """The owner's keys of ``base``'s state-dict entries that are not trainable parameters now."""
+    """The owner's keys of ``base``'s state-dict entries that are not trainable parameters (a 4-bit weight's
+    quantisation state included), as the constructor leaves it: read once, before any strategy wraps the module."""
     return tuple(
         f"{attribute}.{key}"
         for key, value in base.state_dict(keep_vars=True).items()
         if not (isinstance(value, nn.Parameter) and value.requires_grad)
     )
+
+
+def _frozen_now(base: nn.Module, attribute: str) -> set[str]:
+    """The owner's keys of ``base``'s frozen parameters and buffers now, from names alone: the same on every rank and
+    without a collective (a nested ``state_dict()`` under FSDP1 gathers the shards and answers on rank 0 only)."""
+    frozen = [name for name, p in named_parameters(base).items() if not p.requires_grad]
+    buffers = [name.replace(FSDP1_WRAPPER, "") for name, _ in base.named_buffers()]
+    return {f"{attribute}.{name}" for name in [*frozen, *buffers]}
+
+
+def _sharded(base: nn.Module) -> bool:
+    """Whether a strategy shards ``base`` (FSDP2's DTensors, FSDP1's wrapped units): its values are not whole here."""
+    return any(is_dtensor(p) or FSDP1_WRAPPER in name for name, p in base.named_parameters())
 
 
 class _FrozenBaseHooks:
@@ -41,10 +56,11 @@ class _FrozenBaseHooks:
 
     def _left_out(self, owner: nn.Module) -> set[str]:
         """The frozen entries a checkpoint need not hold: those frozen when built, and those frozen since while the
-        base still holds what the constructor built."""
+        base still holds what the constructor built (under a sharding strategy, which hands out shards, that is not
+        checked: they are kept)."""
         base = getattr(owner, self.attribute)
-        now = set(_frozen_keys(base, self.attribute))
-        if now <= set(self.keys) or backbone_identity(base) != self.built:
+        now = _frozen_now(base, self.attribute)
+        if now <= set(self.keys) or _sharded(base) or backbone_identity(base) != self.built:
             return set(self.keys)
         return now | set(self.keys)
 
@@ -57,9 +73,12 @@ class _FrozenBaseHooks:
 
     def allow_missing(self, module: nn.Module, incompatible: Any) -> None:
         prefix = self._prefixes.pop() if self._prefixes else ""
-        frozen = set(self.keys) | set(_frozen_keys(getattr(module, self.attribute), self.attribute))
-        expected = {prefix + key for key in frozen}
-        incompatible.missing_keys[:] = [key for key in incompatible.missing_keys if key not in expected]
+        frozen = set(self.keys) | _frozen_now(getattr(module, self.attribute), self.attribute)
+        expected = {(prefix + key).replace(FSDP1_WRAPPER, "") for key in frozen}
+        # FSDP1 names the missing keys with its wrapper segments: compared without them
+        incompatible.missing_keys[:] = [
+            key for key in incompatible.missing_keys if key.replace(FSDP1_WRAPPER, "") not in expected
+        ]
 
 
 def exclude_frozen_base(owner: nn.Module, attribute: str) -> None:

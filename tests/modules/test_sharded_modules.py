@@ -83,3 +83,28 @@ def test_no_device_mesh_leaves_the_module_unsharded() -> None:
     for module in (MAP(nn.Linear(2, 2)), VariationalInference(nn.Sequential(nn.Linear(2, 2)), dataset_size=4)):
         module.configure_model()
         assert all(type(p) is nn.Parameter for p in module.parameters())
+
+
+@pytest.mark.slow
+@distributed
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp_cpu2"])
+def test_a_base_frozen_after_it_was_built_checkpoints_and_resumes_under_sharding(tmp_path: Path, strategy: str) -> None:
+    """A post-hoc probe's base, frozen after the constructor built it: deciding at save time whether it still held
+    the pretrained weights hashed the parameters, which crashed on FSDP2's DTensors and, under FSDP1, read a nested
+    state dict that only rank 0 fills. Sharded, the base is kept; the checkpoint loads into one process."""
+    saved = fit_distributed(tmp_path / "run", 1, "probe", strategy=strategy)
+    single = build("probe")
+    single.load_state_dict(saved["state_dict"])  # strict
+    assert {"backbone.head.weight", "backbone.head.bias"} <= set(saved["state_dict"])
+
+
+@pytest.mark.slow
+@distributed
+def test_an_fsdp1_run_with_a_base_frozen_when_built_resumes(tmp_path: Path) -> None:
+    """The frozen part stays out of checkpoints; loading one under FSDP1 named the missing keys with FSDP1's wrapper
+    segments, which the check that accepts their absence did not match: every resume failed."""
+    sharded, resumed = fit_and_resume(tmp_path, 2, "part_frozen", strategy="fsdp_cpu2")
+    assert not any(".model.0." in name for name in sharded["state_dict"]), "the frozen layer stays out"
+    assert sharded["state_dict"].keys() == resumed["state_dict"].keys()
+    for name, value in sharded["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=1e-12, atol=0, msg=name)
