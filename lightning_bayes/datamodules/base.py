@@ -68,6 +68,8 @@ class InMemoryDataModule(LightningDataModule):
         seed: seeds the splits and the training-set shuffling.
         shuffle: shuffle the training loader; ``False`` keeps the batches in one fixed order every epoch
             (post-hoc sweeps such as :class:`~lightning_bayes.modules.NullSpaceLaplace` need that).
+        drop_last: leave out the training loader's last batch when it is smaller (a BatchNorm backbone in training
+            mode fails on a last batch of one example); the sweep of the null-space Laplace needs every example.
         data_dir: a folder holding the user's own copy of the data files (see each subclass);
             ``None`` uses the packaged copies.
     """
@@ -75,8 +77,9 @@ class InMemoryDataModule(LightningDataModule):
     task: ClassVar[Literal["classification", "regression"]] = "classification"
 
     def __init__(
-        self, batch_size: int, num_workers: int = 0, seed: int = 0, data_dir: str | None = None, shuffle: bool = True
-    ) -> None:
+        self, batch_size: int, num_workers: int = 0, seed: int = 0, data_dir: str | None = None, shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
@@ -88,11 +91,13 @@ class InMemoryDataModule(LightningDataModule):
             raise ValueError(f"seed must be an int in [0, 2**32); got {seed!r}")
         if not isinstance(shuffle, bool):
             raise TypeError(f"shuffle must be a bool; got {shuffle!r}")
+        if not isinstance(drop_last, bool):
+            raise TypeError(f"drop_last must be a bool; got {drop_last!r}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.data_dir = data_dir
-        self.shuffle = shuffle
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -121,6 +126,7 @@ class InMemoryDataModule(LightningDataModule):
         if not train:
             return DataLoader(dataset, **options)
         order = EpochShuffle(dataset, self.seed) if self.shuffle else None  # type: ignore[arg-type]
+        options["drop_last"] = self.drop_last
         return EpochLoader(dataset, sampler=order, epoch=self._fit_epoch, pass_batches=self._fit_pass_batches, **options)
 
     def _fit_epoch(self) -> int | None:

@@ -43,8 +43,9 @@ class DigitsDataModule(InMemoryDataModule):
         data_dir: str | None = None,
         download: bool = False,
         shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
+        super().__init__(batch_size, num_workers, seed, data_dir, shuffle, drop_last)
         self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
         self.flatten = flatten
         self.download = download

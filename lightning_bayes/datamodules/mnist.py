@@ -74,8 +74,9 @@ class _IDXImageDataModule(InMemoryDataModule):
         ood_dir: str | None,
         download: bool,
         shuffle: bool,
+        drop_last: bool,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
+        super().__init__(batch_size, num_workers, seed, data_dir, shuffle, drop_last)
         if not isinstance(val_size, int) or not 0 <= val_size < _TRAIN_SIZE:
             raise ValueError(f"val_size must be an int in [0, {_TRAIN_SIZE}); got {val_size!r}")
         self.val_size = val_size
@@ -134,8 +135,11 @@ class MNISTDataModule(_IDXImageDataModule):
         fashion_dir: str | None = None,
         download: bool = False,
         shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, fashion_dir, download, shuffle)
+        super().__init__(
+            batch_size, val_size, seed, normalize, num_workers, data_dir, fashion_dir, download, shuffle, drop_last
+        )
 
 
 class FashionMNISTDataModule(_IDXImageDataModule):
@@ -166,5 +170,8 @@ class FashionMNISTDataModule(_IDXImageDataModule):
         mnist_dir: str | None = None,
         download: bool = False,
         shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(batch_size, val_size, seed, normalize, num_workers, data_dir, mnist_dir, download, shuffle)
+        super().__init__(
+            batch_size, val_size, seed, normalize, num_workers, data_dir, mnist_dir, download, shuffle, drop_last
+        )

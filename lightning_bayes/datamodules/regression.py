@@ -106,8 +106,9 @@ class UCIRegressionDataModule(InMemoryDataModule):
         num_workers: int = 0,
         data_dir: str | None = None,
         shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
+        super().__init__(batch_size, num_workers, seed, data_dir, shuffle, drop_last)
         _check_dataset(dataset)
         self.dataset = dataset
         self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)

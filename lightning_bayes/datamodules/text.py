@@ -151,8 +151,9 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         num_workers: int = 0,
         data_dir: str | None = None,
         shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, data_dir=data_dir, shuffle=shuffle)
+        super().__init__(batch_size, num_workers, seed, data_dir, shuffle, drop_last)
         if not isinstance(tokenizer, str) or not tokenizer:
             raise ValueError(f"tokenizer must be a folder, hub id or alias; got {tokenizer!r}")
         if padding_side not in ("left", "right", None):

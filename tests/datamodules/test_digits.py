@@ -79,3 +79,24 @@ def test_split_is_deterministic_by_seed(digits: DigitsDataModule):
 def test_bad_split_fractions_are_named(val_fraction: float, test_fraction: float):
     with pytest.raises(ValueError, match="val_fraction and test_fraction must be > 0 and sum below 1"):
         DigitsDataModule(val_fraction=val_fraction, test_fraction=test_fraction)
+
+
+def test_drop_last_leaves_out_a_smaller_last_training_batch_and_is_a_bool():
+    """1,077 training images in batches of 2 end with a batch of one, on which a BatchNorm backbone in training
+    mode fails ("Expected more than 1 value per channel"); there was no way to drop it."""
+    from lightning.pytorch import Trainer
+
+    from lightning_bayes.modules import MAP
+
+    kept, dropped = DigitsDataModule(batch_size=2), DigitsDataModule(batch_size=2, drop_last=True)
+    for data in (kept, dropped):
+        data.setup("fit")
+    assert (len(kept.train_dataloader()), len(dropped.train_dataloader())) == (539, 538)
+    assert all(len(y) == 2 for _, y in dropped.train_dataloader())
+    normalised = MAP(torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10)))
+    trainer = Trainer(max_epochs=1, limit_val_batches=0, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(normalised, datamodule=dropped)
+    assert trainer.global_step == 538
+    with pytest.raises(TypeError, match="drop_last must be a bool; got 1"):
+        DigitsDataModule(drop_last=1)

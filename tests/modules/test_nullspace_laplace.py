@@ -184,6 +184,14 @@ def test_shuffled_training_loader_is_refused(loader_class: type[DataLoader]) -> 
         make_trainer(1).fit(NullSpaceLaplace(make_model()), train_dataloaders=loader)
 
 
+def test_a_training_loader_that_drops_its_last_batch_is_refused() -> None:
+    """The kernel is that of every training example: a dropped last batch would leave its examples unconstrained."""
+    _, x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, drop_last=True)  # 20 examples: the last 2 dropped
+    with pytest.raises(ValueError, match=r"drops its last batch: set the datamodule's drop_last=False"):
+        make_trainer(1).fit(NullSpaceLaplace(make_model()), train_dataloaders=loader)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
