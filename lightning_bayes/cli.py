@@ -259,11 +259,13 @@ def _as_subclass_values(given: dict[str, Any], current: Any) -> dict[str, Any]:
 
 def trained_checkpoint(trainer: Trainer) -> str | None:
     """The checkpoint a fit leaves for the runs that start from it: the best one a monitoring ``ModelCheckpoint``
-    saved, else the latest any saved; ``None`` when none was written."""
+    saved, else the newest file any saved; ``None`` when none was written."""
     checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     best = [c.best_model_path for c in checkpoints if c.monitor is not None and c.best_model_path]
-    latest = [path for c in checkpoints for path in (c.last_model_path, c.best_model_path) if path]
-    return next(iter(best or latest), None)
+    if best:
+        return best[0]
+    written = [p for c in checkpoints for p in (c.last_model_path, c.best_model_path) if p and os.path.isfile(p)]
+    return max(written, key=os.path.getmtime, default=None)
 
 
 def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:

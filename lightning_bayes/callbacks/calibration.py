@@ -30,7 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -85,11 +85,14 @@ def _flat_key(name: str) -> str:
     return "/".join([f"ood_{metric}" if group == "ood" else metric, *loader])
 
 
+def _stage_loaders(trainer: Trainer, stage: str) -> list[Any]:
+    """The stage's loaders in Lightning's ``dataloader_idx`` order (a list, a dict's values, ... flattened)."""
+    return tree_flatten(trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders)[0]
+
+
 def _loader_suffix(trainer: Trainer, stage: str, dataloader_idx: int) -> str:
     """What loader ``k``'s names end in: ``/dataloader_idx_k`` when the stage has several loaders, else nothing."""
-    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-    several = isinstance(loaders, (list, tuple)) and len(loaders) > 1
-    return f"/dataloader_idx_{dataloader_idx}" if several else ""
+    return f"/dataloader_idx_{dataloader_idx}" if len(_stage_loaders(trainer, stage)) > 1 else ""
 
 
 class CalibrationMetrics(Callback):
@@ -197,8 +200,7 @@ class CalibrationMetrics(Callback):
             and "predictive" not in vars(pl_module)
         )
         predictive = outputs.detach() if reuse else self._predict(trainer, pl_module, x, stage)
-        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        loader = _stage_loaders(trainer, stage)[dataloader_idx]
         keep = real_examples(batch_idx, len(y), loader)  # a DistributedSampler's repeats count once, on their rank
         if keep < len(y):
             x = tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x)
@@ -363,9 +365,7 @@ class CalibrationMetrics(Callback):
 def _sharded_in_distribution(trainer: Trainer, stage: str) -> bool:
     """Whether this stage's in-distribution loaders deal their examples out to the processes (Lightning's
     ``DistributedSampler``); with ``use_distributed_sampler=False`` every process sees all of them."""
-    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    return any(distributed_sampler(loader) is not None for loader in loaders)
+    return any(distributed_sampler(loader) is not None for loader in _stage_loaders(trainer, stage))
 
 
 def _sharded(loader: DataLoader, world_size: int, rank: int) -> DataLoader:

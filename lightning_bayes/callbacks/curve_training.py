@@ -477,7 +477,7 @@ class CurveTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking and self.curves:
-            self._accumulate(trainer, pl_module, batch, "val")
+            self._accumulate(trainer, pl_module, batch, "val", dataloader_idx)
 
     def on_test_batch_end(
         self,
@@ -489,10 +489,17 @@ class CurveTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.curves:
-            self._accumulate(trainer, pl_module, batch, "test")
+            self._accumulate(trainer, pl_module, batch, "test", dataloader_idx)
 
-    def _accumulate(self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: str) -> None:
+    def _accumulate(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: str, dataloader_idx: int
+    ) -> None:
         """Add this batch's summed NLL, error count and size at every grid row to the stage's sums ``[R, 3]``."""
+        if dataloader_idx:  # one set of sums per stage: a second loader would be pooled into the first's
+            raise ValueError(
+                f"CurveTraining scores the curve on one {stage} loader; got several (loader {dataloader_idx}): score "
+                "the others in their own trainer.validate / trainer.test call"
+            )
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(f"CurveTraining evaluates batches (x, y) along the curve; got {type(batch).__name__}")
         x, y = batch[0], batch[1]

@@ -143,7 +143,7 @@ class BayesianModule(LightningModule, ABC):
     def takes_optimizer_steps(self) -> bool:
         """Whether a fit steps an optimiser; a fit that only passes over the data (a sweep, a search, a sampler)
         does not: it gets no optimiser, and each of its batches counts as a step of Lightning's ``global_step``
-        (:meth:`on_train_batch_end`)."""
+        (:meth:`on_train_batch_start`)."""
         return True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

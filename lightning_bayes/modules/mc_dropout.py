@@ -2,13 +2,14 @@
 
 The S stochastic passes run as one vectorised call, ``torch.func.vmap(..., randomness="different")``,
 so every sample gets its own dropout masks while the backbone is traced once (and the layers before the first
-dropout run once; a backbone whose attention applies dropout itself gets its inputs stacked S times, since
-attention's dropout draws in place, which ``vmap`` cannot make different per sample on an unstacked tensor). While
-sampling, the dropout layers, the layers that apply a dropout rate of their own through their ``training`` flag
-(``nn.MultiheadAttention``, transformers' attention, timm's classifier heads) and torch's transformer layers (whose
-fused inference path skips every dropout under ``no_grad``) run in training mode; everything else keeps its mode
-(BatchNorm its running statistics, stochastic depth and recurrent layers their own behaviour: switching only the
-``nn.Dropout`` modules had left attention dropout off and the encoder layers on their fused path).
+dropout run once; when a dropout draws in place, as attention's inside ``scaled_dot_product_attention`` does, which
+``vmap`` cannot make different per sample on an unstacked tensor, the inputs are stacked S times instead, from then
+on for this module). While sampling, the dropout layers, the layers that gate a dropout by their own ``training``
+flag (a rate of their own: ``nn.MultiheadAttention``, timm's classifier heads; or a dropout child's rate:
+transformers' and timm's attention layers) and torch's transformer layers (whose fused inference path skips every
+dropout under ``no_grad``) run in training mode; everything else keeps its mode (BatchNorm its running statistics,
+stochastic depth and recurrent layers their own behaviour: switching only the ``nn.Dropout`` modules had left
+attention dropout off and the encoder layers on their fused path).
 """
 
 from __future__ import annotations
@@ -46,13 +47,22 @@ def _applies_own_dropout(module: nn.Module) -> bool:
     return not isinstance(module, nn.RNNBase) and any(_rate(module, name) > 0 for name in _DROPOUT_RATES)
 
 
-def _draws_in_place(module: nn.Module) -> bool:
-    """Attention whose dropout (in ``scaled_dot_product_attention``) draws in place."""
-    return _rate(module, "attention_dropout") > 0 or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
+def _gates_a_dropout_child(module: nn.Module) -> bool:
+    """A layer holding a dropout layer whose rate it may apply itself when training (``BertSelfAttention``: ``0.0 if
+    not self.training else self.dropout.p``)."""
+    return not isinstance(module, nn.RNNBase) and any(_is_dropout_layer(child) for child in module.children())
 
 
 def _sampled(module: nn.Module) -> bool:
-    return _is_dropout_layer(module) or _applies_own_dropout(module) or isinstance(module, _TORCH_TRANSFORMERS)
+    return (
+        _is_dropout_layer(module) or _applies_own_dropout(module) or _gates_a_dropout_child(module)
+        or isinstance(module, _TORCH_TRANSFORMERS)
+    )  # fmt: skip
+
+
+def _in_place_draw(error: RuntimeError) -> bool:
+    """``vmap``'s refusal of an in-place random draw on an unstacked tensor."""
+    return "inplace randomness" in str(error)
 
 
 class MCDropout(MAP):
@@ -75,6 +85,7 @@ class MCDropout(MAP):
     ) -> None:
         super().__init__(backbone, likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.num_samples = self.resolve_num_samples(num_samples)
+        self._stack_inputs = False  # set when a dropout drew in place on unstacked inputs
         if not any(_is_dropout_layer(m) or _applies_own_dropout(m) for m in backbone.modules()):
             raise ValueError(
                 f"MCDropout needs a backbone with dropout (p > 0); {type(backbone).__name__} has none: "
@@ -88,12 +99,17 @@ class MCDropout(MAP):
         for module in sampled:  # one by one: Module.train() would recurse into BatchNorm and stochastic depth
             module.training = True
         try:
-            if any(_draws_in_place(module) for module in sampled):
+            if not self._stack_inputs:
+                try:
+                    outputs = torch.func.vmap(lambda _: self(x), randomness="different")(torch.arange(samples))
+                except RuntimeError as error:
+                    if not _in_place_draw(error):
+                        raise
+                    self._stack_inputs = True
+            if self._stack_inputs:
                 dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, x)
                 stacked = tree_map(lambda t: t.expand(samples, *t.shape) if isinstance(t, Tensor) else t, x)
                 outputs = torch.func.vmap(self, in_dims=(dims,), randomness="different")(stacked)
-            else:
-                outputs = torch.func.vmap(lambda _: self(x), randomness="different")(torch.arange(samples))
         finally:
             for module, mode in zip(sampled, previous):
                 module.training = mode

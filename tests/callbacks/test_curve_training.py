@@ -594,3 +594,13 @@ def test_a_batch_norm_curve_fitted_from_loaders_is_tested_from_a_loader(endpoint
     outside = callback.predictive(module.eval(), x).logits  # after the stage: the same per-t statistics (1.6 off)
     torch.testing.assert_close(outside, inside[0], rtol=0, atol=1e-12)
     assert all(torch.equal(b, before[n]) for n, b in module.named_buffers())
+
+
+def test_a_second_validation_or_test_loader_is_refused(endpoints):
+    """The stage's curve sums are one set: a second loader's batches were pooled into the first's."""
+    start, end = endpoints
+    module, callback = MAP(mlp(0)), CurveTraining(params="all", start=start, end=end)
+    callback.setup(trainer(), module, "fit")
+    batch = (torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"one test loader; got several \(loader 1\)"):
+        callback.on_test_batch_end(trainer(), module, None, batch, 0, dataloader_idx=1)

@@ -112,7 +112,7 @@ def test_several_predict_loaders_write_a_file_each(tmp_path: Path) -> None:
     unlabelled = torch.utils.data.DataLoader(data.test_set.tensors[0][:7], batch_size=4)
     trainer = Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
                       callbacks=[PredictionWriter()])
-    trainer.predict(module, [labelled, unlabelled])
+    trainer.predict(module, {"labelled": labelled, "unlabelled": unlabelled})  # a dict (IndexError) or a list
     (first_header, first), (second_header, second) = (read(tmp_path / f"predictions_dataloader_idx_{k}.csv")
                                                       for k in (0, 1))
     assert first_header[:2] == ["index", "target"] and first.shape[0] == len(data.test_set)

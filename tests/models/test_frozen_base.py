@@ -57,3 +57,28 @@ def test_weights_loaded_into_a_base_before_it_was_frozen_are_saved() -> None:
     rebuilt.load_state_dict(state)
     ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(rebuilt(ids), features(ids), rtol=0, atol=0)
+
+
+def test_a_tied_weight_and_a_non_persistent_buffer_are_judged_as_a_state_dict_would() -> None:
+    """Frozen keys taken from de-duplicated parameter names kept a tied output head (SmolLM2's vocabulary matrix,
+    113 MB) in every checkpoint; non-persistent buffers (rotary inv_freq), never in a state dict, made every save of
+    a LoRA run hash its whole base."""
+    from lightning_bayes.models import frozen_base
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
+            self.model[1].weight = self.model[0].weight  # tied, as tie_word_embeddings
+            self.model.register_buffer("inv_freq", torch.ones(2), persistent=False)
+            exclude_frozen_base(self, "model")
+
+    owner = Tied()
+    owner.model.requires_grad_(False)  # frozen after construction, weights untouched
+    assert owner.state_dict() == {}
+    hashed: list[int] = []
+    identity, lora_like = frozen_base.backbone_identity, Tied()  # everything trains: nothing frozen since to hash
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(frozen_base, "backbone_identity", lambda base: hashed.append(1) or identity(base))
+        assert set(lora_like.state_dict()) == {"model.0.weight", "model.1.weight"} and hashed == []

@@ -117,6 +117,35 @@ def test_mc_dropout_leaves_stochastic_depth_and_recurrent_layers_as_they_are():
     assert not any(m.training for m in module.backbone.modules())
 
 
+class _TinyBert(nn.Module):
+    """A one-layer BERT whose only dropout is attention's (``attention_probs_dropout_prob``)."""
+
+    def __init__(self, attention: str) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5, attn_implementation=attention,
+        )  # fmt: skip
+        self.bert, self.head = BertModel(config, add_pooling_layer=False), nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bert(input_ids=ids).last_hidden_state[:, 0])
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_mc_dropout_samples_the_attention_dropout_a_layer_gates_itself(attention: str):
+    """BertSelfAttention applies ``self.dropout.p`` only when it is training itself: left in eval mode, all samples
+    were one (and under SDPA, whose dropout draws in place, the unstacked vmap failed)."""
+    torch.manual_seed(0)
+    module = MCDropout(_TinyBert(attention), num_samples=4).eval()
+    with torch.no_grad():
+        logits = module.predictive(torch.randint(0, 50, (2, 5))).logits
+    assert len({tuple(sample.flatten().tolist()) for sample in logits}) == 4
+    assert not any(m.training for m in module.backbone.modules())
+
+
 def test_mc_dropout_without_dropout_layers_is_an_error():
     with pytest.raises(ValueError, match="dropout"):
         MCDropout(_mlp(0.0))
