@@ -47,7 +47,7 @@ from ..metrics import (
 )
 from ..plots import predictive_band, reliability_diagram
 from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive
-from .run_files import run_folder, unique_path, write_json
+from .run_files import loader_suffixes, run_folder, unique_path, write_json
 
 Task = Literal["auto", "classification", "regression"]
 _TASKS = ("auto", "classification", "regression")
@@ -91,8 +91,7 @@ def _stage_loaders(trainer: Trainer, stage: str) -> list[Any]:
 
 
 def _loader_suffix(trainer: Trainer, stage: str, dataloader_idx: int) -> str:
-    """What loader ``k``'s names end in: ``/dataloader_idx_k`` when the stage has several loaders, else nothing."""
-    return f"/dataloader_idx_{dataloader_idx}" if len(_stage_loaders(trainer, stage)) > 1 else ""
+    return loader_suffixes(_stage_loaders(trainer, stage))[dataloader_idx]
 
 
 class CalibrationMetrics(Callback):

@@ -28,10 +28,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
 
 from ..predictive import CategoricalPredictive, GaussianPredictive
-from .run_files import run_folder, unique_path
+from .run_files import loader_suffixes, run_folder, unique_path
 
 
 def _columns(name: str, width: int) -> list[str]:
@@ -66,8 +65,7 @@ class PredictionWriter(BasePredictionWriter):
         if folder is None:  # fast_dev_run: no file
             return
         stem = self.filename if trainer.world_size == 1 else f"{self.filename}-rank{trainer.global_rank}"
-        count = len(tree_flatten(getattr(trainer, "predict_dataloaders", None))[0])  # a list, a dict's values, ...
-        suffixes = [f"_dataloader_idx_{k}" for k in range(count)] if count > 1 else [""]
+        suffixes = [s.replace("/", "_") for s in loader_suffixes(getattr(trainer, "predict_dataloaders", None))]
         folder.mkdir(parents=True, exist_ok=True)
         self.paths = [unique_path(folder, stem + suffix, ".csv") for suffix in suffixes]
 

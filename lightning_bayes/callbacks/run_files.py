@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from torch.utils._pytree import tree_flatten
 
 
 def run_folder(trainer: Trainer) -> Path | None:
@@ -16,6 +17,13 @@ def run_folder(trainer: Trainer) -> Path | None:
     if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning
         return None
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def loader_suffixes(loaders: Any) -> list[str]:
+    """One name suffix per loader of a stage (a loader, a list, a dict's values, ... in Lightning's ``dataloader_idx``
+    order): ``/dataloader_idx_k`` when there are several, as Lightning names a step's logs; ``""`` for one."""
+    count = len(tree_flatten(loaders)[0])
+    return [f"/dataloader_idx_{k}" for k in range(count)] if count > 1 else [""]
 
 
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:

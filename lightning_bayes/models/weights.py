@@ -81,7 +81,7 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     ]
     if mismatched:
         raise ValueError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {mismatched[:5]}")
-    extra = _unplaced(state, prefix, model)
+    extra = _unplaced(state, prefix, model, wanted)
     if extra:
         raise ValueError(
             f"checkpoint {str(path)!r} is not of this {type(model).__name__}: it holds {len(extra)} tensors under "
@@ -91,11 +91,13 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     return {name: state[prefix + name] for name in wanted}, path
 
 
-def _unplaced(state: Mapping[str, Tensor], prefix: str, model: nn.Module) -> list[str]:
+def _unplaced(
+    state: Mapping[str, Tensor], prefix: str, model: nn.Module, wanted: Mapping[str, Tensor]
+) -> list[str]:
     """Names under ``prefix`` in ``state`` that are none of ``model``'s parameters or buffers (those a state dict
     leaves out, such as a frozen base, included), nor their extra state (4-bit quantisation state under the weight's
     name), nor a variational posterior's ``.mean`` / ``.raw_scale`` of one."""
-    known = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]} | set(model.state_dict())
+    known = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]} | set(wanted)
     unplaced = []
     for key in state:
         if not key.startswith(prefix):
