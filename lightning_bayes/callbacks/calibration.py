@@ -4,7 +4,8 @@ At every validation and test batch it takes the batch's Predictive (the ``valida
 ``test_step`` output when it is one, else ``pl_module.predictive(x, num_samples)``) and updates
 torchmetrics metrics; at epoch end it logs them as
 
-* ``{stage}/cal/{acc,nll,brier,ece,mce,aece,entropy,mi}`` for classification,
+* ``{stage}/cal/{acc,nll,brier,ece,mce,aece,entropy,mi}`` for classification (``legacy=True`` adds the reference
+  code's ``legacy_nll``, ``legacy_ece``, ``legacy_mce``),
 * ``{stage}/ood/{auroc,fpr95}`` when ``trainer.datamodule`` has an ``ood_dataloader()`` (at ``ood_stages``),
 * ``{stage}/reg/{nll,rmse,crps,coverage90}`` for regression,
 
@@ -108,6 +109,9 @@ class CalibrationMetrics(Callback):
             targets) next to ``metrics.json`` after testing.
         ood_stages: the stages that score the OOD data (``["test"]`` skips it at validation, where it runs as
             many predictive batches again as the validation itself).
+        legacy: also log the VIKING / null-space Laplace reference code's ``legacy_nll``, ``legacy_ece`` and
+            ``legacy_mce`` (per-sample NLL averaged over samples; 100 bins, predictions at confidence 0.99 or more
+            dropped: :mod:`lightning_bayes.metrics.legacy`), only to set results beside that paper's tables.
 
     The OOD data come from ``trainer.datamodule.ood_dataloader()`` (a map-style ``DataLoader`` of ``(x, y)``
     or ``x`` batches; sharded with a ``DistributedSampler`` under DDP), limited at validation to as many batches as
@@ -123,6 +127,7 @@ class CalibrationMetrics(Callback):
         ood_score: OODScore = "entropy",
         plots: bool = True,
         ood_stages: Sequence[Stage] = _STAGES,
+        legacy: bool = False,
     ) -> None:
         super().__init__()
         if num_samples is not None and (
@@ -135,6 +140,8 @@ class CalibrationMetrics(Callback):
             raise ValueError(f"ood_score must be one of {OOD_SCORES}; got {ood_score!r}")
         if not isinstance(plots, bool):
             raise ValueError(f"plots must be True or False; got {plots!r}")
+        if not isinstance(legacy, bool):
+            raise ValueError(f"legacy must be True or False; got {legacy!r}")
         if isinstance(ood_stages, str) or not set(ood_stages) <= set(_STAGES):
             raise ValueError(f"ood_stages must be a list of stages from {_STAGES}; got {ood_stages!r}")
         self.num_samples = num_samples
@@ -142,6 +149,7 @@ class CalibrationMetrics(Callback):
         self.ood_score = ood_score
         self.ood_stages = tuple(ood_stages)
         self.plots = plots
+        self.legacy = legacy
         self.last_metrics: dict[str, float] = {}
         self._epochs: dict[tuple[str, int], _EpochMetrics] = {}  # by stage and dataloader index
 
@@ -256,7 +264,7 @@ class CalibrationMetrics(Callback):
         if task == "classification":
             scores_ood = stage in self.ood_stages and self._has_ood_data(trainer)
             ood = ood_metrics(f"{stage}/ood/", self.ood_score).to(device) if scores_ood else None
-            return _EpochMetrics(task, classification_metrics(f"{stage}/cal/").to(device), ood=ood)
+            return _EpochMetrics(task, classification_metrics(f"{stage}/cal/", legacy=self.legacy).to(device), ood=ood)
         epoch = _EpochMetrics(task, regression_metrics(f"{stage}/reg/").to(device))
         one_dimensional = (
             isinstance(x, Tensor) and x.is_floating_point() and (x.ndim == 1 or (x.ndim == 2 and x.shape[1] == 1))

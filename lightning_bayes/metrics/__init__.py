@@ -12,6 +12,7 @@ from .classification import (
     top_label,
 )
 from .collections import classification_metrics, ood_metrics, regression_metrics
+from .legacy import LegacyExpectedCalibrationError, LegacyMaxCalibrationError, LegacyNegativeLogLikelihood
 from .ood import FPR95, OOD_SCORES, OODAUROC, OODScore, ood_score
 from .regression import CRPS, RMSE, GaussianNLL, IntervalCoverage, gaussian_mixture_crps
 
@@ -27,6 +28,9 @@ __all__ = [
     "ExpectedCalibrationError",
     "GaussianNLL",
     "IntervalCoverage",
+    "LegacyExpectedCalibrationError",
+    "LegacyMaxCalibrationError",
+    "LegacyNegativeLogLikelihood",
     "MaxCalibrationError",
     "MeanEntropy",
     "MeanMutualInformation",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from .classification import (
     Accuracy,
@@ -14,26 +14,31 @@ from .classification import (
     MeanMutualInformation,
     NegativeLogLikelihood,
 )
+from .legacy import LegacyExpectedCalibrationError, LegacyMaxCalibrationError, LegacyNegativeLogLikelihood
 from .ood import FPR95, OODAUROC, OODScore
 from .regression import CRPS, RMSE, GaussianNLL, IntervalCoverage
 
 
-def classification_metrics(prefix: str = "", n_bins: int = 15) -> MetricCollection:
-    """``acc, nll, brier, ece, mce, aece, entropy, mi``; ``update(predictive, target)``."""
-    return MetricCollection(
-        {
-            "acc": Accuracy(),
-            "nll": NegativeLogLikelihood(),
-            "brier": BrierScore(),
-            "ece": ExpectedCalibrationError(n_bins=n_bins),
-            "mce": MaxCalibrationError(n_bins=n_bins),
-            "aece": AdaptiveCalibrationError(n_bins=n_bins),
-            "entropy": MeanEntropy(),
-            "mi": MeanMutualInformation(),
-        },
-        prefix=prefix,
-        compute_groups=False,
-    )
+def classification_metrics(prefix: str = "", n_bins: int = 15, legacy: bool = False) -> MetricCollection:
+    """``acc, nll, brier, ece, mce, aece, entropy, mi``, and with ``legacy`` the reference code's
+    ``legacy_nll, legacy_ece, legacy_mce`` (:mod:`~lightning_bayes.metrics.legacy`); ``update(predictive, target)``."""
+    metrics: dict[str, Metric | MetricCollection] = {
+        "acc": Accuracy(),
+        "nll": NegativeLogLikelihood(),
+        "brier": BrierScore(),
+        "ece": ExpectedCalibrationError(n_bins=n_bins),
+        "mce": MaxCalibrationError(n_bins=n_bins),
+        "aece": AdaptiveCalibrationError(n_bins=n_bins),
+        "entropy": MeanEntropy(),
+        "mi": MeanMutualInformation(),
+    }
+    if legacy:
+        metrics |= {
+            "legacy_nll": LegacyNegativeLogLikelihood(),
+            "legacy_ece": LegacyExpectedCalibrationError(),
+            "legacy_mce": LegacyMaxCalibrationError(),
+        }
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 def ood_metrics(prefix: str = "", score: OODScore = "entropy") -> MetricCollection:

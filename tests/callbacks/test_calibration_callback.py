@@ -238,3 +238,23 @@ def test_the_librarys_modules_take_several_test_loaders(tmp_path: Path) -> None:
         logged = {**results[0], **results[1]}
         expected = {"test/cal/acc/dataloader_idx_0", "test/cal/acc/dataloader_idx_1", "test/nll/dataloader_idx_1"}
         assert expected <= set(logged) and "test/cal/acc" not in logged
+
+
+def test_legacy_true_logs_and_writes_the_reference_codes_metrics(tmp_path: Path) -> None:
+    model, data = LinearModel(num_samples=3), ToyDataWithOOD()
+    trainer = make_trainer(tmp_path, CalibrationMetrics(legacy=True))
+    trainer.fit(model, datamodule=data)
+    assert {"val/cal/legacy_nll", "val/cal/legacy_ece", "val/cal/legacy_mce"} <= set(trainer.callback_metrics)
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    x, y = data.test.tensors
+    with torch.no_grad():
+        predictive = model.predictive(x, 3)
+    direct = classification_metrics(legacy=True)
+    direct.update(predictive, y)
+    for name in ("legacy_nll", "legacy_ece", "legacy_mce", "nll"):
+        expected = direct[name].compute().item()
+        assert results[f"test/cal/{name}"] == pytest.approx(expected, rel=1e-5, abs=1e-6, nan_ok=True), name
+    written = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    assert set(written) == CLASSIFICATION_KEYS | {"legacy_nll", "legacy_ece", "legacy_mce"}
+    with pytest.raises(ValueError, match="legacy must be True or False; got 'yes'"):
+        CalibrationMetrics(legacy="yes")  # type: ignore[arg-type]
