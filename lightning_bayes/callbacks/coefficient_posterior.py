@@ -64,7 +64,9 @@ class CoefficientPosterior(Callback):
         folder = run_folder(trainer)
         if folder is None or not trainer.is_global_zero:
             return
-        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the draws leave the global generator untouched
+        # torch.manual_seed reseeds every CUDA generator too: fork them all (when CUDA is in use) with the CPU's
+        cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():  # the draws leave the global generators untouched
             torch.manual_seed(self.seed)
             samples, _ = layer.weight.sample(self.num_samples)
         samples = samples.reshape(self.num_samples, -1).double().cpu()

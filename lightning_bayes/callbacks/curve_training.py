@@ -24,7 +24,7 @@ restored afterwards. Validation and test also evaluate NLL and error on a grid o
 the straight line between the endpoints, log ``curve/{stage}_max_{nll,error}``, ``line/...`` and the
 endpoints' values, and write ``loss_along_curve_{stage}.png`` and ``.json`` into the log folder (never
 overwriting) after fitting and testing. Modules with BatchNorm get running statistics re-estimated by
-:func:`~lightning_bayes.inference.batchnorm.refresh_batchnorm` (``update_bn``) on the training data at every
+:func:`~lightning_bayes.inference.batchnorm.refresh_batchnorm` on the training data at every
 evaluated ``t``.
 
 :meth:`CurveTraining.remove` bakes ``theta(t)`` into the plain tensors, leaving the module as it was

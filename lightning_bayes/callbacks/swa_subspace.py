@@ -181,7 +181,13 @@ class SWASubspace(Callback):
                 raise ValueError("SWASubspace(start_epoch=...) with every_n_steps needs a sized training loader")
             return self.start_epoch * math.ceil(batches / trainer.accumulate_grad_batches)
         assert self.start_fraction is not None  # set whenever start_epoch is not
-        return math.floor(self.start_fraction * trainer.estimated_stepping_batches)
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                f"SWASubspace(start_fraction={self.start_fraction}) with every_n_steps needs a bounded fit (trainer "
+                "max_steps, or max_epochs and a sized training loader); this one has no last step (or give start_epoch)"
+            )
+        return math.floor(self.start_fraction * total)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """With ``swa_lr_ratio``: this epoch's learning rates, ``learning_rate_factor(epoch / start)`` times each
@@ -324,7 +330,13 @@ class SWASubspace(Callback):
     ) -> Iterator[None]:
         """Inside, the selected parameters hold one SWAG draw at ``scale`` (BatchNorm refreshed from ``batches``)."""
         moments = self._require_moments()
-        draw = moments.sample(scale, generator=generator, low_rank=moments.rank >= 2)
+        if 0 < moments.rank < 2:
+            raise ValueError(
+                f"SWASubspace.sample draws a low-rank part (max_rank={moments.max_rank}), which needs at least 2 "
+                "snapshots; 1 is collected (every draw would be the SWA mean): collect more, or max_rank=0 for "
+                "diagonal SWAG"
+            )
+        draw = moments.sample(scale, generator=generator)
         with self._written(pl_module, draw, batches):
             yield
 

@@ -1,12 +1,14 @@
 """BatchNorm statistics for weights the network was not trained at (SWA means, SWAG and subspace samples).
 
-:func:`refresh_batchnorm` recomputes every BatchNorm layer's running statistics in one pass over the data
-with ``torch.optim.swa_utils.update_bn`` (reset, then a cumulative average over batches); it only adapts
-our batches (``(x, y)`` tuples, nested or dict inputs such as a tokenizer's output) and devices.
+:func:`refresh_batchnorm` recomputes every BatchNorm layer's running statistics in one pass over the data:
+reset, then before a batch of ``b`` examples, ``n`` seen so far, momentum ``b / (n + b)``, so the result is the
+average over examples (SWAG's and drbayes' ``bn_update``; ``torch.optim.swa_utils.update_bn`` averages over
+batches, which gives a smaller last batch the weight of a full one). Batches are ``(x, y)`` tuples or ``x`` (nested
+or dict inputs such as a tokenizer's output).
 :func:`batch_statistics` makes BatchNorm layers normalise with the batch's own statistics while leaving
 their running statistics untouched (for evaluating a likelihood at weights whose statistics are unknown).
 Reference: Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization", UAI 2018,
-section 3.2.
+section 3.2; Maddox et al., "A Simple Baseline for Bayesian Uncertainty in Deep Learning", NeurIPS 2019.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.optim.swa_utils import update_bn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -39,20 +40,48 @@ def running_statistics(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def _inputs(batches: Iterable[Any], device: torch.device | None) -> Iterator[tuple[Any]]:
+def _inputs(batches: Iterable[Any], device: torch.device | None) -> Iterator[Any]:
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if device is not None:
-            x = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)
-        yield (x,)  # update_bn calls model(batch[0]) on a tuple: x itself, whatever its structure
+        yield x if device is None else tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)
+
+
+def _batch_size(x: Any) -> int:
+    """Examples in the inputs ``x``: the leading size of its first tensor (a tensor, a tuple or a dict of them)."""
+    leaves = [t for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
+    if not leaves or leaves[0].ndim == 0:
+        raise ValueError(f"refresh_batchnorm needs batches whose inputs hold a batched tensor; got {type(x).__name__}")
+    return leaves[0].shape[0]
 
 
 def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None) -> None:
     """Recompute the running statistics of every BatchNorm layer of ``model`` from ``batches`` (``x`` or
-    ``(x, y, ...)``; ``x`` a tensor, a tuple or a dict of tensors, moved to ``device``): the equal-weight
-    average over batches of the batch statistics. A no-op (no pass over the data) without BatchNorm."""
-    if batchnorm_layers(model):
-        update_bn(_inputs(batches, None if device is None else torch.device(device)), model)
+    ``(x, y, ...)``; ``x`` a tensor, a tuple or a dict of tensors, moved to ``device``): the average over examples
+    of the batch statistics (momentum ``b / (n + b)``). The model runs in training mode for the pass (as
+    ``update_bn`` and the reference's ``bn_update`` do) and gets its modes and momenta back. A no-op (no pass over
+    the data) without BatchNorm."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        return
+    modes = {module: module.training for module in model.modules()}
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+    model.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x in _inputs(batches, None if device is None else torch.device(device)):
+                size = _batch_size(x)
+                for layer in layers:
+                    layer.momentum = size / (seen + size)
+                model(x)
+                seen += size
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
 
 
 @contextmanager

@@ -187,6 +187,15 @@ class BayesianModule(LightningModule, ABC):
         started = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
         return started if 0 < started < self.trainer.num_training_batches else 0
 
+    def refuse_dropped_examples(self, reason: str) -> None:
+        """A clear error when the training loader drops its last batch (``drop_last``) for a method that needs every
+        example: ``reason`` completes "{Method} ..." with why."""
+        if getattr(self.trainer.train_dataloader, "drop_last", False):
+            raise ValueError(
+                f"{type(self).__name__} {reason}; the training loader drops its last batch: set the datamodule's "
+                "drop_last=False (LightningCLI: --data.drop_last false)"
+            )
+
     def on_fit_start(self) -> None:
         """A resumed fit: the global generators again as saved, undoing what the set-up drew after the checkpoint
         was loaded (e.g. an optimiser drawing its seed when it is built), before the training loader's iterator

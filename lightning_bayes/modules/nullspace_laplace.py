@@ -220,11 +220,7 @@ class NullSpaceLaplace(BayesianModule):
                 "from a checkpoint saved at the end of a sweep (ModelCheckpoint saves at epoch ends by default), or "
                 "train from a torchdata StatefulDataLoader (the library's datamodules do)"
             )
-        if getattr(loader, "drop_last", False):
-            raise ValueError(
-                "NullSpaceLaplace projects onto the kernel of every training example; the training loader drops its "
-                "last batch: set the datamodule's drop_last=False (LightningCLI: --data.drop_last false)"
-            )
+        self.refuse_dropped_examples("projects onto the kernel of every training example")
         if any(isinstance(sampler, (RandomSampler, StatefulRandomSampler)) for sampler in samplers):
             raise ValueError(
                 "NullSpaceLaplace sweeps the training batches in one fixed order (cached Gram factors, exact "

@@ -212,6 +212,12 @@ class SubspaceInference(BayesianModule):
         self.num_data = num_data
         self.automatic_optimization = method == "vi"
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # counter of seeded random draws
+        if subspace == "swag" and 0 < self.moments.rank < 2:
+            raise ValueError(
+                f"subspace='swag' with a low-rank part (max_rank={self.moments.max_rank}) needs at least 2 snapshots; "
+                "the run collected 1 (its draws would all be the SWA mean): collect more, or use a run with "
+                "max_rank=0 (diagonal SWAG)"
+            )
         if subspace != "swag":
             self.subspace = self._build_subspace(subspace, rank, curve_points)
             self.register_buffer("samples", torch.zeros(num_samples, self.subspace.dim, dtype=torch.float64))
@@ -357,6 +363,8 @@ class SubspaceInference(BayesianModule):
         super().on_train_start()
         if self.method == "vi" and (self.trainer.max_epochs is None or self.trainer.max_epochs < 1):
             raise ValueError(f"method='vi' trains for max_epochs and then draws its samples; got {self.trainer.max_epochs!r}")
+        if self.method == "ess":  # the slice threshold of one pass is compared with the next pass's likelihood
+            self.refuse_dropped_examples("with method='ess' needs the log-likelihood of every training example")
         if self.method == "ess" and self._sampling_done():  # resumed from a finished chain: nothing left to draw
             self.trainer.should_stop = True
         if self._extend_chain:  # begin the step after the last sample, as an uninterrupted chain does on accepting it
@@ -380,12 +388,25 @@ class SubspaceInference(BayesianModule):
         self._extend_chain = self.method == "ess" and finished and len(saved) < self.num_samples  # acted on by a fit
 
     def on_train_epoch_end(self) -> None:
-        if self.method == "vi" and self.current_epoch + 1 >= (self.trainer.max_epochs or 0):
-            with torch.no_grad():
-                noise = torch.randn(self.samples.shape, dtype=torch.float64, generator=self._generator())
-                self.samples.copy_(self.variational.reparameterize(noise.to(self.samples.device)))
-            self.collected.fill_(self.num_samples)
-            self._refresh_all_batchnorm()
+        """VI draws its samples after its last epoch: ``max_epochs``, or earlier when ``max_steps`` or a callback
+        (e.g. ``EarlyStopping`` at this epoch's validation) ends the fit; before the last checkpoint is written."""
+        trainer = self.trainer
+        steps_done = 0 <= trainer.max_steps <= trainer.global_step
+        if self.method == "vi" and (self.current_epoch + 1 >= (trainer.max_epochs or 0) or trainer.should_stop
+                                    or steps_done):
+            self._draw_vi_samples()
+
+    def on_train_end(self) -> None:
+        """A fit stopped after the epoch's end hooks (e.g. by ``max_time``) still leaves VI with its samples."""
+        if self.method == "vi" and int(self.collected) < self.num_samples:
+            self._draw_vi_samples()
+
+    def _draw_vi_samples(self) -> None:
+        with torch.no_grad():
+            noise = torch.randn(self.samples.shape, dtype=torch.float64, generator=self._generator())
+            self.samples.copy_(self.variational.reparameterize(noise.to(self.samples.device)))
+        self.collected.fill_(self.num_samples)
+        self._refresh_all_batchnorm()
 
     # ----- samples -----------------------------------------------------------------------------------------
     def available_samples(self) -> int:
@@ -406,7 +427,7 @@ class SubspaceInference(BayesianModule):
             if self._swag_draws is None or self._swag_draws.device != self.moments.mean.device:
                 generator = torch.Generator().manual_seed(self.seed)
                 self._swag_draws = self.moments.sample(
-                    self.swag_scale, self.num_samples, low_rank=self.moments.rank >= 2, generator=generator
+                    self.swag_scale, self.num_samples, generator=generator
                 )
             return self._swag_draws[:n]
         if n == 0:

@@ -211,6 +211,26 @@ def test_contexts_before_any_snapshot_are_an_error_and_the_fit_says_why() -> Non
         fit(2, [steps])
 
 
+def test_one_snapshot_with_a_low_rank_part_is_refused_not_drawn_as_the_mean() -> None:
+    swa = SWASubspace(params="all", start_epoch=0, max_rank=20)
+    module = fit(1, [swa])
+    assert int(swa.moments.count) == 1
+    with pytest.raises(ValueError, match=r"needs at least 2 snapshots; 1 is collected .* max_rank=0 for diagonal"):
+        with swa.sample(module):
+            pass
+    diagonal = SWASubspace(params="all", start_epoch=0, max_rank=0)
+    module = fit(1, [diagonal])
+    with diagonal.sample(module):  # a variance of 0 after one snapshot (clamped to 1e-30): the mean, as it should
+        pass
+
+
+def test_start_fraction_per_step_on_an_unbounded_fit_is_named() -> None:
+    swa = SWASubspace(params="all", start_fraction=0.5, every_n_steps=2)
+    with pytest.raises(ValueError, match=r"start_fraction=0.5\) with every_n_steps needs a bounded fit"):
+        Trainer(max_epochs=-1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, callbacks=[swa], max_time={"seconds": 30}).fit(Regression(), loader())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -1,5 +1,5 @@
-"""BatchNorm refresh: the running mean equals the exact data-set mean of each BatchNorm layer's inputs (equal
-batches, 1e-6), for (x, y) batches and dict inputs; batch statistics leave the running statistics untouched."""
+"""BatchNorm refresh: the running mean equals the exact data-set mean of each BatchNorm layer's inputs (1e-6, batches
+of any sizes), for (x, y) batches and dict inputs; batch statistics leave the running statistics untouched."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def exact_input_means(model: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def test_running_means_equal_the_data_set_means_of_the_layer_inputs() -> None:
-    """update_bn averages equal-size batches, and each batch normalises with its own statistics: so the second
-    layer's input depends on the batch; one batch of all 60 points makes both means exact."""
+    """Each batch normalises with its own statistics, so the second layer's input depends on the batch; one batch
+    of all 60 points makes both means exact."""
     model, x = make_model(), data()
     y = torch.zeros(60, dtype=torch.long)
     refresh_batchnorm(model, [(x, y)])
@@ -44,6 +44,34 @@ def test_running_means_equal_the_data_set_means_of_the_layer_inputs() -> None:
     first, second = exact_input_means(model, x)
     torch.testing.assert_close(model[1].running_mean, first, rtol=0, atol=1e-6)
     torch.testing.assert_close(model[4].running_mean, second, rtol=0, atol=1e-6)
+
+
+def test_unequal_batches_average_over_examples_not_batches() -> None:
+    """Momentum ``b / (n + b)`` (the spec's and drbayes' ``bn_update``): 50 examples then 10 give the 60-example mean
+    (``update_bn``'s equal-weight average of batch means was 0.5 here against the data-set mean 1/6)."""
+    model = nn.Sequential(nn.BatchNorm1d(1))
+    x = torch.cat([torch.zeros(50, 1), torch.ones(10, 1)])
+    refresh_batchnorm(model, [x[:50], x[50:]])
+    torch.testing.assert_close(model[0].running_mean, torch.tensor([1 / 6]), rtol=0, atol=1e-7)
+    # the running variance: the examples-weighted average of the batches' unbiased variances (0 and 0 here)
+    torch.testing.assert_close(model[0].running_var, torch.tensor([0.0]), rtol=0, atol=1e-7)
+    model, x = make_model(), data()
+    refresh_batchnorm(model, [(x[:37], None), (x[37:], None)])
+    first, _ = exact_input_means(model, x)
+    torch.testing.assert_close(model[1].running_mean, first, rtol=0, atol=1e-6)
+
+
+def test_modes_and_momenta_come_back_and_dropout_runs_in_the_pass() -> None:
+    """As ``update_bn`` and drbayes: the whole model in training mode for the pass, each module's mode restored."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6, momentum=0.3))
+    model.eval()
+    model[1].train()
+    seen_modes = []
+    model[1].register_forward_hook(lambda module, args, out: seen_modes.append(module.training))
+    refresh_batchnorm(model, [data()[:20], data()[20:]])
+    assert seen_modes == [True, True]
+    assert [m.training for m in model] == [False, True, False] and model[2].momentum == 0.3
+    assert int(model[2].num_batches_tracked) == 2
 
 
 def test_equal_batches_average_to_the_first_layers_data_set_mean() -> None:

@@ -72,6 +72,17 @@ def test_low_rank_draws_have_covariance_d_d_transpose_over_k_minus_1() -> None:
     assert _chi_square_p_value(errors, covariance, 1.2) < 1e-6  # the test has the power to see a 20% error
 
 
+def test_before_the_buffer_fills_the_low_rank_part_divides_by_the_stored_rank() -> None:
+    """3 snapshots in a buffer of K = 8: covariance D^T D / (3 - 1), not / (K - 1) (7/2 times too small)."""
+    moments = collected(iterates(3, 6, seed=4), max_rank=8)
+    assert moments.rank == 3
+    draws = moments.sample(scale=1.0, num_samples=20000, diagonal=False, generator=torch.Generator().manual_seed(3))
+    d = moments.deviation_rows()
+    errors = draws - moments.mean
+    assert _chi_square_p_value(errors, d.T @ d / 2, 1.0) > 1e-3
+    assert _chi_square_p_value(errors, d.T @ d / 7, 1.0) < 1e-6
+
+
 def test_swag_draws_at_scale_one_half_have_half_the_full_covariance() -> None:
     """sqrt(s), not s: at s = 0.5 the covariance is 0.5 (Sigma_diag + D^T D / (K - 1)), not 0.25 of it."""
     thetas = iterates(30, 8, seed=2)

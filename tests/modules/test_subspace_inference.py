@@ -91,6 +91,30 @@ def test_a_sampler_refuses_a_step_budget_and_vi_takes_one() -> None:
     assert vi.trainer.global_step == 4  # two epochs of two optimiser steps
 
 
+def test_vi_stopped_before_max_epochs_still_draws_its_samples_from_q() -> None:
+    """``max_steps`` ends the fit in epoch 3 of 100: the samples are drawn then (they were not: the predictive fell
+    back to the subspace's centre); 4,000 of them have q's mean and standard deviation (4 standard errors)."""
+    x, y, state = regression()
+    vi = linear_module(state, method="vi", num_samples=4000)
+    trainer(100, max_steps=5).fit(vi, DataLoader(TensorDataset(x, y), batch_size=20))
+    assert vi.trainer.global_step == 5 and int(vi.collected) == 4000
+    mu, sigma = vi.variational.mu.detach(), vi.variational.sigma.detach()
+    samples = vi.samples
+    assert ((samples.mean(0) - mu).abs() / (sigma / 4000**0.5)).max() < 4
+    torch.testing.assert_close(samples.std(0), sigma, rtol=4 / (2 * 4000) ** 0.5, atol=0)
+    assert vi.eval().predictive(x[:2]).mean_samples.shape[0] == 4000
+
+
+def test_ess_refuses_a_loader_that_drops_its_last_batch() -> None:
+    """The slice threshold of one pass is compared with the next pass's log-likelihood: a shuffled loader that
+    drops a batch sums other examples every time."""
+    x, y, state = regression()
+    loader = DataLoader(TensorDataset(x[:30], y[:30]), batch_size=8, shuffle=True, drop_last=True)
+    with pytest.raises(ValueError, match=r"^SubspaceInference with method='ess' needs the log-likelihood of every "
+                       r"training example; the training loader drops its last batch: set the datamodule's drop_last"):
+        trainer(-1).fit(linear_module(state, method="ess", num_samples=4), loader)
+
+
 def test_vi_finds_the_posterior_mean_and_diagonal_precision() -> None:
     """For a Gaussian posterior the best diagonal Gaussian (KL(q || p)) has the posterior mean and
     sigma_i^2 = 1 / precision_ii."""
@@ -302,3 +326,13 @@ def test_a_state_without_snapshots_is_refused_saying_why() -> None:
     with pytest.raises(ValueError, match=r"^swag_state holds no snapshot: its run ended before the callback's start of "
                        r"collection \(start_epoch or start_fraction\); train past it$"):
         linear_module(state)
+
+
+def test_swag_from_one_snapshot_with_a_low_rank_part_is_refused() -> None:
+    """Its draws would all be the SWA mean (diagonal variance 0, the low-rank part dropped without 2 deviations)."""
+    _, _, state = regression()
+    moments = SWAGMoments(6, 4, dtype=torch.float64)
+    moments.update(torch.ones(6, dtype=torch.float64))
+    state["moments"] = moments.state_dict()
+    with pytest.raises(ValueError, match=r"^subspace='swag' with a low-rank part \(max_rank=4\) needs at least 2 "):
+        linear_module(state, subspace="swag", method="none")
