@@ -72,29 +72,32 @@ def monotone_coefficients(raw: Tensor) -> Tensor:
     return torch.cat([raw[..., :1], raw[..., :1] + torch.cumsum(F.softplus(raw[..., 1:]), dim=-1)], dim=-1)
 
 
-def initial_raw_coefficients(degree: int, support: tuple[float, float]) -> Tensor:
-    """Raw coefficients ``[M + 1]`` whose :func:`monotone_coefficients` are evenly spaced over ``support``."""
+def initial_raw_coefficients(degree: int, support: tuple[float, float], dtype: torch.dtype | None = None) -> Tensor:
+    """Raw coefficients ``[M + 1]`` whose :func:`monotone_coefficients` are evenly spaced over ``support`` (in
+    ``dtype``, torch's default if ``None``)."""
     if not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be an int >= 1; got {degree!r}")
     low, high = support
     if not high > low:
         raise ValueError(f"support must be (w_min, w_max) with w_max > w_min; got {support!r}")
-    step = torch.tensor((high - low) / degree)
-    return torch.cat([torch.tensor([low]), inverse_softplus(step).repeat(degree)])
+    step = torch.tensor((high - low) / degree, dtype=dtype)
+    return torch.cat([torch.tensor([low], dtype=dtype), inverse_softplus(step).repeat(degree)])
 
 
-def add_affine_parameters(flow: nn.Module, shape: tuple[int, ...], final_affine: bool, freeze_affine: bool) -> None:
-    """Give ``flow`` the chain's affine maps of ``shape``: ``f1``'s raw ``a = b = 0`` (buffers when ``freeze_affine``)
-    and, with ``final_affine``, ``f3``'s ``alpha = softplus^-1(1)`` and ``beta = 0``."""
+def add_affine_parameters(
+    flow: nn.Module, shape: tuple[int, ...], final_affine: bool, freeze_affine: bool, dtype: torch.dtype | None = None
+) -> None:
+    """Give ``flow`` the chain's affine maps of ``shape`` in ``dtype``: ``f1``'s raw ``a = b = 0`` (buffers when
+    ``freeze_affine``) and, with ``final_affine``, ``f3``'s ``alpha = softplus^-1(1)`` and ``beta = 0``."""
     if freeze_affine:
-        flow.register_buffer("a", torch.zeros(shape))
-        flow.register_buffer("b", torch.zeros(shape))
+        flow.register_buffer("a", torch.zeros(shape, dtype=dtype))
+        flow.register_buffer("b", torch.zeros(shape, dtype=dtype))
     else:
-        flow.a = nn.Parameter(torch.zeros(shape))
-        flow.b = nn.Parameter(torch.zeros(shape))
+        flow.a = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        flow.b = nn.Parameter(torch.zeros(shape, dtype=dtype))
     if final_affine:
-        flow.alpha = nn.Parameter(torch.full(shape, float(inverse_softplus(torch.tensor(1.0)))))
-        flow.beta = nn.Parameter(torch.zeros(shape))
+        flow.alpha = nn.Parameter(inverse_softplus(torch.ones(shape, dtype=dtype)))
+        flow.beta = nn.Parameter(torch.zeros(shape, dtype=dtype))
 
 
 class BernsteinFlow(nn.Module):
@@ -107,6 +110,7 @@ class BernsteinFlow(nn.Module):
         final_affine: include ``f3``.
         freeze_affine: keep ``a`` and ``b`` at their initial values (buffers, not parameters), as the released
             multivariate script does.
+        dtype: of the parameters (torch's default if ``None``).
 
     Raw ``a = b = 0`` and ``alpha = softplus^-1(1)``, ``beta = 0`` at initialisation, as in the reference.
     """
@@ -121,12 +125,13 @@ class BernsteinFlow(nn.Module):
         self, shape: tuple[int, ...] | torch.Size, degree: int = 10, support: tuple[float, float] = (-10.0, 10.0),
         final_affine: bool = True,
         freeze_affine: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        raw = initial_raw_coefficients(degree, support)
+        raw = initial_raw_coefficients(degree, support, dtype)
         shape = tuple(shape)
         self.degree, self.final_affine = degree, final_affine
-        add_affine_parameters(self, shape, final_affine, freeze_affine)
+        add_affine_parameters(self, shape, final_affine, freeze_affine, dtype)
         self.raw_coefficients = nn.Parameter(raw.expand(*shape, degree + 1).clone())
 
     def coefficients(self) -> Tensor:

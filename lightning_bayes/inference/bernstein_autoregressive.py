@@ -92,6 +92,7 @@ class AutoregressiveBernsteinFlow(nn.Module):
         hidden: widths of the MADE's hidden layers (the paper: two of 10).
         final_affine: include ``f3`` (``softplus(alpha) h - beta``) per entry.
         freeze_affine: keep ``a`` and ``b`` at their initial values (buffers), as the released script does.
+        dtype: of the parameters (torch's default if ``None``).
     """
 
     # set by add_affine_parameters: parameters, or buffers when frozen; alpha and beta only with final_affine
@@ -108,19 +109,20 @@ class AutoregressiveBernsteinFlow(nn.Module):
         hidden: Sequence[int] = (10, 10),
         final_affine: bool = True,
         freeze_affine: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(shape)
         if not all(isinstance(n, int) and n >= 1 for n in shape):
             raise ValueError(f"shape must be a tuple of ints >= 1; got {shape!r}")
-        raw = initial_raw_coefficients(degree, support)
+        raw = initial_raw_coefficients(degree, support, dtype)
         hidden = tuple(hidden)
         if not all(isinstance(n, int) and n >= 1 for n in hidden):
             raise ValueError(f"hidden must be a sequence of layer widths (ints >= 1); got {hidden!r}")
         self.shape, self.degree, self.final_affine = shape, degree, final_affine
         self.dim = math.prod(shape)
-        add_affine_parameters(self, shape, final_affine, freeze_affine)
-        self.conditioner = made(self.dim, hidden, degree + 1)
+        add_affine_parameters(self, shape, final_affine, freeze_affine, dtype)
+        self.conditioner = made(self.dim, hidden, degree + 1).to(raw.dtype)
         with torch.no_grad():
             cast(nn.Linear, self.conditioner[-1]).bias.copy_(raw.repeat(self.dim))  # made's output layer
 

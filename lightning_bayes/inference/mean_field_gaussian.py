@@ -23,6 +23,14 @@ ScaleMap = Literal["softplus", "square"]
 SCALE_MAPS = ("softplus", "square")
 
 
+def initial_tensor(value: Tensor | float) -> Tensor:
+    """``value`` as a tensor: a floating tensor keeps its dtype (float64 trained weights stay exact), anything else
+    takes torch's default."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.detach()
+    return torch.as_tensor(value, dtype=torch.get_default_dtype())
+
+
 def initial_parameters(
     shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float, init_scale: float, scale_map: ScaleMap = "softplus"
 ) -> tuple[nn.Parameter, nn.Parameter]:
@@ -32,11 +40,11 @@ def initial_parameters(
     if scale_map not in SCALE_MAPS:
         raise ValueError(f"scale_map must be one of {SCALE_MAPS}; got {scale_map!r}")
     shape = tuple(shape)
-    mean = torch.as_tensor(init_mean, dtype=torch.get_default_dtype())
+    mean = initial_tensor(init_mean)
     if mean.ndim and tuple(mean.shape) != shape:
         raise ValueError(f"init_mean must be a number or have shape {shape}; got {tuple(mean.shape)}")
     raw = math.log(math.expm1(init_scale)) if scale_map == "softplus" else math.sqrt(init_scale)
-    return nn.Parameter(mean.expand(shape).clone()), nn.Parameter(torch.full(shape, raw))
+    return nn.Parameter(mean.expand(shape).clone()), nn.Parameter(torch.full(shape, raw, dtype=mean.dtype))
 
 
 class MeanFieldGaussian(nn.Module):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .mean_field_gaussian import initial_tensor
+
 
 class PointMass(nn.Module):
     """A deterministic tensor ``mean`` (a Parameter) with zero ``scale`` and no KL term.
@@ -21,7 +23,7 @@ class PointMass(nn.Module):
 
     def __init__(self, init_mean: Tensor) -> None:
         super().__init__()
-        self.mean = nn.Parameter(torch.as_tensor(init_mean, dtype=torch.get_default_dtype()).clone())
+        self.mean = nn.Parameter(initial_tensor(init_mean).clone())
 
     @property
     def scale(self) -> Tensor:

@@ -87,7 +87,8 @@ def update_support(
     family: SparseGaussian, dense_gradient: Tensor, fraction: float, score: Score = "snr_mean_abs", grow_rho: GrowRho = "mean"
 ) -> TopologyChange:
     """Drop ``round(fraction n_active)`` active weights of ``family`` by lowest ``score`` and grow as many inactive
-    ones by largest ``|dense_gradient|``, re-initialised by ``grow_rho``; dropped entries are zeroed."""
+    ones by largest ``|dense_gradient|``, re-initialised by ``grow_rho`` (``"mean"``: the mean raw scale of the weights
+    kept, or of those active before the drop when it keeps none); dropped entries are zeroed."""
     if dense_gradient.shape != family.mask.shape:
         raise ValueError(f"dense_gradient must have shape {tuple(family.mask.shape)}; got {tuple(dense_gradient.shape)}")
     if not 0 <= fraction <= 1:
@@ -102,8 +103,10 @@ def update_support(
     growth = dense_gradient.detach().abs().view(-1).double()
     grown = torch.topk(growth.masked_fill(mask, -math.inf), count).indices
     loc, raw_scale = family.loc.view(-1), family.raw_scale.view(-1)
+    before = mask.clone()
     mask[dropped] = False
-    new_rho = raw_scale[mask].mean() if grow_rho == "mean" else torch.tensor(EPS_RHO)
+    kept = mask if mask.any() else before  # every active weight dropped: the mean over them before the drop
+    new_rho = raw_scale[kept].mean() if grow_rho == "mean" else torch.tensor(EPS_RHO)
     mask[grown] = True
     loc[dropped], raw_scale[dropped] = 0.0, 0.0
     loc[grown], raw_scale[grown] = 0.0, new_rho.to(raw_scale)

@@ -7,12 +7,13 @@ Kingma, Salimans & Welling, NeurIPS 2015), its masked SSVI form, or a Bernstein 
 (:class:`~lightning_bayes.inference.bernstein.BernsteinFlow`) or jointly over a small tensor
 (:class:`~lightning_bayes.inference.bernstein_autoregressive.AutoregressiveBernsteinFlow`): a weight draw per
 forward, shared by the batch, and a Monte Carlo ``log q - log p`` of that draw. The prior is ``N(0, prior_scale^2)``
-on every weight. :func:`use_noise` switches every layer of a model to its mean (Gaussian) or median (flow,
-``z = 0``) weights, the deterministic "mean model"; :func:`draws_ahead` makes a predictive's ``S`` (or an ELBO's
-``T``) weight draws one ``sample(k)`` call per family instead of one per forward. Nothing is scaled silently:
-:meth:`kl` is the KL (or its one-draw estimate) of the whole layer; the module dividing it by the dataset size
-states so. :func:`to_variational` converts chosen layers of an existing model (the ``params`` selector) in place,
-their weights becoming the initial means.
+on every weight. :func:`use_noise` switches every layer of a model to its mean (Gaussian) or ``f(0)`` (flow, base
+noise ``z = 0``: each weight's median for a mean-field flow, the chain of conditional medians given the earlier
+weights at ``z = 0`` for the joint flow) weights, the deterministic "mean model"; :func:`draws_ahead` makes a
+predictive's ``S`` (or an ELBO's ``T``) weight draws one ``sample(k)`` call per family instead of one per forward.
+Nothing is scaled silently: :meth:`kl` is the KL (or its one-draw estimate) of the whole layer; the module dividing
+it by the dataset size states so. :func:`to_variational` converts chosen layers of an existing model (the ``params``
+selector) in place, their weights becoming the initial means.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _family(
     if kind == "sparse_gaussian":  # SSVI: masked Gaussian weights, deterministic biases
         return SparseGaussian(shape, init_mean, init_scale) if len(shape) > 1 else PointMass(init_mean)
     flow_class = BernsteinFlow if kind == "bernstein" else AutoregressiveBernsteinFlow
-    flow = flow_class(shape, degree=degree, support=support, freeze_affine=freeze_affine)
+    flow = flow_class(shape, degree=degree, support=support, freeze_affine=freeze_affine, dtype=init_mean.dtype)
     with torch.no_grad():  # w = softplus(alpha) h - beta: centre the chain on the template's weight
         flow.beta.copy_(-init_mean)
     return flow
@@ -194,7 +195,8 @@ class VariationalLayer(nn.Module):
 
     @staticmethod
     def _centre(family: FamilyModule, shape: torch.Size) -> Tensor:
-        """The mean of a Gaussian family (closed-form KL); the median ``f(0)`` of a flow (base noise zero)."""
+        """The mean of a Gaussian family (closed-form KL); ``f(0)`` of a flow (base noise zero: the median per weight
+        of a mean-field flow, the conditional medians at ``z = 0`` of a joint one)."""
         if hasattr(family, "kl_to_prior"):
             return cast(GaussianFamilyModule, family).mean
         reference = next(family.parameters())
@@ -222,6 +224,7 @@ def to_variational(model: nn.Module, params: ParamSelector = "all", **layer_opti
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, nn.Conv2d)) and f"{name}.weight" in selected:
+            _refuse_unconvertible(model, name, module, params)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, VariationalLayer(module, **layer_options).to(module.weight))
@@ -229,6 +232,32 @@ def to_variational(model: nn.Module, params: ParamSelector = "all", **layer_opti
     if not replaced:
         raise ValueError(f"params={params!r} selects the weight of no nn.Linear or nn.Conv2d of {type(model).__name__}")
     return replaced
+
+
+def _refuse_unconvertible(model: nn.Module, name: str, module: nn.Linear | nn.Conv2d, params: ParamSelector) -> None:
+    """An error naming the layer when a plain ``F.linear`` / ``F.conv2d`` of its weights is not what it computes, or
+    replacing it would break its model: a forward of its own (e.g. timm's ``StdConv2d``, ``Conv2dSame``), padding
+    other than zeros, ``nn.MultiheadAttention``'s output projection (whose weight the attention reads itself), or a
+    layer used at two places (one replacement would untie them)."""
+    plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    problem = None
+    if type(module).forward is not plain.forward:
+        problem = "its class has a forward of its own, which VariationalLayer would replace by a plain " + (
+            "linear map" if plain is nn.Linear else "convolution"
+        )
+    elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        problem = f"it pads with padding_mode={module.padding_mode!r}, and VariationalLayer's convolution with zeros"
+    else:
+        parent_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+            problem = "it is nn.MultiheadAttention's output projection, whose weight the attention reads itself"
+        places = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+        if len(places) > 1:
+            problem = f"it is one module used at {places}, which converting it would untie"
+    if problem is not None:
+        raise ValueError(
+            f"params={params!r} selects layer {name!r} ({type(module).__name__}), but {problem}: leave it out of params"
+        )
 
 
 def total_kl(model: nn.Module) -> Tensor:

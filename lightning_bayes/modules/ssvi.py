@@ -82,6 +82,7 @@ class SSVI(VariationalInference):
 
     # buffers (register_buffer), typed for readers and checkers
     iteration: Tensor
+    supports_sharding = False  # the masks and support updates take whole tensors, not FSDP2's shards
 
     def __init__(
         self,
@@ -150,6 +151,15 @@ class SSVI(VariationalInference):
     def update_end(self) -> int:
         """``T_end``: the first iteration with a frozen support."""
         return math.floor(self.update_end_fraction * self.trainer.estimated_stepping_batches)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if not math.isfinite(self.trainer.estimated_stepping_batches):
+            raise ValueError(
+                "SSVI's support schedule (update_end_fraction, the drop fraction's cosine decay) needs the fit's "
+                "total steps, and this fit has no last step: set trainer max_steps, or max_epochs with a sized "
+                "training loader"
+            )
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """``rho`` without weight decay (the reference's second SGD group), everything else as configured."""

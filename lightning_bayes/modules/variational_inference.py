@@ -57,7 +57,8 @@ class VariationalInference(BayesianModule):
         kl_warmup_epochs: ramp the KL weight linearly from 0 over this many epochs (0: none).
         train_samples: weight draws ``T`` per training step.
         num_samples: predictive draws.
-        mean_prediction: predict with the mean (Gaussian) / median (flow) weights instead of sampling.
+        mean_prediction: predict with the mean (Gaussian) / base-noise-zero ``f(0)`` (flow: the median of each
+            weight under a mean-field flow) weights instead of sampling.
         likelihood, optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 

@@ -222,8 +222,36 @@ def test_grown_weights_start_at_mean_zero_and_the_mean_rho_of_the_kept_weights()
     assert EPS_RHO == pytest.approx(math.log(math.expm1(1e-6)))
 
 
+def test_a_drop_that_keeps_no_weight_grows_with_the_mean_rho_of_those_dropped():
+    """round(0.9 * 3) = 3 of 3 active weights dropped: no kept weight to average (a NaN scale before), so the grown
+    weights take the mean raw scale of the 3 before the drop."""
+    family = sparse_family((4, 4), density=3 / 16)
+    assert family.num_active == 3
+    before = family.raw_scale.detach().view(-1)[family.mask.view(-1)].clone()
+    gradient = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    change = update_support(family, gradient, 0.9, grow_rho="mean")
+    assert len(change.dropped) == 3 and family.num_active == 3
+    grown = family.raw_scale.view(-1)[change.grown]
+    torch.testing.assert_close(grown, before.mean().expand(3), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("score", ["mean", "snr"])
+def test_large_negative_means_are_kept_over_small_positive_ones(score):
+    """The scores take ``|mu|``: the weights of mean -3 outrank those of mean 0.01 (a signed score dropped them)."""
+    family = sparse_family((4, 5), density=1.0)
+    with torch.no_grad():
+        family.loc.copy_(torch.tensor([-3.0, 0.01] * 10, dtype=torch.float64).view(4, 5))
+        family.raw_scale.fill_(0.0)  # equal scales: both scores order by |mu|
+    gradient = torch.zeros(4, 5, dtype=torch.float64)
+    family.mask.view(-1)[::4] = False  # 5 inactive entries to grow into
+    change = update_support(family, gradient, 0.3, score)
+    assert len(change.dropped) == 4 and (family.loc.detach().view(-1)[change.dropped] == 0).all()
+    kept_negative = [i for i in range(20) if i % 2 == 0 and i % 4 != 0]
+    assert not set(change.dropped.tolist()) & set(kept_negative)
+
+
 # 5. scores --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 3.0])
+@pytest.mark.parametrize("ratio", [-1.5, 0.0, 0.5, 3.0])
 def test_folded_normal_and_exp_scores_match_monte_carlo_moments(ratio):
     sigma, n = 0.7, 1_000_000
     mu = ratio * sigma

@@ -202,3 +202,47 @@ def test_draws_ahead_with_log_ratios_gives_each_forward_its_draws_kl_estimate():
         flow(x)
     torch.testing.assert_close(flow.kl(), ratios[-1], rtol=0, atol=0)
     assert not torch.equal(before, ratios[-1])
+
+
+class StandardisedConv(nn.Conv2d):
+    """A conv with a forward of its own (as timm's StdConv2d: weight standardisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+def shared_twice(layer: nn.Module) -> nn.Sequential:
+    return nn.Sequential(layer, nn.Tanh(), layer)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (lambda: nn.Sequential(StandardisedConv(1, 2, 3)), r"layer '0' \(StandardisedConv\), but its class has"),
+        (lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")),
+         r"layer '0' \(Conv2d\), but it pads with padding_mode='reflect'"),
+        (lambda: nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
+         r"layer '0.self_attn.out_proj' .* nn.MultiheadAttention's output projection"),
+        (lambda: shared_twice(nn.Linear(3, 3)),
+         r"layer '0' \(Linear\), but it is one module used at \['0', '2'\]"),
+    ],
+    ids=["own-forward", "reflect-padding", "attention-out-proj", "shared"],
+)
+def test_layers_a_plain_linear_map_would_change_are_refused_by_name(model, message):
+    """Replacing them computed something else silently (a reflect-padded conv 1.25 off; StdConv2d 7.9 off), crashed
+    in the attention, or untied a shared layer."""
+    with pytest.raises(ValueError, match=message):
+        to_variational(model(), "all")
+
+
+@pytest.mark.parametrize("family", ["gaussian", "sparse_gaussian", "bernstein"])
+def test_a_float64_template_is_the_centre_exactly(family):
+    """Its weights became the means through float32 (1.3e-8 off for the Gaussians, 7.6e-8 for the flow)."""
+    template = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        template.weight.copy_(torch.tensor([[0.1, 1 / 3, 0.7 + 1e-9], [0.2, 0.3, 0.4]], dtype=torch.float64))
+    layer = VariationalLayer(template, family=family, local_reparameterization=family != "bernstein")
+    centre = layer._centre(layer.weight, template.weight.shape).detach()
+    assert centre.dtype == torch.float64
+    torch.testing.assert_close(centre, template.weight.detach(), rtol=0, atol=1e-15)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from distributed_run import build, fit_and_resume, fit_distributed, fit_in_one_process, predictive_probabilities
 from torch import nn
 
-from lightning_bayes.modules import MAP, DeepEnsemble, NullSpaceLaplace, VariationalInference
+from lightning_bayes.modules import MAP, SSVI, DeepEnsemble, NullSpaceLaplace, VariationalInference
 
 distributed = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
@@ -70,6 +70,7 @@ def test_sharded_ivon_module_keeps_the_one_process_posterior_and_predictive(tmp_
     [
         lambda: DeepEnsemble(nn.Linear(2, 2), num_members=2),
         lambda: NullSpaceLaplace(nn.Linear(2, 2)),
+        lambda: SSVI(nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 2)), dataset_size=4),  # crashed at its first mask
     ],
 )
 def test_methods_that_need_whole_parameters_refuse_sharding_by_name(module) -> None:

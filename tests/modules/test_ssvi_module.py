@@ -236,3 +236,9 @@ def test_growth_gradients_under_accumulation_are_those_of_the_whole_batch(monkey
         first_update[accumulate] = captured[: len(module.sparse_families)]
     for whole, accumulated in zip(first_update[1], first_update[2]):
         torch.testing.assert_close(accumulated, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_a_fit_without_a_last_step_is_refused_by_name():
+    """The schedule needs the total steps (math.floor of an infinite estimate was an OverflowError)."""
+    with pytest.raises(ValueError, match=r"^SSVI's support schedule .* has no last step: set trainer max_steps"):
+        trainer(-1, max_time={"seconds": 30}).fit(ssvi(), loader())
