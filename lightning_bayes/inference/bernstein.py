@@ -144,6 +144,9 @@ class BernsteinFlow(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(w, log q(w))`` for base draws ``z`` of shape ``[..., *shape]`` (elementwise log-densities)."""
+        shape = tuple(self.a.shape)
+        if z.ndim < len(shape) or tuple(z.shape[z.ndim - len(shape):]) != shape:  # would broadcast silently
+            raise ValueError(f"z must have shape [..., {', '.join(map(str, shape))}]; got {tuple(z.shape)}")
         scale = F.softplus(self.a)
         pre = scale * z + self.b
         u = torch.sigmoid(pre).clamp(_U_CLIP, 1 - _U_CLIP)

@@ -117,6 +117,14 @@ def test_bad_arguments_are_named(kwargs: dict, name: str):
         BernsteinFlow((2,), **kwargs)
 
 
+def test_base_draws_of_another_shape_are_refused_not_broadcast():
+    flow = BernsteinFlow((2, 3))
+    assert flow(torch.zeros(5, 2, 3))[0].shape == (5, 2, 3)
+    for shape in [(5, 3), (2, 1), (3,)]:  # each broadcast against the (2, 3) parameters before
+        with pytest.raises(ValueError, match=r"z must have shape \[\.\.\., 2, 3\]; got "):
+            flow(torch.zeros(shape))
+
+
 def _logit_beta_log_density(t: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """Density of ``logit(pi)`` for ``pi ~ Beta(a, b)`` (the sigmoid's Jacobian included)."""
     beta = torch.distributions.Beta(torch.tensor(a, dtype=t.dtype), torch.tensor(b, dtype=t.dtype))
