@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
-from ..inference.swag import SWAGMoments, learning_rate_factor
+from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
 
 if TYPE_CHECKING:
@@ -324,12 +324,14 @@ class SWASubspace(Callback):
     def sample(
         self,
         pl_module: LightningModule,
-        scale: float = 0.5,
+        scale: float | None = None,
         generator: torch.Generator | None = None,
         batches: Iterable[Any] | None = None,
     ) -> Iterator[None]:
-        """Inside, the selected parameters hold one SWAG draw at ``scale`` (BatchNorm refreshed from ``batches``)."""
+        """Inside, the selected parameters hold one SWAG draw at ``scale`` (``None``: 0.5, or 1 for SWAG-diag when
+        ``max_rank=0``; BatchNorm refreshed from ``batches``)."""
         moments = self._require_moments()
+        scale = default_swag_scale(moments) if scale is None else scale
         if 0 < moments.rank < 2:
             raise ValueError(
                 f"SWASubspace.sample draws a low-rank part (max_rank={moments.max_rank}), which needs at least 2 "

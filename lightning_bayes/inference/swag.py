@@ -126,3 +126,8 @@ class SWAGMoments(nn.Module):
             noise += coefficients @ self.deviation_rows() / math.sqrt(rank - 1)
         draws = self.mean + math.sqrt(scale) * noise
         return draws[0] if num_samples is None else draws
+
+
+def default_swag_scale(moments: SWAGMoments) -> float:
+    """The reference's ``s``: 0.5 for SWAG (a low-rank part), 1 for SWAG-diag (``max_rank=0``, the diagonal only)."""
+    return 1.0 if moments.max_rank == 0 else 0.5

@@ -5,7 +5,8 @@ Starts from the moments an :class:`~lightning_bayes.callbacks.swa_subspace.SWASu
 weights) and builds one of
 
 * ``subspace="swag"``: the SWAG Gaussian itself, ``theta = theta_bar + sqrt(s)(diag + low rank)``
-  (``swag_scale`` s = 0.5; 0 gives SWA), sampled directly (``method="none"``);
+  (``swag_scale`` s = 0.5, or 1 for a diagonal-only run (``max_rank=0``, SWAG-diag); 0 gives SWA), sampled
+  directly (``method="none"``);
 * ``"pca"``, ``"random"``, ``"curve"``: ``w(z) = w_hat + P^T z`` with ``z in R^k`` and the posterior
   ``p(z | D) ∝ exp(-sum_i l_i(w(z)) / T) N(z; 0, sigma_p^2 I)``, inferred by
 
@@ -35,6 +36,7 @@ Wilson, "Subspace Inference for Bayesian Deep Learning", UAI 2019; Maddox et al.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -45,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..checks import is_number
 from ..datamodules import side_pass, without_sampler_padding
 from ..inference.batchnorm import (
     batch_statistics,
@@ -62,7 +65,7 @@ from ..inference.subspace import (
     pca_subspace,
     random_subspace,
 )
-from ..inference.swag import SWAGMoments
+from ..inference.swag import SWAGMoments, default_swag_scale
 from ..models.weights import load_trained_likelihood, load_trained_weights, resolve_checkpoint_path
 from ..params import ParamSelector, select_parameters
 from ..predictive import Predictive
@@ -119,7 +122,8 @@ class SubspaceInference(BayesianModule):
             ``T`` of order ``N`` (5,000 to 10,000 on its data sets): choose it on validation data
             (``configs/mnist/subspace_ess.yaml`` uses 1,000, against which 1 scored worse).
         prior_scale: ``sigma_p`` of the prior ``N(0, sigma_p^2 I)`` on ``z`` (PCA: in SWAG standard deviations).
-        swag_scale: ``s`` of the SWAG draws (0.5; 0 is SWA).
+        swag_scale: ``s`` of the SWAG draws; ``None``: the reference's 0.5 with a low-rank part, 1 for a diagonal-only
+            run (SWAG-diag); 0 is SWA.
         num_samples: samples kept for the predictive.
         bn_update: recompute BatchNorm statistics for every sample (when the model has BatchNorm).
         curve_points: for ``"curve"``: three checkpoints (or flat weight vectors) ``w0``, ``w_half``, ``w2``, where
@@ -151,7 +155,7 @@ class SubspaceInference(BayesianModule):
         method: str = "ess",
         temperature: float = 1.0,
         prior_scale: float = 1.0,
-        swag_scale: float = 0.5,
+        swag_scale: float | None = None,
         num_samples: int = 30,
         bn_update: bool = True,
         curve_points: Sequence[Union[str, Tensor]] | None = None,
@@ -174,8 +178,8 @@ class SubspaceInference(BayesianModule):
             raise ValueError(f"temperature must be a number > 0; got {temperature!r}")
         if not (isinstance(prior_scale, (int, float)) and prior_scale > 0):
             raise ValueError(f"prior_scale must be a number > 0; got {prior_scale!r}")
-        if not (isinstance(swag_scale, (int, float)) and swag_scale >= 0):
-            raise ValueError(f"swag_scale must be a number >= 0; got {swag_scale!r}")
+        if swag_scale is not None and not (is_number(swag_scale) and 0 <= swag_scale < math.inf):
+            raise ValueError(f"swag_scale must be None or a finite number >= 0; got {swag_scale!r}")
         if num_data is not None and (not isinstance(num_data, int) or num_data < 1):
             raise ValueError(f"num_data must be None or a positive int; got {num_data!r}")
         if (checkpoint is None) == (swag_state is None):
@@ -207,7 +211,9 @@ class SubspaceInference(BayesianModule):
                 "or start_fraction); train past it"
             )
         self.method, self.kind, self.seed = method, subspace, seed
-        self.temperature, self.prior_scale, self.swag_scale = float(temperature), float(prior_scale), float(swag_scale)
+        self.temperature, self.prior_scale, self.swag_scale = float(temperature), float(prior_scale), (
+            default_swag_scale(self.moments) if swag_scale is None else float(swag_scale)
+        )
         self.bn_update = bn_update and bool(batchnorm_layers(model))
         self.num_data = num_data
         self.automatic_optimization = method == "vi"

@@ -211,7 +211,7 @@ def test_contexts_before_any_snapshot_are_an_error_and_the_fit_says_why() -> Non
         fit(2, [steps])
 
 
-def test_one_snapshot_with_a_low_rank_part_is_refused_not_drawn_as_the_mean() -> None:
+def test_one_snapshot_with_a_low_rank_part_is_refused_and_swag_diag_draws_at_scale_one() -> None:
     swa = SWASubspace(params="all", start_epoch=0, max_rank=20)
     module = fit(1, [swa])
     assert int(swa.moments.count) == 1
@@ -219,9 +219,11 @@ def test_one_snapshot_with_a_low_rank_part_is_refused_not_drawn_as_the_mean() ->
     with refused, swa.sample(module):
         pass
     diagonal = SWASubspace(params="all", start_epoch=0, max_rank=0)
-    module = fit(1, [diagonal])
-    with diagonal.sample(module):  # a variance of 0 after one snapshot (clamped to 1e-30): the mean, as it should
-        pass
+    module = fit(3, [diagonal])
+    with diagonal.sample(module, generator=torch.Generator().manual_seed(3)):  # SWAG-diag: s = 1 by default
+        drawn = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    expected = diagonal.moments.sample(1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
 
 
 def test_start_fraction_per_step_on_an_unbounded_fit_is_named() -> None:

@@ -297,7 +297,8 @@ def test_curve_and_random_subspaces() -> None:
         ({"subspace": "swag", "method": "ess"}, "method must be 'none'"),
         ({"temperature": 0.0}, "temperature must be a number > 0"),
         ({"prior_scale": -1.0}, "prior_scale must be a number > 0"),
-        ({"swag_scale": -0.5}, "swag_scale must be a number >= 0"),
+        ({"swag_scale": -0.5}, "swag_scale must be None or a finite number >= 0"),
+        ({"swag_scale": float("inf")}, "swag_scale must be None or a finite number >= 0; got inf"),
         ({"subspace": "curve", "rank": 2}, r"needs rank=2 and curve_points=\[w0, w_half, w2\]"),
         ({"rank": 4}, r"k must be an int in \[1, K - 1\] = \[1, 3\]"),
         ({"params": "bias"}, "matched no parameter"),
@@ -336,3 +337,19 @@ def test_swag_from_one_snapshot_with_a_low_rank_part_is_refused() -> None:
     state["moments"] = moments.state_dict()
     with pytest.raises(ValueError, match=r"^subspace='swag' with a low-rank part \(max_rank=4\) needs at least 2 "):
         linear_module(state, subspace="swag", method="none")
+
+
+def test_swag_scale_defaults_to_the_references_half_and_one_for_swag_diag() -> None:
+    """s = 0.5 for SWAG (a low-rank part), 1 for SWAG-diag (``max_rank=0``): the draws of a diagonal-only run have
+    the diagonal covariance itself (they had half of it)."""
+    _, _, state = regression()
+    assert linear_module(state, subspace="swag", method="none").swag_scale == 0.5
+    generator = torch.Generator().manual_seed(0)
+    diagonal = SWAGMoments(6, 0, dtype=torch.float64)
+    for _ in range(5):
+        diagonal.update(torch.randn(6, dtype=torch.float64, generator=generator))
+    state = {"names": ["weight"], "max_rank": 0, "moments": diagonal.state_dict()}
+    module = linear_module(state, subspace="swag", method="none", num_samples=3)
+    assert module.swag_scale == 1.0
+    expected = diagonal.sample(1.0, 3, generator=torch.Generator().manual_seed(module.seed))
+    torch.testing.assert_close(module.sample_weights(3), expected, rtol=0, atol=0)
