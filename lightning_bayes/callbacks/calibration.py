@@ -286,7 +286,7 @@ class CalibrationMetrics(Callback):
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         epochs = self._drop_epochs(stage)
-        oods = [epoch.ood for _, epoch in epochs if epoch.ood is not None]
+        oods = [(idx, epoch.ood) for idx, epoch in epochs if epoch.ood is not None]
         if oods:  # scored once, against each in-distribution loader
             self._score_ood_data(trainer, pl_module, oods, stage)
         computed: dict[str, float] = {}
@@ -303,20 +303,25 @@ class CalibrationMetrics(Callback):
             self._write_test_outputs(trainer, pl_module, epochs, computed)
 
     def _score_ood_data(
-        self, trainer: Trainer, pl_module: LightningModule, oods: list[MetricCollection], stage: str
+        self, trainer: Trainer, pl_module: LightningModule, oods: list[tuple[int, MetricCollection]], stage: str
     ) -> None:
+        """One pass over the OOD data for every in-distribution loader's metrics, loader ``k``'s limited to its own
+        batch count (:func:`_ood_batch_limit`)."""
         loader = trainer.datamodule.ood_dataloader()  # type: ignore[attr-defined]  # set by Lightning
         if not isinstance(loader, DataLoader):
             raise TypeError(f"datamodule.ood_dataloader() must return a torch DataLoader; got {type(loader).__name__}")
         if trainer.world_size > 1 and _sharded_in_distribution(trainer, stage):  # the OOD data alike
             loader = _sharded(loader, trainer.world_size, trainer.global_rank)
-        for batch_idx, batch in enumerate(itertools.islice(loader, _ood_batch_limit(trainer, stage))):
+        limits = [_ood_batch_limit(trainer, stage, idx) for idx, _ in oods]
+        longest = None if None in limits else max(cast(list[int], limits))
+        for batch_idx, batch in enumerate(itertools.islice(loader, longest)):
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             predictive = self._predict(trainer, pl_module, x, stage)
             keep = real_examples(batch_idx, predictive.num_examples, loader)
-            for ood in oods:
-                ood.update(predictive.first_examples(keep), True)
+            for (_, ood), limit in zip(oods, limits):
+                if limit is None or batch_idx < limit:
+                    ood.update(predictive.first_examples(keep), True)
 
     def _write_test_outputs(
         self,
@@ -342,8 +347,8 @@ class CalibrationMetrics(Callback):
         rank_zero_info(f"CalibrationMetrics: wrote {metrics_path}")
         for suffix, reliability, band in plots:
             if reliability is not None:
-                bins = reliability_diagram(*reliability, path=unique_path(folder, f"reliability{suffix}", ".png"))
-                write_json(folder, f"reliability{suffix}", bins.to_dict())
+                png = unique_path(folder, f"reliability{suffix}", ".png", ".json")
+                write_json(folder, png.stem, reliability_diagram(*reliability, path=png).to_dict())
             if band is not None:
                 predictive_band(*band, path=unique_path(folder, f"predictive_band{suffix}", ".png"))
 
@@ -394,11 +399,12 @@ def _sharded(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
     )
 
 
-def _ood_batch_limit(trainer: Trainer, stage: str) -> int | None:
-    """How many OOD batches to score: at validation as many as in-distribution batches ran (a balanced,
-    cheap monitor every epoch); at test all of them unless ``limit_test_batches`` limits the test set."""
+def _ood_batch_limit(trainer: Trainer, stage: str, dataloader_idx: int) -> int | None:
+    """How many OOD batches to score against in-distribution loader ``dataloader_idx``: at validation as many as that
+    loader ran (a balanced, cheap monitor every epoch); at test all of them unless ``limit_test_batches`` limits the
+    test set."""
     limit = trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
     if stage == "test" and isinstance(limit, float) and limit == 1.0:
         return None
-    total = sum(trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
-    return None if math.isinf(total) else int(total)
+    batches = (trainer.num_val_batches if stage == "val" else trainer.num_test_batches)[dataloader_idx]
+    return None if math.isinf(batches) else int(batches)

@@ -80,7 +80,7 @@ class CoefficientPosterior(Callback):
             }
             for i, name in enumerate(names)
         }
-        path = write_json(folder, "coefficients", summary)
-        rank_zero_info(f"CoefficientPosterior: wrote {path}")
+        png = unique_path(folder, "coefficients", ".png", ".json")  # a pair under one free stem
+        rank_zero_info(f"CoefficientPosterior: wrote {write_json(folder, png.stem, summary)}")
         if self.plots:
-            rank_zero_info(f"CoefficientPosterior: wrote {coefficient_posterior(samples, names, unique_path(folder, 'coefficients', '.png'))}")
+            rank_zero_info(f"CoefficientPosterior: wrote {coefficient_posterior(samples, names, png)}")

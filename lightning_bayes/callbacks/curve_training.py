@@ -568,13 +568,13 @@ class CurveTraining(Callback):
         folder = run_folder(trainer)
         if folder is None or not trainer.is_global_zero:
             return
-        stem = f"loss_along_curve_{stage}"
-        write_json(folder, stem, values)
+        png = unique_path(folder, f"loss_along_curve_{stage}", ".png", ".json")  # a pair under one free stem
+        write_json(folder, png.stem, values)
         if self.plots:
             loss_along_curve(
                 values["t"],
                 values["curve_nll"],
-                unique_path(folder, stem, ".png"),
+                png,
                 curve_error=values["curve_error"],
                 line_nll=values.get("line_nll"),
                 line_error=values.get("line_error"),

@@ -26,13 +26,14 @@ def loader_suffixes(loaders: Any) -> list[str]:
     return [f"/dataloader_idx_{k}" for k in range(count)] if count > 1 else [""]
 
 
-def unique_path(folder: Path, stem: str, suffix: str) -> Path:
-    """``folder/stem+suffix``, or ``stem-1``, ``stem-2``, ... when taken."""
-    path, index = folder / f"{stem}{suffix}", 0
-    while path.exists():
+def unique_path(folder: Path, stem: str, suffix: str, *companions: str) -> Path:
+    """``folder/stem+suffix``, or ``stem-1``, ``stem-2``, ... when taken; with ``companions`` (e.g. ``".json"`` for a
+    plot's data), the first stem free for every suffix, so that the files written under it stay a pair."""
+    candidate, index = stem, 0
+    while any((folder / f"{candidate}{ending}").exists() for ending in (suffix, *companions)):
         index += 1
-        path = folder / f"{stem}-{index}{suffix}"
-    return path
+        candidate = f"{stem}-{index}"
+    return folder / f"{candidate}{suffix}"
 
 
 def standard_json(data: Any) -> Any:

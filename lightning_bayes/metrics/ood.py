@@ -37,6 +37,14 @@ OODScore = Literal["entropy", "mutual_information", "max_prob", "max_class_varia
 OOD_SCORES: tuple[str, ...] = ("entropy", "mutual_information", "max_prob", "max_class_variance")
 
 
+def _rest_of_top(log_probs: Tensor) -> Tensor:
+    """``1 - max_c p_c`` as the mass of the other classes, ``sum_{c != top} p_c``: accurate where the top class's
+    log-probability rounds to 0 (float32 beyond a logit margin of about 17, where ``-expm1(log p_top)`` gave every
+    confident example a score of exactly 0 and AUROC ties)."""
+    others = log_probs.scatter(-1, log_probs.argmax(-1, keepdim=True), float("-inf"))
+    return torch.logsumexp(others, -1).exp().clamp(0.0, 1.0)
+
+
 def ood_score(predictive: CategoricalPredictive, score: OODScore = "entropy") -> Tensor:
     """Per-example OOD-ness in ``[0, 1]``, ``[B]``: higher means more likely out of distribution."""
     predictive = categorical(predictive, "ood_score")
@@ -44,7 +52,7 @@ def ood_score(predictive: CategoricalPredictive, score: OODScore = "entropy") ->
         raise ValueError(f"score must be one of {OOD_SCORES}; got {score!r}")
     num_classes = predictive.logits.shape[-1]
     if score == "max_prob":
-        return -torch.expm1(predictive.log_probs.max(-1).values)  # 1 - max_prob without cancellation
+        return _rest_of_top(predictive.log_probs)
     if score == "max_class_variance":
         variance = predictive.log_probs_per_sample.exp().var(0, correction=0)  # [B, C]
         return (4 * variance.max(-1).values).clamp(0.0, 1.0)

@@ -1,6 +1,7 @@
 """Reliability diagram: accuracy per confidence bin against the diagonal (Niculescu-Mizil & Caruana, 2005).
 
-Bins are equal-width, ``[k/n, (k+1)/n)`` with the last one closed, and the ECE in the title is
+Bins are equal-width, ``[k/n, (k+1)/n)`` with the last one closed (edges as the logged ECE's, in the confidences'
+float type), and the ECE in the title is
 ``sum_b (n_b / N) |acc_b - conf_b|`` over them (Guo et al., 2017).
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 
 from ._figure import as_array, new_figure, save
@@ -51,6 +53,18 @@ class ReliabilityBins:
         return cls(array("edges"), array("accuracy"), array("confidence"), array("count"))
 
 
+def _bin_index(confidences: object, n_bins: int) -> np.ndarray:
+    """Each confidence's bin by the logged ECE's rule (torchmetrics): edges ``torch.linspace(0, 1, n + 1)`` in the
+    confidences' own float type, ``[edge_k, edge_k+1)``, 1 in the last bin; so an example on an edge (float32 0.2 of
+    15 bins) falls where the logged ``ece`` put it."""
+    values = confidences if isinstance(confidences, torch.Tensor) else torch.as_tensor(np.asarray(confidences))
+    values = values.detach().cpu().reshape(-1)
+    if not values.is_floating_point():
+        values = values.double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=values.dtype)
+    return (torch.bucketize(values, edges, right=True) - 1).clamp(0, n_bins - 1).numpy()
+
+
 def reliability_bins(confidences: object, correct: object, n_bins: int = 15) -> ReliabilityBins:
     """Bin top-label ``confidences`` in ``[0, 1]`` and the 0/1 ``correct`` flags into ``n_bins`` equal-width bins."""
     conf = as_array(confidences, "confidences").reshape(-1)
@@ -65,7 +79,7 @@ def reliability_bins(confidences: object, correct: object, n_bins: int = 15) -> 
         raise ValueError(f"confidences must lie in [0, 1]; got values in [{conf.min()}, {conf.max()}]")
     if not np.all((hits == 0) | (hits == 1)):
         raise ValueError("correct must hold only 0/1 (or False/True) values")
-    index = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    index = _bin_index(confidences, n_bins)
     count = np.bincount(index, minlength=n_bins).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = np.bincount(index, weights=hits, minlength=n_bins) / count

@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
 from lightning_bayes.callbacks import CalibrationMetrics
-from lightning_bayes.metrics import classification_metrics, ood_score, regression_metrics
+from lightning_bayes.metrics import classification_metrics, ood_metrics, ood_score, regression_metrics
 from lightning_bayes.plots import ReliabilityBins
 from lightning_bayes.predictive import CategoricalPredictive
 
@@ -84,6 +84,11 @@ def test_classification_fit_and_test_log_the_direct_values_and_write_files(tmp_p
     assert json.loads((folder / "metrics.json").read_text()) == written
     assert set(json.loads((folder / "metrics-1.json").read_text())) == CLASSIFICATION_KEYS
     assert (folder / "reliability-1.png").exists() and (folder / "reliability-1.json").exists()
+    # a diagram deleted by hand: the next pair still shares one stem (not reliability.png beside reliability-2.json)
+    (folder / "reliability.png").unlink()
+    trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
+    assert (folder / "reliability-2.png").exists() and (folder / "reliability-2.json").exists()
+    assert not (folder / "reliability.png").exists()
 
 
 class TwoTestSets(ToyDataWithOOD):
@@ -119,6 +124,35 @@ def test_several_test_loaders_are_scored_apart(tmp_path: Path) -> None:
     for stem, size in zip(("reliability_dataloader_idx_0", "reliability_dataloader_idx_1"), sizes):
         bins = ReliabilityBins.from_dict(json.loads((folder / f"{stem}.json").read_text()))
         assert bins.count.sum() == size and (folder / f"{stem}.png").exists()
+
+
+class TwoValSets(ToyDataWithOOD):
+    """Two validation loaders of 6 and 2 batches of 8."""
+
+    def val_dataloader(self) -> list[DataLoader]:  # type: ignore[override]
+        short = torch.utils.data.Subset(self.val, range(16))
+        return [DataLoader(self.val, batch_size=self.batch_size), DataLoader(short, batch_size=self.batch_size)]
+
+
+class MultiValModel(LinearModel):
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        return super().validation_step(batch, batch_idx)
+
+
+def test_each_loaders_ood_metrics_see_as_many_ood_batches_as_it_ran(tmp_path: Path) -> None:
+    """Loader 1 ran 2 batches, so its OOD AUROC takes the first 2 OOD batches, whatever other loaders ran (it took the
+    6 + 2 batches of both loaders, i.e. all 36 OOD examples)."""
+    model, data = MultiValModel(num_samples=3), TwoValSets(batch_size=8)
+    results = make_trainer(tmp_path, CalibrationMetrics(plots=False)).validate(model, datamodule=data, verbose=False)
+    with torch.no_grad():
+        short = model.predictive(data.val.tensors[0][:16], 3)
+        ood = [model.predictive(data.ood.tensors[0][:count], 3) for count in (36, 16)]
+    for idx, (inside, outside) in enumerate([(model.predictive(data.val.tensors[0], 3), ood[0]), (short, ood[1])]):
+        collection = ood_metrics()
+        collection.update(inside.detach(), False)
+        collection.update(outside.detach(), True)
+        expected = collection.compute()["auroc"].item()
+        assert results[idx][f"val/ood/auroc/dataloader_idx_{idx}"] == pytest.approx(expected, rel=1e-6), idx
 
 
 def test_recomputes_the_predictive_when_the_module_returns_a_loss(tmp_path: Path) -> None:

@@ -40,3 +40,13 @@ def test_fast_dev_run_writes_no_files(tmp_path):
     assert trainer.test(model, datamodule=data, verbose=False)[0]["test/cal/nll"] > 0  # still computed
     assert len(trainer.predict(model, datamodule=data)) == 1  # one batch
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_plot_and_its_data_take_one_free_stem(tmp_path):
+    """Only ``reliability.json`` exists (e.g. a user deleted the PNG): the new pair is ``reliability-1.png`` and
+    ``reliability-1.json``, not ``reliability.png`` beside ``reliability-1.json``."""
+    (tmp_path / "reliability.json").write_text("{}")
+    png = unique_path(tmp_path, "reliability", ".png", ".json")
+    assert png.name == "reliability-1.png"
+    assert write_json(tmp_path, png.stem, {"a": 1}).name == "reliability-1.json"
+    assert unique_path(tmp_path, "reliability", ".png").name == "reliability.png"  # without a companion: its own

@@ -98,6 +98,17 @@ def test_accuracy_and_nll_known_values() -> None:
     assert nll.compute().item() == pytest.approx(-(np.log(0.7) + np.log(0.4)) / 2, rel=1e-12)
 
 
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 1, 0], [1, 2, 0]])
+def test_adaptive_bins_put_wrong_before_right_among_equal_confidences(order: list[int]) -> None:
+    """Three predictions at confidence 0.8, two wrong, one right, in 2 equal-mass bins (sizes 2 and 1): wrong first
+    gives bins (W, W | R) and (2 * 0.8 + 0.2) / 3 = 0.6, in any arrival order (right first would give 0.4667)."""
+    logits = torch.log(torch.tensor([[0.8, 0.2]] * 3, dtype=torch.float64)).unsqueeze(0)
+    labels = torch.tensor([1, 1, 0])[order]
+    aece = AdaptiveCalibrationError(n_bins=2).set_dtype(torch.float64)
+    aece.update(CategoricalPredictive(logits), labels)
+    assert aece.compute().item() == pytest.approx(0.6, rel=1e-12)
+
+
 def test_brier_of_a_perfect_and_a_uniform_prediction() -> None:
     logits = torch.tensor([[[1000.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
     brier = BrierScore()

@@ -101,3 +101,16 @@ def test_calling_an_ood_metric_accumulates_without_a_batch_value() -> None:
         assert step(CategoricalPredictive(in_dist), False) is None
         step(CategoricalPredictive(out_dist), True)
     assert called.compute().item() == updated.compute().item()
+
+
+def test_max_prob_keeps_its_resolution_for_confident_float32_predictions() -> None:
+    """Logit margins 17 to 30: ``1 - max p`` is 1e-13 to 4e-8, which ``log p_top`` (exactly 0 in float32) lost, so every
+    such example scored 0 and AUROC saw ties; the other classes' mass keeps it (float64 as the reference, 1e-5)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 400, 10, generator=generator, dtype=torch.float64)
+    logits[..., 0] += torch.linspace(17.0, 30.0, 400, dtype=torch.float64)
+    expected = torch.softmax(logits[0], -1)[:, 1:].sum(-1)  # 1 - p_top (class 0 on top), without the cancellation
+    scores = ood_score(CategoricalPredictive(logits.float()), "max_prob")
+    assert (scores > 0).all() and scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=0)
+    assert len(set(scores.tolist())) == 400  # no ties: the ranking of the confident examples survives

@@ -40,3 +40,21 @@ def test_mismatched_inputs_are_clear_errors(tmp_path: Path) -> None:
     two_outputs = GaussianPredictive(torch.zeros(1, 100, 2), torch.ones(1, 100, 2))
     with pytest.raises(ValueError, match="one output"):
         predictive_band(x, y, two_outputs, np.asarray(grid), path=tmp_path / "band.png")
+
+
+def test_the_bands_drawn_are_the_mixtures_5_95_and_25_75_quantiles(tmp_path: Path, monkeypatch) -> None:
+    """The filled areas' edges, read back from the figure, are the mixture's quantiles on the sorted grid."""
+    from lightning_bayes.plots import regression
+
+    figures = []
+    original = regression.save
+    monkeypatch.setattr(regression, "save", lambda figure, path: figures.append(figure) or original(figure, path))
+    x, y, predictive, grid = band_inputs()
+    predictive_band(x, y, predictive, grid, path=tmp_path / "band.png")
+    outer, inner = figures[0].axes[0].collections[:2]
+    for band, (low, high) in ((outer, (0.05, 0.95)), (inner, (0.25, 0.75))):
+        vertices = band.get_paths()[0].vertices  # start, lower edge, then back along the upper one
+        lower = vertices[1 : len(grid) + 1, 1]
+        upper = vertices[len(grid) + 2 : 2 * len(grid) + 2, 1][::-1]
+        np.testing.assert_allclose(lower, predictive.quantile(low).reshape(-1).numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(upper, predictive.quantile(high).reshape(-1).numpy(), rtol=0, atol=1e-6)

@@ -48,6 +48,29 @@ def test_diagram_ece_equals_torchmetrics_and_png_is_written(tmp_path: Path) -> N
     assert image[..., :3].std() > 0.05  # something was drawn
 
 
+@pytest.mark.parametrize("n_bins", [10, 15, 20, 100])
+def test_confidences_on_float32_edges_fall_where_the_logged_ece_puts_them(n_bins: int) -> None:
+    """Every float32 bin edge as a confidence: the diagram's bins and ECE equal the callback's ExpectedCalibrationError
+    on the same float32 values (float32 0.2 of 15 bins went to bin 3 in the diagram and to bin 2 in the ECE)."""
+    from lightning_bayes.metrics import ExpectedCalibrationError
+    from lightning_bayes.predictive import CategoricalPredictive
+
+    edges = torch.linspace(0, 1, n_bins + 1)[1:-1]  # float32 inner edges
+    confidence = torch.cat([edges, edges.clamp_min(0.5)])  # each edge, and top-label confidences (>= 1/2 of 2 classes)
+    confidence = confidence[confidence >= 0.5]
+    correct = (torch.arange(len(confidence)) % 3 == 0).long()
+    bins = reliability_bins(confidence, correct, n_bins=n_bins)
+    expected_index = torch.bucketize(confidence, torch.linspace(0, 1, n_bins + 1), right=True) - 1
+    assert bins.count.tolist() == torch.bincount(expected_index, minlength=n_bins).double().tolist()
+    logits = torch.stack([confidence.log(), (1 - confidence).log()], -1).unsqueeze(0)
+    ece = ExpectedCalibrationError(n_bins=n_bins)
+    ece.update(CategoricalPredictive(logits), 1 - correct)  # class 0 on top: correct where the label is 0
+    stored = torch.cat(ece.confidences)
+    assert reliability_bins(stored, torch.cat(ece.accuracies), n_bins=n_bins).ece == pytest.approx(
+        ece.compute().item(), rel=1e-5
+    )
+
+
 def test_bins_survive_json_and_the_grid_draws_one_panel_each(tmp_path: Path) -> None:
     bins = reliability_bins(*sample(2), n_bins=10)  # bins 0-2 are empty: NaN <-> None
     restored = ReliabilityBins.from_dict(json.loads(json.dumps(bins.to_dict())))
