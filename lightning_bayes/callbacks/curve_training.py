@@ -64,7 +64,7 @@ from ..inference.curves import (
     segmented_bezier,
     straight_line,
 )
-from ..inference.batchnorm import refresh_batchnorm, running_statistics
+from ..inference.batchnorm import batchnorm_buffers, refresh_batchnorm
 from ..inference.jensen_shannon import jensen_shannon
 from ..inference.lora_gauge import balanced_lora_tensors
 from ..models.weights import trained_state_dict
@@ -106,7 +106,8 @@ def _plain_predictive(pl_module: LightningModule) -> Callable[..., Predictive]:
 
 
 def _statistics_copy(module: nn.Module) -> dict[str, Tensor]:
-    return {name: value.clone() for name, value in running_statistics(module).items()}
+    """The BatchNorm buffers, copied: the running statistics and the batch counts (a refresh moves both)."""
+    return {name: value.clone() for name, value in batchnorm_buffers(module).items()}
 
 
 class CurveTraining(Callback):

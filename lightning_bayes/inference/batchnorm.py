@@ -28,16 +28,18 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
+def batchnorm_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Every buffer of every BatchNorm layer (running statistics and ``num_batches_tracked``, by which a layer with
+    ``momentum=None`` averages), by buffer name, as they are (not copies)."""
+    layers = {id(m) for m in batchnorm_layers(model)}
+    named = dict(model.named_modules())
+    return {name: buffer for name, buffer in model.named_buffers() if id(named[name.rpartition(".")[0]]) in layers}
+
+
 def running_statistics(model: nn.Module) -> dict[str, Tensor]:
     """The floating-point running statistics (``running_mean``, ``running_var``) of every BatchNorm layer, by
     buffer name, as they are (not copies)."""
-    layers = {id(m) for m in batchnorm_layers(model)}
-    named = dict(model.named_modules())
-    return {
-        name: buffer
-        for name, buffer in model.named_buffers()
-        if buffer.is_floating_point() and id(named[name.rpartition(".")[0]]) in layers
-    }
+    return {name: buffer for name, buffer in batchnorm_buffers(model).items() if buffer.is_floating_point()}
 
 
 def _inputs(batches: Iterable[Any], device: torch.device | None) -> Iterator[Any]:

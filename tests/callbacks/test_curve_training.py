@@ -299,9 +299,10 @@ def test_batch_norm_statistics_are_re_estimated_at_every_t_and_restored_afterwar
     callback.setup(trainer(), module, "fit")
     for name, curve in callback.curves.items():
         curve.point_1.data.copy_(ends[1][name])
-    running = module.net[1].running_mean.clone()
+    buffers = {name: value.clone() for name, value in module.named_buffers()}
     trainer(callbacks=[callback]).validate(module, datamodule=data)
-    assert torch.equal(module.net[1].running_mean, running)  # the training statistics are back
+    for name, value in module.named_buffers():  # the training statistics are back, and the batch count too
+        assert torch.equal(value, buffers[name]), name
     x, y = data.val_dataloader().dataset.tensors
     for index, t in enumerate((0.0, 0.5, 1.0)):
         reference = mlp(0, batch_norm=True)
