@@ -52,7 +52,8 @@ def resolve_config(value: str) -> str:
     name = value.removeprefix("./").removeprefix("configs/").removesuffix(".yaml").removesuffix(".yml")
     if name in configs:
         return str(configs[name])
-    close = difflib.get_close_matches(name, list(configs), n=3)
+    same_file = [config for config in configs if config.rpartition("/")[2] == name]  # "map": digits/map, mnist/map
+    close = same_file or difflib.get_close_matches(name, list(configs), n=3)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise FileNotFoundError(
         f"--config {value!r}: no such file, and no config of that name ships with lightning_bayes{hint} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,15 @@ class BayesCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as error:
-            first_line = str(error).splitlines()[0]
-            raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint ({first_line})") from None
+            if not zipfile.is_zipfile(ckpt_path):  # torch.save writes zip archives
+                raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (not a file torch.save "
+                                 "wrote)") from None
+            reason = str(error).rpartition("WeightsUnpickler error:")[2].strip().splitlines()[0]
+            raise ValueError(
+                f"--ckpt_path {ckpt_path!r} holds Python objects that a weights-only torch.load refuses ({reason}): a "
+                "checkpoint saved outside this command line whose hyperparameters hold classes or functions; load it "
+                "in Python (weights_only=False, only for a file from a trusted source)"
+            ) from None
         saved = _class_path(self.config[subcommand].get("model"))
         if configured and saved and (imported_class(configured) or configured) != (imported_class(saved) or saved):
             raise ValueError(

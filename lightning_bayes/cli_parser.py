@@ -4,7 +4,8 @@ jsonargparse reports an unknown argument of a ``class_path`` class (``--data.ini
 a config's ``init_args``) as one line, ``Problem with given class_path 'X': Option 'val_size' is not accepted``,
 inside a union-validation message that follows the whole usage text; a value outside a ``Literal``
 (``--model.init_args.solver cgg``) likewise. :class:`BayesArgumentParser` adds, for each such line, what ``X``
-accepts and the closest accepted names (or values), so the fix is on the last lines printed.
+accepts and the closest accepted names (or values), so the fix is on the last lines printed; a class path naming no
+class of its module (``--model lightning_bayes.modules.MAPP``) gets the module's closest class names.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ _REFUSED = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)':\s*Opti
 _NOT_A_CHOICE = re.compile(
     r"Problem with given class_path '(?P<path>[\w.]+)':\s*Parser key \"(?P<key>[^\"]+)\":\s*"
     r"Expected a typing\.Literal\[(?P<choices>[^\]]*)\]\. Got value: (?P<value>\S+)"
+)
+
+
+_NO_SUCH_CLASS = re.compile(
+    r"Problem with given class_path '(?P<path>[\w.]+)':\s*module '(?P<module>[\w.]+)' has no attribute '(?P<name>\w+)'"
 )
 
 
@@ -54,6 +60,15 @@ def refused_argument_hints(message: str) -> list[str]:
         suggestion = f"; closest: {', '.join(closest)}" if closest else ""
         name = path.rpartition(".")[2]
         hints.append(f"{name} has no argument {key!r}{suggestion}. It accepts: {', '.join(accepted)}")
+    for match in _NO_SUCH_CLASS.finditer(message):
+        module, name = match["module"], match["name"]
+        try:
+            names = [n for n in dir(importlib.import_module(module)) if n[:1].isupper()]
+        except ImportError:
+            continue
+        closest = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        suggestion = f"; closest: {', '.join(f'{module}.{c}' for c in closest)}" if closest else ""
+        hints.append(f"{module} has no class {name!r}{suggestion}")
     for match in _NOT_A_CHOICE.finditer(message):
         name, key, choices, value = match["path"].rpartition(".")[2], match["key"], match["choices"], match["value"]
         closest = difflib.get_close_matches(repr(value), [c.strip() for c in choices.split(",")], n=1, cutoff=0.5)

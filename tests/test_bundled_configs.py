@@ -75,6 +75,8 @@ def test_an_unknown_config_names_the_value_and_the_closest_shipped_ones(tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"--config 'mnist/mapp': no such file.*closest: mnist/map"):
         resolve_config("mnist/mapp")
+    with pytest.raises(FileNotFoundError, match=r"--config 'map': no such file.*closest: digits/map, mnist/map \("):
+        resolve_config("map")  # a file name without its folder: the configs of that name
 
 
 def test_every_config_flag_of_a_command_line_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

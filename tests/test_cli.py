@@ -96,10 +96,14 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
     (tmp_path / "notes.json").write_text("{}")
     another = (rf"^--ckpt_path '{checkpoint}' is a checkpoint of lightning_bayes.modules.MAP, but the config's model "
                r"is lightning_bayes.modules.ivon.IVONModule: pass the config it was trained with")
-    not_a_checkpoint = r"^--ckpt_path '.*notes.json' is not a Lightning checkpoint \(Weights only load failed"
+    not_a_checkpoint = r"^--ckpt_path '.*notes.json' is not a Lightning checkpoint \(not a file torch.save wrote\)$"
+    torch.save({"state_dict": {}, "hyper_parameters": {"optimizer": torch.optim.Adam}}, tmp_path / "python.ckpt")
+    python_objects = (r"^--ckpt_path '.*python.ckpt' holds Python objects that a weights-only torch.load refuses "
+                      r"\(Unsupported global: GLOBAL torch.optim.adam.Adam.*\): a checkpoint saved outside")
     cases = [
         (digits / "ivon.yaml", str(checkpoint), ValueError, another),
         (digits / "map.yaml", str(tmp_path / "notes.json"), ValueError, not_a_checkpoint),
+        (digits / "map.yaml", str(tmp_path / "python.ckpt"), ValueError, python_objects),
         (digits / "map.yaml", str(tmp_path / "version_9.ckpt"), FileNotFoundError, r"^--ckpt_path '.*' is not a file$"),
     ]
     for config, path, error, message in cases:
@@ -107,6 +111,7 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
             run(["test", "--config", str(config), f"--ckpt_path={path}",
                  f"--trainer.logger.init_args.save_dir={tmp_path}"])
     (tmp_path / "notes.json").unlink()
+    (tmp_path / "python.ckpt").unlink()
     assert sorted(tmp_path.rglob("*")) == before  # no run folder, no config.yaml
 
 

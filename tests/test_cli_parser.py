@@ -36,6 +36,18 @@ def test_a_value_outside_a_literal_is_answered_with_the_choices() -> None:
     assert refused_argument_hints(far) == ["VIKING's solver must be one of 'dense', 'cg'; got 'lsmr'"]
 
 
+def test_a_class_its_module_lacks_is_answered_with_the_closest_class_names() -> None:
+    message = (
+        "    - Problem with given class_path 'lightning_bayes.modules.VIKNG':\n"
+        "        module 'lightning_bayes.modules' has no attribute 'VIKNG'\n"
+    )
+    assert refused_argument_hints(message) == [
+        "lightning_bayes.modules has no class 'VIKNG'; closest: lightning_bayes.modules.VIKING"
+    ]
+    far = message.replace("VIKNG", "Zzzzzz")
+    assert refused_argument_hints(far) == ["lightning_bayes.modules has no class 'Zzzzzz'"]
+
+
 def test_accepted_arguments_are_the_constructor_keywords() -> None:
     assert accepted_arguments("lightning_bayes.models.MLP") == ["in_features", "out_features", "hidden", "dropout",
                                                                 "activation"]
@@ -50,6 +62,10 @@ def test_accepted_arguments_are_the_constructor_keywords() -> None:
         ("digits/map", "--model.init_args.backbone.init_args.hiden=[4]",
          "MLP has no argument 'hiden'; closest: hidden."),
         ("digits/viking", "--model.init_args.solver=cgg", "VIKING's solver must be one of 'dense', 'cg'; got 'cgg'"),
+        ("digits/map", "--model=lightning_bayes.modules.MAPP",
+         "lightning_bayes.modules has no class 'MAPP'; closest: lightning_bayes.modules.MAP"),
+        ("digits/map", "--model.init_args.backbone=lightning_bayes.models.LeNet",
+         "lightning_bayes.models has no class 'LeNet'; closest: lightning_bayes.models.LeNet5"),
     ],
 )
 def test_the_command_line_ends_with_the_hint(config: str, override: str, hint: str, tmp_path) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from torch.utils._pytree import tree_flatten, tree_map
@@ -55,6 +55,7 @@ _TASKS = ("auto", "classification", "regression")
 Stage = Literal["val", "test"]
 _STAGES: tuple[Stage, ...] = ("val", "test")
 _BAND_GRID_POINTS = 200
+_SPREAD_SCORES = ("mutual_information", "max_class_variance")  # 0 for a one-sample predictive
 
 
 @dataclass
@@ -104,7 +105,8 @@ class CalibrationMetrics(Callback):
             without that attribute, calls ``predictive(x, None)``: the module's own default.
         task: ``"classification"``, ``"regression"`` or ``"auto"`` (from the Predictive's type).
         ood_score: OOD-ness score for AUROC / FPR95: ``"entropy"``, ``"mutual_information"``, ``"max_prob"`` or
-            ``"max_class_variance"`` (see :mod:`lightning_bayes.metrics.ood`).
+            ``"max_class_variance"`` (see :mod:`lightning_bayes.metrics.ood`); the two that measure the samples'
+            disagreement are 0 for a one-sample predictive (a warning says so).
         plots: write ``reliability.png`` (classification) or ``predictive_band.png`` (1-D inputs and
             targets) next to ``metrics.json`` after testing.
         ood_stages: the stages that score the OOD data (``["test"]`` skips it at validation, where it runs as
@@ -263,6 +265,13 @@ class CalibrationMetrics(Callback):
         device = pl_module.device
         if task == "classification":
             scores_ood = stage in self.ood_stages and self._has_ood_data(trainer)
+            one_sample = cast(CategoricalPredictive, predictive).num_samples == 1
+            if scores_ood and self.ood_score in _SPREAD_SCORES and one_sample:
+                rank_zero_warn(
+                    f"CalibrationMetrics(ood_score={self.ood_score!r}) measures how {type(pl_module).__name__}'s "
+                    "predictive samples disagree, but its predictive has one sample: every score is 0 and the OOD "
+                    "AUROC 0.5; use 'entropy' or 'max_prob' (or more samples)"
+                )
             ood = ood_metrics(f"{stage}/ood/", self.ood_score).to(device) if scores_ood else None
             return _EpochMetrics(task, classification_metrics(f"{stage}/cal/", legacy=self.legacy).to(device), ood=ood)
         epoch = _EpochMetrics(task, regression_metrics(f"{stage}/reg/").to(device))

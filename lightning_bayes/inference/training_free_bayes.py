@@ -86,6 +86,12 @@ class CanonicalLoraNoise(nn.Module):
         return tensors
 
 
+def relative_nll_change(reference: float, noisy: float) -> float:
+    """``|NLL_noisy - NLL_ref| / NLL_ref``, the paper's test statistic: a candidate ``sigma`` is feasible while it is
+    at most the tolerance, whichever way the noise moves the anchor NLL."""
+    return abs(noisy - reference) / max(reference, torch.finfo(torch.float64).tiny)
+
+
 class Bisection:
     """Largest ``sigma`` in ``[low, high]`` passing a monotone feasibility test, one test per :meth:`update`.
 

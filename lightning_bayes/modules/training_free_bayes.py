@@ -41,7 +41,7 @@ from torch.func import functional_call
 
 from ..datamodules import without_sampler_padding
 from ..inference.likelihoods import Likelihood
-from ..inference.training_free_bayes import Bisection, CanonicalLoraNoise
+from ..inference.training_free_bayes import Bisection, CanonicalLoraNoise, relative_nll_change
 from ..models.weights import load_trained_weights
 from ..params import ParamSelector, select_parameters
 from ..predictive import CategoricalPredictive, Predictive
@@ -185,7 +185,7 @@ class TrainingFreeBayes(BayesianModule):
         if not search.done:
             # sums over this rank's anchor examples; under DDP the ranks' sums add up to the whole anchor set's
             reference, noisy = self.trainer.strategy.reduce(self.anchor_nll.clone(), reduce_op="sum").tolist()
-            change = abs(noisy - reference) / max(reference, torch.finfo(torch.float64).tiny)
+            change = relative_nll_change(reference, noisy)
             candidate = search.candidate()
             search.update(change <= self.tolerance)
             logged = {"train/candidate": candidate, "train/relative_nll_change": change}

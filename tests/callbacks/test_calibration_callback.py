@@ -202,6 +202,18 @@ def test_ood_batches_are_limited_like_the_in_distribution_batches(tmp_path: Path
     assert data_unlimited.ood.reads == 36
 
 
+def test_at_test_every_ood_batch_is_scored_when_the_test_set_is_smaller() -> None:
+    """16 test examples (2 batches) and 36 OOD examples (5 batches): without limit_test_batches the test scores all
+    36 (limiting them to the test's batch count is for validation and limited tests only)."""
+    import tempfile
+
+    model, data = LinearModel(), ToyDataWithOOD(batch_size=8)
+    data.test = torch.utils.data.TensorDataset(*(t[:16] for t in data.test.tensors))
+    with tempfile.TemporaryDirectory() as folder:
+        make_trainer(Path(folder), CalibrationMetrics(plots=False)).test(model, datamodule=data, verbose=False)
+    assert data.ood.reads == 36
+
+
 def test_ood_stages_test_leaves_validation_without_the_ood_pass(tmp_path: Path) -> None:
     model, data = LinearModel(), ToyDataWithOOD(batch_size=8)
     trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False, ood_stages=["test"]))
@@ -292,3 +304,20 @@ def test_legacy_true_logs_and_writes_the_reference_codes_metrics(tmp_path: Path)
     assert set(written) == CLASSIFICATION_KEYS | {"legacy_nll", "legacy_ece", "legacy_mce"}
     with pytest.raises(ValueError, match="legacy must be True or False; got 'yes'"):
         CalibrationMetrics(legacy="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("score", ["mutual_information", "max_class_variance"])
+def test_a_disagreement_score_of_a_one_sample_predictive_is_warned_about(tmp_path: Path, score: str) -> None:
+    """It is 0 for every example, so the AUROC is 0.5 whatever the model; with two samples no warning."""
+    with pytest.warns(UserWarning, match=rf"ood_score='{score}'\) measures how LinearModel's predictive samples"):
+        results = make_trainer(tmp_path, CalibrationMetrics(ood_score=score, plots=False)).test(
+            LinearModel(num_samples=1), datamodule=ToyDataWithOOD(), verbose=False
+        )
+    assert results[0]["test/ood/auroc"] == 0.5
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*measures how")
+        make_trainer(tmp_path, CalibrationMetrics(ood_score=score, plots=False)).test(
+            LinearModel(num_samples=2), datamodule=ToyDataWithOOD(), verbose=False
+        )

@@ -148,3 +148,28 @@ def test_a_side_pass_gives_the_next_passs_batches_and_moves_nothing(make) -> Non
     side = [batch[0].tolist() for batch in side_pass(loader)]
     torch.manual_seed(0)
     assert side == [batch[0].tolist() for batch in loader]  # the loader's own pass, after the side pass
+
+
+def test_a_finished_pass_saves_the_next_epoch_and_nothing_yielded():
+    sampler = EpochShuffle(range(5), seed=0)
+    list(sampler)
+    assert sampler.state_dict() == {"epoch": 1, "yielded": 0}
+    fresh = EpochShuffle(range(5), seed=0)
+    fresh.load_state_dict(sampler.state_dict())
+    assert list(fresh) == list(EpochShuffle(range(5), seed=0, epoch=1))
+
+
+def test_a_side_pass_keeps_drop_last_and_takes_the_given_epochs_order():
+    data = TensorDataset(torch.arange(18))
+    loader = EpochLoader(data, batch_size=4, sampler=EpochShuffle(data, seed=2), drop_last=True, epoch=lambda: None)
+    assert len(list(side_pass(loader))) == 4  # 18 examples, batches of 4, the partial one dropped as in the fit
+    order = list(EpochShuffle(data, seed=2, epoch=3))
+    assert [batch[0].tolist() for batch in side_pass(loader, epoch=3)] == [order[i : i + 4] for i in range(0, 16, 4)]
+
+
+def test_a_worker_state_saved_after_the_last_batch_counts_as_a_finished_pass():
+    """Steps since the last worker snapshot count: 4 at the snapshot and 2 since make the 6 batches of the pass."""
+    from lightning_bayes.datamodules.epoch_loader import _pass_finished
+
+    assert _pass_finished({"_snapshot": {"_snapshot_step": 4}, "_steps_since_snapshot": 2}, 6)
+    assert not _pass_finished({"_snapshot": {"_snapshot_step": 4}, "_steps_since_snapshot": 1}, 6)

@@ -9,6 +9,7 @@ from lightning_bayes.inference.training_free_bayes import (
     canonical_lora,
     largest_feasible,
     noise_scales,
+    relative_nll_change,
 )
 
 
@@ -108,3 +109,20 @@ def test_bad_input_is_refused():
         largest_feasible(lambda s: True, 0.0, 1.0, 0)
     with pytest.raises(ValueError, match="at least one"):
         CanonicalLoraNoise({})
+
+
+def test_one_untrained_adapter_among_trained_ones_is_not_degenerate_and_tiny_directions_get_no_noise():
+    a, b = torch.randn(2, 4), torch.randn(3, 2)
+    assert not CanonicalLoraNoise({("a0", "b0"): (a, b), ("a1", "b1"): (a, torch.zeros(3, 2))}).is_degenerate()
+    eps = torch.finfo(torch.float64).eps  # the cutoff is r * eps * d_max: 2 eps of r = 3 is below it
+    torch.testing.assert_close(
+        noise_scales(torch.tensor([1.0, 2 * eps, 0.5], dtype=torch.float64)),
+        torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64),
+    )
+
+
+def test_the_nll_change_is_relative_and_absolute_both_ways():
+    """A candidate that lowers the anchor NLL by more than the tolerance is as infeasible as one that raises it."""
+    assert relative_nll_change(2.0, 2.5) == pytest.approx(0.25, rel=1e-15)
+    assert relative_nll_change(2.0, 1.5) == pytest.approx(0.25, rel=1e-15)
+    assert relative_nll_change(0.0, 0.0) == 0.0

@@ -82,3 +82,19 @@ def test_a_tied_weight_and_a_non_persistent_buffer_are_judged_as_a_state_dict_wo
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(frozen_base, "backbone_identity", lambda base: hashed.append(1) or identity(base))
         assert set(lora_like.state_dict()) == {"model.0.weight", "model.1.weight"} and hashed == []
+
+
+def test_a_base_frozen_in_part_is_left_out_after_its_trainable_part_moved():
+    """The frozen layer stays out of the state dict after the trainable one changed (the identity of the frozen
+    parameters alone decides; with the trainable ones in it, every checkpoint after a step held the whole base)."""
+    class Owner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+            self.base[0].requires_grad_(False)
+            exclude_frozen_base(self, "base")
+
+    owner = Owner()
+    with torch.no_grad():
+        owner.base[1].weight.add_(1.0)
+    assert set(owner.state_dict()) == {"base.1.weight", "base.1.bias"}

@@ -181,3 +181,18 @@ def test_a_backbone_built_under_inference_mode_is_cached():
         first = cached(x)
     with torch.no_grad():
         torch.testing.assert_close(cached(x), first, rtol=0, atol=0)
+
+
+def test_the_identity_sees_buffers_and_half_precision_weights():
+    """Moved BatchNorm statistics and an edited float16 weight give another identity (a stale cache otherwise)."""
+    from lightning_bayes.models.identity import backbone_identity
+
+    batch_norm = nn.BatchNorm1d(3)
+    before = backbone_identity(batch_norm)
+    batch_norm.running_mean.add_(1.0)
+    assert backbone_identity(batch_norm) != before
+    half = nn.Linear(4, 2).half()
+    before = backbone_identity(half)
+    with torch.no_grad():
+        half.weight[0, 0] += 1
+    assert backbone_identity(half) != before

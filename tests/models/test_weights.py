@@ -109,3 +109,28 @@ def test_a_checkpoint_with_tensors_the_model_has_no_place_for_is_refused(tmp_pat
         trained_state_dict(attention(["query", "value"]), str(tmp_path / "qkv.pt"))
     state, _ = trained_state_dict(attention(["query", "key", "value"]), str(tmp_path / "qkv.pt"))  # its own: fine
     assert any("key.lora_A" in name for name in state)
+
+
+def test_extra_state_stored_under_a_weights_name_is_not_an_unplaced_tensor(tmp_path):
+    """A 4-bit weight's ``weight.absmax`` (and ``weight.quant_state.*``) belong to the weight."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    state["0.weight.absmax"] = torch.ones(1)
+    torch.save(state, tmp_path / "state.pt")
+    trained_state_dict(model, str(tmp_path / "state.pt"))
+
+
+def test_a_likelihood_of_another_shape_is_not_loaded():
+    """A checkpoint's two-output noise for a one-output likelihood: False, and the initial noise kept (no
+    ``load_state_dict`` error)."""
+    from lightning_bayes.inference.likelihoods import GaussianLikelihood
+    from lightning_bayes.models.weights import load_trained_likelihood
+
+    likelihood = GaussianLikelihood(output_dim=1)
+    before = {name: value.clone() for name, value in likelihood.state_dict().items()}
+    other = {f"likelihood.{name}": value for name, value in GaussianLikelihood(output_dim=2).state_dict().items()}
+    assert not load_trained_likelihood(likelihood, other)
+    for name, value in likelihood.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    same = {f"likelihood.{name}": value + 1 for name, value in before.items()}
+    assert load_trained_likelihood(likelihood, same)

@@ -304,3 +304,19 @@ def test_resuming_inside_an_epoch_with_a_loader_without_state_warns_that_it_rest
     resumed = Trainer(max_epochs=2, **options)
     with pytest.warns(UserWarning, match=r"saved inside an epoch \(after batch 3 of 17\).*see batches 0 to 13"):
         resumed.fit(MAP(MLP(64, 10)), loader, ckpt_path=tmp_path / "mid.ckpt", weights_only=False)
+
+
+def test_a_partly_frozen_layer_keeps_its_frozen_weight_shared_by_every_member():
+    """A layer with a frozen weight and a trainable bias is not reset (``reset_parameters`` would redraw the frozen
+    weight in place, the tensor every member and the user's backbone share)."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    net[0].weight.requires_grad_(False)
+    before = net[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # members start equal in the partly frozen layer: warned
+        ensemble = DeepEnsemble(net, num_members=3)
+    assert torch.equal(ensemble.members[0][0].weight, before)
+    assert all(member[0].weight is ensemble.members[0][0].weight for member in ensemble.members)

@@ -464,3 +464,24 @@ def test_gradients_accumulated_outside_the_closure_are_refused(single_thread) ->
         trainer.fit(Plain(), data)
     lightning.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False).fit(Plain(), data)  # without accumulation it trains
+
+
+def test_a_backward_outside_the_closure_is_refused_after_the_first_step_too():
+    """``zero_grad(set_to_none=True)`` then a backward outside the closure (Lightning's accumulation from the second
+    optimiser step on) is refused at every step, not only the first."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    optimizer = IVON(model.parameters(), lr=0.1, ess=100)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    optimizer.zero_grad(set_to_none=True)
+    ((model(x) - y) ** 2).mean().backward()
+    with pytest.raises(RuntimeError, match="outside its closure"):
+        optimizer.step(closure)
