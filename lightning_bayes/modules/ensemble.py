@@ -1,8 +1,9 @@
 """Deep ensembles (Lakshminarayanan et al., 2017): M independently initialised members in one module.
 
 The members are trained side by side on the same batches; their losses are summed (``train/loss`` is that sum, M
-times a member's NLL; ``train/member_nll_mean`` the mean), so each member's gradient is exactly its own, and clipping by norm (the Trainer's ``gradient_clip_val``) clips each member's
-gradient by its own norm, as if it were trained alone. Frozen parameters (``requires_grad=False``: a
+times a member's NLL; ``train/member_nll_mean`` the mean), so each member's gradient is exactly its own, and
+clipping by norm (the Trainer's ``gradient_clip_val``) clips each member's gradient by its own norm, as if it were
+trained alone. Frozen parameters (``requires_grad=False``: a
 pretrained base under LoRA, a frozen feature extractor) are shared by all members rather than copied, and
 only the trainable ones are re-initialised, so an ensemble of LoRAs (Wang et al., 2023, "LoRA ensembles for
 large language model fine-tuning") holds one base model and M adapters, each starting as peft starts it
