@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +132,11 @@ class BayesCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as error:
-            if not zipfile.is_zipfile(ckpt_path):  # torch.save writes zip archives
-                raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (not a file torch.save "
-                                 "wrote)") from None
-            reason = str(error).rpartition("WeightsUnpickler error:")[2].strip().splitlines()[0]
+            unsupported = re.search(r"Unsupported global: [^\n]*", str(error))
+            if unsupported is None:  # not a pickle of torch.save's, or not one at all
+                raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (torch.load found no "
+                                 "checkpoint in it)") from None
+            reason = unsupported.group(0)
             raise ValueError(
                 f"--ckpt_path {ckpt_path!r} holds Python objects that a weights-only torch.load refuses ({reason}): a "
                 "checkpoint saved outside this command line whose hyperparameters hold classes or functions; load it "

@@ -96,14 +96,17 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
     (tmp_path / "notes.json").write_text("{}")
     another = (rf"^--ckpt_path '{checkpoint}' is a checkpoint of lightning_bayes.modules.MAP, but the config's model "
                r"is lightning_bayes.modules.ivon.IVONModule: pass the config it was trained with")
-    not_a_checkpoint = r"^--ckpt_path '.*notes.json' is not a Lightning checkpoint \(not a file torch.save wrote\)$"
+    not_a_checkpoint = r"^--ckpt_path '.*notes.json' is not a Lightning checkpoint \(torch.load found no checkpoint"
     torch.save({"state_dict": {}, "hyper_parameters": {"optimizer": torch.optim.Adam}}, tmp_path / "python.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {"optimizer": torch.optim.Adam}}, tmp_path / "legacy.ckpt",
+               _use_new_zipfile_serialization=False)  # torch's older format: not a zip archive
     python_objects = (r"^--ckpt_path '.*python.ckpt' holds Python objects that a weights-only torch.load refuses "
                       r"\(Unsupported global: GLOBAL torch.optim.adam.Adam.*\): a checkpoint saved outside")
     cases = [
         (digits / "ivon.yaml", str(checkpoint), ValueError, another),
         (digits / "map.yaml", str(tmp_path / "notes.json"), ValueError, not_a_checkpoint),
         (digits / "map.yaml", str(tmp_path / "python.ckpt"), ValueError, python_objects),
+        (digits / "map.yaml", str(tmp_path / "legacy.ckpt"), ValueError, python_objects.replace("python", "legacy")),
         (digits / "map.yaml", str(tmp_path / "version_9.ckpt"), FileNotFoundError, r"^--ckpt_path '.*' is not a file$"),
     ]
     for config, path, error, message in cases:
@@ -112,6 +115,7 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
                  f"--trainer.logger.init_args.save_dir={tmp_path}"])
     (tmp_path / "notes.json").unlink()
     (tmp_path / "python.ckpt").unlink()
+    (tmp_path / "legacy.ckpt").unlink()
     assert sorted(tmp_path.rglob("*")) == before  # no run folder, no config.yaml
 
 

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
-from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor
+from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor, low_rank_part
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
 
 if TYPE_CHECKING:
@@ -332,13 +332,8 @@ class SWASubspace(Callback):
         ``max_rank=0``; BatchNorm refreshed from ``batches``)."""
         moments = self._require_moments()
         scale = default_swag_scale(moments) if scale is None else scale
-        if 0 < moments.rank < 2:
-            raise ValueError(
-                f"SWASubspace.sample draws a low-rank part (max_rank={moments.max_rank}), which needs at least 2 "
-                "snapshots; 1 is collected (every draw would be the SWA mean): collect more, or max_rank=0 for "
-                "diagonal SWAG"
-            )
-        draw = moments.sample(scale, generator=generator)
+        low_rank = low_rank_part(moments, scale, "SWASubspace.sample")
+        draw = moments.sample(scale, generator=generator, low_rank=low_rank)
         with self._written(pl_module, draw, batches):
             yield
 

@@ -1,8 +1,8 @@
 """BatchNorm statistics for weights the network was not trained at (SWA means, SWAG and subspace samples).
 
 :func:`refresh_batchnorm` recomputes every BatchNorm layer's running statistics in one pass over the data:
-reset, then before a batch of ``b`` examples, ``n`` seen so far, momentum ``b / (n + b)``, so the result is the
-average over examples (SWAG's and drbayes' ``bn_update``; ``torch.optim.swa_utils.update_bn`` averages over
+reset, then before each call of a layer on ``b`` rows, ``n`` seen so far, momentum ``b / (n + b)``, so the result is
+the average over examples (SWAG's and drbayes' ``bn_update``; ``torch.optim.swa_utils.update_bn`` averages over
 batches, which gives a smaller last batch the weight of a full one). Batches are ``(x, y)`` tuples or ``x`` (nested
 or dict inputs such as a tokenizer's output).
 :func:`batch_statistics` makes BatchNorm layers normalise with the batch's own statistics while leaving
@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -48,14 +48,6 @@ def _inputs(batches: Iterable[Any], device: torch.device | None) -> Iterator[Any
         yield x if device is None else tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, x)
 
 
-def _batch_size(x: Any) -> int:
-    """Examples in the inputs ``x``: the leading size of its first tensor (a tensor, a tuple or a dict of them)."""
-    leaves = [t for t in tree_flatten(x)[0] if isinstance(t, Tensor)]
-    if not leaves or leaves[0].ndim == 0:
-        raise ValueError(f"refresh_batchnorm needs batches whose inputs hold a batched tensor; got {type(x).__name__}")
-    return leaves[0].shape[0]
-
-
 def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None) -> None:
     """Recompute the running statistics of every BatchNorm layer of ``model`` from ``batches`` (``x`` or
     ``(x, y, ...)``; ``x`` a tensor, a tuple or a dict of tensors, moved to ``device``): the average over examples
@@ -67,19 +59,25 @@ def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.de
         return
     modes = {module: module.training for module in model.modules()}
     momenta = [layer.momentum for layer in layers]
+    rows_seen: dict[int, int] = {}
+
+    def cumulative_momentum(layer: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+        """Per call of a layer (one applied twice in a forward counts both, as ``update_bn``'s average does)."""
+        rows, seen = args[0].shape[0], rows_seen.get(id(layer), 0)
+        layer.momentum = rows / (seen + rows)
+        rows_seen[id(layer)] = seen + rows
+
+    hooks = [layer.register_forward_pre_hook(cumulative_momentum) for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
     model.train()
-    seen = 0
     try:
         with torch.no_grad():
             for x in _inputs(batches, None if device is None else torch.device(device)):
-                size = _batch_size(x)
-                for layer in layers:
-                    layer.momentum = size / (seen + size)
                 model(x)
-                seen += size
     finally:
+        for hook in hooks:
+            hook.remove()
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         for module, training in modes.items():

@@ -131,3 +131,16 @@ class SWAGMoments(nn.Module):
 def default_swag_scale(moments: SWAGMoments) -> float:
     """The reference's ``s``: 0.5 for SWAG (a low-rank part), 1 for SWAG-diag (``max_rank=0``, the diagonal only)."""
     return 1.0 if moments.max_rank == 0 else 0.5
+
+
+def low_rank_part(moments: SWAGMoments, scale: float, who: str) -> bool:
+    """Whether draws at ``scale`` take the low-rank part (2 or more deviations stored); an error naming ``who`` when
+    they would need it but one snapshot left a single deviation (every draw would be the SWA mean). Scale 0 (SWA)
+    takes no part at all, so any run serves it."""
+    if scale > 0 and 0 < moments.rank < 2:
+        raise ValueError(
+            f"{who} draws SWAG's low-rank part (max_rank={moments.max_rank}), which needs at least 2 snapshots; the "
+            "run collected 1 (every draw would be the SWA mean): collect more, use a run with max_rank=0 (diagonal "
+            "SWAG), or scale 0 (SWA)"
+        )
+    return moments.rank >= 2

@@ -65,7 +65,7 @@ from ..inference.subspace import (
     pca_subspace,
     random_subspace,
 )
-from ..inference.swag import SWAGMoments, default_swag_scale
+from ..inference.swag import SWAGMoments, default_swag_scale, low_rank_part
 from ..models.weights import load_trained_likelihood, load_trained_weights, resolve_checkpoint_path
 from ..params import ParamSelector, select_parameters
 from ..predictive import Predictive
@@ -218,12 +218,8 @@ class SubspaceInference(BayesianModule):
         self.num_data = num_data
         self.automatic_optimization = method == "vi"
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # counter of seeded random draws
-        if subspace == "swag" and 0 < self.moments.rank < 2:
-            raise ValueError(
-                f"subspace='swag' with a low-rank part (max_rank={self.moments.max_rank}) needs at least 2 snapshots; "
-                "the run collected 1 (its draws would all be the SWA mean): collect more, or use a run with "
-                "max_rank=0 (diagonal SWAG)"
-            )
+        if subspace == "swag":
+            low_rank_part(self.moments, self.swag_scale, "subspace='swag'")
         if subspace != "swag":
             self.subspace = self._build_subspace(subspace, rank, curve_points)
             self.register_buffer("samples", torch.zeros(num_samples, self.subspace.dim, dtype=torch.float64))
@@ -244,6 +240,7 @@ class SubspaceInference(BayesianModule):
         self.register_buffer("bn_ready", torch.zeros((), dtype=torch.bool))
         self._swag_draws: Tensor | None = None
         self._extend_chain = False  # set by on_load_checkpoint: a finished ESS chain given more samples
+        self._drawn_at: int | None = None  # the global step at which the VI samples were drawn (once per state of q)
 
     # ----- construction ---------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -395,17 +392,31 @@ class SubspaceInference(BayesianModule):
 
     def on_train_epoch_end(self) -> None:
         """VI draws its samples after its last epoch: ``max_epochs``, or earlier when ``max_steps`` or a callback
-        (e.g. ``EarlyStopping`` at this epoch's validation) ends the fit; before the last checkpoint is written."""
-        trainer = self.trainer
-        steps_done = 0 <= trainer.max_steps <= trainer.global_step
-        if self.method == "vi" and (self.current_epoch + 1 >= (trainer.max_epochs or 0) or trainer.should_stop
-                                    or steps_done):
+        (e.g. ``EarlyStopping`` at this epoch's validation) ends the fit."""
+        if self.method == "vi" and self._fit_ends_now():
             self._draw_vi_samples()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written as a VI fit ends holds its samples, also when a callback's hook after this module's
+        epoch end stopped it (``EarlyStopping`` on a training metric, before ``ModelCheckpoint`` saves)."""
+        super().on_save_checkpoint(checkpoint)
+        fitting = self._trainer is not None and self.trainer.training
+        if self.method == "vi" and fitting and self._fit_ends_now() and self._drawn_at != self.global_step:
+            self._draw_vi_samples()
+            checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k in checkpoint["state_dict"]})
 
     def on_train_end(self) -> None:
         """A fit stopped after the epoch's end hooks (e.g. by ``max_time``) still leaves VI with its samples."""
-        if self.method == "vi" and int(self.collected) < self.num_samples:
+        if self.method == "vi" and self._drawn_at != self.global_step:
             self._draw_vi_samples()
+
+    def _fit_ends_now(self) -> bool:
+        """Whether the fit stops after this epoch: its last epoch, its step budget spent, or a stop requested once
+        ``min_epochs`` are done (before that Lightning trains on)."""
+        trainer = self.trainer
+        epochs = self.current_epoch + 1
+        stopping = trainer.should_stop and epochs >= (trainer.min_epochs or 0)
+        return epochs >= (trainer.max_epochs or 0) or 0 <= trainer.max_steps <= trainer.global_step or stopping
 
     def _draw_vi_samples(self) -> None:
         with torch.no_grad():
@@ -413,6 +424,7 @@ class SubspaceInference(BayesianModule):
             self.samples.copy_(self.variational.reparameterize(noise.to(self.samples.device)))
         self.collected.fill_(self.num_samples)
         self._refresh_all_batchnorm()
+        self._drawn_at = self.global_step  # q has not moved since: no second draw
 
     # ----- samples -----------------------------------------------------------------------------------------
     def available_samples(self) -> int:
@@ -433,7 +445,8 @@ class SubspaceInference(BayesianModule):
             if self._swag_draws is None or self._swag_draws.device != self.moments.mean.device:
                 generator = torch.Generator().manual_seed(self.seed)
                 self._swag_draws = self.moments.sample(
-                    self.swag_scale, self.num_samples, generator=generator
+                    self.swag_scale, self.num_samples, generator=generator,
+                    low_rank=low_rank_part(self.moments, self.swag_scale, "subspace='swag'"),
                 )
             return self._swag_draws[:n]
         if n == 0:

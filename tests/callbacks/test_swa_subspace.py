@@ -215,9 +215,11 @@ def test_one_snapshot_with_a_low_rank_part_is_refused_and_swag_diag_draws_at_sca
     swa = SWASubspace(params="all", start_epoch=0, max_rank=20)
     module = fit(1, [swa])
     assert int(swa.moments.count) == 1
-    refused = pytest.raises(ValueError, match=r"needs at least 2 snapshots; 1 is collected .* max_rank=0 for diagonal")
+    refused = pytest.raises(ValueError, match=r"needs at least 2 snapshots; the run collected 1 .* max_rank=0 \(diag")
     with refused, swa.sample(module):
         pass
+    with swa.sample(module, scale=0.0):  # SWA: the mean, which one snapshot gives
+        torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in module.parameters()]), swa.moments.mean)
     diagonal = SWASubspace(params="all", start_epoch=0, max_rank=0)
     module = fit(3, [diagonal])
     with diagonal.sample(module, generator=torch.Generator().manual_seed(3)):  # SWAG-diag: s = 1 by default

@@ -61,6 +61,23 @@ def test_unequal_batches_average_over_examples_not_batches() -> None:
     torch.testing.assert_close(model[1].running_mean, first, rtol=0, atol=1e-6)
 
 
+def test_a_layer_called_twice_per_forward_averages_every_call() -> None:
+    """``bn(x) + bn(x + 10)`` on zeros: the layer's inputs average 5 (one momentum per forward gave the second call
+    the last word: 7.5)."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bn(x) + self.bn(x + 10)
+
+    model = Twice()
+    refresh_batchnorm(model, [torch.zeros(20, 1), torch.zeros(12, 1)])
+    torch.testing.assert_close(model.bn.running_mean, torch.tensor([5.0]), rtol=0, atol=1e-6)
+
+
 def test_modes_and_momenta_come_back_and_dropout_runs_in_the_pass() -> None:
     """As ``update_bn`` and drbayes: the whole model in training mode for the pass, each module's mode restored."""
     model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6, momentum=0.3))

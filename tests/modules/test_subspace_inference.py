@@ -105,6 +105,24 @@ def test_vi_stopped_before_max_epochs_still_draws_its_samples_from_q() -> None:
     assert vi.eval().predictive(x[:2]).mean_samples.shape[0] == 4000
 
 
+def test_vi_stopped_by_a_callback_after_its_epoch_end_saves_its_samples(tmp_path: Path) -> None:
+    """EarlyStopping on a training metric stops the fit in a hook after the module's epoch end, before ModelCheckpoint
+    saves: the checkpoint holds the samples the fit ends with (it held none), drawn once."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    x, y, state = regression()
+    vi = linear_module(state, method="vi", num_samples=8)
+    stop = EarlyStopping(monitor="train/loss", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+    trainer(10, tmp_path, callbacks=[stop, last], log_every_n_steps=1).fit(
+        vi, DataLoader(TensorDataset(x, y), batch_size=20)
+    )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert vi.current_epoch == 1 and int(saved["collected"]) == 8
+    assert torch.equal(saved["samples"], vi.samples) and vi.samples.abs().sum() > 0
+    assert int(vi.draws) == 3  # a noise draw per step (2), the samples once
+
+
 def test_ess_refuses_a_loader_that_drops_its_last_batch() -> None:
     """The slice threshold of one pass is compared with the next pass's log-likelihood: a shuffled loader that
     drops a batch sums other examples every time."""
@@ -335,8 +353,10 @@ def test_swag_from_one_snapshot_with_a_low_rank_part_is_refused() -> None:
     moments = SWAGMoments(6, 4, dtype=torch.float64)
     moments.update(torch.ones(6, dtype=torch.float64))
     state["moments"] = moments.state_dict()
-    with pytest.raises(ValueError, match=r"^subspace='swag' with a low-rank part \(max_rank=4\) needs at least 2 "):
+    with pytest.raises(ValueError, match=r"^subspace='swag' draws SWAG's low-rank part \(max_rank=4\), which needs at "):
         linear_module(state, subspace="swag", method="none")
+    swa = linear_module(state, subspace="swag", method="none", swag_scale=0.0, num_samples=1)  # SWA: the mean serves
+    torch.testing.assert_close(swa.sample_weights(1), torch.ones(1, 6, dtype=torch.float64), rtol=0, atol=0)
 
 
 def test_swag_scale_defaults_to_the_references_half_and_one_for_swag_diag() -> None:
