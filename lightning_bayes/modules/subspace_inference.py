@@ -403,7 +403,8 @@ class SubspaceInference(BayesianModule):
         fitting = self._trainer is not None and self.trainer.training
         if self.method == "vi" and fitting and self._fit_ends_now() and self._drawn_at != self.global_step:
             self._draw_vi_samples()
-            checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items() if k in checkpoint["state_dict"]})
+            saved = checkpoint["state_dict"]
+            saved.update({name: value for name, value in self.state_dict().items() if name in saved})
 
     def on_train_end(self) -> None:
         """A fit stopped after the epoch's end hooks (e.g. by ``max_time``) still leaves VI with its samples."""

@@ -353,7 +353,7 @@ def test_swag_from_one_snapshot_with_a_low_rank_part_is_refused() -> None:
     moments = SWAGMoments(6, 4, dtype=torch.float64)
     moments.update(torch.ones(6, dtype=torch.float64))
     state["moments"] = moments.state_dict()
-    with pytest.raises(ValueError, match=r"^subspace='swag' draws SWAG's low-rank part \(max_rank=4\), which needs at "):
+    with pytest.raises(ValueError, match=r"^subspace='swag' draws SWAG's low-rank part \(max_rank=4\), which needs"):
         linear_module(state, subspace="swag", method="none")
     swa = linear_module(state, subspace="swag", method="none", swag_scale=0.0, num_samples=1)  # SWA: the mean serves
     torch.testing.assert_close(swa.sample_weights(1), torch.ones(1, 6, dtype=torch.float64), rtol=0, atol=0)
