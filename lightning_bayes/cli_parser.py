@@ -77,9 +77,27 @@ def refused_argument_hints(message: str) -> list[str]:
     return hints
 
 
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (?P<arguments>.*)", re.IGNORECASE)
+
+
+def unknown_option_hints(message: str, known: list[str]) -> list[str]:
+    """One line per ``--option`` an "unrecognized arguments" ``message`` names: the closest ``known`` options."""
+    match = _UNRECOGNIZED.search(message)
+    if match is None:
+        return []
+    hints = []
+    for token in match["arguments"].split():
+        option = token.partition("=")[0]
+        closest = difflib.get_close_matches(option, known, n=3, cutoff=0.8) if option.startswith("--") else []
+        if closest:
+            hints.append(f"{option} is not an option; closest: {', '.join(closest)}")
+    return hints
+
+
 class BayesArgumentParser(LightningArgumentParser):
-    """``LightningArgumentParser`` whose errors end with the accepted arguments of a class that refused one."""
+    """``LightningArgumentParser`` whose errors end with the accepted arguments of a class that refused one, or the
+    closest options to one it does not know (``--trainer.max_epocs``)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        hints = refused_argument_hints(message)
+        hints = refused_argument_hints(message) + unknown_option_hints(message, list(self._option_string_actions))
         super().error("\n".join([message, *hints]) if hints else message, ex)

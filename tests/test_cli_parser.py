@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lightning_bayes.cli_parser import accepted_arguments, refused_argument_hints
+from lightning_bayes.cli_parser import accepted_arguments, refused_argument_hints, unknown_option_hints
 
 
 def test_hints_name_the_class_its_arguments_and_the_closest() -> None:
@@ -48,6 +48,16 @@ def test_a_class_its_module_lacks_is_answered_with_the_closest_class_names() -> 
     assert refused_argument_hints(far) == ["lightning_bayes.modules has no class 'Zzzzzz'"]
 
 
+def test_an_unknown_option_is_answered_with_the_closest_known_ones() -> None:
+    known = ["--trainer.max_epochs", "--trainer.min_epochs", "--data.batch_size"]
+    message = "unrecognized arguments: --trainer.max_epocs 3 --data.batchsize=8 --zzz"
+    assert unknown_option_hints(message, known) == [
+        "--trainer.max_epocs is not an option; closest: --trainer.max_epochs, --trainer.min_epochs",
+        "--data.batchsize is not an option; closest: --data.batch_size",
+    ]
+    assert unknown_option_hints("Parser key \"model\": ...", known) == []
+
+
 def test_accepted_arguments_are_the_constructor_keywords() -> None:
     assert accepted_arguments("lightning_bayes.models.MLP") == ["in_features", "out_features", "hidden", "dropout",
                                                                 "activation"]
@@ -62,6 +72,7 @@ def test_accepted_arguments_are_the_constructor_keywords() -> None:
         ("digits/map", "--model.init_args.backbone.init_args.hiden=[4]",
          "MLP has no argument 'hiden'; closest: hidden."),
         ("digits/viking", "--model.init_args.solver=cgg", "VIKING's solver must be one of 'dense', 'cg'; got 'cgg'"),
+        ("digits/map", "--trainer.max_epocs=3", "--trainer.max_epocs is not an option; closest: --trainer.max_epochs"),
         ("digits/map", "--model=lightning_bayes.modules.MAPP",
          "lightning_bayes.modules has no class 'MAPP'; closest: lightning_bayes.modules.MAP"),
         ("digits/map", "--model.init_args.backbone=lightning_bayes.models.LeNet",
