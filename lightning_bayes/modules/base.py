@@ -10,6 +10,7 @@ over a frozen model).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Union
 
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
 
 from ..checks import is_int
@@ -27,6 +29,11 @@ from ..predictive import Predictive
 from .random_stream import global_rng_states, restore_rng_states
 
 Batch = tuple[Any, Tensor]
+
+
+_ANOTHER_METHOD = re.compile(  # Lightning's message for a checkpoint's class outside the loading class's subclasses
+    r"The class '(?P<saved>[\w.]+)' requested by the checkpoint does not resolve to an already imported subclass of"
+)
 
 
 class BayesianModule(LightningModule, ABC):
@@ -67,6 +74,22 @@ class BayesianModule(LightningModule, ABC):
         self.num_samples = num_samples
         self._before_validation: dict[str, Any] | None = None  # the global generators' states while a fit validates
         self._resumed_rng_states: dict[str, Any] | None = None  # the loaded checkpoint's, until training starts
+
+    @_restricted_classmethod  # as Lightning's: not on an instance (it would not load in place)
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``; a command-line checkpoint of another method is named as such (Lightning
+        reports it as a class "blocked to prevent arbitrary code execution", to be imported first)."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except ValueError as error:
+            found = _ANOTHER_METHOD.match(str(error))
+            if found is None:
+                raise
+            saved = found["saved"].rpartition(".")[2]
+            raise ValueError(
+                f"{str(checkpoint_path)!r} is a checkpoint of {found['saved']}, not of {cls.__name__}: load it with "
+                f"{saved}.load_from_checkpoint, or give it to a post-hoc method's checkpoint argument"
+            ) from None
 
     @abstractmethod
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:

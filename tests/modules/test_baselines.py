@@ -320,3 +320,25 @@ def test_a_partly_frozen_layer_keeps_its_frozen_weight_shared_by_every_member():
         ensemble = DeepEnsemble(net, num_members=3)
     assert torch.equal(ensemble.members[0][0].weight, before)
     assert all(member[0].weight is ensemble.members[0][0].weight for member in ensemble.members)
+
+
+def test_a_command_line_checkpoint_of_another_method_is_named_as_such(tmp_path: Path) -> None:
+    """Lightning called it a class "blocked to prevent arbitrary code execution" to be imported first (MAP was)."""
+    from lightning_bayes.modules import IVONModule
+
+    model = MAP(MLP(64, 10, hidden=[8]))
+    checkpoint = {  # what LightningCLI saves: the class path and its instantiator among the hyperparameters
+        "state_dict": model.state_dict(), "pytorch-lightning_version": "2.6.0",
+        "hyper_parameters": {"_class_path": "lightning_bayes.modules.MAP",
+                             "_instantiator": "lightning.pytorch.cli.instantiate_module"},
+    }
+    torch.save(checkpoint, tmp_path / "map.ckpt")
+    refused = r"map.ckpt' is a checkpoint of lightning_bayes.modules.MAP, not of IVONModule: load it with MAP.load_from"
+    with pytest.raises(ValueError, match=refused):
+        IVONModule.load_from_checkpoint(tmp_path / "map.ckpt", backbone=MLP(64, 10, hidden=[8]))
+    loaded = MAP.load_from_checkpoint(tmp_path / "map.ckpt", backbone=MLP(64, 10, hidden=[8]))
+    assert isinstance(loaded, MAP)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    with pytest.raises(TypeError):  # as Lightning's: not on an instance
+        model.load_from_checkpoint(tmp_path / "map.ckpt")
