@@ -278,12 +278,19 @@ def trained_checkpoint(trainer: Trainer) -> str | None:
 
 
 def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:
-    """Test after ``trainer.fit``: the best checkpoint when one is monitored, else the model as it is. A best
+    """Test after ``trainer.fit``: the best checkpoint when one is monitored, else the model as it is (with a warning
+    when a monitored checkpoint never saw its metric). A best
     checkpoint named relative to another working folder (a fit resumed from elsewhere restores the path as saved) is
     not there: the model is tested as it is, with a warning, rather than failing after the fit."""
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-    use_best = bool(best) and getattr(checkpoint, "monitor", None) is not None
+    monitored = getattr(checkpoint, "monitor", None)
+    use_best = bool(best) and monitored is not None
+    if monitored is not None and not best:
+        rank_zero_warn(
+            f"no checkpoint was chosen by {monitored!r} (no validation ran: check_val_every_n_epoch, "
+            "limit_val_batches): testing the model as the fit left it"
+        )
     if use_best and not trainer.strategy.broadcast(Path(best).is_file()):
         rank_zero_warn(
             f"the best checkpoint {best!r} is not there (relative to {os.getcwd()}; a fit resumed from another folder "

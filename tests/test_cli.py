@@ -215,3 +215,12 @@ def test_the_trained_checkpoint_is_the_best_or_else_any_latest(tmp_path: Path) -
 
     assert trained_checkpoint(fit(0)) == str(tmp_path / "0" / "last.ckpt")
     assert trained_checkpoint(fit(2)) == str(tmp_path / "2" / "best.ckpt")
+
+
+def test_a_fit_that_never_validated_says_it_tests_the_fitted_weights(tmp_path: Path):
+    """A monitored checkpoint with no validation has no best file: the test scores the weights as fitted, and says so
+    (it did silently)."""
+    args = [*quick_args(ROOT / "configs" / "digits" / "map.yaml", tmp_path, batches=1), "--trainer.limit_val_batches=0"]
+    with pytest.warns(UserWarning, match=r"no checkpoint was chosen by 'val/nll' \(no validation ran"):
+        run(args)
+    assert next(tmp_path.rglob("metrics.json")).is_file()
