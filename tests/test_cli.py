@@ -224,3 +224,8 @@ def test_a_fit_that_never_validated_says_it_tests_the_fitted_weights(tmp_path: P
     with pytest.warns(UserWarning, match=r"no checkpoint was chosen by 'val/nll' \(no validation ran"):
         run(args)
     assert next(tmp_path.rglob("metrics.json")).is_file()
+    import warnings
+
+    with warnings.catch_warnings():  # a config that monitors nothing tests its final state without the warning
+        warnings.filterwarnings("error", message="no checkpoint was chosen")
+        run(quick_args(ROOT / "configs" / "digits" / "swag.yaml", tmp_path / "swag", batches=1))

@@ -46,6 +46,12 @@ def test_a_class_its_module_lacks_is_answered_with_the_closest_class_names() -> 
     ]
     far = message.replace("VIKNG", "Zzzzzz")
     assert refused_argument_hints(far) == ["lightning_bayes.modules has no class 'Zzzzzz'"]
+    submodule = message.replace("VIKNG", "subspace_inferenc")  # classes are suggested, not the module's submodules
+    assert refused_argument_hints(submodule) == [
+        "lightning_bayes.modules has no class 'subspace_inferenc'; closest: lightning_bayes.modules.SubspaceInference"
+    ]
+    missing = message.replace("lightning_bayes.modules", "no_such_package_xyz")  # a module that cannot be imported
+    assert refused_argument_hints(missing) == []
 
 
 def test_an_unknown_option_is_answered_with_the_closest_known_ones() -> None:

@@ -89,6 +89,13 @@ def test_classification_fit_and_test_log_the_direct_values_and_write_files(tmp_p
     trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
     assert (folder / "reliability-2.png").exists() and (folder / "reliability-2.json").exists()
     assert not (folder / "reliability.png").exists()
+    for old in folder.glob("reliability*"):  # a PNG free at 'reliability' but not its JSON, and the reverse at '-1'
+        old.unlink()
+    (folder / "reliability-1.json").write_text("{}")
+    (folder / "reliability.png").write_bytes(b"")
+    trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
+    assert (folder / "reliability-2.png").exists() and (folder / "reliability-2.json").exists()
+    assert not (folder / "reliability.json").exists()
 
 
 class TwoTestSets(ToyDataWithOOD):
@@ -320,4 +327,9 @@ def test_a_disagreement_score_of_a_one_sample_predictive_is_warned_about(tmp_pat
         warnings.filterwarnings("error", message=".*measures how")
         make_trainer(tmp_path, CalibrationMetrics(ood_score=score, plots=False)).test(
             LinearModel(num_samples=2), datamodule=ToyDataWithOOD(), verbose=False
+        )
+    with warnings.catch_warnings():  # without OOD data nothing is scored by it: no warning
+        warnings.filterwarnings("error", message=".*measures how")
+        make_trainer(tmp_path, CalibrationMetrics(ood_score=score, plots=False)).test(
+            LinearModel(num_samples=1), datamodule=ToyData(), verbose=False
         )

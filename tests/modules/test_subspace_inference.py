@@ -123,6 +123,36 @@ def test_vi_stopped_by_a_callback_after_its_epoch_end_saves_its_samples(tmp_path
     assert int(vi.draws) == 3  # a noise draw per step (2), the samples once
 
 
+@pytest.mark.parametrize(
+    ("epochs", "options", "stops", "saves"),
+    [
+        (100, {"max_steps": 5}, False, True),  # the step budget ends the fit in epoch 3: its checkpoint holds samples
+        (2, {}, False, True),  # the last epoch's end draws; its checkpoint does not draw again
+        (10, {}, True, False),  # a callback stops it after the module's epoch end and nothing is saved: train end draws
+        (3, {"min_epochs": 3}, True, False),  # a stop asked before min_epochs is not the end: one draw, at the end
+    ],
+    ids=["max_steps", "max_epochs", "early_stop", "early_stop_before_min_epochs"],
+)
+def test_vi_draws_its_samples_once_as_the_fit_ends(tmp_path: Path, epochs: int, options: dict, stops: bool,
+                                                    saves: bool) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    x, y, state = regression()
+    vi = linear_module(state, method="vi", num_samples=8)
+    stop = EarlyStopping(monitor="train/loss", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    callbacks = [stop] if stops else []
+    if saves:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True))
+    trainer(epochs, tmp_path if saves else None, callbacks=callbacks, log_every_n_steps=1, **options).fit(
+        vi, DataLoader(TensorDataset(x, y), batch_size=20)
+    )
+    assert int(vi.collected) == 8 and vi.samples.abs().sum() > 0
+    assert int(vi.draws) == vi.trainer.global_step + 1  # a noise draw per step, the samples once
+    if saves:
+        saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+        assert int(saved["collected"]) == 8 and torch.equal(saved["samples"], vi.samples)
+
+
 def test_ess_refuses_a_loader_that_drops_its_last_batch() -> None:
     """The slice threshold of one pass is compared with the next pass's log-likelihood: a shuffled loader that
     drops a batch sums other examples every time."""

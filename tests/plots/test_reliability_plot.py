@@ -97,3 +97,9 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         reliability_bins(np.array([0.5]), np.array([1]), n_bins=0)
     with pytest.raises(ValueError, match="must end in .png"):
         reliability_diagram(np.array([0.5]), np.array([1]), path=tmp_path / "plot.pdf")
+
+
+def test_integer_confidences_are_binned_as_numbers() -> None:
+    """0/1 confidences (an integer array) fall in the first and the last bin, not against integer edges."""
+    bins = reliability_bins(np.array([0, 1, 1]), [0, 1, 1], n_bins=10)
+    assert bins.count.tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]
