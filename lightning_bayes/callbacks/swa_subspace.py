@@ -29,7 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ..inference.batchnorm import batchnorm_layers, refresh_batchnorm
+from ..inference.batchnorm import batchnorm_statistics_kept, refresh_batchnorm
 from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor, low_rank_part
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
 
@@ -292,20 +292,18 @@ class SWASubspace(Callback):
         if any(is_dtensor(p) for p in params) or _fsdp_units(getattr(pl_module, "_trainer", None)):
             raise NotImplementedError("SWASubspace.swa()/sample() write into unsharded parameters only (not FSDP)")
         saved = [p.detach().clone() for p in params]
-        statistics = [(b, b.clone()) for layer in batchnorm_layers(pl_module) for b in layer.buffers()]
-        try:
-            with torch.no_grad():
-                for p, value in zip(params, flat.split([p.numel() for p in params])):
-                    p.copy_(value.view_as(p))
-            if batches is not None:
-                refresh_batchnorm(pl_module, batches, pl_module.device)
-            yield
-        finally:
-            with torch.no_grad():
-                for p, value in zip(params, saved):
-                    p.copy_(value)
-                for buffer, value in statistics:
-                    buffer.copy_(value)
+        with batchnorm_statistics_kept(pl_module):
+            try:
+                with torch.no_grad():
+                    for p, value in zip(params, flat.split([p.numel() for p in params])):
+                        p.copy_(value.view_as(p))
+                if batches is not None:
+                    refresh_batchnorm(pl_module, batches, pl_module.device)
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, value in zip(params, saved):
+                        p.copy_(value)
 
     def _require_moments(self) -> SWAGMoments:
         if self.moments is None or int(self.moments.count) == 0:

@@ -85,6 +85,18 @@ def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.de
 
 
 @contextmanager
+def batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Inside, the BatchNorm buffers may move (a refresh at other weights); on exit they hold what they held."""
+    saved = {name: buffer.clone() for name, buffer in batchnorm_buffers(model).items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in batchnorm_buffers(model).items():
+                buffer.copy_(saved[name])
+
+
+@contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[None]:
     """Inside, BatchNorm layers run in training mode (batch statistics) with ``momentum = 0``, so their running
     statistics stay exactly as they were; the rest of the model keeps its mode."""

@@ -52,6 +52,7 @@ from ..datamodules import side_pass, without_sampler_padding
 from ..inference.batchnorm import (
     batch_statistics,
     batchnorm_layers,
+    batchnorm_statistics_kept,
     refresh_batchnorm,
     running_statistics,
 )
@@ -460,22 +461,20 @@ class SubspaceInference(BayesianModule):
             return
         params = dict(self.model.named_parameters())
         saved = {n: params[n].detach().clone() for n in self.flat.names}
-        statistics = [(b, b.clone()) for layer in batchnorm_layers(self.model) for b in layer.buffers()]
-        try:
-            for index, weights in enumerate(self.sample_weights(self.num_samples)):
+        with batchnorm_statistics_kept(self.model):
+            try:
+                for index, weights in enumerate(self.sample_weights(self.num_samples)):
+                    with torch.no_grad():
+                        for name, value in self.flat.unflatten(weights).items():
+                            params[name].copy_(value)
+                    refresh_batchnorm(self.model, side_pass(self.trainer.train_dataloader), self.device)
+                    current = running_statistics(self.model)
+                    flat = torch.cat([b.reshape(-1) for b in current.values()])
+                    self.bn_statistics[index] = self.trainer.strategy.reduce(flat, reduce_op="mean")
+            finally:
                 with torch.no_grad():
-                    for name, value in self.flat.unflatten(weights).items():
+                    for name, value in saved.items():
                         params[name].copy_(value)
-                refresh_batchnorm(self.model, side_pass(self.trainer.train_dataloader), self.device)
-                current = running_statistics(self.model)
-                flat = torch.cat([b.reshape(-1) for b in current.values()])
-                self.bn_statistics[index] = self.trainer.strategy.reduce(flat, reduce_op="mean")
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
-                for buffer, value in statistics:
-                    buffer.copy_(value)
         self.bn_ready.fill_(True)
 
     def _sample_buffers(self, index: int) -> dict[str, Tensor]:
