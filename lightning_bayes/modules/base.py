@@ -253,6 +253,21 @@ class BayesianModule(LightningModule, ABC):
             restore_rng_states(checkpoint["rng_states"])
             self._resumed_rng_states = checkpoint["rng_states"]
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; when the checkpoint's tensors do not fit this module, the error says that
+        the network comes from the constructor (the config), not from the checkpoint."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            if not str(error).startswith("Error(s) in loading state_dict"):
+                raise
+            raise RuntimeError(
+                f"{error}\nThe checkpoint was saved from another network or method settings than this "
+                f"{type(self).__name__}'s: the network is built from the constructor's arguments (the config's "
+                "model.init_args), not read from the checkpoint; build it as the checkpoint's run did (on the command "
+                "line: --config <its run folder>/config.yaml)"
+            ) from None
+
     def on_validation_start(self) -> None:
         """Validation inside a fit (the sanity check included) leaves the global generators as it found them, so the
         training stream does not depend on when validation runs: a fit resumed from a checkpoint saved on an epoch's

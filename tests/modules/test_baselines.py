@@ -342,3 +342,15 @@ def test_a_command_line_checkpoint_of_another_method_is_named_as_such(tmp_path: 
         assert torch.equal(loaded.state_dict()[name], value), name
     with pytest.raises(TypeError):  # as Lightning's: not on an instance
         model.load_from_checkpoint(tmp_path / "map.ckpt")
+
+
+def test_a_checkpoint_of_another_network_says_the_network_comes_from_the_constructor(tmp_path: Path) -> None:
+    """torch names the tensors that do not fit; the user is told where the network comes from (not the file)."""
+    model = MAP(MLP(64, 10, hidden=[8]))
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": "2.6.0"}, tmp_path / "map.ckpt")
+    with pytest.raises(RuntimeError, match=r"(?s)size mismatch for backbone.*built from the constructor's arguments"):
+        MAP.load_from_checkpoint(tmp_path / "map.ckpt", backbone=MLP(64, 10, hidden=[16]))
+    with pytest.raises(RuntimeError, match=r"(?s)Unexpected key.*not read from the checkpoint"):
+        MAP(MLP(64, 10, hidden=[8])).load_state_dict({**model.state_dict(), "extra": torch.zeros(1)})
+    loaded = MAP.load_from_checkpoint(tmp_path / "map.ckpt", backbone=MLP(64, 10, hidden=[8]))
+    assert torch.equal(loaded.backbone.head.weight, model.backbone.head.weight)
