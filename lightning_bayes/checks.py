@@ -1,4 +1,5 @@
-"""Argument checks: a ``bool`` is not a count or a number here (``True`` is an ``int`` to Python); class labels."""
+"""Argument checks: a ``bool`` is not a count or a number here (``True`` is an ``int`` to Python); seeds; class
+labels."""
 
 from __future__ import annotations
 
@@ -17,6 +18,25 @@ def is_int(value: Any) -> TypeGuard[int]:
 def is_number(value: Any) -> TypeGuard[float]:
     """An ``int`` or ``float`` that is neither a ``bool`` nor NaN (infinities pass: bound them where needed)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def is_finite(value: Any) -> TypeGuard[float]:
+    """A finite ``int`` or ``float`` that is not a ``bool``."""
+    return is_number(value) and math.isfinite(value)
+
+
+def check_seed(seed: Any, bits: int = 62) -> None:
+    """A clear error unless ``seed`` is an int in ``[0, 2^bits)``: ``torch.Generator.manual_seed`` takes 64 bits (a
+    float failed there with "manual_seed expected a long"), less what a caller adds (a rank, a draw counter)."""
+    if not (is_int(seed) and 0 <= seed < 2**bits):
+        raise ValueError(f"seed must be an int in [0, 2^{bits}); got {seed!r}")
+
+
+def check_flags(**flags: Any) -> None:
+    """A clear error naming the first of ``flags`` (name=value) that is not a ``bool`` (``"no"`` would be truthy)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False; got {value!r}")
 
 
 def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool = True) -> Tensor:

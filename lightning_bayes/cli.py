@@ -286,7 +286,7 @@ def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningD
     best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
     monitored = getattr(checkpoint, "monitor", None)
     use_best = bool(best) and monitored is not None
-    if monitored is not None and not best:
+    if monitored is not None and not best and not getattr(trainer, "fast_dev_run", False):  # writes no checkpoint
         rank_zero_warn(
             f"no checkpoint was chosen by {monitored!r} (no validation ran: check_val_every_n_epoch, "
             "limit_val_batches): testing the model as the fit left it"

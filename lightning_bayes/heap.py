@@ -18,6 +18,8 @@ import functools
 import os
 from collections.abc import Callable
 
+from .checks import is_int
+
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -62,7 +64,7 @@ class ReleaseOnGrowth:
     """
 
     def __init__(self, budget_bytes: int) -> None:
-        if not isinstance(budget_bytes, int) or budget_bytes < 1:
+        if not is_int(budget_bytes) or budget_bytes < 1:
             raise ValueError(f"budget_bytes must be a positive int; got {budget_bytes!r}")
         self.budget_bytes = budget_bytes
         self._baseline = resident_bytes()

@@ -5,10 +5,13 @@ A selector is a glob pattern (``fnmatch``) or a list of them, matched against
 
 * ``"all"``: every parameter (trainable or not),
 * ``"trainable"``: every parameter with ``requires_grad``,
-* ``"last_layer"``: the parameters of the last leaf module (in registration order) that has any,
-* ``"lora"``: peft LoRA matrices (``*lora_A*``, ``*lora_B*``).
+* ``"last_layer"``: the parameters of the last module (in registration order) that holds any itself (not through
+  its children),
+* ``"lora"``: peft LoRA matrices (``*lora_A*``, ``*lora_B*``, and an embedding's ``*lora_embedding_A*``,
+  ``*lora_embedding_B*``).
 
-Patterns prefixed with ``!`` exclude what they match.
+Patterns prefixed with ``!`` exclude what they match. A tied parameter (an LM head sharing the embedding matrix)
+answers to each of its names and is returned once, under its first name.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
 ParamSelector = Union[str, Sequence[str]]
 
-_ALIASES = {"lora": ("*lora_A*", "*lora_B*")}
+_ALIASES = {"lora": ("*lora_A*", "*lora_B*", "*lora_embedding_A*", "*lora_embedding_B*")}
 FSDP1_WRAPPER = "_fsdp_wrapped_module."  # FSDP1's FSDP_PREFIX: the segment it inserts above each wrapped unit
 
 
@@ -43,7 +46,7 @@ def _last_layer_names(module: nn.Module) -> list[str]:
     last: list[str] = []
     for name, sub in module.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in sub.named_parameters(recurse=False)]
-        if own and not list(sub.children()):
+        if own:
             last = own
     return last
 
@@ -53,10 +56,12 @@ def select_parameters(module: nn.Module, params: ParamSelector = "trainable") ->
 
     Raises ``ValueError`` naming the selector and some available names when nothing matches.
     """
-    patterns = [params] if isinstance(params, str) else list(params)
+    patterns = [params] if isinstance(params, str) else list(params) if isinstance(params, Sequence) else []
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"params must be a non-empty pattern or list of patterns; got {params!r}")
     named = dict(module.named_parameters())
+    first_name = {id(p): n for n, p in named.items()}
+    canonical = {n: first_name[id(p)] for n, p in module.named_parameters(remove_duplicate=False)}  # every name
     include: set[str] = set()
     exclude: set[str] = set()
     for pattern in patterns:
@@ -67,10 +72,10 @@ def select_parameters(module: nn.Module, params: ParamSelector = "trainable") ->
         elif key == "trainable":
             target.update(n for n, p in named.items() if p.requires_grad)
         elif key == "last_layer":
-            target.update(_last_layer_names(module))
+            target.update(canonical[n] for n in _last_layer_names(module))
         else:
             for glob in _ALIASES.get(key, (key,)):
-                target.update(fnmatch.filter(named, glob))
+                target.update(canonical[n] for n in fnmatch.filter(canonical, glob))
     chosen = {n: p for n, p in named.items() if n in include and n not in exclude}
     if not chosen:
         names = list(named)

@@ -7,5 +7,5 @@ from pathlib import Path
 
 
 def lightning_bayes_home() -> Path:
-    """``$LIGHTNING_BAYES_HOME`` or ``~/.cache/lightning_bayes``."""
-    return Path(os.environ.get("LIGHTNING_BAYES_HOME", Path.home() / ".cache" / "lightning_bayes")).expanduser()
+    """``$LIGHTNING_BAYES_HOME`` (when set and not empty) or ``~/.cache/lightning_bayes``."""
+    return Path(os.environ.get("LIGHTNING_BAYES_HOME") or Path.home() / ".cache" / "lightning_bayes").expanduser()

@@ -29,6 +29,9 @@ def _check_rank3(name: str, value: Tensor) -> None:
     if not isinstance(value, Tensor) or value.ndim != 3:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"{name} must be a tensor of shape [S, B, C|D] (samples, batch, outputs); got {shape}")
+    if value.shape[0] < 1 or value.shape[2] < 1:
+        raise ValueError(f"{name} needs at least one sample and one output, shape [S >= 1, B, C|D >= 1]; got "
+                         f"{tuple(value.shape)}")
 
 
 def _entropy(log_probs: Tensor) -> Tensor:
@@ -224,6 +227,10 @@ def concatenate(predictives: list[Predictive]) -> Predictive:
     if len(kinds) != 1:
         raise TypeError(f"cannot concatenate predictives of different types: {sorted(k.__name__ for k in kinds)}")
     first = predictives[0]
+    shapes = {tuple(p.logits.shape[1:] if isinstance(p, CategoricalPredictive) else p.mean_samples.shape[1:])
+              for p in predictives}
+    if len(shapes) > 1:
+        raise ValueError(f"cannot concatenate predictives of different [B, C|D] (batch, outputs): {sorted(shapes)}")
     if isinstance(first, CategoricalPredictive):  # all predictives share first's type (checked above)
         categorical = cast(list[CategoricalPredictive], predictives)
         return CategoricalPredictive(torch.cat([p.logits for p in categorical], dim=0))

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from lightning_bayes.params import select_parameters
@@ -40,3 +41,48 @@ def test_lora_alias_matches_peft_names():
 def test_pattern_matching_nothing_names_the_selector(bad):
     with pytest.raises(ValueError, match="params"):
         select_parameters(_net(), bad)
+
+
+def test_a_tied_weight_answers_to_each_of_its_names():
+    """An LM head tied to the embedding (SmolLM2) appears once in ``named_parameters()``, under the embedding's name:
+    ``last_layer`` and ``lm_head.*`` matched nothing."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.lm_head = nn.Linear(3, 5, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model = TiedLM()
+    assert list(select_parameters(model, "last_layer")) == ["embed.weight"]
+    assert select_parameters(model, "lm_head.*")["embed.weight"] is model.embed.weight
+
+
+def test_last_layer_is_the_last_module_holding_parameters_itself_even_with_children():
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(2, 8))
+            self.drop = nn.Dropout()
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Head())
+    assert list(select_parameters(net, "last_layer")) == ["2.weight"]  # was the first layer's
+
+
+def test_lora_alias_covers_embedding_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = nn.Embedding(10, 4)
+            self.q_proj = nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return self.q_proj(self.embed_tokens(ids))
+
+    model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    names = list(select_parameters(model, "lora"))
+    assert any("lora_embedding_A" in n for n in names) and any("lora_embedding_B" in n for n in names)
+    assert len(names) == 4

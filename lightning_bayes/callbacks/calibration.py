@@ -36,7 +36,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from ..checks import is_int
+from ..checks import check_flags, is_int
 from ..datamodules.sampler_padding import distributed_sampler, real_examples
 from ..metrics import (
     OOD_SCORES,
@@ -140,10 +140,7 @@ class CalibrationMetrics(Callback):
             raise ValueError(f"task must be one of {_TASKS}; got {task!r}")
         if ood_score not in OOD_SCORES:
             raise ValueError(f"ood_score must be one of {OOD_SCORES}; got {ood_score!r}")
-        if not isinstance(plots, bool):
-            raise ValueError(f"plots must be True or False; got {plots!r}")
-        if not isinstance(legacy, bool):
-            raise ValueError(f"legacy must be True or False; got {legacy!r}")
+        check_flags(plots=plots, legacy=legacy)
         if isinstance(ood_stages, str) or not set(ood_stages) <= set(_STAGES):
             raise ValueError(f"ood_stages must be a list of stages from {_STAGES}; got {ood_stages!r}")
         self.num_samples = num_samples
@@ -246,7 +243,7 @@ class CalibrationMetrics(Callback):
         if self.num_samples is not None or not hasattr(pl_module, "num_samples"):
             return self.num_samples
         value = pl_module.num_samples
-        if not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(
                 f"CalibrationMetrics(num_samples=None) uses pl_module.num_samples, but "
                 f"{type(pl_module).__name__}.num_samples is {value!r}; expected a positive int (or pass num_samples)"

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..checks import check_flags, check_seed, is_int
 from ..inference.variational_layers import VariationalLayer
 from ..plots.coefficients import coefficient_posterior
 from .run_files import run_folder, unique_path, write_json
@@ -34,8 +35,10 @@ class CoefficientPosterior(Callback):
         self, layer: str = "backbone.linear", names: list[str] | None = None, num_samples: int = 10_000,
         plots: bool = True, seed: int = 0,
     ) -> None:
-        if not isinstance(num_samples, int) or num_samples < 2:
+        if not is_int(num_samples) or num_samples < 2:
             raise ValueError(f"num_samples must be an int >= 2; got {num_samples!r}")
+        check_seed(seed)
+        check_flags(plots=plots)
         self.layer, self.names, self.num_samples, self.plots, self.seed = layer, names, num_samples, plots, seed
 
     def _layer(self, pl_module: LightningModule) -> VariationalLayer:

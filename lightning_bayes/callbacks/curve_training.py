@@ -38,7 +38,6 @@ main process's module is not parametrised, so read the trained curve from the ch
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -48,7 +47,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..checks import is_int
+from ..checks import check_flags, check_seed, is_finite, is_int
 from ..datamodules import side_pass
 from ..generator import PicklableGenerator
 from ..inference.curve_parametrization import (
@@ -168,15 +167,18 @@ class CurveTraining(Callback):
                 f"a polychain has no segments or anchors (its bends are its pieces); got segments={segments}, "
                 f"anchors={anchors!r}"
             )
+        if anchors is not None and (isinstance(anchors, str) or not isinstance(anchors, Sequence)):
+            raise ValueError(f"anchors must be a list of checkpoint paths; got {anchors!r}")
         if anchors is not None and len(anchors) != segments - 1:
             raise ValueError(
                 f"anchors must list segments - 1 = {segments - 1} checkpoints (the interior junctions); "
                 f"got {len(anchors)}"
             )
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        if not (is_finite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0; got {weight_decay!r}")
-        if not (isinstance(js_weight, (int, float)) and math.isfinite(js_weight) and js_weight >= 0):
+        if not (is_finite(js_weight) and js_weight >= 0):
             raise ValueError(f"js_weight must be a finite number >= 0; got {js_weight!r}")
+        check_flags(fix_anchors=fix_anchors, canonical_lora=canonical_lora, line=line, plots=plots)
         _positive_int("samples_per_step", samples_per_step, 2)
         _positive_int("ensemble_points", ensemble_points)
         _positive_int("grid_points", grid_points, 2)
@@ -195,6 +197,7 @@ class CurveTraining(Callback):
         self.ensemble_points = ensemble_points
         self.grid_points = {"val": grid_points, "test": test_grid_points}
         self.line = line
+        check_seed(seed)
         self.seed = seed
         self.plots = plots
         self.generator = PicklableGenerator().manual_seed(seed)  # ddp_spawn pickles callbacks

@@ -29,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ..checks import is_int
 from ..inference.batchnorm import batchnorm_statistics_kept, refresh_batchnorm
 from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor, low_rank_part
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
@@ -89,7 +90,7 @@ class SWASubspace(Callback):
         super().__init__()
         if start_epoch is not None and start_fraction is not None:
             raise ValueError(f"give start_epoch or start_fraction, not both; got {start_epoch!r} and {start_fraction!r}")
-        if start_epoch is not None and (not isinstance(start_epoch, int) or start_epoch < 0):
+        if start_epoch is not None and (not is_int(start_epoch) or start_epoch < 0):
             raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
         if start_fraction is not None and not (isinstance(start_fraction, (int, float)) and 0 <= start_fraction < 1):
             raise ValueError(f"start_fraction must be a number in [0, 1); got {start_fraction!r}")
@@ -98,11 +99,11 @@ class SWASubspace(Callback):
                 f"give every_n_epochs or every_n_steps, not both; got {every_n_epochs!r} and {every_n_steps!r}"
             )
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
         if swa_lr_ratio is not None and not (isinstance(swa_lr_ratio, (int, float)) and 0 < swa_lr_ratio <= 1):
             raise ValueError(f"swa_lr_ratio must be None or a number in (0, 1]; got {swa_lr_ratio!r}")
-        if not isinstance(max_rank, int) or max_rank < 0:
+        if not is_int(max_rank) or max_rank < 0:
             raise ValueError(f"max_rank must be an int >= 0; got {max_rank!r}")
         if device is not None and not _is_device_name(device):
             raise ValueError(f"device must be a device name such as 'cpu' or 'cuda:0', or None; got {device!r}")

@@ -11,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..checks import is_int
+from ..checks import check_flags, is_finite, is_int
 from .epoch_loader import EpochLoader, training_pass_batches, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
 
@@ -23,7 +23,8 @@ def seeded_permutation(n: int, seed: int) -> Tensor:
 
 def check_split_fractions(val_fraction: float, test_fraction: float) -> tuple[float, float]:
     """Validate the held-out fractions of a random split: both > 0 and summing below 1."""
-    if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+    numbers = is_finite(val_fraction) and is_finite(test_fraction)
+    if not (numbers and 0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(
             f"val_fraction and test_fraction must be > 0 and sum below 1; got {val_fraction} and {test_fraction}"
         )
@@ -41,11 +42,18 @@ def train_val_test_indices(
     """
     check_split_fractions(val_fraction, test_fraction)
     labels = None if stratify is None else stratify.numpy()
-    rest, test = train_test_split(range(n), test_size=test_fraction, random_state=seed, stratify=labels)
-    rest_labels = None if labels is None else labels[rest]
-    train, val = train_test_split(
-        rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=rest_labels
-    )
+    try:
+        rest, test = train_test_split(range(n), test_size=test_fraction, random_state=seed, stratify=labels)
+        rest_labels = None if labels is None else labels[rest]
+        train, val = train_test_split(
+            rest, test_size=val_fraction / (1 - test_fraction), random_state=seed, stratify=rest_labels
+        )
+    except ValueError as error:  # scikit-learn's message names its own arguments (test_size, n_samples)
+        stratified = "" if labels is None else f", every part holding each of its {len(set(labels.tolist()))} classes"
+        raise ValueError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} cannot split {n} examples into non-empty "
+            f"train / val / test parts{stratified} (scikit-learn: {error})"
+        ) from None
     return tuple(torch.tensor(sorted(part), dtype=torch.long) for part in (train, val, test))  # type: ignore[return-value]
 
 
@@ -81,18 +89,15 @@ class InMemoryDataModule(LightningDataModule):
         drop_last: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
+        if not is_int(num_workers) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0; got {num_workers!r}")
         if not is_int(seed):
             raise TypeError(f"seed must be an int in [0, 2**32); got {seed!r}")
         if not 0 <= seed < 2**32:  # scikit-learn's splits take no other (digits, regression)
             raise ValueError(f"seed must be an int in [0, 2**32); got {seed!r}")
-        if not isinstance(shuffle, bool):
-            raise TypeError(f"shuffle must be a bool; got {shuffle!r}")
-        if not isinstance(drop_last, bool):
-            raise TypeError(f"drop_last must be a bool; got {drop_last!r}")
+        check_flags(shuffle=shuffle, drop_last=drop_last)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..checks import check_flags
 from .base import InMemoryDataModule, check_split_fractions, train_val_test_indices
 from .locate import FASHION_MNIST
 from .mnist import load_idx_split, to_float_images
@@ -47,6 +48,7 @@ class DigitsDataModule(InMemoryDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, data_dir, shuffle, drop_last)
         self.val_fraction, self.test_fraction = check_split_fractions(val_fraction, test_fraction)
+        check_flags(flatten=flatten, download=download)
         self.flatten = flatten
         self.download = download
         self.ood_set: TensorDataset | None = None

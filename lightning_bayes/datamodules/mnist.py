@@ -12,6 +12,7 @@ from typing import ClassVar
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..checks import is_int
 from .base import InMemoryDataModule, seeded_permutation
 from .idx import read_idx
 from .locate import FASHION_MNIST, MNIST, IDXSource, locate_idx_folder
@@ -77,7 +78,7 @@ class _IDXImageDataModule(InMemoryDataModule):
         drop_last: bool,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, data_dir, shuffle, drop_last)
-        if not isinstance(val_size, int) or not 0 <= val_size < _TRAIN_SIZE:
+        if not is_int(val_size) or not 0 <= val_size < _TRAIN_SIZE:
             raise ValueError(f"val_size must be an int in [0, {_TRAIN_SIZE}); got {val_size!r}")
         self.val_size = val_size
         self.normalize = normalize

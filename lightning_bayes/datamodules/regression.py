@@ -76,6 +76,11 @@ def load_regression_arrays(
     not_numeric = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if not_numeric:
         raise ValueError(f"the {dataset} table has non-numeric columns {not_numeric}; expected numbers only")
+    missing = {str(c): int(n) for c, n in frame.isna().sum().items() if n}
+    if missing:
+        raise ValueError(
+            f"the {dataset} table has missing values (rows per column: {missing}); expected a complete table"
+        )
     y = frame.pop(target).to_numpy(dtype=np.float64)
     return frame.to_numpy(dtype=np.float64), y, [str(name) for name in frame.columns]
 
@@ -127,6 +132,11 @@ class UCIRegressionDataModule(InMemoryDataModule):
         y = torch.tensor(y_raw, dtype=torch.float32).unsqueeze(1)
         parts = train_val_test_indices(len(y), self.val_fraction, self.test_fraction, self.seed)
         train = parts[0]
+        if len(train) < 2:  # a standard deviation needs two rows
+            raise ValueError(
+                f"the {self.dataset} table's {len(y)} rows leave {len(train)} for training with val_fraction="
+                f"{self.val_fraction} and test_fraction={self.test_fraction}; standardising needs at least 2"
+            )
         self.input_mean, self.input_std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
         self.target_mean, self.target_std = y[train].mean(0), y[train].std(0).clamp_min(1e-8)
         xs, ys = self.standardise_inputs(x), (y - self.target_mean) / self.target_std

@@ -160,7 +160,7 @@ class RottenTomatoesDataModule(InMemoryDataModule):
             raise ValueError(f"padding_side must be 'left', 'right' or None; got {padding_side!r}")
         if prompt is not None and _format_fields(prompt) != {"text"}:
             raise ValueError(f"prompt must be a format string whose only field is {{text}}; got {prompt!r}")
-        if not isinstance(max_length, int) or max_length < 2:
+        if not is_int(max_length) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2; got {max_length!r}")
         for name, limit in (("max_train", max_train), ("max_test", max_test)):
             if limit is not None and (not is_int(limit) or limit < 1):
@@ -210,9 +210,22 @@ class RottenTomatoesDataModule(InMemoryDataModule):
             return TextDataset(chosen["text"].tolist(), chosen["category"].map(LABELS).tolist())
 
         self.train_set, self.val_set, self.test_set = part(train), part(val), part(test)
+        self._refuse_a_prompt_that_fills_max_length()
         plots = frame[frame["category"] == "plot"]
         plots = plots.iloc[sorted(_seeded_subset(np.arange(len(plots)), self.max_test, self.seed))]
         self.ood_set = TextDataset(plots["text"].tolist(), [0] * len(plots))
+
+    def _refuse_a_prompt_that_fills_max_length(self) -> None:
+        """Truncation keeps ``max_length`` tokens: when the prompt (with the special tokens) takes them all, every
+        example becomes the same input (on the left-padded side, only the prompt's end), which trains silently."""
+        if self.prompt is None:
+            return
+        fixed = len(self.tokenizer(self.prompt.format(text=""))["input_ids"])
+        if fixed >= self.max_length:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no token for the text: the prompt {self.prompt!r} with the "
+                f"special tokens takes {fixed}; give max_length > {fixed} (64 keeps about 99.8% of reviews whole)"
+            )
 
     def collate_fn(self) -> Callable[[list[tuple[str, Tensor]]], tuple[dict[str, Tensor], Tensor]]:
         return self.collate

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import is_finite, is_int
+from .softplus import inverse_softplus
+
 _U_CLIP = 1e-5
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def inverse_softplus(x: Tensor) -> Tensor:
-    """``softplus^-1(x) = x + log(1 - e^-x)`` for ``x > 0``, stable for large and small ``x``."""
-    return x + torch.log(-torch.expm1(-x))
 
 
 @functools.cache
@@ -75,11 +74,12 @@ def monotone_coefficients(raw: Tensor) -> Tensor:
 def initial_raw_coefficients(degree: int, support: tuple[float, float], dtype: torch.dtype | None = None) -> Tensor:
     """Raw coefficients ``[M + 1]`` whose :func:`monotone_coefficients` are evenly spaced over ``support`` (in
     ``dtype``, torch's default if ``None``)."""
-    if not isinstance(degree, int) or degree < 1:
+    if not is_int(degree) or degree < 1:
         raise ValueError(f"degree must be an int >= 1; got {degree!r}")
+    valid = isinstance(support, Sequence) and len(support) == 2 and all(is_finite(end) for end in support)
+    if not (valid and support[1] > support[0] and math.isfinite(support[1] - support[0])):
+        raise ValueError(f"support must be two finite numbers (w_min, w_max) with w_max > w_min; got {support!r}")
     low, high = support
-    if not high > low:
-        raise ValueError(f"support must be (w_min, w_max) with w_max > w_min; got {support!r}")
     step = torch.tensor((high - low) / degree, dtype=dtype)
     return torch.cat([torch.tensor([low], dtype=dtype), inverse_softplus(step).repeat(degree)])
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..checks import is_int
 from .bernstein import add_affine_parameters, bernstein_polynomial, initial_raw_coefficients, monotone_coefficients
 
 _U_CLIP = 1e-5
@@ -113,11 +114,11 @@ class AutoregressiveBernsteinFlow(nn.Module):
     ) -> None:
         super().__init__()
         shape = tuple(shape)
-        if not all(isinstance(n, int) and n >= 1 for n in shape):
+        if not all(is_int(n) and n >= 1 for n in shape):
             raise ValueError(f"shape must be a tuple of ints >= 1; got {shape!r}")
         raw = initial_raw_coefficients(degree, support, dtype)
         hidden = tuple(hidden)
-        if not all(isinstance(n, int) and n >= 1 for n in hidden):
+        if not all(is_int(n) and n >= 1 for n in hidden):
             raise ValueError(f"hidden must be a sequence of layer widths (ints >= 1); got {hidden!r}")
         self.shape, self.degree, self.final_affine = shape, degree, final_affine
         self.dim = math.prod(shape)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..checks import is_int
+
 MatVec = Callable[[Tensor], Tensor]
 
 
@@ -42,7 +44,7 @@ def conjugate_gradient(matvec: MatVec, rhs: Tensor, iterations: int = 10, tolera
     """
     if rhs.ndim != 2:
         raise ValueError(f"rhs must have shape [S, M]; got {tuple(rhs.shape)}")
-    if not isinstance(iterations, int) or iterations < 1:
+    if not is_int(iterations) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1; got {iterations!r}")
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1); got {tolerance}")

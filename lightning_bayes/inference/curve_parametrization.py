@@ -18,13 +18,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..checks import is_int
+
 
 class CurvePosition:
     """The coefficients ``c(t)`` shared by all parametrisations of one curve (Python floats, so a weighted
     sum costs no device transfer and a one-hot ``c`` returns a control point bitwise)."""
 
     def __init__(self, num_points: int) -> None:
-        if not isinstance(num_points, int) or num_points < 2:
+        if not is_int(num_points) or num_points < 2:
             raise ValueError(f"num_points must be an integer >= 2; got {num_points!r}")
         self.coefficients: tuple[float, ...] = (1.0,) + (0.0,) * (num_points - 1)
 

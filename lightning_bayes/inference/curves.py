@@ -87,7 +87,7 @@ def segmented_bezier_derivative(t: float | Tensor, degree: int, segments: int) -
 
 def polychain(t: float | Tensor, num_points: int) -> Tensor:
     """Piecewise-linear coefficients ``max(0, 1 - |t n - k|)`` through ``num_points = n + 1`` points."""
-    if not isinstance(num_points, int) or num_points < 2:
+    if not is_int(num_points) or num_points < 2:
         raise ValueError(f"num_points must be an integer >= 2; got {num_points!r}")
     return segmented_bezier(t, 1, num_points - 1)
 
@@ -95,7 +95,7 @@ def polychain(t: float | Tensor, num_points: int) -> Tensor:
 def straight_line(t: float | Tensor, num_points: int) -> Tensor:
     """Coefficients ``[T, num_points]`` of the straight line ``(1 - t) theta_0 + t theta_K`` between a
     curve's first and last control point (the interior points get weight 0)."""
-    if not isinstance(num_points, int) or num_points < 2:
+    if not is_int(num_points) or num_points < 2:
         raise ValueError(f"num_points must be an integer >= 2; got {num_points!r}")
     times = _as_times(t)
     coefficients = torch.zeros(times.numel(), num_points, dtype=torch.float64)

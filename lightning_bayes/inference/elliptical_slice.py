@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_int
+
 
 class SliceStep(NamedTuple):
     """The result of one ESS step: the new point, its log-likelihood, the slice threshold it cleared and the
@@ -51,7 +53,7 @@ class EllipticalSlice(nn.Module):
 
     def __init__(self, dim: int, prior_scale: float = 1.0, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f"dim must be a positive int; got {dim!r}")
         if not prior_scale > 0:
             raise ValueError(f"prior_scale must be > 0; got {prior_scale!r}")

@@ -6,11 +6,13 @@ Reference: Wang et al., "BLoB", NeurIPS 2024 (after Blundell et al., ICML 2015, 
 
 from __future__ import annotations
 
+from ..checks import is_int
+
 
 def cycle_weight(step: int, cycle_length: int) -> float:
     """``2^i / (2^(K+1) - 1)`` with ``i = (step mod K) + 1``; the weights of one cycle sum to
     ``(2^(K+1) - 2) / (2^(K+1) - 1)``."""
-    if not isinstance(cycle_length, int) or cycle_length < 1:
+    if not is_int(cycle_length) or cycle_length < 1:
         raise ValueError(f"cycle_length must be a positive int; got {cycle_length!r}")
     i = step % cycle_length + 1
     return 2.0 ** (i - cycle_length - 1) / (1.0 - 2.0 ** -(cycle_length + 1))

@@ -8,15 +8,15 @@
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import class_labels
+from ..checks import check_flags, class_labels, is_finite, is_int
 from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive, at_least_float32
+from .softplus import inverse_softplus_value
 
 _MIN_VARIANCE = 1e-6
 
@@ -42,7 +42,11 @@ class CategoricalLikelihood(Likelihood):
     def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
         if outputs.ndim != 2:
             raise ValueError(f"CategoricalLikelihood.loss expects logits [B, C]; got {tuple(outputs.shape)}")
-        labels = class_labels(y, outputs.shape[0], outputs.shape[1], "CategoricalLikelihood.loss", check_range=False)
+        # the range is checked outside torch.func transforms and compilation (no batching rule there), where
+        # cross_entropy's own error ("Target 7 is out of bounds") would not say how many logits the network gives
+        in_transform = torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(outputs)
+        batch, classes = outputs.shape
+        labels = class_labels(y, batch, classes, "CategoricalLikelihood.loss", check_range=not in_transform)
         # no ignore_index: cross_entropy would skip a label -100 (its default) instead of refusing it
         return F.cross_entropy(at_least_float32(outputs), labels, ignore_index=torch.iinfo(torch.int64).min)
 
@@ -58,13 +62,14 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, output_dim: int = 1, heteroscedastic: bool = False, init_noise: float = 1.0) -> None:
         super().__init__()
-        if output_dim < 1:
-            raise ValueError(f"output_dim must be >= 1; got {output_dim}")
-        if init_noise <= 0:
-            raise ValueError(f"init_noise must be > 0; got {init_noise}")
+        if not is_int(output_dim) or output_dim < 1:
+            raise ValueError(f"output_dim must be an int >= 1; got {output_dim!r}")
+        if not (is_finite(init_noise) and init_noise > 0):
+            raise ValueError(f"init_noise must be a finite number > 0; got {init_noise!r}")
+        check_flags(heteroscedastic=heteroscedastic)
         self.output_dim = output_dim
         self.heteroscedastic = heteroscedastic
-        raw = math.log(math.expm1(init_noise))  # softplus^{-1}
+        raw = inverse_softplus_value(init_noise)
         if heteroscedastic:
             self.register_buffer("raw_offset", torch.tensor(raw))
         else:
@@ -102,6 +107,16 @@ class GaussianLikelihood(Likelihood):
     def predictive(self, output_samples: Tensor) -> GaussianPredictive:
         mean, var = self.mean_and_variance(output_samples)
         return GaussianPredictive(mean, var)
+
+
+def as_likelihood(likelihood: object) -> Likelihood:
+    """``likelihood`` itself if it is a :class:`Likelihood`, built by :func:`build_likelihood` if it is a name;
+    anything else (``None``, a number) is an error naming what is expected."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if isinstance(likelihood, str):
+        return build_likelihood(likelihood)
+    raise ValueError(f"likelihood must be 'categorical', 'gaussian' or a Likelihood; got {likelihood!r}")
 
 
 def build_likelihood(name: str, output_dim: int = 1, heteroscedastic: bool = False) -> Likelihood:

@@ -32,6 +32,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
+from ..checks import check_flags, is_int
 from ..compilation import compiled, compiled_by
 from ..params import ParamSelector, select_parameters
 from .likelihoods import Likelihood
@@ -107,9 +108,8 @@ class ParameterFunction:
         vectorize: bool = True,
         compile_jacobian: bool = False,
     ) -> None:
-        if not isinstance(compile_jacobian, bool):
-            raise ValueError(f"compile_jacobian must be True or False; got {compile_jacobian!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        check_flags(compile_jacobian=compile_jacobian)
+        if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an int >= 1; got {chunk_size!r}")
         quantised = [name for name, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
         if quantised:

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import is_finite
+from .softplus import inverse_softplus_value
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 ScaleMap = Literal["softplus", "square"]
 SCALE_MAPS = ("softplus", "square")
@@ -35,15 +38,15 @@ def initial_parameters(
     shape: tuple[int, ...] | torch.Size, init_mean: Tensor | float, init_scale: float, scale_map: ScaleMap = "softplus"
 ) -> tuple[nn.Parameter, nn.Parameter]:
     """``(mu, rho)`` of ``shape`` with ``mu = init_mean`` (a number or a tensor of ``shape``), ``s(rho) = init_scale``."""
-    if not init_scale > 0:
-        raise ValueError(f"init_scale must be > 0; got {init_scale!r}")
+    if not (is_finite(init_scale) and init_scale > 0):
+        raise ValueError(f"init_scale must be a finite number > 0; got {init_scale!r}")
     if scale_map not in SCALE_MAPS:
         raise ValueError(f"scale_map must be one of {SCALE_MAPS}; got {scale_map!r}")
     shape = tuple(shape)
     mean = initial_tensor(init_mean)
     if mean.ndim and tuple(mean.shape) != shape:
         raise ValueError(f"init_mean must be a number or have shape {shape}; got {tuple(mean.shape)}")
-    raw = math.log(math.expm1(init_scale)) if scale_map == "softplus" else math.sqrt(init_scale)
+    raw = inverse_softplus_value(init_scale) if scale_map == "softplus" else math.sqrt(init_scale)
     return nn.Parameter(mean.expand(shape).clone()), nn.Parameter(torch.full(shape, raw, dtype=mean.dtype))
 
 

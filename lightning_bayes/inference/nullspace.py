@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_flags, check_seed
 from .kernel_projection import DenseSystem, project
 from .linalg import GramFactor, gram
 
@@ -72,6 +73,8 @@ class AlternatingProjections(nn.Module):
             raise ValueError(f"rtol must be in (0, 1); got {rtol}")
         if atol is not None and not 0 < atol < math.inf:
             raise ValueError(f"atol must be None or a finite number > 0; got {atol}")
+        check_seed(seed)
+        check_flags(accelerate=accelerate, cache=cache)
         self.rtol, self.atol, self.accelerate, self.use_cache = rtol, atol, accelerate, cache
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(num_samples, num_parameters, generator=generator, dtype=torch.float64).to(dtype)

@@ -16,6 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_finite, is_int
+from .softplus import inverse_softplus_value
+
 
 class Subspace(nn.Module):
     """``w(z) = shift + z @ basis`` with ``shift`` ``[P]`` and ``basis`` ``[k, P]`` as buffers."""
@@ -58,8 +61,10 @@ def pca_subspace(deviations: Tensor, shift: Tensor, k: int) -> Subspace:
     if deviations.ndim != 2 or deviations.shape[1] != shift.shape[-1]:
         raise ValueError(f"deviations must be [K, P] with P={shift.shape[-1]}; got {tuple(deviations.shape)}")
     rows = deviations.shape[0]
-    if not isinstance(k, int) or not 1 <= k <= rows - 1:
-        raise ValueError(f"k must be an int in [1, K - 1] = [1, {rows - 1}] for K={rows} deviations; got {k!r}")
+    if not is_int(k) or not 1 <= k <= rows - 1:
+        raise ValueError(
+            f"the subspace's rank k must be an int in [1, K - 1] = [1, {rows - 1}] for K={rows} deviations; got {k!r}"
+        )
     _, singular_values, right = torch.linalg.svd(deviations / math.sqrt(rows - 1), full_matrices=False)
     return Subspace(shift, singular_values[:k, None] * right[:k])
 
@@ -68,8 +73,8 @@ def random_subspace(shift: Tensor, k: int, norm: float, generator: torch.Generat
     """``k`` orthogonal directions (QR of a Gaussian ``P x k`` matrix), each of Euclidean length ``norm``.
     The paper rescales them to the mean norm of the first PCA rows so that both priors have the same reach."""
     size = shift.shape[-1]
-    if not isinstance(k, int) or not 1 <= k <= size:
-        raise ValueError(f"k must be an int in [1, P={size}]; got {k!r}")
+    if not is_int(k) or not 1 <= k <= size:
+        raise ValueError(f"the subspace's rank k must be an int in [1, P={size}]; got {k!r}")
     if not norm > 0:
         raise ValueError(f"norm must be > 0; got {norm!r}")
     gaussian = torch.randn(size, k, generator=generator, dtype=shift.dtype, device=shift.device)
@@ -103,12 +108,12 @@ class DiagonalGaussian(nn.Module):
 
     def __init__(self, dim: int, init_scale: float = 1.0) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f"dim must be a positive int; got {dim!r}")
-        if not init_scale > 1e-6:
-            raise ValueError(f"init_scale must be > 1e-6; got {init_scale!r}")
+        if not (is_finite(init_scale) and init_scale > 1e-6):
+            raise ValueError(f"init_scale must be a finite number > 1e-6; got {init_scale!r}")
         self.mu = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-        self.rho = nn.Parameter(torch.full((dim,), math.log(math.expm1(init_scale - 1e-6)), dtype=torch.float64))
+        self.rho = nn.Parameter(torch.full((dim,), inverse_softplus_value(init_scale - 1e-6), dtype=torch.float64))
 
     @property
     def sigma(self) -> Tensor:

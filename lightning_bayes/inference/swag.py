@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_int
+
 _MIN_VARIANCE = 1e-30
 
 
@@ -56,9 +58,9 @@ class SWAGMoments(nn.Module):
 
     def __init__(self, size: int, max_rank: int = 20, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"size must be a positive int; got {size!r}")
-        if not isinstance(max_rank, int) or max_rank < 0:
+        if not is_int(max_rank) or max_rank < 0:
             raise ValueError(f"max_rank must be an int >= 0 (0: diagonal SWAG only); got {max_rank!r}")
         self.size, self.max_rank = size, max_rank
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
@@ -113,7 +115,7 @@ class SWAGMoments(nn.Module):
         if low_rank and self.rank < 2 and self.max_rank > 0:
             raise ValueError(f"low_rank=True needs at least 2 stored deviations; have rank={self.rank}")
         rows = 1 if num_samples is None else num_samples
-        if not isinstance(rows, int) or rows < 1:
+        if not is_int(rows) or rows < 1:
             raise ValueError(f"num_samples must be None or a positive int; got {num_samples!r}")
         device = self.mean.device if generator is None else generator.device  # draws follow the generator
         options: dict[str, Any] = {"device": device, "dtype": self.mean.dtype, "generator": generator}

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..checks import is_finite, is_int
+
 
 def canonical_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(A', B', d)`` with ``B = U diag(d) V^T``, ``B' = U diag(d)``, ``A' = V^T A`` (so ``B' A' = B A``), computed
@@ -102,8 +104,12 @@ class Bisection:
     """
 
     def __init__(self, low: float, high: float, tested_high: bool = False, done: bool = False) -> None:
-        if not (0 <= low <= high if done else 0 <= low < high):  # a finished search may have closed the interval
-            raise ValueError(f"the search interval must satisfy 0 <= low < high; got low={low!r}, high={high!r}")
+        valid = is_finite(low) and is_finite(high) and (0 <= low <= high if done else 0 <= low < high)
+        if not valid:  # a finished search may have closed the interval
+            raise ValueError(
+                f"sigma_range (the search interval) must be two finite numbers 0 <= low < high; got low={low!r}, "
+                f"high={high!r}"
+            )
         self.low, self.high, self.tested_high, self.done = float(low), float(high), tested_high, done
 
     def candidate(self) -> float:
@@ -130,7 +136,7 @@ class Bisection:
 
 def largest_feasible(feasible: Callable[[float], bool], low: float, high: float, iterations: int) -> float:
     """The bisection's answer after at most ``iterations`` tests of ``feasible`` (``low`` if none passes)."""
-    if not isinstance(iterations, int) or iterations < 1:
+    if not is_int(iterations) or iterations < 1:
         raise ValueError(f"iterations must be a positive int; got {iterations!r}")
     search = Bisection(low, high)
     for _ in range(iterations):

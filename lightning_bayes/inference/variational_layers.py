@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import is_finite, is_int
 from ..params import ParamSelector, select_parameters
 from .bernstein import BernsteinFlow
 from .bernstein_autoregressive import AutoregressiveBernsteinFlow
@@ -108,8 +109,8 @@ class VariationalLayer(nn.Module):
             raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
         if scale_map != "softplus" and family != "gaussian":
             raise ValueError(f"scale_map={scale_map!r} needs family 'gaussian'; got family={family!r}")
-        if not prior_scale > 0:
-            raise ValueError(f"prior_scale must be > 0; got {prior_scale!r}")
+        if not (is_finite(prior_scale) and prior_scale > 0):
+            raise ValueError(f"prior_scale must be a finite number > 0; got {prior_scale!r}")
         if local_reparameterization and family not in GAUSSIAN_FAMILIES:
             raise ValueError(f"local_reparameterization needs a family in {GAUSSIAN_FAMILIES}; got family={family!r}")
         if not isinstance(template, (nn.Linear, nn.Conv2d)):
@@ -283,7 +284,7 @@ def draws_ahead(model: nn.Module, num_samples: int, log_ratios: bool = False) ->
     distribution, for a predictive's ``S`` passes or an ELBO's ``T`` draws (a Bernstein flow's draw costs its
     polynomial's evaluation whatever ``k``). With ``log_ratios`` each forward also sets the layer's one-draw KL
     estimate, as a forward outside the block does (:meth:`VariationalLayer.kl`); without, the KL is left as it was."""
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if not is_int(num_samples) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int; got {num_samples!r}")
     layers = [
         m for m in model.modules() if isinstance(m, VariationalLayer) and m.noise and not m.local_reparameterization

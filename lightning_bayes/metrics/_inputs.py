@@ -13,8 +13,9 @@ from ..predictive import CategoricalPredictive, GaussianPredictive
 
 def pooled(state: Tensor | list[Tensor], metric: str) -> Tensor:
     """A ``cat`` state's examples as one tensor; an error naming ``metric`` when ``update`` never saw one."""
-    if isinstance(state, list) and not state or isinstance(state, Tensor) and state.numel() == 0:
-        raise ValueError(f"{metric}.compute needs at least one example; update was never called with any")
+    empty = sum(t.numel() for t in state) == 0 if isinstance(state, list) else state.numel() == 0
+    if empty:
+        raise ValueError(f"{metric}.compute needs at least one example; update was never given any")
     return dim_zero_cat(state)
 
 
@@ -53,11 +54,14 @@ def class_labels(predictive: CategoricalPredictive, target: Tensor, metric: str)
 
 
 def regression_targets(predictive: GaussianPredictive, target: Tensor, metric: str) -> Tensor:
-    """Targets ``[B, D]`` (``[B]`` accepted when D = 1) in the predictive's dtype."""
+    """Finite targets ``[B, D]`` (``[B]`` accepted when D = 1) in the predictive's dtype (the value check is
+    asynchronous on a GPU)."""
     expected = tuple(predictive.mean_samples.shape[1:])
     if isinstance(target, Tensor) and target.ndim == 1 and expected[1] == 1:
         target = target.unsqueeze(-1)
     if not isinstance(target, Tensor) or tuple(target.shape) != expected:
         shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"{metric}.update expects target of shape [B, D]={expected}; got {shape}")
-    return target.to(predictive.mean_samples.dtype)
+    target = target.to(predictive.mean_samples.dtype)
+    torch._assert_async(target.isfinite().all(), f"{metric}.update got a NaN or infinite target")
+    return target

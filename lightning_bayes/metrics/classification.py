@@ -17,12 +17,13 @@ DDP equals the value on the pooled data.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torchmetrics.classification import BinaryCalibrationError
 
+from ..checks import is_int
 from ..predictive import CategoricalPredictive
 from ._inputs import categorical, class_labels, pooled
 from ._mean import MeanOverValues
@@ -97,6 +98,11 @@ class _TopLabelCalibrationError(BinaryCalibrationError):
     ``[k/n, (k+1)/n)`` and the last one ``[1 - 1/n, 1]``: torchmetrics alone would give a confidence of
     exactly 1 (common for a saturated softmax) a bin of its own, so it is nudged one ulp below 1.
     """
+
+    def __init__(self, n_bins: int, norm: Literal["l1", "l2", "max"], **kwargs: Any) -> None:
+        if not is_int(n_bins) or n_bins < 1:  # torchmetrics takes True as one bin
+            raise ValueError(f"n_bins must be an int >= 1; got {n_bins!r}")
+        super().__init__(n_bins=n_bins, norm=norm, **kwargs)
 
     def update(self, predictive: CategoricalPredictive, target: Tensor) -> None:  # type: ignore[override]
         confidence, correct = top_label(predictive, target, type(self).__name__)

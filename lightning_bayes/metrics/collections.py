@@ -50,13 +50,9 @@ def ood_metrics(prefix: str = "", score: OODScore = "entropy") -> MetricCollecti
 
 def regression_metrics(prefix: str = "", level: float = 0.9) -> MetricCollection:
     """``nll, rmse, crps, coverage{100 level}``; ``update(predictive, target)``."""
+    coverage = IntervalCoverage(level=level)  # checks level before it names the metric
     return MetricCollection(
-        {
-            "nll": GaussianNLL(),
-            "rmse": RMSE(),
-            "crps": CRPS(),
-            f"coverage{round(100 * level)}": IntervalCoverage(level=level),
-        },
+        {"nll": GaussianNLL(), "rmse": RMSE(), "crps": CRPS(), f"coverage{round(100 * level)}": coverage},
         prefix=prefix,
         compute_groups=False,
     )

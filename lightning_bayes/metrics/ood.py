@@ -89,6 +89,8 @@ class _OODDetection(Metric):
             flags = torch.full_like(scores, float(is_ood), dtype=torch.long)
         elif isinstance(is_ood, Tensor) and is_ood.shape == scores.shape and not is_ood.is_floating_point():
             flags = is_ood.to(device=scores.device, dtype=torch.long)
+            torch._assert_async(((flags == 0) | (flags == 1)).all(), f"{type(self).__name__}.update expects is_ood "
+                                "of 0 (in-distribution) and 1 (OOD) only")
         else:
             got = (
                 f"tensor of shape {tuple(is_ood.shape)} and dtype {is_ood.dtype}"

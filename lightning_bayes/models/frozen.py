@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_flags
 from .feature_cache import FeatureCache
 from .identity import backbone_identity
 
@@ -49,8 +50,7 @@ class FrozenFeatures(nn.Module):
         feature_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(cache_features, bool):
-            raise ValueError(f"cache_features must be True or False; got {cache_features!r}")
+        check_flags(cache_features=cache_features)
         folder = None
         if feature_cache_dir is not None:
             if not isinstance(feature_cache_dir, (str, os.PathLike)) or not str(feature_cache_dir):

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..checks import is_int
 from .frozen import FrozenFeatures
 
 
@@ -28,7 +29,7 @@ class LinearProbe(nn.Module):
     ) -> None:
         super().__init__()
         width = getattr(backbone, "num_features", None)
-        if not isinstance(width, int) or width < 1 or num_classes < 1:
+        if not is_int(width) or width < 1 or num_classes < 1:
             raise ValueError(
                 f"LinearProbe needs backbone.num_features >= 1 and num_classes >= 1; got "
                 f"{type(backbone).__name__}.num_features={width!r}, num_classes={num_classes}"

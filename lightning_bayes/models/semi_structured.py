@@ -45,4 +45,7 @@ class SemiStructured(nn.Module):
         self.linear = nn.Linear(len(chosen), out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        width = len(self.structured_index) + len(self.rest_index)
+        if x.ndim != 2 or x.shape[1] != width:
+            raise ValueError(f"SemiStructured expects inputs [B, in_features={width}]; got {tuple(x.shape)}")
         return self.deep(x.index_select(1, self.rest_index)) + self.linear(x.index_select(1, self.structured_index))

@@ -39,7 +39,7 @@ def timm_backbone(
 ) -> nn.Module:
     """``timm.create_model(name, ...)``; ``pretrained`` is ``False``, ``True`` (hub), ``"packaged"``
     (EfficientNet-Lite0 only) or a local checkpoint file. A head whose size differs from the
-    checkpoint's stays freshly initialised."""
+    checkpoint's stays freshly initialised; one of the same size is loaded."""
     if num_classes < 0 or in_chans < 1 or not 0.0 <= drop_rate < 1.0:
         raise ValueError(
             f"expected num_classes >= 0, in_chans >= 1, 0 <= drop_rate < 1; "
@@ -64,8 +64,20 @@ def timm_backbone(
             raise ValueError(
                 f"pretrained must be False, True, 'packaged' or a weights file; got {pretrained!r} (no such file)"
             )
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **options)
+        overlay: dict[str, Any] = {"file": str(weights)}
+        if _saved_head_rows(name, weights) == {num_classes}:  # else timm compares with its config's 1000 classes
+            overlay["num_classes"] = num_classes
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **options)
     return timm.create_model(name, pretrained=bool(pretrained), **options)
+
+
+def _saved_head_rows(name: str, weights: Path) -> set[int]:
+    """The class counts of the classifier weights in a weights file for timm model ``name`` (its pretrained config
+    names the classifier; empty when the file has none under that name)."""
+    classifier = timm.models.get_pretrained_cfg_value(name, "classifier")
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    state = timm.models.load_state_dict(str(weights))
+    return {int(state[f"{c}.weight"].shape[0]) for c in names if f"{c}.weight" in state}
 
 
 def packaged_efficientnet_lite0_file() -> Path:

@@ -27,7 +27,7 @@ def resolve_checkpoint_path(checkpoint: str) -> Path:
     """``checkpoint`` itself, or the newest file matching it when it is a glob pattern
     (e.g. ``runs/mnist_map/version_*/checkpoints/best.ckpt``)."""
     where = relative_to_note(checkpoint)
-    if any(c in checkpoint for c in "*?["):
+    if any(c in checkpoint for c in "*?[") and not Path(checkpoint).is_file():  # "run[1]/best.ckpt" is a file
         matches = sorted(glob.glob(checkpoint), key=os.path.getmtime)
         if not matches:
             raise FileNotFoundError(f"checkpoint={checkpoint!r} matches no file{where}; train the model first")
@@ -57,7 +57,7 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     """
     path = resolve_checkpoint_path(checkpoint)
     state = _state_dict(path)
-    wanted = model.state_dict()
+    wanted = model.state_dict() or _named_tensors(model)  # a state dict leaving everything out: all its tensors
     prefix = _whole_model_prefix(state, wanted, path, model)
     if prefix is None:
         means = {key.removesuffix(".mean"): value for key, value in state.items() if key.endswith(".mean")}
@@ -74,6 +74,10 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
             stacklevel=2,
         )
         state = {**state, **means}
+    # the checkpoint's tensors of the model's parameters and buffers that its state dict leaves out (a base frozen
+    # after it was built and changed since, e.g. adapters merged into a FrozenFeatures backbone) load too
+    tensors = {**_named_tensors(model), **wanted}
+    wanted = {**wanted, **{name: t for name, t in tensors.items() if name not in wanted and prefix + name in state}}
     mismatched = [
         f"{name} {tuple(state[prefix + name].shape)} vs {tuple(t.shape)}"
         for name, t in wanted.items()
@@ -91,13 +95,24 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     return {name: state[prefix + name] for name in wanted}, path
 
 
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and persistent buffer of ``model`` (what a state dict can hold) under each of its names."""
+    buffers = {
+        f"{prefix}.{name}" if prefix else name: buffer
+        for prefix, module in model.named_modules(remove_duplicate=False)
+        for name, buffer in module.named_buffers(recurse=False)
+        if buffer is not None and name not in module._non_persistent_buffers_set
+    }
+    return {**dict(model.named_parameters(remove_duplicate=False)), **buffers}
+
+
 def _unplaced(
     state: Mapping[str, Tensor], prefix: str, model: nn.Module, wanted: Mapping[str, Tensor]
 ) -> list[str]:
     """Names under ``prefix`` in ``state`` that are none of ``model``'s parameters or buffers (those a state dict
     leaves out, such as a frozen base, included), nor their extra state (4-bit quantisation state under the weight's
     name), nor a variational posterior's ``.mean`` / ``.raw_scale`` of one."""
-    known = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]} | set(wanted)
+    known = set(_named_tensors(model)) | {name for name, _ in model.named_buffers(remove_duplicate=False)} | set(wanted)
     unplaced = []
     for key in state:
         if not key.startswith(prefix):
@@ -115,6 +130,7 @@ def _whole_model_prefix(
     """The shortest key prefix under which ``state`` holds every tensor ``wanted`` names (None if none does);
     several of that length (a deep ensemble's members) are refused."""
     candidates = {k[: len(k) - len(name)] for k in state for name in wanted if k.endswith(name)}
+    candidates = {p for p in candidates if p == "" or p.endswith(".")}  # "backbone.10.weight" is no "0.weight"
     complete = sorted(prefix for prefix in candidates if all(prefix + name in state for name in wanted))
     if not complete:
         return None

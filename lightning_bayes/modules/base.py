@@ -24,7 +24,8 @@ from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
 
 from ..checks import is_int
-from ..inference.likelihoods import Likelihood, build_likelihood
+from ..inference.likelihoods import Likelihood, as_likelihood
+from ..models.vocabulary import vocabulary_fingerprint
 from ..predictive import Predictive
 from .random_stream import global_rng_states, restore_rng_states
 
@@ -34,6 +35,23 @@ Batch = tuple[Any, Tensor]
 _ANOTHER_METHOD = re.compile(  # Lightning's message for a checkpoint's class outside the loading class's subclasses
     r"The class '(?P<saved>[\w.]+)' requested by the checkpoint does not resolve to an already imported subclass of"
 )
+
+
+def _shortened(message: str, shown: int = 5) -> str:
+    """torch's ``load_state_dict`` error with each list of keys cut to its first ``shown`` names and its size
+    mismatches to the first ``shown`` (a LoRA model's were 200 names, 17 KB)."""
+    lines, mismatches = [], [line for line in message.splitlines() if line.strip().startswith("size mismatch")]
+    for line in message.splitlines():
+        keys = re.match(r'(\s*(?:Missing|Unexpected) key\(s\) in state_dict: )(.*)', line)
+        if keys:
+            names = re.findall(r'"([^"]*)"', keys[2])
+            more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+            lines.append(keys[1] + ", ".join(f'"{n}"' for n in names[:shown]) + more)
+        elif not line.strip().startswith("size mismatch") or line in mismatches[:shown]:
+            lines.append(line)
+    if len(mismatches) > shown:
+        lines.append(f"\t... ({len(mismatches)} size mismatches in all)")
+    return "\n".join(lines)
 
 
 class BayesianModule(LightningModule, ABC):
@@ -56,6 +74,7 @@ class BayesianModule(LightningModule, ABC):
 
     supports_sharding: ClassVar[bool] = False
     supports_fsdp1: ClassVar[bool] = False
+    owns_likelihood: ClassVar[bool] = False  # its layers or members hold the observation model (likelihood=None)
 
     def __init__(
         self,
@@ -67,8 +86,8 @@ class BayesianModule(LightningModule, ABC):
         super().__init__()
         if not is_int(num_samples) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
-        if likelihood is not None:
-            self.likelihood = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        if likelihood is not None or not self.owns_likelihood:
+            self.likelihood = as_likelihood(likelihood)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.num_samples = num_samples
@@ -156,12 +175,31 @@ class BayesianModule(LightningModule, ABC):
         if self._trainer is not None:
             self._refuse_multi_process_fsdp1()
             self._refuse_a_step_budget_without_steps(stage)
+            self._refuse_another_tokenizer()
         parameters = list(self.parameters())
         ddp = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
         if stage == "fit" and ddp and not any(p.requires_grad for p in parameters):
             self._frozen_during_fit: list[nn.Parameter] = parameters
             for parameter in parameters:
                 parameter.requires_grad_(True)
+
+    def _refuse_another_tokenizer(self) -> None:
+        """A datamodule whose tokenizer is not the network's (another vocabulary: its ids index other tokens'
+        embeddings) is refused; training on such inputs ran without an error."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if not callable(getattr(tokenizer, "get_vocab", None)):
+            return
+        given = vocabulary_fingerprint(tokenizer)
+        for network in self.modules():
+            if isinstance(getattr(network, "vocabulary", None), str) and network.vocabulary != given:
+                source = getattr(network, "tokenizer_source", "?")
+                name = getattr(datamodule, "tokenizer_name", getattr(tokenizer, "name_or_path", "?"))
+                raise ValueError(
+                    f"the datamodule's tokenizer {name!r} is not the tokenizer of {type(network).__name__}'s model "
+                    f"{source!r} (their vocabularies differ): give the datamodule the network's tokenizer, e.g. "
+                    f"--data.init_args.tokenizer {source}"
+                )
 
     def takes_optimizer_steps(self) -> bool:
         """Whether a fit steps an optimiser; a fit that only passes over the data (a sweep, a search, a sampler)
@@ -262,7 +300,7 @@ class BayesianModule(LightningModule, ABC):
             if not str(error).startswith("Error(s) in loading state_dict"):
                 raise
             raise RuntimeError(
-                f"{error}\nThe checkpoint was saved from another network or method settings than this "
+                f"{_shortened(str(error))}\nThe checkpoint was saved from another network or method settings than this "
                 f"{type(self).__name__}'s: the network is built from the constructor's arguments (the config's "
                 "model.init_args), not read from the checkpoint; build it as the checkpoint's run did (on the command "
                 "line: --config <its run folder>/config.yaml)"

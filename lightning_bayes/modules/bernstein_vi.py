@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from ..checks import check_flags
 from ..inference.likelihoods import Likelihood
 from ..params import ParamSelector
 from .variational_inference import VariationalInference
@@ -56,6 +57,7 @@ class BernsteinVI(VariationalInference):
         num_samples: int = 10,
         mean_prediction: bool = False,
     ) -> None:
+        check_flags(joint=joint)
         super().__init__(
             backbone, params=params, checkpoint=checkpoint, likelihood=likelihood, optimizer=optimizer,
             lr_scheduler=lr_scheduler, family="bernstein_autoregressive" if joint else "bernstein",

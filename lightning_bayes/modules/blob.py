@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 
+from ..checks import check_flags, is_finite
 from ..inference.kl_cycle import cycle_weight
 from ..inference.likelihoods import Likelihood
 from ..inference.mean_field_gaussian import MeanFieldGaussian
@@ -79,12 +80,13 @@ class BLoB(VariationalInference):
         num_samples: int = 10,
         mean_prediction: bool = False,
     ) -> None:
-        if not init_eps > 0:
-            raise ValueError(f"init_eps must be > 0; got {init_eps!r}")
-        if not kl_lr >= 0:
-            raise ValueError(f"kl_lr must be >= 0; got {kl_lr!r}")
-        if not cycle_exponent > 0:
-            raise ValueError(f"cycle_exponent must be > 0; got {cycle_exponent!r}")
+        if not (is_finite(init_eps) and 0 < init_eps < 1e100):
+            raise ValueError(f"init_eps must be a number in (0, 1e100); got {init_eps!r}")
+        if not (is_finite(kl_lr) and kl_lr >= 0):
+            raise ValueError(f"kl_lr must be a finite number >= 0; got {kl_lr!r}")
+        if not (is_finite(cycle_exponent) and cycle_exponent > 0):
+            raise ValueError(f"cycle_exponent must be a finite number > 0; got {cycle_exponent!r}")
+        check_flags(kl_reweighting=kl_reweighting)
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be None or > 0; got {gradient_clip_val!r}")
         if scheduler_interval not in ("epoch", "step"):

@@ -31,8 +31,8 @@ from torch.optim import Optimizer
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..checks import is_int
-from ..inference.likelihoods import Likelihood, build_likelihood
+from ..checks import check_flags, is_int
+from ..inference.likelihoods import Likelihood, as_likelihood
 from ..predictive import Predictive, concatenate
 from .base import Batch, BayesianModule
 
@@ -89,6 +89,8 @@ class DeepEnsemble(BayesianModule):
             one pass instead of M); a backbone with BatchNorm running statistics always loops.
     """
 
+    owns_likelihood = True  # one likelihood per member
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -100,6 +102,11 @@ class DeepEnsemble(BayesianModule):
     ) -> None:
         if not is_int(num_members) or num_members < 2:
             raise ValueError(f"num_members must be an int >= 2 for an ensemble; got {num_members!r}")
+        check_flags(vectorize=vectorize)
+        if not any(p.requires_grad for p in backbone.parameters()):
+            raise ValueError(
+                f"DeepEnsemble needs a backbone with trainable parameters; {type(backbone).__name__} has none"
+            )
         super().__init__(likelihood=None, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_members)
         self.save_hyperparameters(ignore=["backbone", "likelihood"])
         copies = [_copy_sharing_frozen(backbone) for _ in range(num_members - 1)]
@@ -119,7 +126,7 @@ class DeepEnsemble(BayesianModule):
                 f"reset_parameters() and start equal in every member: {kept[:5]}"
             )
         self.members = nn.ModuleList([backbone, *copies])
-        prototype = build_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        prototype = as_likelihood(likelihood)
         # one likelihood per member: each learns its own noise
         self.likelihoods = nn.ModuleList([copy.deepcopy(prototype) for _ in range(num_members)])
         self.vectorize = vectorize and not _keeps_running_statistics(backbone)

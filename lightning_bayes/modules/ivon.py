@@ -22,6 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..checks import check_flags, is_finite, is_int
 from ..inference.likelihoods import Likelihood
 from ..optim.ivon import IVON, posterior_draws
 from ..params import ParamSelector, full_tensor, fsdp2_units, laid_out_like, select_parameters
@@ -80,10 +81,13 @@ class IVONModule(BayesianModule):
         )
         # the factories are callables, which a weights-only checkpoint load refuses
         self.save_hyperparameters(ignore=["backbone", "likelihood", "optimizer", "lr_scheduler"])
-        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+        if dataset_size is not None and (not is_int(dataset_size) or dataset_size < 1):
             raise ValueError(f"dataset_size must be None or a positive int; got {dataset_size!r}")
-        if not (isinstance(kl_weight, (int, float)) and kl_weight > 0):
-            raise ValueError(f"kl_weight must be a number > 0 (ess = dataset_size / kl_weight); got {kl_weight!r}")
+        if not (is_finite(kl_weight) and kl_weight > 0):
+            raise ValueError(
+                f"kl_weight must be a finite number > 0 (ess = dataset_size / kl_weight); got {kl_weight!r}"
+            )
+        check_flags(mean_prediction=mean_prediction)
         self.backbone = backbone
         selected = select_parameters(self, params)
         fresh = [n for n, p in self.named_parameters() if n not in selected and p.requires_grad and _PEFT_FRESH in n]
@@ -117,7 +121,7 @@ class IVONModule(BayesianModule):
         """``N / kl_weight``. IVON needs it when it is built, before Lightning loads the training data, so ``N`` is
         ``dataset_size`` or the datamodule's ``num_train`` (set by its ``setup``, which runs earlier)."""
         size = self.dataset_size or getattr(getattr(self.trainer, "datamodule", None), "num_train", None)
-        if not isinstance(size, int):
+        if not is_int(size):
             raise ValueError(
                 "IVONModule needs the training-set size N when it builds IVON (ess = N / kl_weight), before the "
                 "training loader exists: pass dataset_size=N, or fit with a datamodule that has num_train"

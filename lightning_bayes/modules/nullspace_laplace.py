@@ -108,7 +108,7 @@ class NullSpaceLaplace(BayesianModule):
         self.save_hyperparameters(ignore=["model", "likelihood", "constraint"])
         if isinstance(constraint, str):  # a checkpoint rebuilds (and a resume checks) the kernel it was fitted in
             self.hparams["constraint"] = constraint
-        if isinstance(constraint, str) and constraint not in _CONSTRAINTS:
+        if not (constraint in _CONSTRAINTS if isinstance(constraint, str) else callable(constraint)):
             raise ValueError(f"constraint must be one of {_CONSTRAINTS} or a callable; got {constraint!r}")
         if predictive not in _PREDICTIVES:
             raise ValueError(f"predictive must be one of {_PREDICTIVES}; got {predictive!r}")

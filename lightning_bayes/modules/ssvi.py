@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..checks import check_flags, check_seed, is_int, is_number
 from ..inference.likelihoods import Likelihood
 from ..inference.sparse_gaussian import SparseGaussian
 from ..inference.ssvi_flops import LayerCost, training_flops_ratio
@@ -110,9 +111,10 @@ class SSVI(VariationalInference):
         mean_init: MeanInit = "normal",
         seed: int = 0,
     ) -> None:
-        if not 0 < density <= 1:
-            raise ValueError(f"density must be in (0, 1]; got {density!r}")
-        if not isinstance(update_every, int) or update_every < 1:
+        if not (is_number(density) and 0 < density <= 1):
+            raise ValueError(f"density must be a number in (0, 1]; got {density!r}")
+        check_flags(dense_first_conv=dense_first_conv, grow_noise_free=grow_noise_free)
+        if not is_int(update_every) or update_every < 1:
             raise ValueError(f"update_every must be a positive int; got {update_every!r}")
         if not 0 <= drop_fraction < 1:
             raise ValueError(f"drop_fraction must be in [0, 1); got {drop_fraction!r}")
@@ -135,6 +137,7 @@ class SSVI(VariationalInference):
         self.update_end_fraction, self.score, self.grow_rho, self.grow_noise_free = (
             update_end_fraction, score, grow_rho, grow_noise_free
         )
+        check_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         convolutions = [layer for layer in self.variational_layers if layer.weight.loc.ndim == 4]
         first_conv = convolutions[0] if dense_first_conv and convolutions else None

@@ -47,7 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import is_number
+from ..checks import check_flags, check_seed, is_finite, is_int, is_number
 from ..datamodules import side_pass, without_sampler_padding
 from ..inference.batchnorm import (
     batch_statistics,
@@ -175,14 +175,16 @@ class SubspaceInference(BayesianModule):
             raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
         if subspace == "swag" and method != "none":
             raise ValueError(f"subspace='swag' is sampled directly: method must be 'none'; got {method!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0; got {temperature!r}")
-        if not (isinstance(prior_scale, (int, float)) and prior_scale > 0):
-            raise ValueError(f"prior_scale must be a number > 0; got {prior_scale!r}")
+        if not (is_finite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
+        if not (is_finite(prior_scale) and prior_scale > 0):
+            raise ValueError(f"prior_scale must be a finite number > 0; got {prior_scale!r}")
         if swag_scale is not None and not (is_number(swag_scale) and 0 <= swag_scale < math.inf):
             raise ValueError(f"swag_scale must be None or a finite number >= 0; got {swag_scale!r}")
-        if num_data is not None and (not isinstance(num_data, int) or num_data < 1):
+        check_seed(seed, bits=31)  # shifted by 32 bits, plus a draw counter
+        if num_data is not None and (not is_int(num_data) or num_data < 1):
             raise ValueError(f"num_data must be None or a positive int; got {num_data!r}")
+        check_flags(bn_update=bn_update)
         if (checkpoint is None) == (swag_state is None):
             raise ValueError("give exactly one of checkpoint (a SWASubspace run's checkpoint) or swag_state")
         path = None

@@ -32,6 +32,7 @@ Bayesianization for Low-Rank Adapters of Large Language Models", 2024/2025.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -39,6 +40,7 @@ from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..checks import check_seed, is_int
 from ..datamodules import without_sampler_padding
 from ..inference.likelihoods import Likelihood
 from ..inference.training_free_bayes import Bisection, CanonicalLoraNoise, relative_nll_change
@@ -103,11 +105,14 @@ class TrainingFreeBayes(BayesianModule):
     ) -> None:
         super().__init__(likelihood=likelihood, num_samples=num_samples)
         self.save_hyperparameters(ignore=["model", "likelihood"])
+        if not (isinstance(sigma_range, Sequence) and len(sigma_range) == 2):
+            raise ValueError(f"sigma_range must be two numbers (low, high); got {sigma_range!r}")
         low, high = sigma_range
         Bisection(low, high)  # validates the interval
         if not tolerance > 0:
             raise ValueError(f"tolerance must be > 0 (a relative NLL change); got {tolerance!r}")
-        if not isinstance(search_samples, int) or search_samples < 2 or search_samples % 2:
+        check_seed(seed, bits=48)  # + a draw offset
+        if not is_int(search_samples) or search_samples < 2 or search_samples % 2:
             raise ValueError(f"search_samples must be an even int >= 2 (antithetic pairs); got {search_samples!r}")
         self.automatic_optimization = False
         if checkpoint is not None:

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..checks import check_flags, is_finite, is_int
 from ..inference.likelihoods import Likelihood
 from ..inference.mean_field_gaussian import ScaleMap
 from ..inference.variational_layers import (
@@ -91,13 +92,17 @@ class VariationalInference(BayesianModule):
         self.save_hyperparameters(ignore=["backbone", "likelihood"])
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
-        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+        if dataset_size is not None and (not is_int(dataset_size) or dataset_size < 1):
             raise ValueError(f"dataset_size must be None or a positive int; got {dataset_size!r}")
-        if not kl_weight >= 0:
-            raise ValueError(f"kl_weight must be >= 0; got {kl_weight!r}")
-        if not kl_warmup_epochs >= 0:
-            raise ValueError(f"kl_warmup_epochs must be >= 0; got {kl_warmup_epochs!r}")
-        if not isinstance(train_samples, int) or train_samples < 1:
+        if not (is_finite(kl_weight) and kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a finite number >= 0; got {kl_weight!r}")
+        if not (is_finite(kl_warmup_epochs) and kl_warmup_epochs >= 0):
+            raise ValueError(f"kl_warmup_epochs must be a finite number >= 0; got {kl_warmup_epochs!r}")
+        check_flags(
+            freeze_affine=freeze_affine, local_reparameterization=local_reparameterization,
+            mean_prediction=mean_prediction,
+        )
+        if not is_int(train_samples) or train_samples < 1:
             raise ValueError(f"train_samples must be a positive int; got {train_samples!r}")
         if checkpoint is not None:  # a Gaussian likelihood's trained noise with the network
             load_trained_likelihood(self.likelihood, load_trained_weights(backbone, checkpoint))

@@ -19,13 +19,13 @@ pays the compilation (seconds; a C++ compiler on a CPU, Triton on a GPU).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..checks import check_flags, is_finite, is_int
 from ..compilation import compiled, compiled_by
 from ..inference.vbll import (
     DiscriminativeVBLL,
@@ -42,7 +42,7 @@ from .base import Batch, BayesianModule
 
 def _feature_width(backbone: nn.Module, in_features: int | None) -> int:
     width = in_features if in_features is not None else getattr(backbone, "num_features", None)
-    if not isinstance(width, int) or width < 1:
+    if not is_int(width) or width < 1:
         raise ValueError(
             f"in_features must be a positive integer, or the backbone must expose num_features; got "
             f"in_features={in_features!r} and {type(backbone).__name__}.num_features="
@@ -72,6 +72,7 @@ class _VBLLModule(BayesianModule):
     """Backbone + VBLL head: training step, tempering, optimiser groups and the post-hoc mode."""
 
     head: VBLLHead
+    owns_likelihood = True
 
     def __init__(
         self,
@@ -88,19 +89,18 @@ class _VBLLModule(BayesianModule):
     ) -> None:
         # the VBLL head owns its likelihood and objective
         super().__init__(likelihood=None, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
-        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 1):
+        if dataset_size is not None and (not is_int(dataset_size) or dataset_size < 1):
             raise ValueError(
                 f"dataset_size must be a positive integer or None (read from the datamodule); got {dataset_size!r}"
             )
-        if not (isinstance(kl_weight, (int, float)) and math.isfinite(kl_weight) and kl_weight >= 0):
-            raise ValueError(f"kl_weight must be a number >= 0; got {kl_weight!r}")
+        if not (is_finite(kl_weight) and kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a finite number >= 0; got {kl_weight!r}")
+        check_flags(freeze_backbone=freeze_backbone, cache_features=cache_features, compile_loss=compile_loss)
         if not freeze_backbone and (cache_features or feature_cache_dir is not None):
             raise ValueError(
                 "cache_features / feature_cache_dir need freeze_backbone=True (a trained backbone's features change)"
             )
         self.backbone = FrozenFeatures(backbone, cache_features, feature_cache_dir) if freeze_backbone else backbone
-        if not isinstance(compile_loss, bool):
-            raise ValueError(f"compile_loss must be True or False; got {compile_loss!r}")
         self.dataset_size = dataset_size
         self.training_size = dataset_size  # N of the current fit: the argument, or read at each fit's start
         self.kl_weight = float(kl_weight)
@@ -206,6 +206,8 @@ class VBLLClassifier(_VBLLModule):
     ) -> None:
         if head not in ("discriminative", "generative"):
             raise ValueError(f"head must be 'discriminative' or 'generative'; got {head!r}")
+        if not is_int(num_samples) or num_samples < 1:  # checked whichever head (the generative one ignores it)
+            raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
         super().__init__(
             backbone,
             dataset_size=dataset_size,

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
 
-from ..checks import is_int, is_number
+from ..checks import check_seed, is_int, is_number
 from ..datamodules import side_pass
 from ..generator import PicklableGenerator
 from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
@@ -142,9 +142,11 @@ class VIKING(BayesianModule):
         self.save_hyperparameters(ignore=["backbone", "likelihood", "constraint"])
         if isinstance(constraint, str):  # a checkpoint rebuilds the kernel it was trained in
             self.hparams["constraint"] = constraint
-        if isinstance(constraint, str) and constraint not in _CONSTRAINTS:
+        if not (constraint in _CONSTRAINTS if isinstance(constraint, str) else callable(constraint)):
             raise ValueError(f"constraint must be one of {_CONSTRAINTS} or a callable; got {constraint!r}")
-        if len(phase_epochs) != 3 or not all(is_int(e) and e >= 0 for e in phase_epochs):
+        if not isinstance(phase_epochs, Sequence) or len(phase_epochs) != 3 or not all(
+            is_int(e) and e >= 0 for e in phase_epochs
+        ):
             raise ValueError(f"phase_epochs must be three ints >= 0 (MLE, warm-up, ELBO); got {phase_epochs!r}")
         if not (is_number(gamma) and 0 <= gamma <= 1):
             raise ValueError(f"gamma must be a number in [0, 1]; got {gamma!r}")
@@ -178,6 +180,7 @@ class VIKING(BayesianModule):
         self.phase_epochs, self.gamma, self.kl_weight = tuple(phase_epochs), gamma, kl_weight
         self.solver, self.iterations, self.predictive_mode = solver, iterations, predictive
         self.scale_lr, self.sweep_every_n_epochs = scale_lr, sweep_every_n_epochs
+        check_seed(seed, bits=48)  # + the rank
         self.generator = PicklableGenerator().manual_seed(seed)  # ddp_spawn pickles the module
         size, dtype = self.function.size, self.function.theta().dtype
         self.family.to(dtype)

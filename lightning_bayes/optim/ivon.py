@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..checks import is_number
+from ..checks import is_int, is_number
 from ..params import laid_out_like
 
 HESSIAN_ESTIMATORS = ("price", "gradsq")
@@ -176,9 +176,9 @@ class IVON(Optimizer):
         rescale_lr: bool = True,
         seed: int | None = None,
     ) -> None:
-        _check("mc_samples", mc_samples, isinstance(mc_samples, int) and mc_samples >= 1, "an int >= 1")
+        _check("mc_samples", mc_samples, is_int(mc_samples) and mc_samples >= 1, "an int >= 1")
         _check("hess_approx", hess_approx, hess_approx in HESSIAN_ESTIMATORS, f"one of {HESSIAN_ESTIMATORS}")
-        valid_seed = seed is None or (isinstance(seed, int) and 0 <= seed < 2**63)
+        valid_seed = seed is None or (is_int(seed) and 0 <= seed < 2**63)
         _check("seed", seed, valid_seed, "None or an int in [0, 2^63)")
         defaults = {"lr": lr, "ess": ess, "hess_init": hess_init, "beta1": beta1, "beta2": beta2,
                     "weight_decay": weight_decay, "clip_radius": clip_radius}
@@ -194,12 +194,12 @@ class IVON(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for name, valid, expected in (
-            ("lr", lambda v: v >= 0, "a number >= 0"),
-            ("ess", lambda v: v > 0, "a number > 0 (the effective sample size, normally the training-set size)"),
-            ("hess_init", lambda v: v > 0, "a number > 0"),
+            ("lr", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("ess", lambda v: 0 < v < math.inf, "a finite number > 0 (the training-set size, normally)"),
+            ("hess_init", lambda v: 0 < v < math.inf, "a finite number > 0"),
             ("beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
             ("beta2", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-            ("weight_decay", lambda v: v >= 0, "a number >= 0 (the prior precision per example)"),
+            ("weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0 (the prior precision per example)"),
             ("clip_radius", lambda v: v > 0, "a number > 0 (math.inf: no clipping)"),
         ):
             value = group[name]

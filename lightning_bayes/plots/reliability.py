@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 
+from ..checks import is_int
 from ._figure import as_array, new_figure, save
 
 
@@ -69,7 +70,7 @@ def reliability_bins(confidences: object, correct: object, n_bins: int = 15) -> 
     """Bin top-label ``confidences`` in ``[0, 1]`` and the 0/1 ``correct`` flags into ``n_bins`` equal-width bins."""
     conf = as_array(confidences, "confidences").reshape(-1)
     hits = as_array(correct, "correct").reshape(-1)
-    if not isinstance(n_bins, int) or n_bins < 1:
+    if not is_int(n_bins) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
     if conf.shape != hits.shape or conf.size == 0:
         raise ValueError(
@@ -105,7 +106,7 @@ def reliability_grid(panels: Mapping[str, ReliabilityBins], path: str | Path, co
     """Reliability diagrams side by side, one panel per name (title: name and ECE), saved as a PNG at ``path``."""
     if not panels:
         raise ValueError("panels must hold at least one name -> ReliabilityBins")
-    if not isinstance(columns, int) or columns < 1:
+    if not is_int(columns) or columns < 1:
         raise ValueError(f"columns must be a positive integer; got {columns!r}")
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)

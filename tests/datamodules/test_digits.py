@@ -98,5 +98,5 @@ def test_drop_last_leaves_out_a_smaller_last_training_batch_and_is_a_bool():
                       enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(normalised, datamodule=dropped)
     assert trainer.global_step == 538
-    with pytest.raises(TypeError, match="drop_last must be a bool; got 1"):
+    with pytest.raises(ValueError, match="drop_last must be True or False; got 1"):
         DigitsDataModule(drop_last=1)

@@ -147,3 +147,12 @@ def test_bad_arguments_are_named(kwargs: dict, message: str):
 def test_data_dir_without_the_corpus_is_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"holds no rotten_tomatoes_corpus_full.csv.bz2"):
         RottenTomatoesDataModule(tokenizer="minilm", data_dir=str(tmp_path)).setup()
+
+
+def test_a_max_length_the_prompt_fills_is_refused():
+    """Truncation kept the prompt's end alone: every example became the same input and training went on silently."""
+    data = RottenTomatoesDataModule(tokenizer="minilm", max_length=4, prompt=PROMPT, padding_side="left")
+    with pytest.raises(ValueError, match=r"max_length=4 leaves no token for the text: the prompt .* takes \d+"):
+        data.setup()
+    fixed = len(data.tokenizer(PROMPT.format(text=""))["input_ids"])
+    RottenTomatoesDataModule(tokenizer="minilm", max_length=fixed + 1, prompt=PROMPT, padding_side="left").setup()

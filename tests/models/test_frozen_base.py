@@ -98,3 +98,39 @@ def test_a_base_frozen_in_part_is_left_out_after_its_trainable_part_moved():
     with torch.no_grad():
         owner.base[1].weight.add_(1.0)
     assert set(owner.state_dict()) == {"base.1.weight", "base.1.bias"}
+
+
+def test_load_trained_weights_restores_a_tuned_base_that_a_fresh_models_state_dict_leaves_out(tmp_path) -> None:
+    """A post-hoc method's ``checkpoint=`` loaded the names of the fresh model's state dict, which leaves out its
+    base (still as built), so a tuned base saved in the checkpoint was silently not loaded."""
+    from lightning_bayes.models.weights import load_trained_weights
+
+    tuned = Pretrained()
+    with torch.no_grad():
+        tuned.model.norm.weight.add_(0.25)
+    features = FrozenFeatures(tuned)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in features.state_dict().items()}}, tmp_path / "a.ckpt")
+    rebuilt = FrozenFeatures(Pretrained())
+    load_trained_weights(rebuilt, str(tmp_path / "a.ckpt"))
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rebuilt(ids), features(ids), rtol=0, atol=0)
+
+
+def test_the_identity_does_not_depend_on_the_thread_count() -> None:
+    """A float32 sum's value depends on how the reduction is split: a base hashed with another thread count (or on
+    another device) than at construction looked changed, and went into every checkpoint."""
+    from lightning_bayes.models.identity import backbone_identity
+
+    layer = nn.Linear(4000, 1000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = backbone_identity(layer)
+        torch.set_num_threads(2)
+        two = backbone_identity(layer)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    with torch.no_grad():
+        layer.weight.view(-1)[1001] += 1e-6  # not a sampled position (every 976th of the 4e6)
+    assert backbone_identity(layer) != one

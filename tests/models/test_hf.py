@@ -260,3 +260,20 @@ def test_lora_adapts_the_layers_peft_adapts_beyond_linear_ones():
     model = apply_lora(GPT2ForSequenceClassification(config), LoraSpec(r=2, target_modules=["c_attn"]), "SEQ_CLS")
     adapted = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
     assert adapted and all(".c_attn." in name for name in adapted)
+
+
+def test_a_datamodule_with_another_tokenizer_is_refused_at_setup(smollm2, smollm2_folder):
+    """MiniLM's ids fed to SmolLM2 index other tokens' embeddings: the fit ran and reported metrics."""
+    from lightning.pytorch import Trainer
+
+    from lightning_bayes.datamodules import RottenTomatoesDataModule
+    from lightning_bayes.models.vocabulary import vocabulary_fingerprint
+    from lightning_bayes.modules import MAP
+
+    assert smollm2.vocabulary == vocabulary_fingerprint(AutoTokenizer.from_pretrained(smollm2_folder))
+    assert HFSequenceClassifier("minilm").vocabulary != smollm2.vocabulary
+    data = RottenTomatoesDataModule(tokenizer="minilm", max_length=16, max_train=8, max_test=8, batch_size=4)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"the datamodule's tokenizer 'minilm' is not the tokenizer of Causal.*"
+                       r"--data.init_args.tokenizer "):
+        trainer.fit(MAP(smollm2), datamodule=data)

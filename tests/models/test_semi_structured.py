@@ -21,3 +21,10 @@ def test_output_is_the_deep_part_on_the_rest_plus_the_linear_part_on_the_chosen_
 def test_bad_columns_are_named(chosen):
     with pytest.raises(ValueError, match="structured_features"):
         SemiStructured(in_features=5, structured_features=chosen, deep=nn.Identity())
+
+
+def test_inputs_of_another_width_are_refused():
+    """Extra columns were ignored silently (index_select takes the columns it names)."""
+    model = SemiStructured(5, [0], nn.Linear(4, 1))
+    with pytest.raises(ValueError, match=r"SemiStructured expects inputs \[B, in_features=5\]; got \(3, 6\)"):
+        model(torch.zeros(3, 6))

@@ -125,3 +125,15 @@ def test_a_timm_source_prefix_is_left_to_timm(tmp_path):
     save_for_hf(timm.create_model("resnet10t", num_classes=3), tmp_path)
     model = timm_backbone(f"local-dir:{tmp_path}", num_classes=3, pretrained=True)
     assert type(model).__name__ == "ResNet"
+
+
+def test_a_local_checkpoint_files_head_of_the_asked_size_is_loaded(tmp_path):
+    """timm compares num_classes with its config's (1000) and dropped a fine-tuned 10-class head of the file."""
+    torch.manual_seed(0)
+    tuned = timm_backbone("test_resnet", num_classes=10)
+    torch.save(tuned.state_dict(), tmp_path / "tuned.pth")
+    torch.manual_seed(1)
+    loaded = timm_backbone("test_resnet", num_classes=10, pretrained=str(tmp_path / "tuned.pth"))
+    torch.testing.assert_close(loaded.fc.weight, tuned.fc.weight, rtol=0, atol=0)
+    other = timm_backbone("test_resnet", num_classes=7, pretrained=str(tmp_path / "tuned.pth"))  # another size: fresh
+    assert other.fc.weight.shape == (7, tuned.fc.in_features)

@@ -134,3 +134,19 @@ def test_a_likelihood_of_another_shape_is_not_loaded():
         assert torch.equal(value, before[name]), name
     same = {f"likelihood.{name}": value + 1 for name, value in before.items()}
     assert load_trained_likelihood(likelihood, same)
+
+
+def test_a_literal_path_with_brackets_is_a_file_not_a_pattern(tmp_path: Path):
+    folder = tmp_path / "run[1]"
+    folder.mkdir()
+    torch.save(nn.Linear(2, 2).state_dict(), folder / "model.pt")
+    assert resolve_checkpoint_path(str(folder / "model.pt")) == folder / "model.pt"
+
+
+def test_a_prefix_ends_at_a_dot(tmp_path: Path):
+    """``backbone.10.weight`` ends with ``0.weight`` but is not ``0.weight`` under ``backbone.1``: that checkpoint is
+    of another network (its eleventh layer), not of a one-layer one."""
+    deep = nn.Sequential(*[nn.Identity() for _ in range(10)], nn.Linear(3, 2))
+    torch.save({f"backbone.{k}": v for k, v in deep.state_dict().items()}, tmp_path / "deep.pt")
+    with pytest.raises(ValueError, match=r"is not of a Sequential: no prefix holds all of its 2 tensors"):
+        trained_state_dict(nn.Sequential(nn.Linear(3, 2)), str(tmp_path / "deep.pt"))

@@ -189,7 +189,7 @@ def test_plain_loaders_need_dataset_size() -> None:
 @pytest.mark.parametrize(
     ("argument", "value", "message"),
     [("dataset_size", 0, "dataset_size must be None or a positive int; got 0"),
-     ("kl_weight", 0.0, r"kl_weight must be a number > 0 .*; got 0.0"),
+     ("kl_weight", 0.0, r"kl_weight must be a finite number > 0 .*; got 0.0"),
      ("params", "nothing*", "params='nothing\\*' matched no parameter")],
 )
 def test_argument_errors(argument: str, value, message: str) -> None:

@@ -1,0 +1,146 @@
+"""Bad constructor and update arguments get an error naming the argument, the value and what was expected, instead of
+being accepted (a ``True`` read as the training-set size 1, an infinite scale giving NaN weights, ``"no"`` read as
+true) or crashing deep inside torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_bayes.callbacks import CoefficientPosterior, CurveTraining, SWASubspace
+from lightning_bayes.datamodules import DigitsDataModule
+from lightning_bayes.inference.likelihoods import CategoricalLikelihood, GaussianLikelihood
+from lightning_bayes.inference.training_free_bayes import Bisection
+from lightning_bayes.metrics import ExpectedCalibrationError, IntervalCoverage, OODAUROC, regression_metrics
+from lightning_bayes.models import MLP
+from lightning_bayes.modules import (
+    MAP,
+    SSVI,
+    VIKING,
+    BernsteinVI,
+    DeepEnsemble,
+    IVONModule,
+    NullSpaceLaplace,
+    VariationalInference,
+    VBLLClassifier,
+    VBLLRegressor,
+)
+from lightning_bayes.optim import IVON
+from lightning_bayes.params import select_parameters
+from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive, concatenate
+
+
+def net() -> nn.Module:
+    return MLP(4, 3, hidden=[5])
+
+
+CASES: list[tuple[str, Callable[[], Any], str]] = [
+    # a bool is not a count: True was the training-set size 1 (a KL weighted 44 times too much)
+    ("vi_dataset_size", lambda: VariationalInference(net(), dataset_size=True), r"dataset_size .*got True"),
+    ("ivon_dataset_size", lambda: IVONModule(net(), dataset_size=True), r"dataset_size .*got True"),
+    ("vbll_dataset_size", lambda: VBLLRegressor(net(), dataset_size=True), r"dataset_size .*got True"),
+    ("vi_train_samples", lambda: VariationalInference(net(), train_samples=True), r"train_samples .*got True"),
+    ("swa_max_rank", lambda: SWASubspace(max_rank=True), r"max_rank .*got True"),
+    ("digits_batch_size", lambda: DigitsDataModule(batch_size=True), r"batch_size .*got True"),
+    ("ece_bins", lambda: ExpectedCalibrationError(n_bins=True), r"n_bins .*got True"),
+    ("ivon_mc_samples", lambda: IVON(net().parameters(), 10, lr=0.1, mc_samples=True), r"mc_samples .*got True"),
+    ("bernstein_degree", lambda: BernsteinVI(net(), degree=True), r"degree must be an int >= 1; got True"),
+    ("gaussian_output_dim", lambda: GaussianLikelihood(output_dim=True), r"output_dim must be an int >= 1; got True"),
+    # infinite or NaN numbers: NaN weights or a KL switched off
+    ("ivon_lr", lambda: IVON(net().parameters(), 10, lr=math.inf), r"lr must be a finite number >= 0; got inf"),
+    ("ivon_ess", lambda: IVON(net().parameters(), math.inf, lr=0.1), r"ess must be a finite number > 0"),
+    ("ivon_hess_init", lambda: IVON(net().parameters(), 10, lr=0.1, hess_init=math.inf), r"hess_init must be a finite"),
+    ("ivon_weight_decay", lambda: IVON(net().parameters(), 10, lr=0.1, weight_decay=math.inf), r"weight_decay must be a fin"),
+    ("vi_init_scale", lambda: VariationalInference(net(), init_scale=math.inf), r"init_scale must be a finite"),
+    ("vi_prior_scale", lambda: VariationalInference(net(), prior_scale=math.inf), r"prior_scale must be a finite"),
+    ("vi_kl_weight", lambda: VariationalInference(net(), kl_weight=math.inf), r"kl_weight must be a finite"),
+    ("vi_kl_warmup", lambda: VariationalInference(net(), kl_warmup_epochs=math.inf), r"kl_warmup_epochs must be a fi"),
+    ("ivon_kl_weight", lambda: IVONModule(net(), kl_weight=math.inf), r"kl_weight must be a finite number > 0"),
+    ("gaussian_noise_nan", lambda: GaussianLikelihood(init_noise=math.nan), r"init_noise must be a finite number"),
+    ("gaussian_noise_inf", lambda: GaussianLikelihood(init_noise=math.inf), r"init_noise must be a finite number"),
+    ("bernstein_support", lambda: BernsteinVI(net(), support=(-1e308, 1e308)), r"support must be two finite numbers"),
+    ("bernstein_support_len", lambda: BernsteinVI(net(), support=(-1, 1, 2)), r"support must be two finite numbers"),
+    ("bernstein_support_int", lambda: BernsteinVI(net(), support=5), r"support must be two finite numbers"),
+    ("tfb_interval", lambda: Bisection(0.0, math.inf), r"sigma_range \(the search interval\) must be two finite"),
+    ("ssvi_density", lambda: SSVI(net(), density="0.1"), r"density must be a number in \(0, 1\]; got '0.1'"),
+    # strings and other truthy values are not flags
+    ("gaussian_flag", lambda: GaussianLikelihood(heteroscedastic="no"), r"heteroscedastic must be True or False"),
+    ("vi_flag", lambda: VariationalInference(net(), mean_prediction="no"), r"mean_prediction must be True or False"),
+    ("bernstein_flag", lambda: BernsteinVI(net(), joint="yes"), r"joint must be True or False; got 'yes'"),
+    ("ensemble_flag", lambda: DeepEnsemble(net(), 2, vectorize="no"), r"vectorize must be True or False"),
+    ("vbll_flag", lambda: VBLLClassifier(net(), 3, freeze_backbone="yes"), r"freeze_backbone must be True or False"),
+    ("digits_flag", lambda: DigitsDataModule(flatten="no"), r"flatten must be True or False"),
+    ("curve_flag", lambda: CurveTraining(line="no"), r"line must be True or False"),
+    ("nsl_flag", lambda: NullSpaceLaplace(net(), accelerate="no"), r"accelerate must be True or False"),
+    # seeds: a float failed inside torch ("manual_seed expected a long") or much later
+    ("ssvi_seed", lambda: SSVI(net(), seed=1.5), r"seed must be an int in \[0, 2\^62\); got 1.5"),
+    ("viking_seed", lambda: VIKING(net(), seed=-1), r"seed must be an int in \[0, 2\^48\); got -1"),
+    ("curve_seed", lambda: CurveTraining(seed=2**70), r"seed must be an int in \[0, 2\^62\)"),
+    ("coefficient_seed", lambda: CoefficientPosterior(layer="x", seed=1.5), r"seed must be an int"),
+    ("nsl_seed", lambda: NullSpaceLaplace(net(), seed=1.5), r"seed must be an int"),
+    # wrong shapes of arguments
+    ("viking_phases", lambda: VIKING(net(), phase_epochs=5), r"phase_epochs must be three ints"),
+    ("params_int", lambda: select_parameters(net(), 3), r"params must be a non-empty pattern or list of patterns"),
+    ("curve_anchors", lambda: CurveTraining(anchors="ab", segments=3), r"anchors must be a list of checkpoint paths"),
+    ("nsl_constraint", lambda: NullSpaceLaplace(net(), constraint=5), r"constraint must be one of .* or a callable"),
+    ("viking_constraint", lambda: VIKING(net(), constraint=5), r"constraint must be one of .* or a callable"),
+    ("likelihood_none", lambda: MAP(net(), likelihood=None), r"likelihood must be 'categorical', 'gaussian' or a Li"),
+    ("likelihood_int", lambda: DeepEnsemble(net(), 2, likelihood=5), r"likelihood must be 'categorical', 'gaussian'"),
+    ("vbll_num_samples", lambda: VBLLClassifier(net(), 3, head="generative", num_samples=0), r"num_samples must be"),
+    ("ensemble_frozen", lambda: DeepEnsemble(nn.ReLU(), 2), r"DeepEnsemble needs a backbone with trainable param"),
+    ("coverage_level", lambda: regression_metrics(level=math.nan), r"level must lie in \(0, 1\); got nan"),
+    ("empty_predictive", lambda: CategoricalPredictive(torch.zeros(0, 2, 3)), r"at least one sample and one output"),
+    ("empty_gaussian", lambda: GaussianPredictive(torch.zeros(1, 2, 0), torch.ones(1, 2, 0)), r"at least one sample"),
+    (
+        "concatenate_batches",
+        lambda: concatenate([CategoricalPredictive(torch.zeros(1, 2, 3)), CategoricalPredictive(torch.zeros(1, 4, 3))]),
+        r"cannot concatenate predictives of different \[B, C\|D\]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_arguments_are_refused_by_name(build: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_large_finite_scales_start_without_overflow() -> None:
+    """``log(expm1(1000))`` overflowed a float (``OverflowError: math range error``); softplus^-1(y) = y + log(1 - e^-y)."""
+    likelihood = GaussianLikelihood(init_noise=1000.0)
+    assert float(nn.functional.softplus(likelihood.raw_noise)) == pytest.approx(1000.0, rel=1e-12)
+    model = VariationalInference(net(), init_scale=1000.0)
+    scales = [layer.weight.scale for layer in model.variational_layers]
+    assert all(torch.allclose(s, torch.full_like(s, 1000.0), rtol=1e-6) for s in scales)
+
+
+def test_labels_beyond_the_networks_outputs_are_named_with_its_logit_count() -> None:
+    """cross_entropy said "Target 7 is out of bounds", not that the network gives 3 logits."""
+    with pytest.raises(RuntimeError, match=r"CategoricalLikelihood.loss expects labels in \[0, 3\)"):
+        CategoricalLikelihood().loss(torch.zeros(2, 3), torch.tensor([1, 7]))
+    per_example = torch.func.vmap(lambda o, y: CategoricalLikelihood().loss(o[None], y[None]))  # no range check there
+    assert per_example(torch.zeros(2, 3), torch.tensor([0, 2])).shape == (2,)
+
+
+def test_metrics_refuse_empty_batches_nan_targets_and_other_ood_flags() -> None:
+    ece = ExpectedCalibrationError()
+    ece.update(CategoricalPredictive(torch.zeros(1, 0, 3)), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ExpectedCalibrationError.compute needs at least one example"):
+        ece.compute()  # was NaN
+    coverage = IntervalCoverage()
+    predictive = GaussianPredictive(torch.zeros(1, 4, 1), torch.ones(1, 4, 1))
+    with pytest.raises(RuntimeError, match=r"IntervalCoverage.update got a NaN or infinite target"):
+        coverage.update(predictive, torch.tensor([0.0, math.nan, 2.0, 0.0]))  # counted as outside: 0.75
+    auroc = OODAUROC()
+    with pytest.raises(RuntimeError, match=r"expects is_ood of 0 \(in-distribution\) and 1 \(OOD\) only"):
+        auroc.update(CategoricalPredictive(torch.randn(1, 4, 3)), torch.tensor([0, -1, 1, 0]))
+
+
+def test_split_errors_name_our_fractions_not_scikit_learns_arguments() -> None:
+    with pytest.raises(ValueError, match=r"val_fraction=1e-06 and test_fraction=0.2 cannot split 1797 examples .*10 cl"):
+        DigitsDataModule(val_fraction=1e-6).setup("fit")
