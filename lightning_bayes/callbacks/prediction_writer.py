@@ -59,6 +59,12 @@ class PredictionWriter(BasePredictionWriter):
         """The (first) predict loader's file; ``None`` under ``fast_dev_run``."""
         return self.paths[0] if self.paths else None
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Forget the last run's files: Lightning skips ``on_predict_start`` when every predict loader is empty, and
+        ``path`` named the previous run's file."""
+        if stage == "predict":
+            self.paths = []
+
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = run_folder(trainer)  # a collective call: every rank asks
         self.paths, self._counts = [], {}

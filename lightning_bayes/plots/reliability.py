@@ -35,14 +35,14 @@ class ReliabilityBins:
         gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
         return float((self.count[filled] * gaps).sum() / self.count.sum())
 
-    def to_dict(self) -> dict[str, list[float | None]]:
-        """JSON-ready lists (``None`` for an empty bin's accuracy and confidence)."""
+    def to_dict(self) -> dict[str, list[float | None] | list[int]]:
+        """JSON-ready lists (``None`` for an empty bin's accuracy and confidence; counts as integers)."""
 
         def listed(values: np.ndarray) -> list[float | None]:
             return [None if math.isnan(v) else float(v) for v in values]
 
         return {"edges": listed(self.edges), "accuracy": listed(self.accuracy), "confidence": listed(self.confidence),
-                "count": listed(self.count)}  # fmt: skip
+                "count": [round(float(c)) for c in self.count]}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, list[float | None]]) -> ReliabilityBins:

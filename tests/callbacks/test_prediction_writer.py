@@ -150,3 +150,16 @@ def test_the_cli_predict_subcommand_writes_every_test_example(tmp_path: Path, ca
     _, table = read(written[0])
     assert table.shape[0] == 360 and sorted(table[:, 0].tolist()) == list(range(360))  # the digits test split
     torch.testing.assert_close(table[:, 6:].sum(1), torch.ones(360, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_a_predict_over_empty_loaders_names_no_file(tmp_path: Path) -> None:
+    """Lightning skips ``on_predict_start`` when every loader is empty: ``path`` named the previous run's file."""
+    module = DeepEnsemble(MLP(3, 2, hidden=[8]), num_members=2)
+    writer = PredictionWriter()
+    trainer = Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                      callbacks=[writer])
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    trainer.predict(module, torch.utils.data.DataLoader(data, batch_size=2))
+    assert writer.path == tmp_path / "predictions.csv"
+    trainer.predict(module, torch.utils.data.DataLoader(torch.utils.data.Subset(data, []), batch_size=2))
+    assert writer.path is None
