@@ -4,20 +4,23 @@ labels."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, TypeGuard
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 def is_int(value: Any) -> TypeGuard[int]:
-    """An ``int`` that is not a ``bool``."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (``int``, numpy's) that is not a ``bool``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> TypeGuard[float]:
-    """An ``int`` or ``float`` that is neither a ``bool`` nor NaN (infinities pass: bound them where needed)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    """A real number (``int``, ``float``, numpy's) that is neither a ``bool`` nor NaN (infinities pass: bound them
+    where needed)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def is_finite(value: Any) -> TypeGuard[float]:
@@ -26,16 +29,16 @@ def is_finite(value: Any) -> TypeGuard[float]:
 
 
 def check_seed(seed: Any, bits: int = 62) -> None:
-    """A clear error unless ``seed`` is an int in ``[0, 2^bits)``: ``torch.Generator.manual_seed`` takes 64 bits (a
-    float failed there with "manual_seed expected a long"), less what a caller adds (a rank, a draw counter)."""
-    if not (is_int(seed) and 0 <= seed < 2**bits):
-        raise ValueError(f"seed must be an int in [0, 2^{bits}); got {seed!r}")
+    """A clear error unless ``seed`` is an int in ``[-2^bits, 2^bits)``: ``torch.Generator.manual_seed`` takes 64 bits
+    (a float failed there with "manual_seed expected a long"), less what a caller adds (a rank, a draw counter)."""
+    if not (is_int(seed) and -(2**bits) <= seed < 2**bits):
+        raise ValueError(f"seed must be an int in [-2^{bits}, 2^{bits}); got {seed!r}")
 
 
 def check_flags(**flags: Any) -> None:
     """A clear error naming the first of ``flags`` (name=value) that is not a ``bool`` (``"no"`` would be truthy)."""
     for name, value in flags.items():
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be True or False; got {value!r}")
 
 

@@ -216,11 +216,9 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         self.ood_set = TextDataset(plots["text"].tolist(), [0] * len(plots))
 
     def _refuse_a_prompt_that_fills_max_length(self) -> None:
-        """Truncation keeps ``max_length`` tokens: when the prompt (with the special tokens) takes them all, every
+        """Truncation keeps ``max_length`` tokens: when the prompt and the special tokens take them all, every
         example becomes the same input (on the left-padded side, only the prompt's end), which trains silently."""
-        if self.prompt is None:
-            return
-        fixed = len(self.tokenizer(self.prompt.format(text=""))["input_ids"])
+        fixed = len(self.tokenizer((self.prompt or "{text}").format(text=""))["input_ids"])
         if fixed >= self.max_length:
             raise ValueError(
                 f"max_length={self.max_length} leaves no token for the text: the prompt {self.prompt!r} with the "

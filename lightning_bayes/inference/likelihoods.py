@@ -44,7 +44,8 @@ class CategoricalLikelihood(Likelihood):
             raise ValueError(f"CategoricalLikelihood.loss expects logits [B, C]; got {tuple(outputs.shape)}")
         # the range is checked outside torch.func transforms and compilation (no batching rule there), where
         # cross_entropy's own error ("Target 7 is out of bounds") would not say how many logits the network gives
-        in_transform = torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(outputs)
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        in_transform = torch.compiler.is_compiling() or wrapped(outputs) or (isinstance(y, Tensor) and wrapped(y))
         batch, classes = outputs.shape
         labels = class_labels(y, batch, classes, "CategoricalLikelihood.loss", check_range=not in_transform)
         # no ignore_index: cross_entropy would skip a label -100 (its default) instead of refusing it

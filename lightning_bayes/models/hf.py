@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .attention import without_cudnn_attention
 from .frozen_base import exclude_frozen_base
 from .pretrained import resolve_pretrained
-from .vocabulary import vocabulary_fingerprint
+from .vocabulary import folder_vocabulary, vocabulary_fingerprint
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -158,9 +158,7 @@ class HFSequenceClassifier(nn.Module):
         base = keep_cpu_four_bit_differentiable(
             AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **quantisation)
         )
-        from transformers import AutoTokenizer
-
-        self.tokenizer_source, self.vocabulary = model, vocabulary_fingerprint(AutoTokenizer.from_pretrained(folder))
+        self.tokenizer_source, self.vocabulary = model, folder_vocabulary(folder)
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
         self.num_features: int = base.config.hidden_size

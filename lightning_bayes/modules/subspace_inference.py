@@ -181,7 +181,7 @@ class SubspaceInference(BayesianModule):
             raise ValueError(f"prior_scale must be a finite number > 0; got {prior_scale!r}")
         if swag_scale is not None and not (is_number(swag_scale) and 0 <= swag_scale < math.inf):
             raise ValueError(f"swag_scale must be None or a finite number >= 0; got {swag_scale!r}")
-        check_seed(seed, bits=31)  # shifted by 32 bits, plus a draw counter
+        check_seed(seed, bits=32)  # shifted by 32 bits, plus a draw counter
         if num_data is not None and (not is_int(num_data) or num_data < 1):
             raise ValueError(f"num_data must be None or a positive int; got {num_data!r}")
         check_flags(bn_update=bn_update)

@@ -156,3 +156,9 @@ def test_a_max_length_the_prompt_fills_is_refused():
         data.setup()
     fixed = len(data.tokenizer(PROMPT.format(text=""))["input_ids"])
     RottenTomatoesDataModule(tokenizer="minilm", max_length=fixed + 1, prompt=PROMPT, padding_side="left").setup()
+
+
+def test_a_max_length_the_special_tokens_fill_is_refused_without_a_prompt():
+    """MiniLM's [CLS] and [SEP] take max_length=2 whole: every example was [CLS] [SEP]."""
+    with pytest.raises(ValueError, match=r"max_length=2 leaves no token for the text: the prompt None .* takes 2"):
+        RottenTomatoesDataModule(tokenizer="minilm", max_length=2, padding_side="right").setup()

@@ -277,3 +277,15 @@ def test_a_datamodule_with_another_tokenizer_is_refused_at_setup(smollm2, smollm
     with pytest.raises(ValueError, match=r"the datamodule's tokenizer 'minilm' is not the tokenizer of Causal.*"
                        r"--data.init_args.tokenizer "):
         trainer.fit(MAP(smollm2), datamodule=data)
+
+
+def test_a_model_folder_without_tokenizer_files_has_no_vocabulary_to_check(tmp_path):
+    """transformers builds a stub of special tokens for such a folder: the datamodule's real tokenizer was refused."""
+    import shutil
+
+    from lightning_bayes.models.pretrained import resolve_pretrained
+
+    source = resolve_pretrained("minilm")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{source}/{name}", tmp_path / name)
+    assert HFSequenceClassifier(str(tmp_path)).vocabulary is None
