@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ..predictive import CategoricalPredictive, GaussianPredictive
-from .run_files import loader_suffixes, run_folder, unique_path
+from .run_files import first_free_index, loader_suffixes, numbered, run_folder
 
 
 def _columns(name: str, width: int) -> list[str]:
@@ -70,10 +70,19 @@ class PredictionWriter(BasePredictionWriter):
         self.paths, self._counts = [], {}
         if folder is None:  # fast_dev_run: no file
             return
-        stem = self.filename if trainer.world_size == 1 else f"{self.filename}-rank{trainer.global_rank}"
         suffixes = [s.replace("/", "_") for s in loader_suffixes(getattr(trainer, "predict_dataloaders", None))]
+        stems = [self._stem(trainer.world_size, rank) for rank in range(trainer.world_size)]
+        # one number for every loader's and every rank's file of this run (rank 0's choice: the others may already
+        # be writing theirs), so that they read as one run's
+        index = first_free_index(folder, [(stem + suffix, ".csv") for stem in stems for suffix in suffixes])
+        strategy = getattr(trainer, "strategy", None)
+        index = strategy.broadcast(index) if strategy is not None else index
         folder.mkdir(parents=True, exist_ok=True)
-        self.paths = [unique_path(folder, stem + suffix, ".csv") for suffix in suffixes]
+        own = self._stem(trainer.world_size, trainer.global_rank)
+        self.paths = [numbered(folder, own + suffix, index, ".csv") for suffix in suffixes]
+
+    def _stem(self, world_size: int, rank: int) -> str:
+        return self.filename if world_size == 1 else f"{self.filename}-rank{rank}"
 
     def write_on_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,

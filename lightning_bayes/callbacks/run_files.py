@@ -26,14 +26,24 @@ def loader_suffixes(loaders: Any) -> list[str]:
     return [f"/dataloader_idx_{k}" for k in range(count)] if count > 1 else [""]
 
 
+def first_free_index(folder: Path, names: list[tuple[str, str]]) -> int:
+    """The smallest ``k`` such that no ``stem-k+ending`` (``stem+ending`` for ``k = 0``) of ``names`` (``(stem, ending)``
+    pairs) exists in ``folder``: one numbering for files written together."""
+    index = 0
+    while any((folder / f"{stem}{f'-{index}' if index else ''}{ending}").exists() for stem, ending in names):
+        index += 1
+    return index
+
+
+def numbered(folder: Path, stem: str, index: int, ending: str) -> Path:
+    """``folder/stem+ending``, or ``stem-index+ending`` for ``index > 0``."""
+    return folder / f"{stem}{f'-{index}' if index else ''}{ending}"
+
+
 def unique_path(folder: Path, stem: str, suffix: str, *companions: str) -> Path:
     """``folder/stem+suffix``, or ``stem-1``, ``stem-2``, ... when taken; with ``companions`` (e.g. ``".json"`` for a
     plot's data), the first stem free for every suffix, so that the files written under it stay a pair."""
-    candidate, index = stem, 0
-    while any((folder / f"{candidate}{ending}").exists() for ending in (suffix, *companions)):
-        index += 1
-        candidate = f"{stem}-{index}"
-    return folder / f"{candidate}{suffix}"
+    return numbered(folder, stem, first_free_index(folder, [(stem, e) for e in (suffix, *companions)]), suffix)
 
 
 def standard_json(data: Any) -> Any:

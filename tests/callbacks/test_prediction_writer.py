@@ -118,6 +118,11 @@ def test_several_predict_loaders_write_a_file_each(tmp_path: Path) -> None:
     assert first_header[:2] == ["index", "target"] and first.shape[0] == len(data.test_set)
     assert second_header[:2] == ["index", "predicted"] and torch.equal(second[:, 0], torch.arange(7.0).double())
     assert not (tmp_path / "predictions.csv").exists()
+    (tmp_path / "predictions_dataloader_idx_1.csv").unlink()  # one loader's file of the first run deleted
+    trainer.predict(module, {"labelled": labelled, "unlabelled": unlabelled})
+    writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
+    assert [p.name for p in writer.paths] == [  # one number for the run, not one per loader
+        "predictions_dataloader_idx_0-1.csv", "predictions_dataloader_idx_1-1.csv"]
 
 
 def test_each_process_writes_its_own_file_and_none_is_overwritten(tmp_path: Path) -> None:
@@ -126,6 +131,9 @@ def test_each_process_writes_its_own_file_and_none_is_overwritten(tmp_path: Path
     writer.on_predict_start(SimpleNamespace(log_dir=str(tmp_path), world_size=2, global_rank=1, fast_dev_run=0), None)
     assert writer.path == tmp_path / "predictions-rank1-1.csv"
     assert (tmp_path / "predictions-rank1.csv").read_text() == "kept"
+    rank0 = PredictionWriter()  # rank 0's file is free, but the run's number is the one every rank's file has free
+    rank0.on_predict_start(SimpleNamespace(log_dir=str(tmp_path), world_size=2, global_rank=0, fast_dev_run=0), None)
+    assert rank0.path == tmp_path / "predictions-rank0-1.csv"
 
 
 def test_a_non_predictive_output_and_a_path_as_filename_are_refused(tmp_path: Path) -> None:
