@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from lightning_bayes.callbacks import CoefficientPosterior, CurveTraining, SWASubspace
+from lightning_bayes.checks import check_seed
 from lightning_bayes.datamodules import DigitsDataModule
+from lightning_bayes.datamodules.base import check_split_fractions
+from lightning_bayes.inference.subspace import DiagonalGaussian
 from lightning_bayes.inference.likelihoods import CategoricalLikelihood, GaussianLikelihood
 from lightning_bayes.inference.training_free_bayes import Bisection
 from lightning_bayes.metrics import ExpectedCalibrationError, IntervalCoverage, OODAUROC, regression_metrics
@@ -23,9 +26,12 @@ from lightning_bayes.modules import (
     SSVI,
     VIKING,
     BernsteinVI,
+    BLoB,
     DeepEnsemble,
     IVONModule,
     NullSpaceLaplace,
+    SubspaceInference,
+    TrainingFreeBayes,
     VariationalInference,
     VBLLClassifier,
     VBLLRegressor,
@@ -77,6 +83,18 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("digits_flag", lambda: DigitsDataModule(flatten="no"), r"flatten must be True or False"),
     ("curve_flag", lambda: CurveTraining(line="no"), r"line must be True or False"),
     ("nsl_flag", lambda: NullSpaceLaplace(net(), accelerate="no"), r"accelerate must be True or False"),
+    ("ssvi_flag", lambda: SSVI(net(), grow_noise_free="no"), r"grow_noise_free must be True or False"),
+    ("blob_flag", lambda: BLoB(net(), kl_reweighting="no"), r"kl_reweighting must be True or False"),
+    ("ivon_flag", lambda: IVONModule(net(), mean_prediction="no"), r"mean_prediction must be True or False"),
+    ("subspace_flag", lambda: SubspaceInference(net(), bn_update="no"), r"bn_update must be True or False"),
+    ("coefficient_flag", lambda: CoefficientPosterior(layer="x", plots="no"), r"plots must be True or False"),
+    ("digits_download", lambda: DigitsDataModule(download="no"), r"download must be True or False"),
+    ("subspace_seed", lambda: SubspaceInference(net(), seed=2**32), r"seed must be an int in \[-2\^32, 2\^32\)"),
+    ("tfb_seed", lambda: TrainingFreeBayes(net(), seed=2**48), r"seed must be an int in \[-2\^48, 2\^48\)"),
+    ("seed_below", lambda: check_seed(-(2**62) - 1), r"seed must be an int in \[-2\^62, 2\^62\)"),
+    ("diagonal_scale", lambda: DiagonalGaussian(3, init_scale=math.inf), r"init_scale must be a finite number"),
+    ("split_string", lambda: check_split_fractions("0.1", 0.2), r"val_fraction and test_fraction must be"),
+    ("split_none", lambda: check_split_fractions(0.1, None), r"val_fraction and test_fraction must be"),
     # seeds: a float failed inside torch ("manual_seed expected a long") or much later
     ("ssvi_seed", lambda: SSVI(net(), seed=1.5), r"seed must be an int in \[-2\^62, 2\^62\); got 1.5"),
     ("viking_seed", lambda: VIKING(net(), seed=2**48), r"seed must be an int in \[-2\^48, 2\^48\); got 2814"),
@@ -90,7 +108,7 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("nsl_constraint", lambda: NullSpaceLaplace(net(), constraint=5), r"constraint must be one of .* or a callable"),
     ("viking_constraint", lambda: VIKING(net(), constraint=5), r"constraint must be one of .* or a callable"),
     ("likelihood_none", lambda: MAP(net(), likelihood=None), r"likelihood must be 'categorical', 'gaussian' or a Li"),
-    ("likelihood_int", lambda: DeepEnsemble(net(), 2, likelihood=5), r"likelihood must be 'categorical', 'gaussian'"),
+    ("likelihood_int", lambda: DeepEnsemble(net(), 2, likelihood=5), r"likelihood must be 'categorical', .*; got 5"),
     ("vbll_num_samples", lambda: VBLLClassifier(net(), 3, head="generative", num_samples=0), r"num_samples must be"),
     ("ensemble_frozen", lambda: DeepEnsemble(nn.ReLU(), 2), r"DeepEnsemble needs a backbone with trainable param"),
     ("coverage_level", lambda: regression_metrics(level=math.nan), r"level must lie in \(0, 1\); got nan"),
@@ -136,9 +154,13 @@ def test_metrics_refuse_empty_batches_nan_targets_and_other_ood_flags() -> None:
     predictive = GaussianPredictive(torch.zeros(1, 4, 1), torch.ones(1, 4, 1))
     with pytest.raises(RuntimeError, match=r"IntervalCoverage.update got a NaN or infinite target"):
         coverage.update(predictive, torch.tensor([0.0, math.nan, 2.0, 0.0]))  # counted as outside: 0.75
+    with pytest.raises(RuntimeError, match=r"IntervalCoverage.update got a NaN or infinite target"):
+        coverage.update(predictive, torch.tensor([0.0, math.inf, 2.0, 0.0]))
     auroc = OODAUROC()
     with pytest.raises(RuntimeError, match=r"expects is_ood of 0 \(in-distribution\) and 1 \(OOD\) only"):
         auroc.update(CategoricalPredictive(torch.randn(1, 4, 3)), torch.tensor([0, -1, 1, 0]))
+    with pytest.raises(RuntimeError, match=r"expects is_ood of 0 \(in-distribution\) and 1 \(OOD\) only"):
+        auroc.update(CategoricalPredictive(torch.randn(1, 4, 3)), torch.tensor([0, 2, 1, 0]))
 
 
 def test_split_errors_name_our_fractions_not_scikit_learns_arguments() -> None:
@@ -155,6 +177,7 @@ def test_numpy_scalars_and_negative_seeds_are_still_accepted() -> None:
     model = VariationalInference(net(), kl_weight=np.float32(0.1), local_reparameterization=np.bool_(False))
     assert model.hparams.kl_weight == np.float32(0.1)
     NullSpaceLaplace(net(), seed=-1)
+    check_seed(-(2**62))
     VIKING(net(), seed=2**40)
 
 
@@ -163,3 +186,30 @@ def test_the_label_check_is_skipped_when_a_transform_batches_the_labels_alone() 
     outputs, labels = torch.zeros(3, 4), torch.tensor([[0, 1, 3], [2, 2, 1]])
     losses = torch.func.vmap(lambda y: CategoricalLikelihood().loss(outputs, y))(labels)
     torch.testing.assert_close(losses, torch.full((2,), math.log(4.0)))
+
+
+def test_a_regression_table_with_one_missing_cell_or_one_training_row_is_refused(tmp_path) -> None:
+    """A missing cell made its whole column NaN after standardising; one training row a NaN standard deviation."""
+    from lightning_bayes.datamodules import UCIRegressionDataModule
+    from lightning_bayes.datamodules.regression import load_regression_arrays, load_regression_frame
+
+    frame = load_regression_frame("diabetes")
+    holed = frame.copy()
+    holed.loc[3, "age"] = float("nan")
+    holed.to_csv(tmp_path / "diabetes.csv", index=False)
+    with pytest.raises(ValueError, match=r"missing values \(rows per column: \{'age': 1\}\)"):
+        load_regression_arrays("diabetes", tmp_path)
+    frame.head(5).to_csv(tmp_path / "diabetes.csv", index=False)
+    small = UCIRegressionDataModule("diabetes", data_dir=str(tmp_path), val_fraction=0.4, test_fraction=0.4)
+    with pytest.raises(ValueError, match=r"5 rows leave 1 for training .* standardising needs at least 2"):
+        small.setup()
+
+
+def test_a_shortened_mismatch_error_keeps_five_of_each_kind_and_counts_the_rest() -> None:
+    from lightning_bayes.modules.base import _shortened
+
+    five = ", ".join(f'"k{i}"' for i in range(5))
+    assert "in all" not in _shortened(f"Error(s) in loading state_dict for MAP:\n\tUnexpected key(s) in state_dict: {five}.")
+    sizes = "".join(f"\n\tsize mismatch for w{i}: copying a param" for i in range(7))
+    shortened = _shortened(f"Error(s) in loading state_dict for MAP:{sizes}")
+    assert shortened.count("size mismatch for") == 5 and "... (7 size mismatches in all)" in shortened

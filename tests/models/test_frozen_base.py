@@ -134,3 +134,39 @@ def test_the_identity_does_not_depend_on_the_thread_count() -> None:
     with torch.no_grad():
         layer.weight.view(-1)[1001] += 1e-6  # not a sampled position (every 976th of the 4e6)
     assert backbone_identity(layer) != one
+
+
+def test_load_trained_weights_restores_the_base_beside_a_head_that_the_state_dict_keeps(tmp_path) -> None:
+    """A probe's fresh state dict holds its head only (the base is as built): the tuned base of the checkpoint, under
+    the head's prefix, loads too."""
+    from lightning_bayes.models.weights import load_trained_weights
+
+    class Probe(nn.Module):
+        def __init__(self, base: nn.Module) -> None:
+            super().__init__()
+            self.features, self.head = FrozenFeatures(base), nn.Linear(16, 2)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.head(self.features(ids))
+
+    tuned = Pretrained()
+    with torch.no_grad():
+        tuned.model.norm.weight.add_(0.25)
+    trained = Probe(tuned)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "a.ckpt")
+    rebuilt = Probe(Pretrained())
+    assert set(rebuilt.state_dict()) == {"head.weight", "head.bias"}
+    load_trained_weights(rebuilt, str(tmp_path / "a.ckpt"))
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rebuilt(ids), trained(ids), rtol=0, atol=0)
+
+
+def test_the_byte_checksum_sees_the_tail_bytes_and_takes_offset_views() -> None:
+    from lightning_bayes.models.identity import byte_checksum
+
+    nine = torch.zeros(9, dtype=torch.uint8)
+    before = byte_checksum(nine)
+    nine[8] = 1  # the byte after the last whole 8-byte word
+    assert not torch.equal(byte_checksum(nine), before)
+    view = torch.arange(10.0)[1:]  # storage offset 4 bytes: no int64 view of it in place
+    assert torch.equal(byte_checksum(view), byte_checksum(view.clone()))

@@ -289,3 +289,19 @@ def test_a_model_folder_without_tokenizer_files_has_no_vocabulary_to_check(tmp_p
     for name in ("config.json", "model.safetensors"):
         shutil.copy(f"{source}/{name}", tmp_path / name)
     assert HFSequenceClassifier(str(tmp_path)).vocabulary is None
+
+
+def test_the_vocabulary_of_a_folder_a_hub_id_and_the_sequence_classifier(smollm2_folder, monkeypatch):
+    from lightning_bayes.models.pretrained import resolve_pretrained
+    from lightning_bayes.models.vocabulary import folder_vocabulary, vocabulary_fingerprint
+
+    assert folder_vocabulary(smollm2_folder) == vocabulary_fingerprint(AutoTokenizer.from_pretrained(smollm2_folder))
+    minilm = vocabulary_fingerprint(AutoTokenizer.from_pretrained(resolve_pretrained("minilm")))
+    assert HFSequenceClassifier("minilm").vocabulary == minilm
+
+    class Stub:
+        def get_vocab(self) -> dict:
+            return {"a": 0, "b": 1}
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda name: Stub())
+    assert folder_vocabulary("org/name") == vocabulary_fingerprint(Stub())  # a hub id is no local folder

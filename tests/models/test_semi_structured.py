@@ -28,3 +28,5 @@ def test_inputs_of_another_width_are_refused():
     model = SemiStructured(5, [0], nn.Linear(4, 1))
     with pytest.raises(ValueError, match=r"SemiStructured expects inputs \[B, in_features=5\]; got \(3, 6\)"):
         model(torch.zeros(3, 6))
+    with pytest.raises(ValueError, match=r"expects inputs \[B, in_features=5\]; got \(2, 5, 1\)"):
+        model(torch.zeros(2, 5, 1))
