@@ -209,7 +209,8 @@ def test_a_shortened_mismatch_error_keeps_five_of_each_kind_and_counts_the_rest(
     from lightning_bayes.modules.base import _shortened
 
     five = ", ".join(f'"k{i}"' for i in range(5))
-    assert "in all" not in _shortened(f"Error(s) in loading state_dict for MAP:\n\tUnexpected key(s) in state_dict: {five}.")
+    head = "Error(s) in loading state_dict for MAP:"
+    assert "in all" not in _shortened(f"{head}\n\tUnexpected key(s) in state_dict: {five}.")
     sizes = "".join(f"\n\tsize mismatch for w{i}: copying a param" for i in range(7))
     shortened = _shortened(f"Error(s) in loading state_dict for MAP:{sizes}")
     assert shortened.count("size mismatch for") == 5 and "... (7 size mismatches in all)" in shortened
