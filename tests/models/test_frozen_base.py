@@ -3,6 +3,9 @@ whole by a post-hoc head's FrozenFeatures while it still holds the constructor's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -100,20 +103,26 @@ def test_a_base_frozen_in_part_is_left_out_after_its_trainable_part_moved():
     assert set(owner.state_dict()) == {"base.1.weight", "base.1.bias"}
 
 
-def test_load_trained_weights_restores_a_tuned_base_that_a_fresh_models_state_dict_leaves_out(tmp_path) -> None:
-    """A post-hoc method's ``checkpoint=`` loaded the names of the fresh model's state dict, which leaves out its
-    base (still as built), so a tuned base saved in the checkpoint was silently not loaded."""
+def _assert_a_tuned_base_loads_into(wrap: Callable[[nn.Module], nn.Module], folder: Path) -> nn.Module:
+    """Save ``wrap`` of a tuned base, load the file into ``wrap`` of a fresh one: the outputs agree exactly."""
     from lightning_bayes.models.weights import load_trained_weights
 
     tuned = Pretrained()
     with torch.no_grad():
         tuned.model.norm.weight.add_(0.25)
-    features = FrozenFeatures(tuned)
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in features.state_dict().items()}}, tmp_path / "a.ckpt")
-    rebuilt = FrozenFeatures(Pretrained())
-    load_trained_weights(rebuilt, str(tmp_path / "a.ckpt"))
+    trained = wrap(tuned)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()}}, folder / "a.ckpt")
+    rebuilt = wrap(Pretrained())
+    load_trained_weights(rebuilt, str(folder / "a.ckpt"))
     ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(rebuilt(ids), features(ids), rtol=0, atol=0)
+    torch.testing.assert_close(rebuilt(ids), trained(ids), rtol=0, atol=0)
+    return rebuilt
+
+
+def test_load_trained_weights_restores_a_tuned_base_that_a_fresh_models_state_dict_leaves_out(tmp_path) -> None:
+    """A post-hoc method's ``checkpoint=`` loaded the names of the fresh model's state dict, which leaves out its
+    base (still as built), so a tuned base saved in the checkpoint was silently not loaded."""
+    _assert_a_tuned_base_loads_into(FrozenFeatures, tmp_path)
 
 
 def test_the_identity_does_not_depend_on_the_thread_count() -> None:
@@ -139,7 +148,6 @@ def test_the_identity_does_not_depend_on_the_thread_count() -> None:
 def test_load_trained_weights_restores_the_base_beside_a_head_that_the_state_dict_keeps(tmp_path) -> None:
     """A probe's fresh state dict holds its head only (the base is as built): the tuned base of the checkpoint, under
     the head's prefix, loads too."""
-    from lightning_bayes.models.weights import load_trained_weights
 
     class Probe(nn.Module):
         def __init__(self, base: nn.Module) -> None:
@@ -149,16 +157,8 @@ def test_load_trained_weights_restores_the_base_beside_a_head_that_the_state_dic
         def forward(self, ids: Tensor) -> Tensor:
             return self.head(self.features(ids))
 
-    tuned = Pretrained()
-    with torch.no_grad():
-        tuned.model.norm.weight.add_(0.25)
-    trained = Probe(tuned)
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "a.ckpt")
-    rebuilt = Probe(Pretrained())
-    assert set(rebuilt.state_dict()) == {"head.weight", "head.bias"}
-    load_trained_weights(rebuilt, str(tmp_path / "a.ckpt"))
-    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(rebuilt(ids), trained(ids), rtol=0, atol=0)
+    assert set(Probe(Pretrained()).state_dict()) == {"head.weight", "head.bias"}
+    _assert_a_tuned_base_loads_into(Probe, tmp_path)
 
 
 def test_the_byte_checksum_sees_the_tail_bytes_and_takes_offset_views() -> None:
