@@ -24,7 +24,7 @@ def is_number(value: Any) -> TypeGuard[float]:
 
 
 def is_finite(value: Any) -> TypeGuard[float]:
-    """A finite ``int`` or ``float`` that is not a ``bool``."""
+    """A finite real number (as :func:`is_number`)."""
     return is_number(value) and math.isfinite(value)
 
 
