@@ -22,13 +22,14 @@ import torch
 from torch import Tensor
 
 from .sparse_gaussian import SparseGaussian
+from .softplus import inverse_softplus, inverse_softplus_value
 from .ssvi_scores import Score, removal_score
 
 GrowRho = Literal["mean", "eps"]
 GROW_RHO = ("mean", "eps")
 MeanInit = Literal["normal", "backbone"]
 MEAN_INITS = ("normal", "backbone")
-EPS_RHO = math.log(math.expm1(1e-6))  # softplus^-1(1e-6)
+EPS_RHO = inverse_softplus_value(1e-6)
 INIT_MEAN_STD = 0.01
 INIT_SCALE_MEAN, INIT_SCALE_STD = 1e-3, 5e-4
 
@@ -71,7 +72,7 @@ def initialise_support(
     scale = (INIT_SCALE_MEAN + INIT_SCALE_STD * torch.randn(shape, generator=generator, dtype=dtype)).abs()
     family.mask.copy_(mask)
     family.loc.copy_(loc * mask.to(loc))
-    family.raw_scale.copy_(torch.log(torch.expm1(scale)) * mask.to(scale))
+    family.raw_scale.copy_(inverse_softplus(scale) * mask.to(scale))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..params import FSDP1_WRAPPER, is_dtensor
 from .identity import backbone_identity
+from .weights import persistent_buffers
 
 
 def _frozen_keys(base: nn.Module, attribute: str) -> tuple[str, ...]:
@@ -38,13 +39,7 @@ def _frozen_now(base: nn.Module, attribute: str) -> set[str]:
     dict), from names alone: the same on every rank and without a collective (a nested ``state_dict()`` under FSDP1
     gathers the shards and answers on rank 0 only)."""
     frozen = [name for name, p in base.named_parameters(remove_duplicate=False) if not p.requires_grad]
-    buffers = [
-        f"{prefix}.{name}" if prefix else name
-        for prefix, module in base.named_modules(remove_duplicate=False)
-        for name, buffer in module.named_buffers(recurse=False)
-        if buffer is not None and name not in module._non_persistent_buffers_set  # as Module.state_dict decides
-    ]
-    return {f"{attribute}.{name.replace(FSDP1_WRAPPER, '')}" for name in [*frozen, *buffers]}
+    return {f"{attribute}.{name.replace(FSDP1_WRAPPER, '')}" for name in [*frozen, *persistent_buffers(base)]}
 
 
 def _sharded(base: nn.Module) -> bool:

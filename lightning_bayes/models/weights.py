@@ -95,15 +95,20 @@ def trained_state_dict(model: nn.Module, checkpoint: str) -> tuple[dict[str, Ten
     return {name: state[prefix + name] for name in wanted}, path
 
 
-def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and persistent buffer of ``model`` (what a state dict can hold) under each of its names."""
-    buffers = {
+def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s buffers a state dict holds (``Module.state_dict`` leaves out the non-persistent ones), under each
+    of their names."""
+    return {
         f"{prefix}.{name}" if prefix else name: buffer
         for prefix, module in model.named_modules(remove_duplicate=False)
         for name, buffer in module.named_buffers(recurse=False)
         if buffer is not None and name not in module._non_persistent_buffers_set
     }
-    return {**dict(model.named_parameters(remove_duplicate=False)), **buffers}
+
+
+def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and persistent buffer of ``model`` (what a state dict can hold) under each of its names."""
+    return {**dict(model.named_parameters(remove_duplicate=False)), **persistent_buffers(model)}
 
 
 def _unplaced(
@@ -112,7 +117,8 @@ def _unplaced(
     """Names under ``prefix`` in ``state`` that are none of ``model``'s parameters or buffers (those a state dict
     leaves out, such as a frozen base, included), nor their extra state (4-bit quantisation state under the weight's
     name), nor a variational posterior's ``.mean`` / ``.raw_scale`` of one."""
-    known = set(_named_tensors(model)) | {name for name, _ in model.named_buffers(remove_duplicate=False)} | set(wanted)
+    names = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    known = {name for name, _ in names} | set(wanted)
     unplaced = []
     for key in state:
         if not key.startswith(prefix):
