@@ -26,18 +26,18 @@ def loader_suffixes(loaders: Any) -> list[str]:
     return [f"/dataloader_idx_{k}" for k in range(count)] if count > 1 else [""]
 
 
-def first_free_index(folder: Path, names: list[tuple[str, str]]) -> int:
-    """The smallest ``k`` such that no ``stem-k+ending`` (``stem+ending`` for ``k = 0``) of ``names`` (``(stem, ending)``
-    pairs) exists in ``folder``: one numbering for files written together."""
-    index = 0
-    while any((folder / f"{stem}{f'-{index}' if index else ''}{ending}").exists() for stem, ending in names):
-        index += 1
-    return index
-
-
 def numbered(folder: Path, stem: str, index: int, ending: str) -> Path:
     """``folder/stem+ending``, or ``stem-index+ending`` for ``index > 0``."""
     return folder / f"{stem}{f'-{index}' if index else ''}{ending}"
+
+
+def first_free_index(folder: Path, names: list[tuple[str, str]]) -> int:
+    """The smallest ``k`` for which no :func:`numbered` file of ``names`` (``(stem, ending)`` pairs) exists in
+    ``folder``: one numbering for files written together."""
+    index = 0
+    while any(numbered(folder, stem, index, ending).exists() for stem, ending in names):
+        index += 1
+    return index
 
 
 def unique_path(folder: Path, stem: str, suffix: str, *companions: str) -> Path:
