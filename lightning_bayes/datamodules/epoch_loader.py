@@ -35,7 +35,12 @@ def training_pass_batches(trainer: Trainer) -> float:
     loader = trainer.train_dataloader
     if not isinstance(loader, DataLoader) or not isinstance(getattr(loader, "dataset", None), Sized):
         return math.inf
-    length, limit = len(loader), trainer.limit_train_batches
+    return limited_batches(len(loader), trainer.limit_train_batches)
+
+
+def limited_batches(length: int, limit: float | None) -> int:
+    """The batches Lightning runs of a loader of ``length`` under a ``limit_*_batches`` of ``limit``: a count
+    (at most ``length``) or a fraction of ``length``, rounded down (at least one batch)."""
     return min(length, limit if isinstance(limit, int) else max(int(length * (limit or 0)), 1))
 
 

@@ -10,6 +10,7 @@ over a frozen model).
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Union
@@ -174,7 +175,6 @@ class BayesianModule(LightningModule, ABC):
         several processes unless the method ``supports_fsdp1``. Subclasses that override ``setup`` call this one."""
         if self._trainer is not None:
             self._refuse_multi_process_fsdp1()
-            self._refuse_a_step_budget_without_steps(stage)
             self._refuse_another_tokenizer()
         parameters = list(self.parameters())
         ddp = self._trainer is not None and isinstance(self.trainer.strategy, DDPStrategy)
@@ -218,13 +218,18 @@ class BayesianModule(LightningModule, ABC):
             progress.increment_ready()
             progress.increment_completed()
 
-    def _refuse_a_step_budget_without_steps(self, stage: str) -> None:
-        max_steps = self.trainer.max_steps
-        if stage == "fit" and max_steps not in (None, -1) and not self.takes_optimizer_steps():
+    def _refuse_a_step_budget_without_steps(self) -> None:
+        """A fit without optimiser steps passes over the data in whole epochs (each batch a step): a ``max_steps``
+        that is not a whole number of epochs would stop one part-way (``fast_dev_run=N`` is one epoch of N)."""
+        max_steps, batches = self.trainer.max_steps, self.trainer.num_training_batches
+        if max_steps in (None, -1) or self.takes_optimizer_steps():
+            return
+        if not (math.isfinite(batches) and batches > 0 and max_steps % batches == 0):
             raise ValueError(
                 f"{type(self).__name__} takes no optimiser steps (its fit passes over the training data in whole "
-                f"epochs), so max_steps={max_steps} would stop it inside one: bound the fit by max_epochs "
-                "(--trainer.max_epochs N) and leave max_steps at -1"
+                f"epochs, each batch counting as a step), so max_steps={max_steps} would stop it inside an epoch of "
+                f"{batches} batches: bound the fit by max_epochs (--trainer.max_epochs N) and leave max_steps at -1"
+                + (f", or give a multiple of {batches}" if math.isfinite(batches) else "")
             )
 
     def _refuse_multi_process_fsdp1(self) -> None:
@@ -268,7 +273,9 @@ class BayesianModule(LightningModule, ABC):
         """A fit resumed from a checkpoint saved inside an epoch: the global generators again as saved (a loader
         draws its workers' seed from them when Lightning creates its iterator, which the unstopped run did at
         the epoch's start); and a warning if the loader has no ``state_dict``: Lightning restarts it from its
-        first batch, so the rest of that epoch repeats its first batches. Subclasses that override it call it."""
+        first batch, so the rest of that epoch repeats its first batches. Refuses a ``max_steps`` that would stop a
+        fit without optimiser steps inside an epoch. Subclasses that override it call it."""
+        self._refuse_a_step_budget_without_steps()
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
         if started and self._resumed_rng_states is not None:
             restore_rng_states(self._resumed_rng_states)

@@ -17,10 +17,12 @@ in variational Bayes", AStA 2024.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Union
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ..checks import check_flags, is_finite, is_int
@@ -33,6 +35,7 @@ from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
+from .fit_length import fit_length
 
 
 class VariationalInference(BayesianModule):
@@ -132,7 +135,17 @@ class VariationalInference(BayesianModule):
         return self.kl_weight * warmup / self.resolved_dataset_size()
 
     def on_train_start(self) -> None:
+        """Logs the objective's constants; warns when the fit ends inside the KL warm-up (a tempered posterior)."""
         super().on_train_start()
+        length = fit_length(self.trainer)
+        last_epoch = math.ceil(length.epochs) - 1 if math.isfinite(length.epochs) else math.inf
+        if last_epoch < self.kl_warmup_epochs and not length.smoke_run:
+            rank_zero_warn(
+                f"{type(self).__name__}'s KL weight ramps up over kl_warmup_epochs={self.kl_warmup_epochs} epochs but "
+                f"the Trainer stops after {length.bound}: the last epoch weighs the KL by "
+                f"{self.kl_weight * last_epoch / self.kl_warmup_epochs:.3g} instead of kl_weight={self.kl_weight}, a "
+                "colder (tempered) posterior; give more epochs than kl_warmup_epochs, or a shorter warm-up"
+            )
         if self.logger is not None:  # the objective's constants, next to the logged terms
             self.logger.log_hyperparams({"dataset_size": self.resolved_dataset_size(), "kl_weight": self.kl_weight})
 

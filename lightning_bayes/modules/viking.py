@@ -51,6 +51,7 @@ from torch.func import vmap
 
 from ..checks import check_seed, is_int, is_number
 from ..datamodules import side_pass
+from ..datamodules.epoch_loader import limited_batches
 from ..generator import PicklableGenerator
 from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
 from ..inference.likelihoods import Likelihood
@@ -60,6 +61,7 @@ from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule, first_rows
+from .fit_length import fit_length
 
 _CONSTRAINTS = ("loss", "output")
 _PREDICTIVES = ("neural", "linearized")
@@ -77,8 +79,8 @@ class VIKING(BayesianModule):
         constraint: ``"loss"`` (per-example losses, one row per example; the paper's choice), ``"output"``
             (every output) or a per-example callable ``(outputs, y) -> [m]``.
         phase_epochs: epochs of maximum likelihood, of the scale warm-up (``theta_hat`` frozen) and of the full
-            ELBO; the Trainer's ``max_epochs`` ends the fit (a warning when it cuts the phases short), and
-            training continues with the full ELBO after their sum.
+            ELBO; the Trainer's ``max_epochs`` or ``max_steps`` ends the fit (a warning when it cuts the phases
+            short), and training continues with the full ELBO after their sum.
         gamma: weight of the carried kernel noise in each step's noise (0: fresh noise every step; 1: the
             epoch-start split all epoch).
         kl_weight: ``beta``; ``"elbo"`` is ``B/N`` (the ELBO of a batch), a number is used as given (the
@@ -261,14 +263,19 @@ class VIKING(BayesianModule):
                 "scales alone in the warm-up, which DDP must be told: use strategy='ddp_find_unused_parameters_true' "
                 "(or DDPStrategy(find_unused_parameters=True)), or phase_epochs=(0, 0, n)"
             )
+
+    def on_train_start(self) -> None:
+        """Warns when the Trainer's ``max_epochs`` or ``max_steps`` ends the fit before the phases do."""
+        super().on_train_start()
         mle, warmup, elbo = self.phase_epochs
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < mle + warmup + elbo:
+        length = fit_length(self.trainer)
+        if length.epochs < mle + warmup + elbo and not length.smoke_run:
             rank_zero_warn(
                 f"VIKING's phase_epochs={self.phase_epochs} need {mle + warmup + elbo} epochs but the Trainer stops "
-                f"after max_epochs={max_epochs}: "
+                f"after {length.bound}: "
                 + ("the fit ends before the ELBO phase, so theta_hat never trains as a posterior mean"
-                   if max_epochs <= mle + warmup else f"the ELBO phase gets {max_epochs - mle - warmup} of its {elbo}")
+                   if length.epochs <= mle + warmup
+                   else f"the ELBO phase gets {length.epochs - mle - warmup:.3g} of its {elbo} epochs")
             )
 
     def on_train_epoch_start(self) -> None:
@@ -331,8 +338,8 @@ class VIKING(BayesianModule):
                 "are attached: call module.sweep(train_loader) first"
             )
         loader = datamodule.train_dataloader()
-        limit = self.trainer.limit_train_batches  # the sweep covers what a training epoch covers
-        self.sweep(side_pass(loader, epoch=0), limit if isinstance(limit, int) else math.ceil(limit * len(loader)))
+        # the sweep covers what a training epoch covers
+        self.sweep(side_pass(loader, epoch=0), limited_batches(len(loader), self.trainer.limit_train_batches))
 
     def on_validation_start(self) -> None:
         super().on_validation_start()

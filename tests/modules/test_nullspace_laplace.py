@@ -258,13 +258,22 @@ def test_every_sweep_is_checkpointed_and_a_fit_resumes_from_any_of_them(tmp_path
     assert (saved["global_step"], batches) == (3, 3), "a step is counted as its batch starts, before callbacks save"
 
 
-def test_a_step_budget_is_refused_as_the_sweeps_take_no_optimiser_step() -> None:
-    """A sweep is a whole epoch: ``max_steps`` would stop one part-way."""
+def test_a_step_budget_inside_a_sweep_is_refused_and_whole_sweeps_are_taken() -> None:
+    """A sweep is a whole epoch whose batches count as steps: ``max_steps=6`` would stop the second sweep of 5
+    batches part-way; ``max_steps=10`` is two sweeps, as ``max_epochs=2``; ``fast_dev_run=2`` is one sweep of two
+    batches (it was refused, naming a ``max_steps`` the user never set)."""
     loader, _, _ = make_data()
-    module = NullSpaceLaplace(make_model(), num_samples=2)
     with pytest.raises(ValueError, match=r"^NullSpaceLaplace takes no optimiser steps .* max_steps=6 would stop it "
-                       r"inside one: bound the fit by max_epochs"):
-        make_trainer(-1, max_steps=6).fit(module, train_dataloaders=loader)
+                       r"inside an epoch of 5 batches: bound the fit by max_epochs .*, or give a multiple of 5$"):
+        make_trainer(-1, max_steps=6).fit(NullSpaceLaplace(make_model(), num_samples=2), train_dataloaders=loader)
+    by_steps, by_epochs = NullSpaceLaplace(make_model(), num_samples=2), NullSpaceLaplace(make_model(), num_samples=2)
+    make_trainer(-1, max_steps=10).fit(by_steps, train_dataloaders=loader)
+    make_trainer(2).fit(by_epochs, train_dataloaders=loader)
+    assert (by_steps.trainer.global_step, int(by_steps.projections.sweeps_done)) == (10, 2)
+    assert torch.equal(by_steps.projections.samples, by_epochs.projections.samples)
+    smoke = NullSpaceLaplace(make_model(), num_samples=2)
+    make_trainer(5, fast_dev_run=2).fit(smoke, train_dataloaders=loader)
+    assert (smoke.trainer.global_step, int(smoke.projections.sweeps_done)) == (2, 1)
 
 
 def test_more_predictive_samples_than_projected_is_an_error() -> None:

@@ -69,6 +69,30 @@ def test_kl_warmup_follows_the_formula_at_every_epoch():
         assert seen[epoch] == pytest.approx(0.01 * min(2 * epoch / epochs, 1.0) / len(data), rel=1e-15)
 
 
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ({"epochs": 4}, r"max_epochs=4: the last epoch weighs the KL by 0.0075 instead of kl_weight=0.01"),
+        ({"epochs": 9, "max_steps": 5}, r"max_steps=5 \(2.5 epochs of 2 steps\): .* weighs the KL by 0.005 "),
+    ],
+    ids=["max_epochs", "max_steps"],
+)
+def test_a_fit_that_ends_inside_the_kl_warmup_warns(bounds: dict, message: str) -> None:
+    """It trained a tempered posterior silently (the configs' 20-epoch warm-up under max_epochs 3: a tenth of the
+    KL weight at the end)."""
+    module = VariationalInference(classifier(), kl_weight=0.01, kl_warmup_epochs=4)
+    expected = r"^VariationalInference's KL weight ramps up over kl_warmup_epochs=4 epochs but the Trainer stops "
+    with pytest.warns(UserWarning, match=expected + "after " + message):
+        make_trainer(**bounds).fit(module, DataLoader(blobs(12), batch_size=6))
+
+
+@pytest.mark.filterwarnings("error:.*kl_warmup_epochs")
+def test_a_fit_past_the_kl_warmup_or_a_smoke_run_does_not_warn() -> None:
+    for bounds in ({"epochs": 5}, {"epochs": -1, "max_steps": 10}, {"fast_dev_run": 1}):
+        module = VariationalInference(classifier(), kl_weight=0.01, kl_warmup_epochs=4)
+        make_trainer(**bounds).fit(module, DataLoader(blobs(12), batch_size=6))
+
+
 def _gradient_moments(module: VariationalInference, batch: tuple, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard error over ``draws`` noise draws of the loss gradient wrt (mu, raw scale)."""
     family = module.variational_layers[0].weight

@@ -331,12 +331,12 @@ def test_a_stale_posterior_is_swept_again_over_a_training_epochs_batches_before_
             super().sweep(batches, max_batches)
 
     module = CountingVIKING(make_model(), phase_epochs=(1, 0, 1), num_samples=2)
-    trainer = Trainer(max_epochs=1, limit_train_batches=0.5, accelerator="cpu", logger=False,
+    trainer = Trainer(max_epochs=1, limit_train_batches=0.6, accelerator="cpu", logger=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, datamodule=TwoBlobs())  # the MLE epoch moves theta_hat and never sweeps
-    assert sweeps == []
+    assert sweeps == [] and trainer.num_training_batches == 2
     trainer.test(module, datamodule=TwoBlobs(), verbose=False)
-    assert sweeps == [2]  # half of the 4 training batches, as limit_train_batches says
+    assert sweeps == [2]  # int(0.6 x 4) batches, as Lightning counts a training epoch (it swept 3: ceil)
     trainer.test(module, datamodule=TwoBlobs(), verbose=False)
     assert sweeps == [2]  # theta_hat has not moved since
     with pytest.raises(RuntimeError, match="call module.sweep"):  # never swept and no training data attached
@@ -497,11 +497,29 @@ def test_swept_samples_do_not_warn() -> None:
     module.predictive(torch.zeros(1, 2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize(("max_epochs", "message"), [(2, "ends before the ELBO phase"), (4, "gets 2 of its 3")])
-def test_a_fit_shorter_than_the_phases_warns(max_epochs: int, message: str) -> None:
-    expected = rf"phase_epochs=\(1, 1, 3\) need 5 epochs .*max_epochs={max_epochs}: .*{message}"
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ({"epochs": 2}, r"max_epochs=2: .*ends before the ELBO phase"),
+        ({"epochs": 4}, r"max_epochs=4: .*gets 2 of its 3 epochs"),
+        ({"epochs": -1, "max_steps": 8}, r"max_steps=8 \(2 epochs of 4 steps\): .*ends before the ELBO phase"),
+        ({"epochs": 9, "max_steps": 14}, r"max_steps=14 \(3.5 epochs of 4 steps\): .*gets 1.5 of its 3 epochs"),
+        ({"epochs": 9, "max_steps": 7, "accumulate_grad_batches": 2}, r"max_steps=7 \(3.5 epochs of 2 steps\)"),
+    ],
+    ids=["max_epochs_before_elbo", "max_epochs_inside_elbo", "max_steps", "max_steps_inside_elbo", "accumulation"],
+)
+def test_a_fit_shorter_than_the_phases_warns(bounds: dict, message: str) -> None:
+    """Also when ``max_steps`` ends it (it did not warn: the scales never trained, and the test reported the
+    initial ones as the posterior)."""
+    expected = rf"phase_epochs=\(1, 1, 3\) need 5 epochs but the Trainer stops after {message}"
     with pytest.warns(UserWarning, match=expected):
-        make_trainer(max_epochs).fit(make_module(phase_epochs=(1, 1, 3)), train_dataloaders=loader())
+        make_trainer(**bounds).fit(make_module(phase_epochs=(1, 1, 3)), train_dataloaders=loader())
+
+
+@pytest.mark.filterwarnings("error:.*phase_epochs")
+def test_a_fit_as_long_as_the_phases_or_a_smoke_run_does_not_warn() -> None:
+    make_trainer(9, max_steps=20).fit(make_module(phase_epochs=(1, 1, 3)), train_dataloaders=loader())
+    make_trainer(9, fast_dev_run=2).fit(make_module(phase_epochs=(1, 1, 3)), train_dataloaders=loader())
 
 
 def test_validation_inside_a_fit_leaves_the_global_generator_as_it_found_it() -> None:
