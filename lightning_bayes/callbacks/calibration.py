@@ -37,6 +37,7 @@ from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from ..checks import check_flags, is_int
+from ..datamodules.epoch_loader import step_batch
 from ..datamodules.sampler_padding import distributed_sampler, real_examples
 from ..metrics import (
     OOD_SCORES,
@@ -230,8 +231,8 @@ class CalibrationMetrics(Callback):
             )
         precision = trainer.precision_plugin
         context = precision.val_step_context() if stage == "val" else precision.test_step_context()
-        with torch.no_grad(), context:
-            predictive = predictive_fn(x, self._num_samples(pl_module))
+        with torch.no_grad(), context:  # x as a step gets it: the band's grid is made here, in float32
+            predictive = predictive_fn(precision.convert_input(x), self._num_samples(pl_module))
         if not _is_predictive(predictive):
             raise TypeError(
                 f"{type(pl_module).__name__}.predictive must return a CategoricalPredictive or GaussianPredictive; "
@@ -321,7 +322,7 @@ class CalibrationMetrics(Callback):
         limits = [_ood_batch_limit(trainer, stage, idx) for idx, _ in oods]
         longest = None if None in limits else max(cast(list[int], limits))
         for batch_idx, batch in enumerate(itertools.islice(loader, longest)):
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            batch = step_batch(trainer, batch)
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             predictive = self._predict(trainer, pl_module, x, stage)
             keep = real_examples(batch_idx, predictive.num_examples, loader)

@@ -130,6 +130,8 @@ class SWASubspace(Callback):
         with self._full_parameters(trainer, pl_module) as full:
             size = sum(full[name].numel() for name in self.names)
             wide = any(full[name].dtype == torch.float64 for name in self.names)
+        # the parameters are cast after this hook: precision="64-true" makes them float64
+        wide = wide or trainer.precision_plugin.convert_input(torch.zeros(())).dtype == torch.float64
         self.moments = SWAGMoments(size, self.max_rank, dtype=torch.float64 if wide else torch.float32)
         device = pl_module.device if self.device is None else torch.device(self.device)
         self.moments.to(device)

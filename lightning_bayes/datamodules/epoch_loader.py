@@ -108,6 +108,13 @@ def _pass_finished(state: dict[str, Any], batches: float) -> bool:
     return isinstance(yielded, int) and yielded >= batches
 
 
+def step_batch(trainer: Trainer, batch: Any) -> Any:
+    """``batch`` as Lightning hands it to a step: moved to the module's device (the strategy calls its
+    ``transfer_batch_to_device``) and cast by the precision (``convert_input``: floating tensors to float64 under
+    ``precision="64-true"``, to bf16 under ``"bf16-true"``), for a pass over data outside the loops."""
+    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+
+
 def side_pass(loader: Any, epoch: int | None = None) -> Any:
     """A loader, in the main process, over the batches ``loader``'s next pass gives (or, with ``epoch``, the pass of
     that epoch, for a sampler with ``set_epoch``), that leaves ``loader`` alone.

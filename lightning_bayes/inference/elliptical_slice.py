@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import is_int
+from .wide_buffers import WideBuffers
 
 
 class SliceStep(NamedTuple):
@@ -33,7 +34,7 @@ class SliceStep(NamedTuple):
     evaluations: int
 
 
-class EllipticalSlice(nn.Module):
+class EllipticalSlice(WideBuffers):
     """One elliptical slice step at a time, its whole state in buffers (so a checkpoint resumes mid-step).
 
     Args:

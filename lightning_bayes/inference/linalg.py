@@ -182,12 +182,16 @@ class ParameterFunction:
         return vmap(per_example, in_dims=(None, 0, 0), chunk_size=self.chunk_size)(theta, x, y)
 
     def _check_vmap(self, theta: Tensor, x: Any, y: Tensor) -> None:
-        """Try a vmapped per-example Jacobian on two examples; fall back to a loop (with a warning) if vmap fails."""
+        """Try a vmapped per-example Jacobian on two examples; fall back to a loop (with a warning) if vmap fails
+        and the loop does not: an error the loop meets too (inputs in another dtype than the weights) is the
+        model's own, raised as it is."""
         self._vmap_checked = True
         try:
             rows = vmap(jacrev(self._example_constraint), in_dims=(None, 0, 0))(theta, _take(x, 2), y[:2])
             self._one_row = rows.shape[1] == 1
         except (RuntimeError, NotImplementedError, ValueError) as error:
+            for n in range(min(2, len(y))):
+                jacrev(self._example_constraint)(theta, tree_map(lambda t, n=n: t[n], x), y[n])
             warnings.warn(
                 f"vmap over examples failed through {type(self.model).__name__} ({error}); "
                 "per-example Jacobians fall back to a Python loop over examples",

@@ -21,16 +21,17 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import check_flags, check_seed
 from .kernel_projection import DenseSystem, project
 from .linalg import GramFactor, gram
+from .wide_buffers import WideBuffers
 
 PRECISION_RULES = ("evidence", "reference_code")
 
 
-class AlternatingProjections(nn.Module):
+class AlternatingProjections(WideBuffers):
     """Samples ``v_s`` of ``N(0, P)`` refined one micro-batch at a time; its state lives in buffers.
 
     ``noise`` (the draws ``eps``), ``samples`` (the current ``v``), ``sweep_start`` (``v_0`` for the

@@ -24,9 +24,10 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import is_int
+from .wide_buffers import WideBuffers
 
 _MIN_VARIANCE = 1e-30
 
@@ -42,7 +43,7 @@ def learning_rate_factor(progress: float, ratio: float) -> float:
     return ratio
 
 
-class SWAGMoments(nn.Module):
+class SWAGMoments(WideBuffers):
     """Running SWAG moments of ``size``-dimensional weight vectors, all state in buffers.
 
     Buffers: ``count`` (snapshots seen), ``mean`` and ``sq_mean`` ``[P]``, ``deviations`` ``[K, P]`` (a

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from ..checks import check_flags, is_finite, is_int
 from ..inference.likelihoods import Likelihood
+from ..inference.wide_buffers import WideBuffers
 from ..optim.ivon import IVON, posterior_draws
 from ..params import ParamSelector, full_tensor, fsdp2_units, laid_out_like, select_parameters
 from ..predictive import Predictive
@@ -40,7 +41,7 @@ def default_ivon(params: Iterable, ess: float) -> IVON:
     return IVON(params, ess, lr=0.1)
 
 
-class IVONModule(BayesianModule):
+class IVONModule(WideBuffers, BayesianModule):
     """Trains ``backbone`` with IVON; ``predictive`` averages posterior draws.
 
     Args:
@@ -57,6 +58,8 @@ class IVONModule(BayesianModule):
     Under FSDP2 (``ModelParallelStrategy``) the backbone is sharded, IVON draws each rank's shard of the
     one-process noise, and the ``sigma^2`` buffer holds the whole (gathered) variances on every rank.
     """
+
+    wide_buffers = ("posterior_variance",)  # the saved variances stay float32 or wider under bf16-true
 
     # buffers (register_buffer), typed for readers and checkers
     posterior_variance: Tensor

@@ -33,6 +33,7 @@ from ..heap import ReleaseOnGrowth
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.nullspace import AlternatingProjections, largest_scale, prior_precision
+from ..inference.wide_buffers import WideBuffers
 from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
@@ -48,7 +49,7 @@ _MAX_OUTPUT_CONSTRAINTS = 10  # "auto" picks the output kernel up to this many o
 _RELEASE_AFTER_BYTES = 256 * 2**20
 
 
-class NullSpaceLaplace(BayesianModule):
+class NullSpaceLaplace(WideBuffers, BayesianModule):
     """Post-hoc null-space Laplace on a trained ``model`` (any ``nn.Module``, any parameter subset).
 
     Args:
@@ -80,6 +81,8 @@ class NullSpaceLaplace(BayesianModule):
         scale_batches: training micro-batches the line search evaluates.
         likelihood: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
+
+    wide_buffers = ("scale_value",)  # the line search's scale stays float32 or wider under bf16-true
 
     # buffers (register_buffer), typed for readers and checkers
     scale_value: Tensor

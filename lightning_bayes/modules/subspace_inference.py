@@ -67,6 +67,7 @@ from ..inference.subspace import (
     random_subspace,
 )
 from ..inference.swag import SWAGMoments, default_swag_scale, low_rank_part
+from ..inference.wide_buffers import WideBuffers
 from ..models.weights import load_trained_likelihood, load_trained_weights, resolve_checkpoint_path
 from ..params import ParamSelector, select_parameters
 from ..predictive import Predictive
@@ -108,7 +109,7 @@ def _names_in_model(names: Sequence[str], model: nn.Module) -> list[str]:
     )
 
 
-class SubspaceInference(BayesianModule):
+class SubspaceInference(WideBuffers, BayesianModule):
     """Post-hoc SWAG and subspace inference from an ``SWASubspace`` run.
 
     Args:
@@ -135,6 +136,8 @@ class SubspaceInference(BayesianModule):
         num_data: for ``"vi"``: ``N`` in ``T KL / N`` (default: the training set's size).
         seed: seed of every random draw (directions, ESS, VI noise, SWAG draws).
     """
+
+    wide_buffers = ("samples", "partial")  # the chain's samples and log-likelihood stay float64 under bf16-true
 
     # buffers (register_buffer), typed for readers and checkers
     draws: Tensor
@@ -292,7 +295,8 @@ class SubspaceInference(BayesianModule):
         return self
 
     def _outputs(self, weights: Tensor, x: Any, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
-        values = {**self.flat.unflatten(weights.to(self.moments.mean.dtype)), **(buffers or {})}
+        network_dtype = self.model.get_parameter(self.flat.names[0]).dtype  # the moments may be wider (WideBuffers)
+        values = {**self.flat.unflatten(weights.to(network_dtype)), **(buffers or {})}
         return functional_call(self.model, values, (x,), strict=False)
 
     def _summed_nll(self, weights: Tensor, x: Any, y: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
 
 from ..checks import check_seed, is_int, is_number
-from ..datamodules import side_pass
+from ..datamodules import side_pass, step_batch
 from ..datamodules.epoch_loader import limited_batches
 from ..generator import PicklableGenerator
 from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
@@ -234,7 +234,7 @@ class VIKING(BayesianModule):
             for index, (x, y) in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
-                x, y = self._to_device(x), y.to(self.device)
+                x, y = self._step_batch((x, y))
                 system = build_system(self.function, x, y, theta, self.solver, self.iterations)
                 vectors = project(system, vectors.to(theta.dtype))[0].to(vectors)
         self.epoch_noise.copy_(noise[0])
@@ -243,10 +243,10 @@ class VIKING(BayesianModule):
         self.sample_kernel.copy_(vectors[1:])
         self.swept_at.copy_(self._fingerprint())
 
-    def _to_device(self, x: Any) -> Any:
-        if self._trainer is not None:
-            return self.trainer.strategy.batch_to_device(x, self.device)
-        return move_data_to_device(x, self.device)  # a sweep called outside a Trainer
+    def _step_batch(self, batch: Batch) -> Batch:
+        if self._trainer is not None:  # as a step gets it: on the device, in the precision's dtype
+            return cast(Batch, step_batch(self.trainer, batch))
+        return cast(Batch, move_data_to_device(batch, self.device))  # a sweep called outside a Trainer
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -258,6 +258,29 @@ def test_regression_logs_reg_metrics_and_draws_the_band(tmp_path: Path) -> None:
     assert "val/reg/crps" in pd.read_csv(folder / "metrics.csv").columns
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_the_ood_pass_and_the_band_grid_reach_the_network_in_the_precisions_dtype(tmp_path: Path, precision) -> None:
+    """Under ``64-true`` / ``bf16-true`` (a float64 / bf16 network) the OOD batches and the band's grid reached it in
+    float32 ("mat1 and mat2 must have the same dtype" at the first validation end): they are cast as Lightning casts
+    a step's batch."""
+    classifier, data = LinearModel(num_samples=2), ToyDataWithOOD()
+    trainer = make_trainer(tmp_path / "c", CalibrationMetrics(), precision=precision)
+    trainer.fit(classifier, datamodule=data)
+    results = trainer.test(classifier, datamodule=data, verbose=False)[0]
+    dtype = classifier.net.weight.dtype
+    assert dtype == {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+    with torch.no_grad():
+        scores_id = ood_score(classifier.predictive(data.test.tensors[0].to(dtype), 2)).float().numpy()
+        scores_ood = ood_score(classifier.predictive(data.ood.tensors[0].to(dtype), 2)).float().numpy()
+    labels = np.r_[np.zeros(len(scores_id)), np.ones(len(scores_ood))]
+    assert results["test/ood/auroc"] == pytest.approx(roc_auc_score(labels, np.r_[scores_id, scores_ood]), rel=1e-6)
+    regressor, curves = LinearModel(regression=True, num_samples=2), ToyData(regression=True)
+    trainer = make_trainer(tmp_path / "r", CalibrationMetrics(), precision=precision)
+    trainer.fit(regressor, datamodule=curves)
+    trainer.test(regressor, datamodule=curves, verbose=False)
+    assert (Path(trainer.log_dir) / "predictive_band.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bad_arguments_and_mismatched_task_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="task must be one of"):
         CalibrationMetrics(task="segmentation")  # type: ignore[arg-type]

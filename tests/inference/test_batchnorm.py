@@ -46,6 +46,16 @@ def test_running_means_equal_the_data_set_means_of_the_layer_inputs() -> None:
     torch.testing.assert_close(model[4].running_mean, second, rtol=0, atol=1e-6)
 
 
+def test_float32_batches_reach_a_float64_model_in_float64() -> None:
+    """The batches of a network trained under ``precision="64-true"`` are float32 in the loader (Lightning casts them
+    for each step); the refresh casts them to the parameters' dtype ("mat1 and mat2 must have the same dtype")."""
+    model, x = make_model().double(), data().double()
+    refresh_batchnorm(model, [(x.float(), torch.zeros(60, dtype=torch.long))])
+    first, second = exact_input_means(model, x.float().double())
+    torch.testing.assert_close(model[1].running_mean, first, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model[4].running_mean, second, rtol=0, atol=1e-12)
+
+
 def test_unequal_batches_average_over_examples_not_batches() -> None:
     """Momentum ``b / (n + b)`` (the spec's and drbayes' ``bn_update``): 50 examples then 10 give the 60-example mean
     (``update_bn``'s equal-weight average of batch means was 0.5 here against the data-set mean 1/6)."""

@@ -107,6 +107,15 @@ def test_jacobian_falls_back_to_a_loop_where_vmap_fails(problem) -> None:
     assert not function.vectorize and plain.vectorize
 
 
+@pytest.mark.filterwarnings("error:.*fall back to a Python loop")
+def test_an_error_of_the_model_itself_is_raised_not_taken_for_a_vmap_failure(problem) -> None:
+    """float32 inputs to a float64 network fail under vmap and in the loop alike: the error was hidden behind a
+    warning that vmap failed and a fall-back to the (slower) loop, which then failed with it."""
+    function, x, y, _ = problem
+    with pytest.raises(RuntimeError, match="dtype"):
+        function.jacobian(x.float(), y)
+
+
 @pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])])
 @pytest.mark.parametrize("constraint", ["output", "loss"])

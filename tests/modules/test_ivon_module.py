@@ -61,6 +61,7 @@ def test_each_step_calls_training_step_at_mc_samples_draws(precision: str) -> No
     state = module.trainer.optimizers[0].state[module.backbone[0].weight]
     assert state["hess"].dtype == (torch.float32 if precision == "bf16-true" else torch.float64)
     assert ("mean" in state) == (precision == "bf16-true")
+    assert module.posterior_variance.dtype == torch.float64  # not cast to bf16 with the module under bf16-true
 
 
 def test_gradient_scaler_is_refused() -> None:

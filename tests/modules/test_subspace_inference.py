@@ -81,6 +81,17 @@ def test_ess_samples_match_the_closed_form_posterior_in_a_planted_subspace() -> 
                                (module.subspace(samples[:2]) @ x[:3].T), rtol=0, atol=1e-12)
 
 
+def test_under_bf16_true_the_chain_keeps_its_float64_state() -> None:
+    """``precision="bf16-true"`` casts the whole module: the chain's samples, the epoch's log-likelihood and the
+    slice sampler's threshold were rounded to bf16 (-123.37 to -123.5: other accept/reject decisions)."""
+    x, y, state = regression()
+    module = linear_module(state, method="ess", num_samples=4)
+    trainer(-1, precision="bf16-true").fit(module, DataLoader(TensorDataset(x, y), batch_size=40))
+    assert module.model.weight.dtype == torch.bfloat16 and int(module.collected) == 4
+    kept = (module.samples, module.partial, module.sampler.threshold, module.sampler.z, module.moments.sq_mean)
+    assert {tensor.dtype for tensor in kept} == {torch.float64}
+
+
 def test_a_sampler_refuses_a_step_budget_and_vi_takes_one() -> None:
     """ESS takes no optimiser step (``max_steps`` would never bind; it ends at ``num_samples``); VI does."""
     x, y, state = regression()

@@ -497,6 +497,21 @@ def test_swept_samples_do_not_warn() -> None:
     module.predictive(torch.zeros(1, 2, dtype=torch.float64))
 
 
+def test_under_64_true_the_sweeps_take_the_batches_as_the_steps_do() -> None:
+    """``precision="64-true"`` casts a float32 network to float64 and every step's batch, but the sweeps read the
+    loader themselves: "mat1 and mat2 must have the same dtype" as the ELBO phase began. The fit on float32 data
+    now equals the fit on the same values given in float64."""
+    x, y = two_blobs().tensors
+    fits = []
+    for data in (x.float(), x.float().double()):
+        module = VIKING(make_model().float(), phase_epochs=(0, 1, 1), num_samples=2)
+        make_trainer(2, precision="64-true").fit(module, DataLoader(TensorDataset(data, y), batch_size=8))
+        fits.append(module)
+    assert fits[0].carried.dtype == torch.float64
+    assert torch.equal(fits[0].carried, fits[1].carried) and torch.equal(fits[0].sample_kernel, fits[1].sample_kernel)
+    assert torch.equal(fits[0].theta_hat(), fits[1].theta_hat())
+
+
 @pytest.mark.parametrize(
     ("bounds", "message"),
     [
