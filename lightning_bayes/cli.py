@@ -13,6 +13,7 @@ lists them.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import re
@@ -162,6 +163,9 @@ class BayesCLI(LightningCLI):
             "weights it was initialised with; pass --ckpt_path <run>/checkpoints/last.ckpt to score a trained model"
         )
 
+    def before_fit(self) -> None:
+        _refuse_trainer_steps_of_manual_optimisation(self.trainer, self.model)
+
     def before_test(self) -> None:
         self._warn_untrained("test")
 
@@ -207,6 +211,26 @@ class BayesCLI(LightningCLI):
 
 
 _LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")  # resolved by the Trainer, not files
+
+
+def _refuse_trainer_steps_of_manual_optimisation(trainer: Trainer, model: LightningModule) -> None:
+    """A method that steps its optimisers itself (BLoB's two) or takes no step (a sweep, a sampler, a search) is out
+    of reach of the Trainer's gradient clipping and accumulation; Lightning refuses both, asking to "switch to
+    automatic optimization", which the method cannot: say what to do instead."""
+    if model.automatic_optimization:
+        return
+    name, clip, accumulate = type(model).__name__, trainer.gradient_clip_val, trainer.accumulate_grad_batches
+    steps = not isinstance(model, BayesianModule) or model.takes_optimizer_steps()
+    does = "steps its optimisers itself" if steps else "takes no optimiser step"
+    if clip is not None and float(clip) > 0:
+        own = "gradient_clip_val" in inspect.signature(type(model)).parameters
+        instead = "clip with --model.init_args.gradient_clip_val" if own else "leave --trainer.gradient_clip_val unset"
+        raise ValueError(f"{name} {does}, which the Trainer's gradient_clip_val={clip} does not reach: {instead}")
+    if accumulate != 1:
+        instead = "give a larger batch (--data.init_args.batch_size)" if steps else "leave it at 1"
+        raise ValueError(
+            f"{name} {does}, which the Trainer's accumulate_grad_batches={accumulate} does not reach: {instead}"
+        )
 
 
 def _check_local_checkpoint(ckpt_path: str) -> None:

@@ -196,6 +196,25 @@ def test_a_constructor_error_reaches_the_user_as_it_was_raised(tmp_path: Path, a
         run(["--config", str(config), f"--trainer.default_root_dir={tmp_path}", argument], subcommand=False)
 
 
+@pytest.mark.parametrize(
+    ("trainer_flag", "message"),
+    [
+        ("--trainer.gradient_clip_val=0.5", r"gradient_clip_val=0.5 does not reach: clip with --model.init_args.grad"),
+        ("--trainer.accumulate_grad_batches=2", r"accumulate_grad_batches=2 does not reach: give a larger batch"),
+    ],
+)
+def test_trainer_clipping_or_accumulation_of_a_method_that_steps_itself_names_what_to_do(
+    tmp_path: Path, trainer_flag: str, message: str
+):
+    """Lightning's own refusal asked BLoB's users to "switch to automatic optimization", which BLoB cannot."""
+    blob = ["--model=lightning_bayes.modules.BLoB", "--model.init_args.backbone=lightning_bayes.models.MLP",
+            "--model.init_args.backbone.init_args.in_features=64",
+            "--model.init_args.backbone.init_args.out_features=10", "--model.init_args.params=all"]
+    config = ROOT / "configs" / "digits" / "map.yaml"
+    with pytest.raises(ValueError, match=rf"^BLoB steps its optimisers itself, which the Trainer's {message}"):
+        run([*quick_args(config, tmp_path), *blob, trainer_flag])
+
+
 def test_the_trained_checkpoint_is_the_best_or_else_any_latest(tmp_path: Path) -> None:
     """The leaderboard's prerequisites start from ``trained_checkpoint``: it read only the first ModelCheckpoint,
     which saved nothing when it monitors a metric that never came (no validation), although the second wrote

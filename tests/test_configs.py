@@ -47,7 +47,9 @@ TRAINED_BY = {
 # a 135M-parameter LM on CPU: smaller batches and fewer posterior samples keep the smoke run to a minute
 LIGHTER = {
     "digits/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],  # the ELBO phase, not the MLE one
-    "digits/swag.yaml": ["--trainer.callbacks.init_args.start_epoch=0", "--trainer.callbacks.init_args.every_n_steps=1"],
+    "digits/swag.yaml": ["--trainer.callbacks.init_args.start_epoch=0",
+                         "--trainer.callbacks.init_args.every_n_epochs=null",
+                         "--trainer.callbacks.init_args.every_n_steps=1"],
     "digits/subspace_ess.yaml": ["--model.init_args.rank=1", "--model.init_args.num_samples=2"],
     "mnist/viking.yaml": ["--model.init_args.phase_epochs=[0, 0, 1]"],
     "mnist/ivon.yaml": ["--model.init_args.num_samples=2"],
