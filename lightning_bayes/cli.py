@@ -313,7 +313,7 @@ def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningD
     if monitored is not None and not best and not getattr(trainer, "fast_dev_run", False):  # writes no checkpoint
         rank_zero_warn(
             f"no checkpoint was chosen by {monitored!r} (no validation ran: check_val_every_n_epoch, "
-            "limit_val_batches): testing the model as the fit left it"
+            "limit_val_batches, or max_steps ending the fit first): testing the model as the fit left it"
         )
     if use_best and not trainer.strategy.broadcast(Path(best).is_file()):
         rank_zero_warn(

@@ -23,11 +23,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler, RandomSampler
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from ..checks import is_int
+from ..datamodules.epoch_loader import loader_samplers
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
 from ..predictive import Predictive
+from .fit_length import fit_length
 from .random_stream import global_rng_states, restore_rng_states
 
 Batch = tuple[Any, Tensor]
@@ -94,6 +98,7 @@ class BayesianModule(LightningModule, ABC):
         self.num_samples = num_samples
         self._before_validation: dict[str, Any] | None = None  # the global generators' states while a fit validates
         self._resumed_rng_states: dict[str, Any] | None = None  # the loaded checkpoint's, until training starts
+        self._resumed_at_validation = False  # that checkpoint was saved as a fit's validation ended
 
     @_restricted_classmethod  # as Lightning's: not on an instance (it would not load in place)
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -220,11 +225,12 @@ class BayesianModule(LightningModule, ABC):
 
     def _refuse_a_step_budget_without_steps(self) -> None:
         """A fit without optimiser steps passes over the data in whole epochs (each batch a step): a ``max_steps``
-        that is not a whole number of epochs would stop one part-way (``fast_dev_run=N`` is one epoch of N)."""
+        that ends the fit inside an epoch would stop one part-way (``fast_dev_run=N`` is one epoch of N or fewer)."""
         max_steps, batches = self.trainer.max_steps, self.trainer.num_training_batches
         if max_steps in (None, -1) or self.takes_optimizer_steps():
             return
-        if not (math.isfinite(batches) and batches > 0 and max_steps % batches == 0):
+        epochs = fit_length(self.trainer, steps_per_batch=True).epochs  # max_epochs may end it first (fast_dev_run)
+        if not (math.isfinite(batches) and batches > 0 and epochs == int(epochs)):
             raise ValueError(
                 f"{type(self).__name__} takes no optimiser steps (its fit passes over the training data in whole "
                 f"epochs, each batch counting as a step), so max_steps={max_steps} would stop it inside an epoch of "
@@ -262,6 +268,18 @@ class BayesianModule(LightningModule, ABC):
                 "drop_last=False (LightningCLI: --data.drop_last false)"
             )
 
+    def refuse_shuffled_batches(self, reason: str) -> None:
+        """A clear error when the training loader shuffles (a random sampler, or the ``DistributedSampler`` Lightning
+        puts in its place) for a method whose passes must see the same batches in the same order: ``reason``
+        completes "{Method} ..." with why."""
+        samplers = loader_samplers(self.trainer.train_dataloader)
+        random = (RandomSampler, StatefulRandomSampler)
+        if any(isinstance(s, random) or (isinstance(s, DistributedSampler) and s.shuffle) for s in samplers):
+            raise ValueError(
+                f"{type(self).__name__} {reason}; the training loader shuffles: set the datamodule's shuffle=False "
+                "(LightningCLI: --data.shuffle false)"
+            )
+
     def on_fit_start(self) -> None:
         """A resumed fit: the global generators again as saved, undoing what the set-up drew after the checkpoint
         was loaded (e.g. an optimiser drawing its seed when it is built), before the training loader's iterator
@@ -270,16 +288,19 @@ class BayesianModule(LightningModule, ABC):
             restore_rng_states(self._resumed_rng_states)
 
     def on_train_start(self) -> None:
-        """A fit resumed from a checkpoint saved inside an epoch: the global generators again as saved (a loader
-        draws its workers' seed from them when Lightning creates its iterator, which the unstopped run did at
-        the epoch's start); and a warning if the loader has no ``state_dict``: Lightning restarts it from its
-        first batch, so the rest of that epoch repeats its first batches. Refuses a ``max_steps`` that would stop a
-        fit without optimiser steps inside an epoch. Subclasses that override it call it."""
+        """A fit resumed from a checkpoint saved inside an epoch, or as a validation after its last batch ended: the
+        global generators again as saved (a loader draws its workers' seed from them when Lightning creates its
+        iterator, which the unstopped run did at the epoch's start); and a warning if the loader has no
+        ``state_dict``: Lightning restarts it from its first batch, so the rest of that epoch repeats its first
+        batches. Refuses a ``max_steps`` that would stop a fit without optimiser steps inside an epoch. Subclasses
+        that override it call it."""
         self._refuse_a_step_budget_without_steps()
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
-        if started and self._resumed_rng_states is not None:
+        # also from a validation's checkpoint after an epoch's last batch, before the epoch ended: Lightning has made
+        # an iterator for that finished epoch, drawing from the generators
+        if (started or self._resumed_at_validation) and self._resumed_rng_states is not None:
             restore_rng_states(self._resumed_rng_states)
-        self._resumed_rng_states = None
+        self._resumed_rng_states, self._resumed_at_validation = None, False
         if started and not callable(getattr(self.trainer.train_dataloader, "state_dict", None)):
             rank_zero_warn(
                 f"{type(self).__name__} resumes from a checkpoint saved inside an epoch (after batch {started} of "
@@ -290,13 +311,17 @@ class BayesianModule(LightningModule, ABC):
 
     # ----- the global random stream (dropout, weight noise) -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The global generators' states: a fit resumed from this checkpoint draws what the unstopped one would."""
-        checkpoint["rng_states"] = global_rng_states()
+        """The global generators' states: a fit resumed from this checkpoint draws what the unstopped one would.
+        A checkpoint saved as a fit's validation ends (``ModelCheckpoint`` saves before this module's
+        ``on_validation_end`` runs) keeps the states before validation, the ones training goes on from."""
+        checkpoint["rng_states"] = self._before_validation or global_rng_states()
+        checkpoint["rng_states_before_validation"] = self._before_validation is not None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
             self._resumed_rng_states = checkpoint["rng_states"]
+            self._resumed_at_validation = bool(checkpoint.get("rng_states_before_validation", False))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; when the checkpoint's tensors do not fit this module, the error says that

@@ -124,7 +124,10 @@ class BLoB(VariationalInference):
         per epoch."""
         if not self.kl_reweighting:
             return max(int(self.trainer.num_training_batches), 1)
-        batch_size = getattr(self.trainer.train_dataloader, "batch_size", None)
+        loader = self.trainer.train_dataloader
+        batch_size = getattr(loader, "batch_size", None)  # None where Lightning rebuilt it with a batch sampler:
+        if batch_size is None:  # overfit_batches, a distributed sampler
+            batch_size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
         if not isinstance(batch_size, int):
             raise ValueError(
                 "BLoB with kl_reweighting=True needs the training DataLoader's batch_size for the cycle length "

@@ -24,8 +24,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.func import vmap
-from torch.utils.data import DistributedSampler, RandomSampler
-from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
+from torch.utils.data import DistributedSampler
 
 from ..checks import is_int, is_number
 from ..datamodules.epoch_loader import loader_samplers
@@ -225,12 +224,9 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
                 "train from a torchdata StatefulDataLoader (the library's datamodules do)"
             )
         self.refuse_dropped_examples("projects onto the kernel of every training example")
-        if any(isinstance(sampler, (RandomSampler, StatefulRandomSampler)) for sampler in samplers):
-            raise ValueError(
-                "NullSpaceLaplace sweeps the training batches in one fixed order (cached Gram factors, exact "
-                "resumption); the training loader shuffles: set the datamodule's shuffle=False "
-                "(LightningCLI: --data.shuffle false)"
-            )
+        self.refuse_shuffled_batches(
+            "sweeps the training batches in one fixed order (cached Gram factors, exact resumption)"
+        )
         super().on_train_start()
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:

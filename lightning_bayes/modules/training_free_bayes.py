@@ -141,6 +141,13 @@ class TrainingFreeBayes(BayesianModule):
                 "the trained LoRA as checkpoint=..."
             )
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.refuse_shuffled_batches(
+            "scores every candidate scale on the same anchor batches with the same weight draws (common random "
+            "numbers, so that the change of the NLL grows with the scale, as the bisection needs)"
+        )
+
     def _generator(self, offset: int) -> torch.Generator:
         generator = torch.Generator(device=self.noise.a_0.device)
         generator.manual_seed(self.seed + offset)
@@ -198,15 +205,17 @@ class TrainingFreeBayes(BayesianModule):
         for name, value in zip(("low", "high", "tested_high", "done"), search.state()):
             getattr(self, name).fill_(float(value))
         self.sigma.fill_(search.low)
-        self.log("train/sigma", search.low, on_epoch=True, batch_size=1)
+        self.log_dict({"train/sigma": search.low, "train/sigma_high": search.high}, on_epoch=True, batch_size=1)
 
     def on_train_end(self) -> None:
         low = cast(AttributeDict, self.hparams).sigma_range[0]  # save_hyperparameters' AttributeDict
-        if bool(self.tested_high) and float(self.low) == low:
+        smoke_run = bool(getattr(self.trainer, "fast_dev_run", False))
+        if bool(self.tested_high) and float(self.low) == low and not smoke_run:
             rank_zero_warn(
-                f"TrainingFreeBayes: no tested sigma met tolerance={self.tolerance} (the last failed at "
-                f"{float(self.high):.3g}); sigma_q is the untested lower end {low}: lower sigma_range[0] or raise "
-                "the tolerance"
+                f"TrainingFreeBayes: no tested sigma met tolerance={self.tolerance} in {self.current_epoch} epochs "
+                f"(the last failed at {float(self.high):.3g}; each epoch tests one scale and halves the bracket "
+                f"[{low}, {float(self.high):.3g}]); sigma_q is the untested lower end {low}: train more epochs "
+                "(--trainer.max_epochs), lower sigma_range[0] or raise the tolerance"
             )
 
     # ----- the posterior ----------------------------------------------------------------------------------------

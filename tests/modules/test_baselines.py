@@ -154,10 +154,13 @@ def test_mc_dropout_without_dropout_layers_is_an_error():
 
 def test_ensemble_vectorised_forward_equals_members_one_by_one():
     torch.manual_seed(0)
-    ensemble = DeepEnsemble(_mlp(), num_members=4).eval()
+    ensemble = DeepEnsemble(_mlp(), num_members=4, vectorize=True).eval()
     x = torch.randn(7, 4)
     looped = torch.stack([member(x) for member in ensemble.members])
     torch.testing.assert_close(ensemble(x), looped, rtol=1e-6, atol=1e-6)
+    ensemble.vectorize = "auto"  # the default: a loop on a CPU, vmap on a GPU
+    assert not ensemble.vectorized()
+    torch.testing.assert_close(ensemble(x), looped, rtol=0, atol=0)
     weights = [m[0].weight for m in ensemble.members]
     assert all(not torch.equal(weights[0], w) for w in weights[1:]), "members must be re-initialised"
     pred = ensemble.predictive(x)
@@ -204,8 +207,8 @@ def test_an_ensemble_whose_members_could_not_differ_is_refused_and_a_partial_one
 
 def test_ensemble_with_batchnorm_runs_members_in_turn():
     backbone = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
-    ensemble = DeepEnsemble(backbone, num_members=2)
-    assert not ensemble.vectorize
+    ensemble = DeepEnsemble(backbone, num_members=2, vectorize=True)
+    assert not ensemble.vectorized()
     assert ensemble(torch.randn(5, 4)).shape == (2, 5, 3)
 
 
@@ -238,12 +241,13 @@ def test_a_non_finite_loss_after_a_non_finite_gradient_names_the_parameter():
         module.on_before_backward(torch.tensor(float("nan")))
 
 
-def test_ensemble_clips_each_members_gradient_by_its_own_norm():
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_ensemble_clips_each_members_gradient_by_its_own_norm(vectorize: bool):
     """Trainer(gradient_clip_val=c): every member steps as if trained alone with that clipping."""
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    ensemble = DeepEnsemble(_mlp(), num_members=3, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    ensemble = DeepEnsemble(_mlp(), num_members=3, optimizer=lambda p: torch.optim.SGD(p, lr=1.0), vectorize=vectorize)
     with torch.no_grad():  # members far apart, so their gradient norms differ
         for scale, member in zip((1.0, 3.0, 10.0), ensemble.members):
             for p in member.parameters():

@@ -117,6 +117,10 @@ def test_the_kl_weight_follows_the_cycle_over_training():
     steep = make_blob(cycle_exponent=3.0)  # K = floor(100 * 24^(pi/3) / 8) = floor(348.6)
     make_trainer(max_steps=1).fit(steep, DataLoader(blobs(24), batch_size=8))
     assert steep._cycle_length == int(100 * 24 ** (math.pi / 3) / 8) == 348
+    overfit, data = make_blob(cycle_exponent=3.0), blobs(24)  # Lightning unshuffles a datamodule's loader through
+    loader = StatefulDataLoader(data, batch_size=8, sampler=EpochShuffle(data))  # a batch sampler (batch_size None)
+    make_trainer(overfit_batches=2).fit(overfit, loader)
+    assert overfit._cycle_length == 348  # it was "needs the training DataLoader's batch_size ... got None"
 
 
 def test_omega_starts_between_half_eps_squared_and_eps_squared():

@@ -58,8 +58,8 @@ def test_members_share_the_frozen_base_and_start_at_it(single_thread):
 
 
 def test_vectorised_members_equal_the_loop_and_each_gradient_is_its_own(single_thread):
-    ensemble = DeepEnsemble(_lora_classifier(), num_members=3)
-    assert ensemble.vectorize
+    ensemble = DeepEnsemble(_lora_classifier(), num_members=3, vectorize=True)
+    assert ensemble.vectorized()
     perturb_lora_b(ensemble)
     ids, labels = _ids(2), torch.tensor([0, 2, 1, 2])
     looped = torch.stack([member(ids) for member in ensemble.members])
@@ -88,7 +88,7 @@ def test_vectorised_members_attend_through_the_math_kernel_under_a_padding_mask(
     """The mask of a left-padded batch has no member dimension; under ``vmap`` only the math kernel of
     ``scaled_dot_product_attention`` folds it correctly on every device (the CUDA memory-efficient kernel raises
     "attn_bias: wrong shape (batch dimension)"), so the vectorised call must run that one and equal the loop."""
-    ensemble = DeepEnsemble(PaddedClassifier(tiny_lora_llama(0)), num_members=3)
+    ensemble = DeepEnsemble(PaddedClassifier(tiny_lora_llama(0)), num_members=3, vectorize=True)
     perturb_lora_b(ensemble)
     mask = torch.ones(4, 6, dtype=torch.long)
     mask[0, :3], mask[2, :1] = 0, 0

@@ -261,7 +261,7 @@ def test_every_sweep_is_checkpointed_and_a_fit_resumes_from_any_of_them(tmp_path
 def test_a_step_budget_inside_a_sweep_is_refused_and_whole_sweeps_are_taken() -> None:
     """A sweep is a whole epoch whose batches count as steps: ``max_steps=6`` would stop the second sweep of 5
     batches part-way; ``max_steps=10`` is two sweeps, as ``max_epochs=2``; ``fast_dev_run=2`` is one sweep of two
-    batches (it was refused, naming a ``max_steps`` the user never set)."""
+    batches, ``fast_dev_run=7`` one of all 5 (both were refused, naming a ``max_steps`` the user never set)."""
     loader, _, _ = make_data()
     with pytest.raises(ValueError, match=r"^NullSpaceLaplace takes no optimiser steps .* max_steps=6 would stop it "
                        r"inside an epoch of 5 batches: bound the fit by max_epochs .*, or give a multiple of 5$"):
@@ -271,9 +271,10 @@ def test_a_step_budget_inside_a_sweep_is_refused_and_whole_sweeps_are_taken() ->
     make_trainer(2).fit(by_epochs, train_dataloaders=loader)
     assert (by_steps.trainer.global_step, int(by_steps.projections.sweeps_done)) == (10, 2)
     assert torch.equal(by_steps.projections.samples, by_epochs.projections.samples)
-    smoke = NullSpaceLaplace(make_model(), num_samples=2)
-    make_trainer(5, fast_dev_run=2).fit(smoke, train_dataloaders=loader)
-    assert (smoke.trainer.global_step, int(smoke.projections.sweeps_done)) == (2, 1)
+    for runs, steps in ((2, 2), (7, 5)):  # fast_dev_run=7 over 5 batches: one epoch of 5, as max_epochs=1 says
+        smoke = NullSpaceLaplace(make_model(), num_samples=2)
+        make_trainer(5, fast_dev_run=runs).fit(smoke, train_dataloaders=loader)
+        assert (smoke.trainer.global_step, int(smoke.projections.sweeps_done)) == (steps, 1)
 
 
 def test_more_predictive_samples_than_projected_is_an_error() -> None:

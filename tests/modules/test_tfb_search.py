@@ -120,7 +120,9 @@ def test_resumed_search_matches_an_uninterrupted_one(tmp_path, single_thread):
     _trainer(tmp_path / "full", epochs=8).fit(full, train_dataloaders=_loader())
     first = _module()
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    with pytest.warns(UserWarning, match="no tested sigma met"):  # after 2.0, 1.0, 0.5: none so far
+    # after 2.0, 1.0, 0.501 none so far: the epochs, not only the range or the tolerance, are what to change
+    expected = r"in 3 epochs \(the last failed at 0\.501; .* halves the bracket \[0\.001, 0\.501\]\).*train more epochs"
+    with pytest.warns(UserWarning, match=expected):
         _trainer(tmp_path, epochs=3, callbacks=[saver]).fit(first, train_dataloaders=_loader())
     assert float(first.high) > float(full.high)  # three of eight candidates tested: the bracket is still wider
     resumed = _module()
@@ -146,6 +148,14 @@ def test_a_search_whose_upper_end_passes_stays_there_for_the_remaining_epochs(tm
     _trainer(tmp_path, epochs=3).fit(module, train_dataloaders=_loader())
     assert bool(module.done) and float(module.sigma) == float(module.low) == float(module.high) == 1e-4
     assert change(module, 1e-4) <= 0.05
+
+
+def test_a_shuffling_training_loader_is_refused(tmp_path):
+    """Each epoch's candidate was scored on other anchor batches (and other draws per example): a scale rejected on
+    one batch passed on another, and the search returned 0.028 where the fixed anchors give 0.040."""
+    shuffled = DataLoader(_loader().dataset, batch_size=16, shuffle=True)
+    with pytest.raises(ValueError, match=r"^TrainingFreeBayes scores every candidate .* the training loader shuffles"):
+        _trainer(tmp_path, epochs=2).fit(_module(), train_dataloaders=shuffled)
 
 
 def test_a_step_budget_is_refused(tmp_path):
