@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,28 +115,45 @@ def test_every_config_keeps_its_latest_state_as_last_ckpt():
     "config",
     [pytest.param(c, id=str(c.relative_to(ROOT / "configs")), marks=_marks(c)) for c in CONFIGS],
 )
-def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
-    _runs_and_writes_metrics(config, tmp_path)
+def test_config_runs_through_the_cli(config: Path, tmp_path: Path, trained_base):
+    _runs_and_writes_metrics(config, tmp_path, trained_base)
 
 
 @pytest.mark.slow
 @pytest.mark.llm
 @pytest.mark.parametrize("config", sorted(NF4_METHODS))
-def test_lora_method_runs_on_a_4bit_base_through_the_cli(config: str, tmp_path: Path):
-    _runs_and_writes_metrics(ROOT / "configs" / config, tmp_path, overlay=NF4_METHODS[config])
+def test_lora_method_runs_on_a_4bit_base_through_the_cli(config: str, tmp_path: Path, trained_base):
+    _runs_and_writes_metrics(ROOT / "configs" / config, tmp_path, trained_base, overlay=NF4_METHODS[config])
     (checkpoint,) = (tmp_path / "run").rglob("last.ckpt")
     assert checkpoint.stat().st_size < 20e6, "the frozen 4-bit base stays out of the checkpoint"
 
 
-def _runs_and_writes_metrics(config: Path, tmp_path: Path, overlay: Path | None = None) -> None:
+@pytest.fixture(scope="session")
+def trained_base(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Path | None], Path]:
+    """``(base config, backbone overlay) -> its last.ckpt``, each base run trained once for all the configs that
+    start from it (SmolLM2's LoRA MAP served three, the MNIST MAP three)."""
+    checkpoints: dict[tuple[str, Path | None], Path] = {}
+
+    def checkpoint(base: str, overlay: Path | None) -> Path:
+        if (base, overlay) not in checkpoints:
+            folder = tmp_path_factory.mktemp("base")
+            run(_quick(ROOT / "configs" / base, folder, overlay))
+            (checkpoints[base, overlay],) = folder.rglob("last.ckpt")
+        return checkpoints[base, overlay]
+
+    return checkpoint
+
+
+def _runs_and_writes_metrics(
+    config: Path, tmp_path: Path, trained_base: Callable[[str, Path | None], Path], overlay: Path | None = None
+) -> None:
     """Run ``config`` (with ``overlay`` after it, and the base run it starts from with the backbone overlay)."""
     spec = yaml.safe_load(config.read_text())
     assert spec["trainer"]["logger"]["class_path"].endswith("CSVLogger"), "configs log with a CSVLogger"
     args = _quick(config, tmp_path / "run", overlay)
     base, arguments = TRAINED_BY.get(str(config.relative_to(ROOT / "configs")), (None, []))
     if base is not None:
-        run(_quick(ROOT / "configs" / base, tmp_path / "base", overlay and NF4))
-        (checkpoint,) = (tmp_path / "base").rglob("last.ckpt")
+        checkpoint = trained_base(base, overlay and NF4)
         args += [f"{argument}={checkpoint}" for argument in arguments]
     cli = run(args)
     for last in (tmp_path / "run").rglob("last.ckpt"):  # the latest state, not a copy of the best epoch's

