@@ -322,7 +322,7 @@ class CalibrationMetrics(Callback):
         limits = [_ood_batch_limit(trainer, stage, idx) for idx, _ in oods]
         longest = None if None in limits else max(cast(list[int], limits))
         for batch_idx, batch in enumerate(itertools.islice(loader, longest)):
-            batch = step_batch(trainer, batch)
+            batch = step_batch(trainer, batch, pl_module.device)
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             predictive = self._predict(trainer, pl_module, x, stage)
             keep = real_examples(batch_idx, predictive.num_examples, loader)

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -40,8 +41,11 @@ def training_pass_batches(trainer: Trainer) -> float:
 
 def limited_batches(length: int, limit: float | None) -> int:
     """The batches Lightning runs of a loader of ``length`` under a ``limit_*_batches`` of ``limit``: a count
-    (at most ``length``) or a fraction of ``length``, rounded down (at least one batch)."""
-    return min(length, limit if isinstance(limit, int) else max(int(length * (limit or 0)), 1))
+    (at most ``length``) or a fraction of ``length``, rounded down (at least one batch unless the limit is 0, where
+    Lightning would refuse a fraction that rounds to none)."""
+    if isinstance(limit, int):
+        return min(length, limit)
+    return max(int(length * limit), 1) if limit else 0
 
 
 def loader_samplers(loader: Any) -> tuple[Any, Any]:
@@ -108,11 +112,12 @@ def _pass_finished(state: dict[str, Any], batches: float) -> bool:
     return isinstance(yielded, int) and yielded >= batches
 
 
-def step_batch(trainer: Trainer, batch: Any) -> Any:
-    """``batch`` as Lightning hands it to a step: moved to the module's device (the strategy calls its
-    ``transfer_batch_to_device``) and cast by the precision (``convert_input``: floating tensors to float64 under
-    ``precision="64-true"``, to bf16 under ``"bf16-true"``), for a pass over data outside the loops."""
-    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+def step_batch(trainer: Trainer, batch: Any, device: torch.device) -> Any:
+    """``batch`` as Lightning hands it to a step, for a pass over data outside the loops: moved to ``device`` (the
+    module's: after a fit it is back on the CPU while the strategy's root device is the GPU) through the module's
+    ``transfer_batch_to_device`` and cast by the precision (``convert_input``: floating tensors to float64 under
+    ``precision="64-true"``, to bf16 under ``"bf16-true"``)."""
+    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, device))
 
 
 def side_pass(loader: Any, epoch: int | None = None) -> Any:

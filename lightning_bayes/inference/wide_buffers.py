@@ -32,6 +32,9 @@ class WideBuffers(nn.Module):
             target = fn(buffer.new_empty(0))  # the device and dtype the cast gives
             if torch.promote_types(target.dtype, buffer.dtype) != target.dtype:  # narrower: keep the dtype
                 kept[name] = buffer.to(target.device)
-        super()._apply(fn, recurse)
-        self._buffers.update(kept)
+        self._buffers.update(dict.fromkeys(kept))  # out of the cast's way (no narrow copy), in their places
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
         return self

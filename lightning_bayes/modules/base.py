@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from ..checks import is_int
@@ -229,13 +229,20 @@ class BayesianModule(LightningModule, ABC):
         max_steps, batches = self.trainer.max_steps, self.trainer.num_training_batches
         if max_steps in (None, -1) or self.takes_optimizer_steps():
             return
-        epochs = fit_length(self.trainer, steps_per_batch=True).epochs  # max_epochs may end it first (fast_dev_run)
-        if not (math.isfinite(batches) and batches > 0 and epochs == int(epochs)):
+        name = type(self).__name__
+        if not math.isfinite(batches):
             raise ValueError(
-                f"{type(self).__name__} takes no optimiser steps (its fit passes over the training data in whole "
-                f"epochs, each batch counting as a step), so max_steps={max_steps} would stop it inside an epoch of "
-                f"{batches} batches: bound the fit by max_epochs (--trainer.max_epochs N) and leave max_steps at -1"
-                + (f", or give a multiple of {batches}" if math.isfinite(batches) else "")
+                f"{name} takes no optimiser steps (its fit passes over the training data in whole epochs), and the "
+                f"training loader has no length, so max_steps={max_steps} would stop it inside its pass: leave "
+                "max_steps at -1 and bound the pass with --trainer.limit_train_batches N"
+            )
+        epochs = fit_length(self.trainer, steps_per_batch=True).epochs  # max_epochs may end it first (fast_dev_run)
+        if epochs != int(epochs):
+            raise ValueError(
+                f"{name} takes no optimiser steps (its fit passes over the training data in whole epochs, each batch "
+                f"counting as a step), so max_steps={max_steps} would stop it inside an epoch of {batches} batches: "
+                "bound the fit by max_epochs (--trainer.max_epochs N) and leave max_steps at -1, or give a multiple "
+                f"of {batches}"
             )
 
     def _refuse_multi_process_fsdp1(self) -> None:
@@ -273,7 +280,7 @@ class BayesianModule(LightningModule, ABC):
         puts in its place) for a method whose passes must see the same batches in the same order: ``reason``
         completes "{Method} ..." with why."""
         samplers = loader_samplers(self.trainer.train_dataloader)
-        random = (RandomSampler, StatefulRandomSampler)
+        random = (RandomSampler, StatefulRandomSampler, SubsetRandomSampler, WeightedRandomSampler)
         if any(isinstance(s, random) or (isinstance(s, DistributedSampler) and s.shuffle) for s in samplers):
             raise ValueError(
                 f"{type(self).__name__} {reason}; the training loader shuffles: set the datamodule's shuffle=False "

@@ -141,7 +141,9 @@ class DeepEnsemble(BayesianModule):
 
     def vectorized(self) -> bool:
         """Whether :meth:`forward` runs the members as one vmapped call (``vectorize``, ``"auto"``: on a GPU)."""
-        return self.device.type == "cuda" if self.vectorize == "auto" else bool(self.vectorize)
+        if self.vectorize != "auto":
+            return bool(self.vectorize)
+        return next(self.members[0].parameters()).device.type == "cuda"  # where they are, whoever moved them
 
     def forward(self, x: Any) -> Tensor:
         """Outputs of every member, ``[M, B, outputs]``."""

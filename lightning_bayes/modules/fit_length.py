@@ -29,7 +29,7 @@ def fit_length(trainer: Trainer, steps_per_batch: bool = False) -> FitLength:
     ``EarlyStopping`` or ``max_time`` may end it sooner."""
     max_epochs = trainer.max_epochs
     epochs = math.inf if max_epochs is None or max_epochs < 0 else float(max_epochs)
-    bound = "no epoch or step bound" if math.isinf(epochs) else f"max_epochs={max_epochs}"
+    bound = f"max_epochs={max_epochs}"
     batches, max_steps = trainer.num_training_batches, trainer.max_steps
     if max_steps >= 0 and math.isfinite(batches) and batches > 0:
         steps = batches if steps_per_batch else math.ceil(batches / trainer.accumulate_grad_batches)

@@ -146,7 +146,7 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
             self.function.size, num_samples, seed=seed, rtol=rtol, atol=atol, accelerate=accelerate, cache=cache_gram,
             dtype=torch.promote_types(self.function.theta().dtype, torch.float32),  # bf16 samples left the kernel
         )
-        self.register_buffer("scale_value", torch.tensor(1.0))  # the line search's result
+        self.register_buffer("scale_value", torch.tensor(1.0, dtype=torch.float32))  # the line search's result
         self._scale_batches: list[Batch] = []  # the sweep's first batches, for the line search at its end
         self._sweep_under_way = False
         self._release_freed = ReleaseOnGrowth(_RELEASE_AFTER_BYTES)

@@ -213,9 +213,9 @@ class TrainingFreeBayes(BayesianModule):
         if bool(self.tested_high) and float(self.low) == low and not smoke_run:
             rank_zero_warn(
                 f"TrainingFreeBayes: no tested sigma met tolerance={self.tolerance} in {self.current_epoch} "
-                f"epoch{'s' if self.current_epoch != 1 else ''} "
-                f"(the last failed at {float(self.high):.3g}; each epoch tests one scale and halves the bracket "
-                f"[{low}, {float(self.high):.3g}]); sigma_q is the untested lower end {low}: train more epochs "
+                f"epoch{'s' if self.current_epoch != 1 else ''} (the last failed at {float(self.high):.3g}; each epoch "
+                f"tests one scale, the first the upper end, each next one halves the bracket [{low}, "
+                f"{float(self.high):.3g}]); sigma_q is the untested lower end {low}: train more epochs "
                 "(--trainer.max_epochs), lower sigma_range[0] or raise the tolerance"
             )
 

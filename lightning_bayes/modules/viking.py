@@ -245,7 +245,7 @@ class VIKING(BayesianModule):
 
     def _step_batch(self, batch: Batch) -> Batch:
         if self._trainer is not None:  # as a step gets it: on the device, in the precision's dtype
-            return cast(Batch, step_batch(self.trainer, batch))
+            return cast(Batch, step_batch(self.trainer, batch, self.device))
         return cast(Batch, move_data_to_device(batch, self.device))  # a sweep called outside a Trainer
 
     def setup(self, stage: str) -> None:

@@ -173,3 +173,15 @@ def test_a_worker_state_saved_after_the_last_batch_counts_as_a_finished_pass():
 
     assert _pass_finished({"_snapshot": {"_snapshot_step": 4}, "_steps_since_snapshot": 2}, 6)
     assert not _pass_finished({"_snapshot": {"_snapshot_step": 4}, "_steps_since_snapshot": 1}, 6)
+
+
+@pytest.mark.parametrize("limit", [1.0, 0.55, 0.5, 0.0, 3, 30, 0])
+def test_a_training_limit_counts_the_batches_as_lightning_does(limit: float) -> None:
+    """``limited_batches`` (a sweep over "what a training epoch covers") against Lightning's own count; it rounded
+    a fraction up (0.55 of 10: 6 batches against Lightning's 5) and swept one batch under a limit of 0."""
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from lightning_bayes.datamodules.epoch_loader import limited_batches
+
+    assert limited_batches(10, limit) == _parse_num_batches(RunningStage.TRAINING, 10, limit)

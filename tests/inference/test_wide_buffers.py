@@ -75,3 +75,17 @@ def test_only_the_named_buffers_are_kept_and_every_buffer_moves() -> None:
     holder.to("meta")
     assert {holder.kept.device.type, holder.other.device.type, holder.child.weight.device.type} == {"meta"}
     assert holder.kept.dtype == torch.float64
+
+
+def test_a_kept_buffer_is_never_cast_not_even_into_a_copy_thrown_away() -> None:
+    """The cast only sees an empty probe of a kept buffer (a narrow copy of SWAG's K x P deviations would cost
+    memory for nothing)."""
+    holder, seen = Holder(), []
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        seen.append((tensor.dtype, tensor.numel()))
+        return tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+
+    holder._apply(cast)
+    assert (torch.float64, 0) in seen and (torch.float64, 1) not in seen and (torch.float32, 1) in seen
+    assert holder.kept.dtype == torch.float64 and holder.other.dtype == torch.bfloat16

@@ -93,7 +93,8 @@ def test_under_bf16_true_the_chain_keeps_its_float64_state() -> None:
 
 
 def test_a_sampler_refuses_a_step_budget_and_vi_takes_one() -> None:
-    """ESS takes no optimiser step (``max_steps`` would never bind; it ends at ``num_samples``); VI does."""
+    """ESS takes no optimiser step: each batch counts as a step and a ``max_steps`` inside an epoch (5 of 40
+    batches) would stop a pass part-way; VI steps an optimiser."""
     x, y, state = regression()
     with pytest.raises(ValueError, match=r"^SubspaceInference takes no optimiser steps"):
         trainer(-1, max_steps=5).fit(linear_module(state, method="ess", num_samples=4), DataLoader(TensorDataset(x, y)))

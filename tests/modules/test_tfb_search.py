@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from lightning_bayes.modules.training_free_bayes import TrainingFreeBayes
 
@@ -150,18 +150,33 @@ def test_a_search_whose_upper_end_passes_stays_there_for_the_remaining_epochs(tm
     assert change(module, 1e-4) <= 0.05
 
 
-def test_a_shuffling_training_loader_is_refused(tmp_path):
+@pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler])
+def test_a_shuffling_training_loader_is_refused(tmp_path, sampler):
     """Each epoch's candidate was scored on other anchor batches (and other draws per example): a scale rejected on
     one batch passed on another, and the search returned 0.028 where the fixed anchors give 0.040."""
-    shuffled = DataLoader(_loader().dataset, batch_size=16, shuffle=True)
+    data = _loader().dataset
+    if sampler == "shuffle":
+        shuffled = DataLoader(data, batch_size=16, shuffle=True)
+    else:
+        drawn = sampler(range(len(data))) if sampler is SubsetRandomSampler else sampler([1.0] * len(data), len(data))
+        shuffled = DataLoader(data, batch_size=16, sampler=drawn)
     with pytest.raises(ValueError, match=r"^TrainingFreeBayes scores every candidate .* the training loader shuffles"):
         _trainer(tmp_path, epochs=2).fit(_module(), train_dataloaders=shuffled)
 
 
+class _Stream(IterableDataset):
+    def __iter__(self):
+        return iter(_loader().dataset)
+
+
 def test_a_step_budget_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"^TrainingFreeBayes takes no optimiser steps"):
+    with pytest.raises(ValueError, match=r"^TrainingFreeBayes takes no optimiser steps .* an epoch of 4 batches"):
         Trainer(max_steps=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(
             _module(), train_dataloaders=_loader())
+    # an unsized loader: no number of epochs would do, the pass itself is what to bound (it said "an epoch of inf")
+    with pytest.raises(ValueError, match=r"has no length, so max_steps=3 .* --trainer.limit_train_batches N$"):
+        Trainer(max_steps=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path).fit(
+            _module(), train_dataloaders=DataLoader(_Stream(), batch_size=16))
 
 
 def test_bad_arguments_are_refused():

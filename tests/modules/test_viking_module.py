@@ -512,6 +512,18 @@ def test_under_64_true_the_sweeps_take_the_batches_as_the_steps_do() -> None:
     assert torch.equal(fits[0].theta_hat(), fits[1].theta_hat())
 
 
+def test_a_sweep_after_a_fit_moves_the_batches_to_the_modules_device() -> None:
+    """After a GPU fit Lightning's teardown puts the module back on the CPU while the strategy's root device stays
+    the GPU: ``module.sweep(train_loader)`` (what the stale-posterior error asks for) sent the batches there. A root
+    device of ``meta`` stands in for the GPU."""
+    module, trainer = make_module(phase_epochs=(0, 1, 1)), make_trainer(2)
+    trainer.fit(module, loader())
+    trainer.strategy._root_device = torch.device("meta")
+    before = module.sample_kernel.clone()
+    module.sweep(loader())
+    assert module.sample_kernel.device.type == "cpu" and not torch.equal(module.sample_kernel, before)
+
+
 @pytest.mark.parametrize(
     ("bounds", "message"),
     [
