@@ -327,8 +327,10 @@ class BayesianModule(LightningModule, ABC):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
-            self._resumed_rng_states = checkpoint["rng_states"]
-            self._resumed_at_validation = bool(checkpoint.get("rng_states_before_validation", False))
+            if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+                # a resumed fit's, not a test's of this checkpoint: a fit after such a test starts afresh
+                self._resumed_rng_states = checkpoint["rng_states"]
+                self._resumed_at_validation = bool(checkpoint.get("rng_states_before_validation", False))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; when the checkpoint's tensors do not fit this module, the error says that

@@ -229,6 +229,30 @@ def test_resuming_from_a_checkpoint_saved_as_validation_ends_is_exact(tmp_path: 
         assert torch.equal(value, resumed.state_dict()[name]), name
 
 
+def test_a_fit_after_testing_a_checkpoint_starts_from_the_seed_not_from_the_checkpoints_generators(tmp_path: Path):
+    """Testing a checkpoint restores its generators (so the test repeats the fit's own); a fresh fit after it (no
+    ckpt_path) put them back once more at its start, overriding the user's seed."""
+    def module() -> VariationalInference:
+        return VariationalInference(classifier(), init_scale=0.2, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+
+    data = blobs()
+    torch.manual_seed(0)
+    make_trainer(1, root=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="fitted")]).fit(
+        module(), DataLoader(data, batch_size=8))
+    weights = torch.load(tmp_path / "fitted.ckpt", weights_only=False)["state_dict"]
+    fits = []
+    for tested_first in (False, True):
+        fitted = module()
+        if tested_first:
+            make_trainer(1).validate(fitted, DataLoader(data, batch_size=8), ckpt_path=tmp_path / "fitted.ckpt")
+        else:
+            fitted.load_state_dict(weights)
+        torch.manual_seed(5)
+        make_trainer(1).fit(fitted, DataLoader(data, batch_size=8))
+        fits.append(fitted.state_dict())
+    assert all(torch.equal(value, fits[1][name]) for name, value in fits[0].items())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [({"family": "student"}, "family"), ({"dataset_size": 0}, "dataset_size"), ({"kl_weight": -1.0}, "kl_weight"),
