@@ -215,6 +215,23 @@ def test_trainer_clipping_or_accumulation_of_a_method_that_steps_itself_names_wh
         run([*quick_args(config, tmp_path), *blob, trainer_flag])
 
 
+def test_a_method_without_optimiser_steps_is_told_to_leave_clipping_unset_and_others_keep_the_trainers():
+    from lightning.pytorch import Trainer
+    from torch import nn
+
+    from lightning_bayes.cli import _refuse_trainer_steps_of_manual_optimisation as refuse
+    from lightning_bayes.modules import NullSpaceLaplace
+
+    sweep, quiet = NullSpaceLaplace(nn.Sequential(nn.Linear(2, 2))), {"logger": False, "enable_progress_bar": False}
+    with pytest.raises(ValueError, match=r"^NullSpaceLaplace takes no optimiser step, which the Trainer's "
+                       r"gradient_clip_val=0.5 does not reach: leave --trainer.gradient_clip_val unset$"):
+        refuse(Trainer(gradient_clip_val=0.5, **quiet), sweep)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2 does not reach: leave it at 1$"):
+        refuse(Trainer(accumulate_grad_batches=2, **quiet), sweep)
+    refuse(Trainer(gradient_clip_val=0, **quiet), sweep)  # 0 is no clipping, as Lightning reads it
+    refuse(Trainer(gradient_clip_val=0.5, accumulate_grad_batches=2, **quiet), MAP(nn.Linear(2, 2)))  # automatic
+
+
 def test_the_trained_checkpoint_is_the_best_or_else_any_latest(tmp_path: Path) -> None:
     """The leaderboard's prerequisites start from ``trained_checkpoint``: it read only the first ModelCheckpoint,
     which saved nothing when it monitors a metric that never came (no validation), although the second wrote

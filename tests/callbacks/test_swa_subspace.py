@@ -92,13 +92,16 @@ def test_per_step_collection_equals_the_moments_of_the_scheduled_iterates(schedu
     assert swa.moments.mean.dtype == torch.float64 and swa.moments.mean.device.type == "cpu"
 
 
-def test_under_64_true_a_float32_modules_moments_are_float64() -> None:
-    """The callback's set-up runs before Lightning casts the module to float64: the moments were float32."""
+@pytest.mark.parametrize(("precision", "dtype"), [("64-true", torch.float64), ("bf16-true", torch.float32)])
+def test_the_moments_of_a_float32_module_follow_the_precisions_cast(precision: str, dtype: torch.dtype) -> None:
+    """The callback's set-up runs before Lightning casts the module: under 64-true the moments were float32; under
+    bf16-true they stay float32 (never narrower)."""
     swa, module = SWASubspace(params="all", start_epoch=1), Regression().float()
-    Trainer(max_epochs=2, precision="64-true", accelerator="cpu", logger=False, enable_progress_bar=False,
+    Trainer(max_epochs=2, precision=precision, accelerator="cpu", logger=False, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=False, callbacks=[swa]).fit(module, loader())
-    assert module.net[0].weight.dtype == torch.float64 and swa.moments.mean.dtype == torch.float64
-    assert torch.equal(swa.moments.mean, torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
+    assert swa.moments.mean.dtype == dtype
+    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    assert torch.equal(swa.moments.mean, flat.to(dtype))
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,16 @@ def test_float32_batches_reach_a_float64_model_in_float64() -> None:
     torch.testing.assert_close(model[4].running_mean, second, rtol=0, atol=1e-12)
 
 
+def test_integer_inputs_keep_their_dtype() -> None:
+    """Token ids reach an embedding as ids: only floating inputs take the parameters' dtype."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.BatchNorm1d(12)).double()
+    ids = torch.randint(0, 10, (20, 3), generator=torch.Generator().manual_seed(0))
+    refresh_batchnorm(model, [ids])
+    with torch.no_grad():
+        expected = model[1](model[0](ids)).mean(0)
+    torch.testing.assert_close(model[2].running_mean, expected, rtol=0, atol=1e-12)
+
+
 def test_unequal_batches_average_over_examples_not_batches() -> None:
     """Momentum ``b / (n + b)`` (the spec's and drbayes' ``bn_update``): 50 examples then 10 give the 60-example mean
     (``update_bn``'s equal-weight average of batch means was 0.5 here against the data-set mean 1/6)."""

@@ -75,6 +75,8 @@ def test_only_the_named_buffers_are_kept_and_every_buffer_moves() -> None:
     holder.to("meta")
     assert {holder.kept.device.type, holder.other.device.type, holder.child.weight.device.type} == {"meta"}
     assert holder.kept.dtype == torch.float64
+    moved = Holder().to("meta", torch.bfloat16)  # a kept buffer still goes where the cast sends the rest
+    assert (moved.kept.device.type, moved.kept.dtype, moved.other.dtype) == ("meta", torch.float64, torch.bfloat16)
 
 
 def test_a_kept_buffer_is_never_cast_not_even_into_a_copy_thrown_away() -> None:

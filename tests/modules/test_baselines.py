@@ -159,7 +159,7 @@ def test_ensemble_vectorised_forward_equals_members_one_by_one():
     looped = torch.stack([member(x) for member in ensemble.members])
     torch.testing.assert_close(ensemble(x), looped, rtol=1e-6, atol=1e-6)
     ensemble.vectorize = "auto"  # the default: a loop on a CPU, vmap on a GPU
-    assert not ensemble.vectorized()
+    assert not ensemble.vectorized() and DeepEnsemble(_mlp(), num_members=2).vectorize == "auto"
     torch.testing.assert_close(ensemble(x), looped, rtol=0, atol=0)
     weights = [m[0].weight for m in ensemble.members]
     assert all(not torch.equal(weights[0], w) for w in weights[1:]), "members must be re-initialised"

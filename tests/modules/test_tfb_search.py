@@ -1,5 +1,6 @@
 """TrainingFreeBayes: the search as Lightning epochs on a tiny peft LoRA model, the predictive, exact resumption."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader, DistributedSampler, IterableDataset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler,
+)
 
 from lightning_bayes.modules.training_free_bayes import TrainingFreeBayes
 
@@ -139,6 +142,11 @@ def test_a_search_with_no_feasible_candidate_warns(tmp_path, single_thread):
     with pytest.warns(UserWarning, match="no tested sigma met tolerance=1e-06"):
         _trainer(tmp_path, epochs=2).fit(module, train_dataloaders=_loader())
     assert float(module.sigma) == 0.5
+    assert float(module.trainer.callback_metrics["train/sigma_high"]) == float(module.high) == 1.25  # the bracket
+    smoke = TrainingFreeBayes(_lora_model(), sigma_range=(0.5, 2.0), tolerance=1e-6, search_samples=2)
+    with warnings.catch_warnings():  # a fast_dev_run is too short by design: no advice to train longer
+        warnings.filterwarnings("error", message=".*no tested sigma met")
+        Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False).fit(smoke, train_dataloaders=_loader())
 
 
 def test_a_search_whose_upper_end_passes_stays_there_for_the_remaining_epochs(tmp_path, single_thread):
@@ -150,13 +158,18 @@ def test_a_search_whose_upper_end_passes_stays_there_for_the_remaining_epochs(tm
     assert change(module, 1e-4) <= 0.05
 
 
-@pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler])
+@pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler, DistributedSampler])
 def test_a_shuffling_training_loader_is_refused(tmp_path, sampler):
     """Each epoch's candidate was scored on other anchor batches (and other draws per example): a scale rejected on
     one batch passed on another, and the search returned 0.028 where the fixed anchors give 0.040."""
     data = _loader().dataset
     if sampler == "shuffle":
         shuffled = DataLoader(data, batch_size=16, shuffle=True)
+    elif sampler is DistributedSampler:  # a shuffling one refused, an ordered one taken
+        ordered = DataLoader(data, batch_size=16, sampler=DistributedSampler(data, 1, 0, shuffle=False))
+        Trainer(max_epochs=1, use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                default_root_dir=tmp_path).fit(_module(), train_dataloaders=ordered)
+        shuffled = DataLoader(data, batch_size=16, sampler=DistributedSampler(data, 1, 0, shuffle=True))
     else:
         drawn = sampler(range(len(data))) if sampler is SubsetRandomSampler else sampler([1.0] * len(data), len(data))
         shuffled = DataLoader(data, batch_size=16, sampler=drawn)

@@ -75,21 +75,31 @@ def test_kl_warmup_follows_the_formula_at_every_epoch():
     [
         ({"epochs": 4}, r"max_epochs=4: the last epoch weighs the KL by 0.0075 instead of kl_weight=0.01"),
         ({"epochs": 9, "max_steps": 5}, r"max_steps=5 \(2.5 epochs of 2 steps\): .* weighs the KL by 0.005 "),
+        # 3 batches an epoch, 2 steps under accumulation (Lightning steps at an epoch's last batch)
+        ({"epochs": 9, "max_steps": 3, "accumulate_grad_batches": 2, "batch_size": 4},
+         r"max_steps=3 \(1.5 epochs of 2 steps\): .* weighs the KL by 0.0025 "),
     ],
-    ids=["max_epochs", "max_steps"],
+    ids=["max_epochs", "max_steps", "accumulation"],
 )
 def test_a_fit_that_ends_inside_the_kl_warmup_warns(bounds: dict, message: str) -> None:
     """It trained a tempered posterior silently (the configs' 20-epoch warm-up under max_epochs 3: a tenth of the
     KL weight at the end)."""
     module = VariationalInference(classifier(), kl_weight=0.01, kl_warmup_epochs=4)
     expected = r"^VariationalInference's KL weight ramps up over kl_warmup_epochs=4 epochs but the Trainer stops "
+    batch_size = bounds.pop("batch_size", 6)
     with pytest.warns(UserWarning, match=expected + "after " + message):
-        make_trainer(**bounds).fit(module, DataLoader(blobs(12), batch_size=6))
+        make_trainer(**bounds).fit(module, DataLoader(blobs(12), batch_size=batch_size))
+
+
+class StopsAfterOneEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
 
 
 @pytest.mark.filterwarnings("error:.*kl_warmup_epochs")
-def test_a_fit_past_the_kl_warmup_or_a_smoke_run_does_not_warn() -> None:
-    for bounds in ({"epochs": 5}, {"epochs": -1, "max_steps": 10}, {"fast_dev_run": 1}):
+def test_a_fit_past_the_kl_warmup_an_unbounded_one_or_a_smoke_run_does_not_warn() -> None:
+    unbounded = {"epochs": -1, "callbacks": [StopsAfterOneEpoch()]}  # no bound the module could compare with
+    for bounds in ({"epochs": 5}, {"epochs": -1, "max_steps": 10}, {"fast_dev_run": 1}, unbounded):
         module = VariationalInference(classifier(), kl_weight=0.01, kl_warmup_epochs=4)
         make_trainer(**bounds).fit(module, DataLoader(blobs(12), batch_size=6))
 
