@@ -281,6 +281,26 @@ def test_the_ood_pass_and_the_band_grid_reach_the_network_in_the_precisions_dtyp
     assert (Path(trainer.log_dir) / "predictive_band.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+class ScaledInputs(LinearModel):
+    """Scales its inputs in ``on_after_batch_transfer`` (preprocessing on the device, as a GPU pipeline does)."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, *rest = batch
+        return (x / 4.0, *rest)
+
+
+def test_the_ood_batches_reach_the_network_as_a_steps_batch_does(tmp_path: Path) -> None:
+    """Through the module's batch-transfer hooks: the OOD pass moved its batches without them, so a network that
+    preprocesses there scored raw OOD inputs against preprocessed in-distribution ones."""
+    model, data = ScaledInputs(num_samples=2), ToyDataWithOOD()
+    results = make_trainer(tmp_path, CalibrationMetrics()).test(model, datamodule=data, verbose=False)[0]
+    with torch.no_grad():
+        scores_id = ood_score(model.predictive(data.test.tensors[0] / 4.0, 2)).numpy()
+        scores_ood = ood_score(model.predictive(data.ood.tensors[0] / 4.0, 2)).numpy()
+    labels = np.r_[np.zeros(len(scores_id)), np.ones(len(scores_ood))]
+    assert results["test/ood/auroc"] == pytest.approx(roc_auc_score(labels, np.r_[scores_id, scores_ood]), rel=1e-6)
+
+
 def test_bad_arguments_and_mismatched_task_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="task must be one of"):
         CalibrationMetrics(task="segmentation")  # type: ignore[arg-type]
