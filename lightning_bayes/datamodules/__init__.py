@@ -7,7 +7,9 @@ Every one holds its data in memory, serves ``(x, y)`` batches, exposes ``task`` 
 
 from .base import InMemoryDataModule
 from .digits import DigitsDataModule
-from .epoch_loader import EpochLoader, side_pass, step_batch, training_pass_batches, training_pass_epoch
+from .epoch_loader import (
+    EpochLoader, limited_batches, side_pass, step_batch, training_pass_batches, training_pass_epoch,
+)
 from .epoch_shuffle import EpochShuffle
 from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .regression import UCIRegressionDataModule
@@ -23,6 +25,7 @@ __all__ = [
     "MNISTDataModule",
     "RottenTomatoesDataModule",
     "UCIRegressionDataModule",
+    "limited_batches",
     "side_pass",
     "step_batch",
     "training_pass_batches",

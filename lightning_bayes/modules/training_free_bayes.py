@@ -48,6 +48,7 @@ from ..models.weights import load_trained_weights
 from ..params import ParamSelector, select_parameters
 from ..predictive import CategoricalPredictive, Predictive
 from .base import Batch, BayesianModule
+from .fit_length import fit_length
 
 
 def lora_pairs(model: nn.Module, params: ParamSelector) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
@@ -209,8 +210,7 @@ class TrainingFreeBayes(BayesianModule):
 
     def on_train_end(self) -> None:
         low = cast(AttributeDict, self.hparams).sigma_range[0]  # save_hyperparameters' AttributeDict
-        smoke_run = bool(getattr(self.trainer, "fast_dev_run", False))
-        if bool(self.tested_high) and float(self.low) == low and not smoke_run:
+        if bool(self.tested_high) and float(self.low) == low and not fit_length(self.trainer).smoke_run:
             rank_zero_warn(
                 f"TrainingFreeBayes: no tested sigma met tolerance={self.tolerance} in {self.current_epoch} "
                 f"epoch{'s' if self.current_epoch != 1 else ''} (the last failed at {float(self.high):.3g}; each epoch "

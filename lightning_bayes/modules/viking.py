@@ -50,8 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
 
 from ..checks import check_seed, is_int, is_number
-from ..datamodules import side_pass, step_batch
-from ..datamodules.epoch_loader import limited_batches
+from ..datamodules import limited_batches, side_pass, step_batch
 from ..generator import PicklableGenerator
 from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
 from ..inference.likelihoods import Likelihood
