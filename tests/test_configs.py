@@ -58,6 +58,9 @@ LIGHTER = {
     "mnist/swag.yaml": ["--trainer.callbacks.init_args.start_epoch=0", "--trainer.callbacks.init_args.every_n_steps=1"],
     "mnist/swag_predictive.yaml": ["--model.init_args.num_samples=2"],
     "mnist/subspace_ess.yaml": ["--model.init_args.rank=1", "--model.init_args.num_samples=2"],
+    # a frozen EfficientNet-Lite0 computes each image's features once: small batches keep the first pass short
+    "vision/map_efficientnet.yaml": ["--data.init_args.batch_size=16"],
+    "vision/vbll_efficientnet.yaml": ["--data.init_args.batch_size=16"],
     "text/map_lora_smollm2.yaml": ["--data.init_args.batch_size=4"],
     "text/deep_ensemble_lora_smollm2.yaml": ["--data.init_args.batch_size=4", "--model.init_args.num_members=2"],
     "text/blob_smollm2.yaml": ["--data.init_args.batch_size=4", "--model.init_args.num_samples=2"],

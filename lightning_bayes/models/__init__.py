@@ -16,6 +16,7 @@ from .semi_structured import SemiStructured
 
 _LAZY = {
     "timm_backbone": ".timm",
+    "TimmImageModel": ".timm_images",
     "load_packaged_efficientnet_lite0": ".timm",
     "EFFICIENTNET_LITE0_INPUT_SIZE": ".timm",
     "EFFICIENTNET_LITE0_MEAN": ".timm",

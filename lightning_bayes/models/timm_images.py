@@ -1,0 +1,103 @@
+"""A timm network that takes images as datasets hold them: pixels in [0, 1], any size, grey or RGB.
+
+Pretrained networks expect their training input: a fixed size, three channels and the mean / std of their
+pretraining. :class:`TimmImageModel` reads those from the network's pretrained configuration (timm's
+``resolve_model_data_config``) and adapts each batch in the forward pass: grey images are repeated over the
+channels, every image is resized to ``input_size`` with the configuration's interpolation (bicubic for
+EfficientNet-Lite0; values clamped to [0, 1], as PIL's resize keeps them) and normalised. Adapting in the
+forward, not in the dataset, keeps a 28 px dataset at 28 px in memory, and a :class:`FrozenFeatures` cache
+keys on the small image (a resized copy of Fashion-MNIST at 112 px would take 3 GB). The whole image is resized
+(no centre crop: small datasets fill their frame).
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import timm
+import torch
+from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.nn import functional
+
+from ..checks import is_int
+from .timm import timm_backbone
+
+_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+
+
+class TimmImageModel(nn.Module):
+    """``timm_backbone(name, num_classes, pretrained, drop_rate)`` behind its input adaptation.
+
+    Args:
+        name: a timm model name, e.g. ``"tf_efficientnet_lite0"``.
+        num_classes: ``0`` for a pooled feature extractor (``num_features`` wide), else a fresh linear head.
+        pretrained: as in :func:`~lightning_bayes.models.timm.timm_backbone` (``"packaged"``: the EfficientNet-Lite0
+            ImageNet weights of a pip package).
+        input_size: the side images are resized to; ``None``: the pretrained size (224 for EfficientNet-Lite0).
+            Smaller sides are much cheaper on a CPU (EfficientNet-Lite0 on 2 threads: 30 ms an image at 224 px,
+            2.6 ms at 112 px).
+        drop_rate: dropout before the head.
+
+    Inputs: ``[B, C, H, W]`` with ``C`` 1 or the network's channel count, values in [0, 1].
+    """
+
+    mean: Tensor  # register_buffer, typed for readers and checkers
+    std: Tensor
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int = 0,
+        pretrained: bool | str = False,
+        input_size: int | None = None,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if input_size is not None and not (is_int(input_size) and input_size >= 8):
+            raise ValueError(f"input_size must be None or an int >= 8 (pixels); got {input_size!r}")
+        self.network = timm_backbone(name, num_classes, pretrained=pretrained, drop_rate=drop_rate)
+        config = timm.data.resolve_model_data_config(self.network)
+        channels, height, width = config["input_size"]
+        self.channels = int(channels)
+        self.input_size = (input_size, input_size) if input_size is not None else (int(height), int(width))
+        self.mode = _MODES.get(config["interpolation"], "bilinear")
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, -1, 1, 1), persistent=False)
+        self.num_features = cast(int, self.network.num_features)
+        self._pixels_checked = False
+
+    def extra_repr(self) -> str:
+        """The adaptation, part of the repr and so of a feature cache's backbone identity (:mod:`.identity`)."""
+        return f"input_size={self.input_size}, mode={self.mode!r}, channels={self.channels}"
+
+    def _check_pixels(self, images: Tensor) -> None:
+        """Once, on the first batch seen outside ``torch.func`` transforms and ``torch.compile`` (their values are not
+        concrete): standardised pixels, the likely mistake, are refused by name."""
+        if self._pixels_checked or torch.compiler.is_compiling() or is_functorch_wrapped_tensor(images):
+            return
+        self._pixels_checked = True
+        low, high = images.min().item(), images.max().item()
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"images must hold pixels in [0, 1] (TimmImageModel normalises them itself: give the datamodule "
+                f"normalize=False); got values in [{low:.3g}, {high:.3g}]"
+            )
+
+    def adapt(self, images: Tensor) -> Tensor:
+        """``[B, 1 or C, H, W]`` in [0, 1] -> the network's input ``[B, C, *input_size]``, normalised."""
+        if images.ndim != 4 or images.shape[1] not in (1, self.channels):
+            raise ValueError(
+                f"images must be [B, 1 or {self.channels}, H, W] with values in [0, 1]; got shape {tuple(images.shape)}"
+            )
+        self._check_pixels(images)
+        images = images.expand(-1, self.channels, -1, -1)
+        if tuple(images.shape[-2:]) != self.input_size:
+            shrinks = images.shape[-2] > self.input_size[0] or images.shape[-1] > self.input_size[1]
+            antialias = shrinks and self.mode != "nearest"  # interpolate accepts antialias for (bi)linear/cubic
+            images = functional.interpolate(images, self.input_size, mode=self.mode, antialias=antialias)
+            images = images.clamp(0, 1)
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network(self.adapt(images))

@@ -1,0 +1,92 @@
+"""TimmImageModel: dataset pixels in [0, 1], grey or RGB, any size, adapted to a pretrained timm network's input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data
+
+from lightning_bayes.models import TimmImageModel, timm_backbone
+
+EGYPTIAN_CAT, ESPRESSO = 285, 967
+
+
+def _pixels(image) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> ``[1, 3, H, W]`` in [0, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+
+
+@pytest.fixture(scope="module")
+def imagenet_model() -> TimmImageModel:
+    return TimmImageModel("tf_efficientnet_lite0", num_classes=1000, pretrained="packaged").eval()
+
+
+@pytest.mark.parametrize("image, label", [("chelsea", EGYPTIAN_CAT), ("coffee", ESPRESSO)])
+def test_real_photographs_at_their_own_size_are_classified(imagenet_model, image: str, label: int):
+    """The whole frame (300 x 451 and 400 x 600 px) resized to the pretrained 224 px by the model itself: the
+    explicit timm preprocessing (bicubic, antialiased, clamped, mean = std = 0.5) gives the same logits."""
+    pixels = _pixels(getattr(data, image)())
+    explicit = F.interpolate(pixels, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        logits = imagenet_model(pixels)
+        expected = imagenet_model.network((explicit - 0.5) / 0.5)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    probs = logits.softmax(-1)
+    assert probs.argmax(-1).item() == label and probs[0, label] > 0.5
+
+
+def test_grey_images_are_the_rgb_image_of_three_equal_channels():
+    """28 px grey digits upsampled to 64 px: the same features as the grey image stacked three times; the
+    upsampling (no antialias) matches interpolate's, and the pooled features are the timm extractor's."""
+    model = TimmImageModel("tf_efficientnet_lite0", pretrained="packaged", input_size=64).eval()
+    grey = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = model(grey)
+        rgb = model(grey.expand(-1, 3, -1, -1).contiguous())
+        upsampled = F.interpolate(grey.expand(-1, 3, -1, -1), size=(64, 64), mode="bicubic").clamp(0, 1)
+        extractor = timm_backbone("tf_efficientnet_lite0", num_classes=0, pretrained="packaged").eval()
+        expected = extractor((upsampled - 0.5) / 0.5)
+    assert features.shape == (3, model.num_features) == (3, 1280)
+    torch.testing.assert_close(features, rgb, rtol=0, atol=0)
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)
+
+
+def test_images_of_the_input_size_are_only_normalised_with_the_pretrained_mean_and_std():
+    """timm's ImageNet mean / std for a ResNet config (not EfficientNet-Lite0's 0.5), per channel."""
+    model = TimmImageModel("resnet10t", input_size=32)
+    images = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.adapt(images), (images - mean) / std)
+    assert model.adapt(torch.rand(2, 1, 20, 24)).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.rand(2, 2, 28, 28), r"images must be \[B, 1 or 3, H, W\] .* got shape \(2, 2, 28, 28\)"),
+        (torch.rand(2, 28, 28), r"got shape \(2, 28, 28\)"),
+        ((torch.rand(2, 1, 28, 28) - 0.13) / 0.31, r"pixels in \[0, 1\] .* give the datamodule normalize=False"),
+    ],
+)
+def test_inputs_it_cannot_adapt_are_explained(images: torch.Tensor, message: str):
+    with pytest.raises(ValueError, match=message):
+        TimmImageModel("test_efficientnet", input_size=32)(images)
+
+
+@pytest.mark.parametrize("input_size", [0, 7, 32.5, True])
+def test_a_bad_input_size_is_named(input_size):
+    with pytest.raises(ValueError, match=f"input_size must be None or an int >= 8 .*got {input_size!r}"):
+        TimmImageModel("test_efficientnet", input_size=input_size)
+
+
+def test_another_input_size_is_another_backbone_for_the_feature_cache():
+    """Equal weights resized to another size give other features: the cache's backbone identity tells them apart (it
+    served one run's 112 px features to a 64 px run before the adaptation was part of the repr)."""
+    from lightning_bayes.models.identity import backbone_identity
+
+    small, large = TimmImageModel("test_efficientnet", input_size=32), TimmImageModel("test_efficientnet", input_size=48)
+    large.load_state_dict(small.state_dict())
+    same = TimmImageModel("test_efficientnet", input_size=32)
+    same.load_state_dict(small.state_dict())
+    assert backbone_identity(small) != backbone_identity(large)
+    assert backbone_identity(small) == backbone_identity(same)
