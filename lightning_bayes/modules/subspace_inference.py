@@ -135,6 +135,7 @@ class SubspaceInference(WideBuffers, BayesianModule):
         init_scale: for ``"vi"``: initial ``sigma``.
         num_data: for ``"vi"``: ``N`` in ``T KL / N`` (default: the training set's size).
         seed: seed of every random draw (directions, ESS, VI noise, SWAG draws).
+        likelihood: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 
     wide_buffers = ("samples", "partial")  # the chain's samples and log-likelihood stay float64 under bf16-true

@@ -123,6 +123,7 @@ class VariationalInference(BayesianModule):
 
     @property
     def variational_layers(self) -> list[VariationalLayer]:
+        """The backbone's layers with a variational posterior, in module order."""
         return [m for m in self.backbone.modules() if isinstance(m, VariationalLayer)]
 
     def resolved_dataset_size(self) -> int:

@@ -176,6 +176,8 @@ class VBLLClassifier(_VBLLModule):
             :class:`~lightning_bayes.models.FrozenFeatures`); never saved in checkpoints.
         feature_cache_dir: also keep the cached features in this folder, for later runs.
         compile_loss: run the head's objective under ``torch.compile`` (see the module docstring).
+        optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule` (the head's parameter
+            group without weight decay).
     """
 
     head: DiscriminativeVBLL | GenerativeVBLL

@@ -31,6 +31,7 @@ class ReliabilityBins:
 
     @property
     def ece(self) -> float:
+        """``sum_b (n_b / N) |acc_b - conf_b|`` over the filled bins."""
         filled = self.count > 0
         gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
         return float((self.count[filled] * gaps).sum() / self.count.sum())
