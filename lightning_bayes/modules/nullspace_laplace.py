@@ -352,7 +352,7 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
         x, y = batch
         self._resolve_constraint(x)
         residual = self.projections.residual(self.function.jacobian(x, y)).mean()
-        self.log("val/kernel_residual", residual, batch_size=len(y))
+        self.log("val/kernel_residual", residual, batch_size=len(y), sync_dist=True)  # all ranks' batches
         if self.trainer.sanity_checking and not self.projections.sweeps_done:
             return None  # type: ignore[return-value]  # no posterior before the first sweep: nothing to score
         return super().validation_step(batch, batch_idx)

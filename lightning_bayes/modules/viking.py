@@ -381,7 +381,8 @@ class VIKING(BayesianModule):
         self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> Predictive:
         x, y = batch
-        self.log("val/kernel_residual", self._residual(x, y, self.sample_kernel[:1]), batch_size=len(y))
+        residual = self._residual(x, y, self.sample_kernel[:1])
+        self.log("val/kernel_residual", residual, batch_size=len(y), sync_dist=True)  # every rank's share
         return super().validation_step(batch, batch_idx)
 
     # ----- checkpoints -----------------------------------------------------------------------------------

@@ -50,6 +50,17 @@ class StateRecorder(Callback):
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 
 
+class ValidationRecorder(Callback):
+    """Each rank writes the validation metrics Lightning holds after the fit's last validation."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        logged = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+        torch.save(logged, self.folder / f"val{trainer.global_rank}.pt")
+
+
 def spawn_trainer(devices: int, callbacks: list[Callback], **overrides) -> Trainer:
     """A quiet CPU Trainer: ``devices`` processes under ``ddp_spawn`` (one: no strategy), leaving gloo cleanly, the caller's samplers."""
     options = {

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.modules.viking import VIKING
 
-from ddp_comparison import rank_states, spawn_trainer
+from ddp_comparison import ValidationRecorder, rank_states, spawn_trainer
 from gloo_exit import spawned_ddp
-from shards import AlternateExamples
+from shards import AlternateBatches, AlternateExamples
 from test_viking_module import assert_in_kernel
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
@@ -101,3 +101,21 @@ def test_ddp_that_does_not_look_for_unused_parameters_is_refused_before_the_firs
     # the MLE phase leaves the two scales without gradients, the warm-up the network
     with pytest.raises(Exception, match=r"phase_epochs=\(1, 1, 2\).*strategy='ddp_find_unused_parameters_true'"):
         fit(tmp_path / "run", epochs=1, gamma=0.2, find_unused_parameters=False)
+
+
+def test_ranks_log_the_kernel_residual_of_the_whole_validation_set(tmp_path: Path) -> None:
+    """Each rank's noise is its own, so the residual of its validation shard is too (0.433 and 0.207): the logged value
+    is their batch-weighted mean on every rank, not rank 0's alone."""
+    generator = torch.Generator().manual_seed(2)
+    y = torch.arange(16) % 2
+    x = torch.randn(16, 2, dtype=torch.float64, generator=generator) * 0.4 + (2.0 * y[:, None] - 1.0)
+    validation = DataLoader(TensorDataset(x, y), batch_size=8, sampler=AlternateBatches(16, 8))
+    train = DataLoader(TensorDataset(x, y), batch_size=4, sampler=AlternateExamples(16))
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    module = VIKING(network, phase_epochs=(1, 0, 1), num_samples=3, optimizer=adam)
+    spawn_trainer(2, [ValidationRecorder(tmp_path)], max_epochs=2, strategy=spawned_ddp(True)).fit(
+        module, train, validation
+    )
+    ranks = [torch.load(tmp_path / f"val{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["val/kernel_residual"] == ranks[1]["val/kernel_residual"] > 0
