@@ -84,6 +84,8 @@ class GaussianLikelihood(Likelihood):
         return 2 * self.output_dim if self.heteroscedastic else self.output_dim
 
     def mean_and_variance(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gaussian's mean and variance ``[..., D]`` from the network's outputs: ``(mu, softplus(raw + offset)^2)``
+        when heteroscedastic (outputs ``[mu, raw]``), else ``(outputs, softplus(raw_noise)^2)``; both plus a floor."""
         if outputs.shape[-1] != self.num_outputs:
             raise ValueError(
                 f"GaussianLikelihood(output_dim={self.output_dim}, heteroscedastic={self.heteroscedastic}) "

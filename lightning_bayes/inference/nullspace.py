@@ -89,6 +89,7 @@ class AlternatingProjections(WideBuffers):
         self._factors = GramFactorCache()
 
     def begin_sweep(self) -> None:
+        """Keep the samples as the sweep finds them (the extrapolation's start) and clear its residual sum."""
         self.sweep_start.copy_(self.samples)
         self.sweep_residual.zero_()
 
@@ -232,6 +233,7 @@ class GramFactorCache:
         return len(self._entries)
 
     def get(self, key: int) -> tuple[Tensor, GramFactor] | None:
+        """The fingerprint and factor kept under ``key``, or ``None``."""
         if key not in self._entries:
             return None
         block, slot, rows, fingerprint = self._entries[key]
