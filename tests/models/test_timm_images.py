@@ -37,7 +37,7 @@ def test_real_photographs_at_their_own_size_are_classified(imagenet_model, image
 def test_grey_images_are_the_rgb_image_of_three_equal_channels():
     """28 px grey digits upsampled to 64 px: the same features as the grey image stacked three times; the
     upsampling (no antialias) matches interpolate's, and the pooled features are the timm extractor's."""
-    model = TimmImageModel("tf_efficientnet_lite0", pretrained="packaged", input_size=64).eval()
+    model = TimmImageModel("tf_efficientnet_lite0", pretrained="packaged", input_size=64, channels_last=False).eval()
     grey = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         features = model(grey)
@@ -90,3 +90,39 @@ def test_another_input_size_is_another_backbone_for_the_feature_cache():
     same.load_state_dict(small.state_dict())
     assert backbone_identity(small) != backbone_identity(large)
     assert backbone_identity(small) == backbone_identity(same)
+
+
+def test_the_nhwc_layout_gives_the_nchw_outputs():
+    torch.manual_seed(0)
+    nhwc = TimmImageModel("test_efficientnet", num_classes=3, input_size=32).eval()
+    nchw = TimmImageModel("test_efficientnet", num_classes=3, input_size=32, channels_last=False).eval()
+    nchw.load_state_dict(nhwc.state_dict())
+    images = torch.rand(4, 1, 28, 28)
+    assert nhwc.adapt(images).is_contiguous(memory_format=torch.channels_last)
+    assert nhwc.network.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(images), nchw(images), rtol=1e-5, atol=1e-5)
+
+
+def test_per_example_jacobians_run_vectorised_through_the_adaptation():
+    """``torch.func``'s vmap over examples (VIKING, the null-space Laplace) passes the resize and the pixel check (not
+    taken on batched values): the vectorised Jacobian equals the loop's, with no fallback warning."""
+    import warnings
+
+    from lightning_bayes.inference.likelihoods import CategoricalLikelihood
+    from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
+
+    torch.manual_seed(0)
+    model = TimmImageModel("test_efficientnet", num_classes=3, input_size=32).eval()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 1])
+    constraint = LossConstraint(CategoricalLikelihood())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vectorised = ParameterFunction(model, "last_layer", constraint).jacobian(x, y)
+    looped = ParameterFunction(model, "last_layer", constraint, vectorize=False).jacobian(x, y)
+    torch.testing.assert_close(vectorised, looped, rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_bool_channels_last_is_named():
+    with pytest.raises(ValueError, match="channels_last must be True or False; got 'yes'"):
+        TimmImageModel("test_efficientnet", channels_last="yes")
