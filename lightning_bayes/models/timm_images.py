@@ -2,12 +2,12 @@
 
 Pretrained networks expect their training input: a fixed size, three channels and the mean / std of their
 pretraining. :class:`TimmImageModel` reads those from the network's pretrained configuration (timm's
-``resolve_model_data_config``) and adapts each batch in the forward pass: grey images are repeated over the
-channels, every image is resized to ``input_size`` with the configuration's interpolation (bicubic for
-EfficientNet-Lite0; values clamped to [0, 1], as PIL's resize keeps them) and normalised. Adapting in the
-forward, not in the dataset, keeps a 28 px dataset at 28 px in memory, and a :class:`FrozenFeatures` cache
-keys on the small image (a resized copy of Fashion-MNIST at 112 px would take 3 GB). The whole image is resized
-(no centre crop: small datasets fill their frame).
+``resolve_model_data_config``) and adapts each batch in the forward pass: every image is resized to ``input_size``
+with the configuration's interpolation and PIL's kernel, as timm's evaluation transform does (bicubic for
+EfficientNet-Lite0; values clamped to [0, 1], as PIL keeps them), grey images are repeated over the channels, and
+all are normalised. Adapting in the forward, not in the dataset, keeps a 28 px dataset at 28 px in memory, and a
+:class:`FrozenFeatures` cache keys on the small image (a resized copy of Fashion-MNIST at 112 px would take 3 GB).
+The whole image is resized (no centre crop: small datasets fill their frame).
 """
 
 from __future__ import annotations
@@ -45,9 +45,6 @@ class TimmImageModel(nn.Module):
     Inputs: ``[B, C, H, W]`` with ``C`` 1 or the network's channel count, values in [0, 1].
     """
 
-    mean: Tensor  # register_buffer, typed for readers and checkers
-    std: Tensor
-
     def __init__(
         self,
         name: str,
@@ -69,42 +66,53 @@ class TimmImageModel(nn.Module):
         self.channels = int(channels)
         self.input_size = (input_size, input_size) if input_size is not None else (int(height), int(width))
         self.mode = _MODES.get(config["interpolation"], "bilinear")
-        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config["std"]).view(1, -1, 1, 1), persistent=False)
+        self.mean, self.std = tuple(config["mean"]), tuple(config["std"])  # made in the input's dtype at each call
         self.num_features = cast(int, self.network.num_features)
         self._pixels_checked = False
 
     def extra_repr(self) -> str:
-        """The adaptation, part of the repr and so of a feature cache's backbone identity (:mod:`.identity`)."""
-        return f"input_size={self.input_size}, mode={self.mode!r}, channels={self.channels}"
+        """The adaptation, part of the repr and so of a feature cache's backbone identity (:mod:`.identity`); ``pil``
+        names the resize (PIL's kernels; features cached before it came from torch's sharper upsampling)."""
+        return (
+            f"input_size={self.input_size}, mode={self.mode!r}, resize='pil', channels={self.channels}, "
+            f"mean={self.mean}, std={self.std}"
+        )
 
+    @torch.compiler.disable  # a compiled forward checks its first batch too (eagerly)
     def _check_pixels(self, images: Tensor) -> None:
-        """Once, on the first batch seen outside ``torch.func`` transforms and ``torch.compile`` (their values are not
-        concrete): standardised pixels, the likely mistake, are refused by name."""
-        if self._pixels_checked or torch.compiler.is_compiling() or is_functorch_wrapped_tensor(images):
+        """Until a batch passes (outside ``torch.func`` transforms, whose values are not concrete): standardised
+        pixels, the likely mistake, are refused by name."""
+        if self._pixels_checked or is_functorch_wrapped_tensor(images):
             return
-        self._pixels_checked = True
         low, high = images.min().item(), images.max().item()
         if low < -1e-3 or high > 1 + 1e-3:
             raise ValueError(
                 f"images must hold pixels in [0, 1] (TimmImageModel normalises them itself: give the datamodule "
                 f"normalize=False); got values in [{low:.3g}, {high:.3g}]"
             )
+        self._pixels_checked = True
 
     def adapt(self, images: Tensor) -> Tensor:
-        """``[B, 1 or C, H, W]`` in [0, 1] -> the network's input ``[B, C, *input_size]``, normalised."""
+        """``[B, 1 or C, H, W]`` in [0, 1] -> the network's input ``[B, C, *input_size]``, normalised.
+
+        The resize is PIL's, as in timm's evaluation transform: torch's antialiased kernels, which equal PIL's when
+        enlarging too (bicubic ``a = -0.5``; without antialiasing torch upsamples with ``a = -0.75``), in float32
+        for half-precision images (a CPU has no half-precision antialiased resize)."""
         if images.ndim != 4 or images.shape[1] not in (1, self.channels):
             raise ValueError(
                 f"images must be [B, 1 or {self.channels}, H, W] with values in [0, 1]; got shape {tuple(images.shape)}"
             )
         self._check_pixels(images)
-        images = images.expand(-1, self.channels, -1, -1)
         if tuple(images.shape[-2:]) != self.input_size:
-            shrinks = images.shape[-2] > self.input_size[0] or images.shape[-1] > self.input_size[1]
-            antialias = shrinks and self.mode != "nearest"  # interpolate accepts antialias for (bi)linear/cubic
-            images = functional.interpolate(images, self.input_size, mode=self.mode, antialias=antialias)
-            images = images.clamp(0, 1)
-        images = (images - self.mean.to(images)) / self.std.to(images)
+            wide = images.float() if images.dtype in (torch.float16, torch.bfloat16) else images
+            antialias = self.mode != "nearest"  # interpolate's antialias covers (bi)linear and bicubic
+            resized = functional.interpolate(wide, self.input_size, mode=self.mode, antialias=antialias)
+            images = resized.clamp(0, 1).to(images.dtype)
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        images = (images.expand(-1, self.channels, -1, -1) - mean) / std  # grey: resized once, then repeated
+        if self.memory_format is torch.contiguous_format or torch.compiler.is_compiling():
+            return images.contiguous()
         if is_functorch_wrapped_tensor(images):  # vmap keeps no layout (its weights are views of a flat vector too)
             return images
         return images.contiguous(memory_format=self.memory_format)

@@ -196,3 +196,36 @@ def test_the_identity_sees_buffers_and_half_precision_weights():
     with torch.no_grad():
         half.weight[0, 0] += 1
     assert backbone_identity(half) != before
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_per_example_jacobians_of_a_head_on_cached_features_are_vectorised(cached: bool):
+    """A post-hoc method's per-example Jacobians (``torch.func``: vmap over examples) run through a cached probe:
+    vmapped examples have no bytes to key the cache on, so the backbone runs on them, and the Jacobian equals the
+    uncached probe's (it failed with "Cannot access data pointer of Tensor that doesn't have storage")."""
+    import warnings
+
+    from lightning_bayes.inference.linalg import ParameterFunction, output_constraint
+
+    backbone = CountingBackbone()
+    probe = LinearProbe(backbone, num_classes=3, cache_features=cached)
+    x, y = torch.randn(5, 2, 3), torch.tensor([0, 1, 2, 0, 1])
+    probe(x)  # the cache, when on, holds these examples
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to a loop over examples
+        jacobian = ParameterFunction(probe, "last_layer", output_constraint).jacobian(x, y)
+    features = backbone(x).detach()
+    torch.testing.assert_close(jacobian, _head_jacobian(features, 3), rtol=1e-6, atol=1e-6)
+
+
+def _head_jacobian(features: Tensor, classes: int) -> Tensor:
+    """``d (W f_n + b)_c / d (W, b)`` for a linear head, rows ``(n, c)``, columns ``W`` row-major then ``b``."""
+    rows = []
+    for f in features:
+        for c in range(classes):
+            weight = torch.zeros(classes, len(f))
+            weight[c] = f
+            bias = torch.zeros(classes)
+            bias[c] = 1.0
+            rows.append(torch.cat([weight.reshape(-1), bias]))
+    return torch.stack(rows)

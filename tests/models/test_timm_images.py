@@ -1,5 +1,6 @@
 """TimmImageModel: dataset pixels in [0, 1], grey or RGB, any size, adapted to a pretrained timm network's input."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,19 +36,60 @@ def test_real_photographs_at_their_own_size_are_classified(imagenet_model, image
 
 
 def test_grey_images_are_the_rgb_image_of_three_equal_channels():
-    """28 px grey digits upsampled to 64 px: the same features as the grey image stacked three times; the
-    upsampling (no antialias) matches interpolate's, and the pooled features are the timm extractor's."""
+    """28 px grey digits enlarged to 64 px: the same features as the grey image stacked three times, and as the timm
+    extractor on the explicitly resized (antialiased bicubic: PIL's kernel) and normalised images."""
     model = TimmImageModel("tf_efficientnet_lite0", pretrained="packaged", input_size=64, channels_last=False).eval()
     grey = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         features = model(grey)
         rgb = model(grey.expand(-1, 3, -1, -1).contiguous())
-        upsampled = F.interpolate(grey.expand(-1, 3, -1, -1), size=(64, 64), mode="bicubic").clamp(0, 1)
+        upsampled = F.interpolate(grey, size=(64, 64), mode="bicubic", antialias=True).clamp(0, 1)
         extractor = timm_backbone("tf_efficientnet_lite0", num_classes=0, pretrained="packaged").eval()
-        expected = extractor((upsampled - 0.5) / 0.5)
+        expected = extractor((upsampled.expand(-1, 3, -1, -1) - 0.5) / 0.5)
     assert features.shape == (3, model.num_features) == (3, 1280)
     torch.testing.assert_close(features, rgb, rtol=0, atol=0)
     torch.testing.assert_close(features, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (20, 40), (300, 200)])
+def test_the_resize_is_pils_bicubic_as_in_timms_evaluation_transform(size):
+    """timm's evaluation transform resizes with PIL: the adaptation matches PIL's float bicubic (``a = -0.5``),
+    enlarging, shrinking and both at once (torch's plain bicubic enlarges with ``a = -0.75``: up to 0.08 off)."""
+    from PIL import Image
+
+    model = TimmImageModel("test_efficientnet", input_size=64)
+    pixels = torch.rand(1, 1, *size, generator=torch.Generator().manual_seed(1))
+    adapted = model.adapt(pixels)[0, 0] * model.std[0] + model.mean[0]
+    resized = Image.fromarray(pixels[0, 0].numpy(), mode="F").resize((64, 64), Image.Resampling.BICUBIC)
+    expected = torch.from_numpy(np.array(resized)).clamp(0, 1)
+    torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-5)
+
+
+def test_half_precision_images_are_resized_on_a_cpu():
+    """A CPU has no bf16 antialiased resize: it runs in float32, then back in bf16 (under ``bf16-true``)."""
+    model = TimmImageModel("test_efficientnet", num_classes=3, input_size=32).to(torch.bfloat16).eval()
+    pixels = torch.rand(2, 1, 40, 40)
+    adapted = model.adapt(pixels.to(torch.bfloat16))
+    assert adapted.dtype == torch.bfloat16
+    # bf16 rounds to 2^-8 relative: the pixels and the resized pixels (< 1) once each, divided by the std (0.224),
+    # and the normalised value (|v| < 2.3) once: 2 * 2^-8 / 0.224 + 2.3 * 2^-8 < 0.045
+    torch.testing.assert_close(adapted.float(), model.adapt(pixels), rtol=0, atol=0.045)
+    assert model(pixels.to(torch.bfloat16)).shape == (2, 3)
+
+
+def test_the_forward_compiles_as_one_graph():
+    """No graph break in a compiled forward (the functorch layout check is not traced), and the first batch's
+    pixels are still checked."""
+    import torch._dynamo
+
+    model = TimmImageModel("test_efficientnet", num_classes=3, input_size=32).eval()
+    with pytest.raises(ValueError, match=r"pixels in \[0, 1\]"):
+        torch.compile(model, backend="eager")((torch.rand(2, 1, 28, 28) - 0.5) / 0.5)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(TimmImageModel("test_efficientnet", num_classes=3, input_size=32).eval())(
+        torch.rand(2, 1, 28, 28)
+    )
+    assert explained.graph_break_count == 1  # the eager pixel check of the first batch, nothing else
 
 
 def test_images_of_the_input_size_are_only_normalised_with_the_pretrained_mean_and_std():
@@ -66,11 +108,17 @@ def test_images_of_the_input_size_are_only_normalised_with_the_pretrained_mean_a
         (torch.rand(2, 2, 28, 28), r"images must be \[B, 1 or 3, H, W\] .* got shape \(2, 2, 28, 28\)"),
         (torch.rand(2, 28, 28), r"got shape \(2, 28, 28\)"),
         ((torch.rand(2, 1, 28, 28) - 0.13) / 0.31, r"pixels in \[0, 1\] .* give the datamodule normalize=False"),
+        ((torch.rand(2, 1, 28, 28) - 0.5) / 0.5, r"pixels in \[0, 1\] .* got values in \[-0.9"),  # in [-1, 1]
     ],
 )
 def test_inputs_it_cannot_adapt_are_explained(images: torch.Tensor, message: str):
-    with pytest.raises(ValueError, match=message):
-        TimmImageModel("test_efficientnet", input_size=32)(images)
+    """Refused each time it is given (a notebook re-running a fit), until a batch of pixels passes."""
+    model = TimmImageModel("test_efficientnet", input_size=32).eval()
+    for _ in range(2):
+        with pytest.raises(ValueError, match=message):
+            model(images)
+    model(torch.rand(2, 1, 28, 28))
+    assert model._pixels_checked
 
 
 @pytest.mark.parametrize("input_size", [0, 7, 32.5, True])
