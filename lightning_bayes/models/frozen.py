@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._C._functorch import is_functorch_wrapped_tensor
-from torch.utils._pytree import tree_flatten
 
 from ..checks import check_flags
 from .feature_cache import FeatureCache
 from .identity import backbone_identity
+from .torch_func_state import inside_torch_func
 
 
 def _autocast_state() -> str:
@@ -23,12 +22,6 @@ def _autocast_state() -> str:
         for device in ("cpu", "cuda")
         if torch.is_autocast_enabled(device)
     )
-
-
-def _transformed(x: Any) -> bool:
-    """Whether ``x`` holds values of a ``torch.func`` transform (per-example Jacobians vmap the head's inputs): they
-    have no bytes to key a cache on, so the backbone runs on them directly."""
-    return any(isinstance(t, Tensor) and is_functorch_wrapped_tensor(t) for t in tree_flatten(x)[0])
 
 
 class FrozenFeatures(nn.Module):
@@ -82,7 +75,7 @@ class FrozenFeatures(nn.Module):
 
     def forward(self, x: Any) -> Tensor:
         with torch.no_grad():
-            if self._cache is None or _transformed(x):
+            if self._cache is None or (not torch.compiler.is_compiling() and inside_torch_func()):  # no keys there
                 return self.backbone(x)
             tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
             # an inference tensor keeps no version count (and may change unseen): the identity is recomputed

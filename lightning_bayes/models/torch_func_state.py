@@ -1,0 +1,16 @@
+"""Whether code runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...).
+
+Inside one, tensors have no readable bytes (``.numpy()``, ``.item()`` and data pointers fail, even on tensors made
+outside it) and batched values keep no memory layout, so models that read values (a feature cache's keys, an input
+check) or choose layouts skip that there. The post-hoc methods' per-example Jacobians and Jacobian-vector products
+run the network inside such transforms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inside_torch_func() -> bool:
+    """True while a ``torch.func`` transform is being applied (functorch's interpreter stack is not empty)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
