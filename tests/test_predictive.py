@@ -9,6 +9,7 @@ from scipy import integrate, optimize
 from scipy.special import logsumexp
 from scipy.stats import norm
 
+from lightning_bayes.metrics import classification_metrics, ood_metrics
 from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive, concatenate
 
 
@@ -176,3 +177,26 @@ def test_gaussian_loss_refuses_targets_of_another_layout() -> None:
     single = GaussianLikelihood(output_dim=1)
     outputs = torch.zeros(3, 1)
     torch.testing.assert_close(single.loss(outputs, torch.ones(3)), single.loss(outputs, torch.ones(3, 1)))
+
+
+def test_categorical_log_probabilities_are_computed_once_for_a_whole_metric_collection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every metric of the collection and the OOD score read one log-softmax; where a gradient is wanted it is
+    computed afresh (the metrics' kept values have no graph), also after a backward pass."""
+    calls = []
+    log_softmax = torch.log_softmax
+    monkeypatch.setattr(torch, "log_softmax", lambda *args, **kwargs: calls.append(1) or log_softmax(*args, **kwargs))
+    logits = categorical().logits.requires_grad_()
+    predictive, y = CategoricalPredictive(logits), torch.arange(40) % 4
+    classification_metrics().update(predictive, y)
+    ood_metrics(score="mutual_information").update(predictive, False)
+    assert len(calls) == 1
+    (gradient,) = torch.autograd.grad(-predictive.log_prob(y).sum(), logits)
+    per_sample = logits.detach().softmax(-1)  # d(-log mean_s p_s(y)) / dz_s = w_s (p_s - onehot(y)), w_s ∝ p_s(y)
+    picked = per_sample[:, torch.arange(40), y]
+    weights = (picked / picked.sum(0)).unsqueeze(-1)
+    expected = weights * (per_sample - torch.nn.functional.one_hot(y, 4).to(per_sample))
+    torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-14)
+    (again,) = torch.autograd.grad(-predictive.log_prob(y).sum(), logits)
+    torch.testing.assert_close(again, expected, rtol=1e-12, atol=1e-14)
