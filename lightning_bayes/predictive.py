@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Union, cast
+from collections.abc import Callable
+from typing import Any, Union, cast
 
 import torch
 from torch import Tensor
