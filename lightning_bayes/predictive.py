@@ -9,8 +9,8 @@ Bayesian model average (BMA) ``p(y|x) = 1/S sum_s softmax(z_s)``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Union, cast
 
 import torch
