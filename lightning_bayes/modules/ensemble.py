@@ -4,12 +4,13 @@ The members are trained side by side on the same batches; their losses are summe
 times a member's NLL; ``train/member_nll_mean`` the mean), so each member's gradient is exactly its own, and
 clipping by norm (the Trainer's ``gradient_clip_val``) clips each member's gradient by its own norm, as if it were
 trained alone. Frozen parameters (``requires_grad=False``: a
-pretrained base under LoRA, a frozen feature extractor) are shared by all members rather than copied, and
+pretrained base under LoRA, a frozen feature extractor) are shared by all members rather than copied, a
+:class:`~lightning_bayes.models.FrozenFeatures` with its feature cache too, and
 only the trainable ones are re-initialised, so an ensemble of LoRAs (Wang et al., 2023, "LoRA ensembles for
 large language model fine-tuning") holds one base model and M adapters, each starting as peft starts it
 (A random, B = 0).
-When the backbone keeps no running statistics (no BatchNorm) the members run as one vectorised call,
-``vmap(functional_call)`` over their stacked trainable parameters (``torch.func`` model ensembling);
+When the backbone keeps no running statistics (no BatchNorm) and no feature cache, the members run as one
+vectorised call, ``vmap(functional_call)`` over their stacked trainable parameters (``torch.func`` model ensembling);
 otherwise they run one after another. The vectorised call computes attention by the math kernel of
 ``scaled_dot_product_attention``: the batching rule of the CUDA memory-efficient kernel does not fold the
 member dimension into an attention mask's batch ("attn_bias: wrong shape (batch dimension)",
@@ -34,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..checks import is_int
 from ..inference.likelihoods import Likelihood, as_likelihood
+from ..models.frozen import FrozenFeatures
 from ..predictive import Predictive, concatenate
 from .base import Batch, BayesianModule
 
@@ -42,8 +44,11 @@ _LORA_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def _copy_sharing_frozen(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose frozen parameters are the original's tensors (the ``deepcopy`` memo)."""
-    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    """A deep copy of ``module`` whose frozen parameters are the original's tensors and whose
+    :class:`~lightning_bayes.models.FrozenFeatures` are the original's modules, feature cache included (the
+    ``deepcopy`` memo): M probes on one frozen backbone compute and keep each example's features once, not M times."""
+    memo: dict[int, Any] = {id(p): p for p in module.parameters() if not p.requires_grad}
+    memo.update({id(m): m for m in module.modules() if isinstance(m, FrozenFeatures)})
     return copy.deepcopy(module, memo)
 
 
@@ -73,8 +78,13 @@ def _not_redrawn(member: nn.Module, redrawn: set[int]) -> list[str]:
     return [name for name, p in member.named_parameters() if p.requires_grad and id(p) not in redrawn]
 
 
-def _keeps_running_statistics(module: nn.Module) -> bool:
-    return any(getattr(m, "track_running_stats", False) for m in module.modules())
+def _runs_one_by_one(module: nn.Module) -> bool:
+    """Whether members of ``module`` must run in a loop: BatchNorm running statistics (vmap cannot update them) or
+    a feature cache (no value can be read inside vmap to key it, so every step would recompute the features)."""
+    return any(
+        getattr(m, "track_running_stats", False) or (isinstance(m, FrozenFeatures) and m.cache_features)
+        for m in module.modules()
+    )
 
 
 class DeepEnsemble(BayesianModule):
@@ -89,7 +99,7 @@ class DeepEnsemble(BayesianModule):
         vectorize: run the members as one ``torch.func`` call over stacked parameters (the same values as a loop,
             one pass instead of M): ``True``, ``False`` (a loop), or ``"auto"`` (on a GPU only: on a CPU ``vmap`` makes
             the convolutions grouped ones, and a LeNet-5 ensemble's step took 1.5x the loop's); a backbone with
-            BatchNorm running statistics always loops.
+            BatchNorm running statistics or a feature cache always loops.
     """
 
     owns_likelihood = True  # one likelihood per member
@@ -133,7 +143,7 @@ class DeepEnsemble(BayesianModule):
         prototype = as_likelihood(likelihood)
         # one likelihood per member: each learns its own noise
         self.likelihoods = nn.ModuleList([copy.deepcopy(prototype) for _ in range(num_members)])
-        self.vectorize = False if _keeps_running_statistics(backbone) else vectorize
+        self.vectorize = False if _runs_one_by_one(backbone) else vectorize
 
     @property
     def num_members(self) -> int:

@@ -369,3 +369,38 @@ def test_a_checkpoint_of_another_network_lists_a_few_keys_of_each_kind() -> None
     message = str(refused.value)
     assert re.search(r'Unexpected key\(s\) in state_dict: ("[^"]+", ){5}\.\.\. \(22 in all\)', message)
     assert message.count("size mismatch") == 3 and "built from the constructor's arguments" in message
+
+
+def test_an_ensemble_of_probes_shares_one_frozen_backbone_and_its_feature_cache(tmp_path: Path) -> None:
+    """M probes on one frozen backbone compute each example's features once (not M times) and keep one cache; the
+    members stay independent heads, run in a loop (inside vmap no value can be read to key the cache), and a
+    checkpoint restores them."""
+    from lightning_bayes.models import LinearProbe
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.num_features, self.rows = nn.Linear(4, 6), 6, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.rows += len(x)
+            return torch.tanh(self.layer(x))
+
+    torch.manual_seed(0)
+    backbone = Counting()
+    ensemble = DeepEnsemble(LinearProbe(backbone, 3, cache_features=True), num_members=3, vectorize=True)
+    assert not ensemble.vectorized() and all(m.backbone is ensemble.members[0].backbone for m in ensemble.members)
+    x = torch.randn(10, 4)
+    outputs = ensemble(x)
+    for _ in range(2):
+        assert torch.equal(ensemble(x), outputs)
+    assert backbone.rows == 10  # three members, three calls: the features of 10 examples computed once
+    features = torch.tanh(backbone.layer(x))
+    for member, output in zip(ensemble.members, outputs):
+        torch.testing.assert_close(output, member.head(features), rtol=0, atol=0)
+    assert not torch.equal(outputs[0], outputs[1])
+    torch.save(ensemble.state_dict(), tmp_path / "ensemble.pt")
+    torch.manual_seed(1)
+    restored = DeepEnsemble(LinearProbe(Counting(), 3, cache_features=True), num_members=3)
+    restored.load_state_dict(torch.load(tmp_path / "ensemble.pt"))
+    torch.testing.assert_close(restored(x), outputs, rtol=0, atol=0)
