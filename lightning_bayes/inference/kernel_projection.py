@@ -192,3 +192,22 @@ def project_to_kernel(
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
     with torch.autocast(theta.device.type, enabled=False):  # J_b at the parameters' precision, not autocast's bf16
         return _KernelProjection.apply(theta, noise, function, x, y, solver, iterations)
+
+
+def missing_second_derivative(
+    function: ParameterFunction, x: Any, y: Tensor, theta: Tensor, solver: Solver = "dense", iterations: int = 10
+) -> str | None:
+    """torch's error when the projection's parameter gradient cannot be taken on ``(x, y)``, else ``None``: that
+    gradient is a second derivative of the network, and torch has none for some operations (``nn.Hardsigmoid``, the
+    gate of MobileNetV3's squeeze-excitation blocks in timm: "derivative for aten::hardsigmoid_backward is not
+    implemented"). Runs one projection of a fixed vector and its backward."""
+    leaf = theta.detach().requires_grad_(True)
+    noise = torch.ones(1, function.size, dtype=theta.dtype, device=theta.device)
+    try:
+        with torch.enable_grad():
+            torch.autograd.grad(project_to_kernel(leaf, noise, function, x, y, solver, iterations).sum(), leaf)
+    except RuntimeError as error:
+        if "derivative for" in str(error) and "not implemented" in str(error):
+            return str(error)
+        raise
+    return None

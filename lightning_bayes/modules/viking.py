@@ -10,7 +10,9 @@ reference's three phases, counted in epochs (``phase_epochs``):
 3. the full ELBO ``sum_batch NLL(theta) + beta KL(q || p)`` with one sample
    ``theta = theta_hat + sigma_ker k + sigma_im (e - k)``, where ``e = sqrt(gamma) k_prev + sqrt(1 - gamma) eta``
    mixes the carried kernel noise with a fresh draw and ``k = P_b(theta_hat) e`` is projected onto this
-   batch's kernel, differentiably (:func:`~lightning_bayes.inference.kernel_projection.project_to_kernel`).
+   batch's kernel, differentiably (:func:`~lightning_bayes.inference.kernel_projection.project_to_kernel`):
+   its gradient in ``theta_hat`` is a second derivative of the network, so a network with an operation torch cannot
+   differentiate twice (``nn.Hardsigmoid``, in timm's MobileNetV3) is refused at the fit's first step.
 
 At every epoch start one alternating-projection sweep over the training batches at the current
 ``theta_hat`` projects the carried noise and ``num_samples`` posterior draws together (one Jacobian per
@@ -52,7 +54,9 @@ from torch.func import vmap
 from ..checks import check_seed, is_int, is_number
 from ..datamodules import limited_batches, side_pass, step_batch
 from ..generator import PicklableGenerator
-from ..inference.kernel_projection import SOLVERS, Solver, build_system, project, project_to_kernel
+from ..inference.kernel_projection import (
+    SOLVERS, Solver, build_system, missing_second_derivative, project, project_to_kernel,
+)
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.viking import KernelImageGaussian, image_dimension, mix_noise
@@ -191,6 +195,7 @@ class VIKING(BayesianModule):
         self.register_buffer("sample_kernel", torch.zeros(num_samples, size, dtype=dtype))  # k_s = P e_s
         self.register_buffer("swept_at", torch.full((2,), float("nan"), dtype=torch.float64))  # fingerprint
         self._ddp_params_and_buffers_to_ignore = list(_RANK_NOISE)  # DDP must not broadcast rank 0's noise
+        self._second_derivatives_checked = False  # per process: see _check_second_derivatives
 
     def forward(self, x: Any) -> Tensor:
         return self.backbone(x)
@@ -288,8 +293,31 @@ class VIKING(BayesianModule):
             self.carried.copy_(self._randn(self.function.size))  # an unprojected start; the first step projects it
 
     # ----- training ----------------------------------------------------------------------------------------
+    def _check_second_derivatives(self, x: Any, y: Tensor) -> None:
+        """At a fit's first step: the ELBO phase's per-step projections (``gamma < 1``) need second derivatives of
+        the network, which torch lacks for some operations; refuse before the first two phases run, not after."""
+        self._second_derivatives_checked = True
+        if self.gamma == 1 or self.phase_epochs[2] == 0:
+            return
+        modes = [(module, module.training) for module in self.backbone.modules()]
+        try:
+            missing = missing_second_derivative(self.function, x, y, self.theta_hat(), self.solver, self.iterations)
+        finally:  # the function runs the network in eval mode; the MLE phase trains it in its own modes
+            for module, training in modes:
+                module.training = training
+        if missing is not None:
+            raise ValueError(
+                f"VIKING with gamma={self.gamma} differentiates each ELBO step's kernel projection with respect to "
+                f"theta_hat, a second derivative of {type(self.backbone).__name__}, and torch has none for one of "
+                f"its operations ({missing}). Replace that operation with a twice-differentiable one computing the "
+                "same function (e.g. nn.Hardsigmoid by F.relu6(x + 3) / 6), or use gamma=1 (the epoch-start "
+                "projections only)"
+            )
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch
+        if not self._second_derivatives_checked:
+            self._check_second_derivatives(x, y)
         phase = self.phase()
         if phase == 1:
             loss = self.likelihood.loss(self(x), y)

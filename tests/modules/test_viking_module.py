@@ -198,8 +198,9 @@ def test_compile_jacobian_trains_as_the_eager_module(monkeypatch: pytest.MonkeyP
     }
     for module in modules.values():
         make_trainer(4).fit(module, train_dataloaders=loader())
-    # 4 batches an epoch: the sweeps of epochs 1-3 and the warm-up's steps without J_b's graph, the ELBO's steps with it
-    assert calls == {True: 2 * 4, False: 3 * 4 + 4}
+    # 4 batches an epoch: the sweeps of epochs 1-3 and the warm-up's steps without J_b's graph, the ELBO's steps with
+    # it, and the first step's check that the network has second derivatives
+    assert calls == {True: 2 * 4 + 1, False: 3 * 4 + 4}
     eager, compiled = modules[False].state_dict(), modules[True].state_dict()
     assert not torch.equal(eager["carried"], torch.zeros_like(eager["carried"]))
     for name, value in eager.items():
@@ -566,3 +567,40 @@ def test_validation_inside_a_fit_leaves_the_global_generator_as_it_found_it() ->
     trainer = make_trainer(1, callbacks=[Generator()], limit_val_batches=1)
     trainer.fit(module, train_dataloaders=loader(), val_dataloaders=DataLoader(two_blobs(), batch_size=8, shuffle=True))
     assert len(states) == 2 and torch.equal(states[0], states[1])
+
+
+class HardSigmoidFormula(nn.Module):
+    """``relu6(x + 3) / 6``: nn.Hardsigmoid's function with torch's second derivatives."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3) / 6
+
+
+def test_a_network_without_second_derivatives_is_refused_before_the_first_step() -> None:
+    """The ELBO steps' projections (gamma < 1) differentiate the network twice; torch has no second derivative of
+    nn.Hardsigmoid (the gate of timm's MobileNetV3): refused at the first MLE step, naming the fix, with the
+    network's train modes as they were. gamma = 1 needs none, and the same function written out trains."""
+
+    class ModeRecorder(Callback):
+        def __init__(self) -> None:
+            self.modes: list[bool] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.modes.append(module.backbone[1].training)
+
+    def network(activation: nn.Module) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(2, 6), nn.Dropout(0.1), activation, nn.Linear(6, 2)).double()
+
+    module = VIKING(network(nn.Hardsigmoid()), phase_epochs=(1, 0, 1), num_samples=2, gamma=0.2)
+    before = module.function.theta().clone()
+    with pytest.raises(ValueError, match=r"VIKING with gamma=0.2 .* second derivative of Sequential"
+                       r".*hardsigmoid_backward.*nn.Hardsigmoid by F.relu6\(x \+ 3\) / 6\).*or use gamma=1"):
+        make_trainer(3).fit(module, train_dataloaders=loader())
+    assert torch.equal(module.function.theta(), before)
+    for gamma, activation in ((1.0, nn.Hardsigmoid()), (0.2, HardSigmoidFormula())):
+        module = VIKING(network(activation), phase_epochs=(1, 0, 1), num_samples=2, gamma=gamma)
+        recorder = ModeRecorder()
+        make_trainer(2, callbacks=[recorder]).fit(module, train_dataloaders=loader())
+        assert recorder.modes[:4] == [True] * 4  # the MLE epoch trains with dropout on
+        assert torch.isfinite(module.predictive(two_blobs().tensors[0]).probs).all()
