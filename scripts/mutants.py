@@ -43,7 +43,7 @@ _MODULES = {  # modules/<module>.py -> tests/modules/test_<name>.py
     "training_free_bayes": ["tfb_search", "tfb_ddp"], "variational_inference": ["variational_inference"],
     "ssvi": ["ssvi_module", "ssvi_ddp"], "nullspace_laplace": ["nullspace_laplace", "nullspace_laplace_ddp"],
     "subspace_inference": ["subspace_inference", "subspace_inference_ddp"],
-    "ensemble": ["baselines", "lora_ensemble"],
+    "ensemble": ["baselines", "lora_ensemble"], "ensemble_members": ["ensemble_members", "baselines"],
 }  # fmt: skip
 _CALLBACKS = {  # callbacks/<module>.py -> tests/callbacks/test_<name>.py
     "curve_training": ["curve_training", "curve_training_ddp"], "swa_subspace": ["swa_subspace", "swa_subspace_ddp"],
