@@ -250,3 +250,18 @@ def test_a_null_space_laplace_over_a_cached_probes_head_gives_the_uncached_poste
         probabilities[cached] = laplace.predictive(x[:5]).probs
     torch.testing.assert_close(probabilities[True], probabilities[False], rtol=0, atol=0)
     assert not torch.allclose(probabilities[True][0], probabilities[True][1])  # samples that differ
+
+
+def test_example_keys_of_a_one_dimensional_batch_and_of_masked_wide_token_tensors():
+    """A batch [B] (one number per example) has one key per row; a [B, T, D] tensor beside an attention mask
+    (e.g. inputs_embeds) is restricted to the real positions like [B, T] ones, so padding does not change its key."""
+    from lightning_bayes.models.feature_cache import example_keys
+
+    keys = example_keys(torch.tensor([1.0, 2.0, 1.0]))
+    assert keys[0] == keys[2] != keys[1]
+    embeds = torch.randn(1, 3, 4)
+    right = {"inputs_embeds": torch.cat([embeds, torch.zeros(1, 2, 4)], 1),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    left = {"inputs_embeds": torch.cat([torch.ones(1, 1, 4), embeds], 1),
+            "attention_mask": torch.tensor([[0, 1, 1, 1]])}
+    assert example_keys(right) == example_keys(left)

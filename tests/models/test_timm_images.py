@@ -109,7 +109,8 @@ def test_images_of_the_input_size_are_only_normalised_with_the_pretrained_mean_a
         (torch.rand(2, 2, 28, 28), r"images must be \[B, 1 or 3, H, W\] .* got shape \(2, 2, 28, 28\)"),
         (torch.rand(2, 28, 28), r"got shape \(2, 28, 28\)"),
         ((torch.rand(2, 1, 28, 28) - 0.13) / 0.31, r"pixels in \[0, 1\] .* give the datamodule normalize=False"),
-        ((torch.rand(2, 1, 28, 28) - 0.5) / 0.5, r"pixels in \[0, 1\] .* got values in \[-0.9"),  # in [-1, 1]
+        (torch.linspace(-0.95, 0.95, 2 * 28 * 28).reshape(2, 1, 28, 28),  # in [-1, 1]: named with its range
+         r"pixels in \[0, 1\] .* got values in \[-0.95, 0.95\]"),
     ],
 )
 def test_inputs_it_cannot_adapt_are_explained(images: torch.Tensor, message: str):
@@ -175,3 +176,18 @@ def test_per_example_jacobians_run_vectorised_through_the_adaptation():
 def test_a_non_bool_channels_last_is_named():
     with pytest.raises(ValueError, match="channels_last must be True or False; got 'yes'"):
         TimmImageModel("test_efficientnet", channels_last="yes")
+
+
+def test_images_of_the_input_size_are_not_resampled(monkeypatch: pytest.MonkeyPatch):
+    """No per-batch resize when the batch already has the input size (it would clamp pixels within the check's
+    1e-3 tolerance and cost a resample per batch)."""
+    from lightning_bayes.models import timm_images
+
+    model = TimmImageModel("resnet10t", input_size=32)
+    calls = []
+    real = timm_images.functional.interpolate
+    monkeypatch.setattr(timm_images.functional, "interpolate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.adapt(torch.rand(2, 3, 32, 32))
+    assert calls == []
+    model.adapt(torch.rand(2, 3, 20, 24))
+    assert calls == [1]

@@ -388,7 +388,8 @@ def test_an_ensemble_of_probes_shares_one_frozen_backbone_and_its_feature_cache(
 
     torch.manual_seed(0)
     backbone = Counting()
-    ensemble = DeepEnsemble(LinearProbe(backbone, 3, cache_features=True), num_members=3, vectorize=True)
+    with pytest.warns(UserWarning, match=r"vectorize=True\) runs its members in a loop: a feature cache"):
+        ensemble = DeepEnsemble(LinearProbe(backbone, 3, cache_features=True), num_members=3, vectorize=True)
     assert not ensemble.vectorized() and all(m.backbone is ensemble.members[0].backbone for m in ensemble.members)
     x = torch.randn(10, 4)
     outputs = ensemble(x)
@@ -404,3 +405,54 @@ def test_an_ensemble_of_probes_shares_one_frozen_backbone_and_its_feature_cache(
     restored = DeepEnsemble(LinearProbe(Counting(), 3, cache_features=True), num_members=3)
     restored.load_state_dict(torch.load(tmp_path / "ensemble.pt"))
     torch.testing.assert_close(restored(x), outputs, rtol=0, atol=0)
+
+
+
+def test_fsdp1_is_refused_on_two_processes_only_for_a_method_without_support() -> None:
+    """FSDP1 needs CUDA, so the module meets a stand-in for the Trainer (the check reads only these two)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = DeepEnsemble(_mlp(), num_members=2)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
+    with pytest.raises(ValueError, match=r"DeepEnsemble does not support FSDP1 .* on 2 processes"):
+        module._refuse_multi_process_fsdp1()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=1)
+    module._refuse_multi_process_fsdp1()  # one process: every parameter is whole
+
+
+def test_predict_step_on_an_x_y_batch_predicts_from_x():
+    torch.manual_seed(0)
+    module = MAP(_mlp()).eval()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5, 4)).float()  # y shaped like x: a wrong pick would run
+    torch.testing.assert_close(module.predict_step((x, y), 0).probs, module.predictive(x).probs)
+    torch.testing.assert_close(module.predict_step(x, 0).probs, module.predictive(x).probs)
+
+
+@pytest.mark.parametrize("ready, expected", [(0, 0), (1, 1), (3, 3), (5, 0)])
+def test_batches_done_at_resume_counts_the_batches_of_a_part_done_epoch(ready: int, expected: int):
+    """Lightning's batch progress of the epoch under way (5 batches): 0 and a finished epoch count as none."""
+    from types import SimpleNamespace
+
+    module = MAP(_mlp())
+    progress = SimpleNamespace(current=SimpleNamespace(ready=ready))
+    module._trainer = SimpleNamespace(
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)), num_training_batches=5
+    )
+    assert module.batches_done_at_resume() == expected
+
+
+def test_validation_and_test_log_the_negative_log_likelihood():
+    """val/nll and test/nll: the mean of -log p(y | x) over the examples (positive for a classifier)."""
+    torch.manual_seed(0)
+    module = MAP(_mlp())
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=12)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = -module.eval().predictive(x).log_prob(y).mean()
+    assert float(expected) > 0
+    [validated] = trainer.validate(module, loader, verbose=False)
+    [tested] = trainer.test(module, loader, verbose=False)
+    torch.testing.assert_close(torch.tensor(validated["val/nll"]), expected.detach())
+    torch.testing.assert_close(torch.tensor(tested["test/nll"]), expected.detach())

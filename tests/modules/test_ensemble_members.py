@@ -26,17 +26,25 @@ def mlp(hidden: int = 8, seed: int | None = None) -> nn.Module:
 
 def test_a_list_of_networks_is_the_members_as_given_and_its_predictive_averages_theirs() -> None:
     torch.manual_seed(0)
-    networks = [mlp(), mlp(), mlp(12)]  # one of another width: a loop, as vectorize=True is warned
-    with pytest.warns(UserWarning, match=r"vectorize=True\) runs its members in a loop: the members' parameters"):
-        ensemble = DeepEnsemble(networks, vectorize=True)
+    networks = [mlp(), mlp(), mlp()]
+    ensemble = DeepEnsemble(networks, vectorize=True)  # one structure: vectorised
     assert ensemble.num_members == 3 and all(a is b for a, b in zip(ensemble.members, networks))
-    assert not ensemble.vectorized()
+    assert ensemble.vectorized()
     x = torch.randn(5, 4)
     expected = torch.stack([net(x).softmax(-1) for net in networks]).mean(0)
     torch.testing.assert_close(ensemble.predictive(x).probs, expected, rtol=1e-6, atol=1e-7)
-    alike = DeepEnsemble([mlp(), mlp()], num_members=2, vectorize=True)  # one structure: vectorised
-    assert alike.vectorized()
-    torch.testing.assert_close(alike(x), torch.stack([m(x) for m in alike.members]), rtol=1e-6, atol=1e-7)
+    assert DeepEnsemble(mlp()).num_members == 5  # one network: 5 members unless told
+
+
+@pytest.mark.parametrize("odd", [0, 1, 2])
+def test_members_of_different_shapes_run_in_a_loop_and_vectorize_true_is_warned(odd: int) -> None:
+    torch.manual_seed(0)
+    networks = [mlp(12) if index == odd else mlp() for index in range(3)]
+    with pytest.warns(UserWarning, match=r"vectorize=True\) runs its members in a loop: the members' parameters"):
+        ensemble = DeepEnsemble(networks, vectorize=True)
+    assert not ensemble.vectorized()
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(ensemble(x), torch.stack([net(x) for net in networks]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -66,12 +74,12 @@ def test_the_same_network_twice_is_refused_and_equal_starts_warn() -> None:
 def test_one_network_with_its_own_initialisation_warns_naming_what_the_copies_redraw_otherwise() -> None:
     """The copies re-draw through ``reset_parameters``; the original's zeroed weight (timm's last BatchNorm of a
     block), 3x-scaled weight (a fan-out initialiser) and zeroed bias are not draws of that, the untouched layer is."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    torch.manual_seed(0)  # 64 elements and more are compared by scale, 2 and more by constancy
+    net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4), nn.Tanh(), nn.Linear(4, 2))
     with torch.no_grad():
         net[0].weight.zero_()
-        net[2].weight.mul_(3.0)
-        net[4].bias.zero_()
+        net[2].weight.mul_(3.0)  # 64 elements
+        net[4].bias.zero_()  # 2 elements
     with pytest.warns(UserWarning, match=r"differ in scale for 3 trainable parameters \(e.g. \['0.weight', "
                       r"'2.weight', '4.bias'\]\).*Pass backbone as a list"):
         DeepEnsemble(net, num_members=3)

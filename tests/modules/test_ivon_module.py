@@ -210,3 +210,12 @@ def test_leaving_out_a_layer_peft_trains_afresh_is_refused() -> None:
         IVONModule(model, optimizer=ivon_factory, params="lora", dataset_size=24)
     module = IVONModule(model, optimizer=ivon_factory, params=["lora", "*modules_to_save*"], dataset_size=24)
     assert any("modules_to_save" in name for name in module.posterior_names)
+
+
+def test_the_default_optimizer_is_ivon_with_lr_0_1_and_the_given_ess() -> None:
+    """IVONModule's default factory: IVON with the library defaults, lr = 0.1 (documented), ess passed through."""
+    from lightning_bayes.modules.ivon import default_ivon
+
+    optimizer = default_ivon([torch.nn.Parameter(torch.zeros(3))], 240.0)
+    assert isinstance(optimizer, IVON)
+    assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.param_groups[0]["ess"] == 240.0
