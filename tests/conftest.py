@@ -1,9 +1,20 @@
 """Shared fixtures."""
 
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from one random state, whatever ran before it: a test drawing without its own seed sees the
+    same numbers alone, in a subset or in the whole suite (a refusal message printed -1 for -0.9998 one run in three)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

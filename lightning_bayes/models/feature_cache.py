@@ -49,9 +49,9 @@ def example_keys(x: Tensor | Mapping[str, Tensor]) -> list[str]:
     """One content hash per example of the batch ``x``.
 
     A tensor ``[B, ...]``: the dtype, the example shape and the bytes of each row. A dict (a tokenizer's
-    batch): for each key in sorted order, the row of that tensor; ``[B, T]`` tensors are restricted to
-    the positions where ``attention_mask == 1``, so a text has the same key however much padding its
-    batch gave it (left or right).
+    batch): for each key in sorted order, the row of that tensor; ``[B, T, ...]`` tensors (token ids,
+    ``inputs_embeds``) are restricted to the positions where ``attention_mask == 1``, so a text has the same key
+    however much padding its batch gave it (left or right).
     """
     size = _batch_size(x)
     items = sorted(x.items()) if isinstance(x, Mapping) else [("", x)]
