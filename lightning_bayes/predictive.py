@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .checks import class_labels
+from .torch_func_state import inside_torch_func
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -33,6 +34,18 @@ def _check_rank3(name: str, value: Tensor) -> None:
     if value.shape[0] < 1 or value.shape[2] < 1:
         raise ValueError(f"{name} needs at least one sample and one output, shape [S >= 1, B, C|D >= 1]; got "
                          f"{tuple(value.shape)}")
+
+
+def _may_keep(logits: Tensor) -> bool:
+    """Whether values computed from ``logits`` may be kept on their predictive: not while ``torch.compile`` traces
+    (it cannot replay the write to a frozen dataclass), not inside a ``torch.func`` transform (they would be its
+    wrapped tensors, dead outside it), and not under inference mode for logits made outside it (an inference tensor
+    cannot be saved for a later backward pass)."""
+    return not (
+        torch.compiler.is_compiling()
+        or inside_torch_func()
+        or (torch.is_inference_mode_enabled() and not logits.is_inference())
+    )
 
 
 def _entropy(log_probs: Tensor) -> Tensor:
@@ -55,8 +68,9 @@ class CategoricalPredictive:
 
     def _kept(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, kept under ``name`` where no gradient is wanted (metrics update under ``no_grad``); where
-        one is, computed afresh, so no graph is kept or reused after a backward pass freed it."""
-        if torch.is_grad_enabled() and self.logits.requires_grad:
+        one is, computed afresh, so no graph is kept or reused after a backward pass freed it (see :func:`_may_keep`
+        for the other exceptions)."""
+        if (torch.is_grad_enabled() and self.logits.requires_grad) or not _may_keep(self.logits):
             return compute()
         kept: Tensor | None = self.__dict__.get(name)
         if kept is None:
@@ -116,8 +130,8 @@ class CategoricalPredictive:
         return self.probs.max(-1).values
 
     def detach(self) -> CategoricalPredictive:
-        """The same predictive without an autograd graph."""
-        return CategoricalPredictive(self.logits.detach())
+        """The same predictive without an autograd graph (itself, with what it keeps, when it has none)."""
+        return CategoricalPredictive(self.logits.detach()) if self.logits.requires_grad else self
 
     @property
     def num_examples(self) -> int:

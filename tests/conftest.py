@@ -10,8 +10,9 @@ import torch
 
 @pytest.fixture(autouse=True)
 def seeded() -> None:
-    """Every test starts from one random state, whatever ran before it: a test drawing without its own seed sees the
-    same numbers alone, in a subset or in the whole suite (a refusal message printed -1 for -0.9998 one run in three)."""
+    """Every test body starts from one global random state, whatever ran before it: a test drawing from the global
+    generators without its own seed sees the same numbers alone, in a subset or in the whole suite (a refusal
+    message printed -1 for -0.9998 one run in three). Draws at import or in wider-scoped fixtures are not covered."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)

@@ -200,3 +200,29 @@ def test_categorical_log_probabilities_are_computed_once_for_a_whole_metric_coll
     torch.testing.assert_close(gradient, expected, rtol=1e-12, atol=1e-14)
     (again,) = torch.autograd.grad(-predictive.log_prob(y).sum(), logits)
     torch.testing.assert_close(again, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_categorical_values_are_not_kept_where_they_could_not_be_used_later(fresh_dynamo: None) -> None:
+    """Nothing is kept while torch.compile traces (it cannot replay the write: a compiled validation step failed),
+    inside a torch.func transform (its wrapped tensors die with it) or under inference mode for outside logits (an
+    inference tensor cannot be saved for a later backward); detach() of logits without a graph keeps what is kept."""
+    logits, y = categorical().logits, torch.arange(40) % 4
+
+    def evaluate(z: torch.Tensor) -> tuple[CategoricalPredictive, torch.Tensor]:  # the shape of a validation step
+        predictive = CategoricalPredictive(z)
+        return predictive, -predictive.log_prob(y).mean()
+
+    compiled, nll = torch.compile(evaluate)(logits)
+    torch.testing.assert_close(nll, evaluate(logits)[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(compiled.log_probs, evaluate(logits)[0].log_probs, rtol=0, atol=0)
+    outside = CategoricalPredictive(logits)
+    torch.func.vmap(lambda a: outside.log_probs.sum() * a)(torch.ones(3))
+    assert "log_probs" not in outside.__dict__
+    trainable = logits.clone().requires_grad_()
+    predictive = CategoricalPredictive(trainable)
+    with torch.inference_mode():
+        assert predictive.entropy.is_inference()
+    (gradient,) = torch.autograd.grad(predictive.entropy.sum(), trainable)
+    assert torch.isfinite(gradient).all() and "entropy" not in predictive.__dict__
+    kept = CategoricalPredictive(logits)
+    assert kept.log_probs is kept.log_probs and kept.detach() is kept and predictive.detach() is not predictive

@@ -6,7 +6,7 @@ from torch import nn
 VOCAB = 32
 
 
-def tiny_lora_llama(seed: int = 0) -> nn.Module:
+def tiny_lora_llama(seed: int = 0, init_lora_weights: bool | str = True) -> nn.Module:
     """Two blocks of width 16, LoRA r = 4 (alpha 8) as peft initialises it (B = 0), in float64."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -21,7 +21,7 @@ def tiny_lora_llama(seed: int = 0) -> nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=16,
     )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init_lora_weights)
     return get_peft_model(LlamaForCausalLM(config), lora).double()
 
 

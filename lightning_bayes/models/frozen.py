@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..checks import check_flags
 from .feature_cache import FeatureCache
 from .identity import backbone_identity
-from .torch_func_state import inside_torch_func
+from ..torch_func_state import inside_torch_func
 
 
 def _autocast_state() -> str:

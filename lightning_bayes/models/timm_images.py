@@ -21,7 +21,7 @@ from torch.nn import functional
 
 from ..checks import check_flags, is_int
 from .timm import timm_backbone
-from .torch_func_state import inside_torch_func
+from ..torch_func_state import inside_torch_func
 
 _MODES = ("bicubic", "bilinear", "nearest")  # timm configurations name these (and PIL's others: bilinear then)
 

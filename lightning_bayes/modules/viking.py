@@ -195,7 +195,7 @@ class VIKING(BayesianModule):
         self.register_buffer("sample_kernel", torch.zeros(num_samples, size, dtype=dtype))  # k_s = P e_s
         self.register_buffer("swept_at", torch.full((2,), float("nan"), dtype=torch.float64))  # fingerprint
         self._ddp_params_and_buffers_to_ignore = list(_RANK_NOISE)  # DDP must not broadcast rank 0's noise
-        self._second_derivatives_checked = False  # per process: see _check_second_derivatives
+        self._second_derivatives_checked = False  # per fit: see _check_second_derivatives
 
     def forward(self, x: Any) -> Tensor:
         return self.backbone(x)
@@ -259,6 +259,7 @@ class VIKING(BayesianModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        self._second_derivatives_checked = False  # every fit checks at its first step
         model = self.trainer.strategy.model
         strict_ddp = isinstance(model, DistributedDataParallel) and not model.find_unused_parameters
         if strict_ddp and any(self.phase_epochs[:2]):
@@ -295,9 +296,12 @@ class VIKING(BayesianModule):
     # ----- training ----------------------------------------------------------------------------------------
     def _check_second_derivatives(self, x: Any, y: Tensor) -> None:
         """At a fit's first step: the ELBO phase's per-step projections (``gamma < 1``) need second derivatives of
-        the network, which torch lacks for some operations; refuse before the first two phases run, not after."""
+        the network, which torch lacks for some operations; refuse before the first two phases run, not after (a fit
+        that ends before the ELBO phase is not refused)."""
         self._second_derivatives_checked = True
-        if self.gamma == 1 or self.phase_epochs[2] == 0:
+        length = fit_length(self.trainer)  # a smoke run checks: the fit it stands for reaches the ELBO phase
+        if self.gamma == 1 or self.phase_epochs[2] == 0 or (length.epochs <= sum(self.phase_epochs[:2])
+                                                             and not length.smoke_run):
             return
         modes = [(module, module.training) for module in self.backbone.modules()]
         try:

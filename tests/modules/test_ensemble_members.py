@@ -105,3 +105,14 @@ def test_a_yaml_list_of_members_trains_through_the_cli_and_its_checkpoint_tests(
     for trained, restored in zip(members, tested.model.members):
         for a, b in zip(trained.parameters(), restored.parameters()):
             assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_a_module_list_is_a_list_of_members_and_a_meta_network_builds_without_value_checks() -> None:
+    networks = nn.ModuleList([mlp(seed=1), mlp(seed=2)])
+    ensemble = DeepEnsemble(networks)
+    assert ensemble.num_members == 2 and ensemble.members[1] is networks[1]
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no scale warning from values that do not exist
+        on_meta = DeepEnsemble(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3)), num_members=3)
+        listed = DeepEnsemble([mlp(), mlp()])
+    assert next(on_meta.members[2].parameters()).is_meta and next(listed.members[1].parameters()).is_meta

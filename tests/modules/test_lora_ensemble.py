@@ -118,3 +118,33 @@ def test_checkpoint_round_trip_stores_the_base_once(single_thread):
     restored.load_state_dict(torch.load(buffer))
     with torch.no_grad():
         torch.testing.assert_close(restored.eval()(ids), ensemble.eval()(ids), rtol=0, atol=0)
+
+
+def test_members_redraw_gaussian_adapters_as_gaussian_and_leave_frozen_adapters_alone(single_thread):
+    """peft's ``init_lora_weights="gaussian"`` (A ~ N(0, 1/r^2)) is re-drawn so, not as the default's uniform A (no
+    scale warning); an adapter frozen under a trainable head is shared with the original, never reset in place."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ensemble = DeepEnsemble(LastTokenClassifier(tiny_lora_llama(0, init_lora_weights="gaussian")), num_members=3)
+    redrawn = torch.cat([p.reshape(-1) for n, p in ensemble.members[1].named_parameters() if "lora_A" in n])
+    assert redrawn.numel() == 256 and abs(float(redrawn.square().mean().sqrt()) - 0.25) < 0.04  # uniform: 0.144
+
+    class HeadOnFrozenLora(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = tiny_lora_llama(0).requires_grad_(False), nn.Linear(VOCAB, CLASSES).double()
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(input_ids=ids).logits[:, -1])
+
+    backbone = HeadOnFrozenLora()
+    perturb_lora_b(backbone.body)
+    adapters = {n: p.detach().clone() for n, p in backbone.named_parameters() if "lora_" in n}
+    ensemble = DeepEnsemble(backbone, num_members=3)
+    originals = dict(backbone.named_parameters())
+    for name, value in adapters.items():
+        assert torch.equal(originals[name], value), name
+        assert all(dict(m.named_parameters())[name] is originals[name] for m in ensemble.members)
+    assert not torch.equal(ensemble.members[1].head.weight, backbone.head.weight)

@@ -598,6 +598,11 @@ def test_a_network_without_second_derivatives_is_refused_before_the_first_step()
                        r".*hardsigmoid_backward.*nn.Hardsigmoid by F.relu6\(x \+ 3\) / 6\).*or use gamma=1"):
         make_trainer(3).fit(module, train_dataloaders=loader())
     assert torch.equal(module.function.theta(), before)
+    with pytest.raises(ValueError, match="hardsigmoid_backward"):  # a smoke run stands for the whole fit: checked
+        make_trainer(3, fast_dev_run=1).fit(module, train_dataloaders=loader())
+    with pytest.warns(UserWarning, match="the fit ends before the ELBO phase"):  # never needs the derivatives
+        make_trainer(1).fit(module, train_dataloaders=loader())
+    assert not torch.equal(module.function.theta(), before)
     for gamma, activation in ((1.0, nn.Hardsigmoid()), (0.2, HardSigmoidFormula())):
         module = VIKING(network(activation), phase_epochs=(1, 0, 1), num_samples=2, gamma=gamma)
         recorder = ModeRecorder()
