@@ -148,3 +148,21 @@ def test_members_redraw_gaussian_adapters_as_gaussian_and_leave_frozen_adapters_
         assert torch.equal(originals[name], value), name
         assert all(dict(m.named_parameters())[name] is originals[name] for m in ensemble.members)
     assert not torch.equal(ensemble.members[1].head.weight, backbone.head.weight)
+
+
+def test_members_redraw_embedding_adapters(single_thread):
+    """LoRA on an embedding keeps its factors in ParameterDicts (A = 0, B ~ N(0, 1) as peft draws them): re-drawn
+    for each member too, so no member starts equal to another there."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Flatten(), nn.Linear(8 * 6, CLASSES))
+    lora = get_peft_model(network, LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    ensemble = DeepEnsemble(lora, num_members=3)
+    factors = [{n: p for n, p in m.named_parameters() if "lora_embedding" in n} for m in ensemble.members]
+    assert factors[0] and {n for n in factors[0] if "lora_embedding_B" in n}
+    for name, value in factors[1].items():
+        if "lora_embedding_A" in name:
+            assert torch.count_nonzero(value) == 0
+        else:
+            assert not torch.equal(value, factors[0][name]) and not torch.equal(value, factors[2][name])
