@@ -43,7 +43,8 @@ _MODULES = {  # modules/<module>.py -> tests/modules/test_<name>.py
     "training_free_bayes": ["tfb_search", "tfb_ddp"], "variational_inference": ["variational_inference"],
     "ssvi": ["ssvi_module", "ssvi_ddp"], "nullspace_laplace": ["nullspace_laplace", "nullspace_laplace_ddp"],
     "subspace_inference": ["subspace_inference", "subspace_inference_ddp"],
-    "ensemble": ["baselines", "lora_ensemble"], "ensemble_members": ["ensemble_members", "baselines"],
+    "ensemble": ["baselines", "lora_ensemble", "ensemble_members"],
+    "ensemble_members": ["ensemble_members", "baselines"],
 }  # fmt: skip
 _CALLBACKS = {  # callbacks/<module>.py -> tests/callbacks/test_<name>.py
     "curve_training": ["curve_training", "curve_training_ddp"], "swa_subspace": ["swa_subspace", "swa_subspace_ddp"],
@@ -76,6 +77,28 @@ TESTS: dict[str, list[str]] = {  # source file -> the tests that exercise it dir
     "lightning_bayes/datamodules/sampler_padding.py": ["tests/datamodules/test_sampler_padding.py"],
     "lightning_bayes/datamodules/regression.py": ["tests/datamodules/test_regression.py"],
     "lightning_bayes/heap.py": ["tests/test_heap.py"],
+    "lightning_bayes/metrics/legacy.py": ["tests/metrics", "tests/callbacks/test_calibration_callback.py"],
+    "lightning_bayes/metrics/_inputs.py": ["tests/metrics", "tests/test_bad_input.py"],
+    "lightning_bayes/plots/reliability.py": ["tests/plots/test_reliability_plot.py",
+                                             "tests/callbacks/test_calibration_callback.py"],
+    "lightning_bayes/plots/regression.py": ["tests/plots/test_regression_plot.py"],
+    "lightning_bayes/plots/curve.py": ["tests/plots/test_curve_plot.py"],
+    "lightning_bayes/plots/coefficients.py": ["tests/plots/test_coefficient_plot.py",
+                                              "tests/callbacks/test_coefficient_posterior.py"],
+    "lightning_bayes/params.py": ["tests/test_params.py", "tests/test_bad_input.py"],
+    "lightning_bayes/checks.py": ["tests/test_bad_input.py", "tests/metrics"],
+    "lightning_bayes/callbacks/run_files.py": ["tests/callbacks/test_run_files.py"],
+    "lightning_bayes/models/semi_structured.py": ["tests/models/test_semi_structured.py",
+                                                  "tests/callbacks/test_coefficient_posterior.py"],
+    **{f"lightning_bayes/models/{m}.py": ["tests/models/test_backbones.py", "tests/models/test_probe.py"]
+       for m in ("lenet", "mlp")},
+    "lightning_bayes/models/weights.py": ["tests/models/test_weights.py", "tests/models/test_frozen_base.py"],
+    "lightning_bayes/models/identity.py": ["tests/models/test_frozen_base.py", "tests/models/test_frozen_cache.py",
+                                           "tests/models/test_timm_images.py"],
+    "lightning_bayes/datamodules/base.py": ["tests/test_bad_input.py", "tests/datamodules/test_digits.py",
+                                            "tests/datamodules/test_regression.py"],
+    "lightning_bayes/datamodules/idx.py": ["tests/datamodules/test_idx.py", "tests/datamodules/test_mnist.py"],
+    "lightning_bayes/datamodules/text.py": ["tests/datamodules/test_text.py"],
 }
 _SWAP = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div: ("/", "*"), ast.Pow: ("**", "*"),
          ast.MatMult: ("@", "*"), ast.FloorDiv: ("//", "*")}  # fmt: skip

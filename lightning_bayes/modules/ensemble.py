@@ -49,7 +49,7 @@ def _loop_reason(members: list[nn.Module]) -> str | None:
     if any(isinstance(m, FrozenFeatures) and m.cache_features for m in modules):
         return "a feature cache (inside vmap no value can be read to key it: every step would recompute the features)"
     if not share_structure(members):
-        return "the members' parameters and buffers differ in names or shapes"
+        return "the members are not one network with other weights (their modules, settings or shapes differ)"
     return None
 
 

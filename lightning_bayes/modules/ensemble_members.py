@@ -61,11 +61,13 @@ def ensemble_members(backbone: Union[nn.Module, Sequence[nn.Module]], num_member
 
 
 def share_structure(members: Sequence[nn.Module]) -> bool:
-    """Whether every member has the first's parameter and buffer names and shapes (what ``vmap`` over stacked
-    weights needs)."""
+    """Whether every member is the first's network with other weights: the same module classes and settings (their
+    repr: an activation, a dropout rate) and the same parameter and buffer names and shapes. ``vmap`` over stacked
+    weights runs every member through the first's modules, so members that differ in anything else loop."""
 
-    def structure(member: nn.Module) -> list[tuple[str, torch.Size]]:
-        return [(n, t.shape) for n, t in [*member.named_parameters(), *member.named_buffers()]]
+    def structure(member: nn.Module) -> tuple[object, ...]:
+        tensors = [(n, t.shape) for n, t in [*member.named_parameters(), *member.named_buffers()]]
+        return repr(member), [(n, type(m)) for n, m in member.named_modules()], tensors
 
     return all(structure(member) == structure(members[0]) for member in members[1:])
 

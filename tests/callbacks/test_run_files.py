@@ -5,7 +5,7 @@ import json
 from lightning.pytorch import Trainer
 
 from lightning_bayes.callbacks import CalibrationMetrics, PredictionWriter
-from lightning_bayes.callbacks.run_files import unique_path, write_json
+from lightning_bayes.callbacks.run_files import loader_suffixes, unique_path, write_json
 from lightning_bayes.datamodules import DigitsDataModule
 from lightning_bayes.models import MLP
 from lightning_bayes.modules import MAP
@@ -50,3 +50,11 @@ def test_a_plot_and_its_data_take_one_free_stem(tmp_path):
     assert png.name == "reliability-1.png"
     assert write_json(tmp_path, png.stem, {"a": 1}).name == "reliability-1.json"
     assert unique_path(tmp_path, "reliability", ".png").name == "reliability.png"  # without a companion: its own
+
+
+def test_loader_suffixes_name_every_loader_once_there_are_two_or_more():
+    """As Lightning names a step's logs: no suffix for one loader, ``/dataloader_idx_k`` for each of several."""
+    loader = object()  # a pytree leaf, as a DataLoader is; only the count matters
+    assert loader_suffixes(loader) == loader_suffixes([loader]) == [""]
+    assert loader_suffixes([loader, loader]) == ["/dataloader_idx_0", "/dataloader_idx_1"]
+    assert loader_suffixes({"a": loader, "b": loader, "c": loader}) == [f"/dataloader_idx_{k}" for k in range(3)]

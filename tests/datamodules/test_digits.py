@@ -100,3 +100,12 @@ def test_drop_last_leaves_out_a_smaller_last_training_batch_and_is_a_bool():
     assert trainer.global_step == 538
     with pytest.raises(ValueError, match="drop_last must be True or False; got 1"):
         DigitsDataModule(drop_last=1)
+
+
+def test_a_loader_with_workers_keeps_them_between_epochs():
+    """``num_workers >= 1`` (one included): persistent workers, not a respawn per epoch; 0: none to keep."""
+    with_worker, without = DigitsDataModule(num_workers=1), DigitsDataModule()
+    for data in (with_worker, without):
+        data.setup("fit")
+    assert with_worker.train_dataloader().persistent_workers and with_worker.val_dataloader().persistent_workers
+    assert not without.train_dataloader().persistent_workers and not without.val_dataloader().persistent_workers

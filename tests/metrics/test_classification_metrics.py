@@ -184,3 +184,14 @@ def test_adaptive_ece_does_not_depend_on_the_order_of_tied_examples():
         metric.update(CategoricalPredictive(logits[:, order]), labels[order])
         values.append(float(metric.compute()))
     assert values[0] == values[1] == values[2]
+
+
+def test_a_synced_state_of_one_example_is_scored() -> None:
+    """Under DDP ``compute`` sees each ``cat`` state gathered into one tensor, not a list: one pooled example (the
+    other ranks had none) is enough to compute, as it is on one process."""
+    metric = ExpectedCalibrationError(n_bins=10, sync_on_compute=False)
+    metric.update(CategoricalPredictive(torch.tensor([[[2.0, 0.0]]])), torch.tensor([1]))
+    metric.sync(dist_sync_fn=lambda tensor, group=None: [tensor], distributed_available=lambda: True)  # one rank
+    assert isinstance(metric.confidences, torch.Tensor) and metric.confidences.numel() == 1
+    confidence = torch.tensor([2.0, 0.0]).softmax(-1)[0].item()
+    assert metric.compute().item() == pytest.approx(confidence)  # wrong with certainty `confidence`

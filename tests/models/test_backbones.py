@@ -42,6 +42,15 @@ def test_mlp_flattens_counts_and_extracts_features():
     assert sum(isinstance(m, nn.Dropout) for m in net.modules()) == 2
 
 
+
+def test_one_output_is_a_linear_head_not_the_feature_extractor():
+    """``out_features=1`` / ``num_classes=1`` (a regression mean, a binary logit) gets its head; only 0 drops it."""
+    mlp, lenet = MLP(64, 1, hidden=[16]), LeNet5(num_classes=1)
+    assert isinstance(mlp.head, nn.Linear) and isinstance(lenet.head, nn.Linear)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(mlp(x), mlp.features(x) @ mlp.head.weight.T + mlp.head.bias)
+    assert mlp(x).shape == (3, 1) and lenet(torch.randn(2, 1, 28, 28)).shape == (2, 1)
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

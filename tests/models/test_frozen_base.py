@@ -170,3 +170,32 @@ def test_the_byte_checksum_sees_the_tail_bytes_and_takes_offset_views() -> None:
     assert not torch.equal(byte_checksum(nine), before)
     view = torch.arange(10.0)[1:]  # storage offset 4 bytes: no int64 view of it in place
     assert torch.equal(byte_checksum(view), byte_checksum(view.clone()))
+
+
+def test_the_byte_checksum_is_the_wrapped_word_sum_then_the_tail_bytes() -> None:
+    """Against numpy: the int64 sum (wrapping) of the whole 8-byte words, then the ``nbytes mod 8`` bytes after them,
+    for every length to 40 bytes and every storage offset of a byte view (an odd offset has no int64 view in place)."""
+    import numpy as np
+
+    from lightning_bayes.models.identity import byte_checksum
+
+    data = torch.randint(0, 256, (56,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for offset in range(16):
+        for length in range(41):
+            flat = data[offset : offset + length]
+            whole = length // 8 * 8
+            words = np.frombuffer(flat[:whole].numpy().tobytes(), dtype=np.int64)
+            expected = [int(words.sum(dtype=np.int64))] + flat[whole:].tolist()
+            assert byte_checksum(flat).tolist() == expected, (offset, length)
+
+
+def test_a_one_element_parameter_is_part_of_the_identity() -> None:
+    """A changed scalar parameter (a temperature, a log noise) changes the identity: skipping it, a tuned one looked
+    like the frozen base it was built as (and was left out of the checkpoint)."""
+    from lightning_bayes.models.identity import backbone_identity
+
+    layer = nn.Linear(1, 1, bias=False)
+    before = backbone_identity(layer)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert backbone_identity(layer) != before

@@ -40,7 +40,7 @@ def test_a_list_of_networks_is_the_members_as_given_and_its_predictive_averages_
 def test_members_of_different_shapes_run_in_a_loop_and_vectorize_true_is_warned(odd: int) -> None:
     torch.manual_seed(0)
     networks = [mlp(12) if index == odd else mlp() for index in range(3)]
-    with pytest.warns(UserWarning, match=r"vectorize=True\) runs its members in a loop: the members' parameters"):
+    with pytest.warns(UserWarning, match=r"vectorize=True\) runs its members in a loop: the members are not one"):
         ensemble = DeepEnsemble(networks, vectorize=True)
     assert not ensemble.vectorized()
     x = torch.randn(5, 4)
@@ -116,3 +116,16 @@ def test_a_module_list_is_a_list_of_members_and_a_meta_network_builds_without_va
         on_meta = DeepEnsemble(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3)), num_members=3)
         listed = DeepEnsemble([mlp(), mlp()])
     assert next(on_meta.members[2].parameters()).is_meta and next(listed.members[1].parameters()).is_meta
+
+
+@pytest.mark.parametrize("other", [nn.ReLU(), nn.Dropout(0.5)])
+def test_members_of_equal_shapes_but_other_modules_compute_their_own_outputs(other: nn.Module) -> None:
+    """Vectorised, every member would run through the first's modules: a member with another activation or another
+    dropout rate (same parameter shapes) loops, so its own function computes its outputs."""
+    torch.manual_seed(0)
+    networks = [nn.Sequential(nn.Linear(4, 8), other, nn.Linear(8, 3)), nn.Sequential(nn.Linear(4, 8), nn.Tanh(),
+                                                                                     nn.Linear(8, 3))]
+    with pytest.warns(UserWarning, match="runs its members in a loop: the members are not one network"):
+        ensemble = DeepEnsemble(networks, vectorize=True).eval()
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(ensemble(x), torch.stack([net.eval()(x) for net in networks]), rtol=0, atol=0)

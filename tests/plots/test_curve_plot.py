@@ -47,3 +47,15 @@ def test_bad_input_is_named(tmp_path: Path, kwargs: dict, message: str) -> None:
     arguments = {"t": T, "curve_nll": CURVE, "path": tmp_path / "x.png", **kwargs}
     with pytest.raises(ValueError, match=message):
         loss_along_curve(**arguments)
+
+
+def test_each_panel_spans_t_from_its_first_to_its_last_value(tmp_path: Path, monkeypatch) -> None:
+    """The curve's endpoints (the two trained networks) are inside the plotted range, not cut off."""
+    from lightning_bayes.plots import curve
+
+    figures = []
+    original = curve.save
+    monkeypatch.setattr(curve, "save", lambda figure, path: figures.append(figure) or original(figure, path))
+    t = torch.linspace(-0.25, 1.25, 7)
+    loss_along_curve(t, torch.ones(7), tmp_path / "x.png", curve_error=torch.zeros(7))
+    assert [axes.get_xlim() for axes in figures[0].axes] == [(-0.25, 1.25)] * 2

@@ -104,3 +104,51 @@ def test_integer_confidences_are_binned_as_numbers() -> None:
     """0/1 confidences (an integer array) fall in the first and the last bin, not against integer edges."""
     bins = reliability_bins(np.array([0, 1, 1]), [0, 1, 1], n_bins=10)
     assert bins.count.tolist() == [1, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+
+
+def test_a_bin_of_one_example_counts_in_the_ece() -> None:
+    """Two examples, each alone in its bin: ECE = mean |correct - confidence| = (0.9 + 0.7) / 2."""
+    bins = reliability_bins(np.array([0.95, 0.35]), np.array([0, 1]), n_bins=10)
+    assert bins.count.tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 1]
+    assert bins.ece == pytest.approx((0.95 + 0.65) / 2, rel=1e-12)
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the plots module saves, kept for reading back what was drawn."""
+    from lightning_bayes.plots import reliability
+
+    figures: list = []
+    original = reliability.save
+    monkeypatch.setattr(reliability, "save", lambda figure, path: figures.append(figure) or original(figure, path))
+    return figures
+
+
+def test_the_diagram_draws_each_filled_bin_its_gap_and_the_diagonal(tmp_path: Path, monkeypatch) -> None:
+    """Read back from the figure: an accuracy bar per filled bin (one example is enough) over the bin's edges, a gap
+    bar from the accuracy up to the bin's mean confidence, the diagonal from (0, 0) to (1, 1), the unit square."""
+    figures = _drawn(monkeypatch)
+    bins = reliability_diagram(np.array([0.95, 0.92, 0.35]), np.array([0, 1, 1]), tmp_path / "one.png", n_bins=10)
+    np.testing.assert_allclose(bins.edges, np.arange(11) / 10, rtol=0, atol=1e-15)
+    axes = figures[0].axes[0]
+    accuracy, gap = axes.containers
+
+    def rectangles(bars) -> np.ndarray:  # x, width, bottom, height of each bar
+        return np.array([(bar.get_x(), bar.get_width(), bar.get_y(), bar.get_height()) for bar in bars])
+
+    np.testing.assert_allclose(rectangles(accuracy), [(0.3, 0.1, 0.0, 1.0), (0.9, 0.1, 0.0, 0.5)], atol=1e-12)
+    np.testing.assert_allclose(rectangles(gap), [(0.3, 0.1, 1.0, 0.35 - 1.0), (0.9, 0.1, 0.5, 0.435)], atol=1e-12)
+    (diagonal,) = axes.lines
+    np.testing.assert_array_equal(diagonal.get_xydata(), [[0.0, 0.0], [1.0, 1.0]])
+    assert axes.get_xlim() == (0.0, 1.0) and axes.get_ylim() == (0.0, 1.0)
+
+
+def test_the_grid_fills_rows_of_columns_panels_of_3_2_by_3_inches(tmp_path: Path, monkeypatch) -> None:
+    figures = _drawn(monkeypatch)
+    panels = {name: reliability_bins(*sample(seed)) for seed, name in enumerate("abc")}
+    reliability_grid(panels, tmp_path / "grid.png", columns=2)
+    reliability_grid(dict(list(panels.items())[:2]), tmp_path / "row.png", columns=4)  # 2 panels: one row of 2
+    assert imread(tmp_path / "grid.png").shape[:2] == (720, 768)  # 120 dpi, 2 rows x 2 columns of 3 x 3.2 inches
+    assert imread(tmp_path / "row.png").shape[:2] == (360, 768)
+    grid, row = ([axes.get_subplotspec().get_geometry() for axes in figure.axes] for figure in figures)
+    assert grid == [(2, 2, 0, 0), (2, 2, 1, 1), (2, 2, 2, 2)] and row == [(1, 2, 0, 0), (1, 2, 1, 1)]
+    assert [axes.get_title().split("\n")[0] for axes in figures[0].axes] == ["a", "b", "c"]

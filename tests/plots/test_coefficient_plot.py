@@ -1,0 +1,55 @@
+"""The coefficient posterior PNG: a density histogram per coefficient with its zero line, then the joint of the
+first two, read back from the figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from lightning_bayes.plots import coefficient_posterior
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    from lightning_bayes.plots import coefficients
+
+    figures: list = []
+    original = coefficients.save
+    monkeypatch.setattr(coefficients, "save", lambda figure, path: figures.append(figure) or original(figure, path))
+    return figures
+
+
+def posterior_samples(draws: int = 3000) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(draws, 3, generator=generator, dtype=torch.float64)
+    return noise * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) + torch.tensor([3.0, -1.0, 0.0])
+
+
+def test_a_histogram_per_coefficient_then_the_joint_of_the_first_two(tmp_path: Path, monkeypatch) -> None:
+    figures = _drawn(monkeypatch)
+    samples, names = posterior_samples(), ["age", "bmi", "bp"]
+    path = coefficient_posterior(samples, names, tmp_path / "coefficients.png", bins=30)
+    assert imread(path).shape[:2] == (360, 1536)  # 120 dpi, 4 panels of 3.2 x 3 inches
+    figure = figures[0]
+    assert [axes.get_subplotspec().get_geometry() for axes in figure.axes] == [(1, 4, k, k) for k in range(4)]
+    for index, (axes, name) in enumerate(zip(figure.axes, names)):
+        density, _ = np.histogram(samples[:, index].numpy(), bins=30, density=True)
+        np.testing.assert_allclose([bar.get_height() for bar in axes.patches], density, rtol=1e-12)
+        (zero,) = axes.lines
+        assert list(zero.get_xdata()) == [0.0, 0.0]  # is the coefficient away from 0?
+        assert axes.get_xlabel() == name and axes.get_ylabel() == ("posterior density" if index == 0 else "")
+    joint = figure.axes[3]
+    np.testing.assert_array_equal(joint.collections[0].get_offsets(), samples[:2000, :2].numpy())
+    assert (joint.get_xlabel(), joint.get_ylabel(), joint.get_title()) == ("age", "bmi", "joint")
+
+
+def test_two_coefficients_have_a_joint_panel_and_one_has_none(tmp_path: Path, monkeypatch) -> None:
+    figures = _drawn(monkeypatch)
+    coefficient_posterior(posterior_samples()[:, :2], ["a", "b"], tmp_path / "two.png")
+    coefficient_posterior(posterior_samples()[:, :1], ["a"], tmp_path / "one.png")
+    two, one = ([axes.get_subplotspec().get_geometry() for axes in figure.axes] for figure in figures)
+    assert two == [(1, 3, 0, 0), (1, 3, 1, 1), (1, 3, 2, 2)] and figures[0].axes[2].get_title() == "joint"
+    assert one == [(1, 1, 0, 0)]
