@@ -139,7 +139,8 @@ def _reinitialise_trainable(module: nn.Module, lora_init: dict[str, bool | str])
     reset_lora = getattr(module, "reset_lora_parameters", None)
     if callable(reset_lora) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
         redrawn: set[int] = set()
-        for adapter in {*_keys(module, "lora_A"), *_keys(module, "lora_embedding_A")}:
+        # in the layer's order (a set's order of strings changes with PYTHONHASHSEED, and so would the draws)
+        for adapter in dict.fromkeys([*_keys(module, "lora_A"), *_keys(module, "lora_embedding_A")]):
             tensors = [t for name in _LORA_FACTORS for t in _adapter_tensors(getattr(module, name, None), adapter)]
             if tensors and all(t.requires_grad for t in tensors):
                 reset_lora(adapter, lora_init.get(adapter, True))

@@ -166,3 +166,28 @@ def test_members_redraw_embedding_adapters(single_thread):
             assert torch.count_nonzero(value) == 0
         else:
             assert not torch.equal(value, factors[0][name]) and not torch.equal(value, factors[2][name])
+
+
+def test_members_with_two_adapters_are_drawn_alike_whatever_the_hash_seed(tmp_path):
+    """Adapters are re-drawn in the layer's order, not a set's (whose order of strings follows PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "draw.py"
+    script.write_text(
+        "import sys, torch\nfrom torch import nn\nfrom peft import LoraConfig, get_peft_model\n"
+        "from lightning_bayes.modules import DeepEnsemble\ntorch.manual_seed(0)\n"
+        "net = get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), LoraConfig(r=2, target_modules=['0']))\n"
+        "net.add_adapter('second', LoraConfig(r=2, target_modules=['0']))\n"
+        "for name, p in net.named_parameters():\n    p.requires_grad_('lora_' in name)\n"
+        "ensemble = DeepEnsemble(net, num_members=2)\n"
+        "torch.save({n: p for n, p in ensemble.members[1].named_parameters() if 'lora_A' in n}, sys.argv[1])\n"
+    )
+    draws = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"{seed}.pt"
+        environment = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=environment, capture_output=True)
+        draws.append(torch.load(out))
+    assert len(draws[0]) == 2 and all(torch.equal(draws[0][n], draws[1][n]) for n in draws[0])
