@@ -78,6 +78,10 @@ class CategoricalPredictive:
             self.__dict__[name] = kept  # the dataclass is frozen: its fields, not this cache
         return kept
 
+    def __getstate__(self) -> dict[str, Tensor]:
+        """Pickles (and copies) the logits alone: the kept values are recomputed where read again."""
+        return {"logits": self.logits}
+
     @property
     def num_samples(self) -> int:
         """S, the logit samples."""

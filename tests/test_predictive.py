@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +229,15 @@ def test_categorical_values_are_not_kept_where_they_could_not_be_used_later(fres
     assert torch.isfinite(gradient).all() and "entropy" not in predictive.__dict__
     kept = CategoricalPredictive(logits)
     assert kept.log_probs is kept.log_probs and kept.detach() is kept and predictive.detach() is not predictive
+
+
+def test_a_pickled_categorical_predictive_holds_its_logits_alone() -> None:
+    """What a read keeps is left out of a pickle (and a copy): a read predictive pickled at twice its logits' size."""
+    predictive = categorical()
+    fresh = len(pickle.dumps(predictive))
+    classification_metrics().update(predictive, torch.arange(40) % 4)
+    assert "log_probs_per_sample" in vars(predictive) and len(pickle.dumps(predictive)) == fresh
+    restored = pickle.loads(pickle.dumps(predictive))
+    assert set(vars(restored)) == {"logits"} and torch.equal(restored.logits, predictive.logits)
+    torch.testing.assert_close(restored.log_probs, predictive.log_probs, rtol=0, atol=0)
+    assert set(vars(copy.deepcopy(predictive))) == {"logits"}
