@@ -2,9 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from lightning_bayes.cli import main
 from lightning_bayes.cli_parser import accepted_arguments, refused_argument_hints, unknown_option_hints
 
 
@@ -85,10 +87,26 @@ def test_accepted_arguments_are_the_constructor_keywords() -> None:
          "lightning_bayes.models has no class 'LeNet'; closest: lightning_bayes.models.LeNet5"),
     ],
 )
-def test_the_command_line_ends_with_the_hint(config: str, override: str, hint: str, tmp_path) -> None:
-    command = [sys.executable, "-m", "lightning_bayes", "fit", "--config", config, override]
+def test_the_command_line_ends_with_the_hint(
+    config: str, override: str, hint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In this process through the console script's entry point (one command line runs below as a process)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-bayes", "fit", "--config", config, override])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.rstrip().splitlines()[-1].startswith(hint)
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_a_command_line_process_ends_with_the_hint(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "lightning_bayes", "fit", "--config", "digits/map", "--trainer.max_epocs=3"]
     result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.rstrip().splitlines()[-1].startswith(hint)
-    assert not list(tmp_path.iterdir())  # nothing was written
+    assert result.stderr.rstrip().splitlines()[-1].startswith(
+        "--trainer.max_epocs is not an option; closest: --trainer.max_epochs"
+    )
+    assert not list(tmp_path.iterdir())
 

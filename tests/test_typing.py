@@ -13,6 +13,7 @@ from mypy import api
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a minute from a fresh cache: a whole-package check, run by CI with the end-to-end runs
 def test_mypy_reports_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     stdout, stderr, status = api.run([

@@ -184,10 +184,13 @@ def test_members_with_two_adapters_are_drawn_alike_whatever_the_hash_seed(tmp_pa
         "ensemble = DeepEnsemble(net, num_members=2)\n"
         "torch.save({n: p for n, p in ensemble.members[1].named_parameters() if 'lora_A' in n}, sys.argv[1])\n"
     )
-    draws = []
-    for seed in ("1", "2"):
-        out = tmp_path / f"{seed}.pt"
-        environment = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, str(script), str(out)], check=True, env=environment, capture_output=True)
-        draws.append(torch.load(out))
+    runs = [  # side by side: each spends its time importing peft
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / f"{seed}.pt")],
+                         env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for seed in ("1", "2")
+    ]
+    for process in runs:
+        assert process.wait(timeout=300) == 0, process.stderr.read().decode() if process.stderr else ""
+    draws = [torch.load(tmp_path / f"{seed}.pt") for seed in ("1", "2")]
     assert len(draws[0]) == 2 and all(torch.equal(draws[0][n], draws[1][n]) for n in draws[0])
