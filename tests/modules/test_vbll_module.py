@@ -121,7 +121,6 @@ def test_optimizer_puts_weight_decay_on_the_backbone_only():
     assert {id(p) for p in backbone_group["params"]} == {id(p) for p in module.backbone.parameters()}
 
 
-@pytest.mark.filterwarnings("ignore:Found .* module.s. in eval mode")
 def test_frozen_backbone_stays_unchanged_in_eval_mode_while_the_head_trains():
     torch.manual_seed(0)
     module = VBLLClassifier(_backbone_with_state(), num_classes=3, freeze_backbone=True, dataset_size=32)

@@ -1,0 +1,43 @@
+"""Lightning's "Found N module(s) in eval mode at the start of training" (a ``PossibleUserWarning`` at every fit's
+start), quieted where every such module is one the method keeps in eval mode on purpose: frozen features
+(:class:`~lightning_bayes.models.FrozenFeatures`), a post-hoc method's trained network. Those are the modules that
+stay in eval mode when the LightningModule's own ``train()`` is called; a module a user left in eval mode would not,
+and then Lightning's notice is shown as it is."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import cast
+
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from torch import nn
+
+
+def modules_kept_in_eval(module: nn.Module) -> list[str]:
+    """Names of the submodules ``module.train()`` leaves in eval mode; every module's mode is then put back."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train()
+    kept = [name for name, m in module.named_modules() if not m.training]
+    for m, training in modes:
+        m.training = training
+    return kept
+
+
+def quiet_eval_mode_notice(module: nn.Module) -> tuple[object, ...] | None:
+    """Ignores Lightning's notice for exactly the modules in eval mode now when all of them are kept there by
+    ``module.train()``, returning the warning filter it added for :func:`end_quiet`; ``None`` (no filter) otherwise.
+    The caller ends it once the fit loop has started (``on_train_start``); a filter left by a failed fit ignores only
+    that message with that count until the same module's next fit starts."""
+    in_eval = [name for name, m in module.named_modules() if not m.training]
+    if not in_eval or not set(in_eval) <= set(modules_kept_in_eval(module)):
+        return None
+    message = re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
+    return cast(tuple[object, ...], warnings.filters[0])
+
+
+def end_quiet(entry: tuple[object, ...] | None) -> None:
+    """Removes the filter :func:`quiet_eval_mode_notice` added (an ``ignore`` leaves nothing cached to forget)."""
+    if entry is not None and entry in warnings.filters:
+        cast(list[object], warnings.filters).remove(entry)  # the list the warnings machinery reads, in place

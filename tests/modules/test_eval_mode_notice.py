@@ -1,0 +1,56 @@
+"""Lightning's "Found N module(s) in eval mode at the start of training" is quiet for the modules a method keeps in
+eval mode on purpose (frozen features, a post-hoc method's network) and shown, as Lightning words it, when a user's
+module is in eval mode too; the warning filters are as before once the fit loop has started."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_bayes.models import FrozenFeatures
+from lightning_bayes.modules import MAP, NullSpaceLaplace
+from lightning_bayes.modules.eval_mode_notice import modules_kept_in_eval
+
+
+def loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(16, 8, generator=generator), torch.arange(16) % 3), batch_size=8)
+
+
+def eval_mode_notices(module: nn.Module, root: Path) -> list[str]:
+    """Lightning's eval-mode notices while ``module`` fits for one epoch; asserts the filters are as before."""
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                enable_model_summary=False, default_root_dir=root).fit(module, train_dataloaders=loader())
+    assert list(warnings.filters) == before
+    return [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+
+
+def probe() -> nn.Module:
+    frozen = FrozenFeatures(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Tanh()))
+    return nn.Sequential(frozen, nn.Linear(8, 3))
+
+
+def test_frozen_features_and_a_post_hoc_network_fit_without_the_notice(tmp_path: Path) -> None:
+    module = MAP(probe())
+    assert modules_kept_in_eval(module) == ["backbone.0", "backbone.0.backbone", "backbone.0.backbone.0",
+                                            "backbone.0.backbone.1", "backbone.0.backbone.2"]
+    assert eval_mode_notices(module, tmp_path) == []
+    network = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3))
+    assert eval_mode_notices(NullSpaceLaplace(network, num_samples=2), tmp_path) == []
+
+
+def test_a_module_the_user_left_in_eval_mode_is_still_noticed(tmp_path: Path) -> None:
+    network = probe()
+    network[1].eval()  # the trainable head: train() would turn it back, so this one is the user's doing
+    assert eval_mode_notices(MAP(network), tmp_path) == [
+        ("Found 6 module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
+         "training. If this is intentional, you can ignore this warning.")
+    ]
