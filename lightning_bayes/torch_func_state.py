@@ -3,14 +3,23 @@
 Inside one, tensors have no readable bytes (``.numpy()``, ``.item()`` and data pointers fail, even on tensors made
 outside it) and batched values keep no memory layout, so models that read values (a feature cache's keys, an input
 check) or choose layouts skip that there. The post-hoc methods' per-example Jacobians and Jacobian-vector products
-run the network inside such transforms.
+run the network inside such transforms; :func:`plain_values` reads an input's values there all the same.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 def inside_torch_func() -> bool:
     """True while a ``torch.func`` transform is being applied (functorch's interpreter stack is not empty)."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def plain_values(tensor: Tensor) -> Tensor:
+    """``tensor`` without the wrappers of the transforms it is inside: for an input ``vmap`` maps over, the whole
+    batch (mapped dimensions included), whose values can be read, e.g. to check every example at once."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
+from ..torch_func_state import inside_torch_func, plain_values
 from .attention import without_cudnn_attention
 from .frozen_base import exclude_frozen_base
 from .pretrained import resolve_pretrained
@@ -233,15 +234,18 @@ class CausalLMAnswerClassifier(nn.Module):
         """The last token's final (normalised) hidden state ``[B, num_features]``."""
         _check_tokens(x)
         mask = x["attention_mask"]
-        if not bool(mask[:, -1].all()):
+        if not bool(plain_values(mask)[..., -1].all()):  # inside vmap: every example of the mapped batch
             raise ValueError(
                 "x has padding at the last position; tokenize with padding_side='left' so that the last "
                 "position is each sequence's last real token"
             )
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         decoder = _unwrap(self.model).get_decoder()
+        # inside vmap/grad (per-example Jacobians) the 4-D mask transformers would build, without its
+        # data-dependent checks, which vmap cannot run (a 4-D mask is passed through as it is)
+        attention = _causal_padding_mask(mask, decoder) if inside_torch_func() else mask
         with without_cudnn_attention():
-            out = decoder(input_ids=x["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False)
+            out = decoder(input_ids=x["input_ids"], attention_mask=attention, position_ids=positions, use_cache=False)
         return out.last_hidden_state[:, -1]
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
@@ -260,3 +264,19 @@ class CausalLMFeatures(CausalLMAnswerClassifier):
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         return self.features(x)
+
+
+def _causal_padding_mask(mask: Tensor, decoder: nn.Module) -> Tensor:
+    """``[B, T]`` padding mask -> the ``[B, 1, T, T]`` causal mask transformers prepares for the decoder's attention:
+    boolean (True: attend) for ``"sdpa"``, additive (0, or the dtype's minimum) for ``"eager"``; the ``[B, T]`` mask
+    itself for other implementations (their own preparation; a vmap that cannot run it falls back to a loop)."""
+    implementation = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        return mask
+    length = mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+    if implementation == "sdpa":
+        return allowed
+    dtype = cast("PreTrainedModel", decoder).dtype  # the attention scores' dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -305,3 +305,45 @@ def test_the_vocabulary_of_a_folder_a_hub_id_and_the_sequence_classifier(smollm2
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda name: Stub())
     assert folder_vocabulary("org/name") == vocabulary_fingerprint(Stub())  # a hub id is no local folder
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_per_example_gradients_vectorise_through_a_left_padded_batch(smollm2_folder, prompts, implementation):
+    """Inside vmap the decoder gets the 4-D causal mask transformers would build (its own preparation has
+    data-dependent checks vmap cannot run, which sent the null-space Laplace and VIKING to a loop over examples):
+    each row equals plain autograd through transformers' own mask on that example of the padded batch."""
+    import warnings
+
+    from lightning_bayes.inference.likelihoods import CategoricalLikelihood
+    from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
+    from lightning_bayes.models.hf import _unwrap
+
+    torch.manual_seed(0)
+    model = CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    model = model.eval()
+    decoder = _unwrap(model.model).get_decoder()
+    decoder.config._attn_implementation = implementation
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B = 0 at initialisation would make every gradient of A zero
+                p.normal_(0, 0.05)
+    x, y = prompts, torch.tensor([1, 0])
+    assert not bool(x["attention_mask"].all())  # one prompt is left-padded
+    likelihood = CategoricalLikelihood()
+    function = ParameterFunction(model, params="lora", constraint=LossConstraint(likelihood))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="vmap over examples failed")
+        rows = function.jacobian(x, y)
+    assert function.vectorize and rows.shape == (2, function.size)
+    theta = function.theta().detach()
+    for n in range(2):
+        leaf = theta.clone().requires_grad_(True)
+        example = {k: v[n : n + 1] for k, v in x.items()}  # with its padding
+        (expected,) = torch.autograd.grad(likelihood.loss(function.outputs(leaf, example), y[n : n + 1]), leaf)
+        assert expected.abs().max() > 1e-3
+        torch.testing.assert_close(rows[n], expected, rtol=1e-4, atol=1e-6)
+    right = AutoTokenizer.from_pretrained(smollm2_folder, padding_side="right")
+    texts = [PROMPT.format(text=POSITIVE), PROMPT.format(text=NEGATIVE)]
+    padded = dict(right(texts, return_tensors="pt", padding=True))
+    with pytest.raises(ValueError, match="x has padding at the last position; tokenize with padding_side='left'"):
+        function.jacobian(padded, y)  # checked on the whole batch inside vmap too
