@@ -3,7 +3,8 @@
 Inside one, tensors have no readable bytes (``.numpy()``, ``.item()`` and data pointers fail, even on tensors made
 outside it) and batched values keep no memory layout, so models that read values (a feature cache's keys, an input
 check) or choose layouts skip that there. The post-hoc methods' per-example Jacobians and Jacobian-vector products
-run the network inside such transforms; :func:`plain_values` reads an input's values there all the same.
+run the network inside such transforms; :func:`plain_values` reads an input's values there all the same, and
+:func:`mapped_by_vmap` tells the inputs ``vmap`` maps over (whose values no data-dependent branch may read).
 """
 
 from __future__ import annotations
@@ -23,3 +24,13 @@ def plain_values(tensor: Tensor) -> Tensor:
     while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
         tensor = torch._C._functorch.get_unwrapped(tensor)
     return tensor
+
+
+def mapped_by_vmap(tensor: Tensor) -> bool:
+    """Whether ``vmap`` maps over ``tensor`` at some level of the transforms it is inside (a per-example input under
+    ``vmap``; not a tensor only ``grad`` or ``jvp`` wraps, nor one a ``vmap`` closes over)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        if torch._C._functorch.is_batchedtensor(tensor):
+            return True
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return False

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from ..torch_func_state import inside_torch_func, plain_values
+from ..torch_func_state import mapped_by_vmap, plain_values
 from .attention import without_cudnn_attention
 from .frozen_base import exclude_frozen_base
 from .pretrained import resolve_pretrained
@@ -241,9 +241,10 @@ class CausalLMAnswerClassifier(nn.Module):
             )
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         decoder = _unwrap(self.model).get_decoder()
-        # inside vmap/grad (per-example Jacobians) the 4-D mask transformers would build, without its
-        # data-dependent checks, which vmap cannot run (a 4-D mask is passed through as it is)
-        attention = _causal_padding_mask(mask, decoder) if inside_torch_func() else mask
+        # under a vmap over examples (per-example Jacobians) the 4-D mask transformers would build, without its
+        # data-dependent checks, which vmap cannot run (a 4-D mask is passed through as it is); elsewhere, and in the
+        # loop over examples a model that refuses 4-D masks falls back to, transformers' own preparation
+        attention = _causal_padding_mask(mask, decoder) if mapped_by_vmap(mask) else mask
         with without_cudnn_attention():
             out = decoder(input_ids=x["input_ids"], attention_mask=attention, position_ids=positions, use_cache=False)
         return out.last_hidden_state[:, -1]

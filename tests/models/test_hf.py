@@ -307,43 +307,72 @@ def test_the_vocabulary_of_a_folder_a_hub_id_and_the_sequence_classifier(smollm2
     assert folder_vocabulary("org/name") == vocabulary_fingerprint(Stub())  # a hub id is no local folder
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_per_example_gradients_vectorise_through_a_left_padded_batch(smollm2_folder, prompts, implementation):
-    """Inside vmap the decoder gets the 4-D causal mask transformers would build (its own preparation has
-    data-dependent checks vmap cannot run, which sent the null-space Laplace and VIKING to a loop over examples):
-    each row equals plain autograd through transformers' own mask on that example of the padded batch."""
-    import warnings
-
+def _lora_loss_function(smollm2_folder, implementation: str = "sdpa"):
+    """SmolLM2 with LoRA on q/v (B drawn: at B = 0 every gradient of A is zero) and its per-example loss map."""
     from lightning_bayes.inference.likelihoods import CategoricalLikelihood
     from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
     from lightning_bayes.models.hf import _unwrap
 
     torch.manual_seed(0)
     model = CausalLMAnswerClassifier(smollm2_folder, lora=LoraSpec(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
-    model = model.eval()
-    decoder = _unwrap(model.model).get_decoder()
+    decoder = _unwrap(model.eval().model).get_decoder()
     decoder.config._attn_implementation = implementation
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:  # B = 0 at initialisation would make every gradient of A zero
+            if "lora_B" in name:
                 p.normal_(0, 0.05)
+    likelihood = CategoricalLikelihood()
+    return decoder, likelihood, ParameterFunction(model, params="lora", constraint=LossConstraint(likelihood))
+
+
+def _plain_rows(function, likelihood, x: dict, y: torch.Tensor) -> torch.Tensor:
+    """Each example's loss gradient by plain autograd (no transform: transformers' own mask), padding kept."""
+    rows, theta = [], function.theta().detach()
+    for n in range(len(y)):
+        leaf = theta.clone().requires_grad_(True)
+        example = {k: v[n : n + 1] for k, v in x.items()}
+        rows.append(torch.autograd.grad(likelihood.loss(function.outputs(leaf, example), y[n : n + 1]), leaf)[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_per_example_gradients_vectorise_through_a_left_padded_batch(smollm2_folder, prompts, implementation):
+    """Under vmap over examples the decoder gets the 4-D causal mask transformers would build (its own preparation
+    has data-dependent checks vmap cannot run, which sent the null-space Laplace and VIKING to a loop over examples):
+    each row equals plain autograd through transformers' own mask on that example of the padded batch; a
+    right-padded batch is refused inside vmap too."""
+    import warnings
+
+    _, likelihood, function = _lora_loss_function(smollm2_folder, implementation)
     x, y = prompts, torch.tensor([1, 0])
     assert not bool(x["attention_mask"].all())  # one prompt is left-padded
-    likelihood = CategoricalLikelihood()
-    function = ParameterFunction(model, params="lora", constraint=LossConstraint(likelihood))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="vmap over examples failed")
         rows = function.jacobian(x, y)
     assert function.vectorize and rows.shape == (2, function.size)
-    theta = function.theta().detach()
-    for n in range(2):
-        leaf = theta.clone().requires_grad_(True)
-        example = {k: v[n : n + 1] for k, v in x.items()}  # with its padding
-        (expected,) = torch.autograd.grad(likelihood.loss(function.outputs(leaf, example), y[n : n + 1]), leaf)
-        assert expected.abs().max() > 1e-3
-        torch.testing.assert_close(rows[n], expected, rtol=1e-4, atol=1e-6)
+    expected = _plain_rows(function, likelihood, x, y)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-6)
     right = AutoTokenizer.from_pretrained(smollm2_folder, padding_side="right")
     texts = [PROMPT.format(text=POSITIVE), PROMPT.format(text=NEGATIVE)]
     padded = dict(right(texts, return_tensors="pt", padding=True))
     with pytest.raises(ValueError, match="x has padding at the last position; tokenize with padding_side='left'"):
         function.jacobian(padded, y)  # checked on the whole batch inside vmap too
+
+
+def test_a_decoder_refusing_4d_masks_falls_back_to_the_loop_with_its_own_mask(smollm2_folder, prompts):
+    """The 4-D mask is for the vmap over examples only: the loop a refusing model falls back to prepares its own."""
+    decoder, likelihood, function = _lora_loss_function(smollm2_folder)
+    forward = decoder.forward
+
+    def refusing(*args, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.ndim == 4:
+            raise ValueError("this decoder takes a [B, T] attention mask")
+        return forward(*args, attention_mask=attention_mask, **kwargs)
+
+    decoder.forward = refusing
+    x, y = prompts, torch.tensor([1, 0])
+    with pytest.warns(UserWarning, match="vmap over examples failed .* fall back to a Python loop"):
+        rows = function.jacobian(x, y)
+    assert not function.vectorize
+    torch.testing.assert_close(rows, _plain_rows(function, likelihood, x, y), rtol=1e-4, atol=1e-6)
