@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Union, cast
 
 import torch
@@ -78,9 +78,9 @@ class CategoricalPredictive:
             self.__dict__[name] = kept  # the dataclass is frozen: its fields, not this cache
         return kept
 
-    def __getstate__(self) -> dict[str, Tensor]:
-        """Pickles (and copies) the logits alone: the kept values are recomputed where read again."""
-        return {"logits": self.logits}
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles (and copies) the fields alone: the kept values are recomputed where read again."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def num_samples(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import numpy as np
@@ -241,3 +242,9 @@ def test_a_pickled_categorical_predictive_holds_its_logits_alone() -> None:
     assert set(vars(restored)) == {"logits"} and torch.equal(restored.logits, predictive.logits)
     torch.testing.assert_close(restored.log_probs, predictive.log_probs, rtol=0, atol=0)
     assert set(vars(copy.deepcopy(predictive))) == {"logits"}
+
+    @dataclasses.dataclass(frozen=True)
+    class Tempered(CategoricalPredictive):  # a subclass's fields are pickled too
+        temperature: float = 1.0
+
+    assert copy.deepcopy(Tempered(predictive.logits, temperature=2.0)).temperature == 2.0  # through __getstate__

@@ -270,9 +270,11 @@ class CausalLMFeatures(CausalLMAnswerClassifier):
 def _causal_padding_mask(mask: Tensor, decoder: nn.Module) -> Tensor:
     """``[B, T]`` padding mask -> the ``[B, 1, T, T]`` causal mask transformers prepares for the decoder's attention:
     boolean (True: attend) for ``"sdpa"``, additive (0, or the dtype's minimum) for ``"eager"``; the ``[B, T]`` mask
-    itself for other implementations (their own preparation; a vmap that cannot run it falls back to a loop)."""
-    implementation = getattr(getattr(decoder, "config", None), "_attn_implementation", None)
-    if implementation not in ("sdpa", "eager"):
+    itself for other implementations and for attention that is not plain causal (sliding windows, chunks): their own
+    preparation, which a vmap that cannot run it leaves to the loop over examples."""
+    config = getattr(decoder, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager") or not _full_causal_attention(config):
         return mask
     length = mask.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
@@ -281,3 +283,11 @@ def _causal_padding_mask(mask: Tensor, decoder: nn.Module) -> Tensor:
         return allowed
     dtype = cast("PreTrainedModel", decoder).dtype  # the attention scores' dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _full_causal_attention(config: Any) -> bool:
+    """Whether every layer attends to all earlier positions: no sliding window in use, no attention chunks, and every
+    listed layer type ``"full_attention"`` (Mistral and Gemma's windows, Llama 4's chunks need transformers' masks)."""
+    window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    layers = getattr(config, "layer_types", None) or ["full_attention"]
+    return not window and not getattr(config, "attention_chunk_size", None) and set(layers) == {"full_attention"}

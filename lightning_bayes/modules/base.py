@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Union
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -31,7 +31,7 @@ from ..datamodules.epoch_loader import loader_samplers
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
 from ..predictive import Predictive
-from .eval_mode_notice import end_quiet, quiet_eval_mode_notice
+from .eval_mode_notice import EndQuietOnException, end_quiet, quiet_eval_mode_notice
 from .fit_length import fit_length
 from .random_stream import global_rng_states, restore_rng_states
 
@@ -300,6 +300,11 @@ class BayesianModule(LightningModule, ABC):
             restore_rng_states(self._resumed_rng_states)
         self.end_eval_mode_quiet()
         self._eval_mode_quiet = quiet_eval_mode_notice(self)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """:class:`~.eval_mode_notice.EndQuietOnException`, which ends :meth:`on_fit_start`'s quiet when a fit fails.
+        Subclasses that override it return it too."""
+        return [EndQuietOnException()]
 
     def end_eval_mode_quiet(self) -> None:
         """Removes the filter by which :meth:`on_fit_start` quieted Lightning's eval-mode notice (if it did)."""

@@ -11,6 +11,7 @@ import warnings
 from typing import cast
 
 from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 
@@ -27,8 +28,8 @@ def modules_kept_in_eval(module: nn.Module) -> list[str]:
 def quiet_eval_mode_notice(module: nn.Module) -> tuple[object, ...] | None:
     """Ignores Lightning's notice for exactly the modules in eval mode now when all of them are kept there by
     ``module.train()``, returning the warning filter it added for :func:`end_quiet`; ``None`` (no filter) otherwise.
-    The caller ends it once the fit loop has started (``on_train_start``); a filter left by a failed fit ignores only
-    that message with that count until the same module's next fit starts."""
+    The caller ends it once the fit loop has started (``on_train_start``), or when the fit fails
+    (:class:`EndQuietOnException`)."""
     in_eval = [name for name, m in module.named_modules() if not m.training]
     if not in_eval or not set(in_eval) <= set(modules_kept_in_eval(module)):
         return None
@@ -41,3 +42,14 @@ def end_quiet(entry: tuple[object, ...] | None) -> None:
     """Removes the filter :func:`quiet_eval_mode_notice` added (an ``ignore`` leaves nothing cached to forget)."""
     if entry is not None and entry in warnings.filters:
         cast(list[object], warnings.filters).remove(entry)  # the list the warnings machinery reads, in place
+
+
+class EndQuietOnException(Callback):
+    """Ends the quiet of a fit that fails before its loop starts (an error in the sanity check, a method's own
+    refusal): Lightning calls callbacks, not the LightningModule, on an exception, and a filter left behind would hide
+    the notice from later fits of other modules."""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        end = getattr(pl_module, "end_eval_mode_quiet", None)
+        if callable(end):
+            end()

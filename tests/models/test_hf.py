@@ -376,3 +376,26 @@ def test_a_decoder_refusing_4d_masks_falls_back_to_the_loop_with_its_own_mask(sm
         rows = function.jacobian(x, y)
     assert not function.vectorize
     torch.testing.assert_close(rows, _plain_rows(function, likelihood, x, y), rtol=1e-4, atol=1e-6)
+
+
+def test_a_sliding_window_decoder_keeps_transformers_masks_and_loops(smollm2_folder, prompts, tmp_path):
+    """A windowed decoder's mask is not the plain causal one: it is left to transformers (under vmap, or in the loop
+    over examples where vmap cannot run that preparation) and the rows stay exact."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lightning_bayes.inference.likelihoods import CategoricalLikelihood
+    from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = CausalLMAnswerClassifier(str(tmp_path)).eval()
+    likelihood = CategoricalLikelihood()
+    function = ParameterFunction(model, constraint=LossConstraint(likelihood))
+    x, y = prompts, torch.tensor([1, 0])
+    assert x["input_ids"].shape[1] > 3  # longer than the window
+    rows = function.jacobian(x, y)
+    torch.testing.assert_close(rows, _plain_rows(function, likelihood, x, y), rtol=1e-4, atol=1e-6)

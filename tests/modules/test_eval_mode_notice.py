@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 from torch import nn
@@ -54,3 +55,19 @@ def test_a_module_the_user_left_in_eval_mode_is_still_noticed(tmp_path: Path) ->
         ("Found 6 module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
          "training. If this is intentional, you can ignore this warning.")
     ]
+
+
+def test_a_fit_that_fails_before_its_loop_leaves_no_filter(tmp_path: Path) -> None:
+    """A failed sanity check ends the quiet (Lightning tells callbacks, not the module): a later fit of a module the
+    user left in eval mode is noticed."""
+
+    class Failing(MAP):
+        def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            raise RuntimeError("a bug in validation_step")
+
+    before = list(warnings.filters)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="a bug in validation_step"):
+        trainer.fit(Failing(probe()), train_dataloaders=loader(), val_dataloaders=loader())
+    assert list(warnings.filters) == before
