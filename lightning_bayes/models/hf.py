@@ -171,14 +171,17 @@ class HFSequenceClassifier(nn.Module):
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         _check_tokens(x)
-        if self.is_encoder and not bool(x["attention_mask"][:, 0].all()):
+        mask = x["attention_mask"]
+        if self.is_encoder and not bool(plain_values(mask)[..., 0].all()):
             raise ValueError(
                 "x has padding at the first position, which this encoder classifies from; tokenize with "
                 "padding_side='right'"
             )
         extra = {"token_type_ids": x["token_type_ids"]} if "token_type_ids" in x else {}
         with without_cudnn_attention():
-            return self.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"], **extra).logits
+            vectorised = self.is_encoder and mapped_by_vmap(mask)  # a vmap over examples: see features() below
+            attention = _bidirectional_padding_mask(mask, self.model) if vectorised else mask
+            return self.model(input_ids=x["input_ids"], attention_mask=attention, **extra).logits
 
 
 class CausalLMAnswerClassifier(nn.Module):
@@ -278,11 +281,7 @@ def _causal_padding_mask(mask: Tensor, decoder: nn.Module) -> Tensor:
         return mask
     length = mask.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-    allowed = causal[None, None] & mask.bool()[:, None, None, :]
-    if implementation == "sdpa":
-        return allowed
-    dtype = cast("PreTrainedModel", decoder).dtype  # the attention scores' dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return _as_attention_mask(causal[None, None] & mask.bool()[:, None, None, :], implementation, decoder)
 
 
 def _full_causal_attention(config: Any) -> bool:
@@ -291,3 +290,23 @@ def _full_causal_attention(config: Any) -> bool:
     window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     layers = getattr(config, "layer_types", None) or ["full_attention"]
     return not window and not getattr(config, "attention_chunk_size", None) and set(layers) == {"full_attention"}
+
+
+def _bidirectional_padding_mask(mask: Tensor, model: nn.Module) -> Tensor:
+    """``[B, T]`` padding mask -> the ``[B, 1, T, T]`` mask transformers prepares for a BERT encoder's attention (every
+    real token to every real token): boolean for ``"sdpa"``, additive for ``"eager"``; the ``[B, T]`` mask for
+    other implementations and other encoders (some attend locally, e.g. ModernBERT), left to the loop over examples."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager") or getattr(config, "model_type", None) != "bert":
+        return mask
+    return _as_attention_mask(mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[-1], -1), implementation, model)
+
+
+def _as_attention_mask(allowed: Tensor, implementation: str, model: nn.Module) -> Tensor:
+    """A boolean ``[B, 1, T, T]`` mask (True: attend) in the form ``implementation`` takes: itself for ``"sdpa"``,
+    additive for ``"eager"`` (0, or the minimum of the model's dtype, that of the attention scores)."""
+    if implementation == "sdpa":
+        return allowed
+    dtype = cast("PreTrainedModel", _unwrap(model)).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

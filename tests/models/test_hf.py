@@ -399,3 +399,37 @@ def test_a_sliding_window_decoder_keeps_transformers_masks_and_loops(smollm2_fol
     assert x["input_ids"].shape[1] > 3  # longer than the window
     rows = function.jacobian(x, y)
     torch.testing.assert_close(rows, _plain_rows(function, likelihood, x, y), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_per_example_gradients_vectorise_through_the_minilm_encoder(implementation):
+    """The BERT encoder gets the padding mask transformers would build under a vmap over examples: rows equal plain
+    autograd through transformers' own mask on each example of the right-padded batch."""
+    import warnings
+
+    from lightning_bayes.inference.likelihoods import CategoricalLikelihood
+    from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
+    from lightning_bayes.models import resolve_pretrained
+
+    torch.manual_seed(0)
+    model = HFSequenceClassifier("minilm", lora=LoraSpec(r=2, alpha=4, target_modules=["query", "value"])).eval()
+    model.model.config._attn_implementation = implementation
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained("minilm"), padding_side="right")
+    x = dict(tokenizer([POSITIVE, "Dull."], return_tensors="pt", padding=True))
+    y = torch.tensor([1, 0])
+    assert not bool(x["attention_mask"].all())
+    likelihood = CategoricalLikelihood()
+    function = ParameterFunction(model, params="lora", constraint=LossConstraint(likelihood))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="vmap over examples failed")
+        rows = function.jacobian(x, y)
+    expected = _plain_rows(function, likelihood, x, y)
+    assert function.vectorize and expected.abs().max() > 1e-3
+    torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-6)
+    left = AutoTokenizer.from_pretrained(resolve_pretrained("minilm"), padding_side="left")
+    with pytest.raises(ValueError, match="x has padding at the first position"):
+        function.jacobian(dict(left([POSITIVE, "Dull."], return_tensors="pt", padding=True)), y)
