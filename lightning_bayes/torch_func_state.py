@@ -9,6 +9,8 @@ run the network inside such transforms; :func:`plain_values` reads an input's va
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -18,19 +20,21 @@ def inside_torch_func() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _unwrapped_levels(tensor: Tensor) -> Iterator[Tensor]:
+    """``tensor`` and each tensor under its transforms' wrappers, outermost first; the last is plain."""
+    yield tensor
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+        yield tensor
+
+
 def plain_values(tensor: Tensor) -> Tensor:
     """``tensor`` without the wrappers of the transforms it is inside: for an input ``vmap`` maps over, the whole
     batch (mapped dimensions included), whose values can be read, e.g. to check every example at once."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
-        tensor = torch._C._functorch.get_unwrapped(tensor)
-    return tensor
+    return list(_unwrapped_levels(tensor))[-1]
 
 
 def mapped_by_vmap(tensor: Tensor) -> bool:
     """Whether ``vmap`` maps over ``tensor`` at some level of the transforms it is inside (a per-example input under
     ``vmap``; not a tensor only ``grad`` or ``jvp`` wraps, nor one a ``vmap`` closes over)."""
-    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
-        if torch._C._functorch.is_batchedtensor(tensor):
-            return True
-        tensor = torch._C._functorch.get_unwrapped(tensor)
-    return False
+    return any(torch._C._functorch.is_batchedtensor(level) for level in _unwrapped_levels(tensor))

@@ -179,8 +179,8 @@ class HFSequenceClassifier(nn.Module):
             )
         extra = {"token_type_ids": x["token_type_ids"]} if "token_type_ids" in x else {}
         with without_cudnn_attention():
-            vectorised = self.is_encoder and mapped_by_vmap(mask)  # a vmap over examples: see features() below
-            attention = _bidirectional_padding_mask(mask, self.model) if vectorised else mask
+            vectorised = self.is_encoder and mapped_by_vmap(mask)  # a vmap over examples (per-example Jacobians)
+            attention = _vmapped_mask(mask, self.model, causal=False) if vectorised else mask
             return self.model(input_ids=x["input_ids"], attention_mask=attention, **extra).logits
 
 
@@ -247,7 +247,7 @@ class CausalLMAnswerClassifier(nn.Module):
         # under a vmap over examples (per-example Jacobians) the 4-D mask transformers would build, without its
         # data-dependent checks, which vmap cannot run (a 4-D mask is passed through as it is); elsewhere, and in the
         # loop over examples a model that refuses 4-D masks falls back to, transformers' own preparation
-        attention = _causal_padding_mask(mask, decoder) if mapped_by_vmap(mask) else mask
+        attention = _vmapped_mask(mask, decoder, causal=True) if mapped_by_vmap(mask) else mask
         with without_cudnn_attention():
             out = decoder(input_ids=x["input_ids"], attention_mask=attention, position_ids=positions, use_cache=False)
         return out.last_hidden_state[:, -1]
@@ -270,18 +270,26 @@ class CausalLMFeatures(CausalLMAnswerClassifier):
         return self.features(x)
 
 
-def _causal_padding_mask(mask: Tensor, decoder: nn.Module) -> Tensor:
-    """``[B, T]`` padding mask -> the ``[B, 1, T, T]`` causal mask transformers prepares for the decoder's attention:
-    boolean (True: attend) for ``"sdpa"``, additive (0, or the dtype's minimum) for ``"eager"``; the ``[B, T]`` mask
-    itself for other implementations and for attention that is not plain causal (sliding windows, chunks): their own
-    preparation, which a vmap that cannot run it leaves to the loop over examples."""
-    config = getattr(decoder, "config", None)
+
+def _vmapped_mask(mask: Tensor, model: nn.Module, causal: bool) -> Tensor:
+    """``[B, T]`` padding mask -> the ``[B, 1, T, T]`` mask transformers prepares for ``model``'s attention (causal, or
+    every real token to every real token), boolean (True: attend) for ``"sdpa"``, additive (0, or the minimum of the
+    model's dtype) for ``"eager"``. The ``[B, T]`` mask itself for other implementations and where attention is not
+    plain (sliding windows, chunks; encoders other than BERT, some of which attend locally): their own preparation,
+    which a vmap that cannot run it leaves to the loop over examples."""
+    config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in ("sdpa", "eager") or not _full_causal_attention(config):
+    plain = _full_causal_attention(config) if causal else getattr(config, "model_type", None) == "bert"
+    if implementation not in ("sdpa", "eager") or not plain:
         return mask
     length = mask.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-    return _as_attention_mask(causal[None, None] & mask.bool()[:, None, None, :], implementation, decoder)
+    allowed = mask.bool()[:, None, None, :].expand(-1, 1, length, -1)
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if implementation == "sdpa":
+        return allowed
+    dtype = cast("PreTrainedModel", _unwrap(model)).dtype  # that of the attention scores
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _full_causal_attention(config: Any) -> bool:
@@ -290,23 +298,3 @@ def _full_causal_attention(config: Any) -> bool:
     window = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     layers = getattr(config, "layer_types", None) or ["full_attention"]
     return not window and not getattr(config, "attention_chunk_size", None) and set(layers) == {"full_attention"}
-
-
-def _bidirectional_padding_mask(mask: Tensor, model: nn.Module) -> Tensor:
-    """``[B, T]`` padding mask -> the ``[B, 1, T, T]`` mask transformers prepares for a BERT encoder's attention (every
-    real token to every real token): boolean for ``"sdpa"``, additive for ``"eager"``; the ``[B, T]`` mask for
-    other implementations and other encoders (some attend locally, e.g. ModernBERT), left to the loop over examples."""
-    config = getattr(model, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in ("sdpa", "eager") or getattr(config, "model_type", None) != "bert":
-        return mask
-    return _as_attention_mask(mask.bool()[:, None, None, :].expand(-1, 1, mask.shape[-1], -1), implementation, model)
-
-
-def _as_attention_mask(allowed: Tensor, implementation: str, model: nn.Module) -> Tensor:
-    """A boolean ``[B, 1, T, T]`` mask (True: attend) in the form ``implementation`` takes: itself for ``"sdpa"``,
-    additive for ``"eager"`` (0, or the minimum of the model's dtype, that of the attention scores)."""
-    if implementation == "sdpa":
-        return allowed
-    dtype = cast("PreTrainedModel", _unwrap(model)).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
