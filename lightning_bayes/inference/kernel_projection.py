@@ -27,9 +27,10 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .conjugate_gradient import conjugate_gradient
-from .linalg import GramFactor, ParameterFunction, gram
+from .linalg import GramFactor, ParameterFunction, gram, take_examples
 
 Solver = Literal["dense", "cg"]
 SOLVERS = ("dense", "cg")
@@ -194,20 +195,44 @@ def project_to_kernel(
         return _KernelProjection.apply(theta, noise, function, x, y, solver, iterations)
 
 
-def missing_second_derivative(
-    function: ParameterFunction, x: Any, y: Tensor, theta: Tensor, solver: Solver = "dense", iterations: int = 10
-) -> str | None:
-    """torch's error when the projection's parameter gradient cannot be taken on ``(x, y)``, else ``None``: that
-    gradient is a second derivative of the network, and torch has none for some operations (``nn.Hardsigmoid``, the
-    gate of MobileNetV3's squeeze-excitation blocks in timm: "derivative for aten::hardsigmoid_backward is not
-    implemented"). Runs one projection of a fixed vector and its backward."""
+def missing_second_derivative(function: ParameterFunction, x: Any, y: Tensor, theta: Tensor) -> str | None:
+    """Why the network has no second derivative at ``(x[0], y[0])``, else ``None``: the projection's parameter gradient
+    is one. torch has none for some operations (``nn.Hardsigmoid``, the gate of MobileNetV3's squeeze-excitation
+    blocks in timm: its error "derivative for aten::hardsigmoid_backward is not implemented"), and a custom
+    ``autograd.Function`` whose backward is ``@once_differentiable`` has none either, yet inside ``torch.func`` it is
+    differentiated as if that backward were constant in the parameters: silently wrong, so it is looked for in the
+    forward's graph. Taken by plain autograd: the gradient of the constraints' sum, then of its sum."""
     leaf = theta.detach().requires_grad_(True)
-    noise = torch.ones(1, function.size, dtype=theta.dtype, device=theta.device)
     try:
         with torch.enable_grad():
-            torch.autograd.grad(project_to_kernel(leaf, noise, function, x, y, solver, iterations).sum(), leaf)
+            constraints = function.constraints(leaf, take_examples(x, 1), y[:1])
+            once = _once_differentiable_functions(constraints)
+            if once:
+                return f"the backward of {', '.join(once)} is marked @once_differentiable"
+            (gradient,) = torch.autograd.grad(constraints.sum(), leaf, create_graph=True)
+            if gradient.requires_grad:  # not where the constraints are linear in theta
+                torch.autograd.grad(gradient.sum(), leaf)
     except RuntimeError as error:
         if "derivative for" in str(error) and "not implemented" in str(error):
             return str(error)
         raise
     return None
+
+
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__  # the code of every such wrapper
+
+
+def _once_differentiable_functions(output: Tensor) -> list[str]:
+    """The custom ``autograd.Function`` classes in ``output``'s graph whose backward is ``@once_differentiable``."""
+    found: set[str] = set()
+    seen, nodes = set(), [output.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        forward_class = getattr(node, "_forward_cls", None)  # set on the nodes of custom Functions
+        if forward_class is not None and getattr(forward_class.backward, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            found.add(forward_class.__name__)
+        nodes.extend(following for following, _ in node.next_functions)
+    return sorted(found)

@@ -187,7 +187,7 @@ class ParameterFunction:
         model's own, raised as it is."""
         self._vmap_checked = True
         try:
-            rows = vmap(jacrev(self._example_constraint), in_dims=(None, 0, 0))(theta, _take(x, 2), y[:2])
+            rows = vmap(jacrev(self._example_constraint), in_dims=(None, 0, 0))(theta, take_examples(x, 2), y[:2])
             self._one_row = rows.shape[1] == 1
         except (RuntimeError, NotImplementedError, ValueError) as error:
             for n in range(min(2, len(y))):
@@ -273,7 +273,7 @@ class ParameterFunction:
         """Run one JVP; raise a clear error if some layer (e.g. a fused attention kernel) lacks forward AD."""
         theta = self.theta()
         try:
-            self.jvp(_take(x, 1), torch.zeros(1, self.size, dtype=theta.dtype, device=theta.device), theta)
+            self.jvp(take_examples(x, 1), torch.zeros(1, self.size, dtype=theta.dtype, device=theta.device), theta)
         except (RuntimeError, NotImplementedError) as error:
             raise RuntimeError(
                 f"forward-mode AD (torch.func.jvp) failed through {type(self.model).__name__}: {error}. "
@@ -298,7 +298,8 @@ def compiled_per_example_jacobian(function: ParameterFunction, theta: Tensor, x:
         return compiled(ParameterFunction.per_example_jacobian, dynamic=False)(function, theta, x, y)
 
 
-def _take(x: Any, n: int) -> Any:
+def take_examples(x: Any, n: int) -> Any:
+    """The first ``n`` examples of a batch (a tensor, or a dict or tuple of tensors)."""
     return tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, x)
 
 

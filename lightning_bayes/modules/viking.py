@@ -305,7 +305,7 @@ class VIKING(BayesianModule):
             return
         modes = [(module, module.training) for module in self.backbone.modules()]
         try:
-            missing = missing_second_derivative(self.function, x, y, self.theta_hat(), self.solver, self.iterations)
+            missing = missing_second_derivative(self.function, x, y, self.theta_hat())
         finally:  # the function runs the network in eval mode; the MLE phase trains it in its own modes
             for module, training in modes:
                 module.training = training

@@ -4,9 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_bayes.inference.kernel_projection import DenseSystem, build_system, project, project_to_kernel
+from lightning_bayes.inference.kernel_projection import (
+    DenseSystem, build_system, missing_second_derivative, project, project_to_kernel,
+)
 from lightning_bayes.inference.likelihoods import CategoricalLikelihood
 from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction, output_constraint
+from once_differentiable_square import Square
 
 
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -162,3 +165,32 @@ def test_a_bf16_jacobians_transpose_product_is_taken_in_float32() -> None:
     assert kernel.dtype == torch.float32
     residual = (kernel @ jacobian.float().T).norm(dim=1) / vectors.norm(dim=1)
     assert residual.max() < 1e-5
+
+
+def test_networks_without_a_second_derivative_are_named(single_thread):
+    """The projection's parameter gradient is a second derivative of the network. A ``@once_differentiable``
+    backward has none, and inside torch.func it is silently taken as constant (the gradient below is off while the
+    projection itself is right), so it is named from the forward's graph; nn.Hardsigmoid by torch's own error."""
+
+    def problem(activation: nn.Module):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 5), activation, nn.Linear(5, 3)).double()
+        return ParameterFunction(model, "all", LossConstraint(CategoricalLikelihood()))
+
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    once, written_out = problem(Square(once=True)), problem(Square(once=False))
+    named = missing_second_derivative(once, x, y, once.theta())
+    assert named == "the backward of OnceSquare is marked @once_differentiable"
+    assert missing_second_derivative(written_out, x, y, written_out.theta()) is None
+    hard = problem(nn.Hardsigmoid())
+    assert "hardsigmoid_backward is not implemented" in missing_second_derivative(hard, x, y, hard.theta())
+
+    noise, weights = torch.randn(2, 2, once.size, dtype=torch.float64)  # two vectors each
+    gradients, kernels = [], []
+    for function in (once, written_out):
+        theta = function.theta().requires_grad_(True)
+        kernel = project_to_kernel(theta, noise, function, x, y)
+        gradients.append(torch.autograd.grad((weights * kernel).sum(), theta)[0])
+        kernels.append(kernel.detach())
+    assert _relative_error(kernels[0], kernels[1]) <= 1e-12
+    assert _relative_error(gradients[0], gradients[1]) > 0.1
