@@ -61,14 +61,17 @@ def _masked_linear(in_degrees: Tensor, out_degrees: Tensor, strict: bool) -> nn.
 def made(num_inputs: int, hidden: Sequence[int], block_size: int) -> nn.Sequential:
     """MADE ``[..., D] -> [..., D * block_size]`` whose ``d``-th output block depends on inputs ``< d`` only.
 
-    Inputs have degrees ``1..D``, hidden units degrees cycling through ``1..max(D - 1, 1)``; a hidden unit sees
-    inputs of degree ``<=`` its own, output block ``d`` sees units of degree ``< d`` (so block 1 is its bias).
-    Hidden layers use ``tanh``. The last layer starts at zero weights, so every block starts at its bias.
+    Inputs have degrees ``1..D``; a layer of ``w`` hidden units has degrees ``ceil(k (D - 1) / (w + 1))``,
+    ``k = 1..w``, spread evenly over ``1..max(D - 1, 1)`` (tfp's ``AutoregressiveNetwork`` default, so that a layer narrower
+    than ``D - 1`` still carries inputs up to ``D - 1``, not only the first ``w``); a hidden unit sees inputs of degree
+    ``<=`` its own, output block ``d`` sees units of degree ``< d`` (so block 1 is its bias). Hidden layers use
+    ``tanh``. The last layer starts at zero weights, so every block starts at its bias.
     """
     input_degrees = torch.arange(1, num_inputs + 1)
     degrees, layers = input_degrees, []
     for width in hidden:
-        hidden_degrees = torch.arange(width) % max(num_inputs - 1, 1) + 1
+        # the ceiling in integers; at least 1, so that with one input no unit feeds its block (tfp: degree 0)
+        hidden_degrees = ((torch.arange(1, width + 1) * (num_inputs - 1) + width) // (width + 1)).clamp_min(1)
         layers += [_masked_linear(degrees, hidden_degrees, strict=False), nn.Tanh()]
         degrees = hidden_degrees
     output = _masked_linear(degrees, input_degrees.repeat_interleave(block_size), strict=True)

@@ -62,6 +62,24 @@ def test_made_connects_every_earlier_input_and_wastes_no_hidden_unit():
         assert (feeding.sum(1) > 0).all() and (fed.sum(0) > 0).all()
 
 
+def test_a_made_narrower_than_its_inputs_spreads_its_hidden_degrees():
+    """26 inputs (the spec's Diamonds posterior) through layers of 10 units: the degrees spread over 1..25, so the
+    last block reaches inputs 1..23; each block a prefix of the inputs before
+    it (as in tfp's AutoregressiveNetwork). Degrees cycling through 1..10 left inputs 11..25 conditioning nothing."""
+    num_inputs = 26
+    network = made(num_inputs, hidden=(10, 10), block_size=1)
+    masks = [layer.parametrizations.weight[0].mask for layer in network if isinstance(layer, torch.nn.Linear)]
+    reach = masks[0]
+    for mask in masks[1:]:
+        reach = ((mask @ reach) > 0).float()
+    reached = reach.sum(1).long()
+    assert torch.equal(reach, (torch.arange(num_inputs)[None, :] < reached[:, None]).float())  # prefixes
+    # hidden degrees ceil(k * 25 / 11) = 3, 5, 7, 10, 12, 14, 16, 19, 21, 23: block d reaches the largest below d
+    assert reached.tolist() == [0] * 3 + [3] * 2 + [5] * 2 + [7] * 3 + [10] * 2 + [12] * 2 + [14] * 2 + [16] * 3 + [
+        19
+    ] * 2 + [21] * 2 + [23] * 3
+
+
 def test_each_entry_is_increasing_in_its_own_base_draw():
     flow = trained_looking_flow((3,), degree=10, seed=1)
     grid = torch.linspace(-6, 6, 2001, dtype=torch.float64)
