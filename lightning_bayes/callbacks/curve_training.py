@@ -254,7 +254,13 @@ class CurveTraining(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.curves:
-            return
+            registered = {id(module) for module in pl_module.modules()}
+            if all(id(curve) in registered for curve in self.curves.values()):
+                return
+            raise ValueError(
+                f"CurveTraining holds the curve of another module than this {type(pl_module).__name__}: one instance "
+                "trains one module's curve; create a CurveTraining for each module (e.g. inside a loop over seeds)"
+            )
         if isinstance(trainer.strategy, FSDPStrategy) and (self.weight_decay or self.js_weight):
             raise ValueError(
                 "CurveTraining under FSDP supports the curve itself but not weight_decay or js_weight (they add "

@@ -20,6 +20,7 @@ runs in the test suite (CPU only). Reference: Maddox et al., NeurIPS 2019.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -119,12 +120,27 @@ class SWASubspace(Callback):
         self.moments: SWAGMoments | None = None
         self.last_step = -1  # global step of the last snapshot (never two at one optimiser step)
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
+        self._module: weakref.ref[LightningModule] | None = None  # the module collected for (set up with)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_module": None}  # a weak reference does not pickle (ddp_spawn pickles callbacks)
 
     # ---- selection and gathering -----------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or (self.moments is not None and self._pending is None):
+        if stage != "fit":
             return
+        if self.every_n_steps is None:
+            self._start_epoch(trainer)  # a fit without max_epochs is refused now, not at its first epoch's end
+        if self.moments is not None and self._pending is None:
+            if self._module is None or self._module() is pl_module:  # a further fit of the same module collects on
+                return  # (None: unpickled, as in a spawned process, where the module is a copy too)
+            raise ValueError(
+                f"SWASubspace holds {int(self.moments.count)} snapshots of another module than this "
+                f"{type(pl_module).__name__}: one instance collects one module's posterior; create a SWASubspace for "
+                "each module (e.g. inside a loop over seeds)"
+            )
+        self._module = weakref.ref(pl_module)
         selected = select_parameters(pl_module, self.params)
         self.names = list(selected)
         with self._full_parameters(trainer, pl_module) as full:
@@ -173,7 +189,8 @@ class SWASubspace(Callback):
         if trainer.max_epochs is None or trainer.max_epochs < 1:
             raise ValueError(
                 f"SWASubspace(start_fraction={self.start_fraction}) with per-epoch collection needs a finite "
-                f"trainer max_epochs; got {trainer.max_epochs!r} (or give start_epoch)"
+                f"trainer max_epochs; got {trainer.max_epochs!r} (or give start_epoch, or collect every_n_steps, "
+                "which takes the fit's length from max_steps)"
             )
         return math.floor(self.start_fraction * trainer.max_epochs)
 

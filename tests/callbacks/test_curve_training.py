@@ -499,6 +499,19 @@ def test_a_checkpoint_of_another_model_is_refused(endpoints):
         CurveTraining(params="all", start=endpoints[0]).setup(trainer(), module, "fit")
 
 
+def test_one_instance_trains_one_modules_curve(endpoints):
+    """Testing the module it trained works; a second module (a loop over seeds reusing the callback) is refused:
+    it used to train as a plain network, its "curve" flat, without a word."""
+    start, end = endpoints
+    callback = CurveTraining(params="all", start=start, end=end)
+    module = MAP(mlp(0))
+    trainer(1, callbacks=[callback], limit_train_batches=1, limit_val_batches=0).fit(module, loader())
+    trainer(callbacks=[callback], limit_test_batches=1).test(module, loader())
+    with pytest.raises(ValueError, match="CurveTraining holds the curve of another module than this MAP: one instance "
+                       "trains one module's curve; create a CurveTraining for each module"):
+        trainer(1, callbacks=[callback], limit_train_batches=1, limit_val_batches=0).fit(MAP(mlp(0)), loader())
+
+
 def test_polychain_midpoint_is_the_mean_of_its_neighbours(endpoints):
     start, end = endpoints
     module, callback = MAP(mlp(0)), CurveTraining(params="all", curve="polychain", num_bends=3, start=start, end=end)

@@ -247,6 +247,36 @@ def test_start_fraction_per_step_on_an_unbounded_fit_is_named() -> None:
                 enable_checkpointing=False, callbacks=[swa], max_time={"seconds": 30}).fit(Regression(), loader())
 
 
+def test_start_fraction_per_epoch_without_max_epochs_is_refused_before_training() -> None:
+    """Trainer(max_steps=...) leaves max_epochs unset: refused at setup (the module untrained), naming the ways out."""
+    module = Regression()
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"needs a finite trainer max_epochs; got -1 \(or give start_epoch, or collect "
+                       r"every_n_steps"):
+        Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, callbacks=[SWASubspace()]).fit(module, loader())
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+
+def test_one_instance_collects_for_one_module() -> None:
+    """A second fit of the same module collects on; another module (a loop over seeds reusing the callback) is
+    refused instead of averaging two networks' iterates, and the first module's moments are kept."""
+    swa = SWASubspace(params="all", start_epoch=1)
+    module = Regression()
+
+    def fit_again(model: Regression, epochs: int, **kwargs) -> None:
+        Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, callbacks=[swa]).fit(model, loader(), **kwargs)
+
+    fit_again(module, 2)
+    fit_again(module, 3)  # the same module: epochs 1 and 2
+    assert int(swa.moments.count) == 2
+    with pytest.raises(ValueError, match="SWASubspace holds 2 snapshots of another module than this Regression: one "
+                       "instance collects one module's posterior; create a SWASubspace for each module"):
+        fit_again(Regression(), 2)
+    assert int(swa.moments.count) == 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
