@@ -36,6 +36,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from ..batches import BatchLayout
 from ..checks import check_flags, is_int
 from ..datamodules.epoch_loader import step_batch
 from ..datamodules.sampler_padding import distributed_sampler, real_examples
@@ -75,12 +76,6 @@ def _is_predictive(value: object) -> bool:
     return isinstance(value, (CategoricalPredictive, GaussianPredictive))
 
 
-def _split_batch(batch: Any) -> tuple[Any, Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError(f"CalibrationMetrics expects batches (x, y); got {type(batch).__name__}")
-    return batch[0], batch[1]
-
-
 def _flat_key(name: str) -> str:
     """``test/cal/ece`` -> ``ece``, ``test/ood/auroc`` -> ``ood_auroc``, ``test/reg/rmse`` -> ``rmse``;
     ``test/cal/ece/dataloader_idx_1`` -> ``ece/dataloader_idx_1``."""
@@ -115,6 +110,10 @@ class CalibrationMetrics(Callback):
         legacy: also log the VIKING / null-space Laplace reference code's ``legacy_nll``, ``legacy_ece`` and
             ``legacy_mce`` (per-sample NLL averaged over samples; 100 bins, predictions at confidence 0.99 or more
             dropped: :mod:`lightning_bayes.metrics.legacy`), only to set results beside that paper's tables.
+        target_key: for dict batches (validation, test and OOD loaders), the target's key (e.g. ``"label"``);
+            without it a dict batch is refused.
+        input_key: for dict batches, the input's key; without it every entry but the target, as a dict (a
+            tokenizer's ``input_ids``, ``attention_mask``, ...).
 
     The OOD data come from ``trainer.datamodule.ood_dataloader()`` (a map-style ``DataLoader`` of ``(x, y)``
     or ``x`` batches; sharded with a ``DistributedSampler`` under DDP), limited at validation to as many batches as
@@ -131,8 +130,11 @@ class CalibrationMetrics(Callback):
         plots: bool = True,
         ood_stages: Sequence[Stage] = _STAGES,
         legacy: bool = False,
+        target_key: str | None = None,
+        input_key: str | None = None,
     ) -> None:
         super().__init__()
+        self.layout = BatchLayout(target_key, input_key)
         if num_samples is not None and (
             not is_int(num_samples) or num_samples < 1
         ):
@@ -201,7 +203,7 @@ class CalibrationMetrics(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, stage: str, batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        x, y = _split_batch(batch)
+        x, y = self.layout.split(batch, "CalibrationMetrics")
         reuse = (  # not when a callback bound the module's predictive (CurveTraining: the curve ensemble)
             _is_predictive(outputs) and self.num_samples in (None, getattr(pl_module, "num_samples", None))
             and "predictive" not in vars(pl_module)
@@ -323,7 +325,7 @@ class CalibrationMetrics(Callback):
         longest = None if None in limits else max(cast(list[int], limits))
         for batch_idx, batch in enumerate(itertools.islice(loader, longest)):
             batch = step_batch(trainer, batch, pl_module.device)
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = self.layout.input(batch)
             predictive = self._predict(trainer, pl_module, x, stage)
             keep = real_examples(batch_idx, predictive.num_examples, loader)
             for (_, ood), limit in zip(oods, limits):

@@ -47,6 +47,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from ..batches import BatchLayout
 from ..checks import check_flags, check_seed, is_finite, is_int
 from ..datamodules import side_pass
 from ..generator import PicklableGenerator
@@ -134,6 +135,9 @@ class CurveTraining(Callback):
         line: also evaluate the straight line between the endpoints.
         seed: seed of the draws of ``t``.
         plots: write the loss-along-curve PNG next to its JSON.
+        target_key: for dict batches, the target's key (e.g. ``"label"``); without it a dict batch is refused
+            along the curve (and, for the JS term and BatchNorm refreshes, the whole dict is the input).
+        input_key: for dict batches, the input's key; without it every entry but the target, as a dict.
     """
 
     def __init__(
@@ -156,8 +160,11 @@ class CurveTraining(Callback):
         line: bool = True,
         seed: int = 0,
         plots: bool = True,
+        target_key: str | None = None,
+        input_key: str | None = None,
     ) -> None:
         super().__init__()
+        self.layout = BatchLayout(target_key, input_key)
         if curve not in _CURVES:
             raise ValueError(f"curve must be one of {_CURVES}; got {curve!r}")
         _positive_int("num_bends", num_bends, 2)
@@ -308,7 +315,7 @@ class CurveTraining(Callback):
         self.t = float(torch.rand((), generator=self.generator, dtype=torch.float64))
         self._move(self.t)
         if self.js_weight > 0:
-            self._batch_x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            self._batch_x = self.layout.input(batch)
 
     def _gradient_scale(self, trainer: Trainer) -> float:
         """Lightning's loss scaling: ``1 / accumulate_grad_batches``, times a mixed-precision grad scaler's scale."""
@@ -402,7 +409,7 @@ class CurveTraining(Callback):
         key = self.position.coefficients
         if self._batch_norm_saved:
             if key not in self._batch_norm_at:
-                refresh_batchnorm(pl_module, self._training_data(pl_module), device=pl_module.device)
+                refresh_batchnorm(pl_module, self._training_data(pl_module), pl_module.device, self.layout)
                 self._batch_norm_at[key] = _statistics_copy(pl_module)
             pl_module.load_state_dict(self._batch_norm_at[key], strict=False)
         return compute()
@@ -510,9 +517,7 @@ class CurveTraining(Callback):
                 f"CurveTraining scores the curve on one {stage} loader; got several (loader {dataloader_idx}): score "
                 "the others in their own trainer.validate / trainer.test call"
             )
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError(f"CurveTraining evaluates batches (x, y) along the curve; got {type(batch).__name__}")
-        x, y = batch[0], batch[1]
+        x, y = self.layout.split(batch, "CurveTraining (scoring the curve)")
         _, rows = self._rows(stage)
         predictive_fn = _plain_predictive(pl_module)
         context = (

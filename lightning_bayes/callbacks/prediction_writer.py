@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from ..batches import BatchLayout
 from ..predictive import CategoricalPredictive, GaussianPredictive
 from .run_files import first_free_index, loader_suffixes, numbered, run_folder
 
@@ -42,10 +43,15 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         filename: the file's stem (``predictions`` -> ``predictions.csv``).
+        target_key: for dict batches, the target's key (e.g. ``"label"``): its ``target`` column; without it a dict
+            batch has no target.
+        input_key: for dict batches, the input's key (not read: the module's ``predict_step`` takes the batch).
     """
 
-    def __init__(self, filename: str = "predictions") -> None:
+    def __init__(self, filename: str = "predictions", target_key: str | None = None,
+                 input_key: str | None = None) -> None:
         super().__init__(write_interval="batch")
+        self.layout = BatchLayout(target_key, input_key)
         if not filename or Path(filename).name != filename or filename in (".", "..") or filename.endswith(".csv"):
             raise ValueError(f"filename must be a plain file stem such as 'predictions'; got {filename!r}")
         self.filename = filename
@@ -88,7 +94,7 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: Trainer, pl_module: LightningModule, prediction: Any, batch_indices: Any, batch: Any,
         batch_idx: int, dataloader_idx: int,
     ) -> None:
-        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+        target = self.layout.target(batch)
         header, values = self._table(trainer, prediction, target)  # checked under fast_dev_run too
         if not self.paths:  # fast_dev_run: no file
             return

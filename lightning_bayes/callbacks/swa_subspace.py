@@ -30,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ..batches import BatchLayout
 from ..checks import is_int
 from ..inference.batchnorm import batchnorm_statistics_kept, refresh_batchnorm
 from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor, low_rank_part
@@ -75,6 +76,8 @@ class SWASubspace(Callback):
             epoch's start to the reference schedule (:func:`~lightning_bayes.inference.swag.learning_rate_factor`
             of ``epoch / start`` times the initial rate: 1 to half the start epoch, linear down to ``r`` at 0.9 of
             it, ``r`` from then on, through collection); ``None`` (default) leaves the rate to the module.
+        target_key, input_key: for dict batches given to :meth:`swa` / :meth:`sample` (BatchNorm refreshes): the
+            input is ``batch[input_key]``, or every entry but ``batch[target_key]``; neither: the whole dict.
     """
 
     def __init__(
@@ -87,8 +90,11 @@ class SWASubspace(Callback):
         max_rank: int = 20,
         device: str | None = "cpu",
         swa_lr_ratio: float | None = None,
+        target_key: str | None = None,
+        input_key: str | None = None,
     ) -> None:
         super().__init__()
+        self.layout = BatchLayout(target_key, input_key)
         if start_epoch is not None and start_fraction is not None:
             raise ValueError(f"give start_epoch or start_fraction, not both; got {start_epoch!r} and {start_fraction!r}")
         if start_epoch is not None and (not is_int(start_epoch) or start_epoch < 0):
@@ -318,7 +324,7 @@ class SWASubspace(Callback):
                     for p, value in zip(params, flat.split([p.numel() for p in params])):
                         p.copy_(value.view_as(p))
                 if batches is not None:
-                    refresh_batchnorm(pl_module, batches, pl_module.device)
+                    refresh_batchnorm(pl_module, batches, pl_module.device, self.layout)
                 yield
             finally:
                 with torch.no_grad():
@@ -332,7 +338,7 @@ class SWASubspace(Callback):
 
     @contextmanager
     def swa(self, pl_module: LightningModule, batches: Iterable[Any] | None = None) -> Iterator[None]:
-        """Inside, the selected parameters hold the SWA mean; with ``batches`` (``x`` or ``(x, y)``), BatchNorm
+        """Inside, the selected parameters hold the SWA mean; with ``batches`` (``x``, ``(x, y)`` or dicts), BatchNorm
         statistics are recomputed by ``pl_module(x)`` passes (and restored on exit)."""
         moments = self._require_moments()
         with self._written(pl_module, moments.mean, batches):

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
+from ..batches import BatchLayout
+
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of ``model`` (any dimension, ``SyncBatchNorm`` included)."""
@@ -42,23 +44,29 @@ def running_statistics(model: nn.Module) -> dict[str, Tensor]:
     return {name: buffer for name, buffer in batchnorm_buffers(model).items() if buffer.is_floating_point()}
 
 
-def _inputs(batches: Iterable[Any], device: torch.device | None, dtype: torch.dtype | None) -> Iterator[Any]:
+def _inputs(
+    batches: Iterable[Any], layout: BatchLayout, device: torch.device | None, dtype: torch.dtype | None
+) -> Iterator[Any]:
     def moved(t: Any) -> Any:
         if not isinstance(t, Tensor):
             return t
         return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
     for batch in batches:
-        yield tree_map(moved, batch[0] if isinstance(batch, (tuple, list)) else batch)
+        yield tree_map(moved, layout.input(batch))
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
-def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None) -> None:
-    """Recompute the running statistics of every BatchNorm layer of ``model`` from ``batches`` (``x`` or
-    ``(x, y, ...)``; ``x`` a tensor, a tuple or a dict of tensors, moved to ``device``, its floating tensors cast to
+def refresh_batchnorm(
+    model: nn.Module, batches: Iterable[Any], device: torch.device | str | None = None,
+    layout: BatchLayout = BatchLayout(),  # noqa: B008 - frozen
+) -> None:
+    """Recompute the running statistics of every BatchNorm layer of ``model`` from ``batches`` (``x``,
+    ``(x, y, ...)``, or dicts split by ``layout``; ``x`` a tensor, a tuple or a dict of tensors, moved to ``device``,
+    its floating tensors cast to
     the dtype of the model's parameters, as a Trainer's precision casts a step's batch): the average over examples
     of the batch statistics (momentum ``b / (n + b)``). The model runs in training mode for the pass (as
     ``update_bn`` and the reference's ``bn_update`` do) and gets its modes and momenta back. A no-op (no pass over
@@ -82,7 +90,7 @@ def refresh_batchnorm(model: nn.Module, batches: Iterable[Any], device: torch.de
     model.train()
     try:
         with torch.no_grad():
-            for x in _inputs(batches, None if device is None else torch.device(device), _floating_dtype(model)):
+            for x in _inputs(batches, layout, None if device is None else torch.device(device), _floating_dtype(model)):
                 model(x)
     finally:
         for hook in hooks:
