@@ -164,15 +164,19 @@ class BayesCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
+        _refuse_an_earlier_runs_folder(self.trainer)
         _refuse_trainer_steps_of_manual_optimisation(self.trainer, self.model)
 
     def before_test(self) -> None:
+        _refuse_an_earlier_runs_folder(self.trainer)
         self._warn_untrained("test")
 
     def before_validate(self) -> None:
+        _refuse_an_earlier_runs_folder(self.trainer)
         self._warn_untrained("validate")
 
     def before_predict(self) -> None:
+        _refuse_an_earlier_runs_folder(self.trainer)
         self._warn_untrained("predict")
 
     def instantiate_classes(self) -> None:
@@ -211,6 +215,24 @@ class BayesCLI(LightningCLI):
 
 
 _LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")  # resolved by the Trainer, not files
+
+
+def _refuse_an_earlier_runs_folder(trainer: Trainer) -> None:
+    """A logger whose folder (a fixed ``version``) holds an earlier run's files: refused before the Trainer runs, which
+    would set the logger up first (Lightning's CSVLogger then deletes the earlier ``metrics.csv``). Asked by the main
+    process only (rank 0, before it launches the others)."""
+    if trainer.global_rank != 0:
+        return
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        folder = Path(log_dir) if log_dir else None
+        if folder is not None and folder.is_dir() and any(folder.iterdir()):
+            files = sorted(path.name for path in folder.iterdir())
+            raise RuntimeError(
+                f"{folder} holds an earlier run's files ({', '.join(files)}), and lightning-bayes does not overwrite a "
+                "run's files: give this run another --trainer.logger.init_args.version (or none: each run then gets a "
+                "new version folder)"
+            )
 
 
 def _refuse_trainer_steps_of_manual_optimisation(trainer: Trainer, model: LightningModule) -> None:

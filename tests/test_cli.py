@@ -35,6 +35,20 @@ def test_second_run_writes_a_new_version_and_keeps_the_first(tmp_path: Path):
     assert {p.parent.name for p in written} == {"version_0", "version_1"}
 
 
+def test_a_second_run_into_a_fixed_version_is_refused_before_the_logger_deletes_its_metrics(tmp_path: Path):
+    args = [*quick_args(MAP_CONFIG, tmp_path, batches=1), "--trainer.logger.init_args.version=0",
+            "--test_after_fit=false"]
+    run(args)
+    folder = next(tmp_path.rglob("version_0"))
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    assert "metrics.csv" in before
+    with pytest.raises(RuntimeError, match=rf"^{folder} holds an earlier run's files \(checkpoints, config.yaml, "
+                       r"hparams.yaml, metrics.csv\), and lightning-bayes does not overwrite a run's files: give this "
+                       r"run another --trainer.logger.init_args.version"):
+        run(args)
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
+
+
 def test_without_a_logger_a_second_run_into_the_same_folder_is_refused_saying_what_to_do(tmp_path: Path):
     args = [*quick_args(MAP_CONFIG, tmp_path, batches=1)[:-1], "--trainer.logger=false", "--test_after_fit=false",
             f"--trainer.default_root_dir={tmp_path}"]

@@ -94,11 +94,19 @@ def keep_cpu_four_bit_differentiable(model: _Model) -> _Model:
     return model
 
 
-def apply_lora(model: nn.Module, lora: LoraSpec, task_type: str) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraSpec | Mapping[str, Any], task_type: str) -> nn.Module:
     """Wrap ``model`` with peft LoRA adapters; the base is frozen, the adapters (and, for
-    ``task_type="SEQ_CLS"``, the classification head) are trainable."""
+    ``task_type="SEQ_CLS"``, the classification head) are trainable. ``lora``: a :class:`LoraSpec`, or a dict of its
+    fields (as a config writes it)."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
+
+    if isinstance(lora, Mapping):
+        lora = LoraSpec(**lora)
+    elif not isinstance(lora, LoraSpec):
+        raise ValueError(
+            f"lora must be a LoraSpec or a dict of its fields (r, alpha, dropout, target_modules); got {lora!r}"
+        )
 
     adaptable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)  # peft's
     layers = [name for name, module in model.named_modules() if isinstance(module, adaptable)]

@@ -250,7 +250,8 @@ def test_an_encoder_refuses_a_left_padded_batch_and_scores_a_right_padded_one_as
 
 
 def test_lora_adapts_the_layers_peft_adapts_beyond_linear_ones():
-    """GPT-2's attention is a transformers Conv1D, which peft adapts: it was refused as "matching no linear layer"."""
+    """GPT-2's attention is a transformers Conv1D, which peft adapts: it was refused as "matching no linear layer".
+    A dict of LoraSpec's fields (what a Python user writes from a YAML config) adapts the same layers."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     from lightning_bayes.models.hf import apply_lora
@@ -260,6 +261,10 @@ def test_lora_adapts_the_layers_peft_adapts_beyond_linear_ones():
     model = apply_lora(GPT2ForSequenceClassification(config), LoraSpec(r=2, target_modules=["c_attn"]), "SEQ_CLS")
     adapted = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
     assert adapted and all(".c_attn." in name for name in adapted)
+    as_dict = apply_lora(GPT2ForSequenceClassification(config), {"r": 2, "target_modules": ["c_attn"]}, "SEQ_CLS")
+    assert {name for name, p in as_dict.named_parameters() if p.requires_grad and "lora_" in name} == adapted
+    with pytest.raises(ValueError, match=r"lora must be a LoraSpec or a dict of its fields .*; got 8"):
+        apply_lora(GPT2ForSequenceClassification(config), 8, "SEQ_CLS")  # type: ignore[arg-type]
 
 
 def test_a_datamodule_with_another_tokenizer_is_refused_at_setup(smollm2, smollm2_folder):
