@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -343,7 +344,8 @@ def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningD
             "keeps the path it was saved under): testing the model as the fit left it"
         )
         use_best = False
-    trainer.test(model, datamodule=datamodule, ckpt_path="best" if use_best else None)
+    # the path "best" stands for, given as it is: "best" warns whenever the trainer has several ModelCheckpoints
+    trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None)
 
 
 def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
@@ -387,4 +389,6 @@ def main() -> None:
     except FileNotFoundError as error:
         print(f"lightning-bayes: error: {error}", file=sys.stderr)
         sys.exit(2)  # as the parser exits on a bad argument
+    # Lightning's own pytree code builds a LeafSpec, which this torch deprecates: twice a run, nothing to act on
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     run()

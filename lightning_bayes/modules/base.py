@@ -31,7 +31,7 @@ from ..datamodules.epoch_loader import loader_samplers
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
 from ..predictive import Predictive
-from .eval_mode_notice import EndQuietOnException, end_quiet, quiet_eval_mode_notice
+from .lightning_notices import EndQuietOnException, end_quiet, quiet_eval_mode_notice, quiet_no_optimizer_notice
 from .fit_length import fit_length
 from .random_stream import global_rng_states, restore_rng_states
 
@@ -100,7 +100,7 @@ class BayesianModule(LightningModule, ABC):
         self._before_validation: dict[str, Any] | None = None  # the global generators' states while a fit validates
         self._resumed_rng_states: dict[str, Any] | None = None  # the loaded checkpoint's, until training starts
         self._resumed_at_validation = False  # that checkpoint was saved as a fit's validation ended
-        self._eval_mode_quiet: tuple[object, ...] | None = None  # a warning filter from on_fit_start to on_train_start
+        self._quiet: list[tuple[object, ...]] = []  # warning filters of Lightning's notices: .lightning_notices
 
     @_restricted_classmethod  # as Lightning's: not on an instance (it would not load in place)
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -258,7 +258,7 @@ class BayesianModule(LightningModule, ABC):
             )
 
     def teardown(self, stage: str) -> None:
-        self.end_eval_mode_quiet()  # a fit whose loop never started (e.g. max_epochs=0)
+        self.end_quiet_notices()  # a fit whose loop never started (e.g. max_epochs=0)
         for parameter in getattr(self, "_frozen_during_fit", ()):
             parameter.requires_grad_(False)
         self._frozen_during_fit = []
@@ -295,21 +295,26 @@ class BayesianModule(LightningModule, ABC):
         was loaded (e.g. an optimiser drawing its seed when it is built), before the training loader's iterator
         draws its seed, as the unstopped run's did after that checkpoint. Lightning's notice of modules in eval mode
         is quieted until the fit loop starts when they are the ones this module keeps there (frozen features, a
-        post-hoc method's network: :mod:`.eval_mode_notice`). Subclasses that override it call it."""
+        post-hoc method's network: :mod:`.lightning_notices`). Subclasses that override it call it."""
         if self._resumed_rng_states is not None:
             restore_rng_states(self._resumed_rng_states)
-        self.end_eval_mode_quiet()
-        self._eval_mode_quiet = quiet_eval_mode_notice(self)
+        self.end_quiet_notices()  # configure_optimizers' (Lightning's check has run)
+        entry = quiet_eval_mode_notice(self)
+        if entry is not None:
+            self._quiet.append(entry)
 
     def configure_callbacks(self) -> list[Callback]:
-        """:class:`~.eval_mode_notice.EndQuietOnException`, which ends :meth:`on_fit_start`'s quiet when a fit fails.
-        Subclasses that override it return it too."""
+        """:class:`~.lightning_notices.EndQuietOnException`, which ends the notices' quiet when a fit fails.
+        Subclasses that override it return it too. None where the trainer has one already (a test after a fit), which
+        Lightning would replace with a notice."""
+        if any(isinstance(c, EndQuietOnException) for c in getattr(self._trainer, "callbacks", [])):
+            return []
         return [EndQuietOnException()]
 
-    def end_eval_mode_quiet(self) -> None:
-        """Removes the filter by which :meth:`on_fit_start` quieted Lightning's eval-mode notice (if it did)."""
-        end_quiet(self._eval_mode_quiet)
-        self._eval_mode_quiet = None
+    def end_quiet_notices(self) -> None:
+        """Removes the filters by which :meth:`configure_optimizers` and :meth:`on_fit_start` quieted Lightning's
+        notices (if they did)."""
+        end_quiet(self._quiet)
 
     def on_train_start(self) -> None:
         """A fit resumed from a checkpoint saved inside an epoch, or as a validation after its last batch ended: the
@@ -318,7 +323,7 @@ class BayesianModule(LightningModule, ABC):
         ``state_dict``: Lightning restarts it from its first batch, so the rest of that epoch repeats its first
         batches. Refuses a ``max_steps`` that would stop a fit without optimiser steps inside an epoch. Subclasses
         that override it call it."""
-        self.end_eval_mode_quiet()  # Lightning's check has run
+        self.end_quiet_notices()  # Lightning's check has run
         self._refuse_a_step_budget_without_steps()
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
         # also from a validation's checkpoint after an epoch's last batch, before the epoch ended: Lightning has made
@@ -382,8 +387,10 @@ class BayesianModule(LightningModule, ABC):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def configure_optimizers(self) -> Any:
-        """The optimiser over :meth:`parameter_groups` (and its scheduler); none for a fit that takes no steps."""
+        """The optimiser over :meth:`parameter_groups` (and its scheduler); none for a fit that takes no steps (and
+        Lightning's notice that this fit runs without one quieted)."""
         if not self.takes_optimizer_steps():
+            self._quiet.append(quiet_no_optimizer_notice())
             return None
         groups = [g for g in self.parameter_groups() if g["params"]]
         if not groups:

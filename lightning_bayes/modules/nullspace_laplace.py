@@ -203,7 +203,7 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
 
     # ----- the sweeps ----------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        self.end_eval_mode_quiet()  # Lightning's check has run; before this method's own refusals below
+        self.end_quiet_notices()  # Lightning's check has run; before this method's own refusals below
         loader = self.trainer.train_dataloader
         samplers = loader_samplers(loader)
         if any(isinstance(sampler, DistributedSampler) for sampler in samplers):

@@ -1,8 +1,13 @@
-"""Lightning's "Found N module(s) in eval mode at the start of training" (a ``PossibleUserWarning`` at every fit's
-start), quieted where every such module is one the method keeps in eval mode on purpose: frozen features
-(:class:`~lightning_bayes.models.FrozenFeatures`), a post-hoc method's trained network. Those are the modules that
-stay in eval mode when the LightningModule's own ``train()`` is called; a module a user left in eval mode would not,
-and then Lightning's notice is shown as it is."""
+"""Two of Lightning's notices at a fit's start, quieted where they are false alarms about what a method does on
+purpose, and shown as worded otherwise:
+
+* "Found N module(s) in eval mode at the start of training" (a ``PossibleUserWarning``), where every such module is
+  one the method keeps in eval mode: frozen features (:class:`~lightning_bayes.models.FrozenFeatures`), a post-hoc
+  method's trained network. Those are the modules that stay in eval mode when the LightningModule's own ``train()``
+  is called; a module a user left in eval mode would not.
+* "`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer" (a ``UserWarning``),
+  for a method whose fit takes no optimiser steps (a sweep, a search, a sampler).
+"""
 
 from __future__ import annotations
 
@@ -38,18 +43,29 @@ def quiet_eval_mode_notice(module: nn.Module) -> tuple[object, ...] | None:
     return cast(tuple[object, ...], warnings.filters[0])
 
 
-def end_quiet(entry: tuple[object, ...] | None) -> None:
-    """Removes the filter :func:`quiet_eval_mode_notice` added (an ``ignore`` leaves nothing cached to forget)."""
-    if entry is not None and entry in warnings.filters:
-        cast(list[object], warnings.filters).remove(entry)  # the list the warnings machinery reads, in place
+def quiet_no_optimizer_notice() -> tuple[object, ...]:
+    """Ignores Lightning's notice that ``configure_optimizers`` returned ``None``, returning the filter for
+    :func:`end_quiet` (the caller ends it at ``on_fit_start``, after Lightning's check, or when the fit fails)."""
+    message = re.escape("`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer")
+    warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    return cast(tuple[object, ...], warnings.filters[0])
+
+
+def end_quiet(entries: list[tuple[object, ...]]) -> None:
+    """Removes the filters the functions above added (an ``ignore`` leaves nothing cached to forget), emptying
+    ``entries``."""
+    for entry in entries:
+        if entry in warnings.filters:
+            cast(list[object], warnings.filters).remove(entry)  # the list the warnings machinery reads, in place
+    entries.clear()
 
 
 class EndQuietOnException(Callback):
     """Ends the quiet of a fit that fails before its loop starts (an error in the sanity check, a method's own
     refusal): Lightning calls callbacks, not the LightningModule, on an exception, and a filter left behind would hide
-    the notice from later fits of other modules."""
+    the notices from later fits of other modules."""
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        end = getattr(pl_module, "end_eval_mode_quiet", None)
+        end = getattr(pl_module, "end_quiet_notices", None)
         if callable(end):
             end()

@@ -1,6 +1,7 @@
 """Lightning's "Found N module(s) in eval mode at the start of training" is quiet for the modules a method keeps in
 eval mode on purpose (frozen features, a post-hoc method's network) and shown, as Lightning words it, when a user's
-module is in eval mode too; the warning filters are as before once the fit loop has started."""
+module is in eval mode too; its "configure_optimizers returned None" is quiet for a method whose fit takes no
+optimiser steps; the warning filters are as before once the fit loop has started, or after a failed fit."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bayes.models import FrozenFeatures
 from lightning_bayes.modules import MAP, NullSpaceLaplace
-from lightning_bayes.modules.eval_mode_notice import modules_kept_in_eval
+from lightning_bayes.modules.lightning_notices import modules_kept_in_eval
 
 
 def loader() -> DataLoader:
@@ -23,15 +24,18 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(torch.randn(16, 8, generator=generator), torch.arange(16) % 3), batch_size=8)
 
 
-def eval_mode_notices(module: nn.Module, root: Path) -> list[str]:
-    """Lightning's eval-mode notices while ``module`` fits for one epoch; asserts the filters are as before."""
+NOTICES = ("in eval mode at the start of training", "returned `None`, this fit will run with no optimizer")
+
+
+def notices(module: nn.Module, root: Path) -> list[str]:
+    """Lightning's two notices while ``module`` fits for one epoch; asserts the filters are as before."""
     before = list(warnings.filters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                 enable_model_summary=False, default_root_dir=root).fit(module, train_dataloaders=loader())
     assert list(warnings.filters) == before
-    return [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+    return [str(w.message) for w in caught if any(notice in str(w.message) for notice in NOTICES)]
 
 
 def probe() -> nn.Module:
@@ -39,19 +43,19 @@ def probe() -> nn.Module:
     return nn.Sequential(frozen, nn.Linear(8, 3))
 
 
-def test_frozen_features_and_a_post_hoc_network_fit_without_the_notice(tmp_path: Path) -> None:
+def test_frozen_features_and_a_post_hoc_network_fit_without_the_notices(tmp_path: Path) -> None:
     module = MAP(probe())
     assert modules_kept_in_eval(module) == ["backbone.0", "backbone.0.backbone", "backbone.0.backbone.0",
                                             "backbone.0.backbone.1", "backbone.0.backbone.2"]
-    assert eval_mode_notices(module, tmp_path) == []
+    assert notices(module, tmp_path) == []
     network = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3))
-    assert eval_mode_notices(NullSpaceLaplace(network, num_samples=2), tmp_path) == []
+    assert notices(NullSpaceLaplace(network, num_samples=2), tmp_path) == []
 
 
 def test_a_module_the_user_left_in_eval_mode_is_still_noticed(tmp_path: Path) -> None:
     network = probe()
     network[1].eval()  # the trainable head: train() would turn it back, so this one is the user's doing
-    assert eval_mode_notices(MAP(network), tmp_path) == [
+    assert notices(MAP(network), tmp_path) == [
         ("Found 6 module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
          "training. If this is intentional, you can ignore this warning.")
     ]
@@ -70,4 +74,21 @@ def test_a_fit_that_fails_before_its_loop_leaves_no_filter(tmp_path: Path) -> No
                       enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(RuntimeError, match="a bug in validation_step"):
         trainer.fit(Failing(probe()), train_dataloaders=loader(), val_dataloaders=loader())
+    assert list(warnings.filters) == before
+
+
+def test_a_post_hoc_fit_failing_before_its_loop_leaves_no_filter(tmp_path: Path) -> None:
+    """The no-optimiser quiet starts in configure_optimizers and ends at on_fit_start; a fit failing between them ends
+    it by the callback."""
+
+    class Failing(NullSpaceLaplace):
+        def on_fit_start(self) -> None:
+            raise RuntimeError("a refusal at fit start")
+
+    before = list(warnings.filters)
+    network = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3))
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="a refusal at fit start"):
+        trainer.fit(Failing(network, num_samples=2), train_dataloaders=loader())
     assert list(warnings.filters) == before
