@@ -92,3 +92,16 @@ def test_a_post_hoc_fit_failing_before_its_loop_leaves_no_filter(tmp_path: Path)
     with pytest.raises(RuntimeError, match="a refusal at fit start"):
         trainer.fit(Failing(network, num_samples=2), train_dataloaders=loader())
     assert list(warnings.filters) == before
+
+
+def test_a_test_after_a_fit_keeps_the_trainers_callback_without_a_notice(tmp_path: Path, caplog) -> None:
+    """configure_callbacks runs at every stage; returning a second EndQuietOnException made Lightning announce that
+    it overrides the trainer's one."""
+    module = MAP(probe())
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader())
+    with caplog.at_level("INFO"):
+        trainer.test(module, loader())
+    assert "will override existing callbacks" not in caplog.text
+    assert sum(type(c).__name__ == "EndQuietOnException" for c in trainer.callbacks) == 1
