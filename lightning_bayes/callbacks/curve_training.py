@@ -38,7 +38,7 @@ main process's module is not parametrised, so read the trained curve from the ch
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -64,7 +64,7 @@ from ..inference.curves import (
     segmented_bezier,
     straight_line,
 )
-from ..inference.batchnorm import batchnorm_buffers, refresh_batchnorm
+from ..inference.batchnorm import batchnorm_buffers, batchnorm_layers, refresh_batchnorm
 from ..inference.jensen_shannon import jensen_shannon
 from ..inference.lora_gauge import balanced_lora_tensors
 from ..models.weights import trained_state_dict
@@ -286,14 +286,23 @@ class CurveTraining(Callback):
         assert self.position is not None
         self.position.set(self.coefficients(t)[0])
 
-    def remove(self, pl_module: LightningModule, t: float) -> None:
-        """Bake ``theta(t)`` into the module's plain tensors and drop the curve (the module is plain again)."""
+    def remove(self, pl_module: LightningModule, t: float, batches: Iterable[Any] | None = None) -> None:
+        """Bake ``theta(t)`` into the module's plain tensors and drop the curve (the module is plain again); BatchNorm
+        statistics recomputed at ``theta(t)`` from ``batches`` (e.g. the training loader; without them, a module with
+        BatchNorm keeps the training's, a mixture over random ``t``, with a warning)."""
         if not self.curves:
             raise ValueError("CurveTraining.remove: no curve is registered (setup has not run or remove ran before)")
         self._unbind(pl_module)
         self._move(t)
         remove_curve(pl_module, list(self.curves))
         self.curves, self.position = {}, None
+        if batches is not None:
+            refresh_batchnorm(pl_module, batches, pl_module.device, self.layout)
+        elif batchnorm_layers(pl_module):
+            rank_zero_warn(
+                f"CurveTraining.remove: without batches the BatchNorm layers keep the training's statistics (a mixture "
+                f"over random t), not those of theta({t}); pass batches=<the training loader> to recompute them"
+            )
 
     # ---- training --------------------------------------------------------------------------------
 

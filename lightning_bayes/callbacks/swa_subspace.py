@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..batches import BatchLayout
 from ..checks import is_int
-from ..inference.batchnorm import batchnorm_statistics_kept, refresh_batchnorm
+from ..inference.batchnorm import batchnorm_layers, batchnorm_statistics_kept, refresh_batchnorm
 from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor, low_rank_part
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
 
@@ -299,11 +299,15 @@ class SWASubspace(Callback):
         self._apply_state(state_dict)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
-        if state["names"] != self.names or state["max_rank"] != self.max_rank:
+        if state["max_rank"] != self.max_rank:
             raise ValueError(
-                f"SWASubspace checkpoint state covers {len(state['names'])} tensors with max_rank={state['max_rank']}; "
-                f"this callback selects {len(self.names)} with max_rank={self.max_rank} (params={self.params!r}): "
-                "expected the same selection"
+                f"SWASubspace checkpoint state keeps max_rank={state['max_rank']} deviations; this callback has "
+                f"max_rank={self.max_rank}: expected the same"
+            )
+        if state["names"] != self.names:
+            raise ValueError(
+                f"SWASubspace checkpoint state covers {len(state['names'])} tensors; this callback selects "
+                f"{len(self.names)} (params={self.params!r}): expected the same selection"
             )
         assert self.moments is not None  # set up, or built from the state by load_state_dict
         self.moments.load_state_dict(state["moments"])
@@ -325,6 +329,11 @@ class SWASubspace(Callback):
                         p.copy_(value.view_as(p))
                 if batches is not None:
                     refresh_batchnorm(pl_module, batches, pl_module.device, self.layout)
+                elif batchnorm_layers(pl_module):
+                    rank_zero_warn(
+                        "SWASubspace: without batches the BatchNorm layers keep the statistics of the last training "
+                        "iterate, not of the weights written; pass batches=<the training loader> to recompute them"
+                    )
                 yield
             finally:
                 with torch.no_grad():

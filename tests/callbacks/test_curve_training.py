@@ -314,6 +314,16 @@ def test_batch_norm_statistics_are_re_estimated_at_every_t_and_restored_afterwar
         with torch.no_grad():
             nll = nn.functional.cross_entropy(reference(x), y).item()
         assert callback.grid_values["val"]["curve_nll"][index] == pytest.approx(nll, abs=1e-10)
+    # baked at t = 1 (the last reference) with the statistics recomputed there; without batches, warned
+    callback.remove(module, 1.0, batches=data.train_dataloader())
+    for name, value in reference.named_buffers():
+        torch.testing.assert_close(module.net.get_buffer(name), value, rtol=1e-6, atol=1e-7, msg=name)
+    other = BatchNormClassifier()
+    callback = CurveTraining(params="all", curve="polychain", num_bends=2)
+    callback.setup(trainer(), other, "fit")
+    with pytest.warns(UserWarning, match=r"CurveTraining.remove: without batches the BatchNorm layers keep the "
+                      r"training's statistics \(a mixture over random t\), not those of theta\(0.5\)"):
+        callback.remove(other, 0.5)
 
 
 def test_batch_norm_along_the_curve_during_fit_uses_the_training_loader():

@@ -207,8 +207,12 @@ def test_swa_and_sample_contexts_write_the_selected_parameters_and_restore_every
 
 def test_a_checkpoint_of_another_selection_is_refused(tmp_path: Path) -> None:
     fit(1, [SWASubspace(params="all", start_epoch=0), ModelCheckpoint(dirpath=tmp_path, save_last=True)], root=tmp_path)
-    with pytest.raises(ValueError, match="expected the same selection"):
+    with pytest.raises(ValueError, match=r"covers 6 tensors; this callback selects 2 \(params='last_layer'\): "
+                       "expected the same selection"):
         fit(2, [SWASubspace(params="last_layer", start_epoch=0)], ckpt_path=str(tmp_path / "last.ckpt"))
+    with pytest.raises(ValueError, match="keeps max_rank=20 deviations; this callback has max_rank=3: expected the "
+                       "same"):  # the same selection: only the rank named
+        fit(2, [SWASubspace(params="all", start_epoch=0, max_rank=3)], ckpt_path=str(tmp_path / "last.ckpt"))
 
 
 def test_contexts_before_any_snapshot_are_an_error_and_the_fit_says_why() -> None:
@@ -234,6 +238,9 @@ def test_one_snapshot_with_a_low_rank_part_is_refused_and_swag_diag_draws_at_sca
         torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in module.parameters()]), swa.moments.mean)
     diagonal = SWASubspace(params="all", start_epoch=0, max_rank=0)
     module = fit(3, [diagonal])
+    with pytest.warns(UserWarning, match="SWASubspace: without batches the BatchNorm layers keep the statistics of "
+                      "the last training iterate"), diagonal.sample(module, generator=torch.Generator().manual_seed(3)):
+        pass
     with diagonal.sample(module, generator=torch.Generator().manual_seed(3)):  # SWAG-diag: s = 1 by default
         drawn = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     expected = diagonal.moments.sample(1.0, generator=torch.Generator().manual_seed(3))
