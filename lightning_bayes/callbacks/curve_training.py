@@ -128,7 +128,10 @@ class CurveTraining(Callback):
             into the balanced SVD form of :mod:`lightning_bayes.inference.lora_gauge` before the curve is
             built, so that anchors differing only by the ``GL(r)`` gauge coincide.
         weight_decay: ``wd`` of the penalty ``wd/2 ||theta(t)||^2`` on the curve point.
-        js_weight: ``lambda >= 0`` of the ``-lambda JS`` regulariser; 0 switches it off.
+        js_weight: ``lambda >= 0`` of the ``-lambda JS`` regulariser; 0 switches it off. Both gradients are added
+            after each backward, scaled as Lightning scales the loss (``1 / accumulate_grad_batches``); under manual
+            optimisation in full at every ``manual_backward``, so a module accumulating over several backward passes
+            per step divides these weights by their number.
         samples_per_step: ``J >= 2`` draws of ``t`` for the JS term.
         ensemble_points: points of the curve ensemble used as the predictive at validation and test.
         grid_points, test_grid_points: values of ``t`` evaluated along the curve and line at validation and test.
