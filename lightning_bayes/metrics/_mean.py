@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 
@@ -19,3 +20,14 @@ class MeanOverValues(MeanMetric):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(nan_strategy="disable", **kwargs)
+
+    def compute(self) -> Tensor:
+        """The mean; an error naming the metric when no example was seen (torchmetrics: NaN and a warning)."""
+        refuse_empty(self.weight, type(self).__name__)
+        return super().compute()
+
+
+def refuse_empty(count: Tensor, metric: str) -> None:
+    """An error naming ``metric`` when its (synced) example count is 0, as the calibration errors give."""
+    if not bool(count > 0):
+        raise ValueError(f"{metric}.compute needs at least one example; update was never given any")

@@ -24,7 +24,7 @@ from torchmetrics.regression import MeanSquaredError
 
 from ..predictive import GaussianPredictive
 from ._inputs import gaussian, regression_targets
-from ._mean import MeanOverValues
+from ._mean import MeanOverValues, refuse_empty
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -48,6 +48,10 @@ class RMSE(MeanSquaredError):
     def update(self, predictive: GaussianPredictive, target: Tensor) -> None:  # type: ignore[override]
         predictive = gaussian(predictive, type(self).__name__)
         super().update(predictive.mean, regression_targets(predictive, target, type(self).__name__))
+
+    def compute(self) -> Tensor:
+        refuse_empty(self.total, type(self).__name__)
+        return super().compute()
 
 
 def _expected_abs(m: Tensor, v: Tensor) -> Tensor:

@@ -8,10 +8,14 @@ import torch
 from metric_references import classification
 
 from lightning_bayes.metrics import (
+    CRPS,
+    RMSE,
     Accuracy,
     AdaptiveCalibrationError,
     BrierScore,
     ExpectedCalibrationError,
+    GaussianNLL,
+    IntervalCoverage,
     MaxCalibrationError,
     MeanEntropy,
     MeanMutualInformation,
@@ -127,9 +131,12 @@ def test_wrong_inputs_name_the_argument() -> None:
         BrierScore().update(predictive, torch.zeros(4))
 
 
-@pytest.mark.parametrize("metric", [ExpectedCalibrationError, MaxCalibrationError, AdaptiveCalibrationError])
-def test_a_calibration_error_of_no_examples_says_so(metric: type) -> None:
-    """torchmetrics alone raised "No samples to concatenate", which names neither the metric nor the cause."""
+@pytest.mark.parametrize("metric", [ExpectedCalibrationError, MaxCalibrationError, AdaptiveCalibrationError, Accuracy,
+                                    NegativeLogLikelihood, BrierScore, MeanEntropy, MeanMutualInformation, RMSE,
+                                    GaussianNLL, CRPS, IntervalCoverage])
+def test_a_metric_of_no_examples_says_so(metric: type) -> None:
+    """torchmetrics alone raised "No samples to concatenate" (calibration errors), which names neither the metric nor
+    the cause, or gave NaN (means, RMSE)."""
     with pytest.warns(UserWarning, match="before the ``update``"), pytest.raises(
         ValueError, match=f"{metric.__name__}.compute needs at least one example"
     ):
