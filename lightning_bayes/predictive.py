@@ -157,29 +157,41 @@ class GaussianPredictive:
     """Equal-weight mixture of S diagonal Gaussians, ``mean`` and ``variance`` ``[S, B, D]`` (variances positive: the
     metrics refuse others), held in one floating dtype, float32 or wider (the wider of the two; half-precision inputs
     are cast, since a bf16 log density keeps 3 digits, so ``.to(torch.bfloat16)`` keeps float32; integer inputs take
-    torch's default dtype)."""
+    torch's default dtype). ``weight_variance_samples`` (optional, ``[S, B, D]``, at most the variances) is the part of
+    each component's variance that the weights' uncertainty makes: a closed-form predictive's epistemic share
+    (VBLL regression's ``phi^T S phi`` beside the noise); ``None``: every component's variance is noise."""
 
     mean_samples: Tensor
     variance_samples: Tensor
+    weight_variance_samples: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_rank3("mean_samples", self.mean_samples)
-        if not isinstance(self.variance_samples, Tensor) or self.variance_samples.shape != self.mean_samples.shape:
-            variance = self.variance_samples
-            got = tuple(variance.shape) if isinstance(variance, Tensor) else type(variance).__name__
-            raise ValueError(f"variance_samples must match mean_samples {tuple(self.mean_samples.shape)}; got {got}")
-        if self.variance_samples.device != self.mean_samples.device:
-            raise ValueError(
-                f"mean_samples and variance_samples must be on one device; got {self.mean_samples.device} and "
-                f"{self.variance_samples.device}"
-            )
+        named = {"variance_samples": self.variance_samples}
+        if self.weight_variance_samples is not None:
+            named["weight_variance_samples"] = self.weight_variance_samples
+        for name, value in named.items():
+            if not isinstance(value, Tensor) or value.shape != self.mean_samples.shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must match mean_samples {tuple(self.mean_samples.shape)}; got {got}")
+            if value.device != self.mean_samples.device:
+                raise ValueError(
+                    f"mean_samples and {name} must be on one device; got {self.mean_samples.device} and "
+                    f"{value.device}"
+                )
         dtype = torch.promote_types(self.mean_samples.dtype, self.variance_samples.dtype)
         if not dtype.is_floating_point:
             dtype = torch.get_default_dtype()
         dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        mean, variance = self.mean_samples.to(dtype), self.variance_samples.to(dtype)
-        object.__setattr__(self, "mean_samples", mean)
-        object.__setattr__(self, "variance_samples", variance)
+        object.__setattr__(self, "mean_samples", self.mean_samples.to(dtype))
+        for name, value in named.items():
+            object.__setattr__(self, name, value.to(dtype))
+
+    def _with(self, transform: Callable[[Tensor], Tensor]) -> GaussianPredictive:
+        """The predictive with ``transform`` applied to each of its tensors."""
+        weight = self.weight_variance_samples
+        weight = None if weight is None else transform(weight)
+        return GaussianPredictive(transform(self.mean_samples), transform(self.variance_samples), weight)
 
     @property
     def num_samples(self) -> int:
@@ -198,13 +210,16 @@ class GaussianPredictive:
 
     @property
     def aleatoric_variance(self) -> Tensor:
-        """Mean of the components' variances, ``E_s[v_s]``, ``[B, D]``: the noise the model expects."""
-        return self.variance_samples.mean(0)
+        """Mean of the components' noise variances, ``E_s[v_s - w_s]``, ``[B, D]``: the noise the model expects."""
+        weight = self.weight_variance_samples
+        return (self.variance_samples if weight is None else self.variance_samples - weight).mean(0)
 
     @property
     def epistemic_variance(self) -> Tensor:
-        """Variance of the components' means, ``Var_s[mu_s]``, ``[B, D]``: the model's own uncertainty."""
-        return self.mean_samples.var(0, unbiased=False)
+        """Variance of the components' means plus their mean weight variance, ``Var_s[mu_s] + E_s[w_s]``, ``[B, D]``:
+        the model's own uncertainty."""
+        spread = self.mean_samples.var(0, unbiased=False)
+        return spread if self.weight_variance_samples is None else spread + self.weight_variance_samples.mean(0)
 
     def _check_target(self, y: Tensor) -> Tensor:
         if y.ndim == 1 and self.mean_samples.shape[-1] == 1:
@@ -243,7 +258,7 @@ class GaussianPredictive:
 
     def detach(self) -> GaussianPredictive:
         """The same predictive without an autograd graph."""
-        return GaussianPredictive(self.mean_samples.detach(), self.variance_samples.detach())
+        return self._with(Tensor.detach)
 
     @property
     def num_examples(self) -> int:
@@ -252,11 +267,11 @@ class GaussianPredictive:
 
     def first_examples(self, count: int) -> GaussianPredictive:
         """The predictive of the batch's first ``count`` examples."""
-        return GaussianPredictive(self.mean_samples[:, :count], self.variance_samples[:, :count])
+        return self._with(lambda t: t[:, :count])
 
     def to(self, *args: Any, **kwargs: Any) -> GaussianPredictive:
         """The same predictive with its tensors moved or cast as ``Tensor.to`` does."""
-        return GaussianPredictive(self.mean_samples.to(*args, **kwargs), self.variance_samples.to(*args, **kwargs))
+        return self._with(lambda t: t.to(*args, **kwargs))
 
 
 Predictive = Union[CategoricalPredictive, GaussianPredictive]
@@ -281,7 +296,11 @@ def concatenate(predictives: list[Predictive]) -> Predictive:
         categorical = cast(list[CategoricalPredictive], predictives)
         return CategoricalPredictive(torch.cat([p.logits for p in categorical], dim=0))
     gaussian = cast(list[GaussianPredictive], predictives)
+    weights = [p.weight_variance_samples for p in gaussian]
     return GaussianPredictive(
         torch.cat([p.mean_samples for p in gaussian], dim=0),
         torch.cat([p.variance_samples for p in gaussian], dim=0),
+        None if all(w is None for w in weights) else torch.cat(
+            [torch.zeros_like(p.variance_samples) if w is None else w for p, w in zip(gaussian, weights)], dim=0
+        ),
     )

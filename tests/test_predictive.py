@@ -23,11 +23,12 @@ def categorical(seed: int = 0) -> CategoricalPredictive:
     return CategoricalPredictive(torch.randn(6, 40, 4, generator=generator, dtype=torch.float64) * scale)
 
 
-def gaussian(seed: int = 0, samples: int = 4) -> GaussianPredictive:
+def gaussian(seed: int = 0, samples: int = 4, weight_variances: bool = False) -> GaussianPredictive:
     generator = torch.Generator().manual_seed(seed)
     mean = torch.randn(samples, 10, 2, generator=generator, dtype=torch.float64) * 2
     variance = 0.1 + torch.rand(samples, 10, 2, generator=generator, dtype=torch.float64)
-    return GaussianPredictive(mean, variance)
+    share = torch.rand(samples, 10, 2, generator=generator, dtype=torch.float64)
+    return GaussianPredictive(mean, variance, variance * share if weight_variances else None)
 
 
 def test_categorical_probabilities_are_the_model_average() -> None:
@@ -100,6 +101,26 @@ def density_of(predictive: GaussianPredictive, y: torch.Tensor) -> np.ndarray:
     return np.prod(norm.pdf(y.numpy(), mean, std), axis=-1).mean(0)
 
 
+def test_a_closed_form_predictives_weight_variance_is_epistemic() -> None:
+    """``w_s`` of each component's variance ``v_s`` is the weights' share: epistemic ``Var_s mu_s + E_s w_s``,
+    aleatoric ``E_s (v_s - w_s)``, the total unchanged; kept through every way a predictive is rebuilt, and pooled
+    with zeros for members that have none."""
+    plain, split = gaussian(samples=3), gaussian(samples=3, weight_variances=True)
+    mean, variance, weight = split.mean_samples, split.variance_samples, split.weight_variance_samples
+    torch.testing.assert_close(split.epistemic_variance, mean.var(0, unbiased=False) + weight.mean(0), rtol=0, atol=0)
+    torch.testing.assert_close(split.aleatoric_variance, (variance - weight).mean(0), rtol=0, atol=0)
+    torch.testing.assert_close(split.variance, plain.variance, rtol=1e-14, atol=0)
+    assert torch.equal(split.first_examples(4).weight_variance_samples, weight[:, :4])
+    assert torch.equal(split.detach().weight_variance_samples, weight)
+    assert split.to(torch.float32).weight_variance_samples.dtype == torch.float32
+    pooled = concatenate([split, plain])
+    assert torch.equal(pooled.weight_variance_samples, torch.cat([weight, torch.zeros_like(weight)]))
+    assert concatenate([plain, plain]).weight_variance_samples is None
+    with pytest.raises(ValueError, match=r"weight_variance_samples must match mean_samples \(3, 10, 2\); got "
+                       r"\(3, 10\)"):
+        GaussianPredictive(mean, variance, weight[..., 0])
+
+
 def test_concatenate_pools_samples_into_one_mixture() -> None:
     first, second = gaussian(0, 2), gaussian(1, 3)
     pooled = concatenate([first, second])
@@ -113,7 +134,7 @@ def test_concatenate_pools_samples_into_one_mixture() -> None:
 def test_to_moves_every_tensor_and_lightning_moves_predictives_with_it() -> None:
     from lightning.fabric.utilities import move_data_to_device
 
-    for predictive in (categorical(), gaussian()):
+    for predictive in (categorical(), gaussian(weight_variances=True)):
         cast = predictive.to(torch.float32)
         assert type(cast) is type(predictive)
         for name, value in vars(cast).items():

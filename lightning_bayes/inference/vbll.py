@@ -354,11 +354,13 @@ class VBLLRegression(VBLLHead):
 
     @_outside_autocast
     def predictive(self, features: Tensor) -> GaussianPredictive:
-        """Closed form ``N(wbar_i^T phi, phi^T S_i phi + sigma_i^2)``, one component (S = 1)."""
+        """Closed form ``N(wbar_i^T phi, phi^T S_i phi + sigma_i^2)``, one component (S = 1), its weight variance
+        ``phi^T S_i phi`` the epistemic part."""
         phi = self._features(features, self.weight.mean)
         mean = phi @ self.weight.mean.to(phi.dtype).T
-        variance = self.weight.inner_product(phi) + self.noise_log_scale.to(phi.dtype).mul(2).exp()
-        return GaussianPredictive(mean.unsqueeze(0), variance.unsqueeze(0))
+        weight_variance = self.weight.inner_product(phi)
+        variance = weight_variance + self.noise_log_scale.to(phi.dtype).mul(2).exp()
+        return GaussianPredictive(mean.unsqueeze(0), variance.unsqueeze(0), weight_variance.unsqueeze(0))
 
 
 class DiscriminativeVBLL(VBLLHead):

@@ -178,8 +178,11 @@ def test_regression_head_recovers_closed_form_bayesian_linear_regression():
         pred = head.predictive(new)
         assert isinstance(pred, GaussianPredictive) and pred.mean_samples.shape == (1, 5, 1)
         torch.testing.assert_close(pred.mean[:, 0], new @ mean, rtol=1e-6, atol=1e-9)
-        expected_var = torch.einsum("bi,ij,bj->b", new, covariance, new) + sigma**2
-        torch.testing.assert_close(pred.variance[:, 0], expected_var, rtol=1e-6, atol=0)
+        weight_var = torch.einsum("bi,ij,bj->b", new, covariance, new)
+        torch.testing.assert_close(pred.variance[:, 0], weight_var + sigma**2, rtol=1e-6, atol=0)
+        torch.testing.assert_close(pred.epistemic_variance[:, 0], weight_var, rtol=1e-6, atol=0)  # the weights'
+        torch.testing.assert_close(pred.aleatoric_variance[:, 0], torch.full_like(weight_var, sigma**2), rtol=1e-6,
+                                   atol=0)  # the noise's
 
 
 # --- 2. bound ordering ---------------------------------------------------------------------------
