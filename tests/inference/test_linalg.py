@@ -199,6 +199,11 @@ def test_gram_sums_float32_blocks_in_float64() -> None:
     assert ((single - exact).abs() / torch.outer(norms, norms)).max() < 5e-7
     low = jacobian.bfloat16()  # lower precisions are multiplied in float32
     torch.testing.assert_close(gram(low), gram(low.float()), rtol=0, atol=0)
+    for factor in (2.0**-75, 1e-23, 1e-30, 1e21):  # tiny rows (the loss Jacobian of a batch fitted to ~1e-20), huge
+        rows = (jacobian * factor).float()
+        wide = rows.double() @ rows.double().T  # float32 products alone: 88% off at 1e-23 (subnormals), inf at 1e21
+        assert ((gram(rows) - wide).abs() / torch.outer(wide.diagonal(), wide.diagonal()).sqrt()).max() < 5e-7
+    assert torch.equal(gram(torch.zeros(3, 5)), torch.zeros(3, 3, dtype=torch.float64))
     precision = torch.get_float32_matmul_precision()
     try:  # a lowered float32 matmul precision (TF32 or bfloat16 products) falls back to float64
         torch.set_float32_matmul_precision("high")
