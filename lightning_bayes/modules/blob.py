@@ -138,10 +138,17 @@ class BLoB(VariationalInference):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if str(self.trainer.precision).startswith("16"):
+        precision = str(self.trainer.precision)
+        half = "it would hold the variational parameters in half precision, where the KL steps on rho fall below its "
+        why = {
+            "16-mixed": "its loss scaler would rescale the KL optimiser's unscaled gradient",
+            "16-true": half + "resolution",
+            "bf16-true": half + "resolution: 87% of rho never moved in a test",
+        }.get(precision)
+        if why is not None:
             raise ValueError(
-                f"BLoB: precision={self.trainer.precision!r} is not supported (its loss scaler would rescale the KL "
-                "optimiser's unscaled gradient); use '32-true' or 'bf16-mixed'"
+                f"BLoB: precision={self.trainer.precision!r} is not supported ({why}); use '32-true', '64-true' or "
+                "'bf16-mixed'"
             )
 
     def on_train_start(self) -> None:  # the training loader exists from here on

@@ -173,13 +173,18 @@ def test_bad_arguments_are_named(kwargs, name):
         make_blob(**kwargs)
 
 
-def test_fp16_loss_scaling_is_refused_by_name():
+def test_fp16_loss_scaling_and_half_precision_parameters_are_refused_by_name():
     module = make_blob()
     module._trainer = SimpleNamespace(precision="16-mixed")  # a CPU Trainer cannot be built with 16-mixed
     with pytest.raises(ValueError, match="precision='16-mixed'"):
         module.on_fit_start()
-    module._trainer = SimpleNamespace(precision="bf16-mixed")
-    module.on_fit_start()
+    module._trainer = SimpleNamespace(precision="bf16-true")  # the variational parameters in bf16 (spec: fp32)
+    with pytest.raises(ValueError, match=r"precision='bf16-true' is not supported \(it would hold the variational "
+                       "parameters in half precision.*; use '32-true', '64-true' or 'bf16-mixed'"):
+        module.on_fit_start()
+    for precision in ("bf16-mixed", "32-true", "64-true"):
+        module._trainer = SimpleNamespace(precision=precision)
+        module.on_fit_start()
 
 
 @pytest.mark.parametrize(("interval", "steps"), [("epoch", 2), ("step", 2 * 4)])  # 2 epochs of 4 batches
