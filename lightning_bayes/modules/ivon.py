@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -109,6 +110,7 @@ class IVONModule(WideBuffers, BayesianModule):
         # sigma^2 of every selected parameter, flattened in posterior_names order; NaN until a fit sets it
         self.register_buffer("posterior_variance", torch.full((numel,), float("nan"), dtype=dtype))
         self.dataset_size, self.kl_weight, self.mean_prediction = dataset_size, kl_weight, mean_prediction
+        self._resolution_warned = False  # once a fit: see on_train_epoch_end
 
     def forward(self, x: Any) -> Tensor:
         return self.backbone(x)
@@ -146,6 +148,7 @@ class IVONModule(WideBuffers, BayesianModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        self._resolution_warned = False
         trainer = self.trainer
         if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             raise ValueError(
@@ -165,6 +168,20 @@ class IVONModule(WideBuffers, BayesianModule):
                 f"IVONModule cannot train with accumulate_grad_batches={trainer.accumulate_grad_batches}: Lightning "
                 "runs the accumulating closures outside optimizer.step, at the mean instead of sampled weights; "
                 "use accumulate_grad_batches=1 with a larger batch, or more IVON mc_samples per step"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        """Under a half-precision parameter dtype (``bf16-true``), once a fit: a warning when the posterior std of a
+        tenth or more of the weights is below their dtype's resolution, where IVON's Hessian estimate fails."""
+        optimizer = self._fitting_optimizer()
+        share = 0.0 if optimizer is None or self._resolution_warned else optimizer.below_resolution()
+        if share >= 0.1:
+            self._resolution_warned = True
+            rank_zero_warn(
+                f"IVON under precision={self.trainer.precision!r}: the posterior std of {share:.0%} of the weights is "
+                "below half their dtype's spacing at the mean, where a draw rounds back to the mean and the Hessian "
+                "estimate sees no noise (it sinks toward 0, the variances grow); use precision='bf16-mixed' (float32 "
+                "weights) or a smaller ess"
             )
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -238,6 +238,19 @@ class IVON(Optimizer):
                 variances[p] = 1.0 / (group["ess"] * (hess + group["weight_decay"]))
         return variances
 
+    def below_resolution(self) -> float:
+        """The share of the half-precision parameters' entries whose posterior std is below half the spacing of their
+        dtype at the mean (``|m| eps / 2``): a draw ``m + sigma n`` rounds back to ``m`` there, so the Hessian estimate
+        ``g n / sigma`` sees no noise and sinks toward 0 (0.006 for a true 4 in bf16 at sigma = 5e-4, m = 1). 0 when no
+        parameter is half precision."""
+        below, total = 0, 0
+        for p, variance in self.posterior_variances().items():
+            if p.dtype in (torch.bfloat16, torch.float16):
+                spacing = self._mean(p).abs() * torch.finfo(p.dtype).eps
+                below += int((variance.sqrt() < spacing / 2).sum())
+                total += p.numel()
+        return below / total if total else 0.0
+
     @contextmanager
     def sampled_params(self, generator: torch.Generator | None = None) -> Iterator[None]:
         """Parameters set to one posterior draw ``m + sigma * n`` for the body (e.g. one predictive sample), the

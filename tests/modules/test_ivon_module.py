@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import functools
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -62,6 +65,24 @@ def test_each_step_calls_training_step_at_mc_samples_draws(precision: str) -> No
     assert state["hess"].dtype == (torch.float32 if precision == "bf16-true" else torch.float64)
     assert ("mean" in state) == (precision == "bf16-true")
     assert module.posterior_variance.dtype == torch.float64  # not cast to bf16 with the module under bf16-true
+
+
+def test_weights_whose_posterior_std_is_below_bf16_resolution_are_warned_about() -> None:
+    """sigma = 1 / sqrt(ess (h + delta)) at ess = 1e8 is about 1e-4: below half of bf16's spacing at most weights,
+    where a draw rounds back to the mean and IVON's Hessian estimate sees no noise. ess = 24 is far above it; float32
+    weights (bf16-mixed) are not concerned."""
+    for ess, precision, warned in ((1e8, "bf16-true", True), (24, "bf16-true", False), (1e8, "bf16-mixed", False)):
+        factory = functools.partial(lambda params, _, ess: ivon_factory(params, ess), ess=ess)  # this ess, not N's
+        module = IVONModule(classifier(), optimizer=factory, dataset_size=24)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(2, precision=precision).fit(module, loader())
+        messages = [str(w.message) for w in caught if "below half their dtype's spacing" in str(w.message)]
+        assert len(messages) == warned, (ess, precision)
+        share = module.trainer.optimizers[0].below_resolution()
+        assert (share >= 0.1) == warned and (share == 0.0 or precision == "bf16-true")
+        if warned:
+            assert messages[0].startswith(f"IVON under precision='bf16-true': the posterior std of {share:.0%}")
 
 
 def test_gradient_scaler_is_refused() -> None:
