@@ -6,7 +6,9 @@ gives the canonical pair ``B' = U diag(d)``, ``A' = V^T A`` with ``B' A' = B A``
 ``r x in``) is isotropic with variance ``sigma_q^2`` on the column space of ``U``:
 ``Cov(vec(B' E)) = sigma_q^2 (I_in kron U U^T)`` for the column-stacked ``vec``, ``sigma_q^2 (U U^T kron I_in)``
 for the row-major one (``torch``'s ``flatten``). A direction with ``d_i = 0`` has a zero
-column in ``B'`` and carries no noise (its standard deviation is set to 0). One ``sigma_q`` serves all layers;
+column in ``B'`` and carries no noise (its standard deviation is set to 0). peft's layer adds ``(alpha / r) B A``,
+so the noise of the layer's weight is ``(alpha / r) sigma_q U Z`` (as in the reference's ``tfblora.py``: its
+``sigma_q`` values carry over). One ``sigma_q`` serves all layers;
 :class:`Bisection` finds the largest one meeting a feasibility test. Reference: Shi, Wang, Han, Zhang & Wang,
 "Training-Free Bayesianization for Low-Rank Adapters of Large Language Models", 2024/2025.
 """
