@@ -3,8 +3,8 @@
 Every method is its config in ``configs/text/`` (plain LoRA is MAP-LoRA, ``text/map_lora_smollm2.yaml``; with
 ``--four-bit`` every config gets the NF4 overlay ``text/nf4.yaml`` and the baseline is plain QLoRA), instantiated
 through the CLI (``lightning_bayes.cli.run(..., subcommand=False)``) in a fresh process of its own, then trained
-``--warmup`` + ``--steps`` steps on the same batches by a Trainer with the config's precision and the callbacks
-its method needs. Reported: the median step time after warm-up and the peak memory from before the model is built
+``--warmup`` + ``--steps`` steps on the same batches by a Trainer with the config's precision, gradient clipping
+and accumulation and the callbacks its method needs. Reported: the median step time after warm-up and the peak memory from before the model is built
 to the end of training (weights, activations, optimiser and posterior state: CUDA ``max_memory_allocated``; CPU
 the resident high-water mark above the interpreter's), each as a ratio to the baseline's.
 The LoRA ensemble (M adapters, M forward passes) and the curve (three LoRA control points) are reported apart,
@@ -68,10 +68,14 @@ def measure(spec: dict[str, Any]) -> dict[str, float]:
         timer = StepTimer(stop_after=spec["warmup"] + spec["steps"])
         configured = cli.trainer.callbacks  # type: ignore[attr-defined]  # not declared; set by Lightning's connector
         callbacks = [timer, *(c for c in configured if isinstance(c, CurveTraining))]
+        configured_trainer = cli.trainer
         trainer = Trainer(
             max_epochs=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-            precision=cli.trainer.precision, accelerator=device.type, devices=1, default_root_dir=folder,
+            precision=configured_trainer.precision, accelerator=device.type, devices=1, default_root_dir=folder,
+            gradient_clip_val=configured_trainer.gradient_clip_val,  # a step's cost as the config trains it
+            gradient_clip_algorithm=configured_trainer.gradient_clip_algorithm,
+            accumulate_grad_batches=configured_trainer.accumulate_grad_batches,
         )  # fmt: skip
         trainer.fit(cli.model, datamodule=cli.datamodule)
         return {"step_s": statistics.median(timer.seconds[spec["warmup"] :]), "peak_mb": memory.peak()}
@@ -95,6 +99,7 @@ def main() -> None:
         return
     names = [n for n in METHODS if args.only is None or n in args.only or n == BASELINE]
     results: dict[str, dict[str, float] | str] = {}
+    print(_header(args), flush=True)  # then a row per method as it ends (the baseline first): a run cut short keeps them
     for name in names:
         spec = {"name": name, "config": METHODS[name][0], "four_bit": args.four_bit, "steps": args.steps,
                 "warmup": args.warmup, "batch_size": args.batch_size, "threads": args.threads,
@@ -111,7 +116,7 @@ def main() -> None:
         print(f"{name}: {results[name]}", file=sys.stderr)
         if isinstance(results[name], str):  # the worker's traceback, for the reader of a run on another machine
             print("\n".join(done.stderr.strip().splitlines()[-25:]), file=sys.stderr)
-    print(_table(results, args))
+        print(_row(name, results[name], results[BASELINE]), flush=True)
 
 
 def _failure(stderr: str) -> str:
@@ -119,29 +124,27 @@ def _failure(stderr: str) -> str:
     return f"failed: {lines[-1][:120]}" if lines else "failed"
 
 
-def _table(results: dict[str, dict[str, float] | str], args: argparse.Namespace) -> str:
-    base = results[BASELINE]
+def _header(args: argparse.Namespace) -> str:
     label = "QLoRA" if args.four_bit else "LoRA"
-    rows = [
+    return "\n".join([
         (
             f"SmolLM2-135M, {'NF4' if args.four_bit else 'float32'} base, LoRA r=4 on q/v, batch {args.batch_size}, "
             f"median of {args.steps} steps after {args.warmup}"
         ),
         f"| method | ms / step | x plain {label} | throughput x | peak MB | x plain {label} |",
         "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, result in results.items():
-        if isinstance(result, str) or isinstance(base, str):
-            rows.append(f"| {name} | {result if isinstance(result, str) else 'baseline failed'} | | | | |")
-            continue
-        apart = " (apart)" if METHODS[name][1] else ""
-        time_ratio, memory_ratio = result["step_s"] / base["step_s"], result["peak_mb"] / base["peak_mb"]
-        rows.append(
-            f"| {name}{apart} | {1000 * result['step_s']:.0f} | {time_ratio:.2f} | {1 / time_ratio:.2f} | "
-            f"{result['peak_mb']:.0f} | {memory_ratio:.2f} |"
-        )
-    return "\n".join(rows)
+    ])
 
+
+def _row(name: str, result: dict[str, float] | str, base: dict[str, float] | str) -> str:
+    if isinstance(result, str) or isinstance(base, str):
+        return f"| {name} | {result if isinstance(result, str) else 'baseline failed'} | | | | |"
+    apart = " (apart)" if METHODS[name][1] else ""
+    time_ratio, memory_ratio = result["step_s"] / base["step_s"], result["peak_mb"] / base["peak_mb"]
+    return (
+        f"| {name}{apart} | {1000 * result['step_s']:.0f} | {time_ratio:.2f} | {1 / time_ratio:.2f} | "
+        f"{result['peak_mb']:.0f} | {memory_ratio:.2f} |"
+    )
 
 if __name__ == "__main__":
     main()

@@ -8,8 +8,8 @@
 #                                            # epoch / MAP epoch on the GPU, eager and with compile_jacobian
 #   bash benchmarks/device/checks.sh speed   # (kit.sh all) under 8 min: the compiled VBLL table, the Jacobians' CUDA
 #                                            # tests and a shorter VIKING table (issues 3 and 6 in one call)
-#   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: a call cut at its limit still returns the
-#                                            # files of the steps it finished
+#   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: about 20 min, so two calls' worth; a call
+#                                            # cut at its limit still returns the files of the steps it finished
 #   bash benchmarks/device/checks.sh leaderboard  # (kit.sh leaderboard) about 8 min of the full MNIST leaderboard,
 #     resumed from .device/leaderboard-state/ (the parts the last lease returned); returns the newest table and
 #     the state as $OUT/leaderboard-state-part-NN; here, before the next lease:
@@ -26,23 +26,26 @@ case "${1:-}" in
   -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;  # this header
   *) echo "usage: checks.sh $kits (--help: what each runs); got '${1:-}'" >&2; exit 2 ;;
 esac
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 out="${OUT:-runs/device}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl \
   || { echo "installing the carried wheels failed" >&2; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 LIGHTNING_BAYES_HOME=/tmp/lightning_bayes
 
+failed=0
 step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its output to $out/NAME.txt
-  local name="$1" limit="$2"
+  local name="$1" limit="$2" status
   shift 2
   echo "== $name (limit ${limit} s): $*"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-  echo "exit ${PIPESTATUS[0]}" | tee -a "$out/$name.txt"
+  status=${PIPESTATUS[0]}
+  echo "exit $status" | tee -a "$out/$name.txt"
+  if [ "$status" -ne 0 ]; then failed=1; fi
 }
 
-{ nvidia-smi; python3 -c "import torch, transformers, peft, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, b.__version__)"; } \
-  >"$out/machine.txt" 2>&1
+{ nvidia-smi; python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
+  python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)"; } >"$out/machine.txt" 2>&1  # llm kits only
 llm_steps() {
   python3 benchmarks/device/random_weight_model.py .device/smollm2-shape "$LIGHTNING_BAYES_HOME/models/smollm2-135m-instruct"
   step gpu_unit_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k "not compiled" \
@@ -91,3 +94,4 @@ case "$kit" in
   all) llm_steps; vbll_step; viking_step 120 300 150 3 ;;  # the steps still open first (VBLL and VIKING measured 2026-12-04)
   leaderboard) leaderboard_step ;;
 esac
+exit "$failed"  # non-zero when any step failed or ran out of time
