@@ -14,6 +14,7 @@
 #     resumed from .device/leaderboard-state/ (the parts the last lease returned); returns the newest table and
 #     the state as $OUT/leaderboard-state-part-NN; here, before the next lease:
 #       mkdir -p .device/leaderboard-state && cp FILES_AT/leaderboard-state-part-* .device/leaderboard-state/
+#       bash benchmarks/device/kit.sh leaderboard   # after the copy: it keeps the state and checks the 64 MiB in all
 # (device `run` with carry [".device"] and timeout_s 600). Every step has its own time limit and writes
 # $OUT/<step>.txt (at most 8 files come back), so one failing or slow step does not cost the others.
 # The packaged SmolLM2's weights (about 100 MB) do not fit the 64 MiB a call carries: the llm kit carries its
