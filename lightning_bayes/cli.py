@@ -19,9 +19,11 @@ import pickle
 import re
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -257,11 +259,27 @@ def _refuse_trainer_steps_of_manual_optimisation(trainer: Trainer, model: Lightn
 
 
 def _check_local_checkpoint(ckpt_path: str) -> None:
-    """A ``--ckpt_path`` that names a local file (not ``best``/``last``/``hpc``, a registry or a URL) must exist."""
+    """A ``--ckpt_path`` that names a local file (not ``best``/``last``/``hpc``, a registry or a URL) must exist and be
+    a Lightning checkpoint (an empty file, text or a plain state dict failed deep inside the run, after its folder)."""
     if ckpt_path in _LIGHTNING_CKPT_PATHS or ckpt_path.startswith("registry") or "://" in ckpt_path:
         return
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} is not a file{relative_to_note(ckpt_path)}")
+    try:  # a zip archive (torch.save's format) memory-mapped: its tensors are not read
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(ckpt_path))
+    except pickle.UnpicklingError:
+        return  # a pickle a weights-only load refuses: explained where Lightning's own load meets it
+    except (EOFError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:  # empty
+        # file, text, random bytes, a broken zip archive: whatever unpickling them raises
+        raise ValueError(
+            f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (torch.load: {type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        found = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (a torch.save file without Lightning's keys; it "
+            f"holds {found}); a state dict loads through the method's own checkpoint argument, where it has one"
+        )
 
 
 def _class_path(model: Any) -> str | None:

@@ -116,7 +116,20 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
                _use_new_zipfile_serialization=False)  # torch's older format: not a zip archive
     python_objects = (r"^--ckpt_path '.*python.ckpt' holds Python objects that a weights-only torch.load refuses "
                       r"\(Unsupported global: GLOBAL torch.optim.adam.Adam.*\): a checkpoint saved outside")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "text.ckpt").write_text("hello")
+    (tmp_path / "noise.ckpt").write_bytes(torch.randint(0, 256, (1024,), generator=torch.Generator().manual_seed(0),
+                                                         dtype=torch.uint8).numpy().tobytes())
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "state_dict.pt")
+    unreadable = r"^--ckpt_path '.*{}' is not a Lightning checkpoint \(torch.load: {}"
+    state_dict = (r"^--ckpt_path '.*state_dict.pt' is not a Lightning checkpoint \(a torch.save file without "
+                  r"Lightning's keys; it holds \['weight'\]\)")
     cases = [
+        (digits / "map.yaml", str(tmp_path / "empty.ckpt"), ValueError, unreadable.format("empty.ckpt", "EOFError")),
+        (digits / "map.yaml", str(tmp_path / "text.ckpt"), ValueError, unreadable.format("text.ckpt", "KeyError")),
+        (digits / "map.yaml", str(tmp_path / "noise.ckpt"), ValueError,
+         r"^--ckpt_path '.*noise.ckpt' is not a Lightning checkpoint \(torch.load"),
+        (digits / "map.yaml", str(tmp_path / "state_dict.pt"), ValueError, state_dict),
         (digits / "ivon.yaml", str(checkpoint), ValueError, another),
         (digits / "map.yaml", str(tmp_path / "notes.json"), ValueError, not_a_checkpoint),
         (digits / "map.yaml", str(tmp_path / "python.ckpt"), ValueError, python_objects),
@@ -127,7 +140,8 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
         with pytest.raises(error, match=message):
             run(["test", "--config", str(config), f"--ckpt_path={path}",
                  f"--trainer.logger.init_args.save_dir={tmp_path}"])
-    (tmp_path / "notes.json").unlink()
+    for name in ("notes.json", "empty.ckpt", "text.ckpt", "noise.ckpt", "state_dict.pt"):
+        (tmp_path / name).unlink()
     (tmp_path / "python.ckpt").unlink()
     (tmp_path / "legacy.ckpt").unlink()
     assert sorted(tmp_path.rglob("*")) == before  # no run folder, no config.yaml
