@@ -79,12 +79,14 @@ class RunConfigSaver(SaveConfigCallback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         written, self._written = self._written, None
-        if written is None or not written.is_file() or any(p != written for p in written.parent.iterdir()):
-            return
-        written.unlink()
         logger = trainer.logger
-        if logger is not None and logger.log_dir is not None and Path(logger.log_dir) == written.parent:
-            written.parent.rmdir()  # the logger's version folder, which Lightning made for this run at its setup
+        version = Path(logger.log_dir) if logger is not None and logger.log_dir is not None else None
+        if written is not None and written.is_file() and all(p == written for p in written.parent.iterdir()):
+            written.unlink()
+        # the logger's version folder, which Lightning made for this run at its setup, left empty (by the unlink, or
+        # by a refusal before the config was written: a callback's setup not finding its checkpoint)
+        if version is not None and trainer.is_global_zero and version.is_dir() and not any(version.iterdir()):
+            version.rmdir()
 
 
 class BayesCLI(LightningCLI):

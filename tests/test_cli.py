@@ -64,7 +64,8 @@ def test_a_run_refused_before_its_loops_leaves_no_version_folder_but_a_failed_st
     tmp_path: Path, monkeypatch
 ):
     """A method refusing the Trainer's settings in ``on_fit_start`` (VIKING under plain DDP, the null-space Laplace
-    under ``max_steps``) took version_0 with only a config.yaml in it; a run that failed in its loops keeps it."""
+    under ``max_steps``) took version_0 with only a config.yaml in it, a callback refusing in its setup an empty
+    version_0; a run that failed in its loops keeps it."""
 
     def refuse(self: MAP) -> None:
         raise ValueError("refused in on_fit_start")
@@ -73,6 +74,10 @@ def test_a_run_refused_before_its_loops_leaves_no_version_folder_but_a_failed_st
         patch.setattr(MAP, "on_fit_start", refuse)
         with pytest.raises(ValueError, match="refused in on_fit_start"):
             run(quick_args(MAP_CONFIG, tmp_path, batches=1))
+    assert not list(tmp_path.rglob("version_*"))
+    curve = ROOT / "configs" / "digits" / "curve.yaml"  # its MAP checkpoints are not there: refused in a setup
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        run([*quick_args(curve, tmp_path, batches=1), f"--trainer.callbacks.init_args.end={tmp_path}/none/*.ckpt"])
     assert not list(tmp_path.rglob("version_*"))
 
     def fail(self: MAP, batch: object, batch_idx: int) -> None:
