@@ -3,8 +3,9 @@
 Every method is its config in ``configs/text/`` (plain LoRA is MAP-LoRA, ``text/map_lora_smollm2.yaml``; with
 ``--four-bit`` every config gets the NF4 overlay ``text/nf4.yaml`` and the baseline is plain QLoRA), instantiated
 through the CLI (``lightning_bayes.cli.run(..., subcommand=False)``) in a fresh process of its own, then trained
-``--warmup`` + ``--steps`` steps on the same batches by a Trainer with the config's precision, gradient clipping
-and accumulation and the callbacks its method needs. Reported: the median step time after warm-up and the peak memory from before the model is built
+``--warmup`` + ``--steps`` steps on the same batches by a Trainer with the config's precision and gradient
+clipping and the callbacks its method needs. Reported: the median step time after warm-up and the peak memory
+from before the model is built
 to the end of training (weights, activations, optimiser and posterior state: CUDA ``max_memory_allocated``; CPU
 the resident high-water mark above the interpreter's), each as a ratio to the baseline's.
 The LoRA ensemble (M adapters, M forward passes) and the curve (three LoRA control points) are reported apart,
@@ -75,7 +76,6 @@ def measure(spec: dict[str, Any]) -> dict[str, float]:
             precision=configured_trainer.precision, accelerator=device.type, devices=1, default_root_dir=folder,
             gradient_clip_val=configured_trainer.gradient_clip_val,  # a step's cost as the config trains it
             gradient_clip_algorithm=configured_trainer.gradient_clip_algorithm,
-            accumulate_grad_batches=configured_trainer.accumulate_grad_batches,
         )  # fmt: skip
         trainer.fit(cli.model, datamodule=cli.datamodule)
         return {"step_s": statistics.median(timer.seconds[spec["warmup"] :]), "peak_mb": memory.peak()}
@@ -99,7 +99,7 @@ def main() -> None:
         return
     names = [n for n in METHODS if args.only is None or n in args.only or n == BASELINE]
     results: dict[str, dict[str, float] | str] = {}
-    print(_header(args), flush=True)  # then a row per method as it ends (the baseline first): a run cut short keeps them
+    print(_header(args), flush=True)  # then a row per method as it ends (the baseline first): a cut run keeps them
     for name in names:
         spec = {"name": name, "config": METHODS[name][0], "four_bit": args.four_bit, "steps": args.steps,
                 "warmup": args.warmup, "batch_size": args.batch_size, "threads": args.threads,
@@ -145,6 +145,7 @@ def _row(name: str, result: dict[str, float] | str, base: dict[str, float] | str
         f"| {name}{apart} | {1000 * result['step_s']:.0f} | {time_ratio:.2f} | {1 / time_ratio:.2f} | "
         f"{result['peak_mb']:.0f} | {memory_ratio:.2f} |"
     )
+
 
 if __name__ == "__main__":
     main()

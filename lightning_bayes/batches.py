@@ -39,9 +39,12 @@ class BatchLayout:
         raise ValueError(f"{owner} expects batches (x, y, ...) or dicts with target_key; got {type(batch).__name__}")
 
     def target(self, batch: Any) -> Any | None:
-        """``y`` of a batch that has one (``(x, y, ...)``, or a dict with ``target_key``), else ``None``."""
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2 or isinstance(batch, Mapping) and self.target_key:
-            return self.split(batch, "target")[1]
+        """``y`` of a batch that has one (``(x, y, ...)``, or a dict holding ``target_key``), else ``None`` (an
+        unlabelled batch, as a predict loader may give)."""
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[1]
+        if isinstance(batch, Mapping) and self.target_key is not None and self.target_key in batch:
+            return batch[self.target_key]
         return None
 
     def input(self, batch: Any) -> Any:

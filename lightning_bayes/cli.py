@@ -269,8 +269,11 @@ def _check_local_checkpoint(ckpt_path: str) -> None:
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} is not a file{relative_to_note(ckpt_path)}")
     try:  # a zip archive (torch.save's format) memory-mapped: its tensors are not read
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(ckpt_path))
-    except pickle.UnpicklingError:
-        return  # a pickle a weights-only load refuses: explained where Lightning's own load meets it
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):
+            return  # a checkpoint holding classes a weights-only load refuses: explained where Lightning meets it
+        raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (torch.load found no checkpoint in "
+                         "it)") from None
     except (EOFError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:  # empty
         # file, text, random bytes, a broken zip archive: whatever unpickling them raises
         raise ValueError(
@@ -377,6 +380,8 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
     """
     if isinstance(args, (list, tuple)):
         args = with_bundled_configs(list(args))
+    # Lightning's own pytree code builds a LeafSpec, which this torch deprecates: twice a run, nothing to act on
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     return BayesCLI(
         BayesianModule,
         LightningDataModule,
@@ -409,6 +414,4 @@ def main() -> None:
     except FileNotFoundError as error:
         print(f"lightning-bayes: error: {error}", file=sys.stderr)
         sys.exit(2)  # as the parser exits on a bad argument
-    # Lightning's own pytree code builds a LeafSpec, which this torch deprecates: twice a run, nothing to act on
-    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     run()

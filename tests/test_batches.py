@@ -31,7 +31,8 @@ def test_missing_keys_and_bad_batches_are_named() -> None:
     with pytest.raises(ValueError, match=r"CalibrationMetrics got a dict batch \(keys \['image', 'label'\]\); give "
                        "target_key"):
         BatchLayout().split(batch, "CalibrationMetrics")
-    with pytest.raises(ValueError, match=r"target_key='y' is not a key of the batch; its keys are \['image', 'label'\]"):
+    with pytest.raises(ValueError, match=r"target_key='y' is not a key of the batch; its keys are "
+                       r"\['image', 'label'\]"):
         BatchLayout("y").split(batch, "owner")
     with pytest.raises(ValueError, match=r"input_key='x' is not a key of the batch"):
         BatchLayout("label", "x").input(batch)

@@ -123,8 +123,9 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
                       r"\(Unsupported global: GLOBAL torch.optim.adam.Adam.*\): a checkpoint saved outside")
     (tmp_path / "empty.ckpt").write_bytes(b"")
     (tmp_path / "text.ckpt").write_text("hello")
-    (tmp_path / "noise.ckpt").write_bytes(torch.randint(0, 256, (1024,), generator=torch.Generator().manual_seed(0),
-                                                         dtype=torch.uint8).numpy().tobytes())
+    for seed in range(8):  # random bytes fail to unpickle in several ways, most as an UnpicklingError
+        noise = torch.randint(0, 256, (1024,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+        (tmp_path / f"noise{seed}.ckpt").write_bytes(noise.numpy().tobytes())
     torch.save({"weight": torch.zeros(2)}, tmp_path / "state_dict.pt")
     unreadable = r"^--ckpt_path '.*{}' is not a Lightning checkpoint \(torch.load: {}"
     state_dict = (r"^--ckpt_path '.*state_dict.pt' is not a Lightning checkpoint \(a torch.save file without "
@@ -132,8 +133,8 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
     cases = [
         (digits / "map.yaml", str(tmp_path / "empty.ckpt"), ValueError, unreadable.format("empty.ckpt", "EOFError")),
         (digits / "map.yaml", str(tmp_path / "text.ckpt"), ValueError, unreadable.format("text.ckpt", "KeyError")),
-        (digits / "map.yaml", str(tmp_path / "noise.ckpt"), ValueError,
-         r"^--ckpt_path '.*noise.ckpt' is not a Lightning checkpoint \(torch.load"),
+        *[(digits / "map.yaml", str(tmp_path / f"noise{seed}.ckpt"), ValueError,
+           rf"^--ckpt_path '.*noise{seed}.ckpt' is not a Lightning checkpoint \(torch.load") for seed in range(8)],
         (digits / "map.yaml", str(tmp_path / "state_dict.pt"), ValueError, state_dict),
         (digits / "ivon.yaml", str(checkpoint), ValueError, another),
         (digits / "map.yaml", str(tmp_path / "notes.json"), ValueError, not_a_checkpoint),
@@ -145,7 +146,7 @@ def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anyth
         with pytest.raises(error, match=message):
             run(["test", "--config", str(config), f"--ckpt_path={path}",
                  f"--trainer.logger.init_args.save_dir={tmp_path}"])
-    for name in ("notes.json", "empty.ckpt", "text.ckpt", "noise.ckpt", "state_dict.pt"):
+    for name in ("notes.json", "empty.ckpt", "text.ckpt", "state_dict.pt", *(f"noise{seed}.ckpt" for seed in range(8))):
         (tmp_path / name).unlink()
     (tmp_path / "python.ckpt").unlink()
     (tmp_path / "legacy.ckpt").unlink()

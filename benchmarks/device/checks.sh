@@ -45,10 +45,13 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
   if [ "$status" -ne 0 ]; then failed=1; fi
 }
 
-{ nvidia-smi; python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
-  python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)"; } >"$out/machine.txt" 2>&1  # llm kits only
+{ nvidia-smi
+  python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"
+  python3 -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)"  # the llm kits carry it
+} >"$out/machine.txt" 2>&1
 llm_steps() {
-  python3 benchmarks/device/random_weight_model.py .device/smollm2-shape "$LIGHTNING_BAYES_HOME/models/smollm2-135m-instruct"
+  python3 benchmarks/device/random_weight_model.py .device/smollm2-shape \
+    "$LIGHTNING_BAYES_HOME/models/smollm2-135m-instruct" || failed=1
   step gpu_unit_tests 90 python3 -m pytest -q -p no:cacheprovider --tb=short -m gpu -k "not compiled" \
     tests/models/test_attention.py tests/inference/test_linalg.py
   step qlora_overhead 170 python3 benchmarks/llm_overhead.py --four-bit --steps 10 --warmup 3 --data-dir .device/data

@@ -64,7 +64,7 @@ from ..inference.curves import (
     segmented_bezier,
     straight_line,
 )
-from ..inference.batchnorm import batchnorm_buffers, batchnorm_layers, refresh_batchnorm
+from ..inference.batchnorm import batchnorm_buffers, refresh_batchnorm, running_statistics
 from ..inference.jensen_shannon import jensen_shannon
 from ..inference.lora_gauge import balanced_lora_tensors
 from ..models.weights import trained_state_dict
@@ -267,10 +267,15 @@ class CurveTraining(Callback):
             registered = {id(module) for module in pl_module.modules()}
             if all(id(curve) in registered for curve in self.curves.values()):
                 return
-            raise ValueError(
-                f"CurveTraining holds the curve of another module than this {type(pl_module).__name__}: one instance "
-                "trains one module's curve; create a CurveTraining for each module (e.g. inside a loop over seeds)"
+            rank_zero_warn(
+                f"CurveTraining: this {type(pl_module).__name__} is not the module whose curve this instance holds; it "
+                "gets a curve of its own, and the other module keeps its curve where it is (one instance trains one "
+                "module's curve at a time: make one per module, e.g. inside a loop over seeds)"
             )
+            if self._bound is not None:
+                self._unbind(self._bound)
+            self.curves, self.position, self.grid_values = {}, None, {}
+            self._grid_sums, self._batch_norm_at, self._batch_norm_saved = {}, {}, {}
         if isinstance(trainer.strategy, FSDPStrategy) and (self.weight_decay or self.js_weight):
             raise ValueError(
                 "CurveTraining under FSDP supports the curve itself but not weight_decay or js_weight (they add "
@@ -301,7 +306,7 @@ class CurveTraining(Callback):
         self.curves, self.position = {}, None
         if batches is not None:
             refresh_batchnorm(pl_module, batches, pl_module.device, self.layout)
-        elif batchnorm_layers(pl_module):
+        elif running_statistics(pl_module):
             rank_zero_warn(
                 f"CurveTraining.remove: without batches the BatchNorm layers keep the training's statistics (a mixture "
                 f"over random t), not those of theta({t}); pass batches=<the training loader> to recompute them"

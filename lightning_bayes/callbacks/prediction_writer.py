@@ -43,15 +43,13 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         filename: the file's stem (``predictions`` -> ``predictions.csv``).
-        target_key: for dict batches, the target's key (e.g. ``"label"``): its ``target`` column; without it a dict
-            batch has no target.
-        input_key: for dict batches, the input's key (not read: the module's ``predict_step`` takes the batch).
+        target_key: for dict batches, the target's key (e.g. ``"label"``): its ``target`` column; without it (or
+            without that key in a batch) a dict batch has no target. The module's ``predict_step`` reads the input.
     """
 
-    def __init__(self, filename: str = "predictions", target_key: str | None = None,
-                 input_key: str | None = None) -> None:
+    def __init__(self, filename: str = "predictions", target_key: str | None = None) -> None:
         super().__init__(write_interval="batch")
-        self.layout = BatchLayout(target_key, input_key)
+        self.layout = BatchLayout(target_key)
         if not filename or Path(filename).name != filename or filename in (".", "..") or filename.endswith(".csv"):
             raise ValueError(f"filename must be a plain file stem such as 'predictions'; got {filename!r}")
         self.filename = filename

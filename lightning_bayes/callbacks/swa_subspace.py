@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..batches import BatchLayout
 from ..checks import is_int
-from ..inference.batchnorm import batchnorm_layers, batchnorm_statistics_kept, refresh_batchnorm
+from ..inference.batchnorm import batchnorm_statistics_kept, refresh_batchnorm, running_statistics
 from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor, low_rank_part
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
 
@@ -141,11 +141,12 @@ class SWASubspace(Callback):
         if self.moments is not None and self._pending is None:
             if self._module is None or self._module() is pl_module:  # a further fit of the same module collects on
                 return  # (None: unpickled, as in a spawned process, where the module is a copy too)
-            raise ValueError(
-                f"SWASubspace holds {int(self.moments.count)} snapshots of another module than this "
-                f"{type(pl_module).__name__}: one instance collects one module's posterior; create a SWASubspace for "
-                "each module (e.g. inside a loop over seeds)"
+            rank_zero_warn(  # not mixed into this module's: a fit resumed from a checkpoint replaces them anyway
+                f"SWASubspace: this {type(pl_module).__name__} is not the module its {int(self.moments.count)} "
+                "snapshots came from; they are dropped and this fit collects afresh (one instance collects one "
+                "module's posterior: make one per module, e.g. inside a loop over seeds, to keep each)"
             )
+            self.last_step = -1
         self._module = weakref.ref(pl_module)
         selected = select_parameters(pl_module, self.params)
         self.names = list(selected)
@@ -329,7 +330,7 @@ class SWASubspace(Callback):
                         p.copy_(value.view_as(p))
                 if batches is not None:
                     refresh_batchnorm(pl_module, batches, pl_module.device, self.layout)
-                elif batchnorm_layers(pl_module):
+                elif running_statistics(pl_module):
                     rank_zero_warn(
                         "SWASubspace: without batches the BatchNorm layers keep the statistics of the last training "
                         "iterate, not of the weights written; pass batches=<the training loader> to recompute them"

@@ -66,9 +66,9 @@ def refresh_batchnorm(
 ) -> None:
     """Recompute the running statistics of every BatchNorm layer of ``model`` from ``batches`` (``x``,
     ``(x, y, ...)``, or dicts split by ``layout``; ``x`` a tensor, a tuple or a dict of tensors, moved to ``device``,
-    its floating tensors cast to
-    the dtype of the model's parameters, as a Trainer's precision casts a step's batch): the average over examples
-    of the batch statistics (momentum ``b / (n + b)``). The model runs in training mode for the pass (as
+    its floating tensors cast to the dtype of the model's parameters, as a Trainer's precision casts a step's batch):
+    the average over examples of the batch statistics (momentum ``b / (n + b)``). The model runs in training mode for
+    the pass (as
     ``update_bn`` and the reference's ``bn_update`` do) and gets its modes and momenta back. A no-op (no pass over
     the data) without BatchNorm."""
     layers = batchnorm_layers(model)

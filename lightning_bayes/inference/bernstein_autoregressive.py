@@ -62,10 +62,11 @@ def made(num_inputs: int, hidden: Sequence[int], block_size: int) -> nn.Sequenti
     """MADE ``[..., D] -> [..., D * block_size]`` whose ``d``-th output block depends on inputs ``< d`` only.
 
     Inputs have degrees ``1..D``; a layer of ``w`` hidden units has degrees ``ceil(k (D - 1) / (w + 1))``,
-    ``k = 1..w``, spread evenly over ``1..max(D - 1, 1)`` (tfp's ``AutoregressiveNetwork`` default, so that a layer narrower
-    than ``D - 1`` still carries inputs up to ``D - 1``, not only the first ``w``); a hidden unit sees inputs of degree
-    ``<=`` its own, output block ``d`` sees units of degree ``< d`` (so block 1 is its bias). Hidden layers use
-    ``tanh``. The last layer starts at zero weights, so every block starts at its bias.
+    ``k = 1..w`` (at least 1): the boundaries of ``w + 1`` equal parts of ``[0, D - 1]``, tfp's
+    ``AutoregressiveNetwork`` default, so that a layer narrower than ``D - 1`` still carries inputs up to about
+    ``D - 1`` (not only the first ``w``; the smallest degree is then above 1, and the first blocks see none). A hidden
+    unit sees inputs of degree ``<=`` its own, output block ``d`` units of degree ``< d`` (so block 1 is its bias).
+    Hidden layers use ``tanh``. The last layer starts at zero weights, so every block starts at its bias.
     """
     input_degrees = torch.arange(1, num_inputs + 1)
     degrees, layers = input_degrees, []

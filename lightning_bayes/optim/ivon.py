@@ -244,10 +244,13 @@ class IVON(Optimizer):
         ``g n / sigma`` sees no noise and sinks toward 0 (0.006 for a true 4 in bf16 at sigma = 5e-4, m = 1). 0 when no
         parameter is half precision."""
         below, total = 0, 0
-        for p, variance in self.posterior_variances().items():
-            if p.dtype in (torch.bfloat16, torch.float16):
-                spacing = self._mean(p).abs() * torch.finfo(p.dtype).eps
-                below += int((variance.sqrt() < spacing / 2).sum())
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in (torch.bfloat16, torch.float16):
+                    continue
+                hess = self._parameter_state(p, group)["hess"]
+                std = (group["ess"] * (hess + group["weight_decay"])).rsqrt()
+                below += int((std < self._mean(p).abs() * torch.finfo(p.dtype).eps / 2).sum())
                 total += p.numel()
         return below / total if total else 0.0
 

@@ -82,8 +82,9 @@ def run(dict_batches: bool, root: Path) -> dict:
     trainer.test(module, loader(dict_batches, seed=1))
     with swa.swa(module, batches=loader(dict_batches)):
         statistics = module.net[1].running_mean.clone()
+    writer = PredictionWriter(target_key=keys.get("target_key"))
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=root,
-            callbacks=[PredictionWriter(**keys)]).predict(module, loader(dict_batches, seed=1))
+            callbacks=[writer]).predict(module, loader(dict_batches, seed=1))
     with open(root / "predictions.csv", newline="") as handle:
         table = list(csv.reader(handle))
     return {"metrics": calibration.last_metrics, "grid": curve.grid_values["test"], "swa_bn": statistics,
@@ -99,8 +100,8 @@ def test_dict_batches_score_as_tuples_do(tmp_path: Path) -> None:
 
 
 def test_a_dict_batch_without_target_key_is_refused_by_name(tmp_path: Path) -> None:
-    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
-                      callbacks=[CalibrationMetrics(plots=False)])
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      default_root_dir=tmp_path, callbacks=[CalibrationMetrics(plots=False)])
     with pytest.raises(ValueError, match=r"CalibrationMetrics got a dict batch \(keys \['image', 'label'\]\); give "
                        "target_key"):
         trainer.test(Classifier(dict_batches=True), loader(True))

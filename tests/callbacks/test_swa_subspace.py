@@ -4,6 +4,7 @@ its checkpoint ends bitwise equal to an uninterrupted one, and the swa()/sample(
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,14 @@ def test_one_snapshot_with_a_low_rank_part_is_refused_and_swag_diag_draws_at_sca
     with pytest.warns(UserWarning, match="SWASubspace: without batches the BatchNorm layers keep the statistics of "
                       "the last training iterate"), diagonal.sample(module, generator=torch.Generator().manual_seed(3)):
         pass
+    norm = module.net[1]
+    kept = norm.running_mean, norm.running_var
+    norm.track_running_stats, norm.running_mean, norm.running_var = False, None, None  # batch statistics: none kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with diagonal.sample(module, generator=torch.Generator().manual_seed(3)):
+            pass
+    norm.track_running_stats, (norm.running_mean, norm.running_var) = True, kept
     with diagonal.sample(module, generator=torch.Generator().manual_seed(3)):  # SWAG-diag: s = 1 by default
         drawn = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     expected = diagonal.moments.sample(1.0, generator=torch.Generator().manual_seed(3))
@@ -265,23 +274,31 @@ def test_start_fraction_per_epoch_without_max_epochs_is_refused_before_training(
     assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
 
 
-def test_one_instance_collects_for_one_module() -> None:
-    """A second fit of the same module collects on; another module (a loop over seeds reusing the callback) is
-    refused instead of averaging two networks' iterates, and the first module's moments are kept."""
+def test_one_instance_collects_for_one_module(tmp_path: Path) -> None:
+    """A second fit of the same module collects on; another module (a loop over seeds reusing the callback) starts
+    afresh with a warning instead of averaging two networks' iterates; another module object resumed in the same
+    process from a checkpoint takes the checkpoint's moments (Lightning sets callbacks up before it restores them)."""
     swa = SWASubspace(params="all", start_epoch=1)
     module = Regression()
 
-    def fit_again(model: Regression, epochs: int, **kwargs) -> None:
+    def fit_again(model: Regression, epochs: int, root: Path | None = None, **kwargs) -> None:
+        callbacks: list[Callback] = [swa] if root is None else [swa, ModelCheckpoint(dirpath=root, save_last=True)]
         Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, callbacks=[swa]).fit(model, loader(), **kwargs)
+                enable_model_summary=False, enable_checkpointing=root is not None, default_root_dir=root,
+                callbacks=callbacks).fit(model, loader(), **kwargs)
 
-    fit_again(module, 2)
+    fit_again(module, 2, root=tmp_path)
+    saved = {name: value.clone() for name, value in swa.moments.state_dict().items()}
     fit_again(module, 3)  # the same module: epochs 1 and 2
     assert int(swa.moments.count) == 2
-    with pytest.raises(ValueError, match="SWASubspace holds 2 snapshots of another module than this Regression: one "
-                       "instance collects one module's posterior; create a SWASubspace for each module"):
+    with pytest.warns(UserWarning, match="SWASubspace: this Regression is not the module its 2 snapshots came from; "
+                      "they are dropped and this fit collects afresh"):
         fit_again(Regression(), 2)
-    assert int(swa.moments.count) == 2
+    assert int(swa.moments.count) == 1  # its own epoch 1 alone
+    with pytest.warns(UserWarning, match="is not the module its 1 snapshots came from"):
+        fit_again(Regression(), 2, ckpt_path=str(tmp_path / "last.ckpt"))  # resumed at its end: nothing collected
+    for name, value in saved.items():
+        assert torch.equal(swa.moments.state_dict()[name], value), name
 
 
 @pytest.mark.parametrize(

