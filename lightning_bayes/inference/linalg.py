@@ -371,7 +371,7 @@ def gram(jacobian: Tensor) -> Tensor:
     against 3.1 ms plus the conversion). Otherwise (a float64 ``J``, a GPU, whose float32 products may run in
     TF32, or a lowered matmul precision) the product is taken in float64. Where every row's squared norm is below
     ``2^-64`` (the loss Jacobian of a batch fitted to 1e-20), or one overflows, the float32 products are taken again
-    on ``J`` divided by the power of two nearest its largest entry (exact), so that they do not sink into float32's
+    on ``J`` divided by the power of two just above its largest entry (exact), so that they do not sink into float32's
     subnormals: such a Gram matrix was 88% off at rows of 1e-23.
     """
     if jacobian.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":

@@ -38,16 +38,20 @@ def quiet_eval_mode_notice(module: nn.Module) -> tuple[object, ...] | None:
     in_eval = [name for name, m in module.named_modules() if not m.training]
     if not in_eval or not set(in_eval) <= set(modules_kept_in_eval(module)):
         return None
-    message = re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start of training")
-    warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
-    return cast(tuple[object, ...], warnings.filters[0])
+    return _ignore(f"Found {len(in_eval)} module(s) in eval mode at the start of training", PossibleUserWarning)
 
 
 def quiet_no_optimizer_notice() -> tuple[object, ...]:
     """Ignores Lightning's notice that ``configure_optimizers`` returned ``None``, returning the filter for
     :func:`end_quiet` (the caller ends it at ``on_fit_start``, after Lightning's check, or when the fit fails)."""
-    message = re.escape("`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer")
-    warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    return _ignore("`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer",
+                   UserWarning)
+
+
+def _ignore(message: str, category: type[Warning]) -> tuple[object, ...]:
+    """Adds a filter ignoring the warnings that start with ``message`` (taken literally); returns it for
+    :func:`end_quiet`."""
+    warnings.filterwarnings("ignore", message=re.escape(message), category=category)
     return cast(tuple[object, ...], warnings.filters[0])
 
 

@@ -229,14 +229,13 @@ class IVON(Optimizer):
         """``m`` of ``p``: its fp32 master copy if it has one, else ``p`` itself."""
         return self.state[p].get("mean", p)
 
+    def _posterior_variance(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """``sigma^2 = 1 / (lambda (h + delta))`` of ``p`` (``h = h_0`` before the first step)."""
+        return 1.0 / (group["ess"] * (self._parameter_state(p, group)["hess"] + group["weight_decay"]))
+
     def posterior_variances(self) -> dict[Tensor, Tensor]:
-        """``sigma^2 = 1 / (lambda (h + delta))`` of every parameter (``h = h_0`` before the first step)."""
-        variances = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                hess = self._parameter_state(p, group)["hess"]
-                variances[p] = 1.0 / (group["ess"] * (hess + group["weight_decay"]))
-        return variances
+        """``sigma^2`` of every parameter (:meth:`_posterior_variance`)."""
+        return {p: self._posterior_variance(p, group) for group in self.param_groups for p in group["params"]}
 
     def below_resolution(self) -> float:
         """The share of the half-precision parameters' entries whose posterior std is below half the spacing of their
@@ -248,8 +247,7 @@ class IVON(Optimizer):
             for p in group["params"]:
                 if p.dtype not in (torch.bfloat16, torch.float16):
                     continue
-                hess = self._parameter_state(p, group)["hess"]
-                std = (group["ess"] * (hess + group["weight_decay"])).rsqrt()
+                std = self._posterior_variance(p, group).sqrt()
                 below += int((std < self._mean(p).abs() * torch.finfo(p.dtype).eps / 2).sum())
                 total += p.numel()
         return below / total if total else 0.0
