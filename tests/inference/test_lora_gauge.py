@@ -1,5 +1,7 @@
 """The balanced SVD form of LoRA factors: same product, one representative per GL(r) orbit, balanced."""
 
+import math
+
 import pytest
 import torch
 
@@ -32,6 +34,29 @@ def test_every_member_of_a_gauge_orbit_maps_to_the_same_factors():
     a3, b3 = balanced_lora(torch.linalg.solve(gauge, a), b @ gauge)
     torch.testing.assert_close(a3, a2, rtol=0, atol=1e-10)
     torch.testing.assert_close(b3, b2, rtol=0, atol=1e-10)
+
+
+def test_rank_one_closed_form_and_the_sign_of_the_largest_magnitude_entry():
+    """B = (-3, 1, 0)^T, A = (2, 0): s = |B| |A| = 2 sqrt(10); u = -B / |B| has its largest-magnitude entry positive
+    (the largest signed entry of -u is positive too: the sign rule must read magnitudes), and (-A, -B) is the same
+    orbit (S = -1)."""
+    a = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[-3.0], [1.0], [0.0]], dtype=torch.float64)
+    root = (b.norm() * a.norm()).sqrt()
+    expected_b = root * torch.tensor([[3.0], [-1.0], [0.0]], dtype=torch.float64) / math.sqrt(10)
+    expected_a = root * torch.tensor([[-1.0, 0.0]], dtype=torch.float64)
+    for sign in (1.0, -1.0):
+        a2, b2 = balanced_lora(sign * a, sign * b)
+        torch.testing.assert_close(b2, expected_b, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a2, expected_a, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_each_column_of_b_has_its_largest_magnitude_entry_positive(seed: int):
+    a, b = factors(seed)
+    for sign in (1.0, -1.0):
+        b2 = balanced_lora(sign * a, sign * b)[1]
+        assert bool((b2.gather(0, b2.abs().argmax(0, keepdim=True)) > 0).all())
 
 
 def test_dtype_is_kept():

@@ -79,6 +79,17 @@ def test_coverage_of_a_calibrated_gaussian_is_near_the_level() -> None:
     assert metric.compute().item() == pytest.approx(0.9, abs=5 * np.sqrt(0.9 * 0.1 / 20000))
 
 
+def test_the_interval_is_closed_at_both_ends() -> None:
+    """Targets exactly on their lower and upper bounds (the same quantile computation) count as inside."""
+    predictive = GaussianPredictive(
+        torch.tensor([[[0.3], [-1.0]]], dtype=torch.float64), torch.tensor([[[0.5], [2.0]]], dtype=torch.float64)
+    )
+    on_bounds = torch.cat([predictive.quantile(0.05)[:1], predictive.quantile(0.95)[1:]])
+    metric = IntervalCoverage(level=0.9)
+    metric.update(predictive, on_bounds)
+    assert metric.compute().item() == 1.0
+
+
 def test_one_dimensional_targets_are_accepted_when_d_is_one() -> None:
     predictive = GaussianPredictive(torch.zeros(2, 3, 1), torch.ones(2, 3, 1))
     for metric in (GaussianNLL(), RMSE(), CRPS(), IntervalCoverage()):

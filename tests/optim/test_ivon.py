@@ -355,6 +355,20 @@ def test_bf16_master_copy_keeps_updates_below_bf16_resolution(single_thread) -> 
     assert torch.equal(theta.detach(), mean.to(torch.bfloat16)) and theta[0].item() > 1.0
 
 
+def test_below_resolution_is_the_share_below_half_the_bf16_spacing() -> None:
+    """At m = 1 bf16's spacing is eps = 2^-7, half of it 0.0039: sigma = 0.005 (h = 1 / 0.005^2, ess 1, no decay)
+    is above it, sigma = 0.003 below, so the share is exactly 1/2; float32 parameters are not counted."""
+    above, below = (nn.Parameter(torch.ones(3, dtype=torch.bfloat16)) for _ in range(2))
+    wide = nn.Parameter(torch.ones(5))
+    optimizer = IVON(
+        [{"params": [above], "hess_init": 0.005**-2}, {"params": [below], "hess_init": 0.003**-2},
+         {"params": [wide], "hess_init": 1e12}],
+        1.0, lr=0.1, weight_decay=0.0,
+    )
+    assert optimizer.below_resolution() == 0.5
+    assert IVON([wide], 1.0, lr=0.1, hess_init=1e12).below_resolution() == 0.0
+
+
 def test_closure_returning_none_leaves_the_posterior_unchanged(single_thread) -> None:
     theta = nn.Parameter(torch.randn(3))
     before = theta.detach().clone()
