@@ -14,20 +14,29 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from .epoch_shuffle import EpochShuffle
+
 
 def training_pass_epoch(trainer: Trainer | None) -> int | None:
-    """The epoch of the training pass about to begin: the counter Lightning hands to ``set_epoch``, restored on
-    resume (``trainer.current_epoch`` still says 0 when a fit resumed at an epoch's end creates its iterator), plus
-    one when the fit resumed from a checkpoint saved after an epoch's last batch (e.g. ``every_n_train_steps``):
-    that epoch's batches are all processed, so the pass is the next epoch's; ``None`` without a trainer."""
+    """The epoch of the training pass about to begin, as the unstopped fit numbers it (``None`` without a trainer).
+
+    Read from the fit loop's counters, restored on resume (``trainer.current_epoch`` still says 0 when a fit resumed
+    at an epoch's end creates its iterator). ``processed`` runs one ahead of ``completed`` once an epoch's end hooks
+    (where checkpoints are saved) have run: the pass is then the next epoch, ``processed``, except when a fit counted
+    in steps (``max_steps``) stopped inside an epoch: its end hooks ran, but the resumed fit goes on with that epoch,
+    ``completed`` (Lightning itself then hands ``processed`` to ``set_epoch``: every later epoch took the next one's
+    order). A checkpoint saved after an epoch's last batch (e.g. ``every_n_train_steps``), before its end hooks,
+    resumes into the next epoch."""
     if trainer is None:
         return None
     loop = trainer.fit_loop
-    epoch: int = loop.epoch_progress.current.processed  # type: ignore[attr-defined]  # typed as the base tracker
+    processed: int = loop.epoch_progress.current.processed  # type: ignore[attr-defined]  # typed as the base tracker
+    completed: int = loop.epoch_progress.current.completed
     batches: int = loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
-    if loop.restarting and batches and batches >= training_pass_batches(trainer):
-        epoch += 1
-    return epoch
+    whole = 0 < batches and batches >= training_pass_batches(trainer)  # the saved epoch had run all its batches
+    if processed > completed and (whole or trainer.max_steps == -1):
+        return processed
+    return completed + int(whole)
 
 
 def training_pass_batches(trainer: Trainer) -> float:
@@ -96,6 +105,8 @@ class EpochLoader(StatefulDataLoader):
             for sampler in loader_samplers(self):
                 if callable(getattr(sampler, "set_epoch", None)):
                     sampler.set_epoch(epoch)
+                if isinstance(sampler, EpochShuffle):
+                    sampler.fixed_on_iter = True
         return super().__iter__()
 
 

@@ -30,16 +30,28 @@ class EpochShuffle(RandomSampler):
         self._visiting: int | None = None  # the epoch of the pass under way
         self._yielded = 0  # indices that pass has handed out
         self._skip = 0  # indices the next pass skips (set by load_state_dict)
+        self.fixed_on_iter = False  # read the pass's epoch as the iterator is made (see __iter__)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose permutation the next iteration draws (Lightning calls it at every epoch start)."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        self._visiting, self.epoch = self.epoch, self.epoch + 1  # the next pass without set_epoch: epoch + 1
-        self._yielded, self._skip = self._skip, 0
-        generator = torch.Generator().manual_seed(self.seed + _EPOCH_STRIDE * self._visiting)
-        for index in torch.randperm(len(self.data_source), generator=generator)[self._yielded :].tolist():
+        """A pass over epoch ``epoch``'s permutation, read as its first index is drawn, so that Lightning's
+        ``set_epoch`` after a resumed fit made its iterator still counts; with ``fixed_on_iter`` (set by
+        :class:`EpochLoader`, which sets the epoch itself) read here, as ``DistributedSampler`` does: Lightning's
+        late ``set_epoch`` after a fit counted in steps stopped inside an epoch gave the resumed epoch the next one's
+        order. Either way the pass begins at its first index (torchdata's worker iterator makes one and discards it
+        unstarted)."""
+        return self._pass(self.epoch, self._skip) if self.fixed_on_iter else self._pass()
+
+    def _pass(self, epoch: int | None = None, skip: int | None = None) -> Iterator[int]:
+        epoch = self.epoch if epoch is None else epoch
+        skip = self._skip if skip is None else skip
+        self._visiting, self.epoch = epoch, epoch + 1  # the next pass without set_epoch: epoch + 1
+        self._yielded, self._skip = skip, 0
+        generator = torch.Generator().manual_seed(self.seed + _EPOCH_STRIDE * epoch)
+        for index in torch.randperm(len(self.data_source), generator=generator)[skip:].tolist():
             self._yielded += 1
             yield index
 

@@ -56,12 +56,12 @@ class _StopsInsideEpoch1(Callback):
 
 def _fit(
     epochs: int, root: Path, callbacks: list[Callback], num_workers: int, ckpt_path: Path | None = None,
-    limit: int | None = None,
+    limit: int | None = None, max_steps: int = -1,
 ) -> MAP:  # fmt: skip
     torch.manual_seed(0)
     module = MAP(MLP(64, 10, hidden=[16]))
     Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=root, callbacks=callbacks, limit_val_batches=0, limit_train_batches=limit,
     ).fit(module, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers), ckpt_path=ckpt_path,
           weights_only=False)  # fmt: skip
@@ -105,6 +105,19 @@ def test_a_checkpoint_on_an_epochs_last_step_resumes_into_the_next_epoch(
     last_step = tmp_path / "steps" / f"epoch=0-step={batches}.ckpt"
     resumed = _fit(3, tmp_path / "resumed", [Steps()], num_workers, ckpt_path=last_step, limit=limit)
     assert steps == [3 * batches]
+    for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(value, other), name
+
+
+@pytest.mark.parametrize(("stop", "limit"), [(22, None), (9, 6)])  # inside epoch 1 (17 or 6 batches an epoch)
+def test_a_fit_counted_in_steps_resumes_with_the_unstopped_order(tmp_path: Path, stop: int, limit: int | None) -> None:
+    """``max_steps`` stopping inside an epoch still runs its end hooks (``processed`` one ahead of ``completed``) and
+    the resumed fit goes on with that epoch: its rest, and every later epoch, took the next epoch's order (Lightning
+    hands ``processed`` to ``set_epoch``, after the resumed iterator is made)."""
+    straight = _fit(10, tmp_path / "straight", [], 0, limit=limit, max_steps=45)
+    checkpoint = ModelCheckpoint(tmp_path, filename="last", save_on_train_epoch_end=True)
+    _fit(10, tmp_path / "stopped", [checkpoint], 0, limit=limit, max_steps=stop)
+    resumed = _fit(10, tmp_path / "resumed", [], 0, ckpt_path=tmp_path / "last.ckpt", limit=limit, max_steps=45)
     for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(value, other), name
 
