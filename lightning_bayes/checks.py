@@ -45,13 +45,18 @@ def check_flags(**flags: Any) -> None:
 def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool = True) -> Tensor:
     """``y`` as int64 labels ``[batch]`` in ``[0, classes)``, else an error saying that ``who`` expects them. Float and
     bool labels are refused (``long()`` would read 0.7 as class 0, -1 would index the last class); the range check is
-    asynchronous on a GPU (no host sync per step). ``check_range=False`` leaves the range to the caller's indexing
-    (``cross_entropy`` and ``gather`` refuse labels outside it themselves) and works under ``torch.func`` transforms,
-    where the asynchronous assert has no batching rule."""
+    asynchronous on a GPU (no host sync per step; on the CPU the error names the first label outside).
+    ``check_range=False`` leaves the range to the caller's indexing (``cross_entropy`` and ``gather`` refuse labels
+    outside it themselves) and works under ``torch.func`` transforms, where the asynchronous assert has no batching
+    rule."""
     integer = isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
     if not integer or y.shape != (batch,):
         got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"{who} expects integer class labels of shape [B]=({batch},); got {got}")
     if check_range:
-        torch._assert_async(((y >= 0) & (y < classes)).all(), f"{who} expects labels in [0, {classes})")
+        in_range = ((y >= 0) & (y < classes)).all()
+        expected = f"{who} expects labels in [0, {classes}) (the network gives {classes} outputs)"
+        if y.device.type == "cpu" and not in_range:  # no device to wait for: name the first label outside
+            raise RuntimeError(f"{expected}; got {y[(y < 0) | (y >= classes)][0].item()}")
+        torch._assert_async(in_range, expected)
     return y.long()
