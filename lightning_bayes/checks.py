@@ -1,10 +1,11 @@
 """Argument checks: a ``bool`` is not a count or a number here (``True`` is an ``int`` to Python); seeds; class
-labels."""
+labels; a network's inputs."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -60,3 +61,15 @@ def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool =
             raise RuntimeError(f"{expected}; got {y[(y < 0) | (y >= classes)][0].item()}")
         torch._assert_async(in_range, expected)
     return y.long()
+
+
+def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], bool], weight: Tensor) -> None:
+    """A clear error unless ``x`` is a tensor whose shape ``fits`` (``expected`` says which) in the dtype of ``weight``
+    (another floating dtype passes under autocast, which casts it). Reads shapes and dtypes alone, so it runs under
+    ``torch.func`` transforms and ``torch.compile`` (where it is a guard) at no cost."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who} expects {expected} (a float tensor); got {type(x).__name__}")
+    if not fits(x.shape):
+        raise ValueError(f"{who} expects {expected} (float); got shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"{who} expects inputs in its weights' dtype {weight.dtype}; got inputs of {x.dtype}")
