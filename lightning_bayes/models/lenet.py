@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from ..checks import check_inputs, is_int
@@ -35,7 +37,7 @@ class LeNet5(nn.Module):
         self.head = nn.Linear(84, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        conv = self.features[0].weight
+        conv = cast(nn.Conv2d, self.features[0]).weight
         channels = conv.shape[1]
         check_inputs(x, "LeNet5", f"images [B, {channels}, 28, 28]",
                      lambda shape: len(shape) == 4 and tuple(shape[1:]) == (channels, 28, 28), conv)

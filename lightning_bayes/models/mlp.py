@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -51,5 +52,6 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         width = self.in_features
         check_inputs(x, "MLP", f"inputs [B, {width}] (or [B, ...] of {width} values each)",
-                     lambda shape: len(shape) >= 2 and math.prod(shape[1:]) == width, self.features[1].weight)
+                     lambda shape: len(shape) >= 2 and math.prod(shape[1:]) == width,
+                     cast(nn.Linear, self.features[1]).weight)
         return self.head(self.features(x))
