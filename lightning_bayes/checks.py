@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -41,6 +42,14 @@ def check_flags(**flags: Any) -> None:
     for name, value in flags.items():
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be True or False; got {value!r}")
+
+
+def check_folders(**folders: Any) -> None:
+    """A clear error naming the first of ``folders`` (name=value) that is neither ``None`` nor a non-empty path (a
+    ``str`` or ``os.PathLike``): ``Path(3)`` failed later, in the middle of ``setup``."""
+    for name, value in folders.items():
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+            raise ValueError(f"{name} must be a folder path or None; got {value!r}")
 
 
 def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool = True) -> Tensor:
