@@ -54,6 +54,11 @@ class LoraSpec:
             raise ValueError(f"LoraSpec: alpha must be a number > 0; got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSpec: dropout must lie in [0, 1); got {self.dropout!r}")
+        if isinstance(self.target_modules, str):  # iterated, a str is its letters
+            raise ValueError(
+                f"LoraSpec: target_modules must be a list of layer names, e.g. [{self.target_modules!r}]; got the str "
+                f"{self.target_modules!r} (peft reads a str as a regular expression; LoraSpec takes names)"
+            )
         if not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):
             raise ValueError(
                 f"LoraSpec: target_modules must be a non-empty list of layer names; got {self.target_modules!r}"

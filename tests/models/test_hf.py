@@ -116,6 +116,7 @@ def test_minilm_sequence_classifier_with_lora_trains_adapters_and_head_only():
         ({"dropout": -0.1}, r"dropout must lie in \[0, 1\); got -0.1"),
         ({"target_modules": []}, r"target_modules must be a non-empty list of layer names; got \[\]"),
         ({"target_modules": ["q_proj", ""]}, r"target_modules must be a non-empty list of layer names"),
+        ({"target_modules": "query"}, r"target_modules must be a list of layer names, e\.g\. \['query'\]; .*regular"),
     ],
 )
 def test_a_lora_spec_refuses_what_peft_would_accept_and_fail_on_later(arguments: dict, message: str):
