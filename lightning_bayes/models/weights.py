@@ -57,15 +57,19 @@ def load_torch_file(path: str | Path, named: str, expected: str) -> Any:
         raise ValueError(f"{named} is not {expected} (torch.load: {type(error).__name__}: {error})") from None
 
 
+def load_checkpoint(path: str | Path) -> Any:
+    """What the file of a ``checkpoint=path`` argument holds (:func:`load_torch_file`; one holding classes, e.g. in
+    its hyperparameters, loads without ``weights_only``), else an error that it is not a checkpoint."""
+    saved = load_torch_file(path, f"checkpoint={str(path)!r}", "a Lightning checkpoint or state dict")
+    return torch.load(path, map_location="cpu", weights_only=False) if saved is None else saved
+
+
 def _state_dict(path: Path) -> dict[str, Tensor]:
-    named, expected = f"checkpoint={str(path)!r}", "a Lightning checkpoint or state dict"
-    saved = load_torch_file(path, named, expected)
-    if saved is None:  # hyperparameters holding classes (a checkpoint saved outside the command line)
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(path)
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         found = sorted(map(str, saved))[:5] if isinstance(saved, dict) else type(saved).__name__
-        raise ValueError(f"{named} is not {expected} (it holds {found})")
+        raise ValueError(f"checkpoint={str(path)!r} is not a Lightning checkpoint or state dict (it holds {found})")
     return state
 
 
