@@ -1,10 +1,12 @@
 """Argument checks: a ``bool`` is not a count or a number here (``True`` is an ``int`` to Python); seeds; class
-labels."""
+labels; a network's inputs."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+from collections.abc import Callable
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -42,16 +44,41 @@ def check_flags(**flags: Any) -> None:
             raise ValueError(f"{name} must be True or False; got {value!r}")
 
 
+def check_folders(**folders: Any) -> None:
+    """A clear error naming the first of ``folders`` (name=value) that is neither ``None`` nor a non-empty path (a
+    ``str`` or ``os.PathLike``): ``Path(3)`` failed later, in the middle of ``setup``."""
+    for name, value in folders.items():
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+            raise ValueError(f"{name} must be a folder path or None; got {value!r}")
+
+
 def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool = True) -> Tensor:
     """``y`` as int64 labels ``[batch]`` in ``[0, classes)``, else an error saying that ``who`` expects them. Float and
     bool labels are refused (``long()`` would read 0.7 as class 0, -1 would index the last class); the range check is
-    asynchronous on a GPU (no host sync per step). ``check_range=False`` leaves the range to the caller's indexing
-    (``cross_entropy`` and ``gather`` refuse labels outside it themselves) and works under ``torch.func`` transforms,
-    where the asynchronous assert has no batching rule."""
+    asynchronous on a GPU (no host sync per step; on the CPU the error names the first label outside).
+    ``check_range=False`` leaves the range to the caller's indexing (``cross_entropy`` and ``gather`` refuse labels
+    outside it themselves) and works under ``torch.func`` transforms, where the asynchronous assert has no batching
+    rule."""
     integer = isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
     if not integer or y.shape != (batch,):
         got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"{who} expects integer class labels of shape [B]=({batch},); got {got}")
     if check_range:
-        torch._assert_async(((y >= 0) & (y < classes)).all(), f"{who} expects labels in [0, {classes})")
+        in_range = ((y >= 0) & (y < classes)).all()
+        expected = f"{who} expects labels in [0, {classes}) (the network gives {classes} outputs)"
+        if y.device.type == "cpu" and not in_range:  # no device to wait for: name the first label outside
+            raise RuntimeError(f"{expected}; got {y[(y < 0) | (y >= classes)][0].item()}")
+        torch._assert_async(in_range, expected)
     return y.long()
+
+
+def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], bool], weight: Tensor) -> None:
+    """A clear error unless ``x`` is a tensor whose shape ``fits`` (``expected`` says which) in the dtype of ``weight``
+    (another floating dtype passes under autocast, which casts it). Reads shapes and dtypes alone, so it runs under
+    ``torch.func`` transforms and ``torch.compile`` (where it is a guard) at no cost."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who} expects {expected} (a float tensor); got {type(x).__name__}")
+    if not fits(x.shape):
+        raise ValueError(f"{who} expects {expected} (float); got shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"{who} expects inputs in its weights' dtype {weight.dtype}; got inputs of {x.dtype}")

@@ -19,11 +19,9 @@ import pickle
 import re
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -34,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
 from .cli_parser import BayesArgumentParser, imported_class
-from .models.weights import relative_to_note
+from .models.weights import load_torch_file, relative_to_note
 from .modules.base import BayesianModule
 
 
@@ -267,18 +265,9 @@ def _check_local_checkpoint(ckpt_path: str) -> None:
         return
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} is not a file{relative_to_note(ckpt_path)}")
-    try:  # a zip archive (torch.save's format) memory-mapped: its tensors are not read
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(ckpt_path))
-    except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error):
-            return  # a checkpoint holding classes a weights-only load refuses: explained where Lightning meets it
-        raise ValueError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (torch.load found no checkpoint in "
-                         "it)") from None
-    except (EOFError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:  # empty
-        # file, text, random bytes, a broken zip archive: whatever unpickling them raises
-        raise ValueError(
-            f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (torch.load: {type(error).__name__}: {error})"
-        ) from None
+    checkpoint = load_torch_file(ckpt_path, f"--ckpt_path {ckpt_path!r}", "a Lightning checkpoint")
+    if checkpoint is None:
+        return  # a checkpoint holding classes a weights-only load refuses: explained where Lightning meets it
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         found = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(

@@ -65,6 +65,8 @@ class CategoricalPredictive:
 
     def __post_init__(self) -> None:
         _check_rank3("logits", self.logits)
+        if not self.logits.is_floating_point():  # log_softmax has no integer kernel: its error named no argument
+            raise ValueError(f"logits must be a floating-point tensor; got {self.logits.dtype}")
 
     def _kept(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, kept under ``name`` where no gradient is wanted (metrics update under ``no_grad``); where
@@ -110,7 +112,10 @@ class CategoricalPredictive:
     def log_prob(self, y: Tensor) -> Tensor:
         """``log p(y|x)`` of the model average for integer labels ``[B]``."""
         _, batch, classes = self.logits.shape
-        labels = class_labels(y, batch, classes, "CategoricalPredictive.log_prob(y)", check_range=False)
+        # the range is checked outside torch.func transforms and compilation (no batching rule there), where
+        # gather's own error ("index 5 is out of bounds") would not say how many logits the network gives
+        in_transform = torch.compiler.is_compiling() or inside_torch_func()
+        labels = class_labels(y, batch, classes, "CategoricalPredictive.log_prob(y)", check_range=not in_transform)
         return self.log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
     @property

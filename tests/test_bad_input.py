@@ -145,6 +145,21 @@ def test_labels_beyond_the_networks_outputs_are_named_with_its_logit_count() -> 
     assert per_example(torch.zeros(2, 3), torch.tensor([0, 2])).shape == (2,)
 
 
+def test_the_predictive_names_a_label_beyond_the_networks_outputs_and_refuses_integer_logits() -> None:
+    """A network with 5 outputs on 10 classes' data failed in gather ("index 5 is out of bounds for dimension 1");
+    integer logits failed in log_softmax ("not implemented for 'Long'")."""
+    predictive = CategoricalPredictive(torch.randn(1, 2, 5))
+    outputs = r"log_prob\(y\) expects labels in \[0, 5\) \(the network gives 5 outputs\); got 5"
+    with pytest.raises(RuntimeError, match=outputs):
+        predictive.log_prob(torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match=r"got -1"):
+        predictive.log_prob(torch.tensor([-1, 2]))
+    per_example = torch.func.vmap(lambda z, y: CategoricalPredictive(z[None, None]).log_prob(y[None]))  # unchecked
+    assert per_example(torch.zeros(2, 5), torch.tensor([0, 4])).shape == (2, 1)
+    with pytest.raises(ValueError, match=r"logits must be a floating-point tensor; got torch.int64"):
+        CategoricalPredictive(torch.randint(0, 3, (1, 2, 5)))
+
+
 def test_metrics_refuse_empty_batches_nan_targets_and_other_ood_flags() -> None:
     ece = ExpectedCalibrationError()
     ece.update(CategoricalPredictive(torch.zeros(1, 0, 3)), torch.zeros(0, dtype=torch.long))

@@ -39,7 +39,13 @@ class CoefficientPosterior(Callback):
             raise ValueError(f"num_samples must be an int >= 2; got {num_samples!r}")
         check_seed(seed)
         check_flags(plots=plots)
+        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"names must be None or a list of str, one per weight; got {names!r}")  # "abc": 3 names
         self.layer, self.names, self.num_samples, self.plots, self.seed = layer, names, num_samples, plots, seed
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Checks ``layer`` before the fit and test run (it was found only in ``on_test_end``)."""
+        self._layer(pl_module)
 
     def _layer(self, pl_module: LightningModule) -> VariationalLayer:
         try:

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..checks import check_flags, is_finite, is_int
+from ..checks import check_flags, check_folders, is_finite, is_int
 from .epoch_loader import EpochLoader, training_pass_batches, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
 
@@ -99,6 +99,7 @@ class InMemoryDataModule(LightningDataModule):
         if not 0 <= seed < 2**32:  # scikit-learn's splits take no other (digits, regression)
             raise ValueError(f"seed must be an int in [0, 2**32); got {seed!r}")
         check_flags(shuffle=shuffle, drop_last=drop_last)
+        check_folders(data_dir=data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

@@ -12,7 +12,7 @@ from typing import ClassVar
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..checks import is_int
+from ..checks import check_flags, check_folders, is_int
 from .base import InMemoryDataModule, seeded_permutation
 from .idx import read_idx
 from .locate import FASHION_MNIST, MNIST, IDXSource, locate_idx_folder
@@ -80,6 +80,8 @@ class _IDXImageDataModule(InMemoryDataModule):
         super().__init__(batch_size, num_workers, seed, data_dir, shuffle, drop_last)
         if not is_int(val_size) or not 0 <= val_size < _TRAIN_SIZE:
             raise ValueError(f"val_size must be an int in [0, {_TRAIN_SIZE}); got {val_size!r}")
+        check_flags(normalize=normalize, download=download)  # "no" would be truthy
+        check_folders(**{self.ood_argument: ood_dir})
         self.val_size = val_size
         self.normalize = normalize
         self.ood_dir = ood_dir

@@ -190,9 +190,10 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            from ..models.pretrained import resolve_pretrained
+            from ..models.pretrained import named_in_load_errors, resolve_pretrained
 
-            tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
+            with named_in_load_errors("tokenizer", self.tokenizer_name):
+                tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
             if self.padding_side is not None:
                 tokenizer.padding_side = tokenizer.truncation_side = self.padding_side
             if tokenizer.pad_token is None:

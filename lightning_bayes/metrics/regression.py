@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics.regression import MeanSquaredError
 
+from ..checks import is_number
 from ..predictive import GaussianPredictive
 from ._inputs import gaussian, regression_targets
 from ._mean import MeanOverValues, refuse_empty
@@ -86,8 +87,8 @@ class IntervalCoverage(MeanOverValues):
     higher_is_better = None
 
     def __init__(self, level: float = 0.9, **kwargs: Any) -> None:
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"level must lie in (0, 1); got {level}")
+        if not (is_number(level) and 0.0 < level < 1.0):  # a str "0.9" failed in '<'
+            raise ValueError(f"level must lie in (0, 1); got {level!r}")
         super().__init__(**kwargs)
         self.level = level
 

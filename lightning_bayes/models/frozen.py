@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_flags
+from ..checks import check_flags, check_folders
 from .feature_cache import FeatureCache
 from .identity import backbone_identity
 from ..torch_func_state import inside_torch_func
@@ -52,10 +52,9 @@ class FrozenFeatures(nn.Module):
     ) -> None:
         super().__init__()
         check_flags(cache_features=cache_features)
+        check_folders(feature_cache_dir=feature_cache_dir)
         folder = None
         if feature_cache_dir is not None:
-            if not isinstance(feature_cache_dir, (str, os.PathLike)) or not str(feature_cache_dir):
-                raise ValueError(f"feature_cache_dir must be a folder path or None; got {feature_cache_dir!r}")
             if not cache_features:
                 raise ValueError(f"feature_cache_dir={str(feature_cache_dir)!r} needs cache_features=True")
             folder = Path(feature_cache_dir).expanduser()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..torch_func_state import mapped_by_vmap, plain_values
 from .attention import without_cudnn_attention
 from .frozen_base import exclude_frozen_base
-from .pretrained import resolve_pretrained
+from .pretrained import named_in_load_errors, resolve_pretrained
 from .vocabulary import folder_vocabulary, vocabulary_fingerprint
 
 if TYPE_CHECKING:
@@ -54,6 +54,11 @@ class LoraSpec:
             raise ValueError(f"LoraSpec: alpha must be a number > 0; got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraSpec: dropout must lie in [0, 1); got {self.dropout!r}")
+        if isinstance(self.target_modules, str):  # iterated, a str is its letters
+            raise ValueError(
+                f"LoraSpec: target_modules must be a list of layer names, e.g. [{self.target_modules!r}]; got the str "
+                f"{self.target_modules!r} (peft reads a str as a regular expression; LoraSpec takes names)"
+            )
         if not self.target_modules or not all(isinstance(name, str) and name for name in self.target_modules):
             raise ValueError(
                 f"LoraSpec: target_modules must be a non-empty list of layer names; got {self.target_modules!r}"
@@ -164,9 +169,9 @@ class HFSequenceClassifier(nn.Module):
         from transformers import AutoModelForSequenceClassification
 
         folder = resolve_pretrained(model)
-        base = keep_cpu_four_bit_differentiable(
-            AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **quantisation)
-        )
+        with named_in_load_errors("model", model):
+            loaded = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **quantisation)
+        base = keep_cpu_four_bit_differentiable(loaded)
         self.tokenizer_source, self.vocabulary = model, folder_vocabulary(folder)
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -222,7 +227,8 @@ class CausalLMAnswerClassifier(nn.Module):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = resolve_pretrained(model)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with named_in_load_errors("model", model):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tokenizer_source, self.vocabulary = model, vocabulary_fingerprint(tokenizer)
         ids = []
         for word in answer_words:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
+
+from ..checks import check_inputs, is_int
 
 
 class LeNet5(nn.Module):
@@ -14,6 +18,8 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
+        if not (is_int(num_classes) and is_int(in_channels)):
+            raise ValueError(f"num_classes and in_channels must be ints; got {num_classes!r} and {in_channels!r}")
         if num_classes < 0 or in_channels < 1 or not 0.0 <= dropout < 1.0:
             raise ValueError(
                 f"expected num_classes >= 0, in_channels >= 1, 0 <= dropout < 1; "
@@ -31,6 +37,8 @@ class LeNet5(nn.Module):
         self.head = nn.Linear(84, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[-2:] != (28, 28):
-            raise ValueError(f"LeNet5 expects images [B, C, 28, 28]; got {tuple(x.shape)}")
+        conv = cast(nn.Conv2d, self.features[0]).weight
+        channels = conv.shape[1]
+        check_inputs(x, "LeNet5", f"images [B, {channels}, 28, 28]",
+                     lambda shape: len(shape) == 4 and tuple(shape[1:]) == (channels, 28, 28), conv)
         return self.head(self.features(x))

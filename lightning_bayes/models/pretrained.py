@@ -19,6 +19,8 @@ import difflib
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..paths import lightning_bayes_home
@@ -48,6 +50,21 @@ def resolve_pretrained(name: str) -> str:
             f"did you mean {difflib.get_close_matches(name.lower(), aliases, n=1)[0]!r}?"
         )
     return name
+
+
+@contextmanager
+def named_in_load_errors(argument: str, name: str) -> Iterator[None]:
+    """Re-raises the ``OSError`` of a transformers loading call inside it (an unknown name, after the hub's retries)
+    naming ``argument=name``, the packaged aliases that work offline and that other names need the hub."""
+    try:
+        yield
+    except OSError as error:
+        aliases = [*MINILM_ALIASES, *SMOLLM2_ALIASES]
+        raise OSError(
+            f"{argument}={name!r} could not be loaded: the packaged models {aliases} work offline; any other name "
+            f"must be a model folder or a hub id, which needs the Hugging Face Hub (internet) "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        ) from error
 
 
 def _package_folder(package: str, install: str) -> Path:

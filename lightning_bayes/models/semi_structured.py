@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_inputs
+
 
 class SemiStructured(nn.Module):
     """``deep(x[:, rest]) + linear(x[:, structured_features])`` for inputs ``[B, in_features]``.
@@ -46,6 +48,6 @@ class SemiStructured(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         width = len(self.structured_index) + len(self.rest_index)
-        if x.ndim != 2 or x.shape[1] != width:
-            raise ValueError(f"SemiStructured expects inputs [B, in_features={width}]; got {tuple(x.shape)}")
+        check_inputs(x, "SemiStructured", f"inputs [B, in_features={width}]",
+                     lambda shape: len(shape) == 2 and shape[1] == width, self.linear.weight)
         return self.deep(x.index_select(1, self.rest_index)) + self.linear(x.index_select(1, self.structured_index))

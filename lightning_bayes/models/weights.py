@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +41,35 @@ def resolve_checkpoint_path(checkpoint: str) -> Path:
     return path
 
 
+def load_torch_file(path: str | Path, named: str, expected: str) -> Any:
+    """``torch.load`` of ``path`` weights-only (a zip archive, torch.save's format, memory-mapped: its tensors are not
+    read), or ``None`` for a file holding classes that a weights-only load refuses; a file torch cannot read (empty,
+    text, random bytes, a broken zip archive) gets a ``ValueError`` saying that ``named`` (e.g. ``checkpoint='x'``)
+    is not ``expected``, where unpickling raised ``EOFError`` or ``UnpicklingError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):
+            return None
+        raise ValueError(f"{named} is not {expected} (torch.load found no checkpoint in it)") from None
+    except (EOFError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:  # empty
+        # file, text, random bytes, a broken zip archive: whatever unpickling them raises
+        raise ValueError(f"{named} is not {expected} (torch.load: {type(error).__name__}: {error})") from None
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """What the file of a ``checkpoint=path`` argument holds (:func:`load_torch_file`; one holding classes, e.g. in
+    its hyperparameters, loads without ``weights_only``), else an error that it is not a checkpoint."""
+    saved = load_torch_file(path, f"checkpoint={str(path)!r}", "a Lightning checkpoint or state dict")
+    return torch.load(path, map_location="cpu", weights_only=False) if saved is None else saved
+
+
 def _state_dict(path: Path) -> dict[str, Tensor]:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(path)
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {str(path)!r} holds neither a Lightning checkpoint nor a state dict")
+        found = sorted(map(str, saved))[:5] if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"checkpoint={str(path)!r} is not a Lightning checkpoint or state dict (it holds {found})")
     return state
 
 

@@ -68,7 +68,7 @@ from ..inference.subspace import (
 )
 from ..inference.swag import SWAGMoments, default_swag_scale, low_rank_part
 from ..inference.wide_buffers import WideBuffers
-from ..models.weights import load_trained_likelihood, load_trained_weights, resolve_checkpoint_path
+from ..models.weights import load_checkpoint, load_trained_likelihood, load_trained_weights, resolve_checkpoint_path
 from ..params import ParamSelector, select_parameters
 from ..predictive import Predictive
 from .base import Batch, BayesianModule, first_rows
@@ -82,11 +82,14 @@ def _sgd(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
 
+_SWAG_KEYS = {"names", "max_rank", "moments"}  # what SubspaceInference reads of SWASubspace.state_dict()
+
+
 def swag_state_from_checkpoint(path: str, saved: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``SWASubspace`` callback state stored in a Lightning checkpoint (a glob picks the newest file;
     ``saved``: the checkpoint already loaded)."""
     resolved = resolve_checkpoint_path(path)
-    saved = torch.load(resolved, map_location="cpu", weights_only=False) if saved is None else saved
+    saved = load_checkpoint(resolved) if saved is None else saved
     states = {k: v for k, v in (saved.get("callbacks") or {}).items() if k.startswith(_CALLBACK_KEY) and v}
     if len(states) != 1:
         raise ValueError(
@@ -194,13 +197,20 @@ class SubspaceInference(WideBuffers, BayesianModule):
         path = None
         if checkpoint is not None:
             path = str(resolve_checkpoint_path(checkpoint))
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            saved = load_checkpoint(path)
             swag_state = swag_state_from_checkpoint(path, saved)
             load_trained_weights(model, path)
             load_trained_likelihood(self.likelihood, saved.get("state_dict", {}))
         self.likelihood.requires_grad_(False)  # e.g. a Gaussian noise scale: the trained run's, fixed
+        if not isinstance(swag_state, Mapping):
+            raise ValueError(f"swag_state must be SWASubspace.state_dict() (a dict); got {type(swag_state).__name__}")
         if not swag_state:
             raise ValueError("swag_state is empty: the SWASubspace callback collected nothing")
+        if not _SWAG_KEYS <= set(swag_state):
+            raise ValueError(
+                f"swag_state must be SWASubspace.state_dict(), with keys {sorted(_SWAG_KEYS)}; got keys "
+                f"{sorted(map(str, swag_state))}"
+            )
         self.model = model.requires_grad_(False).eval()
         names = _names_in_model(swag_state["names"], model)
         if params is not None and list(select_parameters(model, params)) != names:

@@ -6,11 +6,14 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ..checks import is_int
 from ._figure import as_array, new_figure, save
 
 
 def coefficient_posterior(samples: Tensor, names: list[str], path: str | Path, bins: int = 60) -> Path:
     """Write a PNG of posterior ``samples`` ``[S, D]`` of ``D`` named coefficients; return its path."""
+    if not is_int(bins) or bins < 1:  # numpy's error named no value
+        raise ValueError(f"bins must be an int >= 1; got {bins!r}")
     values = as_array(samples, "samples")
     if values.ndim != 2 or values.shape[1] != len(names):
         raise ValueError(f"samples must be [S, {len(names)}] for names={names!r}; got shape {values.shape}")

@@ -63,3 +63,17 @@ def test_bad_arguments_are_named(tmp_path: Path):
             trainer.test(module, datamodule=Columns())
     with pytest.raises(ValueError, match="num_samples"):
         CoefficientPosterior(num_samples=1)
+    with pytest.raises(ValueError, match="names must be None or a list of str, one per weight; got 'abc'"):
+        CoefficientPosterior(names="abc")  # type: ignore[arg-type]  # labelled three weights 'a', 'b', 'c'
+
+
+def test_a_layer_that_is_not_there_is_refused_before_the_fit_runs(tmp_path: Path):
+    """It was found in on_test_end, after the whole fit and test."""
+    module = VariationalInference(nn.Sequential(nn.Linear(3, 1)), likelihood="gaussian")
+    trainer = Trainer(logger=False, default_root_dir=tmp_path, enable_progress_bar=False, max_epochs=1,
+                      callbacks=[CoefficientPosterior(layer="backbone.9")])
+    steps: list[int] = []
+    module.training_step = lambda *args: steps.append(1)  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"layer='backbone.9' is not a submodule of VariationalInference"):
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4))
+    assert steps == []

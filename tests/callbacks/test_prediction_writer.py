@@ -140,6 +140,8 @@ def test_a_non_predictive_output_and_a_path_as_filename_are_refused(tmp_path: Pa
     for name in ("out/predictions", "predictions.csv", ".."):  # the stem: "predictions.csv" wrote predictions.csv.csv
         with pytest.raises(ValueError, match="filename must be a plain file stem"):
             PredictionWriter(filename=name)
+    with pytest.raises(ValueError, match="filename must be a plain file stem such as 'predictions'; got 3"):
+        PredictionWriter(filename=3)  # type: ignore[arg-type]  # pathlib's TypeError named no argument
     writer = PredictionWriter()
     with pytest.raises(TypeError, match="CategoricalPredictive or GaussianPredictive; got Tensor"):
         writer.write_on_batch_end(None, None, torch.zeros(2, 3), [0, 1], (torch.zeros(2, 4), torch.zeros(2)), 0, 0)

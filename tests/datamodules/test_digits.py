@@ -100,6 +100,8 @@ def test_drop_last_leaves_out_a_smaller_last_training_batch_and_is_a_bool():
     assert trainer.global_step == 538
     with pytest.raises(ValueError, match="drop_last must be True or False; got 1"):
         DigitsDataModule(drop_last=1)
+    with pytest.raises(ValueError, match=r"data_dir must be a folder path or None; got 3"):
+        DigitsDataModule(data_dir=3)  # type: ignore[arg-type]  # Path(3) failed in setup
 
 
 def test_a_loader_with_workers_keeps_them_between_epochs():

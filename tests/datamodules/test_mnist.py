@@ -125,8 +125,19 @@ def test_a_seed_outside_what_the_splits_take_is_refused_by_name(seed):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"val_size": 60000}, "val_size must be an int in"), ({"batch_size": 0}, "batch_size must be an int >= 1"),
-     ({"num_workers": -1}, "num_workers must be an int >= 0")],
+     ({"num_workers": -1}, "num_workers must be an int >= 0"),
+     ({"normalize": "no"}, "normalize must be True or False; got 'no'"),  # "no" was truthy: normalised
+     ({"download": "no"}, "download must be True or False; got 'no'"),
+     ({"data_dir": 3}, "data_dir must be a folder path or None; got 3"),  # Path(3) failed in setup
+     ({"fashion_dir": 3}, "fashion_dir must be a folder path or None; got 3")],
 )  # fmt: skip
 def test_bad_arguments_are_named(kwargs: dict, message: str):
     with pytest.raises(ValueError, match=message):
         MNISTDataModule(**kwargs)
+
+
+def test_fashion_mnist_refuses_non_bool_flags_and_folders_by_name():
+    with pytest.raises(ValueError, match="normalize must be True or False; got 'no'"):
+        FashionMNISTDataModule(normalize="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mnist_dir must be a folder path or None; got 3"):
+        FashionMNISTDataModule(mnist_dir=3)  # type: ignore[arg-type]

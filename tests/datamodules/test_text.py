@@ -1,5 +1,6 @@
 """Rotten Tomatoes datamodule: corpus counts, movie-grouped seeded splits, OOD / shift sets, collation."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,12 @@ def test_a_max_length_the_special_tokens_fill_is_refused_without_a_prompt():
     """MiniLM's [CLS] and [SEP] take max_length=2 whole: every example was [CLS] [SEP]."""
     with pytest.raises(ValueError, match=r"max_length=2 leaves no token for the text: the prompt None .* takes 2"):
         RottenTomatoesDataModule(tokenizer="minilm", max_length=2, padding_side="right").setup()
+
+
+def test_a_tokenizer_that_cannot_be_loaded_names_the_argument_and_the_offline_aliases(tmp_path):
+    """transformers' OSError (after the hub's retries, about 60 s offline) named neither ``tokenizer`` nor the
+    aliases."""
+    missing = str(tmp_path / "no-tokenizer")
+    expected = rf"tokenizer='{re.escape(missing)}' could not be loaded: the packaged models \['minilm'"
+    with pytest.raises(OSError, match=expected):
+        _ = RottenTomatoesDataModule(tokenizer=missing).tokenizer

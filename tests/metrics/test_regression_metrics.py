@@ -107,6 +107,9 @@ def test_wrong_inputs_name_the_argument() -> None:
         GaussianNLL().update(CategoricalPredictive(torch.zeros(1, 3, 2)), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="level must lie in"):
         IntervalCoverage(level=1.5)
+    for build in (IntervalCoverage, regression_metrics):  # a str failed in '<' ("not supported between instances")
+        with pytest.raises(ValueError, match=r"level must lie in \(0, 1\); got '0.9'"):
+            build(level="0.9")  # type: ignore[arg-type]
 
 
 def test_a_bf16_predictive_is_scored_in_float32():

@@ -1,5 +1,6 @@
 """MLP and LeNet-5: shapes, literature parameter counts, feature-extractor mode, dropout placement."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ def test_lenet_feature_mode_gives_the_penultimate_activations():
     features = extractor(x)
     assert features.shape == (3, extractor.num_features) == (3, 84)
     torch.testing.assert_close(classifier(x), features @ classifier.head.weight.T + classifier.head.bias)
-    with pytest.raises(ValueError, match=r"LeNet5 expects images \[B, C, 28, 28\]; got \(2, 1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"LeNet5 expects images \[B, 1, 28, 28\] \(float\); got shape \(2, 1, 8, 8\)"):
         extractor(torch.randn(2, 1, 8, 8))
 
 
@@ -62,3 +63,29 @@ def test_one_output_is_a_linear_head_not_the_feature_extractor():
 def test_mlp_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MLP(4, 2, **kwargs)
+
+
+def test_backbones_name_the_shape_and_dtype_they_expect_and_refuse_bad_widths() -> None:
+    """A wrong width, a missing batch axis, float64 or numpy inputs failed deep in torch (mat1 and mat2 shapes cannot
+    be multiplied; expected m1 and m2 to have the same dtype); ``hidden=128`` failed as 'int' is not iterable."""
+    net = MLP(4, 3, hidden=[8])
+    for bad, got in ((torch.zeros(6, 5), r"shape \(6, 5\)"), (torch.zeros(4), r"shape \(4,\)")):
+        with pytest.raises(ValueError, match=r"MLP expects inputs \[B, 4\] .*\(float\); got " + got):
+            net(bad)
+    with pytest.raises(ValueError, match=r"MLP expects inputs in its weights' dtype torch.float32; got .*float64"):
+        net(torch.zeros(6, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"MLP expects inputs \[B, 4\] .*\(a float tensor\); got ndarray"):
+        net(np.zeros((6, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"LeNet5 expects images \[B, 1, 28, 28\] \(float\); got shape \(2, 3, 28"):
+        LeNet5()(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"LeNet5 expects inputs in its weights' dtype torch.float32; got .*uint8"):
+        LeNet5()(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
+        assert net(torch.zeros(6, 4, dtype=torch.bfloat16)).shape == (6, 3)
+    with pytest.raises(ValueError, match=r"hidden must be a list of layer widths \(ints\), e.g. \[256, 256\]; got 128"):
+        MLP(64, 10, hidden=128)  # type: ignore[arg-type]
+    for args, got in (((4.5, 3), "4.5 and 3"), ((4, "3"), "4 and '3'")):
+        with pytest.raises(ValueError, match=f"in_features and out_features must be ints; got {got}"):
+            MLP(*args)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_classes and in_channels must be ints; got '10' and 1"):
+        LeNet5("10")  # type: ignore[arg-type]

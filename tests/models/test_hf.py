@@ -5,6 +5,8 @@ The zero-shot prompt ``"Review: {text}\\nSentiment:"`` makes the instruct model 
 correctly for clearly positive and clearly negative reviews (margins of about 3 and 1 logits).
 """
 
+import re
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -114,12 +116,23 @@ def test_minilm_sequence_classifier_with_lora_trains_adapters_and_head_only():
         ({"dropout": -0.1}, r"dropout must lie in \[0, 1\); got -0.1"),
         ({"target_modules": []}, r"target_modules must be a non-empty list of layer names; got \[\]"),
         ({"target_modules": ["q_proj", ""]}, r"target_modules must be a non-empty list of layer names"),
+        ({"target_modules": "query"}, r"target_modules must be a list of layer names, e\.g\. \['query'\]; .*regular"),
     ],
 )
 def test_a_lora_spec_refuses_what_peft_would_accept_and_fail_on_later(arguments: dict, message: str):
     with pytest.raises(ValueError, match=f"^LoraSpec: {message}"):
         LoraSpec(**arguments)
     LoraSpec(r=1, alpha=0.5, dropout=0.0, target_modules=["query"])  # the smallest valid values
+
+
+def test_a_model_name_that_cannot_be_loaded_names_the_argument_and_the_offline_aliases(tmp_path):
+    """transformers' OSError (after the hub's retries, about 60 s offline) named neither ``model`` nor the aliases."""
+    missing = str(tmp_path / "no-model")
+    for build in (lambda: HFSequenceClassifier(missing), lambda: CausalLMAnswerClassifier(missing)):
+        expected = rf"model='{re.escape(missing)}' could not be loaded: the packaged models \['minilm'.*work offline"
+        with pytest.raises(OSError, match=expected + r"; .* needs the Hugging Face Hub") as raised:
+            build()
+        assert isinstance(raised.value.__cause__, OSError)
 
 
 def test_lora_targets_matching_nothing_name_the_available_layers():

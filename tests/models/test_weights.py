@@ -150,3 +150,21 @@ def test_a_prefix_ends_at_a_dot(tmp_path: Path):
     torch.save({f"backbone.{k}": v for k, v in deep.state_dict().items()}, tmp_path / "deep.pt")
     with pytest.raises(ValueError, match=r"is not of a Sequential: no prefix holds all of its 2 tensors"):
         trained_state_dict(nn.Sequential(nn.Linear(3, 2)), str(tmp_path / "deep.pt"))
+
+
+def test_a_file_that_is_not_a_checkpoint_names_the_argument_as_the_cli_does(tmp_path: Path):
+    """A YAML or an empty file raised torch.load's UnpicklingError or EOFError, naming no argument; the check is
+    --ckpt_path's (one function)."""
+    (tmp_path / "config.yaml").write_text("model:\n  class_path: MAP\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    for name, reason in (("config.yaml", r"torch.load found no checkpoint in it"),
+                         ("empty.ckpt", r"torch.load: EOFError"), ("list.pt", r"it holds list")):
+        expected = rf"^checkpoint='{re.escape(str(tmp_path / name))}' is not a Lightning checkpoint or state dict \("
+        with pytest.raises(ValueError, match=expected + reason):
+            trained_state_dict(nn.Linear(3, 2), str(tmp_path / name))
+    source = _linear(0)  # hyperparameters holding a class: loaded as before, without weights_only
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": {"optimizer": torch.optim.Adam}},
+               tmp_path / "python.ckpt")
+    state, _ = trained_state_dict(nn.Linear(3, 2), str(tmp_path / "python.ckpt"))
+    torch.testing.assert_close(state["weight"], source.weight.detach())

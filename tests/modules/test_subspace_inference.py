@@ -382,6 +382,18 @@ def test_a_checkpoint_without_swa_state_is_refused(tmp_path: Path) -> None:
         SubspaceInference(Net())
 
 
+def test_a_swag_state_of_another_shape_or_a_file_that_is_no_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    """{"a": 1} raised KeyError 'names', [1, 2] a TypeError; a YAML checkpoint torch.load's UnpicklingError."""
+    with pytest.raises(ValueError, match=r"^swag_state must be SWASubspace.state_dict\(\), with keys \['max_rank', "
+                       r"'moments', 'names'\]; got keys \['a'\]$"):
+        linear_module({"a": 1})
+    with pytest.raises(ValueError, match=r"^swag_state must be SWASubspace.state_dict\(\) \(a dict\); got list$"):
+        linear_module([1, 2])  # type: ignore[arg-type]
+    (tmp_path / "config.yaml").write_text("model:\n  class_path: MAP\n")
+    with pytest.raises(ValueError, match=r"^checkpoint='.*config.yaml' is not a Lightning checkpoint or state dict"):
+        SubspaceInference(nn.Linear(6, 1), checkpoint=str(tmp_path / "config.yaml"))
+
+
 def test_a_state_without_snapshots_is_refused_saying_why() -> None:
     _, _, state = regression()
     state["moments"] = SWAGMoments(6, 4, dtype=torch.float64).state_dict()

@@ -53,3 +53,10 @@ def test_two_coefficients_have_a_joint_panel_and_one_has_none(tmp_path: Path, mo
     two, one = ([axes.get_subplotspec().get_geometry() for axes in figure.axes] for figure in figures)
     assert two == [(1, 3, 0, 0), (1, 3, 1, 1), (1, 3, 2, 2)] and figures[0].axes[2].get_title() == "joint"
     assert one == [(1, 1, 0, 0)]
+
+
+@pytest.mark.parametrize("bins", [0, 2.5, "60"])
+def test_a_bin_count_that_is_not_a_positive_int_is_refused_by_name(tmp_path: Path, bins: object) -> None:
+    """bins=0 failed in numpy ("`bins` must be positive, when an integer"), naming no value."""
+    with pytest.raises(ValueError, match=rf"bins must be an int >= 1; got {bins!r}"):
+        coefficient_posterior(posterior_samples()[:, :2], ["a", "b"], tmp_path / "bad.png", bins=bins)  # type: ignore
