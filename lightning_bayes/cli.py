@@ -214,6 +214,12 @@ class BayesCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
             return
+        if self.trainer.num_training_batches == 0:  # Lightning only says "No training batches" and returns
+            raise ValueError(
+                "the fit ran no training batch (its training loader gave none: e.g. a batch_size larger than the "
+                "training set with drop_last=True, or --trainer.limit_train_batches 0), so there is nothing fitted to "
+                "test; lightning-bayes test --ckpt_path ... scores a checkpoint without training"
+            )
         test_fitted(self.trainer, self.model, self.datamodule)
 
 
