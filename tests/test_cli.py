@@ -99,7 +99,8 @@ def test_test_after_fit_false_skips_the_test_stage(tmp_path: Path):
 def test_a_fit_without_training_batches_is_not_tested(tmp_path: Path):
     """Lightning ends such a fit with a notice; its test would score the untrained network as the run's result."""
     digits = ROOT / "configs" / "digits" / "map.yaml"
-    args = [*quick_args(digits, tmp_path, batches=1), "--data.init_args.batch_size=2000", "--data.init_args.drop_last=true"]
+    args = [*quick_args(digits, tmp_path, batches=1), "--data.init_args.batch_size=2000",
+            "--data.init_args.drop_last=true"]
     with pytest.raises(ValueError, match=r"the fit ran no training batch .*drop_last=True"):
         run(args)
     assert not list(tmp_path.rglob("metrics.json"))
