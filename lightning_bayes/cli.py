@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
 from .cli_parser import BayesArgumentParser, imported_class
+from .cli_resumed_best import keep_best_across_folders
 from .models.weights import load_torch_file, relative_to_note
 from .modules.base import BayesianModule
 
@@ -205,9 +206,10 @@ class BayesCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar(leave=True)]
         trainer = super()._instantiate_trainer(config, callbacks)
-        if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning
-            for checkpoint in trainer.checkpoint_callbacks:
-                if isinstance(checkpoint, ModelCheckpoint):
+        for checkpoint in trainer.checkpoint_callbacks:
+            if isinstance(checkpoint, ModelCheckpoint):
+                keep_best_across_folders(checkpoint)  # a resumed fit logs under a new version folder
+                if trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by Lightning
                     checkpoint.save_last = False
         return trainer
 

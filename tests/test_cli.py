@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_bayes.cli import run
 from lightning_bayes.modules import MAP
@@ -104,6 +105,28 @@ def test_a_fit_without_training_batches_is_not_tested(tmp_path: Path):
     with pytest.raises(ValueError, match=r"the fit ran no training batch .*drop_last=True"):
         run(args)
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.parametrize("after_resume", [0.9, 0.1])  # worse than the best before the stop; better
+def test_a_resumed_fit_keeps_the_earlier_best_checkpoint_unless_it_beats_it(tmp_path: Path, monkeypatch, after_resume):
+    """A resumed fit logs under a new version folder, where Lightning restored the best checkpoint's path but not its
+    score: its first validation counted as the best whatever it scored (scripted val/nll by epoch here)."""
+    scores = {0: 1.0, 1: 0.5, 2: after_resume}
+    candidates = ModelCheckpoint._monitor_candidates
+
+    def scripted(self, trainer):
+        return {**candidates(self, trainer), "val/nll": torch.tensor(scores[trainer.current_epoch])}
+
+    monkeypatch.setattr(ModelCheckpoint, "_monitor_candidates", scripted)
+    digits = ROOT / "configs" / "digits" / "map.yaml"
+    run([*quick_args(digits, tmp_path, batches=1), "--trainer.max_epochs=2", "--test_after_fit=false"])
+    first = next(tmp_path.rglob("version_0/checkpoints"))
+    run([*quick_args(digits, tmp_path, batches=1), "--trainer.max_epochs=3", f"--ckpt_path={first / 'last.ckpt'}"])
+    second = next(tmp_path.rglob("version_1/checkpoints"))
+    assert (first / "best.ckpt").exists()  # the earlier run's best is never deleted
+    assert (second / "best.ckpt").exists() == (after_resume < 0.5)
+    best = torch.load(second / "best.ckpt" if after_resume < 0.5 else first / "best.ckpt", weights_only=False)
+    assert best["epoch"] == (2 if after_resume < 0.5 else 1)
 
 
 def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
