@@ -33,4 +33,4 @@ def keep_best_across_folders(checkpoint: ModelCheckpoint) -> None:
                 if name in state:
                     setattr(checkpoint, name, state[name])
 
-    checkpoint.load_state_dict = load_state_dict  # type: ignore[method-assign]
+    checkpoint.load_state_dict = load_state_dict  # type: ignore[method-assign,assignment]
