@@ -115,6 +115,13 @@ class EllipticalSlice(WideBuffers):
         return False
 
 
+MAX_EVALUATIONS = 10_000
+"""Cap on the log-likelihood evaluations of one :func:`elliptical_slice_step`. The bracket holds angle 0 (the
+current point, where ``L(z) > h``) and shrinks at every rejection, so for a log-likelihood that is finite and
+continuous near ``z`` a step ends long before: the bracket's width falls by half per rejection on average and
+reaches the rounding of ``z`` within a few hundred. Reaching the cap means ``L`` is NaN or not repeatable at ``z``."""
+
+
 def elliptical_slice_step(
     z: Tensor,
     log_likelihood: Callable[[Tensor], float],
@@ -123,7 +130,7 @@ def elliptical_slice_step(
     current: float | None = None,
 ) -> SliceStep:
     """One ESS step from ``z`` for the oracle ``log_likelihood`` (``current``: ``L(z)`` if already known,
-    not counted as an evaluation)."""
+    not counted as an evaluation); raises ``RuntimeError`` after :data:`MAX_EVALUATIONS` rejected proposals."""
     sampler = EllipticalSlice(z.shape[-1], prior_scale, dtype=z.dtype)
     extra = 0
     if current is None:
@@ -131,6 +138,12 @@ def elliptical_slice_step(
     sampler.reset(z, current)
     proposal = sampler.begin(generator)
     while not sampler.observe(float(log_likelihood(proposal)), generator):
+        if int(sampler.evaluations) >= MAX_EVALUATIONS:
+            raise RuntimeError(
+                f"elliptical_slice_step: no proposal accepted in {MAX_EVALUATIONS} log-likelihood evaluations; the "
+                "bracket shrank to nothing around the current point, whose log-likelihood should clear the slice "
+                "threshold (is the log-likelihood NaN, or not the same at z on every call?)"
+            )
         proposal = sampler.proposal()
     return SliceStep(sampler.z.clone(), float(sampler.log_likelihood), float(sampler.threshold),
                      int(sampler.evaluations) + extra)

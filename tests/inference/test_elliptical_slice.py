@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_bayes.inference.elliptical_slice import (
+    MAX_EVALUATIONS,
     EllipticalSlice,
     elliptical_slice_step,
 )
@@ -113,6 +114,19 @@ def test_rejections_shrink_the_bracket_around_the_current_point() -> None:
         assert low <= angle <= high and low <= 0 <= high and high - low <= width
         width = high - low
     assert width < 1e-3
+
+
+def test_a_nan_log_likelihood_stops_at_the_evaluation_cap_instead_of_looping() -> None:
+    """No proposal clears a threshold against NaN: the step raises after MAX_EVALUATIONS evaluations, not hangs."""
+    calls = []
+
+    def nan_oracle(z: torch.Tensor) -> float:
+        calls.append(1)
+        return math.nan
+
+    with pytest.raises(RuntimeError, match=f"{MAX_EVALUATIONS} log-likelihood evaluations.*NaN"):
+        elliptical_slice_step(torch.ones(2, dtype=torch.float64), nan_oracle, PRIOR_SCALE, current=0.0)
+    assert len(calls) == MAX_EVALUATIONS
 
 
 def test_the_state_machine_survives_a_state_dict_round_trip_mid_step() -> None:

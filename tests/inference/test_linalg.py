@@ -187,6 +187,17 @@ def test_gram_factor_is_the_pseudo_inverse_with_a_relative_cutoff() -> None:
         GramFactor.of(torch.zeros(2, 3))
 
 
+def test_zero_gram_matrix_has_rank_zero_and_a_zero_pseudo_inverse() -> None:
+    """G = 0 has G^+ = 0 (eigenvalues 0 sit at the cutoff rtol * 0 and count as zero), so a zero J projects nothing."""
+    factor = GramFactor.of(torch.zeros(3, 3, dtype=torch.float64))
+    assert factor.rank == 0
+    solved = factor.solve(torch.ones(2, 3, dtype=torch.float64))
+    assert torch.isfinite(solved).all() and torch.equal(solved, torch.zeros(2, 3, dtype=torch.float64))
+    v = torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    projected, multipliers = project(DenseSystem(torch.zeros(3, 7, dtype=torch.float64)), v)
+    assert torch.equal(projected, v) and torch.equal(multipliers, torch.zeros(4, 3, dtype=torch.float64))
+
+
 def test_gram_sums_float32_blocks_in_float64() -> None:
     generator = torch.Generator().manual_seed(4)
     jacobian = torch.randn(8, 12 * GRAM_BLOCK + 5, dtype=torch.float64, generator=generator)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_bayes.inference.likelihoods import CategoricalLikelihood, GaussianLikelihood
-from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
+from lightning_bayes.inference.linalg import GramFactor, LossConstraint, ParameterFunction, gram
 from lightning_bayes.inference.nullspace import AlternatingProjections, largest_scale, prior_precision
 
 BATCHES = 5
@@ -258,3 +258,27 @@ def test_the_sweep_residual_is_the_mean_over_batches_before_their_projection() -
     projections.end_sweep()
     assert projections.mean_sweep_residual() == pytest.approx(float(torch.stack(expected).mean()), rel=1e-12)
     torch.testing.assert_close(projections.samples, samples, rtol=1e-12, atol=1e-12)
+
+
+def test_rank_estimate_is_the_sample_mean_of_the_image_quadratic_forms() -> None:
+    """With exact projections v_s = P eps_s, r is mean_s eps_s^T (I - P) eps_s (a mean over S = 3, not a sum / (S-1))."""
+    jacobian = torch.randn(5, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    projections = AlternatingProjections(12, 3, seed=9, rtol=1e-12, accelerate=False, dtype=torch.float64)
+    sweep(projections, [jacobian], 1)  # one batch: one projection is exact
+    eps = projections.noise
+    image = torch.eye(12, dtype=torch.float64) - kernel_projector(jacobian)
+    expected = ((eps @ image) * eps).sum(-1).mean()
+    torch.testing.assert_close(projections.rank_estimate(), expected, rtol=1e-12, atol=0)
+
+
+def test_absolute_cutoff_reaches_the_gram_factor() -> None:
+    """atol=1e-3 drops the Gram eigenvalue 1e-4 (rtol would keep it): only the first row's direction is removed."""
+    jacobian = torch.zeros(2, 6, dtype=torch.float64)
+    jacobian[0, 0], jacobian[1, 1] = 1.0, 1e-2  # J J^T = diag(1, 1e-4)
+    projections = AlternatingProjections(6, 4, seed=10, atol=1e-3, accelerate=False, dtype=torch.float64)
+    assert projections.factor(jacobian).rank == 1
+    assert GramFactor.of(gram(jacobian), rtol=projections.rtol).rank == 2
+    projections.project(jacobian)
+    expected = projections.noise.clone()
+    expected[:, 0] = 0.0
+    torch.testing.assert_close(projections.samples, expected, rtol=0, atol=1e-15)

@@ -565,3 +565,24 @@ def test_initial_covariance_diagonals_are_the_packages(parameterization):
     package_variance = package if parameterization == "lowrank" else package.square()
     ours = VBLLRegression(dim, 1, 0.01, parameterization).weight.log_scale.detach().mul(2).exp()
     assert ours.log().median().item() == pytest.approx(package_variance.log().median().item(), abs=0.35)
+
+
+@pytest.mark.parametrize("parameterization", ["dense", "lowrank"])
+def test_regression_off_diagonals_start_with_std_one_over_d(parameterization):
+    """``vbll`` 0.4.9 (spec section 4) starts the regression head's off-diagonals as N(0, 1)/D: with n >= 4096
+    entries the sample std's relative standard error is 1/sqrt(2n) <= 1.1%, so 5% is over 4 standard errors."""
+    torch.manual_seed(0)
+    dim = 64
+    weight = VBLLRegression(dim, 8, 0.01, parameterization, rank=8).weight
+    entries = (weight.lower if parameterization == "dense" else weight.factor).detach()
+    assert entries.numel() >= 4096
+    assert entries.std().item() == pytest.approx(1 / dim, rel=0.05)
+
+
+def test_discriminative_noise_log_scale_starts_standard_normal_minus_one():
+    """``vbll`` 0.4.9 starts D-VBLL's log noise std as N(0, 1) - 1: over 10,000 classes the mean's standard error is
+    0.01 and the std's 0.007, so 0.05 is 5 and 7 standard errors."""
+    torch.manual_seed(0)
+    log_scale = DiscriminativeVBLL(2, 10_000, 0.01, "diagonal").noise_log_scale.detach()
+    assert log_scale.mean().item() == pytest.approx(-1.0, abs=0.05)
+    assert log_scale.std().item() == pytest.approx(1.0, abs=0.05)

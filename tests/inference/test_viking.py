@@ -79,3 +79,16 @@ def test_mix_noise_extremes_and_variance(single_thread):
 def test_bad_initial_scales_are_named():
     with pytest.raises(ValueError, match="log_alpha"):
         KernelImageGaussian(log_alpha=float("nan"))
+
+
+def test_image_dimension_carries_no_gradient(single_thread):
+    """The spec stops the Hutchinson estimate's gradient: the KL's theta gradient is alpha theta, as with R fixed."""
+    projector = _kernel_projector(6)
+    noise = torch.randn(4, P, generator=torch.Generator().manual_seed(7), dtype=torch.float64).requires_grad_(True)
+    theta = torch.linspace(-1, 1, P, dtype=torch.float64).requires_grad_(True)
+    kernel = (noise + 0.1 * theta) @ projector  # depends on theta, as the projected noise does in training
+    estimate = image_dimension(noise, kernel)
+    assert not estimate.requires_grad
+    family = _family()
+    (gradient,) = torch.autograd.grad(family.kl(theta, estimate.mean()), theta)
+    torch.testing.assert_close(gradient, family.alpha.detach() * theta.detach(), rtol=1e-15, atol=0)
