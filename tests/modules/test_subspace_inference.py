@@ -314,6 +314,27 @@ def test_batchnorm_statistics_are_refreshed_and_cached_per_sample(tmp_path: Path
     torch.testing.assert_close(module.bn_statistics[0], module.bn_statistics[1], rtol=0, atol=0)
 
 
+
+def test_each_sample_predicts_with_its_own_batchnorm_statistics_when_the_layer_before_is_sampled(
+    tmp_path: Path,
+) -> None:
+    """With the Linear before BatchNorm in the subspace, the samples' statistics differ and sample i's logits are
+    the model's at its weights after update_bn there."""
+    _, _, path = collected_run(tmp_path, batchnorm=True, params="*body.0.*")
+    module = SubspaceInference(Net(batchnorm=True), checkpoint=str(path), subspace="swag", method="none",
+                               num_samples=2)
+    trainer(1).fit(module, classification())
+    module.eval()
+    x = next(iter(classification()))[0]
+    logits = module.predictive(x).logits
+    assert (module.bn_statistics[0] - module.bn_statistics[1]).abs().max() > 1e-3
+    for index, weights in enumerate(module.sample_weights()):
+        reference = copy.deepcopy(module.model)
+        reference.body[0].weight.data.copy_(weights[:32].view(8, 4))
+        reference.body[0].bias.data.copy_(weights[32:])
+        update_bn(classification(), reference)
+        torch.testing.assert_close(logits[index], reference.eval()(x), rtol=0, atol=1e-6)
+
 def test_a_finished_batchnorm_chain_tested_with_more_samples_predicts_with_those_it_has(tmp_path: Path) -> None:
     _, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
     options = {"checkpoint": str(path), "subspace": "pca", "rank": 2, "method": "ess", "temperature": 1.0}
