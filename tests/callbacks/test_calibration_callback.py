@@ -199,6 +199,7 @@ def test_a_returned_predictive_of_another_sample_count_is_recomputed_with_the_ca
     assert results["test/cal/nll"] == pytest.approx(expected["nll"], rel=1e-5)
     assert results["test/cal/nll"] != pytest.approx(direct_classification(model, data, 2)["nll"], rel=1e-3)
 
+
 class PlainClassifier(LinearModel):
     """The README's own-module recipe: no ``num_samples`` attribute, ``predictive(x, num_samples=None)`` returning
     ``CategoricalPredictive(self(x).unsqueeze(0))``, steps returning losses."""

@@ -335,6 +335,7 @@ def test_each_sample_predicts_with_its_own_batchnorm_statistics_when_the_layer_b
         update_bn(classification(), reference)
         torch.testing.assert_close(logits[index], reference.eval()(x), rtol=0, atol=1e-6)
 
+
 def test_a_finished_batchnorm_chain_tested_with_more_samples_predicts_with_those_it_has(tmp_path: Path) -> None:
     _, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
     options = {"checkpoint": str(path), "subspace": "pca", "rank": 2, "method": "ess", "temperature": 1.0}
