@@ -174,6 +174,32 @@ def test_recomputes_the_predictive_when_the_module_returns_a_loss(tmp_path: Path
     assert not (Path(trainer.log_dir) / "reliability.png").exists()
 
 
+
+class AskedModel(LinearModel):
+    """A LinearModel that records the ``num_samples`` its predictive is asked for."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.asked: list[int] = []
+
+    def predictive(self, x: torch.Tensor, num_samples: int) -> CategoricalPredictive:
+        self.asked.append(num_samples)
+        return super().predictive(x, num_samples)
+
+
+def test_a_returned_predictive_of_another_sample_count_is_recomputed_with_the_callbacks(tmp_path: Path) -> None:
+    """The steps return 2-sample predictives but num_samples=5: the callback asks for 5 and logs their NLL."""
+    model, data = AskedModel(num_samples=2), ToyDataWithOOD()
+    trainer = make_trainer(tmp_path, CalibrationMetrics(num_samples=5, plots=False))
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    batches = trainer.num_test_batches[0]
+    assert model.asked.count(2) == batches and model.asked.count(5) >= batches  # every step's, then the callback's
+    model.asked.clear()
+    expected = direct_classification(model, data, num_samples=5)
+    assert results["test/cal/nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    assert results["test/cal/nll"] != pytest.approx(direct_classification(model, data, 2)["nll"], rel=1e-3)
+
+
 class PlainClassifier(LinearModel):
     """The README's own-module recipe: no ``num_samples`` attribute, ``predictive(x, num_samples=None)`` returning
     ``CategoricalPredictive(self(x).unsqueeze(0))``, steps returning losses."""

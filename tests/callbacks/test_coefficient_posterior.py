@@ -77,3 +77,20 @@ def test_a_layer_that_is_not_there_is_refused_before_the_fit_runs(tmp_path: Path
     with pytest.raises(ValueError, match=r"layer='backbone.9' is not a submodule of VariationalInference"):
         trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4))
     assert steps == []
+
+
+def test_the_draws_follow_the_callbacks_seed_not_the_global_generator(tmp_path: Path):
+    """Runs after different global seeds write identical summaries with seed=0; seed=1 writes other ones."""
+    module = VariationalInference(nn.Sequential(nn.Linear(3, 1)), likelihood="gaussian", init_scale=0.2)
+
+    def summary(global_seed: int, seed: int, folder: str) -> dict:
+        torch.manual_seed(global_seed)
+        trainer = Trainer(logger=False, default_root_dir=tmp_path / folder, enable_progress_bar=False,
+                          enable_model_summary=False,
+                          callbacks=[CoefficientPosterior(layer="backbone.0", num_samples=50, seed=seed, plots=False)])
+        trainer.test(module, datamodule=Columns(), verbose=False)
+        return json.loads((tmp_path / folder / "coefficients.json").read_text())
+
+    first = summary(1, 0, "a")
+    assert summary(2, 0, "b") == first
+    assert summary(1, 1, "c") != first

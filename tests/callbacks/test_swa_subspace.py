@@ -387,3 +387,17 @@ def test_a_checkpoints_moments_serve_a_test_run(tmp_path: Path) -> None:
     with restored.swa(module):
         flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     torch.testing.assert_close(flat, fitted.moments.mean, rtol=0, atol=0)
+
+
+def test_start_epoch_per_step_counts_optimiser_steps_under_gradient_accumulation() -> None:
+    """4 batches an epoch accumulated 2 at a time are 2 steps an epoch: start_epoch=1 starts after step 2, so a
+    2-epoch fit collects after steps 3 and 4."""
+    swa = SWASubspace(params="all", max_rank=4, start_epoch=1, every_n_steps=1)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, dtype=torch.float64, generator=generator)
+    data = DataLoader(TensorDataset(x, torch.sin(x.sum(1, keepdim=True))), batch_size=4)  # 4 batches
+    Trainer(
+        max_epochs=2, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[swa],
+    ).fit(Regression(), data)
+    assert swa.moments.count.item() == 2 and swa.last_step == 4

@@ -24,6 +24,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from lightning_bayes.datamodules import EpochShuffle
 from lightning_bayes.modules import BLoB
 from lightning_bayes.inference.kl_cycle import cycle_weight
+from lightning_bayes.inference.variational_layers import total_kl
 
 from toy_classification import blobs, classifier
 from resumption import assert_resumption_is_exact
@@ -96,6 +97,35 @@ def test_one_step_equals_the_hand_computed_adamw_then_sgd_on_the_kl():
     assert head is module.backbone[2] and set(actual) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(actual[name].detach(), value, rtol=1e-10, atol=1e-12, msg=name)
+
+
+
+def test_with_kl_reweighting_the_kl_gradient_is_scaled_by_the_cycle_weight():
+    """At step 0 of a K = 2 cycle (w_0 = 2/7, not 1/K) the KL optimiser's gradient beyond the NLL's is w_0 dKL."""
+    module = make_blob(kl_reweighting=True)
+    module.cycle_length = lambda: 2  # type: ignore[method-assign]  # a short cycle: w_t = 2^(t+1) / 7
+    grads: list[dict[int, torch.Tensor]] = []
+    expected: dict[int, torch.Tensor] = {}
+
+    class Record(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            parameters = pl_module._kl_parameters()
+            if not grads:  # the NLL optimiser's step: the rhos keep their NLL gradient, the means' are zeroed after it
+                stepped = {id(q) for group in optimizer.param_groups for q in group["params"]}
+                grads.append({id(q): torch.zeros_like(q) if id(q) in stepped else q.grad.clone() for q in parameters})
+            else:
+                grads.append({id(q): q.grad.clone() for q in parameters})
+            if len(grads) == 2:  # the KL optimiser's step, at the updated means
+                with torch.enable_grad():
+                    kl = torch.autograd.grad(total_kl(pl_module.backbone), parameters)
+                expected.update({id(q): g for q, g in zip(parameters, kl)})
+
+    make_trainer(max_steps=2, callbacks=[Record()]).fit(module, DataLoader(blobs(24), batch_size=8))
+    weight = cycle_weight(0, module._cycle_length)
+    assert module._cycle_length == 2 and weight == pytest.approx(2 / 7, rel=1e-15)
+    assert len(grads) == 2 and len(expected) == 4
+    for key, gradient in expected.items():  # the NLL's part (of rho) is the one it had at the NLL optimiser's step
+        torch.testing.assert_close(grads[1][key] - grads[0][key], weight * gradient, rtol=1e-6, atol=0)
 
 
 def test_the_kl_weight_follows_the_cycle_over_training():

@@ -314,6 +314,28 @@ def test_batchnorm_statistics_are_refreshed_and_cached_per_sample(tmp_path: Path
     torch.testing.assert_close(module.bn_statistics[0], module.bn_statistics[1], rtol=0, atol=0)
 
 
+
+def test_each_sample_predicts_with_its_own_batchnorm_statistics_when_the_layer_before_is_sampled(
+    tmp_path: Path,
+) -> None:
+    """With the Linear before BatchNorm in the subspace, the samples' statistics differ and sample i's logits are
+    the model's at its weights after update_bn there."""
+    _, _, path = collected_run(tmp_path, batchnorm=True, params="*body.0.*")
+    module = SubspaceInference(Net(batchnorm=True), checkpoint=str(path), subspace="swag", method="none",
+                               num_samples=2)
+    trainer(1).fit(module, classification())
+    module.eval()
+    x = next(iter(classification()))[0]
+    logits = module.predictive(x).logits
+    assert (module.bn_statistics[0] - module.bn_statistics[1]).abs().max() > 1e-3
+    for index, weights in enumerate(module.sample_weights()):
+        reference = copy.deepcopy(module.model)
+        reference.body[0].weight.data.copy_(weights[:32].view(8, 4))
+        reference.body[0].bias.data.copy_(weights[32:])
+        update_bn(classification(), reference)
+        torch.testing.assert_close(logits[index], reference.eval()(x), rtol=0, atol=1e-6)
+
+
 def test_a_finished_batchnorm_chain_tested_with_more_samples_predicts_with_those_it_has(tmp_path: Path) -> None:
     _, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
     options = {"checkpoint": str(path), "subspace": "pca", "rank": 2, "method": "ess", "temperature": 1.0}
@@ -428,3 +450,23 @@ def test_swag_scale_defaults_to_the_references_half_and_one_for_swag_diag() -> N
     assert module.swag_scale == 1.0
     expected = diagonal.sample(1.0, 3, generator=torch.Generator().manual_seed(module.seed))
     torch.testing.assert_close(module.sample_weights(3), expected, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # a direct step, outside a Trainer
+def test_the_vi_loss_divides_the_kl_by_num_data_not_the_batch_size() -> None:
+    """On a 10-row batch with num_data=40 the VI loss is the batch's mean NLL + T KL / 40 at the step's draw."""
+    x, y, state = regression()
+    module = linear_module(state, method="vi", num_samples=1, num_data=40)
+    with torch.no_grad():
+        module.variational.mu.copy_(torch.tensor([0.3, -0.2], dtype=torch.float64))
+    x, y = x[:10], y[:10]
+    loss = module.training_step((x, y), 0)
+    # the draw: a CPU generator seeded (seed << 32) + draws, draws = 0 before the first step
+    noise = torch.randn(2, dtype=torch.float64, generator=torch.Generator().manual_seed(module.seed << 32))
+    z = module.variational.mu + module.variational.sigma * noise
+    w = module.subspace.shift + z @ module.subspace.basis
+    variance = (F.softplus(module.likelihood.raw_noise).pow(2) + 1e-6).double()  # the float32 noise parameter
+    summed_nll = 0.5 * (torch.log(2 * torch.pi * variance) + (y[:, 0] - x @ w) ** 2 / variance).sum()
+    ratio = (module.variational.sigma / PRIOR_SCALE) ** 2
+    kl = 0.5 * (ratio + (module.variational.mu / PRIOR_SCALE) ** 2 - 1 - torch.log(ratio)).sum()
+    torch.testing.assert_close(loss, summed_nll / 10 + TEMPERATURE * kl / 40, rtol=1e-12, atol=0)

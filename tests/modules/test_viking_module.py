@@ -614,3 +614,13 @@ def test_a_network_without_second_derivatives_is_refused_before_the_first_step()
         make_trainer(2, callbacks=[recorder]).fit(module, train_dataloaders=loader())
         assert recorder.modes[:4] == [True] * 4  # the MLE epoch trains with dropout on
         assert torch.isfinite(module.predictive(two_blobs().tensors[0]).probs).all()
+
+
+def test_a_sweep_capped_at_max_batches_projects_onto_exactly_those_batches() -> None:
+    """``sweep(loader, max_batches=2)`` equals a same-seed sweep over the loader's first two batches, bitwise."""
+    data = loader(batch_size=8)  # 4 batches
+    capped, reference = make_module(phase_epochs=(0, 0, 1)), make_module(phase_epochs=(0, 0, 1))
+    capped.sweep(data, max_batches=2)
+    reference.sweep(list(data)[:2])
+    assert torch.equal(capped.carried, reference.carried)
+    assert torch.equal(capped.sample_kernel, reference.sample_kernel)
