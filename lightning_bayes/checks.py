@@ -66,19 +66,22 @@ def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool =
     if check_range:
         in_range = ((y >= 0) & (y < classes)).all()
         expected = f"{who} expects labels in [0, {classes}) (the network gives {classes} outputs)"
-        if y.device.type == "cpu" and not in_range:  # no device to wait for: name the first label outside
+        if y.device.type == "cpu" and not torch.compiler.is_compiling() and not in_range:  # name the first outside
             raise RuntimeError(f"{expected}; got {y[(y < 0) | (y >= classes)][0].item()}")
         torch._assert_async(in_range, expected)
     return y.long()
 
 
-def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], bool], weight: Tensor) -> None:
+def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], bool], weight: Any) -> None:
     """A clear error unless ``x`` is a tensor whose shape ``fits`` (``expected`` says which) in the dtype of ``weight``
-    (another floating dtype passes under autocast, which casts it). Reads shapes and dtypes alone, so it runs under
+    (another floating dtype passes under autocast, which casts it; none where ``weight`` is not a tensor: a variational
+    method's layer holds its weight's distribution there). Reads shapes and dtypes alone, so it runs under
     ``torch.func`` transforms and ``torch.compile`` (where it is a guard) at no cost."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects {expected} (a float tensor); got {type(x).__name__}")
     if not fits(x.shape):
         raise ValueError(f"{who} expects {expected} (float); got shape {tuple(x.shape)}")
+    if not isinstance(weight, Tensor):
+        return
     if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"{who} expects inputs in its weights' dtype {weight.dtype}; got inputs of {x.dtype}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 from torch import Tensor, nn
 
 from ..checks import check_inputs, is_int
@@ -33,12 +31,12 @@ class LeNet5(nn.Module):
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), *hidden(256, 120), *hidden(120, 84),
         )  # fmt: skip
-        self.num_features = 84
+        self.num_features, self.in_channels = 84, in_channels
         self.head = nn.Linear(84, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        conv = cast(nn.Conv2d, self.features[0]).weight
-        channels = conv.shape[1]
+        channels = self.in_channels  # the first layer may be a variational method's stand-in by now
         check_inputs(x, "LeNet5", f"images [B, {channels}, 28, 28]",
-                     lambda shape: len(shape) == 4 and tuple(shape[1:]) == (channels, 28, 28), conv)
+                     lambda shape: len(shape) == 4 and tuple(shape[1:]) == (channels, 28, 28),
+                     getattr(self.features[0], "weight", None))
         return self.head(self.features(x))
