@@ -229,3 +229,42 @@ def test_a_shortened_mismatch_error_keeps_five_of_each_kind_and_counts_the_rest(
     sizes = "".join(f"\n\tsize mismatch for w{i}: copying a param" for i in range(7))
     shortened = _shortened(f"Error(s) in loading state_dict for MAP:{sizes}")
     assert shortened.count("size mismatch for") == 5 and "... (7 size mismatches in all)" in shortened
+
+
+@pytest.mark.parametrize(
+    ("batch", "got"),
+    [({"inputs": torch.zeros(4), "labels": 0}, r"a dict with keys \['inputs', 'labels'\]"),
+     ((torch.zeros(4), 0, 1.0), "a list of 3")],  # default_collate makes a list of a tuple
+)
+def test_a_batch_that_is_not_an_x_y_pair_is_named(batch: Any, got: str) -> None:
+    """A dict batch was unpacked to its keys (the network then met a str), a triple failed to unpack."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader([batch] * 2, batch_size=2)
+    for stage in (trainer.validate, trainer.test):
+        with pytest.raises(ValueError, match=rf"^MAP expects batches \(x, y\) .*; got {got}: give the loader"):
+            stage(MAP(MLP(4, 3, hidden=[5])), loader)
+    assert len(trainer.predict(MAP(MLP(4, 3, hidden=[5])), DataLoader([torch.zeros(4)] * 2, batch_size=2))) == 1
+
+
+def test_an_optimizer_or_scheduler_that_is_not_callable_is_named_at_construction() -> None:
+    """A str was accepted and failed as the fit started: "'str' object is not callable"."""
+    with pytest.raises(TypeError, match=r"^optimizer must be a callable taking the parameters .*; got 'adam'$"):
+        MAP(MLP(4, 3, hidden=[5]), optimizer="adam")
+    with pytest.raises(TypeError, match=r"^lr_scheduler must be None or a callable taking the optimiser .*got 'cos'$"):
+        VIKING(MLP(4, 3, hidden=[5]), lr_scheduler="cos")
+
+
+@pytest.mark.parametrize("outputs", [5, 20])
+def test_a_network_of_another_width_than_the_datas_classes_is_named_before_training(outputs: int) -> None:
+    """20 logits for digits' 10 classes trained and scored silently; 5 failed in gather ("index 5 is out of bounds")."""
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=rf"^MAP's network gives {outputs} outputs per example, but DigitsDataModule "
+                                         r"has num_classes=10: give the network 10 outputs$"):
+        trainer.fit(MAP(MLP(64, outputs, hidden=[8])), datamodule=DigitsDataModule())
+    assert trainer.global_step == 0  # the sanity check's validation caught it

@@ -30,7 +30,7 @@ from ..checks import is_int
 from ..datamodules.epoch_loader import loader_samplers
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
-from ..predictive import Predictive
+from ..predictive import CategoricalPredictive, Predictive
 from .lightning_notices import EndQuietOnException, end_quiet, quiet_eval_mode_notice, quiet_no_optimizer_notice
 from .fit_length import fit_length
 from .random_stream import global_rng_states, restore_rng_states
@@ -92,6 +92,16 @@ class BayesianModule(LightningModule, ABC):
         super().__init__()
         if not is_int(num_samples) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}")
+        if not callable(optimizer):  # a str failed at the fit's start: "'str' object is not callable"
+            raise TypeError(
+                "optimizer must be a callable taking the parameters (e.g. torch.optim.Adam, or "
+                f"functools.partial(torch.optim.AdamW, lr=1e-3)); got {optimizer!r}"
+            )
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError(
+                "lr_scheduler must be None or a callable taking the optimiser (e.g. "
+                f"functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=10)); got {lr_scheduler!r}"
+            )
         if likelihood is not None or not self.owns_likelihood:
             self.likelihood = as_likelihood(likelihood)
         self.optimizer_factory = optimizer
@@ -415,12 +425,46 @@ class BayesianModule(LightningModule, ABC):
             f"{self.global_step}; expected a finite value ({hint})"
         )
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training, validation and test batches are ``(x, y)`` pairs (``x`` a tensor or a dict of them, e.g. a
+        tokenizer's): another structure is refused by name (a dict unpacked to its keys gave ``'str' object has no
+        attribute ...`` inside the network, a triple "too many values to unpack"). Predict batches may be ``x``
+        alone."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if self._trainer is not None and not self.trainer.predicting and not (
+            isinstance(batch, (tuple, list)) and len(batch) == 2
+        ):
+            got = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict)
+                   else f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list))
+                   else f"a {type(batch).__name__}")
+            raise ValueError(
+                f"{type(self).__name__} expects batches (x, y) (x a tensor or a dict of tensors, y the targets); got "
+                f"{got}: give the loader a collate_fn that returns (x, y)"
+            )
+        return batch
+
     def _evaluate(self, batch: Batch, stage: str) -> Predictive:
         x, y = batch
         predictive = self.predictive(x, self.num_samples)
+        self._check_output_width(predictive)
         nll = -predictive.log_prob(y).mean()
         self.log(f"{stage}/nll", nll, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
         return predictive
+
+    def _check_output_width(self, predictive: Predictive) -> None:
+        """The predictive's classes (or output dimension) against the datamodule's ``num_classes`` (``output_dim``):
+        a network with more logits than the data's classes trained and was scored without a word."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if isinstance(predictive, CategoricalPredictive):
+            name, given = "num_classes", predictive.logits.shape[-1]
+        else:
+            name, given = "output_dim", predictive.mean_samples.shape[-1]
+        expected = getattr(datamodule, name, None)
+        if is_int(expected) and expected != given:
+            raise ValueError(
+                f"{type(self).__name__}'s network gives {given} outputs per example, but {type(datamodule).__name__} "
+                f"has {name}={expected}: give the network {expected} outputs"
+            )
 
     # dataloader_idx: Lightning refuses several loaders for a step without it (their logs get /dataloader_idx_k)
     def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
