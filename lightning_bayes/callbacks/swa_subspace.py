@@ -137,7 +137,13 @@ class SWASubspace(Callback):
         if stage != "fit":
             return
         if self.every_n_steps is None:
-            self._start_epoch(trainer)  # a fit without max_epochs is refused now, not at its first epoch's end
+            start = self._start_epoch(trainer)  # a fit without max_epochs is refused now, not at its first epoch's end
+            if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= start:
+                rank_zero_warn(
+                    f"SWASubspace collects from epoch {start} on (start_epoch), but the Trainer stops after "
+                    f"max_epochs={trainer.max_epochs}: this fit collects no snapshot (lower start_epoch or raise "
+                    "max_epochs)"
+                )
         if self.moments is not None and self._pending is None:
             if self._module is None or self._module() is pl_module:  # a further fit of the same module collects on
                 return  # (None: unpickled, as in a spawned process, where the module is a copy too)
@@ -157,7 +163,13 @@ class SWASubspace(Callback):
         wide = wide or trainer.precision_plugin.convert_input(torch.zeros(())).dtype == torch.float64
         self.moments = SWAGMoments(size, self.max_rank, dtype=torch.float64 if wide else torch.float32)
         device = pl_module.device if self.device is None else torch.device(self.device)
-        self.moments.to(device)
+        try:
+            self.moments.to(device)
+        except (RuntimeError, AssertionError) as error:  # e.g. "Found no NVIDIA driver", "Torch not compiled with CUDA"
+            raise ValueError(
+                f"SWASubspace(device={self.device!r}): that device is not available here ({error}); use 'cpu' or None "
+                "(the parameters' device)"
+            ) from error
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None

@@ -216,6 +216,25 @@ def test_a_checkpoint_of_another_selection_is_refused(tmp_path: Path) -> None:
         fit(2, [SWASubspace(params="all", start_epoch=0, max_rank=3)], ckpt_path=str(tmp_path / "last.ckpt"))
 
 
+def test_a_start_after_the_last_epoch_is_said_before_training_and_an_absent_device_is_named() -> None:
+    """Both were found only after the whole fit (or in torch's words: "Found no NVIDIA driver")."""
+    message = ("SWASubspace collects from epoch 2 on (start_epoch), but the Trainer stops after max_epochs=2: this fit "
+               "collects no snapshot (lower start_epoch or raise max_epochs)")
+    said_at_the_first_step: list[bool] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        class FirstStep(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                if trainer.global_step == 0:
+                    said_at_the_first_step.append(any(str(w.message) == message for w in caught))
+
+        fit(2, [FirstStep(), SWASubspace(params="all", start_epoch=2)])
+    assert said_at_the_first_step == [True]
+    with pytest.raises(ValueError, match=r"^SWASubspace\(device='cuda:97'\): that device is not available here"):
+        fit(1, [SWASubspace(params="all", start_epoch=0, device="cuda:97")])
+
+
 def test_contexts_before_any_snapshot_are_an_error_and_the_fit_says_why() -> None:
     swa = SWASubspace(params="all", start_epoch=5)
     with pytest.warns(UserWarning, match=r"^SWASubspace collected no snapshot: training ended after 1 epochs, and the "
