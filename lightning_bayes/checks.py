@@ -74,8 +74,8 @@ def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool =
 
 def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], bool], weight: Any) -> None:
     """A clear error unless ``x`` is a tensor whose shape ``fits`` (``expected`` says which) in the dtype of ``weight``
-    (another floating dtype passes under autocast, which casts it; none where ``weight`` is not a tensor: a variational
-    method's layer holds its weight's distribution there). Reads shapes and dtypes alone, so it runs under
+    (float32 and 16-bit inputs pass under autocast, which casts them; none where ``weight`` is not a tensor: a
+    variational method's layer holds its weight's distribution there). Reads shapes and dtypes alone, so it runs under
     ``torch.func`` transforms and ``torch.compile`` (where it is a guard) at no cost."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects {expected} (a float tensor); got {type(x).__name__}")
@@ -83,5 +83,6 @@ def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], b
         raise ValueError(f"{who} expects {expected} (float); got shape {tuple(x.shape)}")
     if not isinstance(weight, Tensor):
         return
-    if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if x.dtype != weight.dtype and not autocast:
         raise ValueError(f"{who} expects inputs in its weights' dtype {weight.dtype}; got inputs of {x.dtype}")

@@ -33,7 +33,7 @@ from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
 from .cli_parser import BayesArgumentParser, imported_class
 from .cli_resumed_best import keep_best_across_folders
-from .models.weights import load_torch_file, relative_to_note
+from .models.weights import held, load_torch_file, relative_to_note
 from .modules.base import BayesianModule
 
 
@@ -277,10 +277,10 @@ def _check_local_checkpoint(ckpt_path: str) -> None:
     if checkpoint is None:
         return  # a checkpoint holding classes a weights-only load refuses: explained where Lightning meets it
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
-        found = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(
             f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (a torch.save file without Lightning's keys; it "
-            f"holds {found}); a state dict loads through the method's own checkpoint argument, where it has one"
+            f"holds {held(checkpoint)}); a state dict loads through the method's own checkpoint argument, where it "
+            "has one"
         )
 
 

@@ -241,12 +241,16 @@ def test_a_batch_that_is_not_an_x_y_pair_is_named(batch: Any, got: str) -> None:
     from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, num_sanity_val_steps=0)  # fmt: skip
     loader = DataLoader([batch] * 2, batch_size=2)
-    for stage in (trainer.validate, trainer.test):
+    for stage in (trainer.fit, trainer.validate, trainer.test):
         with pytest.raises(ValueError, match=rf"^MAP expects batches \(x, y\) .*; got {got}: give the loader"):
             stage(MAP(MLP(4, 3, hidden=[5])), loader)
     assert len(trainer.predict(MAP(MLP(4, 3, hidden=[5])), DataLoader([torch.zeros(4)] * 2, batch_size=2))) == 1
+    module = MAP(MLP(4, 3, hidden=[5]))  # Lightning's summary passes example_input_array through the transfer hooks
+    module.example_input_array = torch.zeros(2, 4)
+    trainer.fit(module, DataLoader([(torch.zeros(4), 0)] * 2, batch_size=2))
 
 
 def test_an_optimizer_or_scheduler_that_is_not_callable_is_named_at_construction() -> None:

@@ -1,6 +1,8 @@
 """The ``lightning-bayes`` command: fit-then-test, checkpoints, and nothing overwritten."""
 
+import copy
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_bayes.cli import run
+from lightning_bayes.cli_resumed_best import keep_best_across_folders
 from lightning_bayes.modules import MAP
 
 from cli_helpers import ROOT, quick_args
@@ -127,6 +130,21 @@ def test_a_resumed_fit_keeps_the_earlier_best_checkpoint_unless_it_beats_it(tmp_
     assert (second / "best.ckpt").exists() == (after_resume < 0.5)
     best = torch.load(second / "best.ckpt" if after_resume < 0.5 else first / "best.ckpt", weights_only=False)
     assert best["epoch"] == (2 if after_resume < 0.5 else 1)
+
+
+def test_a_checkpoint_keeping_its_best_across_folders_still_pickles_and_copies():
+    """ddp_spawn pickles the callbacks (a closure did not pickle); a deep copy restores into itself, not into the
+    original."""
+    checkpoint = ModelCheckpoint(monitor="val/nll", filename="best")
+    keep_best_across_folders(checkpoint)
+    state = {"dirpath": "/earlier", "best_model_path": "/earlier/best.ckpt", "best_model_score": torch.tensor(0.5),
+             "best_k_models": {"/earlier/best.ckpt": torch.tensor(0.5)}, "kth_best_model_path": "/earlier/best.ckpt",
+             "kth_value": torch.tensor(0.5)}  # fmt: skip
+    for restored in (pickle.loads(pickle.dumps(checkpoint)), copy.deepcopy(checkpoint)):
+        restored.dirpath = "/resumed"
+        restored.load_state_dict(state)
+        assert restored.best_model_score == 0.5 and restored.best_k_models == state["best_k_models"]
+    assert checkpoint.best_model_score is None
 
 
 def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):

@@ -50,7 +50,8 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, filename: str = "predictions", target_key: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.layout = BatchLayout(target_key)
-        if not isinstance(filename, str) or not filename or Path(filename).name != filename or filename in (".", "..") or filename.endswith(".csv"):
+        plain = isinstance(filename, str) and filename not in ("", ".", "..") and Path(filename).name == filename
+        if not plain or filename.endswith(".csv"):
             raise ValueError(f"filename must be a plain file stem such as 'predictions'; got {filename!r}")
         self.filename = filename
         self.paths: list[Path] = []  # one per predict loader

@@ -21,12 +21,13 @@ def training_pass_epoch(trainer: Trainer | None) -> int | None:
     """The epoch of the training pass about to begin, as the unstopped fit numbers it (``None`` without a trainer).
 
     Read from the fit loop's counters, restored on resume (``trainer.current_epoch`` still says 0 when a fit resumed
-    at an epoch's end creates its iterator). ``processed`` runs one ahead of ``completed`` once an epoch's end hooks
-    (where checkpoints are saved) have run: the pass is then the next epoch, ``processed``, except when a fit counted
-    in steps (``max_steps``) stopped inside an epoch: its end hooks ran, but the resumed fit goes on with that epoch,
-    ``completed`` (Lightning itself then hands ``processed`` to ``set_epoch``: every later epoch took the next one's
-    order). A checkpoint saved after an epoch's last batch (e.g. ``every_n_train_steps``), before its end hooks,
-    resumes into the next epoch."""
+    at an epoch's end creates its iterator). Lightning counts an epoch ``processed`` before its end hooks (where
+    checkpoints are saved) and ``completed`` after. A fit counted in epochs resumes with ``processed``. A fit counted
+    in steps (``max_steps``) goes on with ``completed`` (Lightning never sets it to ``processed`` there, so the gap
+    grows by one with every resume, and it resumes inside an epoch that ``max_steps`` cut short, end hooks run), plus
+    one when the checkpoint came after the epoch's last batch; so does a checkpoint saved after an epoch's last batch
+    before its end hooks (e.g. ``every_n_train_steps``). Lightning itself hands ``processed`` to ``set_epoch``: in a
+    resumed fit counted in steps every later epoch took the next one's order."""
     if trainer is None:
         return None
     loop = trainer.fit_loop
@@ -34,7 +35,7 @@ def training_pass_epoch(trainer: Trainer | None) -> int | None:
     completed: int = loop.epoch_progress.current.completed
     batches: int = loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
     whole = 0 < batches and batches >= training_pass_batches(trainer)  # the saved epoch had run all its batches
-    if processed > completed and (whole or trainer.max_steps == -1):
+    if processed > completed and trainer.max_steps == -1:
         return processed
     return completed + int(whole)
 

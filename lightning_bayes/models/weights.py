@@ -57,6 +57,11 @@ def load_torch_file(path: str | Path, named: str, expected: str) -> Any:
         raise ValueError(f"{named} is not {expected} (torch.load: {type(error).__name__}: {error})") from None
 
 
+def held(saved: Any) -> str:
+    """What a loaded file holds, for an error: a dict's first five keys, else its type."""
+    return str(sorted(map(str, saved))[:5]) if isinstance(saved, dict) else type(saved).__name__
+
+
 def load_checkpoint(path: str | Path) -> Any:
     """What the file of a ``checkpoint=path`` argument holds (:func:`load_torch_file`; one holding classes, e.g. in
     its hyperparameters, loads without ``weights_only``), else an error that it is not a checkpoint."""
@@ -68,8 +73,9 @@ def _state_dict(path: Path) -> dict[str, Tensor]:
     saved = load_checkpoint(path)
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        found = sorted(map(str, saved))[:5] if isinstance(saved, dict) else type(saved).__name__
-        raise ValueError(f"checkpoint={str(path)!r} is not a Lightning checkpoint or state dict (it holds {found})")
+        raise ValueError(
+            f"checkpoint={str(path)!r} is not a Lightning checkpoint or state dict (it holds {held(saved)})"
+        )
     return state
 
 

@@ -229,11 +229,35 @@ class BayesianModule(LightningModule, ABC):
         needs to move before it saves again: a sweep's or a chain's epochs were never checkpointed (only at the end
         of the fit), so a stopped run had nothing to resume from. Counted as the batch starts, as an optimiser step
         inside ``training_step`` would be, so that a checkpoint the callbacks save after batch ``k`` says step ``k``.
-        Subclasses that override it call it."""
+        Subclasses that override it call it. A batch that is not an ``(x, y)`` pair is refused here
+        (:meth:`_check_pair`)."""
+        self._check_pair(batch)
         if not self.takes_optimizer_steps():
             progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
             progress.increment_ready()
             progress.increment_completed()
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_pair(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_pair(batch)
+
+    def _check_pair(self, batch: Any) -> None:
+        """Training, validation and test batches are ``(x, y)`` pairs (``x`` a tensor or a dict of them, e.g. a
+        tokenizer's): another structure is refused by name (a dict unpacked to its keys gave ``'str' object has no
+        attribute ...`` inside the network, a triple "too many values to unpack"). Checked at the loops' batch hooks,
+        not in ``on_after_batch_transfer``, through which Lightning also passes single inputs (the model summary's
+        ``example_input_array``, ``to_torchscript``)."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return
+        got = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict)
+               else f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list))
+               else f"a {type(batch).__name__}")
+        raise ValueError(
+            f"{type(self).__name__} expects batches (x, y) (x a tensor or a dict of tensors, y the targets); got "
+            f"{got}: give the loader a collate_fn that returns (x, y)"
+        )
 
     def _refuse_a_step_budget_without_steps(self) -> None:
         """A fit without optimiser steps passes over the data in whole epochs (each batch a step): a ``max_steps``
@@ -424,24 +448,6 @@ class BayesianModule(LightningModule, ABC):
             f"{type(self).__name__}: training loss is {loss.detach().cpu().tolist()} at global step "
             f"{self.global_step}; expected a finite value ({hint})"
         )
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Training, validation and test batches are ``(x, y)`` pairs (``x`` a tensor or a dict of them, e.g. a
-        tokenizer's): another structure is refused by name (a dict unpacked to its keys gave ``'str' object has no
-        attribute ...`` inside the network, a triple "too many values to unpack"). Predict batches may be ``x``
-        alone."""
-        batch = super().on_after_batch_transfer(batch, dataloader_idx)
-        if self._trainer is not None and not self.trainer.predicting and not (
-            isinstance(batch, (tuple, list)) and len(batch) == 2
-        ):
-            got = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict)
-                   else f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list))
-                   else f"a {type(batch).__name__}")
-            raise ValueError(
-                f"{type(self).__name__} expects batches (x, y) (x a tensor or a dict of tensors, y the targets); got "
-                f"{got}: give the loader a collate_fn that returns (x, y)"
-            )
-        return batch
 
     def _evaluate(self, batch: Batch, stage: str) -> Predictive:
         x, y = batch

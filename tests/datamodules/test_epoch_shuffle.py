@@ -56,13 +56,14 @@ class _StopsInsideEpoch1(Callback):
 
 def _fit(
     epochs: int, root: Path, callbacks: list[Callback], num_workers: int, ckpt_path: Path | None = None,
-    limit: int | None = None, max_steps: int = -1,
+    limit: int | None = None, max_steps: int = -1, val_batches: int = 0,
 ) -> MAP:  # fmt: skip
     torch.manual_seed(0)
     module = MAP(MLP(64, 10, hidden=[16]))
     Trainer(
-        max_epochs=epochs, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=root, callbacks=callbacks, limit_val_batches=0, limit_train_batches=limit,
+        max_epochs=epochs, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root, callbacks=callbacks, limit_val_batches=val_batches, limit_train_batches=limit,
     ).fit(module, datamodule=DigitsDataModule(batch_size=64, num_workers=num_workers), ckpt_path=ckpt_path,
           weights_only=False)  # fmt: skip
     return module
@@ -118,6 +119,22 @@ def test_a_fit_counted_in_steps_resumes_with_the_unstopped_order(tmp_path: Path,
     checkpoint = ModelCheckpoint(tmp_path, filename="last", save_on_train_epoch_end=True)
     _fit(10, tmp_path / "stopped", [checkpoint], 0, limit=limit, max_steps=stop)
     resumed = _fit(10, tmp_path / "resumed", [], 0, ckpt_path=tmp_path / "last.ckpt", limit=limit, max_steps=45)
+    for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(value, other), name
+
+
+def test_a_fit_counted_in_steps_and_resumed_twice_keeps_the_unstopped_order(tmp_path: Path) -> None:
+    """Under max_steps Lightning never sets ``completed`` to ``processed``, so the two are two apart by the second
+    resume (from a checkpoint at epoch 2's end, step 51). With a validation batch: without one, Lightning resumes a
+    fit counted in steps from an epoch's end with one more batch of that epoch (a plain DataLoader's too), which no
+    batch order can match."""
+    straight = _fit(10, tmp_path / "straight", [], 0, max_steps=60, val_batches=1)
+    first, second = tmp_path / "first", tmp_path / "second"
+    _fit(10, first, [ModelCheckpoint(first, filename="last", save_on_train_epoch_end=True)], 0, max_steps=22,
+         val_batches=1)  # fmt: skip
+    _fit(10, second, [ModelCheckpoint(second, filename="last", save_on_train_epoch_end=True)], 0,
+         ckpt_path=first / "last.ckpt", max_steps=51, val_batches=1)  # fmt: skip
+    resumed = _fit(10, tmp_path / "resumed", [], 0, ckpt_path=second / "last.ckpt", max_steps=60, val_batches=1)
     for (name, value), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(value, other), name
 

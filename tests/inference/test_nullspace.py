@@ -261,7 +261,8 @@ def test_the_sweep_residual_is_the_mean_over_batches_before_their_projection() -
 
 
 def test_rank_estimate_is_the_sample_mean_of_the_image_quadratic_forms() -> None:
-    """With exact projections v_s = P eps_s, r is mean_s eps_s^T (I - P) eps_s (a mean over S = 3, not a sum / (S-1))."""
+    """With exact projections v_s = P eps_s, r is mean_s eps_s^T (I - P) eps_s (a mean over S = 3, not a sum over
+    S - 1)."""
     jacobian = torch.randn(5, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     projections = AlternatingProjections(12, 3, seed=9, rtol=1e-12, accelerate=False, dtype=torch.float64)
     sweep(projections, [jacobian], 1)  # one batch: one projection is exact

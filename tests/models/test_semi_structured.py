@@ -26,7 +26,8 @@ def test_bad_columns_are_named(chosen):
 def test_inputs_of_another_width_are_refused():
     """Extra columns were ignored silently (index_select takes the columns it names)."""
     model = SemiStructured(5, [0], nn.Linear(4, 1))
-    with pytest.raises(ValueError, match=r"SemiStructured expects inputs \[B, in_features=5\] \(float\); got shape \(3, 6\)"):
+    with pytest.raises(ValueError, match=r"SemiStructured expects inputs \[B, in_features=5\] \(float\); got shape "
+                                         r"\(3, 6\)"):
         model(torch.zeros(3, 6))
     with pytest.raises(ValueError, match=r"expects inputs \[B, in_features=5\] \(float\); got shape \(2, 5, 1\)"):
         model(torch.zeros(2, 5, 1))
