@@ -22,12 +22,17 @@ def training_pass_epoch(trainer: Trainer | None) -> int | None:
 
     Read from the fit loop's counters, restored on resume (``trainer.current_epoch`` still says 0 when a fit resumed
     at an epoch's end creates its iterator). Lightning counts an epoch ``processed`` before its end hooks (where
-    checkpoints are saved) and ``completed`` after. A fit counted in epochs resumes with ``processed``. A fit counted
-    in steps (``max_steps``) goes on with ``completed`` (Lightning never sets it to ``processed`` there, so the gap
-    grows by one with every resume, and it resumes inside an epoch that ``max_steps`` cut short, end hooks run), plus
-    one when the checkpoint came after the epoch's last batch; so does a checkpoint saved after an epoch's last batch
-    before its end hooks (e.g. ``every_n_train_steps``). Lightning itself hands ``processed`` to ``set_epoch``: in a
-    resumed fit counted in steps every later epoch took the next one's order."""
+    checkpoints are saved) and ``completed`` after them:
+
+    - a fit counted in epochs resumes from a checkpoint saved in the end hooks with the next epoch, ``processed``;
+    - a fit counted in steps (``max_steps``) goes on with epoch ``completed``: Lightning never sets it to
+      ``processed`` there (the gap grows by one with every resume) and resumes an epoch that ``max_steps`` cut short
+      although its end hooks ran;
+    - either goes on with the next epoch after a checkpoint saved once the epoch's batches had all run (e.g.
+      ``every_n_train_steps`` on its last batch).
+
+    Lightning itself hands ``processed`` to ``set_epoch``, the next epoch in a resumed fit counted in steps;
+    :class:`EpochLoader` sets this one as each pass begins."""
     if trainer is None:
         return None
     loop = trainer.fit_loop
