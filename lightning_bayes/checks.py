@@ -86,3 +86,10 @@ def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], b
     autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if x.dtype != weight.dtype and not autocast:
         raise ValueError(f"{who} expects inputs in its weights' dtype {weight.dtype}; got inputs of {x.dtype}")
+
+
+def check_network(value: Any, name: str) -> None:
+    """A method's network argument must be an ``nn.Module`` (a str or None failed at the first forward, or in an
+    attribute lookup that named no argument)."""
+    if not isinstance(value, torch.nn.Module):
+        raise ValueError(f"{name} must be a network (an nn.Module); got {type(value).__name__} {value!r:.60}")

@@ -272,3 +272,15 @@ def test_a_network_of_another_width_than_the_datas_classes_is_named_before_train
                                          r"has num_classes=10: give the network 10 outputs$"):
         trainer.fit(MAP(MLP(64, outputs, hidden=[8])), datamodule=DigitsDataModule())
     assert trainer.global_step == 0  # the sanity check's validation caught it
+
+
+@pytest.mark.parametrize(
+    "method",
+    [MAP, VIKING, BernsteinVI, BLoB, SSVI, IVONModule, NullSpaceLaplace, SubspaceInference, TrainingFreeBayes,
+     VariationalInference, lambda network: VBLLClassifier(network, 3), VBLLRegressor],
+)
+def test_a_network_argument_that_is_not_a_module_is_named(method: Callable[[Any], Any]) -> None:
+    """MAP("mlp") was accepted and failed at the first forward ("'str' object is not callable"); others failed in an
+    attribute lookup that named no argument."""
+    with pytest.raises(ValueError, match=r"^(backbone|model) must be a network \(an nn.Module\); got str 'mlp'$"):
+        method("mlp")

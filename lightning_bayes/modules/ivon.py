@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..checks import check_flags, is_finite, is_int
+from ..checks import check_flags, check_network, is_finite, is_int
 from ..inference.likelihoods import Likelihood
 from ..inference.wide_buffers import WideBuffers
 from ..optim.ivon import IVON, posterior_draws
@@ -79,6 +79,7 @@ class IVONModule(WideBuffers, BayesianModule):
         num_samples: int = 10,
         mean_prediction: bool = False,
     ) -> None:
+        check_network(backbone, "backbone")
         super().__init__(  # the base keeps the factory; configure_optimizers calls it with the ess
             likelihood=likelihood, optimizer=cast(OptimizerCallable, optimizer), lr_scheduler=lr_scheduler,
             num_samples=num_samples,

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..checks import check_network
 from ..inference.likelihoods import Likelihood
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
@@ -35,6 +36,7 @@ class MAP(BayesianModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
+        check_network(backbone, "backbone")
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=1)
         self.save_hyperparameters(ignore=["backbone", "likelihood"])
         self.backbone = backbone

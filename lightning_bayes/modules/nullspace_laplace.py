@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils.data import DistributedSampler
 
-from ..checks import is_int, is_number
+from ..checks import check_network, is_int, is_number
 from ..datamodules.epoch_loader import loader_samplers
 from ..heap import ReleaseOnGrowth
 from ..inference.likelihoods import Likelihood
@@ -109,6 +109,7 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
         compile_jacobian: bool = False,
         seed: int = 0,
     ) -> None:
+        check_network(model, "model")
         super().__init__(likelihood=likelihood, num_samples=num_samples)
         self.save_hyperparameters(ignore=["model", "likelihood", "constraint"])
         if isinstance(constraint, str):  # a checkpoint rebuilds (and a resume checks) the kernel it was fitted in

@@ -47,7 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_flags, check_seed, is_finite, is_int, is_number
+from ..checks import check_flags, check_network, check_seed, is_finite, is_int, is_number
 from ..datamodules import side_pass, without_sampler_padding
 from ..inference.batchnorm import (
     batch_statistics,
@@ -174,6 +174,7 @@ class SubspaceInference(WideBuffers, BayesianModule):
         num_data: int | None = None,
         seed: int = 0,
     ) -> None:
+        check_network(model, "model")
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
         self.save_hyperparameters(ignore=["model", "likelihood", "swag_state", "curve_points", "optimizer", "lr_scheduler"])
         if subspace not in _SUBSPACES:

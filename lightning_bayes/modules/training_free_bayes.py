@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import AttributeDict, rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_seed, is_int
+from ..checks import check_network, check_seed, is_int
 from ..datamodules import without_sampler_padding
 from ..inference.likelihoods import Likelihood
 from ..inference.training_free_bayes import Bisection, CanonicalLoraNoise, relative_nll_change
@@ -104,6 +104,7 @@ class TrainingFreeBayes(BayesianModule):
         num_samples: int = 10,
         seed: int = 0,
     ) -> None:
+        check_network(model, "model")
         super().__init__(likelihood=likelihood, num_samples=num_samples)
         self.save_hyperparameters(ignore=["model", "likelihood"])
         if not (isinstance(sigma_range, Sequence) and len(sigma_range) == 2):

@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from ..checks import check_flags, is_finite, is_int
+from ..checks import check_flags, check_network, is_finite, is_int
 from ..inference.likelihoods import Likelihood
 from ..inference.mean_field_gaussian import ScaleMap
 from ..inference.variational_layers import (
@@ -91,6 +91,7 @@ class VariationalInference(BayesianModule):
         num_samples: int = 10,
         mean_prediction: bool = False,
     ) -> None:
+        check_network(backbone, "backbone")
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
         self.save_hyperparameters(ignore=["backbone", "likelihood"])
         if family not in FAMILIES:

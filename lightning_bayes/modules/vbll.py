@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from ..checks import check_flags, is_finite, is_int
+from ..checks import check_flags, check_network, is_finite, is_int
 from ..compilation import compiled, compiled_by
 from ..inference.vbll import (
     DiscriminativeVBLL,
@@ -88,6 +88,7 @@ class _VBLLModule(BayesianModule):
         compile_loss: bool = False,
     ) -> None:
         # the VBLL head owns its likelihood and objective
+        check_network(backbone, "backbone")
         super().__init__(likelihood=None, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
         if dataset_size is not None and (not is_int(dataset_size) or dataset_size < 1):
             raise ValueError(

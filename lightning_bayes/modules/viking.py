@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.func import vmap
 
-from ..checks import check_seed, is_int, is_number
+from ..checks import check_network, check_seed, is_int, is_number
 from ..datamodules import limited_batches, side_pass, step_batch
 from ..generator import PicklableGenerator
 from ..inference.kernel_projection import (
@@ -143,6 +143,7 @@ class VIKING(BayesianModule):
         compile_jacobian: bool = False,
         seed: int = 0,
     ) -> None:
+        check_network(backbone, "backbone")
         super().__init__(likelihood=likelihood, optimizer=optimizer, lr_scheduler=lr_scheduler, num_samples=num_samples)
         self.save_hyperparameters(ignore=["backbone", "likelihood", "constraint"])
         if isinstance(constraint, str):  # a checkpoint rebuilds the kernel it was trained in
