@@ -284,3 +284,11 @@ def test_a_network_argument_that_is_not_a_module_is_named(method: Callable[[Any]
     attribute lookup that named no argument."""
     with pytest.raises(ValueError, match=r"^(backbone|model) must be a network \(an nn.Module\); got str 'mlp'$"):
         method("mlp")
+
+
+def test_a_backbone_that_keeps_its_head_is_told_to_drop_it() -> None:
+    """MLP(4, 3, hidden=[5]) ends in its 3-way head while num_features says 5: the head met features [B, 3]."""
+    module = VBLLClassifier(MLP(4, 3, hidden=[5]), 3)
+    with pytest.raises(ValueError, match=r"expects features \[B, 5\], B >= 1; got \(2, 3\) \(does the backbone "
+                                         r"still end in its classification head\? build it without one: out_features"):
+        module.predictive(torch.zeros(2, 4))

@@ -264,8 +264,11 @@ class VBLLHead(nn.Module, ABC):
     def _features(self, features: Tensor, reference: Tensor) -> Tensor:
         """``features`` checked to be ``[B, in_features]`` and cast to float32 or wider."""
         if features.ndim != 2 or features.shape[1] != self.in_features or not len(features):
+            hint = (" (does the backbone still end in its classification head? build it without one: "
+                    "out_features=0 / num_classes=0)" if features.ndim == 2 else "")
             raise ValueError(
                 f"{type(self).__name__} expects features [B, {self.in_features}], B >= 1; got {tuple(features.shape)}"
+                + hint
             )
         return features.to(_wide(torch.promote_types(features.dtype, reference.dtype)))
 
