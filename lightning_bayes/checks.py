@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -42,6 +42,11 @@ def check_flags(**flags: Any) -> None:
     for name, value in flags.items():
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be True or False; got {value!r}")
+
+
+def held(value: Any) -> str:
+    """What ``value`` holds, for an error message: a mapping's first five keys, else its type's name."""
+    return str(sorted(map(str, value))[:5]) if isinstance(value, Mapping) else type(value).__name__
 
 
 def check_folders(**folders: Any) -> None:

@@ -33,7 +33,8 @@ from .bundled_configs import describe_bundled_configs, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
 from .cli_parser import BayesArgumentParser, imported_class
 from .cli_resumed_best import keep_best_across_folders
-from .models.weights import held, load_torch_file, relative_to_note
+from .checks import held
+from .models.weights import load_torch_file, relative_to_note
 from .modules.base import BayesianModule
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import held
+
 
 def relative_to_note(path: str) -> str:
     """``" (relative to the working folder ...)"`` for a relative ``path`` in a not-found message, else ``""``."""
@@ -55,11 +57,6 @@ def load_torch_file(path: str | Path, named: str, expected: str) -> Any:
     except (EOFError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:  # empty
         # file, text, random bytes, a broken zip archive: whatever unpickling them raises
         raise ValueError(f"{named} is not {expected} (torch.load: {type(error).__name__}: {error})") from None
-
-
-def held(saved: Any) -> str:
-    """What a loaded file holds, for an error: a dict's first five keys, else its type."""
-    return str(sorted(map(str, saved))[:5]) if isinstance(saved, dict) else type(saved).__name__
 
 
 def load_checkpoint(path: str | Path) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar, Union
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
-from ..checks import is_int
+from ..checks import held, is_int
 from ..datamodules.epoch_loader import loader_samplers
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
@@ -251,7 +252,7 @@ class BayesianModule(LightningModule, ABC):
         ``example_input_array``, ``to_torchscript``)."""
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             return
-        got = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict)
+        got = (f"a dict with keys {held(batch)}" if isinstance(batch, Mapping)
                else f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list))
                else f"a {type(batch).__name__}")
         raise ValueError(

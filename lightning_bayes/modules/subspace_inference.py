@@ -47,7 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..checks import check_flags, check_network, check_seed, is_finite, is_int, is_number
+from ..checks import check_flags, check_network, check_seed, held, is_finite, is_int, is_number
 from ..datamodules import side_pass, without_sampler_padding
 from ..inference.batchnorm import (
     batch_statistics,
@@ -210,7 +210,7 @@ class SubspaceInference(WideBuffers, BayesianModule):
         if not _SWAG_KEYS <= set(swag_state):
             raise ValueError(
                 f"swag_state must be SWASubspace.state_dict(), with keys {sorted(_SWAG_KEYS)}; got keys "
-                f"{sorted(map(str, swag_state))}"
+                f"{held(swag_state)}"
             )
         self.model = model.requires_grad_(False).eval()
         names = _names_in_model(swag_state["names"], model)
