@@ -119,8 +119,9 @@ class CurveTraining(Callback):
             (piecewise linear through ``num_bends`` points).
         num_bends: control points per segment, endpoints included (3: one bend, a quadratic Bezier).
         segments: Bezier segments joined at anchors (LoRA-Curve); 1 for Garipov's curves.
-        start, end: checkpoints (a glob picks the newest file) holding the endpoint solutions; ``None`` keeps
-            the module's current tensors.
+        start: checkpoint (a glob picks the newest file) holding the first endpoint's solution; ``None`` keeps the
+            module's current tensors.
+        end: the same for the second endpoint.
         anchors: ``segments - 1`` checkpoints for the interior junctions; ``None`` starts them on the line.
         fix_anchors: freeze the endpoints and the given anchors (the anchored configuration); ``False``
             trains every control point (the free configuration).
@@ -134,7 +135,8 @@ class CurveTraining(Callback):
             per step divides these weights by their number.
         samples_per_step: ``J >= 2`` draws of ``t`` for the JS term.
         ensemble_points: points of the curve ensemble used as the predictive at validation and test.
-        grid_points, test_grid_points: values of ``t`` evaluated along the curve and line at validation and test.
+        grid_points: values of ``t`` evaluated along the curve and line at validation.
+        test_grid_points: the same at test.
         line: also evaluate the straight line between the endpoints.
         seed: seed of the draws of ``t``.
         plots: write the loss-along-curve PNG next to its JSON.

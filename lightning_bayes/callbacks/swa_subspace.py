@@ -76,8 +76,9 @@ class SWASubspace(Callback):
             epoch's start to the reference schedule (:func:`~lightning_bayes.inference.swag.learning_rate_factor`
             of ``epoch / start`` times the initial rate: 1 to half the start epoch, linear down to ``r`` at 0.9 of
             it, ``r`` from then on, through collection); ``None`` (default) leaves the rate to the module.
-        target_key, input_key: for dict batches given to :meth:`swa` / :meth:`sample` (BatchNorm refreshes): the
-            input is ``batch[input_key]``, or every entry but ``batch[target_key]``; neither: the whole dict.
+        target_key: for dict batches given to :meth:`swa` / :meth:`sample` (BatchNorm refreshes): the input is every
+            entry but ``batch[target_key]``; with neither key, the whole dict.
+        input_key: for such dict batches, the input's key (the input is then ``batch[input_key]``).
     """
 
     def __init__(

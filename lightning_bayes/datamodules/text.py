@@ -130,7 +130,8 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         max_length: tokens kept per text, special tokens included.
         prompt: format string applied to each text, e.g. ``"Review: {text}\\nSentiment:"`` for
             answer-word scoring with a causal LM; ``None`` keeps the raw text.
-        val_fraction, test_fraction: shares of the movies held out.
+        val_fraction: share of the movies held out for validation.
+        test_fraction: share of the movies held out for test.
         max_train: keep at most this many training snippets (a seeded subset), for quick runs.
         max_test: evaluate on at most this many held-out snippets and as many plot summaries (seeded
             subsets of each), for sampled predictives on a CPU budget; ``None`` keeps all of both.

@@ -58,7 +58,14 @@ class CategoricalLikelihood(Likelihood):
 
 
 class GaussianLikelihood(Likelihood):
-    """Gaussian observation noise, homoscedastic (learned per output) or heteroscedastic (predicted)."""
+    """Gaussian observation noise, homoscedastic (learned per output) or heteroscedastic (predicted).
+
+    Args:
+        output_dim: ``D``, the regression targets per example.
+        heteroscedastic: the network predicts each example's noise: its outputs are ``[mu, raw]`` (``2 D``), the
+            standard deviation ``softplus(raw + offset)``; otherwise one learned standard deviation per output.
+        init_noise: the initial noise standard deviation (at ``raw = 0`` when heteroscedastic).
+    """
 
     # buffers (register_buffer), typed for readers and checkers
     raw_offset: Tensor

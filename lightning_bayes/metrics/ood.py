@@ -63,7 +63,12 @@ def ood_score(predictive: CategoricalPredictive, score: OODScore = "entropy") ->
 
 
 class _OODDetection(Metric):
-    """Keeps every example's OOD score and OOD flag as ``cat`` states."""
+    """Keeps every example's OOD score and OOD flag as ``cat`` states.
+
+    Args:
+        score: the OOD-ness score, one of :data:`OOD_SCORES` (see :func:`ood_score`).
+        kwargs: torchmetrics' ``Metric`` options.
+    """
 
     is_differentiable = False
     full_state_update = False

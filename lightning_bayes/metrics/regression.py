@@ -82,7 +82,12 @@ class CRPS(MeanOverValues):
 
 
 class IntervalCoverage(MeanOverValues):
-    """Fraction of targets inside the central ``level`` predictive interval (ideal value: ``level``)."""
+    """Fraction of targets inside the central ``level`` predictive interval (ideal value: ``level``).
+
+    Args:
+        level: the interval's probability mass, in ``(0, 1)``.
+        kwargs: torchmetrics' ``Metric`` options.
+    """
 
     higher_is_better = None
 

@@ -42,6 +42,11 @@ class FrozenFeatures(nn.Module):
     append-only shards, one per batch that computed something, each written to a temporary file and then
     renamed (several processes may share a folder; nothing is overwritten). Features computed under autocast are
     kept apart from those computed without it (or under another autocast dtype).
+
+    Args:
+        backbone: the network to freeze; its ``num_features`` is kept.
+        cache_features: keep each example's features after their first computation.
+        feature_cache_dir: also keep them on disk in this folder (needs ``cache_features``).
     """
 
     def __init__(

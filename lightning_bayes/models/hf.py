@@ -39,8 +39,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class LoraSpec:
-    """peft ``LoraConfig`` essentials: rank ``r``, scaling ``alpha`` (LoRA scale ``alpha / r``), dropout
-    on the adapter input, and the names (or dotted name suffixes) of the linear layers to adapt."""
+    """peft ``LoraConfig`` essentials.
+
+    Args:
+        r: rank of the adapters.
+        alpha: scaling; the LoRA scale is ``alpha / r``.
+        dropout: dropout on the adapter input.
+        target_modules: names (or dotted name suffixes) of the linear layers to adapt.
+    """
 
     r: int = 8
     alpha: int = 16
@@ -147,9 +153,14 @@ def _check_tokens(x: Any) -> None:
 class HFSequenceClassifier(nn.Module):
     """``AutoModelForSequenceClassification`` as a backbone: ``forward(x)`` gives logits ``[B, num_labels]``.
 
-    ``model`` is a packaged alias (``"minilm"``), a folder or a hub id. With ``lora``, the encoder is
-    frozen and only the adapters and the fresh head train (BERT-style layers are named
-    ``query``/``key``/``value``/``dense``, so pass e.g. ``LoraSpec(target_modules=["query", "value"])``).
+    Args:
+        model: a packaged alias (``"minilm"``), a folder or a hub id.
+        num_labels: classes of the fresh classification head.
+        lora: adapters to train; the encoder is then frozen and only the adapters and the head train (BERT-style
+            layers are named ``query``/``key``/``value``/``dense``, so pass e.g.
+            ``LoraSpec(target_modules=["query", "value"])``).
+        load_in_4bit: load the base in NF4 (bitsandbytes) with bfloat16 compute.
+
     An encoder (a masked-LM architecture such as BERT, which classifies from its first token) refuses left-padded
     batches: its first position would be padding and every position shifted, so a text's logits would depend on
     its batch.
@@ -202,9 +213,14 @@ class CausalLMAnswerClassifier(nn.Module):
 
     ``z_T`` are the next-token logits at the last position of a left-padded prompt (the last real
     token). Positions are counted from each sequence's first real token, as in generation, so a
-    prompt's scores do not depend on the padding of its batch. Each answer word must be exactly one
-    token (mind the leading space: ``" positive"``). ``dtype`` is the weights' dtype (``"float32"``,
-    ``"bfloat16"`` or ``"float16"``); a 4-bit base computes in bfloat16.
+    prompt's scores do not depend on the padding of its batch.
+
+    Args:
+        model: a packaged alias (``"smollm2"``), a folder or a hub id.
+        answer_words: one word per class, each exactly one token (mind the leading space: ``" positive"``).
+        lora: adapters to train (the base is then frozen).
+        load_in_4bit: load the base in NF4 (bitsandbytes); a 4-bit base computes in bfloat16.
+        dtype: the weights' dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
     """
 
     # buffers (register_buffer), typed for readers and checkers

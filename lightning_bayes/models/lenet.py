@@ -10,8 +10,10 @@ from ..checks import check_inputs, is_int
 class LeNet5(nn.Module):
     """conv(6, 5) -> ReLU -> pool -> conv(16, 5) -> ReLU -> pool -> 120 -> 84 -> classes (44,426 parameters).
 
-    ``num_classes=0`` returns the 84-dimensional features; ``dropout > 0`` adds dropout after the two
-    hidden linear layers (for MC dropout).
+    Args:
+        num_classes: width of the classification head; ``0`` returns the 84-dimensional features.
+        in_channels: channels of the 28 x 28 input images.
+        dropout: ``> 0`` adds dropout of this rate after the two hidden linear layers (for MC dropout).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0) -> None:

@@ -12,7 +12,15 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "g
 
 
 class MLP(nn.Module):
-    """``Flatten -> [Linear -> activation -> Dropout] x len(hidden) -> Linear(out_features)``."""
+    """``Flatten -> [Linear -> activation -> Dropout] x len(hidden) -> Linear(out_features)``.
+
+    Args:
+        in_features: width of the (flattened) input.
+        out_features: width of the output layer; ``0`` returns the last hidden layer's features.
+        hidden: widths of the hidden layers.
+        dropout: dropout rate after every hidden activation (``0``: none).
+        activation: ``"relu"``, ``"tanh"``, ``"gelu"`` or ``"silu"``.
+    """
 
     def __init__(
         self,

@@ -13,10 +13,14 @@ from .frozen import FrozenFeatures
 class LinearProbe(nn.Module):
     """``Linear(num_features, num_classes)`` on ``backbone(x)`` (features ``[B, num_features]``).
 
-    With ``freeze_backbone`` the extractor is a :class:`FrozenFeatures`, so a frozen LLM or a pretrained
-    CNN is compared with, e.g., a VBLL head on exactly the same features. ``cache_features`` keeps each
-    example's features after their first computation (in memory, and in ``feature_cache_dir`` on disk when
-    given; see :class:`FrozenFeatures`); it needs ``freeze_backbone``.
+    Args:
+        backbone: the feature extractor; it must have ``num_features``.
+        num_classes: width of the linear head.
+        freeze_backbone: wrap the extractor in a :class:`FrozenFeatures`, so a frozen LLM or a pretrained CNN is
+            compared with, e.g., a VBLL head on exactly the same features.
+        cache_features: keep each example's features after their first computation (see :class:`FrozenFeatures`);
+            needs ``freeze_backbone``.
+        feature_cache_dir: also keep them on disk in this folder, for later runs.
     """
 
     def __init__(

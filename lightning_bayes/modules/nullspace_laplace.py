@@ -65,7 +65,8 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
             largest ``c`` raising the training NLL of the predictive by at most a fraction ``scale_tolerance``.
         predictive: ``"linearized"`` (``f(theta_hat, x) + J(x)(theta_s - theta_hat)``, one JVP per sample) or
             ``"neural"`` (``f(theta_s, x)``).
-        rtol, atol: eigenvalue cutoff of each micro-batch Gram matrix (relative, or absolute when given).
+        rtol: relative eigenvalue cutoff of each micro-batch Gram matrix.
+        atol: absolute eigenvalue cutoff, used instead of ``rtol`` when given.
         accelerate: extrapolate after every sweep but the fit's last (by ``max_epochs`` or ``max_steps``).
         cache_gram: keep each micro-batch's Gram factor across sweeps (float64, ``M_b^2`` numbers a batch: 0.7 GB
             for MNIST's 3,438 output-kernel batches of 16); ``False`` recomputes it every sweep (less memory, about

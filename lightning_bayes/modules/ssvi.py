@@ -74,7 +74,7 @@ class SSVI(VariationalInference):
             networks without normalisation, e.g. LeNet, where tiny means shrink the signal layer by layer).
         seed: seed of the initial supports and values.
         Others: as in :class:`VariationalInference` (``kl_weight`` multiplies ``KL / N``; the reference's
-        ``0.01 / N`` tempering is ``kl_weight=0.01``).
+            ``0.01 / N`` tempering is ``kl_weight=0.01``).
 
     Defaults are the library's, not the reference's recipe (prior ``N(0, 0.005^2)``, ``kl_weight=0.01``, a KL
     warm-up over half of training, SGD lr 0.01 with momentum 0.9 and weight decay 5e-4, the noise-off mean as the

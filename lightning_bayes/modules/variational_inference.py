@@ -52,7 +52,8 @@ class VariationalInference(BayesianModule):
         prior_scale: the prior ``N(0, prior_scale^2)`` on every variational weight.
         init_scale: initial posterior standard deviation (Gaussian).
         scale_map: the Gaussian family's standard deviation as ``softplus(rho)`` or ``rho^2`` (``"square"``, BLoB's).
-        degree, support: Bernstein degree ``M`` and each chain's initial range around its starting weight.
+        degree: Bernstein families: the polynomial degree ``M``.
+        support: Bernstein families: each chain's initial range around its starting weight.
         freeze_affine: Bernstein families: keep each flow's first affine map (``a``, ``b``) at its initial values, as
             the paper's released script does (ours trains them by default).
         local_reparameterization: sample outputs rather than weights (Gaussian families only).

@@ -166,9 +166,15 @@ class VBLLClassifier(_VBLLModule):
         head: ``"discriminative"`` (Gaussian logits, Jensen or MC bound) or ``"generative"``.
         parameterization: covariance of the head; None picks ``"dense"`` (discriminative) or
             ``"diagonal"`` (generative, its only option).
-        prior_scale, wishart_scale, dof, rank, bound, mc_samples, class_prior: head options, see
+        prior_scale: scale of the weights' (discriminative) or class means' (generative) Gaussian prior; see
             :class:`~lightning_bayes.inference.vbll.DiscriminativeVBLL` and
             :class:`~lightning_bayes.inference.vbll.GenerativeVBLL`.
+        wishart_scale: scale of the Wishart prior on the noise precision.
+        dof: degrees of freedom of that Wishart prior.
+        rank: rank of the ``"lowrank"`` covariance factor.
+        bound: the discriminative head's bound, ``"jensen"`` (deterministic) or ``"mc"``.
+        mc_samples: logit draws of the ``"mc"`` bound.
+        class_prior: the generative head's class probabilities (uniform when None).
         dataset_size: N in ``lambda = kl_weight / N``; None reads ``trainer.datamodule.num_train``.
         kl_weight: tempering multiplier on ``1/N``.
         freeze_backbone: post-hoc mode, only the head trains.
@@ -177,8 +183,9 @@ class VBLLClassifier(_VBLLModule):
             :class:`~lightning_bayes.models.FrozenFeatures`); never saved in checkpoints.
         feature_cache_dir: also keep the cached features in this folder, for later runs.
         compile_loss: run the head's objective under ``torch.compile`` (see the module docstring).
-        optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule` (the head's parameter
-            group without weight decay).
+        optimizer: as in :class:`~lightning_bayes.modules.base.BayesianModule` (the head's parameter group without
+            weight decay).
+        lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 
     head: DiscriminativeVBLL | GenerativeVBLL
@@ -255,12 +262,25 @@ class VBLLRegressor(_VBLLModule):
     """A backbone with a variational Bayesian linear regression last layer; closed-form Gaussian predictive.
 
     Args:
+        backbone: feature extractor returning ``[B, D]`` (e.g. ``MLP(in_features=1, out_features=0)``).
         out_features: number of regression outputs.
+        in_features: D; read from ``backbone.num_features`` when None.
         parameterization: covariance of the head, ``"dense"``, ``"diagonal"`` or ``"lowrank"``.
-        prior_scale, wishart_scale, dof, rank: head options (``wishart_scale=1e-2`` here), see
+        prior_scale: the weights' prior ``N(0, (prior_scale / D) I)``; see
             :class:`~lightning_bayes.inference.vbll.VBLLRegression`.
-        Others (``backbone``, ``in_features``, ``dataset_size``, ``kl_weight``, ``freeze_backbone``, ``optimizer``,
-        ``lr_scheduler``, ``cache_features``, ``feature_cache_dir``, ``compile_loss``): as in :class:`VBLLClassifier`.
+        wishart_scale: scale of the Wishart prior on the noise precision (``1e-2`` here).
+        dof: degrees of freedom of that Wishart prior.
+        rank: rank of the ``"lowrank"`` covariance factor.
+        dataset_size: N in ``lambda = kl_weight / N``; None reads ``trainer.datamodule.num_train``.
+        kl_weight: tempering multiplier on ``1/N``.
+        freeze_backbone: post-hoc mode, only the head trains.
+        optimizer: as in :class:`~lightning_bayes.modules.base.BayesianModule` (the head's parameter group without
+            weight decay).
+        lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
+        cache_features: with ``freeze_backbone``, compute each example's features once (see
+            :class:`~lightning_bayes.models.FrozenFeatures`); never saved in checkpoints.
+        feature_cache_dir: also keep the cached features in this folder, for later runs.
+        compile_loss: run the head's objective under ``torch.compile`` (see the module docstring).
     """
 
     head: VBLLRegression

@@ -130,7 +130,8 @@ class IVON(Optimizer):
             ``IVON(params, lr, ess)`` raises a ``TypeError`` here instead of swapping the two.
         lr: learning rate (``>= 0``).
         hess_init: ``h_0 > 0``, the initial Hessian estimate (so the initial ``sigma^2 = 1 / (lambda (h_0 + delta))``).
-        beta1, beta2: decay of the gradient momentum (``[0, 1)``) and of the Hessian estimate (``[0, 1]``).
+        beta1: decay of the gradient momentum, in ``[0, 1)``.
+        beta2: decay of the Hessian estimate, in ``[0, 1]``.
         weight_decay: ``delta >= 0``, the prior precision per example.
         mc_samples: ``S``, closure calls (forward and backward) per step.
         hess_approx: ``"price"`` (reparameterisation / Stein estimator) or ``"gradsq"`` (squared gradients).
