@@ -3,9 +3,8 @@
 A curve with control points ``theta_0, ..., theta_K`` is ``theta(t) = sum_k c_k(t) theta_k`` for
 ``t in [0, 1]``; only the coefficients ``c(t)`` differ between curve types:
 
-* Bezier of degree ``n``: Bernstein polynomials ``c_k(t) = C(n, k) t^k (1 - t)^(n - k)``, derivative
-  ``c_k'(t) = n (b_{k-1,n-1}(t) - b_{k,n-1}(t))`` (Garipov et al., 2018, "Loss surfaces, mode
-  connectivity, and fast ensembling of DNNs");
+* Bezier of degree ``n``: Bernstein polynomials ``c_k(t) = C(n, k) t^k (1 - t)^(n - k)`` (Garipov et al., 2018,
+  "Loss surfaces, mode connectivity, and fast ensembling of DNNs");
 * segmented Bezier with ``M`` segments of degree ``n`` (``K = M n``): the global ``t`` falls in segment
   ``m = min(floor(t M), M - 1)`` at local ``s = t M - m``, whose Bezier runs over the points
   ``m n, ..., m n + n``; the junctions ``theta_{m n}`` are the anchors (LoRA-Curve, Dold et al., 2026);
@@ -50,14 +49,6 @@ def bernstein(t: float | Tensor, degree: int) -> Tensor:
     return _bernstein(_as_times(t), degree)
 
 
-def bernstein_derivative(t: float | Tensor, degree: int) -> Tensor:
-    """``d c_k / dt = n (b_{k-1,n-1}(t) - b_{k,n-1}(t))``, ``[T, n + 1]`` (with ``b_{-1} = b_n = 0``)."""
-    _check_positive("degree", degree)
-    lower = _bernstein(_as_times(t), degree - 1)
-    zero = torch.zeros(lower.shape[0], 1, dtype=torch.float64)
-    return degree * (torch.cat([zero, lower], dim=1) - torch.cat([lower, zero], dim=1))
-
-
 def _segment(t: float | Tensor, segments: int) -> tuple[Tensor, Tensor]:
     times = _as_times(t)
     index = torch.clamp(torch.floor(times * segments), max=segments - 1).long()
@@ -72,17 +63,6 @@ def segmented_bezier(t: float | Tensor, degree: int, segments: int) -> Tensor:
     coefficients = torch.zeros(index.numel(), segments * degree + 1, dtype=torch.float64)
     columns = index.unsqueeze(-1) * degree + torch.arange(degree + 1)
     return coefficients.scatter(1, columns, _bernstein(local, degree))
-
-
-def segmented_bezier_derivative(t: float | Tensor, degree: int, segments: int) -> Tensor:
-    """``d c / dt`` of :func:`segmented_bezier`, ``[T, M n + 1]``: ``M`` times the local Bernstein derivative
-    (one-sided at a junction, where the active segment is the one ``t`` starts)."""
-    _check_positive("degree", degree)
-    _check_positive("segments", segments)
-    index, local = _segment(t, segments)
-    coefficients = torch.zeros(index.numel(), segments * degree + 1, dtype=torch.float64)
-    columns = index.unsqueeze(-1) * degree + torch.arange(degree + 1)
-    return coefficients.scatter(1, columns, segments * bernstein_derivative(local, degree))
 
 
 def polychain(t: float | Tensor, num_points: int) -> Tensor:

@@ -15,12 +15,11 @@ so the noise of the layer's weight is ``(alpha / r) sigma_q U Z`` (as in the ref
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..checks import is_finite, is_int
+from ..checks import is_finite
 
 
 def canonical_lora(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,15 +133,3 @@ class Bisection:
     def state(self) -> tuple[float, float, bool, bool]:
         """``(low, high, tested_high, done)``: the constructor's arguments that resume the search."""
         return self.low, self.high, self.tested_high, self.done
-
-
-def largest_feasible(feasible: Callable[[float], bool], low: float, high: float, iterations: int) -> float:
-    """The bisection's answer after at most ``iterations`` tests of ``feasible`` (``low`` if none passes)."""
-    if not is_int(iterations) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int; got {iterations!r}")
-    search = Bisection(low, high)
-    for _ in range(iterations):
-        if search.done:
-            break
-        search.update(bool(feasible(search.candidate())))
-    return search.low

@@ -10,11 +10,9 @@ from torch.nn.utils import parametrize
 from lightning_bayes.inference.curve_parametrization import CurvePosition, register_curve, remove_curve
 from lightning_bayes.inference.curves import (
     bernstein,
-    bernstein_derivative,
     linear_initialisation,
     polychain,
     segmented_bezier,
-    segmented_bezier_derivative,
     straight_line,
 )
 from lightning_bayes.inference.jensen_shannon import jensen_shannon
@@ -58,19 +56,6 @@ def test_bernstein_matches_the_binomial_formula():
     t, n = GRID[::50], 4
     expected = torch.stack([math.comb(n, k) * t**k * (1 - t) ** (n - k) for k in range(n + 1)], dim=1)
     torch.testing.assert_close(bernstein(t, n), expected, rtol=0, atol=1e-15)
-
-
-@pytest.mark.parametrize("degree", [1, 2, 3, 6])
-def test_bernstein_derivative_matches_central_differences(degree):
-    t, h = torch.linspace(0.01, 0.99, 99, dtype=torch.float64), 1e-6
-    numeric = (bernstein(t + h, degree) - bernstein(t - h, degree)) / (2 * h)
-    torch.testing.assert_close(bernstein_derivative(t, degree), numeric, rtol=0, atol=1e-6)
-
-
-def test_segmented_derivative_matches_central_differences_inside_segments():
-    t, h = torch.tensor([0.1, 0.2, 0.45, 0.6, 0.9], dtype=torch.float64), 1e-6
-    numeric = (segmented_bezier(t + h, 2, 3) - segmented_bezier(t - h, 2, 3)) / (2 * h)
-    torch.testing.assert_close(segmented_bezier_derivative(t, 2, 3), numeric, rtol=0, atol=1e-6)
 
 
 def test_polychain_passes_through_its_knots_exactly():
