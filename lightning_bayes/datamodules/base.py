@@ -8,11 +8,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..checks import check_flags, check_folders, is_finite, is_int
 from .epoch_loader import EpochLoader, training_pass_batches, training_pass_epoch
 from .epoch_shuffle import EpochShuffle
+from .gathered import GatheredTensorDataset, gathered_batch
 
 
 def seeded_permutation(n: int, seed: int) -> Tensor:
@@ -124,9 +125,12 @@ class InMemoryDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are used")
+        collate = self.collate_fn()
+        if collate is None and type(dataset) is TensorDataset:  # batches gathered whole, not example by example
+            dataset, collate = GatheredTensorDataset(*dataset.tensors), gathered_batch
         options: dict[str, Any] = {
             "batch_size": self.batch_size,
-            "collate_fn": self.collate_fn(),
+            "collate_fn": collate,
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
         }

@@ -56,7 +56,7 @@ def direct_classification(model: LinearModel, data: ToyDataWithOOD, num_samples:
 
 
 def test_classification_fit_and_test_log_the_direct_values_and_write_files(tmp_path: Path) -> None:
-    model, data, callback = LinearModel(num_samples=3), ToyDataWithOOD(), CalibrationMetrics()
+    model, data, callback = LinearModel(num_samples=3), ToyDataWithOOD(), CalibrationMetrics(ood_stages=["val", "test"])
     trainer = make_trainer(tmp_path, callback)
     trainer.fit(model, datamodule=data)
     assert {"val/cal/ece", "val/ood/auroc", "val/ood/fpr95"} <= set(trainer.callback_metrics)
@@ -150,7 +150,8 @@ def test_each_loaders_ood_metrics_see_as_many_ood_batches_as_it_ran(tmp_path: Pa
     """Loader 1 ran 2 batches, so its OOD AUROC takes the first 2 OOD batches, whatever other loaders ran (it took the
     6 + 2 batches of both loaders, i.e. all 36 OOD examples)."""
     model, data = MultiValModel(num_samples=3), TwoValSets(batch_size=8)
-    results = make_trainer(tmp_path, CalibrationMetrics(plots=False)).validate(model, datamodule=data, verbose=False)
+    callback = CalibrationMetrics(plots=False, ood_stages=["val", "test"])
+    results = make_trainer(tmp_path, callback).validate(model, datamodule=data, verbose=False)
     with torch.no_grad():
         short = model.predictive(data.val.tensors[0][:16], 3)
         ood = [model.predictive(data.ood.tensors[0][:count], 3) for count in (36, 16)]
@@ -247,9 +248,9 @@ def test_at_test_every_ood_batch_is_scored_when_the_test_set_is_smaller() -> Non
     assert data.ood.reads == 36
 
 
-def test_ood_stages_test_leaves_validation_without_the_ood_pass(tmp_path: Path) -> None:
+def test_by_default_validation_runs_without_the_ood_pass(tmp_path: Path) -> None:
     model, data = LinearModel(), ToyDataWithOOD(batch_size=8)
-    trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False, ood_stages=["test"]))
+    trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False))
     trainer.fit(model, datamodule=data)
     assert data.ood.reads == 0 and not any(name.startswith("val/ood/") for name in trainer.callback_metrics)
     assert "val/cal/nll" in trainer.callback_metrics
