@@ -142,7 +142,8 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
         "",
         _METRIC_NOTES[context["kind"]] + " *fit s*: the run's own training or post-hoc fit (config "
         "instantiation and validation included, test excluded; our runs validate as their configs say, with the "
-        "CLI's calibration and OOD metrics at the method's predictive draws, the anchors' loops only the "
+        "CLI's calibration metrics at the method's predictive draws (the OOD data at test only), the anchors' loops "
+        "only the "
         "validation NLL); *total s*: with the runs it starts from (the MAP, "
         "the SWAG collection); *time / MAP*: total over the MAP's fit in the same run; *peak MB*: "
         + context["memory"]
