@@ -114,6 +114,27 @@ def test_every_config_keeps_its_latest_state_as_last_ckpt():
         assert len(checkpoints) == (2 if any(c.get("monitor") for c in checkpoints) else 1), config
 
 
+def _optimizer_options(spec: dict) -> dict:
+    optimizer = (spec.get("model", {}).get("init_args") or {}).get("optimizer") or {}
+    return optimizer.get("init_args") or {} if isinstance(optimizer, dict) else {}
+
+
+def test_no_config_clips_the_gradients_of_a_fused_optimiser():
+    """Lightning refuses gradient clipping with a fused optimiser under mixed precision ("does not allow for gradient
+    clipping because it performs unscaling of gradients internally"): the VBLL configs, which clip, failed under
+    ``--trainer.precision bf16-mixed`` once their AdamW was fused."""
+    for config in CONFIGS:
+        spec = yaml.safe_load(config.read_text())
+        if (spec.get("trainer") or {}).get("gradient_clip_val"):
+            assert not _optimizer_options(spec).get("fused"), config
+    assert any(_optimizer_options(yaml.safe_load(c.read_text())).get("fused") for c in CONFIGS)  # others are fused
+
+
+def test_a_config_that_clips_runs_under_bf16_mixed(tmp_path):
+    run([*_quick(ROOT / "configs" / "digits" / "vbll.yaml", tmp_path), "--trainer.precision=bf16-mixed"])
+    assert (tmp_path / "digits_vbll" / "version_0" / "metrics.json").is_file()
+
+
 @pytest.mark.parametrize(
     "config",
     [pytest.param(c, id=str(c.relative_to(ROOT / "configs")), marks=_marks(c)) for c in CONFIGS],

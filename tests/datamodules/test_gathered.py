@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from lightning_bayes.datamodules import DigitsDataModule, EpochShuffle
 from lightning_bayes.datamodules.gathered import GatheredTensorDataset, gathered_batch
@@ -57,3 +57,12 @@ def test_a_worker_and_a_distributed_shard_gather_the_same_batches(digits: Digits
         expected = list(DataLoader(plain, batch_size=16, sampler=shard))
         got = DataLoader(gathered, batch_size=16, sampler=shard, collate_fn=gathered_batch, num_workers=1)
         _equal(list(got), expected)
+
+
+def test_a_users_loader_over_the_loaders_dataset_still_collates_examples(digits: DigitsDataModule) -> None:
+    """``DataLoader(loader.dataset)`` and ``Subset(loader.dataset, ...)`` take torch's default collate, which got the
+    gathered fields and stacked them ("stack expects each tensor to be equal size")."""
+    dataset = digits.val_dataloader().dataset
+    expected = list(DataLoader(digits.val_set, batch_size=8))[:2]
+    _equal(list(DataLoader(dataset, batch_size=8))[:2], expected)
+    _equal(list(DataLoader(Subset(dataset, range(16)), batch_size=8)), expected)
