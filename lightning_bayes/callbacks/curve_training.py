@@ -135,8 +135,8 @@ class CurveTraining(Callback):
             per step divides these weights by their number.
         samples_per_step: ``J >= 2`` draws of ``t`` for the JS term.
         ensemble_points: points of the curve ensemble used as the predictive at validation and test.
-        grid_points: values of ``t`` evaluated along the curve and line at validation.
-        test_grid_points: the same at test.
+        grid_points: how many values of ``t`` are evaluated along the curve and line at validation.
+        test_grid_points: how many at test.
         line: also evaluate the straight line between the endpoints.
         seed: seed of the draws of ``t``.
         plots: write the loss-along-curve PNG next to its JSON.

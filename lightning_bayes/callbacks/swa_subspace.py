@@ -78,7 +78,8 @@ class SWASubspace(Callback):
             it, ``r`` from then on, through collection); ``None`` (default) leaves the rate to the module.
         target_key: for dict batches given to :meth:`swa` / :meth:`sample` (BatchNorm refreshes): the input is every
             entry but ``batch[target_key]``; with neither key, the whole dict.
-        input_key: for such dict batches, the input's key (the input is then ``batch[input_key]``).
+        input_key: for such dict batches, the input's key (the input is then ``batch[input_key]``, whatever
+            ``target_key`` says).
     """
 
     def __init__(

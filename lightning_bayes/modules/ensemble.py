@@ -25,6 +25,7 @@ from typing import Any, Literal, Union, cast
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch import Tensor, nn
@@ -141,10 +142,14 @@ class DeepEnsemble(BayesianModule):
     ) -> None:
         """Clip by norm member by member (a member's parameters and its likelihood's): one norm over the whole
         ensemble would couple the members, clipping each harder the more members there are. Clipping by value
-        is elementwise, and sharded strategies (FSDP, DeepSpeed) clip their own way: both stay with Lightning."""
+        is elementwise, and sharded strategies (FSDP, DeepSpeed) clip their own way: both stay with Lightning, as does
+        a fused optimiser under mixed precision (it unscales inside its step, so the gradients met here may still
+        carry the loss scale; Lightning refuses it)."""
         by_norm = GradClipAlgorithmType(gradient_clip_algorithm or "norm") is _NORM
         whole_gradients = isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
-        if gradient_clip_val is None or not (by_norm and whole_gradients):
+        unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)
+        if gradient_clip_val is None or not (by_norm and whole_gradients) or (unscales_itself and mixed):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         for member, likelihood in zip(self.members, self.likelihoods):

@@ -245,7 +245,7 @@ class VIKING(WideBuffers, BayesianModule):
                     break
                 x, y = self._step_batch((x, y))
                 system = build_system(self.function, x, y, theta, self.solver, self.iterations)
-                vectors = project(system, vectors.to(theta.dtype))[0].to(vectors)
+                vectors = project(system, vectors)[0]  # in the noise's precision (float32 under bf16-true)
         self.epoch_noise.copy_(noise[0])
         self.carried.copy_(vectors[0])
         self.sample_noise.copy_(noise[1:])
@@ -391,6 +391,11 @@ class VIKING(WideBuffers, BayesianModule):
 
     def samples(self, num_samples: int | None = None) -> Tensor:
         """Posterior samples ``theta_s``, ``[S, P]``."""
+        return self._wide_samples(num_samples).to(self.function.theta().dtype)
+
+    def _wide_samples(self, num_samples: int | None) -> Tensor:
+        """``theta_s`` in the noise's precision, wider than ``theta_hat`` under bf16-true (a linearised predictive's
+        ``theta_s - theta_hat`` in bf16 would lose most of a small perturbation)."""
         s = self.resolve_num_samples(num_samples)
         if s > self.sample_noise.shape[0]:
             raise ValueError(f"num_samples={s} exceeds the {self.sample_noise.shape[0]} projected samples")
@@ -401,17 +406,16 @@ class VIKING(WideBuffers, BayesianModule):
                 "ran at an epoch start, or never): call module.sweep(train_loader) first for samples in its kernel"
             )
         with torch.no_grad():
-            theta = self.family.sample(self.function.theta(), self.sample_noise[:s], self.sample_kernel[:s])
-        return theta.to(self.function.theta().dtype)
+            return self.family.sample(self.function.theta(), self.sample_noise[:s], self.sample_kernel[:s])
 
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
-        thetas = self.samples(num_samples)
+        wide, theta_hat = self._wide_samples(num_samples), self.function.theta()
         with torch.no_grad():
             if self.predictive_mode == "linearized":
-                theta_hat = self.function.theta()
-                outputs, tangents = self.function.jvp(x, thetas - theta_hat, theta_hat)
+                outputs, tangents = self.function.jvp(x, (wide - theta_hat).to(theta_hat.dtype), theta_hat)
                 samples = outputs.unsqueeze(0) + tangents
             else:
+                thetas = wide.to(theta_hat.dtype)
                 samples = vmap(lambda t: self.function.outputs(t, x), chunk_size=self.function.chunk_size)(thetas)
         return self.likelihood.predictive(samples)
 

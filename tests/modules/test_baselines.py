@@ -269,6 +269,17 @@ def test_ensemble_clips_each_members_gradient_by_its_own_norm(vectorize: bool):
             torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
 
 
+def test_ensemble_leaves_a_fused_optimiser_under_mixed_precision_to_lightnings_refusal():
+    """A fused optimiser unscales inside its step: under a loss scaler (16-mixed) the member-wise clipping met scaled
+    gradients. As for any module, Lightning refuses clipping it under mixed precision."""
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ensemble = DeepEnsemble(_mlp(), num_members=2, optimizer=lambda p: torch.optim.AdamW(p, fused=True))
+    trainer = Trainer(max_steps=1, gradient_clip_val=0.05, precision="bf16-mixed", logger=False, accelerator="cpu",
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        trainer.fit(ensemble, DataLoader(TensorDataset(x, y), batch_size=16))
+
+
 def _dropout_fit(epochs: int, root: Path, ckpt_path: str | None, callbacks: list[Callback]) -> MCDropout:
     torch.manual_seed(0)  # the same initial weights; the checkpoint then restores the global generator
     module = MCDropout(MLP(64, 10, hidden=[16], dropout=0.3), num_samples=3)

@@ -662,6 +662,8 @@ def test_under_bf16_true_the_noise_stays_wide_and_a_moved_theta_hat_is_seen() ->
     assert module.swept_at.dtype == torch.float64
     module.sweep(loader(batch_size=8, count=32))
     assert torch.equal(module.swept_at, module._fingerprint())
+    last = module.function.jacobian(x[-8:].bfloat16(), y[-8:]).double()  # the sweep's last batch, in bf16
+    assert_in_kernel(last, module.sample_kernel.double(), tolerance=1e-5)  # projected in float32 (bf16: 1e-2)
     assert module.predictive(x[:4].bfloat16()).probs.isfinite().all()
     with torch.no_grad():
         weight = module.backbone[0].weight
