@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any, cast
 
-from lightning_bayes.callbacks.run_files import unique_path
+from lightning_bayes.callbacks.run_files import first_free_index, numbered
 from lightning_bayes.plots import ReliabilityBins, reliability_grid
 
 from leaderboard_tasks import Entry  # benchmarks/leaderboard_tasks.py
@@ -157,13 +157,12 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
 
 def report_paths(folder: Path) -> list[Path]:
     """This run's ``leaderboard.md``, ``leaderboard.json`` and ``reliability.png`` in ``folder``: next to earlier
-    reports as ``-1``, ``-2``, ... instead of overwriting them."""
+    reports as ``-1``, ``-2``, ... instead of overwriting them, under one number (the first free for all three, so a
+    report's files stay together after one without a figure)."""
     folder.mkdir(parents=True, exist_ok=True)
-    return [
-        unique_path(folder, "leaderboard", ".md"),
-        unique_path(folder, "leaderboard", ".json"),
-        unique_path(folder, "reliability", ".png"),
-    ]
+    files = [("leaderboard", ".md"), ("leaderboard", ".json"), ("reliability", ".png")]
+    index = first_free_index(folder, files)
+    return [numbered(folder, stem, index, ending) for stem, ending in files]
 
 
 def write_report(

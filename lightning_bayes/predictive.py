@@ -261,6 +261,16 @@ class GaussianPredictive:
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return 0.5 * (lo + hi)
 
+    def affine(self, shift: Tensor | float, scale: Tensor | float) -> GaussianPredictive:
+        """The predictive of ``shift + scale y`` (``scale`` > 0, per output or one number): means ``shift + scale
+        mu``, variances ``scale^2 sigma^2``; e.g. a standardised target back in its original units."""
+        scale = torch.as_tensor(scale, dtype=self.mean_samples.dtype, device=self.mean_samples.device)
+        if not bool((scale > 0).all()):
+            raise ValueError(f"scale must be > 0; got {scale.tolist()}")
+        weight = self.weight_variance_samples
+        weight = None if weight is None else weight * scale**2
+        return GaussianPredictive(self.mean_samples * scale + shift, self.variance_samples * scale**2, weight)
+
     def detach(self) -> GaussianPredictive:
         """The same predictive without an autograd graph."""
         return self._with(Tensor.detach)

@@ -269,3 +269,19 @@ def test_a_pickled_categorical_predictive_holds_its_logits_alone() -> None:
         temperature: float = 1.0
 
     assert copy.deepcopy(Tempered(predictive.logits, temperature=2.0)).temperature == 2.0  # through __getstate__
+
+
+def test_an_affine_map_of_a_gaussian_mixture_changes_its_density_by_the_jacobian():
+    """``shift + scale y``: means ``shift + scale mu``, variances and their weight part times ``scale^2``; the
+    density at the mapped point is the density at ``y`` over ``scale`` (per output)."""
+    generator = torch.Generator().manual_seed(0)
+    mean, variance = torch.randn(3, 5, 2, generator=generator), torch.rand(3, 5, 2, generator=generator) + 0.1
+    predictive = GaussianPredictive(mean, variance, 0.5 * variance)
+    shift, scale = torch.tensor([-28.5, 3.0]), torch.tensor([49.5, 0.2])
+    mapped = predictive.affine(shift, scale)
+    y = torch.randn(5, 2, generator=generator)
+    torch.testing.assert_close(mapped.log_prob(shift + scale * y), predictive.log_prob(y) - scale.log().sum())
+    torch.testing.assert_close(mapped.mean, shift + scale * predictive.mean)
+    torch.testing.assert_close(mapped.epistemic_variance, scale**2 * predictive.epistemic_variance)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        predictive.affine(0.0, torch.tensor([1.0, 0.0]))

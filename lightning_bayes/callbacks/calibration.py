@@ -50,6 +50,7 @@ from ..metrics import (
 )
 from ..plots import predictive_band, reliability_diagram
 from ..predictive import CategoricalPredictive, GaussianPredictive, Predictive
+from .plot_labels import PlotUnits, figure_title, plot_units
 from .run_files import loader_suffixes, run_folder, unique_path, write_json
 
 Task = Literal["auto", "classification", "regression"]
@@ -284,6 +285,12 @@ class CalibrationMetrics(Callback):
             epoch.band_x = CatMetric(nan_strategy="disable").to(device)
             epoch.band_y = CatMetric(nan_strategy="disable").to(device)
             epoch.band_input_shape = tuple(x.shape[1:])
+        elif stage == "test" and self.plots:
+            shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else type(x).__name__
+            rank_zero_info(
+                f"CalibrationMetrics: no predictive band (it needs one input and one output per example; got inputs "
+                f"{shape} and {regression.mean_samples.shape[-1]} outputs)"
+            )
         return epoch
 
     # ---- per epoch -------------------------------------------------------------------------------
@@ -358,9 +365,13 @@ class CalibrationMetrics(Callback):
         for suffix, reliability, band in plots:
             if reliability is not None:
                 png = unique_path(folder, f"reliability{suffix}", ".png", ".json")
-                write_json(folder, png.stem, reliability_diagram(*reliability, path=png).to_dict())
+                title = f"{figure_title(trainer, pl_module)}{suffix}"
+                write_json(folder, png.stem, reliability_diagram(*reliability, path=png, title=title).to_dict())
             if band is not None:
-                predictive_band(*band, path=unique_path(folder, f"predictive_band{suffix}", ".png"))
+                xs, ys, predictive, grid, units = band
+                predictive_band(xs, ys, predictive, grid, path=unique_path(folder, f"predictive_band{suffix}", ".png"),
+                                title=f"{figure_title(trainer, pl_module)}{suffix}", xlabel=units.x_label,
+                                ylabel=units.y_label)  # fmt: skip
 
     @staticmethod
     def _reliability_data(epoch: _EpochMetrics) -> tuple[Tensor, Tensor]:
@@ -370,18 +381,23 @@ class CalibrationMetrics(Callback):
 
     def _band_data(
         self, trainer: Trainer, pl_module: LightningModule, epoch: _EpochMetrics
-    ) -> tuple[Tensor, Tensor, GaussianPredictive, Tensor] | None:
+    ) -> tuple[Tensor, Tensor, GaussianPredictive, Tensor, PlotUnits] | None:
+        """The test data, the grid and the predictive on it, in the data's original units where the datamodule
+        standardised them (:func:`plot_units`)."""
         if epoch.band_x is None or epoch.band_y is None:
             return None
         xs, ys = epoch.band_x.compute(), epoch.band_y.compute()
-        margin = 0.05 * float(xs.max() - xs.min())
+        span = float(xs.max() - xs.min())
+        margin = 0.05 * span if span > 0 else 1.0  # one x value: a band one unit either side
         grid = torch.linspace(
             float(xs.min()) - margin, float(xs.max()) + margin, _BAND_GRID_POINTS, device=pl_module.device
         )
         predictive = self._predict(trainer, pl_module, grid.reshape(-1, *epoch.band_input_shape), "test")
         if not isinstance(predictive, GaussianPredictive):
             raise TypeError(f"expected a GaussianPredictive on the plotting grid; got {type(predictive).__name__}")
-        return xs.cpu(), ys.cpu(), predictive, grid.cpu()
+        units = plot_units(getattr(trainer, "datamodule", None))
+        original = predictive.detach().to("cpu").affine(units.y_shift, units.y_scale)
+        return units.x(xs.cpu()), units.y(ys.cpu()), original, units.x(grid.cpu()), units
 
 
 def _sharded_in_distribution(trainer: Trainer, stage: str) -> bool:

@@ -95,8 +95,8 @@ class UCIRegressionDataModule(InMemoryDataModule):
     """A random train / val / test split by ``seed``; x ``[B, F]`` and y ``[B, 1]``, float32, standardised.
 
     After ``setup``: ``input_mean`` / ``input_std`` ``[F]`` and ``target_mean`` / ``target_std`` ``[1]``
-    (training-split statistics, unbiased std), and :meth:`raw_split` for the data in original units
-    (e.g. mcycle's ``times`` and ``accel`` for a band plot).
+    (training-split statistics, unbiased std), ``feature_names`` (and ``target_name``, the target column), and
+    :meth:`raw_split` for the data in original units (e.g. mcycle's ``times`` and ``accel`` for a band plot).
 
     Args:
         dataset: "concrete" (1030 x 8), "boston" (506 x 13), "mcycle" (133 x 1) or "diabetes" (442 x 10).
@@ -131,6 +131,7 @@ class UCIRegressionDataModule(InMemoryDataModule):
         self.target_mean: Tensor | None = None
         self.target_std: Tensor | None = None
         self.feature_names: list[str] = []  # the input columns, in order (after setup)
+        self.target_name = REGRESSION_DATASETS[dataset][2]  # the target column
         self._raw: dict[str, tuple[Tensor, Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:

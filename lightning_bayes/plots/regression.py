@@ -17,19 +17,21 @@ def predictive_band(
     grid: object,
     path: str | Path,
     title: str = "Posterior predictive",
+    xlabel: str = "x",
+    ylabel: str = "y",
 ) -> Path:
     """Save a PNG of the data ``(x_1d, y)`` and the predictive's mean and 50% / 90% bands over ``grid``.
 
     ``predictive_on_grid`` is the :class:`GaussianPredictive` at the G grid points (one output, D = 1);
-    the bands are the marginal mixture quantiles 5-95% and 25-75%.
+    the bands are the marginal mixture quantiles 5-95% and 25-75%. ``x_1d`` and ``grid`` hold one input each.
     """
     if not isinstance(predictive_on_grid, GaussianPredictive):
         raise TypeError(f"predictive_on_grid must be a GaussianPredictive; got {type(predictive_on_grid).__name__}")
-    xs, ys, grid_x = (
-        as_array(x_1d, "x_1d").reshape(-1),
-        as_array(y, "y").reshape(-1),
-        as_array(grid, "grid").reshape(-1),
-    )
+    xs, ys, grid_x = as_array(x_1d, "x_1d"), as_array(y, "y").reshape(-1), as_array(grid, "grid")
+    for name, values in (("x_1d", xs), ("grid", grid_x)):
+        if values.ndim > 1 and values.size != values.shape[0]:
+            raise ValueError(f"{name} must hold one input per point; got shape {values.shape}")
+    xs, grid_x = xs.reshape(-1), grid_x.reshape(-1)
     if xs.shape != ys.shape:
         raise ValueError(f"x_1d and y must have equal length; got {xs.size} and {ys.size}")
     num_grid, outputs = predictive_on_grid.mean_samples.shape[1:]
@@ -57,7 +59,7 @@ def predictive_band(
             label=f"{round(100 * (high - low))}% interval",
         )
     axes.plot(grid_x, on_grid(predictive_on_grid.mean, "mean"), color="tab:blue", label="predictive mean")
-    axes.scatter(xs, ys, s=10, color="black", alpha=0.7, label="data", zorder=3)
-    axes.set(xlabel="x", ylabel="y", title=title)
+    axes.scatter(xs, ys, s=10, color="black", alpha=0.7, label="test data", zorder=3)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.legend(loc="best")
     return save(figure, path)

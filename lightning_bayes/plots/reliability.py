@@ -89,16 +89,20 @@ def reliability_bins(confidences: object, correct: object, n_bins: int = 15) -> 
     return ReliabilityBins(np.linspace(0.0, 1.0, n_bins + 1), accuracy, confidence, count)
 
 
-def reliability_diagram(confidences: object, correct: object, path: str | Path, n_bins: int = 15) -> ReliabilityBins:
+def reliability_diagram(
+    confidences: object, correct: object, path: str | Path, n_bins: int = 15, title: str = "Reliability"
+) -> ReliabilityBins:
     """Save a reliability diagram PNG at ``path`` and return the bins it shows.
 
-    Bars: accuracy per bin; hatched red: the gap to the bin's mean confidence; dashed: perfect calibration.
+    Bars: accuracy per bin; hatched red outline: the gap to the bin's mean confidence, above the bar
+    (over-confident) or inside it (under-confident); dashed: perfect calibration. The legend sits below the axes,
+    where no bar reaches.
     """
     bins = reliability_bins(confidences, correct, n_bins)
     figure = new_figure()
     axes = figure.add_subplot()
-    _draw(axes, bins, f"Reliability ({int(bins.count.sum())} examples), ECE = {bins.ece:.4f}")
-    axes.legend(loc="upper left")
+    _draw(axes, bins, f"{title}\n{int(bins.count.sum())} examples, ECE = {bins.ece:.4f}")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="small", frameon=False)
     save(figure, path)
     return bins
 
@@ -138,8 +142,7 @@ def _draw(axes: Axes, bins: ReliabilityBins, title: str) -> None:
         bottom=bins.accuracy[filled],
         width=width[filled],
         align="edge",
-        color="tab:red",
-        alpha=0.3,
+        fill=False,  # a filled gap over an under-confident bin's bar hid where the accuracy ends
         hatch="//",
         edgecolor="tab:red",
         label="gap to confidence",

@@ -171,6 +171,14 @@ def test_report_files_are_written_beside_earlier_ones(tmp_path: Path) -> None:
     assert saved["rows"][1]["name"] == "Curve" and math.isclose(saved["rows"][1]["time_vs_map"][0], 3.0)
 
 
+def test_a_reports_files_share_one_number_after_a_report_without_a_figure(tmp_path: Path) -> None:
+    """A regression report writes no reliability.png: the next report's files were numbered apart
+    (leaderboard-1.md, leaderboard-1.json beside reliability.png)."""
+    (tmp_path / "leaderboard.md").write_text("earlier")
+    (tmp_path / "leaderboard.json").write_text("{}")
+    assert [p.name for p in report_paths(tmp_path)] == ["leaderboard-1.md", "leaderboard-1.json", "reliability-1.png"]
+
+
 @pytest.mark.slow
 def test_the_script_runs_our_map_and_two_anchors_on_digits(tmp_path: Path) -> None:
     """The real worker processes: MAP through the CLI, laplace-torch post hoc on its checkpoint, ivon-opt."""

@@ -285,6 +285,37 @@ def test_regression_logs_reg_metrics_and_draws_the_band(tmp_path: Path) -> None:
     assert "val/reg/crps" in pd.read_csv(folder / "metrics.csv").columns
 
 
+def test_the_band_shows_the_test_data_and_predictive_in_original_units(tmp_path: Path, monkeypatch) -> None:
+    """mcycle's band was drawn in standardised units (x from -1.65 to 2.32 for times of 3.2 to 55 ms) under the
+    labels "x" and "y": it now shows the raw test split, the predictive as ``mu_y + sigma_y f`` and the columns'
+    names, titled with the method and data."""
+    from lightning_bayes.callbacks import calibration
+    from lightning_bayes.datamodules import UCIRegressionDataModule
+    from lightning_bayes.models import MLP
+    from lightning_bayes.modules import MAP
+
+    drawn: dict = {}
+    monkeypatch.setattr(calibration, "predictive_band", lambda *args, **kwargs: drawn.update(args=args, **kwargs))
+    data = UCIRegressionDataModule("mcycle", batch_size=16)
+    model = MAP(MLP(1, 1, hidden=[8]), likelihood="gaussian")
+    trainer = make_trainer(tmp_path, CalibrationMetrics(), limit_train_batches=2)
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data, verbose=False)
+    xs, ys, predictive, grid = drawn["args"]
+    raw_x, raw_y = data.raw_split("test")
+    for drawn_values, raw in ((xs, raw_x), (ys, raw_y)):
+        torch.testing.assert_close(drawn_values.double().sort().values, raw.reshape(-1).double().sort().values,
+                                   rtol=1e-6, atol=1e-4)  # fmt: skip
+    assert float(grid.min()) < float(raw_x.min()) and float(grid.max()) > float(raw_x.max())
+    with torch.no_grad():  # the network sees standardised inputs and predicts a standardised target
+        standard = model.predictive(data.standardise_inputs(grid.float().reshape(-1, 1)))
+    torch.testing.assert_close(predictive.mean.double(), standard.mean.double() * data.target_std + data.target_mean,
+                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(predictive.variance.double(), standard.variance.double() * data.target_std**2, rtol=1e-5,
+                               atol=1e-4)  # fmt: skip
+    assert (drawn["xlabel"], drawn["ylabel"], drawn["title"]) == ("times", "accel", "MAP on mcycle")
+
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_the_ood_pass_and_the_band_grid_reach_the_network_in_the_precisions_dtype(tmp_path: Path, precision) -> None:
     """Under ``64-true`` / ``bf16-true`` (a float64 / bf16 network) the OOD batches and the band's grid reached it in

@@ -60,3 +60,29 @@ def test_a_bin_count_that_is_not_a_positive_int_is_refused_by_name(tmp_path: Pat
     """bins=0 failed in numpy ("`bins` must be positive, when an integer"), naming no value."""
     with pytest.raises(ValueError, match=rf"bins must be an int >= 1; got {bins!r}"):
         coefficient_posterior(posterior_samples()[:, :2], ["a", "b"], tmp_path / "bad.png", bins=bins)  # type: ignore
+
+
+def test_many_coefficients_wrap_four_panels_a_row(tmp_path: Path, monkeypatch) -> None:
+    """Twelve coefficients made one 13-panel row, 4,992 pixels wide."""
+    figures = _drawn(monkeypatch)
+    samples = torch.randn(500, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    path = coefficient_posterior(samples, [f"c{k}" for k in range(12)], tmp_path / "many.png")
+    assert imread(path).shape[:2] == (1440, 1536)  # 4 rows x 4 columns of 3 x 3.2 inches at 120 dpi
+    geometry = [axes.get_subplotspec().get_geometry() for axes in figures[0].axes]
+    assert geometry == [(4, 4, k, k) for k in range(13)] and figures[0].axes[12].get_title() == "joint"
+    assert [axes.get_ylabel() for axes in figures[0].axes[:5]] == ["posterior density", "", "", "", "posterior density"]
+
+
+def test_samples_with_a_non_finite_value_are_left_out_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    """One infinite sample made numpy's histogram fail ("range ... is not finite"), after CoefficientPosterior had
+    written coefficients.json, so the test stage failed."""
+    figures = _drawn(monkeypatch)
+    samples = posterior_samples(200)
+    samples[7, 1] = float("inf")
+    with pytest.warns(UserWarning, match="1 of 200 samples hold a non-finite value"):
+        coefficient_posterior(samples, ["a", "b", "c"], tmp_path / "inf.png", bins=10)
+    kept = torch.cat([samples[:7], samples[8:]])
+    density, _ = np.histogram(kept[:, 0].numpy(), bins=10, density=True)
+    np.testing.assert_allclose([bar.get_height() for bar in figures[0].axes[0].patches], density, rtol=1e-12)
+    with pytest.raises(ValueError, match="every one of the 2 samples holds a non-finite value"):
+        coefficient_posterior(torch.full((2, 2), float("nan")), ["a", "b"], tmp_path / "nan.png")

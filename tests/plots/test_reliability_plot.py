@@ -137,6 +137,12 @@ def test_the_diagram_draws_each_filled_bin_its_gap_and_the_diagonal(tmp_path: Pa
 
     np.testing.assert_allclose(rectangles(accuracy), [(0.3, 0.1, 0.0, 1.0), (0.9, 0.1, 0.0, 0.5)], atol=1e-12)
     np.testing.assert_allclose(rectangles(gap), [(0.3, 0.1, 1.0, 0.35 - 1.0), (0.9, 0.1, 0.5, 0.435)], atol=1e-12)
+    # the under-confident bin's gap lies inside its accuracy bar: an outline, so the bar still shows where it ends
+    assert not any(bar.get_fill() for bar in gap)
+    legend = axes.get_legend()  # below the axes, where no bar reaches (upper left covered under-confident bars)
+    figures[0].canvas.draw()
+    assert 0 <= legend.get_window_extent().y0 and legend.get_window_extent().y1 < axes.get_window_extent().y0
+    assert axes.get_title() == "Reliability\n3 examples, ECE = 0.5067"  # (0.65 + 2 x 0.435) / 3
     (diagonal,) = axes.lines
     np.testing.assert_array_equal(diagonal.get_xydata(), [[0.0, 0.0], [1.0, 1.0]])
     assert axes.get_xlim() == (0.0, 1.0) and axes.get_ylim() == (0.0, 1.0)
