@@ -7,6 +7,7 @@ NLL against ``t``; right panel (when given): error rate against ``t``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,12 @@ def _values(value: object, name: str, length: int) -> np.ndarray:
     array = as_array(value, name).reshape(-1)
     if array.size != length:
         raise ValueError(f"{name} must have one value per t ({length}); got {array.size}")
+    if not np.isfinite(array).all():  # matplotlib leaves a gap there, which could hide a barrier
+        warnings.warn(
+            f"loss_along_curve: {name} is not finite at {int((~np.isfinite(array)).sum())} of {length} values of t "
+            "(drawn as gaps)",
+            stacklevel=3,
+        )
     return array
 
 
@@ -36,7 +43,7 @@ def loss_along_curve(
         raise ValueError(f"t must hold at least 2 increasing finite values; got {grid.tolist()[:8]}")
     if line_error is not None and curve_error is None:
         raise ValueError("line_error needs curve_error (the error panel shows both)")
-    panels = [("NLL", curve_nll, line_nll, "curve_nll", "line_nll")]
+    panels = [("NLL (nats per example)", curve_nll, line_nll, "curve_nll", "line_nll")]
     if curve_error is not None:
         panels.append(("error rate", curve_error, line_error, "curve_error", "line_error"))
     figure = new_figure(width=5.0 * len(panels), height=4.0)
@@ -59,6 +66,6 @@ def loss_along_curve(
                 label="line",
             )
         axes.set(xlabel="t", ylabel=label, xlim=(grid[0], grid[-1]))
-        axes.set_title(f"{label} along the curve")
+        axes.set_title(f"{label.split(' (')[0]} along the curve")
         axes.legend(loc="best")
     return save(figure, path)

@@ -59,3 +59,11 @@ def test_each_panel_spans_t_from_its_first_to_its_last_value(tmp_path: Path, mon
     t = torch.linspace(-0.25, 1.25, 7)
     loss_along_curve(t, torch.ones(7), tmp_path / "x.png", curve_error=torch.zeros(7))
     assert [axes.get_xlim() for axes in figures[0].axes] == [(-0.25, 1.25)] * 2
+
+
+def test_a_non_finite_loss_is_said_not_dropped_silently(tmp_path: Path) -> None:
+    """matplotlib leaves a gap at an infinite NLL, which looks like a curve without a barrier there."""
+    line = LINE.clone()
+    line[5] = float("inf")
+    with pytest.warns(UserWarning, match="line_nll is not finite at 1 of"):
+        loss_along_curve(T, CURVE, tmp_path / "inf.png", line_nll=line)
