@@ -363,15 +363,14 @@ class CalibrationMetrics(Callback):
         metrics_path = write_json(folder, "metrics", {_flat_key(name): value for name, value in computed.items()})
         rank_zero_info(f"CalibrationMetrics: wrote {metrics_path}")
         for suffix, reliability, band in plots:
+            title = f"{figure_title(trainer, pl_module)}{suffix}"
             if reliability is not None:
                 png = unique_path(folder, f"reliability{suffix}", ".png", ".json")
-                title = f"{figure_title(trainer, pl_module)}{suffix}"
                 write_json(folder, png.stem, reliability_diagram(*reliability, path=png, title=title).to_dict())
             if band is not None:
                 xs, ys, predictive, grid, units = band
                 predictive_band(xs, ys, predictive, grid, path=unique_path(folder, f"predictive_band{suffix}", ".png"),
-                                title=f"{figure_title(trainer, pl_module)}{suffix}", xlabel=units.x_label,
-                                ylabel=units.y_label)  # fmt: skip
+                                title=title, xlabel=units.x_label, ylabel=units.y_label)  # fmt: skip
 
     @staticmethod
     def _reliability_data(epoch: _EpochMetrics) -> tuple[Tensor, Tensor]:

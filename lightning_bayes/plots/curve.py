@@ -43,11 +43,11 @@ def loss_along_curve(
         raise ValueError(f"t must hold at least 2 increasing finite values; got {grid.tolist()[:8]}")
     if line_error is not None and curve_error is None:
         raise ValueError("line_error needs curve_error (the error panel shows both)")
-    panels = [("NLL (nats per example)", curve_nll, line_nll, "curve_nll", "line_nll")]
+    panels = [("NLL", " (nats per example)", curve_nll, line_nll, "curve_nll", "line_nll")]
     if curve_error is not None:
-        panels.append(("error rate", curve_error, line_error, "curve_error", "line_error"))
+        panels.append(("error rate", "", curve_error, line_error, "curve_error", "line_error"))
     figure = new_figure(width=5.0 * len(panels), height=4.0)
-    for index, (label, curve, line, curve_name, line_name) in enumerate(panels, start=1):
+    for index, (label, unit, curve, line, curve_name, line_name) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
         axes.plot(
             grid,
@@ -65,7 +65,7 @@ def loss_along_curve(
                 markersize=3,
                 label="line",
             )
-        axes.set(xlabel="t", ylabel=label, xlim=(grid[0], grid[-1]))
-        axes.set_title(f"{label.split(' (')[0]} along the curve")
+        axes.set(xlabel="t", ylabel=label + unit, xlim=(grid[0], grid[-1]))
+        axes.set_title(f"{label} along the curve")
         axes.legend(loc="best")
     return save(figure, path)
