@@ -25,7 +25,8 @@ Fitting with ``method="none"`` takes one epoch (BatchNorm statistics of each sam
 BatchNorm, whose ``lightning-bayes test`` also works without fitting). With BatchNorm, every sample's running
 statistics are recomputed over the training data once sampling is done and cached in a buffer, so
 ``predictive`` is a plain ensemble. Likelihoods are evaluated with BatchNorm on batch statistics (as the
-reference code does). All state (moments, subspace, sampler, samples, BatchNorm cache, random-draw counter)
+reference code does), which makes them depend on which examples share a batch: ESS on such a network needs a
+training loader that does not shuffle (``--data.shuffle false``; refused otherwise). All state (moments, subspace, sampler, samples, BatchNorm cache, random-draw counter)
 lives in buffers, so checkpoints resume exactly. Under DDP the log-likelihood is summed over ranks (each example
 once: the distributed sampler's padding repeats are left out, :mod:`~lightning_bayes.datamodules.sampler_padding`),
 every rank makes the same seeded draws and decisions, and each sample's BatchNorm statistics are the average of the
@@ -387,6 +388,12 @@ class SubspaceInference(WideBuffers, BayesianModule):
             raise ValueError(f"method='vi' trains for max_epochs and then draws its samples; got {self.trainer.max_epochs!r}")
         if self.method == "ess":  # the slice threshold of one pass is compared with the next pass's likelihood
             self.refuse_dropped_examples("with method='ess' needs the log-likelihood of every training example")
+        if self.method == "ess" and batchnorm_layers(self.model):
+            self.refuse_shuffled_batches(
+                "with method='ess' compares each pass's log-likelihood with the last one's, and on a network with "
+                "BatchNorm (batch statistics) it depends on which examples share a batch (a shuffled pass scored one "
+                "point differently each time, by several nats)"
+            )
         if self.method == "ess" and self._sampling_done():  # resumed from a finished chain: nothing left to draw
             self.trainer.should_stop = True
         if self._extend_chain:  # begin the step after the last sample, as an uninterrupted chain does on accepting it

@@ -223,6 +223,24 @@ def test_gaussian_ensemble_mixture_moments():
     torch.testing.assert_close(pred.variance, noise.mean(0).expand(6, 1) + means.var(0, unbiased=False))
 
 
+def test_each_gaussian_member_learns_its_own_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each member's noise gets the gradient of that member's NLL alone (Lakshminarayanan et al. 2017: every
+    network of the ensemble is a full Gaussian model); one shared noise would get the sum of both."""
+    torch.manual_seed(0)
+    ensemble = DeepEnsemble(nn.Linear(3, 1), num_members=2, likelihood="gaussian")
+    monkeypatch.setattr(ensemble, "log_training_loss", lambda *args, **kwargs: None)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    ensemble.training_step((x, y), 0).backward()
+    gradients = []
+    for member, likelihood in zip(ensemble.members, ensemble.likelihoods):
+        own = GaussianLikelihood()
+        own.load_state_dict(likelihood.state_dict())
+        own.loss(member(x).detach(), y).backward()
+        torch.testing.assert_close(likelihood.raw_noise.grad, own.raw_noise.grad)
+        gradients.append(own.raw_noise.grad)
+    assert not torch.allclose(gradients[0], gradients[1])  # the members differ, so would a shared noise's parts
+
+
 def test_non_finite_loss_stops_with_a_clear_error():
     module = MAP(_mlp())
     hint = r"\(lower the learning rate or check the inputs\)"

@@ -267,8 +267,10 @@ def classification() -> DataLoader:
     return DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=12)
 
 
-def collected_run(tmp_path: Path, batchnorm: bool = False, params: str = "all") -> tuple[MAP, SWASubspace, Path]:
-    swa = SWASubspace(params=params, start_epoch=1, every_n_steps=1, max_rank=6)
+def collected_run(
+    tmp_path: Path, batchnorm: bool = False, params: str = "all", max_rank: int = 6
+) -> tuple[MAP, SWASubspace, Path]:
+    swa = SWASubspace(params=params, start_epoch=1, every_n_steps=1, max_rank=max_rank)
     trained = MAP(Net(batchnorm), optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
     trainer(3, tmp_path, callbacks=[swa, ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(trained, classification())
     return trained, swa, tmp_path / "last.ckpt"
@@ -289,6 +291,41 @@ def test_swa_and_swag_from_a_checkpoint_reproduce_the_callbacks_weights(tmp_path
     for index, draw in enumerate(draws):
         expected = functional_call(trained, flat.unflatten(draw), (x,))
         torch.testing.assert_close(swag.predictive(x).logits[index], expected, rtol=0, atol=1e-6)
+
+
+def test_a_pca_subspace_from_a_buffer_not_yet_full_is_that_of_the_stored_deviations(tmp_path: Path) -> None:
+    """8 snapshots in a buffer of 20 rows: the basis is the top-2 PCA of those 8 deviations, D^T D / 7, not of the
+    20 rows with 12 of zeros (which would scale the basis by sqrt(7 / 19))."""
+    _, swa, path = collected_run(tmp_path, max_rank=20)
+    stored = int(swa.moments.count)
+    assert stored == 8 and swa.moments.max_rank == 20
+    module = SubspaceInference(Net(), checkpoint=str(path), subspace="pca", rank=2, method="none", num_samples=1)
+    deviations = swa.moments.deviations[:stored].double()
+    covariance = deviations.T @ deviations / (stored - 1)
+    top = torch.linalg.eigvalsh(covariance)[-2:].flip(0)
+    basis = module.subspace.basis.double()
+    torch.testing.assert_close(torch.linalg.eigvalsh(basis @ basis.T).flip(0), top, rtol=1e-4, atol=0)
+    torch.testing.assert_close(module.subspace.shift.double(), swa.moments.mean.double(), rtol=0, atol=0)
+
+
+def test_ess_on_a_batchnorm_network_refuses_a_shuffled_loader(tmp_path: Path) -> None:
+    """With BatchNorm on batch statistics the log-likelihood of one point depends on which examples share a batch,
+    so a shuffled pass would score the slice's threshold and its proposals differently; a fixed order is accepted."""
+    _, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
+    options = {"checkpoint": str(path), "subspace": "pca", "rank": 2, "method": "ess", "num_samples": 2}
+    data = classification().dataset
+    shuffled = DataLoader(data, batch_size=12, shuffle=True)
+    with pytest.raises(ValueError, match=r"^SubspaceInference with method='ess' compares each pass's log-likelihood "
+                       r"with the last one's, and on a network with BatchNorm .*the training loader shuffles: set "
+                       r"the datamodule's shuffle=False"):
+        trainer(-1).fit(SubspaceInference(Net(batchnorm=True), **options), shuffled)
+    fixed = SubspaceInference(Net(batchnorm=True), **options)
+    trainer(-1).fit(fixed, DataLoader(data, batch_size=12))
+    assert int(fixed.collected) == 2
+    _, _, plain_path = collected_run(tmp_path / "plain")
+    plain = SubspaceInference(Net(), **{**options, "checkpoint": str(plain_path)})
+    trainer(-1).fit(plain, shuffled)  # a sum over the data: the order does not matter
+    assert int(plain.collected) == 2
 
 
 def test_batchnorm_statistics_are_refreshed_and_cached_per_sample(tmp_path: Path) -> None:
