@@ -12,5 +12,5 @@ CONFIGS = ["lightning_bayes.configs", *(f"lightning_bayes.configs.{name}" for na
 setup(
     packages=[*find_packages(include=["lightning_bayes*"]), *CONFIGS],
     package_dir={"lightning_bayes.configs": "configs"},
-    package_data={name: ["*.yaml"] for name in CONFIGS},
+    package_data={"lightning_bayes": ["py.typed"], **{name: ["*.yaml"] for name in CONFIGS}},
 )

@@ -42,6 +42,24 @@ def describe_bundled_configs() -> str:
     return "\n".join(lines)
 
 
+def prerequisite_command(run_name: str) -> str | None:
+    """The command that makes the run folder ``runs/<run_name>`` a shipped config reads (a post-hoc method's MAP, a
+    curve's second endpoint): the shipped config that logs under that name, else a ``lightning-bayes fit`` line of a
+    config's leading comment that names it (``--trainer.logger.init_args.name digits_map_seed1``); ``None``."""
+    commands = []
+    for name, path in bundled_configs().items():
+        text = path.read_text()
+        logger = (yaml.safe_load(text) or {}).get("trainer", {}).get("logger") or {}
+        if isinstance(logger, dict) and (logger.get("init_args") or {}).get("name") == run_name:
+            return f"lightning-bayes fit --config {name}"
+        comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+        flag = f"--trainer.logger.init_args.name {run_name}"
+        for command in comment.replace(" \\ ", " ").split("lightning-bayes fit")[1:]:  # continuation lines joined
+            if flag in command:
+                commands.append("lightning-bayes fit" + command[: command.index(flag) + len(flag)])
+    return commands[0].replace("configs/", "").replace(".yaml", "") if commands else None
+
+
 def resolve_config(value: str) -> str:
     """``value`` of a ``--config`` argument as the parser should read it: an existing file or inline YAML as given,
     else the shipped config it names (``quickstart``, ``mnist/map``, ``mnist/map.yaml``,

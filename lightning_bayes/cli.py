@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .bundled_configs import describe_bundled_configs, with_bundled_configs
+from .bundled_configs import describe_bundled_configs, prerequisite_command, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
 from .cli_parser import BayesArgumentParser, imported_class
 from .cli_resumed_best import keep_best_across_folders
@@ -50,8 +50,8 @@ class RunConfigSaver(SaveConfigCallback):
     command line (Lightning's points at ``LightningCLI(...)`` arguments, which a command-line user cannot pass).
     A run that fails before its first loop starts (a method refusing the Trainer's settings in ``setup`` or
     ``on_fit_start``) with nothing else in its folder takes its ``config.yaml`` back, and the logger's then empty
-    version folder, so that the next run does not find a version folder holding only a config (and take the next
-    version number)."""
+    version folder (and the run name's folder when it held nothing else), so that the next run does not find a
+    version folder holding only a config (and take the next version number)."""
 
     _written: Path | None = None
 
@@ -87,6 +87,10 @@ class RunConfigSaver(SaveConfigCallback):
         # by a refusal before the config was written: a callback's setup not finding its checkpoint)
         if version is not None and trainer.is_global_zero and version.is_dir() and not any(version.iterdir()):
             version.rmdir()
+            # and the run name's folder above it when that held only this version (a first run that failed)
+            named, save_dir = version.parent, getattr(logger, "save_dir", None)
+            if save_dir is not None and named.resolve() != Path(save_dir).resolve() and not any(named.iterdir()):
+                named.rmdir()
 
 
 class BayesCLI(LightningCLI):
@@ -380,19 +384,32 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
         args = with_bundled_configs(list(args))
     # Lightning's own pytree code builds a LeafSpec, which this torch deprecates: twice a run, nothing to act on
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-    return BayesCLI(
-        BayesianModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=RunConfigSaver,
-        save_config_kwargs={"overwrite": False},
-        args=args,
-        run=subcommand,
-        auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION},
-        parser_class=BayesArgumentParser,
-    )
+    try:
+        return BayesCLI(
+            BayesianModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"overwrite": False},
+            args=args,
+            run=subcommand,
+            auto_configure_optimizers=False,
+            parser_kwargs={"description": DESCRIPTION},
+            parser_class=BayesArgumentParser,
+        )
+    except FileNotFoundError as error:
+        _name_the_prerequisite(error)
+        raise
+
+
+def _name_the_prerequisite(error: FileNotFoundError) -> None:
+    """A shipped config's ``runs/<name>/...`` checkpoint not there (a post-hoc method's MAP): the message gains the
+    command that trains it."""
+    match = re.search(r"runs/(\w+)/version_", str(error))
+    command = prerequisite_command(match[1]) if match else None
+    if command is not None and len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}: {command}",)
 
 
 def main() -> None:
@@ -405,7 +422,11 @@ def main() -> None:
         if extra:
             print("usage: lightning-bayes configs\n\nLists the configs shipped with lightning_bayes; run one with "
                   "`lightning-bayes fit --config <name>`.\n")
-        print(describe_bundled_configs())
+        try:
+            print(describe_bundled_configs(), flush=True)
+        except BrokenPipeError:  # `lightning-bayes configs | head`: the reader left; no traceback (Python's docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         return
     try:
         sys.argv[1:] = with_bundled_configs(sys.argv[1:])

@@ -5,7 +5,8 @@ a config's ``init_args``) as one line, ``Problem with given class_path 'X': Opti
 inside a union-validation message that follows the whole usage text; a value outside a ``Literal``
 (``--model.init_args.solver cgg``) likewise. :class:`BayesArgumentParser` adds, for each such line, what ``X``
 accepts and the closest accepted names (or values), so the fix is on the last lines printed; a class path naming no
-class of its module (``--model lightning_bayes.modules.MAPP``) gets the module's closest class names.
+class of its module (``--model lightning_bayes.modules.MAPP``) gets the module's closest class names, and a class
+that needs an extra not installed (timm's, without ``lightning-bayes[vision]``) the command that installs it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ _NOT_A_CHOICE = re.compile(
 _NO_SUCH_CLASS = re.compile(
     r"Problem with given class_path '(?P<path>[\w.]+)':\s*module '(?P<module>[\w.]+)' has no attribute '(?P<name>\w+)'"
 )
+
+
+_MISSING_EXTRA = re.compile(r"No module named '(?P<module>\w+)': it comes with lightning-bayes' '(?P<extra>\w+)' extra")
 
 
 def imported_class(class_path: str) -> Any:
@@ -74,6 +78,8 @@ def refused_argument_hints(message: str) -> list[str]:
         closest = difflib.get_close_matches(repr(value), [c.strip() for c in choices.split(",")], n=1, cutoff=0.5)
         suggestion = f" (closest: {closest[0]})" if closest else ""
         hints.append(f"{name}'s {key} must be one of {choices}; got {value!r}{suggestion}")
+    for module, extra in dict.fromkeys(_MISSING_EXTRA.findall(message)):  # once each, where unions repeat it
+        hints.append(f"{module} is not installed: pip install 'lightning-bayes[{extra}]'")
     return hints
 
 

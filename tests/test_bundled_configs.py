@@ -11,7 +11,9 @@ import pytest
 from cli_helpers import ROOT
 
 from lightning_bayes import cli
-from lightning_bayes.bundled_configs import bundled_configs, describe_bundled_configs, resolve_config, with_bundled_configs
+from lightning_bayes.bundled_configs import (
+    bundled_configs, describe_bundled_configs, prerequisite_command, resolve_config, with_bundled_configs,
+)
 
 REPOSITORY_CONFIGS = sorted(path.relative_to(ROOT / "configs").as_posix() for path in (ROOT / "configs").rglob("*.yaml"))
 
@@ -21,7 +23,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel ``pip`` builds from a copy of this checkout's sources (setuptools from the environment: no index
     needed; the copy keeps the build's ``build/`` and ``*.egg-info`` out of the checkout)."""
     source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE", "MANIFEST.in"):
         shutil.copy(ROOT / name, source)
     for name in ("lightning_bayes", "configs"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -37,6 +39,9 @@ def test_the_wheel_ships_every_config_of_the_repository_and_no_tests(wheel: Path
     assert shipped == REPOSITORY_CONFIGS
     assert all(name.startswith(("lightning_bayes/", "lightning_bayes-")) for name in names)
     assert "lightning_bayes/bundled_configs.py" in names
+    assert "lightning_bayes/py.typed" in names  # type checkers read the package's annotations (PEP 561)
+    (licence,) = [name for name in names if name.endswith(".dist-info/licenses/LICENSE")]
+    assert zipfile.ZipFile(wheel).read(licence) == (ROOT / "LICENSE").read_bytes()
 
 
 def test_an_installed_wheel_resolves_config_names_to_its_own_files(wheel: Path, tmp_path: Path):
@@ -124,6 +129,41 @@ def test_python_dash_m_runs_the_same_command(tmp_path: Path):
     listed = subprocess.run([sys.executable, "-m", "lightning_bayes", "configs"], check=True, capture_output=True,
                             text=True, cwd=tmp_path)
     assert listed.stdout.strip() == describe_bundled_configs()
+
+
+@pytest.mark.parametrize(("run_name", "command"), [
+    ("digits_map", "lightning-bayes fit --config digits/map"),
+    ("digits_map_seed1",  # from curve.yaml's comment
+     "lightning-bayes fit --config digits/map --seed_everything 1 --trainer.logger.init_args.name digits_map_seed1"),
+    ("text_map_lora_smollm2_seed1",  # a comment's command continued on the next line
+     ("lightning-bayes fit --config text/map_lora_smollm2 --seed_everything 1 "
+      "--trainer.logger.init_args.name text_map_lora_smollm2_seed1")),
+    ("no_such_run", None),
+])
+def test_the_command_that_makes_a_run_a_shipped_config_reads(run_name: str, command: str | None):
+    assert prerequisite_command(run_name) == command
+
+
+def test_a_post_hoc_config_without_its_map_run_names_the_command_that_trains_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint='runs/digits_map/version_\*/checkpoints/best\.ckpt' "
+                       r"matches no file .*; train the model first: lightning-bayes fit --config digits/map$"):
+        cli.run(["fit", "--config", "digits/nullspace_laplace"])
+
+
+def test_python_dash_m_names_itself_in_its_usage(tmp_path: Path):
+    shown = subprocess.run([sys.executable, "-m", "lightning_bayes", "fit", "--help"], check=True, capture_output=True,
+                           text=True, cwd=tmp_path)
+    assert shown.stdout.startswith("usage: python -m lightning_bayes [options] fit")
+
+
+def test_a_reader_that_leaves_the_configs_list_early_gets_no_traceback(tmp_path: Path):
+    command = f"'{sys.executable}' -m lightning_bayes configs | head -n 1"
+    piped = subprocess.run(["bash", "-c", command], check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert piped.stdout == describe_bundled_configs().splitlines()[0] + "\n"
+    assert piped.stderr == ""
 
 
 def test_the_console_script_refuses_an_unknown_config_as_a_parser_error(monkeypatch: pytest.MonkeyPatch, capsys):

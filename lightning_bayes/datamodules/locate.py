@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..extras import needs_extra
 from ..paths import lightning_bayes_home
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -93,7 +94,8 @@ def has_idx_files(folder: Path) -> bool:
 
 def download_with_torchvision(source: IDXSource, root: Path) -> Path:
     """Download ``source`` with torchvision into ``root`` (needs internet); the folder of its IDX files."""
-    from torchvision import datasets
+    with needs_extra("vision"):
+        from torchvision import datasets
 
     getattr(datasets, source.torchvision_class)(root=str(root), train=True, download=True)
     folder = source.torchvision_raw(root)

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..checks import is_int
+from ..extras import needs_extra
 from .base import InMemoryDataModule, check_split_fractions, seeded_permutation
 
 if TYPE_CHECKING:  # pandas and scikit-learn are imported where used: 0.4 s at every start otherwise
@@ -189,7 +190,8 @@ class RottenTomatoesDataModule(InMemoryDataModule):
     def tokenizer(self) -> Any:
         """The transformers tokenizer, loaded on first use with this module's padding side."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            with needs_extra("llm"):
+                from transformers import AutoTokenizer
 
             from ..models.pretrained import named_in_load_errors, resolve_pretrained
 

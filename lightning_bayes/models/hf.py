@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
+from ..extras import needs_extra
 from ..torch_func_state import mapped_by_vmap, plain_values
 from .attention import without_cudnn_attention
 from .frozen_base import exclude_frozen_base
@@ -89,7 +90,8 @@ def quantisation_kwargs(load_in_4bit: bool) -> dict[str, Any]:
             "load_in_4bit=True needs a CUDA device or a bitsandbytes with a CPU backend (bitsandbytes.backends.cpu); "
             "this machine has no CUDA device and the installed bitsandbytes has none: upgrade it, or load_in_4bit=False"
         )
-    from transformers import BitsAndBytesConfig
+    with needs_extra("llm"):
+        from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     return {"quantization_config": config, "device_map": {"": device}}
@@ -109,8 +111,9 @@ def apply_lora(model: nn.Module, lora: LoraSpec | Mapping[str, Any], task_type: 
     """Wrap ``model`` with peft LoRA adapters; the base is frozen, the adapters (and, for
     ``task_type="SEQ_CLS"``, the classification head) are trainable. ``lora``: a :class:`LoraSpec`, or a dict of its
     fields (as a config writes it)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
+    with needs_extra("llm"):
+        from peft import LoraConfig, get_peft_model
+        from transformers.pytorch_utils import Conv1D
 
     if isinstance(lora, Mapping):
         lora = LoraSpec(**lora)
@@ -177,14 +180,16 @@ class HFSequenceClassifier(nn.Module):
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1; got {num_labels}")
         quantisation = quantisation_kwargs(load_in_4bit)
-        from transformers import AutoModelForSequenceClassification
+        with needs_extra("llm"):
+            from transformers import AutoModelForSequenceClassification
 
         folder = resolve_pretrained(model)
         with named_in_load_errors("model", model):
             loaded = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **quantisation)
         base = keep_cpu_four_bit_differentiable(loaded)
         self.tokenizer_source, self.vocabulary = model, folder_vocabulary(folder)
-        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        with needs_extra("llm"):
+            from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
         self.num_features: int = base.config.hidden_size
         config = base.config
@@ -240,7 +245,8 @@ class CausalLMAnswerClassifier(nn.Module):
         if len(answer_words) < 2:
             raise ValueError(f"answer_words needs at least two words (one per class); got {answer_words}")
         quantisation = quantisation_kwargs(load_in_4bit)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        with needs_extra("llm"):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = resolve_pretrained(model)
         with named_in_load_errors("model", model):
@@ -283,7 +289,8 @@ class CausalLMAnswerClassifier(nn.Module):
         return out.last_hidden_state[:, -1]
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        with needs_extra("llm"):
+            from peft.tuners.tuners_utils import BaseTunerLayer
 
         head = _unwrap(self.model).get_output_embeddings()
         if isinstance(head, BaseTunerLayer):  # a LoRA on lm_head: its own forward, then the answer columns

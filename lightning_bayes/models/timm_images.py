@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from typing import cast
 
-import timm
 import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
 from ..checks import check_flags, is_int
-from .timm import timm_backbone
+from ..extras import needs_extra
 from ..torch_func_state import inside_torch_func
+from .timm import timm_backbone
+
+with needs_extra("vision"):
+    import timm
 
 _MODES = ("bicubic", "bilinear", "nearest")  # timm configurations name these (and PIL's others: bilinear then)
 

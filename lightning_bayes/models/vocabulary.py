@@ -7,6 +7,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from ..extras import needs_extra
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
 
@@ -23,6 +25,7 @@ def folder_vocabulary(folder: str) -> str | None:
     local = Path(folder).expanduser()
     if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    with needs_extra("llm"):
+        from transformers import AutoTokenizer
 
     return vocabulary_fingerprint(AutoTokenizer.from_pretrained(folder))
