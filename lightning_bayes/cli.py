@@ -13,6 +13,7 @@ lists them.
 
 from __future__ import annotations
 
+import csv
 import inspect
 import os
 import pickle
@@ -27,6 +28,8 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .bundled_configs import describe_bundled_configs, prerequisite_command, with_bundled_configs
@@ -369,8 +372,32 @@ def test_fitted(trainer: Trainer, model: LightningModule, datamodule: LightningD
             "keeps the path it was saved under): testing the model as the fit left it"
         )
         use_best = False
+    continue_the_fits_records(trainer)
     # the path "best" stands for, given as it is: "best" warns whenever the trainer has several ModelCheckpoints
     trainer.test(model, datamodule=datamodule, ckpt_path=best if use_best else None)
+
+
+class AppendingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer for a folder whose ``metrics.csv`` a fit of this run wrote: its rows are kept and the
+    new ones appended (Lightning's writer deletes the file it finds), under the header widened to the new keys."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
+
+
+def continue_the_fits_records(trainer: Trainer) -> None:
+    """Before the test after a fit that ran in processes now gone (``ddp_spawn``): this process's config saver never
+    saved and its CSV logger never wrote, so the test's would refuse the ``config.yaml`` the fit wrote and delete
+    its ``metrics.csv``; they carry on the fit's records instead. Nothing changes after a fit in this process."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning sets it in its connector
+        if isinstance(callback, SaveConfigCallback):
+            callback.already_saved = True
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger) and logger._experiment is None and logger.log_dir is not None:
+            if os.path.isfile(os.path.join(logger.log_dir, ExperimentWriter.NAME_METRICS_FILE)):
+                logger._experiment = AppendingExperimentWriter(logger.log_dir)
 
 
 def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:

@@ -74,3 +74,21 @@ def test_a_run_refused_on_two_processes_leaves_no_version_folder(tmp_path: Path)
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0 and "ddp_find_unused_parameters_true" in done.stderr
     assert not list(logs.rglob("version_*"))
+
+
+def test_a_ddp_spawn_fit_tests_in_its_own_run_folder_and_keeps_its_metrics(tmp_path: Path) -> None:
+    """Under ``ddp_spawn`` the fit runs in processes gone before the test after it: that test's logger wrote its rows
+    into the fit's folder but first deleted the fit's ``metrics.csv`` (Lightning's CSV writer on a folder not empty),
+    and its config saver, never having saved in this process, refused the fit's ``config.yaml``."""
+    logs = tmp_path / "logs"
+    config = ROOT / "configs" / "digits" / "map.yaml"
+    spawn = ["--trainer.strategy=ddp_spawn", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    cli(tmp_path, "fit", "--config", str(config), "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+        f"--trainer.logger.init_args.save_dir={logs}", *spawn)  # fmt: skip
+    (run,) = (logs / "digits_map").iterdir()
+    with (run / "metrics.csv").open(newline="") as file:
+        logged = list(csv.DictReader(file))
+    assert [bool(row["val/nll"]) for row in logged] == [True, False]  # the fit's epoch, then the test's row
+    assert [bool(row["test/nll"]) for row in logged] == [False, True]
+    assert json.loads((run / "metrics.json").read_text())["nll"] > 0
+    assert (run / "config.yaml").is_file()

@@ -31,7 +31,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -39,7 +39,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from ..batches import BatchLayout
 from ..checks import check_flags, is_int
 from ..datamodules.epoch_loader import step_batch
-from ..datamodules.sampler_padding import distributed_sampler, real_examples
+from ..datamodules.sampler_padding import distributed_sampler, real_examples, stage_loaders
 from ..metrics import (
     OOD_SCORES,
     ExpectedCalibrationError,
@@ -84,13 +84,8 @@ def _flat_key(name: str) -> str:
     return "/".join([f"ood_{metric}" if group == "ood" else metric, *loader])
 
 
-def _stage_loaders(trainer: Trainer, stage: str) -> list[Any]:
-    """The stage's loaders in Lightning's ``dataloader_idx`` order (a list, a dict's values, ... flattened)."""
-    return tree_flatten(trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders)[0]
-
-
 def _loader_suffix(trainer: Trainer, stage: str, dataloader_idx: int) -> str:
-    return loader_suffixes(_stage_loaders(trainer, stage))[dataloader_idx]
+    return loader_suffixes(stage_loaders(trainer, stage))[dataloader_idx]
 
 
 class CalibrationMetrics(Callback):
@@ -211,7 +206,7 @@ class CalibrationMetrics(Callback):
             and "predictive" not in vars(pl_module)
         )
         predictive = outputs.detach() if reuse else self._predict(trainer, pl_module, x, stage)
-        loader = _stage_loaders(trainer, stage)[dataloader_idx]
+        loader = stage_loaders(trainer, stage)[dataloader_idx]
         keep = real_examples(batch_idx, len(y), loader)  # a DistributedSampler's repeats count once, on their rank
         if keep < len(y):
             x = tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x)
@@ -402,7 +397,7 @@ class CalibrationMetrics(Callback):
 def _sharded_in_distribution(trainer: Trainer, stage: str) -> bool:
     """Whether this stage's in-distribution loaders deal their examples out to the processes (Lightning's
     ``DistributedSampler``); with ``use_distributed_sampler=False`` every process sees all of them."""
-    return any(distributed_sampler(loader) is not None for loader in _stage_loaders(trainer, stage))
+    return any(distributed_sampler(loader) is not None for loader in stage_loaders(trainer, stage))
 
 
 def _sharded(loader: DataLoader, world_size: int, rank: int) -> DataLoader:

@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from ..batches import BatchLayout
 from ..checks import check_flags, check_seed, is_finite, is_int
-from ..datamodules import side_pass
+from ..datamodules import side_pass, without_sampler_padding
+from ..datamodules.sampler_padding import stage_loaders
 from ..generator import PicklableGenerator
 from ..inference.curve_parametrization import (
     CurveParametrization,
@@ -513,7 +514,7 @@ class CurveTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking and self.curves:
-            self._accumulate(trainer, pl_module, batch, "val", dataloader_idx)
+            self._accumulate(trainer, pl_module, batch, "val", batch_idx, dataloader_idx)
 
     def on_test_batch_end(
         self,
@@ -525,18 +526,20 @@ class CurveTraining(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.curves:
-            self._accumulate(trainer, pl_module, batch, "test", dataloader_idx)
+            self._accumulate(trainer, pl_module, batch, "test", batch_idx, dataloader_idx)
 
     def _accumulate(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: str, dataloader_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: str, batch_idx: int, dataloader_idx: int
     ) -> None:
-        """Add this batch's summed NLL, error count and size at every grid row to the stage's sums ``[R, 3]``."""
+        """Add this batch's summed NLL, error count and size at every grid row to the stage's sums ``[R, 3]``, without
+        a ``DistributedSampler``'s repeats (the ranks' sums are added: each example counts once)."""
         if dataloader_idx:  # one set of sums per stage: a second loader would be pooled into the first's
             raise ValueError(
                 f"CurveTraining scores the curve on one {stage} loader; got several (loader {dataloader_idx}): score "
                 "the others in their own trainer.validate / trainer.test call"
             )
         x, y = self.layout.split(batch, "CurveTraining (scoring the curve)")
+        x, y = without_sampler_padding((x, y), batch_idx, stage_loaders(trainer, stage)[dataloader_idx])
         _, rows = self._rows(stage)
         predictive_fn = _plain_predictive(pl_module)
         context = (
@@ -546,7 +549,7 @@ class CurveTraining(Callback):
         )
         sums = torch.zeros(len(rows), 3, dtype=torch.float64, device=pl_module.device)
         with torch.no_grad(), context:
-            for index, row in enumerate(rows):
+            for index, row in enumerate(rows if len(y) else []):  # a batch of repeats only adds zeros
                 predictive = self._at(pl_module, row, lambda: predictive_fn(x, None))
                 sums[index, 0] = -predictive.log_prob(y).double().sum()
                 if isinstance(predictive, CategoricalPredictive):

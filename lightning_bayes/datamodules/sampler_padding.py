@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 from torch.utils.data import DistributedSampler
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .epoch_loader import loader_samplers
 
@@ -49,3 +49,9 @@ def without_sampler_padding(batch: tuple[Any, Tensor], batch_idx: int, loader: A
     if keep == len(y):
         return batch
     return tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x), y[:keep]
+
+
+def stage_loaders(trainer: Any, stage: str) -> list[Any]:
+    """The ``"val"`` or ``"test"`` stage's loaders in Lightning's ``dataloader_idx`` order (a list, a dict's values,
+    ... flattened)."""
+    return tree_flatten(trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders)[0]

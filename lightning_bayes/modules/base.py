@@ -29,6 +29,7 @@ from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRando
 
 from ..checks import held, is_int
 from ..datamodules.epoch_loader import loader_samplers
+from ..datamodules.sampler_padding import real_examples, stage_loaders
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
 from ..predictive import CategoricalPredictive, Predictive
@@ -450,12 +451,17 @@ class BayesianModule(LightningModule, ABC):
             f"{self.global_step}; expected a finite value ({hint})"
         )
 
-    def _evaluate(self, batch: Batch, stage: str) -> Predictive:
+    def _evaluate(self, batch: Batch, stage: str, batch_idx: int, dataloader_idx: int) -> Predictive:
+        """The predictive of the batch, and ``{stage}/nll`` logged over its examples that are not a
+        ``DistributedSampler``'s repeats (Lightning's epoch mean then weighs every example once, across ranks)."""
         x, y = batch
         predictive = self.predictive(x, self.num_samples)
         self._check_output_width(predictive)
-        nll = -predictive.log_prob(y).mean()
-        self.log(f"{stage}/nll", nll, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+        loaders = stage_loaders(self.trainer, stage) if self._trainer is not None else []
+        keep = real_examples(batch_idx, len(y), loaders[dataloader_idx]) if loaders else len(y)
+        log_prob = predictive.log_prob(y)
+        nll = -log_prob[:keep].mean() if keep else log_prob.new_zeros(())
+        self.log(f"{stage}/nll", nll, prog_bar=stage == "val", sync_dist=True, batch_size=keep)
         return predictive
 
     def _check_output_width(self, predictive: Predictive) -> None:
@@ -477,12 +483,12 @@ class BayesianModule(LightningModule, ABC):
     def validation_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
         self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> Predictive:
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch, "val", batch_idx, dataloader_idx)
 
     def test_step(  # type: ignore[override]  # Lightning passes any output to callbacks; STEP_OUTPUT is narrower
         self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
     ) -> Predictive:
-        return self._evaluate(batch, "test")
+        return self._evaluate(batch, "test", batch_idx, dataloader_idx)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> Predictive:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -358,4 +358,4 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
         self.log("val/kernel_residual", residual, batch_size=len(y), sync_dist=True)  # all ranks' batches
         if self.trainer.sanity_checking and not self.projections.sweeps_done:
             return None  # type: ignore[return-value]  # no posterior before the first sweep: nothing to score
-        return super().validation_step(batch, batch_idx)
+        return super().validation_step(batch, batch_idx, dataloader_idx)

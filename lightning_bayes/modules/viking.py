@@ -425,7 +425,7 @@ class VIKING(WideBuffers, BayesianModule):
         x, y = batch
         residual = self._residual(x, y, self.sample_kernel[:1])
         self.log("val/kernel_residual", residual, batch_size=len(y), sync_dist=True)  # every rank's share
-        return super().validation_step(batch, batch_idx)
+        return super().validation_step(batch, batch_idx, dataloader_idx)
 
     # ----- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

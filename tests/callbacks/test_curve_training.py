@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.callbacks.calibration import CalibrationMetrics
 from lightning_bayes.callbacks.curve_training import CurveTraining
@@ -455,6 +455,23 @@ def test_loss_along_curve_files_are_written_and_never_overwritten(endpoints, tmp
         assert logged[f"curve/test_max_{kind}"] == pytest.approx(max(values[f"curve_{kind}"]), rel=1e-6)
         ends = max(values[f"curve_{kind}"][0], values[f"curve_{kind}"][-1])
         assert logged[f"curve/test_endpoint_{kind}"] == pytest.approx(ends, rel=1e-6)
+
+
+def test_a_distributed_samplers_repeats_are_left_out_of_the_curve_scores(endpoints, tmp_path):
+    """Rank 1 of 2 over 255 moons: examples 1, 3, ..., 253 and a repeat of example 0 (DistributedSampler pads to equal
+    shares), the last of the second batch of 64; the scores along the line are those of the 127 examples."""
+    start, end = endpoints
+    data = TensorDataset(*(t[:255] for t in moons().tensors))
+    shard = DataLoader(data, batch_size=64, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    callback = CurveTraining(params="all", start=start, end=end, test_grid_points=3)
+    trainer(1, root=tmp_path, callbacks=[callback]).test(MAP(mlp(0)), shard, verbose=False)
+    values = json.loads((tmp_path / "loss_along_curve_test.json").read_text())
+    x, y = (t[1::2] for t in data.tensors)
+    a, b = state(start), state(end)
+    for index, t in enumerate(values["t"]):
+        logits = functional_call(mlp(0), {n[9:]: (1 - t) * a[n] + t * b[n] for n in a}, (x,))
+        assert values["line_nll"][index] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-9)
+        assert values["line_error"][index] == pytest.approx(float((logits.argmax(-1) != y).double().mean()), abs=1e-12)
 
 
 def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_curve_bitwise(endpoints, tmp_path):

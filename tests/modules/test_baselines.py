@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_bayes.datamodules import DigitsDataModule
 from lightning_bayes.inference.likelihoods import GaussianLikelihood
@@ -485,3 +485,20 @@ def test_validation_and_test_log_the_negative_log_likelihood():
     [tested] = trainer.test(module, loader, verbose=False)
     torch.testing.assert_close(torch.tensor(validated["val/nll"]), expected.detach())
     torch.testing.assert_close(torch.tensor(tested["test/nll"]), expected.detach())
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_the_logged_nll_leaves_out_a_distributed_samplers_repeats(stage: str) -> None:
+    """Rank 1 of 2 over 7 examples gets examples 1, 3, 5 and a repeat of example 0 (DistributedSampler pads to equal
+    shares): ``{stage}/nll`` is the mean over the three, as the calibration metrics' NLL is (each example once,
+    across ranks); batches of 3 put the repeat alone in the second batch."""
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    data = TensorDataset(x, y)
+    loader = DataLoader(data, batch_size=3, sampler=DistributedSampler(data, num_replicas=2, rank=1, shuffle=False))
+    module = MAP(_mlp()).eval()
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    (logged,) = getattr(trainer, stage)(module, loader, verbose=False)
+    key = "val/nll" if stage == "validate" else "test/nll"
+    expected = torch.nn.functional.cross_entropy(module(x[[1, 3, 5]]), y[[1, 3, 5]])
+    assert logged[key] == pytest.approx(expected.item(), rel=1e-6)
