@@ -395,9 +395,10 @@ def continue_the_fits_records(trainer: Trainer) -> None:
         if isinstance(callback, SaveConfigCallback):
             callback.already_saved = True
     for logger in trainer.loggers:
-        if isinstance(logger, CSVLogger) and logger._experiment is None and logger.log_dir is not None:
-            if os.path.isfile(os.path.join(logger.log_dir, ExperimentWriter.NAME_METRICS_FILE)):
-                logger._experiment = AppendingExperimentWriter(logger.log_dir)
+        if not isinstance(logger, CSVLogger) or logger._experiment is not None or logger.log_dir is None:
+            continue  # another logger, or one that wrote in this process
+        if os.path.isfile(os.path.join(logger.log_dir, ExperimentWriter.NAME_METRICS_FILE)):
+            logger._experiment = AppendingExperimentWriter(logger.log_dir)
 
 
 def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
