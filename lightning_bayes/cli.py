@@ -14,6 +14,7 @@ lists them.
 from __future__ import annotations
 
 import csv
+import glob
 import inspect
 import os
 import pickle
@@ -30,7 +31,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .bundled_configs import describe_bundled_configs, prerequisite_command, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
@@ -140,6 +141,8 @@ class BayesCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
             return super()._parse_ckpt_path()
+        if ckpt_path in _RUN_CHECKPOINTS:  # Lightning looks in this run's own (new, empty) folder only
+            ckpt_path = self.config[subcommand].ckpt_path = newest_run_checkpoint(ckpt_path, self.config[subcommand])
         _check_local_checkpoint(ckpt_path)
         configured = _class_path(self.config[subcommand].get("model"))
         try:
@@ -234,6 +237,31 @@ class BayesCLI(LightningCLI):
 
 
 _LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")  # resolved by the Trainer, not files
+_RUN_CHECKPOINTS = ("best", "last")  # resolved here: the newest of the config's earlier runs
+
+
+def newest_run_checkpoint(kind: str, config: Any) -> str:
+    """``--ckpt_path best`` / ``last``: the newest ``<kind>.ckpt`` of the config's earlier runs,
+    ``<save_dir>/<name>/version_*/checkpoints/`` of its logger (``<default_root_dir>/lightning_logs/...`` without one).
+    Lightning would look in the new run's folder, find nothing, and score the model as built (``last``) or refuse
+    with a hint about ``ModelCheckpoint`` (``best``)."""
+    trainer = config.get("trainer") or {}
+    logger = trainer.get("logger")
+    arguments = getattr(logger, "get", lambda key: None)("init_args") or {}  # logger: a class_path/init_args pair
+    root = trainer.get("default_root_dir") or "."
+    if arguments.get("save_dir") is not None:
+        runs = Path(arguments["save_dir"]) / (arguments.get("name") or "lightning_logs")
+    else:
+        runs = Path(root) / "lightning_logs"
+    pattern = str(runs / "version_*" / "checkpoints" / f"{kind}.ckpt")
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path {kind}: no earlier run of this config has one ({pattern} matches no file"
+            f"{relative_to_note(pattern)}); fit first, or give the checkpoint's file"
+        )
+    rank_zero_info(f"--ckpt_path {kind}: {found[-1]}")
+    return found[-1]
 
 
 def _refuse_an_earlier_runs_folder(trainer: Trainer) -> None:

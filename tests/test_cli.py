@@ -155,6 +155,14 @@ def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
     run(args)
     metrics = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert 0.0 <= metrics["acc"] <= 1.0 and "ood_auroc" in metrics
+    # "last" is the newest last.ckpt of the config's runs (Lightning looked in the new run's empty folder and scored
+    # the untrained network); "best" likewise, and none there is refused by name
+    named = run([*args[:-1], "--ckpt_path=last"])
+    assert named.config["test"].ckpt_path == str(checkpoint)
+    assert json.loads(next(tmp_path.rglob("version_2/metrics.json")).read_text()) == metrics
+    with pytest.raises(FileNotFoundError, match=r"^--ckpt_path best: no earlier run of this config has one \(.*"
+                       r"mnist_map/version_\*/checkpoints/best\.ckpt matches no file"):
+        run([*args[:-1], "--ckpt_path=best", f"--trainer.logger.init_args.save_dir={tmp_path / 'elsewhere'}"])
 
 
 def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anything_is_written(tmp_path: Path):
