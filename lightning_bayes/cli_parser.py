@@ -5,8 +5,9 @@ a config's ``init_args``) as one line, ``Problem with given class_path 'X': Opti
 inside a union-validation message that follows the whole usage text; a value outside a ``Literal``
 (``--model.init_args.solver cgg``) likewise. :class:`BayesArgumentParser` adds, for each such line, what ``X``
 accepts and the closest accepted names (or values), so the fix is on the last lines printed; a class path naming no
-class of its module (``--model lightning_bayes.modules.MAPP``) gets the module's closest class names, and a class
-that needs an extra not installed (timm's, without ``lightning-bayes[vision]``) the command that installs it.
+class of its module (``--model lightning_bayes.modules.MAPP``) gets the module's closest class names, a value of the
+wrong type (``--model.init_args.num_samples abc``) the type expected, and a class that needs an extra not installed
+(timm's, without ``lightning-bayes[vision]``) the command that installs it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ _NO_SUCH_CLASS = re.compile(
 )
 
 
+_WRONG_TYPE = re.compile(
+    r"Parser key \"(?P<key>[^\"]+)\":\s*Expected a <class '(?P<type>\w+)'>\. Got value: (?P<value>.+?)(?:\. Got value:|\n|$)"
+)
+_CLASS_PATH = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)'")
+_ARTICLES = {"int": "an int", "float": "a float", "bool": "a bool", "str": "a str"}
 _MISSING_EXTRA = re.compile(r"No module named '(?P<module>\w+)': it comes with lightning-bayes' '(?P<extra>\w+)' extra")
 
 
@@ -78,6 +84,11 @@ def refused_argument_hints(message: str) -> list[str]:
         closest = difflib.get_close_matches(repr(value), [c.strip() for c in choices.split(",")], n=1, cutoff=0.5)
         suggestion = f" (closest: {closest[0]})" if closest else ""
         hints.append(f"{name}'s {key} must be one of {choices}; got {value!r}{suggestion}")
+    for match in _WRONG_TYPE.finditer(message):
+        owners = [owner["path"].rpartition(".")[2] for owner in _CLASS_PATH.finditer(message, 0, match.start())]
+        name = f"{owners[-1]}'s {match['key']}" if owners else match["key"]
+        expected = _ARTICLES.get(match["type"], f"a {match['type']}")
+        hints.append(f"{name} must be {expected}; got {match['value']!r}")
     for module, extra in dict.fromkeys(_MISSING_EXTRA.findall(message)):  # once each, where unions repeat it
         hints.append(f"{module} is not installed: pip install 'lightning-bayes[{extra}]'")
     return hints

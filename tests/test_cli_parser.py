@@ -56,6 +56,19 @@ def test_a_class_its_module_lacks_is_answered_with_the_closest_class_names() -> 
     assert refused_argument_hints(missing) == []
 
 
+def test_a_value_of_the_wrong_type_is_answered_with_the_type_expected() -> None:
+    message = (
+        "    - Problem with given class_path 'lightning_bayes.modules.ivon.IVONModule':\n"
+        "        Parser key \"optimizer\":\n          Type collections.abc.Callable[...] expects a function or a "
+        "callable class: Parser key \"lr\":\n            Expected a <class 'float'>. Got value: fast. Got value: "
+        "Namespace(class_path='lightning_bayes.optim.IVON', init_args=Namespace(lr='fast'))\n"
+        "    - Expected a <class 'NoneType'>\n"
+    )
+    assert refused_argument_hints(message) == ["IVONModule's lr must be a float; got 'fast'"]
+    batch = "Parser key \"batch_size\":\n  Expected a <class 'int'>. Got value: 1.5\n"
+    assert refused_argument_hints(batch) == ["batch_size must be an int; got '1.5'"]  # no class around it
+
+
 def test_an_unknown_option_is_answered_with_the_closest_known_ones() -> None:
     known = ["--trainer.max_epochs", "--trainer.min_epochs", "--data.batch_size"]
     message = "unrecognized arguments: --trainer.max_epocs 3 --data.batchsize=8 --zzz"
@@ -85,6 +98,7 @@ def test_accepted_arguments_are_the_constructor_keywords() -> None:
          "lightning_bayes.modules has no class 'MAPP'; closest: lightning_bayes.modules.MAP"),
         ("digits/map", "--model.init_args.backbone=lightning_bayes.models.LeNet",
          "lightning_bayes.models has no class 'LeNet'; closest: lightning_bayes.models.LeNet5"),
+        ("digits/ivon", "--model.init_args.num_samples=abc", "IVONModule's num_samples must be an int; got 'abc'"),
     ],
 )
 def test_the_command_line_ends_with_the_hint(
