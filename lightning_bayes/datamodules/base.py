@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from ..checks import check_flags, check_folders, is_finite, is_int
 from .epoch_loader import EpochLoader, training_pass_batches, training_pass_epoch
@@ -68,7 +68,8 @@ class InMemoryDataModule(LightningDataModule):
     (:class:`EpochShuffle`), so two runs with the same seed see the same batches, and so does a resumed run,
     at an epoch's end or inside one, on one process or under DDP, with or without workers (:class:`EpochLoader`:
     Lightning keeps its position in checkpoints). Under DDP Lightning replaces the shuffle by its
-    ``DistributedSampler``, whose order follows ``seed_everything`` (the shipped configs set it), not ``seed``.
+    ``DistributedSampler``, whose order follows ``seed_everything`` (the shipped configs set it), not ``seed``;
+    ``shuffle=False`` keeps one fixed order there too (each rank every ``world_size``-th example).
     ``predict`` runs on the test split.
     ``num_train`` is the training-set size N (the KL weight of variational methods is 1/N).
 
@@ -136,9 +137,24 @@ class InMemoryDataModule(LightningDataModule):
         }
         if not train:
             return DataLoader(dataset, **options)
-        order = EpochShuffle(dataset, self.seed) if self.shuffle else None  # type: ignore[arg-type]
+        if self.shuffle:
+            order: Sampler | None = EpochShuffle(dataset, self.seed)  # type: ignore[arg-type]
+        else:
+            order = self._unshuffled_shard(dataset)
         options["drop_last"] = self.drop_last
         return EpochLoader(dataset, sampler=order, epoch=self._fit_epoch, pass_batches=self._fit_pass_batches, **options)
+
+    def _unshuffled_shard(self, dataset: Dataset) -> DistributedSampler | None:
+        """Under DDP, this rank's share in one fixed order: Lightning puts a shuffling ``DistributedSampler`` in every
+        training loader (it takes any training loader for a shuffled one) unless the loader has a
+        ``DistributedSampler`` already, so ``shuffle=False`` gives it an unshuffled one (``None`` on one process, or
+        where the Trainer leaves samplers to the user: ``use_distributed_sampler=False``)."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1 or not trainer.distributed_sampler_kwargs:
+            return None
+        if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            return None
+        return DistributedSampler(dataset, shuffle=False, **trainer.distributed_sampler_kwargs)
 
     def _fit_epoch(self) -> int | None:
         return training_pass_epoch(self.trainer)

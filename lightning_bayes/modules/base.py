@@ -320,10 +320,16 @@ class BayesianModule(LightningModule, ABC):
         completes "{Method} ..." with why."""
         samplers = loader_samplers(self.trainer.train_dataloader)
         random = (RandomSampler, StatefulRandomSampler, SubsetRandomSampler, WeightedRandomSampler)
-        if any(isinstance(s, random) or (isinstance(s, DistributedSampler) and s.shuffle) for s in samplers):
+        distributed = any(isinstance(s, DistributedSampler) and s.shuffle for s in samplers)
+        if distributed or any(isinstance(s, random) for s in samplers):
+            where = (  # Lightning's, put in a loader without a DistributedSampler of its own
+                " (under DDP Lightning gives a training loader without a DistributedSampler a shuffling one; the "
+                "library's datamodules bring an unshuffled one with shuffle=False, a loader of yours needs "
+                "sampler=DistributedSampler(dataset, shuffle=False))" if distributed else ""
+            )
             raise ValueError(
                 f"{type(self).__name__} {reason}; the training loader shuffles: set the datamodule's shuffle=False "
-                "(LightningCLI: --data.shuffle false)"
+                f"(LightningCLI: --data.shuffle false){where}"
             )
 
     def on_fit_start(self) -> None:

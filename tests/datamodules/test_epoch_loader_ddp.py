@@ -71,3 +71,35 @@ def test_two_processes_with_loader_workers_resume_where_they_stopped(tmp_path: P
         for rank in (0, 1):
             for key, value in straight[rank].items():
                 assert torch.equal(value, resumed[rank][key]), (name, rank, key)
+
+
+class _Labels(Callback):
+    """Every training batch's labels, per epoch, saved by each rank as ``rank<r>.pt``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch[1].clone()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(self.seen, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_shuffle_false_keeps_one_order_under_ddp(tmp_path: Path) -> None:
+    """Lightning puts a shuffling DistributedSampler in every training loader; the datamodule's ``shuffle=False`` gives
+    it an unshuffled one: rank r takes examples r, r + 2, ... in the one-process order, the same every epoch."""
+    data = DigitsDataModule(batch_size=16, shuffle=False)
+    data.setup("fit")
+    labels = data.train_set.tensors[1]
+    Trainer(
+        max_epochs=2, accelerator="cpu", devices=2, strategy=spawned_ddp(), logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_train_batches=3, limit_val_batches=0,
+        callbacks=[_Labels(tmp_path)],
+    ).fit(MAP(MLP(64, 10, hidden=[16])), datamodule=data)
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        expected = labels[rank::2][:48].split(16)
+        assert [epoch for epoch, _ in seen] == [0, 0, 0, 1, 1, 1]
+        for (_, batch), own in zip(seen, [*expected, *expected]):
+            assert torch.equal(batch, own)
