@@ -199,6 +199,7 @@ class VIKING(WideBuffers, BayesianModule):
         self.register_buffer("swept_at", torch.full((2,), float("nan"), dtype=torch.float64))  # fingerprint
         self._ddp_params_and_buffers_to_ignore = list(_RANK_NOISE)  # DDP must not broadcast rank 0's noise
         self._second_derivatives_checked = False  # per fit: see _check_second_derivatives
+        self._seeded_rank: int | None = None  # the DDP rank whose stream the generator was seeded for (see setup)
 
     def forward(self, x: Any) -> Tensor:
         return self.backbone(x)
@@ -258,9 +259,13 @@ class VIKING(WideBuffers, BayesianModule):
         return cast(Batch, move_data_to_device(batch, self.device))  # a sweep called outside a Trainer
 
     def setup(self, stage: str) -> None:
+        """Under DDP, each rank's own noise stream (``seed + rank``), seeded at the first set-up on that rank only: the
+        test after a fit sets up again, and reseeding there gave its sweep other draws than a test of the fit's last
+        checkpoint (which holds each rank's generator) did."""
         super().setup(stage)
-        if self.trainer.world_size > 1:  # independent Monte Carlo noise on every rank
+        if self.trainer.world_size > 1 and self._seeded_rank != self.global_rank:  # independent noise on every rank
             self.generator.manual_seed(cast(AttributeDict, self.hparams).seed + self.global_rank)
+            self._seeded_rank = self.global_rank
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
