@@ -117,8 +117,11 @@ class BayesCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Every subcommand knows ``--test_after_fit``: only ``fit`` acts on it, the others accept it so that the
-        ``config.yaml`` a fit saves next to its logs drives ``test``/``validate``/``predict`` as it is."""
+        ``config.yaml`` a fit saves next to its logs drives ``test``/``validate``/``predict`` as it is. ``predict``
+        returns nothing by default (``--return_predictions false``; Lightning's default keeps every predictive)."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # the PredictionWriter writes every batch's rows: none held in memory as well
+            parser.set_defaults(return_predictions=False)
         parser.add_argument(
             "--test_after_fit",
             type=bool,

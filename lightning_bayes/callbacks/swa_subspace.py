@@ -14,7 +14,9 @@ one the checkpoint keeps. Under FSDP only the selected tensors are gathered: DTe
 ``ModelParallelStrategy``) with ``full_tensor()`` one at a time, FSDP1 (``use_orig_params=True``, so that
 the original parameter names exist) with ``summon_full_params(unit, recurse=False)`` for only the units that
 own a selected parameter; the ``swa``/``sample`` contexts need unsharded parameters. Neither sharded path
-runs in the test suite (CPU only). Reference: Maddox et al., NeurIPS 2019.
+runs in the test suite (CPU only). After a ``trainer.fit`` under ``ddp_spawn`` the callback in the main process
+has collected nothing (the spawned processes did, and are gone): read the moments from the fit's checkpoint
+(:class:`~lightning_bayes.modules.subspace_inference.SubspaceInference`). Reference: Maddox et al., NeurIPS 2019.
 """
 
 from __future__ import annotations
@@ -357,7 +359,10 @@ class SWASubspace(Callback):
 
     def _require_moments(self) -> SWAGMoments:
         if self.moments is None or int(self.moments.count) == 0:
-            raise ValueError("SWASubspace has collected no snapshot yet; train past the start of collection first")
+            raise ValueError(
+                "SWASubspace has collected no snapshot yet; train past the start of collection first (after a fit under "
+                "ddp_spawn the spawned processes collected them: read them from the fit's checkpoint)"
+            )
         return self.moments
 
     @contextmanager

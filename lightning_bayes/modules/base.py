@@ -111,6 +111,7 @@ class BayesianModule(LightningModule, ABC):
         self.num_samples = num_samples
         self._before_validation: dict[str, Any] | None = None  # the global generators' states while a fit validates
         self._resumed_rng_states: dict[str, Any] | None = None  # the loaded checkpoint's, until training starts
+        self._validated_rng_states: dict[str, Any] | None = None  # a validated checkpoint's, until validation starts
         self._resumed_at_validation = False  # that checkpoint was saved as a fit's validation ended
         self._quiet: list[tuple[object, ...]] = []  # warning filters of Lightning's notices: .lightning_notices
 
@@ -392,10 +393,13 @@ class BayesianModule(LightningModule, ABC):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
-            if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            function = self.trainer.state.fn if self._trainer is not None else None
+            if function == TrainerFn.FITTING:
                 # a resumed fit's, not a test's of this checkpoint: a fit after such a test starts afresh
                 self._resumed_rng_states = checkpoint["rng_states"]
                 self._resumed_at_validation = bool(checkpoint.get("rng_states_before_validation", False))
+            elif function == TrainerFn.VALIDATING:
+                self._validated_rng_states = checkpoint["rng_states"]  # see on_validation_start
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; when the checkpoint's tensors do not fit this module, the error says that
@@ -416,8 +420,14 @@ class BayesianModule(LightningModule, ABC):
         """Validation inside a fit (the sanity check included) leaves the global generators as it found them, so the
         training stream does not depend on when validation runs: a fit resumed from a checkpoint saved on an epoch's
         last batch skips that epoch's validation (Lightning restarts after it), and a resumed run's sanity check is
-        extra; either would otherwise shift every later dropout mask or weight draw."""
+        extra; either would otherwise shift every later dropout mask or weight draw. A ``validate`` of a checkpoint
+        starts from the checkpoint's states again (its loader's iterator drew its seed since they were restored):
+        those a fit's validation started from when that epoch validated (a checkpoint saved as the epoch or its
+        validation ended), so a sampling method scores the checkpoint as the fit did."""
         self._before_validation = global_rng_states() if self.trainer.state.fn == TrainerFn.FITTING else None
+        validated, self._validated_rng_states = self._validated_rng_states, None
+        if validated is not None and self.trainer.state.fn == TrainerFn.VALIDATING:
+            restore_rng_states(validated)
 
     def on_validation_end(self) -> None:
         if self._before_validation is not None:

@@ -152,8 +152,9 @@ def test_the_cli_predict_subcommand_writes_every_test_example(tmp_path: Path, ca
     run([*quick_args(config, tmp_path, batches=1), "--test_after_fit=false"])
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-        run(["predict", "--config", str(config), f"--trainer.logger.init_args.save_dir={tmp_path}",
-             "--ckpt_path", str(checkpoint)])
+        cli = run(["predict", "--config", str(config), f"--trainer.logger.init_args.save_dir={tmp_path}",
+                   "--ckpt_path", str(checkpoint)])
+    assert cli.trainer.predict_loop.predictions == []  # rows written as they come, no predictive kept as well
     written = list(tmp_path.rglob("predictions.csv"))
     assert len(written) == 1 and written[0].parent.name == "version_1"  # a new version next to the fit's
     assert f"PredictionWriter: wrote {written[0]}" in caplog.text  # the command says where
