@@ -245,18 +245,20 @@ _RUN_CHECKPOINTS = ("best", "last")  # resolved here: the newest of the config's
 
 def newest_run_checkpoint(kind: str, config: Any) -> str:
     """``--ckpt_path best`` / ``last``: the newest ``<kind>.ckpt`` of the config's earlier runs,
-    ``<save_dir>/<name>/version_*/checkpoints/`` of its logger (``<default_root_dir>/lightning_logs/...`` without one).
-    Lightning would look in the new run's folder, find nothing, and score the model as built (``last``) or refuse
-    with a hint about ``ModelCheckpoint`` (``best``)."""
+    ``<save_dir>/<name>/version_*/checkpoints/`` of its logger (``<default_root_dir>/lightning_logs/...`` for
+    Lightning's default one, ``<default_root_dir>/checkpoints/`` without a logger). Lightning would look in the new
+    run's folder, find nothing, and score the model as built (``last``) or refuse with a hint about
+    ``ModelCheckpoint`` (``best``)."""
     trainer = config.get("trainer") or {}
     logger = trainer.get("logger")
     arguments = getattr(logger, "get", lambda key: None)("init_args") or {}  # logger: a class_path/init_args pair
-    root = trainer.get("default_root_dir") or "."
-    if arguments.get("save_dir") is not None:
-        runs = Path(arguments["save_dir"]) / (arguments.get("name") or "lightning_logs")
+    root = Path(trainer.get("default_root_dir") or ".")
+    if logger is False:
+        pattern = str(root / "checkpoints" / f"{kind}.ckpt")
     else:
-        runs = Path(root) / "lightning_logs"
-    pattern = str(runs / "version_*" / "checkpoints" / f"{kind}.ckpt")
+        runs = Path(arguments["save_dir"]) if arguments.get("save_dir") is not None else root
+        runs = runs / (arguments.get("name") or "lightning_logs")
+        pattern = str(runs / "version_*" / "checkpoints" / f"{kind}.ckpt")
     found = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not found:
         raise FileNotFoundError(

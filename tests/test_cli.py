@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_bayes.cli import run
+from lightning_bayes.cli import newest_run_checkpoint, run
 from lightning_bayes.cli_resumed_best import keep_best_across_folders
 from lightning_bayes.modules import MAP
 
@@ -163,6 +164,24 @@ def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"^--ckpt_path best: no earlier run of this config has one \(.*"
                        r"mnist_map/version_\*/checkpoints/best\.ckpt matches no file"):
         run([*args[:-1], "--ckpt_path=best", f"--trainer.logger.init_args.save_dir={tmp_path / 'elsewhere'}"])
+
+
+def test_a_named_checkpoint_is_the_newest_of_the_configs_runs(tmp_path: Path):
+    """Under the logger's ``save_dir/name``, Lightning's default ``lightning_logs``, or ``checkpoints/`` without one."""
+    for folder in ("runs/digits_map/version_0", "runs/digits_map/version_1", "runs/other/version_2",
+                   "root/lightning_logs/version_0", "root"):
+        (tmp_path / folder / "checkpoints").mkdir(parents=True)
+        (tmp_path / folder / "checkpoints" / "last.ckpt").touch()
+    os.utime(tmp_path / "runs/digits_map/version_0/checkpoints/last.ckpt", (2e9, 2e9))  # the newest, not the highest
+    os.utime(tmp_path / "runs/other/version_2/checkpoints/last.ckpt", (3e9, 3e9))  # another config's run
+    csv = {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "digits_map"}}
+    newest = newest_run_checkpoint("last", {"trainer": {"logger": csv}})
+    assert newest == str(tmp_path / "runs/digits_map/version_0/checkpoints/last.ckpt")
+    root = str(tmp_path / "root")
+    default = newest_run_checkpoint("last", {"trainer": {"logger": True, "default_root_dir": root}})
+    assert default == f"{root}/lightning_logs/version_0/checkpoints/last.ckpt"
+    without = newest_run_checkpoint("last", {"trainer": {"logger": False, "default_root_dir": root}})
+    assert without == f"{root}/checkpoints/last.ckpt"
 
 
 def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anything_is_written(tmp_path: Path):
