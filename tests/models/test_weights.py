@@ -117,7 +117,8 @@ def test_extra_state_stored_under_a_weights_name_is_not_an_unplaced_tensor(tmp_p
     state = {name: value.clone() for name, value in model.state_dict().items()}
     state["0.weight.absmax"] = torch.ones(1)
     torch.save(state, tmp_path / "state.pt")
-    trained_state_dict(model, str(tmp_path / "state.pt"))
+    loaded, _ = trained_state_dict(model, str(tmp_path / "state.pt"))  # no "has no place for 0.weight.absmax"
+    assert torch.equal(loaded["0.weight"], model[0].weight) and torch.equal(loaded["0.bias"], model[0].bias)
 
 
 def test_a_likelihood_of_another_shape_is_not_loaded():
