@@ -125,7 +125,7 @@ def prepare(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     from lightning_bayes.modules import MAP
 
     data = MNISTDataModule(batch_size=128, seed=args.seed)
-    data.setup("fit")
+    data.setup()  # the training and the test splits
     torch.manual_seed(args.seed)
     model = LeNet5(num_classes=10)
     info: dict[str, Any] = {}

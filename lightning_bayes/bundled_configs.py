@@ -8,6 +8,7 @@ The wheel holds them as ``lightning_bayes/configs/`` (``setup.py`` maps the fold
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,14 @@ def prerequisite_command(run_name: str) -> str | None:
         if isinstance(logger, dict) and (logger.get("init_args") or {}).get("name") == run_name:
             return f"lightning-bayes fit --config {name}"
         comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
-        flag = f"--trainer.logger.init_args.name {run_name}"
+        flag = re.compile(rf"--trainer\.logger\.init_args\.name {re.escape(run_name)}(?=\s|$)")
         for command in comment.replace(" \\ ", " ").split("lightning-bayes fit")[1:]:  # continuation lines joined
-            if flag in command:
-                commands.append("lightning-bayes fit" + command[: command.index(flag) + len(flag)])
-    return commands[0].replace("configs/", "").replace(".yaml", "") if commands else None
+            found = flag.search(command)
+            if found is not None:
+                commands.append("lightning-bayes fit" + command[: found.end()])
+    if not commands:
+        return None
+    return re.sub(r"--config configs/(\S+)\.yaml", r"--config \1", commands[0])  # the shipped config's name
 
 
 def resolve_config(value: str) -> str:

@@ -145,7 +145,9 @@ class BayesCLI(LightningCLI):
         if not ckpt_path:
             return super()._parse_ckpt_path()
         if ckpt_path in _RUN_CHECKPOINTS:  # Lightning looks in this run's own (new, empty) folder only
-            ckpt_path = self.config[subcommand].ckpt_path = newest_run_checkpoint(ckpt_path, self.config[subcommand])
+            ckpt_path = self.config[subcommand].ckpt_path = self._run_checkpoint(subcommand, ckpt_path)
+            if ckpt_path is None:  # a first fit of a job that resumes when it can
+                return super()._parse_ckpt_path()
         _check_local_checkpoint(ckpt_path)
         configured = _class_path(self.config[subcommand].get("model"))
         try:
@@ -170,6 +172,24 @@ class BayesCLI(LightningCLI):
         if self._given_model_args:
             model = _as_subclass_values(_nested_values(self._given_model_args), self.config[subcommand].model)
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _run_checkpoint(self, subcommand: str, kind: str) -> str | None:
+        """:func:`run_checkpoint` for ``--ckpt_path best|last``: the file it names, said; none is refused, but for
+        ``fit``, which starts afresh with a warning (a job script that always resumes when it can)."""
+        found, patterns = run_checkpoint(kind, self.config[subcommand])
+        if found is not None:
+            rank_zero_info(f"--ckpt_path {kind}: {found}")
+            return found
+        named = [pattern for pattern in patterns if pattern.endswith(f"{kind}.ckpt")]
+        searched = f"{', '.join(named)}: no file{relative_to_note(named[0]) if named else ''}"
+        if subcommand == "fit":
+            rank_zero_warn(f"--ckpt_path {kind}: no earlier run of this config has one ({searched}); the fit starts "
+                           "afresh")
+            return None
+        raise FileNotFoundError(
+            f"--ckpt_path {kind}: no earlier run of this config has one ({searched}); fit first, or give the "
+            "checkpoint's file"
+        )
 
     def _warn_untrained(self, subcommand: str) -> None:
         """``test``/``validate``/``predict`` without ``--ckpt_path`` score the model as built, which is untrained
@@ -243,30 +263,42 @@ _LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")  # resolved by the Trainer, not 
 _RUN_CHECKPOINTS = ("best", "last")  # resolved here: the newest of the config's earlier runs
 
 
-def newest_run_checkpoint(kind: str, config: Any) -> str:
-    """``--ckpt_path best`` / ``last``: the newest ``<kind>.ckpt`` of the config's earlier runs,
-    ``<save_dir>/<name>/version_*/checkpoints/`` of its logger (``<default_root_dir>/lightning_logs/...`` for
-    Lightning's default one, ``<default_root_dir>/checkpoints/`` without a logger). Lightning would look in the new
-    run's folder, find nothing, and score the model as built (``last``) or refuse with a hint about
+def run_checkpoint(kind: str, config: Any) -> tuple[str | None, list[str]]:
+    """``--ckpt_path best`` / ``last``: the run's ``<kind>.ckpt`` when ``--config`` is a run folder's ``config.yaml``,
+    else the newest ``<kind>.ckpt`` (or ``<kind>-v<n>.ckpt``) of the config's earlier runs: in the ``dirpath`` of a
+    configured ``ModelCheckpoint``, under each logger's ``<save_dir>/<name>/version_*/checkpoints/``
+    (``<default_root_dir>/lightning_logs/...`` for Lightning's default logger, ``<default_root_dir>/checkpoints/``
+    without one). Also the patterns searched, for the message when none matches. Lightning would look in the new
+    run's folder only, find nothing, and score the model as built (``last``) or refuse with a hint about
     ``ModelCheckpoint`` (``best``)."""
+    for given in config.get("config") or []:
+        own = Path(os.fspath(given)).parent / "checkpoints" / f"{kind}.ckpt"
+        if own.is_file():
+            return str(own), [str(own)]
     trainer = config.get("trainer") or {}
-    logger = trainer.get("logger")
-    arguments = getattr(logger, "get", lambda key: None)("init_args") or {}  # logger: a class_path/init_args pair
     root = Path(trainer.get("default_root_dir") or ".")
-    if logger is False:
-        pattern = str(root / "checkpoints" / f"{kind}.ckpt")
-    else:
-        runs = Path(arguments["save_dir"]) if arguments.get("save_dir") is not None else root
-        runs = runs / (arguments.get("name") or "lightning_logs")
-        pattern = str(runs / "version_*" / "checkpoints" / f"{kind}.ckpt")
-    found = sorted(glob.glob(pattern), key=os.path.getmtime)
-    if not found:
-        raise FileNotFoundError(
-            f"--ckpt_path {kind}: no earlier run of this config has one ({pattern} matches no file"
-            f"{relative_to_note(pattern)}); fit first, or give the checkpoint's file"
-        )
-    rank_zero_info(f"--ckpt_path {kind}: {found[-1]}")
-    return found[-1]
+    folders = [Path(c["init_args"]["dirpath"]) for c in _listed(trainer.get("callbacks"))
+               if hasattr(c, "get") and (c.get("init_args") or {}).get("dirpath")]
+    loggers = trainer.get("logger")
+    if loggers is False:
+        folders.append(root / "checkpoints")
+    for logger in _listed(loggers if loggers not in (None, True) else {"init_args": {}}):
+        arguments = getattr(logger, "get", lambda key: None)("init_args") or {}  # a class_path/init_args pair
+        runs = Path(arguments.get("save_dir") or root) / (arguments.get("name", "lightning_logs") or "")
+        version = arguments.get("version")
+        folders.append(runs / ("version_*" if version is None else _version_folder(version)) / "checkpoints")
+    patterns = [str(folder / name) for folder in folders for name in (f"{kind}.ckpt", f"{kind}-v*.ckpt")]
+    found = sorted({match for pattern in patterns for match in glob.glob(pattern)}, key=os.path.getmtime)
+    return (found[-1] if found else None), patterns
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+
+
+def _version_folder(version: Any) -> str:
+    """Lightning's folder for a logger's ``version``: ``version_<n>`` for an int, the string itself otherwise."""
+    return f"version_{version}" if isinstance(version, int) else str(version)
 
 
 def _refuse_an_earlier_runs_folder(trainer: Trainer) -> None:
@@ -423,7 +455,10 @@ class AppendingExperimentWriter(ExperimentWriter):
 def continue_the_fits_records(trainer: Trainer) -> None:
     """Before the test after a fit that ran in processes now gone (``ddp_spawn``): this process's config saver never
     saved and its CSV logger never wrote, so the test's would refuse the ``config.yaml`` the fit wrote and delete
-    its ``metrics.csv``; they carry on the fit's records instead. Nothing changes after a fit in this process."""
+    its ``metrics.csv``; they carry on the fit's records instead. After a fit in this process nothing changes on rank
+    0 (under ``ddp`` the other ranks' loggers, which write nothing, get the appending writer too). The writer relies
+    on Lightning 2.6's ``ExperimentWriter._check_log_dir_exists`` and ``CSVLogger._experiment``
+    (``tests/test_cli_ddp.py`` runs it)."""
     for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning sets it in its connector
         if isinstance(callback, SaveConfigCallback):
             callback.already_saved = True
@@ -465,24 +500,25 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
 
 
 def _name_the_prerequisite(error: FileNotFoundError) -> None:
-    """A shipped config's ``runs/<name>/...`` checkpoint not there (a post-hoc method's MAP): the message gains the
-    command that trains it."""
-    match = re.search(r"runs/(\w+)/version_", str(error))
+    """A method's (or a curve's) ``checkpoint='runs/<name>/...'`` not there (a post-hoc method's MAP): the message gains
+    the command of the shipped config that trains it."""
+    match = re.match(r"checkpoint='(?:\./)?runs/(\w+)/version_", str(error))  # models.weights' "matches no file"
     command = prerequisite_command(match[1]) if match else None
     if command is not None and len(error.args) == 1 and isinstance(error.args[0], str):
-        error.args = (f"{error.args[0]}: {command}",)
+        error.args = (f"{error.args[0]}; the shipped config that writes it: {command}",)
 
 
 def main() -> None:
     """Console-script entry point ``lightning-bayes``; ``lightning-bayes configs`` lists the shipped configs."""
     if sys.argv[1:2] == ["configs"]:
         extra = sys.argv[2:]
+        program = sys.argv[0] if sys.argv[0].startswith("python -m") else "lightning-bayes"  # see __main__.py
         if extra and extra not in (["-h"], ["--help"]):
-            print(f"lightning-bayes: error: `configs` takes no arguments; got {' '.join(extra)}", file=sys.stderr)
+            print(f"{program}: error: `configs` takes no arguments; got {' '.join(extra)}", file=sys.stderr)
             sys.exit(2)
         if extra:
-            print("usage: lightning-bayes configs\n\nLists the configs shipped with lightning_bayes; run one with "
-                  "`lightning-bayes fit --config <name>`.\n")
+            print(f"usage: {program} configs\n\nLists the configs shipped with lightning_bayes; run one with "
+                  f"`{program} fit --config <name>`.\n")
         try:
             print(describe_bundled_configs(), flush=True)
         except BrokenPipeError:  # `lightning-bayes configs | head`: the reader left; no traceback (Python's docs)

@@ -36,6 +36,7 @@ _WRONG_TYPE = re.compile(
     r"Parser key \"(?P<key>[^\"]+)\":\s*Expected a <class '(?P<type>\w+)'>\. Got value: (?P<value>.+?)(?:\. Got value:|\n|$)"
 )
 _CLASS_PATH = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)'")
+_OUTER_KEY = re.compile(r"Parser key \"([^\"]+)\":")
 _ARTICLES = {"int": "an int", "float": "a float", "bool": "a bool", "str": "a str"}
 _MISSING_EXTRA = re.compile(r"No module named '(?P<module>\w+)': it comes with lightning-bayes' '(?P<extra>\w+)' extra")
 
@@ -85,8 +86,10 @@ def refused_argument_hints(message: str) -> list[str]:
         suggestion = f" (closest: {closest[0]})" if closest else ""
         hints.append(f"{name}'s {key} must be one of {choices}; got {value!r}{suggestion}")
     for match in _WRONG_TYPE.finditer(message):
-        owners = [owner["path"].rpartition(".")[2] for owner in _CLASS_PATH.finditer(message, 0, match.start())]
-        name = f"{owners[-1]}'s {match['key']}" if owners else match["key"]
+        owners = list(_CLASS_PATH.finditer(message, 0, match.start()))
+        start = owners[-1].end() if owners else 0  # the keys between the class and the value: optimizer.lr
+        key = ".".join([*_OUTER_KEY.findall(message, start, match.start()), match["key"]])
+        name = f"{owners[-1]['path'].rpartition('.')[2]}'s {key}" if owners else key
         expected = _ARTICLES.get(match["type"], f"a {match['type']}")
         hints.append(f"{name} must be {expected}; got {match['value']!r}")
     for module, extra in dict.fromkeys(_MISSING_EXTRA.findall(message)):  # once each, where unions repeat it

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_bayes.cli import newest_run_checkpoint, run
+from lightning_bayes.cli import run, run_checkpoint
 from lightning_bayes.cli_resumed_best import keep_best_across_folders
 from lightning_bayes.modules import MAP
 
@@ -162,26 +162,45 @@ def test_test_subcommand_evaluates_a_checkpoint(tmp_path: Path):
     assert named.config["test"].ckpt_path == str(checkpoint)
     assert json.loads(next(tmp_path.rglob("version_2/metrics.json")).read_text()) == metrics
     with pytest.raises(FileNotFoundError, match=r"^--ckpt_path best: no earlier run of this config has one \(.*"
-                       r"mnist_map/version_\*/checkpoints/best\.ckpt matches no file"):
+                       r"mnist_map/version_\*/checkpoints/best\.ckpt: no file"):
         run([*args[:-1], "--ckpt_path=best", f"--trainer.logger.init_args.save_dir={tmp_path / 'elsewhere'}"])
 
 
 def test_a_named_checkpoint_is_the_newest_of_the_configs_runs(tmp_path: Path):
-    """Under the logger's ``save_dir/name``, Lightning's default ``lightning_logs``, or ``checkpoints/`` without one."""
+    """Under the logger's ``save_dir/name`` (each logger of a list), a ``ModelCheckpoint``'s own ``dirpath``,
+    Lightning's default ``lightning_logs``, or ``checkpoints/`` without a logger; the run's own when the config is
+    its ``config.yaml``."""
     for folder in ("runs/digits_map/version_0", "runs/digits_map/version_1", "runs/other/version_2",
-                   "root/lightning_logs/version_0", "root"):
+                   "root/lightning_logs/version_0", "root", "mine"):
         (tmp_path / folder / "checkpoints").mkdir(parents=True)
         (tmp_path / folder / "checkpoints" / "last.ckpt").touch()
     os.utime(tmp_path / "runs/digits_map/version_0/checkpoints/last.ckpt", (2e9, 2e9))  # the newest, not the highest
     os.utime(tmp_path / "runs/other/version_2/checkpoints/last.ckpt", (3e9, 3e9))  # another config's run
     csv = {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "digits_map"}}
-    newest = newest_run_checkpoint("last", {"trainer": {"logger": csv}})
-    assert newest == str(tmp_path / "runs/digits_map/version_0/checkpoints/last.ckpt")
+    newest = str(tmp_path / "runs/digits_map/version_0/checkpoints/last.ckpt")
+    assert run_checkpoint("last", {"trainer": {"logger": csv}})[0] == newest
+    assert run_checkpoint("last", {"trainer": {"logger": [csv]}})[0] == newest
+    own = tmp_path / "runs/digits_map/version_1/config.yaml"  # a run's config: its own checkpoint, not the newest
+    ran = run_checkpoint("last", {"config": [own], "trainer": {"logger": csv}})[0]
+    assert ran == str(own.parent / "checkpoints/last.ckpt")
+    mine = {"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "mine/checkpoints")}}
+    os.utime(tmp_path / "mine/checkpoints/last.ckpt", (4e9, 4e9))
+    elsewhere = run_checkpoint("last", {"trainer": {"logger": csv, "callbacks": [mine]}})[0]
+    assert elsewhere == str(tmp_path / "mine/checkpoints/last.ckpt")
     root = str(tmp_path / "root")
-    default = newest_run_checkpoint("last", {"trainer": {"logger": True, "default_root_dir": root}})
+    default = run_checkpoint("last", {"trainer": {"logger": True, "default_root_dir": root}})[0]
     assert default == f"{root}/lightning_logs/version_0/checkpoints/last.ckpt"
-    without = newest_run_checkpoint("last", {"trainer": {"logger": False, "default_root_dir": root}})
+    without = run_checkpoint("last", {"trainer": {"logger": False, "default_root_dir": root}})[0]
     assert without == f"{root}/checkpoints/last.ckpt"
+    assert run_checkpoint("best", {"trainer": {"logger": csv}})[0] is None
+
+
+def test_a_first_fit_told_to_resume_from_last_starts_afresh_with_a_warning(tmp_path: Path):
+    """A job script that always passes ``--ckpt_path last``: its first run finds none and fits from scratch."""
+    afresh = r"^--ckpt_path last: no earlier run of this config has one \(.*the fit starts afresh"
+    with pytest.warns(UserWarning, match=afresh):
+        run([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false", "--ckpt_path=last"])
+    assert len(list(tmp_path.rglob("last.ckpt"))) == 1
 
 
 def test_a_checkpoint_of_another_method_or_no_checkpoint_is_refused_before_anything_is_written(tmp_path: Path):

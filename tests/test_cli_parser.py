@@ -64,7 +64,7 @@ def test_a_value_of_the_wrong_type_is_answered_with_the_type_expected() -> None:
         "Namespace(class_path='lightning_bayes.optim.IVON', init_args=Namespace(lr='fast'))\n"
         "    - Expected a <class 'NoneType'>\n"
     )
-    assert refused_argument_hints(message) == ["IVONModule's lr must be a float; got 'fast'"]
+    assert refused_argument_hints(message) == ["IVONModule's optimizer.lr must be a float; got 'fast'"]
     batch = "Parser key \"batch_size\":\n  Expected a <class 'int'>. Got value: 1.5\n"
     assert refused_argument_hints(batch) == ["batch_size must be an int; got '1.5'"]  # no class around it
 

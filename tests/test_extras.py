@@ -42,3 +42,18 @@ def test_the_hint_is_given_once_however_often_the_unions_repeat_it() -> None:
     assert refused_argument_hints(f"- {line}\n  - {line}\n") == [
         "transformers is not installed: pip install 'lightning-bayes[llm]'"
     ]
+
+
+def test_every_package_an_extra_names_is_in_that_extra_of_pyproject() -> None:
+    """``extras.EXTRAS`` repeats pyproject's extras by hand: a package moved from one to another there would send a
+    user to the wrong extra."""
+    import re
+    import tomllib
+
+    from cli_helpers import ROOT
+    from lightning_bayes.extras import EXTRAS
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, packages in EXTRAS.items():
+        names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in declared[extra]}
+        assert set(packages) <= names, (extra, set(packages) - names)

@@ -49,8 +49,8 @@ from torch import Tensor, nn
 
 from ..batches import BatchLayout
 from ..checks import check_flags, check_seed, is_finite, is_int
-from ..datamodules import side_pass, without_sampler_padding
-from ..datamodules.sampler_padding import stage_loaders
+from ..datamodules import side_pass
+from ..datamodules.sampler_padding import real_examples, stage_loaders
 from ..generator import PicklableGenerator
 from ..inference.curve_parametrization import (
     CurveParametrization,
@@ -539,7 +539,7 @@ class CurveTraining(Callback):
                 "the others in their own trainer.validate / trainer.test call"
             )
         x, y = self.layout.split(batch, "CurveTraining (scoring the curve)")
-        x, y = without_sampler_padding((x, y), batch_idx, stage_loaders(trainer, stage)[dataloader_idx])
+        keep = real_examples(batch_idx, len(y), stage_loaders(trainer, stage)[dataloader_idx])
         _, rows = self._rows(stage)
         predictive_fn = _plain_predictive(pl_module)
         context = (
@@ -549,12 +549,12 @@ class CurveTraining(Callback):
         )
         sums = torch.zeros(len(rows), 3, dtype=torch.float64, device=pl_module.device)
         with torch.no_grad(), context:
-            for index, row in enumerate(rows if len(y) else []):  # a batch of repeats only adds zeros
+            for index, row in enumerate(rows):  # every rank runs every forward (FSDP gathers in it), then cuts
                 predictive = self._at(pl_module, row, lambda: predictive_fn(x, None))
-                sums[index, 0] = -predictive.log_prob(y).double().sum()
+                sums[index, 0] = -predictive.log_prob(y)[:keep].double().sum()
                 if isinstance(predictive, CategoricalPredictive):
-                    sums[index, 1] = (predictive.probs.argmax(-1) != y).sum()
-                sums[index, 2] = len(y)
+                    sums[index, 1] = (predictive.probs.argmax(-1) != y)[:keep].sum()
+                sums[index, 2] = keep
         self._move(self.t)
         self._grid_sums[stage] = self._grid_sums[stage] + sums if stage in self._grid_sums else sums
 

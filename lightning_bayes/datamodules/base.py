@@ -147,10 +147,11 @@ class InMemoryDataModule(LightningDataModule):
     def _unshuffled_shard(self, dataset: Dataset) -> DistributedSampler | None:
         """Under DDP, this rank's share in one fixed order: Lightning puts a shuffling ``DistributedSampler`` in every
         training loader (it takes any training loader for a shuffled one) unless the loader has a
-        ``DistributedSampler`` already, so ``shuffle=False`` gives it an unshuffled one (``None`` on one process, or
-        where the Trainer leaves samplers to the user: ``use_distributed_sampler=False``)."""
+        ``DistributedSampler`` already, so ``shuffle=False`` gives it an unshuffled one. ``None`` on one process,
+        where the Trainer leaves samplers to the user (``use_distributed_sampler=False``), and outside the fit loop:
+        a loader asked for directly (a sweep before test, BatchNorm statistics) holds all the data, shuffled or not."""
         trainer = self.trainer
-        if trainer is None or trainer.world_size <= 1 or not trainer.distributed_sampler_kwargs:
+        if trainer is None or not trainer.training or trainer.world_size <= 1 or not trainer.distributed_sampler_kwargs:
             return None
         if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
             return None

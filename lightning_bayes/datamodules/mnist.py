@@ -49,8 +49,9 @@ def load_idx_split(
 
 
 def to_float_images(images: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    """uint8 ``[N, H, W]`` -> float ``[N, 1, H, W]``: scaled to [0, 1], then ``(p - mean) / std``."""
-    return ((images.float() / 255.0 - mean) / std).unsqueeze(1)
+    """uint8 ``[N, H, W]`` -> float ``[N, 1, H, W]``: scaled to [0, 1], then ``(p - mean) / std`` (in place: one float
+    copy of the images, 188 MB for MNIST's 60k, not one per operation)."""
+    return images.float().div_(255.0).sub_(mean).div_(std).unsqueeze(1)
 
 
 class _IDXImageDataModule(InMemoryDataModule):
@@ -94,17 +95,54 @@ class _IDXImageDataModule(InMemoryDataModule):
         return TensorDataset(to_float_images(images, mean, std), labels)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        full = self._load(self.source, "train", self.data_dir)
-        order = seeded_permutation(len(full), self.seed)
-        val, train = order[: self.val_size], order[self.val_size :]
-        self.train_set, self.val_set = (TensorDataset(*(t[i] for t in full.tensors)) for i in (train, val))
-        self.test_set = self._load(self.source, "test", self.data_dir)
-        self.ood_set = self._load(self.ood_source, "test", self.ood_dir, self.ood_argument)
+        """Loads what ``stage`` reads: ``fit`` and ``validate`` the 60k training images (train and validation splits),
+        ``test`` the test and OOD images, ``predict`` the test images, ``None`` all of them; the others load when
+        their loader is asked for (a sweep over the training data before a test). A test or predict of MNIST held
+        the 60k training images too, 188 MB more as float32. Both folders are found first, whatever the stage loads:
+        a missing OOD set is refused before a fit, not after it."""
+        locate_idx_folder(self.source, self.data_dir, self.download, "data_dir")
+        locate_idx_folder(self.ood_source, self.ood_dir, self.download, self.ood_argument)
+        if stage in (None, "fit", "validate"):
+            self._training_splits()
+        if stage in (None, "test", "predict"):
+            self._test_split()
+        if stage in (None, "test"):
+            self._ood_split()
+
+    def _training_splits(self) -> None:
+        if self.train_set is None:
+            full = self._load(self.source, "train", self.data_dir)
+            order = seeded_permutation(len(full), self.seed)
+            val, train = order[: self.val_size], order[self.val_size :]
+            self.train_set, self.val_set = (TensorDataset(*(t[i] for t in full.tensors)) for i in (train, val))
+
+    def _test_split(self) -> None:
+        if self.test_set is None:
+            self.test_set = self._load(self.source, "test", self.data_dir)
+
+    def _ood_split(self) -> None:
+        if self.ood_set is None:
+            self.ood_set = self._load(self.ood_source, "test", self.ood_dir, self.ood_argument)
+
+    def train_dataloader(self) -> DataLoader:
+        self._training_splits()
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        self._training_splits()
+        return super().val_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        self._test_split()
+        return super().test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        self._test_split()
+        return super().predict_dataloader()
 
     def ood_dataloader(self) -> DataLoader:
         """The companion set's 10k test images with this set's preprocessing."""
+        self._ood_split()
         return self._loader(self.ood_set)
 
 

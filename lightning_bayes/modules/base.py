@@ -193,6 +193,7 @@ class BayesianModule(LightningModule, ABC):
         module without a trainable parameter, so the frozen ones count as trainable while the fit runs (its steps
         return no loss, so nothing differentiates them) and are frozen again in :meth:`teardown`. Refuses FSDP1 on
         several processes unless the method ``supports_fsdp1``. Subclasses that override ``setup`` call this one."""
+        self._validated_rng_states = None  # a checkpoint this stage loads (after set-up) sets them again
         if self._trainer is not None:
             self._refuse_multi_process_fsdp1()
             self._refuse_another_tokenizer()
@@ -432,7 +433,7 @@ class BayesianModule(LightningModule, ABC):
     def on_validation_end(self) -> None:
         if self._before_validation is not None:
             restore_rng_states(self._before_validation)
-        self._before_validation = None
+        self._before_validation = self._validated_rng_states = None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""

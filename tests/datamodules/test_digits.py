@@ -1,11 +1,13 @@
 """The 8x8 digits datamodule: stratified seeded split, scaling, and the pooled Fashion-MNIST OOD set."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from torch.utils.data import DistributedSampler
 
 from lightning_bayes.datamodules import DigitsDataModule
 from lightning_bayes.datamodules.locate import FASHION_MNIST
@@ -111,3 +113,21 @@ def test_a_loader_with_workers_keeps_them_between_epochs():
         data.setup("fit")
     assert with_worker.train_dataloader().persistent_workers and with_worker.val_dataloader().persistent_workers
     assert not without.train_dataloader().persistent_workers and not without.val_dataloader().persistent_workers
+
+
+def test_shuffle_false_under_ddp_shards_the_fit_loops_loader_only() -> None:
+    """The loader Lightning asks for in a fit gets an unshuffled DistributedSampler (rank 1 of 2: examples 1, 3, ...);
+    one asked for directly outside the fit loop (a sweep before test, BatchNorm statistics) holds all the data."""
+    data = DigitsDataModule(batch_size=16, shuffle=False)
+    data.setup("fit")
+    connector = SimpleNamespace(use_distributed_sampler=True)
+    sharding = {"num_replicas": 2, "rank": 1}
+    data.trainer = SimpleNamespace(training=True, world_size=2, distributed_sampler_kwargs=sharding,
+                                   _accelerator_connector=connector)  # fmt: skip
+    sampler = data.train_dataloader().sampler
+    assert isinstance(sampler, DistributedSampler) and not sampler.shuffle
+    assert list(sampler)[:3] == [1, 3, 5]
+    data.trainer.training = False
+    assert list(data.train_dataloader().sampler) == list(range(data.num_train))
+    data.trainer.training, connector.use_distributed_sampler = True, False  # the user brings the samplers
+    assert list(data.train_dataloader().sampler) == list(range(data.num_train))

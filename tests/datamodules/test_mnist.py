@@ -15,7 +15,7 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 @pytest.fixture(scope="module")
 def mnist() -> MNISTDataModule:
     data = MNISTDataModule(batch_size=256, val_size=5000, seed=0)
-    data.setup("fit")
+    data.setup()  # every split
     return data
 
 
@@ -84,6 +84,21 @@ def test_fashion_datamodule_uses_its_statistics_and_mnist_as_ood():
     expected = ((mnist_test.float() / 255 - 0.2860) / 0.3530).unsqueeze(1)  # Fashion-MNIST's published statistics
     torch.testing.assert_close(data.ood_set.tensors[0], expected, rtol=0, atol=1e-6)
     assert torch.equal(data.ood_set.tensors[1], mnist_labels)
+
+
+def test_each_stage_loads_the_splits_it_reads_and_the_others_load_when_asked_for():
+    """A predict of MNIST held the 60k training images too (188 MB as float32): each stage loads its own splits, and
+    a loader asked for later (a sweep over the training data before a test) loads its split then."""
+    data = MNISTDataModule(batch_size=256)
+    data.setup("predict")
+    assert data.test_set is not None and (data.train_set, data.val_set, data.ood_set) == (None, None, None)
+    data.setup("test")
+    assert data.ood_set is not None and data.train_set is None
+    assert len(next(iter(data.train_dataloader()))[1]) == 256 and len(data.val_set) == 5000
+    fitting = MNISTDataModule()
+    fitting.setup("fit")
+    assert fitting.train_set is not None and (fitting.test_set, fitting.ood_set) == (None, None)
+    assert len(fitting.ood_dataloader().dataset) == 10000
 
 
 def test_split_is_deterministic_by_seed():

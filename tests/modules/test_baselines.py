@@ -520,3 +520,21 @@ def test_validating_a_best_checkpoint_scores_it_as_the_fit_did(tmp_path: Path) -
     (validated,) = Trainer(**options).validate(MCDropout(_mlp(0.5), num_samples=8), val,
                                                ckpt_path=checkpoint.best_model_path, verbose=False, weights_only=False)
     assert validated["val/nll"] == float(checkpoint.best_model_score)
+
+
+def test_a_validate_that_never_reached_its_loop_leaves_the_next_validate_its_own_draws(tmp_path: Path) -> None:
+    """A checkpoint's generator states wait for its validate's loop; with none (limit_val_batches=0) they are dropped
+    at the next set-up, not restored by a later validate of the module as it is."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    data = DataLoader(TensorDataset(x, y), batch_size=16)
+    options = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    module = MCDropout(_mlp(0.5), num_samples=8)
+    Trainer(max_epochs=1, default_root_dir=tmp_path, **options).fit(module, data, data)
+    (saved,) = tmp_path.rglob("*.ckpt")
+    Trainer(limit_val_batches=0, **options).validate(module, data, ckpt_path=saved, verbose=False, weights_only=False)
+    scores = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        scores.append(Trainer(**options).validate(module, data, verbose=False)[0]["val/nll"])
+    assert scores[0] == scores[1]
