@@ -163,15 +163,22 @@ class InMemoryDataModule(LightningDataModule):
     def _fit_pass_batches(self) -> float | None:
         return None if self.trainer is None else training_pass_batches(self.trainer)
 
+    def load_split(self, split: Literal["train", "val", "test"]) -> None:
+        """Load ``split`` if ``setup`` left it for later (a datamodule that loads by stage); nothing here."""
+
     def train_dataloader(self) -> DataLoader:
+        self.load_split("train")
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        self.load_split("val")
         return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
+        self.load_split("test")
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
         """The test split, in order (``lightning-bayes predict``)."""
+        self.load_split("test")
         return self._loader(self.test_set)

@@ -7,7 +7,7 @@ what a model trained on the in-distribution set sees at test time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
@@ -52,6 +52,11 @@ def to_float_images(images: Tensor, mean: float = 0.0, std: float = 1.0) -> Tens
     """uint8 ``[N, H, W]`` -> float ``[N, 1, H, W]``: scaled to [0, 1], then ``(p - mean) / std`` (in place: one float
     copy of the images, 188 MB for MNIST's 60k, not one per operation)."""
     return images.float().div_(255.0).sub_(mean).div_(std).unsqueeze(1)
+
+
+_STAGE_SPLITS: dict[str, tuple[Literal["train", "test"], ...]] = {
+    "fit": ("train",), "validate": ("train",), "test": ("test",), "predict": ("test",)
+}
 
 
 class _IDXImageDataModule(InMemoryDataModule):
@@ -102,43 +107,24 @@ class _IDXImageDataModule(InMemoryDataModule):
         a missing OOD set is refused before a fit, not after it."""
         locate_idx_folder(self.source, self.data_dir, self.download, "data_dir")
         locate_idx_folder(self.ood_source, self.ood_dir, self.download, self.ood_argument)
-        if stage in (None, "fit", "validate"):
-            self._training_splits()
-        if stage in (None, "test", "predict"):
-            self._test_split()
+        for split in (("train", "test") if stage is None else _STAGE_SPLITS.get(stage, ())):
+            self.load_split(split)
         if stage in (None, "test"):
             self._ood_split()
 
-    def _training_splits(self) -> None:
-        if self.train_set is None:
+    def load_split(self, split: Literal["train", "val", "test"]) -> None:
+        """``"train"`` and ``"val"`` both come from the 60k training images, split by ``seed``."""
+        if split in ("train", "val") and self.train_set is None:
             full = self._load(self.source, "train", self.data_dir)
             order = seeded_permutation(len(full), self.seed)
             val, train = order[: self.val_size], order[self.val_size :]
             self.train_set, self.val_set = (TensorDataset(*(t[i] for t in full.tensors)) for i in (train, val))
-
-    def _test_split(self) -> None:
-        if self.test_set is None:
+        if split == "test" and self.test_set is None:
             self.test_set = self._load(self.source, "test", self.data_dir)
 
     def _ood_split(self) -> None:
         if self.ood_set is None:
             self.ood_set = self._load(self.ood_source, "test", self.ood_dir, self.ood_argument)
-
-    def train_dataloader(self) -> DataLoader:
-        self._training_splits()
-        return super().train_dataloader()
-
-    def val_dataloader(self) -> DataLoader:
-        self._training_splits()
-        return super().val_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        self._test_split()
-        return super().test_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        self._test_split()
-        return super().predict_dataloader()
 
     def ood_dataloader(self) -> DataLoader:
         """The companion set's 10k test images with this set's preprocessing."""
