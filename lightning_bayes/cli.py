@@ -271,9 +271,9 @@ def run_checkpoint(kind: str, config: Any) -> tuple[str | None, list[str]]:
     without one). Also the patterns searched, for the message when none matches. Lightning would look in the new
     run's folder only, find nothing, and score the model as built (``last``) or refuse with a hint about
     ``ModelCheckpoint`` (``best``)."""
-    for given in config.get("config") or []:
-        own = Path(os.fspath(given)).parent / "checkpoints" / f"{kind}.ckpt"
-        if own.is_file():
+    for given in config.get("config") or []:  # files; an inline YAML config has no folder
+        own = Path(os.fspath(given)).parent / "checkpoints" / f"{kind}.ckpt" if isinstance(given, os.PathLike) else None
+        if own is not None and own.is_file():
             return str(own), [str(own)]
     trainer = config.get("trainer") or {}
     root = Path(trainer.get("default_root_dir") or ".")
