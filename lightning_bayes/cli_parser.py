@@ -33,7 +33,8 @@ _NO_SUCH_CLASS = re.compile(
 
 
 _WRONG_TYPE = re.compile(
-    r"Parser key \"(?P<key>[^\"]+)\":\s*Expected a <class '(?P<type>\w+)'>\. Got value: (?P<value>.+?)(?:\. Got value:|\n|$)"
+    r"Parser key \"(?P<key>[^\"]+)\":\s*Expected a <class '(?P<type>\w+)'>\. "
+    r"Got value: (?P<value>.+?)(?:\. Got value:|\n|$)"
 )
 _CLASS_PATH = re.compile(r"Problem with given class_path '(?P<path>[\w.]+)'")
 _OUTER_KEY = re.compile(r"Parser key \"([^\"]+)\":")

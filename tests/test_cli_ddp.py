@@ -104,8 +104,8 @@ def test_a_viking_fit_tests_as_a_test_of_its_last_checkpoint_does_under_ddp(tmp_
              "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=3"]  # fmt: skip
     cli(tmp_path, "fit", "--config", str(config), *short, f"--trainer.logger.init_args.save_dir={logs}", *DDP)
     fitted = logs / "digits_viking" / "version_0"
-    cli(tmp_path, "test", "--config", str(fitted / "config.yaml"), f"--ckpt_path={fitted / 'checkpoints' / 'last.ckpt'}",
-        *DDP)  # fmt: skip
+    last = fitted / "checkpoints" / "last.ckpt"
+    cli(tmp_path, "test", "--config", str(fitted / "config.yaml"), f"--ckpt_path={last}", *DDP)
     runs = fitted.parent
     after_fit, of_checkpoint = (json.loads((runs / v / "metrics.json").read_text()) for v in ("version_0", "version_1"))
     assert after_fit == of_checkpoint  # bitwise: the same draws, the same sweeps, the same order of sums

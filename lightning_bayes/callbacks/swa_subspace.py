@@ -360,8 +360,8 @@ class SWASubspace(Callback):
     def _require_moments(self) -> SWAGMoments:
         if self.moments is None or int(self.moments.count) == 0:
             raise ValueError(
-                "SWASubspace has collected no snapshot yet; train past the start of collection first (after a fit under "
-                "ddp_spawn the spawned processes collected them: read them from the fit's checkpoint)"
+                "SWASubspace has collected no snapshot yet; train past the start of collection first (after a fit "
+                "under ddp_spawn the spawned processes collected them: read them from the fit's checkpoint)"
             )
         return self.moments
 

@@ -24,14 +24,15 @@ weights) and builds one of
 Fitting with ``method="none"`` takes one epoch (BatchNorm statistics of each sample; none for models without
 BatchNorm, whose ``lightning-bayes test`` also works without fitting). With BatchNorm, every sample's running
 statistics are recomputed over the training data once sampling is done and cached in a buffer, so
-``predictive`` is a plain ensemble. Likelihoods are evaluated with BatchNorm on batch statistics (as the
-reference code does), which makes them depend on which examples share a batch: ESS on such a network needs a
-training loader that does not shuffle (``--data.shuffle false``; refused otherwise). All state (moments, subspace, sampler, samples, BatchNorm cache, random-draw counter)
-lives in buffers, so checkpoints resume exactly. Under DDP the log-likelihood is summed over ranks (each example
-once: the distributed sampler's padding repeats are left out, :mod:`~lightning_bayes.datamodules.sampler_padding`),
-every rank makes the same seeded draws and decisions, and each sample's BatchNorm statistics are the average of the
-ranks' (exact for the means with equal shards). Reference: Izmailov, Maddox, Kirichenko, Garipov, Vetrov &
-Wilson, "Subspace Inference for Bayesian Deep Learning", UAI 2019; Maddox et al., NeurIPS 2019.
+``predictive`` is a plain ensemble. Likelihoods are evaluated with BatchNorm on batch statistics (as the reference
+code does), which makes them depend on which examples share a batch: ESS on such a network needs a training loader
+that does not shuffle (``--data.shuffle false``; refused otherwise). All state (moments, subspace, sampler, samples,
+BatchNorm cache, random-draw counter) lives in buffers, so checkpoints resume exactly. Under DDP the log-likelihood
+is summed over ranks (each example once: the distributed sampler's padding repeats are left out,
+:mod:`~lightning_bayes.datamodules.sampler_padding`), every rank makes the same seeded draws and decisions, and each
+sample's BatchNorm statistics are the average of the ranks' (exact for the means with equal shards). Reference:
+Izmailov, Maddox, Kirichenko, Garipov, Vetrov & Wilson, "Subspace Inference for Bayesian Deep Learning", UAI 2019;
+Maddox et al., NeurIPS 2019.
 """
 
 from __future__ import annotations
