@@ -12,7 +12,7 @@ from lightning_bayes.extras import needs_extra
 
 def test_a_missing_package_of_the_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # what an install without timm meets on import
-    message = r"^No module named 'timm': it comes with lightning-bayes' 'vision' extra, pip install 'lightning-bayes\[vision"
+    message = r"^No module named 'timm': it comes with lightning-bayes' 'vision' extra, pip install 'lightning-bayes"
     with pytest.raises(ModuleNotFoundError, match=message) as raised, needs_extra("vision"):
         import timm  # noqa: F401
     assert raised.value.name == "timm"
