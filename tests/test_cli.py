@@ -93,6 +93,11 @@ def test_a_run_refused_before_its_loops_leaves_no_version_folder_but_a_failed_st
         with pytest.raises(ValueError, match="failed in a step"):
             run(quick_args(MAP_CONFIG, tmp_path, batches=1))
     assert [p.relative_to(tmp_path).parts[-2:] for p in tmp_path.rglob("config.yaml")] == [("version_0", "config.yaml")]
+    with monkeypatch.context() as patch:  # refused beside an earlier version: the run name's folder stays
+        patch.setattr(MAP, "on_fit_start", refuse)
+        with pytest.raises(ValueError, match="refused in on_fit_start"):
+            run(quick_args(MAP_CONFIG, tmp_path, batches=1))
+    assert [p.name for p in tmp_path.rglob("version_*")] == ["version_0"]
 
 
 def test_test_after_fit_false_skips_the_test_stage(tmp_path: Path):
