@@ -280,9 +280,9 @@ def run_checkpoint(kind: str, config: Any) -> tuple[str | None, list[str]]:
     folders = [Path(c["init_args"]["dirpath"]) for c in _listed(trainer.get("callbacks"))
                if hasattr(c, "get") and (c.get("init_args") or {}).get("dirpath")]
     loggers = trainer.get("logger")
-    if loggers is False:
+    if loggers is False:  # ModelCheckpoint's folder without a logger
         folders.append(root / "checkpoints")
-    for logger in _listed(loggers if loggers not in (None, True) else {"init_args": {}}):
+    for logger in _listed({"init_args": {}} if loggers in (None, True) else loggers if loggers is not False else None):
         arguments = getattr(logger, "get", lambda key: None)("init_args") or {}  # a class_path/init_args pair
         runs = Path(arguments.get("save_dir") or root) / (arguments.get("name", "lightning_logs") or "")
         version = arguments.get("version")
