@@ -31,7 +31,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
-from torch.utils._pytree import tree_map
 from torchmetrics import MetricCollection
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -39,7 +38,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from ..batches import BatchLayout
 from ..checks import check_flags, is_int
 from ..datamodules.epoch_loader import step_batch
-from ..datamodules.sampler_padding import distributed_sampler, real_examples, stage_loaders
+from ..datamodules.sampler_padding import distributed_sampler, real_examples, stage_loaders, without_sampler_padding
 from ..metrics import (
     OOD_SCORES,
     ExpectedCalibrationError,
@@ -207,10 +206,8 @@ class CalibrationMetrics(Callback):
         )
         predictive = outputs.detach() if reuse else self._predict(trainer, pl_module, x, stage)
         loader = stage_loaders(trainer, stage)[dataloader_idx]
-        keep = real_examples(batch_idx, len(y), loader)  # a DistributedSampler's repeats count once, on their rank
-        if keep < len(y):
-            x = tree_map(lambda t: t[:keep] if isinstance(t, Tensor) else t, x)
-            y, predictive = y[:keep], predictive.first_examples(keep)
+        x, y = without_sampler_padding((x, y), batch_idx, loader)  # a DistributedSampler's repeats count once
+        predictive = predictive.first_examples(len(y)) if len(y) < predictive.num_examples else predictive
         epoch = self._epochs.get((stage, dataloader_idx))
         if epoch is None:
             epoch = self._epochs[stage, dataloader_idx] = self._start_epoch(trainer, pl_module, predictive, x, stage)
