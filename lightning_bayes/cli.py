@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .bundled_configs import describe_bundled_configs, prerequisite_command, with_bundled_configs
 from .callbacks import CalibrationMetrics, PredictionWriter
+from .cli_order import options_a_later_config_replaces
 from .cli_parser import BayesArgumentParser, imported_class
 from .cli_resumed_best import keep_best_across_folders
 from .checks import held
@@ -132,7 +133,15 @@ class BayesCLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        self._given_model_args = _model_arguments(sys.argv[1:] if args is None else args)
+        given = sys.argv[1:] if args is None else args
+        replaced = options_a_later_config_replaces([str(a) for a in given]) if isinstance(given, (list, tuple)) else []
+        if replaced:
+            options = ", ".join(dict.fromkeys(option for option, _ in replaced))
+            raise ValueError(
+                f"{options} comes before --config {replaced[0][1]}, which sets it too and so replaces it (the command "
+                "line applies in order): give it after --config"
+            )
+        self._given_model_args = _model_arguments(given)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:

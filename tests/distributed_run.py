@@ -233,9 +233,15 @@ def fit_and_resume(folder: Path, max_epochs: int, method: str, strategy: str = "
     return sharded, resumed
 
 
+def swa_subspace_state(run: dict) -> dict:
+    """The state of checkpoint ``run``'s one ``SWASubspace`` (keyed by its arguments, as ``ModelCheckpoint``'s)."""
+    (state,) = [value for key, value in run["callbacks"].items() if key.startswith("SWASubspace")]
+    return state
+
+
 def assert_swag_moments_close(run: dict, expected: dict, rtol: float, atol: float) -> None:
     """The ``SWASubspace`` moments of checkpoint ``run`` equal ``expected`` (a checkpoint's moments)."""
-    moments = run["callbacks"]["SWASubspace"]["moments"]
+    moments = swa_subspace_state(run)["moments"]
     assert moments["count"].item() == expected["count"].item()
     assert moments["position"].item() == expected["position"].item()
     for key in ("mean", "sq_mean", "deviations"):

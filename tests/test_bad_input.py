@@ -214,6 +214,11 @@ def test_a_regression_table_with_one_missing_cell_or_one_training_row_is_refused
     holed.to_csv(tmp_path / "diabetes.csv", index=False)
     with pytest.raises(ValueError, match=r"missing values \(rows per column: \{'age': 1\}\)"):
         load_regression_arrays("diabetes", tmp_path)
+    holed.loc[3, "age"], holed.loc[[4, 7], "bmi"] = float("inf"), -float("inf")  # all targets were NaN after it
+    holed.to_csv(tmp_path / "diabetes.csv", index=False)
+    with pytest.raises(ValueError, match=r"infinite values \(rows per column: \{'age': 1, 'bmi': 2\}\); expected "
+                       r"finite"):
+        load_regression_arrays("diabetes", tmp_path)
     frame.head(5).to_csv(tmp_path / "diabetes.csv", index=False)
     small = UCIRegressionDataModule("diabetes", data_dir=str(tmp_path), val_fraction=0.4, test_fraction=0.4)
     with pytest.raises(ValueError, match=r"5 rows leave 1 for training .* standardising needs at least 2"):

@@ -21,7 +21,7 @@ LAYERS = {
     # orchestration: LightningModules and callbacks wiring the core into the Trainer
     "modules": 2, "callbacks": 2,
     # the command line
-    "cli": 3, "cli_parser": 3, "cli_resumed_best": 3, "bundled_configs": 3, "__main__": 3,
+    "cli": 3, "cli_order": 3, "cli_parser": 3, "cli_resumed_best": 3, "bundled_configs": 3, "__main__": 3,
 }
 CORE_WITHOUT_LIGHTNING = {
     "inference", "optim", "predictive", "params", "generator", "paths", "heap", "compilation", "checks",

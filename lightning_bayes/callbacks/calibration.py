@@ -153,6 +153,15 @@ class CalibrationMetrics(Callback):
 
     # ---- Lightning hooks -------------------------------------------------------------------------
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        count = sum(isinstance(c, CalibrationMetrics) for c in getattr(trainer, "callbacks", []))  # Lightning sets them
+        if count > 1:
+            raise ValueError(
+                f"the Trainer has {count} CalibrationMetrics callbacks; they log the same names (val/cal/nll, "
+                "test/ood/auroc, ...), which Lightning would average into one value: keep one (to compare OOD scores, "
+                "run trainer.test once per ood_score)"
+            )
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drop_epochs("val")
 
@@ -301,6 +310,8 @@ class CalibrationMetrics(Callback):
         computed: dict[str, float] = {}
         for idx, epoch in epochs:
             values = epoch.metrics.compute()
+            if epoch.task == "regression":
+                values.update(in_original_units(values, getattr(trainer, "datamodule", None)))
             if epoch.ood is not None:
                 values.update(epoch.ood.compute())
             suffix = _loader_suffix(trainer, stage, idx)
@@ -389,6 +400,24 @@ class CalibrationMetrics(Callback):
         units = plot_units(getattr(trainer, "datamodule", None))
         original = predictive.detach().to("cpu").affine(units.y_shift, units.y_scale)
         return units.x(xs.cpu()), units.y(ys.cpu()), original, units.x(grid.cpu()), units
+
+
+def in_original_units(values: dict[str, Tensor], datamodule: object) -> dict[str, Tensor]:
+    """For a datamodule that standardised the targets (``target_std`` ``s``, as
+    :class:`~lightning_bayes.datamodules.UCIRegressionDataModule`): the NLL in the data's own units, ``nll + sum_d
+    log s_d``, and with one output RMSE and CRPS times ``s``, as ``<name>_original`` (comparable with published
+    results; the others stay in the standardised units the network is trained in)."""
+    scale = getattr(datamodule, "target_std", None)
+    if not isinstance(scale, Tensor):
+        return {}
+    converted = {}
+    for name, value in values.items():
+        kind = name.rsplit("/", 1)[-1]
+        if kind == "nll":
+            converted[f"{name}_original"] = value + scale.log().sum().to(value)
+        elif kind in ("rmse", "crps") and scale.numel() == 1:
+            converted[f"{name}_original"] = value * scale.reshape(()).to(value)
+    return converted
 
 
 def _sharded_in_distribution(trainer: Trainer, stage: str) -> bool:

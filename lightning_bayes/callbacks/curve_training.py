@@ -249,21 +249,59 @@ class CurveTraining(Callback):
         return frozen
 
     def _anchor_tensors(self, pl_module: LightningModule, names: list[str]) -> list[dict[str, Tensor]]:
+        checkpoints = [self.start, *(self.anchors or []), self.end]
+        states = [None if c is None else self._checkpoint_state(pl_module, c) for c in checkpoints]
+        self._share_unselected(pl_module, names, states)
         current = {name: tensor.detach().clone() for name, tensor in pl_module.named_parameters() if name in names}
-
-        def load(checkpoint: str | None) -> dict[str, Tensor]:
-            tensors = current
-            if checkpoint is not None:
-                state, path = trained_state_dict(pl_module, checkpoint)
-                rank_zero_info(f"CurveTraining: anchor from {path}")
-                tensors = {name: state[name] for name in names}
-            return balanced_lora_tensors(tensors) if self.canonical_lora else tensors
-
-        first, last = load(self.start), load(self.end)
+        points = [current if state is None else {name: state[name] for name in names} for state in states]
+        if self.canonical_lora:
+            points = [balanced_lora_tensors(tensors) for tensors in points]
         if self.anchors is not None:
-            return [first, *[load(a) for a in self.anchors], last]
+            return points
+        first, last = points[0], points[-1]
         junctions = self.segments if self.curve == "bezier" else 1
         return [{n: torch.lerp(first[n], last[n], m / junctions) for n in names} for m in range(junctions + 1)]
+
+    @staticmethod
+    def _checkpoint_state(pl_module: LightningModule, checkpoint: str) -> dict[str, Tensor]:
+        state, path = trained_state_dict(pl_module, checkpoint)
+        rank_zero_info(f"CurveTraining: anchor from {path}")
+        return state
+
+    def _share_unselected(
+        self, pl_module: LightningModule, names: list[str], states: list[dict[str, Tensor] | None]
+    ) -> None:
+        """Every point of the curve shares the parameters ``params`` leaves out, so its end points (and anchors) must
+        agree on them, or the curve's ends would not be the given solutions; when they do, the module takes their
+        values (a freshly built module holds an initialisation, not the checkpoints' shared layers)."""
+        if all(state is None for state in states):
+            return
+        chosen = set(names)
+        others = {name: p.detach() for name, p in pl_module.named_parameters() if name not in chosen}
+        sources = [others if state is None else state for state in states]
+        differing, loaded = [], {}
+        for name, tensor in others.items():
+            values = [source[name] for source in sources if name in source]
+            if any(not _equal(values[0], value) for value in values[1:]):
+                differing.append(name)
+            elif values and not _equal(tensor, values[0]):
+                loaded[name] = values[0]
+        if differing:
+            ends = [c if c is not None else "the module's own" for c in (self.start, *(self.anchors or []), self.end)]
+            raise ValueError(
+                f"CurveTraining(params={self.params!r}) puts only the selected parameters on the curve; the others are "
+                f"shared by all its points, but its end points ({', '.join(ends)}) differ in {len(differing)} of them "
+                f"(e.g. {differing[:5]}), so the curve's ends would not be those solutions: select them too (e.g. "
+                "params='all'), or train the end points from one network sharing them"
+            )
+        if loaded:
+            with torch.no_grad():
+                for name, value in loaded.items():
+                    others[name].copy_(value)
+            rank_zero_info(
+                f"CurveTraining: {len(loaded)} parameters outside params={self.params!r} (e.g. {list(loaded)[:3]}) "
+                "come from the end points' checkpoints, which share them"
+            )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.curves:
@@ -472,7 +510,13 @@ class CurveTraining(Callback):
             rows.append(straight_line(times, self.num_points))
         return times, torch.cat(rows)
 
-    def _stage_start(self, pl_module: LightningModule, stage: str) -> None:
+    def _stage_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        loaders = len(stage_loaders(trainer, stage)) if stage in _STAGES and self.curves else 0
+        if loaders > 1:  # one set of sums per stage: a second loader would be pooled into the first's
+            raise ValueError(
+                f"CurveTraining scores the curve on one {stage} loader; got {loaders}: score the others in their own "
+                f"trainer.{'validate' if stage == 'val' else 'test'} call"
+            )
         self._grid_sums.pop(stage, None)
         self._batch_norm_at = {}
         self._batch_norm_saved = _statistics_copy(pl_module)
@@ -487,19 +531,19 @@ class CurveTraining(Callback):
             self._move(self.t)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_start(pl_module, "val")
+        self._stage_start(trainer, pl_module, "val")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end(pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_start(pl_module, "test")
+        self._stage_start(trainer, pl_module, "test")
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end(pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stage_start(pl_module, "predict")
+        self._stage_start(trainer, pl_module, "predict")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stage_end(pl_module)
@@ -533,11 +577,6 @@ class CurveTraining(Callback):
     ) -> None:
         """Add this batch's summed NLL, error count and size at every grid row to the stage's sums ``[R, 3]``, without
         a ``DistributedSampler``'s repeats (the ranks' sums are added: each example counts once)."""
-        if dataloader_idx:  # one set of sums per stage: a second loader would be pooled into the first's
-            raise ValueError(
-                f"CurveTraining scores the curve on one {stage} loader; got several (loader {dataloader_idx}): score "
-                "the others in their own trainer.validate / trainer.test call"
-            )
         x, y = self.layout.split(batch, "CurveTraining (scoring the curve)")
         keep = real_examples(batch_idx, len(y), stage_loaders(trainer, stage)[dataloader_idx])
         _, rows = self._rows(stage)
@@ -627,3 +666,8 @@ class CurveTraining(Callback):
         self.t = float(state_dict["t"])
         if self.position is not None:
             self._move(self.t)
+
+
+def _equal(tensor: Tensor, other: Tensor) -> bool:
+    """Whether ``other`` (a checkpoint's, wherever it was loaded) holds ``tensor``'s values."""
+    return tensor.shape == other.shape and torch.equal(tensor, other.to(tensor.device, tensor.dtype))

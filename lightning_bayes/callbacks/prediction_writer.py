@@ -10,8 +10,8 @@ overwritten), written as the batches come, so nothing is held in memory:
 * regression: ``index, target, mean, std, epistemic_std, aleatoric_std`` (each ``_<d>`` per output when there
   are several): the mixture's mean and total standard deviation ``sqrt(aleatoric + epistemic variance)``, in the
   data's original units when the datamodule standardised the targets (``target_mean + target_std * y``). The
-  epistemic part is the spread of the samples' means: a closed-form predictive (one sample, e.g. a VBLL
-  regressor's) shows its whole variance as aleatoric.
+  epistemic part is the spread of the samples' means plus a closed-form predictive's weight variance (a VBLL
+  regressor's ``phi^T S phi``); a point estimate (MAP, one sample) has none.
 
 ``index`` is the example's position in the predict dataset (Lightning tracks it for map-style loaders; otherwise a
 count of this process's rows); ``target`` appears when batches are ``(x, y)``. Several predict loaders get a file

@@ -224,6 +224,14 @@ class SWASubspace(Callback):
                 raise ValueError("SWASubspace(start_epoch=...) with every_n_steps needs a sized training loader")
             return self.start_epoch * math.ceil(batches / trainer.accumulate_grad_batches)
         assert self.start_fraction is not None  # set whenever start_epoch is not
+        optimisers = len(trainer.optimizers)
+        if not trainer.lightning_module.automatic_optimization and trainer.max_steps != -1 and optimisers > 1:
+            raise ValueError(
+                f"SWASubspace(start_fraction={self.start_fraction}, every_n_steps={self.every_n_steps}) counts "
+                f"training batches under manual optimisation, but max_steps={trainer.max_steps} counts every "
+                f"optimiser's step() ({optimisers} optimisers here), so the fit's number of batches is not known in "
+                "advance: give start_epoch, or bound the fit by max_epochs"
+            )
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
@@ -231,6 +239,10 @@ class SWASubspace(Callback):
                 "max_steps, or max_epochs and a sized training loader); this one has no last step (or give start_epoch)"
             )
         return math.floor(self.start_fraction * total)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_steps is not None:
+            self._start_step(trainer)  # a schedule it cannot place is refused before the first batch trains
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """With ``swa_lr_ratio``: this epoch's learning rates, ``learning_rate_factor(epoch / start)`` times each
@@ -242,6 +254,12 @@ class SWASubspace(Callback):
                 f"SWASubspace(swa_lr_ratio={self.swa_lr_ratio}) sets the learning rate itself, but the module also "
                 f"has a learning-rate scheduler ({type(trainer.lr_scheduler_configs[0].scheduler).__name__}): "
                 "remove one of them"
+            )
+        if self.start_epoch is None and (trainer.max_epochs is None or trainer.max_epochs < 1):
+            raise ValueError(
+                f"SWASubspace(swa_lr_ratio={self.swa_lr_ratio}) schedules the learning rate by epoch, up to "
+                f"start_epoch or start_fraction={self.start_fraction} of max_epochs; this Trainer has max_epochs="
+                f"{trainer.max_epochs!r}: give start_epoch or a finite max_epochs"
             )
         start = self._start_epoch(trainer)
         factor = learning_rate_factor(trainer.current_epoch / start if start else math.inf, self.swa_lr_ratio)
@@ -289,6 +307,29 @@ class SWASubspace(Callback):
         pl_module.log("swa/snapshots", float(self.moments.count), on_step=False, on_epoch=True, batch_size=1)
 
     # ---- checkpointing ---------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        """Unique per set-up, as ``ModelCheckpoint``'s, so that several collectors (SWA and SWAG, other subsets)
+        share a Trainer."""
+        return self._generate_state_key(
+            params=self.params,
+            start_epoch=self.start_epoch,
+            start_fraction=self.start_fraction,
+            every_n_epochs=self.every_n_epochs,
+            every_n_steps=self.every_n_steps,
+            max_rank=self.max_rank,
+        )
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The Trainer's only collector takes a checkpoint's only ``SWASubspace`` state under another key (saved by
+        an earlier version as ``"SWASubspace"``, or with other arguments, which :meth:`load_state_dict` then
+        checks), rather than leaving the collected moments behind."""
+        states = checkpoint.get("callbacks") or {}
+        theirs = [key for key in states if key.startswith(type(self).__name__)]
+        mine = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, SWASubspace)]  # Lightning sets callbacks
+        if self.state_key not in states and len(theirs) == 1 and len(mine) == 1:
+            states[self.state_key] = states[theirs[0]]
 
     def state_dict(self) -> dict[str, Any]:
         if self.moments is None:

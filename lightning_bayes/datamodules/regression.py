@@ -87,6 +87,11 @@ def load_regression_arrays(
         raise ValueError(
             f"the {dataset} table has missing values (rows per column: {missing}); expected a complete table"
         )
+    infinite = {str(c): int(n) for c, n in zip(frame.columns, np.isinf(frame.to_numpy(dtype=np.float64)).sum(0)) if n}
+    if infinite:
+        raise ValueError(
+            f"the {dataset} table has infinite values (rows per column: {infinite}); expected finite numbers"
+        )
     y = frame.pop(target).to_numpy(dtype=np.float64)
     return frame.to_numpy(dtype=np.float64), y, [str(name) for name in frame.columns]
 
@@ -95,7 +100,7 @@ class UCIRegressionDataModule(InMemoryDataModule):
     """A random train / val / test split by ``seed``; x ``[B, F]`` and y ``[B, 1]``, float32, standardised.
 
     After ``setup``: ``input_mean`` / ``input_std`` ``[F]`` and ``target_mean`` / ``target_std`` ``[1]``
-    (training-split statistics, unbiased std), ``feature_names`` (and ``target_name``, the target column), and
+    (training-split statistics, unbiased std, float64), ``feature_names`` (and ``target_name``, the target column), and
     :meth:`raw_split` for the data in original units (e.g. mcycle's ``times`` and ``accel`` for a band plot).
 
     Args:
@@ -138,8 +143,10 @@ class UCIRegressionDataModule(InMemoryDataModule):
         if self.train_set is not None:
             return
         x_raw, y_raw, self.feature_names = load_regression_arrays(self.dataset, self.data_dir)
-        x = torch.tensor(x_raw, dtype=torch.float32)
-        y = torch.tensor(y_raw, dtype=torch.float32).unsqueeze(1)
+        # statistics and standardising in float64: float32 first collapses a column with a large offset (a
+        # timestamp's 1.7e9 keeps 128 s steps) before its mean is taken off
+        x = torch.tensor(x_raw, dtype=torch.float64)
+        y = torch.tensor(y_raw, dtype=torch.float64).unsqueeze(1)
         parts = train_val_test_indices(len(y), self.val_fraction, self.test_fraction, self.seed)
         train = parts[0]
         if len(train) < 2:  # a standard deviation needs two rows
@@ -149,18 +156,20 @@ class UCIRegressionDataModule(InMemoryDataModule):
             )
         self.input_mean, self.input_std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
         self.target_mean, self.target_std = y[train].mean(0), y[train].std(0).clamp_min(1e-8)
-        xs, ys = self.standardise_inputs(x), (y - self.target_mean) / self.target_std
+        xs, ys = self.standardise_inputs(x), ((y - self.target_mean) / self.target_std).float()
         self._raw = {name: (x[i], y[i]) for name, i in zip(SPLITS, parts)}
         self.train_set, self.val_set, self.test_set = (TensorDataset(xs[i], ys[i]) for i in parts)
 
     def standardise_inputs(self, x: Tensor) -> Tensor:
-        """Raw inputs ``[N, F]`` -> the standardised inputs the model sees (e.g. a plotting grid)."""
+        """Raw inputs ``[N, F]`` -> the standardised inputs the model sees (e.g. a plotting grid), float32, computed
+        in float64."""
         if self.input_mean is None or self.input_std is None:
             raise RuntimeError("setup() must run before standardise_inputs()")
-        return (x - self.input_mean) / self.input_std
+        return ((x.to(torch.float64) - self.input_mean) / self.input_std).float()
 
     def raw_split(self, split: str) -> tuple[Tensor, Tensor]:
-        """Inputs ``[n, F]`` and targets ``[n, 1]`` of ``split`` ("train", "val", "test") in original units."""
+        """Inputs ``[n, F]`` and targets ``[n, 1]`` of ``split`` ("train", "val", "test") in original units
+        (float64, as read)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}")
         if not self._raw:

@@ -16,7 +16,7 @@ Their forward passes keep cuDNN's attention kernel out (:mod:`.attention`: NaN g
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 _Model = TypeVar("_Model", bound=nn.Module)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CLASSIFICATION_HEADS = ("classifier", "score")  # transformers' names of a sequence classifier's fresh head
 
 
 @dataclass
@@ -72,9 +73,12 @@ class LoraSpec:
             )
 
 
-def quantisation_kwargs(load_in_4bit: bool) -> dict[str, Any]:
+def quantisation_kwargs(load_in_4bit: bool, full_precision: Sequence[str] = ()) -> dict[str, Any]:
     """``from_pretrained`` arguments for an NF4 base (empty when not 4-bit): on the current CUDA device, or on the
-    CPU where the installed bitsandbytes has a CPU backend (``bitsandbytes.backends.cpu``; NF4 runs there, slower)."""
+    CPU where the installed bitsandbytes has a CPU backend (``bitsandbytes.backends.cpu``; NF4 runs there, slower).
+    The modules named in ``full_precision`` stay as they are (a classification head the checkpoint lacks: quantised
+    before it was initialised, BERT's ``classifier`` was a ``Linear4bit`` without a quantisation state, which failed
+    at the first forward)."""
     if not load_in_4bit:
         return {}
     import importlib.util
@@ -93,7 +97,12 @@ def quantisation_kwargs(load_in_4bit: bool) -> dict[str, Any]:
     with needs_extra("llm"):
         from transformers import BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=list(full_precision) or None,  # None: transformers' own choice (the LM head)
+    )
     return {"quantization_config": config, "device_map": {"": device}}
 
 
@@ -179,7 +188,7 @@ class HFSequenceClassifier(nn.Module):
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1; got {num_labels}")
-        quantisation = quantisation_kwargs(load_in_4bit)
+        quantisation = quantisation_kwargs(load_in_4bit, full_precision=_CLASSIFICATION_HEADS)
         with needs_extra("llm"):
             from transformers import AutoModelForSequenceClassification
 

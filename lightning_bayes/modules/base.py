@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Union
 
 import torch
@@ -436,8 +436,21 @@ class BayesianModule(LightningModule, ABC):
         self._before_validation = self._validated_rng_states = None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Optimiser parameter groups; one group of every trainable parameter unless a method splits them."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        """Optimiser parameter groups: every trainable parameter, the likelihood's apart (see
+        :meth:`without_decay_for`); methods split further."""
+        return self.without_decay_for([p for p in self.parameters() if p.requires_grad])
+
+    def without_decay_for(self, parameters: Sequence[Tensor], exempt: Iterable[object] = ()) -> list[dict[str, Any]]:
+        """``parameters`` as two groups: the optimiser's, and a group without weight decay of those that are the
+        likelihood's (a Gaussian's noise: decay pulled it towards ``softplus(0) = 0.69``, 7% wider at AdamW's 0.1
+        on a clean linear fit) or in ``exempt``."""
+        likelihood = getattr(self, "likelihood", None)
+        kept = [*likelihood.parameters(), *exempt] if isinstance(likelihood, nn.Module) else list(exempt)
+        ids = {id(p) for p in kept}
+        return [
+            {"params": [p for p in parameters if id(p) not in ids]},
+            {"params": [p for p in parameters if id(p) in ids], "weight_decay": 0.0},
+        ]
 
     def configure_optimizers(self) -> Any:
         """The optimiser over :meth:`parameter_groups` (and its scheduler); none for a fit that takes no steps (and

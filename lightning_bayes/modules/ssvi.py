@@ -165,13 +165,10 @@ class SSVI(VariationalInference):
             )
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """``rho`` without weight decay (the reference's second SGD group), everything else as configured."""
-        scales = {id(layer.weight.raw_scale) for layer in self.variational_layers}
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in trainable if id(p) not in scales]},
-            {"params": [p for p in trainable if id(p) in scales], "weight_decay": 0.0},
-        ]
+        """``rho`` (and a Gaussian likelihood's noise) without weight decay (the reference's second SGD group),
+        everything else as configured."""
+        scales = [layer.weight.raw_scale for layer in self.variational_layers]
+        return self.without_decay_for([p for p in self.parameters() if p.requires_grad], exempt=scales)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """An optimiser step, or on an update iteration the closure's dense gradients and a support update

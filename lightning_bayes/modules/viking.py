@@ -211,13 +211,13 @@ class VIKING(WideBuffers, BayesianModule):
         return 1 if epoch < mle else 2 if epoch < mle + warmup else 3
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The network's and the likelihood's parameters (a Gaussian's noise), and the two log-scales (at
-        ``scale_lr`` when given)."""
+        """The network's parameters, the likelihood's (a Gaussian's noise, without weight decay), and the two
+        log-scales (at ``scale_lr`` when given)."""
         scales: dict[str, Any] = {"params": list(self.family.parameters())}
         if self.scale_lr is not None:
             scales["lr"] = self.scale_lr
         model = [*self.backbone.parameters(), *self.likelihood.parameters()]
-        return [{"params": [p for p in model if p.requires_grad]}, scales]
+        return [*self.without_decay_for([p for p in model if p.requires_grad]), scales]
 
     # ----- the flat parameters and the noise -----------------------------------------------------------
     def theta_hat(self) -> Tensor:

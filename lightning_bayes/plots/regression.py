@@ -10,6 +10,9 @@ from ..predictive import GaussianPredictive
 from ._figure import as_array, new_figure, save
 
 
+_Z90 = 1.6448536269514722  # the standard normal's 95% quantile: a central 90% band
+
+
 def predictive_band(
     x_1d: object,
     y: object,
@@ -23,7 +26,8 @@ def predictive_band(
     """Save a PNG of the data ``(x_1d, y)`` and the predictive's mean and 50% / 90% bands over ``grid``.
 
     ``predictive_on_grid`` is the :class:`GaussianPredictive` at the G grid points (one output, D = 1);
-    the bands are the marginal mixture quantiles 5-95% and 25-75%. ``x_1d`` and ``grid`` hold one input each.
+    the bands are the marginal mixture quantiles 5-95% and 25-75%, and (where the predictive has any) the epistemic
+    part alone, ``mean +- 1.645 sqrt(epistemic_variance)``. ``x_1d`` and ``grid`` hold one input each.
     """
     if not isinstance(predictive_on_grid, GaussianPredictive):
         raise TypeError(f"predictive_on_grid must be a GaussianPredictive; got {type(predictive_on_grid).__name__}")
@@ -58,8 +62,20 @@ def predictive_band(
             linewidth=0,
             label=f"{round(100 * (high - low))}% interval",
         )
-    axes.plot(grid_x, on_grid(predictive_on_grid.mean, "mean"), color="tab:blue", label="predictive mean")
+    mean = on_grid(predictive_on_grid.mean, "mean")
+    epistemic = on_grid(predictive_on_grid.epistemic_variance.sqrt(), "epistemic sd")
+    if np.any(epistemic > 0):  # a point estimate (MAP) has none to draw
+        axes.fill_between(
+            grid_x,
+            mean - _Z90 * epistemic,
+            mean + _Z90 * epistemic,
+            color="tab:orange",
+            alpha=0.45,
+            linewidth=0,
+            label="90% epistemic (mean ± 1.645 sd)",
+        )
+    axes.plot(grid_x, mean, color="tab:blue", label="predictive mean")
     axes.scatter(xs, ys, s=10, color="black", alpha=0.7, label="test data", zorder=3)
     axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    axes.legend(loc="best")
+    axes.legend(loc="best", fontsize="small", framealpha=0.8)
     return save(figure, path)

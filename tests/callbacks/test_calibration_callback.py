@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,24 @@ def test_the_band_shows_the_test_data_and_predictive_in_original_units(tmp_path:
     assert (drawn["xlabel"], drawn["ylabel"], drawn["title"]) == ("times", "accel", "MAP on mcycle")
 
 
+def test_a_standardised_regression_also_reports_nll_rmse_and_crps_in_the_datas_units(tmp_path: Path) -> None:
+    """mcycle's NLL 0.716 in standardised units is 4.618 nats in g (+ log 49.47): the metrics stated neither."""
+    scale = torch.tensor([2.5])
+
+    class Standardised(ToyData):
+        target_std = scale
+
+    model, data = LinearModel(regression=True, num_samples=4), Standardised(regression=True)
+    trainer = make_trainer(tmp_path, CalibrationMetrics(plots=False))
+    trainer.fit(model, datamodule=data)
+    results = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert results["test/reg/nll_original"] == pytest.approx(results["test/reg/nll"] + math.log(2.5), rel=1e-6)
+    for name in ("rmse", "crps"):
+        assert results[f"test/reg/{name}_original"] == pytest.approx(2.5 * results[f"test/reg/{name}"], rel=1e-6)
+    written = json.loads((Path(trainer.log_dir) / "metrics.json").read_text())
+    assert {"nll_original", "rmse_original", "crps_original"} <= set(written) and "coverage90_original" not in written
+
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_the_ood_pass_and_the_band_grid_reach_the_network_in_the_precisions_dtype(tmp_path: Path, precision) -> None:
     """Under ``64-true`` / ``bf16-true`` (a float64 / bf16 network) the OOD batches and the band's grid reached it in
@@ -375,6 +394,15 @@ def test_bad_arguments_and_mismatched_task_are_clear_errors(tmp_path: Path) -> N
     trainer = make_trainer(tmp_path, CalibrationMetrics(task="regression"))
     with pytest.raises(TypeError, match=r"task='regression'\) got a CategoricalPredictive"):
         trainer.test(LinearModel(), datamodule=ToyData(), verbose=False)
+
+
+def test_a_second_instance_is_refused_before_its_names_are_averaged(tmp_path: Path) -> None:
+    """Two instances (two OOD scores) logged one ``test/ood/auroc``, Lightning's mean of their two values."""
+    trainer = make_trainer(tmp_path, CalibrationMetrics())
+    trainer.callbacks.append(CalibrationMetrics(ood_score="max_prob"))
+    with pytest.raises(ValueError, match=r"the Trainer has 2 CalibrationMetrics callbacks; they log the same names .* "
+                       r"keep one \(to compare OOD scores, run trainer.test once per ood_score\)"):
+        trainer.test(LinearModel(), datamodule=ToyDataWithOOD(), verbose=False)
 
 
 def test_the_librarys_modules_take_several_test_loaders(tmp_path: Path) -> None:

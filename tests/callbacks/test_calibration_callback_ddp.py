@@ -69,6 +69,7 @@ class OddSizes(ToyDataWithOOD):
         self.ood = TensorDataset(*(tensor[:35] for tensor in self.ood.tensors))
 
 
+@pytest.mark.slow  # two processes, 25-55 s on 2 cores: CI runs the slow suite too
 @pytest.mark.parametrize("regression", [False, True])
 def test_the_samplers_repeats_are_not_scored_twice(tmp_path: Path, regression: bool) -> None:
     """With N not a multiple of the processes, DistributedSampler pads by repeating examples; the callback scored

@@ -642,11 +642,32 @@ def test_a_batch_norm_curve_fitted_from_loaders_is_tested_from_a_loader(endpoint
     assert all(torch.equal(b, before[n]) for n, b in module.named_buffers())
 
 
-def test_a_second_validation_or_test_loader_is_refused(endpoints):
-    """The stage's curve sums are one set: a second loader's batches were pooled into the first's."""
+def test_a_second_validation_or_test_loader_is_refused_before_any_batch(endpoints):
+    """The stage's curve sums are one set: a second loader's batches were pooled into the first's; the refusal
+    comes as the stage starts (it came at the second loader's first batch, after a whole training epoch)."""
     start, end = endpoints
     module, callback = MAP(mlp(0)), CurveTraining(params="all", start=start, end=end)
+    for stage, name in (("validate", "val"), ("test", "test")):
+        with pytest.raises(ValueError, match=rf"one {name} loader; got 2: .* own trainer\.{stage} call"):
+            getattr(trainer(callbacks=[callback]), stage)(module, [loader(), loader()])
+        assert name not in callback._grid_sums  # nothing scored
+
+
+def test_parameters_left_off_the_curve_come_from_the_end_points_or_are_refused(endpoints, tmp_path):
+    """A curve over ``last_layer`` shares the body among its points: end points sharing it hand it to a fresh
+    module (it kept its random initialisation, so t = 0 was not the first solution); end points differing in it
+    are refused (the curve's ends could not be both solutions)."""
+    start, end = (state(path) for path in endpoints)
+    head = [n for n in start if n.startswith("backbone.4.")]
+    shared_end = {**start, **{n: end[n] for n in head}}  # the first solution's body, the second's head
+    torch.save(shared_end, tmp_path / "shared.pt")
+    module = MAP(mlp(0))
+    callback = CurveTraining(params="backbone.4.*", start=endpoints[0], end=str(tmp_path / "shared.pt"))
     callback.setup(trainer(), module, "fit")
-    batch = (torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"one test loader; got several \(loader 1\)"):
-        callback.on_test_batch_end(trainer(), module, None, batch, 0, dataloader_idx=1)
+    for t, expected in ((0.0, start), (1.0, shared_end)):
+        callback._move(t)
+        for name, value in weights_at(module, list(expected)).items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-12, msg=name)
+
+    with pytest.raises(ValueError, match=r"differ in 4 of them \(e.g. \['backbone.0.weight', .*params='all'"):
+        CurveTraining(params="backbone.4.*", start=endpoints[0], end=endpoints[1]).setup(trainer(), MAP(mlp(0)), "fit")

@@ -67,6 +67,7 @@ def run(tmp_path: Path, devices: int) -> tuple[dict[str, torch.Tensor], dict[str
     return points, logged
 
 
+@pytest.mark.slow  # two processes, 25-55 s on 2 cores: CI runs the slow suite too
 def test_two_processes_train_the_single_process_curve(tmp_path: Path) -> None:
     single_points, single_logged = run(tmp_path / "single", 1)
     ddp_points, ddp_logged = run(tmp_path / "ddp", 2)

@@ -129,14 +129,18 @@ def test_kill_and_resume_in_the_middle_of_collection_reproduces_the_uninterrupte
     straight_module = fit(4, [straight])
     first = callback()
     fit(2, [first, ModelCheckpoint(dirpath=tmp_path, save_last=True)], root=tmp_path)  # killed after epoch 2
-    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["SWASubspace"]
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = checkpoint["callbacks"][first.state_key]
     assert saved["moments"]["count"].item() == 3 and saved["names"] == straight.names
-    resumed = callback()
-    resumed_module = fit(4, [resumed], ckpt_path=str(tmp_path / "last.ckpt"))
-    assert resumed.moments.count.item() == 9
-    for name, value in straight.state_dict()["moments"].items():
-        assert torch.equal(value, resumed.state_dict()["moments"][name]), name
-    assert resumed.last_step == straight.last_step
+    checkpoint["callbacks"] = {"SWASubspace": saved}  # as an earlier version keyed it: the only collector takes it
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    for path in ("last.ckpt", "earlier.ckpt"):
+        resumed = callback()
+        resumed_module = fit(4, [resumed], ckpt_path=str(tmp_path / path))
+        assert resumed.moments.count.item() == 9
+        for name, value in straight.state_dict()["moments"].items():
+            assert torch.equal(value, resumed.state_dict()["moments"][name]), name
+        assert resumed.last_step == straight.last_step
     for a, b in zip(straight_module.parameters(), resumed_module.parameters()):
         assert torch.equal(a, b)
 
@@ -280,6 +284,54 @@ def test_start_fraction_per_step_on_an_unbounded_fit_is_named() -> None:
     with pytest.raises(ValueError, match=r"start_fraction=0.5\) with every_n_steps needs a bounded fit"):
         Trainer(max_epochs=-1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                 enable_checkpointing=False, callbacks=[swa], max_time={"seconds": 30}).fit(Regression(), loader())
+
+
+def test_two_collectors_share_a_trainer_and_each_resumes_its_own_moments(tmp_path: Path) -> None:
+    """SWA of the last layer every epoch and SWAG of all weights every second step in one Trainer (refused by
+    Lightning as two callbacks of one state key): each collects what it would alone, and a fit stopped after epoch 2
+    resumes both."""
+
+    def callbacks() -> list[SWASubspace]:
+        return [SWASubspace(params="net.3.*", start_epoch=1, max_rank=0),
+                SWASubspace(params="all", start_epoch=1, every_n_steps=2, max_rank=3)]
+
+    alone = [callbacks()[i] for i in range(2)]
+    for callback in alone:
+        fit(4, [callback])
+    together = callbacks()
+    fit(4, together)
+    fit(2, [*callbacks(), ModelCheckpoint(dirpath=tmp_path, save_last=True)], root=tmp_path)
+    resumed = callbacks()
+    fit(4, resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+    for single, joint, restarted in zip(alone, together, resumed):
+        assert single.moments.count.item() in (3, 9)
+        for name, value in single.state_dict()["moments"].items():
+            assert torch.equal(joint.state_dict()["moments"][name], value), name
+            assert torch.equal(restarted.state_dict()["moments"][name], value), name
+
+
+def test_a_start_fraction_under_manual_optimisation_bounded_by_max_steps_is_refused_before_training() -> None:
+    """Manual optimisation with two optimisers counts two steps a batch in max_steps, one in the schedule: the
+    second half of max_steps=40 (batch 10 of 20) was read as batch 20, and nothing was collected."""
+    module = TwoOptimisers()
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"counts training batches under manual optimisation, but max_steps=40 counts "
+                       r"every optimiser's step\(\) \(2 optimisers here\).*give start_epoch, or bound the fit by "
+                       r"max_epochs"):
+        Trainer(max_steps=40, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False,
+                callbacks=[SWASubspace(start_fraction=0.5, every_n_steps=2)]).fit(module, loader())
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), before))
+
+
+def test_the_learning_rate_schedule_without_max_epochs_is_named() -> None:
+    """Per-step collection bounded by max_steps: the epoch schedule of ``swa_lr_ratio`` has no end to take a
+    fraction of (the message spoke of per-epoch collection)."""
+    with pytest.raises(ValueError, match=r"swa_lr_ratio=0.5\) schedules the learning rate by epoch, .* max_epochs=-1: "
+                       r"give start_epoch or a finite max_epochs"):
+        Trainer(max_steps=30, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False,
+                callbacks=[SWASubspace(every_n_steps=2, swa_lr_ratio=0.5)]).fit(Regression(), loader())
 
 
 def test_start_fraction_per_epoch_without_max_epochs_is_refused_before_training() -> None:

@@ -44,11 +44,22 @@ def test_raw_splits_partition_the_table_and_mcycle_is_times_to_accel():
     assert list(frame.columns) == ["times", "accel"]
     parts = [data.raw_split(s) for s in ("train", "val", "test")]
     pairs = sorted((float(x), float(y)) for xs, ys in parts for x, y in zip(xs[:, 0], ys[:, 0]))
-    as_float32 = frame.astype(np.float32).astype(float)
-    expected = sorted(zip(as_float32["times"], as_float32["accel"]))
-    assert pairs == expected
+    assert pairs == sorted(zip(frame["times"], frame["accel"]))  # float64, as read
     with pytest.raises(ValueError, match=r"split must be one of \['train', 'val', 'test'\]; got 'all'"):
         data.raw_split("all")
+
+
+def test_a_column_with_a_large_offset_standardises_as_the_column_without_it(tmp_path: Path):
+    """mcycle's times as timestamps (+1.7e9 s): float32 before standardising kept steps of 128 s, so all 92
+    training times became one value (input_std 128.7 instead of 13.03)."""
+    frame = load_regression_frame("mcycle")
+    frame.assign(times=frame["times"] + 1.7e9).to_csv(tmp_path / "mcycle.csv", index=False)
+    plain, shifted = UCIRegressionDataModule("mcycle"), UCIRegressionDataModule("mcycle", data_dir=str(tmp_path))
+    plain.setup(), shifted.setup()
+    assert shifted.input_std.item() == pytest.approx(plain.input_std.item(), rel=1e-9)
+    # float32 inputs, so equal up to float32 rounding of values of order 1 (the offset costs float64 digits only)
+    torch.testing.assert_close(shifted.train_set.tensors[0], plain.train_set.tensors[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(shifted.train_set.tensors[1], plain.train_set.tensors[1], rtol=0, atol=0)
 
 
 def test_split_depends_on_seed_only():

@@ -189,6 +189,26 @@ def test_four_bit_nf4_base_with_full_precision_lora_on_cpu(smollm2_folder, promp
     assert lora_b and all(grad is not None and grad.abs().sum() > 0 for grad in lora_b.values())
 
 
+def test_minilm_on_a_four_bit_base_keeps_its_fresh_head_in_full_precision_and_trains():
+    """BERT's ``classifier`` (not in the checkpoint) became a ``Linear4bit`` without a quantisation state, and
+    bitsandbytes failed at the first forward (``--config text/map_minilm --config text/nf4``)."""
+    import bitsandbytes as bnb
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU backend's twin; CUDA machines run the 4-bit configs")
+    model = HFSequenceClassifier("minilm", lora=LoraSpec(r=2, target_modules=["query", "value"]), load_in_4bit=True)
+    heads = [m for n, m in model.named_modules() if n.endswith("classifier.modules_to_save.default")]
+    assert len(heads) == 1 and type(heads[0]) is torch.nn.Linear and heads[0].weight.dtype == torch.float32
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 6 * 6 + 1  # q, k, v, o, in, out of 6 blocks; the pooler
+    tokenizer = AutoTokenizer.from_pretrained(model.model.get_base_model().name_or_path)
+    x = dict(tokenizer(["a fine film", "dull, and far too long"], return_tensors="pt", padding=True))
+    logits = model(x)
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    trainable = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(g is not None for n, g in trainable.items() if "lora_A" not in n)
+
+
 def test_a_lora_on_lm_head_trains_and_scores_as_the_whole_model(smollm2_folder, prompts):
     """The answer logits came from the base head's rows alone, so a LoRA on lm_head (the spec's third target) got
     no gradient and changed nothing."""

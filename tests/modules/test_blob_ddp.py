@@ -31,6 +31,7 @@ def blob() -> BLoB:
     )
 
 
+@pytest.mark.slow  # two processes, 25-55 s on 2 cores: CI runs the slow suite too
 def test_two_processes_reach_the_single_process_posterior(tmp_path: Path) -> None:
     rank0, rank1, single = fit_states(tmp_path, blob, features=3)
     assert "backbone.0.weight.raw_scale" in single and "backbone.0.weight.mean.exp_avg_sq" in single

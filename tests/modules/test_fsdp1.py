@@ -24,6 +24,7 @@ from distributed_run import (
     fit_and_resume,
     fit_distributed,
     fit_in_one_process,
+    swa_subspace_state,
 )
 
 pytestmark = pytest.mark.slow
@@ -61,13 +62,13 @@ def _assert_same_parameters(expected: dict, *runs: dict) -> None:
 @WHERE
 def test_fsdp1_swag_collects_the_one_device_moments_and_resumes_exactly(tmp_path: Path, where: str) -> None:
     single, sharded, resumed = _fsdp_runs(tmp_path, where, "swa", cpu_ranks=2)
-    expected = single["callbacks"]["SWASubspace"]["moments"]
+    expected = swa_subspace_state(single)["moments"]
     assert expected["count"].item() == 8  # steps 5..12: the snapshots of epochs 2 and 3
     for run in (sharded, resumed):
         assert_swag_moments_close(run, expected, RTOL, ATOL)
     _assert_same_parameters(single, sharded, resumed)
-    for key, value in sharded["callbacks"]["SWASubspace"]["moments"].items():
-        assert torch.equal(resumed["callbacks"]["SWASubspace"]["moments"][key], value), key
+    for key, value in swa_subspace_state(sharded)["moments"].items():
+        assert torch.equal(swa_subspace_state(resumed)["moments"][key], value), key
 
 
 @WHERE

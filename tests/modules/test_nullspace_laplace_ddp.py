@@ -49,6 +49,7 @@ def _fit(folder: Path, devices: int, ckpt_path: Path | None = None) -> None:
     spawn_trainer(devices, [SavesMidSweep(folder)], max_epochs=3).fit(module, loader, ckpt_path=ckpt_path)
 
 
+@pytest.mark.slow  # two processes, 25-55 s on 2 cores: CI runs the slow suite too
 def test_two_processes_share_the_samples_and_give_the_one_process_posterior(tmp_path: Path) -> None:
     _fit(tmp_path / "two", 2)
     _fit(tmp_path / "one", 1)
@@ -69,6 +70,7 @@ def test_two_processes_share_the_samples_and_give_the_one_process_posterior(tmp_
             torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-13, msg=name)
 
 
+@pytest.mark.slow  # two processes, 25-55 s on 2 cores: CI runs the slow suite too
 @pytest.mark.parametrize("loader_class", [DataLoader, StatefulDataLoader])  # Lightning splits the latter's batches
 def test_a_split_training_loader_is_refused_by_name(loader_class: type[DataLoader]) -> None:
     _, x, y = make_data()

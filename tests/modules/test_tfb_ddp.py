@@ -45,6 +45,7 @@ def search(folder: Path, devices: int) -> list[dict]:
     return rank_states(folder)
 
 
+@pytest.mark.slow  # two processes, 25-55 s on 2 cores: CI runs the slow suite too
 def test_two_processes_search_as_one_process(tmp_path: Path) -> None:
     single = search(tmp_path / "single", 1)[0]
     ranks = search(tmp_path / "ddp", 2)

@@ -85,6 +85,7 @@ def test_each_rank_keeps_its_own_noise_through_training(tmp_path: Path) -> None:
         assert_in_kernel(jacobian, state["sample_kernel"])
 
 
+@pytest.mark.slow  # two processes, 25-55 s on 2 cores: CI runs the slow suite too
 def test_a_resumed_run_restores_every_ranks_noise_and_continues_exactly(tmp_path: Path) -> None:
     fit(tmp_path / "straight", epochs=4, gamma=0.2)
     fit(tmp_path / "stopped", epochs=3, gamma=0.2)

@@ -58,3 +58,24 @@ def test_the_bands_drawn_are_the_mixtures_5_95_and_25_75_quantiles(tmp_path: Pat
         upper = vertices[len(grid) + 2 : 2 * len(grid) + 2, 1][::-1]
         np.testing.assert_allclose(lower, predictive.quantile(low).reshape(-1).numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(upper, predictive.quantile(high).reshape(-1).numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_epistemic_band_is_the_means_spread_alone_and_a_point_estimate_has_none(tmp_path: Path, monkeypatch) -> None:
+    """The 5-95% band of a homoscedastic fit is mostly noise (mcycle: sd 22 g of 23): the epistemic part is drawn
+    on its own, mean +- 1.645 sd of the components' means; one component (MAP) draws the two quantile bands only."""
+    from lightning_bayes.plots import regression
+
+    figures = []
+    original = regression.save
+    monkeypatch.setattr(regression, "save", lambda figure, path: figures.append(figure) or original(figure, path))
+    x, y, predictive, grid = band_inputs()
+    predictive_band(x, y, predictive, grid, path=tmp_path / "band.png")
+    vertices = figures[0].axes[0].collections[2].get_paths()[0].vertices
+    mean = predictive.mean.reshape(-1).numpy().astype(np.float64)
+    sd = predictive.mean_samples.std(0, unbiased=False).reshape(-1).numpy()  # 0.15 everywhere: two means 0.3 apart
+    np.testing.assert_allclose(sd, 0.15, rtol=1e-5)
+    np.testing.assert_allclose(vertices[1 : len(grid) + 1, 1], mean - 1.6448536 * sd, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(vertices[len(grid) + 2 : 2 * len(grid) + 2, 1][::-1], mean + 1.6448536 * sd, atol=1e-5)
+    point = GaussianPredictive(predictive.mean_samples[:1], predictive.variance_samples[:1])
+    predictive_band(x, y, point, grid, path=tmp_path / "point.png")
+    assert len(figures[1].axes[0].collections) == 3  # the two bands and the data
