@@ -199,7 +199,8 @@ def test_minilm_on_a_four_bit_base_keeps_its_fresh_head_in_full_precision_and_tr
     model = HFSequenceClassifier("minilm", lora=LoraSpec(r=2, target_modules=["query", "value"]), load_in_4bit=True)
     heads = [m for n, m in model.named_modules() if n.endswith("classifier.modules_to_save.default")]
     assert len(heads) == 1 and type(heads[0]) is torch.nn.Linear and heads[0].weight.dtype == torch.float32
-    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 6 * 6 + 1  # q, k, v, o, in, out of 6 blocks; the pooler
+    # q, k, v, o, in and out of 6 blocks, and the pooler
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 6 * 6 + 1
     tokenizer = AutoTokenizer.from_pretrained(model.model.get_base_model().name_or_path)
     x = dict(tokenizer(["a fine film", "dull, and far too long"], return_tensors="pt", padding=True))
     logits = model(x)

@@ -60,7 +60,7 @@ def test_the_bands_drawn_are_the_mixtures_5_95_and_25_75_quantiles(tmp_path: Pat
         np.testing.assert_allclose(upper, predictive.quantile(high).reshape(-1).numpy(), rtol=0, atol=1e-6)
 
 
-def test_the_epistemic_band_is_the_means_spread_alone_and_a_point_estimate_has_none(tmp_path: Path, monkeypatch) -> None:
+def test_the_epistemic_band_is_the_means_spread_alone_and_a_point_estimate_has_none(tmp_path: Path, monkeypatch):
     """The 5-95% band of a homoscedastic fit is mostly noise (mcycle: sd 22 g of 23): the epistemic part is drawn
     on its own, mean +- 1.645 sd of the components' means; one component (MAP) draws the two quantile bands only."""
     from lightning_bayes.plots import regression
