@@ -43,6 +43,7 @@ micro-batch) otherwise spins for about a second instead of taking milliseconds.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import math
@@ -450,13 +451,13 @@ def main() -> None:
         (workdir / f"{task.replace('/', '_')}.json").write_text(json.dumps(answer))
         return
 
-    import laplace
+    import laplace  # noqa: F401  # missing, it stops here, before any work, with the usual ImportError
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     print(
         f"device={device} ({torch.cuda.get_device_name(device) if on_cuda else f'{torch.get_num_threads()} threads'}), "
-        f"torch {torch.__version__}, laplace-torch {getattr(laplace, '__version__', '0.3')}, "
+        f"torch {torch.__version__}, laplace-torch {importlib.metadata.version('laplace-torch')}, "
         f"OMP_WAIT_POLICY={args.omp_wait_policy if args.omp_wait_policy != 'inherit' else os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
         f"one process per method" + ("" if on_cuda else f", memory cap {args.max_gb:g} GB per process")
     )

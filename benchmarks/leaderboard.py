@@ -195,13 +195,18 @@ def run_entry(
         if process.is_alive():
             process.kill()
             process.join()
-    if result_path.is_file():
-        result = {**json.loads(result_path.read_text()), "run": identity}
+    if result_path.is_file():  # timed on this machine at these threads (a resumed leaderboard's may not be)
+        result = {**json.loads(result_path.read_text()), "run": identity, "machine": machine(args.threads)}
         result_path.write_text(json.dumps(result))
         return result
     code = process.exitcode or 0
     reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     return {"error": f"run {reason}" + (" (out of memory?)" if code == -9 else "") + f"; see logs/{run_name}.log"}
+
+
+def machine(threads: int) -> str:
+    """Where a run was timed: its times compare only with runs timed alike."""
+    return f"{hardware()}, {threads} threads"
 
 
 def hardware() -> str:

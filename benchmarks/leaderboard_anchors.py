@@ -3,7 +3,8 @@
 Each anchor takes the instantiated config it copies (``lightning_bayes.cli.run(..., subcommand=False)``: the
 same backbone, datamodule, split, optimiser, epochs and batch size as our run) and returns a function from a
 test batch's inputs to a :class:`~lightning_bayes.predictive.Predictive`, so that every row is scored by the
-same metrics. Anchors that train select the epoch of best validation NLL, as our configs' ``ModelCheckpoint``.
+same metrics. Anchors that train follow the config's learning-rate schedule and test what our run tests: the
+epoch of best validation NLL when its ``ModelCheckpoint`` monitors one, else the last.
 
 * ``laplace_torch`` (laplace-torch 0.3): ``Laplace(model, likelihood, subset_of_weights, hessian_structure)``
   on the MAP's trained network (regression: a homoscedastic MAP, its learned noise as ``sigma_noise``), ``fit``
@@ -21,6 +22,7 @@ same metrics. Anchors that train select the epoch of best validation NLL, as our
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
@@ -50,21 +52,34 @@ def _batches(loader: Any, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
         yield move_data_to_device(x, device), y.to(device)
 
 
-def _train_selecting_best(
+def _train_as_configured(
     cli: LightningCLI,
     model: nn.Module,
     stateful: list[Any],
     step: Callable[[Tensor, Tensor], None],
     validation_nll: Callable[[], float],
+    optimizer: torch.optim.Optimizer,
 ) -> None:
-    """``cli.trainer.max_epochs`` epochs of ``step`` over the training loader, then restore the state of
-    ``stateful`` (modules, and an optimiser that holds a posterior) at the epoch of best validation NLL."""
+    """``cli.trainer.max_epochs`` epochs of ``step`` over the training loader (``limit_train_batches`` of it), the
+    config's learning-rate scheduler stepped after each epoch; then, when the config's ``ModelCheckpoint`` monitors,
+    the state of ``stateful`` (modules, and an optimiser that holds a posterior) restored at the epoch of best
+    validation NLL among those validated (every ``check_val_every_n_epoch``), as our run tests its best checkpoint;
+    otherwise the last epoch's, as ours tests ``last.ckpt``."""
     device = next(model.parameters()).device
+    trainer = cli.trainer
+    scheduler = _lr_scheduler(cli, optimizer)
+    selects_best = any(getattr(callback, "monitor", None) for callback in trainer.checkpoint_callbacks)
+    every = trainer.check_val_every_n_epoch or 1
     best, best_state = math.inf, None
-    for _ in range(cast(int, cli.trainer.max_epochs)):  # set by the copied configs (None would fail here as before)
+    for epoch in range(cast(int, trainer.max_epochs)):  # set by the copied configs (None would fail here as before)
         model.train()
-        for x, y in _batches(cli.datamodule.train_dataloader(), device):
+        loader = cli.datamodule.train_dataloader()
+        for x, y in itertools.islice(_batches(loader, device), _batch_limit(trainer.limit_train_batches, loader)):
             step(x, y)
+        if scheduler is not None:
+            scheduler.step()
+        if not selects_best or (epoch + 1) % every:
+            continue
         model.eval()
         nll = validation_nll()
         if nll < best:
@@ -73,6 +88,22 @@ def _train_selecting_best(
         for item, state in zip(stateful, best_state, strict=True):
             item.load_state_dict(state)
     model.eval()
+
+
+def _batch_limit(limit: float | None, loader: Any) -> int | None:
+    """Lightning's ``limit_train_batches``: a count, or a fraction of the loader's batches (at least one)."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return None
+    return int(limit) if isinstance(limit, int) else max(1, int(limit * len(loader)))
+
+
+def _lr_scheduler(cli: LightningCLI, optimizer: torch.optim.Optimizer) -> Any:
+    """The config's ``model.init_args.lr_scheduler`` over ``optimizer`` (None without one)."""
+    spec = cli.config["model"]["init_args"].get("lr_scheduler")
+    if not spec:
+        return None
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)(optimizer, **dict(vars(spec["init_args"])))
 
 
 def _mean_validation_nll(cli: LightningCLI, predict: Predict, device: torch.device) -> float:
@@ -190,7 +221,8 @@ def vbll_package(cli: LightningCLI, checkpoints: list[str], options: dict[str, s
             prior_scale=settings["prior_scale"], wishart_scale=settings["wishart_scale"], dof=settings["dof"],
         )  # fmt: skip
     model = nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
-    optimizer = _optimizer(cli, model.parameters())
+    # the backbone with the config's weight decay, the head with none: the package's recipe, as our module groups it
+    optimizer = _optimizer(cli, [{"params": backbone.parameters()}, {"params": head.parameters(), "weight_decay": 0.0}])
     clip = cli.trainer.gradient_clip_val
 
     def step(x: Tensor, y: Tensor) -> None:
@@ -209,7 +241,7 @@ def vbll_package(cli: LightningCLI, checkpoints: list[str], options: dict[str, s
         logits = head.logit_predictive(features).rsample(torch.Size([num_samples]))
         return CategoricalPredictive(logits)
 
-    _train_selecting_best(cli, model, [model], step, lambda: _mean_validation_nll(cli, predict, device))
+    _train_as_configured(cli, model, [model], step, lambda: _mean_validation_nll(cli, predict, device), optimizer)
     return predict
 
 
@@ -243,11 +275,11 @@ def ivon_manual(cli: LightningCLI, checkpoints: list[str], options: dict[str, st
         return CategoricalPredictive(torch.stack(draws))
 
     validation_nll = lambda: _mean_validation_nll(cli, predict, device)
-    _train_selecting_best(cli, network, [network, optimizer], step, validation_nll)
+    _train_as_configured(cli, network, [network, optimizer], step, validation_nll, optimizer)
     return predict
 
 
-def _optimizer(cli: LightningCLI, parameters: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(cli: LightningCLI, parameters: Any) -> torch.optim.Optimizer:
     spec = cli.config["model"]["init_args"]["optimizer"]
     module, _, name = spec["class_path"].rpartition(".")
     return getattr(__import__(module, fromlist=[name]), name)(parameters, **dict(vars(spec["init_args"])))

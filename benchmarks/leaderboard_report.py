@@ -25,7 +25,8 @@ REGRESSION_COLUMNS = (("nll", "NLL"), ("rmse", "RMSE"), ("crps", "CRPS"), ("cove
 
 
 def total_seconds(name: str, runs: dict[str, dict[str, Any]], entries: dict[str, Entry]) -> float | None:
-    """Seconds to produce ``name`` from nothing: its own fit plus, once each, every run it starts from."""
+    """Seconds to produce ``name`` from nothing: its own fit plus, once each, every run it starts from (None when
+    they were not all timed on one machine at one thread count: a leaderboard resumed elsewhere)."""
     seen: set[str] = set()
 
     def collect(current: str) -> None:
@@ -36,6 +37,8 @@ def total_seconds(name: str, runs: dict[str, dict[str, Any]], entries: dict[str,
 
     collect(name)
     times = [runs.get(n, {}).get("fit_s") for n in seen]
+    if len({runs[n].get("machine") for n in seen if n in runs}) > 1:  # resumed on other hardware or threads
+        return None
     return None if any(t is None for t in times) else float(sum(cast("list[float]", times)))  # no None, by any()
 
 
@@ -75,7 +78,7 @@ def summarise(runs_by_seed: dict[int, dict[str, dict[str, Any]]], entries: list[
                 map_fit = runs.get(baseline, {}).get("fit_s")
                 if total is not None:
                     totals.append(total)
-                    if map_fit:
+                    if map_fit and runs[baseline].get("machine") == runs[entry.name].get("machine"):
                         ratios.append(total / map_fit)
             row["total_s"] = _mean_and_spread(totals) if totals else None
             row["time_vs_map"] = _mean_and_spread(ratios) if ratios else None
@@ -105,7 +108,10 @@ def _progress(context: dict[str, Any]) -> str:
     reused = context.get("runs_reused", 0)
     text = f" In progress: {done} of {total} runs done." if done < total else ""
     if reused:  # --resume: their times (and time / MAP) come from the invocation that ran them
-        text += f" {reused} of the {done} runs reused from an earlier invocation (--resume) and timed there."
+        text += (
+            f" {reused} of the {done} runs reused from an earlier invocation (--resume) and timed there (a row timed "
+            "on other hardware or threads than a run it needs or MAP shows no total or time / MAP)."
+        )
     return text
 
 

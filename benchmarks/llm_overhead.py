@@ -18,6 +18,7 @@ as the acceptance criterion does; TFB and the null-space Laplace are post hoc an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -54,14 +55,18 @@ def measure(spec: dict[str, Any]) -> dict[str, float]:
     data = [f"--data.init_args.batch_size={spec['batch_size']}", "--trainer.logger=false"]
     if spec["data_dir"] is not None:
         data.append(f"--data.init_args.data_dir={spec['data_dir']}")
-    extra: list[str] = []
     with tempfile.TemporaryDirectory() as folder:
-        if spec["name"] == "LoRA curve":  # both ends at one LoRA (the step's cost does not depend on where they are)
-            base = run(["--config", str(ROOT / "configs" / METHODS[BASELINE][0]), *overlay, *data], subcommand=False)
-            end = Path(folder) / "end.ckpt"
-            torch.save({"state_dict": base.model.state_dict()}, end)
-            extra = [f"--trainer.callbacks.init_args.{side}={end}" for side in ("start", "end")]
-            del base
+        # every method first builds the baseline and lets it go: the curve needs its LoRA as both ends (the step's
+        # cost does not depend on where they are), and on the CPU, whose measure is resident memory above the start,
+        # what that build loads (libraries, allocator pools) would otherwise count for every method but the curve
+        base = run(["--config", str(ROOT / "configs" / METHODS[BASELINE][0]), *overlay, *data], subcommand=False)
+        end = Path(folder) / "end.ckpt"
+        torch.save({"state_dict": base.model.state_dict()}, end)
+        del base
+        gc.collect()
+        extra = [f"--trainer.callbacks.init_args.{side}={end}" for side in ("start", "end")] if spec["name"] == (
+            "LoRA curve"
+        ) else []
         memory = PeakMemory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         memory.start()  # from before the model: its weights count, the interpreter's libraries do not
         cli = run(["--config", str(ROOT / "configs" / spec["config"]), *overlay, *data, *extra], subcommand=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import statistics
 import time
 from collections.abc import Callable
@@ -206,7 +207,7 @@ def main() -> None:
     on_cuda = device.type == "cuda"
     print(
         f"device={device} ({torch.cuda.get_device_name(device) if on_cuda else f'{torch.get_num_threads()} threads'}), "
-        f"torch {torch.__version__}, vbll {getattr(vbll, '__version__', '0.4.9')}, median of {repeats} steps, "
+        f"torch {torch.__version__}, vbll {importlib.metadata.version('vbll')}, median of {repeats} steps, "
         f"step = zero_grad + forward + loss + backward + AdamW"
     )
     names = [h for h in HEADS if args.compile or h != "compiled"]

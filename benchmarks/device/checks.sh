@@ -8,8 +8,6 @@
 #                                            # epoch / MAP epoch on the GPU, eager and with compile_jacobian
 #   bash benchmarks/device/checks.sh speed   # (kit.sh all) under 8 min: the compiled VBLL table, the Jacobians' CUDA
 #                                            # tests and a shorter VIKING table (issues 3 and 6 in one call)
-#   bash benchmarks/device/checks.sh all     # llm, then vbll and mnist: about 20 min, so two calls' worth; a call
-#                                            # cut at its limit still returns the files of the steps it finished
 #   bash benchmarks/device/checks.sh leaderboard  # (kit.sh leaderboard) about 8 min of the full MNIST leaderboard,
 #     resumed from .device/leaderboard-state/ (the parts the last lease returned); returns the newest table and
 #     the state as $OUT/leaderboard-state-part-NN; here, before the next lease:
@@ -21,9 +19,9 @@
 # config and tokenizer and the model is rebuilt there with random weights, which is what step time and memory
 # depend on (the CUDA 4-bit test that reads real reviews needs the real weights and is not run here).
 set -uo pipefail
-kits="llm|vbll|mnist|speed|all|leaderboard"
+kits="llm|vbll|mnist|speed|leaderboard"  # one call each (a 10-min call holds one; $OUT starts empty)
 case "${1:-}" in
-  llm|vbll|mnist|speed|all|leaderboard) kit="$1" ;;
+  llm|vbll|mnist|speed|leaderboard) kit="$1" ;;
   -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;  # this header
   *) echo "usage: checks.sh $kits (--help: what each runs); got '${1:-}'" >&2; exit 2 ;;
 esac
@@ -95,7 +93,6 @@ case "$kit" in
   vbll) vbll_step ;;
   mnist) viking_step 120 300 150 3 ;;
   speed) vbll_compiled; viking_step 90 200 100 2 ;;  # the compiled paths of issues 3 and 6 in one call
-  all) llm_steps; vbll_step; viking_step 120 300 150 3 ;;  # the steps still open first (VBLL and VIKING measured 2026-12-04)
   leaderboard) leaderboard_step ;;
 esac
 exit "$failed"  # non-zero when any step failed or ran out of time

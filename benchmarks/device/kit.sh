@@ -3,7 +3,7 @@
 # for benchmarks/device/checks.sh, into the git-ignored folder .device/ (under the 64 MiB a call may carry):
 #   bash benchmarks/device/kit.sh llm     # 4-bit/FSDP1 GPU tests, llm_overhead --four-bit, vbll_overhead
 #   bash benchmarks/device/kit.sh mnist   # viking_overhead (MNIST and Fashion-MNIST, gzipped)
-#   bash benchmarks/device/kit.sh all     # both in one carry (checks.sh speed fits one call; checks.sh all needs two)
+#   bash benchmarks/device/kit.sh all     # both in one carry (then checks.sh llm and checks.sh speed, one call each)
 #   bash benchmarks/device/kit.sh leaderboard  # the MNIST data and the anchors' wheels (laplace-torch, vbll,
 #                                              # ivon-opt) for checks.sh leaderboard; keeps .device/leaderboard-state
 # Wheels: bitsandbytes, torchdata and the CLI's jsonargparse stack (+ vbll for the llm kit); data: the Rotten

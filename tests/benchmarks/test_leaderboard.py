@@ -14,7 +14,7 @@ import pytest
 import torch
 from calibration_toys import LinearModel, ToyDataWithOOD
 from leaderboard import _cli_overrides, earlier_result, selected
-from leaderboard_anchors import ANCHORS, PACKAGES
+from leaderboard_anchors import ANCHORS, PACKAGES, _train_as_configured
 from leaderboard_report import markdown, report_paths, summarise, total_seconds, write_report
 from leaderboard_scoring import score
 from leaderboard_tasks import TASK_NAMES, Entry, task_entries
@@ -67,6 +67,37 @@ def _run(fit_s: float, nll: float, acc: float = 0.9) -> dict:
     return {"fit_s": fit_s, "peak_mb": 100 * fit_s, "metrics": {"nll": nll, "acc": acc}}
 
 
+@pytest.mark.parametrize("monitor", [None, "val/nll"])
+def test_an_anchor_trains_on_the_configs_schedule_and_tests_what_our_run_tests(monitor: str | None) -> None:
+    """The ivon-opt anchor ran mnist/ivon.yaml's cosine schedule at its first rate throughout and kept its best
+    validation epoch, where our run, without a monitor, tests its last: 3 epochs of 2 of 4 batches at rates halved
+    each epoch; with a monitor validated every 2nd epoch, the state after epoch 2 comes back."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    rates: list[float] = []
+
+    def step(x, y) -> None:
+        rates.append(optimizer.param_groups[0]["lr"])
+        with torch.no_grad():
+            model.weight += 1.0  # the state counts the steps
+
+    scheduler = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": Namespace(step_size=1, gamma=0.5)}
+    loader = [(torch.zeros(1, 1), torch.zeros(1))] * 4
+    trainer = SimpleNamespace(max_epochs=3, check_val_every_n_epoch=2, limit_train_batches=2,
+                              checkpoint_callbacks=[SimpleNamespace(monitor=monitor)])
+    cli = SimpleNamespace(trainer=trainer, datamodule=SimpleNamespace(train_dataloader=lambda: loader),
+                          config={"model": {"init_args": {"lr_scheduler": scheduler}}})
+    validated: list[float] = []
+    _train_as_configured(cli, model, [model], step, lambda: validated.append(model.weight.item()) or 0.0, optimizer)
+    assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert validated == ([] if monitor is None else [4.0])
+    assert model.weight.item() == (6.0 if monitor is None else 4.0)
+
+
 def test_totals_count_each_prerequisite_once_and_ratios_are_per_seed() -> None:
     entries = _entries()
     runs = {
@@ -97,6 +128,23 @@ def test_totals_count_each_prerequisite_once_and_ratios_are_per_seed() -> None:
     assert "| SWAG | ours | 0.9000 ± 0.0000 | 0.2000 ± 0.0707 | - |" in text  # no ECE in this toy: "-"
     assert "- Curve: ValueError: boom" in text and "- Anchor: OOM (> 8 GB)" in text
     assert "(--quick)" in text and "Wall time 1.5 min" in text
+
+
+def test_times_of_runs_timed_on_other_machines_are_not_added_or_divided() -> None:
+    """A resumed leaderboard reused MAP timed at 1 thread (9.2 s) and divided a 2-thread VBLL fit by it: 6.72 where
+    the pair timed together gave 2.13."""
+    entries = _entries()
+    here, there = {"machine": "gpu A, 16 threads"}, {"machine": "gpu B, 16 threads"}
+    runs = {0: {"MAP": {**_run(10, 0.2), **here}, "MAP (second seed)": {**_run(12, 0.3), **there},
+                "SWAG collection": {**_run(20, 0.25), **here}, "SWAG": {**_run(2, 0.15), **there},
+                "Curve": {**_run(30, 0.1), **there}, "Anchor": {**_run(1, 0.5), **here}}}  # fmt: skip
+    by_name = {e.name: e for e in entries}
+    assert total_seconds("SWAG", runs[0], by_name) is None and total_seconds("Anchor", runs[0], by_name) == 11
+    rows = {row["name"]: row for row in summarise(runs, entries)}
+    assert rows["SWAG"]["total_s"] is None and rows["SWAG"]["time_vs_map"] is None
+    assert rows["Anchor"]["time_vs_map"] == (1.1, None)
+    assert rows["Curve"]["total_s"] is None  # its two ends were timed on two machines
+    assert rows["SWAG"]["metrics"]["nll"] == (0.15, None)  # the metrics stand wherever they were measured
 
 
 def test_selected_keeps_what_rows_start_from_and_the_map() -> None:
@@ -165,7 +213,8 @@ def test_report_files_are_written_beside_earlier_ones(tmp_path: Path) -> None:
     again = write_report(second, rows[:1], {**context, "runs_done": 1, "runs_total": 3}, runs)
     assert again[1] == second[1] and "In progress: 1 of 3 runs done." in again[0].read_text()
     resumed = write_report(second, rows, {**context, "runs_done": 3, "runs_total": 3, "runs_reused": 2}, runs)
-    assert "2 of the 3 runs reused from an earlier invocation (--resume) and timed there." in resumed[0].read_text()
+    reused = "2 of the 3 runs reused from an earlier invocation (--resume) and timed there (a row timed on other"
+    assert reused in resumed[0].read_text()
     assert json.loads(again[1].read_text())["rows"][0]["name"] == "MAP"
     saved = json.loads(first[1].read_text())
     assert saved["rows"][1]["name"] == "Curve" and math.isclose(saved["rows"][1]["time_vs_map"][0], 3.0)
