@@ -79,13 +79,15 @@ def class_labels(y: Any, batch: int, classes: int, who: str, check_range: bool =
 
 def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], bool], weight: Any) -> None:
     """A clear error unless ``x`` is a tensor whose shape ``fits`` (``expected`` says which) in the dtype of ``weight``
-    (float32 and 16-bit inputs pass under autocast, which casts them; none where ``weight`` is not a tensor: a
-    variational method's layer holds its weight's distribution there). Reads shapes and dtypes alone, so it runs under
-    ``torch.func`` transforms and ``torch.compile`` (where it is a guard) at no cost."""
+    (float32 and 16-bit inputs pass under autocast, which casts them; where a variational method's layer holds its
+    weight's distribution, a module, in the dtype of that distribution's parameters). Reads shapes and dtypes alone,
+    so it runs under ``torch.func`` transforms and ``torch.compile`` (where it is a guard) at no cost."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects {expected} (a float tensor); got {type(x).__name__}")
     if not fits(x.shape):
         raise ValueError(f"{who} expects {expected} (float); got shape {tuple(x.shape)}")
+    if isinstance(weight, torch.nn.Module):  # torch's "mat1 and mat2 must have the same dtype" otherwise
+        weight = next((p for p in weight.parameters() if p.is_floating_point()), None)
     if not isinstance(weight, Tensor):
         return
     autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)

@@ -85,6 +85,13 @@ def test_quantile_inverts_the_cdf(samples: int) -> None:
             assert quantile[b, d].item() == pytest.approx(expected, abs=1e-10)
 
 
+def test_a_far_tail_quantile_is_finite_in_float32() -> None:
+    """``erfinv(2q - 1)`` met 2q - 1 rounded to -1 in float32 below q = 3e-8: -inf at q = 1e-8 (exactly -5.6120)."""
+    standard = GaussianPredictive(torch.zeros(1, 1, 1), torch.ones(1, 1, 1))
+    for q in (1e-8, 1e-7, 0.05):  # (near 1, float32 itself keeps q only to 6e-8)
+        assert standard.quantile(q).item() == pytest.approx(norm.ppf(q), rel=2e-6)
+
+
 def test_gaussian_log_prob_equals_the_explicit_mixture_density() -> None:
     predictive = gaussian(3)
     y = torch.linspace(-2, 2, 20, dtype=torch.float64).reshape(10, 2)

@@ -55,6 +55,9 @@ class RMSE(MeanSquaredError):
         return super().compute()
 
 
+_PAIR_ELEMENTS = 2**22  # values of one block of CRPS's pairwise term (16 MB in float32)
+
+
 def _expected_abs(m: Tensor, v: Tensor) -> Tensor:
     """``A(m, v) = E|m + sqrt(v) Z|`` for ``Z ~ N(0, 1)``."""
     s = v.sqrt()
@@ -63,13 +66,20 @@ def _expected_abs(m: Tensor, v: Tensor) -> Tensor:
 
 
 def gaussian_mixture_crps(predictive: GaussianPredictive, target: Tensor) -> Tensor:
-    """Closed-form CRPS per example and output, ``[B, D]``; the pairwise term costs ``S^2 B D`` memory."""
+    """Closed-form CRPS per example and output, ``[B, D]``: ``1/S sum_s A(y - mu_s, v_s) - 1/(2 S^2) sum_{s,t}
+    A(mu_s - mu_t, v_s + v_t)`` (Grimit et al., 2006), the pairwise sum taken in blocks of rows ``s`` that hold
+    about ``_PAIR_ELEMENTS`` values (all ``S^2 B D`` at once took 3.8 GB at S = 1000, B = 128)."""
     predictive = gaussian(predictive, "gaussian_mixture_crps")
     y = regression_targets(predictive, target, "gaussian_mixture_crps")
     mean, var = predictive.mean_samples, predictive.variance_samples
     to_target = _expected_abs(y - mean, var).mean(0)
-    between = _expected_abs(mean.unsqueeze(0) - mean.unsqueeze(1), var.unsqueeze(0) + var.unsqueeze(1)).mean((0, 1))
-    return to_target - 0.5 * between
+    samples = mean.shape[0]
+    rows = max(1, _PAIR_ELEMENTS // max(1, mean.numel()))
+    between = torch.zeros_like(to_target)
+    for start in range(0, samples, rows):
+        block_mean, block_var = mean[start : start + rows].unsqueeze(1), var[start : start + rows].unsqueeze(1)
+        between = between + _expected_abs(block_mean - mean.unsqueeze(0), block_var + var.unsqueeze(0)).sum((0, 1))
+    return to_target - 0.5 * between / samples**2
 
 
 class CRPS(MeanOverValues):

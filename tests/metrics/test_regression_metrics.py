@@ -32,6 +32,19 @@ def test_crps_closed_form_equals_quadrature() -> None:
             assert crps[b, d] == pytest.approx(expected, abs=1e-9)
 
 
+def test_crps_in_blocks_of_sample_pairs_equals_all_pairs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All S^2 B D pair values at once took 3.8 GB at S = 1000, B = 128: blocks of 3 rows of s (a ragged last one of
+    S = 7) give the one-block value to rounding."""
+    from lightning_bayes.metrics import regression
+
+    predictive, target = mixture(samples=7, batch=5, outputs=2)
+    whole = gaussian_mixture_crps(predictive, target)
+    monkeypatch.setattr(regression, "_PAIR_ELEMENTS", 3 * predictive.mean_samples.numel())
+    torch.testing.assert_close(gaussian_mixture_crps(predictive, target), whole, rtol=1e-14, atol=1e-15)
+    monkeypatch.setattr(regression, "_PAIR_ELEMENTS", 1)  # one row at a time
+    torch.testing.assert_close(gaussian_mixture_crps(predictive, target), whole, rtol=1e-14, atol=1e-15)
+
+
 def test_crps_of_a_single_gaussian_known_value() -> None:
     """N(0, 1) at y = 0: CRPS = sigma (2 phi(0) - 1/sqrt(pi)) = 2/sqrt(2 pi) - 1/sqrt(pi) (Gneiting & Raftery, 2007)."""
     predictive = GaussianPredictive(torch.zeros(1, 1, 1, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64))

@@ -74,6 +74,11 @@ def test_backbones_name_the_shape_and_dtype_they_expect_and_refuse_bad_widths() 
             net(bad)
     with pytest.raises(ValueError, match=r"MLP expects inputs in its weights' dtype torch.float32; got .*float64"):
         net(torch.zeros(6, 4, dtype=torch.float64))
+    from lightning_bayes.modules import VariationalInference
+
+    variational = VariationalInference(MLP(4, 3, hidden=[8])).backbone  # its first layer holds q(W) by now
+    with pytest.raises(ValueError, match=r"MLP expects inputs in its weights' dtype torch.float32; got .*float64"):
+        variational(torch.zeros(6, 4, dtype=torch.float64))  # torch's "mat1 and mat2 must have the same dtype"
     with pytest.raises(TypeError, match=r"MLP expects inputs \[B, 4\] .*\(a float tensor\); got ndarray"):
         net(np.zeros((6, 4), dtype=np.float32))
     with pytest.raises(ValueError, match=r"LeNet5 expects images \[B, 1, 28, 28\] \(float\); got shape \(2, 3, 28"):
