@@ -23,9 +23,10 @@ def options_a_later_config_replaces(args: list[str]) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     earlier: list[str] = []
     for index, arg in enumerate(args):
-        if not arg.startswith("--"):
+        short = arg == "-c" or arg.startswith("-c=")  # LightningCLI's short form of --config
+        if not (arg.startswith("--") or short):
             continue
-        key, equals, value = arg[2:].partition("=")
+        key, equals, value = ("config", *arg[2:].partition("=")[1:]) if short else arg[2:].partition("=")
         if key != "config":
             if not arg.startswith(_NOT_OPTIONS):
                 earlier.append(key)

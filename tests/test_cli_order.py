@@ -27,6 +27,10 @@ def test_each_option_a_later_config_sets_is_found_and_none_other(tmp_path: Path)
     assert found == [(f"--{key}", str(config)) for key in
                      ("ckpt_path", "trainer.max_epochs", "model.num_samples", "model.init_args.num_samples")]
     assert options_a_later_config_replaces(["test", f"--config={config}", "--ckpt_path", "best"]) == []
+    for short in (["-c", str(config)], [f"-c={config}"]):  # LightningCLI's short form
+        assert options_a_later_config_replaces(["fit", "--trainer.max_epochs", "2", *short]) == [
+            ("--trainer.max_epochs", str(config))
+        ]
     inline = ["test", "--ckpt_path", "best", "--config", "{ckpt_path: null}"]  # not a file: the parser's to read
     assert options_a_later_config_replaces(inline) == []
 

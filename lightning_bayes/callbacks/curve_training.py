@@ -292,7 +292,7 @@ class CurveTraining(Callback):
                 f"CurveTraining(params={self.params!r}) puts only the selected parameters on the curve; the others are "
                 f"shared by all its points, but its end points ({', '.join(ends)}) differ in {len(differing)} of them "
                 f"(e.g. {differing[:5]}), so the curve's ends would not be those solutions: select them too (e.g. "
-                "params='all'), or train the end points from one network sharing them"
+                "params='trainable'), or train the end points from one network sharing them"
             )
         if loaded:
             with torch.no_grad():

@@ -441,16 +441,26 @@ class BayesianModule(LightningModule, ABC):
         return self.without_decay_for([p for p in self.parameters() if p.requires_grad])
 
     def without_decay_for(self, parameters: Sequence[Tensor], exempt: Iterable[object] = ()) -> list[dict[str, Any]]:
-        """``parameters`` as two groups: the optimiser's, and a group without weight decay of those that are the
-        likelihood's (a Gaussian's noise: decay pulled it towards ``softplus(0) = 0.69``, 7% wider at AdamW's 0.1
-        on a clean linear fit) or in ``exempt``."""
-        likelihood = getattr(self, "likelihood", None)
-        kept = [*likelihood.parameters(), *exempt] if isinstance(likelihood, nn.Module) else list(exempt)
-        ids = {id(p) for p in kept}
+        """``parameters`` as two groups: the optimiser's, and a group without weight decay of those in ``exempt`` and,
+        when the optimiser decays weights, of every likelihood's (a Gaussian's noise, a deep ensemble's members' too:
+        decay pulled it towards ``softplus(0) = 0.69``, 7% wider at AdamW's 0.1 on a clean linear fit). An optimiser
+        without decay keeps one group (as checkpoints from before this split hold; LBFGS takes no groups)."""
+        ids = {id(p) for p in exempt}
+        if self._optimiser_decays():
+            ids |= {id(p) for m in self.modules() if isinstance(m, Likelihood) for p in m.parameters()}
         return [
             {"params": [p for p in parameters if id(p) not in ids]},
             {"params": [p for p in parameters if id(p) in ids], "weight_decay": 0.0},
         ]
+
+    def _optimiser_decays(self) -> bool:
+        """Whether ``optimizer``, built over a probe parameter, has a non-zero default weight decay (one it cannot be
+        built over is taken to decay)."""
+        try:
+            probe = self.optimizer_factory([nn.Parameter(torch.zeros(1))])
+        except Exception:  # noqa: BLE001  # the real build names its own failure
+            return True
+        return bool(probe.defaults.get("weight_decay", 0.0))
 
     def configure_optimizers(self) -> Any:
         """The optimiser over :meth:`parameter_groups` (and its scheduler); none for a fit that takes no steps (and

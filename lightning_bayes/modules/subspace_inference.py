@@ -96,7 +96,8 @@ def swag_state_from_checkpoint(path: str, saved: Mapping[str, Any] | None = None
     if len(states) != 1:
         raise ValueError(
             f"checkpoint {str(resolved)!r} holds {len(states)} non-empty SWASubspace states "
-            f"({sorted(states)}); expected exactly one: train with the SWASubspace callback past its start"
+            f"({sorted(states)}); expected exactly one: train with one SWASubspace callback (several in one run "
+            "each keep their own, and SubspaceInference reads one), past its start"
         )
     return next(iter(states.values()))
 

@@ -669,5 +669,5 @@ def test_parameters_left_off_the_curve_come_from_the_end_points_or_are_refused(e
         for name, value in weights_at(module, list(expected)).items():
             torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-12, msg=name)
 
-    with pytest.raises(ValueError, match=r"differ in 4 of them \(e.g. \['backbone.0.weight', .*params='all'"):
+    with pytest.raises(ValueError, match=r"differ in 4 of them \(e.g. \['backbone.0.weight', .*params='trainable'"):
         CurveTraining(params="backbone.4.*", start=endpoints[0], end=endpoints[1]).setup(trainer(), MAP(mlp(0)), "fit")

@@ -260,6 +260,15 @@ def test_weight_decay_leaves_a_gaussian_likelihoods_noise_alone():
         factor = 1.0 if name.startswith("likelihood.") else 1 - 0.1 * 0.5
         torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-7, atol=0, msg=name)
 
+    members = DeepEnsemble([nn.Linear(1, 1), nn.Linear(1, 1)], likelihood=GaussianLikelihood(1),
+                           optimizer=functools.partial(torch.optim.AdamW, weight_decay=0.5))  # one noise per member
+    kept = members.configure_optimizers().param_groups[1]
+    assert {id(p) for p in kept["params"]} == {id(p) for p in members.likelihoods.parameters()}
+    assert len(kept["params"]) == 2 and kept["weight_decay"] == 0.0
+    for undecayed in (torch.optim.Adam, torch.optim.LBFGS):  # one group: earlier checkpoints resume, LBFGS builds
+        plain = MAP(nn.Linear(1, 1), likelihood=GaussianLikelihood(1), optimizer=undecayed)
+        assert len(plain.configure_optimizers().param_groups) == 1
+
 
 def test_non_finite_loss_stops_with_a_clear_error():
     module = MAP(_mlp())
