@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_bayes.callbacks.swa_subspace import SWASubspace
+from lightning_bayes.callbacks.swa_subspace import SWASubspace, collector_states
 from lightning_bayes.models import LinearProbe
 from lightning_bayes.models.frozen_base import exclude_frozen_base
 from lightning_bayes.modules import MAP, IVONModule, VariationalInference
@@ -235,7 +235,7 @@ def fit_and_resume(folder: Path, max_epochs: int, method: str, strategy: str = "
 
 def swa_subspace_state(run: dict) -> dict:
     """The state of checkpoint ``run``'s one ``SWASubspace`` (keyed by its arguments, as ``ModelCheckpoint``'s)."""
-    (state,) = [value for key, value in run["callbacks"].items() if key.startswith("SWASubspace")]
+    (state,) = collector_states(run["callbacks"]).values()
     return state
 
 

@@ -62,6 +62,12 @@ def _is_device_name(device: object) -> bool:
     return True
 
 
+def collector_states(callback_states: dict[str, Any]) -> dict[str, Any]:
+    """The ``SWASubspace`` states among a checkpoint's ``"callbacks"`` (their keys start with the class name and go on
+    with the collector's arguments; an earlier version's key is the bare name)."""
+    return {key: state for key, state in callback_states.items() if key.startswith(SWASubspace.__name__)}
+
+
 class SWASubspace(Callback):
     """Collect SWA/SWAG moments of ``params`` alongside training.
 
@@ -326,7 +332,7 @@ class SWASubspace(Callback):
         an earlier version as ``"SWASubspace"``, or with other arguments, which :meth:`load_state_dict` then
         checks), rather than leaving the collected moments behind."""
         states = checkpoint.get("callbacks") or {}
-        theirs = [key for key in states if key.startswith(type(self).__name__)]
+        theirs = list(collector_states(states))
         mine = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, SWASubspace)]  # Lightning sets callbacks
         if self.state_key not in states and len(theirs) == 1 and len(mine) == 1:
             states[self.state_key] = states[theirs[0]]

@@ -58,6 +58,7 @@ from ..inference.batchnorm import (
     refresh_batchnorm,
     running_statistics,
 )
+from ..callbacks.swa_subspace import collector_states
 from ..inference.elliptical_slice import EllipticalSlice
 from ..inference.likelihoods import Likelihood
 from ..inference.linalg import FlatParameters
@@ -77,7 +78,6 @@ from .base import Batch, BayesianModule, first_rows
 
 _SUBSPACES = ("swag", "pca", "random", "curve")
 _METHODS = ("ess", "vi", "none")
-_CALLBACK_KEY = "SWASubspace"
 
 
 def _sgd(params: Any) -> torch.optim.Optimizer:
@@ -92,7 +92,7 @@ def swag_state_from_checkpoint(path: str, saved: Mapping[str, Any] | None = None
     ``saved``: the checkpoint already loaded)."""
     resolved = resolve_checkpoint_path(path)
     saved = load_checkpoint(resolved) if saved is None else saved
-    states = {k: v for k, v in (saved.get("callbacks") or {}).items() if k.startswith(_CALLBACK_KEY) and v}
+    states = {key: state for key, state in collector_states(saved.get("callbacks") or {}).items() if state}
     if len(states) != 1:
         raise ValueError(
             f"checkpoint {str(resolved)!r} holds {len(states)} non-empty SWASubspace states "

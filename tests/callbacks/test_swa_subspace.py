@@ -452,7 +452,7 @@ def test_a_checkpoints_moments_serve_a_test_run(tmp_path: Path) -> None:
 
     module = Tested()
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[restored]).test(module, loader(), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=False)
+            default_root_dir=tmp_path, callbacks=[restored]).test(module, loader(), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=False)
     assert restored.moments.count.item() == 3
     torch.testing.assert_close(restored.moments.mean, fitted.moments.mean, rtol=0, atol=0)
     with restored.swa(module):
