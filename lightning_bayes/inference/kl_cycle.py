@@ -1,7 +1,8 @@
 """BLoB's geometric KL weights: over a cycle of ``K`` steps, step ``i = 1..K`` weighs the KL by
 ``w_i = 2^i / (2^(K+1) - 1)``, so most of the KL lands at the end of each cycle (half of it on the last step).
 Computed as ``2^(i-K-1) / (1 - 2^-(K+1))``, finite for any ``K``.
-Reference: Wang et al., "BLoB", NeurIPS 2024 (after Blundell et al., ICML 2015, section 3.4).
+Reference: Wang et al., "BLoB", NeurIPS 2024. Blundell et al. (ICML 2015, section 3.4) weigh the other way,
+``2^(K-i) / (2^K - 1)``, most of the KL at a cycle's start.
 """
 
 from __future__ import annotations

@@ -262,7 +262,8 @@ class ParameterFunction:
 
     def ggn_vp(self, x: Any, y: Tensor, vectors: Tensor, likelihood: Likelihood, theta: Tensor | None = None) -> Tensor:
         """``GGN v = sum_n J_n^T H_n J_n v`` for vectors ``[S, P]``, with ``H_n`` the Hessian of the loss in the
-        outputs (softmax: ``diag(p) - p p^T``; Gaussian: ``1/sigma^2``): a JVP, an output-space HVP, a VJP."""
+        outputs, exact (softmax: ``diag(p) - p p^T``; homoscedastic Gaussian: ``1/sigma^2``; a heteroscedastic Gaussian's
+        includes its scale output and need not be positive semi-definite): a JVP, an output-space HVP, a VJP."""
         theta = self.theta() if theta is None else theta
         outputs, tangents = self.jvp(x, vectors, theta)
         output_gradient = grad(lambda z: likelihood.loss(z, y) * len(y))

@@ -12,9 +12,10 @@ and the last ``K`` deviations are kept as the rows of a ring buffer ``D`` ``[K, 
     Sigma_diag = clamp(m2 - theta_bar^2, 1e-30),   z_1 ~ N(0, I_P), z_2 ~ N(0, I_K),
 
 with ``s = 0.5`` for SWAG, the diagonal part only for SWAG-diag (``s = 1``) and ``s = 0`` for SWA. ``K`` is the
-number of deviations stored so far (at most ``max_rank``): before the buffer is full, ``D^T D / (K - 1)`` is the
-sample covariance of those it holds, as it is of the last ``max_rank`` once full.
-Reference: Maddox, Izmailov, Garipov, Vetrov & Wilson, "A Simple Baseline for Bayesian Uncertainty in
+number of deviations stored so far (at most ``max_rank``). ``D^T D / (K - 1)`` is SWAG's low-rank estimate, not
+the sample covariance of the stored snapshots: each row deviates from the running mean at its own snapshot (two
+snapshots 0 and 1 give 1/4 where their sample variance is 1/2).
+Reference: Maddox, Garipov, Izmailov, Vetrov & Wilson, "A Simple Baseline for Bayesian Uncertainty in
 Deep Learning", NeurIPS 2019, section 3 and algorithm 1.
 """
 
