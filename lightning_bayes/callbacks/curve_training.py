@@ -30,8 +30,8 @@ evaluated ``t``.
 :meth:`CurveTraining.remove` bakes ``theta(t)`` into the plain tensors, leaving the module as it was
 before the callback touched it. Modules without ``predictive`` are read as logits (``forward(x)``).
 Under DDP every rank draws the same ``t`` (one seeded generator, resumed from the checkpoint), the added
-gradients are averaged like the loss's and the grid sums are pooled; under FSDP the curve trains but
-``weight_decay`` and ``js_weight`` are refused (they need whole control points); after ``ddp_spawn`` the
+gradients are averaged like the loss's and the grid sums are pooled; under FSDP (1 or 2) the curve trains
+but ``weight_decay`` and ``js_weight`` are refused (they need whole control points); after ``ddp_spawn`` the
 main process's module is not parametrised, so read the trained curve from the checkpoint.
 """
 
@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -317,10 +317,11 @@ class CurveTraining(Callback):
                 self._unbind(self._bound)
             self.curves, self.position, self.grid_values = {}, None, {}
             self._grid_sums, self._batch_norm_at, self._batch_norm_saved = {}, {}, {}
-        if isinstance(trainer.strategy, FSDPStrategy) and (self.weight_decay or self.js_weight):
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)) and (self.weight_decay or self.js_weight):
             raise ValueError(
-                "CurveTraining under FSDP supports the curve itself but not weight_decay or js_weight (they add "
-                "gradients to whole control points, which FSDP shards); set both to 0 or use DDP"
+                f"CurveTraining(weight_decay={self.weight_decay}, js_weight={self.js_weight}) under "
+                f"{type(trainer.strategy).__name__}: a sharded curve trains, but these add gradients to whole control "
+                "points, which FSDP shards; set both to 0 or use DDP"
             )
         names = list(select_parameters(pl_module, self.params))
         anchors = self._anchor_tensors(pl_module, names)
