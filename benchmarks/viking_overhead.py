@@ -4,9 +4,10 @@ Both run through the Lightning ``Trainer`` on the first ``--batches`` MNIST trai
 44,426 weights): MAP with Adam, VIKING in its full-ELBO phase (epoch-start sweep over the same batches,
 then one projected sample per step). An epoch is timed from ``on_train_epoch_start`` (before the module's
 sweep) to ``on_train_epoch_end``; the epochs alternate MAP / VIKING ``--repeats`` times and the medians are
-compared, so load changes on a shared machine hit both alike. Two VIKING rows: with the reference's sweep
-at every epoch start, and with ``sweep_every_n_epochs=0`` (no sweep during training); and the cost of one
-sweep alone over the same batches. ``--compile`` adds the rows again with ``compile_jacobian=True`` (the
+compared, so load changes on a shared machine hit both alike. Each sweep projects the carried noise and
+``--num-samples`` posterior samples (configs/mnist/viking.yaml's 100: they share the sweep's Jacobians but add
+their projections). Two VIKING rows: with the reference's sweep at every epoch start, and with
+``sweep_every_n_epochs=0`` (no sweep during training); and the cost of one sweep alone over the same batches. ``--compile`` adds the rows again with ``compile_jacobian=True`` (the
 per-example Jacobians and their backward under ``torch.compile``; compiled before the timed epochs).
 
     python benchmarks/viking_overhead.py --batches 100 --threads 2 [--compile]
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--constraint", default="loss", choices=["loss", "output"])
     parser.add_argument("--solver", default="dense", choices=["dense", "cg"])
     parser.add_argument("--gamma", type=float, default=0.2, help="1: the epoch-start split, no per-step projection")
+    parser.add_argument("--num-samples", type=positive_int, default=100,
+                        help="posterior samples every sweep projects (configs/mnist/viking.yaml: 100)")
     parser.add_argument("--compile", action="store_true", help="also time VIKING with compile_jacobian=True")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,7 +85,7 @@ def main() -> None:
 
     def viking_module(sweep_every_n_epochs: int = 1, compile_jacobian: bool = False) -> VIKING:
         return VIKING(
-            LeNet5(), constraint=args.constraint, solver=args.solver, phase_epochs=(0, 0, 1), num_samples=1,
+            LeNet5(), constraint=args.constraint, solver=args.solver, phase_epochs=(0, 0, 1), num_samples=args.num_samples,
             gamma=args.gamma, sweep_every_n_epochs=sweep_every_n_epochs, optimizer=torch.optim.Adam,
             compile_jacobian=compile_jacobian,
         )
@@ -116,7 +119,8 @@ def main() -> None:
     map_s = medians["map"]
     hardware = torch.cuda.get_device_name() if args.accelerator == "cuda" else f"{args.threads} thread(s)"
     print(f"LeNet-5 on MNIST, {args.batches} batches of {args.batch_size}, {hardware}, "
-          f"constraint={args.constraint}, solver={args.solver}, gamma={args.gamma}, medians of {args.repeats}")
+          f"constraint={args.constraint}, solver={args.solver}, gamma={args.gamma}, "
+          f"num_samples={args.num_samples}, medians of {args.repeats}")
     print(f"{'':42}{'seconds':>10}{'x MAP':>8}")
     print(f"{'MAP epoch':42}{map_s:10.2f}{1.0:8.2f}")
     for compiled in variants:

@@ -317,7 +317,8 @@ class CurveTraining(Callback):
                 self._unbind(self._bound)
             self.curves, self.position, self.grid_values = {}, None, {}
             self._grid_sums, self._batch_norm_at, self._batch_norm_saved = {}, {}, {}
-        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)) and (self.weight_decay or self.js_weight):
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        if sharded and (self.weight_decay or self.js_weight):
             raise ValueError(
                 f"CurveTraining(weight_decay={self.weight_decay}, js_weight={self.js_weight}) under "
                 f"{type(trainer.strategy).__name__}: a sharded curve trains, but these add gradients to whole control "
