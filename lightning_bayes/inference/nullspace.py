@@ -153,10 +153,14 @@ class AlternatingProjections(WideBuffers):
         eps, v = self.noise.double(), self.samples.double()
         return (eps.square().sum(-1) - (eps * v).sum(-1)).mean()
 
-    def residual(self, jacobian: Tensor) -> Tensor:
-        """``||J v_s|| / ||v_s||`` per sample: zero once the samples lie in ``ker J``."""
-        v = self.samples.to(jacobian.dtype)
-        return torch.linalg.vector_norm(v @ jacobian.T, dim=-1) / torch.linalg.vector_norm(v, dim=-1)
+    def residual(self, jacobian: Tensor | Callable[[Tensor], Tensor], dtype: torch.dtype | None = None) -> Tensor:
+        """``||J v_s|| / ||v_s||`` per sample: zero once the samples lie in ``ker J``. ``jacobian``: the dense ``J``
+        or ``v -> J v`` for vectors ``[S, P]`` in ``dtype`` (e.g. forward-mode products, no ``M x P`` matrix)."""
+        if isinstance(jacobian, Tensor):
+            dense = jacobian
+            dtype, jacobian = dense.dtype, lambda vectors: vectors @ dense.T
+        v = self.samples.to(dtype)
+        return torch.linalg.vector_norm(jacobian(v), dim=-1) / torch.linalg.vector_norm(v, dim=-1)
 
 
 def prior_precision(rule: str | float, rank: Tensor | float, theta_hat: Tensor) -> float:

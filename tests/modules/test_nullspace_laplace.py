@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_bayes.inference.linalg import LossConstraint, ParameterFunction
+from lightning_bayes.modules import nullspace_laplace as nullspace_laplace_module
 from lightning_bayes.modules import MAP, NullSpaceLaplace
 from lightning_bayes.predictive import CategoricalPredictive
 
 from linearisation import first_order_outputs
+from once_differentiable_square import Square
 from resumption import SavesInsideAnEpoch
 from unbatchable import CheckedInputs
 
@@ -389,6 +391,34 @@ def test_the_fits_last_sweep_is_plain_so_the_samples_lie_in_the_last_batchs_kern
         assert module.projections.sweeps_done.item() == 3
         residuals.append(float(module.projections.residual(module.function.jacobian(x[-4:], y[-4:])).max()))
     assert residuals[0] < 1e-12 and residuals[1] > 1e-4
+
+
+@pytest.mark.parametrize("forward_mode", [True, False], ids=["forward-mode", "no-forward-mode"])
+def test_a_large_validation_jacobian_is_not_formed_and_the_residual_is_the_same(
+    monkeypatch: pytest.MonkeyPatch, forward_mode: bool
+) -> None:
+    """Above ``_DENSE_RESIDUAL_ENTRIES`` (0 here) ``val/kernel_residual`` comes from ``S`` forward-mode products, no
+    Jacobian formed (a ResNet-18's output Jacobian of 16 validation images took 7.2 GB and 16.5 s); a network
+    without forward-mode AD (a custom Function without ``jvp``) forms the Jacobian as before, saying so."""
+    loader, _, _ = make_data()
+    torch.manual_seed(0)
+    hidden = [nn.Tanh()] if forward_mode else [Square(once=True)]
+    module = NullSpaceLaplace(nn.Sequential(nn.Linear(30, 6), *hidden, nn.Linear(6, 3)).double(), num_samples=4,
+                              predictive="neural")
+    trainer = make_trainer(2)
+    trainer.fit(module, train_dataloaders=loader)
+    (dense,) = trainer.validate(module, loader, verbose=False)
+    monkeypatch.setattr(nullspace_laplace_module, "_DENSE_RESIDUAL_ENTRIES", 0)
+    if forward_mode:
+        def no_jacobian(*args, **kwargs):
+            raise AssertionError("the validation batch's Jacobian was formed")
+        monkeypatch.setattr(module.function, "jacobian", no_jacobian)
+        (products,) = trainer.validate(module, loader, verbose=False)
+    else:
+        with pytest.warns(UserWarning, match=r"forms each batch's 12 x 207 Jacobian: forward-mode AD .* failed"):
+            (products,) = trainer.validate(module, loader, verbose=False)
+    assert dense["val/kernel_residual"] > 1e-6  # two sweeps leave the samples off the validation batches' kernels
+    assert products["val/kernel_residual"] == pytest.approx(dense["val/kernel_residual"], rel=1e-10)
 
 
 def test_a_gaussian_maps_noise_comes_with_its_weights(tmp_path: Path) -> None:
