@@ -38,10 +38,13 @@ def timm_backbone(
     pretrained: bool | str = False,
     in_chans: int = 3,
     drop_rate: float = 0.0,
+    img_size: int | None = None,
 ) -> nn.Module:
     """``timm.create_model(name, ...)``; ``pretrained`` is ``False``, ``True`` (hub), ``"packaged"``
-    (EfficientNet-Lite0 only) or a local checkpoint file. A head whose size differs from the
-    checkpoint's stays freshly initialised; one of the same size is loaded."""
+    (EfficientNet-Lite0 only) or a local timm checkpoint file, which must hold every tensor of the network
+    but its head. A head whose size differs from the checkpoint's stays freshly initialised; one of the
+    same size is loaded. ``img_size``: the input side of a network built for one size (a ViT's position
+    embeddings, see :func:`fixed_input_size`; pretrained ones are resampled by timm)."""
     if num_classes < 0 or in_chans < 1 or not 0.0 <= drop_rate < 1.0:
         raise ValueError(
             f"expected num_classes >= 0, in_chans >= 1, 0 <= drop_rate < 1; "
@@ -52,6 +55,11 @@ def timm_backbone(
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.7)
         raise ValueError(f"name={name!r} is not a timm model" + (f"; did you mean one of {close}?" if close else ""))
     options: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
+    if img_size is not None:
+        if not fixed_input_size(name):
+            raise ValueError(f"img_size={img_size!r} is for networks built for one input size (ViTs); timm's "
+                             f"{name!r} takes any size: leave img_size None")
+        options["img_size"] = img_size
     if pretrained == "packaged":
         if name != EFFICIENTNET_LITE0:
             raise ValueError(
@@ -66,20 +74,65 @@ def timm_backbone(
             raise ValueError(
                 f"pretrained must be False, True, 'packaged' or a weights file; got {pretrained!r} (no such file)"
             )
+        state = timm.models.load_state_dict(str(weights))
         overlay: dict[str, Any] = {"file": str(weights)}
-        if _saved_head_rows(name, weights) == {num_classes}:  # else timm compares with its config's 1000 classes
+        if _saved_head_rows(name, state) == {num_classes}:  # else timm compares with its config's 1000 classes
             overlay["num_classes"] = num_classes
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **options)
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **options)
+        except RuntimeError as error:  # torch's "Error(s) in loading state_dict": tensors of other shapes
+            raise ValueError(
+                f"pretrained={pretrained!r} does not fit timm's {name!r}: {' '.join(str(error).split()[:40])}"
+            ) from error
+        _check_every_tensor_saved(model, state, pretrained)
+        return model
+    if pretrained is True:
+        try:
+            return timm.create_model(name, pretrained=True, **options)
+        except OSError as error:  # huggingface_hub's LocalEntryNotFoundError offline, after its retries
+            raise OSError(
+                f"pretrained=True could not fetch timm's {name!r} weights from the Hugging Face Hub (needs internet): "
+                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; offline, use "
+                f"pretrained='packaged' ({EFFICIENTNET_LITE0!r}) or a local timm weights file"
+            ) from error
     return timm.create_model(name, pretrained=bool(pretrained), **options)
 
 
-def _saved_head_rows(name: str, weights: Path) -> set[int]:
-    """The class counts of the classifier weights in a weights file for timm model ``name`` (its pretrained config
-    names the classifier; empty when the file has none under that name)."""
-    classifier = timm.models.get_pretrained_cfg_value(name, "classifier")
-    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    state = timm.models.load_state_dict(str(weights))
+def fixed_input_size(name: str) -> bool:
+    """Whether timm builds ``name`` for one input size (its pretrained configuration's ``fixed_input_size``: ViTs,
+    whose position embeddings are sized at construction); False for a name without a registered configuration."""
+    try:
+        return bool(timm.models.get_pretrained_cfg_value(name, "fixed_input_size"))
+    except RuntimeError:  # "hf-hub:..." and other names timm resolves elsewhere
+        return False
+
+
+def _classifier_names(classifier: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A pretrained configuration's ``classifier``: one module name, several (distilled heads) or none."""
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+
+
+def _saved_head_rows(name: str, state: dict[str, torch.Tensor]) -> set[int]:
+    """The class counts of the classifier weights in a weights file's ``state`` for timm model ``name`` (its
+    pretrained config names the classifier; empty when the file has none under that name)."""
+    names = _classifier_names(timm.models.get_pretrained_cfg_value(name, "classifier"))
     return {int(state[f"{c}.weight"].shape[0]) for c in names if f"{c}.weight" in state}
+
+
+def _check_every_tensor_saved(model: nn.Module, state: dict[str, torch.Tensor], pretrained: str) -> None:
+    """timm loads a file without its head non-strictly, which also passes a file of another network or in another
+    naming (a Lightning checkpoint): the network stayed at its random initialisation, with only a log line."""
+    config = cast(dict[str, Any], model.pretrained_cfg)
+    heads = tuple(f"{c}." for c in _classifier_names(config.get("classifier")))
+    expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and not k.startswith(heads)]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(
+            f"pretrained={pretrained!r} lacks {len(missing)} of the {len(expected)} tensors of timm's "
+            f"{config.get('architecture')!r} (e.g. {missing[:3]}; the file holds e.g. {list(state)[:3]}): expected "
+            "a timm state dict of that network (a lightning_bayes run's checkpoint loads through its method's "
+            "checkpoint argument)"
+        )
 
 
 def packaged_efficientnet_lite0_file() -> Path:

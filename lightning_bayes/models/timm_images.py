@@ -21,7 +21,7 @@ from torch.nn import functional
 from ..checks import check_flags, is_int
 from ..extras import needs_extra
 from ..torch_func_state import inside_torch_func
-from .timm import timm_backbone
+from .timm import fixed_input_size, timm_backbone
 
 with needs_extra("vision"):
     import timm
@@ -37,7 +37,9 @@ class TimmImageModel(nn.Module):
         num_classes: ``0`` for a pooled feature extractor (``num_features`` wide), else a fresh linear head.
         pretrained: as in :func:`~lightning_bayes.models.timm.timm_backbone` (``"packaged"``: the EfficientNet-Lite0
             ImageNet weights of a pip package).
-        input_size: the side images are resized to; ``None``: the pretrained size (224 for EfficientNet-Lite0).
+        input_size: the side images are resized to; ``None``: the pretrained size (224 for EfficientNet-Lite0). A
+            network built for one size (a ViT) is built for this one (timm resamples pretrained position
+            embeddings).
             Smaller sides are much cheaper on a CPU (EfficientNet-Lite0 on 2 threads: 1.1 ms an image at 64 px,
             4.5 ms at 112 px).
         drop_rate: dropout before the head.
@@ -61,7 +63,8 @@ class TimmImageModel(nn.Module):
         if input_size is not None and not (is_int(input_size) and input_size >= 8):
             raise ValueError(f"input_size must be None or an int >= 8 (pixels); got {input_size!r}")
         check_flags(channels_last=channels_last)
-        self.network = timm_backbone(name, num_classes, pretrained=pretrained, drop_rate=drop_rate)
+        img_size = input_size if input_size is not None and fixed_input_size(name) else None
+        self.network = timm_backbone(name, num_classes, pretrained=pretrained, drop_rate=drop_rate, img_size=img_size)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.network.to(memory_format=self.memory_format)
         config = timm.data.resolve_model_data_config(self.network)

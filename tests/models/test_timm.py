@@ -107,3 +107,43 @@ def test_a_local_checkpoint_files_head_of_the_asked_size_is_loaded(tmp_path):
     torch.testing.assert_close(loaded.fc.weight, tuned.fc.weight, rtol=0, atol=0)
     other = timm_backbone("test_resnet", num_classes=7, pretrained=str(tmp_path / "tuned.pth"))  # another size: fresh
     assert other.fc.weight.shape == (7, tuned.fc.in_features)
+
+
+def test_a_file_of_another_network_or_naming_is_refused_not_ignored(tmp_path):
+    """timm loads a file without its head non-strictly: another network's weights, or a Lightning checkpoint's
+    prefixed names, left the network at its random initialisation with only a log line."""
+    torch.save(timm_backbone("test_efficientnet", num_classes=1000).state_dict(), tmp_path / "other.pth")
+    tuned = timm_backbone("test_resnet", num_classes=10).state_dict()
+    prefixed = {f"backbone.network.{k}": v for k, v in tuned.items()}
+    torch.save({"state_dict": prefixed}, tmp_path / "run.ckpt")
+    with pytest.raises(ValueError, match=r"pretrained='.*other.pth' does not fit timm's 'test_resnet': .* size "
+                                         r"mismatch for bn1.weight"):
+        timm_backbone("test_resnet", num_classes=10, pretrained=str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match=r"pretrained='.*run.ckpt' lacks \d+ of the \d+ tensors of timm's "
+                                         r"'test_resnet' \(e.g. \['conv1.0.weight'"):
+        timm_backbone("test_resnet", num_classes=10, pretrained=str(tmp_path / "run.ckpt"))
+
+
+def test_a_network_built_for_one_input_size_is_built_for_the_asked_one():
+    """A ViT's position embeddings fix its input size: img_size builds it for another (timm asserted "Input height
+    (32) doesn't match model (224)" at the first forward); networks that take any size refuse the argument."""
+    vit = timm_backbone("test_vit", num_classes=0, img_size=32)
+    assert vit.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, vit.num_features)
+    with pytest.raises(ValueError, match=r"img_size=32 is for networks built for one input size .* 'test_resnet'"):
+        timm_backbone("test_resnet", num_classes=0, img_size=32)
+
+
+def test_hub_weights_offline_name_the_argument_and_the_offline_choices(monkeypatch: pytest.MonkeyPatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import lightning_bayes.models.timm as timm_module
+
+    def offline(name, pretrained=False, **options):
+        if pretrained:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+        raise AssertionError("only the hub call is expected")
+
+    monkeypatch.setattr(timm_module.timm, "create_model", offline)
+    expected = r"pretrained=True could not fetch timm's 'resnet18' weights .* pretrained='packaged' \('tf_efficientnet"
+    with pytest.raises(OSError, match=expected):
+        timm_backbone("resnet18", num_classes=0, pretrained=True)

@@ -129,6 +129,14 @@ def test_a_bad_input_size_is_named(input_size):
         TimmImageModel("test_efficientnet", input_size=input_size)
 
 
+def test_a_vit_takes_the_input_size_asked_for():
+    """A ViT is built for its input size (timm asserted "Input height (32) doesn't match model (224)" at the first
+    forward of a 32 px TimmImageModel)."""
+    vit = TimmImageModel("test_vit", input_size=32).eval()
+    assert vit.network.patch_embed.img_size == (32, 32)
+    assert vit(torch.rand(2, 1, 28, 28)).shape == (2, vit.num_features)
+
+
 def test_another_input_size_is_another_backbone_for_the_feature_cache():
     """Equal weights resized to another size give other features: the cache's backbone identity tells them apart (it
     served one run's 112 px features to a 64 px run before the adaptation was part of the repr)."""
