@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,6 +134,18 @@ def test_no_config_clips_the_gradients_of_a_fused_optimiser():
 def test_a_config_that_clips_runs_under_bf16_mixed(tmp_path):
     run([*_quick(ROOT / "configs" / "digits" / "vbll.yaml", tmp_path), "--trainer.precision=bf16-mixed"])
     assert (tmp_path / "digits_vbll" / "version_0" / "metrics.json").is_file()
+
+
+def test_the_vision_configs_fine_tuning_flags_run_as_its_comment_gives_them(tmp_path):
+    """The comment's flags fine-tune the network end to end (without ``feature_cache_dir null`` the config's cache
+    folder was refused: "cache_features / feature_cache_dir need freeze_backbone=True")."""
+    config = ROOT / "configs" / "vision" / "vbll_efficientnet.yaml"
+    comment = config.read_text().split("To fine-tune", 1)[1].split("\n#   ", 1)[0]
+    flags = [part for pair in re.findall(r"(--model\.\S+) (\S+)", comment) for part in pair]
+    assert len(flags) == 6
+    cli = run([*quick_args(config, tmp_path, batches=1), "--data.init_args.batch_size=4", *flags])
+    assert all(p.requires_grad for p in cli.model.backbone.parameters())
+    assert len(list(tmp_path.rglob("metrics.json"))) == 1
 
 
 @pytest.mark.parametrize(
