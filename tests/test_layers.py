@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_bayes"
 LAYERS = {
     # core: plain torch maths and the contract every method returns
     "inference": 0, "optim": 0, "predictive": 0, "params": 0, "generator": 0, "paths": 0, "heap": 0, "compilation": 0,
-    "checks": 0, "torch_func_state": 0, "batches": 0, "extras": 0, "__init__": 0,
+    "checks": 0, "torch_func_state": 0, "batches": 0, "extras": 0, "modes": 0, "__init__": 0,
     # edges: metrics and plots consume Predictives, models build backbones, datamodules load data
     "metrics": 1, "plots": 1, "models": 1, "datamodules": 1,
     # orchestration: LightningModules and callbacks wiring the core into the Trainer
@@ -25,7 +25,7 @@ LAYERS = {
 }
 CORE_WITHOUT_LIGHTNING = {
     "inference", "optim", "predictive", "params", "generator", "paths", "heap", "compilation", "checks",
-    "torch_func_state", "batches", "extras",
+    "torch_func_state", "batches", "extras", "modes",
 }
 
 

@@ -19,15 +19,14 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
+from ..modes import modes_kept
+
 
 def modules_kept_in_eval(module: nn.Module) -> list[str]:
     """Names of the submodules ``module.train()`` leaves in eval mode; every module's mode is then put back."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.train()
-    kept = [name for name, m in module.named_modules() if not m.training]
-    for m, training in modes:
-        m.training = training
-    return kept
+    with modes_kept(module):
+        module.train()
+        return [name for name, m in module.named_modules() if not m.training]
 
 
 def quiet_eval_mode_notice(module: nn.Module) -> tuple[object, ...] | None:

@@ -62,6 +62,7 @@ from ..inference.linalg import ConstraintFn, LossConstraint, ParameterFunction, 
 from ..inference.viking import KernelImageGaussian, image_dimension, mix_noise
 from ..inference.wide_buffers import WideBuffers
 from ..models.weights import load_trained_likelihood, load_trained_weights
+from ..modes import modes_kept
 from ..params import ParamSelector
 from ..predictive import Predictive
 from .base import Batch, BayesianModule, first_rows
@@ -313,12 +314,8 @@ class VIKING(WideBuffers, BayesianModule):
         if self.gamma == 1 or self.phase_epochs[2] == 0 or (length.epochs <= sum(self.phase_epochs[:2])
                                                              and not length.smoke_run):
             return
-        modes = [(module, module.training) for module in self.backbone.modules()]
-        try:
+        with modes_kept(self.backbone):  # the function runs the network in eval mode; the MLE phase in its own
             missing = missing_second_derivative(self.function, x, y, self.theta_hat())
-        finally:  # the function runs the network in eval mode; the MLE phase trains it in its own modes
-            for module, training in modes:
-                module.training = training
         if missing is not None:
             raise ValueError(
                 f"VIKING with gamma={self.gamma} differentiates each ELBO step's kernel projection with respect to "
