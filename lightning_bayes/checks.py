@@ -1,5 +1,5 @@
 """Argument checks: a ``bool`` is not a count or a number here (``True`` is an ``int`` to Python); seeds; class
-labels; a network's inputs."""
+labels; a network's inputs; a backbone's features."""
 
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ def check_inputs(x: Any, who: str, expected: str, fits: Callable[[torch.Size], b
     autocast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if x.dtype != weight.dtype and not autocast:
         raise ValueError(f"{who} expects inputs in its weights' dtype {weight.dtype}; got inputs of {x.dtype}")
+
+
+def check_features(features: Tensor, width: int, who: str) -> None:
+    """A clear error unless a backbone's ``features`` are ``[B, width]``, ``B >= 1``; a ``[B, K]`` of another width is
+    most likely a classification head left on the backbone (``num_features`` is the width before it), and the error
+    says so (the head met them with torch's "mat1 and mat2 shapes cannot be multiplied" otherwise)."""
+    if features.ndim != 2 or features.shape[1] != width or not len(features):
+        hint = (" (does the backbone still end in its classification head? build it without one: "
+                "out_features=0 / num_classes=0)" if features.ndim == 2 and features.shape[1] != width else "")
+        raise ValueError(f"{who} expects features [B, {width}], B >= 1; got {tuple(features.shape)}{hint}")
 
 
 def check_network(value: Any, name: str) -> None:

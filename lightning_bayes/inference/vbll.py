@@ -37,7 +37,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..checks import class_labels, is_int
+from ..checks import check_features, class_labels, is_int
 from ..predictive import CategoricalPredictive, GaussianPredictive
 
 Parameterization = Literal["dense", "diagonal", "lowrank"]
@@ -263,13 +263,7 @@ class VBLLHead(nn.Module, ABC):
 
     def _features(self, features: Tensor, reference: Tensor) -> Tensor:
         """``features`` checked to be ``[B, in_features]`` and cast to float32 or wider."""
-        if features.ndim != 2 or features.shape[1] != self.in_features or not len(features):
-            hint = (" (does the backbone still end in its classification head? build it without one: "
-                    "out_features=0 / num_classes=0)" if features.ndim == 2 else "")
-            raise ValueError(
-                f"{type(self).__name__} expects features [B, {self.in_features}], B >= 1; got {tuple(features.shape)}"
-                + hint
-            )
+        check_features(features, self.in_features, type(self).__name__)
         return features.to(_wide(torch.promote_types(features.dtype, reference.dtype)))
 
     def _labels(self, y: Tensor, batch: int, num_classes: int) -> Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..checks import is_int
+from ..checks import check_features, is_int
 from .frozen import FrozenFeatures
 
 
@@ -48,4 +48,5 @@ class LinearProbe(nn.Module):
 
     def forward(self, x: Any) -> Tensor:
         features = self.backbone(x)
+        check_features(features, self.num_features, "LinearProbe")  # a backbone's head gave "mat1 and mat2" before
         return self.head(features.to(self.head.weight.dtype))  # e.g. a bf16 LLM's features into a float32 head

@@ -39,3 +39,13 @@ def test_half_precision_features_meet_a_float32_head():
 def test_backbone_without_feature_width_is_explained():
     with pytest.raises(ValueError, match="num_features"):
         LinearProbe(torch.nn.Linear(3, 3), num_classes=2)
+
+
+def test_a_backbone_that_keeps_its_head_is_told_to_drop_it():
+    """LeNet5(num_classes=10) ends in its 10-way head while num_features says 84: the probe's head met features
+    [B, 10] with torch's "mat1 and mat2 shapes cannot be multiplied"."""
+    probe = LinearProbe(LeNet5(num_classes=10), num_classes=3)
+    with pytest.raises(ValueError, match=r"^LinearProbe expects features \[B, 84\], B >= 1; got \(2, 10\) \(does the "
+                                         r"backbone still end in its classification head\? build it without one: "
+                                         r"out_features=0 / num_classes=0\)$"):
+        probe(torch.zeros(2, 1, 28, 28))
