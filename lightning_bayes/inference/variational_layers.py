@@ -39,6 +39,7 @@ Family = Literal["gaussian", "bernstein", "bernstein_autoregressive", "sparse_ga
 FAMILIES = ("gaussian", "bernstein", "bernstein_autoregressive", "sparse_gaussian")
 GAUSSIAN_FAMILIES = ("gaussian", "sparse_gaussian")  # the ones with local reparameterisation and a closed-form KL
 DRAW_AHEAD_ELEMENTS = 2**24  # weights drawn at once per layer inside `draws_ahead` (64 MB in float32)
+_LISTED = 8  # layers named in a refusal of unconvertible layers (a network may hold hundreds)
 FamilyModule = Union[MeanFieldGaussian, SparseGaussian, PointMass, BernsteinFlow, AutoregressiveBernsteinFlow]
 
 
@@ -218,47 +219,69 @@ class VariationalLayer(nn.Module):
 
 def to_variational(model: nn.Module, params: ParamSelector = "all", **layer_options: Any) -> list[str]:
     """Replace, in place, every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` whose weight ``params`` selects by a
-    :class:`VariationalLayer` built from it (``layer_options`` as its arguments); return the replaced names."""
+    :class:`VariationalLayer` built from it (``layer_options`` as its arguments); return the replaced names. Nothing
+    is replaced when a selected layer cannot be (all such layers are named)."""
     if isinstance(model, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"model is itself a {type(model).__name__}, which cannot be replaced in place; wrap it, e.g. nn.Sequential(model)")
     selected = select_parameters(model, params)
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and f"{name}.weight" in selected:
-            _refuse_unconvertible(model, name, module, params)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, VariationalLayer(module, **layer_options).to(module.weight))
-            replaced.append(name)
-    if not replaced:
+    chosen: list[tuple[str, nn.Linear | nn.Conv2d]] = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and f"{name}.weight" in selected
+    ]
+    if not chosen:
         raise ValueError(f"params={params!r} selects the weight of no nn.Linear or nn.Conv2d of {type(model).__name__}")
-    return replaced
+    _refuse_unconvertible(model, chosen, params)
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, VariationalLayer(module, **layer_options).to(module.weight))
+    return [name for name, _ in chosen]
 
 
-def _refuse_unconvertible(model: nn.Module, name: str, module: nn.Linear | nn.Conv2d, params: ParamSelector) -> None:
-    """An error naming the layer when a plain ``F.linear`` / ``F.conv2d`` of its weights is not what it computes, or
-    replacing it would break its model: a forward of its own (e.g. timm's ``StdConv2d``, ``Conv2dSame``), padding
-    other than zeros, ``nn.MultiheadAttention``'s output projection (whose weight the attention reads itself), or a
-    layer used at two places (one replacement would untie them)."""
+def _refuse_unconvertible(
+    model: nn.Module, chosen: list[tuple[str, nn.Linear | nn.Conv2d]], params: ParamSelector
+) -> None:
+    """One error naming every chosen layer that cannot be replaced (the first ``_LISTED``, grouped by type and
+    reason) and the ``params`` that leaves them out; a network with several (EfficientNet-Lite0's five
+    ``Conv2dSame``) was refused one layer per attempt."""
+    found = [(name, type(module).__name__, problem) for name, module in chosen
+             if (problem := _unconvertible(model, name, module)) is not None]
+    if not found:
+        return
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, kind, problem in found[:_LISTED]:
+        groups.setdefault((kind, problem), []).append(repr(name))
+    listed = "; ".join(f"{', '.join(names)} ({kind}: {problem})" for (kind, problem), names in groups.items())
+    more = len(found) - _LISTED
+    selectors = [params] if isinstance(params, str) else list(params)
+    suggestion = selectors + [f"!{name}.*" for name, _, _ in found[:_LISTED]]
+    raise ValueError(
+        f"params={params!r} selects {len(found)} layer{'s' if len(found) > 1 else ''} that VariationalLayer cannot "
+        f"replace: {listed}" + (f"; and {more} more" if more > 0 else "")
+        + f"; leave {'them' if len(found) > 1 else 'it'} out of params, e.g. params={suggestion!r}"
+        + (f" plus a '!<layer>.*' for each of the {more} more" if more > 0 else "")
+    )
+
+
+def _unconvertible(model: nn.Module, name: str, module: nn.Linear | nn.Conv2d) -> str | None:
+    """Why a plain ``F.linear`` / ``F.conv2d`` of the layer's weights is not what it computes, or replacing it would
+    break its model, or ``None``: a forward of its own (e.g. timm's ``StdConv2d``, ``Conv2dSame``), padding other
+    than zeros, ``nn.MultiheadAttention``'s output projection (whose weight the attention reads itself), or a layer
+    used at two places (one replacement would untie them)."""
     plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    problem = None
     if type(module).forward is not plain.forward:
-        problem = "its class has a forward of its own, which VariationalLayer would replace by a plain " + (
+        return "its class has a forward of its own, which VariationalLayer would replace by a plain " + (
             "linear map" if plain is nn.Linear else "convolution"
         )
-    elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-        problem = f"it pads with padding_mode={module.padding_mode!r}, and VariationalLayer's convolution with zeros"
-    else:
-        parent_name = name.rpartition(".")[0]
-        if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
-            problem = "it is nn.MultiheadAttention's output projection, whose weight the attention reads itself"
-        places = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
-        if len(places) > 1:
-            problem = f"it is one module used at {places}, which converting it would untie"
-    if problem is not None:
-        raise ValueError(
-            f"params={params!r} selects layer {name!r} ({type(module).__name__}), but {problem}: leave it out of params"
-        )
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"it pads with padding_mode={module.padding_mode!r}, and VariationalLayer's convolution with zeros"
+    places = [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+    if len(places) > 1:
+        return f"it is one module used at {places}, which converting it would untie"
+    parent_name = name.rpartition(".")[0]
+    if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+        return "it is nn.MultiheadAttention's output projection, whose weight the attention reads itself"
+    return None
 
 
 def total_kl(model: nn.Module) -> Tensor:

@@ -3,6 +3,7 @@ model, errors (float64)."""
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -219,13 +220,13 @@ def shared_twice(layer: nn.Module) -> nn.Sequential:
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (lambda: nn.Sequential(StandardisedConv(1, 2, 3)), r"layer '0' \(StandardisedConv\), but its class has"),
+        (lambda: nn.Sequential(StandardisedConv(1, 2, 3)), r"1 layer .*: '0' \(StandardisedConv: its class has"),
         (lambda: nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")),
-         r"layer '0' \(Conv2d\), but it pads with padding_mode='reflect'"),
+         r"1 layer .*: '0' \(Conv2d: it pads with padding_mode='reflect'"),
         (lambda: nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
-         r"layer '0.self_attn.out_proj' .* nn.MultiheadAttention's output projection"),
+         r"1 layer .*: '0.self_attn.out_proj' .* nn.MultiheadAttention's output projection"),
         (lambda: shared_twice(nn.Linear(3, 3)),
-         r"layer '0' \(Linear\), but it is one module used at \['0', '2'\]"),
+         r"1 layer .*: '0' \(Linear: it is one module used at \['0', '2'\]"),
     ],
     ids=["own-forward", "reflect-padding", "attention-out-proj", "shared"],
 )
@@ -234,6 +235,30 @@ def test_layers_a_plain_linear_map_would_change_are_refused_by_name(model, messa
     in the attention, or untied a shared layer."""
     with pytest.raises(ValueError, match=message):
         to_variational(model(), "all")
+
+
+def test_every_layer_that_cannot_be_replaced_is_named_at_once():
+    """EfficientNet-Lite0's five Conv2dSame were refused one per attempt (five round trips), and the layers before
+    the first were converted already; now all are named, grouped by reason, with the params that leaves them out."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), StandardisedConv(2, 2, 3),
+                          nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), StandardisedConv(2, 2, 3))
+    expected = ("params='all' selects 3 layers that VariationalLayer cannot replace: '1', '3' (StandardisedConv: its "
+                "class has a forward of its own, which VariationalLayer would replace by a plain convolution); '2' "
+                "(Conv2d: it pads with padding_mode='reflect', and VariationalLayer's convolution with zeros); leave "
+                "them out of params, e.g. params=['all', '!1.*', '!2.*', '!3.*']")
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        to_variational(model, "all")
+    assert not any(isinstance(layer, VariationalLayer) for layer in model), "nothing is converted on a refusal"
+    assert to_variational(model, ["all", "!1.*", "!2.*", "!3.*"]) == ["0"]
+
+
+def test_a_refusal_of_many_layers_names_the_first_eight():
+    model = nn.Sequential(*(StandardisedConv(1, 1, 1) for _ in range(10)))
+    with pytest.raises(ValueError, match=r"^params='\*' selects 10 layers .*: '0', '1', '2', '3', '4', '5', '6', '7' "
+                                         r"\(StandardisedConv: [^;]*\); and 2 more; leave them out of params, e\.g\. "
+                                         r"params=\['\*', '!0\.\*', .*, '!7\.\*'\] plus a '!<layer>\.\*' for each "
+                                         r"of the 2 more$"):
+        to_variational(model, "*")
 
 
 @pytest.mark.parametrize("family", ["gaussian", "sparse_gaussian", "bernstein"])
