@@ -75,6 +75,7 @@ from ..models.weights import load_checkpoint, load_trained_likelihood, load_trai
 from ..params import ParamSelector, select_parameters
 from ..predictive import Predictive
 from .base import Batch, BayesianModule, first_rows
+from .fit_length import fit_length
 
 _SUBSPACES = ("swag", "pca", "random", "curve")
 _METHODS = ("ess", "vi", "none")
@@ -435,9 +436,19 @@ class SubspaceInference(WideBuffers, BayesianModule):
             saved.update({name: value for name, value in self.state_dict().items() if name in saved})
 
     def on_train_end(self) -> None:
-        """A fit stopped after the epoch's end hooks (e.g. by ``max_time``) still leaves VI with its samples."""
+        """A fit stopped after the epoch's end hooks (e.g. by ``max_time``) still leaves VI with its samples; a chain
+        that the Trainer stopped before it held ``num_samples`` is warned of (it ended silently)."""
         if self.method == "vi" and self._drawn_at != self.global_step:
             self._draw_vi_samples()
+        length = fit_length(self.trainer, steps_per_batch=True)
+        if not self._sampling_done() and not length.smoke_run:
+            bound = length.bound if self.current_epoch >= length.epochs else "max_time or a callback (EarlyStopping)"
+            rank_zero_warn(
+                f"SubspaceInference collected {int(self.collected)} of num_samples={self.num_samples} samples: the "
+                f"Trainer stopped its fit at {bound} (method='ess' stops itself once num_samples are accepted, after "
+                "about 2-5 epochs a sample): set max_epochs=-1 and fit again, resuming from this fit's checkpoint "
+                "(e.g. --ckpt_path last.ckpt) to go on from its chain"
+            )
 
     def _fit_ends_now(self) -> bool:
         """Whether the fit stops after this epoch: its last epoch, its step budget spent, or a stop requested once
@@ -517,14 +528,26 @@ class SubspaceInference(WideBuffers, BayesianModule):
         trainer = self._trainer
         return trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
+    def _no_batchnorm_statistics(self) -> str:
+        """Why the samples have no BatchNorm statistics: no fit, or a chain's fit stopped before it was done (the
+        statistics come once sampling is)."""
+        if self.method == "ess" and bool(self.started):
+            return (
+                f"the model has BatchNorm, whose statistics SubspaceInference recomputes for each sample once sampling "
+                f"is done, and its fit collected {int(self.collected)} of num_samples={self.num_samples} samples "
+                "before the Trainer stopped it (e.g. at max_epochs): fit on with max_epochs=-1, resuming from its "
+                "checkpoint, or pass bn_update=False"
+            )
+        return (
+            "the model has BatchNorm: fit SubspaceInference first (it recomputes each sample's statistics), "
+            "or pass bn_update=False"
+        )
+
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         """Ensemble of the first ``num_samples`` samples (at most those drawn: :meth:`sample_weights`), each with its
         own BatchNorm statistics; the model runs in eval mode."""
-        weights = self.sample_weights(num_samples)
         if self.bn_update and not bool(self.bn_ready) and not self._fitting():
-            raise ValueError(
-                "the model has BatchNorm: fit SubspaceInference first (it recomputes each sample's statistics), "
-                "or pass bn_update=False"
-            )
+            raise ValueError(self._no_batchnorm_statistics())
+        weights = self.sample_weights(num_samples)
         outputs = [self._outputs(w, x, self._sample_buffers(i)) for i, w in enumerate(weights)]
         return self.likelihood.predictive(torch.stack(outputs))

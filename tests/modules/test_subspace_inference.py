@@ -6,6 +6,7 @@ reproduce the callback's own weights; every sample's BatchNorm statistics are th
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,30 @@ def test_the_sampler_resumes_bitwise_from_a_mid_fit_checkpoint(tmp_path: Path) -
     assert torch.equal(resumed.samples, straight.samples) and int(resumed.draws) == int(straight.draws)
 
 
+@pytest.mark.parametrize(
+    ("options", "bound", "collected"),
+    [({"max_epochs": 1}, "max_epochs=1", 0),
+     ({"max_epochs": -1, "max_steps": 8}, r"max_steps=8 \(4 epochs of 2 steps\)", 1)],
+    ids=["max_epochs", "max_steps"],
+)
+def test_a_chain_the_trainer_stops_short_is_warned_of(options: dict, bound: str, collected: int) -> None:
+    """max_epochs=1 ended an ESS fit with 0 of its samples and no word; a finished chain warns of nothing."""
+    x, y, state = regression()
+    data = DataLoader(TensorDataset(x, y), batch_size=20)
+    short = linear_module(state, method="ess", num_samples=3)
+    with pytest.warns(UserWarning, match=rf"^SubspaceInference collected {collected} of num_samples=3 samples: the "
+                                         rf"Trainer stopped its fit at {bound} \(method='ess' stops itself .*: set "
+                                         r"max_epochs=-1 and fit again, resuming"):
+        Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, **options).fit(short, data)
+    assert int(short.collected) == collected
+    finished = linear_module(state, method="ess", num_samples=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(-1).fit(finished, data)
+    assert int(finished.collected) == 3 and not [w for w in caught if "SubspaceInference collected" in str(w.message)]
+
+
 class CountBatches(Callback):
     def __init__(self) -> None:
         self.batches = 0
@@ -350,6 +375,22 @@ def test_batchnorm_statistics_are_refreshed_and_cached_per_sample(tmp_path: Path
     # head-only samples share the body: the refresh at the trained weights equals every sample's
     torch.testing.assert_close(module.bn_statistics[0], module.bn_statistics[1], rtol=0, atol=0)
 
+
+
+def test_a_batchnorm_chain_stopped_short_says_how_many_samples_it_collected(tmp_path: Path) -> None:
+    """Its predictive said "fit SubspaceInference first" after a fit that max_epochs=1 had stopped before sampling
+    was done (and so before the samples' statistics)."""
+    _, _, path = collected_run(tmp_path, batchnorm=True, params="*head*")
+    module = SubspaceInference(Net(batchnorm=True), checkpoint=str(path), subspace="pca", rank=2, method="ess",
+                               num_samples=2)
+    with pytest.warns(UserWarning, match="collected 0 of num_samples=2 samples: the Trainer stopped its fit at "
+                                         "max_epochs=1"):
+        trainer(1).fit(module, classification())
+    with pytest.raises(ValueError, match=r"^the model has BatchNorm, whose statistics SubspaceInference recomputes for "
+                                         r"each sample once sampling is done, and its fit collected 0 of num_samples=2 "
+                                         r"samples before the Trainer stopped it \(e\.g\. at max_epochs\): fit on "
+                                         r"with max_epochs=-1"):
+        module.eval().predictive(next(iter(classification()))[0])
 
 
 def test_each_sample_predicts_with_its_own_batchnorm_statistics_when_the_layer_before_is_sampled(
