@@ -16,12 +16,27 @@ from ..torch_func_state import inside_torch_func
 
 
 def _autocast_state() -> str:
-    """Which autocast is on (features computed under it differ from float32 ones): ``""`` when none is."""
+    """Which autocast is on (features computed under it differ from float32 ones): ``""`` when none is; part of a
+    cache folder's name, so only characters every file system takes (``|`` is refused on Windows)."""
     return "".join(
-        f"|autocast-{device}-{torch.get_autocast_dtype(device)}"
+        f"-autocast-{device}-{str(torch.get_autocast_dtype(device)).removeprefix('torch.')}"
         for device in ("cpu", "cuda")
         if torch.is_autocast_enabled(device)
     )
+
+
+def frozen_or_trained(
+    backbone: nn.Module, freeze_backbone: bool, cache_features: bool, feature_cache_dir: str | None
+) -> nn.Module:
+    """A post-hoc head's backbone: :class:`FrozenFeatures` when ``freeze_backbone``, else ``backbone`` itself, which
+    trains and so has no features to cache."""
+    check_flags(freeze_backbone=freeze_backbone)
+    if not freeze_backbone and (cache_features or feature_cache_dir is not None):
+        raise ValueError(
+            f"cache_features={cache_features!r} / feature_cache_dir={feature_cache_dir!r} need freeze_backbone=True (a "
+            "trained backbone's features change): give cache_features=False and feature_cache_dir=None to fine-tune"
+        )
+    return FrozenFeatures(backbone, cache_features, feature_cache_dir) if freeze_backbone else backbone
 
 
 class FrozenFeatures(nn.Module):

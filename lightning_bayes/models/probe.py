@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..checks import check_features, is_int
-from .frozen import FrozenFeatures
+from .frozen import frozen_or_trained
 
 
 class LinearProbe(nn.Module):
@@ -38,11 +38,7 @@ class LinearProbe(nn.Module):
                 f"LinearProbe needs backbone.num_features >= 1 and num_classes >= 1; got "
                 f"{type(backbone).__name__}.num_features={width!r}, num_classes={num_classes}"
             )
-        if not freeze_backbone and (cache_features or feature_cache_dir is not None):
-            raise ValueError(
-                "cache_features / feature_cache_dir need freeze_backbone=True (a trained backbone's features change)"
-            )
-        self.backbone = FrozenFeatures(backbone, cache_features, feature_cache_dir) if freeze_backbone else backbone
+        self.backbone = frozen_or_trained(backbone, freeze_backbone, cache_features, feature_cache_dir)
         self.num_features = width
         self.head = nn.Linear(width, num_classes)
 

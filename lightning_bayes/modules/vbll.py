@@ -35,7 +35,7 @@ from ..inference.vbll import (
     VBLLLoss,
     VBLLRegression,
 )
-from ..models.frozen import FrozenFeatures
+from ..models.frozen import frozen_or_trained
 from ..predictive import Predictive
 from .base import Batch, BayesianModule
 
@@ -97,11 +97,7 @@ class _VBLLModule(BayesianModule):
         if not (is_finite(kl_weight) and kl_weight >= 0):
             raise ValueError(f"kl_weight must be a finite number >= 0; got {kl_weight!r}")
         check_flags(freeze_backbone=freeze_backbone, cache_features=cache_features, compile_loss=compile_loss)
-        if not freeze_backbone and (cache_features or feature_cache_dir is not None):
-            raise ValueError(
-                "cache_features / feature_cache_dir need freeze_backbone=True (a trained backbone's features change)"
-            )
-        self.backbone = FrozenFeatures(backbone, cache_features, feature_cache_dir) if freeze_backbone else backbone
+        self.backbone = frozen_or_trained(backbone, freeze_backbone, cache_features, feature_cache_dir)
         self.dataset_size = dataset_size
         self.training_size = dataset_size  # N of the current fit: the argument, or read at each fit's start
         self.kl_weight = float(kl_weight)

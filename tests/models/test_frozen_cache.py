@@ -148,6 +148,15 @@ def test_features_computed_under_autocast_are_kept_apart():
     torch.testing.assert_close(full, backbone(x), rtol=0, atol=0)
 
 
+def test_a_folder_of_features_computed_under_autocast_has_a_portable_name(tmp_path: Path):
+    """The folder's name took the autocast state as "|autocast-cpu-torch.bfloat16" (``|`` is refused on Windows)."""
+    cached = FrozenFeatures(CountingBackbone(seed=0), cache_features=True, feature_cache_dir=str(tmp_path))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached(torch.randn(3, 6))
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.endswith("-autocast-cpu-bfloat16") and not set('|:<>"?*') & set(folder.name), folder.name
+
+
 def test_options_pass_through_and_bad_values_are_explained(tmp_path: Path):
     probe = LinearProbe(CountingBackbone(), num_classes=2, cache_features=True, feature_cache_dir=str(tmp_path))
     vbll = VBLLClassifier(CountingBackbone(), num_classes=2, dataset_size=8, freeze_backbone=True, cache_features=True)
@@ -163,10 +172,11 @@ def test_options_pass_through_and_bad_values_are_explained(tmp_path: Path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a folder"):
         FrozenFeatures(CountingBackbone(), cache_features=True, feature_cache_dir=str(tmp_path / "file"))
-    with pytest.raises(ValueError, match="freeze_backbone=True"):
+    with pytest.raises(ValueError, match="cache_features=True / feature_cache_dir=None need freeze_backbone=True"):
         LinearProbe(CountingBackbone(), num_classes=2, freeze_backbone=False, cache_features=True)
-    with pytest.raises(ValueError, match="freeze_backbone=True"):
-        VBLLClassifier(CountingBackbone(), num_classes=2, cache_features=True)
+    with pytest.raises(ValueError, match=r"cache_features=False / feature_cache_dir='runs/f' need freeze_backbone=True"
+                                         r".* give cache_features=False and feature_cache_dir=None to fine-tune"):
+        VBLLClassifier(CountingBackbone(), num_classes=2, feature_cache_dir="runs/f")
     cached = FrozenFeatures(CountingBackbone(), cache_features=True)
     with pytest.raises(ValueError, match="the batch size B"):
         cached({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(3, 3)})
