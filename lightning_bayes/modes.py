@@ -1,12 +1,17 @@
 """Train / eval flags of a module tree, put back one by one: ``Module.train(mode)`` would set every submodule's,
-including those a method keeps in eval mode on purpose (frozen features, a post-hoc method's trained network)."""
+including those a method keeps in eval mode on purpose (frozen features, a post-hoc method's trained network); and a
+method's ``predictive`` run in eval mode (every :class:`~lightning_bayes.modules.base.BayesianModule`'s)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 
 from torch import nn
+
+from .predictive import Predictive
 
 
 @contextmanager
@@ -29,3 +34,29 @@ def in_eval_mode(module: nn.Module) -> Iterator[None]:
     with modes_kept(module):
         module.eval()
         yield
+
+
+def evaluated_in_eval_mode(predictive: Callable[..., Predictive]) -> Callable[..., Predictive]:
+    """``predictive`` in eval mode, at its outermost call only: a subclass's ``predictive`` that turns dropout on and
+    calls ``super().predictive`` keeps it on."""
+
+    @functools.wraps(predictive)
+    def evaluated(self: nn.Module, *args: Any, **kwargs: Any) -> Predictive:
+        if self.__dict__.get("_predicting", False):
+            return predictive(self, *args, **kwargs)
+        self.__dict__["_predicting"] = True
+        try:
+            with in_eval_mode(self):
+                return predictive(self, *args, **kwargs)
+        finally:
+            self.__dict__["_predicting"] = False
+
+    evaluated.as_written = predictive  # type: ignore[attr-defined]
+    return evaluated
+
+
+def predictive_as_written(module: nn.Module) -> Callable[..., Predictive] | None:
+    """``type(module).predictive`` in the module's own modes, without the eval mode of
+    :func:`evaluated_in_eval_mode` (a curve's Jensen-Shannon passes run in training mode); ``None`` without one."""
+    own = getattr(type(module), "predictive", None)
+    return getattr(own, "as_written", own) if callable(own) else None

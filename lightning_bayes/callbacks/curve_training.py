@@ -67,6 +67,7 @@ from ..inference.curves import (
 )
 from ..inference.batchnorm import batchnorm_buffers, refresh_batchnorm, running_statistics
 from ..inference.jensen_shannon import jensen_shannon
+from ..modes import predictive_as_written
 from ..inference.lora_gauge import balanced_lora_tensors
 from ..models.weights import trained_state_dict
 from ..params import ParamSelector, select_parameters
@@ -85,10 +86,11 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-def _plain_predictive(pl_module: LightningModule) -> Callable[..., Predictive]:
+def _plain_predictive(pl_module: LightningModule, as_written: bool = False) -> Callable[..., Predictive]:
     """The module's own ``predictive(x, num_samples)`` (called ``(x, None)``: the module's default samples), or
-    its forward output read as classifier logits ``[B, C]``."""
-    own = getattr(type(pl_module), "predictive", None)
+    its forward output read as classifier logits ``[B, C]``; ``as_written``: in the module's modes (the eval mode
+    of a :class:`~lightning_bayes.modules.base.BayesianModule`'s predictive left out)."""
+    own = predictive_as_written(pl_module) if as_written else getattr(type(pl_module), "predictive", None)
     if callable(own):
         return functools.partial(own, pl_module)
 
@@ -404,7 +406,7 @@ class CurveTraining(Callback):
                         control.grad = step if control.grad is None else control.grad.add_(step)
 
     def _add_jensen_shannon(self, trainer: Trainer, pl_module: LightningModule, scale: float) -> None:
-        predictive_fn = _plain_predictive(pl_module)
+        predictive_fn = _plain_predictive(pl_module, as_written=True)  # in training mode, as the step's own pass
         draws = torch.rand(self.samples_per_step, generator=self.generator, dtype=torch.float64)
         members = []
         with trainer.precision_plugin.train_step_context():

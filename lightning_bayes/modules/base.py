@@ -10,11 +10,10 @@ over a frozen model).
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Union
 
 import torch
@@ -33,7 +32,7 @@ from ..datamodules.epoch_loader import loader_samplers
 from ..datamodules.sampler_padding import real_examples, stage_loaders
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
-from ..modes import in_eval_mode
+from ..modes import evaluated_in_eval_mode
 from ..predictive import CategoricalPredictive, Predictive
 from .lightning_notices import EndQuietOnException, end_quiet, quiet_eval_mode_notice, quiet_no_optimizer_notice
 from .fit_length import fit_length
@@ -62,15 +61,6 @@ def _shortened(message: str, shown: int = 5) -> str:
     if len(mismatches) > shown:
         lines.append(f"\t... ({len(mismatches)} size mismatches in all)")
     return "\n".join(lines)
-
-
-def _evaluated_in_eval_mode(predictive: Callable[..., Predictive]) -> Callable[..., Predictive]:
-    @functools.wraps(predictive)
-    def evaluated(self: nn.Module, *args: Any, **kwargs: Any) -> Predictive:
-        with in_eval_mode(self):
-            return predictive(self, *args, **kwargs)
-
-    return evaluated
 
 
 class BayesianModule(LightningModule, ABC):
@@ -143,14 +133,14 @@ class BayesianModule(LightningModule, ABC):
             ) from None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every class's own ``predictive`` runs in eval mode (:func:`~lightning_bayes.modes.in_eval_mode`; MC dropout
-        turns its dropout on itself) and leaves the modes as they were: after ``trainer.fit`` the module is in train
-        mode, where a direct call used batch statistics (a ResNet's probabilities 0.37 off) and overwrote the running
-        ones."""
+        """Every class's own ``predictive`` runs in eval mode (:func:`~lightning_bayes.modes.evaluated_in_eval_mode`;
+        MC dropout turns its dropout on itself) and leaves the modes as they were: after ``trainer.fit`` the module is
+        in train mode, where a direct call used batch statistics (a ResNet's probabilities 0.37 off) and overwrote
+        the running ones."""
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("predictive")
         if own is not None and not getattr(own, "__isabstractmethod__", False):
-            cls.predictive = _evaluated_in_eval_mode(own)  # type: ignore[method-assign]
+            cls.predictive = evaluated_in_eval_mode(own)  # type: ignore[method-assign]
 
     @abstractmethod
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:

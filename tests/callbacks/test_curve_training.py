@@ -216,6 +216,19 @@ def test_the_jensen_shannon_term_is_subtracted_from_the_loss_and_its_gradient_is
     assert js.item() > 0
 
 
+def test_the_jensen_shannon_passes_run_in_training_mode(endpoints):
+    """The J passes run in the module's training mode, as its own step does (the predictive a BayesianModule
+    evaluates in eval mode is taken as written there): a dropout layer sees training=True in every pass."""
+    start, end = endpoints
+
+    module = MAP(nn.Sequential(*mlp(0), nn.Dropout(0.2)))  # the end points' parameter names are kept
+    seen = []
+    module.backbone[5].register_forward_hook(lambda layer, inputs, output: seen.append(layer.training))
+    callback = CurveTraining(params="all", start=start, end=end, js_weight=0.1, samples_per_step=2)
+    trainer(callbacks=[callback], limit_train_batches=2).fit(module, loader(), loader())
+    assert len(seen) >= 2 * 3 and all(seen[: 2 * 3])  # two steps of one own pass and two J passes each, all training
+
+
 def test_the_trained_curve_has_no_barrier_where_the_straight_line_has_one(endpoints):
     start, end = endpoints
     module = MAP(mlp(0), optimizer=sgd(0.1, momentum=0.9))

@@ -49,3 +49,19 @@ def test_a_predictive_in_train_mode_is_the_eval_mode_predictive_and_changes_noth
     module.eval()
     torch.manual_seed(1)
     torch.testing.assert_close(in_train_mode, module.predictive(x).logits, rtol=0, atol=0)
+
+
+def test_a_subclass_that_samples_its_dropout_keeps_it_through_super_predictive() -> None:
+    """Only the outermost call switches to eval mode: a MAP subclass turning its dropout on before calling
+    ``super().predictive`` got a deterministic network (the inner call set eval mode again)."""
+
+    class SampledDropout(MAP):
+        def predictive(self, x, num_samples=None):
+            self.backbone[3].train()
+            return super().predictive(x, num_samples)
+
+    torch.manual_seed(0)
+    module, x = SampledDropout(_network()).train(), torch.randn(6, 4)
+    first, second = module.predictive(x).logits, module.predictive(x).logits
+    assert not torch.equal(first, second)  # two dropout masks
+    assert all(m.training for m in module.modules())  # every mode back as it was
