@@ -255,11 +255,15 @@ def _refuse_unconvertible(
     more = len(found) - _LISTED
     selectors = [params] if isinstance(params, str) else list(params)
     suggestion = selectors + [f"!{name}.*" for name, _, _ in found[:_LISTED]]
+    advice = (
+        "and none of its layers can be: select others (nn.Linear / nn.Conv2d layers without a forward of their own)"
+        if len(found) == len(chosen)
+        else f"leave {'them' if len(found) > 1 else 'it'} out of params, e.g. params={suggestion!r}"
+        + (f" plus a '!<layer>.*' for each of the {more} more" if more > 0 else "")
+    )
     raise ValueError(
         f"params={params!r} selects {len(found)} layer{'s' if len(found) > 1 else ''} that VariationalLayer cannot "
-        f"replace: {listed}" + (f"; and {more} more" if more > 0 else "")
-        + f"; leave {'them' if len(found) > 1 else 'it'} out of params, e.g. params={suggestion!r}"
-        + (f" plus a '!<layer>.*' for each of the {more} more" if more > 0 else "")
+        f"replace: {listed}" + (f"; and {more} more" if more > 0 else "") + f"; {advice}"
     )
 
 

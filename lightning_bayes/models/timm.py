@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -80,8 +81,10 @@ def timm_backbone(
             overlay["num_classes"] = num_classes
         try:
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **options)
-        except RuntimeError as error:  # torch's "Error(s) in loading state_dict": tensors of other shapes
-            raise ValueError(
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            raise ValueError(  # tensors of other shapes
                 f"pretrained={pretrained!r} does not fit timm's {name!r}: {' '.join(str(error).split()[:40])}"
             ) from error
         _check_every_tensor_saved(model, state, pretrained)
@@ -121,8 +124,12 @@ def _saved_head_rows(name: str, state: dict[str, torch.Tensor]) -> set[int]:
 
 def _check_every_tensor_saved(model: nn.Module, state: dict[str, torch.Tensor], pretrained: str) -> None:
     """timm loads a file without its head non-strictly, which also passes a file of another network or in another
-    naming (a Lightning checkpoint): the network stayed at its random initialisation, with only a log line."""
+    naming (a Lightning checkpoint): the network stayed at its random initialisation, with only a log line. The file
+    is read as timm reads it, through the model family's ``checkpoint_filter_fn``."""
     config = cast(dict[str, Any], model.pretrained_cfg)
+    remap = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if callable(remap):  # the names timm loads: other layouts (open_clip's, the original ConvNeXt's) are renamed
+        state = remap(dict(state), model)
     heads = tuple(f"{c}." for c in _classifier_names(config.get("classifier")))
     expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and not k.startswith(heads)]
     missing = [k for k in expected if k not in state]

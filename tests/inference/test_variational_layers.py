@@ -253,12 +253,20 @@ def test_every_layer_that_cannot_be_replaced_is_named_at_once():
 
 
 def test_a_refusal_of_many_layers_names_the_first_eight():
-    model = nn.Sequential(*(StandardisedConv(1, 1, 1) for _ in range(10)))
+    model = nn.Sequential(*(StandardisedConv(1, 1, 1) for _ in range(10)), nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match=r"^params='\*' selects 10 layers .*: '0', '1', '2', '3', '4', '5', '6', '7' "
                                          r"\(StandardisedConv: [^;]*\); and 2 more; leave them out of params, e\.g\. "
                                          r"params=\['\*', '!0\.\*', .*, '!7\.\*'\] plus a '!<layer>\.\*' for each "
                                          r"of the 2 more$"):
         to_variational(model, "*")
+
+
+def test_a_selection_of_only_layers_that_cannot_be_replaced_suggests_no_empty_params():
+    """Leaving every selected layer out selected nothing ("matched no parameter" at the next attempt)."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), StandardisedConv(2, 2, 3))
+    with pytest.raises(ValueError, match=r"^params=\['1\.\*'\] selects 1 layer .*; and none of its layers can be: "
+                                         r"select others"):
+        to_variational(model, ["1.*"])
 
 
 @pytest.mark.parametrize("family", ["gaussian", "sparse_gaussian", "bernstein"])

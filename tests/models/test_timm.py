@@ -147,3 +147,13 @@ def test_hub_weights_offline_name_the_argument_and_the_offline_choices(monkeypat
     expected = r"pretrained=True could not fetch timm's 'resnet18' weights .* pretrained='packaged' \('tf_efficientnet"
     with pytest.raises(OSError, match=expected):
         timm_backbone("resnet18", num_classes=0, pretrained=True)
+
+
+def test_a_file_timm_renames_on_loading_is_accepted(tmp_path):
+    """The check reads the file as timm does, through the family's checkpoint_filter_fn: a ViT saved with open_clip's
+    ``visual.trunk.`` prefix, which timm loads, was refused as lacking every tensor."""
+    torch.manual_seed(0)
+    vit = timm_backbone("test_vit", num_classes=1000)
+    torch.save({f"visual.trunk.{k}": t for k, t in vit.state_dict().items()}, tmp_path / "clip.pth")
+    loaded = timm_backbone("test_vit", num_classes=10, pretrained=str(tmp_path / "clip.pth"))
+    torch.testing.assert_close(loaded.patch_embed.proj.weight, vit.patch_embed.proj.weight, rtol=0, atol=0)
