@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
+from ..modes import modes_kept
 from ..batches import BatchLayout
 
 
@@ -74,7 +75,6 @@ def refresh_batchnorm(
     layers = batchnorm_layers(model)
     if not layers:
         return
-    modes = {module: module.training for module in model.modules()}
     momenta = [layer.momentum for layer in layers]
     rows_seen: dict[int, int] = {}
 
@@ -87,9 +87,9 @@ def refresh_batchnorm(
     hooks = [layer.register_forward_pre_hook(cumulative_momentum) for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
-    model.train()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), modes_kept(model):
+            model.train()
             for x in _inputs(batches, layout, None if device is None else torch.device(device), _floating_dtype(model)):
                 model(x)
     finally:
@@ -97,8 +97,6 @@ def refresh_batchnorm(
             hook.remove()
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
-        for module, training in modes.items():
-            module.train(training)
 
 
 @contextmanager

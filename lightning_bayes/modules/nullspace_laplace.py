@@ -358,9 +358,9 @@ class NullSpaceLaplace(WideBuffers, BayesianModule):
         per-example gradients are then the quicker route), else by ``S`` forward-mode products with nothing ``M_b x
         P`` formed (a ResNet-18's output Jacobian of 16 images took 7.2 GB and 16.5 s, its 30 products 0.2 s)."""
         theta = self.function.theta()
-        if self._rows_per_example is None:  # one forward, once: the constraint rows of one example
+        if self._rows_per_example is None and len(y):  # one forward, once: the constraint rows of one example
             self._rows_per_example = self.function.constraints(theta, take_examples(x, 1), y[:1]).numel()
-        rows = self._rows_per_example * len(y)
+        rows = (self._rows_per_example or 0) * len(y)
         if rows * self.function.size > _DENSE_RESIDUAL_ENTRIES:
             if self._forward_mode is None:
                 try:

@@ -44,6 +44,7 @@ from ..inference.ssvi_topology import (
     update_support,
 )
 from ..inference.variational_layers import VariationalLayer, use_noise
+from ..modes import modes_kept
 from ..params import ParamSelector
 from .base import Batch
 from .variational_inference import VariationalInference
@@ -246,14 +247,13 @@ class SSVI(VariationalInference):
             )
             for layer in self.variational_layers
         ]
-        training = self.backbone.training
         use_noise(self.backbone, False)
-        self.backbone.eval()
         try:
-            self(x[:1])
+            with modes_kept(self.backbone):  # every submodule's own flag back (train(mode) set them all alike)
+                self.backbone.eval()
+                self(x[:1])
         finally:
             use_noise(self.backbone, True)
-            self.backbone.train(training)
             for hook in hooks:
                 hook.remove()
         return positions

@@ -242,3 +242,14 @@ def test_a_fit_without_a_last_step_is_refused_by_name():
     """The schedule needs the total steps (math.floor of an infinite estimate was an OverflowError)."""
     with pytest.raises(ValueError, match=r"^SSVI's support schedule .* has no last step: set trainer max_steps"):
         trainer(-1, max_time={"seconds": 30}).fit(ssvi(), loader())
+
+
+def test_measuring_layer_positions_gives_every_submodule_its_own_mode_back():
+    """The noise-free measuring pass put the backbone back with ``train(mode)``, setting a submodule kept in eval
+    mode (a frozen part) to training mode with the rest."""
+    module = ssvi().train()
+    kept = module.backbone[1]
+    kept.eval()
+    modes = {name: m.training for name, m in module.named_modules()}
+    module._measure_positions(torch.randn(2, 1, 8, 8))
+    assert {name: m.training for name, m in module.named_modules()} == modes and not kept.training
