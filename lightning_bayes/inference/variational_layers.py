@@ -160,8 +160,9 @@ class VariationalLayer(nn.Module):
             gaussians = cast(list[GaussianFamilyModule], self.families())
             mean = self._layer(x, *(family.mean for family in gaussians))
             variance = self._layer(x.square(), *(family.scale.square() for family in gaussians))
-            # clamped, not shifted: a finite gradient where the variance is 0 (sparse or deterministic parts) without a
-            # noise floor that would keep a vanishing posterior from reducing to the deterministic layer
+            # clamped at 1e-16 (a standard deviation of 1e-8), not shifted: a finite gradient where the variance is 0
+            # (sparse or deterministic parts), and no added variance that would keep a vanishing posterior from
+            # reducing to the deterministic layer
             return mean + variance.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
         if not self._ahead:
             values, self._last_log_ratio = self._draws(1, log_ratio=True)[0]
