@@ -77,7 +77,9 @@ class SWASubspace(Callback):
         start_fraction: or start after this fraction of the run (of ``max_epochs`` when collecting per epoch,
             of the estimated optimiser steps when collecting per step). Default (neither given): 0.5.
         every_n_epochs: a snapshot at the end of every n-th epoch from the start (default 1), or
-        every_n_steps: one after every n-th optimiser step from the start.
+        every_n_steps: one after every n-th optimiser step from the start. Under manual optimisation (the module
+            steps its optimisers itself, maybe several, maybe not every batch) steps are training batches, and a
+            due snapshot is skipped when no optimiser has stepped since the last one (the same weights twice).
         max_rank: ``K``, the deviations kept (0: diagonal SWAG only).
         device: where the moments live: ``"cpu"`` (default) or ``None`` (the parameters' device).
         swa_lr_ratio: ``r = swa_lr / lr_init``: the callback then sets every optimiser's learning rate at each
@@ -134,7 +136,8 @@ class SWASubspace(Callback):
         self.swa_lr_ratio = swa_lr_ratio
         self.names: list[str] = []
         self.moments: SWAGMoments | None = None
-        self.last_step = -1  # global step of the last snapshot (never two at one optimiser step)
+        self.last_step = -1  # optimisation step of the last snapshot (never two at one step)
+        self.last_global_step = -1  # the Trainer's global_step then (no snapshot of unchanged weights)
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before setup
         self._module: weakref.ref[LightningModule] | None = None  # the module collected for (set up with)
 
@@ -156,13 +159,15 @@ class SWASubspace(Callback):
                 )
         if self.moments is not None and self._pending is None:
             if self._module is None or self._module() is pl_module:  # a further fit of the same module collects on
+                if _optimisation_steps(trainer) == 0:  # a new Trainer counts from 0 again (a resumed fit's
+                    self.last_step = self.last_global_step = -1  # state is applied after this hook)
                 return  # (None: unpickled, as in a spawned process, where the module is a copy too)
             rank_zero_warn(  # not mixed into this module's: a fit resumed from a checkpoint replaces them anyway
                 f"SWASubspace: this {type(pl_module).__name__} is not the module its {int(self.moments.count)} "
                 "snapshots came from; they are dropped and this fit collects afresh (one instance collects one "
                 "module's posterior: make one per module, e.g. inside a loop over seeds, to keep each)"
             )
-            self.last_step = -1
+            self.last_step = self.last_global_step = -1
         self._module = weakref.ref(pl_module)
         selected = select_parameters(pl_module, self.params)
         self.names = list(selected)
@@ -230,15 +235,17 @@ class SWASubspace(Callback):
                 raise ValueError("SWASubspace(start_epoch=...) with every_n_steps needs a sized training loader")
             return self.start_epoch * math.ceil(batches / trainer.accumulate_grad_batches)
         assert self.start_fraction is not None  # set whenever start_epoch is not
-        optimisers = len(trainer.optimizers)
-        if not trainer.lightning_module.automatic_optimization and trainer.max_steps != -1 and optimisers > 1:
+        optimisers, total = len(trainer.optimizers), trainer.estimated_stepping_batches
+        if not trainer.lightning_module.automatic_optimization and trainer.max_steps != -1 and (
+            optimisers > 1 or total == trainer.max_steps
+        ):
             raise ValueError(
                 f"SWASubspace(start_fraction={self.start_fraction}, every_n_steps={self.every_n_steps}) counts "
                 f"training batches under manual optimisation, but max_steps={trainer.max_steps} counts every "
-                f"optimiser's step() ({optimisers} optimisers here), so the fit's number of batches is not known in "
-                "advance: give start_epoch, or bound the fit by max_epochs"
+                f"optimiser's step() ({optimisers} optimiser{'s' if optimisers > 1 else ''} here, which the module "
+                "may step less often than once a batch), so the fit's number of batches is not known in advance: "
+                "give start_epoch, or bound the fit by max_epochs"
             )
-        total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
                 f"SWASubspace(start_fraction={self.start_fraction}) with every_n_steps needs a bounded fit (trainer "
@@ -279,7 +286,7 @@ class SWASubspace(Callback):
         if self.every_n_steps is None:
             return
         step, start = _optimisation_steps(trainer), self._start_step(trainer)
-        if step > start and (step - start) % self.every_n_steps == 0 and step != self.last_step:
+        if step > start and (step - start) % self.every_n_steps == 0 and self._weights_moved(trainer):
             self._collect(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -288,7 +295,7 @@ class SWASubspace(Callback):
         assert self.every_n_epochs is not None  # set whenever every_n_steps is not
         epoch, start = trainer.current_epoch, self._start_epoch(trainer)
         due = epoch >= start and (epoch - start) % self.every_n_epochs == 0
-        if due and _optimisation_steps(trainer) != self.last_step:
+        if due and self._weights_moved(trainer):
             self._collect(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -305,11 +312,17 @@ class SWASubspace(Callback):
             f"(start_epoch={self.start_epoch}, start_fraction={self.start_fraction}); train longer or start earlier"
         )
 
+    def _weights_moved(self, trainer: Trainer) -> bool:
+        """Whether this is a later step than the last snapshot's, and an optimiser has stepped since it (and at all):
+        under manual optimisation a batch that steps none leaves the weights of the last snapshot (or the initial)."""
+        global_step = trainer.global_step
+        return _optimisation_steps(trainer) != self.last_step and global_step not in (0, self.last_global_step)
+
     def _collect(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.moments is None:
             raise RuntimeError("SWASubspace: setup('fit') has not run; attach the callback to the Trainer")
         self.moments.update(self._flat(trainer, pl_module))
-        self.last_step = _optimisation_steps(trainer)
+        self.last_step, self.last_global_step = _optimisation_steps(trainer), trainer.global_step
         pl_module.log("swa/snapshots", float(self.moments.count), on_step=False, on_epoch=True, batch_size=1)
 
     # ---- checkpointing ---------------------------------------------------------------------------
@@ -344,6 +357,7 @@ class SWASubspace(Callback):
             "names": list(self.names),
             "max_rank": self.max_rank,
             "last_step": self.last_step,
+            "last_global_step": self.last_global_step,
             "moments": {k: v.detach().cpu().clone() for k, v in self.moments.state_dict().items()},
         }
 
@@ -376,6 +390,7 @@ class SWASubspace(Callback):
         assert self.moments is not None  # set up, or built from the state by load_state_dict
         self.moments.load_state_dict(state["moments"])
         self.last_step = int(state["last_step"])
+        self.last_global_step = int(state.get("last_global_step", state["last_step"]))  # older: automatic only
 
     # ---- using the moments -----------------------------------------------------------------------
 

@@ -316,7 +316,7 @@ def test_a_start_fraction_under_manual_optimisation_bounded_by_max_steps_is_refu
     module = TwoOptimisers()
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(ValueError, match=r"counts training batches under manual optimisation, but max_steps=40 counts "
-                       r"every optimiser's step\(\) \(2 optimisers here\).*give start_epoch, or bound the fit by "
+                       r"every optimiser's step\(\) \(2 optimisers here, .*give start_epoch, or bound the fit by "
                        r"max_epochs"):
         Trainer(max_steps=40, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                 enable_checkpointing=False,
@@ -360,9 +360,9 @@ def test_one_instance_collects_for_one_module(tmp_path: Path) -> None:
 
     fit_again(module, 2, root=tmp_path)
     saved = {name: value.clone() for name, value in swa.moments.state_dict().items()}
-    fit_again(module, 3)  # the same module: epochs 1 and 2
-    assert int(swa.moments.count) == 2
-    with pytest.warns(UserWarning, match="SWASubspace: this Regression is not the module its 2 snapshots came from; "
+    fit_again(module, 3)  # the same module: epochs 1 and 2 of the new Trainer
+    assert int(swa.moments.count) == 3
+    with pytest.warns(UserWarning, match="SWASubspace: this Regression is not the module its 3 snapshots came from; "
                       "they are dropped and this fit collects afresh"):
         fit_again(Regression(), 2)
     assert int(swa.moments.count) == 1  # its own epoch 1 alone
@@ -437,6 +437,80 @@ def test_per_step_collection_counts_batches_under_manual_optimisation_with_two_o
     torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+
+
+def test_a_new_trainer_fitting_the_same_module_again_collects_at_its_own_steps() -> None:
+    """A new Trainer counts steps from 0 again: the second fit's epoch-end snapshot fell on the step number of the
+    first fit's last one and was skipped as a repeat (one snapshot from two fits)."""
+    swa, recorder, module = SWASubspace(params="all", max_rank=2, start_epoch=0), Recorder(), Regression()
+    snapshots = []
+    for _ in range(2):
+        Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False, callbacks=[swa, recorder]).fit(module, loader())
+        snapshots.append(recorder.epochs[0])
+    mean, sq_mean, deviations = closed_form(snapshots, 2)
+    assert swa.moments.count.item() == 2
+    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+
+
+class AccumulatingByHand(Regression):
+    """Manual optimisation with one optimiser stepped every second batch (after batches ``phase + 1``,
+    ``phase + 3``, ... counted from 1), gradients accumulated in between."""
+
+    def __init__(self, phase: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.phase = phase
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.manual_backward(F.mse_loss(self(x), y) / 2)
+        if batch_idx % 2 == self.phase:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+@pytest.mark.parametrize(
+    ("phase", "every_n_steps", "batches"),
+    [(1, 1, [2, 4, 6, 8, 10, 12]), (0, 1, [1, 3, 5, 7, 9, 11]), (0, 2, [2, 4, 6, 8, 10, 12])],
+)
+def test_manual_optimisation_stepping_every_second_batch_collects_no_weights_twice(
+    phase: int, every_n_steps: int, batches: list[int]
+) -> None:
+    """Steps count batches under manual optimisation; a batch that stepped no optimiser left the last snapshot's (or
+    the initial) weights, which were collected again (12 snapshots of 6 distinct weights, the initial among them)."""
+    snapshots: list[torch.Tensor] = []
+
+    class Batches(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append(torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()]))
+
+    swa = SWASubspace(params="all", max_rank=3, start_epoch=0, every_n_steps=every_n_steps)
+    Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, callbacks=[swa, Batches()]).fit(AccumulatingByHand(phase), loader())
+    mean, sq_mean, deviations = closed_form([snapshots[b - 1] for b in batches], 3)
+    assert swa.moments.count.item() == len(batches) and swa.last_step == batches[-1]
+    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+
+
+def test_a_start_fraction_of_max_steps_under_manual_optimisation_with_one_optimiser_is_refused() -> None:
+    """max_steps=6 counts the hand-accumulating module's step() calls (12 batches), the schedule batches: collection
+    began at batch 3, a quarter of the run, not half; bounded by max_epochs it is the batches' fraction."""
+    with pytest.raises(ValueError, match=r"but max_steps=6 counts every optimiser's step\(\) \(1 optimiser here, "
+                       r"which the module may step less often than once a batch\)"):
+        Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                enable_checkpointing=False,
+                callbacks=[SWASubspace(start_fraction=0.5, every_n_steps=1)]).fit(AccumulatingByHand(1), loader())
+    swa = SWASubspace(params="all", start_fraction=0.5, every_n_steps=2)
+    Trainer(max_epochs=2, max_steps=100, accelerator="cpu", logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False,
+            callbacks=[swa]).fit(AccumulatingByHand(1), loader())
+    assert swa.moments.count.item() == 3 and swa.last_step == 12  # batches 8, 10 and 12 of 12
 
 
 def test_a_checkpoints_moments_serve_a_test_run(tmp_path: Path) -> None:
