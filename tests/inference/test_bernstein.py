@@ -83,6 +83,24 @@ def test_density_integrates_to_one_over_w():
     assert abs(total.item() - 1) < 1e-6
 
 
+@pytest.mark.parametrize("final_affine", [True, False])
+def test_density_is_the_derivative_of_the_base_cdf(final_affine: bool):
+    """``w`` increases with ``z``, so ``P(W <= w(z)) = Phi(z)`` and ``q(w) = dPhi(z(w)) / dw``: the analytic density
+    against central differences of the standard normal CDF along the grid (no autograd), per entry, and its
+    trapezoid over w. The differences' O(h^2) error (h = 1e-4) was measured at 3e-8 relative over |z| < 4 (beyond,
+    ``1 - Phi`` loses its digits); the quadrature misses 1e-15 of mass beyond |z| = 8 and was 1 to 3e-10."""
+    flow = random_flow(12, final_affine, seed=3)
+    z = torch.linspace(-8, 8, 160_001, dtype=torch.float64)[:, None].expand(-1, 3)
+    with torch.no_grad():
+        w, log_q = flow(z)
+    cdf = torch.special.ndtr(z)
+    difference = (cdf[2:] - cdf[:-2]) / (w[2:] - w[:-2])
+    central = z[1:-1, 0].abs() < 4
+    assert ((difference / log_q[1:-1].exp() - 1)[central].abs() < 1e-6).all()
+    torch.testing.assert_close(torch.trapezoid(log_q.exp(), w, dim=0), torch.ones(3, dtype=torch.float64),
+                               rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("final_affine", [False, True])
 def test_degree_one_is_a_scaled_logit_normal(final_affine: bool):
     flow = random_flow(1, final_affine, seed=2)

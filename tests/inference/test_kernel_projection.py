@@ -194,3 +194,84 @@ def test_networks_without_a_second_derivative_are_named(single_thread):
         kernels.append(kernel.detach())
     assert _relative_error(kernels[0], kernels[1]) <= 1e-12
     assert _relative_error(gradients[0], gradients[1]) > 0.1
+
+
+def _rank_deficient_problem(constraint: str):
+    """A ReLU network whose hidden unit 0 is dead on every input (its first-layer weights and bias get exactly zero
+    Jacobian columns) on a batch whose examples 3 and 5 repeat examples 1 and 0: ``J_b`` has 18 (output) or 6
+    (loss) rows and rank 12 or 4. Also the indices of the distinct examples, whose ``J`` has full row rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 3)).double()  # P = 38
+    with torch.no_grad():
+        model[0].bias[0] = -50.0
+        model[0].weight[0].mul_(0.1)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[3], x[5] = x[1], x[0]
+    y = torch.tensor([0, 2, 1, 2, 0, 1])
+    y[3], y[5] = y[1], y[0]
+    fn = LossConstraint(CategoricalLikelihood()) if constraint == "loss" else output_constraint
+    return ParameterFunction(model, "all", fn), x, y, [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("constraint", ["output", "loss"])
+def test_a_rank_deficient_batch_projects_onto_the_svd_kernel(single_thread, constraint):
+    """Duplicated examples and a dead unit: the dense pseudo-inverse and CG with as many steps as rows or as the rank
+    give ``I - V_r V_r^T`` of J's SVD (measured 1e-13 relative error, ``||J k|| / ||e||`` 1e-14); CG with fewer
+    steps than the rank does not (0.17 and 0.21 off at rank - 2), so the comparison resolves a truncated solve."""
+    function, x, y, _ = _rank_deficient_problem(constraint)
+    theta = function.theta()
+    jacobian = _dense_jacobian(function, x, y, theta)
+    _, s, vh = torch.linalg.svd(jacobian)
+    rank = int((s > 1e-10 * s[0]).sum())
+    rows = len(y) * (3 if constraint == "output" else 1)
+    assert (rows, rank) == ((18, 12) if constraint == "output" else (6, 4))
+    assert torch.equal(jacobian[:, :3], torch.zeros_like(jacobian[:, :3]))  # the dead unit's incoming weights
+    projector = torch.eye(function.size, dtype=torch.float64) - vh[:rank].T @ vh[:rank]
+    noise = torch.randn(4, function.size, dtype=torch.float64)
+    systems = {
+        "dense": build_system(function, x, y, theta, "dense"),
+        "cg rows": build_system(function, x, y, theta, "cg", iterations=rows),
+        "cg rank": build_system(function, x, y, theta, "cg", iterations=rank),
+    }
+    for name, system in systems.items():
+        kernel, _ = project(system, noise)
+        assert _relative_error(kernel, noise @ projector) <= 1e-10, name
+        assert ((kernel @ jacobian.T).norm(dim=1) <= 1e-10 * noise.norm(dim=1)).all(), name
+    truncated, _ = project(build_system(function, x, y, theta, "cg", iterations=rank - 2), noise)
+    assert _relative_error(truncated, noise @ projector) > 1e-2
+
+
+@pytest.mark.parametrize(("constraint", "solver"), [(c, s) for c in ("output", "loss") for s in ("dense", "cg")])
+def test_rank_deficient_adjoint_matches_autograd_through_the_distinct_examples(single_thread, constraint, solver):
+    """The repeated rows add nothing to J's row space, so the projection is ``e - J_u^T (J_u J_u^T)^{-1} J_u e`` with
+    ``J_u`` the distinct examples' full-row-rank Jacobian (Gram condition number 4e4 output, 1e2 loss): autograd
+    through that dense solve is the truth for the KKT adjoint on the rank-deficient batch (measured 2e-13)."""
+    function, x, y, distinct = _rank_deficient_problem(constraint)
+    rows = len(y) * (3 if constraint == "output" else 1)
+    theta = function.theta().requires_grad_(True)
+    noise = torch.randn(2, function.size, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, function.size, dtype=torch.float64)
+
+    kernel = project_to_kernel(theta, noise, function, x, y, solver=solver, iterations=rows)
+    grad_theta, grad_noise = torch.autograd.grad((weights * kernel).sum(), (theta, noise))
+    reference = _reference_projection(function, x[distinct], y[distinct], theta, noise)
+    ref_theta, ref_noise = torch.autograd.grad((weights * reference).sum(), (theta, noise))
+
+    assert _relative_error(kernel, reference) <= 1e-8
+    assert _relative_error(grad_noise, ref_noise) <= 1e-8
+    assert _relative_error(grad_theta, ref_theta) <= 1e-8
+    assert ref_theta.norm() > 1.0  # measured 13 (output) and 12 (loss)
+
+
+@pytest.mark.parametrize(("constraint", "solver"), [(c, s) for c in ("output", "loss") for s in ("dense", "cg")])
+def test_gradcheck_on_a_rank_deficient_batch(single_thread, constraint, solver):
+    """Central differences in float64 (eps 1e-6, the dead unit stays dead) against the adjoint, in theta and noise.
+    CG's forward is 20x the dense one's, so its check is gradcheck's fast mode: one random direction's derivative."""
+    function, x, y, _ = _rank_deficient_problem(constraint)
+    rows = len(y) * (3 if constraint == "output" else 1)
+    theta = function.theta().requires_grad_(True)
+    noise = torch.randn(1, function.size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t, e: project_to_kernel(t, e, function, x, y, solver, iterations=rows),
+        (theta, noise), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=solver == "cg",
+    )
