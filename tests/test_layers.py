@@ -19,7 +19,7 @@ LAYERS = {
     # edges: metrics and plots consume Predictives, models build backbones, datamodules load data
     "metrics": 1, "plots": 1, "models": 1, "datamodules": 1,
     # orchestration: LightningModules and callbacks wiring the core into the Trainer
-    "modules": 2, "callbacks": 2,
+    "modules": 2, "callbacks": 2, "skipped_epoch_hooks": 2,
     # the command line
     "cli": 3, "cli_order": 3, "cli_parser": 3, "cli_resumed_best": 3, "bundled_configs": 3, "__main__": 3,
 }

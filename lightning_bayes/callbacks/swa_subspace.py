@@ -37,6 +37,7 @@ from ..checks import is_int
 from ..inference.batchnorm import batchnorm_statistics_kept, refresh_batchnorm, running_statistics
 from ..inference.swag import SWAGMoments, default_swag_scale, learning_rate_factor, low_rank_part
 from ..params import ParamSelector, is_dtensor, named_parameters, select_parameters
+from ..skipped_epoch_hooks import epoch_hooks_skipped
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -256,6 +257,9 @@ class SWASubspace(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_steps is not None:
             self._start_step(trainer)  # a schedule it cannot place is refused before the first batch trains
+        if epoch_hooks_skipped(trainer):  # resumed on an epoch's last batch: its end and this epoch's start
+            self._epoch_end(trainer, pl_module, trainer.current_epoch - 1)
+            self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """With ``swa_lr_ratio``: this epoch's learning rates, ``learning_rate_factor(epoch / start)`` times each
@@ -290,10 +294,14 @@ class SWASubspace(Callback):
             self._collect(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_end(trainer, pl_module, trainer.current_epoch)
+
+    def _epoch_end(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        """The snapshot due at the end of ``epoch`` (0-based), when collecting per epoch."""
         if self.every_n_steps is not None:
             return
         assert self.every_n_epochs is not None  # set whenever every_n_steps is not
-        epoch, start = trainer.current_epoch, self._start_epoch(trainer)
+        start = self._start_epoch(trainer)
         due = epoch >= start and (epoch - start) % self.every_n_epochs == 0
         if due and self._weights_moved(trainer):
             self._collect(trainer, pl_module)

@@ -129,6 +129,18 @@ def _pass_finished(state: dict[str, Any], batches: float) -> bool:
     return isinstance(yielded, int) and yielded >= batches
 
 
+def forget_finished_passes(checkpoint: dict[str, Any]) -> None:
+    """Drops from a Lightning checkpoint the training loaders' states when it was written after the epoch's last
+    batch (on that step, at a validation after it, or at the epoch's end): Lightning would hand them to the loaders
+    as the fit resumes, and torchdata's ``StatefulDataLoader`` applies a finished pass's state to the next pass,
+    which then yields nothing (an epoch lost without a word). The next pass starts afresh, as in a fit not stopped.
+    :class:`EpochLoader` ignores such a state itself; this serves a user's own loader. For ``on_load_checkpoint``
+    (before Lightning restores its loops from the same dictionary)."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    if fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch") and "state_dict" in fit_loop:
+        fit_loop["state_dict"]["combined_loader"] = []
+
+
 def step_batch(trainer: Trainer, batch: Any, device: torch.device) -> Any:
     """``batch`` as Lightning hands it to a step, for a pass over data outside the loops: moved to ``device`` (the
     module's: after a fit it is back on the CPU while the strategy's root device is the GPU) through the module's

@@ -28,7 +28,7 @@ from torch.utils.data import DistributedSampler, RandomSampler, SubsetRandomSamp
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from ..checks import held, is_int
-from ..datamodules.epoch_loader import loader_samplers
+from ..datamodules.epoch_loader import forget_finished_passes, loader_samplers
 from ..datamodules.sampler_padding import real_examples, stage_loaders
 from ..inference.likelihoods import Likelihood, as_likelihood
 from ..models.vocabulary import vocabulary_fingerprint
@@ -403,6 +403,7 @@ class BayesianModule(LightningModule, ABC):
         checkpoint["rng_states_before_validation"] = self._before_validation is not None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        forget_finished_passes(checkpoint)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
             function = self.trainer.state.fn if self._trainer is not None else None

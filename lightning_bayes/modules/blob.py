@@ -37,6 +37,7 @@ from ..inference.likelihoods import Likelihood
 from ..inference.mean_field_gaussian import MeanFieldGaussian
 from ..inference.variational_layers import total_kl
 from ..params import ParamSelector
+from ..skipped_epoch_hooks import epoch_hooks_skipped
 from .base import Batch
 from .variational_inference import VariationalInference
 
@@ -156,6 +157,8 @@ class BLoB(VariationalInference):
         self._cycle_length = self.cycle_length()
         if self.logger is not None:
             self.logger.log_hyperparams({"kl_cycle_length": self._cycle_length})
+        if epoch_hooks_skipped(self.trainer):  # resumed on an epoch's last batch: that epoch's end did not run
+            self.on_train_epoch_end()
 
     def kl_weight_at(self, step: int) -> float:
         """``w_t`` of the KL optimiser's step at training batch ``step`` (counted from 0 over the whole fit)."""

@@ -65,6 +65,7 @@ from ..models.weights import load_trained_likelihood, load_trained_weights
 from ..modes import modes_kept
 from ..params import ParamSelector
 from ..predictive import Predictive
+from ..skipped_epoch_hooks import epoch_hooks_skipped
 from .base import Batch, BayesianModule, first_rows
 from .fit_length import fit_length
 
@@ -281,8 +282,11 @@ class VIKING(WideBuffers, BayesianModule):
             )
 
     def on_train_start(self) -> None:
-        """Warns when the Trainer's ``max_epochs`` or ``max_steps`` ends the fit before the phases do."""
+        """Warns when the Trainer's ``max_epochs`` or ``max_steps`` ends the fit before the phases do; a fit resumed
+        on an epoch's last batch sweeps here (Lightning starts the next epoch without ``on_train_epoch_start``)."""
         super().on_train_start()
+        if epoch_hooks_skipped(self.trainer):
+            self.on_train_epoch_start()
         mle, warmup, elbo = self.phase_epochs
         length = fit_length(self.trainer)
         if length.epochs < mle + warmup + elbo and not length.smoke_run:
@@ -300,7 +304,7 @@ class VIKING(WideBuffers, BayesianModule):
         first_elbo_epoch = sum(self.phase_epochs[:1])
         every = self.sweep_every_n_epochs
         if every and (self.current_epoch - first_elbo_epoch) % every == 0:
-            self.sweep(side_pass(self.trainer.train_dataloader), self.trainer.num_training_batches)
+            self.sweep(side_pass(self.trainer.train_dataloader, self.current_epoch), self.trainer.num_training_batches)
         elif self.current_epoch == first_elbo_epoch:
             self.carried.copy_(self._randn(self.function.size))  # an unprojected start; the first step projects it
 

@@ -513,6 +513,30 @@ def test_a_start_fraction_of_max_steps_under_manual_optimisation_with_one_optimi
     assert swa.moments.count.item() == 3 and swa.last_step == 12  # batches 8, 10 and 12 of 12
 
 
+@pytest.mark.parametrize("step", [6, 12])
+def test_a_fit_resumed_on_an_epochs_last_batch_ends_as_one_not_stopped(tmp_path: Path, step: int) -> None:
+    """Lightning resumes a checkpoint written on an epoch's last batch without that epoch's on_train_epoch_end or
+    the next one's on_train_epoch_start: from step 6 the learning rate of epoch 1 (``swa_lr_ratio``) was never set,
+    from step 12 epoch 1's snapshot was never taken (2 snapshots, not 3)."""
+
+    def run(ckpt_path: str | None = None) -> tuple[Regression, SWASubspace]:
+        swa = SWASubspace(params="all", start_epoch=1, max_rank=2, swa_lr_ratio=0.5)
+        saving = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")]
+        module = Regression()
+        Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[swa, *([] if ckpt_path else saving)],
+                enable_checkpointing=ckpt_path is None).fit(module, loader(), ckpt_path=ckpt_path)
+        return module, swa
+
+    straight, collected = run()
+    resumed, recollected = run(str(tmp_path / f"step={step}.ckpt"))
+    assert collected.moments.count.item() == recollected.moments.count.item() == 3
+    for name, value in collected.state_dict()["moments"].items():
+        assert torch.equal(recollected.state_dict()["moments"][name], value), name
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_a_checkpoints_moments_serve_a_test_run(tmp_path: Path) -> None:
     """``trainer.test(ckpt_path=...)`` restores callbacks after ``setup('test')``: the moments were kept for a fit
     that never came ("collected no snapshot yet")."""

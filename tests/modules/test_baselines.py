@@ -16,7 +16,7 @@ from lightning_bayes.models import MLP
 from lightning_bayes.modules import MAP, DeepEnsemble, MCDropout
 from lightning_bayes.predictive import CategoricalPredictive, GaussianPredictive
 
-from resumption import SavesInsideAnEpoch, assert_resumption_is_exact
+from resumption import STOPS, SavesInsideAnEpoch, assert_resumption_is_exact
 
 
 def _mlp(dropout: float = 0.0) -> nn.Module:
@@ -337,12 +337,12 @@ def _dropout_fit(epochs: int, root: Path, ckpt_path: str | None, callbacks: list
     return module
 
 
-@pytest.mark.parametrize("inside_epoch", [False, True])
-def test_resumed_dropout_training_draws_the_unstopped_masks(tmp_path: Path, inside_epoch: bool) -> None:
+@pytest.mark.parametrize("stop", STOPS)
+def test_resumed_dropout_training_draws_the_unstopped_masks(tmp_path: Path, stop: str) -> None:
     """The global generator the masks come from is checkpoint state (BayesianModule): without it the resumed fit
     restarts the stream and its weights differ (by 0.018 here). Inside an epoch, the datamodule's training
     loader (a ``StatefulDataLoader``) goes on from the saved batch."""
-    assert_resumption_is_exact(_dropout_fit, tmp_path, epochs=3, inside_epoch=inside_epoch)
+    assert_resumption_is_exact(_dropout_fit, tmp_path, epochs=3, stop=stop)
 
 
 def test_a_fit_resumed_from_an_epochs_last_batch_draws_the_unstopped_masks(tmp_path: Path) -> None:

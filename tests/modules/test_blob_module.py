@@ -27,7 +27,7 @@ from lightning_bayes.inference.kl_cycle import cycle_weight
 from lightning_bayes.inference.variational_layers import total_kl
 
 from toy_classification import blobs, classifier
-from resumption import assert_resumption_is_exact
+from resumption import STOPS, assert_resumption_is_exact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BETA, LR, KL_LR = 0.7, 0.05, 0.3
@@ -168,8 +168,8 @@ def test_omega_grows_under_the_kl_optimiser_and_stays_below_the_prior():
     assert (after > 5 * before).all() and (after < 0.5).all(), (before, after)
 
 
-@pytest.mark.parametrize("inside_epoch", [False, True])
-def test_resume_gives_the_uninterrupted_result(tmp_path: Path, inside_epoch: bool):
+@pytest.mark.parametrize("stop", STOPS)
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path, stop: str):
     def run(epochs: int, root: Path, ckpt: str | None, callbacks: list[Callback]) -> BLoB:
         torch.manual_seed(0)
         module = make_blob(lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
@@ -178,7 +178,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path, inside_epoch: boo
         trainer.fit(module, StatefulDataLoader(data, batch_size=8, sampler=EpochShuffle(data)), ckpt_path=ckpt)
         return module
 
-    resumed = assert_resumption_is_exact(run, tmp_path, epochs=3, inside_epoch=inside_epoch)
+    resumed = assert_resumption_is_exact(run, tmp_path, epochs=3, stop=stop)
     assert resumed.optimizers()[1].param_groups[0]["lr"] == KL_LR * 0.5**3
 
 

@@ -23,7 +23,7 @@ from lightning_bayes.modules import VariationalInference
 from lightning_bayes.predictive import CategoricalPredictive
 
 from toy_classification import blobs, classifier
-from resumption import assert_resumption_is_exact
+from resumption import STOPS, assert_resumption_is_exact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,8 +190,8 @@ def test_bernstein_family_trains_a_chosen_layer_and_keeps_the_rest_deterministic
     assert after > before + 0.3, (before, after)
 
 
-@pytest.mark.parametrize("inside_epoch", [False, True])
-def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path, inside_epoch: bool):
+@pytest.mark.parametrize("stop", STOPS)
+def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path, stop: str):
     def run(epochs: int, root: Path, ckpt: str | None, callbacks: list[Callback]) -> VariationalInference:
         torch.manual_seed(0)
         module = VariationalInference(classifier(), init_scale=0.2, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
@@ -200,7 +200,7 @@ def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path, ins
         trainer.fit(module, StatefulDataLoader(data, batch_size=8, sampler=EpochShuffle(data)), ckpt_path=ckpt)
         return module
 
-    assert_resumption_is_exact(run, tmp_path, epochs=3, inside_epoch=inside_epoch)
+    assert_resumption_is_exact(run, tmp_path, epochs=3, stop=stop)
 
 
 class StopsAfterTheMidEpochValidation(Callback):

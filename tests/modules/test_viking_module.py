@@ -24,7 +24,7 @@ from lightning_bayes.modules.viking import VIKING
 
 from linearisation import first_order_outputs
 from once_differentiable_square import Square
-from resumption import SavesInsideAnEpoch, assert_resumption_is_exact
+from resumption import STOPS, SavesInsideAnEpoch, assert_resumption_is_exact
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -133,15 +133,15 @@ def test_epoch_sweep_ends_in_the_kernel_of_the_last_batch() -> None:
     assert torch.equal(module.swept_at, module._fingerprint())
 
 
-@pytest.mark.parametrize("inside_epoch", [False, True])
-def test_resume_restores_the_carried_noise_and_continues_exactly(tmp_path: Path, inside_epoch: bool) -> None:
+@pytest.mark.parametrize("stop", STOPS)
+def test_resume_restores_the_carried_noise_and_continues_exactly(tmp_path: Path, stop: str) -> None:
     def run(epochs: int, root: Path, ckpt: str | None, callbacks: list[Callback]) -> VIKING:
         module = make_module(phase_epochs=(1, 1, 2))
         trainer = make_trainer(epochs, root=root, callbacks=callbacks)
         trainer.fit(module, train_dataloaders=StatefulDataLoader(two_blobs(), batch_size=8), ckpt_path=ckpt)
         return module
 
-    assert_resumption_is_exact(run, tmp_path, epochs=4, inside_epoch=inside_epoch)
+    assert_resumption_is_exact(run, tmp_path, epochs=4, stop=stop)
 
 
 def test_elbo_decreases_and_predictive_spreads_off_the_data() -> None:
