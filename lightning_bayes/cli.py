@@ -504,16 +504,24 @@ def run(args: Any = None, *, subcommand: bool = True) -> BayesCLI:
             parser_class=BayesArgumentParser,
         )
     except FileNotFoundError as error:
-        _name_the_prerequisite(error)
+        _name_the_prerequisite(error, args)
         raise
 
 
-def _name_the_prerequisite(error: FileNotFoundError) -> None:
+def _name_the_prerequisite(error: FileNotFoundError, args: Any) -> None:
     """A method's (or a curve's) ``checkpoint='runs/<name>/...'`` not there (a post-hoc method's MAP): the message gains
-    the command of the shipped config that trains it."""
-    match = re.match(r"checkpoint='(?:\./)?runs/(\w+)/version_", str(error))  # models.weights' "matches no file"
+    the command of the shipped config that trains it; under ``test``, ``validate`` or ``predict --ckpt_path``, whose
+    checkpoint holds the weights, the flag that does without it."""
+    if len(error.args) != 1 or not isinstance(error.args[0], str) or not error.args[0].startswith("checkpoint="):
+        return
+    given = sys.argv[1:] if args is None else [str(a) for a in args]
+    if given[:1] in (["test"], ["validate"], ["predict"]) and any(a.startswith("--ckpt_path") for a in given):
+        hint = "or, as --ckpt_path holds the fitted weights, add --model.init_args.checkpoint null"
+        error.args = (f"{error.args[0]}; {hint}",)
+        return
+    match = re.match(r"checkpoint='(?:\./)?runs/(\w+)/version_", error.args[0])  # models.weights' "matches no file"
     command = prerequisite_command(match[1]) if match else None
-    if command is not None and len(error.args) == 1 and isinstance(error.args[0], str):
+    if command is not None:
         error.args = (f"{error.args[0]}; the shipped config that writes it: {command}",)
 
 

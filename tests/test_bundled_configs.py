@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_helpers import ROOT
 
@@ -153,6 +154,17 @@ def test_a_post_hoc_config_without_its_map_run_names_the_command_that_trains_it(
                        r"matches no file .*; train the model first; the shipped config that writes it: "
                        r"lightning-bayes fit --config digits/map$"):
         cli.run(["fit", "--config", "digits/nullspace_laplace"])
+
+
+def test_testing_a_fitted_post_hoc_run_without_its_map_names_the_flag_that_does_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``test --ckpt_path`` of a fitted run holds the weights: the MAP run need not be trained again."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"pytorch-lightning_version": "2.6.6", "state_dict": {}}, tmp_path / "last.ckpt")  # passes the checks
+    with pytest.raises(FileNotFoundError, match=r"matches no file .*; train the model first; or, as --ckpt_path holds "
+                       r"the fitted weights, add --model.init_args.checkpoint null$"):
+        cli.run(["test", "--config", "digits/nullspace_laplace", "--ckpt_path", str(tmp_path / "last.ckpt")])
 
 
 def test_python_dash_m_names_itself_in_its_usage(tmp_path: Path):

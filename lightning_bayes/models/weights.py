@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..checks import held
@@ -36,6 +37,7 @@ def resolve_checkpoint_path(checkpoint: str) -> Path:
         matches = sorted(glob.glob(checkpoint), key=os.path.getmtime)
         if not matches:
             raise FileNotFoundError(f"checkpoint={checkpoint!r} matches no file{where}; train the model first")
+        rank_zero_info(f"checkpoint={checkpoint!r}: {matches[-1]} (the newest of {len(matches)})")
         return Path(matches[-1])
     path = Path(checkpoint)
     if not path.is_file():

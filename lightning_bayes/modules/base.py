@@ -10,6 +10,7 @@ over a frozen model).
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from abc import ABC, abstractmethod
@@ -61,6 +62,17 @@ def _shortened(message: str, shown: int = 5) -> str:
     if len(mismatches) > shown:
         lines.append(f"\t... ({len(mismatches)} size mismatches in all)")
     return "\n".join(lines)
+
+
+def _with_hyperparameter(path: Any, key: str, name: str, value: Any, weights_only: bool | None) -> io.BytesIO:
+    """The checkpoint at ``path`` with its hyperparameter ``name`` set to ``value``, as an in-memory file for
+    ``load_from_checkpoint`` (whose loader takes ``checkpoint=`` as its own argument's name)."""
+    loaded = torch.load(path, map_location="cpu", weights_only=weights_only)
+    loaded.setdefault(key, {})[name] = value
+    buffer = io.BytesIO()
+    torch.save(loaded, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 class BayesianModule(LightningModule, ABC):
@@ -119,9 +131,22 @@ class BayesianModule(LightningModule, ABC):
     @_restricted_classmethod  # as Lightning's: not on an instance (it would not load in place)
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Lightning's ``load_from_checkpoint``; a command-line checkpoint of another method is named as such (Lightning
-        reports it as a class "blocked to prevent arbitrary code execution", to be imported first)."""
+        reports it as a class "blocked to prevent arbitrary code execution", to be imported first). A post-hoc
+        method's ``checkpoint=`` (the network it started from, e.g. ``None`` where that file is gone: the fitted
+        checkpoint holds the weights) is taken too, though Lightning's loader uses the name for its own argument."""
+        source = checkpoint_path
+        if "checkpoint" in kwargs:
+            source = _with_hyperparameter(checkpoint_path, cls.CHECKPOINT_HYPER_PARAMS_KEY, "checkpoint",
+                                          kwargs.pop("checkpoint"), kwargs.get("weights_only"))
         try:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+            return super().load_from_checkpoint(source, *args, **kwargs)
+        except FileNotFoundError as error:  # the network a post-hoc method started from (models.weights' message)
+            if not str(error).startswith("checkpoint="):
+                raise
+            raise FileNotFoundError(
+                f"{error}; or, as {str(checkpoint_path)!r} is a fitted {cls.__name__} holding the weights, load it "
+                "with checkpoint=None"
+            ) from None
         except ValueError as error:
             found = _ANOTHER_METHOD.match(str(error))
             if found is None:

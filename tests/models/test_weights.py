@@ -12,7 +12,9 @@ from torch import nn
 from lightning_bayes.models.weights import resolve_checkpoint_path, trained_state_dict
 
 
-def test_a_pattern_takes_the_newest_match(tmp_path: Path):
+def test_a_pattern_takes_the_newest_match_and_says_which(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A post-hoc config's ``runs/<map>/version_*/...`` pattern: the file taken is said (a run of another config
+    under that name was taken silently), as ``--ckpt_path best`` says its own."""
     older, newer = tmp_path / "version_0" / "last.ckpt", tmp_path / "version_1" / "last.ckpt"
     for path in (newer, older):  # written in this order; the modification times below decide
         path.parent.mkdir()
@@ -20,8 +22,13 @@ def test_a_pattern_takes_the_newest_match(tmp_path: Path):
     now = time.time()
     os.utime(older, (now - 60, now - 60))
     os.utime(newer, (now, now))
-    assert resolve_checkpoint_path(str(tmp_path / "version_*" / "last.ckpt")) == newer
-    assert resolve_checkpoint_path(str(older)) == older
+    with caplog.at_level("INFO"):
+        assert resolve_checkpoint_path(str(tmp_path / "version_*" / "last.ckpt")) == newer
+    assert f"version_*/last.ckpt': {newer} (the newest of 2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert resolve_checkpoint_path(str(older)) == older
+    assert caplog.text == ""
 
 
 def test_a_relative_argument_that_names_nothing_says_where_it_was_looked_for(tmp_path: Path, monkeypatch):

@@ -453,6 +453,25 @@ def test_a_checkpoint_rebuilds_its_constraint_and_refuses_another(tmp_path: Path
         )
 
 
+def test_a_fitted_checkpoint_loads_without_the_map_it_started_from(tmp_path: Path) -> None:
+    """``load_from_checkpoint(..., checkpoint=None)``, the README's way when the MAP's file is gone, stopped at
+    Lightning's ``_load_state() got multiple values for argument 'checkpoint'``; without it the error says so."""
+    loader, x, _ = make_data()
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in make_model(1).state_dict().items()}}, tmp_path / "map.pt")
+    module = NullSpaceLaplace(make_model(), checkpoint=str(tmp_path / "map.pt"), num_samples=4)
+    make_trainer(2, tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, loader)
+    (tmp_path / "map.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"map.pt' is not a file; train the model first; or, as .*last.ckpt' is "
+                       r"a fitted NullSpaceLaplace holding the weights, load it with checkpoint=None$"):
+        NullSpaceLaplace.load_from_checkpoint(tmp_path / "last.ckpt", model=make_model(), weights_only=False)
+    restored = NullSpaceLaplace.load_from_checkpoint(tmp_path / "last.ckpt", model=make_model(), checkpoint=None,
+                                                     weights_only=False)
+    assert restored.hparams.checkpoint is None
+    for name, value in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    torch.testing.assert_close(restored.predictive(x).logits, module.predictive(x).logits, rtol=0, atol=0)
+
+
 def test_another_methods_checkpoint_as_ckpt_path_is_refused_by_name(tmp_path: Path) -> None:
     torch.save({"state_dict": {f"model.{k}": v for k, v in make_model().state_dict().items()}}, tmp_path / "map.ckpt")
     module = NullSpaceLaplace(make_model(), num_samples=4)
