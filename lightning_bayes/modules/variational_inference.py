@@ -149,8 +149,9 @@ class VariationalInference(BayesianModule):
                 f"{self.kl_weight * last_epoch / self.kl_warmup_epochs:.3g} instead of kl_weight={self.kl_weight}, a "
                 "colder (tempered) posterior; give more epochs than kl_warmup_epochs, or a shorter warm-up"
             )
-        if self.logger is not None:  # the objective's constants, next to the logged terms
-            self.logger.log_hyperparams({"dataset_size": self.resolved_dataset_size(), "kl_weight": self.kl_weight})
+        if self.logger is not None:  # the objective's N, next to the logged terms (not under the argument's own
+            # name, which a later test stage logs again with the module's hyperparameters: null when from the data)
+            self.logger.log_hyperparams({"resolved_dataset_size": self.resolved_dataset_size()})
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y = batch

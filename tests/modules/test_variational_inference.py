@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -188,6 +190,23 @@ def test_bernstein_family_trains_a_chosen_layer_and_keeps_the_rest_deterministic
     make_trainer(30).fit(module, DataLoader(data, batch_size=10))
     after = module.predictive(data.tensors[0]).log_prob(data.tensors[1]).mean()
     assert after > before + 0.3, (before, after)
+
+
+def test_the_resolved_dataset_size_stays_in_the_logged_hyperparameters_after_a_test(tmp_path: Path) -> None:
+    """N from the data was logged as ``dataset_size``, which the test stage's logging of the module's hyperparameters
+    then overwrote with the argument's null."""
+    module = VariationalInference(classifier(), optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path, name="vi"), enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    data = DataLoader(blobs(), batch_size=8)
+    trainer.fit(module, data)
+    trainer.test(module, data, verbose=False)
+    class Tagless(yaml.SafeLoader):  # the optimiser factory is a tagged Python object: read as None
+        pass
+
+    Tagless.add_multi_constructor("", lambda loader, suffix, node: None)
+    logged = yaml.load((tmp_path / "vi" / "version_0" / "hparams.yaml").read_text(), Loader=Tagless)
+    assert logged["resolved_dataset_size"] == len(blobs()) and logged["dataset_size"] is None
 
 
 @pytest.mark.parametrize("stop", STOPS)
