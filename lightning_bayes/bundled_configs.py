@@ -32,15 +32,34 @@ def bundled_configs() -> dict[str, Path]:
 
 
 def describe_bundled_configs() -> str:
-    """One line per shipped config: its name and the first line of its leading comment."""
+    """One line per shipped config: its name and the first sentence of its leading comment (which may wrap over
+    several comment lines, up to a command line)."""
     configs = bundled_configs()
     width = max(map(len, configs), default=0)
-    lines = []
-    for name, path in configs.items():
-        first = path.read_text().splitlines()[:1]
-        summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        lines.append(f"{name.ljust(width)}  {summary}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(f"{name.ljust(width)}  {_summary(path.read_text())}".rstrip() for name, path in configs.items())
+
+
+def _summary(text: str, width: int = 120) -> str:
+    """The first sentence of the comment that opens ``text`` (a full stop before a capital letter or the end); one
+    longer than ``width`` characters up to its first clause (``: `` or ``; `` outside parentheses, from 40
+    characters on), else up to a word, with an ellipsis."""
+    prose = []
+    for line in text.splitlines():
+        words = line.removeprefix("#").strip()
+        if not line.startswith("#") or not words or line.startswith("#  ") or words.startswith("lightning-bayes"):
+            break
+        prose.append(words)
+    joined = " ".join(prose)
+    end = re.search(r"\.(?=\s+[A-Z(]|$)", joined)
+    sentence = joined[: end.end()] if end else joined
+    if len(sentence) <= width:
+        return sentence
+    depth = 0
+    for index, char in enumerate(sentence[:width]):
+        depth += (char == "(") - (char == ")")
+        if depth == 0 and index >= 40 and sentence[index : index + 2] in (": ", "; "):
+            return sentence[:index]
+    return sentence[: sentence.rfind(" ", 0, width)].rstrip(",;:") + "…"
 
 
 def prerequisite_command(run_name: str) -> str | None:

@@ -112,6 +112,12 @@ def test_the_configs_command_lists_every_config_with_its_summary(monkeypatch: py
     assert [line.split()[0] for line in lines] == [name.removesuffix(".yaml") for name in REPOSITORY_CONFIGS]
     assert "MAP baseline: LeNet-5 on full MNIST" in lines[REPOSITORY_CONFIGS.index("mnist/map.yaml")]
     assert describe_bundled_configs().splitlines() == lines
+    # a summary is a sentence or its first clause, not a comment's first line cut mid-sentence ("... trained from")
+    summaries = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    assert summaries["digits/curve"] == "Mode connectivity (Garipov et al. 2018) on 8x8 digits"
+    assert summaries["mnist/map"].endswith("Fashion-MNIST as OOD.")
+    assert summaries["text/nf4"].endswith("(MAP, BLoB, IVON-LoRA…")
+    assert all(len(summary) <= 121 and not summary.endswith((" then", " from")) for summary in summaries.values())
 
 
 def test_the_configs_command_has_help_and_refuses_arguments(monkeypatch: pytest.MonkeyPatch, capsys):
