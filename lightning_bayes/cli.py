@@ -202,9 +202,14 @@ class BayesCLI(LightningCLI):
 
     def _warn_untrained(self, subcommand: str) -> None:
         """``test``/``validate``/``predict`` without ``--ckpt_path`` score the model as built, which is untrained
-        unless a ``checkpoint`` argument of the method loaded trained weights: say so."""
+        unless a ``checkpoint`` argument of the method loaded trained weights: say so; a method that cannot score as
+        built (:meth:`~lightning_bayes.modules.base.BayesianModule.unfitted_refusal`) is refused before the run's
+        folder is made."""
         if self.config[subcommand].get("ckpt_path") or getattr(self.model, "hparams", {}).get("checkpoint"):
             return
+        refusal = self.model.unfitted_refusal() if isinstance(self.model, BayesianModule) else None
+        if refusal is not None:
+            raise RuntimeError(f"`lightning-bayes {subcommand}` without --ckpt_path: {refusal}")
         rank_zero_warn(
             f"`lightning-bayes {subcommand}` without --ckpt_path scores {type(self.model).__name__} as built, with the "
             "weights it was initialised with; pass --ckpt_path <run>/checkpoints/last.ckpt to score a trained model"

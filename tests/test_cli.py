@@ -264,6 +264,16 @@ def test_scoring_without_a_checkpoint_warns_that_the_weights_are_untrained(tmp_p
             run([subcommand, *args])
 
 
+def test_a_method_that_cannot_score_unfitted_is_refused_before_its_run_folder(tmp_path: Path):
+    """IVON without --ckpt_path has no posterior variance: the refusal came at the first test batch, after the run's
+    folder (config.yaml, hparams.yaml) was made."""
+    with pytest.raises(RuntimeError, match=r"^`lightning-bayes test` without --ckpt_path: IVONModule has no posterior "
+                       r"variance yet: fit it, or load a checkpoint"):
+        run(["test", "--config", str(ROOT / "configs" / "digits" / "ivon.yaml"),
+             f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert list(tmp_path.rglob("*")) == []
+
+
 def test_a_fit_runs_saved_config_drives_the_test_subcommand(tmp_path: Path):
     """The ``config.yaml`` a fit writes next to its logs (with fit's ``test_after_fit``) is accepted by ``test``."""
     run([*quick_args(MAP_CONFIG, tmp_path, batches=1), "--test_after_fit=false"])

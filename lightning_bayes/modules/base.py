@@ -171,6 +171,11 @@ class BayesianModule(LightningModule, ABC):
     def predictive(self, x: Any, num_samples: int | None = None) -> Predictive:
         """Posterior predictive for inputs ``x``, with the network in eval mode."""
 
+    def unfitted_refusal(self) -> str | None:
+        """Why this module, as built (not fitted, no checkpoint loaded), cannot score data; ``None`` when it can (by
+        default: with the weights it was initialised with)."""
+        return None
+
     def resolve_num_samples(self, num_samples: int | None) -> int:
         """``num_samples`` if given, else the module's default; must be a positive integer."""
         n = self.num_samples if num_samples is None else num_samples

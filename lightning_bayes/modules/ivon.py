@@ -42,6 +42,12 @@ def default_ivon(params: Iterable, ess: float) -> IVON:
     return IVON(params, ess, lr=0.1)
 
 
+_NO_VARIANCE = (
+    "IVONModule has no posterior variance yet: fit it, or load a checkpoint saved during a fit (or predict at the mean "
+    "with mean_prediction=True)"
+)
+
+
 class IVONModule(WideBuffers, BayesianModule):
     """Trains ``backbone`` with IVON; ``predictive`` averages posterior draws.
 
@@ -215,14 +221,14 @@ class IVONModule(WideBuffers, BayesianModule):
         self._store_posterior_variance()
         checkpoint["state_dict"]["posterior_variance"] = self.posterior_variance.detach().clone()
 
+    def unfitted_refusal(self) -> str | None:
+        return None if self.mean_prediction or torch.isfinite(self.posterior_variance).all() else _NO_VARIANCE
+
     def posterior_variances(self) -> list[Tensor]:
         """``sigma^2`` per posterior parameter (the live optimiser's while fitting, else the stored buffer)."""
         self._store_posterior_variance()
         if not torch.isfinite(self.posterior_variance).all():
-            raise RuntimeError(
-                "IVONModule has no posterior variance yet: fit it, or load a checkpoint saved during a fit "
-                "(or predict at the mean with mean_prediction=True)"
-            )
+            raise RuntimeError(_NO_VARIANCE)
         params = self.posterior_parameters()
         variances = self.posterior_variance.split([p.numel() for p in params])
         return [laid_out_like(v, p) for v, p in zip(variances, params, strict=True)]
