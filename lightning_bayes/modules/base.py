@@ -344,9 +344,23 @@ class BayesianModule(LightningModule, ABC):
 
     def batches_done_at_resume(self) -> int:
         """Batches of the current epoch done before this fit started: > 0 only when it resumed from a checkpoint
-        saved inside an epoch."""
+        saved inside an epoch (not one written as an epoch cut short ended, which Lightning counts as done)."""
         started = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return started if 0 < started < self.trainer.num_training_batches else 0
+        cut_short = self.trainer.fit_loop.resumed_on_epoch_end
+        return started if 0 < started < self.trainer.num_training_batches and not cut_short else 0
+
+    def _warn_of_an_epoch_cut_short(self) -> None:
+        """A fit counted in epochs resumed from a checkpoint written as an epoch ended early (its fit stopped by
+        ``max_steps``, ``max_time`` or a callback): Lightning counts that epoch done and goes on with the next."""
+        loop, batches = self.trainer.fit_loop, self.trainer.num_training_batches
+        done = loop.epoch_loop.batch_progress.current.ready
+        if loop.resumed_on_epoch_end and 0 < done < batches:
+            rank_zero_warn(
+                f"{type(self).__name__} resumes from a checkpoint written as epoch {self.current_epoch - 1} ended "
+                f"after {done} of its {batches} batches (its fit was stopped by max_steps, max_time or a callback): "
+                f"Lightning counts that epoch done, so its other {batches - done} batches are not trained; to go on "
+                "inside it, bound the resumed fit by max_steps"
+            )
 
     def refuse_dropped_examples(self, reason: str) -> None:
         """A clear error when the training loader drops its last batch (``drop_last``) for a method that needs every
@@ -410,6 +424,7 @@ class BayesianModule(LightningModule, ABC):
         that override it call it."""
         self.end_quiet_notices()  # Lightning's check has run
         self._refuse_a_step_budget_without_steps()
+        self._warn_of_an_epoch_cut_short()
         started, batches = self.batches_done_at_resume(), self.trainer.num_training_batches
         # also from a validation's checkpoint after an epoch's last batch, before the epoch ended: Lightning has made
         # an iterator for that finished epoch, drawing from the generators

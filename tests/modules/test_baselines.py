@@ -369,6 +369,27 @@ def test_resuming_inside_an_epoch_with_a_loader_without_state_warns_that_it_rest
         resumed.fit(MAP(MLP(64, 10)), loader, ckpt_path=tmp_path / "mid.ckpt", weights_only=False)
 
 
+def test_resuming_by_epochs_a_fit_stopped_by_max_steps_warns_of_the_batches_left_out(tmp_path: Path) -> None:
+    """A fit stopped by max_steps=5 writes last.ckpt as its epoch ends: resumed by epochs, Lightning counts that epoch
+    done and 12 of its 17 batches were never trained, without a word (resumed by max_steps it goes on inside)."""
+    import warnings
+
+    data = DigitsDataModule(batch_size=64)
+    options = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
+    Trainer(max_steps=5, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)], **options).fit(
+        MAP(MLP(64, 10)), datamodule=data)
+    resumed = Trainer(max_epochs=2, enable_checkpointing=False, **options)
+    with pytest.warns(UserWarning, match=r"MAP resumes from a checkpoint written as epoch 0 ended after 5 of its 17 "
+                      r"batches \(.*\): Lightning counts that epoch done, so its other 12 batches are not trained"):
+        resumed.fit(MAP(MLP(64, 10)), datamodule=data, ckpt_path=tmp_path / "last.ckpt", weights_only=False)
+    assert resumed.global_step == 22  # 5 + one epoch of 17
+    by_steps = Trainer(max_steps=34, enable_checkpointing=False, **options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "MAP resumes from a checkpoint written as epoch")
+        by_steps.fit(MAP(MLP(64, 10)), datamodule=data, ckpt_path=tmp_path / "last.ckpt", weights_only=False)
+    assert by_steps.global_step == 34
+
+
 def test_a_partly_frozen_layer_keeps_its_frozen_weight_shared_by_every_member():
     """A layer with a frozen weight and a trainable bias is not reset (``reset_parameters`` would redraw the frozen
     weight in place, the tensor every member and the user's backbone share)."""
