@@ -70,6 +70,13 @@ def refused_argument_hints(message: str) -> list[str]:
             continue
         closest = difflib.get_close_matches(key.rpartition(".")[2], accepted, n=3, cutoff=0.5)
         suggestion = f"; closest: {', '.join(closest)}" if closest else ""
+        head = key.partition(".")[0]
+        network = {"backbone": "model", "model": "backbone"}.get(head)
+        if head not in accepted and network in accepted:  # an overlay or flag written for the other kind of method
+            suggestion = f"; its network argument is {network!r}, not {head!r}" + (
+                " (the 4-bit overlay of a method whose network argument is 'model' is configs/text/nf4_posthoc.yaml)"
+                if "4bit" in key else ""
+            )
         name = path.rpartition(".")[2]
         hints.append(f"{name} has no argument {key!r}{suggestion}. It accepts: {', '.join(accepted)}")
     for match in _NO_SUCH_CLASS.finditer(message):

@@ -99,6 +99,10 @@ def test_accepted_arguments_are_the_constructor_keywords() -> None:
         ("digits/map", "--model.init_args.backbone=lightning_bayes.models.LeNet",
          "lightning_bayes.models has no class 'LeNet'; closest: lightning_bayes.models.LeNet5"),
         ("digits/ivon", "--model.init_args.num_samples=abc", "IVONModule's num_samples must be an int; got 'abc'"),
+        ("digits/nullspace_laplace", "--config=text/nf4",
+         ("NullSpaceLaplace has no argument 'backbone.init_args.load_in_4bit'; its network argument is 'model', not "
+         "'backbone' (the 4-bit overlay of a method whose network argument is 'model' is "
+         "configs/text/nf4_posthoc.yaml).")),
     ],
 )
 def test_the_command_line_ends_with_the_hint(
