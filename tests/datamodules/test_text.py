@@ -1,5 +1,6 @@
 """Rotten Tomatoes datamodule: corpus counts, movie-grouped seeded splits, OOD / shift sets, collation."""
 
+import pickle
 import re
 from pathlib import Path
 
@@ -112,6 +113,32 @@ def test_left_padding_and_prompt_keep_the_prompt_end_last():
         assert tokenizer.decode(kept, skip_special_tokens=True).endswith("sentiment :")
     ood_x, _ = next(iter(data.ood_dataloader()))
     assert ood_x["input_ids"].shape[0] == 8
+
+
+class _RunningTrainer:
+    """Stands for a trainer in a fit: its loader iterator cannot be pickled."""
+
+    def __reduce__(self):
+        raise NotImplementedError("_StatefulMultiProcessingDataLoaderIter cannot be pickled")
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize("padding_side", ["left", None])
+def test_a_spawned_loader_worker_collates_the_batch_of_the_main_process(padding_side: str | None):
+    """The collate was the datamodule's bound method: a "spawn" or "forkserver" worker pickled the datamodule with its
+    trainer and running iterator (``NotImplementedError: _StatefulMultiProcessingDataLoaderIter cannot be pickled``)."""
+    from torch.utils.data import DataLoader
+
+    data = RottenTomatoesDataModule(tokenizer="minilm", max_length=12, prompt=PROMPT, padding_side=padding_side)
+    data.trainer = _RunningTrainer()  # type: ignore[assignment]
+    examples = [("a fine film", torch.tensor(1)), ("a long and very dull film that never ends", torch.tensor(0)),
+                ("meh", torch.tensor(0)), ("one of the year's best", torch.tensor(1))]  # fmt: skip
+    collate = data.collate_fn()
+    assert len(pickle.dumps(collate)) < 1000  # settings only: the tokenizer is loaded again in the worker
+    spawned = DataLoader(examples, batch_size=4, collate_fn=collate, num_workers=1, multiprocessing_context="spawn")
+    (x, y), (x_here, y_here) = next(iter(spawned)), data.collate(examples)
+    assert x.keys() == x_here.keys() and all(torch.equal(x[k], x_here[k]) for k in x) and torch.equal(y, y_here)
+    assert x["input_ids"].shape == (4, 12)  # the longest text was truncated to max_length
 
 
 @pytest.mark.llm
