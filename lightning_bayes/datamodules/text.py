@@ -222,6 +222,11 @@ class RottenTomatoesDataModule(InMemoryDataModule):
             raise ValueError(f"tokenizer must be a folder, hub id or alias; got {tokenizer!r}")
         if padding_side not in ("left", "right", None):
             raise ValueError(f"padding_side must be 'left', 'right' or None; got {padding_side!r}")
+        if prompt is not None and not isinstance(prompt, str):  # Formatter().parse(3) failed: "expected str, got int"
+            raise ValueError(
+                f"prompt must be None or a str, a format string whose only field is {{text}}; got {prompt!r} "
+                f"({type(prompt).__name__})"
+            )
         if prompt is not None and _format_fields(prompt) != {"text"}:
             raise ValueError(f"prompt must be a format string whose only field is {{text}}; got {prompt!r}")
         if not is_int(max_length) or max_length < 2:
