@@ -257,10 +257,16 @@ class RottenTomatoesDataModule(InMemoryDataModule):
         frame = load_rotten_tomatoes(self.data_dir)
         labelled = frame[frame["category"] != "plot"].reset_index(drop=True)
         movies = labelled["movie_name"].to_numpy()
-        rest, test = _group_split(movies, self.test_fraction, self.seed)
-        train, val = (
-            rest[i] for i in _group_split(movies[rest], self.val_fraction / (1 - self.test_fraction), self.seed)
-        )
+        try:
+            rest, test = _group_split(movies, self.test_fraction, self.seed)
+            train, val = (
+                rest[i] for i in _group_split(movies[rest], self.val_fraction / (1 - self.test_fraction), self.seed)
+            )
+        except ValueError as error:  # scikit-learn's message names its own arguments (test_size, n_samples)
+            raise ValueError(
+                f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction} cannot split the "
+                f"{len(set(movies))} movies into non-empty train / val / test parts (scikit-learn: {error})"
+            ) from None
         train, test = _seeded_subset(train, self.max_train, self.seed), _seeded_subset(test, self.max_test, self.seed)
 
         def part(rows: Any) -> TextDataset:

@@ -172,6 +172,14 @@ def test_bad_arguments_are_named(kwargs: dict, message: str):
         RottenTomatoesDataModule(tokenizer="minilm", **kwargs)
 
 
+def test_fractions_that_leave_no_training_movie_are_named():
+    """scikit-learn's ValueError named its own test_size and n_samples, not val_fraction and test_fraction."""
+    data = RottenTomatoesDataModule(tokenizer="minilm", val_fraction=0.001, test_fraction=0.998)
+    with pytest.raises(ValueError, match=r"^val_fraction=0.001 and test_fraction=0.998 cannot split the 507 movies "
+                                         r"into non-empty train / val / test parts \(scikit-learn: "):
+        data.setup()
+
+
 def test_data_dir_without_the_corpus_is_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"holds no rotten_tomatoes_corpus_full.csv.bz2"):
         RottenTomatoesDataModule(tokenizer="minilm", data_dir=str(tmp_path)).setup()
