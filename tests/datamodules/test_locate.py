@@ -71,6 +71,17 @@ def test_missing_data_lists_the_places_and_the_install_commands(nothing_installe
     assert FASHION_INSTALL in str(fashion_error.value) and "no-debian-package" in str(fashion_error.value)
 
 
+def test_missing_ood_data_names_the_ood_argument(nothing_installed: Path):
+    """The message said "pass data_dir=" for the OOD set too, whose folder MNISTDataModule takes as fashion_dir."""
+    with pytest.raises(FileNotFoundError) as error:
+        locate_idx_folder(FASHION_MNIST, argument="fashion_dir")
+    assert "or pass fashion_dir=<folder with the IDX files>" in str(error.value) and "data_dir" not in str(error.value)
+    from lightning_bayes.datamodules import FashionMNISTDataModule
+
+    with pytest.raises(FileNotFoundError, match=r"or pass mnist_dir=<folder with the IDX files>"):
+        FashionMNISTDataModule(data_dir=str(_fake_idx_folder(nothing_installed / "fashion"))).setup("fit")
+
+
 def test_a_data_dir_without_the_files_is_an_error_not_a_fallback(tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
