@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -104,9 +105,12 @@ class _IDXImageDataModule(InMemoryDataModule):
         ``test`` the test and OOD images, ``predict`` the test images, ``None`` all of them; the others load when
         their loader is asked for (a sweep over the training data before a test). A test or predict of MNIST held
         the 60k training images too, 188 MB more as float32. Both folders are found first, whatever the stage loads:
-        a missing OOD set is refused before a fit, not after it."""
-        locate_idx_folder(self.source, self.data_dir, self.download, "data_dir")
-        locate_idx_folder(self.ood_source, self.ood_dir, self.download, self.ood_argument)
+        a missing OOD set is refused before a fit, not after it, and so is one that is the in-distribution set (one folder
+        found for both; a copy is refused when the OOD images are loaded)."""
+        folder = locate_idx_folder(self.source, self.data_dir, self.download, "data_dir")
+        ood_folder = locate_idx_folder(self.ood_source, self.ood_dir, self.download, self.ood_argument)
+        if folder.resolve() == ood_folder.resolve():
+            raise ValueError(self._same_set_message("are the same folder", folder, ood_folder))
         for split in (("train", "test") if stage is None else _STAGE_SPLITS.get(stage, ())):
             self.load_split(split)
         if stage in (None, "test"):
@@ -123,8 +127,25 @@ class _IDXImageDataModule(InMemoryDataModule):
             self.test_set = self._load(self.source, "test", self.data_dir)
 
     def _ood_split(self) -> None:
+        """Loads the OOD set, refusing test images equal to the in-distribution ones (the folders swapped or
+        one set passed twice): every OOD score would be of in-distribution data."""
         if self.ood_set is None:
-            self.ood_set = self._load(self.ood_source, "test", self.ood_dir, self.ood_argument)
+            ood = self._load(self.ood_source, "test", self.ood_dir, self.ood_argument)
+            test = self.test_set if isinstance(self.test_set, TensorDataset) else self._load(
+                self.source, "test", self.data_dir
+            )
+            if torch.equal(ood.tensors[0], test.tensors[0]):
+                folder = locate_idx_folder(self.source, self.data_dir, self.download, "data_dir")
+                ood_folder = locate_idx_folder(self.ood_source, self.ood_dir, self.download, self.ood_argument)
+                raise ValueError(self._same_set_message("hold the same test images", folder, ood_folder))
+            self.ood_set = ood
+
+    def _same_set_message(self, same: str, folder: Path, ood_folder: Path) -> str:
+        return (
+            f"{type(self).__name__}'s OOD set would be its test set: data_dir={self.data_dir!r} ({folder}) and "
+            f"{self.ood_argument}={self.ood_dir!r} ({ood_folder}) {same}; expected the {self.source.name} IDX files "
+            f"in data_dir and the {self.ood_source.name} ones in {self.ood_argument} (None searches the packaged copy)"
+        )
 
     def ood_dataloader(self) -> DataLoader:
         """The companion set's 10k test images with this set's preprocessing."""

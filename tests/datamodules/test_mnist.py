@@ -129,6 +129,31 @@ def test_missing_data_dir_explains_how_to_get_the_data(tmp_path: Path):
         FashionMNISTDataModule(mnist_dir=str(tmp_path)).setup("fit")
 
 
+def test_an_ood_set_that_is_the_test_set_is_refused_naming_both_arguments(tmp_path: Path):
+    """MNISTDataModule(data_dir=<the Fashion-MNIST folder>) took Fashion-MNIST as its OOD set as well (fashion_dir=None
+    finds the packaged one): the OOD images were the test images and every OOD score was of in-distribution data."""
+    from lightning_bayes.datamodules.locate import locate_idx_folder
+
+    fashion, mnist = str(locate_idx_folder(FASHION_MNIST)), str(locate_idx_folder(MNIST))
+    same_folder = r"OOD set would be its test set: data_dir=.* and {}=.* are the same folder; expected the {} IDX"
+    with pytest.raises(ValueError, match=same_folder.format("fashion_dir", "MNIST")):
+        MNISTDataModule(data_dir=fashion).setup("fit")  # refused before a fit
+    with pytest.raises(ValueError, match=same_folder.format("fashion_dir", "MNIST")):
+        MNISTDataModule(fashion_dir=mnist).setup("fit")
+    with pytest.raises(ValueError, match=same_folder.format("mnist_dir", "Fashion-MNIST")):
+        FashionMNISTDataModule(mnist_dir=fashion).setup("fit")
+    copy = tmp_path / "fashion-copy"  # another folder with the same files: found equal when the OOD set loads
+    copy.mkdir()
+    for file in Path(fashion).iterdir():
+        (copy / file.name).symlink_to(file)
+    data = FashionMNISTDataModule(mnist_dir=str(copy))
+    data.setup("fit")
+    with pytest.raises(ValueError, match=rf"mnist_dir='{copy}' \({copy}\) hold the same test images; expected"):
+        data.ood_dataloader()
+    with pytest.raises(ValueError, match=r"data_dir=.*fashion-copy.* and fashion_dir=None .* hold the same test images"):
+        MNISTDataModule(data_dir=str(copy)).setup("test")
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32, True])
 def test_a_seed_outside_what_the_splits_take_is_refused_by_name(seed):
     """Digits and the regression data split with scikit-learn (seeds in [0, 2^32)): -1 failed in setup, in
