@@ -90,7 +90,7 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("coefficient_flag", lambda: CoefficientPosterior(layer="x", plots="no"), r"plots must be True or False"),
     ("digits_download", lambda: DigitsDataModule(download="no"), r"download must be True or False"),
     # Formatter().parse(3) failed naming no argument: "TypeError: expected str, got int"
-    ("text_prompt_int", lambda: RottenTomatoesDataModule("minilm", prompt=3), r"prompt must be None or a str, .*got 3 \(int\)"),
+    ("text_prompt", lambda: RottenTomatoesDataModule("minilm", prompt=3), r"prompt must be None or a str, .*3 \(int\)"),
     ("subspace_seed", lambda: SubspaceInference(net(), seed=2**32), r"seed must be an int in \[-2\^32, 2\^32\)"),
     ("tfb_seed", lambda: TrainingFreeBayes(net(), seed=2**48), r"seed must be an int in \[-2\^48, 2\^48\)"),
     ("seed_below", lambda: check_seed(-(2**62) - 1), r"seed must be an int in \[-2\^62, 2\^62\)"),

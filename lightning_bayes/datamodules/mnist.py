@@ -105,8 +105,8 @@ class _IDXImageDataModule(InMemoryDataModule):
         ``test`` the test and OOD images, ``predict`` the test images, ``None`` all of them; the others load when
         their loader is asked for (a sweep over the training data before a test). A test or predict of MNIST held
         the 60k training images too, 188 MB more as float32. Both folders are found first, whatever the stage loads:
-        a missing OOD set is refused before a fit, not after it, and so is one that is the in-distribution set (one folder
-        found for both; a copy is refused when the OOD images are loaded)."""
+        a missing OOD set is refused before a fit, not after it, and so is one that is the in-distribution set (one
+        folder found for both; a copy is refused when the OOD images are loaded)."""
         folder = locate_idx_folder(self.source, self.data_dir, self.download, "data_dir")
         ood_folder = locate_idx_folder(self.ood_source, self.ood_dir, self.download, self.ood_argument)
         if folder.resolve() == ood_folder.resolve():

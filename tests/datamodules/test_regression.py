@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_bayes.datamodules import UCIRegressionDataModule
-from lightning_bayes.datamodules.regression import load_regression_arrays, load_regression_frame
+from lightning_bayes.datamodules.regression import SPLITS, load_regression_arrays, load_regression_frame
 
 SHAPES = {"concrete": (1030, 8), "boston": (506, 13), "mcycle": (133, 1), "diabetes": (442, 10)}
 
@@ -103,7 +103,7 @@ def test_the_concrete_duplicates_across_the_split_are_as_documented():
     assert (frame.duplicated().sum(), frame.duplicated(keep=False).sum()) == (25, 36)
     data = UCIRegressionDataModule("concrete", seed=0)
     data.setup()
-    rows = {name: [r.tobytes() for r in torch.cat(data.raw_split(name), 1).numpy()] for name in ("train", "val", "test")}
+    rows = {name: [row.tobytes() for row in torch.cat(data.raw_split(name), 1).numpy()] for name in SPLITS}
     crossing = [sum(r in set(rows["train"]) for r in rows[name]) for name in ("test", "val")]
     assert crossing == [4, 5]
     doc = " ".join(UCIRegressionDataModule.__doc__.split())
