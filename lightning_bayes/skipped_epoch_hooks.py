@@ -17,9 +17,9 @@ def epoch_hooks_skipped(trainer: Trainer) -> bool:
     """Whether this fit, at its ``on_train_start``, resumed on an epoch's last training batch: the epoch
     ``trainer.current_epoch - 1`` ended without ``on_train_epoch_end`` and ``trainer.current_epoch`` starts without
     ``on_train_epoch_start`` (the condition under which ``FitLoop.reset`` marks the epoch finished)."""
-    loop = trainer.fit_loop
+    loop = trainer.fit_loop  # Lightning before 2.5 has none of these stages (and no such skip): False
     return bool(
-        loop.restarted_mid_epoch
-        and loop.epoch_loop.restarted_on_train_batch_end
+        getattr(loop, "restarted_mid_epoch", False)
+        and getattr(loop.epoch_loop, "restarted_on_train_batch_end", False)
         and loop.epoch_loop.batch_progress.is_last_batch
     )

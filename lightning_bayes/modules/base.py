@@ -346,7 +346,7 @@ class BayesianModule(LightningModule, ABC):
         """Batches of the current epoch done before this fit started: > 0 only when it resumed from a checkpoint
         saved inside an epoch (not one written as an epoch cut short ended, which Lightning counts as done)."""
         started = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        cut_short = self.trainer.fit_loop.resumed_on_epoch_end
+        cut_short = getattr(self.trainer.fit_loop, "resumed_on_epoch_end", False)  # Lightning 2.5 and later
         return started if 0 < started < self.trainer.num_training_batches and not cut_short else 0
 
     def _warn_of_an_epoch_cut_short(self) -> None:
@@ -354,7 +354,7 @@ class BayesianModule(LightningModule, ABC):
         ``max_steps``, ``max_time`` or a callback): Lightning counts that epoch done and goes on with the next."""
         loop, batches = self.trainer.fit_loop, self.trainer.num_training_batches
         done = loop.epoch_loop.batch_progress.current.ready
-        if loop.resumed_on_epoch_end and 0 < done < batches:
+        if getattr(loop, "resumed_on_epoch_end", False) and 0 < done < batches:  # Lightning 2.5 and later
             rank_zero_warn(
                 f"{type(self).__name__} resumes from a checkpoint written as epoch {self.current_epoch - 1} ended "
                 f"after {done} of its {batches} batches (its fit was stopped by max_steps, max_time or a callback): "
