@@ -75,6 +75,24 @@ def closed_form(snapshots: list[torch.Tensor], max_rank: int) -> tuple[torch.Ten
     return thetas.mean(0), thetas.square().mean(0), deviations
 
 
+def assert_moments_are_the_closed_form(swa: SWASubspace, snapshots: list[torch.Tensor], max_rank: int) -> None:
+    """``swa``'s mean, second moment and deviation rows are those of ``snapshots`` (float64 rounding)."""
+    mean, sq_mean, deviations = closed_form(snapshots, max_rank)
+    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+
+
+class BatchSnapshots(Callback):
+    """The flat parameters after every training batch, in order."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.snapshots.append(torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()]))
+
+
 @pytest.mark.parametrize(
     ("schedule", "steps"),
     [({"start_epoch": 1, "every_n_steps": 2}, list(range(8, 19, 2))),  # after step 6 (one epoch), every 2nd step
@@ -85,11 +103,8 @@ def test_per_step_collection_equals_the_moments_of_the_scheduled_iterates(schedu
     swa, recorder = SWASubspace(params="all", max_rank=4, **schedule), Recorder()
     fit(3, [swa, recorder])
     snapshots = [recorder.steps[step] for step in steps]
-    mean, sq_mean, deviations = closed_form(snapshots, 4)
     assert swa.moments.count.item() == len(steps) and swa.last_step == steps[-1]
-    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+    assert_moments_are_the_closed_form(swa, snapshots, 4)
     assert swa.moments.mean.dtype == torch.float64 and swa.moments.mean.device.type == "cpu"
 
 
@@ -115,10 +130,7 @@ def test_per_epoch_collection_of_the_last_layer_on_the_schedule(schedule: dict, 
     module = fit(6, [swa, recorder])
     assert swa.names == ["net.3.weight", "net.3.bias"] and swa.moments.count.item() == len(epochs)
     last = slice(sum(p.numel() for p in module.parameters()) - 6, None)  # 5 weights and 1 bias, registered last
-    mean, sq_mean, deviations = closed_form([recorder.epochs[e][last] for e in epochs], 20)
-    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+    assert_moments_are_the_closed_form(swa, [recorder.epochs[e][last] for e in epochs], 20)
 
 
 def test_kill_and_resume_in_the_middle_of_collection_reproduces_the_uninterrupted_state(tmp_path: Path) -> None:
@@ -421,22 +433,14 @@ class TwoOptimisers(Regression):
 def test_per_step_collection_counts_batches_under_manual_optimisation_with_two_optimisers() -> None:
     """The schedule counted global_step (12 after 6 batches), so collection began in epoch 0, before start_epoch=1,
     and took a snapshot every batch instead of every second."""
-    snapshots: list[torch.Tensor] = []
-
-    class Batches(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            snapshots.append(torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()]))
-
+    batches_seen = BatchSnapshots()
     swa = SWASubspace(params="all", max_rank=4, start_epoch=1, every_n_steps=2)
     module = TwoOptimisers()
     Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, callbacks=[swa, Batches()]).fit(module, loader())
+            enable_checkpointing=False, callbacks=[swa, batches_seen]).fit(module, loader())
     batches = list(range(8, 19, 2))  # after batch 6 (one epoch), every 2nd batch, as with one optimiser
-    mean, sq_mean, deviations = closed_form([snapshots[b - 1] for b in batches], 4)
     assert swa.moments.count.item() == len(batches) and swa.last_step == batches[-1]
-    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+    assert_moments_are_the_closed_form(swa, [batches_seen.snapshots[b - 1] for b in batches], 4)
 
 
 def test_a_new_trainer_fitting_the_same_module_again_collects_at_its_own_steps() -> None:
@@ -448,11 +452,8 @@ def test_a_new_trainer_fitting_the_same_module_again_collects_at_its_own_steps()
         Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                 enable_checkpointing=False, callbacks=[swa, recorder]).fit(module, loader())
         snapshots.append(recorder.epochs[0])
-    mean, sq_mean, deviations = closed_form(snapshots, 2)
     assert swa.moments.count.item() == 2
-    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+    assert_moments_are_the_closed_form(swa, snapshots, 2)
 
 
 class AccumulatingByHand(Regression):
@@ -482,20 +483,12 @@ def test_manual_optimisation_stepping_every_second_batch_collects_no_weights_twi
 ) -> None:
     """Steps count batches under manual optimisation; a batch that stepped no optimiser left the last snapshot's (or
     the initial) weights, which were collected again (12 snapshots of 6 distinct weights, the initial among them)."""
-    snapshots: list[torch.Tensor] = []
-
-    class Batches(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            snapshots.append(torch.cat([p.detach().reshape(-1).clone() for p in pl_module.parameters()]))
-
+    batches_seen = BatchSnapshots()
     swa = SWASubspace(params="all", max_rank=3, start_epoch=0, every_n_steps=every_n_steps)
     Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, callbacks=[swa, Batches()]).fit(AccumulatingByHand(phase), loader())
-    mean, sq_mean, deviations = closed_form([snapshots[b - 1] for b in batches], 3)
+            enable_checkpointing=False, callbacks=[swa, batches_seen]).fit(AccumulatingByHand(phase), loader())
     assert swa.moments.count.item() == len(batches) and swa.last_step == batches[-1]
-    torch.testing.assert_close(swa.moments.mean, mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.sq_mean, sq_mean, rtol=0, atol=1e-12)
-    torch.testing.assert_close(swa.moments.deviation_rows(), deviations, rtol=0, atol=1e-12)
+    assert_moments_are_the_closed_form(swa, [batches_seen.snapshots[b - 1] for b in batches], 3)
 
 
 def test_a_start_fraction_of_max_steps_under_manual_optimisation_with_one_optimiser_is_refused() -> None:
