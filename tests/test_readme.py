@@ -9,13 +9,10 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from cli_helpers import ROOT
 
 from lightning_bayes import cli
-from lightning_bayes.datamodules import DigitsDataModule
-from lightning_bayes.models import MLP
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
@@ -49,8 +46,9 @@ class FewBatchesTrainer(lightning.Trainer):
 
 
 def test_the_readme_has_the_blocks_this_test_runs() -> None:
-    assert len(BLOCKS) == 2
-    assert "CalibrationMetrics()" in BLOCKS[0] and "NullSpaceLaplace(model" in BLOCKS[1]
+    assert len(BLOCKS) == 3
+    assert "CalibrationMetrics()" in BLOCKS[0] and "reliability_diagram(" in BLOCKS[1]
+    assert "NullSpaceLaplace(trained.backbone" in BLOCKS[2]
     assert len(COMMANDS) >= 30 and ["configs"] in COMMANDS
 
 
@@ -83,15 +81,20 @@ def test_the_readme_python_blocks_run_as_printed(tmp_path: Path, monkeypatch: py
     assert 0.0 <= float(logged["test/ood/auroc"]) <= 1.0
     assert float(logged["test/cal/nll"]) > 0.0
 
-    # the second block's inputs, named in its comments: a trained nn.Module, a loader in a fixed order, a batch
-    data = DigitsDataModule(batch_size=16, shuffle=False)
-    data.setup("fit")
-    torch.manual_seed(0)
-    namespace["model"] = MLP(in_features=64, out_features=10, hidden=[16])
-    namespace["fixed_order_loader"] = data.train_dataloader()
-    namespace["x"] = next(iter(DataLoader(data.val_set, batch_size=5)))[0]
-    lines = BLOCKS[1].strip().splitlines()
+    # the second block: a Predictive's API and a plot, with the shapes its comments give
+    namespace = {}
+    exec(compile(BLOCKS[1], "README.md (predictives and plots)", "exec"), namespace)  # noqa: S102 (the README)
+    p, y = namespace["p"], namespace["y"]
+    assert p.logits.shape == (20, 64, 10) and p.num_samples == 20 and p.probs.shape == (64, 10)
+    for per_example in (p.log_prob(y), p.entropy, p.expected_entropy, p.mutual_information, p.max_prob):
+        assert per_example.shape == (64,)
+    torch.testing.assert_close(p.entropy, p.expected_entropy + p.mutual_information)  # total = aleatoric + epistemic
+    assert (tmp_path / "reliability.png").stat().st_size > 0 and 0.0 <= namespace["bins"].ece <= 1.0
+
+    # the third block: the null-space Laplace on a trained MAP's network, its predictive linearised
+    namespace = {}
+    lines = BLOCKS[2].strip().splitlines()
     exec(compile("\n".join(lines[:-1]), "README.md (null-space Laplace)", "exec"), namespace)  # noqa: S102 (running the README is the test)
     predictive = eval(compile(lines[-1], "README.md (null-space Laplace)", "eval"), namespace)
     assert type(predictive).__name__ == "CategoricalPredictive"
-    assert predictive.logits.shape == (30, 5, 10)  # "logits [30, B, C]"
+    assert predictive.logits.shape == (30, 8, 10)  # "logits [30, 8, 10]"
