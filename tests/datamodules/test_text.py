@@ -116,10 +116,10 @@ def test_left_padding_and_prompt_keep_the_prompt_end_last():
 
 
 class _RunningTrainer:
-    """Stands for a trainer in a fit: its loader iterator cannot be pickled."""
+    """Stands for a trainer in a fit: its loader iterator cannot be pickled (torch raises there)."""
 
     def __reduce__(self):
-        raise NotImplementedError("_StatefulMultiProcessingDataLoaderIter cannot be pickled")
+        raise TypeError("a running loader iterator cannot be pickled")
 
 
 @pytest.mark.llm
