@@ -75,7 +75,7 @@ def refused_argument_hints(message: str) -> list[str]:
         if head not in accepted and network in accepted:  # an overlay or flag written for the other kind of method
             suggestion = f"; its network argument is {network!r}, not {head!r}" + (
                 " (the 4-bit overlay of a method whose network argument is 'model' is configs/text/nf4_posthoc.yaml)"
-                if "4bit" in key else ""
+                if network == "model" and "4bit" in key else ""
             )
         name = path.rpartition(".")[2]
         hints.append(f"{name} has no argument {key!r}{suggestion}. It accepts: {', '.join(accepted)}")
